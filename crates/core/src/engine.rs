@@ -1,0 +1,967 @@
+//! The async driver around the state machine.
+//!
+//! Invariant: for every transition, the new state (with its pending actions)
+//! is written to the `RunStore` *before* any of those actions runs. The engine
+//! decides nothing itself: it locks, feeds events to [`LabelRun::step`],
+//! persists, executes the returned actions through the ports and feeds their
+//! outcomes back.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::stream::{self, StreamExt};
+use tokio::sync::{Notify, OnceCell};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::domain::{
+    Candidate, CycleId, DatasetVersion, FeedbackCounts, Label, Lease, LockOutcome, LockOwner,
+    RunId, TrainingOutcome,
+};
+use crate::gate::Verdict;
+use crate::journal::Transition;
+use crate::machine::{Action, Event, LabelPlan, LabelRun, Outcome, Stage};
+use crate::ports::{
+    CountSource, LeaseProvider, MetadataRead, MetadataStore, ModelRegistry, Notifier, PortError,
+    RunStore, SpaceController, StoreError, Trainer, TrainingRequest,
+};
+use crate::report::{CycleReport, LabelReport, LabelStatus};
+
+/// Source of wall-clock time for events. The default follows tokio's clock
+/// so that tests with paused time see time advance consistently.
+pub trait Clock: Send + Sync + std::fmt::Debug {
+    fn now(&self) -> DateTime<Utc>;
+}
+
+/// Wall-clock time anchored at creation and advanced by `tokio::time`.
+#[derive(Debug)]
+pub struct TokioClock {
+    wall_at_start: DateTime<Utc>,
+    instant_at_start: tokio::time::Instant,
+}
+
+impl TokioClock {
+    pub fn new() -> Self {
+        Self {
+            wall_at_start: Utc::now(),
+            instant_at_start: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Default for TokioClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for TokioClock {
+    fn now(&self) -> DateTime<Utc> {
+        let elapsed = tokio::time::Instant::now() - self.instant_at_start;
+        self.wall_at_start + chrono::Duration::from_std(elapsed).unwrap_or_default()
+    }
+}
+
+/// The ports one label is driven through, built by the wiring layer.
+#[derive(Clone)]
+pub struct LabelBinding {
+    /// The plan new runs start with (`dry_run` is set per cycle).
+    pub plan: LabelPlan,
+    pub metadata: Arc<dyn MetadataStore>,
+    pub prepare: Option<Arc<dyn SpaceController>>,
+    pub trainer: Arc<dyn Trainer>,
+    pub registry: Option<Arc<dyn ModelRegistry>>,
+    pub lease: Option<Arc<dyn LeaseProvider>>,
+    pub notifiers: Vec<Arc<dyn Notifier>>,
+    pub train_timeout: Duration,
+}
+
+impl std::fmt::Debug for LabelBinding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LabelBinding")
+            .field("label", &self.plan.label)
+            .field("metadata", &self.metadata.describe())
+            .field("trainer", &self.trainer.describe())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Engine-wide settings.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    pub max_parallel_labels: usize,
+    pub lock_ttl: Duration,
+    /// Fraction of the poll interval added as random jitter (0.1 = up to +10 %).
+    pub poll_jitter: f64,
+    pub owner: LockOwner,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self {
+            max_parallel_labels: 16,
+            lock_ttl: Duration::from_secs(600),
+            poll_jitter: 0.1,
+            owner: LockOwner::generate("retrain"),
+        }
+    }
+}
+
+/// Errors that stop a whole cycle before any label runs.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("unknown label `{0}` (configured: {1})")]
+    UnknownLabel(String, String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Port(#[from] PortError),
+    #[error("label `{0}` has no model registry configured")]
+    NoRegistry(Label),
+    #[error("label `{0}` has no gate policy (gate = \"none\")")]
+    NoGate(Label),
+}
+
+/// What to run.
+#[derive(Debug, Clone, Default)]
+pub struct CycleRequest {
+    /// `None` = every configured label.
+    pub labels: Option<Vec<Label>>,
+    pub dry_run: bool,
+}
+
+/// Drives label runs through the ports.
+pub struct Engine {
+    store: Arc<dyn RunStore>,
+    counts: Option<Arc<dyn CountSource>>,
+    labels: BTreeMap<Label, LabelBinding>,
+    settings: EngineSettings,
+    clock: Arc<dyn Clock>,
+    wakers: Mutex<HashMap<Label, Arc<Notify>>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("labels", &self.labels.keys().collect::<Vec<_>>())
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Per-cycle shared work: one count query per watermark, one restart per prepare job.
+#[derive(Default)]
+struct CycleShared {
+    counts: Mutex<HashMap<DateTime<Utc>, Arc<OnceCell<Result<BTreeMap<Label, FeedbackCounts>, PortError>>>>>,
+    prepares: Mutex<HashMap<String, Arc<OnceCell<Result<(), PortError>>>>>,
+}
+
+impl CycleShared {
+    fn counts_cell(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Arc<OnceCell<Result<BTreeMap<Label, FeedbackCounts>, PortError>>> {
+        let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(since).or_default().clone()
+    }
+    fn prepare_cell(&self, key: &str) -> Arc<OnceCell<Result<(), PortError>>> {
+        let mut map = self.prepares.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(key.to_owned()).or_default().clone()
+    }
+}
+
+/// Result of executing one action.
+enum Executed {
+    Event(Event),
+    /// The commit wrote the final state itself.
+    Committed,
+    Interrupted,
+}
+
+impl Engine {
+    pub fn new(
+        store: Arc<dyn RunStore>,
+        counts: Option<Arc<dyn CountSource>>,
+        labels: Vec<LabelBinding>,
+        settings: EngineSettings,
+    ) -> Self {
+        Self {
+            store,
+            counts,
+            labels: labels
+                .into_iter()
+                .map(|b| (b.plan.label.clone(), b))
+                .collect(),
+            settings,
+            clock: Arc::new(TokioClock::new()),
+            wakers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    pub fn labels(&self) -> impl Iterator<Item = &LabelBinding> {
+        self.labels.values()
+    }
+
+    pub fn store(&self) -> &Arc<dyn RunStore> {
+        &self.store
+    }
+
+    /// Wake the dataset poll of `label` early (a webhook saw a new commit).
+    pub fn wake(&self, label: &Label) {
+        let waker = self.waker(label);
+        waker.notify_one();
+    }
+
+    fn waker(&self, label: &Label) -> Arc<Notify> {
+        let mut map = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(label.clone()).or_default().clone()
+    }
+
+    fn select_labels(&self, request: &CycleRequest) -> Result<Vec<Label>, EngineError> {
+        match &request.labels {
+            None => Ok(self.labels.keys().cloned().collect()),
+            Some(wanted) if wanted.is_empty() => Ok(self.labels.keys().cloned().collect()),
+            Some(wanted) => {
+                let mut selected = Vec::new();
+                for label in wanted {
+                    if !self.labels.contains_key(label) {
+                        let known: Vec<&str> = self.labels.keys().map(Label::as_str).collect();
+                        return Err(EngineError::UnknownLabel(
+                            label.to_string(),
+                            known.join(", "),
+                        ));
+                    }
+                    if !selected.contains(label) {
+                        selected.push(label.clone());
+                    }
+                }
+                Ok(selected)
+            }
+        }
+    }
+
+    /// Run one cycle (§3) for the requested labels. One label's failure never
+    /// stops another; `cancel` interrupts waits and leaves runs resumable.
+    pub async fn run_cycle(
+        &self,
+        request: CycleRequest,
+        cancel: CancellationToken,
+    ) -> Result<CycleReport, EngineError> {
+        let labels = self.select_labels(&request)?;
+        let cycle_id = CycleId::generate();
+        let started_at = self.clock.now();
+        let shared = Arc::new(CycleShared::default());
+        let span = info_span!("run", run_id = %cycle_id, dry_run = request.dry_run);
+        let reports: Vec<LabelReport> = async {
+            stream::iter(labels.into_iter().map(|label| {
+                let shared = shared.clone();
+                let cancel = cancel.clone();
+                let cycle_id = cycle_id.clone();
+                async move {
+                    let span = info_span!("label", label = %label);
+                    self.run_label(&label, &cycle_id, request.dry_run, &shared, &cancel)
+                        .instrument(span)
+                        .await
+                }
+            }))
+            .buffered(self.settings.max_parallel_labels.max(1))
+            .collect()
+            .await
+        }
+        .instrument(span)
+        .await;
+        Ok(CycleReport {
+            cycle_id,
+            dry_run: request.dry_run,
+            started_at,
+            finished_at: self.clock.now(),
+            interrupted: cancel.is_cancelled(),
+            labels: reports,
+        })
+    }
+
+    async fn run_label(
+        &self,
+        label: &Label,
+        cycle_id: &CycleId,
+        dry_run: bool,
+        shared: &CycleShared,
+        cancel: &CancellationToken,
+    ) -> LabelReport {
+        let binding = &self.labels[label];
+        let threshold = binding.plan.trigger.threshold();
+        if cancel.is_cancelled() {
+            let mut report = LabelReport::failed_before_run(
+                label.clone(),
+                threshold,
+                "interrupted before start".into(),
+            );
+            report.status = LabelStatus::Interrupted;
+            return report;
+        }
+        if dry_run {
+            // Dry-run: reads only, no lock, nothing journaled.
+            return match self.store.cursor(label).await {
+                Ok(cursor) => {
+                    let mut plan = binding.plan.clone();
+                    plan.dry_run = true;
+                    let run = LabelRun::new(RunId::generate(), cycle_id.clone(), plan, cursor);
+                    let run = self
+                        .drive(binding, run, None, shared, cancel)
+                        .await;
+                    LabelReport::from_run(&run, false)
+                }
+                Err(e) => LabelReport::failed_before_run(label.clone(), threshold, e.to_string()),
+            };
+        }
+
+        let owner = &self.settings.owner;
+        match self.store.try_lock(label, owner, self.settings.lock_ttl).await {
+            Ok(LockOutcome::Acquired) => {}
+            Ok(LockOutcome::Busy { owner, expires_at }) => {
+                info!(%owner, %expires_at, "label is busy: another orchestrator holds its lock");
+                return LabelReport::busy(label.clone(), threshold, owner);
+            }
+            Err(e) => {
+                return LabelReport::failed_before_run(label.clone(), threshold, e.to_string())
+            }
+        }
+
+        let lost_lock = CancellationToken::new();
+        let label_cancel = cancel.child_token();
+        let heartbeat = self.heartbeat(label, label_cancel.clone(), lost_lock.clone());
+        let work = async {
+            let (run, resumed) = match self.store.unfinished_run(label).await {
+                Ok(Some(run)) => {
+                    info!(run_id = %run.run_id, stage = %run.stage, "resuming unfinished run");
+                    (run, true)
+                }
+                Ok(None) => match self.store.cursor(label).await {
+                    Ok(cursor) => (
+                        LabelRun::new(
+                            RunId::generate(),
+                            cycle_id.clone(),
+                            binding.plan.clone(),
+                            cursor,
+                        ),
+                        false,
+                    ),
+                    Err(e) => return Err(e.to_string()),
+                },
+                Err(e) => return Err(e.to_string()),
+            };
+            let run = self
+                .drive(binding, run, Some(resumed), shared, &label_cancel)
+                .await;
+            Ok((run, resumed))
+        };
+        let result = tokio::select! {
+            result = work => result,
+            () = heartbeat => Err("lost the label lock (expired and taken by another orchestrator)".into()),
+        };
+        label_cancel.cancel();
+        if let Err(e) = self.store.release_lock(label, owner).await {
+            warn!(error = %e, "could not release the label lock; it will expire");
+        }
+        match result {
+            Ok((run, resumed)) => {
+                let mut report = LabelReport::from_run(&run, resumed);
+                if !run.is_done() && run.outcome.is_none() {
+                    report.status = LabelStatus::Interrupted;
+                } else if !run.is_done() {
+                    // Outcome known but the final commit did not happen.
+                    report.status = if cancel.is_cancelled() {
+                        LabelStatus::Interrupted
+                    } else {
+                        LabelStatus::Failed
+                    };
+                }
+                report
+            }
+            Err(error) => LabelReport::failed_before_run(label.clone(), threshold, error),
+        }
+    }
+
+    /// Renew the lock until `stop`; completes only if the lock was lost.
+    async fn heartbeat(&self, label: &Label, stop: CancellationToken, lost: CancellationToken) {
+        let every = (self.settings.lock_ttl / 3).max(Duration::from_millis(10));
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => { std::future::pending::<()>().await; }
+                () = tokio::time::sleep(every) => {}
+            }
+            match self
+                .store
+                .renew_lock(label, &self.settings.owner, self.settings.lock_ttl)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    lost.cancel();
+                    return;
+                }
+                Err(e) => warn!(error = %e, "lock renewal failed; will retry"),
+            }
+        }
+    }
+
+    /// Drive `run` until it is done, interrupted, or the journal fails.
+    /// `journal`: `None` for dry-run (nothing persisted), `Some(resumed)` otherwise.
+    async fn drive(
+        &self,
+        binding: &LabelBinding,
+        mut run: LabelRun,
+        journal: Option<bool>,
+        shared: &CycleShared,
+        cancel: &CancellationToken,
+    ) -> LabelRun {
+        let persist = journal.is_some();
+        let resumed = journal == Some(true);
+        let mut actions = if resumed {
+            run.pending.clone()
+        } else {
+            let event = Event::Started {
+                now: self.clock.now(),
+            };
+            match self.apply(&mut run, event, persist).await {
+                Ok(actions) => actions,
+                Err(error) => {
+                    warn!(%error, "could not journal the start of the run");
+                    return run;
+                }
+            }
+        };
+
+        while let Some(action) = actions.first().cloned() {
+            let stage = run.stage;
+            let executed = self
+                .execute(binding, &run, action, shared, cancel, persist)
+                .instrument(info_span!("stage", stage = %stage))
+                .await;
+            let event = match executed {
+                Executed::Event(event) => event,
+                Executed::Committed => {
+                    let _ = run.step(&Event::Committed);
+                    break;
+                }
+                Executed::Interrupted => {
+                    self.on_interrupt(binding, &run).await;
+                    break;
+                }
+            };
+            match self.apply(&mut run, event, persist).await {
+                Ok(next) => actions = next,
+                Err(error) => {
+                    warn!(%error, "stopping label: the journal could not be written");
+                    break;
+                }
+            }
+        }
+        run
+    }
+
+    /// Step the machine and journal the transition before anything acts on it.
+    async fn apply(
+        &self,
+        run: &mut LabelRun,
+        event: Event,
+        persist: bool,
+    ) -> Result<Vec<Action>, StoreError> {
+        let from = run.stage;
+        let actions = match run.step(&event) {
+            Ok(actions) => actions,
+            Err(invalid) => {
+                warn!(%invalid, "state machine refused an event; failing the label");
+                run.step(&Event::ActionFailed {
+                    reason: format!("internal error: {invalid}"),
+                })
+                .unwrap_or_default()
+            }
+        };
+        if persist {
+            let transition = self.transition(run, from, event);
+            self.store.record(&transition).await?;
+        }
+        Ok(actions)
+    }
+
+    fn transition(&self, run: &LabelRun, from: Stage, event: Event) -> Transition {
+        Transition {
+            run_id: run.run_id.clone(),
+            cycle_id: run.cycle_id.clone(),
+            label: run.label().clone(),
+            seq: run.seq,
+            at: self.clock.now(),
+            from,
+            to: run.stage,
+            event,
+            actions: run.pending.clone(),
+            snapshot: run.clone(),
+        }
+    }
+
+    /// Ctrl-C / SIGTERM: stop the trainer and the lease; the journal keeps the
+    /// run resumable at its recorded stage.
+    async fn on_interrupt(&self, binding: &LabelBinding, run: &LabelRun) {
+        if let Some(handle) = &run.handle {
+            if let Err(e) = binding.trainer.cancel(handle).await {
+                warn!(error = %e, "could not stop the training job on interrupt");
+            }
+        }
+        if let (Some(lease), Some(provider)) = (&run.lease, &binding.lease) {
+            if !run.lease_released {
+                self.release_lease(provider.as_ref(), lease).await.ok();
+            }
+        }
+    }
+
+    async fn release_lease(&self, provider: &dyn LeaseProvider, lease: &Lease) -> Result<(), String> {
+        provider.release(lease).await.map_err(|e| e.to_string())?;
+        let mut released = lease.clone();
+        released.released_at = Some(self.clock.now());
+        self.store
+            .put_lease(&released)
+            .await
+            .map_err(|e| e.to_string())?;
+        info!(lease = %lease.id, resources = ?lease.resources, "lease released");
+        Ok(())
+    }
+
+    fn failed(reason: impl std::fmt::Display) -> Executed {
+        Executed::Event(Event::ActionFailed {
+            reason: reason.to_string(),
+        })
+    }
+
+    async fn execute(
+        &self,
+        binding: &LabelBinding,
+        run: &LabelRun,
+        action: Action,
+        shared: &CycleShared,
+        cancel: &CancellationToken,
+        persist: bool,
+    ) -> Executed {
+        debug_assert!(!(run.plan.dry_run && action.is_side_effect() && !matches!(action, Action::Commit { .. })));
+        match action {
+            Action::ReadCounts { since } => {
+                let Some(source) = &self.counts else {
+                    return Self::failed("no [counts] source is configured for a counts-triggered label");
+                };
+                let cell = shared.counts_cell(since);
+                let result = cell
+                    .get_or_init(|| async {
+                        info!(%since, "reading feedback counts");
+                        source.counts(since).await
+                    })
+                    .await;
+                match result {
+                    Ok(all) => {
+                        let counts = all.get(run.label()).copied().unwrap_or_default();
+                        info!(
+                            misclassified = counts.misclassified,
+                            correct = counts.correct,
+                            "counts read"
+                        );
+                        Executed::Event(Event::CountsRead { counts })
+                    }
+                    Err(e) => Self::failed(format!("count query failed: {e}")),
+                }
+            }
+            Action::ReadPublished => match binding.metadata.read(None).await {
+                Ok(MetadataRead::Published(dataset)) => Executed::Event(Event::PublishedRead {
+                    current: Some(dataset),
+                }),
+                Ok(MetadataRead::Absent | MetadataRead::Unchanged) => {
+                    Executed::Event(Event::PublishedRead { current: None })
+                }
+                Err(e) => Self::failed(format!(
+                    "reading dataset metadata {} failed: {e}",
+                    binding.metadata.describe()
+                )),
+            },
+            Action::RestartPrepare { key } => {
+                let Some(controller) = &binding.prepare else {
+                    return Self::failed(format!("prepare job `{key}` is not configured"));
+                };
+                let cell = shared.prepare_cell(&key);
+                let result = cell
+                    .get_or_init(|| async {
+                        info!(job = %controller.describe(), "restarting prepare job");
+                        controller.restart().await
+                    })
+                    .await;
+                match result {
+                    Ok(()) => Executed::Event(Event::PrepareRestarted {
+                        now: self.clock.now(),
+                    }),
+                    Err(e) => Self::failed(format!(
+                        "restarting prepare job {} failed: {e}",
+                        controller.describe()
+                    )),
+                }
+            }
+            Action::Poll {
+                delay_ms,
+                check_prepare,
+            } => self.poll(binding, run, delay_ms, check_prepare, cancel).await,
+            Action::AcquireLease { .. } => {
+                let Some(provider) = &binding.lease else {
+                    return Self::failed("label is leased but no lease provider is configured");
+                };
+                let plan = provider.plan();
+                let now = self.clock.now();
+                let lease = Lease {
+                    // One lease record per run: re-acquiring after a lost
+                    // attempt updates it instead of leaving an orphan.
+                    id: run.run_id.to_string(),
+                    label: run.label().clone(),
+                    run_id: run.run_id.clone(),
+                    provider: plan.provider,
+                    resources: plan.resources,
+                    region: plan.region,
+                    acquired_at: now,
+                    max_until: now + chrono::Duration::from_std(plan.max).unwrap_or_default(),
+                    attributes: BTreeMap::new(),
+                    released_at: None,
+                };
+                // Recorded before the instances start, so nothing can leak.
+                if let Err(e) = self.store.put_lease(&lease).await {
+                    return Self::failed(format!("could not record the lease: {e}"));
+                }
+                let acquired = tokio::select! {
+                    r = provider.acquire(lease.clone()) => r,
+                    () = cancel.cancelled() => {
+                        self.release_lease(provider.as_ref(), &lease).await.ok();
+                        return Executed::Interrupted;
+                    }
+                };
+                match acquired {
+                    Ok(lease) => {
+                        if let Err(e) = self.store.put_lease(&lease).await {
+                            warn!(error = %e, "could not record lease attributes");
+                        }
+                        Executed::Event(Event::LeaseAcquired { lease })
+                    }
+                    Err(e) => {
+                        // Starting may have partially succeeded: stop now.
+                        self.release_lease(provider.as_ref(), &lease).await.ok();
+                        Self::failed(format!("acquiring the lease failed: {e}"))
+                    }
+                }
+            }
+            Action::StartTraining { attempt, version } => {
+                let Some(dataset) = &run.dataset else {
+                    return Self::failed("internal error: training without a dataset");
+                };
+                let request = training_request(run, attempt, dataset);
+                debug_assert_eq!(request.dataset_version, version);
+                info!(attempt, version = %version, trainer = %binding.trainer.describe(), "starting training");
+                match binding.trainer.start(&request).await {
+                    Ok(handle) => Executed::Event(Event::TrainingStarted { handle }),
+                    Err(e) => Self::failed(format!("starting training failed: {e}")),
+                }
+            }
+            Action::AwaitTraining { attempt, handle } => {
+                let Some(dataset) = &run.dataset else {
+                    return Self::failed("internal error: training without a dataset");
+                };
+                let request = training_request(run, attempt, dataset);
+                let wait = tokio::time::timeout(
+                    binding.train_timeout,
+                    binding.trainer.wait(&request, &handle),
+                );
+                let outcome = tokio::select! {
+                    r = wait => r,
+                    () = cancel.cancelled() => return Executed::Interrupted,
+                };
+                match outcome {
+                    Ok(Ok(TrainingOutcome::Finished(candidate))) => {
+                        info!(candidate = %candidate.id, metrics = ?candidate.metrics, "training finished");
+                        Executed::Event(Event::TrainingFinished { candidate })
+                    }
+                    Ok(Ok(TrainingOutcome::Lost { reason })) => {
+                        warn!(%reason, "training job lost");
+                        Executed::Event(Event::TrainingLost { reason })
+                    }
+                    Ok(Err(e)) => Self::failed(format!("training failed: {e}")),
+                    Err(_) => {
+                        if let Err(e) = binding.trainer.cancel(&handle).await {
+                            warn!(error = %e, "could not stop the timed-out training job");
+                        }
+                        Self::failed(format!(
+                            "training timed out after {}s",
+                            binding.train_timeout.as_secs()
+                        ))
+                    }
+                }
+            }
+            Action::ReadBaseline => {
+                let Some(registry) = &binding.registry else {
+                    return Self::failed("the gate needs a model registry but none is configured");
+                };
+                match registry.production(active_lease(run)).await {
+                    Ok(production) => Executed::Event(Event::BaselineRead { production }),
+                    Err(e) => Self::failed(format!(
+                        "reading the production model from {} failed: {e}",
+                        registry.describe()
+                    )),
+                }
+            }
+            Action::Promote { candidate } => {
+                let Some(registry) = &binding.registry else {
+                    return Self::failed("promotion needs a model registry but none is configured");
+                };
+                match registry
+                    .promote(candidate, run.run_id.clone(), active_lease(run))
+                    .await
+                {
+                    Ok(version) => {
+                        info!(version = %version.version, "promoted");
+                        Executed::Event(Event::Promoted { version })
+                    }
+                    Err(e) => Self::failed(format!("promotion failed: {e}")),
+                }
+            }
+            Action::ReleaseLease { lease } => {
+                let Some(provider) = &binding.lease else {
+                    return Self::failed("no lease provider configured to release the lease");
+                };
+                match self.release_lease(provider.as_ref(), &lease).await {
+                    Ok(()) => Executed::Event(Event::LeaseReleased),
+                    Err(e) => Self::failed(e),
+                }
+            }
+            Action::Notify => {
+                let report = LabelReport::from_run(run, false);
+                let mut errors = Vec::new();
+                for notifier in &binding.notifiers {
+                    if let Err(e) = notifier.notify(&report).await {
+                        warn!(notifier = %notifier.describe(), error = %e, "notification failed");
+                        errors.push(format!("{}: {e}", notifier.describe()));
+                    }
+                }
+                Executed::Event(Event::Notified {
+                    error: (!errors.is_empty()).then(|| errors.join("; ")),
+                })
+            }
+            Action::Commit { cursor } => {
+                if !persist {
+                    return Executed::Committed;
+                }
+                let mut finished = run.clone();
+                let from = finished.stage;
+                if finished.step(&Event::Committed).is_err() {
+                    return Self::failed("internal error: commit outside the finishing stage");
+                }
+                let transition = self.transition(&finished, from, Event::Committed);
+                match self.store.finish(&transition, cursor).await {
+                    Ok(()) => {
+                        if let Some(outcome) = &run.outcome {
+                            info!(outcome = outcome.short(), "run finished");
+                        }
+                        Executed::Committed
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "could not commit the run; it stays resumable");
+                        Executed::Interrupted
+                    }
+                }
+            }
+        }
+    }
+
+    async fn poll(
+        &self,
+        binding: &LabelBinding,
+        run: &LabelRun,
+        delay_ms: u64,
+        check_prepare: bool,
+        cancel: &CancellationToken,
+    ) -> Executed {
+        if delay_ms > 0 {
+            let mut delay = Duration::from_millis(delay_ms);
+            delay += jitter(&run.run_id, run.polls, delay, self.settings.poll_jitter);
+            // Never sleep past the deadline: the timeout must be honoured.
+            if let Some(deadline) = run.poll_deadline() {
+                let left = (deadline - self.clock.now()).to_std().unwrap_or_default();
+                delay = delay.min(left);
+            }
+            let waker = self.waker(run.label());
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = waker.notified() => info!("woken early by a webhook"),
+                () = cancel.cancelled() => return Executed::Interrupted,
+            }
+        }
+        let known = run.last_seen.as_ref().and_then(|d| d.revision.clone());
+        let dataset = match binding.metadata.read(known).await {
+            Ok(MetadataRead::Published(dataset)) => Some(dataset),
+            Ok(MetadataRead::Unchanged) => run.last_seen.clone(),
+            Ok(MetadataRead::Absent) => None,
+            Err(PortError::Transient(e)) => {
+                warn!(error = %e, "metadata poll failed; will poll again");
+                run.last_seen.clone()
+            }
+            Err(e) => {
+                return Self::failed(format!(
+                    "reading dataset metadata {} failed: {e}",
+                    binding.metadata.describe()
+                ))
+            }
+        };
+        let prepare_stage = match (&binding.prepare, check_prepare) {
+            (Some(controller), true) => match controller.stage().await {
+                Ok(stage) => Some(stage),
+                Err(e) => {
+                    warn!(error = %e, "could not read the prepare job's stage");
+                    None
+                }
+            },
+            _ => None,
+        };
+        let (current_len, version) = dataset
+            .as_ref()
+            .map(|d| (d.metadata.num_samples, d.metadata.version_tag.to_string()))
+            .unwrap_or((0, "none".into()));
+        info!(
+            "current_len={current_len} required_len={} version={version} prepare_stage={}",
+            run.required_len,
+            prepare_stage
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_else(|| "-".into())
+        );
+        Executed::Event(Event::Polled {
+            now: self.clock.now(),
+            dataset,
+            prepare_stage,
+        })
+    }
+
+    /// Stop leases that outlived their `max` or whose run is no longer driven
+    /// by a live orchestrator. Returns the leases stopped.
+    pub async fn reap_leases(&self, force: bool) -> Result<Vec<Lease>, EngineError> {
+        let now = self.clock.now();
+        let mut reaped = Vec::new();
+        for lease in self.store.active_leases().await? {
+            let expired = lease.max_until <= now;
+            let orphaned = self.store.lock_holder(&lease.label).await?.is_none();
+            if !(force || expired || orphaned) {
+                continue;
+            }
+            let Some(provider) = self.labels.get(&lease.label).and_then(|b| b.lease.clone())
+            else {
+                warn!(lease = %lease.id, label = %lease.label, "cannot reap: label has no lease provider configured");
+                continue;
+            };
+            match self.release_lease(provider.as_ref(), &lease).await {
+                Ok(()) => {
+                    info!(lease = %lease.id, expired, orphaned, "reaped lease");
+                    reaped.push(lease);
+                }
+                Err(e) => warn!(lease = %lease.id, error = %e, "reaping failed"),
+            }
+        }
+        Ok(reaped)
+    }
+
+    /// The gate alone (`retrain gate`): candidate metrics from the registry vs
+    /// production, optionally forced. Read-only.
+    pub async fn gate_candidate(
+        &self,
+        label: &Label,
+        candidate_id: &str,
+        force: bool,
+    ) -> Result<(Candidate, Option<crate::domain::ProductionModel>, Verdict), EngineError> {
+        let binding = self.labels.get(label).ok_or_else(|| {
+            let known: Vec<&str> = self.labels.keys().map(Label::as_str).collect();
+            EngineError::UnknownLabel(label.to_string(), known.join(", "))
+        })?;
+        let policy = binding
+            .plan
+            .gate
+            .clone()
+            .ok_or_else(|| EngineError::NoGate(label.clone()))?;
+        let registry = binding
+            .registry
+            .clone()
+            .ok_or_else(|| EngineError::NoRegistry(label.clone()))?;
+        let metrics = registry
+            .candidate_metrics(candidate_id.to_owned(), None)
+            .await?;
+        let production = registry.production(None).await?;
+        let mut verdict = crate::gate::evaluate(
+            &policy,
+            &metrics,
+            production.as_ref().map(|p| &p.metrics),
+        );
+        if force {
+            verdict = verdict.forced();
+        }
+        Ok((
+            Candidate {
+                id: candidate_id.to_owned(),
+                metrics,
+            },
+            production,
+            verdict,
+        ))
+    }
+}
+
+fn active_lease(run: &LabelRun) -> Option<Lease> {
+    run.lease.clone().filter(|_| !run.lease_released)
+}
+
+fn training_request(run: &LabelRun, attempt: u32, dataset: &DatasetVersion) -> TrainingRequest {
+    TrainingRequest {
+        label: run.label().clone(),
+        run_id: run.run_id.clone(),
+        attempt,
+        dataset_name: dataset.metadata.dataset_name.clone(),
+        dataset_version: dataset.metadata.version_tag.clone(),
+        lease: active_lease(run),
+    }
+}
+
+/// Deterministic jitter in `[0, fraction × delay)`, derived from the run id
+/// and poll count so core needs no RNG and tests stay reproducible.
+fn jitter(run_id: &RunId, polls: u32, delay: Duration, fraction: f64) -> Duration {
+    use std::hash::{Hash, Hasher};
+    if !(fraction > 0.0) {
+        return Duration::ZERO;
+    }
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    run_id.hash(&mut hasher);
+    polls.hash(&mut hasher);
+    let unit = (hasher.finish() % 10_000) as f64 / 10_000.0;
+    delay.mul_f64((unit * fraction).min(1.0))
+}
+
+/// Outcome helper for reports.
+pub fn outcome_of(run: &LabelRun) -> Option<&Outcome> {
+    run.outcome.as_ref()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_is_bounded_and_varies() {
+        let id = RunId::generate();
+        let delay = Duration::from_secs(60);
+        let values: Vec<Duration> = (0..20).map(|p| jitter(&id, p, delay, 0.1)).collect();
+        assert!(values.iter().all(|j| *j < Duration::from_secs(6)));
+        assert!(values.iter().any(|j| *j != values[0]));
+        assert_eq!(jitter(&id, 1, delay, 0.0), Duration::ZERO);
+    }
+}

@@ -1,0 +1,973 @@
+//! The sans-IO state machine of one label's run: `step(state, event) -> actions`.
+//!
+//! Invariants (proven by `tests/machine_props.rs` in this crate):
+//! - no I/O, no clock reads, no randomness: time arrives inside events;
+//! - at most one `StartTraining` per `(label, version_tag)` that is not
+//!   preceded by a `TrainingLost` of the previous attempt, never more than
+//!   `max_attempts`;
+//! - at most one `Promote` per run;
+//! - a dry-run plan never emits a side-effecting action;
+//! - `Done` with a consumed dataset always commits a cursor whose watermark is
+//!   that dataset's `created_at`.
+//!
+//! The engine persists the state returned by [`LabelRun::step`] (with its
+//! actions as `pending`) *before* executing any of the actions, so a crash at
+//! any point resumes from the last persisted state by re-executing `pending`.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{
+    Candidate, CorrectRatio, CycleId, DatasetVersion, FeedbackCounts, Label, LabelCursor, Lease,
+    ProductionModel, PromotedVersion, RunId, SpaceStage, TrainingHandle, VersionTag,
+};
+use crate::gate::{self, GatePolicy, Verdict};
+
+/// How a label decides that it needs retraining.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    /// Seed 000: reviewed feedback counts from the `CountSource`.
+    Counts {
+        threshold: u64,
+        correct_ratio: CorrectRatio,
+    },
+    /// Seeds 001/002: new samples in the published metadata.
+    Metadata { threshold: u64 },
+}
+
+impl Trigger {
+    pub fn threshold(&self) -> u64 {
+        match self {
+            Self::Counts { threshold, .. } | Self::Metadata { threshold } => *threshold,
+        }
+    }
+}
+
+/// Whether a passed verdict is promoted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromoteMode {
+    #[default]
+    Auto,
+    /// Record the verdict but never touch the registry.
+    Disabled,
+}
+
+/// The per-label decisions a run is started with. Stored in the run so a
+/// resumed run keeps the rules it started under.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabelPlan {
+    pub label: Label,
+    pub trigger: Trigger,
+    /// Key of the prepare job (shared jobs are restarted once per cycle);
+    /// `None`: nothing to restart.
+    pub prepare: Option<String>,
+    /// `None`: `gate = "none"`, the trainer decides itself.
+    pub gate: Option<GatePolicy>,
+    pub leased: bool,
+    pub promote: PromoteMode,
+    pub max_attempts: u32,
+    #[serde(with = "duration_ms")]
+    pub poll_interval: Duration,
+    #[serde(with = "duration_ms")]
+    pub poll_timeout: Duration,
+    pub dry_run: bool,
+}
+
+mod duration_ms {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis().min(u64::MAX as u128) as u64)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+/// Where a run is. Serialised names are part of the journal format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    Created,
+    Counting,
+    Preparing,
+    AwaitingDataset,
+    Leasing,
+    Training,
+    Gating,
+    Promoting,
+    Releasing,
+    Notifying,
+    Finishing,
+    Done,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Counting => "counting",
+            Self::Preparing => "preparing",
+            Self::AwaitingDataset => "awaiting_dataset",
+            Self::Leasing => "leasing",
+            Self::Training => "training",
+            Self::Gating => "gating",
+            Self::Promoting => "promoting",
+            Self::Releasing => "releasing",
+            Self::Notifying => "notifying",
+            Self::Finishing => "finishing",
+            Self::Done => "done",
+        }
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Outcome {
+    /// Below threshold (or no new version, for metadata-triggered labels).
+    Skipped { measured: u64, threshold: u64, reason: String },
+    /// Dry-run: what a real run would do next.
+    Planned { measured: u64, threshold: u64, would: String },
+    /// Trained without a gate (`gate = "none"`).
+    Trained { candidate: Option<String> },
+    Promoted { version: String },
+    /// Gate passed but promotion is disabled.
+    Passed,
+    Rejected { reason: String },
+    Failed { stage: Stage, reason: String },
+}
+
+impl Outcome {
+    pub fn short(&self) -> &'static str {
+        match self {
+            Self::Skipped { .. } => "skipped",
+            Self::Planned { .. } => "planned",
+            Self::Trained { .. } => "trained",
+            Self::Promoted { .. } => "promoted",
+            Self::Passed => "passed",
+            Self::Rejected { .. } => "rejected",
+            Self::Failed { .. } => "failed",
+        }
+    }
+    pub fn is_failure(&self) -> bool {
+        matches!(self, Self::Failed { .. })
+    }
+}
+
+/// Inputs to the machine: outcomes of actions, and time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "event")]
+pub enum Event {
+    /// The engine holds the lock and starts (or resumes) the run.
+    Started { now: DateTime<Utc> },
+    CountsRead { counts: FeedbackCounts },
+    /// The currently published dataset (read-only).
+    PublishedRead { current: Option<DatasetVersion> },
+    PrepareRestarted { now: DateTime<Utc> },
+    /// One poll of the metadata (and of the prepare job's stage).
+    Polled {
+        now: DateTime<Utc>,
+        dataset: Option<DatasetVersion>,
+        prepare_stage: Option<SpaceStage>,
+    },
+    LeaseAcquired { lease: Lease },
+    TrainingStarted { handle: TrainingHandle },
+    TrainingFinished { candidate: Candidate },
+    TrainingLost { reason: String },
+    BaselineRead { production: Option<ProductionModel> },
+    Promoted { version: PromotedVersion },
+    LeaseReleased,
+    Notified { error: Option<String> },
+    Committed,
+    /// An action failed; the run fails (releasing any lease first).
+    ActionFailed { reason: String },
+}
+
+/// Outputs of the machine, executed by the engine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "action")]
+pub enum Action {
+    /// Read feedback counts since the watermark (batched across labels).
+    ReadCounts { since: DateTime<Utc> },
+    /// Read the published metadata (read-only).
+    ReadPublished,
+    /// Restart the prepare job `key` (once per cycle for shared jobs).
+    RestartPrepare { key: String },
+    /// Wait `delay_ms` (plus jitter), then read the metadata and, if
+    /// `check_prepare`, the prepare job's stage.
+    Poll { delay_ms: u64, check_prepare: bool },
+    AcquireLease { attempt: u32 },
+    StartTraining { attempt: u32, version: VersionTag },
+    AwaitTraining { attempt: u32, handle: TrainingHandle },
+    ReadBaseline,
+    Promote { candidate: Candidate },
+    ReleaseLease { lease: Lease },
+    Notify,
+    /// Persist the final state and, if given, advance the label's cursor.
+    Commit { cursor: Option<LabelCursor> },
+}
+
+impl Action {
+    /// Whether executing this action changes anything outside the journal.
+    pub fn is_side_effect(&self) -> bool {
+        matches!(
+            self,
+            Self::RestartPrepare { .. }
+                | Self::AcquireLease { .. }
+                | Self::StartTraining { .. }
+                | Self::Promote { .. }
+                | Self::ReleaseLease { .. }
+                | Self::Notify
+                | Self::Commit { .. }
+        )
+    }
+}
+
+/// A transition that the machine refuses (an event that cannot happen in
+/// this stage). The engine treats it as a bug and fails the label loudly.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("event `{event}` is not valid in stage `{stage}`")]
+pub struct InvalidTransition {
+    pub stage: Stage,
+    pub event: String,
+}
+
+/// The full state of one label's run. Serialised as the journal snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabelRun {
+    pub run_id: RunId,
+    pub cycle_id: CycleId,
+    pub plan: LabelPlan,
+    /// The cursor when the run started.
+    pub cursor: LabelCursor,
+    pub stage: Stage,
+    pub seq: u64,
+    pub started_at: Option<DateTime<Utc>>,
+    pub counts: Option<FeedbackCounts>,
+    /// `dataset_len` (counts) or new samples (metadata) measured at Count.
+    pub measured: Option<u64>,
+    /// Minimum `num_samples` a new dataset must have.
+    pub required_len: u64,
+    /// Recorded before the prepare restart: the version a new one must differ from.
+    pub last_version: Option<VersionTag>,
+    pub last_version_recorded: bool,
+    pub wait_started_at: Option<DateTime<Utc>>,
+    pub polls: u32,
+    pub last_seen: Option<DatasetVersion>,
+    pub dataset: Option<DatasetVersion>,
+    pub attempt: u32,
+    pub lost_attempts: Vec<String>,
+    pub handle: Option<TrainingHandle>,
+    pub lease: Option<Lease>,
+    pub lease_released: bool,
+    pub candidate: Option<Candidate>,
+    pub baseline: Option<ProductionModel>,
+    pub verdict: Option<Verdict>,
+    pub promoted: Option<PromotedVersion>,
+    pub notify_error: Option<String>,
+    /// Set once the outcome is known; `Done` follows after release/notify/commit.
+    pub outcome: Option<Outcome>,
+    /// Actions announced by the last transition and not yet confirmed.
+    pub pending: Vec<Action>,
+}
+
+impl LabelRun {
+    pub fn new(run_id: RunId, cycle_id: CycleId, plan: LabelPlan, cursor: LabelCursor) -> Self {
+        Self {
+            run_id,
+            cycle_id,
+            plan,
+            cursor,
+            stage: Stage::Created,
+            seq: 0,
+            started_at: None,
+            counts: None,
+            measured: None,
+            required_len: 0,
+            last_version: None,
+            last_version_recorded: false,
+            wait_started_at: None,
+            polls: 0,
+            last_seen: None,
+            dataset: None,
+            attempt: 0,
+            lost_attempts: Vec::new(),
+            handle: None,
+            lease: None,
+            lease_released: false,
+            candidate: None,
+            baseline: None,
+            verdict: None,
+            promoted: None,
+            notify_error: None,
+            outcome: None,
+            pending: Vec::new(),
+        }
+    }
+
+    pub fn label(&self) -> &Label {
+        &self.plan.label
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.stage == Stage::Done
+    }
+
+    /// The point in time after which waiting for a dataset fails.
+    pub fn poll_deadline(&self) -> Option<DateTime<Utc>> {
+        let started = self.wait_started_at?;
+        let timeout = chrono::Duration::from_std(self.plan.poll_timeout).ok()?;
+        Some(started + timeout)
+    }
+
+    /// Apply `event`; returns the actions to execute (also kept in `pending`).
+    pub fn step(&mut self, event: &Event) -> Result<Vec<Action>, InvalidTransition> {
+        let actions = self.transition(event)?;
+        self.seq += 1;
+        self.pending = actions.clone();
+        Ok(actions)
+    }
+
+    fn invalid(&self, event: &Event) -> InvalidTransition {
+        let name = serde_json::to_value(event)
+            .ok()
+            .and_then(|v| v.get("event").and_then(|e| e.as_str()).map(str::to_owned))
+            .unwrap_or_else(|| "unknown".into());
+        InvalidTransition {
+            stage: self.stage,
+            event: name,
+        }
+    }
+
+    fn transition(&mut self, event: &Event) -> Result<Vec<Action>, InvalidTransition> {
+        use Event as E;
+        use Stage as S;
+
+        if let E::ActionFailed { reason } = event {
+            return Ok(self.fail(reason.clone()));
+        }
+
+        match (self.stage, event) {
+            (S::Created, E::Started { now }) => {
+                self.started_at = Some(*now);
+                self.stage = S::Counting;
+                Ok(match self.plan.trigger {
+                    Trigger::Counts { .. } => vec![Action::ReadCounts {
+                        since: self.cursor.watermark_or_epoch(),
+                    }],
+                    Trigger::Metadata { .. } => vec![Action::ReadPublished],
+                })
+            }
+            (S::Counting, E::CountsRead { counts }) => {
+                let Trigger::Counts {
+                    threshold,
+                    correct_ratio,
+                } = self.plan.trigger
+                else {
+                    return Err(self.invalid(event));
+                };
+                let dataset_len = counts.dataset_len(correct_ratio);
+                self.counts = Some(*counts);
+                self.measured = Some(dataset_len);
+                self.required_len = dataset_len;
+                if dataset_len < threshold {
+                    return Ok(self.finish_with(Outcome::Skipped {
+                        measured: dataset_len,
+                        threshold,
+                        reason: format!(
+                            "dataset_len {dataset_len} (misclassified {} + sampled correct {}) is below threshold {threshold}",
+                            counts.misclassified,
+                            dataset_len - counts.misclassified
+                        ),
+                    }));
+                }
+                if self.plan.dry_run {
+                    let would = match &self.plan.prepare {
+                        Some(key) => format!(
+                            "restart prepare job {key}, wait for a new dataset with >= {dataset_len} samples, then train"
+                        ),
+                        None => format!(
+                            "wait for a new dataset with >= {dataset_len} samples, then train"
+                        ),
+                    };
+                    return Ok(self.finish_with(Outcome::Planned {
+                        measured: dataset_len,
+                        threshold,
+                        would,
+                    }));
+                }
+                // Record the currently published version *before* restarting
+                // the prepare job: a new dataset must differ from it.
+                self.stage = S::Preparing;
+                Ok(vec![Action::ReadPublished])
+            }
+            (S::Counting, E::PublishedRead { current }) => {
+                let Trigger::Metadata { threshold } = self.plan.trigger else {
+                    return Err(self.invalid(event));
+                };
+                self.last_seen = current.clone();
+                let Some(current) = current else {
+                    return Ok(self.finish_with(Outcome::Skipped {
+                        measured: 0,
+                        threshold,
+                        reason: "no dataset metadata published yet".into(),
+                    }));
+                };
+                let meta = &current.metadata;
+                if self.cursor.consumed_version.as_ref() == Some(&meta.version_tag) {
+                    self.measured = Some(0);
+                    return Ok(self.finish_with(Outcome::Skipped {
+                        measured: 0,
+                        threshold,
+                        reason: format!("version {} was already consumed", meta.version_tag),
+                    }));
+                }
+                let new_samples = meta
+                    .num_samples
+                    .saturating_sub(self.cursor.consumed_num_samples.unwrap_or(0));
+                self.measured = Some(new_samples);
+                if new_samples < threshold {
+                    return Ok(self.finish_with(Outcome::Skipped {
+                        measured: new_samples,
+                        threshold,
+                        reason: format!(
+                            "{new_samples} new samples in {} is below threshold {threshold}",
+                            meta.version_tag
+                        ),
+                    }));
+                }
+                if self.plan.dry_run {
+                    return Ok(self.finish_with(Outcome::Planned {
+                        measured: new_samples,
+                        threshold,
+                        would: format!("train on dataset version {}", meta.version_tag),
+                    }));
+                }
+                self.last_version = self.cursor.consumed_version.clone();
+                self.last_version_recorded = true;
+                match self.plan.prepare.clone() {
+                    Some(key) => {
+                        self.last_version = Some(meta.version_tag.clone());
+                        self.required_len = meta.num_samples;
+                        self.stage = S::Preparing;
+                        Ok(vec![Action::RestartPrepare { key }])
+                    }
+                    None => Ok(self.dataset_ready(current.clone())),
+                }
+            }
+            (S::Preparing, E::PublishedRead { current }) => {
+                self.last_version = current.as_ref().map(|d| d.metadata.version_tag.clone());
+                self.last_version_recorded = true;
+                self.last_seen = current.clone();
+                match self.plan.prepare.clone() {
+                    Some(key) => Ok(vec![Action::RestartPrepare { key }]),
+                    None => {
+                        // Nothing to restart: wait for a version that differs
+                        // from the last *consumed* one (maybe already there).
+                        self.last_version = self.cursor.consumed_version.clone();
+                        self.stage = S::AwaitingDataset;
+                        self.wait_started_at = self.started_at;
+                        Ok(self.evaluate_poll(current.clone(), None, self.started_at))
+                    }
+                }
+            }
+            (S::Preparing, E::PrepareRestarted { now }) => {
+                self.stage = S::AwaitingDataset;
+                self.wait_started_at = Some(*now);
+                Ok(vec![Action::Poll {
+                    delay_ms: 0,
+                    check_prepare: true,
+                }])
+            }
+            (
+                S::AwaitingDataset,
+                E::Polled {
+                    now,
+                    dataset,
+                    prepare_stage,
+                },
+            ) => {
+                self.polls += 1;
+                if dataset.is_some() {
+                    self.last_seen = dataset.clone();
+                }
+                Ok(self.evaluate_poll(dataset.clone(), prepare_stage.clone(), Some(*now)))
+            }
+            (S::Leasing, E::LeaseAcquired { lease }) => {
+                self.lease = Some(lease.clone());
+                self.lease_released = false;
+                Ok(self.start_training())
+            }
+            (S::Training, E::TrainingStarted { handle }) => {
+                self.handle = Some(handle.clone());
+                Ok(vec![Action::AwaitTraining {
+                    attempt: self.attempt,
+                    handle: handle.clone(),
+                }])
+            }
+            (S::Training, E::TrainingLost { reason }) => {
+                self.lost_attempts
+                    .push(format!("attempt {}: {reason}", self.attempt));
+                self.handle = None;
+                if self.attempt >= self.plan.max_attempts {
+                    return Ok(self.fail(format!(
+                        "training lost {} time(s), max_attempts = {} reached (last: {reason})",
+                        self.lost_attempts.len(),
+                        self.plan.max_attempts
+                    )));
+                }
+                if self.plan.leased {
+                    // The machine may have been stopped with the lost job.
+                    self.stage = S::Leasing;
+                    return Ok(vec![Action::AcquireLease {
+                        attempt: self.attempt + 1,
+                    }]);
+                }
+                Ok(self.start_training())
+            }
+            (S::Training, E::TrainingFinished { candidate }) => {
+                self.candidate = Some(candidate.clone());
+                self.handle = None;
+                if self.plan.gate.is_none() {
+                    return Ok(self.conclude(Outcome::Trained {
+                        candidate: Some(candidate.id.clone()).filter(|id| !id.is_empty()),
+                    }));
+                }
+                self.stage = S::Gating;
+                Ok(vec![Action::ReadBaseline])
+            }
+            (S::Gating, E::BaselineRead { production }) => {
+                let (Some(policy), Some(candidate)) = (&self.plan.gate, &self.candidate) else {
+                    return Err(self.invalid(event));
+                };
+                let verdict = gate::evaluate(
+                    policy,
+                    &candidate.metrics,
+                    production.as_ref().map(|p| &p.metrics),
+                );
+                self.baseline = production.clone();
+                let passed = verdict.passed;
+                let reason = verdict.reason.clone();
+                self.verdict = Some(verdict);
+                if !passed {
+                    return Ok(self.conclude(Outcome::Rejected { reason }));
+                }
+                if self.plan.promote == PromoteMode::Disabled || self.plan.dry_run {
+                    return Ok(self.conclude(Outcome::Passed));
+                }
+                self.stage = S::Promoting;
+                Ok(vec![Action::Promote {
+                    candidate: candidate.clone(),
+                }])
+            }
+            (S::Promoting, E::Promoted { version }) => {
+                self.promoted = Some(version.clone());
+                Ok(self.conclude(Outcome::Promoted {
+                    version: version.version.clone(),
+                }))
+            }
+            (S::Releasing, E::LeaseReleased) => {
+                self.lease_released = true;
+                Ok(self.after_release())
+            }
+            (S::Notifying, E::Notified { error }) => {
+                self.notify_error = error.clone();
+                Ok(self.commit())
+            }
+            (S::Finishing, E::Committed) => {
+                self.stage = S::Done;
+                Ok(Vec::new())
+            }
+            _ => Err(self.invalid(event)),
+        }
+    }
+
+    /// Decide after a poll: fail fast, accept the dataset, time out, or poll again.
+    fn evaluate_poll(
+        &mut self,
+        dataset: Option<DatasetVersion>,
+        prepare_stage: Option<SpaceStage>,
+        now: Option<DateTime<Utc>>,
+    ) -> Vec<Action> {
+        if let Some(SpaceStage::Error(stage)) = &prepare_stage {
+            let job = self.plan.prepare.clone().unwrap_or_default();
+            return self.fail(format!(
+                "prepare job {job} is in error stage {stage}; not waiting for the poll timeout"
+            ));
+        }
+        if let Some(candidate) = dataset {
+            let meta = &candidate.metadata;
+            let is_new = self.last_version.as_ref() != Some(&meta.version_tag);
+            if is_new && meta.num_samples >= self.required_len {
+                return self.dataset_ready(candidate);
+            }
+        }
+        if let (Some(now), Some(deadline)) = (now, self.poll_deadline()) {
+            if now >= deadline {
+                let seen = self
+                    .last_seen
+                    .as_ref()
+                    .map(|d| {
+                        format!(
+                            "version={} num_samples={}",
+                            d.metadata.version_tag, d.metadata.num_samples
+                        )
+                    })
+                    .unwrap_or_else(|| "nothing published".into());
+                return self.fail(format!(
+                    "timed out after {}s waiting for a dataset newer than {} with >= {} samples (last seen: {seen})",
+                    self.plan.poll_timeout.as_secs(),
+                    self.last_version
+                        .as_ref()
+                        .map(VersionTag::as_str)
+                        .unwrap_or("none"),
+                    self.required_len
+                ));
+            }
+        }
+        self.stage = Stage::AwaitingDataset;
+        vec![Action::Poll {
+            delay_ms: self.plan.poll_interval.as_millis().min(u64::MAX as u128) as u64,
+            check_prepare: self.plan.prepare.is_some(),
+        }]
+    }
+
+    fn dataset_ready(&mut self, dataset: DatasetVersion) -> Vec<Action> {
+        self.dataset = Some(dataset);
+        if self.plan.leased {
+            self.stage = Stage::Leasing;
+            return vec![Action::AcquireLease {
+                attempt: self.attempt + 1,
+            }];
+        }
+        self.start_training()
+    }
+
+    fn start_training(&mut self) -> Vec<Action> {
+        let version = self
+            .dataset
+            .as_ref()
+            .map(|d| d.metadata.version_tag.clone())
+            .unwrap_or_else(|| VersionTag::new(""));
+        self.attempt += 1;
+        self.stage = Stage::Training;
+        vec![Action::StartTraining {
+            attempt: self.attempt,
+            version,
+        }]
+    }
+
+    fn finish_with(&mut self, outcome: Outcome) -> Vec<Action> {
+        self.outcome = Some(outcome);
+        if self.plan.dry_run {
+            // Dry-run writes nothing a real run would act on.
+            self.stage = Stage::Done;
+            return Vec::new();
+        }
+        self.commit()
+    }
+
+    /// The outcome is known: release the lease, then notify, then commit.
+    fn conclude(&mut self, outcome: Outcome) -> Vec<Action> {
+        self.outcome = Some(outcome);
+        self.release_or_continue()
+    }
+
+    fn fail(&mut self, reason: String) -> Vec<Action> {
+        let stage = self.stage;
+        match self.stage {
+            // A failure while releasing: keep the lease recorded as active so
+            // `infra reap` stops it; never loop on release.
+            Stage::Releasing => {
+                self.outcome = Some(match self.outcome.take() {
+                    Some(Outcome::Failed { stage, reason: r }) => Outcome::Failed {
+                        stage,
+                        reason: format!("{r}; and releasing the lease failed: {reason}"),
+                    },
+                    _ => Outcome::Failed {
+                        stage,
+                        reason: format!("releasing the lease failed: {reason}"),
+                    },
+                });
+                self.lease_released = true;
+                self.after_release()
+            }
+            Stage::Notifying => {
+                self.notify_error = Some(reason);
+                self.commit()
+            }
+            Stage::Finishing | Stage::Done => {
+                // The commit itself failed: nothing more the machine can do;
+                // the engine reports the store error and resume retries.
+                self.outcome = Some(Outcome::Failed { stage, reason });
+                Vec::new()
+            }
+            _ => {
+                self.outcome = Some(Outcome::Failed { stage, reason });
+                if self.plan.dry_run {
+                    self.stage = Stage::Done;
+                    return Vec::new();
+                }
+                self.release_or_continue()
+            }
+        }
+    }
+
+    fn release_or_continue(&mut self) -> Vec<Action> {
+        match &self.lease {
+            Some(lease) if !self.lease_released => {
+                self.stage = Stage::Releasing;
+                vec![Action::ReleaseLease {
+                    lease: lease.clone(),
+                }]
+            }
+            _ => self.after_release(),
+        }
+    }
+
+    fn after_release(&mut self) -> Vec<Action> {
+        if self.needs_notification() {
+            self.stage = Stage::Notifying;
+            vec![Action::Notify]
+        } else {
+            self.commit()
+        }
+    }
+
+    fn needs_notification(&self) -> bool {
+        !matches!(
+            self.outcome,
+            None | Some(Outcome::Skipped { .. }) | Some(Outcome::Planned { .. })
+        )
+    }
+
+    fn commit(&mut self) -> Vec<Action> {
+        self.stage = Stage::Finishing;
+        vec![Action::Commit {
+            cursor: self.next_cursor(),
+        }]
+    }
+
+    /// The cursor to commit: advanced to the dataset iff a training consumed it
+    /// (ran to a result), so no `(label, version)` is ever trained twice.
+    pub fn next_cursor(&self) -> Option<LabelCursor> {
+        let dataset = self.dataset.as_ref()?;
+        self.candidate.as_ref()?;
+        Some(LabelCursor {
+            watermark: Some(dataset.metadata.created_at),
+            consumed_version: Some(dataset.metadata.version_tag.clone()),
+            consumed_num_samples: Some(dataset.metadata.num_samples),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::DatasetMetadata;
+    use crate::gate::GatePolicy;
+
+    pub(crate) fn plan(trigger: Trigger) -> LabelPlan {
+        LabelPlan {
+            label: Label::new("department").unwrap(),
+            trigger,
+            prepare: Some("prep".into()),
+            gate: Some(GatePolicy::seed_default()),
+            leased: false,
+            promote: PromoteMode::Auto,
+            max_attempts: 2,
+            poll_interval: Duration::from_secs(60),
+            poll_timeout: Duration::from_secs(1800),
+            dry_run: false,
+        }
+    }
+
+    fn dataset(tag: &str, n: u64) -> DatasetVersion {
+        DatasetVersion {
+            metadata: DatasetMetadata {
+                dataset_name: "owner/ds".into(),
+                version_tag: VersionTag::new(tag),
+                num_samples: n,
+                created_at: "2025-10-30T11:53:01Z".parse().unwrap(),
+                splits: None,
+                extra: Default::default(),
+            },
+            revision: None,
+        }
+    }
+
+    fn now(secs: i64) -> DateTime<Utc> {
+        DateTime::<Utc>::from_timestamp(1_700_000_000 + secs, 0).unwrap()
+    }
+
+    fn counts_trigger() -> Trigger {
+        Trigger::Counts {
+            threshold: 40,
+            correct_ratio: CorrectRatio::default(),
+        }
+    }
+
+    fn run(plan: LabelPlan) -> LabelRun {
+        LabelRun::new(RunId::generate(), CycleId::generate(), plan, LabelCursor::default())
+    }
+
+    #[test]
+    fn below_threshold_skips_and_commits_without_cursor() {
+        let mut r = run(plan(counts_trigger()));
+        assert_eq!(
+            r.step(&Event::Started { now: now(0) }).unwrap(),
+            vec![Action::ReadCounts {
+                since: DateTime::<Utc>::UNIX_EPOCH
+            }]
+        );
+        let actions = r
+            .step(&Event::CountsRead {
+                counts: FeedbackCounts {
+                    misclassified: 10,
+                    correct: 5,
+                },
+            })
+            .unwrap();
+        assert_eq!(actions, vec![Action::Commit { cursor: None }]);
+        assert!(matches!(
+            r.outcome,
+            Some(Outcome::Skipped {
+                measured: 15,
+                threshold: 40,
+                ..
+            })
+        ));
+        r.step(&Event::Committed).unwrap();
+        assert!(r.is_done());
+    }
+
+    #[test]
+    fn full_happy_path_records_last_version_before_restart() {
+        let mut r = run(plan(counts_trigger()));
+        r.step(&Event::Started { now: now(0) }).unwrap();
+        let a = r
+            .step(&Event::CountsRead {
+                counts: FeedbackCounts {
+                    misclassified: 30,
+                    correct: 100,
+                },
+            })
+            .unwrap();
+        assert_eq!(a, vec![Action::ReadPublished]);
+        let a = r
+            .step(&Event::PublishedRead {
+                current: Some(dataset("v1", 500)),
+            })
+            .unwrap();
+        assert_eq!(a, vec![Action::RestartPrepare { key: "prep".into() }]);
+        assert_eq!(r.last_version, Some(VersionTag::new("v1")));
+        r.step(&Event::PrepareRestarted { now: now(1) }).unwrap();
+        // Same version, even with enough samples: never accepted.
+        let a = r
+            .step(&Event::Polled {
+                now: now(2),
+                dataset: Some(dataset("v1", 10_000)),
+                prepare_stage: Some(SpaceStage::Running),
+            })
+            .unwrap();
+        assert!(matches!(a[..], [Action::Poll { .. }]));
+        // New version but too small.
+        let a = r
+            .step(&Event::Polled {
+                now: now(3),
+                dataset: Some(dataset("v2", 59)),
+                prepare_stage: None,
+            })
+            .unwrap();
+        assert!(matches!(a[..], [Action::Poll { .. }]));
+        let a = r
+            .step(&Event::Polled {
+                now: now(4),
+                dataset: Some(dataset("v2", 60)),
+                prepare_stage: None,
+            })
+            .unwrap();
+        assert_eq!(
+            a,
+            vec![Action::StartTraining {
+                attempt: 1,
+                version: VersionTag::new("v2")
+            }]
+        );
+    }
+
+    #[test]
+    fn error_stage_fails_fast_and_timeout_fails() {
+        let mut r = run(plan(counts_trigger()));
+        r.step(&Event::Started { now: now(0) }).unwrap();
+        r.step(&Event::CountsRead {
+            counts: FeedbackCounts {
+                misclassified: 50,
+                correct: 0,
+            },
+        })
+        .unwrap();
+        r.step(&Event::PublishedRead { current: None }).unwrap();
+        r.step(&Event::PrepareRestarted { now: now(0) }).unwrap();
+        let a = r
+            .step(&Event::Polled {
+                now: now(1),
+                dataset: None,
+                prepare_stage: Some(SpaceStage::Error("BUILD_ERROR".into())),
+            })
+            .unwrap();
+        assert_eq!(a, vec![Action::Notify]);
+        match &r.outcome {
+            Some(Outcome::Failed { reason, .. }) => assert!(reason.contains("BUILD_ERROR")),
+            other => panic!("{other:?}"),
+        }
+
+        let mut r = run(plan(counts_trigger()));
+        r.step(&Event::Started { now: now(0) }).unwrap();
+        r.step(&Event::CountsRead {
+            counts: FeedbackCounts {
+                misclassified: 50,
+                correct: 0,
+            },
+        })
+        .unwrap();
+        r.step(&Event::PublishedRead { current: None }).unwrap();
+        r.step(&Event::PrepareRestarted { now: now(0) }).unwrap();
+        let a = r
+            .step(&Event::Polled {
+                now: now(1800),
+                dataset: None,
+                prepare_stage: None,
+            })
+            .unwrap();
+        assert_eq!(a, vec![Action::Notify]);
+        match &r.outcome {
+            Some(Outcome::Failed { reason, stage }) => {
+                assert_eq!(*stage, Stage::AwaitingDataset);
+                assert!(reason.contains("timed out"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn invalid_events_are_refused() {
+        let mut r = run(plan(counts_trigger()));
+        let err = r.step(&Event::Committed).unwrap_err();
+        assert_eq!(err.stage, Stage::Created);
+        assert_eq!(err.event, "committed");
+    }
+}

@@ -1,0 +1,250 @@
+//! Ports: the seven interfaces the engine drives (plus the lease provider that
+//! wraps a trainer in a machine that must always be stopped).
+//!
+//! Each port instance is *bound* to one address (a Space, a metadata URL, a
+//! model name): the wiring layer builds one per label from the config, so the
+//! methods here take no addresses.
+//!
+//! Error contract: adapters translate their transport errors into
+//! [`PortError`]; `Transient` means "the adapter already retried and gave up",
+//! never "retry me". Messages must name what failed and must never contain a
+//! secret.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{
+    Candidate, DatasetVersion, FeedbackCounts, Label, LabelCursor, Lease, LockOutcome, LockOwner,
+    Metrics, ProductionModel, PromotedVersion, RunId, SpaceStage, TrainingHandle, TrainingOutcome,
+    VersionTag,
+};
+use crate::journal::{RunDetail, RunFilter, RunSummary, Transition};
+use crate::machine::LabelRun;
+use crate::report::LabelReport;
+
+/// Error returned by every port. The message is for humans and names the
+/// resource involved (repo, URL, column, file), never a credential.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum PortError {
+    /// A network/server problem that persisted through the adapter's retries.
+    #[error("{0}")]
+    Transient(String),
+    /// Authentication or permission refused (401/403).
+    #[error("{0}")]
+    Denied(String),
+    /// The addressed resource does not exist (404, missing file).
+    #[error("{0}")]
+    NotFound(String),
+    /// The other side answered with something we cannot accept (bad JSON,
+    /// wrong SQL columns, malformed metadata).
+    #[error("{0}")]
+    InvalidResponse(String),
+    /// Local misconfiguration discovered at call time.
+    #[error("{0}")]
+    Config(String),
+    /// The operation failed for a reason not covered above (non-zero exit...).
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl PortError {
+    pub fn message(&self) -> &str {
+        match self {
+            Self::Transient(m)
+            | Self::Denied(m)
+            | Self::NotFound(m)
+            | Self::InvalidResponse(m)
+            | Self::Config(m)
+            | Self::Failed(m) => m,
+        }
+    }
+}
+
+/// Reads how many reviewed samples arrived per label since a watermark.
+///
+/// One call returns every label the user's query reports; labels it does not
+/// mention have zero counts. Implementations run the query read-only.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait CountSource: Send + Sync {
+    async fn counts(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<BTreeMap<Label, FeedbackCounts>, PortError>;
+}
+
+/// Controls the dataset-preparation job (an HF Space, a local command).
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait SpaceController: Send + Sync {
+    /// Restart the job. Must be safe to call on a job in any state.
+    async fn restart(&self) -> Result<(), PortError>;
+    /// Current stage; `SpaceStage::Error(..)` makes waiting labels fail fast.
+    async fn stage(&self) -> Result<SpaceStage, PortError>;
+    /// Human-readable address, for logs and reports.
+    fn describe(&self) -> String;
+}
+
+/// What a metadata read found.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum MetadataRead {
+    /// Nothing published yet (404 / missing file).
+    Absent,
+    /// The store's change marker equals the one we passed: nothing new.
+    Unchanged,
+    Published(DatasetVersion),
+}
+
+/// Reads `dataset_metadata.json`.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait MetadataStore: Send + Sync {
+    /// Read the published metadata. `known_revision` is the change marker of
+    /// the last read; adapters that support it answer `Unchanged` cheaply.
+    async fn read(&self, known_revision: Option<String>) -> Result<MetadataRead, PortError>;
+    fn describe(&self) -> String;
+}
+
+/// Everything a trainer needs to start exactly one training job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingRequest {
+    pub label: Label,
+    pub run_id: RunId,
+    pub attempt: u32,
+    pub dataset_name: String,
+    pub dataset_version: VersionTag,
+    /// Present when the trainer runs under a lease (e.g. `public_ip`).
+    pub lease: Option<Lease>,
+}
+
+/// Starts and awaits training jobs.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait Trainer: Send + Sync {
+    /// Start the job and return a handle that survives a restart of the
+    /// orchestrator (it is journaled).
+    async fn start(&self, request: &TrainingRequest) -> Result<TrainingHandle, PortError>;
+    /// Wait for the job of `handle` (possibly started by an earlier process).
+    /// `Lost` when the job is gone without a result; `Err` when it failed.
+    async fn wait(
+        &self,
+        request: &TrainingRequest,
+        handle: &TrainingHandle,
+    ) -> Result<TrainingOutcome, PortError>;
+    /// Stop the job (timeout, interrupt). Best effort, idempotent.
+    async fn cancel(&self, handle: &TrainingHandle) -> Result<(), PortError>;
+    fn describe(&self) -> String;
+}
+
+/// The model registry holding the production model.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait ModelRegistry: Send + Sync {
+    /// The production model and its metrics; `None` when there is none yet.
+    async fn production(&self, lease: Option<Lease>) -> Result<Option<ProductionModel>, PortError>;
+    /// Metrics of a candidate by id (used by `retrain gate --candidate`).
+    async fn candidate_metrics(
+        &self,
+        candidate_id: String,
+        lease: Option<Lease>,
+    ) -> Result<Metrics, PortError>;
+    /// Register and promote `candidate`, archiving the previous production
+    /// version. Must be idempotent per `run_id`: a second call for the same
+    /// run returns the version the first one produced.
+    async fn promote(
+        &self,
+        candidate: Candidate,
+        run_id: RunId,
+        lease: Option<Lease>,
+    ) -> Result<PromotedVersion, PortError>;
+    fn describe(&self) -> String;
+}
+
+/// Sends the per-label report somewhere people look.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait Notifier: Send + Sync {
+    async fn notify(&self, report: &LabelReport) -> Result<(), PortError>;
+    fn describe(&self) -> String;
+}
+
+/// Starts and stops the machines a trainer runs on (EC2).
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait LeaseProvider: Send + Sync {
+    /// Resources (instance ids) this provider would lease, its region and max duration.
+    fn plan(&self) -> LeasePlan;
+    /// Start the resources of `lease` and wait until they are usable; returns
+    /// the lease with attributes filled in (e.g. `public_ip`).
+    async fn acquire(&self, lease: Lease) -> Result<Lease, PortError>;
+    /// Stop the resources. Idempotent: stopping stopped machines succeeds.
+    async fn release(&self, lease: &Lease) -> Result<(), PortError>;
+}
+
+/// What a lease provider will lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeasePlan {
+    pub provider: String,
+    pub resources: Vec<String>,
+    pub region: Option<String>,
+    pub max: Duration,
+}
+
+/// Error of the run store. Store errors abort the label (the journal is the
+/// source of truth; acting without it would break the invariants).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("run store unavailable: {0}")]
+    Unavailable(String),
+    #[error("run store data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("run store conflict: {0}")]
+    Conflict(String),
+}
+
+/// The durable journal, cursors, label locks and leases.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait RunStore: Send + Sync {
+    /// Take `label`'s lock for `owner` unless another owner holds an unexpired one.
+    async fn try_lock(
+        &self,
+        label: &Label,
+        owner: &LockOwner,
+        ttl: Duration,
+    ) -> Result<LockOutcome, StoreError>;
+    /// Extend a held lock; `false` if it was lost (expired and taken).
+    async fn renew_lock(
+        &self,
+        label: &Label,
+        owner: &LockOwner,
+        ttl: Duration,
+    ) -> Result<bool, StoreError>;
+    async fn release_lock(&self, label: &Label, owner: &LockOwner) -> Result<(), StoreError>;
+
+    async fn cursor(&self, label: &Label) -> Result<LabelCursor, StoreError>;
+    /// The unfinished run of `label`, if any, as last journaled.
+    async fn unfinished_run(&self, label: &Label) -> Result<Option<LabelRun>, StoreError>;
+    /// Append `transition` to the journal and store its snapshot, atomically.
+    async fn record(&self, transition: &Transition) -> Result<(), StoreError>;
+    /// Record the final transition and (optionally) advance the cursor, atomically.
+    async fn finish(
+        &self,
+        transition: &Transition,
+        cursor: Option<LabelCursor>,
+    ) -> Result<(), StoreError>;
+
+    async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, StoreError>;
+    async fn run(&self, run_id: &RunId) -> Result<Option<RunDetail>, StoreError>;
+
+    /// Insert or update a lease record.
+    async fn put_lease(&self, lease: &Lease) -> Result<(), StoreError>;
+    /// Leases not yet released.
+    async fn active_leases(&self) -> Result<Vec<Lease>, StoreError>;
+    /// Whether the owner of `label`'s lock is alive (lock held and unexpired).
+    async fn lock_holder(&self, label: &Label) -> Result<Option<String>, StoreError>;
+}

@@ -1,0 +1,159 @@
+//! Reports: what a cycle did, per label. Rendered by the CLI (text, JSON,
+//! GitHub summary), sent by notifiers and returned by the server.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{Candidate, CycleId, FeedbackCounts, Label, PromotedVersion, RunId, VersionTag};
+use crate::gate::Verdict;
+use crate::machine::{LabelRun, Outcome, Stage};
+
+/// The per-label result of a cycle.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabelReport {
+    pub label: Label,
+    pub run_id: Option<RunId>,
+    pub status: LabelStatus,
+    pub stage: Option<Stage>,
+    pub outcome: Option<Outcome>,
+    pub counts: Option<FeedbackCounts>,
+    pub measured: Option<u64>,
+    pub threshold: u64,
+    pub dataset_version: Option<VersionTag>,
+    pub dataset_samples: Option<u64>,
+    pub candidate: Option<Candidate>,
+    pub verdict: Option<Verdict>,
+    pub promoted: Option<PromotedVersion>,
+    pub lost_attempts: Vec<String>,
+    pub resumed: bool,
+    pub error: Option<String>,
+}
+
+/// Coarse status per label, the first thing a reader looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LabelStatus {
+    Skipped,
+    Planned,
+    Trained,
+    Promoted,
+    Passed,
+    Rejected,
+    Failed,
+    /// Another orchestrator holds the label's lock.
+    Busy,
+    /// Stopped by Ctrl-C/SIGTERM; the journal allows a resume.
+    Interrupted,
+}
+
+impl LabelStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Skipped => "skipped",
+            Self::Planned => "planned",
+            Self::Trained => "trained",
+            Self::Promoted => "promoted",
+            Self::Passed => "passed",
+            Self::Rejected => "rejected",
+            Self::Failed => "failed",
+            Self::Busy => "busy",
+            Self::Interrupted => "interrupted",
+        }
+    }
+}
+
+impl LabelReport {
+    pub fn from_run(run: &LabelRun, resumed: bool) -> Self {
+        let status = match &run.outcome {
+            Some(Outcome::Skipped { .. }) => LabelStatus::Skipped,
+            Some(Outcome::Planned { .. }) => LabelStatus::Planned,
+            Some(Outcome::Trained { .. }) => LabelStatus::Trained,
+            Some(Outcome::Promoted { .. }) => LabelStatus::Promoted,
+            Some(Outcome::Passed) => LabelStatus::Passed,
+            Some(Outcome::Rejected { .. }) => LabelStatus::Rejected,
+            Some(Outcome::Failed { .. }) => LabelStatus::Failed,
+            None => LabelStatus::Interrupted,
+        };
+        let error = match &run.outcome {
+            Some(Outcome::Failed { stage, reason }) => Some(format!("{stage}: {reason}")),
+            _ => None,
+        };
+        Self {
+            label: run.label().clone(),
+            run_id: Some(run.run_id.clone()),
+            status,
+            stage: Some(run.stage),
+            outcome: run.outcome.clone(),
+            counts: run.counts,
+            measured: run.measured,
+            threshold: run.plan.trigger.threshold(),
+            dataset_version: run.dataset.as_ref().map(|d| d.metadata.version_tag.clone()),
+            dataset_samples: run.dataset.as_ref().map(|d| d.metadata.num_samples),
+            candidate: run.candidate.clone(),
+            verdict: run.verdict.clone(),
+            promoted: run.promoted.clone(),
+            lost_attempts: run.lost_attempts.clone(),
+            resumed,
+            error,
+        }
+    }
+
+    pub fn busy(label: Label, threshold: u64, holder: String) -> Self {
+        Self {
+            label,
+            run_id: None,
+            status: LabelStatus::Busy,
+            stage: None,
+            outcome: None,
+            counts: None,
+            measured: None,
+            threshold,
+            dataset_version: None,
+            dataset_samples: None,
+            candidate: None,
+            verdict: None,
+            promoted: None,
+            lost_attempts: Vec::new(),
+            resumed: false,
+            error: Some(format!("label is locked by {holder}")),
+        }
+    }
+
+    pub fn failed_before_run(label: Label, threshold: u64, error: String) -> Self {
+        Self {
+            status: LabelStatus::Failed,
+            error: Some(error),
+            ..Self::busy(label, threshold, String::new())
+        }
+    }
+
+    /// Whether the model improved (gate passed and promoted, or first model).
+    pub fn improved(&self) -> bool {
+        self.status == LabelStatus::Promoted
+    }
+
+    /// Whether the label crossed its threshold (or would have, in a plan).
+    pub fn triggered(&self) -> bool {
+        !matches!(self.status, LabelStatus::Skipped | LabelStatus::Busy)
+    }
+}
+
+/// Everything one cycle did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CycleReport {
+    pub cycle_id: CycleId,
+    pub dry_run: bool,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub interrupted: bool,
+    pub labels: Vec<LabelReport>,
+}
+
+impl CycleReport {
+    pub fn any_failed(&self) -> bool {
+        self.labels.iter().any(|l| l.status == LabelStatus::Failed)
+    }
+    pub fn any_rejected(&self) -> bool {
+        self.labels.iter().any(|l| l.status == LabelStatus::Rejected)
+    }
+}
