@@ -1,1 +1,9 @@
-//! Port implementations.
+//! `retrain-adapters`: implementations of the `retrain-core` ports.
+//!
+//! One module per adapter. Every HTTP adapter goes through [`http`], which
+//! owns timeouts, retries and secret-free error messages.
+
+pub mod error;
+pub mod http;
+
+pub use error::AdapterError;

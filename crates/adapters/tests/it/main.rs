@@ -1,0 +1,7 @@
+//! Integration tests of the adapters (one test binary; one module per adapter).
+//!
+//! Tests that need a real server read its URL from an env var through
+//! [`common::service_url`]: unset → skipped with a message locally, a
+//! failure under `CI=true`.
+
+mod common;
