@@ -157,3 +157,75 @@ impl CycleReport {
         self.labels.iter().any(|l| l.status == LabelStatus::Rejected)
     }
 }
+
+fn fmt_metric(value: Option<f64>) -> String {
+    match value {
+        Some(v) => format!("{v:.4}"),
+        None => "—".into(),
+    }
+}
+
+impl LabelReport {
+    /// Markdown rendering shared by the GitHub notifier, the Actions step
+    /// summary and `retrain runs show --format md`.
+    pub fn to_markdown(&self) -> String {
+        let mut out = String::new();
+        out.push_str(&format!(
+            "### `{}`: {}\n\n",
+            self.label,
+            self.status.as_str()
+        ));
+        if let Some(run_id) = &self.run_id {
+            out.push_str(&format!("- run: `{run_id}`\n"));
+        }
+        if let Some(measured) = self.measured {
+            out.push_str(&format!(
+                "- measured: {measured} (threshold {})\n",
+                self.threshold
+            ));
+        }
+        if let Some(version) = &self.dataset_version {
+            out.push_str(&format!(
+                "- dataset: `{version}` ({} samples)\n",
+                self.dataset_samples.unwrap_or_default()
+            ));
+        }
+        if let Some(candidate) = &self.candidate {
+            if !candidate.id.is_empty() {
+                out.push_str(&format!("- candidate: `{}`\n", candidate.id));
+            }
+        }
+        if let Some(promoted) = &self.promoted {
+            out.push_str(&format!("- promoted version: `{}`", promoted.version));
+            if let Some(previous) = &promoted.previous {
+                out.push_str(&format!(" (previous `{previous}` archived)"));
+            }
+            out.push('\n');
+        }
+        for lost in &self.lost_attempts {
+            out.push_str(&format!("- lost attempt: {lost}\n"));
+        }
+        if let Some(error) = &self.error {
+            out.push_str(&format!("- error: {error}\n"));
+        }
+        if let Some(verdict) = &self.verdict {
+            out.push_str(&format!(
+                "\n**Gate:** {}{}\n\n",
+                verdict.reason,
+                if verdict.forced { " (forced)" } else { "" }
+            ));
+            out.push_str("| metric | candidate | production | delta | pass |\n|---|---|---|---|---|\n");
+            for c in &verdict.comparisons {
+                out.push_str(&format!(
+                    "| {} | {} | {} | {} | {} |\n",
+                    c.metric,
+                    fmt_metric(c.candidate),
+                    fmt_metric(c.baseline),
+                    c.delta.map(|d| format!("{d:+.4}")).unwrap_or_else(|| "—".into()),
+                    if c.passed { "✅" } else { "❌" }
+                ));
+            }
+        }
+        out
+    }
+}
