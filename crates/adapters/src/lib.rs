@@ -1,9 +1,11 @@
-//! `retrain-adapters`: implementations of the `retrain-core` ports.
+//! `retrain-adapters`: implementations of the `retrain-core` ports, the
+//! layered configuration, and the wiring that turns one into the other.
 //!
 //! One module per adapter. Every HTTP adapter goes through [`http`], which
 //! owns timeouts, retries and secret-free error messages.
 
 pub mod error;
 pub mod http;
+pub mod settings;
 
 pub use error::AdapterError;

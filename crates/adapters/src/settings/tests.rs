@@ -1,0 +1,231 @@
+use super::*;
+
+fn write(dir: &tempfile::TempDir, toml: &str) -> PathBuf {
+    let path = dir.path().join("retrain.toml");
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+fn sources(file: Option<PathBuf>, env: &[(&str, &str)]) -> ConfigSources {
+    ConfigSources {
+        file,
+        env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        overrides: Vec::new(),
+    }
+}
+
+const SEED_ENV: &[(&str, &str)] = &[
+    ("HF_TOKEN", "hf_supersecret_token_123"),
+    ("PREPARE_DATASET_REPO", "owner/project_prepare_dataset"),
+    ("RETRAIN_DEPT_REPO", "owner/project_retrain_dept"),
+    ("RETRAIN_URGENCY_REPO", "owner/project_retrain_urgency"),
+    ("HF_HUB_METADATA_DEPT", "https://huggingface.co/datasets/owner/project_department/resolve/main/dataset_metadata.json"),
+    ("HF_HUB_METADATA_URGENCY", "https://huggingface.co/datasets/owner/project_urgency/resolve/main/dataset_metadata.json"),
+    ("DATABASE_URL", "postgresql+psycopg2://demo_user:demo_pass@db.example.com:5432/project_db"),
+    ("THRESHOLD_DEPARTMENT", "40"),
+    ("THRESHOLD_URGENCY", "30"),
+    ("POLL_INTERVAL", "0.5"),
+    ("POLL_TIMEOUT", "1800"),
+    ("DRY_RUN", "true"),
+    ("RETRAIN_COUNTS__QUERY", "SELECT label, misclassified, correct FROM counts WHERE reviewed_at > $1"),
+];
+
+#[test]
+fn seed_env_alone_configures_both_labels() {
+    let loaded = load(&sources(None, SEED_ENV)).unwrap();
+    let s = &loaded.settings;
+    assert!(s.dry_run);
+    assert_eq!(s.poll.interval, Duration::from_millis(500));
+    assert_eq!(s.poll.timeout, Duration::from_secs(1800));
+    let dept = &s.labels[&Label::new("department").unwrap()];
+    assert_eq!(dept.threshold, 40);
+    assert!(dept.counts);
+    assert_eq!(
+        dept.trainer,
+        JobSpec::HfSpace {
+            repo: "owner/project_retrain_dept".into(),
+            factory_reboot: false,
+            wait_running: None
+        }
+    );
+    assert_eq!(
+        dept.prepare.as_ref().unwrap().key(),
+        "hf-space://owner/project_prepare_dataset"
+    );
+    let urgency = &s.labels[&Label::new("urgency").unwrap()];
+    assert_eq!(urgency.threshold, 30);
+    assert!(urgency.metadata.contains("project_urgency"));
+    assert!(s.counts.as_ref().unwrap().query.contains("$1"));
+}
+
+#[test]
+fn retrain_repo_vars_are_never_config_keys() {
+    assert!(!is_retrain_config_var("RETRAIN_DEPT_REPO"));
+    assert!(!is_retrain_config_var("RETRAIN_LABEL"));
+    assert!(!is_retrain_config_var("RETRAIN_RESULT"));
+    assert!(!is_retrain_config_var("RETRAIN_CONFIG"));
+    assert!(is_retrain_config_var("RETRAIN_STATE"));
+    assert!(is_retrain_config_var("RETRAIN_DRY_RUN"));
+    assert!(is_retrain_config_var("RETRAIN_COUNTS__QUERY"));
+}
+
+#[test]
+fn precedence_file_then_seed_env_then_retrain_env_then_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        r#"
+dry_run = false
+max_parallel_labels = 4
+[poll]
+interval = "10s"
+[labels.a]
+threshold = 5
+metadata = "file://meta.json"
+trainer = "command:true"
+"#,
+    );
+    let loaded = load(&sources(Some(file.clone()), &[("POLL_INTERVAL", "20")])).unwrap();
+    assert_eq!(loaded.settings.poll.interval, Duration::from_secs(20));
+    let loaded = load(&sources(
+        Some(file.clone()),
+        &[("POLL_INTERVAL", "20"), ("RETRAIN_POLL__INTERVAL", "30s"), ("RETRAIN_MAX_PARALLEL_LABELS", "8")],
+    ))
+    .unwrap();
+    assert_eq!(loaded.settings.poll.interval, Duration::from_secs(30));
+    assert_eq!(loaded.settings.max_parallel_labels, 8);
+    let mut with_flag = sources(Some(file), &[("DRY_RUN", "false")]);
+    with_flag.overrides.push(("dry_run".into(), Value::Bool(true)));
+    assert!(load(&with_flag).unwrap().settings.dry_run);
+}
+
+#[test]
+fn errors_name_the_file_the_key_and_the_expectation() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        r#"
+[labels.a]
+threshold = "lots"
+metadata = "file://meta.json"
+trainer = "command:true"
+"#,
+    );
+    let err = load(&sources(Some(file), &[])).unwrap_err().to_string();
+    assert!(err.contains("retrain.toml"), "{err}");
+    assert!(err.contains("labels.a.threshold"), "{err}");
+
+    let file = write(&dir, "[labels.a]\nthreshold = 3\nmetadata = \"file://m.json\"\n");
+    let err = load(&sources(Some(file), &[])).unwrap_err();
+    assert_eq!(err.key.as_deref(), Some("labels.a.trainer"));
+    assert!(err.to_string().contains("retrain.toml"), "{err}");
+
+    let file = write(&dir, "bogus_key = 1\n");
+    let err = load(&sources(Some(file), &[])).unwrap_err().to_string();
+    assert!(err.contains("bogus_key"), "{err}");
+
+    let err = load(&sources(None, &[("THRESHOLD_URGENCY", "many")])).unwrap_err().to_string();
+    assert!(err.contains("THRESHOLD_URGENCY"), "{err}");
+    assert!(err.contains("labels.urgency.threshold"), "{err}");
+
+    let err = load(&sources(None, &[("RETRAIN_POLL__INTERVAL", "soon")])).unwrap_err().to_string();
+    assert!(err.contains("RETRAIN_POLL__INTERVAL"), "{err}");
+    assert!(err.contains("poll.interval"), "{err}");
+}
+
+#[test]
+fn gate_and_registry_must_come_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = "[labels.seg]\nthreshold = 1\ncounts = \"none\"\nmetadata = \"s3://b/k.json\"\ntrainer = { command = [\"python\", \"train.py\"], timeout = \"2h\" }\n";
+    let file = write(&dir, &format!("{base}gate = {{ metrics = [{{ name = \"dice\", direction = \"higher\" }}] }}\n"));
+    let err = load(&sources(Some(file), &[])).unwrap_err();
+    assert_eq!(err.key.as_deref(), Some("labels.seg.registry"));
+    let file = write(&dir, &format!("{base}registry = {{ json = \"reg.json\", model = \"m\" }}\n"));
+    let err = load(&sources(Some(file), &[])).unwrap_err();
+    assert_eq!(err.key.as_deref(), Some("labels.seg.gate"));
+    let file = write(&dir, &format!("{base}registry = {{ json = \"reg.json\", model = \"m\" }}\ngate = {{ metrics = [{{ name = \"dice\", direction = \"sideways\" }}] }}\n"));
+    let err = load(&sources(Some(file), &[])).unwrap_err().to_string();
+    assert!(err.contains("sideways"), "{err}");
+}
+
+#[test]
+fn the_brief_example_parses() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        r#"
+state = "sqlite://.retrain/state.db"
+dry_run = false
+max_parallel_labels = 16
+
+[counts]
+database = "postgres://u:p@localhost/db"
+query = """SELECT label, misclassified, correct FROM feedback WHERE reviewed_at > $1"""
+correct_ratio = 1.0
+
+[hub]
+endpoint = "https://huggingface.co"
+token = "hf_abc"
+
+[poll]
+interval = "60s"
+timeout = "30m"
+
+[prepare]
+space = "hf-space://owner/project_prepare_dataset"
+
+[labels.department]
+threshold = 40
+metadata = "https://huggingface.co/datasets/owner/project_department/resolve/main/dataset_metadata.json"
+trainer = "hf-space://owner/project_retrain_dept"
+gate = "none"
+
+[labels.segmentation]
+threshold = 100
+counts = "none"
+prepare = "none"
+metadata = "s3://bucket/wms/dataset_metadata.json"
+trainer = { command = ["python", "train.py"], timeout = "2h" }
+lease = { ec2 = ["i-0abc"], region = "eu-west-1", health_url = "http://{public_ip}:5000/health", max = "3h" }
+registry = { mlflow = "http://{public_ip}:5000", model = "wms-unet", alias = "production" }
+gate = { require = "all", metrics = [ { name = "dice", direction = "higher" }, { name = "iou", direction = "higher" } ] }
+notify = [ { github = "owner/repo", on = "improved", pr_head = "data-update" } ]
+"#,
+    );
+    let s = load(&sources(Some(file), &[])).unwrap().settings;
+    let seg = &s.labels[&Label::new("segmentation").unwrap()];
+    assert!(!seg.counts);
+    assert!(seg.prepare.is_none());
+    assert_eq!(seg.train_timeout, Duration::from_secs(7200));
+    assert_eq!(seg.lease.as_ref().unwrap().max, Duration::from_secs(3 * 3600));
+    assert_eq!(seg.gate.as_ref().unwrap().metrics.len(), 2);
+    let dept = &s.labels[&Label::new("department").unwrap()];
+    assert!(dept.gate.is_none());
+    assert!(dept.prepare.is_some());
+}
+
+#[test]
+fn redacted_view_never_shows_secrets() {
+    let loaded = load(&sources(None, SEED_ENV)).unwrap();
+    let shown = redacted_toml(&loaded.figment).unwrap();
+    assert!(!shown.contains("hf_supersecret_token_123"), "{shown}");
+    assert!(!shown.contains("demo_pass"), "{shown}");
+    assert!(shown.contains("***"), "{shown}");
+    let debug = format!("{:?}", loaded.settings);
+    assert!(!debug.contains("hf_supersecret_token_123"), "{debug}");
+    assert!(!debug.contains("demo_pass"), "{debug}");
+}
+
+#[test]
+fn job_specs() {
+    assert_eq!(parse_job(&Value::String("none".into()), false).unwrap(), None);
+    assert_eq!(
+        parse_space_repo("https://huggingface.co/spaces/o/n").unwrap(),
+        "o/n"
+    );
+    assert!(parse_space_repo("not a space").is_err());
+    assert!(parse_job(&serde_json::json!({"command": []}), true).is_err());
+    assert!(parse_job(&serde_json::json!({"command": ["x"], "bogus": 1}), true)
+        .unwrap_err()
+        .contains("bogus"));
+}
