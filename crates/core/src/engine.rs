@@ -22,7 +22,7 @@ use crate::domain::{
 };
 use crate::gate::Verdict;
 use crate::journal::Transition;
-use crate::machine::{Action, Event, LabelPlan, LabelRun, Outcome, Stage};
+use crate::machine::{Action, Event, LabelPlan, LabelRun, Outcome, RunManifest, Stage};
 use crate::ports::{
     CountSource, LeaseProvider, MetadataRead, MetadataStore, ModelRegistry, Notifier, PortError,
     RunStore, SpaceController, StoreError, Trainer, TrainingRequest,
@@ -96,6 +96,8 @@ pub struct EngineSettings {
     /// Fraction of the poll interval added as random jitter (0.1 = up to +10 %).
     pub poll_jitter: f64,
     pub owner: LockOwner,
+    /// Recorded in every run's manifest.
+    pub manifest: RunManifest,
 }
 
 impl Default for EngineSettings {
@@ -105,6 +107,7 @@ impl Default for EngineSettings {
             lock_ttl: Duration::from_secs(600),
             poll_jitter: 0.1,
             owner: LockOwner::generate("retrain"),
+            manifest: RunManifest::default(),
         }
     }
 }
@@ -312,7 +315,8 @@ impl Engine {
                 Ok(cursor) => {
                     let mut plan = binding.plan.clone();
                     plan.dry_run = true;
-                    let run = LabelRun::new(RunId::generate(), cycle_id.clone(), plan, cursor);
+                    let mut run = LabelRun::new(RunId::generate(), cycle_id.clone(), plan, cursor);
+                    run.manifest = self.settings.manifest.clone();
                     let run = self
                         .drive(binding, run, None, shared, cancel)
                         .await;
@@ -344,15 +348,16 @@ impl Engine {
                     (run, true)
                 }
                 Ok(None) => match self.store.cursor(label).await {
-                    Ok(cursor) => (
-                        LabelRun::new(
+                    Ok(cursor) => {
+                        let mut run = LabelRun::new(
                             RunId::generate(),
                             cycle_id.clone(),
                             binding.plan.clone(),
                             cursor,
-                        ),
-                        false,
-                    ),
+                        );
+                        run.manifest = self.settings.manifest.clone();
+                        (run, false)
+                    }
                     Err(e) => return Err(e.to_string()),
                 },
                 Err(e) => return Err(e.to_string()),

@@ -245,12 +245,22 @@ pub struct InvalidTransition {
     pub event: String,
 }
 
+/// What a run was started with, for audits (§9): which binary and which
+/// effective configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RunManifest {
+    pub binary_version: String,
+    pub config_hash: String,
+}
+
 /// The full state of one label's run. Serialised as the journal snapshot.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LabelRun {
     pub run_id: RunId,
     pub cycle_id: CycleId,
     pub plan: LabelPlan,
+    #[serde(default)]
+    pub manifest: RunManifest,
     /// The cursor when the run started.
     pub cursor: LabelCursor,
     pub stage: Stage,
@@ -290,6 +300,7 @@ impl LabelRun {
             run_id,
             cycle_id,
             plan,
+            manifest: RunManifest::default(),
             cursor,
             stage: Stage::Created,
             seq: 0,

@@ -1,0 +1,173 @@
+//! Command-line arguments (the "low" stage: pure parsing, no I/O).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "retrain",
+    version,
+    about = "Retrain a model when enough new labelled mistakes pile up, and promote it only if it is better.",
+    propagate_version = true
+)]
+pub struct Cli {
+    /// Config file (default ./retrain.toml if it exists).
+    #[arg(long, global = true, env = "RETRAIN_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Override the RunStore URL (`state`).
+    #[arg(long, global = true, value_name = "URL")]
+    pub state: Option<String>,
+    /// Output format of reports on stdout.
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "RETRAIN_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// Log filter (e.g. `info`, `retrain=debug`); default from RETRAIN_LOG or `info`.
+    #[arg(long, global = true, value_name = "FILTER")]
+    pub log: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run one full cycle: count, prepare, await dataset, train, gate, promote.
+    Run(RunArgs),
+    /// What `run` would do and why, changing nothing (= run --dry-run).
+    Plan(LabelsArg),
+    /// State per label: watermark, last consumed version, running stage, last verdict.
+    Status(LabelsArg),
+    /// Run history from the RunStore.
+    Runs(RunsArgs),
+    /// The quality gate alone for a candidate (usable as a CI step).
+    Gate(GateArgs),
+    /// EC2 lease control.
+    Infra(InfraArgs),
+    /// Validate or print the effective configuration.
+    Config(ConfigArgs),
+    /// Create or upgrade the RunStore schema.
+    Migrate,
+}
+
+#[derive(Debug, Args)]
+pub struct LabelsArg {
+    /// Only these labels (repeatable).
+    #[arg(long = "label", value_name = "LABEL")]
+    pub labels: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub labels: LabelsArg,
+    /// Reads only: no restart, no training, no promotion, nothing journaled.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Exit 3 when a gate rejected a candidate.
+    #[arg(long)]
+    pub fail_on_reject: bool,
+    /// Do not stop stale EC2 leases before the cycle.
+    #[arg(long)]
+    pub no_reap: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RunsArgs {
+    #[command(subcommand)]
+    pub command: Option<RunsCommand>,
+    #[arg(long = "label", value_name = "LABEL")]
+    pub label: Option<String>,
+    #[arg(long, default_value_t = 20)]
+    pub limit: u32,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RunsCommand {
+    /// One run with its full journal.
+    Show {
+        id: String,
+        #[arg(long, value_enum, default_value_t = ShowFormat::Text)]
+        format: ShowFormat,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ShowFormat {
+    Text,
+    Json,
+    Md,
+}
+
+#[derive(Debug, Args)]
+pub struct GateArgs {
+    #[arg(long, value_name = "LABEL")]
+    pub label: String,
+    /// Candidate id in the registry (e.g. an MLflow run id).
+    #[arg(long, value_name = "ID")]
+    pub candidate: String,
+    /// Override a rejection; recorded as forced.
+    #[arg(long)]
+    pub force: bool,
+    /// Exit 3 when the gate rejects.
+    #[arg(long)]
+    pub fail_on_reject: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct InfraArgs {
+    #[command(subcommand)]
+    pub command: InfraCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InfraCommand {
+    /// Start the label's instances (manual control, like the seed's ec2-control).
+    Start {
+        #[arg(long, value_name = "LABEL")]
+        label: String,
+    },
+    /// Stop the label's instances.
+    Stop {
+        #[arg(long, value_name = "LABEL")]
+        label: String,
+    },
+    /// Show instance states and recorded leases.
+    Status {
+        #[arg(long, value_name = "LABEL")]
+        label: Option<String>,
+    },
+    /// Stop leases older than their `max` or left by a crashed process.
+    Reap {
+        /// Stop every active lease, even one a live process holds.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    #[command(subcommand)]
+    pub command: ConfigCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate the configuration (exit 2 with the key named on error).
+    Check,
+    /// Print the effective configuration with secrets as ***.
+    Show,
+}

@@ -1,0 +1,518 @@
+//! Command handlers: load settings, build adapters, call the engine, render.
+//! No business logic lives here.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use retrain_adapters::settings::{self, ConfigSources, LoadedSettings};
+use retrain_adapters::wiring;
+use retrain_core::domain::{Label, RunId};
+use retrain_core::engine::CycleRequest;
+use retrain_core::journal::RunFilter;
+use retrain_core::ports::RunStore;
+use retrain_core::report::{CycleReport, LabelStatus};
+use retrain_core::CancellationToken;
+use serde_json::json;
+
+use crate::args::{
+    Cli, Command, ConfigCommand, GateArgs, InfraCommand, OutputFormat, RunArgs, RunsCommand,
+    ShowFormat,
+};
+use crate::output;
+use crate::signals::Interrupt;
+
+/// Exit codes (§7), set in one place.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const LABEL_FAILED: u8 = 1;
+    pub const CONFIG: u8 = 2;
+    pub const GATE_REJECTED: u8 = 3;
+    pub const SIGINT: u8 = 130;
+    pub const SIGTERM: u8 = 143;
+}
+
+/// A failure with its exit code.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub error: anyhow::Error,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(error: E) -> Self {
+        Self {
+            code: exit::LABEL_FAILED,
+            error: error.into(),
+        }
+    }
+}
+
+fn config_failure(error: impl std::fmt::Display) -> Failure {
+    Failure {
+        code: exit::CONFIG,
+        error: anyhow::anyhow!("configuration error: {error}"),
+    }
+}
+
+fn load(cli: &Cli, dry_run: bool) -> Result<LoadedSettings, Failure> {
+    let mut sources = ConfigSources::from_process(cli.config.clone());
+    if let Some(state) = &cli.state {
+        sources.overrides.push(("state".into(), json!(state)));
+    }
+    if dry_run {
+        sources.overrides.push(("dry_run".into(), json!(true)));
+    }
+    settings::load(&sources).map_err(config_failure)
+}
+
+fn parse_labels(raw: &[String]) -> Result<Vec<Label>, Failure> {
+    raw.iter()
+        .map(|l| Label::new(l).map_err(|e| config_failure(format!("--label: {e}"))))
+        .collect()
+}
+
+pub async fn dispatch(cli: Cli, interrupt: Interrupt) -> Result<u8, Failure> {
+    match &cli.command {
+        Command::Run(args) => run(&cli, args, args.dry_run, interrupt).await,
+        Command::Plan(labels) => {
+            let args = RunArgs {
+                labels: crate::args::LabelsArg {
+                    labels: labels.labels.clone(),
+                },
+                dry_run: true,
+                fail_on_reject: false,
+                no_reap: true,
+            };
+            run(&cli, &args, true, interrupt).await
+        }
+        Command::Status(labels) => status(&cli, &labels.labels).await,
+        Command::Runs(args) => match &args.command {
+            None => runs_list(&cli, args.label.as_deref(), args.limit).await,
+            Some(RunsCommand::Show { id, format }) => runs_show(&cli, id, *format).await,
+        },
+        Command::Gate(args) => gate(&cli, args).await,
+        Command::Infra(args) => infra(&cli, &args.command).await,
+        Command::Config(args) => config(&cli, &args.command),
+        Command::Migrate => {
+            let loaded = load(&cli, false)?;
+            wiring::migrate(&loaded.settings)
+                .await
+                .context("migrating the run store")?;
+            println!("run store schema is up to date");
+            Ok(exit::OK)
+        }
+    }
+}
+
+async fn store(loaded: &LoadedSettings) -> Result<Arc<dyn RunStore>, Failure> {
+    let store = wiring::open_store(&loaded.settings, true)
+        .await
+        .context("opening the run store")?;
+    Ok(store)
+}
+
+async fn run(cli: &Cli, args: &RunArgs, dry_run: bool, interrupt: Interrupt) -> Result<u8, Failure> {
+    let loaded = load(cli, dry_run)?;
+    let dry_run = loaded.settings.dry_run;
+    let labels = parse_labels(&args.labels.labels)?;
+    // A plan must change nothing: never create or migrate the store for it.
+    let store = if dry_run {
+        wiring::open_store(&loaded.settings, false)
+            .await
+            .context("opening the run store")?
+    } else {
+        store(&loaded).await?
+    };
+    let engine = wiring::build_engine(&loaded, store)
+        .await
+        .map_err(config_failure)?;
+    let cancel: CancellationToken = interrupt.token();
+    if !dry_run && !args.no_reap {
+        match engine.reap_leases(false).await {
+            Ok(reaped) if !reaped.is_empty() => {
+                tracing::warn!(count = reaped.len(), "stopped stale leases before the cycle")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not reap stale leases"),
+        }
+    }
+    let request = CycleRequest {
+        labels: (!labels.is_empty()).then_some(labels),
+        dry_run,
+    };
+    let report = engine.run_cycle(request, cancel).await.map_err(|e| match e {
+        retrain_core::engine::EngineError::UnknownLabel(..) => config_failure(e),
+        other => Failure::from(anyhow::Error::new(other)),
+    })?;
+    render_cycle(cli, &report)?;
+    Ok(cycle_exit_code(&report, args.fail_on_reject, &interrupt))
+}
+
+fn render_cycle(cli: &Cli, report: &CycleReport) -> Result<(), Failure> {
+    match cli.output {
+        OutputFormat::Json => output::print_json(report)?,
+        OutputFormat::Text => output::print_cycle_text(report),
+    }
+    if output::in_github_actions() {
+        output::github_actions(report)?;
+    }
+    Ok(())
+}
+
+fn cycle_exit_code(report: &CycleReport, fail_on_reject: bool, interrupt: &Interrupt) -> u8 {
+    if let Some(code) = interrupt.exit_code() {
+        return code;
+    }
+    if report.labels.iter().any(|l| l.status == LabelStatus::Interrupted) {
+        return exit::SIGINT;
+    }
+    if report.any_failed() {
+        return exit::LABEL_FAILED;
+    }
+    if fail_on_reject && report.any_rejected() {
+        return exit::GATE_REJECTED;
+    }
+    exit::OK
+}
+
+async fn status(cli: &Cli, raw_labels: &[String]) -> Result<u8, Failure> {
+    let loaded = load(cli, false)?;
+    let store = wiring::open_store(&loaded.settings, false)
+        .await
+        .context("opening the run store")?;
+    let wanted = parse_labels(raw_labels)?;
+    let mut rows = Vec::new();
+    for (label, label_settings) in &loaded.settings.labels {
+        if !wanted.is_empty() && !wanted.contains(label) {
+            continue;
+        }
+        let cursor = store.cursor(label).await.context("reading cursor")?;
+        let last = store
+            .list_runs(&RunFilter {
+                label: Some(label.clone()),
+                limit: Some(1),
+            })
+            .await
+            .context("reading runs")?;
+        let holder = store.lock_holder(label).await.context("reading locks")?;
+        let last_run = match last.first() {
+            Some(summary) => store.run(&summary.run_id).await.context("reading run")?,
+            None => None,
+        };
+        rows.push(json!({
+            "label": label,
+            "threshold": label_settings.threshold,
+            "watermark": cursor.watermark,
+            "last_version": cursor.consumed_version,
+            "locked_by": holder,
+            "last_run": last_run.as_ref().map(|r| json!({
+                "run_id": r.summary.run_id,
+                "stage": r.summary.stage,
+                "outcome": r.summary.outcome,
+                "updated_at": r.summary.updated_at,
+                "verdict": r.snapshot.verdict.as_ref().map(|v| &v.reason),
+            })),
+        }));
+    }
+    match cli.output {
+        OutputFormat::Json => output::print_json(&rows)?,
+        OutputFormat::Text => {
+            println!(
+                "{:<16} {:>9}  {:<26} {:<22} {:<18} LAST VERDICT",
+                "LABEL", "THRESHOLD", "WATERMARK", "LAST VERSION", "LAST RUN"
+            );
+            for row in &rows {
+                let s = |v: &serde_json::Value| match v {
+                    serde_json::Value::Null => "-".to_owned(),
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                let last = &row["last_run"];
+                let run = if last.is_null() {
+                    "-".to_owned()
+                } else {
+                    format!("{} ({})", s(&last["outcome"]), s(&last["stage"]))
+                };
+                println!(
+                    "{:<16} {:>9}  {:<26} {:<22} {:<18} {}",
+                    s(&row["label"]),
+                    s(&row["threshold"]),
+                    s(&row["watermark"]),
+                    s(&row["last_version"]),
+                    run,
+                    s(&last["verdict"])
+                );
+            }
+        }
+    }
+    Ok(exit::OK)
+}
+
+async fn runs_list(cli: &Cli, label: Option<&str>, limit: u32) -> Result<u8, Failure> {
+    let loaded = load(cli, false)?;
+    let store = wiring::open_store(&loaded.settings, false)
+        .await
+        .context("opening the run store")?;
+    let label = label
+        .map(Label::new)
+        .transpose()
+        .map_err(|e| config_failure(format!("--label: {e}")))?;
+    let runs = store
+        .list_runs(&RunFilter {
+            label,
+            limit: Some(limit),
+        })
+        .await
+        .context("listing runs")?;
+    match cli.output {
+        OutputFormat::Json => output::print_json(&runs)?,
+        OutputFormat::Text => {
+            println!(
+                "{:<38} {:<16} {:<18} {:<10} STARTED",
+                "RUN", "LABEL", "STAGE", "OUTCOME"
+            );
+            for r in runs {
+                println!(
+                    "{:<38} {:<16} {:<18} {:<10} {}",
+                    r.run_id.as_str(),
+                    r.label.as_str(),
+                    r.stage.as_str(),
+                    r.outcome,
+                    r.started_at.to_rfc3339()
+                );
+            }
+        }
+    }
+    Ok(exit::OK)
+}
+
+async fn runs_show(cli: &Cli, id: &str, format: ShowFormat) -> Result<u8, Failure> {
+    let loaded = load(cli, false)?;
+    let store = wiring::open_store(&loaded.settings, false)
+        .await
+        .context("opening the run store")?;
+    let Some(detail) = store
+        .run(&RunId(id.to_owned()))
+        .await
+        .context("reading the run")?
+    else {
+        return Err(Failure {
+            code: exit::LABEL_FAILED,
+            error: anyhow::anyhow!("no run with id {id}"),
+        });
+    };
+    let format = if cli.output == OutputFormat::Json {
+        ShowFormat::Json
+    } else {
+        format
+    };
+    let report = retrain_core::report::LabelReport::from_run(&detail.snapshot, false);
+    match format {
+        ShowFormat::Json => output::print_json(&detail)?,
+        ShowFormat::Md => {
+            println!("# retrain run `{}`\n", detail.summary.run_id);
+            println!("{}", report.to_markdown());
+            println!("\n## Manifest\n");
+            println!("- binary version: `{}`", detail.snapshot.manifest.binary_version);
+            println!("- config hash: `{}`", detail.snapshot.manifest.config_hash);
+            if let Some(d) = &detail.snapshot.dataset {
+                println!(
+                    "- dataset: `{}` `{}` (metadata sha256 `{}`)",
+                    d.metadata.dataset_name,
+                    d.metadata.version_tag,
+                    d.metadata.content_hash()
+                );
+            }
+            println!("\n## Journal\n\n| seq | at | from | to | event |\n|---|---|---|---|---|");
+            for t in &detail.transitions {
+                println!(
+                    "| {} | {} | {} | {} | {} |",
+                    t.seq,
+                    t.at.to_rfc3339(),
+                    t.from,
+                    t.to,
+                    t.event.get("event").and_then(|e| e.as_str()).unwrap_or("?")
+                );
+            }
+        }
+        ShowFormat::Text => {
+            println!(
+                "run {} label {} stage {} outcome {}",
+                detail.summary.run_id, detail.summary.label, detail.summary.stage, detail.summary.outcome
+            );
+            println!("{}", output::detail(&report));
+            for t in &detail.transitions {
+                println!(
+                    "  #{:<3} {} {:>16} -> {:<16} {}",
+                    t.seq,
+                    t.at.to_rfc3339(),
+                    t.from.as_str(),
+                    t.to.as_str(),
+                    t.event.get("event").and_then(|e| e.as_str()).unwrap_or("?")
+                );
+            }
+        }
+    }
+    Ok(exit::OK)
+}
+
+async fn gate(cli: &Cli, args: &GateArgs) -> Result<u8, Failure> {
+    let loaded = load(cli, false)?;
+    let label = Label::new(&args.label).map_err(|e| config_failure(format!("--label: {e}")))?;
+    let store = wiring::open_store(&loaded.settings, false)
+        .await
+        .context("opening the run store")?;
+    let engine = wiring::build_engine(&loaded, store)
+        .await
+        .map_err(config_failure)?;
+    let (candidate, production, verdict) = engine
+        .gate_candidate(&label, &args.candidate, args.force)
+        .await
+        .map_err(|e| match e {
+            retrain_core::engine::EngineError::UnknownLabel(..)
+            | retrain_core::engine::EngineError::NoGate(_)
+            | retrain_core::engine::EngineError::NoRegistry(_) => config_failure(e),
+            other => Failure::from(anyhow::Error::new(other)),
+        })?;
+    match cli.output {
+        OutputFormat::Json => output::print_json(&json!({
+            "label": label,
+            "candidate": candidate,
+            "production": production,
+            "verdict": verdict,
+        }))?,
+        OutputFormat::Text => {
+            println!(
+                "gate {} candidate {} vs production {}",
+                label,
+                candidate.id,
+                production.as_ref().map(|p| p.version.as_str()).unwrap_or("(none)")
+            );
+            output::print_verdict(&mut std::io::stdout().lock(), &verdict);
+        }
+    }
+    if output::in_github_actions() {
+        output::github_gate_outputs(&verdict, production.as_ref().map(|p| p.version.as_str()))?;
+    }
+    if args.fail_on_reject && !verdict.passed {
+        return Ok(exit::GATE_REJECTED);
+    }
+    Ok(exit::OK)
+}
+
+async fn infra(cli: &Cli, command: &InfraCommand) -> Result<u8, Failure> {
+    let loaded = load(cli, false)?;
+    match command {
+        InfraCommand::Reap { force } => {
+            let store = store(&loaded).await?;
+            let engine = wiring::build_engine(&loaded, store)
+                .await
+                .map_err(config_failure)?;
+            let reaped = engine.reap_leases(*force).await.context("reaping leases")?;
+            match cli.output {
+                OutputFormat::Json => output::print_json(&reaped)?,
+                OutputFormat::Text => {
+                    if reaped.is_empty() {
+                        println!("no stale leases");
+                    }
+                    for lease in reaped {
+                        println!(
+                            "stopped lease {} ({}) of label {}: {}",
+                            lease.id,
+                            lease.provider,
+                            lease.label,
+                            lease.resources.join(", ")
+                        );
+                    }
+                }
+            }
+            Ok(exit::OK)
+        }
+        InfraCommand::Start { label } | InfraCommand::Stop { label } => {
+            let label = Label::new(label).map_err(|e| config_failure(format!("--label: {e}")))?;
+            let start = matches!(command, InfraCommand::Start { .. });
+            let states = wiring::infra_control(&loaded.settings, &label, start)
+                .await
+                .map_err(|e| Failure::from(anyhow::anyhow!("{e}")))?;
+            for (id, state) in states {
+                println!("{id}: {state}");
+            }
+            Ok(exit::OK)
+        }
+        InfraCommand::Status { label } => {
+            let label = label
+                .as_deref()
+                .map(Label::new)
+                .transpose()
+                .map_err(|e| config_failure(format!("--label: {e}")))?;
+            let store = wiring::open_store(&loaded.settings, false)
+                .await
+                .context("opening the run store")?;
+            let leases = store.active_leases().await.context("reading leases")?;
+            let states = wiring::infra_status(&loaded.settings, label.as_ref())
+                .await
+                .map_err(|e| Failure::from(anyhow::anyhow!("{e}")))?;
+            match cli.output {
+                OutputFormat::Json => output::print_json(&json!({
+                    "instances": states,
+                    "active_leases": leases,
+                }))?,
+                OutputFormat::Text => {
+                    for (label, id, state) in &states {
+                        println!("{label:<16} {id:<22} {state}");
+                    }
+                    for lease in &leases {
+                        println!(
+                            "active lease {} label {} since {} (max until {})",
+                            lease.id, lease.label, lease.acquired_at, lease.max_until
+                        );
+                    }
+                }
+            }
+            Ok(exit::OK)
+        }
+    }
+}
+
+fn config(cli: &Cli, command: &ConfigCommand) -> Result<u8, Failure> {
+    let loaded = load(cli, false)?;
+    match command {
+        ConfigCommand::Check => {
+            let labels: Vec<&str> = loaded.settings.labels.keys().map(Label::as_str).collect();
+            match cli.output {
+                OutputFormat::Json => output::print_json(&json!({
+                    "ok": true,
+                    "file": loaded.file,
+                    "labels": labels,
+                    "config_hash": loaded.config_hash,
+                }))?,
+                OutputFormat::Text => {
+                    println!(
+                        "configuration OK ({}): {} label(s): {}",
+                        loaded
+                            .file
+                            .as_ref()
+                            .map(|f| f.display().to_string())
+                            .unwrap_or_else(|| "no file, env only".into()),
+                        labels.len(),
+                        labels.join(", ")
+                    );
+                    if labels.is_empty() {
+                        println!("warning: no labels configured: `retrain run` will do nothing");
+                    }
+                }
+            }
+        }
+        ConfigCommand::Show => {
+            let text = settings::redacted_toml(&loaded.figment).map_err(config_failure)?;
+            match cli.output {
+                OutputFormat::Json => {
+                    let value: toml::Value = toml::from_str(&text).context("re-reading config")?;
+                    output::print_json(&value)?
+                }
+                OutputFormat::Text => print!("{text}"),
+            }
+        }
+    }
+    Ok(exit::OK)
+}

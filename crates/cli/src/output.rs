@@ -1,0 +1,207 @@
+//! Rendering: human text, JSON, and the GitHub Actions extras (groups,
+//! annotations, `$GITHUB_OUTPUT`, `$GITHUB_STEP_SUMMARY`).
+
+use std::io::Write;
+
+use anyhow::Context;
+use retrain_core::gate::Verdict;
+use retrain_core::machine::Outcome;
+use retrain_core::report::{CycleReport, LabelReport, LabelStatus};
+
+pub fn detail(report: &LabelReport) -> String {
+    match &report.outcome {
+        Some(Outcome::Skipped { reason, .. }) => reason.clone(),
+        Some(Outcome::Planned { would, .. }) => format!("would {would}"),
+        Some(Outcome::Trained { candidate }) => match candidate {
+            Some(c) => format!("trained {c} (gate = none)"),
+            None => "training started (gate = none)".into(),
+        },
+        Some(Outcome::Promoted { version }) => format!(
+            "promoted version {version}; {}",
+            report.verdict.as_ref().map(|v| v.reason.as_str()).unwrap_or("")
+        ),
+        Some(Outcome::Passed) => "gate passed; promotion disabled".into(),
+        Some(Outcome::Rejected { reason }) => reason.clone(),
+        Some(Outcome::Failed { .. }) | None => report.error.clone().unwrap_or_default(),
+    }
+}
+
+pub fn print_cycle_text(report: &CycleReport) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "retrain {} {}{}",
+        if report.dry_run { "plan" } else { "run" },
+        report.cycle_id,
+        if report.interrupted { " (interrupted: state saved, rerun to resume)" } else { "" }
+    );
+    let _ = writeln!(
+        out,
+        "{:<16} {:<12} {:>18}  {:<22} DETAIL",
+        "LABEL", "STATUS", "MEASURED/THRESHOLD", "DATASET"
+    );
+    for label in &report.labels {
+        let measured = match label.measured {
+            Some(m) => format!("{m}/{}", label.threshold),
+            None => format!("-/{}", label.threshold),
+        };
+        let dataset = label
+            .dataset_version
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            out,
+            "{:<16} {:<12} {:>18}  {:<22} {}",
+            label.label.as_str(),
+            label.status.as_str(),
+            measured,
+            dataset,
+            detail(label)
+        );
+        if let Some(verdict) = &label.verdict {
+            print_verdict(&mut out, verdict);
+        }
+        if let Some(counts) = &label.counts {
+            let _ = writeln!(
+                out,
+                "{:<16} counts: misclassified={} correct={}",
+                "", counts.misclassified, counts.correct
+            );
+        }
+    }
+}
+
+pub fn print_verdict(out: &mut impl Write, verdict: &Verdict) {
+    let _ = writeln!(
+        out,
+        "    gate: {}{}",
+        verdict.reason,
+        if verdict.forced { " [FORCED]" } else { "" }
+    );
+    for c in &verdict.comparisons {
+        let f = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            out,
+            "      {:<12} candidate={:<8} production={:<8} delta={:<9} {}",
+            c.metric,
+            f(c.candidate),
+            f(c.baseline),
+            c.delta.map(|d| format!("{d:+.4}")).unwrap_or_else(|| "-".into()),
+            if c.passed { "pass" } else { "FAIL" }
+        );
+    }
+}
+
+pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(value).context("rendering JSON")?;
+    println!("{text}");
+    Ok(())
+}
+
+pub fn in_github_actions() -> bool {
+    std::env::var("GITHUB_ACTIONS").map(|v| v == "true").unwrap_or(false)
+}
+
+/// Escape data for workflow commands (`%`, CR, LF).
+fn escape_data(s: &str) -> String {
+    s.replace('%', "%25").replace('\r', "%0D").replace('\n', "%0A")
+}
+
+fn append(path_var: &str, content: &str) -> anyhow::Result<()> {
+    let Ok(path) = std::env::var(path_var) else {
+        return Ok(());
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("opening ${path_var} ({path})"))?;
+    file.write_all(content.as_bytes())
+        .with_context(|| format!("writing ${path_var}"))
+}
+
+fn output_key(raw: &str) -> String {
+    raw.chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' })
+        .collect()
+}
+
+/// Groups, annotations, step outputs and the step summary.
+pub fn github_actions(report: &CycleReport) -> anyhow::Result<()> {
+    for label in &report.labels {
+        println!("::group::retrain {} — {}", label.label, label.status.as_str());
+        println!("{}", label.to_markdown());
+        println!("::endgroup::");
+        let message = escape_data(&format!("{}: {}", label.label, detail(label)));
+        match label.status {
+            LabelStatus::Failed => println!("::error title=retrain {}::{message}", label.label),
+            LabelStatus::Rejected | LabelStatus::Busy | LabelStatus::Interrupted => {
+                println!("::warning title=retrain {}::{message}", label.label)
+            }
+            _ => {}
+        }
+    }
+
+    let mut outputs = String::new();
+    let triggered = report.labels.iter().any(LabelReport::triggered);
+    let improved = report.labels.iter().any(LabelReport::improved);
+    outputs.push_str(&format!("run_id={}\n", report.cycle_id));
+    outputs.push_str(&format!("triggered={triggered}\n"));
+    outputs.push_str(&format!("improved={improved}\n"));
+    for label in &report.labels {
+        let key = output_key(label.label.as_str());
+        outputs.push_str(&format!("{key}_status={}\n", label.status.as_str()));
+        outputs.push_str(&format!("{key}_improved={}\n", label.improved()));
+        if let Some(run_id) = &label.run_id {
+            outputs.push_str(&format!("{key}_run_id={run_id}\n"));
+        }
+        if let Some(candidate) = &label.candidate {
+            for (metric, value) in &candidate.metrics {
+                outputs.push_str(&format!("{key}_{}={value}\n", output_key(metric)));
+            }
+        }
+    }
+    append("GITHUB_OUTPUT", &outputs)?;
+
+    let mut summary = String::from("## retrain\n\n| label | status | measured / threshold | dataset | detail |\n|---|---|---|---|---|\n");
+    for label in &report.labels {
+        summary.push_str(&format!(
+            "| `{}` | {} | {} / {} | {} | {} |\n",
+            label.label,
+            label.status.as_str(),
+            label.measured.map(|m| m.to_string()).unwrap_or_else(|| "-".into()),
+            label.threshold,
+            label
+                .dataset_version
+                .as_ref()
+                .map(|v| format!("`{v}`"))
+                .unwrap_or_else(|| "-".into()),
+            detail(label).replace('|', "\\|")
+        ));
+    }
+    for label in report.labels.iter().filter(|l| l.verdict.is_some()) {
+        summary.push('\n');
+        summary.push_str(&label.to_markdown());
+    }
+    append("GITHUB_STEP_SUMMARY", &summary)
+}
+
+/// Step outputs for `retrain gate`.
+pub fn github_gate_outputs(
+    verdict: &Verdict,
+    baseline_version: Option<&str>,
+) -> anyhow::Result<()> {
+    let mut outputs = format!("improved={}\nforced={}\n", verdict.passed, verdict.forced);
+    outputs.push_str(&format!("baseline={}\n", baseline_version.unwrap_or("none")));
+    for c in &verdict.comparisons {
+        let key = output_key(&c.metric);
+        if let Some(v) = c.candidate {
+            outputs.push_str(&format!("{key}={v}\n"));
+        }
+        if let Some(v) = c.baseline {
+            outputs.push_str(&format!("baseline_{key}={v}\n"));
+        }
+    }
+    append("GITHUB_OUTPUT", &outputs)
+}
