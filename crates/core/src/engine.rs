@@ -180,7 +180,32 @@ enum Executed {
     Event(Event),
     /// The commit wrote the final state itself.
     Committed,
+    CommitFailed(String),
     Interrupted,
+}
+
+/// Why driving stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum DriveEnd {
+    Finished,
+    /// The next action is for the next phase.
+    Halted,
+    Interrupted,
+    JournalFailed(String),
+}
+
+/// A label that passed phase one.
+struct LabelTask {
+    run: LabelRun,
+    actions: Vec<Action>,
+    ended: DriveEnd,
+    resumed: bool,
+    persist: bool,
+}
+
+enum Begun {
+    Task(LabelTask),
+    Done(LabelReport),
 }
 
 impl Engine {
@@ -252,6 +277,11 @@ impl Engine {
 
     /// Run one cycle (§3) for the requested labels. One label's failure never
     /// stops another; `cancel` interrupts waits and leaves runs resumable.
+    ///
+    /// Two phases: first every label is locked and counted and records the
+    /// version currently published (reads only); then all labels are driven
+    /// to the end. So a prepare job shared by several labels is restarted
+    /// once, after *every* label has recorded the version it must replace.
     pub async fn run_cycle(
         &self,
         request: CycleRequest,
@@ -260,21 +290,27 @@ impl Engine {
         let labels = self.select_labels(&request)?;
         let cycle_id = CycleId::generate();
         let started_at = self.clock.now();
-        let shared = Arc::new(CycleShared::default());
+        let shared = CycleShared::default();
         let span = info_span!("run", run_id = %cycle_id, dry_run = request.dry_run);
+        let parallel = self.settings.max_parallel_labels.max(1);
         let reports: Vec<LabelReport> = async {
-            stream::iter(labels.into_iter().map(|label| {
-                let shared = shared.clone();
-                let cancel = cancel.clone();
-                let cycle_id = cycle_id.clone();
-                async move {
-                    let span = info_span!("label", label = %label);
-                    self.run_label(&label, &cycle_id, request.dry_run, &shared, &cancel)
-                        .instrument(span)
-                        .await
+            let begun: Vec<Begun> = stream::iter(labels.iter().map(|label| {
+                self.begin_label(label, &cycle_id, request.dry_run, &shared, &cancel)
+                    .instrument(info_span!("label", label = %label))
+            }))
+            .buffered(parallel)
+            .collect()
+            .await;
+            stream::iter(begun.into_iter().map(|begun| async {
+                match begun {
+                    Begun::Done(report) => report,
+                    Begun::Task(task) => {
+                        let span = info_span!("label", label = %task.run.label());
+                        self.finish_label(task, &shared, &cancel).instrument(span).await
+                    }
                 }
             }))
-            .buffered(self.settings.max_parallel_labels.max(1))
+            .buffered(parallel)
             .collect()
             .await
         }
@@ -290,14 +326,16 @@ impl Engine {
         })
     }
 
-    async fn run_label(
+    /// Phase one: lock, load or create the run, and drive it through the
+    /// read-only steps (counts, currently published version).
+    async fn begin_label(
         &self,
         label: &Label,
         cycle_id: &CycleId,
         dry_run: bool,
         shared: &CycleShared,
         cancel: &CancellationToken,
-    ) -> LabelReport {
+    ) -> Begun {
         let binding = &self.labels[label];
         let threshold = binding.plan.trigger.threshold();
         if cancel.is_cancelled() {
@@ -307,90 +345,151 @@ impl Engine {
                 "interrupted before start".into(),
             );
             report.status = LabelStatus::Interrupted;
-            return report;
+            return Begun::Done(report);
         }
-        if dry_run {
-            // Dry-run: reads only, no lock, nothing journaled.
-            return match self.store.cursor(label).await {
+        let owner = &self.settings.owner;
+        if !dry_run {
+            match self.store.try_lock(label, owner, self.settings.lock_ttl).await {
+                Ok(LockOutcome::Acquired) => {}
+                Ok(LockOutcome::Busy { owner, expires_at }) => {
+                    info!(%owner, %expires_at, "label is busy: another orchestrator holds its lock");
+                    return Begun::Done(LabelReport::busy(label.clone(), threshold, owner));
+                }
+                Err(e) => {
+                    return Begun::Done(LabelReport::failed_before_run(
+                        label.clone(),
+                        threshold,
+                        e.to_string(),
+                    ))
+                }
+            }
+        }
+        let fail = |error: String| {
+            Begun::Done(LabelReport::failed_before_run(label.clone(), threshold, error))
+        };
+        let unfinished = if dry_run {
+            // Dry-run: reads only, no lock, nothing journaled, always fresh.
+            Ok(None)
+        } else {
+            self.store.unfinished_run(label).await
+        };
+        let (mut run, resumed) = match unfinished {
+            Ok(Some(run)) => {
+                info!(run_id = %run.run_id, stage = %run.stage, "resuming unfinished run");
+                (run, true)
+            }
+            Ok(None) => match self.store.cursor(label).await {
                 Ok(cursor) => {
                     let mut plan = binding.plan.clone();
-                    plan.dry_run = true;
+                    plan.dry_run = dry_run;
                     let mut run = LabelRun::new(RunId::generate(), cycle_id.clone(), plan, cursor);
                     run.manifest = self.settings.manifest.clone();
-                    let run = self
-                        .drive(binding, run, None, shared, cancel)
-                        .await;
-                    LabelReport::from_run(&run, false)
+                    (run, false)
                 }
-                Err(e) => LabelReport::failed_before_run(label.clone(), threshold, e.to_string()),
-            };
-        }
-
-        let owner = &self.settings.owner;
-        match self.store.try_lock(label, owner, self.settings.lock_ttl).await {
-            Ok(LockOutcome::Acquired) => {}
-            Ok(LockOutcome::Busy { owner, expires_at }) => {
-                info!(%owner, %expires_at, "label is busy: another orchestrator holds its lock");
-                return LabelReport::busy(label.clone(), threshold, owner);
-            }
+                Err(e) => {
+                    self.unlock(label, dry_run).await;
+                    return fail(e.to_string());
+                }
+            },
             Err(e) => {
-                return LabelReport::failed_before_run(label.clone(), threshold, e.to_string())
+                self.unlock(label, dry_run).await;
+                return fail(e.to_string());
             }
-        }
-
-        let lost_lock = CancellationToken::new();
-        let label_cancel = cancel.child_token();
-        let heartbeat = self.heartbeat(label, label_cancel.clone(), lost_lock.clone());
-        let work = async {
-            let (run, resumed) = match self.store.unfinished_run(label).await {
-                Ok(Some(run)) => {
-                    info!(run_id = %run.run_id, stage = %run.stage, "resuming unfinished run");
-                    (run, true)
-                }
-                Ok(None) => match self.store.cursor(label).await {
-                    Ok(cursor) => {
-                        let mut run = LabelRun::new(
-                            RunId::generate(),
-                            cycle_id.clone(),
-                            binding.plan.clone(),
-                            cursor,
-                        );
-                        run.manifest = self.settings.manifest.clone();
-                        (run, false)
-                    }
-                    Err(e) => return Err(e.to_string()),
-                },
-                Err(e) => return Err(e.to_string()),
+        };
+        let persist = !dry_run;
+        let actions = if resumed {
+            run.pending.clone()
+        } else {
+            let event = Event::Started {
+                now: self.clock.now(),
             };
-            let run = self
-                .drive(binding, run, Some(resumed), shared, &label_cancel)
-                .await;
-            Ok((run, resumed))
-        };
-        let result = tokio::select! {
-            result = work => result,
-            () = heartbeat => Err("lost the label lock (expired and taken by another orchestrator)".into()),
-        };
-        label_cancel.cancel();
-        if let Err(e) = self.store.release_lock(label, owner).await {
-            warn!(error = %e, "could not release the label lock; it will expire");
-        }
-        match result {
-            Ok((run, resumed)) => {
-                let mut report = LabelReport::from_run(&run, resumed);
-                if !run.is_done() && run.outcome.is_none() {
-                    report.status = LabelStatus::Interrupted;
-                } else if !run.is_done() {
-                    // Outcome known but the final commit did not happen.
-                    report.status = if cancel.is_cancelled() {
-                        LabelStatus::Interrupted
-                    } else {
-                        LabelStatus::Failed
-                    };
+            match self.apply(&mut run, event, persist).await {
+                Ok(actions) => actions,
+                Err(error) => {
+                    self.unlock(label, dry_run).await;
+                    return fail(format!("could not journal the start of the run: {error}"));
                 }
-                report
             }
-            Err(error) => LabelReport::failed_before_run(label.clone(), threshold, error),
+        };
+        let read_only = |a: &Action| matches!(a, Action::ReadCounts { .. } | Action::ReadPublished);
+        let (run, actions, ended) = self
+            .drive(binding, run, actions, persist, shared, cancel, &read_only)
+            .await;
+        Begun::Task(LabelTask {
+            run,
+            actions,
+            ended,
+            resumed,
+            persist,
+        })
+    }
+
+    /// Phase two: drive the run to its end while renewing the lock.
+    async fn finish_label(
+        &self,
+        task: LabelTask,
+        shared: &CycleShared,
+        cancel: &CancellationToken,
+    ) -> LabelReport {
+        let label = task.run.label().clone();
+        let binding = &self.labels[&label];
+        let LabelTask {
+            run,
+            actions,
+            ended,
+            resumed,
+            persist,
+        } = task;
+        let (run, ended) = if ended == DriveEnd::Halted {
+            let label_cancel = cancel.child_token();
+            let lost = CancellationToken::new();
+            let heartbeat = async {
+                if persist {
+                    self.heartbeat(&label, label_cancel.clone(), lost.clone()).await
+                } else {
+                    std::future::pending().await
+                }
+            };
+            let everything = |_: &Action| true;
+            let result = tokio::select! {
+                (run, _, ended) = self.drive(binding, run, actions, persist, shared, &label_cancel, &everything) => Ok((run, ended)),
+                () = heartbeat => Err("lost the label lock (expired and taken by another orchestrator)".to_string()),
+            };
+            label_cancel.cancel();
+            match result {
+                Ok(done) => done,
+                Err(error) => {
+                    self.unlock(&label, !persist).await;
+                    return LabelReport::failed_before_run(
+                        label,
+                        binding.plan.trigger.threshold(),
+                        error,
+                    );
+                }
+            }
+        } else {
+            (run, ended)
+        };
+        self.unlock(&label, !persist).await;
+        let mut report = LabelReport::from_run(&run, resumed);
+        match ended {
+            DriveEnd::Finished => {}
+            DriveEnd::Interrupted => report.status = LabelStatus::Interrupted,
+            DriveEnd::JournalFailed(error) => {
+                report.status = LabelStatus::Failed;
+                report.error = Some(format!("run store failure, the run stays resumable: {error}"));
+            }
+            DriveEnd::Halted => {}
+        }
+        report
+    }
+
+    async fn unlock(&self, label: &Label, dry_run: bool) {
+        if dry_run {
+            return;
+        }
+        if let Err(e) = self.store.release_lock(label, &self.settings.owner).await {
+            warn!(error = %e, "could not release the label lock; it will expire");
         }
     }
 
@@ -417,34 +516,24 @@ impl Engine {
         }
     }
 
-    /// Drive `run` until it is done, interrupted, or the journal fails.
-    /// `journal`: `None` for dry-run (nothing persisted), `Some(resumed)` otherwise.
+    /// Execute `actions` and the ones that follow until the run is done,
+    /// interrupted, the journal fails, or the next action does not satisfy
+    /// `allowed` (then it is returned, not executed).
+    #[allow(clippy::too_many_arguments)]
     async fn drive(
         &self,
         binding: &LabelBinding,
         mut run: LabelRun,
-        journal: Option<bool>,
+        mut actions: Vec<Action>,
+        persist: bool,
         shared: &CycleShared,
         cancel: &CancellationToken,
-    ) -> LabelRun {
-        let persist = journal.is_some();
-        let resumed = journal == Some(true);
-        let mut actions = if resumed {
-            run.pending.clone()
-        } else {
-            let event = Event::Started {
-                now: self.clock.now(),
-            };
-            match self.apply(&mut run, event, persist).await {
-                Ok(actions) => actions,
-                Err(error) => {
-                    warn!(%error, "could not journal the start of the run");
-                    return run;
-                }
-            }
-        };
-
+        allowed: &(dyn Fn(&Action) -> bool + Sync),
+    ) -> (LabelRun, Vec<Action>, DriveEnd) {
         while let Some(action) = actions.first().cloned() {
+            if !allowed(&action) {
+                return (run, actions, DriveEnd::Halted);
+            }
             let stage = run.stage;
             let executed = self
                 .execute(binding, &run, action, shared, cancel, persist)
@@ -454,22 +543,25 @@ impl Engine {
                 Executed::Event(event) => event,
                 Executed::Committed => {
                     let _ = run.step(&Event::Committed);
-                    break;
+                    return (run, Vec::new(), DriveEnd::Finished);
+                }
+                Executed::CommitFailed(error) => {
+                    return (run, Vec::new(), DriveEnd::JournalFailed(error));
                 }
                 Executed::Interrupted => {
                     self.on_interrupt(binding, &run).await;
-                    break;
+                    return (run, Vec::new(), DriveEnd::Interrupted);
                 }
             };
             match self.apply(&mut run, event, persist).await {
                 Ok(next) => actions = next,
                 Err(error) => {
                     warn!(%error, "stopping label: the journal could not be written");
-                    break;
+                    return (run, Vec::new(), DriveEnd::JournalFailed(error.to_string()));
                 }
             }
         }
-        run
+        (run, Vec::new(), DriveEnd::Finished)
     }
 
     /// Step the machine and journal the transition before anything acts on it.
@@ -776,7 +868,7 @@ impl Engine {
                     }
                     Err(e) => {
                         warn!(error = %e, "could not commit the run; it stays resumable");
-                        Executed::Interrupted
+                        Executed::CommitFailed(e.to_string())
                     }
                 }
             }

@@ -621,7 +621,10 @@ impl LabelRun {
         }
         if let Some(candidate) = dataset {
             let meta = &candidate.metadata;
-            let is_new = self.last_version.as_ref() != Some(&meta.version_tag);
+            // A version already consumed is never new, whatever was published
+            // in between: no `(label, version)` is trained twice.
+            let is_new = self.last_version.as_ref() != Some(&meta.version_tag)
+                && self.cursor.consumed_version.as_ref() != Some(&meta.version_tag);
             if is_new && meta.num_samples >= self.required_len {
                 return self.dataset_ready(candidate);
             }

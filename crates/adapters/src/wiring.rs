@@ -1,0 +1,434 @@
+//! Turns validated [`Settings`] into adapters and an [`Engine`]. This is the
+//! only place that knows which adapter serves which address scheme; the CLI
+//! and the server both call it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use retrain_core::domain::{Label, LockOwner};
+use retrain_core::engine::{Engine, EngineSettings, LabelBinding};
+use retrain_core::machine::{LabelPlan, RunManifest, Trigger};
+use retrain_core::ports::{
+    CountSource, LeaseProvider, MetadataStore, ModelRegistry, Notifier, RunStore,
+    SpaceController, Trainer,
+};
+use secrecy::ExposeSecret;
+
+use crate::command::{CommandSpace, CommandSpec, CommandTrainer};
+use crate::error::AdapterError;
+use crate::file_metadata::FileMetadataStore;
+use crate::hf::{HfMetadataStore, HfSpaceController, HfSpaceTrainer, HubClient, HubSettings};
+use crate::http::HttpPolicy;
+use crate::json_registry::JsonRegistry;
+use crate::log_notifier::LogNotifier;
+use crate::settings::{
+    CommandConfig, JobSpec, LabelSettings, LeaseSpec, LoadedSettings, NotifyOn, NotifySpec,
+    RegistrySpec, Settings,
+};
+use crate::store::{open_run_store, StoreOptions};
+
+/// Open the `RunStore` named by `state`; `migrate` applies pending migrations.
+pub async fn open_store(settings: &Settings, migrate: bool) -> Result<Arc<dyn RunStore>, AdapterError> {
+    open_run_store(settings.state.expose_secret(), StoreOptions { migrate }).await
+}
+
+/// `retrain migrate`.
+pub async fn migrate(settings: &Settings) -> Result<(), AdapterError> {
+    crate::store::migrate(settings.state.expose_secret()).await
+}
+
+fn http_policy(settings: &Settings) -> HttpPolicy {
+    HttpPolicy {
+        timeout: settings.http_timeout,
+        max_retries: settings.http_max_retries,
+        ..HttpPolicy::default()
+    }
+}
+
+fn command_spec(config: &CommandConfig) -> CommandSpec {
+    CommandSpec {
+        argv: config.argv.clone(),
+        timeout: config.timeout,
+        env: config.env.clone(),
+        workdir: config.workdir.clone(),
+    }
+}
+
+/// Lazily built shared clients, so a config without HF labels never builds one.
+struct Clients<'a> {
+    settings: &'a Settings,
+    hub: Option<HubClient>,
+}
+
+impl<'a> Clients<'a> {
+    fn hub(&mut self) -> Result<HubClient, AdapterError> {
+        if let Some(client) = &self.hub {
+            return Ok(client.clone());
+        }
+        let client = HubClient::new(HubSettings {
+            endpoint: self.settings.hub.endpoint.clone(),
+            token: self.settings.hub.token.clone(),
+            policy: http_policy(self.settings),
+        })?;
+        self.hub = Some(client.clone());
+        Ok(client)
+    }
+}
+
+fn job_dir(settings: &Settings) -> std::path::PathBuf {
+    settings.state_dir.clone()
+}
+
+fn prepare_controller(
+    clients: &mut Clients<'_>,
+    spec: &JobSpec,
+) -> Result<Arc<dyn SpaceController>, AdapterError> {
+    Ok(match spec {
+        JobSpec::HfSpace {
+            repo,
+            factory_reboot,
+            ..
+        } => Arc::new(HfSpaceController::new(clients.hub()?, repo, *factory_reboot)?),
+        JobSpec::Command(config) => Arc::new(CommandSpace::new(
+            command_spec(config),
+            job_dir(clients.settings),
+        )?),
+    })
+}
+
+fn trainer(clients: &mut Clients<'_>, spec: &JobSpec) -> Result<Arc<dyn Trainer>, AdapterError> {
+    Ok(match spec {
+        JobSpec::HfSpace {
+            repo, wait_running, ..
+        } => Arc::new(HfSpaceTrainer::new(clients.hub()?, repo, *wait_running)?),
+        JobSpec::Command(config) => Arc::new(CommandTrainer::new(
+            command_spec(config),
+            job_dir(clients.settings),
+        )?),
+    })
+}
+
+fn metadata_store(
+    clients: &mut Clients<'_>,
+    label: &LabelSettings,
+) -> Result<Arc<dyn MetadataStore>, AdapterError> {
+    let location = label.metadata.as_str();
+    if location.starts_with("hf://") || location.starts_with("https://") || location.starts_with("http://") {
+        return Ok(Arc::new(HfMetadataStore::from_url(clients.hub()?, location)?));
+    }
+    if location.starts_with("s3://") {
+        return aws_metadata_store(clients.settings, location);
+    }
+    Ok(Arc::new(FileMetadataStore::new(location)?))
+}
+
+fn registry(
+    settings: &Settings,
+    spec: &RegistrySpec,
+) -> Result<Arc<dyn ModelRegistry>, AdapterError> {
+    match spec {
+        RegistrySpec::Json { path, model } => {
+            Ok(Arc::new(JsonRegistry::open(path.clone(), model.clone())?))
+        }
+        RegistrySpec::Mlflow { .. } => mlflow_registry(settings, spec),
+    }
+}
+
+fn notifiers(settings: &Settings, label: &LabelSettings) -> Result<Vec<Arc<dyn Notifier>>, AdapterError> {
+    let mut out: Vec<Arc<dyn Notifier>> = vec![Arc::new(LogNotifier)];
+    for spec in &label.notify {
+        match spec {
+            NotifySpec::Log => {}
+            other => out.push(remote_notifier(settings, other)?),
+        }
+    }
+    Ok(out)
+}
+
+fn plan(settings: &Settings, label: &LabelSettings) -> LabelPlan {
+    let trigger = if label.counts {
+        Trigger::Counts {
+            threshold: label.threshold,
+            correct_ratio: label.correct_ratio,
+        }
+    } else {
+        Trigger::Metadata {
+            threshold: label.threshold,
+        }
+    };
+    LabelPlan {
+        label: label.label.clone(),
+        trigger,
+        prepare: label.prepare.as_ref().map(JobSpec::key),
+        gate: label.gate.clone(),
+        leased: label.lease.is_some(),
+        promote: label.promote,
+        max_attempts: label.max_attempts,
+        poll_interval: label.poll_interval,
+        poll_timeout: label.poll_timeout,
+        dry_run: settings.dry_run,
+    }
+}
+
+/// Build the engine for `loaded` on `store`.
+pub async fn build_engine(
+    loaded: &LoadedSettings,
+    store: Arc<dyn RunStore>,
+) -> Result<Engine, AdapterError> {
+    let settings = &loaded.settings;
+    let counts: Option<Arc<dyn CountSource>> = match &settings.counts {
+        Some(c) if settings.labels.values().any(|l| l.counts) => Some(
+            crate::counts::open_count_source(
+                c.database.expose_secret(),
+                &c.query,
+                crate::counts::CountOptions {
+                    statement_timeout: c.statement_timeout,
+                },
+            )
+            .await?,
+        ),
+        _ => None,
+    };
+    let mut clients = Clients {
+        settings,
+        hub: None,
+    };
+    // One controller per prepare job so labels sharing it share its state.
+    let mut prepares: std::collections::HashMap<String, Arc<dyn SpaceController>> =
+        std::collections::HashMap::new();
+    let mut bindings = Vec::new();
+    for label in settings.labels.values() {
+        let prepare = match &label.prepare {
+            Some(spec) => {
+                let key = spec.key();
+                if let Some(existing) = prepares.get(&key) {
+                    Some(existing.clone())
+                } else {
+                    let controller = prepare_controller(&mut clients, spec)?;
+                    prepares.insert(key, controller.clone());
+                    Some(controller)
+                }
+            }
+            None => None,
+        };
+        let lease = match &label.lease {
+            Some(spec) => Some(lease_provider(settings, label, spec)?),
+            None => None,
+        };
+        bindings.push(LabelBinding {
+            plan: plan(settings, label),
+            metadata: metadata_store(&mut clients, label)?,
+            prepare,
+            trainer: trainer(&mut clients, &label.trainer)?,
+            registry: label
+                .registry
+                .as_ref()
+                .map(|r| registry(settings, r))
+                .transpose()?,
+            lease,
+            notifiers: notifiers(settings, label)?,
+            train_timeout: label.train_timeout,
+        });
+    }
+    let engine_settings = EngineSettings {
+        max_parallel_labels: settings.max_parallel_labels,
+        lock_ttl: settings.lock_ttl,
+        poll_jitter: settings.poll.jitter,
+        owner: LockOwner::generate(&owner_hint()),
+        manifest: RunManifest {
+            binary_version: env!("CARGO_PKG_VERSION").to_owned(),
+            config_hash: loaded.config_hash.clone(),
+        },
+    };
+    Ok(Engine::new(store, counts, bindings, engine_settings))
+}
+
+/// `host-pid`, so an operator can tell which process holds a lock.
+fn owner_hint() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "host".into());
+    format!("{host}-{}", std::process::id())
+}
+
+// ---- AWS / MLflow / GitHub (see the modules for their behaviour) ----
+
+fn aws_settings(settings: &Settings, region: Option<&str>) -> crate::aws::AwsSettings {
+    let mut aws = crate::aws::AwsSettings::from_env();
+    if let Some(r) = region.map(str::to_owned).or_else(|| settings.aws.region.clone()) {
+        aws.region = r;
+    }
+    if let Some(endpoint) = &settings.aws.endpoint_url {
+        if let Ok(url) = url::Url::parse(endpoint) {
+            aws.endpoint_url = Some(url);
+        }
+    }
+    aws
+}
+
+fn aws_metadata_store(settings: &Settings, location: &str) -> Result<Arc<dyn MetadataStore>, AdapterError> {
+    Ok(Arc::new(crate::s3::S3MetadataStore::new(
+        aws_settings(settings, None),
+        location,
+    )?))
+}
+
+fn mlflow_registry(settings: &Settings, spec: &RegistrySpec) -> Result<Arc<dyn ModelRegistry>, AdapterError> {
+    let RegistrySpec::Mlflow {
+        tracking_uri,
+        model,
+        alias,
+        stages,
+    } = spec
+    else {
+        return Err(AdapterError::config("registry", "not an MLflow registry"));
+    };
+    let auth = match (&settings.mlflow.token, &settings.mlflow.username, &settings.mlflow.password) {
+        (Some(token), _, _) => crate::mlflow::MlflowAuth::Token(token.clone()),
+        (None, Some(user), Some(password)) => crate::mlflow::MlflowAuth::Basic {
+            user: user.clone(),
+            password: password.clone(),
+        },
+        _ => crate::mlflow::MlflowAuth::None,
+    };
+    Ok(Arc::new(crate::mlflow::MlflowRegistry::new(
+        crate::mlflow::MlflowSettings {
+            tracking_uri: tracking_uri.clone(),
+            model: model.clone(),
+            alias: alias.clone(),
+            mode: if *stages {
+                crate::mlflow::RegistryMode::Stage
+            } else {
+                crate::mlflow::RegistryMode::Alias
+            },
+            auth,
+            policy: http_policy(settings),
+        },
+    )?))
+}
+
+fn lease_provider(
+    settings: &Settings,
+    label: &LabelSettings,
+    spec: &LeaseSpec,
+) -> Result<Arc<dyn LeaseProvider>, AdapterError> {
+    let aws = aws_settings(settings, spec.region.as_deref());
+    let client = crate::ec2::Ec2Client::new(aws, http_policy(settings))?;
+    let _ = label;
+    Ok(Arc::new(crate::ec2::Ec2LeaseProvider::new(
+        client,
+        spec.ec2.clone(),
+        spec.health_url.clone(),
+        spec.max,
+        crate::ec2::Ec2WaitSettings::default(),
+    )))
+}
+
+fn remote_notifier(settings: &Settings, spec: &NotifySpec) -> Result<Arc<dyn Notifier>, AdapterError> {
+    let on = |on: &NotifyOn| match on {
+        NotifyOn::Improved => crate::github::NotifyOn::Improved,
+        NotifyOn::Always => crate::github::NotifyOn::Always,
+    };
+    match spec {
+        NotifySpec::Log => Ok(Arc::new(LogNotifier)),
+        NotifySpec::Github {
+            repo,
+            on: when,
+            issue,
+            pr_head,
+            pr_base,
+            auto_merge,
+        } => {
+            let token = settings.github.token.clone().ok_or_else(|| {
+                AdapterError::config("github.token", "a GitHub notifier needs GITHUB_TOKEN")
+            })?;
+            let target = match (issue, pr_head) {
+                (Some(issue), _) => crate::github::GithubTarget::Comment { issue: *issue },
+                (None, Some(head)) => crate::github::GithubTarget::PullRequest {
+                    head: head.clone(),
+                    base: pr_base.clone(),
+                    auto_merge: *auto_merge,
+                },
+                (None, None) => {
+                    return Err(AdapterError::config("notify", "github needs issue or pr_head"))
+                }
+            };
+            Ok(Arc::new(crate::github::GithubNotifier::new(
+                crate::github::GithubSettings {
+                    api_url: settings.github.api_url.clone(),
+                    token,
+                    repo: repo.clone(),
+                    on: on(when),
+                    target,
+                    policy: http_policy(settings),
+                },
+            )?))
+        }
+        NotifySpec::Webhook { url, slack, on: when } => Ok(Arc::new(
+            crate::webhook::WebhookNotifier::new(
+                url.clone(),
+                if *slack {
+                    crate::webhook::WebhookFormat::Slack
+                } else {
+                    crate::webhook::WebhookFormat::Json
+                },
+                on(when),
+                http_policy(settings),
+            )?,
+        )),
+    }
+}
+
+/// `retrain infra start|stop --label L`: returns `(instance id, state)`.
+pub async fn infra_control(
+    settings: &Settings,
+    label: &Label,
+    start: bool,
+) -> Result<Vec<(String, String)>, AdapterError> {
+    let spec = lease_spec(settings, label)?;
+    let client = crate::ec2::Ec2Client::new(aws_settings(settings, spec.region.as_deref()), http_policy(settings))?;
+    let result = if start {
+        client.start_instances(&spec.ec2).await
+    } else {
+        client.stop_instances(&spec.ec2).await
+    };
+    result
+        .map(|states| states.into_iter().map(|s| (s.instance_id, s.state)).collect())
+        .map_err(|e| AdapterError::Unavailable(e.to_string()))
+}
+
+/// `retrain infra status`: `(label, instance id, state)` for leased labels.
+pub async fn infra_status(
+    settings: &Settings,
+    only: Option<&Label>,
+) -> Result<Vec<(String, String, String)>, AdapterError> {
+    let mut rows = Vec::new();
+    for (label, label_settings) in &settings.labels {
+        if only.is_some_and(|o| o != label) {
+            continue;
+        }
+        let Some(spec) = &label_settings.lease else {
+            continue;
+        };
+        let client = crate::ec2::Ec2Client::new(aws_settings(settings, spec.region.as_deref()), http_policy(settings))?;
+        let states = client
+            .describe_instances(&spec.ec2)
+            .await
+            .map_err(|e| AdapterError::Unavailable(e.to_string()))?;
+        for s in states {
+            rows.push((label.to_string(), s.instance_id, s.state));
+        }
+    }
+    Ok(rows)
+}
+
+fn lease_spec<'a>(settings: &'a Settings, label: &Label) -> Result<&'a LeaseSpec, AdapterError> {
+    settings
+        .labels
+        .get(label)
+        .ok_or_else(|| AdapterError::config("--label", format!("unknown label `{label}`")))?
+        .lease
+        .as_ref()
+        .ok_or_else(|| AdapterError::config(format!("labels.{label}.lease"), "this label has no lease configured"))
+}
+

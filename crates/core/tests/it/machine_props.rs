@@ -1,0 +1,314 @@
+//! Property tests of the pure machine: random environments answer every
+//! action with a random plausible outcome (and sometimes an impossible event);
+//! the machine's invariants must hold on every path.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use proptest::prelude::*;
+use retrain_core::domain::{
+    Candidate, CorrectRatio, CycleId, DatasetMetadata, DatasetVersion, FeedbackCounts, Label,
+    LabelCursor, Lease, ProductionModel, PromotedVersion, RunId, SpaceStage, TrainingHandle,
+    VersionTag,
+};
+use retrain_core::gate::GatePolicy;
+use retrain_core::machine::{Action, Event, LabelPlan, LabelRun, PromoteMode, Stage, Trigger};
+
+fn dataset(tag: u8, n: u64, created: i64) -> DatasetVersion {
+    DatasetVersion {
+        metadata: DatasetMetadata {
+            dataset_name: "owner/ds".into(),
+            version_tag: VersionTag::new(format!("v{tag}")),
+            num_samples: n,
+            created_at: DateTime::<Utc>::from_timestamp(1_700_000_000 + created, 0).unwrap(),
+            splits: None,
+            extra: Default::default(),
+        },
+        revision: None,
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Scenario {
+    counts_trigger: bool,
+    prepare: bool,
+    gated: bool,
+    leased: bool,
+    dry_run: bool,
+    max_attempts: u32,
+    consumed: Option<u8>,
+    choices: Vec<u8>,
+}
+
+fn scenario() -> impl Strategy<Value = Scenario> {
+    (
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        prop::bool::weighted(0.2),
+        1u32..4,
+        prop::option::of(0u8..3),
+        prop::collection::vec(any::<u8>(), 1..120),
+    )
+        .prop_map(
+            |(counts_trigger, prepare, gated, leased, dry_run, max_attempts, consumed, choices)| {
+                Scenario {
+                    counts_trigger,
+                    prepare,
+                    gated,
+                    leased,
+                    dry_run,
+                    max_attempts,
+                    consumed,
+                    choices,
+                }
+            },
+        )
+}
+
+fn plan(s: &Scenario) -> LabelPlan {
+    LabelPlan {
+        label: Label::new("department").unwrap(),
+        trigger: if s.counts_trigger {
+            Trigger::Counts {
+                threshold: 20,
+                correct_ratio: CorrectRatio::default(),
+            }
+        } else {
+            Trigger::Metadata { threshold: 10 }
+        },
+        prepare: s.prepare.then(|| "prep".to_string()),
+        gate: s.gated.then(GatePolicy::seed_default),
+        leased: s.leased,
+        promote: PromoteMode::Auto,
+        max_attempts: s.max_attempts,
+        poll_interval: Duration::from_secs(60),
+        poll_timeout: Duration::from_secs(600),
+        dry_run: s.dry_run,
+    }
+}
+
+/// What happened along one path.
+#[derive(Debug, Default)]
+struct Trace {
+    starts: Vec<VersionTag>,
+    lost: usize,
+    promotes: usize,
+    side_effects_in_dry_run: usize,
+    trained_dataset: Option<DatasetVersion>,
+    commits: Vec<Option<LabelCursor>>,
+}
+
+/// Answer `action` with an outcome chosen by `choice`.
+fn respond(action: &Action, run: &LabelRun, choice: u8, clock: &mut i64) -> Event {
+    let fail = choice % 17 == 0;
+    if fail && !matches!(action, Action::Commit { .. }) {
+        return Event::ActionFailed {
+            reason: "injected".into(),
+        };
+    }
+    let now = |c: &i64| DateTime::<Utc>::from_timestamp(1_700_000_000 + *c, 0).unwrap();
+    match action {
+        Action::ReadCounts { .. } => Event::CountsRead {
+            counts: FeedbackCounts {
+                misclassified: u64::from(choice % 40),
+                correct: u64::from(choice / 3),
+            },
+        },
+        Action::ReadPublished => Event::PublishedRead {
+            current: (choice % 4 != 0).then(|| dataset(choice % 3, u64::from(choice), 0)),
+        },
+        Action::RestartPrepare { .. } => Event::PrepareRestarted { now: now(clock) },
+        Action::Poll { delay_ms, .. } => {
+            *clock += (*delay_ms / 1000) as i64 + 1;
+            Event::Polled {
+                now: now(clock),
+                dataset: (choice % 3 != 0).then(|| dataset(choice % 5, u64::from(choice) * 2, *clock)),
+                prepare_stage: match choice % 29 {
+                    0 => Some(SpaceStage::Error("BUILD_ERROR".into())),
+                    1 => Some(SpaceStage::Unknown("WEIRD".into())),
+                    _ => Some(SpaceStage::Running),
+                },
+            }
+        }
+        Action::AcquireLease { .. } => Event::LeaseAcquired {
+            lease: Lease {
+                id: run.run_id.to_string(),
+                label: run.label().clone(),
+                run_id: run.run_id.clone(),
+                provider: "ec2".into(),
+                resources: vec!["i-1".into()],
+                region: None,
+                acquired_at: now(clock),
+                max_until: now(clock),
+                attributes: Default::default(),
+                released_at: None,
+            },
+        },
+        Action::StartTraining { .. } => Event::TrainingStarted {
+            handle: TrainingHandle {
+                kind: "test".into(),
+                data: serde_json::json!({}),
+            },
+        },
+        Action::AwaitTraining { .. } => {
+            if choice % 5 == 0 {
+                Event::TrainingLost {
+                    reason: "host rebooted".into(),
+                }
+            } else {
+                Event::TrainingFinished {
+                    candidate: Candidate {
+                        id: "cand".into(),
+                        metrics: [
+                            ("dice".to_string(), f64::from(choice) / 255.0),
+                            ("iou".to_string(), f64::from(choice % 7) / 7.0),
+                        ]
+                        .into_iter()
+                        .collect(),
+                    },
+                }
+            }
+        }
+        Action::ReadBaseline => Event::BaselineRead {
+            production: (choice % 2 == 0).then(|| ProductionModel {
+                version: "1".into(),
+                candidate_id: None,
+                metrics: [("dice".to_string(), 0.5), ("iou".to_string(), 0.5)]
+                    .into_iter()
+                    .collect(),
+            }),
+        },
+        Action::Promote { .. } => Event::Promoted {
+            version: PromotedVersion {
+                version: "2".into(),
+                previous: None,
+            },
+        },
+        Action::ReleaseLease { .. } => Event::LeaseReleased,
+        Action::Notify => Event::Notified { error: None },
+        Action::Commit { .. } => Event::Committed,
+    }
+}
+
+/// Drive with a bounded number of steps; optionally round-trip the state
+/// through JSON (a crash + resume) at the steps where `choice % 11 == 0`.
+fn drive(s: &Scenario) -> (LabelRun, Trace) {
+    let mut run = LabelRun::new(
+        RunId::generate(),
+        CycleId::generate(),
+        plan(s),
+        LabelCursor {
+            watermark: None,
+            consumed_version: s.consumed.map(|c| VersionTag::new(format!("v{c}"))),
+            consumed_num_samples: s.consumed.map(|_| 5),
+        },
+    );
+    let mut trace = Trace::default();
+    let mut clock = 0i64;
+    let mut actions = run
+        .step(&Event::Started {
+            now: DateTime::<Utc>::from_timestamp(1_700_000_000, 0).unwrap(),
+        })
+        .unwrap();
+    let mut i = 0;
+    while let Some(action) = actions.first().cloned() {
+        let choice = s.choices[i % s.choices.len()].wrapping_add((i / s.choices.len()) as u8);
+        i += 1;
+        assert!(i < 500, "machine did not terminate");
+        if s.dry_run && action.is_side_effect() {
+            trace.side_effects_in_dry_run += 1;
+        }
+        match &action {
+            Action::StartTraining { version, .. } => {
+                trace.starts.push(version.clone());
+                trace.trained_dataset = run.dataset.clone();
+            }
+            Action::Promote { .. } => trace.promotes += 1,
+            Action::Commit { cursor } => trace.commits.push(cursor.clone()),
+            _ => {}
+        }
+        // An impossible event now and then must be refused without effect.
+        if choice % 13 == 0 {
+            let before = run.clone();
+            if run.step(&Event::Committed).is_err() {
+                assert_eq!(run, before, "a refused event changed the state");
+            } else {
+                // `Committed` is valid only when finishing.
+                assert_eq!(before.stage, Stage::Finishing);
+                break;
+            }
+        }
+        if choice % 11 == 0 {
+            // Crash + resume: the persisted snapshot is all that survives.
+            let json = serde_json::to_string(&run).unwrap();
+            run = serde_json::from_str(&json).unwrap();
+            assert_eq!(run.pending, actions, "resume re-issues the pending actions");
+        }
+        let event = respond(&action, &run, choice, &mut clock);
+        if matches!(event, Event::TrainingLost { .. }) {
+            trace.lost += 1;
+        }
+        actions = run.step(&event).expect("a plausible event was refused");
+    }
+    (run, trace)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn never_two_trainings_per_version_unless_lost(s in scenario()) {
+        let (run, trace) = drive(&s);
+        prop_assert!(trace.starts.len() <= 1 + trace.lost, "{trace:?}");
+        prop_assert!(trace.starts.len() as u32 <= s.max_attempts);
+        if let Some(first) = trace.starts.first() {
+            prop_assert!(trace.starts.iter().all(|v| v == first), "one run trains one version");
+        }
+        prop_assert!(run.is_done() || run.pending.is_empty());
+    }
+
+    #[test]
+    fn never_two_promotions_per_run(s in scenario()) {
+        let (_, trace) = drive(&s);
+        prop_assert!(trace.promotes <= 1);
+    }
+
+    #[test]
+    fn dry_run_never_emits_a_side_effect(mut s in scenario()) {
+        s.dry_run = true;
+        let (run, trace) = drive(&s);
+        prop_assert_eq!(trace.side_effects_in_dry_run, 0);
+        prop_assert!(run.is_done());
+        prop_assert!(trace.starts.is_empty());
+    }
+
+    #[test]
+    fn finishing_after_training_advances_the_watermark_to_the_dataset(s in scenario()) {
+        let (run, trace) = drive(&s);
+        if run.is_done() && !s.dry_run {
+            prop_assert_eq!(trace.commits.len(), 1);
+            let committed = trace.commits[0].clone();
+            if run.candidate.is_some() {
+                let dataset = run.dataset.clone().expect("trained on a dataset");
+                let cursor = committed.expect("a trained run commits a cursor");
+                prop_assert_eq!(cursor.watermark, Some(dataset.metadata.created_at));
+                prop_assert_eq!(cursor.consumed_version, Some(dataset.metadata.version_tag.clone()));
+                prop_assert_eq!(trace.trained_dataset.map(|d| d.metadata.version_tag), Some(dataset.metadata.version_tag));
+            } else {
+                prop_assert!(committed.is_none(), "no training result, no cursor advance");
+            }
+        }
+    }
+
+    #[test]
+    fn a_consumed_version_is_never_trained_again(s in scenario()) {
+        let (_, trace) = drive(&s);
+        if let Some(consumed) = s.consumed {
+            let consumed = VersionTag::new(format!("v{consumed}"));
+            prop_assert!(!trace.starts.contains(&consumed),
+                "a consumed version must never be retrained");
+        }
+    }
+}

@@ -1,0 +1,517 @@
+//! Test doubles: an in-memory `RunStore` that can simulate a crash right after
+//! the N-th journal write, and counting fakes of the other ports sharing one
+//! simulated world (a prepare restart publishes a new dataset).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use retrain_core::domain::*;
+use retrain_core::engine::{Engine, EngineSettings, LabelBinding};
+use retrain_core::gate::GatePolicy;
+use retrain_core::journal::{RunDetail, RunFilter, RunSummary, Transition, TransitionRecord};
+use retrain_core::machine::{LabelPlan, LabelRun, PromoteMode, Stage, Trigger};
+use retrain_core::ports::*;
+
+#[derive(Default)]
+struct StoreData {
+    runs: BTreeMap<RunId, (LabelRun, bool)>,
+    transitions: Vec<Transition>,
+    cursors: HashMap<Label, LabelCursor>,
+    locks: HashMap<Label, (String, DateTime<Utc>)>,
+    leases: BTreeMap<String, Lease>,
+}
+
+/// In-memory `RunStore`. `crash_after(n)`: the n-th journal write (record or
+/// finish) is persisted, then every call fails, as if the process died.
+#[derive(Clone, Default)]
+pub struct MemStore {
+    data: Arc<Mutex<StoreData>>,
+    crash_after: Option<usize>,
+    writes: Arc<AtomicUsize>,
+}
+
+impl MemStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn crashing_after(&self, n: usize) -> Self {
+        Self {
+            data: self.data.clone(),
+            crash_after: Some(n),
+            writes: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+    /// A new process on the same database: locks of the dead one have expired.
+    pub fn restarted(&self) -> Self {
+        self.data.lock().unwrap().locks.clear();
+        Self {
+            data: self.data.clone(),
+            crash_after: None,
+            writes: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+    pub fn writes(&self) -> usize {
+        self.writes.load(Ordering::SeqCst)
+    }
+    fn crashed(&self) -> bool {
+        self.crash_after
+            .is_some_and(|n| self.writes.load(Ordering::SeqCst) >= n)
+    }
+    fn check(&self) -> Result<(), StoreError> {
+        if self.crashed() {
+            Err(StoreError::Unavailable("simulated crash".into()))
+        } else {
+            Ok(())
+        }
+    }
+    fn after_write(&self) -> Result<(), StoreError> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        self.check()
+    }
+    pub fn cursor_of(&self, label: &str) -> LabelCursor {
+        self.data
+            .lock()
+            .unwrap()
+            .cursors
+            .get(&Label::new(label).unwrap())
+            .cloned()
+            .unwrap_or_default()
+    }
+    pub fn finished_runs(&self, label: &str) -> Vec<LabelRun> {
+        let label = Label::new(label).unwrap();
+        self.data
+            .lock()
+            .unwrap()
+            .runs
+            .values()
+            .filter(|(r, done)| *done && r.label() == &label)
+            .map(|(r, _)| r.clone())
+            .collect()
+    }
+    pub fn hold_lock(&self, label: &str, owner: &str) {
+        self.data.lock().unwrap().locks.insert(
+            Label::new(label).unwrap(),
+            (owner.into(), Utc::now() + chrono::Duration::hours(1)),
+        );
+    }
+    pub fn leases(&self) -> Vec<Lease> {
+        self.data.lock().unwrap().leases.values().cloned().collect()
+    }
+    fn store_transition(&self, t: &Transition) {
+        let mut d = self.data.lock().unwrap();
+        d.runs
+            .insert(t.run_id.clone(), (t.snapshot.clone(), t.to == Stage::Done));
+        d.transitions.push(t.clone());
+    }
+}
+
+#[async_trait]
+impl RunStore for MemStore {
+    async fn try_lock(&self, label: &Label, owner: &LockOwner, ttl: Duration) -> Result<LockOutcome, StoreError> {
+        self.check()?;
+        let mut d = self.data.lock().unwrap();
+        let now = Utc::now();
+        if let Some((holder, expires)) = d.locks.get(label) {
+            if holder != &owner.0 && *expires > now {
+                return Ok(LockOutcome::Busy {
+                    owner: holder.clone(),
+                    expires_at: *expires,
+                });
+            }
+        }
+        d.locks.insert(
+            label.clone(),
+            (owner.0.clone(), now + chrono::Duration::from_std(ttl).unwrap()),
+        );
+        Ok(LockOutcome::Acquired)
+    }
+    async fn renew_lock(&self, label: &Label, owner: &LockOwner, ttl: Duration) -> Result<bool, StoreError> {
+        self.check()?;
+        let mut d = self.data.lock().unwrap();
+        match d.locks.get_mut(label) {
+            Some((holder, expires)) if holder == &owner.0 => {
+                *expires = Utc::now() + chrono::Duration::from_std(ttl).unwrap();
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+    async fn release_lock(&self, label: &Label, owner: &LockOwner) -> Result<(), StoreError> {
+        self.check()?;
+        let mut d = self.data.lock().unwrap();
+        if d.locks.get(label).is_some_and(|(h, _)| h == &owner.0) {
+            d.locks.remove(label);
+        }
+        Ok(())
+    }
+    async fn cursor(&self, label: &Label) -> Result<LabelCursor, StoreError> {
+        self.check()?;
+        Ok(self.data.lock().unwrap().cursors.get(label).cloned().unwrap_or_default())
+    }
+    async fn unfinished_run(&self, label: &Label) -> Result<Option<LabelRun>, StoreError> {
+        self.check()?;
+        Ok(self
+            .data
+            .lock()
+            .unwrap()
+            .runs
+            .values()
+            .filter(|(r, done)| !done && r.label() == label)
+            .map(|(r, _)| r.clone())
+            .last())
+    }
+    async fn record(&self, transition: &Transition) -> Result<(), StoreError> {
+        self.check()?;
+        self.store_transition(transition);
+        self.after_write()
+    }
+    async fn finish(&self, transition: &Transition, cursor: Option<LabelCursor>) -> Result<(), StoreError> {
+        self.check()?;
+        self.store_transition(transition);
+        if let Some(c) = cursor {
+            self.data
+                .lock()
+                .unwrap()
+                .cursors
+                .insert(transition.label.clone(), c);
+        }
+        self.after_write()
+    }
+    async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, StoreError> {
+        let d = self.data.lock().unwrap();
+        Ok(d.runs
+            .values()
+            .rev()
+            .filter(|(r, _)| filter.label.as_ref().is_none_or(|l| l == r.label()))
+            .map(|(r, _)| summary(r))
+            .collect())
+    }
+    async fn run(&self, run_id: &RunId) -> Result<Option<RunDetail>, StoreError> {
+        let d = self.data.lock().unwrap();
+        Ok(d.runs.get(run_id).map(|(r, _)| RunDetail {
+            summary: summary(r),
+            snapshot: r.clone(),
+            transitions: d
+                .transitions
+                .iter()
+                .filter(|t| &t.run_id == run_id)
+                .map(|t| TransitionRecord {
+                    seq: t.seq,
+                    at: t.at,
+                    from: t.from,
+                    to: t.to,
+                    event: serde_json::to_value(&t.event).unwrap(),
+                    actions: serde_json::to_value(&t.actions).unwrap(),
+                })
+                .collect(),
+        }))
+    }
+    async fn put_lease(&self, lease: &Lease) -> Result<(), StoreError> {
+        self.check()?;
+        self.data
+            .lock()
+            .unwrap()
+            .leases
+            .insert(lease.id.clone(), lease.clone());
+        Ok(())
+    }
+    async fn active_leases(&self) -> Result<Vec<Lease>, StoreError> {
+        self.check()?;
+        Ok(self
+            .data
+            .lock()
+            .unwrap()
+            .leases
+            .values()
+            .filter(|l| l.released_at.is_none())
+            .cloned()
+            .collect())
+    }
+    async fn lock_holder(&self, label: &Label) -> Result<Option<String>, StoreError> {
+        let d = self.data.lock().unwrap();
+        Ok(d.locks
+            .get(label)
+            .filter(|(_, e)| *e > Utc::now())
+            .map(|(h, _)| h.clone()))
+    }
+}
+
+fn summary(r: &LabelRun) -> RunSummary {
+    RunSummary {
+        run_id: r.run_id.clone(),
+        cycle_id: r.cycle_id.clone(),
+        label: r.label().clone(),
+        stage: r.stage,
+        outcome: r.outcome.as_ref().map(|o| o.short()).unwrap_or("running").into(),
+        started_at: r.started_at.unwrap_or_else(Utc::now),
+        updated_at: Utc::now(),
+    }
+}
+
+pub fn dataset(tag: &str, n: u64, created_secs: i64) -> DatasetVersion {
+    DatasetVersion {
+        metadata: DatasetMetadata {
+            dataset_name: "owner/ds".into(),
+            version_tag: VersionTag::new(tag),
+            num_samples: n,
+            created_at: DateTime::<Utc>::from_timestamp(1_700_000_000 + created_secs, 0).unwrap(),
+            splits: None,
+            extra: Default::default(),
+        },
+        revision: Some(tag.into()),
+    }
+}
+
+/// Side-effect counters shared by every fake of one world.
+#[derive(Default, Debug)]
+pub struct Counters {
+    pub count_queries: AtomicUsize,
+    pub restarts: AtomicUsize,
+    pub starts: AtomicUsize,
+    pub promotes: AtomicUsize,
+    pub acquires: AtomicUsize,
+    pub releases: AtomicUsize,
+    pub notifies: AtomicUsize,
+}
+
+
+/// The simulated outside world.
+#[derive(Clone)]
+pub struct World {
+    pub counters: Arc<Counters>,
+    pub published: Arc<Mutex<Option<DatasetVersion>>>,
+    pub production: Arc<Mutex<Option<(String, Metrics, RunId)>>>,
+    pub candidate_metrics: Arc<Mutex<Metrics>>,
+    pub trainer_fails: Arc<Mutex<bool>>,
+    pub lose_trainings: Arc<AtomicUsize>,
+}
+
+impl World {
+    pub fn new() -> Self {
+        Self {
+            counters: Arc::default(),
+            published: Arc::new(Mutex::new(Some(dataset("v1", 10, 0)))),
+            production: Arc::default(),
+            candidate_metrics: Arc::new(Mutex::new(
+                [("dice".to_string(), 0.9), ("iou".to_string(), 0.8)].into_iter().collect(),
+            )),
+            trainer_fails: Arc::default(),
+            lose_trainings: Arc::default(),
+        }
+    }
+}
+
+pub struct FakeCounts(pub World);
+#[async_trait]
+impl CountSource for FakeCounts {
+    async fn counts(&self, since: DateTime<Utc>) -> Result<BTreeMap<Label, FeedbackCounts>, PortError> {
+        self.0.counters.count_queries.fetch_add(1, Ordering::SeqCst);
+        // New feedback exists only before the first consumed dataset.
+        let fresh = since == DateTime::<Utc>::UNIX_EPOCH;
+        let counts = FeedbackCounts {
+            misclassified: if fresh { 50 } else { 3 },
+            correct: 100,
+        };
+        Ok(["department", "urgency", "a", "b", "c", "d", "e"]
+            .iter()
+            .map(|l| (Label::new(l).unwrap(), counts))
+            .collect())
+    }
+}
+
+pub struct FakeMetadata(pub World);
+#[async_trait]
+impl MetadataStore for FakeMetadata {
+    async fn read(&self, known: Option<String>) -> Result<MetadataRead, PortError> {
+        let published = self.0.published.lock().unwrap().clone();
+        Ok(match published {
+            None => MetadataRead::Absent,
+            Some(d) if known.is_some() && d.revision == known => MetadataRead::Unchanged,
+            Some(d) => MetadataRead::Published(d),
+        })
+    }
+    fn describe(&self) -> String {
+        "fake metadata".into()
+    }
+}
+
+/// A prepare job that publishes `v2` (enough samples) when restarted.
+pub struct FakePrepare {
+    pub world: World,
+    pub stage: SpaceStage,
+}
+#[async_trait]
+impl SpaceController for FakePrepare {
+    async fn restart(&self) -> Result<(), PortError> {
+        self.world.counters.restarts.fetch_add(1, Ordering::SeqCst);
+        if !self.stage.is_error() {
+            *self.world.published.lock().unwrap() = Some(dataset("v2", 500, 3600));
+        }
+        Ok(())
+    }
+    async fn stage(&self) -> Result<SpaceStage, PortError> {
+        Ok(self.stage.clone())
+    }
+    fn describe(&self) -> String {
+        "fake prepare".into()
+    }
+}
+
+pub struct FakeTrainer(pub World);
+#[async_trait]
+impl Trainer for FakeTrainer {
+    async fn start(&self, request: &TrainingRequest) -> Result<TrainingHandle, PortError> {
+        self.0.counters.starts.fetch_add(1, Ordering::SeqCst);
+        Ok(TrainingHandle {
+            kind: "fake".into(),
+            data: serde_json::json!({"version": request.dataset_version, "attempt": request.attempt}),
+        })
+    }
+    async fn wait(&self, _: &TrainingRequest, _: &TrainingHandle) -> Result<TrainingOutcome, PortError> {
+        // Training takes (virtual) time, so concurrent engines overlap.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        if *self.0.trainer_fails.lock().unwrap() {
+            return Err(PortError::Failed("exit status 1: CUDA out of memory".into()));
+        }
+        if self.0.lose_trainings.load(Ordering::SeqCst) > 0 {
+            self.0.lose_trainings.fetch_sub(1, Ordering::SeqCst);
+            return Ok(TrainingOutcome::Lost {
+                reason: "pid gone without result".into(),
+            });
+        }
+        Ok(TrainingOutcome::Finished(Candidate {
+            id: "run-123".into(),
+            metrics: self.0.candidate_metrics.lock().unwrap().clone(),
+        }))
+    }
+    async fn cancel(&self, _: &TrainingHandle) -> Result<(), PortError> {
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        "fake trainer".into()
+    }
+}
+
+pub struct FakeRegistry(pub World);
+#[async_trait]
+impl ModelRegistry for FakeRegistry {
+    async fn production(&self, _: Option<Lease>) -> Result<Option<ProductionModel>, PortError> {
+        Ok(self.0.production.lock().unwrap().as_ref().map(|(v, m, _)| ProductionModel {
+            version: v.clone(),
+            candidate_id: None,
+            metrics: m.clone(),
+        }))
+    }
+    async fn candidate_metrics(&self, _: String, _: Option<Lease>) -> Result<Metrics, PortError> {
+        Ok(self.0.candidate_metrics.lock().unwrap().clone())
+    }
+    async fn promote(&self, candidate: Candidate, run_id: RunId, _: Option<Lease>) -> Result<PromotedVersion, PortError> {
+        let mut production = self.0.production.lock().unwrap();
+        if let Some((v, _, r)) = production.as_ref() {
+            if r == &run_id {
+                return Ok(PromotedVersion { version: v.clone(), previous: None });
+            }
+        }
+        self.0.counters.promotes.fetch_add(1, Ordering::SeqCst);
+        let previous = production.as_ref().map(|(v, _, _)| v.clone());
+        let version = previous
+            .as_ref()
+            .map(|v| (v.parse::<u32>().unwrap() + 1).to_string())
+            .unwrap_or_else(|| "1".into());
+        *production = Some((version.clone(), candidate.metrics, run_id));
+        Ok(PromotedVersion { version, previous })
+    }
+    fn describe(&self) -> String {
+        "fake registry".into()
+    }
+}
+
+pub struct FakeLease(pub World);
+#[async_trait]
+impl LeaseProvider for FakeLease {
+    fn plan(&self) -> LeasePlan {
+        LeasePlan {
+            provider: "fake-ec2".into(),
+            resources: vec!["i-0abc".into()],
+            region: Some("eu-west-1".into()),
+            max: Duration::from_secs(3600),
+        }
+    }
+    async fn acquire(&self, mut lease: Lease) -> Result<Lease, PortError> {
+        self.0.counters.acquires.fetch_add(1, Ordering::SeqCst);
+        lease.attributes.insert("public_ip".into(), "10.0.0.1".into());
+        Ok(lease)
+    }
+    async fn release(&self, _: &Lease) -> Result<(), PortError> {
+        self.0.counters.releases.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+pub struct CountingNotifier(pub World);
+#[async_trait]
+impl Notifier for CountingNotifier {
+    async fn notify(&self, _: &retrain_core::report::LabelReport) -> Result<(), PortError> {
+        self.0.counters.notifies.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        "counting".into()
+    }
+}
+
+pub fn plan(label: &str) -> LabelPlan {
+    LabelPlan {
+        label: Label::new(label).unwrap(),
+        trigger: Trigger::Counts {
+            threshold: 40,
+            correct_ratio: CorrectRatio::default(),
+        },
+        prepare: Some("hf-space://owner/prepare".into()),
+        gate: Some(GatePolicy::seed_default()),
+        leased: false,
+        promote: PromoteMode::Auto,
+        max_attempts: 2,
+        poll_interval: Duration::from_secs(1),
+        poll_timeout: Duration::from_secs(60),
+        dry_run: false,
+    }
+}
+
+/// A binding with every port faked over `world`.
+pub fn binding(world: &World, plan: LabelPlan, prepare: Arc<dyn SpaceController>) -> LabelBinding {
+    let leased = plan.leased;
+    LabelBinding {
+        plan,
+        metadata: Arc::new(FakeMetadata(world.clone())),
+        prepare: Some(prepare),
+        trainer: Arc::new(FakeTrainer(world.clone())),
+        registry: Some(Arc::new(FakeRegistry(world.clone()))),
+        lease: leased.then(|| Arc::new(FakeLease(world.clone())) as Arc<dyn LeaseProvider>),
+        notifiers: vec![Arc::new(CountingNotifier(world.clone()))],
+        train_timeout: Duration::from_secs(60),
+    }
+}
+
+pub fn engine(store: &MemStore, world: &World, bindings: Vec<LabelBinding>) -> Engine {
+    Engine::new(
+        Arc::new(store.clone()),
+        Some(Arc::new(FakeCounts(world.clone()))),
+        bindings,
+        EngineSettings {
+            poll_jitter: 0.0,
+            ..EngineSettings::default()
+        },
+    )
+}
+
+pub fn prepare(world: &World) -> Arc<dyn SpaceController> {
+    Arc::new(FakePrepare {
+        world: world.clone(),
+        stage: SpaceStage::Running,
+    })
+}
