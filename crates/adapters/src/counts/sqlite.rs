@@ -1,0 +1,148 @@
+//! Count query over a SQLite file, opened read-only.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use chrono::{DateTime, SecondsFormat, Utc};
+use retrain_core::domain::{FeedbackCounts, Label};
+use retrain_core::ports::{CountSource, PortError};
+use sqlx::sqlite::{SqlitePool, SqliteRow};
+use sqlx::{Column, Row, TypeInfo, ValueRef};
+
+use super::{with_deadline, Cell, CountOptions, Tally, KEY_DATABASE};
+use crate::db::DbUrl;
+use crate::AdapterError;
+
+/// The SQLite count source.
+pub struct SqliteCountSource {
+    pool: SqlitePool,
+    url: DbUrl,
+    query: String,
+    options: CountOptions,
+}
+
+impl std::fmt::Debug for SqliteCountSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteCountSource")
+            .field("url", &self.url)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The watermark as SQLite text: RFC 3339 with microseconds and `+00:00`,
+/// the form Python's `isoformat()` writes, so that text comparison with such
+/// columns is time order. Other formats: normalise in the query, e.g.
+/// `julianday(reviewed_at) > julianday($1)`.
+pub(crate) fn watermark_text(since: DateTime<Utc>) -> String {
+    since.to_rfc3339_opts(SecondsFormat::Micros, false)
+}
+
+impl SqliteCountSource {
+    pub(crate) async fn open(
+        url: DbUrl,
+        query: String,
+        options: CountOptions,
+    ) -> Result<Self, AdapterError> {
+        // Read-only at the connection level: the query cannot write even
+        // if it tries (and the memory form is only useful in tests).
+        let read_only = matches!(url, DbUrl::SqliteFile(_));
+        let pool = url.sqlite_pool(KEY_DATABASE, read_only).await?;
+        Ok(Self {
+            pool,
+            url,
+            query,
+            options,
+        })
+    }
+
+    /// The pool, for tests that fill an in-memory database.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    fn error(&self, e: sqlx::Error) -> PortError {
+        let where_ = self.url.redacted();
+        let msg = self.url.scrub(&e);
+        match &e {
+            sqlx::Error::Database(db) => {
+                // SQLITE_READONLY and its extended codes (8, 264, 520...).
+                let readonly = db
+                    .code()
+                    .and_then(|c| c.parse::<i64>().ok())
+                    .is_some_and(|c| c & 0xff == 8);
+                if readonly {
+                    PortError::Denied(format!(
+                        "count query on {where_} tried to write; it must be read-only: {msg}"
+                    ))
+                } else {
+                    PortError::Config(format!("count query on {where_} failed: {msg}"))
+                }
+            }
+            _ => PortError::Transient(format!("count query on {where_}: {msg}")),
+        }
+    }
+}
+
+fn cell_text(row: &SqliteRow, name: &str) -> Cell<String> {
+    let Ok(raw) = row.try_get_raw(name) else {
+        return Cell::Missing;
+    };
+    if raw.is_null() {
+        return Cell::Null;
+    }
+    let ty = raw.type_info().name().to_owned();
+    match row.try_get::<String, _>(name) {
+        Ok(v) => Cell::Value(v),
+        Err(_) => Cell::WrongType(ty),
+    }
+}
+
+fn cell_int(row: &SqliteRow, name: &str) -> Cell<i64> {
+    let Ok(raw) = row.try_get_raw(name) else {
+        return Cell::Missing;
+    };
+    if raw.is_null() {
+        return Cell::Null;
+    }
+    // The value's storage class, not the declared type: SQLite is dynamically
+    // typed and `sum()`, `count()` report no declared type.
+    let ty = raw.type_info().name().to_owned();
+    if ty != "INTEGER" {
+        return Cell::WrongType(ty);
+    }
+    match row.try_get::<i64, _>(name) {
+        Ok(v) => Cell::Value(v),
+        Err(_) => Cell::WrongType(ty),
+    }
+}
+
+#[async_trait]
+impl CountSource for SqliteCountSource {
+    async fn counts(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<BTreeMap<Label, FeedbackCounts>, PortError> {
+        let describe = self.url.redacted();
+        with_deadline(self.options.statement_timeout, &describe, async {
+            let rows = sqlx::query(&self.query)
+                .bind(watermark_text(since))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| self.error(e))?;
+            let mut tally = Tally::default();
+            for row in &rows {
+                let columns: Vec<String> =
+                    row.columns().iter().map(|c| c.name().to_owned()).collect();
+                tally.add(
+                    cell_text(row, "label"),
+                    cell_int(row, "misclassified"),
+                    cell_int(row, "correct"),
+                    &columns,
+                )?;
+            }
+            Ok(tally.counts)
+        })
+        .await
+    }
+}

@@ -1,0 +1,279 @@
+//! Database URLs and connection pools shared by the SQL adapters (the run
+//! store and the count source).
+//!
+//! URLs carry passwords, so nothing here ever formats a raw URL: errors and
+//! `Debug` output use [`DbUrl::redacted`], and driver messages go through
+//! [`DbUrl::scrub`] in case a driver echoes the URL back.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+
+use crate::AdapterError;
+
+/// How long a SQLite connection waits for another writer (possibly another
+/// process) before giving up with `SQLITE_BUSY`.
+const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long acquiring a pooled connection (including connecting) may take.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A parsed database URL.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) enum DbUrl {
+    /// A SQLite file (created with its parent directories when writable).
+    SqliteFile(PathBuf),
+    /// `sqlite::memory:`: private to one connection, for tests.
+    SqliteMemory,
+    /// A `postgres://` URL (SQLAlchemy forms already normalised).
+    Postgres(String),
+}
+
+impl fmt::Debug for DbUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl DbUrl {
+    /// Parse `raw`, the value of config key `key` (named in errors).
+    pub(crate) fn parse(key: &str, raw: &str) -> Result<Self, AdapterError> {
+        let trimmed = raw.trim();
+        let accepted = "expected sqlite://PATH, sqlite::memory:, postgres://…, postgresql://… \
+                        or postgresql+psycopg2://…";
+        if trimmed == "sqlite::memory:" || trimmed == "sqlite://:memory:" {
+            return Ok(Self::SqliteMemory);
+        }
+        if let Some(path) = trimmed.strip_prefix("sqlite://") {
+            // Query options (`?mode=rwc`) are sqlx-specific; we set our own.
+            let path = path.split('?').next().unwrap_or_default();
+            if path.is_empty() {
+                return Err(AdapterError::config(
+                    key,
+                    format!("sqlite URL has no file path; {accepted}"),
+                ));
+            }
+            return Ok(Self::SqliteFile(PathBuf::from(path)));
+        }
+        let (scheme, rest) = trimmed.split_once("://").ok_or_else(|| {
+            AdapterError::config(
+                key,
+                format!("`{}` is not a database URL; {accepted}", redact(trimmed)),
+            )
+        })?;
+        // SQLAlchemy spells the driver into the scheme (`postgresql+psycopg2`);
+        // the wire protocol is the same, so any `postgresql+DRIVER` is accepted.
+        let base = scheme.split('+').next().unwrap_or_default();
+        if matches!(base, "postgres" | "postgresql") {
+            let url = format!("postgres://{rest}");
+            url::Url::parse(&url).map_err(|e| {
+                AdapterError::config(key, format!("invalid Postgres URL `{}`: {e}", redact(&url)))
+            })?;
+            return Ok(Self::Postgres(url));
+        }
+        Err(AdapterError::config(
+            key,
+            format!("unsupported database URL scheme `{scheme}://`; {accepted}"),
+        ))
+    }
+
+    /// The URL with any password replaced by `***`.
+    pub(crate) fn redacted(&self) -> String {
+        match self {
+            Self::SqliteFile(path) => format!("sqlite://{}", path.display()),
+            Self::SqliteMemory => "sqlite::memory:".into(),
+            Self::Postgres(url) => redact(url),
+        }
+    }
+
+    /// Remove the password from a driver message, in case it echoes the URL.
+    pub(crate) fn scrub(&self, message: impl fmt::Display) -> String {
+        let message = message.to_string();
+        match self.password() {
+            Some(password) if !password.is_empty() => {
+                // Drivers may echo the password percent-encoded or decoded.
+                let decoded: String = url::form_urlencoded::parse(format!("p={password}").as_bytes())
+                    .map(|(_, v)| v.into_owned())
+                    .next()
+                    .unwrap_or_default();
+                let mut out = message.replace(&password, "***");
+                if !decoded.is_empty() {
+                    out = out.replace(&decoded, "***");
+                }
+                out
+            }
+            _ => message,
+        }
+    }
+
+    fn password(&self) -> Option<String> {
+        match self {
+            Self::Postgres(url) => url::Url::parse(url)
+                .ok()
+                .and_then(|u| u.password().map(str::to_owned)),
+            _ => None,
+        }
+    }
+
+    /// A SQLite pool: WAL so readers never block the writer, and a busy
+    /// timeout so two processes can share one file.
+    pub(crate) async fn sqlite_pool(
+        &self,
+        key: &str,
+        read_only: bool,
+    ) -> Result<SqlitePool, AdapterError> {
+        let (options, pool) = match self {
+            Self::SqliteMemory => (
+                SqliteConnectOptions::from_str("sqlite::memory:")
+                    .map_err(|e| AdapterError::config(key, e.to_string()))?,
+                // Every in-memory connection is its own database: keep
+                // exactly one alive for the whole life of the pool.
+                SqlitePoolOptions::new()
+                    .max_connections(1)
+                    .min_connections(1)
+                    .idle_timeout(None)
+                    .max_lifetime(None),
+            ),
+            Self::SqliteFile(path) => {
+                if read_only {
+                    if !path.exists() {
+                        return Err(AdapterError::config(
+                            key,
+                            format!("SQLite database {} does not exist", path.display()),
+                        ));
+                    }
+                } else if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
+                {
+                    std::fs::create_dir_all(parent).map_err(|e| {
+                        AdapterError::config(
+                            key,
+                            format!("cannot create directory {}: {e}", parent.display()),
+                        )
+                    })?;
+                }
+                let mut options = SqliteConnectOptions::new()
+                    .filename(path)
+                    .busy_timeout(SQLITE_BUSY_TIMEOUT)
+                    .foreign_keys(true);
+                options = if read_only {
+                    options.read_only(true)
+                } else {
+                    options
+                        .create_if_missing(true)
+                        .journal_mode(SqliteJournalMode::Wal)
+                        // WAL + NORMAL is durable across process crashes,
+                        // which is what the journal needs.
+                        .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
+                };
+                (options, SqlitePoolOptions::new().max_connections(4))
+            }
+            Self::Postgres(_) => {
+                return Err(AdapterError::config(key, "not a SQLite URL"));
+            }
+        };
+        pool.acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await
+            .map_err(|e| {
+                AdapterError::Unavailable(format!(
+                    "{key}: cannot open SQLite database {}: {}",
+                    self.redacted(),
+                    self.scrub(e)
+                ))
+            })
+    }
+
+    /// A Postgres pool, connected eagerly so a bad URL fails at startup.
+    pub(crate) async fn postgres_pool(
+        &self,
+        key: &str,
+        max_connections: u32,
+    ) -> Result<PgPool, AdapterError> {
+        let Self::Postgres(url) = self else {
+            return Err(AdapterError::config(key, "not a Postgres URL"));
+        };
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|e| {
+                AdapterError::config(
+                    key,
+                    format!("invalid Postgres URL {}: {}", self.redacted(), self.scrub(e)),
+                )
+            })?
+            .application_name("retrain");
+        PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await
+            .map_err(|e| {
+                AdapterError::Unavailable(format!(
+                    "{key}: cannot connect to Postgres at {}: {}",
+                    self.redacted(),
+                    self.scrub(e)
+                ))
+            })
+    }
+}
+
+/// `url` with its password replaced by `***` (unparseable URLs are hidden
+/// entirely: they might be nothing but a secret).
+pub(crate) fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                // Cannot fail for URLs that already have a password.
+                let _ = parsed.set_password(Some("***"));
+            }
+            parsed.to_string()
+        }
+        Err(_) => "<unparseable URL>".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepted_forms() {
+        assert_eq!(
+            DbUrl::parse("state", "sqlite://.retrain/state.db").unwrap(),
+            DbUrl::SqliteFile(".retrain/state.db".into())
+        );
+        assert_eq!(
+            DbUrl::parse("state", "sqlite:///abs/x.db").unwrap(),
+            DbUrl::SqliteFile("/abs/x.db".into())
+        );
+        assert_eq!(DbUrl::parse("state", "sqlite::memory:").unwrap(), DbUrl::SqliteMemory);
+        for raw in [
+            "postgres://u:p@h:5432/db",
+            "postgresql://u:p@h:5432/db",
+            "postgresql+psycopg2://u:p@h:5432/db",
+        ] {
+            assert_eq!(
+                DbUrl::parse("state", raw).unwrap(),
+                DbUrl::Postgres("postgres://u:p@h:5432/db".into())
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_other_schemes_naming_the_key_without_the_password() {
+        for raw in ["mysql://u:hunter2@h/db", "hunter2", "sqlite://", "file:///x"] {
+            let err = DbUrl::parse("state", raw).unwrap_err().to_string();
+            assert!(err.starts_with("state: "), "{err}");
+            assert!(err.contains("postgres://"), "{err}");
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+    }
+
+    #[test]
+    fn passwords_never_show() {
+        let url = DbUrl::parse("state", "postgresql+psycopg2://bob:s3cr%3Et@db:5432/x").unwrap();
+        assert_eq!(format!("{url:?}"), "postgres://bob:***@db:5432/x");
+        assert_eq!(url.scrub("bad s3cr%3Et here"), "bad *** here");
+    }
+}

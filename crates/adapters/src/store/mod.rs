@@ -1,0 +1,295 @@
+//! `RunStore` over SQLite (the embedded default) and Postgres (shared by
+//! orchestrators on several machines).
+//!
+//! Both backends keep the same five tables (runs, transitions, cursors,
+//! locks, leases; see `migrations/`) and the same semantics:
+//! - `record` appends the journal line and upserts the run's snapshot in one
+//!   transaction; `finish` does the same plus the cursor update;
+//! - a label lock is a row (owner, expires_at) taken with an upsert that only
+//!   overwrites an expired lock or one of the same owner, so a crashed holder
+//!   frees the label after its TTL. SQLite compares with this machine's clock
+//!   (a SQLite file is shared by processes of one machine); Postgres compares
+//!   with the database's `now()` so machines with skewed clocks still agree.
+//!
+//! Postgres advisory locks were considered and rejected: they belong to a
+//! session, so they would die with a pooled connection and could not express
+//! "held until expiry" for a holder that crashed mid-run.
+
+mod postgres;
+mod sqlite;
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use retrain_core::domain::Label;
+use retrain_core::journal::{RunSummary, Transition};
+use retrain_core::machine::{LabelRun, Stage};
+use retrain_core::ports::{RunStore, StoreError};
+use sqlx::error::BoxDynError;
+use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
+
+use crate::db::DbUrl;
+use crate::AdapterError;
+
+pub use postgres::PostgresRunStore;
+pub use sqlite::SqliteRunStore;
+
+/// The config key the store URL comes from (named in errors).
+const KEY: &str = "state";
+
+/// How a run store is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// Apply pending migrations on open (off: `retrain migrate` does it, and
+    /// open fails if the schema is behind).
+    pub migrate: bool,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self { migrate: true }
+    }
+}
+
+/// Open the run store at `url` (`sqlite://PATH`, `sqlite::memory:`,
+/// `postgres://…`, `postgresql://…`, `postgresql+psycopg2://…`).
+pub async fn open_run_store(
+    url: &str,
+    options: StoreOptions,
+) -> Result<Arc<dyn RunStore>, AdapterError> {
+    let url = DbUrl::parse(KEY, url)?;
+    match &url {
+        DbUrl::SqliteFile(_) | DbUrl::SqliteMemory => Ok(Arc::new(
+            SqliteRunStore::open(url.clone(), options).await?,
+        )),
+        DbUrl::Postgres(_) => Ok(Arc::new(
+            PostgresRunStore::open(url.clone(), options).await?,
+        )),
+    }
+}
+
+/// Apply pending migrations to the store at `url` (`retrain migrate`).
+pub async fn migrate(url: &str) -> Result<(), AdapterError> {
+    open_run_store(url, StoreOptions { migrate: true })
+        .await
+        .map(drop)
+}
+
+/// Migrations embedded in the binary (no migrations directory at run time).
+#[derive(Debug, Clone, Copy)]
+struct Embedded(&'static [(i64, &'static str, &'static str)]);
+
+impl MigrationSource<'static> for Embedded {
+    fn resolve(self) -> BoxFuture<'static, Result<Vec<Migration>, BoxDynError>> {
+        Box::pin(async move {
+            Ok(self
+                .0
+                .iter()
+                .map(|(version, description, sql)| {
+                    Migration::new(
+                        *version,
+                        Cow::Borrowed(*description),
+                        MigrationType::Simple,
+                        Cow::Borrowed(*sql),
+                        false,
+                    )
+                })
+                .collect())
+        })
+    }
+}
+
+const SQLITE_MIGRATIONS: Embedded = Embedded(&[(
+    1,
+    "run store",
+    include_str!("../../migrations/sqlite/0001_run_store.sql"),
+)]);
+
+const POSTGRES_MIGRATIONS: Embedded = Embedded(&[(
+    1,
+    "run store",
+    include_str!("../../migrations/postgres/0001_run_store.sql"),
+)]);
+
+/// Apply `source` on open, or check that nothing is pending.
+async fn prepare_schema<'c, A>(
+    source: Embedded,
+    url: &DbUrl,
+    options: StoreOptions,
+    conn: A,
+) -> Result<(), AdapterError>
+where
+    A: sqlx::Acquire<'c>,
+    <A::Connection as std::ops::Deref>::Target: sqlx::migrate::Migrate,
+{
+    let migrator = Migrator::new(source)
+        .await
+        .map_err(|e| AdapterError::Unavailable(format!("{KEY}: embedded migrations: {e}")))?;
+    if options.migrate {
+        migrator.run(conn).await.map_err(|e| {
+            AdapterError::Unavailable(format!(
+                "{KEY}: migrating {} failed: {}",
+                url.redacted(),
+                url.scrub(e)
+            ))
+        })?;
+        return Ok(());
+    }
+    let mut conn = conn.acquire().await.map_err(|e| {
+        AdapterError::Unavailable(format!("{KEY}: {}: {}", url.redacted(), url.scrub(e)))
+    })?;
+    use sqlx::migrate::Migrate;
+    conn.ensure_migrations_table().await.map_err(|e| {
+        AdapterError::Unavailable(format!("{KEY}: {}: {}", url.redacted(), url.scrub(e)))
+    })?;
+    let applied = conn.list_applied_migrations().await.map_err(|e| {
+        AdapterError::Unavailable(format!("{KEY}: {}: {}", url.redacted(), url.scrub(e)))
+    })?;
+    let pending = migrator
+        .iter()
+        .filter(|m| !applied.iter().any(|a| a.version == m.version))
+        .count();
+    if pending > 0 {
+        return Err(AdapterError::Unavailable(format!(
+            "{KEY}: {} has {pending} pending migration(s); run `retrain migrate`",
+            url.redacted()
+        )));
+    }
+    Ok(())
+}
+
+/// Short outcome stored on the run row (`running` until one is known).
+fn outcome_of(run: &LabelRun) -> &'static str {
+    run.outcome.as_ref().map_or("running", |o| o.short())
+}
+
+fn stage_name(stage: Stage) -> &'static str {
+    stage.as_str()
+}
+
+fn parse_stage(raw: &str, run_id: &str) -> Result<Stage, StoreError> {
+    serde_json::from_value(serde_json::Value::String(raw.to_owned())).map_err(|_| {
+        StoreError::Corrupt(format!("run {run_id}: unknown stage `{raw}`"))
+    })
+}
+
+fn parse_label(raw: &str, run_id: &str) -> Result<Label, StoreError> {
+    Label::new(raw).map_err(|e| StoreError::Corrupt(format!("run {run_id}: {e}")))
+}
+
+fn decode_snapshot(run_id: &str, value: serde_json::Value) -> Result<LabelRun, StoreError> {
+    serde_json::from_value(value).map_err(|e| {
+        StoreError::Corrupt(format!("snapshot of run {run_id} cannot be read: {e}"))
+    })
+}
+
+fn decode_snapshot_text(run_id: &str, text: &str) -> Result<LabelRun, StoreError> {
+    serde_json::from_str(text).map_err(|e| {
+        StoreError::Corrupt(format!("snapshot of run {run_id} cannot be read: {e}"))
+    })
+}
+
+/// Encode something we own as JSON. Failure means a bug (non-string map
+/// keys...), reported as a conflict rather than a panic.
+fn to_json<T: serde::Serialize>(value: &T, what: &str) -> Result<serde_json::Value, StoreError> {
+    serde_json::to_value(value)
+        .map_err(|e| StoreError::Conflict(format!("cannot encode {what} as JSON: {e}")))
+}
+
+fn json_text(value: &str, what: &str, run_id: &str) -> Result<serde_json::Value, StoreError> {
+    serde_json::from_str(value)
+        .map_err(|e| StoreError::Corrupt(format!("{what} of run {run_id} is not JSON: {e}")))
+}
+
+/// The row fields shared by every transition write.
+struct RunRow<'a> {
+    run_id: &'a str,
+    cycle_id: &'a str,
+    label: &'a str,
+    stage: &'static str,
+    outcome: &'static str,
+    done: bool,
+    started_at: chrono::DateTime<chrono::Utc>,
+    snapshot: serde_json::Value,
+    event: serde_json::Value,
+    actions: serde_json::Value,
+    seq: i64,
+}
+
+impl<'a> RunRow<'a> {
+    fn of(transition: &'a Transition) -> Result<Self, StoreError> {
+        let run = &transition.snapshot;
+        if run.run_id != transition.run_id {
+            return Err(StoreError::Conflict(format!(
+                "transition of run {} carries the snapshot of run {}",
+                transition.run_id, run.run_id
+            )));
+        }
+        Ok(Self {
+            run_id: transition.run_id.as_str(),
+            cycle_id: &transition.cycle_id.0,
+            label: transition.label.as_str(),
+            stage: stage_name(transition.to),
+            outcome: outcome_of(run),
+            done: transition.is_final(),
+            started_at: run.started_at.unwrap_or(transition.at),
+            snapshot: to_json(run, "the run snapshot")?,
+            event: to_json(&transition.event, "the event")?,
+            actions: to_json(&transition.actions, "the actions")?,
+            seq: i64::try_from(transition.seq).map_err(|_| {
+                StoreError::Conflict(format!("sequence number {} is too large", transition.seq))
+            })?,
+        })
+    }
+}
+
+/// Translate a driver error. Unique violations mean a journal line was
+/// written twice (two writers on one run); everything else is the database
+/// being unreachable or unwell.
+fn store_error(url: &DbUrl, what: &str, error: sqlx::Error) -> StoreError {
+    match &error {
+        sqlx::Error::Database(db) if db.is_unique_violation() => {
+            StoreError::Conflict(format!("{what}: {}", url.scrub(db.message())))
+        }
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
+            StoreError::Corrupt(format!("{what}: {}", url.scrub(&error)))
+        }
+        _ => StoreError::Unavailable(format!("{what} ({}): {}", url.redacted(), url.scrub(&error))),
+    }
+}
+
+fn summary(
+    run_id: String,
+    cycle_id: String,
+    label: &str,
+    stage: &str,
+    outcome: String,
+    started_at: chrono::DateTime<chrono::Utc>,
+    updated_at: chrono::DateTime<chrono::Utc>,
+) -> Result<RunSummary, StoreError> {
+    Ok(RunSummary {
+        label: parse_label(label, &run_id)?,
+        stage: parse_stage(stage, &run_id)?,
+        run_id: retrain_core::domain::RunId(run_id),
+        cycle_id: retrain_core::domain::CycleId(cycle_id),
+        outcome,
+        started_at,
+        updated_at,
+    })
+}
+
+fn u64_to_i64(value: u64, what: &str) -> Result<i64, StoreError> {
+    i64::try_from(value).map_err(|_| StoreError::Conflict(format!("{what} {value} is too large")))
+}
+
+fn i64_to_u64(value: i64, what: &str) -> Result<u64, StoreError> {
+    u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("{what} is negative: {value}")))
+}
+
+/// Lock TTL as a chrono duration, capped at ten years so that adding it to
+/// a timestamp can never overflow.
+fn ttl(ttl: std::time::Duration) -> chrono::Duration {
+    let cap = chrono::Duration::days(3650);
+    chrono::Duration::from_std(ttl).unwrap_or(cap).min(cap)
+}

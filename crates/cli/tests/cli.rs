@@ -1,0 +1,234 @@
+//! The `retrain` binary end to end (assert_cmd): the quickstart, plan purity,
+//! config errors, secret masking, JSON output.
+
+use std::path::{Path, PathBuf};
+
+use assert_cmd::Command;
+use predicates::prelude::*;
+
+const QUICKSTART_FILES: &[&str] = &[
+    "retrain.toml",
+    "seed_feedback.py",
+    "prepare.py",
+    "train.py",
+];
+
+/// A private copy of the quickstart in a temp dir, with its feedback DB seeded.
+fn quickstart() -> tempfile::TempDir {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/quickstart");
+    let dir = tempfile::tempdir().unwrap();
+    for file in QUICKSTART_FILES {
+        std::fs::copy(src.join(file), dir.path().join(file)).unwrap();
+    }
+    let status = std::process::Command::new("python3")
+        .arg("seed_feedback.py")
+        .current_dir(dir.path())
+        .status()
+        .expect("python3 is needed for the quickstart");
+    assert!(status.success());
+    dir
+}
+
+fn retrain(dir: &Path) -> Command {
+    let mut cmd = Command::cargo_bin("retrain").unwrap();
+    cmd.current_dir(dir)
+        .env_remove("GITHUB_ACTIONS")
+        .env_remove("DATABASE_URL")
+        .env_remove("HF_TOKEN")
+        .env_remove("DRY_RUN")
+        .env("RETRAIN_LOG", "info");
+    cmd
+}
+
+fn json_of(output: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(output).unwrap_or_else(|e| {
+        panic!("stdout is not JSON ({e}): {}", String::from_utf8_lossy(output))
+    })
+}
+
+fn snapshot(paths: &[PathBuf]) -> Vec<Option<Vec<u8>>> {
+    paths.iter().map(|p| std::fs::read(p).ok()).collect()
+}
+
+#[test]
+fn quickstart_first_run_trains_and_gates_second_run_skips() {
+    let dir = quickstart();
+    let first = retrain(dir.path())
+        .args(["--output", "json", "run"])
+        .assert()
+        .success();
+    let report = json_of(&first.get_output().stdout);
+    let label = &report["labels"][0];
+    assert_eq!(label["label"], "department");
+    let status = label["status"].as_str().unwrap();
+    assert!(status == "promoted" || status == "rejected", "{label}");
+    let verdict = &label["verdict"];
+    assert_eq!(verdict["comparisons"].as_array().unwrap().len(), 2, "{verdict}");
+    assert!(!verdict["reason"].as_str().unwrap().is_empty());
+    if status == "promoted" {
+        let registry: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("registry.json")).unwrap()).unwrap();
+        assert_eq!(registry["models"]["ticket-router"]["production"], "1", "{registry}");
+    }
+    let stderr = String::from_utf8_lossy(&first.get_output().stderr);
+    assert!(stderr.contains("current_len="), "per-poll progress line missing: {stderr}");
+
+    let second = retrain(dir.path()).arg("run").assert().success();
+    let text = String::from_utf8_lossy(&second.get_output().stdout);
+    assert!(text.contains("skipped"), "{text}");
+    assert!(text.contains("below threshold 40"), "{text}");
+}
+
+#[test]
+fn plan_changes_nothing() {
+    let dir = quickstart();
+    retrain(dir.path()).arg("run").assert().success();
+    // New feedback so that the plan would trigger.
+    let status = std::process::Command::new("python3")
+        .args(["seed_feedback.py", "--add", "200"])
+        .current_dir(dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let files: Vec<PathBuf> = [
+        ".retrain/state.db",
+        ".retrain/state.db-wal",
+        "registry.json",
+        "datasets/dataset_metadata.json",
+    ]
+    .iter()
+    .map(|f| dir.path().join(f))
+    .collect();
+    let before = snapshot(&files);
+    let out = retrain(dir.path())
+        .args(["--output", "json", "plan"])
+        .assert()
+        .success();
+    let report = json_of(&out.get_output().stdout);
+    assert_eq!(report["dry_run"], true);
+    assert_eq!(report["labels"][0]["status"], "planned", "{report}");
+    assert_eq!(snapshot(&files), before, "plan modified state, registry or datasets");
+}
+
+#[test]
+fn plan_on_a_fresh_checkout_creates_no_state() {
+    let dir = quickstart();
+    retrain(dir.path()).arg("plan").assert().success();
+    assert!(!dir.path().join(".retrain/state.db").exists(), "plan created the state DB");
+    assert!(!dir.path().join("registry.json").exists());
+}
+
+#[test]
+fn bad_config_exits_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("retrain.toml"),
+        "[labels.a]\nthreshold = \"many\"\nmetadata = \"m.json\"\ntrainer = \"command:true\"\n",
+    )
+    .unwrap();
+    retrain(dir.path())
+        .arg("run")
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("labels.a.threshold"))
+        .stderr(predicate::str::contains("retrain.toml"));
+    retrain(dir.path())
+        .args(["config", "check"])
+        .assert()
+        .code(2);
+    retrain(dir.path())
+        .env("THRESHOLD_URGENCY", "lots")
+        .args(["--config", "missing.toml", "config", "check"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("missing.toml"));
+}
+
+#[test]
+fn unknown_label_is_a_usage_error() {
+    let dir = quickstart();
+    retrain(dir.path())
+        .args(["run", "--label", "nope"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("unknown label `nope`"));
+}
+
+#[test]
+fn config_show_never_prints_a_secret() {
+    let dir = quickstart();
+    let out = retrain(dir.path())
+        .env("HF_TOKEN", "hf_very_secret_value")
+        .env("GITHUB_TOKEN", "ghp_very_secret_value")
+        .env("RETRAIN_STATE", "postgres://user:pg_secret_pw@localhost/db")
+        .args(["config", "show"])
+        .assert()
+        .success();
+    let stdout = String::from_utf8_lossy(&out.get_output().stdout);
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr);
+    for secret in ["hf_very_secret_value", "ghp_very_secret_value", "pg_secret_pw"] {
+        assert!(!stdout.contains(secret), "{secret} leaked: {stdout}");
+        assert!(!stderr.contains(secret), "{secret} leaked: {stderr}");
+    }
+    assert!(stdout.contains("***"), "{stdout}");
+    assert!(stdout.contains("[labels.department]"), "{stdout}");
+}
+
+#[test]
+fn json_outputs_parse() {
+    let dir = quickstart();
+    retrain(dir.path()).arg("run").assert().success();
+    for args in [
+        vec!["--output", "json", "status"],
+        vec!["--output", "json", "runs"],
+        vec!["--output", "json", "config", "check"],
+    ] {
+        let out = retrain(dir.path()).args(&args).assert().success();
+        json_of(&out.get_output().stdout);
+    }
+    let runs = retrain(dir.path())
+        .args(["--output", "json", "runs"])
+        .assert()
+        .success();
+    let runs = json_of(&runs.get_output().stdout);
+    let id = runs[0]["run_id"].as_str().unwrap().to_owned();
+    let md = retrain(dir.path())
+        .args(["runs", "show", &id, "--format", "md"])
+        .assert()
+        .success();
+    let md = String::from_utf8_lossy(&md.get_output().stdout);
+    assert!(md.contains("## Journal"), "{md}");
+    assert!(md.contains("config hash"), "{md}");
+}
+
+#[test]
+fn github_actions_mode_writes_outputs_and_summary() {
+    let dir = quickstart();
+    let outputs = dir.path().join("gh_output");
+    let summary = dir.path().join("gh_summary");
+    let out = retrain(dir.path())
+        .env("GITHUB_ACTIONS", "true")
+        .env("GITHUB_OUTPUT", &outputs)
+        .env("GITHUB_STEP_SUMMARY", &summary)
+        .arg("run")
+        .assert()
+        .success();
+    let stdout = String::from_utf8_lossy(&out.get_output().stdout);
+    assert!(stdout.contains("::group::retrain department"), "{stdout}");
+    let outputs = std::fs::read_to_string(outputs).unwrap();
+    assert!(outputs.contains("triggered=true"), "{outputs}");
+    assert!(outputs.contains("department_accuracy="), "{outputs}");
+    assert!(outputs.contains("run_id="), "{outputs}");
+    let summary = std::fs::read_to_string(summary).unwrap();
+    assert!(summary.contains("| `department` |"), "{summary}");
+}
+
+#[test]
+fn version_is_answered_without_config() {
+    let dir = tempfile::tempdir().unwrap();
+    retrain(dir.path())
+        .arg("--version")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(env!("CARGO_PKG_VERSION")));
+}
