@@ -7,3 +7,6 @@ pub mod error;
 pub mod http;
 
 pub use error::AdapterError;
+pub mod hf;
+#[cfg(feature = "testing")]
+pub mod testing;
