@@ -63,7 +63,17 @@ pub struct RetryingClient {
 
 impl RetryingClient {
     pub fn new(policy: HttpPolicy) -> Result<Self, AdapterError> {
+        Self::with_redirect_policy(policy, reqwest::redirect::Policy::default())
+    }
+
+    /// Like [`RetryingClient::new`] with a custom redirect policy (the Hub's
+    /// metadata probe must not follow absolute redirects to its CDN).
+    pub fn with_redirect_policy(
+        policy: HttpPolicy,
+        redirect: reqwest::redirect::Policy,
+    ) -> Result<Self, AdapterError> {
         let client = reqwest::Client::builder()
+            .redirect(redirect)
             .timeout(policy.timeout)
             .connect_timeout(policy.connect_timeout)
             .user_agent(concat!("retrain/", env!("CARGO_PKG_VERSION")))

@@ -12,3 +12,6 @@ pub mod settings;
 pub mod store;
 
 pub use error::AdapterError;
+pub mod hf;
+#[cfg(feature = "testing")]
+pub mod testing;

@@ -1,0 +1,378 @@
+//! `dataset_metadata.json` in a Hub dataset repo, read through the resolve
+//! URL with a cheap `HEAD` probe first (§1.3 of the API notes).
+
+use async_trait::async_trait;
+use percent_encoding::{percent_decode_str, utf8_percent_encode};
+use reqwest::{Method, Response, StatusCode};
+use retrain_core::domain::{DatasetMetadata, DatasetVersion};
+use retrain_core::ports::{MetadataRead, MetadataStore, PortError};
+use tracing::debug;
+use url::Url;
+
+use super::{read_limited, HubClient, HubFailure, RepoId, QUOTE_ALL, QUOTE_PATH};
+use crate::error::AdapterError;
+
+/// Metadata files are a few hundred bytes; anything above this is a wrong URL.
+const MAX_METADATA_BYTES: usize = 1 << 20;
+
+/// Reads one metadata file on the Hub (or any HTTP URL serving it).
+#[derive(Debug, Clone)]
+pub struct HfMetadataStore {
+    client: HubClient,
+    url: Url,
+    /// `owner/name` when the URL is a dataset resolve URL.
+    repo: Option<RepoId>,
+    /// Credential-free form for logs and errors.
+    display: String,
+}
+
+impl HfMetadataStore {
+    /// Accepts `hf://datasets/owner/name[@revision]/path/to/file.json`
+    /// (revision `main` by default; `refs/pr/N` and `refs/convert/X` may be
+    /// written unescaped) and full URLs such as the seed's
+    /// `https://huggingface.co/datasets/owner/name/resolve/main/dataset_metadata.json`.
+    pub fn from_url(client: HubClient, url: &str) -> Result<Self, AdapterError> {
+        let raw = url.trim();
+        let (url, repo) = if let Some(rest) = raw.strip_prefix("hf://") {
+            parse_hf_url(&client, rest)?
+        } else if raw.starts_with("https://") || raw.starts_with("http://") {
+            let url = Url::parse(raw).map_err(|e| {
+                AdapterError::config("metadata", format!("invalid metadata URL: {e}"))
+            })?;
+            if !url.username().is_empty() || url.password().is_some() {
+                // Not echoed: the URL carries a credential.
+                return Err(AdapterError::config(
+                    "metadata",
+                    "the metadata URL must not contain credentials; set HF_TOKEN instead",
+                ));
+            }
+            let repo = resolve_url_repo(&url);
+            (url, repo)
+        } else {
+            return Err(AdapterError::config(
+                "metadata",
+                format!(
+                    "{raw:?} is not a Hub metadata address; expected \
+                     hf://datasets/owner/name[@revision]/path/to/file.json or \
+                     https://huggingface.co/datasets/owner/name/resolve/main/dataset_metadata.json"
+                ),
+            ));
+        };
+        let display = url.to_string();
+        Ok(Self {
+            client,
+            url,
+            repo,
+            display,
+        })
+    }
+
+    /// The URL that is probed and fetched.
+    pub fn url(&self) -> &Url {
+        &self.url
+    }
+
+    /// The dataset repo, when the URL is a Hub resolve URL.
+    pub fn repo(&self) -> Option<&RepoId> {
+        self.repo.as_ref()
+    }
+
+    fn what(&self) -> String {
+        match &self.repo {
+            Some(repo) => format!("dataset {repo} metadata {}", self.display),
+            None => format!("metadata {}", self.display),
+        }
+    }
+
+    fn read_permission(&self) -> String {
+        match &self.repo {
+            Some(repo) => format!("the token needs read access to dataset {repo}"),
+            None => "the token needs read access to this URL".to_owned(),
+        }
+    }
+
+    /// `Ok(None)` means the file is not there (yet): a 404 that is not about
+    /// the repo or the revision. Anything else unsuccessful is an error.
+    async fn check(&self, response: Response) -> Result<Option<Response>, PortError> {
+        let status = response.status();
+        if status.is_success() || status.is_redirection() {
+            return Ok(Some(response));
+        }
+        if status == StatusCode::NOT_FOUND {
+            let failure = HubFailure::from_headers(&response);
+            // EntryNotFound (or a bare 404, as a plain file server answers):
+            // the prepare job has not published yet. RepoNotFound and
+            // RevisionNotFound are configuration errors, not "absent".
+            if !matches!(
+                failure.code.as_deref(),
+                Some("RepoNotFound" | "RevisionNotFound")
+            ) {
+                return Ok(None);
+            }
+        }
+        Err(self
+            .client
+            .error(&self.what(), &self.read_permission(), response)
+            .await)
+    }
+}
+
+/// What a `HEAD` told us.
+enum Probe {
+    Absent,
+    /// The file exists; `marker` is its change marker when the server sent one.
+    Present { marker: Option<String> },
+}
+
+#[async_trait]
+impl MetadataStore for HfMetadataStore {
+    async fn read(&self, known_revision: Option<String>) -> Result<MetadataRead, PortError> {
+        let what = self.what();
+        let marker = match self.probe(&what).await? {
+            Probe::Absent => return Ok(MetadataRead::Absent),
+            Probe::Present { marker } => marker,
+        };
+        if marker.is_some() && marker == known_revision {
+            debug!(url = %self.display, "metadata unchanged; not downloading it");
+            return Ok(MetadataRead::Unchanged);
+        }
+        let response = self
+            .client
+            .send(&what, Method::GET, &self.url, None, false)
+            .await?;
+        let Some(response) = self.check(response).await? else {
+            // Deleted between the HEAD and the GET.
+            return Ok(MetadataRead::Absent);
+        };
+        if response.status().is_redirection() {
+            return Err(PortError::InvalidResponse(format!(
+                "{what}: HTTP {} redirect was not followed",
+                response.status()
+            )));
+        }
+        let body = read_limited(&what, response, MAX_METADATA_BYTES).await?;
+        let metadata = DatasetMetadata::parse(&body)
+            .map_err(|e| PortError::InvalidResponse(self.client.scrub(format!("{what}: {e}"))))?;
+        // The HEAD's marker, not the GET's: a GET redirected to the CDN has
+        // other headers, and if the file changed in between, the next probe
+        // sees a new marker and downloads again (one extra GET, never a miss).
+        Ok(MetadataRead::Published(DatasetVersion {
+            metadata,
+            revision: marker,
+        }))
+    }
+
+    fn describe(&self) -> String {
+        self.display.clone()
+    }
+}
+
+impl HfMetadataStore {
+    async fn probe(&self, what: &str) -> Result<Probe, PortError> {
+        let response = self
+            .client
+            .send(what, Method::HEAD, &self.url, None, true)
+            .await?;
+        if response.status() == StatusCode::METHOD_NOT_ALLOWED {
+            // A plain server without HEAD support: fall back to always GET.
+            return Ok(Probe::Present { marker: None });
+        }
+        Ok(match self.check(response).await? {
+            None => Probe::Absent,
+            Some(response) => Probe::Present {
+                marker: change_marker(&response),
+            },
+        })
+    }
+}
+
+/// `X-Repo-Commit` + (`X-Linked-Etag` or `ETag`), ETag normalised as
+/// `huggingface_hub` does (strip `W/` and quotes). Either part alone is kept;
+/// neither → `None` (no cheap change detection: every poll downloads).
+fn change_marker(response: &Response) -> Option<String> {
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    };
+    let commit = header("x-repo-commit");
+    let etag = header("x-linked-etag")
+        .or_else(|| header("etag"))
+        .map(normalize_etag)
+        .filter(|e| !e.is_empty());
+    match (commit, etag) {
+        (Some(c), Some(e)) => Some(format!("{c}:{e}")),
+        (Some(c), None) => Some(c.to_owned()),
+        (None, Some(e)) => Some(e),
+        (None, None) => None,
+    }
+}
+
+pub(crate) fn normalize_etag(raw: &str) -> String {
+    let raw = raw.trim();
+    raw.strip_prefix("W/")
+        .unwrap_or(raw)
+        .trim_matches('"')
+        .to_owned()
+}
+
+fn bad_hf_url(rest: &str, why: &str) -> AdapterError {
+    AdapterError::config(
+        "metadata",
+        format!(
+            "\"hf://{rest}\": {why}; expected hf://datasets/owner/name[@revision]/path/to/file.json"
+        ),
+    )
+}
+
+/// `datasets/owner/name[@rev]/path` → the resolve URL on the endpoint.
+fn parse_hf_url(client: &HubClient, rest: &str) -> Result<(Url, Option<RepoId>), AdapterError> {
+    let Some(after) = rest.strip_prefix("datasets/") else {
+        return Err(bad_hf_url(rest, "only dataset repos are supported"));
+    };
+    let segments: Vec<&str> = after.split('/').collect();
+    if segments.len() < 3 {
+        return Err(bad_hf_url(rest, "missing the file path"));
+    }
+    let owner = segments[0];
+    let (name, rev_start) = match segments[1].split_once('@') {
+        Some((name, rev)) => (name, Some(rev)),
+        None => (segments[1], None),
+    };
+    let repo = RepoId::parse(&format!("{owner}/{name}"))
+        .ok_or_else(|| bad_hf_url(rest, "invalid repo id"))?;
+    let mut path_from = 2;
+    let revision = match rev_start {
+        None => "main".to_owned(),
+        Some("") => return Err(bad_hf_url(rest, "empty revision after @")),
+        // Special refs contain slashes, as HfFileSystem accepts them.
+        Some("refs") if matches!(segments.get(2), Some(&"pr" | &"convert")) => {
+            let Some(id) = segments.get(3).filter(|s| !s.is_empty()) else {
+                return Err(bad_hf_url(rest, "incomplete refs/ revision"));
+            };
+            path_from = 4;
+            format!("refs/{}/{id}", segments[2])
+        }
+        Some(rev) => percent_decode_str(rev)
+            .decode_utf8()
+            .map_err(|_| bad_hf_url(rest, "revision is not valid UTF-8"))?
+            .into_owned(),
+    };
+    let path_segments = segments.get(path_from..).unwrap_or_default();
+    if path_segments.is_empty()
+        || path_segments
+            .iter()
+            .any(|s| s.is_empty() || *s == "." || *s == "..")
+    {
+        return Err(bad_hf_url(rest, "missing or invalid file path"));
+    }
+    let path = path_segments.join("/");
+    let endpoint = client.endpoint().as_str().trim_end_matches('/');
+    let raw = format!(
+        "{endpoint}/datasets/{repo}/resolve/{}/{}",
+        utf8_percent_encode(&revision, QUOTE_ALL),
+        utf8_percent_encode(&path, QUOTE_PATH)
+    );
+    let url = Url::parse(&raw).map_err(|e| bad_hf_url(rest, &e.to_string()))?;
+    Ok((url, Some(repo)))
+}
+
+/// The repo of `…/datasets/owner/name/resolve/<rev>/<path>`, if it is one.
+fn resolve_url_repo(url: &Url) -> Option<RepoId> {
+    let segments: Vec<&str> = url.path_segments()?.collect();
+    let i = segments.iter().position(|s| *s == "datasets")?;
+    if segments.get(i + 3) != Some(&"resolve") || segments.len() < i + 6 {
+        return None;
+    }
+    RepoId::parse(&format!("{}/{}", segments[i + 1], segments[i + 2]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hf::HubSettings;
+
+    fn client() -> HubClient {
+        HubClient::new(HubSettings::default()).unwrap()
+    }
+
+    fn url_of(raw: &str) -> (String, Option<String>) {
+        let store = HfMetadataStore::from_url(client(), raw).unwrap();
+        (
+            store.url().to_string(),
+            store.repo().map(ToString::to_string),
+        )
+    }
+
+    #[test]
+    fn hf_urls_become_resolve_urls() {
+        assert_eq!(
+            url_of("hf://datasets/owner/ds/dataset_metadata.json"),
+            (
+                "https://huggingface.co/datasets/owner/ds/resolve/main/dataset_metadata.json"
+                    .into(),
+                Some("owner/ds".into())
+            )
+        );
+        assert_eq!(
+            url_of("hf://datasets/owner/ds@v1.0/meta/a b.json").0,
+            "https://huggingface.co/datasets/owner/ds/resolve/v1.0/meta/a%20b.json"
+        );
+        assert_eq!(
+            url_of("hf://datasets/owner/ds@refs/pr/3/dataset_metadata.json").0,
+            "https://huggingface.co/datasets/owner/ds/resolve/refs%2Fpr%2F3/dataset_metadata.json"
+        );
+        assert_eq!(
+            url_of("hf://datasets/owner/ds@refs%2Fpr%2F3/x.json").0,
+            "https://huggingface.co/datasets/owner/ds/resolve/refs%2Fpr%2F3/x.json"
+        );
+        assert_eq!(
+            url_of("hf://datasets/owner/ds@feature%2Fx/x.json").0,
+            "https://huggingface.co/datasets/owner/ds/resolve/feature%2Fx/x.json"
+        );
+    }
+
+    #[test]
+    fn seed_urls_are_kept_and_name_the_repo() {
+        let seed = "https://huggingface.co/datasets/owner/project_department/resolve/main/dataset_metadata.json";
+        assert_eq!(url_of(seed), (seed.into(), Some("owner/project_department".into())));
+        let pr = "https://huggingface.co/datasets/o/d/resolve/refs%2Fpr%2F1/m.json";
+        assert_eq!(url_of(pr), (pr.into(), Some("o/d".into())));
+        // Any other URL is fetched as is, without a repo name.
+        assert_eq!(url_of("http://127.0.0.1:9/meta.json").1, None);
+    }
+
+    #[test]
+    fn bad_addresses_are_config_errors() {
+        for raw in [
+            "hf://models/o/m/x.json",
+            "hf://datasets/o/d",
+            "hf://datasets/o/d/",
+            "hf://datasets/o@/x.json",
+            "hf://datasets/o/d@/x.json",
+            "hf://datasets/o/d@refs/pr",
+            "hf://datasets/o/d/../x.json",
+            "s3://bucket/x.json",
+            "owner/ds",
+        ] {
+            assert!(
+                HfMetadataStore::from_url(client(), raw).is_err(),
+                "{raw} should be rejected"
+            );
+        }
+        let err = HfMetadataStore::from_url(client(), "https://user:hf_pw@huggingface.co/x.json")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hf_pw"), "{err}");
+    }
+
+    #[test]
+    fn etags_are_normalised() {
+        assert_eq!(normalize_etag("W/\"abc\""), "abc");
+        assert_eq!(normalize_etag("\"abc\""), "abc");
+        assert_eq!(normalize_etag("abc"), "abc");
+    }
+}

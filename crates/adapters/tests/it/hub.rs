@@ -1,0 +1,899 @@
+//! Hugging Face Hub adapters against wiremock, with the shapes of
+//! `shared/reference/external-apis.md` §1, and the stateful fake Hub.
+
+use std::time::{Duration, Instant};
+
+use retrain_adapters::hf::{
+    HfMetadataStore, HfSpaceController, HfSpaceTrainer, HubClient, HubSettings, HANDLE_KIND,
+};
+use retrain_adapters::http::HttpPolicy;
+use retrain_core::domain::{
+    Label, RunId, SpaceStage, TrainingHandle, TrainingOutcome, VersionTag,
+};
+use retrain_core::ports::{
+    MetadataRead, MetadataStore, PortError, SpaceController, Trainer, TrainingRequest,
+};
+use secrecy::SecretString;
+use serde_json::json;
+use wiremock::matchers::{body_json, header, method, path, query_param};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+const TOKEN: &str = "hf_test_secret_token_do_not_leak";
+const META_PATH: &str = "/datasets/owner/ds/resolve/main/dataset_metadata.json";
+
+fn settings(server: &MockServer) -> HubSettings {
+    HubSettings {
+        endpoint: url::Url::parse(&server.uri()).unwrap(),
+        token: Some(SecretString::from(TOKEN)),
+        policy: HttpPolicy::fast_for_tests(),
+    }
+}
+
+fn client(server: &MockServer) -> HubClient {
+    HubClient::new(settings(server)).unwrap()
+}
+
+fn bearer() -> wiremock::matchers::HeaderExactMatcher {
+    header("authorization", format!("Bearer {TOKEN}").as_str())
+}
+
+fn metadata_json(version: &str, num_samples: u64) -> serde_json::Value {
+    json!({
+        "dataset_name": "owner/ds",
+        "version_tag": version,
+        "num_samples": num_samples,
+        "splits": {"train": 80, "eval": 10, "test": 10},
+        "created_at": "2025-10-30T11:53:01.110260+00:00"
+    })
+}
+
+fn request(version: &str) -> TrainingRequest {
+    TrainingRequest {
+        label: Label::new("department").unwrap(),
+        run_id: RunId("run-1".into()),
+        attempt: 1,
+        dataset_name: "owner/ds".into(),
+        dataset_version: VersionTag::new(version),
+        lease: None,
+    }
+}
+
+fn store(server: &MockServer) -> HfMetadataStore {
+    HfMetadataStore::from_url(client(server), &format!("{}{META_PATH}", server.uri())).unwrap()
+}
+
+/// Every error message must name `needle` and never contain the token.
+fn check_message(error: &PortError, needle: &str) {
+    let message = error.to_string();
+    assert!(message.contains(needle), "{message:?} should name {needle}");
+    assert!(!message.contains(TOKEN), "token leaked: {message:?}");
+}
+
+fn runtime(stage: &str) -> serde_json::Value {
+    json!({"stage": stage, "hardware": {"current": null, "requested": "cpu-basic"},
+           "storage": null, "gcTimeout": 172800, "replicas": {"requested": 1}, "devMode": false,
+           "domains": [{"domain": "owner-prep.hf.space", "stage": "READY"}]})
+}
+
+#[test]
+fn debug_output_never_shows_the_token() {
+    let settings = HubSettings {
+        token: Some(SecretString::from(TOKEN)),
+        ..HubSettings::default()
+    };
+    assert!(!format!("{settings:?}").contains(TOKEN));
+    let client = HubClient::new(settings).unwrap();
+    assert!(!format!("{client:?}").contains(TOKEN));
+    let controller = HfSpaceController::new(client.clone(), "owner/prep", false).unwrap();
+    assert!(!format!("{controller:?}").contains(TOKEN));
+    let store = HfMetadataStore::from_url(client, "hf://datasets/owner/ds/m.json").unwrap();
+    assert!(!format!("{store:?}").contains(TOKEN));
+}
+
+#[tokio::test]
+async fn restart_posts_without_factory_by_default() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/api/spaces/owner/prep/restart"))
+        .and(bearer())
+        .respond_with(ResponseTemplate::new(200).set_body_json(runtime("BUILDING")))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let controller =
+        HfSpaceController::new(client(&server), "hf-space://owner/prep", false).unwrap();
+    controller.restart().await.unwrap();
+    let requests = server.received_requests().await.unwrap();
+    assert_eq!(requests[0].url.query(), None, "no factory=true unless asked");
+    assert_eq!(controller.describe(), "hf-space://owner/prep");
+}
+
+#[tokio::test]
+async fn restart_with_factory_reboot_sends_factory_true() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/api/spaces/owner/prep/restart"))
+        .and(query_param("factory", "true"))
+        .and(bearer())
+        .respond_with(ResponseTemplate::new(200).set_body_json(runtime("BUILDING")))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let controller = HfSpaceController::new(
+        client(&server),
+        "https://huggingface.co/spaces/owner/prep",
+        true,
+    )
+    .unwrap();
+    controller.restart().await.unwrap();
+}
+
+#[tokio::test]
+async fn runtime_stages_are_mapped_including_unknown_and_errors() {
+    let server = MockServer::start().await;
+    let cases = [
+        (runtime("RUNNING"), SpaceStage::Running),
+        (runtime("RUNNING_BUILDING"), SpaceStage::Building),
+        (runtime("APP_STARTING"), SpaceStage::Starting),
+        (runtime("PAUSED"), SpaceStage::Paused),
+        (runtime("SLEEPING"), SpaceStage::Sleeping),
+        (runtime("SOMETHING_NEW"), SpaceStage::Unknown("SOMETHING_NEW".into())),
+        (
+            json!({"stage": "BUILD_ERROR", "errorMessage": "pip failed"}),
+            SpaceStage::Error("BUILD_ERROR".into()),
+        ),
+        (
+            json!({"stage": "RUNTIME_ERROR", "errorMessage": "exit code 1"}),
+            SpaceStage::Error("RUNTIME_ERROR".into()),
+        ),
+        (json!({"stage": "NO_APP_FILE"}), SpaceStage::Error("NO_APP_FILE".into())),
+    ];
+    let controller = HfSpaceController::new(client(&server), "owner/prep", false).unwrap();
+    for (body, expected) in cases {
+        server.reset().await;
+        Mock::given(method("GET"))
+            .and(path("/api/spaces/owner/prep/runtime"))
+            .and(bearer())
+            .respond_with(ResponseTemplate::new(200).set_body_json(body))
+            .mount(&server)
+            .await;
+        assert_eq!(controller.stage().await.unwrap(), expected);
+    }
+}
+
+#[tokio::test]
+async fn runtime_without_stage_is_an_invalid_response_naming_the_field() {
+    let server = MockServer::start().await;
+    let controller = HfSpaceController::new(client(&server), "owner/prep", false).unwrap();
+    for body in [
+        ResponseTemplate::new(200).set_body_json(json!({"hardware": {}})),
+        ResponseTemplate::new(200).set_body_json(json!({"stage": 3})),
+        ResponseTemplate::new(200).set_body_string("<html>"),
+    ] {
+        server.reset().await;
+        Mock::given(method("GET"))
+            .respond_with(body)
+            .mount(&server)
+            .await;
+        let err = controller.stage().await.unwrap_err();
+        assert!(matches!(err, PortError::InvalidResponse(_)), "{err:?}");
+        check_message(&err, "owner/prep");
+    }
+    server.reset().await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"hardware": {}})))
+        .mount(&server)
+        .await;
+    check_message(&controller.stage().await.unwrap_err(), "`stage`");
+}
+
+#[tokio::test]
+async fn space_permission_errors_name_the_space_and_permission() {
+    let server = MockServer::start().await;
+    let controller = HfSpaceController::new(client(&server), "owner/prep", false).unwrap();
+    for status in [401, 403] {
+        server.reset().await;
+        Mock::given(method("POST"))
+            .respond_with(
+                ResponseTemplate::new(status).set_body_json(json!({"error": "You must be the owner"})),
+            )
+            .mount(&server)
+            .await;
+        let err = controller.restart().await.unwrap_err();
+        assert!(matches!(err, PortError::Denied(_)), "{err:?}");
+        check_message(&err, "owner/prep");
+        check_message(&err, "write access");
+        // Not retried: permission errors fail at once.
+        assert_eq!(server.received_requests().await.unwrap().len(), 1);
+    }
+    server.reset().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(404)
+                .insert_header("x-error-code", "RepoNotFound")
+                .set_body_json(json!({"error": "Repository not found"})),
+        )
+        .mount(&server)
+        .await;
+    let err = controller.restart().await.unwrap_err();
+    assert!(matches!(err, PortError::NotFound(_)), "{err:?}");
+    check_message(&err, "owner/prep");
+    check_message(&err, "RepoNotFound");
+}
+
+#[tokio::test]
+async fn retries_5xx_then_succeeds() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(502))
+        .up_to_n_times(2)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/api/spaces/owner/prep/runtime"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(runtime("RUNNING")))
+        .mount(&server)
+        .await;
+    let controller = HfSpaceController::new(client(&server), "owner/prep", false).unwrap();
+    assert_eq!(controller.stage().await.unwrap(), SpaceStage::Running);
+    assert_eq!(server.received_requests().await.unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn persistent_5xx_is_transient_naming_the_space() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&server)
+        .await;
+    let controller = HfSpaceController::new(client(&server), "owner/prep", false).unwrap();
+    let err = controller.stage().await.unwrap_err();
+    assert!(matches!(err, PortError::Transient(_)), "{err:?}");
+    check_message(&err, "owner/prep");
+    // 1 attempt + max_retries (3) of the test policy.
+    assert_eq!(server.received_requests().await.unwrap().len(), 4);
+}
+
+#[tokio::test]
+async fn rate_limit_429_honours_retry_after() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(429).insert_header("retry-after", "1"))
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(runtime("BUILDING")))
+        .mount(&server)
+        .await;
+    let controller = HfSpaceController::new(client(&server), "owner/prep", false).unwrap();
+    let started = Instant::now();
+    controller.restart().await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert_eq!(server.received_requests().await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn rate_limit_429_honours_the_ratelimit_header() {
+    let server = MockServer::start().await;
+    Mock::given(method("HEAD"))
+        .respond_with(
+            ResponseTemplate::new(429)
+                .insert_header("ratelimit", "\"resolvers\";r=0;t=0")
+                .insert_header("ratelimit-policy", "\"fixed window\";\"resolvers\";q=5000;w=300"),
+        )
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("HEAD"))
+        .and(path(META_PATH))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .insert_header("x-repo-commit", "abc")
+                .insert_header("etag", "\"e1\""),
+        )
+        .mount(&server)
+        .await;
+    let store = store(&server);
+    let started = Instant::now();
+    // t=0 → wait t+1 = 1 s, then the marker equals the known one.
+    let read = store.read(Some("abc:e1".into())).await.unwrap();
+    assert_eq!(read, MetadataRead::Unchanged);
+    assert!(started.elapsed() >= Duration::from_millis(900));
+}
+
+#[tokio::test]
+async fn rate_limit_too_long_gives_a_transient_error_with_the_reset_time() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(429).insert_header("ratelimit", "\"api\";r=0;t=3599"))
+        .mount(&server)
+        .await;
+    let controller = HfSpaceController::new(client(&server), "owner/prep", false).unwrap();
+    let err = controller.restart().await.unwrap_err();
+    assert!(matches!(err, PortError::Transient(_)), "{err:?}");
+    check_message(&err, "owner/prep");
+    check_message(&err, "3600s");
+    assert_eq!(server.received_requests().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn trainer_sets_dataset_version_then_restarts() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/api/spaces/owner/train/variables"))
+        .and(bearer())
+        .and(body_json(json!({"key": "DATASET_VERSION", "value": "v20251030_115250"})))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
+        .expect(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/api/spaces/owner/train/restart"))
+        .and(bearer())
+        .respond_with(ResponseTemplate::new(200).set_body_json(runtime("BUILDING")))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let trainer = HfSpaceTrainer::new(client(&server), "owner/train", None).unwrap();
+    let req = request("v20251030_115250");
+    let handle = trainer.start(&req).await.unwrap();
+    assert_eq!(handle.kind, HANDLE_KIND);
+    assert_eq!(
+        handle.data,
+        json!({"space": "owner/train", "dataset_version": "v20251030_115250"})
+    );
+    let paths: Vec<String> = server
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.url.path().to_owned())
+        .collect();
+    assert_eq!(
+        paths,
+        ["/api/spaces/owner/train/variables", "/api/spaces/owner/train/restart"],
+        "the variable must be set before the restart"
+    );
+    // No wait configured: the Space decides by itself.
+    let outcome = trainer.wait(&req, &handle).await.unwrap();
+    let TrainingOutcome::Finished(candidate) = outcome else {
+        panic!("expected Finished, got {outcome:?}")
+    };
+    assert_eq!(candidate.id, "owner/train@v20251030_115250");
+    assert!(candidate.metrics.is_empty());
+    trainer.cancel(&handle).await.unwrap();
+}
+
+#[tokio::test]
+async fn trainer_variable_denied_names_the_space_and_does_not_restart() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/api/spaces/owner/train/variables"))
+        .respond_with(ResponseTemplate::new(403))
+        .mount(&server)
+        .await;
+    let trainer = HfSpaceTrainer::new(client(&server), "owner/train", None).unwrap();
+    let err = trainer.start(&request("v2")).await.unwrap_err();
+    assert!(matches!(err, PortError::Denied(_)), "{err:?}");
+    check_message(&err, "owner/train");
+    check_message(&err, "write access");
+    assert_eq!(server.received_requests().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn trainer_wait_polls_until_running() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/api/spaces/owner/train/runtime"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(runtime("BUILDING")))
+        .up_to_n_times(2)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/api/spaces/owner/train/runtime"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(runtime("RUNNING")))
+        .mount(&server)
+        .await;
+    let trainer = HfSpaceTrainer::new(
+        client(&server),
+        "owner/train",
+        Some(Duration::from_secs(5)),
+    )
+    .unwrap()
+    .with_poll_interval(Duration::from_millis(10));
+    let handle = TrainingHandle {
+        kind: HANDLE_KIND.into(),
+        data: json!({"space": "owner/train", "dataset_version": "v2"}),
+    };
+    let outcome = trainer.wait(&request("v2"), &handle).await.unwrap();
+    assert!(matches!(outcome, TrainingOutcome::Finished(c) if c.id == "owner/train@v2"));
+    assert_eq!(server.received_requests().await.unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn trainer_wait_fails_fast_on_error_stage_with_the_error_message() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(
+            json!({"stage": "RUNTIME_ERROR", "errorMessage": "CUDA out of memory"}),
+        ))
+        .mount(&server)
+        .await;
+    let trainer = HfSpaceTrainer::new(
+        client(&server),
+        "owner/train",
+        Some(Duration::from_secs(5)),
+    )
+    .unwrap();
+    let handle = TrainingHandle {
+        kind: HANDLE_KIND.into(),
+        data: json!({"space": "owner/train", "dataset_version": "v2"}),
+    };
+    let err = trainer.wait(&request("v2"), &handle).await.unwrap_err();
+    assert!(matches!(err, PortError::Failed(_)), "{err:?}");
+    check_message(&err, "owner/train");
+    check_message(&err, "RUNTIME_ERROR");
+    check_message(&err, "CUDA out of memory");
+}
+
+#[tokio::test]
+async fn trainer_wait_is_bounded() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(runtime("BUILDING")))
+        .mount(&server)
+        .await;
+    let trainer = HfSpaceTrainer::new(
+        client(&server),
+        "owner/train",
+        Some(Duration::from_millis(200)),
+    )
+    .unwrap()
+    .with_poll_interval(Duration::from_millis(20));
+    let handle = TrainingHandle {
+        kind: HANDLE_KIND.into(),
+        data: json!({"space": "owner/train", "dataset_version": "v2"}),
+    };
+    let started = Instant::now();
+    let err = trainer.wait(&request("v2"), &handle).await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(3));
+    check_message(&err, "did not reach RUNNING");
+    check_message(&err, "BUILDING");
+    // A handle of another trainer kind is a configuration error.
+    let foreign = TrainingHandle {
+        kind: "command".into(),
+        data: json!({}),
+    };
+    assert!(matches!(
+        trainer.wait(&request("v2"), &foreign).await,
+        Err(PortError::Config(_))
+    ));
+}
+
+async fn mount_metadata(server: &MockServer, commit: &str, etag: &str, body: &[u8]) {
+    Mock::given(method("HEAD"))
+        .and(path(META_PATH))
+        .and(bearer())
+        .and(header("accept-encoding", "identity"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .insert_header("x-repo-commit", commit)
+                .insert_header("etag", etag),
+        )
+        .mount(server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path(META_PATH))
+        .and(bearer())
+        .respond_with(
+            ResponseTemplate::new(200)
+                .insert_header("x-repo-commit", commit)
+                .insert_header("etag", etag)
+                .set_body_raw(body.to_vec(), "application/json"),
+        )
+        .mount(server)
+        .await;
+}
+
+fn gets(requests: &[wiremock::Request]) -> usize {
+    requests.iter().filter(|r| r.method.as_str() == "GET").count()
+}
+
+#[tokio::test]
+async fn metadata_head_then_get_and_unchanged_without_get() {
+    let server = MockServer::start().await;
+    let body = metadata_json("v20251030_115250", 1600).to_string();
+    mount_metadata(&server, "c379e821", "W/\"5a1b\"", body.as_bytes()).await;
+    let store = store(&server);
+
+    let read = store.read(None).await.unwrap();
+    let MetadataRead::Published(version) = read else {
+        panic!("expected Published, got {read:?}")
+    };
+    assert_eq!(version.metadata.version_tag.as_str(), "v20251030_115250");
+    assert_eq!(version.metadata.num_samples, 1600);
+    assert_eq!(version.revision.as_deref(), Some("c379e821:5a1b"));
+    assert_eq!(gets(&server.received_requests().await.unwrap()), 1);
+
+    // Same marker: answered from the HEAD alone.
+    let again = store.read(version.revision.clone()).await.unwrap();
+    assert_eq!(again, MetadataRead::Unchanged);
+    let requests = server.received_requests().await.unwrap();
+    assert_eq!(gets(&requests), 1, "no GET for an unchanged file");
+    assert_eq!(requests.len(), 3);
+
+    // A different known marker downloads again.
+    let other = store.read(Some("old:marker".into())).await.unwrap();
+    assert!(matches!(other, MetadataRead::Published(_)));
+}
+
+#[tokio::test]
+async fn metadata_prefers_x_linked_etag() {
+    let server = MockServer::start().await;
+    Mock::given(method("HEAD"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .insert_header("x-repo-commit", "c1")
+                .insert_header("x-linked-etag", "\"sha256abc\"")
+                .insert_header("etag", "\"other\""),
+        )
+        .mount(&server)
+        .await;
+    let store = store(&server);
+    assert_eq!(
+        store.read(Some("c1:sha256abc".into())).await.unwrap(),
+        MetadataRead::Unchanged
+    );
+}
+
+#[tokio::test]
+async fn metadata_absent_on_entry_not_found_or_bare_404() {
+    let server = MockServer::start().await;
+    let store = store(&server);
+    for response in [
+        ResponseTemplate::new(404)
+            .insert_header("x-error-code", "EntryNotFound")
+            .insert_header("x-error-message", "Entry not found"),
+        ResponseTemplate::new(404),
+    ] {
+        server.reset().await;
+        Mock::given(method("HEAD"))
+            .respond_with(response)
+            .mount(&server)
+            .await;
+        assert_eq!(store.read(None).await.unwrap(), MetadataRead::Absent);
+        assert_eq!(gets(&server.received_requests().await.unwrap()), 0);
+    }
+}
+
+#[tokio::test]
+async fn metadata_repo_errors_name_the_repo_and_never_the_token() {
+    let server = MockServer::start().await;
+    let store = store(&server);
+    let cases = [
+        (
+            ResponseTemplate::new(404)
+                .insert_header("x-error-code", "RepoNotFound")
+                .insert_header("x-error-message", "Repository not found"),
+            "not found",
+        ),
+        (
+            ResponseTemplate::new(404)
+                .insert_header("x-error-code", "RevisionNotFound")
+                .insert_header("x-error-message", "Invalid rev id: main"),
+            "revision",
+        ),
+        (ResponseTemplate::new(401), "read access"),
+        (
+            ResponseTemplate::new(403).insert_header("x-error-code", "GatedRepo"),
+            "gated",
+        ),
+    ];
+    for (response, needle) in cases {
+        server.reset().await;
+        Mock::given(method("HEAD"))
+            .respond_with(response)
+            .mount(&server)
+            .await;
+        let err = store.read(None).await.unwrap_err();
+        assert!(
+            matches!(err, PortError::NotFound(_) | PortError::Denied(_)),
+            "{err:?}"
+        );
+        check_message(&err, "owner/ds");
+        check_message(&err, needle);
+        assert_eq!(server.received_requests().await.unwrap().len(), 1);
+    }
+}
+
+#[tokio::test]
+async fn metadata_errors_name_the_url_and_the_field() {
+    let server = MockServer::start().await;
+    let store = store(&server);
+    let cases: [(&[u8], &str); 4] = [
+        (b"{not json", "not valid JSON"),
+        (
+            br#"{"dataset_name":"d","version_tag":"v","created_at":"2025-10-30T11:53:01Z"}"#,
+            "`num_samples`",
+        ),
+        (
+            br#"{"dataset_name":"d","version_tag":"v","num_samples":"12","created_at":"2025-10-30T11:53:01Z"}"#,
+            "`num_samples`",
+        ),
+        (
+            br#"{"dataset_name":"d","num_samples":1,"created_at":"2025-10-30T11:53:01Z"}"#,
+            "`version_tag`",
+        ),
+    ];
+    for (body, needle) in cases {
+        server.reset().await;
+        mount_metadata(&server, "c1", "\"e1\"", body).await;
+        let err = store.read(None).await.unwrap_err();
+        assert!(matches!(err, PortError::InvalidResponse(_)), "{err:?}");
+        check_message(&err, needle);
+        check_message(&err, META_PATH);
+        check_message(&err, "owner/ds");
+    }
+}
+
+#[tokio::test]
+async fn hf_url_with_revision_is_quoted_like_the_python_client() {
+    let server = MockServer::start().await;
+    Mock::given(method("HEAD"))
+        .respond_with(ResponseTemplate::new(404).insert_header("x-error-code", "EntryNotFound"))
+        .mount(&server)
+        .await;
+    for (address, expected) in [
+        (
+            "hf://datasets/owner/ds@refs/pr/1/meta/dataset_metadata.json",
+            "/datasets/owner/ds/resolve/refs%2Fpr%2F1/meta/dataset_metadata.json",
+        ),
+        (
+            "hf://datasets/owner/ds@v1.2/dataset_metadata.json",
+            "/datasets/owner/ds/resolve/v1.2/dataset_metadata.json",
+        ),
+        (
+            "hf://datasets/owner/ds/dataset_metadata.json",
+            "/datasets/owner/ds/resolve/main/dataset_metadata.json",
+        ),
+    ] {
+        let store = HfMetadataStore::from_url(client(&server), address).unwrap();
+        assert_eq!(store.read(None).await.unwrap(), MetadataRead::Absent);
+        let requests = server.received_requests().await.unwrap();
+        let last = requests.last().unwrap();
+        assert_eq!(last.url.path(), expected, "{address}");
+        assert_eq!(store.repo().unwrap().to_string(), "owner/ds");
+    }
+}
+
+#[tokio::test]
+async fn token_is_only_sent_to_the_configured_endpoint() {
+    let hub = MockServer::start().await;
+    let elsewhere = MockServer::start().await;
+    Mock::given(method("HEAD"))
+        .respond_with(ResponseTemplate::new(200).insert_header("etag", "\"e\""))
+        .mount(&elsewhere)
+        .await;
+    Mock::given(method("GET"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_raw(metadata_json("v1", 1).to_string(), "application/json"),
+        )
+        .mount(&elsewhere)
+        .await;
+    let store = HfMetadataStore::from_url(
+        client(&hub),
+        &format!("{}/datasets/owner/ds/resolve/main/m.json", elsewhere.uri()),
+    )
+    .unwrap();
+    assert!(matches!(
+        store.read(None).await.unwrap(),
+        MetadataRead::Published(_)
+    ));
+    for request in elsewhere.received_requests().await.unwrap() {
+        assert!(
+            !request.headers.contains_key("authorization"),
+            "token sent to a foreign host"
+        );
+    }
+}
+
+#[tokio::test]
+async fn head_does_not_follow_absolute_redirects_but_get_does_without_the_token() {
+    let hub = MockServer::start().await;
+    let cdn = MockServer::start().await;
+    let cdn_url = format!("{}/blob/abc", cdn.uri());
+    Mock::given(method("HEAD"))
+        .and(path(META_PATH))
+        .respond_with(
+            ResponseTemplate::new(302)
+                .insert_header("location", cdn_url.as_str())
+                .insert_header("x-repo-commit", "c9")
+                .insert_header("x-linked-etag", "\"lfs-sha\""),
+        )
+        .mount(&hub)
+        .await;
+    Mock::given(method("GET"))
+        .and(path(META_PATH))
+        .respond_with(ResponseTemplate::new(302).insert_header("location", cdn_url.as_str()))
+        .mount(&hub)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/blob/abc"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_raw(metadata_json("v3", 5).to_string(), "application/json"),
+        )
+        .mount(&cdn)
+        .await;
+    let store = store(&hub);
+    let read = store.read(None).await.unwrap();
+    let MetadataRead::Published(version) = read else {
+        panic!("expected Published, got {read:?}")
+    };
+    assert_eq!(version.revision.as_deref(), Some("c9:lfs-sha"));
+    let cdn_requests = cdn.received_requests().await.unwrap();
+    assert_eq!(cdn_requests.len(), 1, "only the GET reaches the CDN");
+    assert_eq!(cdn_requests[0].method.as_str(), "GET");
+    assert!(!cdn_requests[0].headers.contains_key("authorization"));
+    assert_eq!(
+        store.read(version.revision).await.unwrap(),
+        MetadataRead::Unchanged
+    );
+}
+
+#[tokio::test]
+async fn metadata_5xx_then_success() {
+    let server = MockServer::start().await;
+    Mock::given(method("HEAD"))
+        .respond_with(ResponseTemplate::new(500))
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    mount_metadata(&server, "c1", "\"e1\"", metadata_json("v1", 3).to_string().as_bytes()).await;
+    let read = store(&server).read(None).await.unwrap();
+    assert!(matches!(read, MetadataRead::Published(_)), "{read:?}");
+    assert_eq!(server.received_requests().await.unwrap().len(), 4);
+}
+
+#[cfg(feature = "testing")]
+mod fake {
+    use super::*;
+    use retrain_adapters::testing::fake_hub::FakeHub;
+
+    const PATH: &str = "dataset_metadata.json";
+
+    #[tokio::test]
+    async fn restart_publishes_after_the_delay_and_bumps_the_marker() {
+        let hub = FakeHub::start().await;
+        hub.add_space("owner/prep", "RUNNING");
+        hub.add_dataset("owner/ds", PATH, Some(metadata_json("v1", 10)));
+        hub.on_restart_publish(
+            "owner/prep",
+            "owner/ds",
+            PATH,
+            metadata_json("v2", 100),
+            Duration::from_millis(150),
+        );
+        let controller = HfSpaceController::new(hub.client(), "owner/prep", false).unwrap();
+        let store =
+            HfMetadataStore::from_url(hub.client(), &hub.metadata_url("owner/ds", PATH)).unwrap();
+
+        let MetadataRead::Published(first) = store.read(None).await.unwrap() else {
+            panic!("v1 should be published")
+        };
+        assert_eq!(first.metadata.version_tag.as_str(), "v1");
+        assert_eq!(
+            store.read(first.revision.clone()).await.unwrap(),
+            MetadataRead::Unchanged
+        );
+        assert_eq!(hub.metadata_gets("owner/ds"), 1);
+
+        controller.restart().await.unwrap();
+        assert_eq!(hub.restarts("owner/prep"), 1);
+        assert_eq!(controller.stage().await.unwrap(), SpaceStage::Running);
+        // Not yet: the Space takes its time.
+        assert_eq!(
+            store.read(first.revision.clone()).await.unwrap(),
+            MetadataRead::Unchanged
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let MetadataRead::Published(second) = store.read(first.revision.clone()).await.unwrap()
+        else {
+            panic!("v2 should be published after the delay")
+        };
+        assert_eq!(second.metadata.version_tag.as_str(), "v2");
+        assert_eq!(second.metadata.num_samples, 100);
+        assert_ne!(second.revision, first.revision);
+        assert_eq!(hub.posts(), 1);
+        assert!(hub.requests().iter().all(|r| r.authorized));
+    }
+
+    #[tokio::test]
+    async fn absent_until_first_publication() {
+        let hub = FakeHub::start().await;
+        hub.add_dataset("owner/ds", PATH, None);
+        let store =
+            HfMetadataStore::from_url(hub.client(), &format!("hf://datasets/owner/ds/{PATH}"))
+                .unwrap();
+        // hf:// resolves against the configured endpoint (the fake).
+        assert_eq!(store.read(None).await.unwrap(), MetadataRead::Absent);
+        hub.publish("owner/ds", PATH, metadata_json("v1", 1));
+        assert!(matches!(
+            store.read(None).await.unwrap(),
+            MetadataRead::Published(_)
+        ));
+        // Unknown repo: an error, not "absent".
+        let missing =
+            HfMetadataStore::from_url(hub.client(), &hub.metadata_url("owner/nope", PATH))
+                .unwrap();
+        let err = missing.read(None).await.unwrap_err();
+        assert!(matches!(err, PortError::NotFound(_)), "{err:?}");
+        check_message(&err, "owner/nope");
+    }
+
+    #[tokio::test]
+    async fn trainer_sets_the_variable_and_waits_for_running() {
+        let hub = FakeHub::start().await;
+        hub.add_space("owner/train", "PAUSED");
+        hub.set_restart_stages("owner/train", &["BUILDING", "APP_STARTING", "RUNNING"]);
+        let trainer = HfSpaceTrainer::new(
+            hub.client(),
+            "owner/train",
+            Some(Duration::from_secs(5)),
+        )
+        .unwrap()
+        .with_poll_interval(Duration::from_millis(5));
+        let req = request("v7");
+        let handle = trainer.start(&req).await.unwrap();
+        assert_eq!(hub.variables("owner/train")["DATASET_VERSION"], "v7");
+        assert_eq!(hub.restarts("owner/train"), 1);
+        assert_eq!(hub.factory_restarts("owner/train"), 0);
+        let outcome = trainer.wait(&req, &handle).await.unwrap();
+        assert!(matches!(outcome, TrainingOutcome::Finished(c) if c.id == "owner/train@v7"));
+        assert_eq!(hub.posts(), 2);
+    }
+
+    #[tokio::test]
+    async fn error_stage_after_restart_is_reported_with_its_message() {
+        let hub = FakeHub::start().await;
+        hub.add_space("owner/prep", "RUNNING");
+        hub.set_restart_stages("owner/prep", &["BUILDING", "BUILD_ERROR"]);
+        hub.set_error_message("owner/prep", "requirements.txt: no such package");
+        let controller = HfSpaceController::new(hub.client(), "owner/prep", true).unwrap();
+        controller.restart().await.unwrap();
+        assert_eq!(hub.factory_restarts("owner/prep"), 1);
+        assert_eq!(controller.stage().await.unwrap(), SpaceStage::Building);
+        assert_eq!(
+            controller.stage().await.unwrap(),
+            SpaceStage::Error("BUILD_ERROR".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn wrong_token_is_denied_and_injected_failures_are_retried() {
+        let hub = FakeHub::start_with_token("hf_the_right_one").await;
+        hub.add_space("owner/prep", "RUNNING");
+        let mut wrong = hub.settings();
+        wrong.token = Some(SecretString::from(TOKEN));
+        let controller =
+            HfSpaceController::new(HubClient::new(wrong).unwrap(), "owner/prep", false).unwrap();
+        let err = controller.restart().await.unwrap_err();
+        assert!(matches!(err, PortError::Denied(_)), "{err:?}");
+        check_message(&err, "owner/prep");
+        assert_eq!(hub.restarts("owner/prep"), 0);
+
+        let controller = HfSpaceController::new(hub.client(), "owner/prep", false).unwrap();
+        hub.fail_next(2, 503);
+        controller.restart().await.unwrap();
+        assert_eq!(hub.restarts("owner/prep"), 1);
+        hub.fail_next(1, 429);
+        assert_eq!(controller.stage().await.unwrap(), SpaceStage::Running);
+    }
+}
