@@ -7,3 +7,9 @@ pub mod error;
 pub mod http;
 
 pub use error::AdapterError;
+pub mod aws;
+pub mod ec2;
+pub mod github;
+pub mod mlflow;
+pub mod s3;
+pub mod webhook;
