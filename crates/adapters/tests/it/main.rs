@@ -7,3 +7,4 @@
 mod common;
 mod mlflow;
 mod ec2;
+mod s3;
