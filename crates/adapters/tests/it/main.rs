@@ -8,3 +8,4 @@ mod common;
 mod mlflow;
 mod ec2;
 mod s3;
+mod github;
