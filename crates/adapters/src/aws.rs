@@ -11,8 +11,8 @@ use std::time::SystemTime;
 
 use aws_credential_types::Credentials;
 use aws_sigv4::http_request::{
-    sign, PayloadChecksumKind, PercentEncodingMode, SignableBody, SignableRequest,
-    SigningSettings, UriPathNormalizationMode,
+    sign, PayloadChecksumKind, PercentEncodingMode, SignableBody, SignableRequest, SigningSettings,
+    UriPathNormalizationMode,
 };
 use aws_sigv4::sign::v4;
 use aws_smithy_runtime_api::client::identity::Identity;
@@ -102,18 +102,16 @@ impl AwsSettings {
                 "is not set (static credentials are required for S3/EC2)",
             )
         })?;
-        let secret = get("AWS_SECRET_ACCESS_KEY").ok_or_else(|| {
-            AdapterError::config("AWS_SECRET_ACCESS_KEY", "is not set")
-        })?;
+        let secret = get("AWS_SECRET_ACCESS_KEY")
+            .ok_or_else(|| AdapterError::config("AWS_SECRET_ACCESS_KEY", "is not set"))?;
         let endpoint = |name: &str| -> Result<Option<Url>, AdapterError> {
-            get(name)
-                .map(|raw| parse_endpoint(name, &raw))
-                .transpose()
+            get(name).map(|raw| parse_endpoint(name, &raw)).transpose()
         };
         Ok(Self {
             access_key_id: access_key_id.trim().to_owned(),
             secret_access_key: SecretString::from(secret.trim().to_owned()),
-            session_token: get("AWS_SESSION_TOKEN").map(|t| SecretString::from(t.trim().to_owned())),
+            session_token: get("AWS_SESSION_TOKEN")
+                .map(|t| SecretString::from(t.trim().to_owned())),
             region: get("AWS_REGION")
                 .or_else(|| get("AWS_DEFAULT_REGION"))
                 .map(|r| r.trim().to_owned())
@@ -143,7 +141,11 @@ impl AwsSettings {
 
     /// The EC2 endpoint: the override, else `https://ec2.<region>.amazonaws.com/`.
     pub fn ec2_endpoint(&self) -> Result<Url, AdapterError> {
-        match self.endpoint_url_ec2.as_ref().or(self.endpoint_url.as_ref()) {
+        match self
+            .endpoint_url_ec2
+            .as_ref()
+            .or(self.endpoint_url.as_ref())
+        {
             Some(url) => Ok(url.clone()),
             None => parse_endpoint(
                 "region",
@@ -239,15 +241,21 @@ impl SigV4Signer {
             .map_err(|e| PortError::Config(format!("cannot sign {} request: {e}", self.service)))?
             .into();
         let all_headers = std::iter::once(("host", host.as_str())).chain(headers.iter().copied());
-        let signable = SignableRequest::new(
-            method,
-            url.as_str(),
-            all_headers,
-            SignableBody::Bytes(body),
-        )
-        .map_err(|e| PortError::Config(format!("cannot sign {} request to {url}: {e}", self.service)))?;
+        let signable =
+            SignableRequest::new(method, url.as_str(), all_headers, SignableBody::Bytes(body))
+                .map_err(|e| {
+                    PortError::Config(format!(
+                        "cannot sign {} request to {url}: {e}",
+                        self.service
+                    ))
+                })?;
         let (instructions, _signature) = sign(signable, &params)
-            .map_err(|e| PortError::Config(format!("cannot sign {} request to {url}: {e}", self.service)))?
+            .map_err(|e| {
+                PortError::Config(format!(
+                    "cannot sign {} request to {url}: {e}",
+                    self.service
+                ))
+            })?
             .into_parts();
         Ok(instructions
             .headers()
@@ -306,7 +314,10 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(settings.region, "eu-west-1");
-        assert_eq!(settings.ec2_endpoint().unwrap().as_str(), "http://127.0.0.1:5001/");
+        assert_eq!(
+            settings.ec2_endpoint().unwrap().as_str(),
+            "http://127.0.0.1:5001/"
+        );
         assert_eq!(
             settings.s3_custom_endpoint().unwrap().as_str(),
             "http://127.0.0.1:5000/"
@@ -361,21 +372,39 @@ mod tests {
         let url = Url::parse("http://127.0.0.1:5000/").unwrap();
         let headers = settings
             .signer("ec2")
-            .sign("POST", &url, &[("content-type", "application/x-www-form-urlencoded; charset=utf-8")], b"Action=DescribeInstances")
+            .sign(
+                "POST",
+                &url,
+                &[(
+                    "content-type",
+                    "application/x-www-form-urlencoded; charset=utf-8",
+                )],
+                b"Action=DescribeInstances",
+            )
             .unwrap();
         let auth = headers.iter().find(|(k, _)| k == "authorization").unwrap();
         assert!(auth.1.contains("/us-east-1/ec2/aws4_request"), "{}", auth.1);
-        assert!(auth.1.contains("SignedHeaders=content-type;host;x-amz-date"));
+        assert!(auth
+            .1
+            .contains("SignedHeaders=content-type;host;x-amz-date"));
         let s3 = settings
             .signer("s3")
-            .sign("GET", &Url::parse("http://127.0.0.1:5000/b/k%20x").unwrap(), &[], b"")
+            .sign(
+                "GET",
+                &Url::parse("http://127.0.0.1:5000/b/k%20x").unwrap(),
+                &[],
+                b"",
+            )
             .unwrap();
         assert!(s3.iter().any(|(k, _)| k == "x-amz-content-sha256"));
     }
 
     #[test]
     fn s3_keys_are_encoded_like_aws() {
-        assert_eq!(encode_s3_key("wms/dataset_metadata.json"), "wms/dataset_metadata.json");
+        assert_eq!(
+            encode_s3_key("wms/dataset_metadata.json"),
+            "wms/dataset_metadata.json"
+        );
         assert_eq!(encode_s3_key("a b/c+d:é"), "a%20b/c%2Bd%3A%C3%A9");
     }
 }

@@ -256,9 +256,10 @@ impl Ec2Client {
             })
             .await?;
         let status = response.status();
-        let text = response.text().await.map_err(|e| {
-            PortError::Transient(format!("{what}: reading the answer failed: {e}"))
-        })?;
+        let text = response
+            .text()
+            .await
+            .map_err(|e| PortError::Transient(format!("{what}: reading the answer failed: {e}")))?;
         if status.is_success() {
             return Ok(Ok(text));
         }
@@ -293,14 +294,21 @@ impl Ec2Client {
             "InvalidInstanceID.NotFound" | "InvalidInstanceID.Malformed" => {
                 PortError::NotFound(text)
             }
-            "AuthFailure" | "UnauthorizedOperation" | "InvalidClientTokenId"
-            | "SignatureDoesNotMatch" | "OptInRequired" | "Blocked" => PortError::Denied(format!(
+            "AuthFailure"
+            | "UnauthorizedOperation"
+            | "InvalidClientTokenId"
+            | "SignatureDoesNotMatch"
+            | "OptInRequired"
+            | "Blocked" => PortError::Denied(format!(
                 "{text} (check the AWS credentials and their ec2:{action} permission)"
             )),
             "RequestLimitExceeded" | "InternalError" | "Unavailable" | "ServiceUnavailable" => {
                 PortError::Transient(text)
             }
-            _ if is_retryable_status(reqwest::StatusCode::from_u16(e.status).unwrap_or(reqwest::StatusCode::BAD_REQUEST)) => {
+            _ if is_retryable_status(
+                reqwest::StatusCode::from_u16(e.status).unwrap_or(reqwest::StatusCode::BAD_REQUEST),
+            ) =>
+            {
                 PortError::Transient(text)
             }
             _ => PortError::Failed(text),
@@ -341,13 +349,19 @@ impl Ec2Client {
             .collect()))
     }
 
-    pub async fn start_instances(&self, ids: &[String]) -> Result<Vec<InstanceStateChange>, PortError> {
+    pub async fn start_instances(
+        &self,
+        ids: &[String],
+    ) -> Result<Vec<InstanceStateChange>, PortError> {
         self.state_change("StartInstances", ids)
             .await?
             .map_err(|e| self.map_error("StartInstances", ids, e))
     }
 
-    pub async fn stop_instances(&self, ids: &[String]) -> Result<Vec<InstanceStateChange>, PortError> {
+    pub async fn stop_instances(
+        &self,
+        ids: &[String],
+    ) -> Result<Vec<InstanceStateChange>, PortError> {
         self.state_change("StopInstances", ids)
             .await?
             .map_err(|e| self.map_error("StopInstances", ids, e))
@@ -375,7 +389,10 @@ impl Ec2Client {
             for reservation in parsed.reservation_set.items {
                 for i in reservation.instances_set.items {
                     out.push(InstanceInfo {
-                        state: InstanceState::from_code(i.instance_state.code, &i.instance_state.name),
+                        state: InstanceState::from_code(
+                            i.instance_state.code,
+                            &i.instance_state.name,
+                        ),
                         instance_id: i.instance_id,
                         public_ip: i.ip_address.filter(|s| !s.is_empty()),
                         private_ip: i.private_ip_address.filter(|s| !s.is_empty()),
@@ -435,7 +452,10 @@ impl Ec2LeaseProvider {
         wait: Ec2WaitSettings,
     ) -> Result<Self, AdapterError> {
         if instance_ids.is_empty() {
-            return Err(AdapterError::config("lease.ec2", "needs at least one instance id"));
+            return Err(AdapterError::config(
+                "lease.ec2",
+                "needs at least one instance id",
+            ));
         }
         if let Some(bad) = instance_ids.iter().find(|id| !id.starts_with("i-")) {
             return Err(AdapterError::config(
@@ -505,7 +525,11 @@ impl Ec2LeaseProvider {
         Ok(running)
     }
 
-    async fn wait_running(&self, ids: &[String], deadline: Instant) -> Result<Vec<InstanceInfo>, PortError> {
+    async fn wait_running(
+        &self,
+        ids: &[String],
+        deadline: Instant,
+    ) -> Result<Vec<InstanceInfo>, PortError> {
         loop {
             let described = match self.client.describe_instances(ids).await {
                 Ok(d) => d,
@@ -519,7 +543,9 @@ impl Ec2LeaseProvider {
             for info in &described {
                 if matches!(
                     info.state,
-                    InstanceState::ShuttingDown | InstanceState::Terminated | InstanceState::Stopping
+                    InstanceState::ShuttingDown
+                        | InstanceState::Terminated
+                        | InstanceState::Stopping
                 ) {
                     return Err(PortError::Failed(format!(
                         "EC2 instance {} is {} while waiting for it to run",
@@ -608,7 +634,9 @@ impl Ec2LeaseProvider {
                     .filter(|i| {
                         !matches!(
                             i.state,
-                            InstanceState::Stopped | InstanceState::Stopping | InstanceState::Terminated
+                            InstanceState::Stopped
+                                | InstanceState::Stopping
+                                | InstanceState::Terminated
                         )
                     })
                     .map(|i| format!("{}={}", i.instance_id, i.state))
@@ -616,7 +644,10 @@ impl Ec2LeaseProvider {
                 if busy.is_empty() {
                     Ok(Vec::new())
                 } else {
-                    Err(PortError::Failed(format!("{m} (instances still up: {})", busy.join(", "))))
+                    Err(PortError::Failed(format!(
+                        "{m} (instances still up: {})",
+                        busy.join(", ")
+                    )))
                 }
             }
             Err(e) => Err(e),
@@ -697,7 +728,10 @@ mod tests {
 </item></instancesSet><requestId>request-id</requestId></StartInstancesResponse>"#;
         let parsed: StateChangeResponseXml = quick_xml::de::from_str(xml).unwrap();
         assert_eq!(parsed.instances_set.items.len(), 1);
-        assert_eq!(parsed.instances_set.items[0].instance_id, "i-b3b01cb414235fa55");
+        assert_eq!(
+            parsed.instances_set.items[0].instance_id,
+            "i-b3b01cb414235fa55"
+        );
         assert_eq!(parsed.instances_set.items[0].previous_state.code, 80);
     }
 
@@ -709,10 +743,15 @@ mod tests {
 <requestId>x</requestId></DescribeInstancesResponse>"#;
         let parsed: DescribeResponseXml = quick_xml::de::from_str(xml).unwrap();
         let i = &parsed.reservation_set.items[0].instances_set.items[0];
-        assert_eq!(InstanceState::from_code(i.instance_state.code, &i.instance_state.name), InstanceState::Running);
+        assert_eq!(
+            InstanceState::from_code(i.instance_state.code, &i.instance_state.name),
+            InstanceState::Running
+        );
         assert_eq!(i.ip_address.as_deref(), Some("1.2.3.4"));
-        let empty: DescribeResponseXml =
-            quick_xml::de::from_str("<DescribeInstancesResponse><reservationSet/></DescribeInstancesResponse>").unwrap();
+        let empty: DescribeResponseXml = quick_xml::de::from_str(
+            "<DescribeInstancesResponse><reservationSet/></DescribeInstancesResponse>",
+        )
+        .unwrap();
         assert!(empty.reservation_set.items.is_empty());
     }
 

@@ -145,7 +145,10 @@ impl GithubNotifier {
                 )
             })?;
         let api = Url::parse(settings.api_url.trim_end_matches('/')).map_err(|e| {
-            AdapterError::config("GITHUB_API_URL", format!("`{}` is not a URL: {e}", settings.api_url))
+            AdapterError::config(
+                "GITHUB_API_URL",
+                format!("`{}` is not a URL: {e}", settings.api_url),
+            )
         })?;
         if settings.token.expose_secret().trim().is_empty() {
             return Err(AdapterError::config("GITHUB_TOKEN", "is empty"));
@@ -168,7 +171,11 @@ impl GithubNotifier {
     }
 
     fn url(&self, path: &str) -> String {
-        format!("{}/{}", self.api.as_str().trim_end_matches('/'), path.trim_start_matches('/'))
+        format!(
+            "{}/{}",
+            self.api.as_str().trim_end_matches('/'),
+            path.trim_start_matches('/')
+        )
     }
 
     /// GraphQL endpoint: `https://api.github.com/graphql`, or for Enterprise
@@ -188,7 +195,13 @@ impl GithubNotifier {
             .bearer_auth(self.settings.token.expose_secret())
     }
 
-    async fn send(&self, what: &str, method: Method, url: &str, body: Option<&Value>) -> Result<Response, PortError> {
+    async fn send(
+        &self,
+        what: &str,
+        method: Method,
+        url: &str,
+        body: Option<&Value>,
+    ) -> Result<Response, PortError> {
         let response = self
             .http
             .send(what, |c| {
@@ -206,11 +219,13 @@ impl GithubNotifier {
         }
     }
 
-    async fn json<T: for<'de> Deserialize<'de>>(what: &str, response: Response) -> Result<T, PortError> {
-        response
-            .json()
-            .await
-            .map_err(|e| PortError::InvalidResponse(format!("{what}: unexpected GitHub answer: {e}")))
+    async fn json<T: for<'de> Deserialize<'de>>(
+        what: &str,
+        response: Response,
+    ) -> Result<T, PortError> {
+        response.json().await.map_err(|e| {
+            PortError::InvalidResponse(format!("{what}: unexpected GitHub answer: {e}"))
+        })
     }
 
     /// Follow `Link: <…>; rel="next"`, but only to our own API host: the
@@ -219,14 +234,22 @@ impl GithubNotifier {
         let link = response.headers().get("link")?.to_str().ok()?;
         let next = link.split(',').find_map(|part| {
             let (url, rel) = part.split_once(';')?;
-            rel.contains("rel=\"next\"")
-                .then(|| url.trim().trim_start_matches('<').trim_end_matches('>').to_owned())
+            rel.contains("rel=\"next\"").then(|| {
+                url.trim()
+                    .trim_start_matches('<')
+                    .trim_end_matches('>')
+                    .to_owned()
+            })
         })?;
         let parsed = Url::parse(&next).ok()?;
         (parsed.origin() == self.api.origin()).then_some(next)
     }
 
-    async fn list_all<T: for<'de> Deserialize<'de>>(&self, what: &str, first: String) -> Result<Vec<T>, PortError> {
+    async fn list_all<T: for<'de> Deserialize<'de>>(
+        &self,
+        what: &str,
+        first: String,
+    ) -> Result<Vec<T>, PortError> {
         let mut out = Vec::new();
         let mut next = Some(first);
         let mut pages = 0;
@@ -253,7 +276,9 @@ impl GithubNotifier {
         let comments: Vec<Comment> = self
             .list_all(
                 &what,
-                self.url(&format!("repos/{repo}/issues/{issue}/comments?per_page=100")),
+                self.url(&format!(
+                    "repos/{repo}/issues/{issue}/comments?per_page=100"
+                )),
             )
             .await?;
         let payload = json!({ "body": body });
@@ -361,15 +386,23 @@ impl GithubNotifier {
         let repo = self.repo();
         let what = format!("GitHub {repo}#{} enable auto-merge", pr.number);
         if pr.node_id.is_empty() {
-            return Err(PortError::InvalidResponse(format!("{what}: the pull request has no node_id")));
+            return Err(PortError::InvalidResponse(format!(
+                "{what}: the pull request has no node_id"
+            )));
         }
         let query = json!({
             "query": "mutation($id: ID!) { enablePullRequestAutoMerge(input: {pullRequestId: $id, mergeMethod: SQUASH}) { pullRequest { number } } }",
             "variables": { "id": pr.node_id },
         });
-        let response = self.send(&what, Method::POST, &self.graphql_url(), Some(&query)).await?;
+        let response = self
+            .send(&what, Method::POST, &self.graphql_url(), Some(&query))
+            .await?;
         let answer: Value = Self::json(&what, response).await?;
-        let Some(errors) = answer.get("errors").and_then(Value::as_array).filter(|e| !e.is_empty()) else {
+        let Some(errors) = answer
+            .get("errors")
+            .and_then(Value::as_array)
+            .filter(|e| !e.is_empty())
+        else {
             info!(%repo, number = pr.number, "auto-merge enabled");
             return Ok(());
         };
@@ -391,7 +424,10 @@ impl GithubNotifier {
             info!(%repo, number = pr.number, "pull request was mergeable: merged");
             return Ok(());
         }
-        Err(PortError::Failed(format!("{what}: {}", messages.join("; "))))
+        Err(PortError::Failed(format!(
+            "{what}: {}",
+            messages.join("; ")
+        )))
     }
 }
 

@@ -58,7 +58,10 @@ pub enum MlflowAuth {
     /// `MLFLOW_TRACKING_TOKEN`: `Authorization: Bearer …`.
     Token(SecretString),
     /// `MLFLOW_TRACKING_USERNAME` / `MLFLOW_TRACKING_PASSWORD`: HTTP basic.
-    Basic { user: String, password: SecretString },
+    Basic {
+        user: String,
+        password: SecretString,
+    },
 }
 
 impl fmt::Debug for MlflowAuth {
@@ -83,7 +86,10 @@ impl MlflowAuth {
         if let Some(token) = get("MLFLOW_TRACKING_TOKEN") {
             return Self::Token(SecretString::from(token));
         }
-        match (get("MLFLOW_TRACKING_USERNAME"), get("MLFLOW_TRACKING_PASSWORD")) {
+        match (
+            get("MLFLOW_TRACKING_USERNAME"),
+            get("MLFLOW_TRACKING_PASSWORD"),
+        ) {
             (Some(user), Some(password)) => Self::Basic {
                 user,
                 password: SecretString::from(password),
@@ -287,7 +293,9 @@ impl MlflowRegistry {
                 ));
             }
         }
-        if !settings.tracking_uri.starts_with("http://") && !settings.tracking_uri.starts_with("https://") {
+        if !settings.tracking_uri.starts_with("http://")
+            && !settings.tracking_uri.starts_with("https://")
+        {
             return Err(AdapterError::config(
                 "registry.mlflow",
                 format!(
@@ -393,7 +401,11 @@ impl MlflowRegistry {
             PortError::Transient(format!("{what}: reading the MLflow response failed: {e}"))
         })?;
         if status.is_success() {
-            let text = if body.trim().is_empty() { "{}" } else { body.as_str() };
+            let text = if body.trim().is_empty() {
+                "{}"
+            } else {
+                body.as_str()
+            };
             return serde_json::from_str(text).map(Ok).map_err(|e| {
                 PortError::InvalidResponse(format!(
                     "{what}: unexpected MLflow response ({e}): {}",
@@ -487,9 +499,21 @@ impl MlflowRegistry {
         }
     }
 
-    async fn run_metrics(&self, base: &str, run_id: &str, what: &str) -> Result<Metrics, PortError> {
+    async fn run_metrics(
+        &self,
+        base: &str,
+        run_id: &str,
+        what: &str,
+    ) -> Result<Metrics, PortError> {
         let answer: Result<RunResponse, ApiError> = self
-            .call(base, Method::GET, "runs/get", json!({"run_id": run_id}), what, false)
+            .call(
+                base,
+                Method::GET,
+                "runs/get",
+                json!({"run_id": run_id}),
+                what,
+                false,
+            )
             .await?;
         match answer {
             Ok(r) => latest_metrics(&r.run.data.metrics, what),
@@ -503,14 +527,14 @@ impl MlflowRegistry {
     /// Versions of the model tagged with `retrain_run_id = run_id`. The
     /// server-side tag filter works on MLflow 3.17 (verified); the result is
     /// still filtered client-side in case a server ignores part of it.
-    async fn versions_of_run(&self, base: &str, run_id: &RunId) -> Result<Vec<ModelVersion>, PortError> {
+    async fn versions_of_run(
+        &self,
+        base: &str,
+        run_id: &RunId,
+    ) -> Result<Vec<ModelVersion>, PortError> {
         let model = self.model();
         let what = format!("MLflow model `{model}` versions of retrain run {run_id}");
-        let filter = format!(
-            "name='{}' and tags.{TAG_RUN_ID}='{}'",
-            model,
-            run_id
-        );
+        let filter = format!("name='{}' and tags.{TAG_RUN_ID}='{}'", model, run_id);
         let mut found = Vec::new();
         let mut page_token: Option<String> = None;
         loop {
@@ -519,7 +543,14 @@ impl MlflowRegistry {
                 params["page_token"] = json!(token);
             }
             let answer: Result<ModelVersionsResponse, ApiError> = self
-                .call(base, Method::GET, "model-versions/search", params, &what, false)
+                .call(
+                    base,
+                    Method::GET,
+                    "model-versions/search",
+                    params,
+                    &what,
+                    false,
+                )
                 .await?;
             let page = match answer {
                 Ok(page) => page,
@@ -585,7 +616,8 @@ impl MlflowRegistry {
         let mut last_error = None;
         for attempt in 0..attempts {
             if attempt > 0 {
-                if let Some(existing) = self.versions_of_run(base, run_id).await?.into_iter().next() {
+                if let Some(existing) = self.versions_of_run(base, run_id).await?.into_iter().next()
+                {
                     return Ok(existing);
                 }
                 let backoff = self
@@ -597,13 +629,22 @@ impl MlflowRegistry {
                 tokio::time::sleep(backoff).await;
             }
             let answer: Result<Result<ModelVersionResponse, ApiError>, PortError> = self
-                .call(base, Method::POST, "model-versions/create", body.clone(), &what, true)
+                .call(
+                    base,
+                    Method::POST,
+                    "model-versions/create",
+                    body.clone(),
+                    &what,
+                    true,
+                )
                 .await;
             match answer {
                 Ok(Ok(ModelVersionResponse {
                     model_version: Some(v),
                 })) => return Ok(v),
-                Ok(Ok(ModelVersionResponse { model_version: None })) => {
+                Ok(Ok(ModelVersionResponse {
+                    model_version: None,
+                })) => {
                     return Err(PortError::InvalidResponse(format!(
                         "{what}: the answer has no `model_version`"
                     )))
@@ -664,8 +705,9 @@ impl MlflowRegistry {
                 json!({"name": model, "version": version, "stage": "Production", "archive_existing_versions": true}),
             ),
         };
-        let answer: Result<Value, ApiError> =
-            self.call(base, Method::POST, path, body, &what, false).await?;
+        let answer: Result<Value, ApiError> = self
+            .call(base, Method::POST, path, body, &what, false)
+            .await?;
         answer.map(|_| ()).map_err(|e| Self::unexpected(&what, e))
     }
 }
@@ -717,7 +759,11 @@ impl ModelRegistry for MlflowRegistry {
     ) -> Result<PromotedVersion, PortError> {
         let base = self.api_base(lease.as_ref())?;
         // Reuse the version an earlier attempt of this run created.
-        let existing = self.versions_of_run(&base, &run_id).await?.into_iter().next();
+        let existing = self
+            .versions_of_run(&base, &run_id)
+            .await?
+            .into_iter()
+            .next();
         let version = match existing {
             Some(v) => v,
             None => {
@@ -747,7 +793,8 @@ impl ModelRegistry for MlflowRegistry {
             self.move_production(&base, &version.version).await?;
         }
         if let (RegistryMode::Alias, Some(previous)) = (self.settings.mode, &previous) {
-            self.set_version_tag(&base, previous, TAG_ARCHIVED, "true").await?;
+            self.set_version_tag(&base, previous, TAG_ARCHIVED, "true")
+                .await?;
         }
         self.set_version_tag(&base, &version.version, TAG_PROMOTED, "true")
             .await?;
@@ -804,8 +851,13 @@ mod tests {
             _ => None,
         });
         let debug = format!("{auth:?}");
-        assert!(debug.contains("bob") && !debug.contains("hunter2"), "{debug}");
-        let auth = MlflowAuth::from_lookup(|n| (n == "MLFLOW_TRACKING_TOKEN").then(|| "tok-secret".into()));
+        assert!(
+            debug.contains("bob") && !debug.contains("hunter2"),
+            "{debug}"
+        );
+        let auth = MlflowAuth::from_lookup(|n| {
+            (n == "MLFLOW_TRACKING_TOKEN").then(|| "tok-secret".into())
+        });
         assert!(matches!(auth, MlflowAuth::Token(_)));
         assert!(!format!("{auth:?}").contains("tok-secret"));
     }

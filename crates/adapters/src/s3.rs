@@ -42,7 +42,11 @@ impl S3MetadataStore {
         Self::with_policy(settings, url, HttpPolicy::default())
     }
 
-    pub fn with_policy(settings: AwsSettings, url: &str, policy: HttpPolicy) -> Result<Self, AdapterError> {
+    pub fn with_policy(
+        settings: AwsSettings,
+        url: &str,
+        policy: HttpPolicy,
+    ) -> Result<Self, AdapterError> {
         let (bucket, key) = parse_s3_url(url)?;
         let object_url = object_url(&settings, &bucket, &key)?;
         Ok(Self {
@@ -67,7 +71,9 @@ impl S3MetadataStore {
     }
 
     async fn send(&self, method: Method) -> Result<reqwest::Response, PortError> {
-        let signed = self.signer.sign(method.as_str(), &self.object_url, &[], b"")?;
+        let signed = self
+            .signer
+            .sign(method.as_str(), &self.object_url, &[], b"")?;
         let what = self.address();
         self.http
             .send(&what, |c| {
@@ -134,7 +140,12 @@ fn etag_of(response: &reqwest::Response) -> Option<String> {
         .headers()
         .get(reqwest::header::ETAG)
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.trim().trim_start_matches("W/").trim_matches('"').to_owned())
+        .map(|v| {
+            v.trim()
+                .trim_start_matches("W/")
+                .trim_matches('"')
+                .to_owned()
+        })
         .filter(|v| !v.is_empty())
 }
 
@@ -144,7 +155,10 @@ pub fn parse_s3_url(url: &str) -> Result<(String, String), AdapterError> {
         AdapterError::config("metadata", format!("`{url}` is not an s3://bucket/key URL"))
     })?;
     let (bucket, key) = rest.split_once('/').ok_or_else(|| {
-        AdapterError::config("metadata", format!("`{url}` has no object key after the bucket"))
+        AdapterError::config(
+            "metadata",
+            format!("`{url}` has no object key after the bucket"),
+        )
     })?;
     let bucket_ok = (3..=63).contains(&bucket.len())
         && bucket
@@ -170,11 +184,18 @@ fn object_url(settings: &AwsSettings, bucket: &str, key: &str) -> Result<Url, Ad
     let raw = match settings.s3_custom_endpoint() {
         Some(endpoint) => format!("{}/{bucket}/{key}", endpoint.as_str().trim_end_matches('/')),
         None if bucket.contains('.') => {
-            format!("https://s3.{}.amazonaws.com/{bucket}/{key}", settings.region)
+            format!(
+                "https://s3.{}.amazonaws.com/{bucket}/{key}",
+                settings.region
+            )
         }
-        None => format!("https://{bucket}.s3.{}.amazonaws.com/{key}", settings.region),
+        None => format!(
+            "https://{bucket}.s3.{}.amazonaws.com/{key}",
+            settings.region
+        ),
     };
-    Url::parse(&raw).map_err(|e| AdapterError::config("metadata", format!("cannot build the S3 URL: {e}")))
+    Url::parse(&raw)
+        .map_err(|e| AdapterError::config("metadata", format!("cannot build the S3 URL: {e}")))
 }
 
 #[async_trait]
@@ -203,11 +224,17 @@ impl MetadataStore for S3MetadataStore {
         // between the HEAD and the GET.
         let revision = etag_of(&response);
         let bytes = response.bytes().await.map_err(|e| {
-            PortError::Transient(format!("{}: reading the object failed: {e}", self.address()))
+            PortError::Transient(format!(
+                "{}: reading the object failed: {e}",
+                self.address()
+            ))
         })?;
         let metadata = DatasetMetadata::parse(&bytes)
             .map_err(|e| PortError::InvalidResponse(format!("{}: {e}", self.address())))?;
-        Ok(MetadataRead::Published(DatasetVersion { metadata, revision }))
+        Ok(MetadataRead::Published(DatasetVersion {
+            metadata,
+            revision,
+        }))
     }
 
     fn describe(&self) -> String {
@@ -239,11 +266,15 @@ mod tests {
     #[test]
     fn addressing_style_follows_the_endpoint() {
         assert_eq!(
-            object_url(&settings(), "b-1", "a b/m.json").unwrap().as_str(),
+            object_url(&settings(), "b-1", "a b/m.json")
+                .unwrap()
+                .as_str(),
             "https://b-1.s3.eu-west-1.amazonaws.com/a%20b/m.json"
         );
         assert_eq!(
-            object_url(&settings(), "b.dotted", "m.json").unwrap().as_str(),
+            object_url(&settings(), "b.dotted", "m.json")
+                .unwrap()
+                .as_str(),
             "https://s3.eu-west-1.amazonaws.com/b.dotted/m.json"
         );
         let custom = settings().with_endpoint(Url::parse("http://127.0.0.1:9000/").unwrap());

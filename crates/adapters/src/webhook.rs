@@ -49,7 +49,11 @@ impl fmt::Debug for WebhookNotifier {
 }
 
 impl WebhookNotifier {
-    pub fn new(url: SecretString, format: WebhookFormat, on: NotifyOn) -> Result<Self, AdapterError> {
+    pub fn new(
+        url: SecretString,
+        format: WebhookFormat,
+        on: NotifyOn,
+    ) -> Result<Self, AdapterError> {
         Self::with_policy(url, format, on, HttpPolicy::default())
     }
 
@@ -63,7 +67,10 @@ impl WebhookNotifier {
         let parsed = Url::parse(url.expose_secret())
             .map_err(|e| AdapterError::config("notify.webhook", format!("not a URL: {e}")))?;
         if !matches!(parsed.scheme(), "http" | "https") {
-            return Err(AdapterError::config("notify.webhook", "must be an http(s) URL"));
+            return Err(AdapterError::config(
+                "notify.webhook",
+                "must be an http(s) URL",
+            ));
         }
         let host = parsed.host_str().unwrap_or_default().to_owned();
         Ok(Self {
@@ -123,9 +130,15 @@ impl Notifier for WebhookNotifier {
             return Ok(());
         }
         Err(match status.as_u16() {
-            401 | 403 => PortError::Denied(format!("{what}: HTTP {status}: the webhook refused the message")),
-            404 | 410 => PortError::NotFound(format!("{what}: HTTP {status}: the webhook no longer exists")),
-            _ if is_retryable_status(status) => PortError::Transient(format!("{what}: HTTP {status} after retries")),
+            401 | 403 => PortError::Denied(format!(
+                "{what}: HTTP {status}: the webhook refused the message"
+            )),
+            404 | 410 => PortError::NotFound(format!(
+                "{what}: HTTP {status}: the webhook no longer exists"
+            )),
+            _ if is_retryable_status(status) => {
+                PortError::Transient(format!("{what}: HTTP {status} after retries"))
+            }
             _ => PortError::Failed(format!("{what}: HTTP {status}")),
         })
     }

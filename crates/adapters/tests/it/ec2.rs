@@ -15,8 +15,12 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 use crate::common::service_url;
 
 pub fn moto_settings(url: &str) -> AwsSettings {
-    AwsSettings::new("testing", SecretString::from("moto-secret-key"), "us-east-1")
-        .with_endpoint(url::Url::parse(url).unwrap())
+    AwsSettings::new(
+        "testing",
+        SecretString::from("moto-secret-key"),
+        "us-east-1",
+    )
+    .with_endpoint(url::Url::parse(url).unwrap())
 }
 
 fn fast_wait() -> Ec2WaitSettings {
@@ -44,7 +48,10 @@ async fn stopped_instance(client: &Ec2Client) -> String {
     let start = xml.find("<instanceId>").unwrap() + "<instanceId>".len();
     let end = start + xml[start..].find("</instanceId>").unwrap();
     let id = xml[start..end].to_owned();
-    client.stop_instances(std::slice::from_ref(&id)).await.unwrap();
+    client
+        .stop_instances(std::slice::from_ref(&id))
+        .await
+        .unwrap();
     id
 }
 
@@ -71,7 +78,10 @@ async fn moto_acquire_runs_and_release_stops() {
     };
     let client = Ec2Client::new(&moto_settings(&url), HttpPolicy::fast_for_tests()).unwrap();
     let id = stopped_instance(&client).await;
-    let described = client.describe_instances(std::slice::from_ref(&id)).await.unwrap();
+    let described = client
+        .describe_instances(std::slice::from_ref(&id))
+        .await
+        .unwrap();
     assert_eq!(described[0].state, InstanceState::Stopped);
 
     let provider = Ec2LeaseProvider::new(
@@ -87,25 +97,46 @@ async fn moto_acquire_runs_and_release_stops() {
     assert_eq!(plan.resources, vec![id.clone()]);
     assert_eq!(plan.provider, "ec2");
 
-    let lease = provider.acquire(lease_for(&[id.clone()])).await.unwrap();
-    let described = client.describe_instances(std::slice::from_ref(&id)).await.unwrap();
+    let lease = provider
+        .acquire(lease_for(std::slice::from_ref(&id)))
+        .await
+        .unwrap();
+    let described = client
+        .describe_instances(std::slice::from_ref(&id))
+        .await
+        .unwrap();
     assert_eq!(described[0].state, InstanceState::Running);
-    let public_ip = lease.attributes.get("public_ip").expect("public_ip attribute");
+    let public_ip = lease
+        .attributes
+        .get("public_ip")
+        .expect("public_ip attribute");
     assert_eq!(Some(public_ip), described[0].public_ip.as_ref());
     assert!(lease.attributes.contains_key("private_ip"));
 
     provider.release(&lease).await.unwrap();
-    let described = client.describe_instances(std::slice::from_ref(&id)).await.unwrap();
+    let described = client
+        .describe_instances(std::slice::from_ref(&id))
+        .await
+        .unwrap();
     assert_eq!(described[0].state, InstanceState::Stopped);
     // Releasing again is fine: stopping a stopped instance succeeds.
     provider.release(&lease).await.unwrap();
 
     // The infra commands' helpers.
-    assert_eq!(provider.status().await.unwrap()[0].state, InstanceState::Stopped);
+    assert_eq!(
+        provider.status().await.unwrap()[0].state,
+        InstanceState::Stopped
+    );
     provider.start().await.unwrap();
-    assert_eq!(provider.status().await.unwrap()[0].state, InstanceState::Running);
+    assert_eq!(
+        provider.status().await.unwrap()[0].state,
+        InstanceState::Running
+    );
     provider.stop().await.unwrap();
-    assert_eq!(provider.status().await.unwrap()[0].state, InstanceState::Stopped);
+    assert_eq!(
+        provider.status().await.unwrap()[0].state,
+        InstanceState::Stopped
+    );
 }
 
 #[tokio::test]
@@ -129,7 +160,10 @@ async fn moto_health_url_is_polled_with_the_public_ip() {
         },
     )
     .unwrap();
-    let err = provider.acquire(lease_for(&[id.clone()])).await.unwrap_err();
+    let err = provider
+        .acquire(lease_for(std::slice::from_ref(&id)))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains(":9/health"), "{err}");
     assert!(err.to_string().contains(&id), "{err}");
     provider.release(&lease_for(&[id])).await.unwrap();
@@ -151,11 +185,20 @@ async fn moto_unknown_instance_id_is_named() {
         fast_wait(),
     )
     .unwrap();
-    let err = provider.acquire(lease_for(&[missing.clone()])).await.unwrap_err();
+    let err = provider
+        .acquire(lease_for(std::slice::from_ref(&missing)))
+        .await
+        .unwrap_err();
     assert!(matches!(err, PortError::NotFound(_)), "{err:?}");
     assert!(err.to_string().contains(&missing), "{err}");
-    assert!(err.to_string().contains("InvalidInstanceID.NotFound"), "{err}");
-    let err = provider.release(&lease_for(&[missing.clone()])).await.unwrap_err();
+    assert!(
+        err.to_string().contains("InvalidInstanceID.NotFound"),
+        "{err}"
+    );
+    let err = provider
+        .release(&lease_for(std::slice::from_ref(&missing)))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains(&missing), "{err}");
     assert!(!format!("{err:?}").contains("moto-secret-key"));
 }
@@ -171,17 +214,30 @@ async fn auth_failure_is_denied_without_the_secret() {
         .await;
     let settings = moto_settings(&server.uri());
     let client = Ec2Client::new(&settings, HttpPolicy::fast_for_tests()).unwrap();
-    let err = client.describe_instances(&["i-1".into()]).await.unwrap_err();
+    let err = client
+        .describe_instances(&["i-1".into()])
+        .await
+        .unwrap_err();
     assert!(matches!(err, PortError::Denied(_)), "{err:?}");
     assert!(err.to_string().contains("AuthFailure"));
     assert!(!err.to_string().contains("moto-secret-key"));
     assert!(!format!("{settings:?} {client:?}").contains("moto-secret-key"));
     // The request was signed for ec2 in the configured region.
     let requests = server.received_requests().await.unwrap();
-    let auth = requests[0].headers.get("authorization").unwrap().to_str().unwrap();
+    let auth = requests[0]
+        .headers
+        .get("authorization")
+        .unwrap()
+        .to_str()
+        .unwrap();
     assert!(auth.contains("/us-east-1/ec2/aws4_request"), "{auth}");
     let body = String::from_utf8_lossy(&requests[0].body);
-    assert!(body.contains("Action=DescribeInstances") && body.contains("Version=2016-11-15") && body.contains("InstanceId.1=i-1"), "{body}");
+    assert!(
+        body.contains("Action=DescribeInstances")
+            && body.contains("Version=2016-11-15")
+            && body.contains("InstanceId.1=i-1"),
+        "{body}"
+    );
 }
 
 #[tokio::test]

@@ -42,7 +42,11 @@ struct Comments(std::sync::Arc<std::sync::Mutex<Vec<(u64, String)>>>);
 impl Comments {
     fn list(&self) -> Value {
         let all = self.0.lock().unwrap();
-        Value::Array(all.iter().map(|(id, body)| json!({"id": id, "body": body, "user": {"login": "bot"}})).collect())
+        Value::Array(
+            all.iter()
+                .map(|(id, body)| json!({"id": id, "body": body, "user": {"login": "bot"}}))
+                .collect(),
+        )
     }
 }
 
@@ -51,7 +55,11 @@ async fn comment_is_created_then_updated_in_place() {
     let server = MockServer::start().await;
     let comments = Comments::default();
     // Someone else's comment with another label's marker on page 1.
-    comments.0.lock().unwrap().push((1, "<!-- retrain:label=other -->\nhello".into()));
+    comments
+        .0
+        .lock()
+        .unwrap()
+        .push((1, "<!-- retrain:label=other -->\nhello".into()));
     {
         let comments = comments.clone();
         Mock::given(method("GET"))
@@ -59,7 +67,9 @@ async fn comment_is_created_then_updated_in_place() {
             .and(header("accept", "application/vnd.github+json"))
             .and(header("x-github-api-version", "2022-11-28"))
             .and(header("authorization", format!("Bearer {TOKEN}").as_str()))
-            .respond_with(move |_: &Request| ResponseTemplate::new(200).set_body_json(comments.list()))
+            .respond_with(move |_: &Request| {
+                ResponseTemplate::new(200).set_body_json(comments.list())
+            })
             .mount(&server)
             .await;
     }
@@ -94,20 +104,37 @@ async fn comment_is_created_then_updated_in_place() {
             .mount(&server)
             .await;
     }
-    let notifier = GithubNotifier::new(settings(&server, NotifyOn::Always, GithubTarget::Comment { issue: 12 })).unwrap();
-    notifier.notify(&report("segmentation", LabelStatus::Rejected)).await.unwrap();
-    notifier.notify(&report("segmentation", LabelStatus::Promoted)).await.unwrap();
+    let notifier = GithubNotifier::new(settings(
+        &server,
+        NotifyOn::Always,
+        GithubTarget::Comment { issue: 12 },
+    ))
+    .unwrap();
+    notifier
+        .notify(&report("segmentation", LabelStatus::Rejected))
+        .await
+        .unwrap();
+    notifier
+        .notify(&report("segmentation", LabelStatus::Promoted))
+        .await
+        .unwrap();
     let all = comments.0.lock().unwrap().clone();
     assert_eq!(all.len(), 2, "one comment per label: {all:?}");
     assert!(all[1].1.starts_with("<!-- retrain:label=segmentation -->"));
     assert!(all[1].1.contains("promoted"), "updated body: {}", all[1].1);
-    assert_eq!(all[0].1, "<!-- retrain:label=other -->\nhello", "others untouched");
+    assert_eq!(
+        all[0].1, "<!-- retrain:label=other -->\nhello",
+        "others untouched"
+    );
 }
 
 #[tokio::test]
 async fn comments_are_paginated_through_the_link_header() {
     let server = MockServer::start().await;
-    let next = format!("{}/repos/acme/wms/issues/5/comments?per_page=100&page=2", server.uri());
+    let next = format!(
+        "{}/repos/acme/wms/issues/5/comments?per_page=100&page=2",
+        server.uri()
+    );
     Mock::given(method("GET"))
         .and(path("/repos/acme/wms/issues/5/comments"))
         .and(query_param("page", "2"))
@@ -120,7 +147,10 @@ async fn comments_are_paginated_through_the_link_header() {
         .and(path("/repos/acme/wms/issues/5/comments"))
         .respond_with(
             ResponseTemplate::new(200)
-                .insert_header("link", format!("<{next}>; rel=\"next\", <{next}>; rel=\"last\"").as_str())
+                .insert_header(
+                    "link",
+                    format!("<{next}>; rel=\"next\", <{next}>; rel=\"last\"").as_str(),
+                )
                 .set_body_json(json!([{"id": 1, "body": null}])),
         )
         .mount(&server)
@@ -136,8 +166,16 @@ async fn comments_are_paginated_through_the_link_header() {
         .expect(0)
         .mount(&server)
         .await;
-    let notifier = GithubNotifier::new(settings(&server, NotifyOn::Improved, GithubTarget::Comment { issue: 5 })).unwrap();
-    notifier.notify(&report("seg", LabelStatus::Promoted)).await.unwrap();
+    let notifier = GithubNotifier::new(settings(
+        &server,
+        NotifyOn::Improved,
+        GithubTarget::Comment { issue: 5 },
+    ))
+    .unwrap();
+    notifier
+        .notify(&report("seg", LabelStatus::Promoted))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -157,7 +195,11 @@ async fn not_improved_means_no_call_at_all() {
         },
     ] {
         let notifier = GithubNotifier::new(settings(&server, NotifyOn::Improved, target)).unwrap();
-        for status in [LabelStatus::Rejected, LabelStatus::Failed, LabelStatus::Skipped] {
+        for status in [
+            LabelStatus::Rejected,
+            LabelStatus::Failed,
+            LabelStatus::Skipped,
+        ] {
             notifier.notify(&report("seg", status)).await.unwrap();
         }
     }
@@ -168,7 +210,10 @@ async fn not_improved_means_no_call_at_all() {
         HttpPolicy::fast_for_tests(),
     )
     .unwrap();
-    webhook.notify(&report("seg", LabelStatus::Rejected)).await.unwrap();
+    webhook
+        .notify(&report("seg", LabelStatus::Rejected))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -182,7 +227,9 @@ async fn pull_request_is_created_then_updated_and_auto_merged() {
             .and(query_param("state", "open"))
             .and(query_param("head", "acme:data/20260210"))
             .and(query_param("base", "main"))
-            .respond_with(move |_: &Request| ResponseTemplate::new(200).set_body_json(Value::Array(prs.lock().unwrap().clone())))
+            .respond_with(move |_: &Request| {
+                ResponseTemplate::new(200).set_body_json(Value::Array(prs.lock().unwrap().clone()))
+            })
             .mount(&server)
             .await;
     }
@@ -206,7 +253,8 @@ async fn pull_request_is_created_then_updated_and_auto_merged() {
         .and(path("/repos/acme/wms/pulls/42"))
         .respond_with(|req: &Request| {
             let body: Value = serde_json::from_slice(&req.body).unwrap();
-            ResponseTemplate::new(200).set_body_json(json!({"number": 42, "node_id": "PR_kwDO42", "body": body["body"]}))
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"number": 42, "node_id": "PR_kwDO42", "body": body["body"]}))
         })
         .expect(1)
         .mount(&server)
@@ -215,9 +263,14 @@ async fn pull_request_is_created_then_updated_and_auto_merged() {
         .and(path("/graphql"))
         .respond_with(|req: &Request| {
             let body: Value = serde_json::from_slice(&req.body).unwrap();
-            assert!(body["query"].as_str().unwrap().contains("enablePullRequestAutoMerge"));
+            assert!(body["query"]
+                .as_str()
+                .unwrap()
+                .contains("enablePullRequestAutoMerge"));
             assert_eq!(body["variables"]["id"], "PR_kwDO42");
-            ResponseTemplate::new(200).set_body_json(json!({"data": {"enablePullRequestAutoMerge": {"pullRequest": {"number": 42}}}}))
+            ResponseTemplate::new(200).set_body_json(
+                json!({"data": {"enablePullRequestAutoMerge": {"pullRequest": {"number": 42}}}}),
+            )
         })
         .expect(2)
         .mount(&server)
@@ -232,8 +285,14 @@ async fn pull_request_is_created_then_updated_and_auto_merged() {
         },
     ))
     .unwrap();
-    notifier.notify(&report("seg", LabelStatus::Promoted)).await.unwrap();
-    notifier.notify(&report("seg", LabelStatus::Promoted)).await.unwrap();
+    notifier
+        .notify(&report("seg", LabelStatus::Promoted))
+        .await
+        .unwrap();
+    notifier
+        .notify(&report("seg", LabelStatus::Promoted))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -246,7 +305,9 @@ async fn auto_merge_on_a_clean_pr_merges_it() {
         .await;
     Mock::given(method("POST"))
         .and(path("/repos/acme/wms/pulls"))
-        .respond_with(ResponseTemplate::new(201).set_body_json(json!({"number": 3, "node_id": "PR_3"})))
+        .respond_with(
+            ResponseTemplate::new(201).set_body_json(json!({"number": 3, "node_id": "PR_3"})),
+        )
         .mount(&server)
         .await;
     Mock::given(method("POST"))
@@ -263,10 +324,17 @@ async fn auto_merge_on_a_clean_pr_merges_it() {
     let notifier = GithubNotifier::new(settings(
         &server,
         NotifyOn::Always,
-        GithubTarget::PullRequest { head: "d".into(), base: "main".into(), auto_merge: true },
+        GithubTarget::PullRequest {
+            head: "d".into(),
+            base: "main".into(),
+            auto_merge: true,
+        },
     ))
     .unwrap();
-    notifier.notify(&report("seg", LabelStatus::Promoted)).await.unwrap();
+    notifier
+        .notify(&report("seg", LabelStatus::Promoted))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -276,11 +344,18 @@ async fn token_never_appears_in_errors_or_debug() {
         .respond_with(ResponseTemplate::new(401).set_body_json(json!({"message": "Bad credentials", "documentation_url": "https://docs.github.com/rest"})))
         .mount(&server)
         .await;
-    let s = settings(&server, NotifyOn::Always, GithubTarget::Comment { issue: 1 });
+    let s = settings(
+        &server,
+        NotifyOn::Always,
+        GithubTarget::Comment { issue: 1 },
+    );
     assert!(!format!("{s:?}").contains(TOKEN));
     let notifier = GithubNotifier::new(s).unwrap();
     assert!(!format!("{notifier:?}").contains(TOKEN));
-    let err = notifier.notify(&report("seg", LabelStatus::Promoted)).await.unwrap_err();
+    let err = notifier
+        .notify(&report("seg", LabelStatus::Promoted))
+        .await
+        .unwrap_err();
     assert!(matches!(err, PortError::Denied(_)), "{err:?}");
     assert!(err.to_string().contains("acme/wms#1"), "{err}");
     assert!(!err.to_string().contains(TOKEN) && !format!("{err:?}").contains(TOKEN));
@@ -303,7 +378,10 @@ async fn webhook_posts_json_and_slack_text_without_leaking_the_url() {
     )
     .unwrap();
     assert!(!format!("{slack:?} {}", slack.describe()).contains("XXXXSECRET"));
-    slack.notify(&report("seg", LabelStatus::Rejected)).await.unwrap();
+    slack
+        .notify(&report("seg", LabelStatus::Rejected))
+        .await
+        .unwrap();
     let json_hook = WebhookNotifier::with_policy(
         SecretString::from(url),
         WebhookFormat::Json,
@@ -311,11 +389,17 @@ async fn webhook_posts_json_and_slack_text_without_leaking_the_url() {
         HttpPolicy::fast_for_tests(),
     )
     .unwrap();
-    json_hook.notify(&report("seg", LabelStatus::Promoted)).await.unwrap();
+    json_hook
+        .notify(&report("seg", LabelStatus::Promoted))
+        .await
+        .unwrap();
     let requests = server.received_requests().await.unwrap();
     assert_eq!(requests.len(), 2);
     let slack_body: Value = serde_json::from_slice(&requests[0].body).unwrap();
-    assert!(slack_body["text"].as_str().unwrap().contains("### `seg`: rejected"));
+    assert!(slack_body["text"]
+        .as_str()
+        .unwrap()
+        .contains("### `seg`: rejected"));
     let report_body: Value = serde_json::from_slice(&requests[1].body).unwrap();
     assert_eq!(report_body["label"], "seg");
     assert_eq!(report_body["status"], "promoted");
@@ -325,10 +409,16 @@ async fn webhook_posts_json_and_slack_text_without_leaking_the_url() {
         SecretString::from("http://127.0.0.1:9/services/T000/B000/XXXXSECRET".to_owned()),
         WebhookFormat::Slack,
         NotifyOn::Always,
-        HttpPolicy { max_retries: 0, ..HttpPolicy::fast_for_tests() },
+        HttpPolicy {
+            max_retries: 0,
+            ..HttpPolicy::fast_for_tests()
+        },
     )
     .unwrap();
-    let err = dead.notify(&report("seg", LabelStatus::Promoted)).await.unwrap_err();
+    let err = dead
+        .notify(&report("seg", LabelStatus::Promoted))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("127.0.0.1"), "{err}");
     assert!(!err.to_string().contains("XXXXSECRET"), "{err}");
 }

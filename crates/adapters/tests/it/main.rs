@@ -5,7 +5,7 @@
 //! failure under `CI=true`.
 
 mod common;
-mod mlflow;
 mod ec2;
-mod s3;
 mod github;
+mod mlflow;
+mod s3;

@@ -65,7 +65,11 @@ impl Mlflow {
             .send()
             .await
             .unwrap();
-        assert!(response.status().is_success(), "{path}: {}", response.status());
+        assert!(
+            response.status().is_success(),
+            "{path}: {}",
+            response.status()
+        );
         response.json().await.unwrap()
     }
 
@@ -84,7 +88,10 @@ impl Mlflow {
     /// A finished run with `metrics` (the value logged last wins).
     async fn run_with(&self, metrics: &[(&str, f64)]) -> String {
         let run = self
-            .post("runs/create", json!({"experiment_id": self.experiment_id, "start_time": 1}))
+            .post(
+                "runs/create",
+                json!({"experiment_id": self.experiment_id, "start_time": 1}),
+            )
             .await;
         let run_id = run["run"]["info"]["run_id"].as_str().unwrap().to_owned();
         for (step, (key, value)) in metrics.iter().enumerate() {
@@ -100,21 +107,33 @@ impl Mlflow {
             )
             .await;
         }
-        self.post("runs/update", json!({"run_id": run_id, "status": "FINISHED", "end_time": 2}))
-            .await;
+        self.post(
+            "runs/update",
+            json!({"run_id": run_id, "status": "FINISHED", "end_time": 2}),
+        )
+        .await;
         run_id
     }
 
     async fn versions(&self, model: &str) -> Vec<Value> {
         let found = self
-            .get("model-versions/search", &[("filter", &format!("name='{model}'"))])
+            .get(
+                "model-versions/search",
+                &[("filter", &format!("name='{model}'"))],
+            )
             .await;
-        found["model_versions"].as_array().cloned().unwrap_or_default()
+        found["model_versions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
     }
 
     async fn version(&self, model: &str, version: &str) -> Value {
-        self.get("model-versions/get", &[("name", model), ("version", version)])
-            .await["model_version"]
+        self.get(
+            "model-versions/get",
+            &[("name", model), ("version", version)],
+        )
+        .await["model_version"]
             .clone()
     }
 }
@@ -159,11 +178,17 @@ async fn real_server_alias_mode_full_flow() {
     let production = registry.production(None).await.unwrap().unwrap();
     assert_eq!(production.version, "1");
     assert_eq!(production.candidate_id.as_deref(), Some(run_a.as_str()));
-    assert_eq!(production.metrics, BTreeMap::from([("dice".into(), 0.80), ("iou".into(), 0.70)]));
+    assert_eq!(
+        production.metrics,
+        BTreeMap::from([("dice".into(), 0.80), ("iou".into(), 0.70)])
+    );
 
     // Candidate metrics by run id.
     let run_b = mlflow.run_with(&[("dice", 0.85), ("iou", 0.75)]).await;
-    let metrics = registry.candidate_metrics(run_b.clone(), None).await.unwrap();
+    let metrics = registry
+        .candidate_metrics(run_b.clone(), None)
+        .await
+        .unwrap();
     assert_eq!(metrics["dice"], 0.85);
 
     // Second promotion moves the alias and archives the old version.
@@ -179,7 +204,10 @@ async fn real_server_alias_mode_full_flow() {
     let v1 = mlflow.version(&model, "1").await;
     assert_eq!(tag(&v1, "retrain.archived"), Some("true"));
     assert_ne!(v1["aliases"], json!(["production"]), "{v1}");
-    assert_eq!(registry.production(None).await.unwrap().unwrap().version, "2");
+    assert_eq!(
+        registry.production(None).await.unwrap().unwrap().version,
+        "2"
+    );
 
     // Promoting the same retrain run again is a no-op returning the same version.
     let again = registry
@@ -197,7 +225,9 @@ async fn real_server_alias_not_set_and_missing_runs() {
     };
     let mlflow = Mlflow::new(&url).await;
     let model = unique("no-alias");
-    mlflow.post("registered-models/create", json!({"name": model})).await;
+    mlflow
+        .post("registered-models/create", json!({"name": model}))
+        .await;
     let registry = MlflowRegistry::new(settings(&url, &model, RegistryMode::Alias)).unwrap();
     // The model exists but the alias is not set (400 INVALID_PARAMETER_VALUE).
     assert_eq!(registry.production(None).await.unwrap(), None);
@@ -225,7 +255,10 @@ async fn real_server_stage_mode() {
         .promote(candidate(&run_a, &[]), RunId::generate(), None)
         .await
         .unwrap();
-    assert_eq!((first.version.as_str(), first.previous.as_deref()), ("1", None));
+    assert_eq!(
+        (first.version.as_str(), first.previous.as_deref()),
+        ("1", None)
+    );
     // A model with versions but none in Production is `{}` too.
     let run_b = mlflow.run_with(&[("dice", 0.6)]).await;
     let retrain_b = RunId::generate();
@@ -235,8 +268,14 @@ async fn real_server_stage_mode() {
         .unwrap();
     assert_eq!(second.version, "2");
     assert_eq!(second.previous.as_deref(), Some("1"));
-    assert_eq!(mlflow.version(&model, "1").await["current_stage"], "Archived");
-    assert_eq!(mlflow.version(&model, "2").await["current_stage"], "Production");
+    assert_eq!(
+        mlflow.version(&model, "1").await["current_stage"],
+        "Archived"
+    );
+    assert_eq!(
+        mlflow.version(&model, "2").await["current_stage"],
+        "Production"
+    );
     let production = registry.production(None).await.unwrap().unwrap();
     assert_eq!(production.version, "2");
     assert_eq!(production.metrics["dice"], 0.6);
@@ -260,7 +299,9 @@ async fn real_server_tracking_uri_from_lease_public_ip() {
     let registry =
         MlflowRegistry::new(settings(&templated, &unique("leased"), RegistryMode::Alias)).unwrap();
     let mut lease = test_lease();
-    lease.attributes.insert("public_ip".into(), "127.0.0.1".into());
+    lease
+        .attributes
+        .insert("public_ip".into(), "127.0.0.1".into());
     assert_eq!(registry.production(Some(lease)).await.unwrap(), None);
     let err = registry.production(None).await.unwrap_err();
     assert!(matches!(err, PortError::Config(_)), "{err:?}");
@@ -288,8 +329,12 @@ fn test_lease() -> Lease {
 async fn empty_object_answers_mean_no_production_model() {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
-        .and(path("/api/2.0/mlflow/registered-models/get-latest-versions"))
-        .and(body_partial_json(json!({"name": "m", "stages": ["Production"]})))
+        .and(path(
+            "/api/2.0/mlflow/registered-models/get-latest-versions",
+        ))
+        .and(body_partial_json(
+            json!({"name": "m", "stages": ["Production"]}),
+        ))
         .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
         .mount(&server)
         .await;
@@ -357,7 +402,10 @@ async fn server_error_then_success_is_retried_and_nan_metrics_are_kept() {
         .mount(&server)
         .await;
     let registry = MlflowRegistry::new(settings(&server.uri(), "m", RegistryMode::Alias)).unwrap();
-    let metrics = registry.candidate_metrics("abc".into(), None).await.unwrap();
+    let metrics = registry
+        .candidate_metrics("abc".into(), None)
+        .await
+        .unwrap();
     assert_eq!(metrics["dice"], 0.9);
     // NaN is passed on: the gate rejects it with a reason naming the metric.
     assert!(metrics["iou"].is_nan());
@@ -375,7 +423,11 @@ async fn run_without_metrics_has_empty_data() {
         .mount(&server)
         .await;
     let registry = MlflowRegistry::new(settings(&server.uri(), "m", RegistryMode::Alias)).unwrap();
-    assert!(registry.candidate_metrics("abc".into(), None).await.unwrap().is_empty());
+    assert!(registry
+        .candidate_metrics("abc".into(), None)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 #[tokio::test]
@@ -383,7 +435,10 @@ async fn token_is_sent_but_never_shown() {
     let server = MockServer::start().await;
     Mock::given(method("GET"))
         .and(path("/api/2.0/mlflow/runs/get"))
-        .and(wiremock::matchers::header("authorization", "Bearer s3cr3t-token"))
+        .and(wiremock::matchers::header(
+            "authorization",
+            "Bearer s3cr3t-token",
+        ))
         .respond_with(ResponseTemplate::new(403).set_body_string("denied"))
         .mount(&server)
         .await;
@@ -391,7 +446,10 @@ async fn token_is_sent_but_never_shown() {
     s.auth = MlflowAuth::Token(SecretString::from("s3cr3t-token"));
     let registry = MlflowRegistry::new(s).unwrap();
     assert!(!format!("{registry:?}").contains("s3cr3t"));
-    let err = registry.candidate_metrics("abc".into(), None).await.unwrap_err();
+    let err = registry
+        .candidate_metrics("abc".into(), None)
+        .await
+        .unwrap_err();
     assert!(matches!(err, PortError::Denied(_)), "{err:?}");
     assert!(!err.to_string().contains("s3cr3t"));
     assert!(!format!("{err:?}").contains("s3cr3t"));
@@ -433,12 +491,16 @@ async fn create_version_500_is_not_blindly_retried() {
         .await;
     Mock::given(method("GET"))
         .and(path(format!("{base}/registered-models/alias")))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"model_version": {"name": "m", "version": "3", "run_id": "old"}})))
+        .respond_with(ResponseTemplate::new(200).set_body_json(
+            json!({"model_version": {"name": "m", "version": "3", "run_id": "old"}}),
+        ))
         .mount(&server)
         .await;
     Mock::given(method("POST"))
         .and(path(format!("{base}/registered-models/alias")))
-        .and(body_partial_json(json!({"name": "m", "alias": "production", "version": "4"})))
+        .and(body_partial_json(
+            json!({"name": "m", "alias": "production", "version": "4"}),
+        ))
         .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
         .expect(1)
         .mount(&server)
@@ -462,5 +524,8 @@ async fn create_version_500_is_not_blindly_retried() {
         .into_iter()
         .filter(|r| r.url.path().ends_with("model-versions/create"))
         .count();
-    assert_eq!(creates, 1, "the create call is not retried once the version exists");
+    assert_eq!(
+        creates, 1,
+        "the create call is not retried once the version exists"
+    );
 }

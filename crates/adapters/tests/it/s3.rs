@@ -20,7 +20,11 @@ async fn put(settings: &AwsSettings, base: &str, path: &str, body: &[u8]) {
         request = request.header(k, v);
     }
     let response = request.send().await.unwrap();
-    assert!(response.status().is_success(), "PUT {url}: {}", response.status());
+    assert!(
+        response.status().is_success(),
+        "PUT {url}: {}",
+        response.status()
+    );
 }
 
 fn metadata(version: &str, samples: u64) -> Vec<u8> {
@@ -35,7 +39,10 @@ fn metadata(version: &str, samples: u64) -> Vec<u8> {
 }
 
 fn bucket_name() -> String {
-    format!("retrain-it-{}", &uuid::Uuid::now_v7().simple().to_string()[20..])
+    format!(
+        "retrain-it-{}",
+        &uuid::Uuid::now_v7().simple().to_string()[20..]
+    )
 }
 
 #[tokio::test]
@@ -57,7 +64,10 @@ async fn moto_published_unchanged_new_revision_and_malformed() {
     assert_eq!(store.describe(), format!("s3://{bucket}/{key}"));
     // Nothing published yet.
     assert_eq!(store.read(None).await.unwrap(), MetadataRead::Absent);
-    assert_eq!(store.read(Some("stale".into())).await.unwrap(), MetadataRead::Absent);
+    assert_eq!(
+        store.read(Some("stale".into())).await.unwrap(),
+        MetadataRead::Absent
+    );
 
     let object = format!("{bucket}/{}", encode_s3_key(key));
     put(&settings, &url, &object, &metadata("v1", 120)).await;
@@ -69,7 +79,10 @@ async fn moto_published_unchanged_new_revision_and_malformed() {
     let etag = first.revision.clone().expect("ETag as revision");
     assert!(!etag.contains('"'), "{etag}");
 
-    assert_eq!(store.read(Some(etag.clone())).await.unwrap(), MetadataRead::Unchanged);
+    assert_eq!(
+        store.read(Some(etag.clone())).await.unwrap(),
+        MetadataRead::Unchanged
+    );
 
     put(&settings, &url, &object, &metadata("v2", 150)).await;
     let MetadataRead::Published(second) = store.read(Some(etag.clone())).await.unwrap() else {
@@ -78,15 +91,27 @@ async fn moto_published_unchanged_new_revision_and_malformed() {
     assert_eq!(second.metadata.version_tag.as_str(), "v2");
     assert_ne!(second.revision.as_deref(), Some(etag.as_str()));
 
-    put(&settings, &url, &object, br#"{"dataset_name": "wms", "version_tag": "v3", "created_at": "2026-02-10T12:34:56Z"}"#).await;
+    put(
+        &settings,
+        &url,
+        &object,
+        br#"{"dataset_name": "wms", "version_tag": "v3", "created_at": "2026-02-10T12:34:56Z"}"#,
+    )
+    .await;
     let err = store.read(second.revision.clone()).await.unwrap_err();
     assert!(matches!(err, PortError::InvalidResponse(_)), "{err:?}");
-    assert!(err.to_string().contains(&format!("s3://{bucket}/{key}")), "{err}");
+    assert!(
+        err.to_string().contains(&format!("s3://{bucket}/{key}")),
+        "{err}"
+    );
     assert!(err.to_string().contains("num_samples"), "{err}");
 
     put(&settings, &url, &object, b"{not json").await;
     let err = store.read(None).await.unwrap_err();
-    assert!(err.to_string().contains(&format!("s3://{bucket}/{key}")), "{err}");
+    assert!(
+        err.to_string().contains(&format!("s3://{bucket}/{key}")),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -133,8 +158,17 @@ async fn forbidden_is_denied_naming_the_bucket_and_no_secret() {
         assert!(!format!("{err:?} {store:?}").contains("moto-secret-key"));
     }
     let requests = server.received_requests().await.unwrap();
-    assert_eq!(requests[0].url.path(), "/private-bucket/meta.json", "path-style with a custom endpoint");
+    assert_eq!(
+        requests[0].url.path(),
+        "/private-bucket/meta.json",
+        "path-style with a custom endpoint"
+    );
     assert!(requests[0].headers.contains_key("x-amz-content-sha256"));
-    let auth = requests[0].headers.get("authorization").unwrap().to_str().unwrap();
+    let auth = requests[0]
+        .headers
+        .get("authorization")
+        .unwrap()
+        .to_str()
+        .unwrap();
     assert!(auth.contains("/s3/aws4_request"), "{auth}");
 }
