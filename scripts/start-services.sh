@@ -70,15 +70,35 @@ ENV_FILE="${1:?usage: $0 ENV_FILE   (or: $0 stop ENV_FILE)}"
 pins_hash="$(printf '%s\n' "${PINS[@]}" "$("$PYTHON" -c 'import sys; print(sys.version_info[:2])')" | sha256sum | cut -c1-12)"
 VENV="${RETRAIN_VENV:-$HOME/.cache/retrain-venv-$pins_hash}"
 
-if [[ -x "$VENV/bin/mlflow" && -x "$VENV/bin/moto_server" && -f "$VENV/.complete" ]]; then
-    log "reusing venv $VENV"
-else
+create_venv() {
+    if [[ -x "$VENV/bin/mlflow" && -x "$VENV/bin/moto_server" && -f "$VENV/.complete" ]]; then
+        log "reusing venv $VENV"
+        return 0
+    fi
     log "creating venv $VENV (first run takes ~2 minutes)"
     rm -rf -- "$VENV"
-    "$PYTHON" -m venv "$VENV"
+    if ! "$PYTHON" -m venv "$VENV" 2>/dev/null; then
+        # Debian's python3 without python3-venv: fall back to virtualenv.
+        log "python3 -m venv failed; trying virtualenv"
+        rm -rf -- "$VENV"
+        "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-input --user virtualenv
+        "$PYTHON" -m virtualenv --quiet "$VENV"
+    fi
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input --upgrade pip
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input "${PINS[@]}"
     touch "$VENV/.complete"
+}
+
+mkdir -p "$(dirname "$VENV")"
+if command -v flock >/dev/null 2>&1; then
+    # Two concurrent starts must not build the same venv at once.
+    exec 9>"$VENV.lock"
+    flock 9
+    create_venv
+    flock -u 9
+    exec 9>&-
+else
+    create_venv
 fi
 
 free_port() {
