@@ -15,3 +15,9 @@ pub use error::AdapterError;
 pub mod hf;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod aws;
+pub mod ec2;
+pub mod github;
+pub mod mlflow;
+pub mod s3;
+pub mod webhook;

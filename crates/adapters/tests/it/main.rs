@@ -6,3 +6,7 @@
 
 mod common;
 mod hub;
+mod ec2;
+mod github;
+mod mlflow;
+mod s3;

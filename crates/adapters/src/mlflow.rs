@@ -1,0 +1,885 @@
+//! MLflow model registry (`ModelRegistry`) over the REST API 2.0.
+//!
+//! Aliases are the default (MLflow deprecated stages); legacy stages are
+//! available with [`RegistryMode::Stage`]. Quirks handled here, all verified
+//! against `mlflow server` 3.17 (shared/reference §2):
+//! - empty results are `{}` (every collection is `#[serde(default)]`);
+//! - a missing model is 404 `RESOURCE_DOES_NOT_EXIST`, an unset alias is
+//!   400 `INVALID_PARAMETER_VALUE "... alias ... not found"`: both mean "no
+//!   production model yet";
+//! - metric values are JSON numbers, or the strings `"NaN"`/`"Infinity"`.
+//!
+//! Promotion is idempotent per retrain run id: the model version carries the
+//! tag `retrain_run_id`, found again with `model-versions/search`, and the
+//! steps after the version's creation are re-done only if the version lacks
+//! the `retrain.promoted` tag (set last).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use async_trait::async_trait;
+use reqwest::{Method, StatusCode};
+use retrain_core::domain::{Candidate, Lease, Metrics, ProductionModel, PromotedVersion, RunId};
+use retrain_core::ports::{ModelRegistry, PortError};
+use secrecy::{ExposeSecret, SecretString};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::AdapterError;
+use crate::http::{is_retryable_status, HttpPolicy, RetryingClient};
+
+/// Tag on a model version: the retrain run that created it (idempotency key).
+pub const TAG_RUN_ID: &str = "retrain_run_id";
+/// Tag on a model version: the production version it replaced.
+pub const TAG_PREVIOUS: &str = "retrain.previous_version";
+/// Tag on a model version: promotion finished (alias/stage moved).
+pub const TAG_PROMOTED: &str = "retrain.promoted";
+/// Tag on the replaced version (alias mode; stage mode archives it instead).
+pub const TAG_ARCHIVED: &str = "retrain.archived";
+/// Artifact path of the model inside the candidate's run (`runs:/<id>/model`).
+pub const MODEL_ARTIFACT_PATH: &str = "model";
+
+/// How "production" is represented in the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RegistryMode {
+    /// A registered-model alias (default `production`).
+    #[default]
+    Alias,
+    /// The deprecated `Production` stage (`transition-stage`).
+    Stage,
+}
+
+/// Credentials for an MLflow server behind auth.
+#[derive(Clone, Default)]
+pub enum MlflowAuth {
+    #[default]
+    None,
+    /// `MLFLOW_TRACKING_TOKEN`: `Authorization: Bearer …`.
+    Token(SecretString),
+    /// `MLFLOW_TRACKING_USERNAME` / `MLFLOW_TRACKING_PASSWORD`: HTTP basic.
+    Basic {
+        user: String,
+        password: SecretString,
+    },
+}
+
+impl fmt::Debug for MlflowAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::None => f.write_str("None"),
+            Self::Token(_) => f.write_str("Token(***)"),
+            Self::Basic { user, .. } => write!(f, "Basic {{ user: {user:?}, password: *** }}"),
+        }
+    }
+}
+
+impl MlflowAuth {
+    /// The MLflow client's env names: `MLFLOW_TRACKING_TOKEN` wins over
+    /// `MLFLOW_TRACKING_USERNAME`/`MLFLOW_TRACKING_PASSWORD`.
+    pub fn from_env() -> Self {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Self {
+        let get = |name: &str| lookup(name).filter(|v| !v.is_empty());
+        if let Some(token) = get("MLFLOW_TRACKING_TOKEN") {
+            return Self::Token(SecretString::from(token));
+        }
+        match (
+            get("MLFLOW_TRACKING_USERNAME"),
+            get("MLFLOW_TRACKING_PASSWORD"),
+        ) {
+            (Some(user), Some(password)) => Self::Basic {
+                user,
+                password: SecretString::from(password),
+            },
+            _ => Self::None,
+        }
+    }
+}
+
+/// Configuration of one label's MLflow registry binding.
+#[derive(Debug, Clone)]
+pub struct MlflowSettings {
+    /// `http://host:5000`; may contain `{public_ip}` (and `{private_ip}`),
+    /// filled from the lease attributes when the server runs on the leased host.
+    pub tracking_uri: String,
+    /// Registered model name.
+    pub model: String,
+    /// Alias that marks production (alias mode); default `production`.
+    pub alias: String,
+    pub mode: RegistryMode,
+    pub auth: MlflowAuth,
+    pub policy: HttpPolicy,
+}
+
+impl MlflowSettings {
+    pub fn new(tracking_uri: impl Into<String>, model: impl Into<String>) -> Self {
+        Self {
+            tracking_uri: tracking_uri.into(),
+            model: model.into(),
+            alias: "production".into(),
+            mode: RegistryMode::Alias,
+            auth: MlflowAuth::None,
+            policy: HttpPolicy::default(),
+        }
+    }
+}
+
+/// `ModelRegistry` backed by an MLflow tracking server.
+#[derive(Debug, Clone)]
+pub struct MlflowRegistry {
+    settings: MlflowSettings,
+    http: RetryingClient,
+    /// Same policy without retries: used for creating a model version, which
+    /// is not idempotent; we retry it ourselves after checking it did not land.
+    http_once: RetryingClient,
+}
+
+/// An MLflow error answer: `{"error_code", "message"}` with its status.
+#[derive(Debug, Clone)]
+struct ApiError {
+    status: StatusCode,
+    code: String,
+    message: String,
+}
+
+impl ApiError {
+    fn is(&self, code: &str) -> bool {
+        self.code == code
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ApiErrorBody {
+    #[serde(default)]
+    error_code: String,
+    #[serde(default)]
+    message: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+struct Tag {
+    key: String,
+    #[serde(default)]
+    value: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct ModelVersion {
+    version: String,
+    #[serde(default)]
+    run_id: String,
+    #[serde(default)]
+    tags: Vec<Tag>,
+}
+
+impl ModelVersion {
+    fn tag(&self, key: &str) -> Option<&str> {
+        self.tags
+            .iter()
+            .find(|t| t.key == key)
+            .map(|t| t.value.as_str())
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ModelVersionResponse {
+    #[serde(default)]
+    model_version: Option<ModelVersion>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ModelVersionsResponse {
+    #[serde(default)]
+    model_versions: Vec<ModelVersion>,
+    #[serde(default)]
+    next_page_token: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RunResponse {
+    run: Run,
+}
+
+#[derive(Debug, Deserialize)]
+struct Run {
+    #[serde(default)]
+    data: RunData,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RunData {
+    #[serde(default)]
+    metrics: Vec<Metric>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Metric {
+    key: String,
+    /// A number, or `"NaN"`/`"Infinity"`/`"-Infinity"` (protobuf JSON).
+    value: Value,
+    #[serde(default)]
+    timestamp: i64,
+    #[serde(default)]
+    step: i64,
+}
+
+fn metric_value(value: &Value) -> Option<f64> {
+    match value {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => match s.as_str() {
+            "NaN" => Some(f64::NAN),
+            "Infinity" => Some(f64::INFINITY),
+            "-Infinity" => Some(f64::NEG_INFINITY),
+            other => other.parse().ok(),
+        },
+        _ => None,
+    }
+}
+
+/// Latest value per key (`data.metrics` already holds the latest, but keep
+/// the highest (step, timestamp) should a server list a key twice).
+fn latest_metrics(metrics: &[Metric], what: &str) -> Result<Metrics, PortError> {
+    let mut latest: BTreeMap<&str, (i64, i64, f64)> = BTreeMap::new();
+    for m in metrics {
+        let value = metric_value(&m.value).ok_or_else(|| {
+            PortError::InvalidResponse(format!(
+                "{what}: metric `{}` has a non-numeric value {}",
+                m.key, m.value
+            ))
+        })?;
+        let entry = latest.entry(&m.key).or_insert((m.step, m.timestamp, value));
+        if (m.step, m.timestamp) > (entry.0, entry.1) {
+            *entry = (m.step, m.timestamp, value);
+        }
+    }
+    Ok(latest
+        .into_iter()
+        .map(|(k, (_, _, v))| (k.to_owned(), v))
+        .collect())
+}
+
+fn version_number(v: &ModelVersion) -> u64 {
+    v.version.parse().unwrap_or(0)
+}
+
+impl MlflowRegistry {
+    pub fn new(settings: MlflowSettings) -> Result<Self, AdapterError> {
+        if settings.model.trim().is_empty() {
+            return Err(AdapterError::config("registry.model", "must not be empty"));
+        }
+        if settings.model.contains('\'') {
+            // The idempotency lookup quotes the name in a search filter.
+            return Err(AdapterError::config(
+                "registry.model",
+                format!("`{}` must not contain a single quote", settings.model),
+            ));
+        }
+        if settings.mode == RegistryMode::Alias && settings.alias.trim().is_empty() {
+            return Err(AdapterError::config("registry.alias", "must not be empty"));
+        }
+        if settings.mode == RegistryMode::Alias {
+            // MLflow reserves these; fail at build time rather than at promotion.
+            let alias = settings.alias.to_ascii_lowercase();
+            let versionish = alias.len() > 1
+                && alias.starts_with('v')
+                && alias[1..].chars().all(|c| c.is_ascii_digit());
+            if alias == "latest" || versionish {
+                return Err(AdapterError::config(
+                    "registry.alias",
+                    format!("`{}` is reserved by MLflow", settings.alias),
+                ));
+            }
+        }
+        if !settings.tracking_uri.starts_with("http://")
+            && !settings.tracking_uri.starts_with("https://")
+        {
+            return Err(AdapterError::config(
+                "registry.mlflow",
+                format!(
+                    "tracking URI must be http(s)://…, got `{}`",
+                    settings.tracking_uri
+                ),
+            ));
+        }
+        let http = RetryingClient::new(settings.policy.clone())?;
+        let http_once = RetryingClient::new(HttpPolicy {
+            max_retries: 0,
+            ..settings.policy.clone()
+        })?;
+        Ok(Self {
+            settings,
+            http,
+            http_once,
+        })
+    }
+
+    pub fn settings(&self) -> &MlflowSettings {
+        &self.settings
+    }
+
+    fn model(&self) -> &str {
+        &self.settings.model
+    }
+
+    /// Base API URL, with `{public_ip}`/`{private_ip}` filled from the lease.
+    fn api_base(&self, lease: Option<&Lease>) -> Result<String, PortError> {
+        let mut uri = self.settings.tracking_uri.clone();
+        for key in ["public_ip", "private_ip"] {
+            let placeholder = format!("{{{key}}}");
+            if uri.contains(&placeholder) {
+                let value = lease
+                    .and_then(|l| l.attributes.get(key))
+                    .filter(|v| !v.is_empty())
+                    .ok_or_else(|| {
+                        PortError::Config(format!(
+                            "MLflow tracking URI {} needs `{key}` from an active lease, but there is none (is `lease` configured for this label?)",
+                            self.settings.tracking_uri
+                        ))
+                    })?;
+                uri = uri.replace(&placeholder, value);
+            }
+        }
+        Ok(format!("{}/api/2.0/mlflow", uri.trim_end_matches('/')))
+    }
+
+    fn authorize(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.settings.auth {
+            MlflowAuth::None => request,
+            MlflowAuth::Token(token) => request.bearer_auth(token.expose_secret()),
+            MlflowAuth::Basic { user, password } => {
+                request.basic_auth(user, Some(password.expose_secret()))
+            }
+        }
+    }
+
+    /// One REST call. `Ok(Err(api))` is an MLflow error answer the caller may
+    /// interpret (not found, already exists); transport failures, 401/403 and
+    /// unparseable answers are `Err`.
+    async fn call<T: DeserializeOwned>(
+        &self,
+        base: &str,
+        method: Method,
+        path: &str,
+        params: Value,
+        what: &str,
+        once: bool,
+    ) -> Result<Result<T, ApiError>, PortError> {
+        let url = format!("{base}/{path}");
+        let client = if once { &self.http_once } else { &self.http };
+        let response = client
+            .send(what, |c| {
+                let request = c.request(method.clone(), &url);
+                // GET sends the message as query params, everything else as a
+                // JSON body (MLflow rejects DELETE with query params).
+                let request = if method == Method::GET {
+                    let pairs: Vec<(String, String)> = params
+                        .as_object()
+                        .map(|o| {
+                            o.iter()
+                                .map(|(k, v)| {
+                                    let v = match v {
+                                        Value::String(s) => s.clone(),
+                                        other => other.to_string(),
+                                    };
+                                    (k.clone(), v)
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    request.query(&pairs)
+                } else {
+                    request.json(&params)
+                };
+                self.authorize(request)
+            })
+            .await?;
+        let status = response.status();
+        let body = response.text().await.map_err(|e| {
+            PortError::Transient(format!("{what}: reading the MLflow response failed: {e}"))
+        })?;
+        if status.is_success() {
+            let text = if body.trim().is_empty() {
+                "{}"
+            } else {
+                body.as_str()
+            };
+            return serde_json::from_str(text).map(Ok).map_err(|e| {
+                PortError::InvalidResponse(format!(
+                    "{what}: unexpected MLflow response ({e}): {}",
+                    excerpt(&body)
+                ))
+            });
+        }
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            return Err(PortError::Denied(format!(
+                "{what}: HTTP {status}: MLflow refused access (check MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD)"
+            )));
+        }
+        match serde_json::from_str::<ApiErrorBody>(&body) {
+            Ok(err) if !err.error_code.is_empty() => Ok(Err(ApiError {
+                status,
+                code: err.error_code,
+                message: err.message,
+            })),
+            _ if is_retryable_status(status) => Err(PortError::Transient(format!(
+                "{what}: HTTP {status} after retries: {}",
+                excerpt(&body)
+            ))),
+            _ => Err(PortError::Failed(format!(
+                "{what}: HTTP {status}: {}",
+                excerpt(&body)
+            ))),
+        }
+    }
+
+    fn unexpected(what: &str, err: ApiError) -> PortError {
+        let text = format!("{what}: HTTP {} {}: {}", err.status, err.code, err.message);
+        if err.is("RESOURCE_DOES_NOT_EXIST") {
+            PortError::NotFound(text)
+        } else if is_retryable_status(err.status) {
+            PortError::Transient(text)
+        } else {
+            PortError::Failed(text)
+        }
+    }
+
+    /// The version currently in production, `None` when there is none.
+    async fn current_production(&self, base: &str) -> Result<Option<ModelVersion>, PortError> {
+        let model = self.model();
+        match self.settings.mode {
+            RegistryMode::Alias => {
+                let alias = &self.settings.alias;
+                let what = format!("MLflow model `{model}` alias `{alias}`");
+                let answer: Result<ModelVersionResponse, ApiError> = self
+                    .call(
+                        base,
+                        Method::GET,
+                        "registered-models/alias",
+                        json!({"name": model, "alias": alias}),
+                        &what,
+                        false,
+                    )
+                    .await?;
+                match answer {
+                    Ok(r) => Ok(r.model_version),
+                    // No such model yet: first model.
+                    Err(e) if e.is("RESOURCE_DOES_NOT_EXIST") => Ok(None),
+                    // The model exists but the alias is unset: 400, not 404.
+                    Err(e)
+                        if e.is("INVALID_PARAMETER_VALUE")
+                            && e.message.to_ascii_lowercase().contains("alias")
+                            && e.message.to_ascii_lowercase().contains("not found") =>
+                    {
+                        Ok(None)
+                    }
+                    Err(e) => Err(Self::unexpected(&what, e)),
+                }
+            }
+            RegistryMode::Stage => {
+                let what = format!("MLflow model `{model}` stage Production");
+                let answer: Result<ModelVersionsResponse, ApiError> = self
+                    .call(
+                        base,
+                        Method::POST,
+                        "registered-models/get-latest-versions",
+                        json!({"name": model, "stages": ["Production"]}),
+                        &what,
+                        false,
+                    )
+                    .await?;
+                match answer {
+                    Ok(r) => Ok(r.model_versions.into_iter().max_by_key(version_number)),
+                    Err(e) if e.is("RESOURCE_DOES_NOT_EXIST") => Ok(None),
+                    Err(e) => Err(Self::unexpected(&what, e)),
+                }
+            }
+        }
+    }
+
+    async fn run_metrics(
+        &self,
+        base: &str,
+        run_id: &str,
+        what: &str,
+    ) -> Result<Metrics, PortError> {
+        let answer: Result<RunResponse, ApiError> = self
+            .call(
+                base,
+                Method::GET,
+                "runs/get",
+                json!({"run_id": run_id}),
+                what,
+                false,
+            )
+            .await?;
+        match answer {
+            Ok(r) => latest_metrics(&r.run.data.metrics, what),
+            Err(e) if e.is("RESOURCE_DOES_NOT_EXIST") => Err(PortError::NotFound(format!(
+                "{what}: MLflow run `{run_id}` not found"
+            ))),
+            Err(e) => Err(Self::unexpected(what, e)),
+        }
+    }
+
+    /// Versions of the model tagged with `retrain_run_id = run_id`. The
+    /// server-side tag filter works on MLflow 3.17 (verified); the result is
+    /// still filtered client-side in case a server ignores part of it.
+    async fn versions_of_run(
+        &self,
+        base: &str,
+        run_id: &RunId,
+    ) -> Result<Vec<ModelVersion>, PortError> {
+        let model = self.model();
+        let what = format!("MLflow model `{model}` versions of retrain run {run_id}");
+        let filter = format!("name='{}' and tags.{TAG_RUN_ID}='{}'", model, run_id);
+        let mut found = Vec::new();
+        let mut page_token: Option<String> = None;
+        loop {
+            let mut params = json!({"filter": filter, "max_results": 1000});
+            if let Some(token) = &page_token {
+                params["page_token"] = json!(token);
+            }
+            let answer: Result<ModelVersionsResponse, ApiError> = self
+                .call(
+                    base,
+                    Method::GET,
+                    "model-versions/search",
+                    params,
+                    &what,
+                    false,
+                )
+                .await?;
+            let page = match answer {
+                Ok(page) => page,
+                Err(e) if e.is("RESOURCE_DOES_NOT_EXIST") => return Ok(found),
+                Err(e) => return Err(Self::unexpected(&what, e)),
+            };
+            found.extend(
+                page.model_versions
+                    .into_iter()
+                    .filter(|v| v.tag(TAG_RUN_ID) == Some(run_id.as_str())),
+            );
+            match page.next_page_token.filter(|t| !t.is_empty()) {
+                Some(token) => page_token = Some(token),
+                None => break,
+            }
+        }
+        found.sort_by_key(version_number);
+        Ok(found)
+    }
+
+    async fn ensure_registered_model(&self, base: &str) -> Result<(), PortError> {
+        let model = self.model();
+        let what = format!("MLflow create registered model `{model}`");
+        let answer: Result<Value, ApiError> = self
+            .call(
+                base,
+                Method::POST,
+                "registered-models/create",
+                json!({"name": model}),
+                &what,
+                false,
+            )
+            .await?;
+        match answer {
+            Ok(_) => Ok(()),
+            Err(e) if e.is("RESOURCE_ALREADY_EXISTS") => Ok(()),
+            Err(e) => Err(Self::unexpected(&what, e)),
+        }
+    }
+
+    /// Create the version exactly once: the create call is not retried
+    /// blindly (a retried POST after a lost answer would make a second
+    /// version); after a transient failure we look for our tag first.
+    async fn create_version_once(
+        &self,
+        base: &str,
+        candidate: &Candidate,
+        run_id: &RunId,
+    ) -> Result<ModelVersion, PortError> {
+        let model = self.model();
+        let what = format!(
+            "MLflow create version of `{model}` from run `{}`",
+            candidate.id
+        );
+        let body = json!({
+            "name": model,
+            "source": format!("runs:/{}/{MODEL_ARTIFACT_PATH}", candidate.id),
+            "run_id": candidate.id,
+            "tags": [{"key": TAG_RUN_ID, "value": run_id.as_str()}],
+            "description": format!("promoted by retrain run {run_id}"),
+        });
+        let attempts = self.settings.policy.max_retries + 1;
+        let mut last_error = None;
+        for attempt in 0..attempts {
+            if attempt > 0 {
+                if let Some(existing) = self.versions_of_run(base, run_id).await?.into_iter().next()
+                {
+                    return Ok(existing);
+                }
+                let backoff = self
+                    .settings
+                    .policy
+                    .base_backoff
+                    .saturating_mul(2u32.saturating_pow(attempt - 1))
+                    .min(self.settings.policy.max_backoff);
+                tokio::time::sleep(backoff).await;
+            }
+            let answer: Result<Result<ModelVersionResponse, ApiError>, PortError> = self
+                .call(
+                    base,
+                    Method::POST,
+                    "model-versions/create",
+                    body.clone(),
+                    &what,
+                    true,
+                )
+                .await;
+            match answer {
+                Ok(Ok(ModelVersionResponse {
+                    model_version: Some(v),
+                })) => return Ok(v),
+                Ok(Ok(ModelVersionResponse {
+                    model_version: None,
+                })) => {
+                    return Err(PortError::InvalidResponse(format!(
+                        "{what}: the answer has no `model_version`"
+                    )))
+                }
+                Ok(Err(e)) if e.is("RESOURCE_DOES_NOT_EXIST") => {
+                    return Err(PortError::NotFound(format!(
+                        "{what}: {} (does the candidate run exist on this server?)",
+                        e.message
+                    )))
+                }
+                Ok(Err(e)) if is_retryable_status(e.status) => {
+                    last_error = Some(Self::unexpected(&what, e));
+                }
+                Ok(Err(e)) => return Err(Self::unexpected(&what, e)),
+                Err(PortError::Transient(m)) => last_error = Some(PortError::Transient(m)),
+                Err(other) => return Err(other),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| PortError::Transient(format!("{what}: gave up"))))
+    }
+
+    async fn set_version_tag(
+        &self,
+        base: &str,
+        version: &str,
+        key: &str,
+        value: &str,
+    ) -> Result<(), PortError> {
+        let model = self.model();
+        let what = format!("MLflow tag `{key}` on `{model}` version {version}");
+        let answer: Result<Value, ApiError> = self
+            .call(
+                base,
+                Method::POST,
+                "model-versions/set-tag",
+                json!({"name": model, "version": version, "key": key, "value": value}),
+                &what,
+                false,
+            )
+            .await?;
+        answer.map(|_| ()).map_err(|e| Self::unexpected(&what, e))
+    }
+
+    async fn move_production(&self, base: &str, version: &str) -> Result<(), PortError> {
+        let model = self.model();
+        let (what, path, body) = match self.settings.mode {
+            RegistryMode::Alias => (
+                format!(
+                    "MLflow set alias `{}` of `{model}` to version {version}",
+                    self.settings.alias
+                ),
+                "registered-models/alias",
+                json!({"name": model, "alias": self.settings.alias, "version": version}),
+            ),
+            RegistryMode::Stage => (
+                format!("MLflow transition `{model}` version {version} to Production"),
+                "model-versions/transition-stage",
+                json!({"name": model, "version": version, "stage": "Production", "archive_existing_versions": true}),
+            ),
+        };
+        let answer: Result<Value, ApiError> = self
+            .call(base, Method::POST, path, body, &what, false)
+            .await?;
+        answer.map(|_| ()).map_err(|e| Self::unexpected(&what, e))
+    }
+}
+
+fn excerpt(body: &str) -> String {
+    body.chars().take(300).collect()
+}
+
+#[async_trait]
+impl ModelRegistry for MlflowRegistry {
+    async fn production(&self, lease: Option<Lease>) -> Result<Option<ProductionModel>, PortError> {
+        let base = self.api_base(lease.as_ref())?;
+        let Some(version) = self.current_production(&base).await? else {
+            return Ok(None);
+        };
+        let what = format!(
+            "MLflow production model `{}` version {}",
+            self.model(),
+            version.version
+        );
+        if version.run_id.is_empty() {
+            return Err(PortError::InvalidResponse(format!(
+                "{what} has no run_id, so its metrics cannot be read"
+            )));
+        }
+        let metrics = self.run_metrics(&base, &version.run_id, &what).await?;
+        Ok(Some(ProductionModel {
+            version: version.version,
+            candidate_id: Some(version.run_id),
+            metrics,
+        }))
+    }
+
+    async fn candidate_metrics(
+        &self,
+        candidate_id: String,
+        lease: Option<Lease>,
+    ) -> Result<Metrics, PortError> {
+        let base = self.api_base(lease.as_ref())?;
+        let what = format!("MLflow candidate run `{candidate_id}`");
+        self.run_metrics(&base, &candidate_id, &what).await
+    }
+
+    async fn promote(
+        &self,
+        candidate: Candidate,
+        run_id: RunId,
+        lease: Option<Lease>,
+    ) -> Result<PromotedVersion, PortError> {
+        let base = self.api_base(lease.as_ref())?;
+        // Reuse the version an earlier attempt of this run created.
+        let existing = self
+            .versions_of_run(&base, &run_id)
+            .await?
+            .into_iter()
+            .next();
+        let version = match existing {
+            Some(v) => v,
+            None => {
+                self.ensure_registered_model(&base).await?;
+                self.create_version_once(&base, &candidate, &run_id).await?
+            }
+        };
+        if version.tag(TAG_PROMOTED) == Some("true") {
+            return Ok(PromotedVersion {
+                previous: version.tag(TAG_PREVIOUS).map(str::to_owned),
+                version: version.version,
+            });
+        }
+        // The previous production version: recorded on the new version before
+        // production moves, so a retry after a crash still knows it.
+        let current = self.current_production(&base).await?.map(|c| c.version);
+        let already_production = current.as_deref() == Some(version.version.as_str());
+        let previous = match current {
+            Some(c) if c != version.version => {
+                self.set_version_tag(&base, &version.version, TAG_PREVIOUS, &c)
+                    .await?;
+                Some(c)
+            }
+            _ => version.tag(TAG_PREVIOUS).map(str::to_owned),
+        };
+        if !already_production {
+            self.move_production(&base, &version.version).await?;
+        }
+        if let (RegistryMode::Alias, Some(previous)) = (self.settings.mode, &previous) {
+            self.set_version_tag(&base, previous, TAG_ARCHIVED, "true")
+                .await?;
+        }
+        self.set_version_tag(&base, &version.version, TAG_PROMOTED, "true")
+            .await?;
+        Ok(PromotedVersion {
+            version: version.version,
+            previous,
+        })
+    }
+
+    fn describe(&self) -> String {
+        match self.settings.mode {
+            RegistryMode::Alias => format!(
+                "mlflow {} model `{}` alias `{}`",
+                self.settings.tracking_uri, self.settings.model, self.settings.alias
+            ),
+            RegistryMode::Stage => format!(
+                "mlflow {} model `{}` stage Production",
+                self.settings.tracking_uri, self.settings.model
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_values_accept_protobuf_special_strings() {
+        assert_eq!(metric_value(&json!(0.5)), Some(0.5));
+        assert!(metric_value(&json!("NaN")).unwrap().is_nan());
+        assert_eq!(metric_value(&json!("-Infinity")), Some(f64::NEG_INFINITY));
+        assert_eq!(metric_value(&json!(null)), None);
+    }
+
+    #[test]
+    fn latest_metric_wins() {
+        let metrics: Vec<Metric> = serde_json::from_value(json!([
+            {"key": "dice", "value": 0.8, "timestamp": 2, "step": 1},
+            {"key": "dice", "value": 0.7, "timestamp": 1, "step": 0},
+            {"key": "iou", "value": 0.6}
+        ]))
+        .unwrap();
+        let m = latest_metrics(&metrics, "x").unwrap();
+        assert_eq!(m["dice"], 0.8);
+        assert_eq!(m["iou"], 0.6);
+    }
+
+    #[test]
+    fn auth_debug_hides_secrets_and_env_is_read() {
+        let auth = MlflowAuth::from_lookup(|n| match n {
+            "MLFLOW_TRACKING_USERNAME" => Some("bob".into()),
+            "MLFLOW_TRACKING_PASSWORD" => Some("hunter2-secret".into()),
+            _ => None,
+        });
+        let debug = format!("{auth:?}");
+        assert!(
+            debug.contains("bob") && !debug.contains("hunter2"),
+            "{debug}"
+        );
+        let auth = MlflowAuth::from_lookup(|n| {
+            (n == "MLFLOW_TRACKING_TOKEN").then(|| "tok-secret".into())
+        });
+        assert!(matches!(auth, MlflowAuth::Token(_)));
+        assert!(!format!("{auth:?}").contains("tok-secret"));
+    }
+
+    #[test]
+    fn reserved_aliases_and_bad_uris_are_config_errors() {
+        let mut s = MlflowSettings::new("http://h:5000", "m");
+        s.alias = "Latest".into();
+        assert!(MlflowRegistry::new(s.clone()).is_err());
+        s.alias = "v3".into();
+        assert!(MlflowRegistry::new(s.clone()).is_err());
+        s.alias = "champion".into();
+        assert!(MlflowRegistry::new(s.clone()).is_ok());
+        s.tracking_uri = "file:///tmp/mlruns".into();
+        assert!(MlflowRegistry::new(s).is_err());
+    }
+
+    #[test]
+    fn placeholder_needs_a_lease() {
+        let r = MlflowRegistry::new(MlflowSettings::new("http://{public_ip}:5000/", "m")).unwrap();
+        let err = r.api_base(None).unwrap_err();
+        assert!(matches!(err, PortError::Config(_)));
+        assert!(err.to_string().contains("public_ip"));
+    }
+}

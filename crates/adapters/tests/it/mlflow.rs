@@ -1,0 +1,531 @@
+//! MLflow registry: a real `mlflow server` (RETRAIN_TEST_MLFLOW_URL, started
+//! by scripts/start-services.sh) and wiremock for the quirks.
+
+use std::collections::BTreeMap;
+
+use retrain_adapters::http::HttpPolicy;
+use retrain_adapters::mlflow::{MlflowAuth, MlflowRegistry, MlflowSettings, RegistryMode};
+use retrain_core::domain::{Candidate, Label, Lease, RunId};
+use retrain_core::ports::{ModelRegistry, PortError};
+use secrecy::SecretString;
+use serde_json::{json, Value};
+use wiremock::matchers::{body_partial_json, method, path, query_param};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use crate::common::service_url;
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::now_v7().simple())
+}
+
+fn settings(uri: &str, model: &str, mode: RegistryMode) -> MlflowSettings {
+    MlflowSettings {
+        tracking_uri: uri.to_owned(),
+        model: model.to_owned(),
+        alias: "production".into(),
+        mode,
+        auth: MlflowAuth::None,
+        policy: HttpPolicy::fast_for_tests(),
+    }
+}
+
+/// Test-data helper talking to the MLflow REST API directly.
+struct Mlflow {
+    api: String,
+    http: reqwest::Client,
+    experiment_id: String,
+}
+
+impl Mlflow {
+    async fn new(base: &str) -> Self {
+        let api = format!("{}/api/2.0/mlflow", base.trim_end_matches('/'));
+        let http = reqwest::Client::new();
+        let created: Value = http
+            .post(format!("{api}/experiments/create"))
+            .json(&json!({"name": unique("retrain-it")}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let experiment_id = created["experiment_id"].as_str().unwrap().to_owned();
+        Self {
+            api,
+            http,
+            experiment_id,
+        }
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Value {
+        let response = self
+            .http
+            .post(format!("{}/{path}", self.api))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            response.status().is_success(),
+            "{path}: {}",
+            response.status()
+        );
+        response.json().await.unwrap()
+    }
+
+    async fn get(&self, path: &str, query: &[(&str, &str)]) -> Value {
+        self.http
+            .get(format!("{}/{path}", self.api))
+            .query(query)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// A finished run with `metrics` (the value logged last wins).
+    async fn run_with(&self, metrics: &[(&str, f64)]) -> String {
+        let run = self
+            .post(
+                "runs/create",
+                json!({"experiment_id": self.experiment_id, "start_time": 1}),
+            )
+            .await;
+        let run_id = run["run"]["info"]["run_id"].as_str().unwrap().to_owned();
+        for (step, (key, value)) in metrics.iter().enumerate() {
+            // An older, worse value first: the adapter must read the latest.
+            self.post(
+                "runs/log-metric",
+                json!({"run_id": run_id, "key": key, "value": 0.01, "timestamp": 1, "step": 0}),
+            )
+            .await;
+            self.post(
+                "runs/log-metric",
+                json!({"run_id": run_id, "key": key, "value": value, "timestamp": 2, "step": step + 1}),
+            )
+            .await;
+        }
+        self.post(
+            "runs/update",
+            json!({"run_id": run_id, "status": "FINISHED", "end_time": 2}),
+        )
+        .await;
+        run_id
+    }
+
+    async fn versions(&self, model: &str) -> Vec<Value> {
+        let found = self
+            .get(
+                "model-versions/search",
+                &[("filter", &format!("name='{model}'"))],
+            )
+            .await;
+        found["model_versions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    async fn version(&self, model: &str, version: &str) -> Value {
+        self.get(
+            "model-versions/get",
+            &[("name", model), ("version", version)],
+        )
+        .await["model_version"]
+            .clone()
+    }
+}
+
+fn candidate(id: &str, metrics: &[(&str, f64)]) -> Candidate {
+    Candidate {
+        id: id.to_owned(),
+        metrics: metrics.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
+    }
+}
+
+fn tag<'a>(version: &'a Value, key: &str) -> Option<&'a str> {
+    version["tags"]
+        .as_array()?
+        .iter()
+        .find(|t| t["key"] == key)
+        .and_then(|t| t["value"].as_str())
+}
+
+#[tokio::test]
+async fn real_server_alias_mode_full_flow() {
+    let Some(url) = service_url("RETRAIN_TEST_MLFLOW_URL") else {
+        return;
+    };
+    let mlflow = Mlflow::new(&url).await;
+    let model = unique("wms-unet");
+    let registry = MlflowRegistry::new(settings(&url, &model, RegistryMode::Alias)).unwrap();
+
+    // No registered model at all: first model.
+    assert_eq!(registry.production(None).await.unwrap(), None);
+
+    // First promotion creates the model and sets the alias.
+    let run_a = mlflow.run_with(&[("dice", 0.80), ("iou", 0.70)]).await;
+    let retrain_a = RunId::generate();
+    let first = registry
+        .promote(candidate(&run_a, &[]), retrain_a.clone(), None)
+        .await
+        .unwrap();
+    assert_eq!(first.version, "1");
+    assert_eq!(first.previous, None);
+
+    let production = registry.production(None).await.unwrap().unwrap();
+    assert_eq!(production.version, "1");
+    assert_eq!(production.candidate_id.as_deref(), Some(run_a.as_str()));
+    assert_eq!(
+        production.metrics,
+        BTreeMap::from([("dice".into(), 0.80), ("iou".into(), 0.70)])
+    );
+
+    // Candidate metrics by run id.
+    let run_b = mlflow.run_with(&[("dice", 0.85), ("iou", 0.75)]).await;
+    let metrics = registry
+        .candidate_metrics(run_b.clone(), None)
+        .await
+        .unwrap();
+    assert_eq!(metrics["dice"], 0.85);
+
+    // Second promotion moves the alias and archives the old version.
+    let retrain_b = RunId::generate();
+    let second = registry
+        .promote(candidate(&run_b, &[]), retrain_b.clone(), None)
+        .await
+        .unwrap();
+    assert_eq!(second.version, "2");
+    assert_eq!(second.previous.as_deref(), Some("1"));
+    let v2 = mlflow.version(&model, "2").await;
+    assert_eq!(v2["aliases"], json!(["production"]));
+    let v1 = mlflow.version(&model, "1").await;
+    assert_eq!(tag(&v1, "retrain.archived"), Some("true"));
+    assert_ne!(v1["aliases"], json!(["production"]), "{v1}");
+    assert_eq!(
+        registry.production(None).await.unwrap().unwrap().version,
+        "2"
+    );
+
+    // Promoting the same retrain run again is a no-op returning the same version.
+    let again = registry
+        .promote(candidate(&run_b, &[]), retrain_b, None)
+        .await
+        .unwrap();
+    assert_eq!(again, second);
+    assert_eq!(mlflow.versions(&model).await.len(), 2, "no new version");
+}
+
+#[tokio::test]
+async fn real_server_alias_not_set_and_missing_runs() {
+    let Some(url) = service_url("RETRAIN_TEST_MLFLOW_URL") else {
+        return;
+    };
+    let mlflow = Mlflow::new(&url).await;
+    let model = unique("no-alias");
+    mlflow
+        .post("registered-models/create", json!({"name": model}))
+        .await;
+    let registry = MlflowRegistry::new(settings(&url, &model, RegistryMode::Alias)).unwrap();
+    // The model exists but the alias is not set (400 INVALID_PARAMETER_VALUE).
+    assert_eq!(registry.production(None).await.unwrap(), None);
+
+    let err = registry
+        .candidate_metrics("0123456789abcdef0123456789abcdef".into(), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PortError::NotFound(_)), "{err:?}");
+    assert!(err.to_string().contains("0123456789abcdef0123456789abcdef"));
+}
+
+#[tokio::test]
+async fn real_server_stage_mode() {
+    let Some(url) = service_url("RETRAIN_TEST_MLFLOW_URL") else {
+        return;
+    };
+    let mlflow = Mlflow::new(&url).await;
+    let model = unique("staged");
+    let registry = MlflowRegistry::new(settings(&url, &model, RegistryMode::Stage)).unwrap();
+    assert_eq!(registry.production(None).await.unwrap(), None);
+
+    let run_a = mlflow.run_with(&[("dice", 0.5)]).await;
+    let first = registry
+        .promote(candidate(&run_a, &[]), RunId::generate(), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (first.version.as_str(), first.previous.as_deref()),
+        ("1", None)
+    );
+    // A model with versions but none in Production is `{}` too.
+    let run_b = mlflow.run_with(&[("dice", 0.6)]).await;
+    let retrain_b = RunId::generate();
+    let second = registry
+        .promote(candidate(&run_b, &[]), retrain_b.clone(), None)
+        .await
+        .unwrap();
+    assert_eq!(second.version, "2");
+    assert_eq!(second.previous.as_deref(), Some("1"));
+    assert_eq!(
+        mlflow.version(&model, "1").await["current_stage"],
+        "Archived"
+    );
+    assert_eq!(
+        mlflow.version(&model, "2").await["current_stage"],
+        "Production"
+    );
+    let production = registry.production(None).await.unwrap().unwrap();
+    assert_eq!(production.version, "2");
+    assert_eq!(production.metrics["dice"], 0.6);
+
+    let again = registry
+        .promote(candidate(&run_b, &[]), retrain_b, None)
+        .await
+        .unwrap();
+    assert_eq!(again, second);
+    assert_eq!(mlflow.versions(&model).await.len(), 2);
+}
+
+#[tokio::test]
+async fn real_server_tracking_uri_from_lease_public_ip() {
+    let Some(url) = service_url("RETRAIN_TEST_MLFLOW_URL") else {
+        return;
+    };
+    // http://127.0.0.1:PORT → http://{public_ip}:PORT, filled from the lease.
+    let parsed = url::Url::parse(&url).unwrap();
+    let templated = format!("http://{{public_ip}}:{}", parsed.port().unwrap());
+    let registry =
+        MlflowRegistry::new(settings(&templated, &unique("leased"), RegistryMode::Alias)).unwrap();
+    let mut lease = test_lease();
+    lease
+        .attributes
+        .insert("public_ip".into(), "127.0.0.1".into());
+    assert_eq!(registry.production(Some(lease)).await.unwrap(), None);
+    let err = registry.production(None).await.unwrap_err();
+    assert!(matches!(err, PortError::Config(_)), "{err:?}");
+}
+
+fn test_lease() -> Lease {
+    let now = chrono::Utc::now();
+    Lease {
+        id: "lease-1".into(),
+        label: Label::new("segmentation").unwrap(),
+        run_id: RunId::generate(),
+        provider: "ec2".into(),
+        resources: vec!["i-0abc".into()],
+        region: Some("us-east-1".into()),
+        acquired_at: now,
+        max_until: now,
+        attributes: BTreeMap::new(),
+        released_at: None,
+    }
+}
+
+// ---- wiremock: quirks ----
+
+#[tokio::test]
+async fn empty_object_answers_mean_no_production_model() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path(
+            "/api/2.0/mlflow/registered-models/get-latest-versions",
+        ))
+        .and(body_partial_json(
+            json!({"name": "m", "stages": ["Production"]}),
+        ))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/api/2.0/mlflow/registered-models/alias"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
+        .mount(&server)
+        .await;
+    let staged = MlflowRegistry::new(settings(&server.uri(), "m", RegistryMode::Stage)).unwrap();
+    assert_eq!(staged.production(None).await.unwrap(), None);
+    let aliased = MlflowRegistry::new(settings(&server.uri(), "m", RegistryMode::Alias)).unwrap();
+    assert_eq!(aliased.production(None).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn alias_not_set_400_is_no_production_but_other_400s_fail() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/api/2.0/mlflow/registered-models/alias"))
+        .and(query_param("name", "m"))
+        .and(query_param("alias", "production"))
+        .respond_with(ResponseTemplate::new(400).set_body_json(json!({
+            "error_code": "INVALID_PARAMETER_VALUE",
+            "message": "Registered model alias production not found.",
+        })))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/api/2.0/mlflow/registered-models/alias"))
+        .and(query_param("name", "other"))
+        .respond_with(ResponseTemplate::new(400).set_body_json(json!({
+            "error_code": "INVALID_PARAMETER_VALUE",
+            "message": "Something else is wrong",
+        })))
+        .mount(&server)
+        .await;
+    let registry = MlflowRegistry::new(settings(&server.uri(), "m", RegistryMode::Alias)).unwrap();
+    assert_eq!(registry.production(None).await.unwrap(), None);
+    let other = MlflowRegistry::new(settings(&server.uri(), "other", RegistryMode::Alias)).unwrap();
+    let err = other.production(None).await.unwrap_err();
+    assert!(err.to_string().contains("`other`"), "{err}");
+    assert!(err.to_string().contains("INVALID_PARAMETER_VALUE"), "{err}");
+}
+
+#[tokio::test]
+async fn server_error_then_success_is_retried_and_nan_metrics_are_kept() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/api/2.0/mlflow/runs/get"))
+        .respond_with(ResponseTemplate::new(500).set_body_json(json!({
+            "error_code": "INTERNAL_ERROR", "message": "database is locked"
+        })))
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/api/2.0/mlflow/runs/get"))
+        .and(query_param("run_id", "abc"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "run": {"info": {"run_id": "abc"}, "data": {"metrics": [
+                {"key": "dice", "value": 0.9, "timestamp": 1, "step": 0},
+                {"key": "iou", "value": "NaN", "timestamp": 1, "step": 0}
+            ]}, "inputs": {}, "outputs": {}}
+        })))
+        .mount(&server)
+        .await;
+    let registry = MlflowRegistry::new(settings(&server.uri(), "m", RegistryMode::Alias)).unwrap();
+    let metrics = registry
+        .candidate_metrics("abc".into(), None)
+        .await
+        .unwrap();
+    assert_eq!(metrics["dice"], 0.9);
+    // NaN is passed on: the gate rejects it with a reason naming the metric.
+    assert!(metrics["iou"].is_nan());
+    assert_eq!(server.received_requests().await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn run_without_metrics_has_empty_data() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/api/2.0/mlflow/runs/get"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "run": {"info": {"run_id": "abc"}, "data": {}}
+        })))
+        .mount(&server)
+        .await;
+    let registry = MlflowRegistry::new(settings(&server.uri(), "m", RegistryMode::Alias)).unwrap();
+    assert!(registry
+        .candidate_metrics("abc".into(), None)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test]
+async fn token_is_sent_but_never_shown() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/api/2.0/mlflow/runs/get"))
+        .and(wiremock::matchers::header(
+            "authorization",
+            "Bearer s3cr3t-token",
+        ))
+        .respond_with(ResponseTemplate::new(403).set_body_string("denied"))
+        .mount(&server)
+        .await;
+    let mut s = settings(&server.uri(), "m", RegistryMode::Alias);
+    s.auth = MlflowAuth::Token(SecretString::from("s3cr3t-token"));
+    let registry = MlflowRegistry::new(s).unwrap();
+    assert!(!format!("{registry:?}").contains("s3cr3t"));
+    let err = registry
+        .candidate_metrics("abc".into(), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PortError::Denied(_)), "{err:?}");
+    assert!(!err.to_string().contains("s3cr3t"));
+    assert!(!format!("{err:?}").contains("s3cr3t"));
+}
+
+#[tokio::test]
+async fn create_version_500_is_not_blindly_retried() {
+    // The first create answers 500 but the version was in fact created: the
+    // adapter must find it by its tag instead of creating a second one.
+    let server = MockServer::start().await;
+    let base = "/api/2.0/mlflow";
+    let run_id = RunId("run-77".into());
+    Mock::given(method("GET"))
+        .and(path(format!("{base}/model-versions/search")))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path(format!("{base}/model-versions/search")))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"model_versions": [
+            {"name": "m", "version": "4", "run_id": "cand", "tags": [{"key": "retrain_run_id", "value": "run-77"}]}
+        ]})))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(format!("{base}/registered-models/create")))
+        .respond_with(ResponseTemplate::new(400).set_body_json(json!({
+            "error_code": "RESOURCE_ALREADY_EXISTS", "message": "Registered Model (name=m) already exists."
+        })))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(format!("{base}/model-versions/create")))
+        .respond_with(ResponseTemplate::new(500).set_body_json(json!({
+            "error_code": "INTERNAL_ERROR", "message": "lost"
+        })))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path(format!("{base}/registered-models/alias")))
+        .respond_with(ResponseTemplate::new(200).set_body_json(
+            json!({"model_version": {"name": "m", "version": "3", "run_id": "old"}}),
+        ))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(format!("{base}/registered-models/alias")))
+        .and(body_partial_json(
+            json!({"name": "m", "alias": "production", "version": "4"}),
+        ))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
+        .expect(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(format!("{base}/model-versions/set-tag")))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
+        .mount(&server)
+        .await;
+    let registry = MlflowRegistry::new(settings(&server.uri(), "m", RegistryMode::Alias)).unwrap();
+    let promoted = registry
+        .promote(candidate("cand", &[]), run_id, None)
+        .await
+        .unwrap();
+    assert_eq!(promoted.version, "4");
+    assert_eq!(promoted.previous.as_deref(), Some("3"));
+    let creates = server
+        .received_requests()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.url.path().ends_with("model-versions/create"))
+        .count();
+    assert_eq!(
+        creates, 1,
+        "the create call is not retried once the version exists"
+    );
+}

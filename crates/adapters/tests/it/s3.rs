@@ -1,0 +1,174 @@
+//! S3 metadata store against `moto_server` (RETRAIN_TEST_MOTO_URL), and
+//! wiremock for the error mapping.
+
+use retrain_adapters::aws::{encode_s3_key, AwsSettings};
+use retrain_adapters::http::HttpPolicy;
+use retrain_adapters::s3::S3MetadataStore;
+use retrain_core::ports::{MetadataRead, MetadataStore, PortError};
+use wiremock::matchers::method;
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use crate::common::service_url;
+use crate::ec2::moto_settings;
+
+/// Signed S3 PUT (create bucket or object) through the adapter's signer.
+async fn put(settings: &AwsSettings, base: &str, path: &str, body: &[u8]) {
+    let url = url::Url::parse(&format!("{}/{path}", base.trim_end_matches('/'))).unwrap();
+    let headers = settings.signer("s3").sign("PUT", &url, &[], body).unwrap();
+    let mut request = reqwest::Client::new().put(url.clone()).body(body.to_vec());
+    for (k, v) in headers {
+        request = request.header(k, v);
+    }
+    let response = request.send().await.unwrap();
+    assert!(
+        response.status().is_success(),
+        "PUT {url}: {}",
+        response.status()
+    );
+}
+
+fn metadata(version: &str, samples: u64) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "dataset_name": "wms",
+        "version_tag": version,
+        "num_samples": samples,
+        "created_at": "2026-02-10T12:34:56Z",
+        "splits": {"train": samples}
+    }))
+    .unwrap()
+}
+
+fn bucket_name() -> String {
+    format!(
+        "retrain-it-{}",
+        &uuid::Uuid::now_v7().simple().to_string()[20..]
+    )
+}
+
+#[tokio::test]
+async fn moto_published_unchanged_new_revision_and_malformed() {
+    let Some(url) = service_url("RETRAIN_TEST_MOTO_URL") else {
+        return;
+    };
+    let settings = moto_settings(&url);
+    let bucket = bucket_name();
+    let key = "wms/dataset metadata.json"; // a space: the key path must be encoded
+    put(&settings, &url, &bucket, b"").await;
+
+    let store = S3MetadataStore::with_policy(
+        settings.clone(),
+        &format!("s3://{bucket}/{key}"),
+        HttpPolicy::fast_for_tests(),
+    )
+    .unwrap();
+    assert_eq!(store.describe(), format!("s3://{bucket}/{key}"));
+    // Nothing published yet.
+    assert_eq!(store.read(None).await.unwrap(), MetadataRead::Absent);
+    assert_eq!(
+        store.read(Some("stale".into())).await.unwrap(),
+        MetadataRead::Absent
+    );
+
+    let object = format!("{bucket}/{}", encode_s3_key(key));
+    put(&settings, &url, &object, &metadata("v1", 120)).await;
+    let MetadataRead::Published(first) = store.read(None).await.unwrap() else {
+        panic!("expected a published version");
+    };
+    assert_eq!(first.metadata.version_tag.as_str(), "v1");
+    assert_eq!(first.metadata.num_samples, 120);
+    let etag = first.revision.clone().expect("ETag as revision");
+    assert!(!etag.contains('"'), "{etag}");
+
+    assert_eq!(
+        store.read(Some(etag.clone())).await.unwrap(),
+        MetadataRead::Unchanged
+    );
+
+    put(&settings, &url, &object, &metadata("v2", 150)).await;
+    let MetadataRead::Published(second) = store.read(Some(etag.clone())).await.unwrap() else {
+        panic!("expected a new version");
+    };
+    assert_eq!(second.metadata.version_tag.as_str(), "v2");
+    assert_ne!(second.revision.as_deref(), Some(etag.as_str()));
+
+    put(
+        &settings,
+        &url,
+        &object,
+        br#"{"dataset_name": "wms", "version_tag": "v3", "created_at": "2026-02-10T12:34:56Z"}"#,
+    )
+    .await;
+    let err = store.read(second.revision.clone()).await.unwrap_err();
+    assert!(matches!(err, PortError::InvalidResponse(_)), "{err:?}");
+    assert!(
+        err.to_string().contains(&format!("s3://{bucket}/{key}")),
+        "{err}"
+    );
+    assert!(err.to_string().contains("num_samples"), "{err}");
+
+    put(&settings, &url, &object, b"{not json").await;
+    let err = store.read(None).await.unwrap_err();
+    assert!(
+        err.to_string().contains(&format!("s3://{bucket}/{key}")),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn moto_missing_bucket_is_an_error_naming_it() {
+    let Some(url) = service_url("RETRAIN_TEST_MOTO_URL") else {
+        return;
+    };
+    let bucket = bucket_name();
+    let store = S3MetadataStore::with_policy(
+        moto_settings(&url),
+        &format!("s3://{bucket}/m.json"),
+        HttpPolicy::fast_for_tests(),
+    )
+    .unwrap();
+    let err = store.read(None).await.unwrap_err();
+    assert!(matches!(err, PortError::NotFound(_)), "{err:?}");
+    assert!(err.to_string().contains(&bucket), "{err}");
+}
+
+#[tokio::test]
+async fn forbidden_is_denied_naming_the_bucket_and_no_secret() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(403).set_body_string(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>AccessDenied</Code><Message>Access Denied</Message><RequestId>x</RequestId></Error>",
+        ))
+        .mount(&server)
+        .await;
+    Mock::given(method("HEAD"))
+        .respond_with(ResponseTemplate::new(403))
+        .mount(&server)
+        .await;
+    let settings = moto_settings(&server.uri());
+    let store = S3MetadataStore::with_policy(
+        settings,
+        "s3://private-bucket/meta.json",
+        HttpPolicy::fast_for_tests(),
+    )
+    .unwrap();
+    for known in [None, Some("etag".to_owned())] {
+        let err = store.read(known).await.unwrap_err();
+        assert!(matches!(err, PortError::Denied(_)), "{err:?}");
+        assert!(err.to_string().contains("private-bucket"), "{err}");
+        assert!(!format!("{err:?} {store:?}").contains("moto-secret-key"));
+    }
+    let requests = server.received_requests().await.unwrap();
+    assert_eq!(
+        requests[0].url.path(),
+        "/private-bucket/meta.json",
+        "path-style with a custom endpoint"
+    );
+    assert!(requests[0].headers.contains_key("x-amz-content-sha256"));
+    let auth = requests[0]
+        .headers
+        .get("authorization")
+        .unwrap()
+        .to_str()
+        .unwrap();
+    assert!(auth.contains("/s3/aws4_request"), "{auth}");
+}
