@@ -253,22 +253,25 @@ fn owner_hint() -> String {
 
 // ---- AWS / MLflow / GitHub (see the modules for their behaviour) ----
 
-fn aws_settings(settings: &Settings, region: Option<&str>) -> crate::aws::AwsSettings {
-    let mut aws = crate::aws::AwsSettings::from_env();
+fn aws_settings(
+    settings: &Settings,
+    region: Option<&str>,
+) -> Result<crate::aws::AwsSettings, AdapterError> {
+    let mut aws = crate::aws::AwsSettings::from_env()?;
     if let Some(r) = region.map(str::to_owned).or_else(|| settings.aws.region.clone()) {
-        aws.region = r;
+        aws = aws.with_region(r);
     }
     if let Some(endpoint) = &settings.aws.endpoint_url {
-        if let Ok(url) = url::Url::parse(endpoint) {
-            aws.endpoint_url = Some(url);
-        }
+        let url = url::Url::parse(endpoint)
+            .map_err(|e| AdapterError::config("aws.endpoint_url", format!("not a URL: {e}")))?;
+        aws = aws.with_endpoint(url);
     }
-    aws
+    Ok(aws)
 }
 
 fn aws_metadata_store(settings: &Settings, location: &str) -> Result<Arc<dyn MetadataStore>, AdapterError> {
     Ok(Arc::new(crate::s3::S3MetadataStore::new(
-        aws_settings(settings, None),
+        aws_settings(settings, None)?,
         location,
     )?))
 }
@@ -312,16 +315,17 @@ fn lease_provider(
     label: &LabelSettings,
     spec: &LeaseSpec,
 ) -> Result<Arc<dyn LeaseProvider>, AdapterError> {
-    let aws = aws_settings(settings, spec.region.as_deref());
-    let client = crate::ec2::Ec2Client::new(aws, http_policy(settings))?;
-    let _ = label;
+    let aws = aws_settings(settings, spec.region.as_deref())
+        .map_err(|e| AdapterError::config(format!("labels.{}.lease", label.label), e.to_string()))?;
+    let client = crate::ec2::Ec2Client::new(&aws, http_policy(settings))?;
     Ok(Arc::new(crate::ec2::Ec2LeaseProvider::new(
         client,
         spec.ec2.clone(),
+        spec.region.clone(),
         spec.health_url.clone(),
         spec.max,
         crate::ec2::Ec2WaitSettings::default(),
-    )))
+    )?))
 }
 
 fn remote_notifier(settings: &Settings, spec: &NotifySpec) -> Result<Arc<dyn Notifier>, AdapterError> {
@@ -365,7 +369,7 @@ fn remote_notifier(settings: &Settings, spec: &NotifySpec) -> Result<Arc<dyn Not
             )?))
         }
         NotifySpec::Webhook { url, slack, on: when } => Ok(Arc::new(
-            crate::webhook::WebhookNotifier::new(
+            crate::webhook::WebhookNotifier::with_policy(
                 url.clone(),
                 if *slack {
                     crate::webhook::WebhookFormat::Slack
@@ -386,14 +390,22 @@ pub async fn infra_control(
     start: bool,
 ) -> Result<Vec<(String, String)>, AdapterError> {
     let spec = lease_spec(settings, label)?;
-    let client = crate::ec2::Ec2Client::new(aws_settings(settings, spec.region.as_deref()), http_policy(settings))?;
+    let client = crate::ec2::Ec2Client::new(
+        &aws_settings(settings, spec.region.as_deref())?,
+        http_policy(settings),
+    )?;
     let result = if start {
         client.start_instances(&spec.ec2).await
     } else {
         client.stop_instances(&spec.ec2).await
     };
     result
-        .map(|states| states.into_iter().map(|s| (s.instance_id, s.state)).collect())
+        .map(|states| {
+            states
+                .into_iter()
+                .map(|s| (s.instance_id, format!("{} (was {})", s.current, s.previous)))
+                .collect()
+        })
         .map_err(|e| AdapterError::Unavailable(e.to_string()))
 }
 
@@ -410,13 +422,17 @@ pub async fn infra_status(
         let Some(spec) = &label_settings.lease else {
             continue;
         };
-        let client = crate::ec2::Ec2Client::new(aws_settings(settings, spec.region.as_deref()), http_policy(settings))?;
+        let client = crate::ec2::Ec2Client::new(
+            &aws_settings(settings, spec.region.as_deref())?,
+            http_policy(settings),
+        )?;
         let states = client
             .describe_instances(&spec.ec2)
             .await
             .map_err(|e| AdapterError::Unavailable(e.to_string()))?;
         for s in states {
-            rows.push((label.to_string(), s.instance_id, s.state));
+            let ip = s.public_ip.map(|ip| format!(" {ip}")).unwrap_or_default();
+            rows.push((label.to_string(), s.instance_id, format!("{}{ip}", s.state)));
         }
     }
     Ok(rows)
