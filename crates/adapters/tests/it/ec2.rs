@@ -339,3 +339,35 @@ async fn stop_of_an_instance_in_incorrect_state_is_fine_when_already_down() {
     .unwrap();
     provider.release(&lease_for(&ids)).await.unwrap();
 }
+
+#[tokio::test]
+async fn the_lease_region_wins_over_the_client_region() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_string(
+            "<DescribeInstancesResponse><reservationSet/></DescribeInstancesResponse>",
+        ))
+        .mount(&server)
+        .await;
+    let client =
+        Ec2Client::new(&moto_settings(&server.uri()), HttpPolicy::fast_for_tests()).unwrap();
+    let provider = Ec2LeaseProvider::new(
+        client,
+        vec!["i-0abc".into()],
+        Some("eu-west-1".into()),
+        None,
+        Duration::from_secs(60),
+        fast_wait(),
+    )
+    .unwrap();
+    assert_eq!(provider.plan().region.as_deref(), Some("eu-west-1"));
+    provider.status().await.unwrap();
+    let requests = server.received_requests().await.unwrap();
+    let auth = requests[0]
+        .headers
+        .get("authorization")
+        .unwrap()
+        .to_str()
+        .unwrap();
+    assert!(auth.contains("/eu-west-1/ec2/aws4_request"), "{auth}");
+}
