@@ -192,6 +192,7 @@ pub struct Ec2ApiError {
 #[derive(Debug, Clone)]
 pub struct Ec2Client {
     http: RetryingClient,
+    settings: AwsSettings,
     signer: SigV4Signer,
     endpoint: Url,
     region: String,
@@ -204,6 +205,19 @@ impl Ec2Client {
             signer: settings.signer("ec2"),
             endpoint: settings.ec2_endpoint()?,
             region: settings.region.clone(),
+            settings: settings.clone(),
+        })
+    }
+
+    /// The same client for another region (endpoint overrides are kept).
+    pub fn with_region(&self, region: &str) -> Result<Self, AdapterError> {
+        let settings = self.settings.clone().with_region(region);
+        Ok(Self {
+            http: self.http.clone(),
+            signer: settings.signer("ec2"),
+            endpoint: settings.ec2_endpoint()?,
+            region: settings.region.clone(),
+            settings,
         })
     }
 
@@ -441,8 +455,8 @@ pub struct Ec2LeaseProvider {
 
 impl Ec2LeaseProvider {
     /// `health_url` may contain `{public_ip}` / `{private_ip}` (of the first
-    /// instance); `region` is informational (the client's settings decide
-    /// where calls go: build the client with `AwsSettings::with_region`).
+    /// instance); a `region` different from the client's re-targets the
+    /// client there (the lease config's region wins over `AWS_REGION`).
     pub fn new(
         client: Ec2Client,
         instance_ids: Vec<String>,
@@ -468,8 +482,12 @@ impl Ec2LeaseProvider {
             .connect_timeout(Duration::from_secs(5))
             .build()
             .map_err(|e| AdapterError::Unavailable(format!("cannot build HTTP client: {e}")))?;
+        let client = match region.as_deref() {
+            Some(r) if !r.is_empty() && r != client.region() => client.with_region(r)?,
+            _ => client,
+        };
         Ok(Self {
-            region: region.or_else(|| Some(client.region().to_owned())),
+            region: Some(client.region().to_owned()),
             client,
             instance_ids,
             health_url,

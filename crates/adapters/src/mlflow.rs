@@ -100,7 +100,7 @@ impl MlflowAuth {
 }
 
 /// Configuration of one label's MLflow registry binding.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct MlflowSettings {
     /// `http://host:5000`; may contain `{public_ip}` (and `{private_ip}`),
     /// filled from the lease attributes when the server runs on the leased host.
@@ -112,6 +112,19 @@ pub struct MlflowSettings {
     pub mode: RegistryMode,
     pub auth: MlflowAuth,
     pub policy: HttpPolicy,
+}
+
+impl fmt::Debug for MlflowSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MlflowSettings")
+            .field("tracking_uri", &display_uri(&self.tracking_uri))
+            .field("model", &self.model)
+            .field("alias", &self.alias)
+            .field("mode", &self.mode)
+            .field("auth", &self.auth)
+            .field("policy", &self.policy)
+            .finish()
+    }
 }
 
 impl MlflowSettings {
@@ -300,7 +313,7 @@ impl MlflowRegistry {
                 "registry.mlflow",
                 format!(
                     "tracking URI must be http(s)://…, got `{}`",
-                    settings.tracking_uri
+                    display_uri(&settings.tracking_uri)
                 ),
             ));
         }
@@ -336,7 +349,7 @@ impl MlflowRegistry {
                     .ok_or_else(|| {
                         PortError::Config(format!(
                             "MLflow tracking URI {} needs `{key}` from an active lease, but there is none (is `lease` configured for this label?)",
-                            self.settings.tracking_uri
+                            display_uri(&self.settings.tracking_uri)
                         ))
                     })?;
                 uri = uri.replace(&placeholder, value);
@@ -712,6 +725,21 @@ impl MlflowRegistry {
     }
 }
 
+/// The tracking URI for messages: a password in its userinfo is masked.
+fn display_uri(uri: &str) -> String {
+    // `{public_ip}` placeholders are not valid hosts; mask on the raw text.
+    match (uri.find("://"), uri.find('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &uri[scheme_end + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &uri[..scheme_end + 3], &uri[at..]),
+                None => uri.to_owned(),
+            }
+        }
+        _ => uri.to_owned(),
+    }
+}
+
 fn excerpt(body: &str) -> String {
     body.chars().take(300).collect()
 }
@@ -808,11 +836,14 @@ impl ModelRegistry for MlflowRegistry {
         match self.settings.mode {
             RegistryMode::Alias => format!(
                 "mlflow {} model `{}` alias `{}`",
-                self.settings.tracking_uri, self.settings.model, self.settings.alias
+                display_uri(&self.settings.tracking_uri),
+                self.settings.model,
+                self.settings.alias
             ),
             RegistryMode::Stage => format!(
                 "mlflow {} model `{}` stage Production",
-                self.settings.tracking_uri, self.settings.model
+                display_uri(&self.settings.tracking_uri),
+                self.settings.model
             ),
         }
     }
@@ -873,6 +904,21 @@ mod tests {
         assert!(MlflowRegistry::new(s.clone()).is_ok());
         s.tracking_uri = "file:///tmp/mlruns".into();
         assert!(MlflowRegistry::new(s).is_err());
+    }
+
+    #[test]
+    fn passwords_in_the_uri_are_masked() {
+        assert_eq!(
+            display_uri("https://bob:pw@h:5000"),
+            "https://bob:***@h:5000"
+        );
+        assert_eq!(
+            display_uri("http://{public_ip}:5000"),
+            "http://{public_ip}:5000"
+        );
+        let r = MlflowRegistry::new(MlflowSettings::new("https://bob:pw@h:5000", "m")).unwrap();
+        assert!(!r.describe().contains("pw"));
+        assert!(!format!("{r:?}").contains(":pw@"));
     }
 
     #[test]

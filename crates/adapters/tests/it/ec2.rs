@@ -270,3 +270,104 @@ async fn moto_health_url_is_awaited_until_2xx() {
     assert_eq!(health.received_requests().await.unwrap().len(), 3);
     provider.release(&lease).await.unwrap();
 }
+
+#[tokio::test]
+async fn acquire_fails_fast_when_an_instance_is_stopping() {
+    use wiremock::matchers::body_string_contains;
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(body_string_contains("Action=StartInstances"))
+        .respond_with(ResponseTemplate::new(200).set_body_string(
+            r#"<StartInstancesResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/"><instancesSet><item><instanceId>i-0abc</instanceId><currentState><code>0</code><name>pending</name></currentState><previousState><code>80</code><name>stopped</name></previousState></item></instancesSet></StartInstancesResponse>"#,
+        ))
+        .mount(&server)
+        .await;
+    // State code 320 = 64 | 256: the high byte must be masked off.
+    Mock::given(method("POST"))
+        .and(body_string_contains("Action=DescribeInstances"))
+        .respond_with(ResponseTemplate::new(200).set_body_string(
+            r#"<DescribeInstancesResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/"><reservationSet><item><instancesSet><item><instanceId>i-0abc</instanceId><instanceState><code>320</code><name>stopping</name></instanceState></item></instancesSet></item></reservationSet></DescribeInstancesResponse>"#,
+        ))
+        .mount(&server)
+        .await;
+    let client =
+        Ec2Client::new(&moto_settings(&server.uri()), HttpPolicy::fast_for_tests()).unwrap();
+    let ids = vec!["i-0abc".to_owned()];
+    let provider = Ec2LeaseProvider::new(
+        client,
+        ids.clone(),
+        None,
+        None,
+        Duration::from_secs(60),
+        fast_wait(),
+    )
+    .unwrap();
+    let err = provider.acquire(lease_for(&ids)).await.unwrap_err();
+    assert!(matches!(err, PortError::Failed(_)), "{err:?}");
+    assert!(err.to_string().contains("i-0abc is stopping"), "{err}");
+}
+
+#[tokio::test]
+async fn stop_of_an_instance_in_incorrect_state_is_fine_when_already_down() {
+    use wiremock::matchers::body_string_contains;
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(body_string_contains("Action=StopInstances"))
+        .respond_with(ResponseTemplate::new(400).set_body_string(
+            "<Response><Errors><Error><Code>IncorrectInstanceState</Code><Message>The instance 'i-0abc' is not in a state from which it can be stopped.</Message></Error></Errors><RequestID>x</RequestID></Response>",
+        ))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(body_string_contains("Action=DescribeInstances"))
+        .respond_with(ResponseTemplate::new(200).set_body_string(
+            r#"<DescribeInstancesResponse><reservationSet><item><instancesSet><item><instanceId>i-0abc</instanceId><instanceState><code>48</code><name>terminated</name></instanceState></item></instancesSet></item></reservationSet></DescribeInstancesResponse>"#,
+        ))
+        .mount(&server)
+        .await;
+    let client =
+        Ec2Client::new(&moto_settings(&server.uri()), HttpPolicy::fast_for_tests()).unwrap();
+    let ids = vec!["i-0abc".to_owned()];
+    let provider = Ec2LeaseProvider::new(
+        client,
+        ids.clone(),
+        None,
+        None,
+        Duration::from_secs(60),
+        fast_wait(),
+    )
+    .unwrap();
+    provider.release(&lease_for(&ids)).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_lease_region_wins_over_the_client_region() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_string(
+            "<DescribeInstancesResponse><reservationSet/></DescribeInstancesResponse>",
+        ))
+        .mount(&server)
+        .await;
+    let client =
+        Ec2Client::new(&moto_settings(&server.uri()), HttpPolicy::fast_for_tests()).unwrap();
+    let provider = Ec2LeaseProvider::new(
+        client,
+        vec!["i-0abc".into()],
+        Some("eu-west-1".into()),
+        None,
+        Duration::from_secs(60),
+        fast_wait(),
+    )
+    .unwrap();
+    assert_eq!(provider.plan().region.as_deref(), Some("eu-west-1"));
+    provider.status().await.unwrap();
+    let requests = server.received_requests().await.unwrap();
+    let auth = requests[0]
+        .headers
+        .get("authorization")
+        .unwrap()
+        .to_str()
+        .unwrap();
+    assert!(auth.contains("/eu-west-1/ec2/aws4_request"), "{auth}");
+}
