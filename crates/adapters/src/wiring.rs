@@ -128,7 +128,7 @@ fn registry(
 ) -> Result<Arc<dyn ModelRegistry>, AdapterError> {
     match spec {
         RegistrySpec::Json { path, model } => {
-            Ok(Arc::new(JsonRegistry::open(path.clone(), model.clone())?))
+            Ok(Arc::new(JsonRegistry::open(path.clone(), model.clone())))
         }
         RegistrySpec::Mlflow { .. } => mlflow_registry(settings, spec),
     }

@@ -154,22 +154,24 @@ impl std::fmt::Debug for Engine {
     }
 }
 
+/// The result of one count query, shared by every label with that watermark.
+type CountsCell = Arc<OnceCell<Result<BTreeMap<Label, FeedbackCounts>, PortError>>>;
+/// The result of one prepare restart, shared by every label using that job.
+type PrepareCell = Arc<OnceCell<Result<(), PortError>>>;
+
 /// Per-cycle shared work: one count query per watermark, one restart per prepare job.
 #[derive(Default)]
 struct CycleShared {
-    counts: Mutex<HashMap<DateTime<Utc>, Arc<OnceCell<Result<BTreeMap<Label, FeedbackCounts>, PortError>>>>>,
-    prepares: Mutex<HashMap<String, Arc<OnceCell<Result<(), PortError>>>>>,
+    counts: Mutex<HashMap<DateTime<Utc>, CountsCell>>,
+    prepares: Mutex<HashMap<String, PrepareCell>>,
 }
 
 impl CycleShared {
-    fn counts_cell(
-        &self,
-        since: DateTime<Utc>,
-    ) -> Arc<OnceCell<Result<BTreeMap<Label, FeedbackCounts>, PortError>>> {
+    fn counts_cell(&self, since: DateTime<Utc>) -> CountsCell {
         let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         map.entry(since).or_default().clone()
     }
-    fn prepare_cell(&self, key: &str) -> Arc<OnceCell<Result<(), PortError>>> {
+    fn prepare_cell(&self, key: &str) -> PrepareCell {
         let mut map = self.prepares.lock().unwrap_or_else(|e| e.into_inner());
         map.entry(key.to_owned()).or_default().clone()
     }
@@ -204,8 +206,14 @@ struct LabelTask {
 }
 
 enum Begun {
-    Task(LabelTask),
-    Done(LabelReport),
+    Task(Box<LabelTask>),
+    Done(Box<LabelReport>),
+}
+
+impl Begun {
+    fn done(report: LabelReport) -> Self {
+        Self::Done(Box::new(report))
+    }
 }
 
 impl Engine {
@@ -303,10 +311,10 @@ impl Engine {
             .await;
             stream::iter(begun.into_iter().map(|begun| async {
                 match begun {
-                    Begun::Done(report) => report,
+                    Begun::Done(report) => *report,
                     Begun::Task(task) => {
                         let span = info_span!("label", label = %task.run.label());
-                        self.finish_label(task, &shared, &cancel).instrument(span).await
+                        self.finish_label(*task, &shared, &cancel).instrument(span).await
                     }
                 }
             }))
@@ -345,7 +353,7 @@ impl Engine {
                 "interrupted before start".into(),
             );
             report.status = LabelStatus::Interrupted;
-            return Begun::Done(report);
+            return Begun::done(report);
         }
         let owner = &self.settings.owner;
         if !dry_run {
@@ -353,10 +361,10 @@ impl Engine {
                 Ok(LockOutcome::Acquired) => {}
                 Ok(LockOutcome::Busy { owner, expires_at }) => {
                     info!(%owner, %expires_at, "label is busy: another orchestrator holds its lock");
-                    return Begun::Done(LabelReport::busy(label.clone(), threshold, owner));
+                    return Begun::done(LabelReport::busy(label.clone(), threshold, owner));
                 }
                 Err(e) => {
-                    return Begun::Done(LabelReport::failed_before_run(
+                    return Begun::done(LabelReport::failed_before_run(
                         label.clone(),
                         threshold,
                         e.to_string(),
@@ -365,7 +373,7 @@ impl Engine {
             }
         }
         let fail = |error: String| {
-            Begun::Done(LabelReport::failed_before_run(label.clone(), threshold, error))
+            Begun::done(LabelReport::failed_before_run(label.clone(), threshold, error))
         };
         let unfinished = if dry_run {
             // Dry-run: reads only, no lock, nothing journaled, always fresh.
@@ -415,13 +423,13 @@ impl Engine {
         let (run, actions, ended) = self
             .drive(binding, run, actions, persist, shared, cancel, &read_only)
             .await;
-        Begun::Task(LabelTask {
+        Begun::Task(Box::new(LabelTask {
             run,
             actions,
             ended,
             resumed,
             persist,
-        })
+        }))
     }
 
     /// Phase two: drive the run to its end while renewing the lock.
@@ -1033,7 +1041,7 @@ fn training_request(run: &LabelRun, attempt: u32, dataset: &DatasetVersion) -> T
 /// and poll count so core needs no RNG and tests stay reproducible.
 fn jitter(run_id: &RunId, polls: u32, delay: Duration, fraction: f64) -> Duration {
     use std::hash::{Hash, Hasher};
-    if !(fraction > 0.0) {
+    if fraction.is_nan() || fraction <= 0.0 {
         return Duration::ZERO;
     }
     let mut hasher = std::collections::hash_map::DefaultHasher::new();

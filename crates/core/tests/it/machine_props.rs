@@ -102,7 +102,7 @@ struct Trace {
 
 /// Answer `action` with an outcome chosen by `choice`.
 fn respond(action: &Action, run: &LabelRun, choice: u8, clock: &mut i64) -> Event {
-    let fail = choice % 17 == 0;
+    let fail = choice.is_multiple_of(17);
     if fail && !matches!(action, Action::Commit { .. }) {
         return Event::ActionFailed {
             reason: "injected".into(),
@@ -117,14 +117,14 @@ fn respond(action: &Action, run: &LabelRun, choice: u8, clock: &mut i64) -> Even
             },
         },
         Action::ReadPublished => Event::PublishedRead {
-            current: (choice % 4 != 0).then(|| dataset(choice % 3, u64::from(choice), 0)),
+            current: (!choice.is_multiple_of(4)).then(|| dataset(choice % 3, u64::from(choice), 0)),
         },
         Action::RestartPrepare { .. } => Event::PrepareRestarted { now: now(clock) },
         Action::Poll { delay_ms, .. } => {
             *clock += (*delay_ms / 1000) as i64 + 1;
             Event::Polled {
                 now: now(clock),
-                dataset: (choice % 3 != 0).then(|| dataset(choice % 5, u64::from(choice) * 2, *clock)),
+                dataset: (!choice.is_multiple_of(3)).then(|| dataset(choice % 5, u64::from(choice) * 2, *clock)),
                 prepare_stage: match choice % 29 {
                     0 => Some(SpaceStage::Error("BUILD_ERROR".into())),
                     1 => Some(SpaceStage::Unknown("WEIRD".into())),
@@ -153,7 +153,7 @@ fn respond(action: &Action, run: &LabelRun, choice: u8, clock: &mut i64) -> Even
             },
         },
         Action::AwaitTraining { .. } => {
-            if choice % 5 == 0 {
+            if choice.is_multiple_of(5) {
                 Event::TrainingLost {
                     reason: "host rebooted".into(),
                 }
@@ -172,7 +172,7 @@ fn respond(action: &Action, run: &LabelRun, choice: u8, clock: &mut i64) -> Even
             }
         }
         Action::ReadBaseline => Event::BaselineRead {
-            production: (choice % 2 == 0).then(|| ProductionModel {
+            production: (choice.is_multiple_of(2)).then(|| ProductionModel {
                 version: "1".into(),
                 candidate_id: None,
                 metrics: [("dice".to_string(), 0.5), ("iou".to_string(), 0.5)]
@@ -193,7 +193,7 @@ fn respond(action: &Action, run: &LabelRun, choice: u8, clock: &mut i64) -> Even
 }
 
 /// Drive with a bounded number of steps; optionally round-trip the state
-/// through JSON (a crash + resume) at the steps where `choice % 11 == 0`.
+/// through JSON (a crash + resume) at the steps where `choice.is_multiple_of(11)`.
 fn drive(s: &Scenario) -> (LabelRun, Trace) {
     let mut run = LabelRun::new(
         RunId::generate(),
@@ -230,7 +230,7 @@ fn drive(s: &Scenario) -> (LabelRun, Trace) {
             _ => {}
         }
         // An impossible event now and then must be refused without effect.
-        if choice % 13 == 0 {
+        if choice.is_multiple_of(13) {
             let before = run.clone();
             if run.step(&Event::Committed).is_err() {
                 assert_eq!(run, before, "a refused event changed the state");
@@ -240,7 +240,7 @@ fn drive(s: &Scenario) -> (LabelRun, Trace) {
                 break;
             }
         }
-        if choice % 11 == 0 {
+        if choice.is_multiple_of(11) {
             // Crash + resume: the persisted snapshot is all that survives.
             let json = serde_json::to_string(&run).unwrap();
             run = serde_json::from_str(&json).unwrap();

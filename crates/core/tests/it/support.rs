@@ -160,9 +160,8 @@ impl RunStore for MemStore {
             .unwrap()
             .runs
             .values()
-            .filter(|(r, done)| !done && r.label() == label)
-            .map(|(r, _)| r.clone())
-            .last())
+            .rfind(|(r, done)| !done && r.label() == label)
+            .map(|(r, _)| r.clone()))
     }
     async fn record(&self, transition: &Transition) -> Result<(), StoreError> {
         self.check()?;
