@@ -4,20 +4,25 @@
 //! One module per adapter. Every HTTP adapter goes through [`http`], which
 //! owns timeouts, retries and secret-free error messages.
 
+pub mod aws;
+pub mod command;
 pub mod counts;
 mod db;
-pub mod error;
-pub mod http;
-pub mod settings;
-pub mod store;
-
-pub use error::AdapterError;
-pub mod hf;
-#[cfg(feature = "testing")]
-pub mod testing;
-pub mod aws;
 pub mod ec2;
+pub mod error;
+pub mod file_metadata;
 pub mod github;
+pub mod hf;
+pub mod http;
+pub mod json_registry;
+pub mod log_notifier;
 pub mod mlflow;
 pub mod s3;
+pub mod settings;
+pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod webhook;
+pub mod wiring;
+
+pub use error::AdapterError;
