@@ -74,9 +74,8 @@ impl MetadataStore for FileMetadataStore {
         if known_revision.as_deref() == Some(revision.as_str()) {
             return Ok(MetadataRead::Unchanged);
         }
-        let metadata = DatasetMetadata::parse(&bytes).map_err(|e| {
-            PortError::InvalidResponse(format!("{}: {e}", self.path.display()))
-        })?;
+        let metadata = DatasetMetadata::parse(&bytes)
+            .map_err(|e| PortError::InvalidResponse(format!("{}: {e}", self.path.display())))?;
         Ok(MetadataRead::Published(DatasetVersion {
             metadata,
             revision: Some(revision),

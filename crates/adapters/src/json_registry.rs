@@ -185,10 +185,7 @@ impl JsonRegistry {
             uuid::Uuid::now_v7().simple()
         ));
         let result = (|| {
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&tmp)?;
+            let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
             file.write_all(&bytes)?;
             file.sync_all()?;
             std::fs::rename(&tmp, path)?;
@@ -267,7 +264,11 @@ impl JsonRegistry {
         self.metrics(&entry.metrics, &format!("candidate `{id}`"))
     }
 
-    fn promote_sync(&self, candidate: &Candidate, run_id: &RunId) -> Result<PromotedVersion, PortError> {
+    fn promote_sync(
+        &self,
+        candidate: &Candidate,
+        run_id: &RunId,
+    ) -> Result<PromotedVersion, PortError> {
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| {
                 PortError::Failed(format!(
@@ -376,7 +377,10 @@ impl JsonRegistry {
 
 #[async_trait]
 impl ModelRegistry for JsonRegistry {
-    async fn production(&self, _lease: Option<Lease>) -> Result<Option<ProductionModel>, PortError> {
+    async fn production(
+        &self,
+        _lease: Option<Lease>,
+    ) -> Result<Option<ProductionModel>, PortError> {
         self.blocking(|this| this.production_sync()).await
     }
 

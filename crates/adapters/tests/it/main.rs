@@ -5,3 +5,4 @@
 //! failure under `CI=true`.
 
 mod common;
+mod local;
