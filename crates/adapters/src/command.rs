@@ -53,6 +53,18 @@ const TAIL_LINES: usize = 20;
 /// Bytes read from the end of the log to find those lines (logs can be huge).
 const TAIL_BYTES: u64 = 64 * 1024;
 
+/// Variables of the command protocol, set only by the adapter.
+const PROTOCOL_VARS: [&str; 8] = [
+    "RETRAIN_LABEL",
+    "RETRAIN_RUN_ID",
+    "RETRAIN_ATTEMPT",
+    "RETRAIN_DATASET_NAME",
+    "RETRAIN_DATASET_VERSION",
+    "RETRAIN_RESULT",
+    "RETRAIN_HOST",
+    "RETRAIN_PREPARE",
+];
+
 /// A command from the configuration: `argv` (non-empty), an optional timeout,
 /// extra environment variables (values may be secrets) and a working directory.
 #[derive(Clone, Default)]
@@ -335,6 +347,11 @@ fn spawn(
     let log_err = log.try_clone().map_err(log_error)?;
 
     let mut command = Command::new(spec.program());
+    // Protocol variables inherited from our own environment (e.g. a retrain
+    // running inside a job) must not leak into this job's protocol.
+    for name in PROTOCOL_VARS {
+        command.env_remove(name);
+    }
     command
         .args(&spec.argv[1..])
         .envs(env)
@@ -773,11 +790,13 @@ impl SpaceController for CommandSpace {
     async fn restart(&self) -> Result<(), PortError> {
         let mut slot = self.job.lock().await;
         if let Some(mut previous) = slot.take() {
-            if previous.finished.is_none() && process_alive(previous.pid, None) {
+            // Only signal the group while the leader is unreaped: until then
+            // its pid (= the pgid) cannot have been reused by someone else.
+            if matches!(previous.child.try_wait(), Ok(None)) {
                 info!(pid = previous.pid, "stopping the previous prepare command");
                 stop_group(previous.pid).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), previous.child.wait()).await;
             }
-            let _ = tokio::time::timeout(Duration::from_secs(1), previous.child.wait()).await;
         }
         let mut env = render_env(&self.spec.env, None)?;
         env.push(("RETRAIN_PREPARE".into(), "1".into()));

@@ -113,7 +113,15 @@ pub struct JsonRegistry {
 impl JsonRegistry {
     /// Bind to `model` in the file at `path` (created on the first promotion,
     /// with its parent directories). Nothing is read here.
+    /// A relative `path` is resolved against the current directory now.
     pub fn open(path: PathBuf, model: String) -> Self {
+        let path = if path.is_absolute() {
+            path
+        } else {
+            std::env::current_dir()
+                .map(|cwd| cwd.join(&path))
+                .unwrap_or(path)
+        };
         Self { path, model }
     }
 
