@@ -294,6 +294,31 @@ async fn a_new_process_awaits_a_job_started_by_an_earlier_one() {
 }
 
 #[tokio::test]
+async fn a_resumed_wait_keeps_the_timeout_budget_and_stops_the_earlier_job() {
+    let state = tempfile::tempdir().unwrap();
+    let mut spec = sh("sleep 300");
+    spec.timeout = Some(Duration::from_secs(1));
+    let req = request("run-rt", 1, None);
+    let handle = {
+        let first = CommandTrainer::new(spec.clone(), state.path().to_path_buf()).unwrap();
+        first.start(&req).await.unwrap()
+    };
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let pid = handle_pid(&handle);
+    assert!(running(pid));
+    // The budget counts from the start: the new process stops it at once,
+    // through /proc and the process group (it has no child handle).
+    let second = CommandTrainer::new(spec, state.path().to_path_buf()).unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(10), second.wait(&req, &handle))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(err.message().contains("timed out after 1s"), "{err}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!running(pid), "the earlier job survived");
+}
+
+#[tokio::test]
 async fn a_job_gone_without_a_result_is_lost_for_a_new_process() {
     let state = tempfile::tempdir().unwrap();
     let req = request("run-l", 1, None);
