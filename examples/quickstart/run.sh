@@ -10,7 +10,8 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 cd "$here"
 retrain() { cargo run -q --manifest-path "$root/Cargo.toml" -p retrain-cli -- "$@"; }
-case "${1:-run}" in
+[ $# -gt 0 ] || set -- run
+case "$1" in
   reset)
     rm -rf .retrain feedback.db datasets models registry.json
     echo "quickstart reset" ;;

@@ -30,7 +30,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use retrain_core::domain::{Candidate, Lease, Metrics, SpaceStage, TrainingHandle, TrainingOutcome};
+use retrain_core::domain::{
+    Candidate, Lease, Metrics, SpaceStage, TrainingHandle, TrainingOutcome,
+};
 use retrain_core::ports::{PortError, SpaceController, Trainer, TrainingRequest};
 use serde::{Deserialize, Serialize};
 use tokio::process::{Child, Command};
@@ -50,6 +52,18 @@ const KILL_GRACE: Duration = Duration::from_secs(3);
 const TAIL_LINES: usize = 20;
 /// Bytes read from the end of the log to find those lines (logs can be huge).
 const TAIL_BYTES: u64 = 64 * 1024;
+
+/// Variables of the command protocol, set only by the adapter.
+const PROTOCOL_VARS: [&str; 8] = [
+    "RETRAIN_LABEL",
+    "RETRAIN_RUN_ID",
+    "RETRAIN_ATTEMPT",
+    "RETRAIN_DATASET_NAME",
+    "RETRAIN_DATASET_VERSION",
+    "RETRAIN_RESULT",
+    "RETRAIN_HOST",
+    "RETRAIN_PREPARE",
+];
 
 /// A command from the configuration: `argv` (non-empty), an optional timeout,
 /// extra environment variables (values may be secrets) and a working directory.
@@ -317,7 +331,10 @@ fn spawn(
     };
     if let Some(dir) = log_path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| {
-            PortError::Failed(format!("cannot create job directory {}: {e}", dir.display()))
+            PortError::Failed(format!(
+                "cannot create job directory {}: {e}",
+                dir.display()
+            ))
         })?;
     }
     let log = std::fs::OpenOptions::new()
@@ -330,6 +347,11 @@ fn spawn(
     let log_err = log.try_clone().map_err(log_error)?;
 
     let mut command = Command::new(spec.program());
+    // Protocol variables inherited from our own environment (e.g. a retrain
+    // running inside a job) must not leak into this job's protocol.
+    for name in PROTOCOL_VARS {
+        command.env_remove(name);
+    }
     command
         .args(&spec.argv[1..])
         .envs(env)
@@ -345,10 +367,7 @@ fn spawn(
         command.current_dir(dir);
     }
     let child = command.spawn().map_err(|e| {
-        PortError::Failed(format!(
-            "cannot start command `{}`: {e}",
-            spec.program()
-        ))
+        PortError::Failed(format!("cannot start command `{}`: {e}", spec.program()))
     })?;
     let pid = child.id().ok_or_else(|| {
         PortError::Failed(format!(
@@ -518,7 +537,9 @@ impl CommandTrainer {
             let mut child = child.lock().await;
             match child.wait().await {
                 Ok(status) => return Some(status),
-                Err(e) => warn!(pid = job.pid, error = %e, "waiting on the command failed; polling /proc"),
+                Err(e) => {
+                    warn!(pid = job.pid, error = %e, "waiting on the command failed; polling /proc")
+                }
             }
         }
         while process_alive(job.pid, job.start_time) {
@@ -601,7 +622,10 @@ impl Trainer for CommandTrainer {
             ("RETRAIN_LABEL".to_owned(), request.label.to_string()),
             ("RETRAIN_RUN_ID".to_owned(), request.run_id.to_string()),
             ("RETRAIN_ATTEMPT".to_owned(), request.attempt.to_string()),
-            ("RETRAIN_DATASET_NAME".to_owned(), request.dataset_name.clone()),
+            (
+                "RETRAIN_DATASET_NAME".to_owned(),
+                request.dataset_name.clone(),
+            ),
             (
                 "RETRAIN_DATASET_VERSION".to_owned(),
                 request.dataset_version.to_string(),
@@ -662,7 +686,10 @@ impl Trainer for CommandTrainer {
         match tokio::time::timeout(remaining, self.wait_exit(&job)).await {
             Ok(status) => self.outcome(&job, status).await,
             Err(_) => {
-                warn!(pid = job.pid, "training command timed out; stopping its process group");
+                warn!(
+                    pid = job.pid,
+                    "training command timed out; stopping its process group"
+                );
                 self.cancel(handle).await?;
                 Err(PortError::Failed(with_tail(
                     format!(
@@ -763,11 +790,13 @@ impl SpaceController for CommandSpace {
     async fn restart(&self) -> Result<(), PortError> {
         let mut slot = self.job.lock().await;
         if let Some(mut previous) = slot.take() {
-            if previous.finished.is_none() && process_alive(previous.pid, None) {
+            // Only signal the group while the leader is unreaped: until then
+            // its pid (= the pgid) cannot have been reused by someone else.
+            if matches!(previous.child.try_wait(), Ok(None)) {
                 info!(pid = previous.pid, "stopping the previous prepare command");
                 stop_group(previous.pid).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), previous.child.wait()).await;
             }
-            let _ = tokio::time::timeout(Duration::from_secs(1), previous.child.wait()).await;
         }
         let mut env = render_env(&self.spec.env, None)?;
         env.push(("RETRAIN_PREPARE".into(), "1".into()));
@@ -799,16 +828,17 @@ impl SpaceController for CommandSpace {
         }
         let stage = match job.child.try_wait() {
             Ok(None) => {
-                let timed_out = self
-                    .spec
-                    .timeout
-                    .filter(|t| job.started.elapsed() >= *t);
+                let timed_out = self.spec.timeout.filter(|t| job.started.elapsed() >= *t);
                 match timed_out {
                     None => return Ok(SpaceStage::Running),
                     Some(t) => {
-                        warn!(pid = job.pid, "prepare command timed out; stopping its process group");
+                        warn!(
+                            pid = job.pid,
+                            "prepare command timed out; stopping its process group"
+                        );
                         stop_group(job.pid).await;
-                        let _ = tokio::time::timeout(Duration::from_secs(1), job.child.wait()).await;
+                        let _ =
+                            tokio::time::timeout(Duration::from_secs(1), job.child.wait()).await;
                         self.failed_stage(
                             format!("timed out after {}s", t.as_secs_f64()),
                             &job.log_path,
@@ -853,7 +883,10 @@ mod tests {
     fn own_process_is_alive() {
         let stat = ProcStat::read(std::process::id()).unwrap();
         assert!(process_alive(std::process::id(), Some(stat.start_time)));
-        assert!(!process_alive(std::process::id(), Some(stat.start_time + 1)));
+        assert!(!process_alive(
+            std::process::id(),
+            Some(stat.start_time + 1)
+        ));
     }
 
     #[test]
@@ -872,9 +905,15 @@ mod tests {
 
     #[test]
     fn env_placeholders_need_a_lease() {
-        let env = BTreeMap::from([("MLFLOW_TRACKING_URI".to_owned(), "http://{public_ip}:5000".to_owned())]);
+        let env = BTreeMap::from([(
+            "MLFLOW_TRACKING_URI".to_owned(),
+            "http://{public_ip}:5000".to_owned(),
+        )]);
         let err = render_env(&env, None).unwrap_err().to_string();
-        assert!(err.contains("MLFLOW_TRACKING_URI") && !err.contains("5000"), "{err}");
+        assert!(
+            err.contains("MLFLOW_TRACKING_URI") && !err.contains("5000"),
+            "{err}"
+        );
     }
 
     #[test]

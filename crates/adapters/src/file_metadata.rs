@@ -29,6 +29,12 @@ impl FileMetadataStore {
             .strip_prefix("file://")
             .or_else(|| raw.strip_prefix("file:"))
             .unwrap_or(raw);
+        // `file://localhost/abs/path` is the RFC 8089 spelling of `file:///abs/path`.
+        let raw = if raw.starts_with("localhost/") {
+            &raw["localhost".len()..]
+        } else {
+            raw
+        };
         if raw.is_empty() {
             return Err(AdapterError::config(
                 "metadata",
@@ -74,9 +80,8 @@ impl MetadataStore for FileMetadataStore {
         if known_revision.as_deref() == Some(revision.as_str()) {
             return Ok(MetadataRead::Unchanged);
         }
-        let metadata = DatasetMetadata::parse(&bytes).map_err(|e| {
-            PortError::InvalidResponse(format!("{}: {e}", self.path.display()))
-        })?;
+        let metadata = DatasetMetadata::parse(&bytes)
+            .map_err(|e| PortError::InvalidResponse(format!("{}: {e}", self.path.display())))?;
         Ok(MetadataRead::Published(DatasetVersion {
             metadata,
             revision: Some(revision),
@@ -96,6 +101,8 @@ mod tests {
     fn locations_resolve() {
         let abs = FileMetadataStore::new("file:///data/m.json").unwrap();
         assert_eq!(abs.path(), std::path::Path::new("/data/m.json"));
+        let host = FileMetadataStore::new("file://localhost/data/m.json").unwrap();
+        assert_eq!(host.path(), std::path::Path::new("/data/m.json"));
         let rel = FileMetadataStore::new("file://datasets/m.json").unwrap();
         assert!(rel.path().is_absolute() && rel.path().ends_with("datasets/m.json"));
         let plain = FileMetadataStore::new("m.json").unwrap();

@@ -113,7 +113,15 @@ pub struct JsonRegistry {
 impl JsonRegistry {
     /// Bind to `model` in the file at `path` (created on the first promotion,
     /// with its parent directories). Nothing is read here.
+    /// A relative `path` is resolved against the current directory now.
     pub fn open(path: PathBuf, model: String) -> Self {
+        let path = if path.is_absolute() {
+            path
+        } else {
+            std::env::current_dir()
+                .map(|cwd| cwd.join(&path))
+                .unwrap_or(path)
+        };
         Self { path, model }
     }
 
@@ -185,10 +193,7 @@ impl JsonRegistry {
             uuid::Uuid::now_v7().simple()
         ));
         let result = (|| {
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&tmp)?;
+            let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
             file.write_all(&bytes)?;
             file.sync_all()?;
             std::fs::rename(&tmp, path)?;
@@ -267,7 +272,11 @@ impl JsonRegistry {
         self.metrics(&entry.metrics, &format!("candidate `{id}`"))
     }
 
-    fn promote_sync(&self, candidate: &Candidate, run_id: &RunId) -> Result<PromotedVersion, PortError> {
+    fn promote_sync(
+        &self,
+        candidate: &Candidate,
+        run_id: &RunId,
+    ) -> Result<PromotedVersion, PortError> {
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| {
                 PortError::Failed(format!(
@@ -376,7 +385,10 @@ impl JsonRegistry {
 
 #[async_trait]
 impl ModelRegistry for JsonRegistry {
-    async fn production(&self, _lease: Option<Lease>) -> Result<Option<ProductionModel>, PortError> {
+    async fn production(
+        &self,
+        _lease: Option<Lease>,
+    ) -> Result<Option<ProductionModel>, PortError> {
         self.blocking(|this| this.production_sync()).await
     }
 

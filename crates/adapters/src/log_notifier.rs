@@ -19,7 +19,11 @@ impl LogNotifier {
 #[async_trait]
 impl Notifier for LogNotifier {
     async fn notify(&self, report: &LabelReport) -> Result<(), PortError> {
-        let run_id = report.run_id.as_ref().map(ToString::to_string).unwrap_or_default();
+        let run_id = report
+            .run_id
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default();
         let version = report
             .promoted
             .as_ref()

@@ -3,7 +3,6 @@
 //! and the server both call it.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use retrain_core::domain::{Label, LockOwner};
 use retrain_core::engine::{Engine, EngineSettings, LabelBinding};

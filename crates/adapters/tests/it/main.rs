@@ -10,3 +10,4 @@ mod ec2;
 mod github;
 mod mlflow;
 mod s3;
+mod local;
