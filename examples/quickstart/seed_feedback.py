@@ -29,11 +29,15 @@ CLOSERS = ["thanks", "regards", "asap please", "", "cheers", "any update?"]
 
 
 def ticket(rng, department):
-    words = rng.sample(DEPARTMENTS[department], 2)
-    # A little noise from other departments keeps the task non-trivial.
-    other = rng.choice([d for d in DEPARTMENTS if d != department])
-    noise = rng.choice(DEPARTMENTS[other]) if rng.random() < 0.25 else ""
-    return " ".join(p for p in [rng.choice(OPENERS), words[0], "and", words[1], noise,
+    own = rng.sample(DEPARTMENTS[department], rng.choice([1, 1, 2]))
+    # Noise from other departments keeps the task realistic: a billing
+    # ticket may well mention a delivery or a login.
+    others = [d for d in DEPARTMENTS if d != department]
+    noise = [rng.choice(DEPARTMENTS[rng.choice(others)])
+             for _ in range(rng.choice([0, 0, 1, 1, 2]))]
+    words = own + noise
+    rng.shuffle(words)
+    return " ".join(p for p in [rng.choice(OPENERS), " and ".join(words),
                                 rng.choice(CLOSERS)] if p)
 
 
@@ -66,7 +70,9 @@ def main():
         # The production model is wrong on about a third of reviewed tickets
         # (reviewers mostly look at doubtful predictions).
         predicted = truth if rng.random() > 0.35 else rng.choice(sorted(DEPARTMENTS))
-        reviewed = now - dt.timedelta(seconds=count - i)
+        # Reviews happen "now" (a millisecond apart), after any dataset
+        # already prepared, so they count towards the next one.
+        reviewed = now - dt.timedelta(milliseconds=count - i)
         rows.append(("department", ticket(rng, truth), predicted, truth, reviewed.isoformat()))
     conn.executemany(
         "INSERT INTO reviews (label, text, predicted, corrected, reviewed_at) VALUES (?,?,?,?,?)",
