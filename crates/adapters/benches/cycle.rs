@@ -40,7 +40,11 @@ struct Metadata(Hub);
 #[async_trait]
 impl MetadataStore for Metadata {
     async fn read(&self, _: Option<String>) -> Result<MetadataRead, PortError> {
-        let tag = if *self.0.restarted.lock().unwrap() { "v2" } else { "v1" };
+        let tag = if *self.0.restarted.lock().unwrap() {
+            "v2"
+        } else {
+            "v1"
+        };
         Ok(MetadataRead::Published(DatasetVersion {
             metadata: DatasetMetadata {
                 dataset_name: "bench".into(),
@@ -82,10 +86,16 @@ impl Trainer for Train {
             data: serde_json::Value::Null,
         })
     }
-    async fn wait(&self, _: &TrainingRequest, _: &TrainingHandle) -> Result<TrainingOutcome, PortError> {
+    async fn wait(
+        &self,
+        _: &TrainingRequest,
+        _: &TrainingHandle,
+    ) -> Result<TrainingOutcome, PortError> {
         Ok(TrainingOutcome::Finished(Candidate {
             id: "c".into(),
-            metrics: [("dice".to_string(), 0.9), ("iou".to_string(), 0.8)].into_iter().collect(),
+            metrics: [("dice".to_string(), 0.9), ("iou".to_string(), 0.8)]
+                .into_iter()
+                .collect(),
         }))
     }
     async fn cancel(&self, _: &TrainingHandle) -> Result<(), PortError> {
@@ -105,7 +115,12 @@ impl ModelRegistry for Registry {
     async fn candidate_metrics(&self, _: String, _: Option<Lease>) -> Result<Metrics, PortError> {
         Ok(Metrics::new())
     }
-    async fn promote(&self, _: Candidate, _: RunId, _: Option<Lease>) -> Result<PromotedVersion, PortError> {
+    async fn promote(
+        &self,
+        _: Candidate,
+        _: RunId,
+        _: Option<Lease>,
+    ) -> Result<PromotedVersion, PortError> {
         Ok(PromotedVersion {
             version: "1".into(),
             previous: None,
@@ -142,7 +157,9 @@ fn main() {
     runtime.block_on(async move {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("state.db").display());
-        let store = open_run_store(&url, StoreOptions { migrate: true }).await.unwrap();
+        let store = open_run_store(&url, StoreOptions { migrate: true })
+            .await
+            .unwrap();
         let hub = Hub::default();
         let prepare: Arc<dyn SpaceController> = Arc::new(Prepare(hub.clone()));
         let metadata: Arc<dyn MetadataStore> = Arc::new(Metadata(hub.clone()));
@@ -191,7 +208,12 @@ fn main() {
             .iter()
             .filter(|l| l.status == LabelStatus::Promoted)
             .count();
-        assert_eq!(promoted, labels, "every label should promote: {:?}", report.labels.first());
+        assert_eq!(
+            promoted,
+            labels,
+            "every label should promote: {:?}",
+            report.labels.first()
+        );
         println!(
             "labels={labels} wall={:.3}s per_label={:.3}ms promoted={promoted} peak_rss={:.1}MiB",
             elapsed.as_secs_f64(),

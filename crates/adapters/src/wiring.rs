@@ -8,8 +8,8 @@ use retrain_core::domain::{Label, LockOwner};
 use retrain_core::engine::{Engine, EngineSettings, LabelBinding};
 use retrain_core::machine::{LabelPlan, RunManifest, Trigger};
 use retrain_core::ports::{
-    CountSource, LeaseProvider, MetadataStore, ModelRegistry, Notifier, RunStore,
-    SpaceController, Trainer,
+    CountSource, LeaseProvider, MetadataStore, ModelRegistry, Notifier, RunStore, SpaceController,
+    Trainer,
 };
 use secrecy::ExposeSecret;
 
@@ -27,7 +27,10 @@ use crate::settings::{
 use crate::store::{open_run_store, StoreOptions};
 
 /// Open the `RunStore` named by `state`; `migrate` applies pending migrations.
-pub async fn open_store(settings: &Settings, migrate: bool) -> Result<Arc<dyn RunStore>, AdapterError> {
+pub async fn open_store(
+    settings: &Settings,
+    migrate: bool,
+) -> Result<Arc<dyn RunStore>, AdapterError> {
     open_run_store(settings.state.expose_secret(), StoreOptions { migrate }).await
 }
 
@@ -87,7 +90,11 @@ fn prepare_controller(
             repo,
             factory_reboot,
             ..
-        } => Arc::new(HfSpaceController::new(clients.hub()?, repo, *factory_reboot)?),
+        } => Arc::new(HfSpaceController::new(
+            clients.hub()?,
+            repo,
+            *factory_reboot,
+        )?),
         JobSpec::Command(config) => Arc::new(CommandSpace::new(
             command_spec(config),
             job_dir(clients.settings),
@@ -112,8 +119,14 @@ fn metadata_store(
     label: &LabelSettings,
 ) -> Result<Arc<dyn MetadataStore>, AdapterError> {
     let location = label.metadata.as_str();
-    if location.starts_with("hf://") || location.starts_with("https://") || location.starts_with("http://") {
-        return Ok(Arc::new(HfMetadataStore::from_url(clients.hub()?, location)?));
+    if location.starts_with("hf://")
+        || location.starts_with("https://")
+        || location.starts_with("http://")
+    {
+        return Ok(Arc::new(HfMetadataStore::from_url(
+            clients.hub()?,
+            location,
+        )?));
     }
     if location.starts_with("s3://") {
         return aws_metadata_store(clients.settings, location);
@@ -133,7 +146,10 @@ fn registry(
     }
 }
 
-fn notifiers(settings: &Settings, label: &LabelSettings) -> Result<Vec<Arc<dyn Notifier>>, AdapterError> {
+fn notifiers(
+    settings: &Settings,
+    label: &LabelSettings,
+) -> Result<Vec<Arc<dyn Notifier>>, AdapterError> {
     let mut out: Vec<Arc<dyn Notifier>> = vec![Arc::new(LogNotifier)];
     for spec in &label.notify {
         match spec {
@@ -257,7 +273,10 @@ fn aws_settings(
     region: Option<&str>,
 ) -> Result<crate::aws::AwsSettings, AdapterError> {
     let mut aws = crate::aws::AwsSettings::from_env()?;
-    if let Some(r) = region.map(str::to_owned).or_else(|| settings.aws.region.clone()) {
+    if let Some(r) = region
+        .map(str::to_owned)
+        .or_else(|| settings.aws.region.clone())
+    {
         aws = aws.with_region(r);
     }
     if let Some(endpoint) = &settings.aws.endpoint_url {
@@ -268,14 +287,20 @@ fn aws_settings(
     Ok(aws)
 }
 
-fn aws_metadata_store(settings: &Settings, location: &str) -> Result<Arc<dyn MetadataStore>, AdapterError> {
+fn aws_metadata_store(
+    settings: &Settings,
+    location: &str,
+) -> Result<Arc<dyn MetadataStore>, AdapterError> {
     Ok(Arc::new(crate::s3::S3MetadataStore::new(
         aws_settings(settings, None)?,
         location,
     )?))
 }
 
-fn mlflow_registry(settings: &Settings, spec: &RegistrySpec) -> Result<Arc<dyn ModelRegistry>, AdapterError> {
+fn mlflow_registry(
+    settings: &Settings,
+    spec: &RegistrySpec,
+) -> Result<Arc<dyn ModelRegistry>, AdapterError> {
     let RegistrySpec::Mlflow {
         tracking_uri,
         model,
@@ -285,7 +310,11 @@ fn mlflow_registry(settings: &Settings, spec: &RegistrySpec) -> Result<Arc<dyn M
     else {
         return Err(AdapterError::config("registry", "not an MLflow registry"));
     };
-    let auth = match (&settings.mlflow.token, &settings.mlflow.username, &settings.mlflow.password) {
+    let auth = match (
+        &settings.mlflow.token,
+        &settings.mlflow.username,
+        &settings.mlflow.password,
+    ) {
         (Some(token), _, _) => crate::mlflow::MlflowAuth::Token(token.clone()),
         (None, Some(user), Some(password)) => crate::mlflow::MlflowAuth::Basic {
             user: user.clone(),
@@ -314,8 +343,9 @@ fn lease_provider(
     label: &LabelSettings,
     spec: &LeaseSpec,
 ) -> Result<Arc<dyn LeaseProvider>, AdapterError> {
-    let aws = aws_settings(settings, spec.region.as_deref())
-        .map_err(|e| AdapterError::config(format!("labels.{}.lease", label.label), e.to_string()))?;
+    let aws = aws_settings(settings, spec.region.as_deref()).map_err(|e| {
+        AdapterError::config(format!("labels.{}.lease", label.label), e.to_string())
+    })?;
     let client = crate::ec2::Ec2Client::new(&aws, http_policy(settings))?;
     Ok(Arc::new(crate::ec2::Ec2LeaseProvider::new(
         client,
@@ -327,7 +357,10 @@ fn lease_provider(
     )?))
 }
 
-fn remote_notifier(settings: &Settings, spec: &NotifySpec) -> Result<Arc<dyn Notifier>, AdapterError> {
+fn remote_notifier(
+    settings: &Settings,
+    spec: &NotifySpec,
+) -> Result<Arc<dyn Notifier>, AdapterError> {
     let on = |on: &NotifyOn| match on {
         NotifyOn::Improved => crate::github::NotifyOn::Improved,
         NotifyOn::Always => crate::github::NotifyOn::Always,
@@ -353,7 +386,10 @@ fn remote_notifier(settings: &Settings, spec: &NotifySpec) -> Result<Arc<dyn Not
                     auto_merge: *auto_merge,
                 },
                 (None, None) => {
-                    return Err(AdapterError::config("notify", "github needs issue or pr_head"))
+                    return Err(AdapterError::config(
+                        "notify",
+                        "github needs issue or pr_head",
+                    ))
                 }
             };
             Ok(Arc::new(crate::github::GithubNotifier::new(
@@ -367,18 +403,20 @@ fn remote_notifier(settings: &Settings, spec: &NotifySpec) -> Result<Arc<dyn Not
                 },
             )?))
         }
-        NotifySpec::Webhook { url, slack, on: when } => Ok(Arc::new(
-            crate::webhook::WebhookNotifier::with_policy(
-                url.clone(),
-                if *slack {
-                    crate::webhook::WebhookFormat::Slack
-                } else {
-                    crate::webhook::WebhookFormat::Json
-                },
-                on(when),
-                http_policy(settings),
-            )?,
-        )),
+        NotifySpec::Webhook {
+            url,
+            slack,
+            on: when,
+        } => Ok(Arc::new(crate::webhook::WebhookNotifier::with_policy(
+            url.clone(),
+            if *slack {
+                crate::webhook::WebhookFormat::Slack
+            } else {
+                crate::webhook::WebhookFormat::Json
+            },
+            on(when),
+            http_policy(settings),
+        )?)),
     }
 }
 
@@ -444,6 +482,10 @@ fn lease_spec<'a>(settings: &'a Settings, label: &Label) -> Result<&'a LeaseSpec
         .ok_or_else(|| AdapterError::config("--label", format!("unknown label `{label}`")))?
         .lease
         .as_ref()
-        .ok_or_else(|| AdapterError::config(format!("labels.{label}.lease"), "this label has no lease configured"))
+        .ok_or_else(|| {
+            AdapterError::config(
+                format!("labels.{label}.lease"),
+                "this label has no lease configured",
+            )
+        })
 }
-

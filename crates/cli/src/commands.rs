@@ -111,7 +111,12 @@ async fn store(loaded: &LoadedSettings) -> Result<Arc<dyn RunStore>, Failure> {
     Ok(store)
 }
 
-async fn run(cli: &Cli, args: &RunArgs, dry_run: bool, interrupt: Interrupt) -> Result<u8, Failure> {
+async fn run(
+    cli: &Cli,
+    args: &RunArgs,
+    dry_run: bool,
+    interrupt: Interrupt,
+) -> Result<u8, Failure> {
     let loaded = load(cli, dry_run)?;
     let dry_run = loaded.settings.dry_run;
     let labels = parse_labels(&args.labels.labels)?;
@@ -130,7 +135,10 @@ async fn run(cli: &Cli, args: &RunArgs, dry_run: bool, interrupt: Interrupt) -> 
     if !dry_run && !args.no_reap {
         match engine.reap_leases(false).await {
             Ok(reaped) if !reaped.is_empty() => {
-                tracing::warn!(count = reaped.len(), "stopped stale leases before the cycle")
+                tracing::warn!(
+                    count = reaped.len(),
+                    "stopped stale leases before the cycle"
+                )
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "could not reap stale leases"),
@@ -140,10 +148,13 @@ async fn run(cli: &Cli, args: &RunArgs, dry_run: bool, interrupt: Interrupt) -> 
         labels: (!labels.is_empty()).then_some(labels),
         dry_run,
     };
-    let report = engine.run_cycle(request, cancel).await.map_err(|e| match e {
-        retrain_core::engine::EngineError::UnknownLabel(..) => config_failure(e),
-        other => Failure::from(anyhow::Error::new(other)),
-    })?;
+    let report = engine
+        .run_cycle(request, cancel)
+        .await
+        .map_err(|e| match e {
+            retrain_core::engine::EngineError::UnknownLabel(..) => config_failure(e),
+            other => Failure::from(anyhow::Error::new(other)),
+        })?;
     render_cycle(cli, &report)?;
     Ok(cycle_exit_code(&report, args.fail_on_reject, &interrupt))
 }
@@ -163,7 +174,11 @@ fn cycle_exit_code(report: &CycleReport, fail_on_reject: bool, interrupt: &Inter
     if let Some(code) = interrupt.exit_code() {
         return code;
     }
-    if report.labels.iter().any(|l| l.status == LabelStatus::Interrupted) {
+    if report
+        .labels
+        .iter()
+        .any(|l| l.status == LabelStatus::Interrupted)
+    {
         return exit::SIGINT;
     }
     if report.any_failed() {
@@ -313,7 +328,10 @@ async fn runs_show(cli: &Cli, id: &str, format: ShowFormat) -> Result<u8, Failur
             println!("# retrain run `{}`\n", detail.summary.run_id);
             println!("{}", report.to_markdown());
             println!("\n## Manifest\n");
-            println!("- binary version: `{}`", detail.snapshot.manifest.binary_version);
+            println!(
+                "- binary version: `{}`",
+                detail.snapshot.manifest.binary_version
+            );
             println!("- config hash: `{}`", detail.snapshot.manifest.config_hash);
             if let Some(d) = &detail.snapshot.dataset {
                 println!(
@@ -338,7 +356,10 @@ async fn runs_show(cli: &Cli, id: &str, format: ShowFormat) -> Result<u8, Failur
         ShowFormat::Text => {
             println!(
                 "run {} label {} stage {} outcome {}",
-                detail.summary.run_id, detail.summary.label, detail.summary.stage, detail.summary.outcome
+                detail.summary.run_id,
+                detail.summary.label,
+                detail.summary.stage,
+                detail.summary.outcome
             );
             println!("{}", output::detail(&report));
             for t in &detail.transitions {
@@ -386,7 +407,10 @@ async fn gate(cli: &Cli, args: &GateArgs) -> Result<u8, Failure> {
                 "gate {} candidate {} vs production {}",
                 label,
                 candidate.id,
-                production.as_ref().map(|p| p.version.as_str()).unwrap_or("(none)")
+                production
+                    .as_ref()
+                    .map(|p| p.version.as_str())
+                    .unwrap_or("(none)")
             );
             output::print_verdict(&mut std::io::stdout().lock(), &verdict);
         }

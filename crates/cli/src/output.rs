@@ -18,7 +18,11 @@ pub fn detail(report: &LabelReport) -> String {
         },
         Some(Outcome::Promoted { version }) => format!(
             "promoted version {version}; {}",
-            report.verdict.as_ref().map(|v| v.reason.as_str()).unwrap_or("")
+            report
+                .verdict
+                .as_ref()
+                .map(|v| v.reason.as_str())
+                .unwrap_or("")
         ),
         Some(Outcome::Passed) => "gate passed; promotion disabled".into(),
         Some(Outcome::Rejected { reason }) => reason.clone(),
@@ -33,7 +37,11 @@ pub fn print_cycle_text(report: &CycleReport) {
         "retrain {} {}{}",
         if report.dry_run { "plan" } else { "run" },
         report.cycle_id,
-        if report.interrupted { " (interrupted: state saved, rerun to resume)" } else { "" }
+        if report.interrupted {
+            " (interrupted: state saved, rerun to resume)"
+        } else {
+            ""
+        }
     );
     let _ = writeln!(
         out,
@@ -87,7 +95,9 @@ pub fn print_verdict(out: &mut impl Write, verdict: &Verdict) {
             c.metric,
             f(c.candidate),
             f(c.baseline),
-            c.delta.map(|d| format!("{d:+.4}")).unwrap_or_else(|| "-".into()),
+            c.delta
+                .map(|d| format!("{d:+.4}"))
+                .unwrap_or_else(|| "-".into()),
             if c.passed { "pass" } else { "FAIL" }
         );
     }
@@ -100,12 +110,16 @@ pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
 }
 
 pub fn in_github_actions() -> bool {
-    std::env::var("GITHUB_ACTIONS").map(|v| v == "true").unwrap_or(false)
+    std::env::var("GITHUB_ACTIONS")
+        .map(|v| v == "true")
+        .unwrap_or(false)
 }
 
 /// Escape data for workflow commands (`%`, CR, LF).
 fn escape_data(s: &str) -> String {
-    s.replace('%', "%25").replace('\r', "%0D").replace('\n', "%0A")
+    s.replace('%', "%25")
+        .replace('\r', "%0D")
+        .replace('\n', "%0A")
 }
 
 fn append(path_var: &str, content: &str) -> anyhow::Result<()> {
@@ -123,14 +137,24 @@ fn append(path_var: &str, content: &str) -> anyhow::Result<()> {
 
 fn output_key(raw: &str) -> String {
     raw.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
 /// Groups, annotations, step outputs and the step summary.
 pub fn github_actions(report: &CycleReport) -> anyhow::Result<()> {
     for label in &report.labels {
-        println!("::group::retrain {} — {}", label.label, label.status.as_str());
+        println!(
+            "::group::retrain {} — {}",
+            label.label,
+            label.status.as_str()
+        );
         println!("{}", label.to_markdown());
         println!("::endgroup::");
         let message = escape_data(&format!("{}: {}", label.label, detail(label)));
@@ -170,7 +194,10 @@ pub fn github_actions(report: &CycleReport) -> anyhow::Result<()> {
             "| `{}` | {} | {} / {} | {} | {} |\n",
             label.label,
             label.status.as_str(),
-            label.measured.map(|m| m.to_string()).unwrap_or_else(|| "-".into()),
+            label
+                .measured
+                .map(|m| m.to_string())
+                .unwrap_or_else(|| "-".into()),
             label.threshold,
             label
                 .dataset_version
@@ -193,7 +220,10 @@ pub fn github_gate_outputs(
     baseline_version: Option<&str>,
 ) -> anyhow::Result<()> {
     let mut outputs = format!("improved={}\nforced={}\n", verdict.passed, verdict.forced);
-    outputs.push_str(&format!("baseline={}\n", baseline_version.unwrap_or("none")));
+    outputs.push_str(&format!(
+        "baseline={}\n",
+        baseline_version.unwrap_or("none")
+    ));
     for c in &verdict.comparisons {
         let key = output_key(&c.metric);
         if let Some(v) = c.candidate {

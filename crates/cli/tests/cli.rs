@@ -6,12 +6,7 @@ use std::path::{Path, PathBuf};
 use assert_cmd::Command;
 use predicates::prelude::*;
 
-const QUICKSTART_FILES: &[&str] = &[
-    "retrain.toml",
-    "seed_feedback.py",
-    "prepare.py",
-    "train.py",
-];
+const QUICKSTART_FILES: &[&str] = &["retrain.toml", "seed_feedback.py", "prepare.py", "train.py"];
 
 /// A private copy of the quickstart in a temp dir, with its feedback DB seeded.
 fn quickstart() -> tempfile::TempDir {
@@ -42,7 +37,10 @@ fn retrain(dir: &Path) -> Command {
 
 fn json_of(output: &[u8]) -> serde_json::Value {
     serde_json::from_slice(output).unwrap_or_else(|e| {
-        panic!("stdout is not JSON ({e}): {}", String::from_utf8_lossy(output))
+        panic!(
+            "stdout is not JSON ({e}): {}",
+            String::from_utf8_lossy(output)
+        )
     })
 }
 
@@ -63,15 +61,26 @@ fn quickstart_first_run_trains_and_gates_second_run_skips() {
     let status = label["status"].as_str().unwrap();
     assert!(status == "promoted" || status == "rejected", "{label}");
     let verdict = &label["verdict"];
-    assert_eq!(verdict["comparisons"].as_array().unwrap().len(), 2, "{verdict}");
+    assert_eq!(
+        verdict["comparisons"].as_array().unwrap().len(),
+        2,
+        "{verdict}"
+    );
     assert!(!verdict["reason"].as_str().unwrap().is_empty());
     if status == "promoted" {
         let registry: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(dir.path().join("registry.json")).unwrap()).unwrap();
-        assert_eq!(registry["models"]["ticket-router"]["production"], "1", "{registry}");
+            serde_json::from_slice(&std::fs::read(dir.path().join("registry.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            registry["models"]["ticket-router"]["production"], "1",
+            "{registry}"
+        );
     }
     let stderr = String::from_utf8_lossy(&first.get_output().stderr);
-    assert!(stderr.contains("current_len="), "per-poll progress line missing: {stderr}");
+    assert!(
+        stderr.contains("current_len="),
+        "per-poll progress line missing: {stderr}"
+    );
 
     let second = retrain(dir.path()).arg("run").assert().success();
     let text = String::from_utf8_lossy(&second.get_output().stdout);
@@ -107,14 +116,21 @@ fn plan_changes_nothing() {
     let report = json_of(&out.get_output().stdout);
     assert_eq!(report["dry_run"], true);
     assert_eq!(report["labels"][0]["status"], "planned", "{report}");
-    assert_eq!(snapshot(&files), before, "plan modified state, registry or datasets");
+    assert_eq!(
+        snapshot(&files),
+        before,
+        "plan modified state, registry or datasets"
+    );
 }
 
 #[test]
 fn plan_on_a_fresh_checkout_creates_no_state() {
     let dir = quickstart();
     retrain(dir.path()).arg("plan").assert().success();
-    assert!(!dir.path().join(".retrain/state.db").exists(), "plan created the state DB");
+    assert!(
+        !dir.path().join(".retrain/state.db").exists(),
+        "plan created the state DB"
+    );
     assert!(!dir.path().join("registry.json").exists());
 }
 
@@ -166,7 +182,11 @@ fn config_show_never_prints_a_secret() {
         .success();
     let stdout = String::from_utf8_lossy(&out.get_output().stdout);
     let stderr = String::from_utf8_lossy(&out.get_output().stderr);
-    for secret in ["hf_very_secret_value", "ghp_very_secret_value", "pg_secret_pw"] {
+    for secret in [
+        "hf_very_secret_value",
+        "ghp_very_secret_value",
+        "pg_secret_pw",
+    ] {
         assert!(!stdout.contains(secret), "{secret} leaked: {stdout}");
         assert!(!stderr.contains(secret), "{secret} leaked: {stderr}");
     }

@@ -106,7 +106,10 @@ fn seed_env(hub: &FakeHub, database: &str, state: &str) -> Vec<(String, String)>
         ("RETRAIN_DEPT_REPO", DEPT_SPACE.into()),
         ("RETRAIN_URGENCY_REPO", URGENCY_SPACE.into()),
         ("HF_HUB_METADATA_DEPT", hub.metadata_url(DEPT_DATA, FILE)),
-        ("HF_HUB_METADATA_URGENCY", hub.metadata_url(URGENCY_DATA, FILE)),
+        (
+            "HF_HUB_METADATA_URGENCY",
+            hub.metadata_url(URGENCY_DATA, FILE),
+        ),
         ("THRESHOLD_DEPARTMENT", "40".into()),
         ("THRESHOLD_URGENCY", "30".into()),
         ("POLL_INTERVAL", "0.2".into()),
@@ -149,8 +152,16 @@ async fn retrain(env: Vec<(String, String)>, args: &[&str]) -> Ran {
 }
 
 fn assert_no_token(ran: &Ran) {
-    assert!(!ran.stdout.contains(TOKEN), "token in stdout: {}", ran.stdout);
-    assert!(!ran.stderr.contains(TOKEN), "token in stderr: {}", ran.stderr);
+    assert!(
+        !ran.stdout.contains(TOKEN),
+        "token in stdout: {}",
+        ran.stdout
+    );
+    assert!(
+        !ran.stderr.contains(TOKEN),
+        "token in stderr: {}",
+        ran.stderr
+    );
 }
 
 fn status_of(report: &serde_json::Value, label: &str) -> String {
@@ -173,7 +184,13 @@ async fn seed_000_scenario() {
     let Some(admin) = postgres_url() else { return };
     let database = reviews_database(&admin).await;
     let hub = fake_hub().await;
-    hub.on_restart_publish(PREPARE, DEPT_DATA, FILE, metadata("v20251101_000000", 60), Duration::from_millis(600));
+    hub.on_restart_publish(
+        PREPARE,
+        DEPT_DATA,
+        FILE,
+        metadata("v20251101_000000", 60),
+        Duration::from_millis(600),
+    );
     let env = seed_env(&hub, &database, &database);
 
     // DRY_RUN=true: reads only, zero POSTs.
@@ -194,14 +211,28 @@ async fn seed_000_scenario() {
     let r = report(&ran);
     assert_eq!(status_of(&r, "department"), "trained", "{r}");
     assert_eq!(status_of(&r, "urgency"), "skipped", "{r}");
-    assert_eq!(hub.restarts(PREPARE), 1, "prepare Space restarted exactly once");
     assert_eq!(
-        hub.variables(DEPT_SPACE).get("DATASET_VERSION").map(String::as_str),
+        hub.restarts(PREPARE),
+        1,
+        "prepare Space restarted exactly once"
+    );
+    assert_eq!(
+        hub.variables(DEPT_SPACE)
+            .get("DATASET_VERSION")
+            .map(String::as_str),
         Some("v20251101_000000")
     );
     assert_eq!(hub.restarts(DEPT_SPACE), 1);
-    assert_eq!(hub.restarts(URGENCY_SPACE), 0, "urgency is below its threshold");
-    assert!(ran.stderr.contains("current_len="), "progress lines: {}", ran.stderr);
+    assert_eq!(
+        hub.restarts(URGENCY_SPACE),
+        0,
+        "urgency is below its threshold"
+    );
+    assert!(
+        ran.stderr.contains("current_len="),
+        "progress lines: {}",
+        ran.stderr
+    );
 
     // A second run: nothing new since the consumed dataset.
     let ran = retrain(env.clone(), &["--output", "json", "run"]).await;
@@ -231,7 +262,10 @@ async fn an_error_stage_on_the_prepare_space_fails_fast() {
     let ran = retrain(env, &["--output", "json", "run", "--label", "department"]).await;
     assert_eq!(ran.code, 1, "a failed label exits 1: {}", ran.stderr);
     assert_no_token(&ran);
-    assert!(started.elapsed() < Duration::from_secs(60), "waited for POLL_TIMEOUT");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "waited for POLL_TIMEOUT"
+    );
     let r = report(&ran);
     assert_eq!(status_of(&r, "department"), "failed");
     assert!(ran.stdout.contains("BUILD_ERROR"), "{}", ran.stdout);
@@ -244,7 +278,13 @@ async fn an_unchanged_version_tag_is_never_accepted() {
     let database = reviews_database(&admin).await;
     let hub = fake_hub().await;
     // The prepare job "publishes" the same version_tag with plenty of samples.
-    hub.on_restart_publish(PREPARE, DEPT_DATA, FILE, metadata("v20251030_115250", 100_000), Duration::from_millis(100));
+    hub.on_restart_publish(
+        PREPARE,
+        DEPT_DATA,
+        FILE,
+        metadata("v20251030_115250", 100_000),
+        Duration::from_millis(100),
+    );
     let mut env = seed_env(&hub, &database, &database);
     env.push(("POLL_TIMEOUT".into(), "2".into()));
     let ran = retrain(env, &["--output", "json", "run", "--label", "department"]).await;
@@ -253,7 +293,11 @@ async fn an_unchanged_version_tag_is_never_accepted() {
     let r = report(&ran);
     assert_eq!(status_of(&r, "department"), "failed");
     assert!(ran.stdout.contains("timed out"), "{}", ran.stdout);
-    assert_eq!(hub.restarts(DEPT_SPACE), 0, "trained on an unchanged version");
+    assert_eq!(
+        hub.restarts(DEPT_SPACE),
+        0,
+        "trained on an unchanged version"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -261,7 +305,13 @@ async fn two_processes_on_one_postgres_drive_each_label_once() {
     let Some(admin) = postgres_url() else { return };
     let database = reviews_database(&admin).await;
     let hub = fake_hub().await;
-    hub.on_restart_publish(PREPARE, DEPT_DATA, FILE, metadata("v20251101_000000", 60), Duration::from_millis(1500));
+    hub.on_restart_publish(
+        PREPARE,
+        DEPT_DATA,
+        FILE,
+        metadata("v20251101_000000", 60),
+        Duration::from_millis(1500),
+    );
     let env = seed_env(&hub, &database, &database);
     let (a, b) = tokio::join!(
         retrain(env.clone(), &["--output", "json", "run"]),
@@ -269,7 +319,10 @@ async fn two_processes_on_one_postgres_drive_each_label_once() {
     );
     assert_eq!(a.code, 0, "{}", a.stderr);
     assert_eq!(b.code, 0, "{}", b.stderr);
-    let statuses = [status_of(&report(&a), "department"), status_of(&report(&b), "department")];
+    let statuses = [
+        status_of(&report(&a), "department"),
+        status_of(&report(&b), "department"),
+    ];
     assert!(statuses.contains(&"trained".to_string()), "{statuses:?}");
     assert!(
         statuses.contains(&"busy".to_string()) || statuses.contains(&"skipped".to_string()),

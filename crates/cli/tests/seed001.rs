@@ -27,7 +27,11 @@ struct Services {
 
 fn services() -> Option<Services> {
     let get = |v: &str| std::env::var(v).ok().filter(|s| !s.is_empty());
-    match (get("RETRAIN_TEST_MOTO_URL"), get("RETRAIN_TEST_MLFLOW_URL"), get("RETRAIN_VENV")) {
+    match (
+        get("RETRAIN_TEST_MOTO_URL"),
+        get("RETRAIN_TEST_MLFLOW_URL"),
+        get("RETRAIN_VENV"),
+    ) {
         (Some(moto), Some(mlflow), Some(venv)) => Some(Services {
             moto,
             mlflow,
@@ -93,7 +97,10 @@ async fn instance(client: &Ec2Client) -> String {
     let start = xml.find("<instanceId>").unwrap() + "<instanceId>".len();
     let end = start + xml[start..].find("</instanceId>").unwrap();
     let id = xml[start..end].to_owned();
-    client.stop_instances(std::slice::from_ref(&id)).await.unwrap();
+    client
+        .stop_instances(std::slice::from_ref(&id))
+        .await
+        .unwrap();
     id
 }
 
@@ -152,7 +159,13 @@ impl Scenario {
         let instance = instance(&ec2).await;
         let bucket = unique("wms");
         s3_put(&aws, &services.moto, &bucket, b"").await;
-        s3_put(&aws, &services.moto, &format!("{bucket}/wms/dataset_metadata.json"), &metadata("v1", 200)).await;
+        s3_put(
+            &aws,
+            &services.moto,
+            &format!("{bucket}/wms/dataset_metadata.json"),
+            &metadata("v1", 200),
+        )
+        .await;
         let github = MockServer::start().await;
         Mock::given(method("GET"))
             .and(path("/repos/acme/wms/issues/7/comments"))
@@ -225,7 +238,10 @@ notify = [ {{ github = "acme/wms", on = "improved", issue = 7 }} ]
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(!stdout.contains(GITHUB_TOKEN) && !stderr.contains(GITHUB_TOKEN), "token leaked");
+        assert!(
+            !stdout.contains(GITHUB_TOKEN) && !stderr.contains(GITHUB_TOKEN),
+            "token leaked"
+        );
         assert!(!stderr.contains("testing\""), "AWS secret leaked: {stderr}");
         let report = serde_json::from_str(&stdout).unwrap_or(Value::Null);
         (out.status.code().unwrap_or(-1), report, stderr)
@@ -266,12 +282,17 @@ notify = [ {{ github = "acme/wms", on = "improved", issue = 7 }} ]
 }
 
 fn status(report: &Value) -> String {
-    report["labels"][0]["status"].as_str().unwrap_or("?").to_owned()
+    report["labels"][0]["status"]
+        .as_str()
+        .unwrap_or("?")
+        .to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_001_promote_then_reject_instance_always_stopped() {
-    let Some(s) = Scenario::new().await else { return };
+    let Some(s) = Scenario::new().await else {
+        return;
+    };
 
     // First model: no production model → first-model policy passes.
     let (code, report, stderr) = s.run(s.config(0.80, 0.70, "", "2m"), &["run"]).await;
@@ -279,7 +300,11 @@ async fn seed_001_promote_then_reject_instance_always_stopped() {
     assert_eq!(status(&report), "promoted", "{report}\n{stderr}");
     assert_eq!(s.production_version().await.as_deref(), Some("1"));
     assert_eq!(state(&s.ec2, &s.instance).await, InstanceState::Stopped);
-    assert_eq!(s.github_writes().await, 1, "one comment for the improvement");
+    assert_eq!(
+        s.github_writes().await,
+        1,
+        "one comment for the improvement"
+    );
 
     // Nothing new: skipped, the instance is not even started.
     let (code, report, _) = s.run(s.config(0.80, 0.70, "", "2m"), &["run"]).await;
@@ -292,10 +317,17 @@ async fn seed_001_promote_then_reject_instance_always_stopped() {
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(status(&report), "rejected", "{report}");
     let verdict = &report["labels"][0]["verdict"];
-    assert!(verdict["reason"].as_str().unwrap().contains("dice"), "{verdict}");
+    assert!(
+        verdict["reason"].as_str().unwrap().contains("dice"),
+        "{verdict}"
+    );
     assert_eq!(s.production_version().await.as_deref(), Some("1"));
     assert_eq!(state(&s.ec2, &s.instance).await, InstanceState::Stopped);
-    assert_eq!(s.github_writes().await, 1, "no comment without an improvement");
+    assert_eq!(
+        s.github_writes().await,
+        1,
+        "no comment without an improvement"
+    );
 
     // `--fail-on-reject` makes a reject visible to CI.
     s.publish("v3", 600).await;
@@ -308,37 +340,61 @@ async fn seed_001_promote_then_reject_instance_always_stopped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_instance_is_stopped_after_a_failing_trainer_and_a_timeout() {
-    let Some(s) = Scenario::new().await else { return };
-    let (code, report, stderr) = s.run(s.config(0.9, 0.9, ", FAIL = \"1\"", "2m"), &["run"]).await;
+    let Some(s) = Scenario::new().await else {
+        return;
+    };
+    let (code, report, stderr) = s
+        .run(s.config(0.9, 0.9, ", FAIL = \"1\"", "2m"), &["run"])
+        .await;
     assert_eq!(code, 1, "{stderr}");
     assert_eq!(status(&report), "failed");
     let error = report["labels"][0]["error"].as_str().unwrap();
-    assert!(error.contains("training diverged"), "stderr tail in the error: {error}");
+    assert!(
+        error.contains("training diverged"),
+        "stderr tail in the error: {error}"
+    );
     assert_eq!(state(&s.ec2, &s.instance).await, InstanceState::Stopped);
 
-    let (code, report, stderr) = s.run(s.config(0.9, 0.9, ", SLEEP = \"30\"", "2s"), &["run"]).await;
+    let (code, report, stderr) = s
+        .run(s.config(0.9, 0.9, ", SLEEP = \"30\"", "2s"), &["run"])
+        .await;
     assert_eq!(code, 1, "{stderr}");
     assert_eq!(status(&report), "failed");
-    assert!(report["labels"][0]["error"].as_str().unwrap().contains("timed out"), "{report}");
+    assert!(
+        report["labels"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("timed out"),
+        "{report}"
+    );
     assert_eq!(state(&s.ec2, &s.instance).await, InstanceState::Stopped);
     assert_eq!(s.github_writes().await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_orchestrator_leaks_no_instance_after_reap() {
-    let Some(s) = Scenario::new().await else { return };
+    let Some(s) = Scenario::new().await else {
+        return;
+    };
     let config = s.config(0.9, 0.9, ", SLEEP = \"60\"", "5m");
     let mut child = s.command(&config).arg("run").spawn().unwrap();
     // Wait until the lease started the instance.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while state(&s.ec2, &s.instance).await != InstanceState::Running {
-        assert!(std::time::Instant::now() < deadline, "instance never started");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "instance never started"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     child.kill().unwrap(); // SIGKILL: no cleanup at all
     child.wait().unwrap();
-    assert_eq!(state(&s.ec2, &s.instance).await, InstanceState::Running, "still running after kill -9");
+    assert_eq!(
+        state(&s.ec2, &s.instance).await,
+        InstanceState::Running,
+        "still running after kill -9"
+    );
 
     // The lock of the dead process expires (lock_ttl = 2s), then reap stops it.
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -314,7 +314,9 @@ impl Engine {
                     Begun::Done(report) => *report,
                     Begun::Task(task) => {
                         let span = info_span!("label", label = %task.run.label());
-                        self.finish_label(*task, &shared, &cancel).instrument(span).await
+                        self.finish_label(*task, &shared, &cancel)
+                            .instrument(span)
+                            .await
                     }
                 }
             }))
@@ -357,7 +359,11 @@ impl Engine {
         }
         let owner = &self.settings.owner;
         if !dry_run {
-            match self.store.try_lock(label, owner, self.settings.lock_ttl).await {
+            match self
+                .store
+                .try_lock(label, owner, self.settings.lock_ttl)
+                .await
+            {
                 Ok(LockOutcome::Acquired) => {}
                 Ok(LockOutcome::Busy { owner, expires_at }) => {
                     info!(%owner, %expires_at, "label is busy: another orchestrator holds its lock");
@@ -373,7 +379,11 @@ impl Engine {
             }
         }
         let fail = |error: String| {
-            Begun::done(LabelReport::failed_before_run(label.clone(), threshold, error))
+            Begun::done(LabelReport::failed_before_run(
+                label.clone(),
+                threshold,
+                error,
+            ))
         };
         let unfinished = if dry_run {
             // Dry-run: reads only, no lock, nothing journaled, always fresh.
@@ -453,7 +463,8 @@ impl Engine {
             let lost = CancellationToken::new();
             let heartbeat = async {
                 if persist {
-                    self.heartbeat(&label, label_cancel.clone(), lost.clone()).await
+                    self.heartbeat(&label, label_cancel.clone(), lost.clone())
+                        .await
                 } else {
                     std::future::pending().await
                 }
@@ -485,7 +496,9 @@ impl Engine {
             DriveEnd::Interrupted => report.status = LabelStatus::Interrupted,
             DriveEnd::JournalFailed(error) => {
                 report.status = LabelStatus::Failed;
-                report.error = Some(format!("run store failure, the run stays resumable: {error}"));
+                report.error = Some(format!(
+                    "run store failure, the run stays resumable: {error}"
+                ));
             }
             DriveEnd::Halted => {}
         }
@@ -627,7 +640,11 @@ impl Engine {
         }
     }
 
-    async fn release_lease(&self, provider: &dyn LeaseProvider, lease: &Lease) -> Result<(), String> {
+    async fn release_lease(
+        &self,
+        provider: &dyn LeaseProvider,
+        lease: &Lease,
+    ) -> Result<(), String> {
         provider.release(lease).await.map_err(|e| e.to_string())?;
         let mut released = lease.clone();
         released.released_at = Some(self.clock.now());
@@ -654,11 +671,17 @@ impl Engine {
         cancel: &CancellationToken,
         persist: bool,
     ) -> Executed {
-        debug_assert!(!(run.plan.dry_run && action.is_side_effect() && !matches!(action, Action::Commit { .. })));
+        debug_assert!(
+            !(run.plan.dry_run
+                && action.is_side_effect()
+                && !matches!(action, Action::Commit { .. }))
+        );
         match action {
             Action::ReadCounts { since } => {
                 let Some(source) = &self.counts else {
-                    return Self::failed("no [counts] source is configured for a counts-triggered label");
+                    return Self::failed(
+                        "no [counts] source is configured for a counts-triggered label",
+                    );
                 };
                 let cell = shared.counts_cell(since);
                 let result = cell
@@ -716,7 +739,10 @@ impl Engine {
             Action::Poll {
                 delay_ms,
                 check_prepare,
-            } => self.poll(binding, run, delay_ms, check_prepare, cancel).await,
+            } => {
+                self.poll(binding, run, delay_ms, check_prepare, cancel)
+                    .await
+            }
             Action::AcquireLease { .. } => {
                 let Some(provider) = &binding.lease else {
                     return Self::failed("label is leased but no lease provider is configured");
@@ -962,8 +988,7 @@ impl Engine {
             if !(force || expired || orphaned) {
                 continue;
             }
-            let Some(provider) = self.labels.get(&lease.label).and_then(|b| b.lease.clone())
-            else {
+            let Some(provider) = self.labels.get(&lease.label).and_then(|b| b.lease.clone()) else {
                 warn!(lease = %lease.id, label = %lease.label, "cannot reap: label has no lease provider configured");
                 continue;
             };
@@ -1003,11 +1028,8 @@ impl Engine {
             .candidate_metrics(candidate_id.to_owned(), None)
             .await?;
         let production = registry.production(None).await?;
-        let mut verdict = crate::gate::evaluate(
-            &policy,
-            &metrics,
-            production.as_ref().map(|p| &p.metrics),
-        );
+        let mut verdict =
+            crate::gate::evaluate(&policy, &metrics, production.as_ref().map(|p| &p.metrics));
         if force {
             verdict = verdict.forced();
         }

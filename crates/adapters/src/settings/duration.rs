@@ -24,9 +24,9 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("invalid duration {raw:?}: expected e.g. 90, 0.5, 90s, 500ms, 30m, 2h"))?;
+    let value: f64 = number.parse().map_err(|_| {
+        format!("invalid duration {raw:?}: expected e.g. 90, 0.5, 90s, 500ms, 30m, 2h")
+    })?;
     let scale = match unit.trim() {
         "" | "s" | "sec" | "secs" => 1.0,
         "ms" => 0.001,

@@ -475,17 +475,21 @@ pub fn figment(sources: &ConfigSources) -> Result<(Figment, Option<PathBuf>), Co
     // own `Env` provider reads the process environment; passing ours in keeps
     // tests hermetic.
     for entry in SeedEnv::entries(&sources.env)? {
-        figment = figment.merge(
-            Named::new(&entry.key, entry.value, format!("environment variable {}", entry.var)),
-        );
+        figment = figment.merge(Named::new(
+            &entry.key,
+            entry.value,
+            format!("environment variable {}", entry.var),
+        ));
     }
     for (var, value) in sources.env.iter().filter(|(k, _)| is_retrain_config_var(k)) {
         let dotted = var["RETRAIN_".len()..]
             .to_ascii_lowercase()
             .replace("__", ".");
-        figment = figment.merge(
-            Named::new(&dotted, env_value(value), format!("environment variable {var}")),
-        );
+        figment = figment.merge(Named::new(
+            &dotted,
+            env_value(value),
+            format!("environment variable {var}"),
+        ));
     }
     for (key, value) in &sources.overrides {
         figment = figment.merge(Named::new(key, value.clone(), "command-line flag".into()));
@@ -662,8 +666,8 @@ fn validate(raw: RawSettings, figment: &Figment) -> Result<Settings, ConfigError
                     "missing: the SQL returning `label, misclassified, correct` with the watermark as $1 (or RETRAIN_COUNTS__QUERY)".into(),
                 )
             })?;
-            let correct_ratio = CorrectRatio::new(c.correct_ratio)
-                .map_err(|e| err("counts.correct_ratio", e))?;
+            let correct_ratio =
+                CorrectRatio::new(c.correct_ratio).map_err(|e| err("counts.correct_ratio", e))?;
             Some(CountsSettings {
                 database,
                 query,
@@ -676,13 +680,21 @@ fn validate(raw: RawSettings, figment: &Figment) -> Result<Settings, ConfigError
     let endpoint = url::Url::parse(raw.hub.endpoint.trim_end_matches('/'))
         .ok()
         .filter(|u| matches!(u.scheme(), "http" | "https"))
-        .ok_or_else(|| err("hub.endpoint", format!("expected an http(s) URL, got {:?}", raw.hub.endpoint)))?;
+        .ok_or_else(|| {
+            err(
+                "hub.endpoint",
+                format!("expected an http(s) URL, got {:?}", raw.hub.endpoint),
+            )
+        })?;
 
     if raw.poll.interval.0.is_zero() {
         return Err(err("poll.interval", "expected a duration > 0".into()));
     }
     if !(0.0..=1.0).contains(&raw.poll.jitter) {
-        return Err(err("poll.jitter", "expected a fraction between 0 and 1".into()));
+        return Err(err(
+            "poll.jitter",
+            "expected a fraction between 0 and 1".into(),
+        ));
     }
     let poll = PollSettings {
         interval: raw.poll.interval.0,
@@ -726,13 +738,21 @@ fn validate(raw: RawSettings, figment: &Figment) -> Result<Settings, ConfigError
         })?;
         let trainer = parse_job(&trainer_value, true)
             .map_err(|e| err(&key("trainer"), e))?
-            .ok_or_else(|| err(&key("trainer"), "a label needs a trainer; \"none\" is not allowed".into()))?;
+            .ok_or_else(|| {
+                err(
+                    &key("trainer"),
+                    "a label needs a trainer; \"none\" is not allowed".into(),
+                )
+            })?;
         let uses_counts = match label_raw.counts.as_deref() {
             None => counts.is_some(),
             Some("none") => false,
             Some("default") => {
                 if counts.is_none() {
-                    return Err(err(&key("counts"), "\"default\" needs a [counts] section".into()));
+                    return Err(err(
+                        &key("counts"),
+                        "\"default\" needs a [counts] section".into(),
+                    ));
                 }
                 true
             }
@@ -749,10 +769,7 @@ fn validate(raw: RawSettings, figment: &Figment) -> Result<Settings, ConfigError
         };
         let correct_ratio = match label_raw.correct_ratio {
             Some(r) => CorrectRatio::new(r).map_err(|e| err(&key("correct_ratio"), e))?,
-            None => counts
-                .as_ref()
-                .map(|c| c.correct_ratio)
-                .unwrap_or_default(),
+            None => counts.as_ref().map(|c| c.correct_ratio).unwrap_or_default(),
         };
         let registry = match &label_raw.registry {
             None => None,
@@ -790,7 +807,8 @@ fn validate(raw: RawSettings, figment: &Figment) -> Result<Settings, ConfigError
         };
         let mut notify = Vec::new();
         for (i, v) in label_raw.notify.iter().enumerate() {
-            notify.push(parse_notify(v).map_err(|e| err(&format!("labels.{name}.notify[{i}]"), e))?);
+            notify
+                .push(parse_notify(v).map_err(|e| err(&format!("labels.{name}.notify[{i}]"), e))?);
         }
         let promote = match label_raw.promote.as_deref() {
             None | Some("auto") => PromoteMode::Auto,
@@ -807,7 +825,9 @@ fn validate(raw: RawSettings, figment: &Figment) -> Result<Settings, ConfigError
         }
         let trainer_timeout = match &trainer {
             JobSpec::Command(c) => c.timeout,
-            JobSpec::HfSpace { wait_running, .. } => wait_running.map(|w| w + Duration::from_secs(60)),
+            JobSpec::HfSpace { wait_running, .. } => {
+                wait_running.map(|w| w + Duration::from_secs(60))
+            }
         };
         let train_timeout = label_raw
             .train_timeout
@@ -831,7 +851,10 @@ fn validate(raw: RawSettings, figment: &Figment) -> Result<Settings, ConfigError
                 notify,
                 promote,
                 max_attempts: label_raw.max_attempts,
-                poll_interval: label_raw.poll_interval.map(|d| d.0).unwrap_or(poll.interval),
+                poll_interval: label_raw
+                    .poll_interval
+                    .map(|d| d.0)
+                    .unwrap_or(poll.interval),
                 poll_timeout: label_raw.poll_timeout.map(|d| d.0).unwrap_or(poll.timeout),
             },
         );
@@ -895,11 +918,16 @@ fn string_list(value: &Value, what: &str) -> Result<Vec<String>, String> {
                 other => Err(format!("{what}: expected strings, got {other}")),
             })
             .collect(),
-        other => Err(format!("{what}: expected a string or a list of strings, got {other}")),
+        other => Err(format!(
+            "{what}: expected a string or a list of strings, got {other}"
+        )),
     }
 }
 
-fn opt_duration(table: &serde_json::Map<String, Value>, key: &str) -> Result<Option<Duration>, String> {
+fn opt_duration(
+    table: &serde_json::Map<String, Value>,
+    key: &str,
+) -> Result<Option<Duration>, String> {
     match table.get(key) {
         None => Ok(None),
         Some(Value::Number(n)) => n
@@ -907,7 +935,9 @@ fn opt_duration(table: &serde_json::Map<String, Value>, key: &str) -> Result<Opt
             .filter(|f| f.is_finite() && *f >= 0.0)
             .map(|f| Some(Duration::from_secs_f64(f)))
             .ok_or_else(|| format!("`{key}`: expected a non-negative duration")),
-        Some(Value::String(s)) => parse_duration(s).map(Some).map_err(|e| format!("`{key}`: {e}")),
+        Some(Value::String(s)) => parse_duration(s)
+            .map(Some)
+            .map_err(|e| format!("`{key}`: {e}")),
         Some(other) => Err(format!("`{key}`: expected a duration, got {other}")),
     }
 }
@@ -989,7 +1019,10 @@ pub fn parse_job(value: &Value, trainer: bool) -> Result<Option<JobSpec>, String
             }
             let space = table.get("hf_space").or_else(|| table.get("space"));
             if let Some(Value::String(space)) = space {
-                check_keys(table, &["hf_space", "space", "factory_reboot", "wait_running"])?;
+                check_keys(
+                    table,
+                    &["hf_space", "space", "factory_reboot", "wait_running"],
+                )?;
                 let factory_reboot = match table.get("factory_reboot") {
                     None => false,
                     Some(Value::Bool(b)) => *b,
@@ -1065,13 +1098,15 @@ fn parse_registry(value: &Value, default_mlflow: Option<&str>) -> Result<Registr
         check_keys(table, &["mlflow", "model", "alias", "stages"])?;
         let tracking_uri = match table.get("mlflow") {
             Some(Value::String(u)) if u != "default" => u.clone(),
-            Some(Value::String(_)) | None => default_mlflow
-                .map(str::to_owned)
-                .ok_or("`mlflow` = \"default\" needs MLFLOW_TRACKING_URI or [mlflow] tracking_uri")?,
+            Some(Value::String(_)) | None => default_mlflow.map(str::to_owned).ok_or(
+                "`mlflow` = \"default\" needs MLFLOW_TRACKING_URI or [mlflow] tracking_uri",
+            )?,
             Some(_) => return Err("`mlflow` must be the tracking URI".into()),
         };
         if !(tracking_uri.starts_with("http://") || tracking_uri.starts_with("https://")) {
-            return Err(format!("`mlflow` must be an http(s) URL, got {tracking_uri:?}"));
+            return Err(format!(
+                "`mlflow` must be an http(s) URL, got {tracking_uri:?}"
+            ));
         }
         let alias = match table.get("alias") {
             None => "production".to_owned(),
@@ -1134,7 +1169,9 @@ fn parse_on(table: &serde_json::Map<String, Value>) -> Result<NotifyOn, String> 
         None => Ok(NotifyOn::Improved),
         Some(Value::String(s)) if s == "improved" => Ok(NotifyOn::Improved),
         Some(Value::String(s)) if s == "always" => Ok(NotifyOn::Always),
-        Some(other) => Err(format!("`on`: expected \"improved\" or \"always\", got {other}")),
+        Some(other) => Err(format!(
+            "`on`: expected \"improved\" or \"always\", got {other}"
+        )),
     }
 }
 
@@ -1198,7 +1235,11 @@ fn parse_notify(value: &Value) -> Result<NotifySpec, String> {
 /// Key names whose values are secrets.
 fn is_secret_key(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
-    k.contains("token") || k.contains("password") || k.contains("secret") || k == "webhook" || k == "slack"
+    k.contains("token")
+        || k.contains("password")
+        || k.contains("secret")
+        || k == "webhook"
+        || k == "slack"
 }
 
 /// Mask the password of a URL-looking string (`postgres://u:pw@h/db`).
@@ -1233,9 +1274,8 @@ fn redact(value: &mut figment::value::Value, key: &str) {
 
 /// The effective configuration as TOML with every secret replaced by `***`.
 pub fn redacted_toml(figment: &Figment) -> Result<String, ConfigError> {
-    let mut value: figment::value::Value = figment
-        .extract()
-        .map_err(|e| figment_error(figment, e))?;
+    let mut value: figment::value::Value =
+        figment.extract().map_err(|e| figment_error(figment, e))?;
     redact(&mut value, "");
     toml::to_string_pretty(&value).map_err(|e| ConfigError {
         key: None,

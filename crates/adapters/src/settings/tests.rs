@@ -9,7 +9,10 @@ fn write(dir: &tempfile::TempDir, toml: &str) -> PathBuf {
 fn sources(file: Option<PathBuf>, env: &[(&str, &str)]) -> ConfigSources {
     ConfigSources {
         file,
-        env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         overrides: Vec::new(),
     }
 }
@@ -89,13 +92,19 @@ trainer = "command:true"
     assert_eq!(loaded.settings.poll.interval, Duration::from_secs(20));
     let loaded = load(&sources(
         Some(file.clone()),
-        &[("POLL_INTERVAL", "20"), ("RETRAIN_POLL__INTERVAL", "30s"), ("RETRAIN_MAX_PARALLEL_LABELS", "8")],
+        &[
+            ("POLL_INTERVAL", "20"),
+            ("RETRAIN_POLL__INTERVAL", "30s"),
+            ("RETRAIN_MAX_PARALLEL_LABELS", "8"),
+        ],
     ))
     .unwrap();
     assert_eq!(loaded.settings.poll.interval, Duration::from_secs(30));
     assert_eq!(loaded.settings.max_parallel_labels, 8);
     let mut with_flag = sources(Some(file), &[("DRY_RUN", "false")]);
-    with_flag.overrides.push(("dry_run".into(), Value::Bool(true)));
+    with_flag
+        .overrides
+        .push(("dry_run".into(), Value::Bool(true)));
     assert!(load(&with_flag).unwrap().settings.dry_run);
 }
 
@@ -115,7 +124,10 @@ trainer = "command:true"
     assert!(err.contains("retrain.toml"), "{err}");
     assert!(err.contains("labels.a.threshold"), "{err}");
 
-    let file = write(&dir, "[labels.a]\nthreshold = 3\nmetadata = \"file://m.json\"\n");
+    let file = write(
+        &dir,
+        "[labels.a]\nthreshold = 3\nmetadata = \"file://m.json\"\n",
+    );
     let err = load(&sources(Some(file), &[])).unwrap_err();
     assert_eq!(err.key.as_deref(), Some("labels.a.trainer"));
     assert!(err.to_string().contains("retrain.toml"), "{err}");
@@ -124,11 +136,15 @@ trainer = "command:true"
     let err = load(&sources(Some(file), &[])).unwrap_err().to_string();
     assert!(err.contains("bogus_key"), "{err}");
 
-    let err = load(&sources(None, &[("THRESHOLD_URGENCY", "many")])).unwrap_err().to_string();
+    let err = load(&sources(None, &[("THRESHOLD_URGENCY", "many")]))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("THRESHOLD_URGENCY"), "{err}");
     assert!(err.contains("labels.urgency.threshold"), "{err}");
 
-    let err = load(&sources(None, &[("RETRAIN_POLL__INTERVAL", "soon")])).unwrap_err().to_string();
+    let err = load(&sources(None, &[("RETRAIN_POLL__INTERVAL", "soon")]))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("RETRAIN_POLL__INTERVAL"), "{err}");
     assert!(err.contains("poll.interval"), "{err}");
 }
@@ -137,10 +153,16 @@ trainer = "command:true"
 fn gate_and_registry_must_come_together() {
     let dir = tempfile::tempdir().unwrap();
     let base = "[labels.seg]\nthreshold = 1\ncounts = \"none\"\nmetadata = \"s3://b/k.json\"\ntrainer = { command = [\"python\", \"train.py\"], timeout = \"2h\" }\n";
-    let file = write(&dir, &format!("{base}gate = {{ metrics = [{{ name = \"dice\", direction = \"higher\" }}] }}\n"));
+    let file = write(
+        &dir,
+        &format!("{base}gate = {{ metrics = [{{ name = \"dice\", direction = \"higher\" }}] }}\n"),
+    );
     let err = load(&sources(Some(file), &[])).unwrap_err();
     assert_eq!(err.key.as_deref(), Some("labels.seg.registry"));
-    let file = write(&dir, &format!("{base}registry = {{ json = \"reg.json\", model = \"m\" }}\n"));
+    let file = write(
+        &dir,
+        &format!("{base}registry = {{ json = \"reg.json\", model = \"m\" }}\n"),
+    );
     let err = load(&sources(Some(file), &[])).unwrap_err();
     assert_eq!(err.key.as_deref(), Some("labels.seg.gate"));
     let file = write(&dir, &format!("{base}registry = {{ json = \"reg.json\", model = \"m\" }}\ngate = {{ metrics = [{{ name = \"dice\", direction = \"sideways\" }}] }}\n"));
@@ -197,7 +219,10 @@ notify = [ { github = "owner/repo", on = "improved", pr_head = "data-update" } ]
     assert!(!seg.counts);
     assert!(seg.prepare.is_none());
     assert_eq!(seg.train_timeout, Duration::from_secs(7200));
-    assert_eq!(seg.lease.as_ref().unwrap().max, Duration::from_secs(3 * 3600));
+    assert_eq!(
+        seg.lease.as_ref().unwrap().max,
+        Duration::from_secs(3 * 3600)
+    );
     assert_eq!(seg.gate.as_ref().unwrap().metrics.len(), 2);
     let dept = &s.labels[&Label::new("department").unwrap()];
     assert!(dept.gate.is_none());
@@ -218,14 +243,19 @@ fn redacted_view_never_shows_secrets() {
 
 #[test]
 fn job_specs() {
-    assert_eq!(parse_job(&Value::String("none".into()), false).unwrap(), None);
+    assert_eq!(
+        parse_job(&Value::String("none".into()), false).unwrap(),
+        None
+    );
     assert_eq!(
         parse_space_repo("https://huggingface.co/spaces/o/n").unwrap(),
         "o/n"
     );
     assert!(parse_space_repo("not a space").is_err());
     assert!(parse_job(&serde_json::json!({"command": []}), true).is_err());
-    assert!(parse_job(&serde_json::json!({"command": ["x"], "bogus": 1}), true)
-        .unwrap_err()
-        .contains("bogus"));
+    assert!(
+        parse_job(&serde_json::json!({"command": ["x"], "bogus": 1}), true)
+            .unwrap_err()
+            .contains("bogus")
+    );
 }

@@ -204,7 +204,9 @@ impl FakeHub {
         let entry = state.datasets.entry(repo.to_owned()).or_default();
         entry.commit = commit;
         if let Some(metadata) = metadata {
-            entry.files.insert(path.to_owned(), metadata.to_string().into_bytes());
+            entry
+                .files
+                .insert(path.to_owned(), metadata.to_string().into_bytes());
         }
     }
 
@@ -298,7 +300,10 @@ impl FakeHub {
     }
 
     pub fn restarts(&self, space: &str) -> u64 {
-        lock(&self.state).spaces.get(space).map_or(0, |s| s.restarts)
+        lock(&self.state)
+            .spaces
+            .get(space)
+            .map_or(0, |s| s.restarts)
     }
 
     pub fn factory_restarts(&self, space: &str) -> u64 {

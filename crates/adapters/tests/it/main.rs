@@ -5,9 +5,9 @@
 //! failure under `CI=true`.
 
 mod common;
-mod hub;
 mod ec2;
 mod github;
+mod hub;
+mod local;
 mod mlflow;
 mod s3;
-mod local;

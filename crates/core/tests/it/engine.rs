@@ -29,7 +29,11 @@ async fn cycle(engine: &retrain_core::engine::Engine) -> retrain_core::report::C
 async fn first_cycle_promotes_and_second_cycle_skips() {
     let world = World::new();
     let store = MemStore::new();
-    let engine = engine(&store, &world, vec![binding(&world, plan("department"), prepare(&world))]);
+    let engine = engine(
+        &store,
+        &world,
+        vec![binding(&world, plan("department"), prepare(&world))],
+    );
     let report = cycle(&engine).await;
     let label = &report.labels[0];
     assert_eq!(label.status, LabelStatus::Promoted, "{label:?}");
@@ -39,12 +43,19 @@ async fn first_cycle_promotes_and_second_cycle_skips() {
     assert_eq!(get(&world.counters.promotes), 1);
     let cursor = store.cursor_of("department");
     assert_eq!(cursor.consumed_version.unwrap().as_str(), "v2");
-    assert_eq!(cursor.watermark, Some(dataset("v2", 500, 3600).metadata.created_at));
+    assert_eq!(
+        cursor.watermark,
+        Some(dataset("v2", 500, 3600).metadata.created_at)
+    );
 
     let second = cycle(&engine).await;
     assert_eq!(second.labels[0].status, LabelStatus::Skipped);
     assert_eq!(second.labels[0].measured, Some(6));
-    assert_eq!(get(&world.counters.restarts), 1, "no second prepare restart");
+    assert_eq!(
+        get(&world.counters.restarts),
+        1,
+        "no second prepare restart"
+    );
     assert_eq!(get(&world.counters.starts), 1, "no second training");
 }
 
@@ -67,13 +78,22 @@ fn final_state(store: &MemStore, world: &World) -> Final {
             .cursor_of("department")
             .consumed_version
             .map(|v| v.to_string()),
-        production: world.production.lock().unwrap().as_ref().map(|(v, _, _)| v.clone()),
+        production: world
+            .production
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|(v, _, _)| v.clone()),
         restarts: get(&world.counters.restarts),
         starts: get(&world.counters.starts),
         promotes: get(&world.counters.promotes),
         acquires: get(&world.counters.acquires),
         releases: get(&world.counters.releases),
-        active_leases: store.leases().iter().filter(|l| l.released_at.is_none()).count(),
+        active_leases: store
+            .leases()
+            .iter()
+            .filter(|l| l.released_at.is_none())
+            .count(),
     }
 }
 
@@ -85,11 +105,18 @@ async fn crash_after_every_journaled_step_resumes_to_the_same_final_state() {
     // The uninterrupted run: its final state and how many journal writes it makes.
     let world = World::new();
     let store = MemStore::new();
-    let e = engine(&store, &world, vec![binding(&world, leased.clone(), prepare(&world))]);
+    let e = engine(
+        &store,
+        &world,
+        vec![binding(&world, leased.clone(), prepare(&world))],
+    );
     assert_eq!(cycle(&e).await.labels[0].status, LabelStatus::Promoted);
     let expected = final_state(&store, &world);
     let steps = store.writes();
-    assert!(steps >= 10, "expected a journal write per transition, got {steps}");
+    assert!(
+        steps >= 10,
+        "expected a journal write per transition, got {steps}"
+    );
     assert_eq!(expected.acquires, 1);
     assert_eq!(expected.releases, 1);
 
@@ -97,19 +124,34 @@ async fn crash_after_every_journaled_step_resumes_to_the_same_final_state() {
         let world = World::new();
         let store = MemStore::new();
         let crashing = store.crashing_after(crash_at);
-        let first = engine(&crashing, &world, vec![binding(&world, leased.clone(), prepare(&world))]);
+        let first = engine(
+            &crashing,
+            &world,
+            vec![binding(&world, leased.clone(), prepare(&world))],
+        );
         let _ = cycle(&first).await;
         drop(first);
 
         let restarted = store.restarted();
-        let second = engine(&restarted, &world, vec![binding(&world, leased.clone(), prepare(&world))]);
+        let second = engine(
+            &restarted,
+            &world,
+            vec![binding(&world, leased.clone(), prepare(&world))],
+        );
         let report = cycle(&second).await;
         assert!(
-            matches!(report.labels[0].status, LabelStatus::Promoted | LabelStatus::Skipped),
+            matches!(
+                report.labels[0].status,
+                LabelStatus::Promoted | LabelStatus::Skipped
+            ),
             "crash at {crash_at}: {:?}",
             report.labels[0]
         );
-        assert_eq!(final_state(&store, &world), expected, "crash after journal write {crash_at}");
+        assert_eq!(
+            final_state(&store, &world),
+            expected,
+            "crash after journal write {crash_at}"
+        );
         let promoted_runs = store
             .finished_runs("department")
             .into_iter()
@@ -130,7 +172,8 @@ async fn shared_prepare_job_is_restarted_once_for_all_labels() {
         Ok(())
     });
     mock.expect_stage().returning(|| Ok(SpaceStage::Running));
-    mock.expect_describe().return_const("mock prepare".to_string());
+    mock.expect_describe()
+        .return_const("mock prepare".to_string());
     let shared: Arc<dyn retrain_core::ports::SpaceController> = Arc::new(mock);
     let labels = ["a", "b", "c", "d", "e"];
     let bindings = labels
@@ -142,11 +185,18 @@ async fn shared_prepare_job_is_restarted_once_for_all_labels() {
     // Every label saw the new dataset (one registry is shared here, so the
     // first promotion makes the others' equal metrics a reject).
     assert!(
-        report.labels.iter().all(|l| matches!(l.status, LabelStatus::Promoted | LabelStatus::Rejected)
-            && l.dataset_version.as_ref().map(|v| v.as_str()) == Some("v2")),
+        report.labels.iter().all(|l| matches!(
+            l.status,
+            LabelStatus::Promoted | LabelStatus::Rejected
+        ) && l.dataset_version.as_ref().map(|v| v.as_str())
+            == Some("v2")),
         "{report:?}"
     );
-    assert_eq!(get(&world.counters.starts), labels.len(), "one training per label");
+    assert_eq!(
+        get(&world.counters.starts),
+        labels.len(),
+        "one training per label"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -154,7 +204,10 @@ async fn one_count_query_per_cycle_for_labels_sharing_a_watermark() {
     let world = World::new();
     let store = MemStore::new();
     let mut counts = MockCountSource::new();
-    counts.expect_counts().times(1).returning(|_| Ok(Default::default()));
+    counts
+        .expect_counts()
+        .times(1)
+        .returning(|_| Ok(Default::default()));
     let bindings = ["a", "b", "c"]
         .iter()
         .map(|l| binding(&world, plan(l), prepare(&world)))
@@ -166,7 +219,10 @@ async fn one_count_query_per_cycle_for_labels_sharing_a_watermark() {
         Default::default(),
     );
     let report = cycle(&e).await;
-    assert!(report.labels.iter().all(|l| l.status == LabelStatus::Skipped));
+    assert!(report
+        .labels
+        .iter()
+        .all(|l| l.status == LabelStatus::Skipped));
 }
 
 #[tokio::test(start_paused = true)]
@@ -175,7 +231,9 @@ async fn dry_run_reads_only() {
     let store = MemStore::new();
     let mut prepare_mock = MockSpaceController::new();
     prepare_mock.expect_restart().times(0);
-    prepare_mock.expect_describe().return_const("mock".to_string());
+    prepare_mock
+        .expect_describe()
+        .return_const("mock".to_string());
     let mut trainer = MockTrainer::new();
     trainer.expect_start().times(0);
     trainer.expect_describe().return_const("mock".to_string());
@@ -213,9 +271,16 @@ async fn one_label_failing_never_stops_another() {
     let a = &report.labels[0];
     let b = &report.labels[1];
     assert_eq!(a.status, LabelStatus::Failed);
-    assert!(a.error.as_ref().unwrap().contains("CUDA out of memory"), "{a:?}");
+    assert!(
+        a.error.as_ref().unwrap().contains("CUDA out of memory"),
+        "{a:?}"
+    );
     assert_eq!(b.status, LabelStatus::Promoted);
-    assert_eq!(store.cursor_of("a").consumed_version, None, "failed training consumes nothing");
+    assert_eq!(
+        store.cursor_of("a").consumed_version,
+        None,
+        "failed training consumes nothing"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -223,10 +288,18 @@ async fn a_label_locked_by_another_orchestrator_is_reported_busy() {
     let world = World::new();
     let store = MemStore::new();
     store.hold_lock("department", "other-host-42");
-    let e = engine(&store, &world, vec![binding(&world, plan("department"), prepare(&world))]);
+    let e = engine(
+        &store,
+        &world,
+        vec![binding(&world, plan("department"), prepare(&world))],
+    );
     let report = cycle(&e).await;
     assert_eq!(report.labels[0].status, LabelStatus::Busy);
-    assert!(report.labels[0].error.as_ref().unwrap().contains("other-host-42"));
+    assert!(report.labels[0]
+        .error
+        .as_ref()
+        .unwrap()
+        .contains("other-host-42"));
     assert_eq!(get(&world.counters.count_queries), 0);
 }
 
@@ -234,8 +307,16 @@ async fn a_label_locked_by_another_orchestrator_is_reported_busy() {
 async fn two_engines_on_one_store_never_drive_the_same_label() {
     let world = World::new();
     let store = MemStore::new();
-    let e1 = engine(&store, &world, vec![binding(&world, plan("department"), prepare(&world))]);
-    let e2 = engine(&store, &world, vec![binding(&world, plan("department"), prepare(&world))]);
+    let e1 = engine(
+        &store,
+        &world,
+        vec![binding(&world, plan("department"), prepare(&world))],
+    );
+    let e2 = engine(
+        &store,
+        &world,
+        vec![binding(&world, plan("department"), prepare(&world))],
+    );
     let (r1, r2) = tokio::join!(cycle(&e1), cycle(&e2));
     let statuses = [r1.labels[0].status, r2.labels[0].status];
     assert!(statuses.contains(&LabelStatus::Busy), "{statuses:?}");
@@ -248,7 +329,11 @@ async fn lost_trainings_are_retried_up_to_max_attempts() {
     let world = World::new();
     world.lose_trainings.store(1, Ordering::SeqCst);
     let store = MemStore::new();
-    let e = engine(&store, &world, vec![binding(&world, plan("department"), prepare(&world))]);
+    let e = engine(
+        &store,
+        &world,
+        vec![binding(&world, plan("department"), prepare(&world))],
+    );
     let report = cycle(&e).await;
     assert_eq!(report.labels[0].status, LabelStatus::Promoted);
     assert_eq!(report.labels[0].lost_attempts.len(), 1);
@@ -257,10 +342,18 @@ async fn lost_trainings_are_retried_up_to_max_attempts() {
     let world = World::new();
     world.lose_trainings.store(5, Ordering::SeqCst);
     let store = MemStore::new();
-    let e = engine(&store, &world, vec![binding(&world, plan("department"), prepare(&world))]);
+    let e = engine(
+        &store,
+        &world,
+        vec![binding(&world, plan("department"), prepare(&world))],
+    );
     let report = cycle(&e).await;
     assert_eq!(report.labels[0].status, LabelStatus::Failed);
-    assert!(report.labels[0].error.as_ref().unwrap().contains("max_attempts"));
+    assert!(report.labels[0]
+        .error
+        .as_ref()
+        .unwrap()
+        .contains("max_attempts"));
     assert_eq!(get(&world.counters.starts), 2);
 }
 
@@ -272,7 +365,9 @@ async fn the_lease_is_released_on_success_reject_and_failure() {
             "reject" => {
                 *world.production.lock().unwrap() = Some((
                     "1".into(),
-                    [("dice".to_string(), 0.99), ("iou".to_string(), 0.99)].into_iter().collect(),
+                    [("dice".to_string(), 0.99), ("iou".to_string(), 0.99)]
+                        .into_iter()
+                        .collect(),
                     retrain_core::domain::RunId("old".into()),
                 ))
             }
@@ -292,7 +387,10 @@ async fn the_lease_is_released_on_success_reject_and_failure() {
         assert_eq!(report.labels[0].status, expected, "{case}");
         assert_eq!(get(&world.counters.acquires), 1, "{case}");
         assert_eq!(get(&world.counters.releases), 1, "{case}");
-        assert!(store.leases().iter().all(|l| l.released_at.is_some()), "{case}");
+        assert!(
+            store.leases().iter().all(|l| l.released_at.is_some()),
+            "{case}"
+        );
         if case == "reject" {
             assert_eq!(get(&world.counters.promotes), 0);
             let verdict = report.labels[0].verdict.as_ref().unwrap();
@@ -316,8 +414,15 @@ async fn an_error_stage_of_the_prepare_job_fails_fast() {
     let started = tokio::time::Instant::now();
     let report = cycle(&e).await;
     assert_eq!(report.labels[0].status, LabelStatus::Failed);
-    assert!(report.labels[0].error.as_ref().unwrap().contains("BUILD_ERROR"));
-    assert!(started.elapsed() < Duration::from_secs(60), "did not wait for the timeout");
+    assert!(report.labels[0]
+        .error
+        .as_ref()
+        .unwrap()
+        .contains("BUILD_ERROR"));
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "did not wait for the timeout"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -330,10 +435,18 @@ async fn an_unchanged_version_is_never_accepted_and_the_poll_times_out() {
     mock.expect_stage().returning(|| Ok(SpaceStage::Running));
     mock.expect_describe().return_const("mock".to_string());
     *world.published.lock().unwrap() = Some(dataset("v1", 1_000_000, 0));
-    let e = engine(&store, &world, vec![binding(&world, plan("department"), Arc::new(mock))]);
+    let e = engine(
+        &store,
+        &world,
+        vec![binding(&world, plan("department"), Arc::new(mock))],
+    );
     let report = cycle(&e).await;
     assert_eq!(report.labels[0].status, LabelStatus::Failed);
-    assert!(report.labels[0].error.as_ref().unwrap().contains("timed out"));
+    assert!(report.labels[0]
+        .error
+        .as_ref()
+        .unwrap()
+        .contains("timed out"));
     assert_eq!(get(&world.counters.starts), 0);
 }
 
@@ -356,15 +469,27 @@ async fn interrupt_leaves_the_run_resumable_and_stops_the_lease() {
     let report = e.run_cycle(CycleRequest::default(), cancel).await.unwrap();
     assert!(report.interrupted);
     assert_eq!(report.labels[0].status, LabelStatus::Interrupted);
-    assert_eq!(get(&world.counters.releases), 1, "lease stopped on interrupt");
+    assert_eq!(
+        get(&world.counters.releases),
+        1,
+        "lease stopped on interrupt"
+    );
 
     // The next run resumes the journaled run instead of starting over.
     let restarted = store.restarted();
-    let e2 = engine(&restarted, &world, vec![binding(&world, p, prepare(&world))]);
+    let e2 = engine(
+        &restarted,
+        &world,
+        vec![binding(&world, p, prepare(&world))],
+    );
     let report = cycle(&e2).await;
     assert!(report.labels[0].resumed);
     assert_eq!(report.labels[0].status, LabelStatus::Promoted);
-    assert_eq!(get(&world.counters.restarts), 1, "prepare not restarted on resume");
+    assert_eq!(
+        get(&world.counters.restarts),
+        1,
+        "prepare not restarted on resume"
+    );
 }
 
 struct SlowTrainer;
@@ -386,7 +511,10 @@ impl retrain_core::ports::Trainer for SlowTrainer {
     ) -> Result<retrain_core::domain::TrainingOutcome, retrain_core::ports::PortError> {
         std::future::pending().await
     }
-    async fn cancel(&self, _: &retrain_core::domain::TrainingHandle) -> Result<(), retrain_core::ports::PortError> {
+    async fn cancel(
+        &self,
+        _: &retrain_core::domain::TrainingHandle,
+    ) -> Result<(), retrain_core::ports::PortError> {
         Ok(())
     }
     fn describe(&self) -> String {

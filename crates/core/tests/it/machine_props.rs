@@ -124,7 +124,8 @@ fn respond(action: &Action, run: &LabelRun, choice: u8, clock: &mut i64) -> Even
             *clock += (*delay_ms / 1000) as i64 + 1;
             Event::Polled {
                 now: now(clock),
-                dataset: (!choice.is_multiple_of(3)).then(|| dataset(choice % 5, u64::from(choice) * 2, *clock)),
+                dataset: (!choice.is_multiple_of(3))
+                    .then(|| dataset(choice % 5, u64::from(choice) * 2, *clock)),
                 prepare_stage: match choice % 29 {
                     0 => Some(SpaceStage::Error("BUILD_ERROR".into())),
                     1 => Some(SpaceStage::Unknown("WEIRD".into())),

@@ -111,7 +111,12 @@ impl MemStore {
 
 #[async_trait]
 impl RunStore for MemStore {
-    async fn try_lock(&self, label: &Label, owner: &LockOwner, ttl: Duration) -> Result<LockOutcome, StoreError> {
+    async fn try_lock(
+        &self,
+        label: &Label,
+        owner: &LockOwner,
+        ttl: Duration,
+    ) -> Result<LockOutcome, StoreError> {
         self.check()?;
         let mut d = self.data.lock().unwrap();
         let now = Utc::now();
@@ -125,11 +130,19 @@ impl RunStore for MemStore {
         }
         d.locks.insert(
             label.clone(),
-            (owner.0.clone(), now + chrono::Duration::from_std(ttl).unwrap()),
+            (
+                owner.0.clone(),
+                now + chrono::Duration::from_std(ttl).unwrap(),
+            ),
         );
         Ok(LockOutcome::Acquired)
     }
-    async fn renew_lock(&self, label: &Label, owner: &LockOwner, ttl: Duration) -> Result<bool, StoreError> {
+    async fn renew_lock(
+        &self,
+        label: &Label,
+        owner: &LockOwner,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
         self.check()?;
         let mut d = self.data.lock().unwrap();
         match d.locks.get_mut(label) {
@@ -150,7 +163,14 @@ impl RunStore for MemStore {
     }
     async fn cursor(&self, label: &Label) -> Result<LabelCursor, StoreError> {
         self.check()?;
-        Ok(self.data.lock().unwrap().cursors.get(label).cloned().unwrap_or_default())
+        Ok(self
+            .data
+            .lock()
+            .unwrap()
+            .cursors
+            .get(label)
+            .cloned()
+            .unwrap_or_default())
     }
     async fn unfinished_run(&self, label: &Label) -> Result<Option<LabelRun>, StoreError> {
         self.check()?;
@@ -168,7 +188,11 @@ impl RunStore for MemStore {
         self.store_transition(transition);
         self.after_write()
     }
-    async fn finish(&self, transition: &Transition, cursor: Option<LabelCursor>) -> Result<(), StoreError> {
+    async fn finish(
+        &self,
+        transition: &Transition,
+        cursor: Option<LabelCursor>,
+    ) -> Result<(), StoreError> {
         self.check()?;
         self.store_transition(transition);
         if let Some(c) = cursor {
@@ -245,7 +269,12 @@ fn summary(r: &LabelRun) -> RunSummary {
         cycle_id: r.cycle_id.clone(),
         label: r.label().clone(),
         stage: r.stage,
-        outcome: r.outcome.as_ref().map(|o| o.short()).unwrap_or("running").into(),
+        outcome: r
+            .outcome
+            .as_ref()
+            .map(|o| o.short())
+            .unwrap_or("running")
+            .into(),
         started_at: r.started_at.unwrap_or_else(Utc::now),
         updated_at: Utc::now(),
     }
@@ -277,7 +306,6 @@ pub struct Counters {
     pub notifies: AtomicUsize,
 }
 
-
 /// The simulated outside world.
 #[derive(Clone)]
 pub struct World {
@@ -296,7 +324,9 @@ impl World {
             published: Arc::new(Mutex::new(Some(dataset("v1", 10, 0)))),
             production: Arc::default(),
             candidate_metrics: Arc::new(Mutex::new(
-                [("dice".to_string(), 0.9), ("iou".to_string(), 0.8)].into_iter().collect(),
+                [("dice".to_string(), 0.9), ("iou".to_string(), 0.8)]
+                    .into_iter()
+                    .collect(),
             )),
             trainer_fails: Arc::default(),
             lose_trainings: Arc::default(),
@@ -307,7 +337,10 @@ impl World {
 pub struct FakeCounts(pub World);
 #[async_trait]
 impl CountSource for FakeCounts {
-    async fn counts(&self, since: DateTime<Utc>) -> Result<BTreeMap<Label, FeedbackCounts>, PortError> {
+    async fn counts(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<BTreeMap<Label, FeedbackCounts>, PortError> {
         self.0.counters.count_queries.fetch_add(1, Ordering::SeqCst);
         // New feedback exists only before the first consumed dataset.
         let fresh = since == DateTime::<Utc>::UNIX_EPOCH;
@@ -370,11 +403,17 @@ impl Trainer for FakeTrainer {
             data: serde_json::json!({"version": request.dataset_version, "attempt": request.attempt}),
         })
     }
-    async fn wait(&self, _: &TrainingRequest, _: &TrainingHandle) -> Result<TrainingOutcome, PortError> {
+    async fn wait(
+        &self,
+        _: &TrainingRequest,
+        _: &TrainingHandle,
+    ) -> Result<TrainingOutcome, PortError> {
         // Training takes (virtual) time, so concurrent engines overlap.
         tokio::time::sleep(Duration::from_secs(5)).await;
         if *self.0.trainer_fails.lock().unwrap() {
-            return Err(PortError::Failed("exit status 1: CUDA out of memory".into()));
+            return Err(PortError::Failed(
+                "exit status 1: CUDA out of memory".into(),
+            ));
         }
         if self.0.lose_trainings.load(Ordering::SeqCst) > 0 {
             self.0.lose_trainings.fetch_sub(1, Ordering::SeqCst);
@@ -399,20 +438,34 @@ pub struct FakeRegistry(pub World);
 #[async_trait]
 impl ModelRegistry for FakeRegistry {
     async fn production(&self, _: Option<Lease>) -> Result<Option<ProductionModel>, PortError> {
-        Ok(self.0.production.lock().unwrap().as_ref().map(|(v, m, _)| ProductionModel {
-            version: v.clone(),
-            candidate_id: None,
-            metrics: m.clone(),
-        }))
+        Ok(self
+            .0
+            .production
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|(v, m, _)| ProductionModel {
+                version: v.clone(),
+                candidate_id: None,
+                metrics: m.clone(),
+            }))
     }
     async fn candidate_metrics(&self, _: String, _: Option<Lease>) -> Result<Metrics, PortError> {
         Ok(self.0.candidate_metrics.lock().unwrap().clone())
     }
-    async fn promote(&self, candidate: Candidate, run_id: RunId, _: Option<Lease>) -> Result<PromotedVersion, PortError> {
+    async fn promote(
+        &self,
+        candidate: Candidate,
+        run_id: RunId,
+        _: Option<Lease>,
+    ) -> Result<PromotedVersion, PortError> {
         let mut production = self.0.production.lock().unwrap();
         if let Some((v, _, r)) = production.as_ref() {
             if r == &run_id {
-                return Ok(PromotedVersion { version: v.clone(), previous: None });
+                return Ok(PromotedVersion {
+                    version: v.clone(),
+                    previous: None,
+                });
             }
         }
         self.0.counters.promotes.fetch_add(1, Ordering::SeqCst);
@@ -442,7 +495,9 @@ impl LeaseProvider for FakeLease {
     }
     async fn acquire(&self, mut lease: Lease) -> Result<Lease, PortError> {
         self.0.counters.acquires.fetch_add(1, Ordering::SeqCst);
-        lease.attributes.insert("public_ip".into(), "10.0.0.1".into());
+        lease
+            .attributes
+            .insert("public_ip".into(), "10.0.0.1".into());
         Ok(lease)
     }
     async fn release(&self, _: &Lease) -> Result<(), PortError> {
