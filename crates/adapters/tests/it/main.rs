@@ -5,3 +5,7 @@
 //! failure under `CI=true`.
 
 mod common;
+mod counts;
+mod engine_shared_store;
+mod pg;
+mod store_contract;
