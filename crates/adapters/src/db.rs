@@ -10,8 +10,9 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::Connection;
 
 use crate::AdapterError;
 
@@ -95,10 +96,11 @@ impl DbUrl {
         match self.password() {
             Some(password) if !password.is_empty() => {
                 // Drivers may echo the password percent-encoded or decoded.
-                let decoded: String = url::form_urlencoded::parse(format!("p={password}").as_bytes())
-                    .map(|(_, v)| v.into_owned())
-                    .next()
-                    .unwrap_or_default();
+                let decoded: String =
+                    url::form_urlencoded::parse(format!("p={password}").as_bytes())
+                        .map(|(_, v)| v.into_owned())
+                        .next()
+                        .unwrap_or_default();
                 let mut out = message.replace(&password, "***");
                 if !decoded.is_empty() {
                     out = out.replace(&decoded, "***");
@@ -145,8 +147,7 @@ impl DbUrl {
                             format!("SQLite database {} does not exist", path.display()),
                         ));
                     }
-                } else if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
-                {
+                } else if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
                     std::fs::create_dir_all(parent).map_err(|e| {
                         AdapterError::config(
                             key,
@@ -199,10 +200,28 @@ impl DbUrl {
             .map_err(|e| {
                 AdapterError::config(
                     key,
-                    format!("invalid Postgres URL {}: {}", self.redacted(), self.scrub(e)),
+                    format!(
+                        "invalid Postgres URL {}: {}",
+                        self.redacted(),
+                        self.scrub(e)
+                    ),
                 )
             })?
             .application_name("retrain");
+        // One direct connection first: a pool retries refused connections
+        // until its acquire timeout and then reports only "timed out", while
+        // this reports the real cause (refused, bad password, no database) at once.
+        let probe = tokio::time::timeout(ACQUIRE_TIMEOUT, PgConnection::connect_with(&options))
+            .await
+            .unwrap_or_else(|_| Err(sqlx::Error::PoolTimedOut));
+        let probe = probe.map_err(|e| {
+            AdapterError::Unavailable(format!(
+                "{key}: cannot connect to Postgres at {}: {}",
+                self.redacted(),
+                self.scrub(e)
+            ))
+        })?;
+        let _ = probe.close().await;
         PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -247,7 +266,10 @@ mod tests {
             DbUrl::parse("state", "sqlite:///abs/x.db").unwrap(),
             DbUrl::SqliteFile("/abs/x.db".into())
         );
-        assert_eq!(DbUrl::parse("state", "sqlite::memory:").unwrap(), DbUrl::SqliteMemory);
+        assert_eq!(
+            DbUrl::parse("state", "sqlite::memory:").unwrap(),
+            DbUrl::SqliteMemory
+        );
         for raw in [
             "postgres://u:p@h:5432/db",
             "postgresql://u:p@h:5432/db",
@@ -262,7 +284,12 @@ mod tests {
 
     #[test]
     fn rejects_other_schemes_naming_the_key_without_the_password() {
-        for raw in ["mysql://u:hunter2@h/db", "hunter2", "sqlite://", "file:///x"] {
+        for raw in [
+            "mysql://u:hunter2@h/db",
+            "hunter2",
+            "sqlite://",
+            "file:///x",
+        ] {
             let err = DbUrl::parse("state", raw).unwrap_err().to_string();
             assert!(err.starts_with("state: "), "{err}");
             assert!(err.contains("postgres://"), "{err}");

@@ -158,12 +158,14 @@ async fn with_deadline<T>(
 ) -> Result<T, PortError> {
     // Slack so that the server-side timeout, with its clearer error, wins.
     let deadline = timeout + Duration::from_secs(2);
-    tokio::time::timeout(deadline, fut).await.unwrap_or_else(|_| {
-        Err(PortError::Failed(format!(
-            "count query on {describe} did not finish within {}s (statement timeout)",
-            timeout.as_secs_f64()
-        )))
-    })
+    tokio::time::timeout(deadline, fut)
+        .await
+        .unwrap_or_else(|_| {
+            Err(PortError::Failed(format!(
+                "count query on {describe} did not finish within {}s (statement timeout)",
+                timeout.as_secs_f64()
+            )))
+        })
 }
 
 #[cfg(test)]
@@ -177,10 +179,20 @@ mod tests {
     #[test]
     fn rows_of_one_label_add_up() {
         let mut t = Tally::default();
-        t.add(Cell::Value("Dept".into()), Cell::Value(2), Cell::Value(3), &cols())
-            .unwrap();
-        t.add(Cell::Value("dept".into()), Cell::Value(1), Cell::Value(0), &cols())
-            .unwrap();
+        t.add(
+            Cell::Value("Dept".into()),
+            Cell::Value(2),
+            Cell::Value(3),
+            &cols(),
+        )
+        .unwrap();
+        t.add(
+            Cell::Value("dept".into()),
+            Cell::Value(1),
+            Cell::Value(0),
+            &cols(),
+        )
+        .unwrap();
         let dept = Label::new("dept").unwrap();
         assert_eq!(
             t.counts[&dept],
@@ -194,18 +206,56 @@ mod tests {
     #[test]
     fn errors_name_the_column_and_label() {
         let cases: Vec<(Cell<String>, Cell<i64>, Cell<i64>, &str)> = vec![
-            (Cell::Missing, Cell::Value(1), Cell::Value(1), "no column `label`"),
-            (Cell::Value("a b".into()), Cell::Value(1), Cell::Value(1), "\"a b\""),
-            (Cell::Null, Cell::Value(1), Cell::Value(1), "`label` is NULL"),
-            (Cell::Value("x".into()), Cell::Value(-1), Cell::Value(1), "`misclassified` is negative (-1) for label `x`"),
-            (Cell::Value("x".into()), Cell::Value(1), Cell::WrongType("TEXT".into()), "`correct` must be an integer, got TEXT"),
-            (Cell::Value("x".into()), Cell::Value(1), Cell::Null, "`correct` is NULL for label `x`"),
-            (Cell::Value("x".into()), Cell::Missing, Cell::Value(1), "no column `misclassified`"),
+            (
+                Cell::Missing,
+                Cell::Value(1),
+                Cell::Value(1),
+                "no column `label`",
+            ),
+            (
+                Cell::Value("a b".into()),
+                Cell::Value(1),
+                Cell::Value(1),
+                "\"a b\"",
+            ),
+            (
+                Cell::Null,
+                Cell::Value(1),
+                Cell::Value(1),
+                "`label` is NULL",
+            ),
+            (
+                Cell::Value("x".into()),
+                Cell::Value(-1),
+                Cell::Value(1),
+                "`misclassified` is negative (-1) for label `x`",
+            ),
+            (
+                Cell::Value("x".into()),
+                Cell::Value(1),
+                Cell::WrongType("TEXT".into()),
+                "`correct` must be an integer, got TEXT",
+            ),
+            (
+                Cell::Value("x".into()),
+                Cell::Value(1),
+                Cell::Null,
+                "`correct` is NULL for label `x`",
+            ),
+            (
+                Cell::Value("x".into()),
+                Cell::Missing,
+                Cell::Value(1),
+                "no column `misclassified`",
+            ),
         ];
         for (label, mis, cor, needle) in cases {
             let err = Tally::default().add(label, mis, cor, &cols()).unwrap_err();
             assert!(matches!(err, PortError::InvalidResponse(_)));
-            assert!(err.message().contains(needle), "{err} should contain {needle}");
+            assert!(
+                err.message().contains(needle),
+                "{err} should contain {needle}"
+            );
         }
     }
 }

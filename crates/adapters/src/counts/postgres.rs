@@ -81,7 +81,11 @@ impl PostgresCountSource {
             .execute(&mut *tx)
             .await?;
         // SET takes no bind parameters; the value is an integer we format.
-        let millis = self.options.statement_timeout.as_millis().clamp(1, i32::MAX as u128);
+        let millis = self
+            .options
+            .statement_timeout
+            .as_millis()
+            .clamp(1, i32::MAX as u128);
         sqlx::query(&format!("SET LOCAL statement_timeout = {millis}"))
             .execute(&mut *tx)
             .await?;

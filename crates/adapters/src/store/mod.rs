@@ -60,9 +60,9 @@ pub async fn open_run_store(
 ) -> Result<Arc<dyn RunStore>, AdapterError> {
     let url = DbUrl::parse(KEY, url)?;
     match &url {
-        DbUrl::SqliteFile(_) | DbUrl::SqliteMemory => Ok(Arc::new(
-            SqliteRunStore::open(url.clone(), options).await?,
-        )),
+        DbUrl::SqliteFile(_) | DbUrl::SqliteMemory => {
+            Ok(Arc::new(SqliteRunStore::open(url.clone(), options).await?))
+        }
         DbUrl::Postgres(_) => Ok(Arc::new(
             PostgresRunStore::open(url.clone(), options).await?,
         )),
@@ -169,9 +169,8 @@ fn stage_name(stage: Stage) -> &'static str {
 }
 
 fn parse_stage(raw: &str, run_id: &str) -> Result<Stage, StoreError> {
-    serde_json::from_value(serde_json::Value::String(raw.to_owned())).map_err(|_| {
-        StoreError::Corrupt(format!("run {run_id}: unknown stage `{raw}`"))
-    })
+    serde_json::from_value(serde_json::Value::String(raw.to_owned()))
+        .map_err(|_| StoreError::Corrupt(format!("run {run_id}: unknown stage `{raw}`")))
 }
 
 fn parse_label(raw: &str, run_id: &str) -> Result<Label, StoreError> {
@@ -179,15 +178,13 @@ fn parse_label(raw: &str, run_id: &str) -> Result<Label, StoreError> {
 }
 
 fn decode_snapshot(run_id: &str, value: serde_json::Value) -> Result<LabelRun, StoreError> {
-    serde_json::from_value(value).map_err(|e| {
-        StoreError::Corrupt(format!("snapshot of run {run_id} cannot be read: {e}"))
-    })
+    serde_json::from_value(value)
+        .map_err(|e| StoreError::Corrupt(format!("snapshot of run {run_id} cannot be read: {e}")))
 }
 
 fn decode_snapshot_text(run_id: &str, text: &str) -> Result<LabelRun, StoreError> {
-    serde_json::from_str(text).map_err(|e| {
-        StoreError::Corrupt(format!("snapshot of run {run_id} cannot be read: {e}"))
-    })
+    serde_json::from_str(text)
+        .map_err(|e| StoreError::Corrupt(format!("snapshot of run {run_id} cannot be read: {e}")))
 }
 
 /// Encode something we own as JSON. Failure means a bug (non-string map
@@ -255,7 +252,11 @@ fn store_error(url: &DbUrl, what: &str, error: sqlx::Error) -> StoreError {
         sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
             StoreError::Corrupt(format!("{what}: {}", url.scrub(&error)))
         }
-        _ => StoreError::Unavailable(format!("{what} ({}): {}", url.redacted(), url.scrub(&error))),
+        _ => StoreError::Unavailable(format!(
+            "{what} ({}): {}",
+            url.redacted(),
+            url.scrub(&error)
+        )),
     }
 }
 

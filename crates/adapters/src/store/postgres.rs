@@ -201,7 +201,9 @@ impl RunStore for PostgresRunStore {
             if let Some(row) = holder {
                 return Ok(LockOutcome::Busy {
                     owner: row.try_get("owner").map_err(corrupt)?,
-                    expires_at: row.try_get::<DateTime<Utc>, _>("expires_at").map_err(corrupt)?,
+                    expires_at: row
+                        .try_get::<DateTime<Utc>, _>("expires_at")
+                        .map_err(corrupt)?,
                 });
             }
         }
@@ -346,7 +348,10 @@ impl RunStore for PostgresRunStore {
                 Ok(TransitionRecord {
                     seq: i64_to_u64(seq, &format!("seq of run {id}"))?,
                     at: row.try_get("at").map_err(corrupt)?,
-                    from: parse_stage(&row.try_get::<String, _>("from_stage").map_err(corrupt)?, id)?,
+                    from: parse_stage(
+                        &row.try_get::<String, _>("from_stage").map_err(corrupt)?,
+                        id,
+                    )?,
                     to: parse_stage(&row.try_get::<String, _>("to_stage").map_err(corrupt)?, id)?,
                     event,
                     actions,
@@ -387,12 +392,11 @@ impl RunStore for PostgresRunStore {
     }
 
     async fn active_leases(&self) -> Result<Vec<Lease>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT * FROM leases WHERE released_at IS NULL ORDER BY acquired_at, id",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(self.err("listing active leases"))?;
+        let rows =
+            sqlx::query("SELECT * FROM leases WHERE released_at IS NULL ORDER BY acquired_at, id")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(self.err("listing active leases"))?;
         rows.iter().map(Self::lease_of).collect()
     }
 

@@ -13,8 +13,8 @@ use sqlx::sqlite::{SqlitePool, SqliteRow};
 use sqlx::Row;
 
 use super::{
-    decode_snapshot_text, i64_to_u64, json_text, parse_stage, prepare_schema, store_error,
-    summary, to_json, u64_to_i64, RunRow, StoreOptions, SQLITE_MIGRATIONS,
+    decode_snapshot_text, i64_to_u64, json_text, parse_stage, prepare_schema, store_error, summary,
+    to_json, u64_to_i64, RunRow, StoreOptions, SQLITE_MIGRATIONS,
 };
 use crate::db::DbUrl;
 use crate::AdapterError;
@@ -142,7 +142,8 @@ impl SqliteRunStore {
     fn lease_of(row: &SqliteRow) -> Result<Lease, StoreError> {
         let id: String = row.try_get("id").map_err(corrupt)?;
         let field = |name: &str| format!("{name} of lease {id}");
-        let text = |name: &str| -> Result<String, StoreError> { row.try_get(name).map_err(corrupt) };
+        let text =
+            |name: &str| -> Result<String, StoreError> { row.try_get(name).map_err(corrupt) };
         let released: Option<String> = row.try_get("released_at").map_err(corrupt)?;
         Ok(Lease {
             label: Label::new(text("label")?)
@@ -221,14 +222,15 @@ impl RunStore for SqliteRunStore {
         owner: &LockOwner,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let renewed = sqlx::query("UPDATE locks SET expires_at = ?3 WHERE label = ?1 AND owner = ?2")
-            .bind(label.as_str())
-            .bind(&owner.0)
-            .bind(ts(Utc::now() + super::ttl(ttl)))
-            .execute(&self.pool)
-            .await
-            .map_err(self.err(&format!("renewing the lock of label {label}")))?
-            .rows_affected();
+        let renewed =
+            sqlx::query("UPDATE locks SET expires_at = ?3 WHERE label = ?1 AND owner = ?2")
+                .bind(label.as_str())
+                .bind(&owner.0)
+                .bind(ts(Utc::now() + super::ttl(ttl)))
+                .execute(&self.pool)
+                .await
+                .map_err(self.err(&format!("renewing the lock of label {label}")))?
+                .rows_affected();
         Ok(renewed == 1)
     }
 
@@ -346,9 +348,16 @@ impl RunStore for SqliteRunStore {
                 Ok(TransitionRecord {
                     seq: i64_to_u64(seq, &format!("seq of run {id}"))?,
                     at: parse_ts(&at, &format!("time of run {id} seq {seq}"))?,
-                    from: parse_stage(&row.try_get::<String, _>("from_stage").map_err(corrupt)?, id)?,
+                    from: parse_stage(
+                        &row.try_get::<String, _>("from_stage").map_err(corrupt)?,
+                        id,
+                    )?,
                     to: parse_stage(&row.try_get::<String, _>("to_stage").map_err(corrupt)?, id)?,
-                    event: json_text(&row.try_get::<String, _>("event").map_err(corrupt)?, "event", id)?,
+                    event: json_text(
+                        &row.try_get::<String, _>("event").map_err(corrupt)?,
+                        "event",
+                        id,
+                    )?,
                     actions: json_text(
                         &row.try_get::<String, _>("actions").map_err(corrupt)?,
                         "actions",
@@ -391,12 +400,11 @@ impl RunStore for SqliteRunStore {
     }
 
     async fn active_leases(&self) -> Result<Vec<Lease>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT * FROM leases WHERE released_at IS NULL ORDER BY acquired_at, id",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(self.err("listing active leases"))?;
+        let rows =
+            sqlx::query("SELECT * FROM leases WHERE released_at IS NULL ORDER BY acquired_at, id")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(self.err("listing active leases"))?;
         rows.iter().map(Self::lease_of).collect()
     }
 

@@ -102,7 +102,10 @@ async fn sqlite_counts_since_the_watermark() {
     )
     .await
     .unwrap();
-    assert_eq!(source.counts(at(2)).await.unwrap()[&label("dept")], counts(1, 0));
+    assert_eq!(
+        source.counts(at(2)).await.unwrap()[&label("dept")],
+        counts(1, 0)
+    );
 }
 
 #[tokio::test]
@@ -120,7 +123,10 @@ async fn sqlite_bad_results_name_the_column() {
     ];
     for (query, needle) in cases {
         let err = err_of(&url, query).await;
-        assert!(matches!(err, PortError::InvalidResponse(_)), "{query}: {err:?}");
+        assert!(
+            matches!(err, PortError::InvalidResponse(_)),
+            "{query}: {err:?}"
+        );
         assert!(err.message().contains(needle), "{query}: {err}");
     }
 }
@@ -147,16 +153,22 @@ async fn sqlite_count_query_is_read_only() {
 
 #[tokio::test]
 async fn missing_sqlite_file_and_empty_query_are_config_errors() {
-    let err = open_count_source("sqlite:///nonexistent/x.db", SEED_QUERY_SQLITE, CountOptions::default())
-        .await
-        .err().expect("opening should fail")
-        .to_string();
+    let err = open_count_source(
+        "sqlite:///nonexistent/x.db",
+        SEED_QUERY_SQLITE,
+        CountOptions::default(),
+    )
+    .await
+    .err()
+    .expect("opening should fail")
+    .to_string();
     assert!(err.starts_with("counts.database:"), "{err}");
     let dir = tempfile::tempdir().unwrap();
     let url = sqlite_db(&dir).await;
     let err = open_count_source(&url, "  ", CountOptions::default())
         .await
-        .err().expect("opening should fail")
+        .err()
+        .expect("opening should fail")
         .to_string();
     assert!(err.starts_with("counts.query:"), "{err}");
 }
@@ -204,7 +216,10 @@ async fn postgres_counts_since_the_watermark() {
     )
     .await
     .unwrap();
-    assert_eq!(source.counts(at(2)).await.unwrap()[&label("dept")], counts(1, 0));
+    assert_eq!(
+        source.counts(at(2)).await.unwrap()[&label("dept")],
+        counts(1, 0)
+    );
 }
 
 #[tokio::test]
@@ -221,7 +236,10 @@ async fn postgres_bad_results_name_the_column() {
     ];
     for (query, needle) in cases {
         let err = err_of(&url, query).await;
-        assert!(matches!(err, PortError::InvalidResponse(_)), "{query}: {err:?}");
+        assert!(
+            matches!(err, PortError::InvalidResponse(_)),
+            "{query}: {err:?}"
+        );
         assert!(err.message().contains(needle), "{query}: {err}");
     }
     // SQL errors name the database without its password.
@@ -267,7 +285,11 @@ async fn postgres_statement_timeout_stops_slow_queries() {
         .counts(DateTime::<Utc>::UNIX_EPOCH)
         .await
         .unwrap_err();
-    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
     assert!(matches!(err, PortError::Failed(_)), "{err:?}");
     assert!(err.message().contains("statement_timeout"), "{err}");
 }
