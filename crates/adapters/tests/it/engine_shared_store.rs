@@ -142,8 +142,7 @@ async fn two_engines_drive_each_label_once(url: &str) {
 async fn sqlite_two_engines_share_one_file() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}/state.db", dir.path().display());
-    // Migrate once first: concurrent first-time migrations of one SQLite
-    // file are not serialised (SQLite has no advisory lock).
+    // As `retrain migrate` would, before the orchestrators start.
     retrain_adapters::store::migrate(&url).await.unwrap();
     two_engines_drive_each_label_once(&url).await;
 }

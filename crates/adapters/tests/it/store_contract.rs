@@ -506,3 +506,34 @@ async fn bad_urls_name_the_key_and_hide_passwords() {
     assert!(err.contains("refused"), "{err}");
     assert!(!err.contains("hunter2"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_opening_a_fresh_sqlite_file_both_succeed() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/state.db", dir.path().display());
+    let (a, b) = tokio::join!(
+        open_run_store(&url, StoreOptions::default()),
+        open_run_store(&url, StoreOptions::default()),
+    );
+    let (a, b) = (a.ok().unwrap(), b.ok().unwrap());
+    assert_eq!(
+        a.try_lock(
+            &label("dept"),
+            &LockOwner("a".into()),
+            Duration::from_secs(5)
+        )
+        .await
+        .unwrap(),
+        LockOutcome::Acquired
+    );
+    assert!(matches!(
+        b.try_lock(
+            &label("dept"),
+            &LockOwner("b".into()),
+            Duration::from_secs(5)
+        )
+        .await
+        .unwrap(),
+        LockOutcome::Busy { .. }
+    ));
+}
