@@ -10,8 +10,9 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::Connection;
 
 use crate::AdapterError;
 
@@ -207,6 +208,20 @@ impl DbUrl {
                 )
             })?
             .application_name("retrain");
+        // One direct connection first: a pool retries refused connections
+        // until its acquire timeout and then reports only "timed out", while
+        // this reports the real cause (refused, bad password, no database) at once.
+        let probe = tokio::time::timeout(ACQUIRE_TIMEOUT, PgConnection::connect_with(&options))
+            .await
+            .unwrap_or_else(|_| Err(sqlx::Error::PoolTimedOut));
+        let probe = probe.map_err(|e| {
+            AdapterError::Unavailable(format!(
+                "{key}: cannot connect to Postgres at {}: {}",
+                self.redacted(),
+                self.scrub(e)
+            ))
+        })?;
+        let _ = probe.close().await;
         PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(ACQUIRE_TIMEOUT)

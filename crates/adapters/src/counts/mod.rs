@@ -205,7 +205,8 @@ mod tests {
 
     #[test]
     fn errors_name_the_column_and_label() {
-        let cases: Vec<(Cell<String>, Cell<i64>, Cell<i64>, &str)> = vec![
+        type Case = (Cell<String>, Cell<i64>, Cell<i64>, &'static str);
+        let cases: Vec<Case> = vec![
             (
                 Cell::Missing,
                 Cell::Value(1),

@@ -120,21 +120,32 @@ async fn prepare_schema<'c, A>(
     conn: A,
 ) -> Result<(), AdapterError>
 where
-    A: sqlx::Acquire<'c>,
+    A: sqlx::Acquire<'c> + Copy,
     <A::Connection as std::ops::Deref>::Target: sqlx::migrate::Migrate,
 {
     let migrator = Migrator::new(source)
         .await
         .map_err(|e| AdapterError::Unavailable(format!("{KEY}: embedded migrations: {e}")))?;
     if options.migrate {
-        migrator.run(conn).await.map_err(|e| {
-            AdapterError::Unavailable(format!(
-                "{KEY}: migrating {} failed: {}",
-                url.redacted(),
-                url.scrub(e)
-            ))
-        })?;
-        return Ok(());
+        // Two processes opening a fresh SQLite file race here (SQLite has no
+        // advisory lock): the loser fails on "table already exists" after the
+        // winner commits, and a retry then finds the migration applied.
+        // Postgres serialises migrators itself, so a retry is a no-op there.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match migrator.run(conn).await {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt >= 3 => {
+                    return Err(AdapterError::Unavailable(format!(
+                        "{KEY}: migrating {} failed: {}",
+                        url.redacted(),
+                        url.scrub(e)
+                    )))
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await,
+            }
+        }
     }
     let mut conn = conn.acquire().await.map_err(|e| {
         AdapterError::Unavailable(format!("{KEY}: {}: {}", url.redacted(), url.scrub(e)))

@@ -11,3 +11,7 @@ mod hub;
 mod local;
 mod mlflow;
 mod s3;
+mod counts;
+mod engine_shared_store;
+mod pg;
+mod store_contract;
