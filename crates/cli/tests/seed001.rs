@@ -8,7 +8,6 @@
 
 use std::time::Duration;
 
-use assert_cmd::Command;
 use retrain_adapters::aws::AwsSettings;
 use retrain_adapters::ec2::{Ec2Client, InstanceState};
 use retrain_adapters::http::HttpPolicy;

@@ -1253,7 +1253,7 @@ pub fn mask_url(raw: &str) -> String {
     }
 }
 
-fn redact(value: &mut figment::value::Value, key: &str) {
+fn redact(value: &mut figment::value::Value) {
     use figment::value::Value as V;
     match value {
         V::Dict(tag, dict) => {
@@ -1262,11 +1262,11 @@ fn redact(value: &mut figment::value::Value, key: &str) {
                 if is_secret_key(k) {
                     *v = V::String(tag, "***".into());
                 } else {
-                    redact(v, k);
+                    redact(v);
                 }
             }
         }
-        V::Array(_, items) => items.iter_mut().for_each(|v| redact(v, key)),
+        V::Array(_, items) => items.iter_mut().for_each(redact),
         V::String(_, s) => *s = mask_url(s),
         _ => {}
     }
@@ -1276,7 +1276,7 @@ fn redact(value: &mut figment::value::Value, key: &str) {
 pub fn redacted_toml(figment: &Figment) -> Result<String, ConfigError> {
     let mut value: figment::value::Value =
         figment.extract().map_err(|e| figment_error(figment, e))?;
-    redact(&mut value, "");
+    redact(&mut value);
     toml::to_string_pretty(&value).map_err(|e| ConfigError {
         key: None,
         message: format!("cannot render configuration: {e}"),

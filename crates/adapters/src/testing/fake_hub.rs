@@ -296,7 +296,7 @@ impl FakeHub {
     /// `Retry-After: 0`), to exercise retries.
     pub fn fail_next(&self, count: usize, status: u16) {
         let mut state = lock(&self.state);
-        state.failures.extend(std::iter::repeat(status).take(count));
+        state.failures.extend(std::iter::repeat_n(status, count));
     }
 
     pub fn restarts(&self, space: &str) -> u64 {

@@ -97,6 +97,7 @@ fn engine(store: Arc<dyn RunStore>, trainer: Arc<CountingTrainer>, name: &str) -
             lock_ttl: Duration::from_secs(30),
             poll_jitter: 0.0,
             owner: LockOwner::generate(name),
+            ..EngineSettings::default()
         },
     )
 }

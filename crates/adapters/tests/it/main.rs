@@ -5,13 +5,13 @@
 //! failure under `CI=true`.
 
 mod common;
+mod counts;
 mod ec2;
+mod engine_shared_store;
 mod github;
 mod hub;
 mod local;
 mod mlflow;
-mod s3;
-mod counts;
-mod engine_shared_store;
 mod pg;
+mod s3;
 mod store_contract;
