@@ -4,7 +4,7 @@
 //! We sign plain `reqwest` requests with `aws-sigv4` instead of pulling the
 //! AWS SDK or `object_store`: two services, four operations, and the
 //! `RetryingClient` policy stays the one every other adapter uses (see
-//! `docs/ARCHITECTURE-s3-choice.md`).
+//! `docs/ARCHITECTURE.md (S3 and EC2 section)`).
 
 use std::fmt;
 use std::time::SystemTime;
