@@ -44,4 +44,4 @@ if [ "${RETRAIN_TEST_NO_SERVICES:-}" != "1" ]; then
 fi
 
 echo "== cargo test"
-cargo test --workspace --all-targets --locked "$@"
+cargo test --workspace --all-targets --locked --no-fail-fast "$@"

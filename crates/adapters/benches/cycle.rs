@@ -157,9 +157,15 @@ fn main() {
     runtime.block_on(async move {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("state.db").display());
-        let store = open_run_store(&url, StoreOptions { migrate: true })
-            .await
-            .unwrap();
+        let store = open_run_store(
+            &url,
+            StoreOptions {
+                migrate: true,
+                read_only: false,
+            },
+        )
+        .await
+        .unwrap();
         let hub = Hub::default();
         let prepare: Arc<dyn SpaceController> = Arc::new(Prepare(hub.clone()));
         let metadata: Arc<dyn MetadataStore> = Arc::new(Metadata(hub.clone()));

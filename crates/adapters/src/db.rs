@@ -192,6 +192,7 @@ impl DbUrl {
         &self,
         key: &str,
         max_connections: u32,
+        read_only: bool,
     ) -> Result<PgPool, AdapterError> {
         let Self::Postgres(url) = self else {
             return Err(AdapterError::config(key, "not a Postgres URL"));
@@ -208,6 +209,12 @@ impl DbUrl {
                 )
             })?
             .application_name("retrain");
+        // Read-only sessions: the server refuses any write, whatever the code does.
+        let options = if read_only {
+            options.options([("default_transaction_read_only", "on")])
+        } else {
+            options
+        };
         // One direct connection first: a pool retries refused connections
         // until its acquire timeout and then reports only "timed out", while
         // this reports the real cause (refused, bad password, no database) at once.

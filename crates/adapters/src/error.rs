@@ -10,6 +10,9 @@ pub enum AdapterError {
     /// The backing service could not be reached or initialised.
     #[error("{0}")]
     Unavailable(String),
+    /// A store opened read-only was never initialised (no schema yet).
+    #[error("{0}")]
+    NotInitialised(String),
 }
 
 impl AdapterError {

@@ -31,7 +31,53 @@ pub async fn open_store(
     settings: &Settings,
     migrate: bool,
 ) -> Result<Arc<dyn RunStore>, AdapterError> {
-    open_run_store(settings.state.expose_secret(), StoreOptions { migrate }).await
+    open_run_store(
+        settings.state.expose_secret(),
+        StoreOptions {
+            migrate,
+            read_only: false,
+        },
+    )
+    .await
+}
+
+/// Open the `RunStore` for reading only (`plan`, `status`, `runs`): never
+/// creates or migrates anything. A SQLite file that does not exist yet is an
+/// empty store, served from memory so that a plan on a fresh checkout works
+/// and leaves no file behind.
+pub async fn open_store_for_reading(
+    settings: &Settings,
+) -> Result<Arc<dyn RunStore>, AdapterError> {
+    let url = settings.state.expose_secret();
+    let missing_file = sqlite_path(url).is_some_and(|p| !std::path::Path::new(&p).exists());
+    let opened = if missing_file {
+        Err(AdapterError::NotInitialised(String::new()))
+    } else {
+        open_run_store(
+            url,
+            StoreOptions {
+                migrate: false,
+                read_only: true,
+            },
+        )
+        .await
+    };
+    match opened {
+        Err(AdapterError::NotInitialised(_)) => {
+            tracing::info!("the run store is not initialised yet: reading it as empty");
+            open_run_store("sqlite::memory:", StoreOptions::default()).await
+        }
+        other => other,
+    }
+}
+
+/// The file of a `sqlite://path` / `sqlite:path` URL (not `:memory:`).
+fn sqlite_path(url: &str) -> Option<String> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or(rest);
+    (!path.is_empty() && !path.contains(":memory:")).then(|| path.to_owned())
 }
 
 /// `retrain migrate`.

@@ -104,6 +104,13 @@ pub async fn dispatch(cli: Cli, interrupt: Interrupt) -> Result<u8, Failure> {
     }
 }
 
+/// The store for read-only commands: creates and migrates nothing.
+async fn reading_store(loaded: &LoadedSettings) -> Result<Arc<dyn RunStore>, Failure> {
+    Ok(wiring::open_store_for_reading(&loaded.settings)
+        .await
+        .context("opening the run store")?)
+}
+
 async fn store(loaded: &LoadedSettings) -> Result<Arc<dyn RunStore>, Failure> {
     let store = wiring::open_store(&loaded.settings, true)
         .await
@@ -122,9 +129,7 @@ async fn run(
     let labels = parse_labels(&args.labels.labels)?;
     // A plan must change nothing: never create or migrate the store for it.
     let store = if dry_run {
-        wiring::open_store(&loaded.settings, false)
-            .await
-            .context("opening the run store")?
+        reading_store(&loaded).await?
     } else {
         store(&loaded).await?
     };
@@ -192,9 +197,7 @@ fn cycle_exit_code(report: &CycleReport, fail_on_reject: bool, interrupt: &Inter
 
 async fn status(cli: &Cli, raw_labels: &[String]) -> Result<u8, Failure> {
     let loaded = load(cli, false)?;
-    let store = wiring::open_store(&loaded.settings, false)
-        .await
-        .context("opening the run store")?;
+    let store = reading_store(&loaded).await?;
     let wanted = parse_labels(raw_labels)?;
     let mut rows = Vec::new();
     for (label, label_settings) in &loaded.settings.labels {
@@ -265,9 +268,7 @@ async fn status(cli: &Cli, raw_labels: &[String]) -> Result<u8, Failure> {
 
 async fn runs_list(cli: &Cli, label: Option<&str>, limit: u32) -> Result<u8, Failure> {
     let loaded = load(cli, false)?;
-    let store = wiring::open_store(&loaded.settings, false)
-        .await
-        .context("opening the run store")?;
+    let store = reading_store(&loaded).await?;
     let label = label
         .map(Label::new)
         .transpose()
@@ -303,9 +304,7 @@ async fn runs_list(cli: &Cli, label: Option<&str>, limit: u32) -> Result<u8, Fai
 
 async fn runs_show(cli: &Cli, id: &str, format: ShowFormat) -> Result<u8, Failure> {
     let loaded = load(cli, false)?;
-    let store = wiring::open_store(&loaded.settings, false)
-        .await
-        .context("opening the run store")?;
+    let store = reading_store(&loaded).await?;
     let Some(detail) = store
         .run(&RunId(id.to_owned()))
         .await
@@ -380,9 +379,7 @@ async fn runs_show(cli: &Cli, id: &str, format: ShowFormat) -> Result<u8, Failur
 async fn gate(cli: &Cli, args: &GateArgs) -> Result<u8, Failure> {
     let loaded = load(cli, false)?;
     let label = Label::new(&args.label).map_err(|e| config_failure(format!("--label: {e}")))?;
-    let store = wiring::open_store(&loaded.settings, false)
-        .await
-        .context("opening the run store")?;
+    let store = reading_store(&loaded).await?;
     let engine = wiring::build_engine(&loaded, store)
         .await
         .map_err(config_failure)?;
@@ -469,9 +466,7 @@ async fn infra(cli: &Cli, command: &InfraCommand) -> Result<u8, Failure> {
                 .map(Label::new)
                 .transpose()
                 .map_err(|e| config_failure(format!("--label: {e}")))?;
-            let store = wiring::open_store(&loaded.settings, false)
-                .await
-                .context("opening the run store")?;
+            let store = reading_store(&loaded).await?;
             let leases = store.active_leases().await.context("reading leases")?;
             let states = wiring::infra_status(&loaded.settings, label.as_ref())
                 .await

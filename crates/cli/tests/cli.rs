@@ -252,3 +252,144 @@ fn version_is_answered_without_config() {
         .success()
         .stdout(predicate::str::contains(env!("CARGO_PKG_VERSION")));
 }
+
+#[test]
+fn gate_alone_rejects_with_exit_3_and_force_is_recorded() {
+    let dir = quickstart();
+    retrain(dir.path()).arg("run").assert().success();
+    let registry: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("registry.json")).unwrap()).unwrap();
+    let candidate = registry["models"]["ticket-router"]["versions"][0]["candidate"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The production model against itself is not strictly better.
+    let outputs = dir.path().join("gh_output");
+    retrain(dir.path())
+        .env("GITHUB_ACTIONS", "true")
+        .env("GITHUB_OUTPUT", &outputs)
+        .args([
+            "gate",
+            "--label",
+            "department",
+            "--candidate",
+            &candidate,
+            "--fail-on-reject",
+        ])
+        .assert()
+        .code(3)
+        .stdout(predicate::str::contains("rejected"));
+    let written = std::fs::read_to_string(&outputs).unwrap();
+    assert!(written.contains("improved=false"), "{written}");
+    assert!(written.contains("accuracy="), "{written}");
+    let forced = retrain(dir.path())
+        .args([
+            "--output",
+            "json",
+            "gate",
+            "--label",
+            "department",
+            "--candidate",
+            &candidate,
+            "--force",
+            "--fail-on-reject",
+        ])
+        .assert()
+        .success();
+    let verdict = &json_of(&forced.get_output().stdout)["verdict"];
+    assert_eq!(verdict["forced"], true, "{verdict}");
+    assert_eq!(verdict["passed"], true, "{verdict}");
+    retrain(dir.path())
+        .args([
+            "gate",
+            "--label",
+            "department",
+            "--candidate",
+            "no-such-candidate",
+        ])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("no-such-candidate"));
+}
+
+#[test]
+fn sigterm_saves_state_exits_143_and_the_next_run_resumes() {
+    let dir = quickstart();
+    std::fs::write(
+        dir.path().join("slow_train.py"),
+        "import os, runpy, time\n\
+         if not os.path.exists('started.marker'):\n\
+         \x20   open('started.marker', 'w').close()\n\
+         \x20   time.sleep(60)\n\
+         runpy.run_path('train.py', run_name='__main__')\n",
+    )
+    .unwrap();
+    let config = std::fs::read_to_string(dir.path().join("retrain.toml"))
+        .unwrap()
+        .replace(
+            "[\"python3\", \"train.py\"]",
+            "[\"python3\", \"slow_train.py\"]",
+        );
+    std::fs::write(dir.path().join("retrain.toml"), config).unwrap();
+
+    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("retrain"))
+        .current_dir(dir.path())
+        .env("RETRAIN_LOG", "info")
+        .args(["--output", "json", "run"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !dir.path().join("started.marker").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "training never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let started = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "did not stop promptly"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(143),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = json_of(&out.stdout);
+    assert_eq!(report["interrupted"], true);
+    assert_eq!(report["labels"][0]["status"], "interrupted", "{report}");
+
+    // The next run resumes the journaled run: the lost attempt is recorded
+    // and retried, the prepare job is not restarted.
+    let prepared_before = std::fs::read_dir(dir.path().join("datasets"))
+        .unwrap()
+        .count();
+    let out = retrain(dir.path())
+        .args(["--output", "json", "run"])
+        .assert()
+        .success();
+    let report = json_of(&out.get_output().stdout);
+    let label = &report["labels"][0];
+    assert_eq!(label["resumed"], true, "{label}");
+    assert_eq!(label["status"], "promoted", "{label}");
+    assert_eq!(
+        label["lost_attempts"].as_array().unwrap().len(),
+        1,
+        "{label}"
+    );
+    let prepared_after = std::fs::read_dir(dir.path().join("datasets"))
+        .unwrap()
+        .count();
+    assert_eq!(prepared_before, prepared_after, "the prepare job ran again");
+}

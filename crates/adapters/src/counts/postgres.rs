@@ -42,7 +42,9 @@ impl PostgresCountSource {
         query: String,
         options: CountOptions,
     ) -> Result<Self, AdapterError> {
-        let pool = url.postgres_pool(KEY_DATABASE, MAX_CONNECTIONS).await?;
+        let pool = url
+            .postgres_pool(KEY_DATABASE, MAX_CONNECTIONS, false)
+            .await?;
         Ok(Self {
             pool,
             url,

@@ -44,11 +44,18 @@ pub struct StoreOptions {
     /// Apply pending migrations on open (off: `retrain migrate` does it, and
     /// open fails if the schema is behind).
     pub migrate: bool,
+    /// Open for reading only (`plan`, `status`, `runs`): nothing is created,
+    /// migrated or written, not even the migrations table; a database that
+    /// was never initialised is `AdapterError::NotInitialised`.
+    pub read_only: bool,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { migrate: true }
+        Self {
+            migrate: true,
+            read_only: false,
+        }
     }
 }
 
@@ -71,9 +78,19 @@ pub async fn open_run_store(
 
 /// Apply pending migrations to the store at `url` (`retrain migrate`).
 pub async fn migrate(url: &str) -> Result<(), AdapterError> {
-    open_run_store(url, StoreOptions { migrate: true })
-        .await
-        .map(drop)
+    // Close the pool before returning so SQLite checkpoints its WAL now,
+    // not whenever the pool's connections happen to be dropped.
+    match DbUrl::parse(KEY, url)? {
+        url @ (DbUrl::SqliteFile(_) | DbUrl::SqliteMemory) => {
+            let store = SqliteRunStore::open(url, StoreOptions::default()).await?;
+            store.close().await;
+        }
+        url @ DbUrl::Postgres(_) => {
+            let store = PostgresRunStore::open(url, StoreOptions::default()).await?;
+            store.close().await;
+        }
+    }
+    Ok(())
 }
 
 /// Migrations embedded in the binary (no migrations directory at run time).
@@ -151,12 +168,32 @@ where
         AdapterError::Unavailable(format!("{KEY}: {}: {}", url.redacted(), url.scrub(e)))
     })?;
     use sqlx::migrate::Migrate;
-    conn.ensure_migrations_table().await.map_err(|e| {
-        AdapterError::Unavailable(format!("{KEY}: {}: {}", url.redacted(), url.scrub(e)))
-    })?;
-    let applied = conn.list_applied_migrations().await.map_err(|e| {
-        AdapterError::Unavailable(format!("{KEY}: {}: {}", url.redacted(), url.scrub(e)))
-    })?;
+    if !options.read_only {
+        conn.ensure_migrations_table().await.map_err(|e| {
+            AdapterError::Unavailable(format!("{KEY}: {}: {}", url.redacted(), url.scrub(e)))
+        })?;
+    }
+    let applied = match conn.list_applied_migrations().await {
+        Ok(applied) => applied,
+        // Read-only on a database nobody migrated: no migrations table.
+        Err(_) if options.read_only => return Err(AdapterError::NotInitialised(format!(
+            "{KEY}: {} has no retrain schema yet (run `retrain migrate` or a first `retrain run`)",
+            url.redacted()
+        ))),
+        Err(e) => {
+            return Err(AdapterError::Unavailable(format!(
+                "{KEY}: {}: {}",
+                url.redacted(),
+                url.scrub(e)
+            )))
+        }
+    };
+    if options.read_only && applied.is_empty() {
+        return Err(AdapterError::NotInitialised(format!(
+            "{KEY}: {} has no retrain schema yet",
+            url.redacted()
+        )));
+    }
     let pending = migrator
         .iter()
         .filter(|m| !applied.iter().any(|a| a.version == m.version))

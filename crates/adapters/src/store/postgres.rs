@@ -50,9 +50,16 @@ fn secs(ttl: Duration) -> f64 {
 
 impl PostgresRunStore {
     pub(crate) async fn open(url: DbUrl, options: StoreOptions) -> Result<Self, AdapterError> {
-        let pool = url.postgres_pool(super::KEY, MAX_CONNECTIONS).await?;
+        let pool = url
+            .postgres_pool(super::KEY, MAX_CONNECTIONS, options.read_only)
+            .await?;
         prepare_schema(POSTGRES_MIGRATIONS, &url, options, &pool).await?;
         Ok(Self { pool, url })
+    }
+
+    /// Close every connection (SQLite checkpoints its WAL on the last close).
+    pub async fn close(&self) {
+        self.pool.close().await;
     }
 
     fn err(&self, what: &str) -> impl FnOnce(sqlx::Error) -> StoreError + '_ {

@@ -47,9 +47,14 @@ fn parse_ts(raw: &str, what: &str) -> Result<DateTime<Utc>, StoreError> {
 
 impl SqliteRunStore {
     pub(crate) async fn open(url: DbUrl, options: StoreOptions) -> Result<Self, AdapterError> {
-        let pool = url.sqlite_pool(super::KEY, false).await?;
+        let pool = url.sqlite_pool(super::KEY, options.read_only).await?;
         prepare_schema(SQLITE_MIGRATIONS, &url, options, &pool).await?;
         Ok(Self { pool, url })
+    }
+
+    /// Close every connection (SQLite checkpoints its WAL on the last close).
+    pub async fn close(&self) {
+        self.pool.close().await;
     }
 
     fn err(&self, what: &str) -> impl FnOnce(sqlx::Error) -> StoreError + '_ {

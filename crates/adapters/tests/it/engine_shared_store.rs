@@ -104,12 +104,24 @@ fn engine(store: Arc<dyn RunStore>, trainer: Arc<CountingTrainer>, name: &str) -
 
 /// Two stores opened separately on the same database: as two processes would.
 async fn two_engines_drive_each_label_once(url: &str) {
-    let store_a = open_run_store(url, StoreOptions { migrate: true })
-        .await
-        .unwrap();
-    let store_b = open_run_store(url, StoreOptions { migrate: true })
-        .await
-        .unwrap();
+    let store_a = open_run_store(
+        url,
+        StoreOptions {
+            migrate: true,
+            read_only: false,
+        },
+    )
+    .await
+    .unwrap();
+    let store_b = open_run_store(
+        url,
+        StoreOptions {
+            migrate: true,
+            read_only: false,
+        },
+    )
+    .await
+    .unwrap();
     let trainer = Arc::new(CountingTrainer::default());
     let a = engine(store_a.clone(), trainer.clone(), "a");
     let b = engine(store_b, trainer.clone(), "b");

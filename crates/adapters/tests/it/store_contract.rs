@@ -376,9 +376,15 @@ pub async fn runs_are_listed_newest_first_and_shown(store: Arc<dyn RunStore>) {
 
 async fn sqlite_store(dir: &tempfile::TempDir) -> Arc<dyn RunStore> {
     let url = format!("sqlite://{}/nested/state.db", dir.path().display());
-    open_run_store(&url, StoreOptions { migrate: true })
-        .await
-        .unwrap()
+    open_run_store(
+        &url,
+        StoreOptions {
+            migrate: true,
+            read_only: false,
+        },
+    )
+    .await
+    .unwrap()
 }
 
 macro_rules! contract {
@@ -399,7 +405,7 @@ macro_rules! contract {
                     let Some(url) = super::pg::fresh_database().await else { return };
                     let store = retrain_adapters::store::open_run_store(
                         &url,
-                        retrain_adapters::store::StoreOptions { migrate: true },
+                        retrain_adapters::store::StoreOptions { migrate: true, read_only: false },
                     )
                     .await
                     .unwrap();
@@ -466,16 +472,78 @@ async fn postgres_corrupt_snapshot_names_the_run() {
 async fn opening_without_migrate_refuses_a_stale_schema() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}/state.db", dir.path().display());
-    let err = open_run_store(&url, StoreOptions { migrate: false })
-        .await
-        .err()
-        .expect("opening should fail")
-        .to_string();
+    let err = open_run_store(
+        &url,
+        StoreOptions {
+            migrate: false,
+            read_only: false,
+        },
+    )
+    .await
+    .err()
+    .expect("opening should fail")
+    .to_string();
     assert!(err.contains("retrain migrate"), "{err}");
     retrain_adapters::store::migrate(&url).await.unwrap();
-    open_run_store(&url, StoreOptions { migrate: false })
+    open_run_store(
+        &url,
+        StoreOptions {
+            migrate: false,
+            read_only: false,
+        },
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_opening_writes_nothing() {
+    use retrain_adapters::AdapterError;
+    let read_only = StoreOptions {
+        migrate: false,
+        read_only: true,
+    };
+    // A fresh Postgres database: not initialised, and still no table after.
+    if let Some(url) = pg::fresh_database().await {
+        let err = open_run_store(&url, read_only)
+            .await
+            .err()
+            .expect("fresh database");
+        assert!(matches!(err, AdapterError::NotInitialised(_)), "{err}");
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+            .await
+            .unwrap();
+        let tables: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'",
+        )
+        .fetch_one(&mut conn)
         .await
         .unwrap();
+        assert_eq!(tables, 0, "a read-only open created tables");
+        retrain_adapters::store::migrate(&url).await.unwrap();
+        let store = open_run_store(&url, read_only).await.unwrap();
+        let label = retrain_core::domain::Label::new("a").unwrap();
+        let owner = retrain_core::domain::LockOwner("reader".into());
+        assert!(store.cursor(&label).await.is_ok());
+        assert!(
+            store
+                .try_lock(&label, &owner, std::time::Duration::from_secs(5))
+                .await
+                .is_err(),
+            "a read-only store accepted a write"
+        );
+    }
+    // A migrated SQLite file: readable, and the file is not modified.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let url = format!("sqlite://{}", path.display());
+    retrain_adapters::store::migrate(&url).await.unwrap();
+    let before = std::fs::read(&path).unwrap();
+    let store = open_run_store(&url, read_only).await.unwrap();
+    let label = retrain_core::domain::Label::new("a").unwrap();
+    assert!(store.cursor(&label).await.is_ok());
+    drop(store);
+    assert_eq!(std::fs::read(&path).unwrap(), before);
 }
 
 #[tokio::test]
