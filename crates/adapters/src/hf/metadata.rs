@@ -121,7 +121,9 @@ impl HfMetadataStore {
 enum Probe {
     Absent,
     /// The file exists; `marker` is its change marker when the server sent one.
-    Present { marker: Option<String> },
+    Present {
+        marker: Option<String>,
+    },
 }
 
 #[async_trait]
@@ -338,7 +340,10 @@ mod tests {
     #[test]
     fn seed_urls_are_kept_and_name_the_repo() {
         let seed = "https://huggingface.co/datasets/owner/project_department/resolve/main/dataset_metadata.json";
-        assert_eq!(url_of(seed), (seed.into(), Some("owner/project_department".into())));
+        assert_eq!(
+            url_of(seed),
+            (seed.into(), Some("owner/project_department".into()))
+        );
         let pr = "https://huggingface.co/datasets/o/d/resolve/refs%2Fpr%2F1/m.json";
         assert_eq!(url_of(pr), (pr.into(), Some("o/d".into())));
         // Any other URL is fetched as is, without a repo name.

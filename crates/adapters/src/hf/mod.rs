@@ -92,9 +92,8 @@ impl HubSettings {
 
 /// Validate an endpoint: http(s), a host, no credentials, no query.
 pub fn parse_endpoint(raw: &str) -> Result<Url, AdapterError> {
-    let url = Url::parse(raw).map_err(|e| {
-        AdapterError::config("hub.endpoint", format!("{raw:?} is not a URL: {e}"))
-    })?;
+    let url = Url::parse(raw)
+        .map_err(|e| AdapterError::config("hub.endpoint", format!("{raw:?} is not a URL: {e}")))?;
     check_endpoint(&url)?;
     Ok(url)
 }
@@ -248,7 +247,12 @@ impl HubClient {
 
     /// Map a non-success Hub response to a [`PortError`] naming `what` (e.g.
     /// "Space owner/name"); `permission` says which access is likely missing.
-    pub(crate) async fn error(&self, what: &str, permission: &str, response: Response) -> PortError {
+    pub(crate) async fn error(
+        &self,
+        what: &str,
+        permission: &str,
+        response: Response,
+    ) -> PortError {
         let status = response.status();
         let failure = HubFailure::read(response).await;
         let detail = failure.detail();
@@ -289,9 +293,9 @@ impl HubClient {
                     "{what}: HTTP 429{detail}: rate limited by the Hub{reset} (gave up retrying)"
                 ))
             }
-            s if is_retryable_status(s) => PortError::Transient(format!(
-                "{what}: HTTP {status}{detail} (gave up retrying)"
-            )),
+            s if is_retryable_status(s) => {
+                PortError::Transient(format!("{what}: HTTP {status}{detail} (gave up retrying)"))
+            }
             _ => PortError::Failed(format!("{what}: HTTP {status}{detail}")),
         };
         self.scrub_error(error)
@@ -427,7 +431,9 @@ pub fn parse_space(raw: &str) -> Result<RepoId, AdapterError> {
             .map(|s| s.filter(|p| !p.is_empty()).collect())
             .unwrap_or_default();
         match segments.iter().position(|s| *s == "spaces") {
-            Some(i) if segments.len() == i + 3 => format!("{}/{}", segments[i + 1], segments[i + 2]),
+            Some(i) if segments.len() == i + 3 => {
+                format!("{}/{}", segments[i + 1], segments[i + 2])
+            }
             _ => return Err(bad()),
         }
     } else {
@@ -459,7 +465,11 @@ pub(crate) async fn read_limited(
             Err(e) => {
                 return Err(PortError::Transient(format!(
                     "{what}: reading the response body failed: {}",
-                    if e.is_timeout() { "timed out" } else { "connection error" }
+                    if e.is_timeout() {
+                        "timed out"
+                    } else {
+                        "connection error"
+                    }
                 )))
             }
         }
@@ -500,7 +510,10 @@ mod tests {
     fn quoting_matches_python() {
         use percent_encoding::utf8_percent_encode as enc;
         assert_eq!(enc("refs/pr/1", QUOTE_ALL).to_string(), "refs%2Fpr%2F1");
-        assert_eq!(enc("a b/c~d.json", QUOTE_PATH).to_string(), "a%20b/c~d.json");
+        assert_eq!(
+            enc("a b/c~d.json", QUOTE_PATH).to_string(),
+            "a%20b/c~d.json"
+        );
     }
 
     #[test]

@@ -24,9 +24,7 @@ impl Runtime {
     /// optional and ignored, since the Hub adds fields freely.
     pub(crate) fn parse(space: &RepoId, body: &[u8]) -> Result<Self, PortError> {
         let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
-            PortError::InvalidResponse(format!(
-                "Space {space}: runtime response is not JSON: {e}"
-            ))
+            PortError::InvalidResponse(format!("Space {space}: runtime response is not JSON: {e}"))
         })?;
         let raw_stage = match value.get("stage") {
             Some(serde_json::Value::String(s)) if !s.trim().is_empty() => s.trim().to_owned(),
@@ -84,14 +82,21 @@ pub(crate) async fn restart_space(
     // cannot parse does not turn a successful restart into a failure.
     let body = response.bytes().await.unwrap_or_default();
     match Runtime::parse(space, &body) {
-        Ok(runtime) => debug!(space = %space, stage = %runtime.raw_stage, factory_reboot, "Space restarted"),
-        Err(e) => debug!(space = %space, error = %e, "Space restarted; runtime body not understood"),
+        Ok(runtime) => {
+            debug!(space = %space, stage = %runtime.raw_stage, factory_reboot, "Space restarted")
+        }
+        Err(e) => {
+            debug!(space = %space, error = %e, "Space restarted; runtime body not understood")
+        }
     }
     Ok(())
 }
 
 /// `GET /api/spaces/{id}/runtime`.
-pub(crate) async fn fetch_runtime(client: &HubClient, space: &RepoId) -> Result<Runtime, PortError> {
+pub(crate) async fn fetch_runtime(
+    client: &HubClient,
+    space: &RepoId,
+) -> Result<Runtime, PortError> {
     let url = client.url(&format!("/api/spaces/{space}/runtime"))?;
     let what = format!("reading the runtime of Space {space}");
     let response = client.send(&what, Method::GET, &url, None, false).await?;

@@ -161,7 +161,9 @@ impl Trainer for HfSpaceTrainer {
                 }
                 Ok(runtime) => last = Some(runtime),
                 // Transient trouble: keep polling until the deadline.
-                Err(PortError::Transient(e)) => warn!(space = %space, error = %e, "reading the Space runtime failed; polling again"),
+                Err(PortError::Transient(e)) => {
+                    warn!(space = %space, error = %e, "reading the Space runtime failed; polling again")
+                }
                 Err(e) => return Err(e),
             }
             let now = tokio::time::Instant::now();

@@ -204,7 +204,9 @@ impl FakeHub {
         let entry = state.datasets.entry(repo.to_owned()).or_default();
         entry.commit = commit;
         if let Some(metadata) = metadata {
-            entry.files.insert(path.to_owned(), metadata.to_string().into_bytes());
+            entry
+                .files
+                .insert(path.to_owned(), metadata.to_string().into_bytes());
         }
     }
 
@@ -294,11 +296,16 @@ impl FakeHub {
     /// `Retry-After: 0`), to exercise retries.
     pub fn fail_next(&self, count: usize, status: u16) {
         let mut state = lock(&self.state);
-        state.failures.extend(std::iter::repeat(status).take(count));
+        for _ in 0..count {
+            state.failures.push_back(status);
+        }
     }
 
     pub fn restarts(&self, space: &str) -> u64 {
-        lock(&self.state).spaces.get(space).map_or(0, |s| s.restarts)
+        lock(&self.state)
+            .spaces
+            .get(space)
+            .map_or(0, |s| s.restarts)
     }
 
     pub fn factory_restarts(&self, space: &str) -> u64 {

@@ -7,9 +7,7 @@ use retrain_adapters::hf::{
     HfMetadataStore, HfSpaceController, HfSpaceTrainer, HubClient, HubSettings, HANDLE_KIND,
 };
 use retrain_adapters::http::HttpPolicy;
-use retrain_core::domain::{
-    Label, RunId, SpaceStage, TrainingHandle, TrainingOutcome, VersionTag,
-};
+use retrain_core::domain::{Label, RunId, SpaceStage, TrainingHandle, TrainingOutcome, VersionTag};
 use retrain_core::ports::{
     MetadataRead, MetadataStore, PortError, SpaceController, Trainer, TrainingRequest,
 };
@@ -104,7 +102,11 @@ async fn restart_posts_without_factory_by_default() {
         HfSpaceController::new(client(&server), "hf-space://owner/prep", false).unwrap();
     controller.restart().await.unwrap();
     let requests = server.received_requests().await.unwrap();
-    assert_eq!(requests[0].url.query(), None, "no factory=true unless asked");
+    assert_eq!(
+        requests[0].url.query(),
+        None,
+        "no factory=true unless asked"
+    );
     assert_eq!(controller.describe(), "hf-space://owner/prep");
 }
 
@@ -137,7 +139,10 @@ async fn runtime_stages_are_mapped_including_unknown_and_errors() {
         (runtime("APP_STARTING"), SpaceStage::Starting),
         (runtime("PAUSED"), SpaceStage::Paused),
         (runtime("SLEEPING"), SpaceStage::Sleeping),
-        (runtime("SOMETHING_NEW"), SpaceStage::Unknown("SOMETHING_NEW".into())),
+        (
+            runtime("SOMETHING_NEW"),
+            SpaceStage::Unknown("SOMETHING_NEW".into()),
+        ),
         (
             json!({"stage": "BUILD_ERROR", "errorMessage": "pip failed"}),
             SpaceStage::Error("BUILD_ERROR".into()),
@@ -146,7 +151,10 @@ async fn runtime_stages_are_mapped_including_unknown_and_errors() {
             json!({"stage": "RUNTIME_ERROR", "errorMessage": "exit code 1"}),
             SpaceStage::Error("RUNTIME_ERROR".into()),
         ),
-        (json!({"stage": "NO_APP_FILE"}), SpaceStage::Error("NO_APP_FILE".into())),
+        (
+            json!({"stage": "NO_APP_FILE"}),
+            SpaceStage::Error("NO_APP_FILE".into()),
+        ),
     ];
     let controller = HfSpaceController::new(client(&server), "owner/prep", false).unwrap();
     for (body, expected) in cases {
@@ -195,7 +203,8 @@ async fn space_permission_errors_name_the_space_and_permission() {
         server.reset().await;
         Mock::given(method("POST"))
             .respond_with(
-                ResponseTemplate::new(status).set_body_json(json!({"error": "You must be the owner"})),
+                ResponseTemplate::new(status)
+                    .set_body_json(json!({"error": "You must be the owner"})),
             )
             .mount(&server)
             .await;
@@ -280,7 +289,10 @@ async fn rate_limit_429_honours_the_ratelimit_header() {
         .respond_with(
             ResponseTemplate::new(429)
                 .insert_header("ratelimit", "\"resolvers\";r=0;t=0")
-                .insert_header("ratelimit-policy", "\"fixed window\";\"resolvers\";q=5000;w=300"),
+                .insert_header(
+                    "ratelimit-policy",
+                    "\"fixed window\";\"resolvers\";q=5000;w=300",
+                ),
         )
         .up_to_n_times(1)
         .mount(&server)
@@ -323,7 +335,9 @@ async fn trainer_sets_dataset_version_then_restarts() {
     Mock::given(method("POST"))
         .and(path("/api/spaces/owner/train/variables"))
         .and(bearer())
-        .and(body_json(json!({"key": "DATASET_VERSION", "value": "v20251030_115250"})))
+        .and(body_json(
+            json!({"key": "DATASET_VERSION", "value": "v20251030_115250"}),
+        ))
         .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
         .expect(1)
         .mount(&server)
@@ -352,7 +366,10 @@ async fn trainer_sets_dataset_version_then_restarts() {
         .collect();
     assert_eq!(
         paths,
-        ["/api/spaces/owner/train/variables", "/api/spaces/owner/train/restart"],
+        [
+            "/api/spaces/owner/train/variables",
+            "/api/spaces/owner/train/restart"
+        ],
         "the variable must be set before the restart"
     );
     // No wait configured: the Space decides by itself.
@@ -395,13 +412,9 @@ async fn trainer_wait_polls_until_running() {
         .respond_with(ResponseTemplate::new(200).set_body_json(runtime("RUNNING")))
         .mount(&server)
         .await;
-    let trainer = HfSpaceTrainer::new(
-        client(&server),
-        "owner/train",
-        Some(Duration::from_secs(5)),
-    )
-    .unwrap()
-    .with_poll_interval(Duration::from_millis(10));
+    let trainer = HfSpaceTrainer::new(client(&server), "owner/train", Some(Duration::from_secs(5)))
+        .unwrap()
+        .with_poll_interval(Duration::from_millis(10));
     let handle = TrainingHandle {
         kind: HANDLE_KIND.into(),
         data: json!({"space": "owner/train", "dataset_version": "v2"}),
@@ -415,17 +428,15 @@ async fn trainer_wait_polls_until_running() {
 async fn trainer_wait_fails_fast_on_error_stage_with_the_error_message() {
     let server = MockServer::start().await;
     Mock::given(method("GET"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(
-            json!({"stage": "RUNTIME_ERROR", "errorMessage": "CUDA out of memory"}),
-        ))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(
+                json!({"stage": "RUNTIME_ERROR", "errorMessage": "CUDA out of memory"}),
+            ),
+        )
         .mount(&server)
         .await;
-    let trainer = HfSpaceTrainer::new(
-        client(&server),
-        "owner/train",
-        Some(Duration::from_secs(5)),
-    )
-    .unwrap();
+    let trainer =
+        HfSpaceTrainer::new(client(&server), "owner/train", Some(Duration::from_secs(5))).unwrap();
     let handle = TrainingHandle {
         kind: HANDLE_KIND.into(),
         data: json!({"space": "owner/train", "dataset_version": "v2"}),
@@ -497,7 +508,10 @@ async fn mount_metadata(server: &MockServer, commit: &str, etag: &str, body: &[u
 }
 
 fn gets(requests: &[wiremock::Request]) -> usize {
-    requests.iter().filter(|r| r.method.as_str() == "GET").count()
+    requests
+        .iter()
+        .filter(|r| r.method.as_str() == "GET")
+        .count()
 }
 
 #[tokio::test]
@@ -756,7 +770,13 @@ async fn metadata_5xx_then_success() {
         .up_to_n_times(1)
         .mount(&server)
         .await;
-    mount_metadata(&server, "c1", "\"e1\"", metadata_json("v1", 3).to_string().as_bytes()).await;
+    mount_metadata(
+        &server,
+        "c1",
+        "\"e1\"",
+        metadata_json("v1", 3).to_string().as_bytes(),
+    )
+    .await;
     let read = store(&server).read(None).await.unwrap();
     assert!(matches!(read, MetadataRead::Published(_)), "{read:?}");
     assert_eq!(server.received_requests().await.unwrap().len(), 4);
@@ -831,8 +851,7 @@ mod fake {
         ));
         // Unknown repo: an error, not "absent".
         let missing =
-            HfMetadataStore::from_url(hub.client(), &hub.metadata_url("owner/nope", PATH))
-                .unwrap();
+            HfMetadataStore::from_url(hub.client(), &hub.metadata_url("owner/nope", PATH)).unwrap();
         let err = missing.read(None).await.unwrap_err();
         assert!(matches!(err, PortError::NotFound(_)), "{err:?}");
         check_message(&err, "owner/nope");
@@ -843,13 +862,10 @@ mod fake {
         let hub = FakeHub::start().await;
         hub.add_space("owner/train", "PAUSED");
         hub.set_restart_stages("owner/train", &["BUILDING", "APP_STARTING", "RUNNING"]);
-        let trainer = HfSpaceTrainer::new(
-            hub.client(),
-            "owner/train",
-            Some(Duration::from_secs(5)),
-        )
-        .unwrap()
-        .with_poll_interval(Duration::from_millis(5));
+        let trainer =
+            HfSpaceTrainer::new(hub.client(), "owner/train", Some(Duration::from_secs(5)))
+                .unwrap()
+                .with_poll_interval(Duration::from_millis(5));
         let req = request("v7");
         let handle = trainer.start(&req).await.unwrap();
         assert_eq!(hub.variables("owner/train")["DATASET_VERSION"], "v7");
