@@ -231,6 +231,25 @@ async fn space_permission_errors_name_the_space_and_permission() {
 }
 
 #[tokio::test]
+async fn restart_of_a_static_space_fails_with_a_hint() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(400)
+                .set_body_json(json!({"error": "Cannot restart a static space"})),
+        )
+        .mount(&server)
+        .await;
+    let controller = HfSpaceController::new(client(&server), "owner/prep", false).unwrap();
+    let err = controller.restart().await.unwrap_err();
+    assert!(matches!(err, PortError::Failed(_)), "{err:?}");
+    check_message(&err, "owner/prep");
+    check_message(&err, "Cannot restart a static space");
+    check_message(&err, "static Spaces");
+    assert_eq!(server.received_requests().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
 async fn retries_5xx_then_succeeds() {
     let server = MockServer::start().await;
     Mock::given(method("GET"))
