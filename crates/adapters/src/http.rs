@@ -130,12 +130,8 @@ impl RetryingClient {
             }
             let delay = wait.unwrap_or_else(|| self.backoff(attempt));
             match &result {
-                Ok(r) => {
-                    warn!(%what, status = %r.status(), attempt = attempt + 1, delay_ms = delay.as_millis() as u64, "retrying HTTP request")
-                }
-                Err(e) => {
-                    warn!(%what, error = %describe_transport(what, e), attempt = attempt + 1, delay_ms = delay.as_millis() as u64, "retrying HTTP request")
-                }
+                Ok(r) => warn!(%what, status = %r.status(), attempt = attempt + 1, delay_ms = delay.as_millis() as u64, "retrying HTTP request"),
+                Err(e) => warn!(%what, error = %describe_transport(what, e), attempt = attempt + 1, delay_ms = delay.as_millis() as u64, "retrying HTTP request"),
             }
             tokio::time::sleep(delay).await;
             attempt += 1;
@@ -300,10 +296,7 @@ mod tests {
         let url = server.uri();
         let response = client.send("test", |c| c.get(&url)).await.unwrap();
         assert_eq!(response.status(), 200);
-        assert!(
-            started.elapsed() >= Duration::from_millis(900),
-            "Retry-After honoured"
-        );
+        assert!(started.elapsed() >= Duration::from_millis(900), "Retry-After honoured");
         assert_eq!(server.received_requests().await.unwrap().len(), 3);
     }
 
@@ -318,10 +311,7 @@ mod tests {
             .await;
         let client = RetryingClient::new(HttpPolicy::fast_for_tests()).unwrap();
         let url = server.uri();
-        let response = client
-            .send("dataset owner/ds", |c| c.get(&url))
-            .await
-            .unwrap();
+        let response = client.send("dataset owner/ds", |c| c.get(&url)).await.unwrap();
         let err = error_for_status("dataset owner/ds", "needs read", response).await;
         assert!(matches!(err, PortError::NotFound(_)));
         assert!(err.to_string().contains("dataset owner/ds"));
@@ -335,9 +325,7 @@ mod tests {
         use wiremock::{Mock, MockServer, ResponseTemplate};
         let server = MockServer::start().await;
         Mock::given(method("GET"))
-            .respond_with(
-                ResponseTemplate::new(429).insert_header("ratelimit", "\"api\";r=0;t=3600"),
-            )
+            .respond_with(ResponseTemplate::new(429).insert_header("ratelimit", "\"api\";r=0;t=3600"))
             .mount(&server)
             .await;
         let client = RetryingClient::new(HttpPolicy::fast_for_tests()).unwrap();

@@ -137,7 +137,8 @@ impl FeedbackCounts {
         } else {
             wanted as u64
         };
-        self.misclassified.saturating_add(self.correct.min(wanted))
+        self.misclassified
+            .saturating_add(self.correct.min(wanted))
     }
 }
 
@@ -422,9 +423,7 @@ pub struct TrainingHandle {
 pub enum TrainingOutcome {
     Finished(Candidate),
     /// The job is gone without a result (e.g. the host rebooted).
-    Lost {
-        reason: String,
-    },
+    Lost { reason: String },
 }
 
 /// An EC2 (or other) lease around a trainer. Written to the `RunStore` before

@@ -154,9 +154,7 @@ impl std::fmt::Debug for Engine {
 /// Per-cycle shared work: one count query per watermark, one restart per prepare job.
 #[derive(Default)]
 struct CycleShared {
-    counts: Mutex<
-        HashMap<DateTime<Utc>, Arc<OnceCell<Result<BTreeMap<Label, FeedbackCounts>, PortError>>>>,
-    >,
+    counts: Mutex<HashMap<DateTime<Utc>, Arc<OnceCell<Result<BTreeMap<Label, FeedbackCounts>, PortError>>>>>,
     prepares: Mutex<HashMap<String, Arc<OnceCell<Result<(), PortError>>>>>,
 }
 
@@ -315,7 +313,9 @@ impl Engine {
                     let mut plan = binding.plan.clone();
                     plan.dry_run = true;
                     let run = LabelRun::new(RunId::generate(), cycle_id.clone(), plan, cursor);
-                    let run = self.drive(binding, run, None, shared, cancel).await;
+                    let run = self
+                        .drive(binding, run, None, shared, cancel)
+                        .await;
                     LabelReport::from_run(&run, false)
                 }
                 Err(e) => LabelReport::failed_before_run(label.clone(), threshold, e.to_string()),
@@ -323,11 +323,7 @@ impl Engine {
         }
 
         let owner = &self.settings.owner;
-        match self
-            .store
-            .try_lock(label, owner, self.settings.lock_ttl)
-            .await
-        {
+        match self.store.try_lock(label, owner, self.settings.lock_ttl).await {
             Ok(LockOutcome::Acquired) => {}
             Ok(LockOutcome::Busy { owner, expires_at }) => {
                 info!(%owner, %expires_at, "label is busy: another orchestrator holds its lock");
@@ -526,11 +522,7 @@ impl Engine {
         }
     }
 
-    async fn release_lease(
-        &self,
-        provider: &dyn LeaseProvider,
-        lease: &Lease,
-    ) -> Result<(), String> {
+    async fn release_lease(&self, provider: &dyn LeaseProvider, lease: &Lease) -> Result<(), String> {
         provider.release(lease).await.map_err(|e| e.to_string())?;
         let mut released = lease.clone();
         released.released_at = Some(self.clock.now());
@@ -557,17 +549,11 @@ impl Engine {
         cancel: &CancellationToken,
         persist: bool,
     ) -> Executed {
-        debug_assert!(
-            !(run.plan.dry_run
-                && action.is_side_effect()
-                && !matches!(action, Action::Commit { .. }))
-        );
+        debug_assert!(!(run.plan.dry_run && action.is_side_effect() && !matches!(action, Action::Commit { .. })));
         match action {
             Action::ReadCounts { since } => {
                 let Some(source) = &self.counts else {
-                    return Self::failed(
-                        "no [counts] source is configured for a counts-triggered label",
-                    );
+                    return Self::failed("no [counts] source is configured for a counts-triggered label");
                 };
                 let cell = shared.counts_cell(since);
                 let result = cell
@@ -625,10 +611,7 @@ impl Engine {
             Action::Poll {
                 delay_ms,
                 check_prepare,
-            } => {
-                self.poll(binding, run, delay_ms, check_prepare, cancel)
-                    .await
-            }
+            } => self.poll(binding, run, delay_ms, check_prepare, cancel).await,
             Action::AcquireLease { .. } => {
                 let Some(provider) = &binding.lease else {
                     return Self::failed("label is leased but no lease provider is configured");
@@ -874,7 +857,8 @@ impl Engine {
             if !(force || expired || orphaned) {
                 continue;
             }
-            let Some(provider) = self.labels.get(&lease.label).and_then(|b| b.lease.clone()) else {
+            let Some(provider) = self.labels.get(&lease.label).and_then(|b| b.lease.clone())
+            else {
                 warn!(lease = %lease.id, label = %lease.label, "cannot reap: label has no lease provider configured");
                 continue;
             };
@@ -914,8 +898,11 @@ impl Engine {
             .candidate_metrics(candidate_id.to_owned(), None)
             .await?;
         let production = registry.production(None).await?;
-        let mut verdict =
-            crate::gate::evaluate(&policy, &metrics, production.as_ref().map(|p| &p.metrics));
+        let mut verdict = crate::gate::evaluate(
+            &policy,
+            &metrics,
+            production.as_ref().map(|p| &p.metrics),
+        );
         if force {
             verdict = verdict.forced();
         }

@@ -235,10 +235,7 @@ fn compare(rule: &MetricRule, candidate: Option<f64>, baseline: Option<&Metrics>
             needed.push("strictly better (baseline is 0, relative rule undefined)".into());
         } else {
             ok &= improvement >= min_relative * base.abs();
-            needed.push(format!(
-                "improvement >= {:.4}% of baseline",
-                min_relative * 100.0
-            ));
+            needed.push(format!("improvement >= {:.4}% of baseline", min_relative * 100.0));
         }
     }
     comparison.passed = ok;
@@ -277,10 +274,7 @@ pub fn evaluate(policy: &GatePolicy, candidate: &Metrics, baseline: Option<&Metr
             "rejected: no production model and first_model = \"fail\"".to_string(),
         )
     } else if first_model {
-        (
-            true,
-            "passed: first model (no production model to compare with)".to_string(),
-        )
+        (true, "passed: first model (no production model to compare with)".to_string())
     } else {
         let passing = comparisons.iter().filter(|c| c.passed).count();
         let ok = match policy.require {
@@ -445,22 +439,8 @@ mod tests {
             ..GatePolicy::seed_default()
         };
         let prod = metrics(&[("dice", 0.8), ("iou", 0.7)]);
-        assert!(
-            evaluate(
-                &policy,
-                &metrics(&[("dice", 0.81), ("iou", 0.6)]),
-                Some(&prod)
-            )
-            .passed
-        );
-        assert!(
-            !evaluate(
-                &policy,
-                &metrics(&[("dice", 0.8), ("iou", 0.6)]),
-                Some(&prod)
-            )
-            .passed
-        );
+        assert!(evaluate(&policy, &metrics(&[("dice", 0.81), ("iou", 0.6)]), Some(&prod)).passed);
+        assert!(!evaluate(&policy, &metrics(&[("dice", 0.8), ("iou", 0.6)]), Some(&prod)).passed);
     }
 
     #[test]
@@ -472,23 +452,11 @@ mod tests {
         let prod = metrics(&[("dice", 0.8), ("iou", 0.7)]);
         let missing = evaluate(&policy, &metrics(&[("dice", 0.99)]), Some(&prod));
         assert!(!missing.passed);
-        assert!(
-            missing.reason.contains("candidate has no metric `iou`"),
-            "{}",
-            missing.reason
-        );
+        assert!(missing.reason.contains("candidate has no metric `iou`"), "{}", missing.reason);
 
-        let nan = evaluate(
-            &policy,
-            &metrics(&[("dice", 0.99), ("iou", f64::NAN)]),
-            Some(&prod),
-        );
+        let nan = evaluate(&policy, &metrics(&[("dice", 0.99), ("iou", f64::NAN)]), Some(&prod));
         assert!(!nan.passed);
-        assert!(
-            nan.reason.contains("`iou` is not a finite number"),
-            "{}",
-            nan.reason
-        );
+        assert!(nan.reason.contains("`iou` is not a finite number"), "{}", nan.reason);
 
         let prod_missing = evaluate(
             &policy,
@@ -496,9 +464,7 @@ mod tests {
             Some(&metrics(&[("dice", 0.8)])),
         );
         assert!(!prod_missing.passed);
-        assert!(prod_missing
-            .reason
-            .contains("production model has no metric `iou`"));
+        assert!(prod_missing.reason.contains("production model has no metric `iou`"));
 
         let prod_nan = evaluate(
             &policy,
@@ -533,11 +499,7 @@ mod tests {
         assert!(!verdict.passed);
         let forced = verdict.forced();
         assert!(forced.passed && forced.forced);
-        assert!(
-            forced.reason.starts_with("forced pass"),
-            "{}",
-            forced.reason
-        );
+        assert!(forced.reason.starts_with("forced pass"), "{}", forced.reason);
     }
 
     #[test]
@@ -556,9 +518,6 @@ mod tests {
             }],
             ..GatePolicy::seed_default()
         };
-        assert!(inverted
-            .validate()
-            .unwrap_err()
-            .contains("greater than max"));
+        assert!(inverted.validate().unwrap_err().contains("greater than max"));
     }
 }

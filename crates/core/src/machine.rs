@@ -138,33 +138,16 @@ impl std::fmt::Display for Stage {
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum Outcome {
     /// Below threshold (or no new version, for metadata-triggered labels).
-    Skipped {
-        measured: u64,
-        threshold: u64,
-        reason: String,
-    },
+    Skipped { measured: u64, threshold: u64, reason: String },
     /// Dry-run: what a real run would do next.
-    Planned {
-        measured: u64,
-        threshold: u64,
-        would: String,
-    },
+    Planned { measured: u64, threshold: u64, would: String },
     /// Trained without a gate (`gate = "none"`).
-    Trained {
-        candidate: Option<String>,
-    },
-    Promoted {
-        version: String,
-    },
+    Trained { candidate: Option<String> },
+    Promoted { version: String },
     /// Gate passed but promotion is disabled.
     Passed,
-    Rejected {
-        reason: String,
-    },
-    Failed {
-        stage: Stage,
-        reason: String,
-    },
+    Rejected { reason: String },
+    Failed { stage: Stage, reason: String },
 }
 
 impl Outcome {
@@ -189,52 +172,28 @@ impl Outcome {
 #[serde(rename_all = "snake_case", tag = "event")]
 pub enum Event {
     /// The engine holds the lock and starts (or resumes) the run.
-    Started {
-        now: DateTime<Utc>,
-    },
-    CountsRead {
-        counts: FeedbackCounts,
-    },
+    Started { now: DateTime<Utc> },
+    CountsRead { counts: FeedbackCounts },
     /// The currently published dataset (read-only).
-    PublishedRead {
-        current: Option<DatasetVersion>,
-    },
-    PrepareRestarted {
-        now: DateTime<Utc>,
-    },
+    PublishedRead { current: Option<DatasetVersion> },
+    PrepareRestarted { now: DateTime<Utc> },
     /// One poll of the metadata (and of the prepare job's stage).
     Polled {
         now: DateTime<Utc>,
         dataset: Option<DatasetVersion>,
         prepare_stage: Option<SpaceStage>,
     },
-    LeaseAcquired {
-        lease: Lease,
-    },
-    TrainingStarted {
-        handle: TrainingHandle,
-    },
-    TrainingFinished {
-        candidate: Candidate,
-    },
-    TrainingLost {
-        reason: String,
-    },
-    BaselineRead {
-        production: Option<ProductionModel>,
-    },
-    Promoted {
-        version: PromotedVersion,
-    },
+    LeaseAcquired { lease: Lease },
+    TrainingStarted { handle: TrainingHandle },
+    TrainingFinished { candidate: Candidate },
+    TrainingLost { reason: String },
+    BaselineRead { production: Option<ProductionModel> },
+    Promoted { version: PromotedVersion },
     LeaseReleased,
-    Notified {
-        error: Option<String>,
-    },
+    Notified { error: Option<String> },
     Committed,
     /// An action failed; the run fails (releasing any lease first).
-    ActionFailed {
-        reason: String,
-    },
+    ActionFailed { reason: String },
 }
 
 /// Outputs of the machine, executed by the engine.
@@ -242,44 +201,23 @@ pub enum Event {
 #[serde(rename_all = "snake_case", tag = "action")]
 pub enum Action {
     /// Read feedback counts since the watermark (batched across labels).
-    ReadCounts {
-        since: DateTime<Utc>,
-    },
+    ReadCounts { since: DateTime<Utc> },
     /// Read the published metadata (read-only).
     ReadPublished,
     /// Restart the prepare job `key` (once per cycle for shared jobs).
-    RestartPrepare {
-        key: String,
-    },
+    RestartPrepare { key: String },
     /// Wait `delay_ms` (plus jitter), then read the metadata and, if
     /// `check_prepare`, the prepare job's stage.
-    Poll {
-        delay_ms: u64,
-        check_prepare: bool,
-    },
-    AcquireLease {
-        attempt: u32,
-    },
-    StartTraining {
-        attempt: u32,
-        version: VersionTag,
-    },
-    AwaitTraining {
-        attempt: u32,
-        handle: TrainingHandle,
-    },
+    Poll { delay_ms: u64, check_prepare: bool },
+    AcquireLease { attempt: u32 },
+    StartTraining { attempt: u32, version: VersionTag },
+    AwaitTraining { attempt: u32, handle: TrainingHandle },
     ReadBaseline,
-    Promote {
-        candidate: Candidate,
-    },
-    ReleaseLease {
-        lease: Lease,
-    },
+    Promote { candidate: Candidate },
+    ReleaseLease { lease: Lease },
     Notify,
     /// Persist the final state and, if given, advance the label's cursor.
-    Commit {
-        cursor: Option<LabelCursor>,
-    },
+    Commit { cursor: Option<LabelCursor> },
 }
 
 impl Action {
@@ -883,12 +821,7 @@ mod tests {
     }
 
     fn run(plan: LabelPlan) -> LabelRun {
-        LabelRun::new(
-            RunId::generate(),
-            CycleId::generate(),
-            plan,
-            LabelCursor::default(),
-        )
+        LabelRun::new(RunId::generate(), CycleId::generate(), plan, LabelCursor::default())
     }
 
     #[test]

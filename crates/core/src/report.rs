@@ -4,9 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{
-    Candidate, CycleId, FeedbackCounts, Label, PromotedVersion, RunId, VersionTag,
-};
+use crate::domain::{Candidate, CycleId, FeedbackCounts, Label, PromotedVersion, RunId, VersionTag};
 use crate::gate::Verdict;
 use crate::machine::{LabelRun, Outcome, Stage};
 
@@ -156,9 +154,7 @@ impl CycleReport {
         self.labels.iter().any(|l| l.status == LabelStatus::Failed)
     }
     pub fn any_rejected(&self) -> bool {
-        self.labels
-            .iter()
-            .any(|l| l.status == LabelStatus::Rejected)
+        self.labels.iter().any(|l| l.status == LabelStatus::Rejected)
     }
 }
 
@@ -218,18 +214,14 @@ impl LabelReport {
                 verdict.reason,
                 if verdict.forced { " (forced)" } else { "" }
             ));
-            out.push_str(
-                "| metric | candidate | production | delta | pass |\n|---|---|---|---|---|\n",
-            );
+            out.push_str("| metric | candidate | production | delta | pass |\n|---|---|---|---|---|\n");
             for c in &verdict.comparisons {
                 out.push_str(&format!(
                     "| {} | {} | {} | {} | {} |\n",
                     c.metric,
                     fmt_metric(c.candidate),
                     fmt_metric(c.baseline),
-                    c.delta
-                        .map(|d| format!("{d:+.4}"))
-                        .unwrap_or_else(|| "—".into()),
+                    c.delta.map(|d| format!("{d:+.4}")).unwrap_or_else(|| "—".into()),
                     if c.passed { "✅" } else { "❌" }
                 ));
             }

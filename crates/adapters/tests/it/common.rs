@@ -10,9 +10,7 @@ pub fn service_url(var: &str) -> Option<String> {
         Ok(v) if !v.trim().is_empty() => Some(v),
         _ => {
             if std::env::var("CI").map(|v| v == "true").unwrap_or(false) {
-                panic!(
-                    "{var} is not set but CI=true: .ci/run must start the service and export {var}"
-                );
+                panic!("{var} is not set but CI=true: .ci/run must start the service and export {var}");
             }
             eprintln!("skipped: {var} is not set (run scripts/test.sh to start the service)");
             None
