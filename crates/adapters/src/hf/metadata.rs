@@ -263,6 +263,10 @@ fn parse_hf_url(client: &HubClient, rest: &str) -> Result<(Url, Option<RepoId>),
             .map_err(|_| bad_hf_url(rest, "revision is not valid UTF-8"))?
             .into_owned(),
     };
+    if revision == "." || revision == ".." {
+        // Would be normalised away by URL parsing and escape the repo.
+        return Err(bad_hf_url(rest, "invalid revision"));
+    }
     let path_segments = segments.get(path_from..).unwrap_or_default();
     if path_segments.is_empty()
         || path_segments
@@ -296,6 +300,7 @@ fn resolve_url_repo(url: &Url) -> Option<RepoId> {
 mod tests {
     use super::*;
     use crate::hf::HubSettings;
+    use proptest::{prop_assert_eq, prop_assume};
 
     fn client() -> HubClient {
         HubClient::new(HubSettings::default()).unwrap()
@@ -360,6 +365,9 @@ mod tests {
             "hf://datasets/o/d@/x.json",
             "hf://datasets/o/d@refs/pr",
             "hf://datasets/o/d/../x.json",
+            "hf://datasets/o/d@../x.json",
+            "hf://datasets/o/d@./x.json",
+            "hf://datasets/o/d@%2E%2E/x.json",
             "s3://bucket/x.json",
             "owner/ds",
         ] {
@@ -372,6 +380,32 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!err.contains("hf_pw"), "{err}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_address_parses_or_errors_without_panicking(raw in "\\PC{0,80}") {
+            let _ = HfMetadataStore::from_url(client(), &raw);
+            let _ = HfMetadataStore::from_url(client(), &format!("hf://datasets/{raw}"));
+            let _ = crate::hf::parse_space(&raw);
+        }
+
+        #[test]
+        fn revisions_round_trip_through_the_resolve_url(
+            rev in "[A-Za-z0-9._/ -]{1,20}",
+            file in "[a-z0-9_]{1,12}\\.json",
+        ) {
+            prop_assume!(!rev.starts_with("refs/") && rev != "." && rev != "..");
+            let encoded = utf8_percent_encode(&rev, QUOTE_ALL).to_string();
+            let store = HfMetadataStore::from_url(
+                client(),
+                &format!("hf://datasets/o/d@{encoded}/{file}"),
+            ).unwrap();
+            let segments: Vec<&str> = store.url().path_segments().unwrap().collect();
+            prop_assert_eq!(segments.len(), 6);
+            prop_assert_eq!(percent_decode_str(segments[4]).decode_utf8().unwrap(), rev.as_str());
+            prop_assert_eq!(segments[5], file.as_str());
+        }
     }
 
     #[test]

@@ -73,6 +73,16 @@ pub(crate) async fn restart_space(
     }
     let what = format!("restarting Space {space}");
     let response = client.send(&what, Method::POST, &url, None, false).await?;
+    if response.status() == reqwest::StatusCode::BAD_REQUEST {
+        // The documented 400 of restart: a static Space has nothing to restart.
+        let error = client
+            .error(&what, &restart_permission(space), response)
+            .await;
+        return Err(PortError::Failed(format!(
+            "{} (static Spaces cannot be restarted; the prepare/retrain job must be a Gradio, Streamlit or Docker Space)",
+            error.message()
+        )));
+    }
     if !response.status().is_success() {
         return Err(client
             .error(&what, &restart_permission(space), response)

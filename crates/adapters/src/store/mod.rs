@@ -176,10 +176,12 @@ where
     let applied = match conn.list_applied_migrations().await {
         Ok(applied) => applied,
         // Read-only on a database nobody migrated: no migrations table.
-        Err(_) if options.read_only => return Err(AdapterError::NotInitialised(format!(
+        Err(_) if options.read_only => {
+            return Err(AdapterError::NotInitialised(format!(
             "{KEY}: {} has no retrain schema yet (run `retrain migrate` or a first `retrain run`)",
             url.redacted()
-        ))),
+        )))
+        }
         Err(e) => {
             return Err(AdapterError::Unavailable(format!(
                 "{KEY}: {}: {}",

@@ -74,6 +74,22 @@ struct Space {
     on_restart: Vec<Publication>,
 }
 
+impl Space {
+    fn new(stage: &str) -> Self {
+        Self {
+            stage: stage.to_owned(),
+            error_message: None,
+            restart_stages: vec!["RUNNING".to_owned()],
+            queued: VecDeque::new(),
+            variables: BTreeMap::new(),
+            variable_history: Vec::new(),
+            restarts: 0,
+            factory_restarts: 0,
+            on_restart: Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Dataset {
     commit: String,
@@ -95,6 +111,14 @@ struct State {
 }
 
 impl State {
+    /// The Space `repo`, created `RUNNING` if unknown: configuring a Space
+    /// the test forgot to add must not be silently ignored.
+    fn space_mut(&mut self, repo: &str) -> &mut Space {
+        self.spaces
+            .entry(repo.to_owned())
+            .or_insert_with(|| Space::new("RUNNING"))
+    }
+
     fn next_commit(&mut self) -> String {
         self.commits += 1;
         // Shaped like a git sha so adapters see realistic markers.
@@ -223,48 +247,31 @@ impl FakeHub {
     /// Create Space `repo` in `stage`. A restart then moves it to `RUNNING`
     /// unless [`FakeHub::set_restart_stages`] says otherwise.
     pub fn add_space(&self, repo: &str, stage: &str) {
-        lock(&self.state).spaces.insert(
-            repo.to_owned(),
-            Space {
-                stage: stage.to_owned(),
-                error_message: None,
-                restart_stages: vec!["RUNNING".to_owned()],
-                queued: VecDeque::new(),
-                variables: BTreeMap::new(),
-                variable_history: Vec::new(),
-                restarts: 0,
-                factory_restarts: 0,
-                on_restart: Vec::new(),
-            },
-        );
+        lock(&self.state)
+            .spaces
+            .insert(repo.to_owned(), Space::new(stage));
     }
 
-    /// Set the current stage (the Space is created if unknown).
+    /// Set the current stage. The setters below create an unknown Space
+    /// (`RUNNING`) rather than ignore it.
     pub fn set_stage(&self, space: &str, stage: &str) {
-        if !lock(&self.state).spaces.contains_key(space) {
-            self.add_space(space, stage);
-        }
         let mut state = lock(&self.state);
-        if let Some(s) = state.spaces.get_mut(space) {
-            s.stage = stage.to_owned();
-            s.queued.clear();
-        }
+        let s = state.space_mut(space);
+        s.stage = stage.to_owned();
+        s.queued.clear();
     }
 
     /// The `errorMessage` reported on error stages.
     pub fn set_error_message(&self, space: &str, message: &str) {
-        if let Some(s) = lock(&self.state).spaces.get_mut(space) {
-            s.error_message = Some(message.to_owned());
-        }
+        lock(&self.state).space_mut(space).error_message = Some(message.to_owned());
     }
 
     /// The stages a restart goes through, one per runtime read, the last one
     /// sticking (default `["RUNNING"]`). E.g. `["BUILDING", "BUILD_ERROR"]`
     /// makes a prepare Space fail after a restart.
     pub fn set_restart_stages(&self, space: &str, stages: &[&str]) {
-        if let Some(s) = lock(&self.state).spaces.get_mut(space) {
-            s.restart_stages = stages.iter().map(|s| (*s).to_owned()).collect();
-        }
+        lock(&self.state).space_mut(space).restart_stages =
+            stages.iter().map(|s| (*s).to_owned()).collect();
     }
 
     /// Every restart of `space` publishes `metadata` at `dataset`/`path`
@@ -280,16 +287,15 @@ impl FakeHub {
     ) {
         let mut state = lock(&self.state);
         state.datasets.entry(dataset.to_owned()).or_default();
-        if let Some(s) = state.spaces.get_mut(space) {
-            s.on_restart
-                .retain(|p| !(p.dataset == dataset && p.path == path));
-            s.on_restart.push(Publication {
-                dataset: dataset.to_owned(),
-                path: path.to_owned(),
-                content: metadata.to_string().into_bytes(),
-                delay,
-            });
-        }
+        let s = state.space_mut(space);
+        s.on_restart
+            .retain(|p| !(p.dataset == dataset && p.path == path));
+        s.on_restart.push(Publication {
+            dataset: dataset.to_owned(),
+            path: path.to_owned(),
+            content: metadata.to_string().into_bytes(),
+            delay,
+        });
     }
 
     /// The next `count` requests (any route) answer `status` (429s carry

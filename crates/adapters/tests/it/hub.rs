@@ -231,6 +231,46 @@ async fn space_permission_errors_name_the_space_and_permission() {
 }
 
 #[tokio::test]
+async fn restart_of_a_static_space_fails_with_a_hint() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(400)
+                .set_body_json(json!({"error": "Cannot restart a static space"})),
+        )
+        .mount(&server)
+        .await;
+    let controller = HfSpaceController::new(client(&server), "owner/prep", false).unwrap();
+    let err = controller.restart().await.unwrap_err();
+    assert!(matches!(err, PortError::Failed(_)), "{err:?}");
+    check_message(&err, "owner/prep");
+    check_message(&err, "Cannot restart a static space");
+    check_message(&err, "static Spaces");
+    assert_eq!(server.received_requests().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_server_echoing_the_token_cannot_leak_it_into_errors() {
+    let server = MockServer::start().await;
+    let echo = format!("bad header: Bearer {TOKEN}");
+    let controller = HfSpaceController::new(client(&server), "owner/prep", false).unwrap();
+    for status in [400, 401, 403, 404, 409, 503] {
+        server.reset().await;
+        Mock::given(method("POST"))
+            .respond_with(
+                ResponseTemplate::new(status)
+                    .insert_header("x-error-message", echo.as_str())
+                    .set_body_string(echo.clone()),
+            )
+            .mount(&server)
+            .await;
+        let err = controller.restart().await.unwrap_err();
+        check_message(&err, "owner/prep");
+        assert!(err.to_string().contains("Bearer ***"), "{err}");
+    }
+}
+
+#[tokio::test]
 async fn retries_5xx_then_succeeds() {
     let server = MockServer::start().await;
     Mock::given(method("GET"))
