@@ -156,7 +156,10 @@ fn main() {
         .unwrap();
     runtime.block_on(async move {
         let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("state.db").display());
+        // RETRAIN_BENCH_STATE overrides the store (e.g. a Postgres URL, or
+        // `sqlite::memory:` to separate engine cost from storage cost).
+        let url = std::env::var("RETRAIN_BENCH_STATE")
+            .unwrap_or_else(|_| format!("sqlite://{}", dir.path().join("state.db").display()));
         let store = open_run_store(
             &url,
             StoreOptions {

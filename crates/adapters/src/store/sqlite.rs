@@ -23,7 +23,23 @@ use crate::AdapterError;
 pub struct SqliteRunStore {
     pool: SqlitePool,
     url: DbUrl,
+    /// Journal writes go through one writer task that commits whatever is
+    /// queued in a single transaction (group commit). Each caller still
+    /// awaits its own acknowledgement, so "persisted before acting" holds;
+    /// labels running concurrently share commits instead of each paying a
+    /// transaction (and SQLite's single-writer lock) of its own.
+    journal: tokio::sync::mpsc::UnboundedSender<JournalWrite>,
 }
+
+/// One queued journal write and where to send its outcome.
+struct JournalWrite {
+    transition: Transition,
+    cursor: Option<LabelCursor>,
+    done: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// Most writes committed in one transaction.
+const GROUP_COMMIT_MAX: usize = 256;
 
 impl std::fmt::Debug for SqliteRunStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -49,7 +65,9 @@ impl SqliteRunStore {
     pub(crate) async fn open(url: DbUrl, options: StoreOptions) -> Result<Self, AdapterError> {
         let pool = url.sqlite_pool(super::KEY, options.read_only).await?;
         prepare_schema(SQLITE_MIGRATIONS, &url, options, &pool).await?;
-        Ok(Self { pool, url })
+        let (journal, queue) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(journal_writer(pool.clone(), url.clone(), queue));
+        Ok(Self { pool, url, journal })
     }
 
     /// Close every connection (SQLite checkpoints its WAL on the last close).
@@ -62,17 +80,88 @@ impl SqliteRunStore {
         move |e| store_error(&self.url, &what, e)
     }
 
-    /// Journal line + snapshot (+ cursor) in one transaction.
+    /// Queue a journal write and wait until it is committed.
     async fn write(
         &self,
         transition: &Transition,
         cursor: Option<&LabelCursor>,
     ) -> Result<(), StoreError> {
-        let row = RunRow::of(transition)?;
-        let what = format!("journaling run {} seq {}", row.run_id, row.seq);
-        let mut tx = self.pool.begin().await.map_err(self.err(&what))?;
-        let at = ts(transition.at);
-        sqlx::query(
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        let write = JournalWrite {
+            transition: transition.clone(),
+            cursor: cursor.cloned(),
+            done,
+        };
+        let closed = || StoreError::Unavailable("the run store's journal writer stopped".into());
+        self.journal.send(write).map_err(|_| closed())?;
+        outcome.await.map_err(|_| closed())?
+    }
+}
+
+/// Commit queued journal writes in batches until every sender is gone.
+async fn journal_writer(
+    pool: SqlitePool,
+    url: DbUrl,
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<JournalWrite>,
+) {
+    while let Some(first) = queue.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < GROUP_COMMIT_MAX {
+            match queue.try_recv() {
+                Ok(write) => batch.push(write),
+                Err(_) => break,
+            }
+        }
+        match commit_batch(&pool, &url, &batch).await {
+            Ok(()) => {
+                for write in batch {
+                    let _ = write.done.send(Ok(()));
+                }
+            }
+            // One bad write must not fail the others: retry them one by one.
+            Err(_) if batch.len() > 1 => {
+                for write in batch {
+                    let result = commit_batch(&pool, &url, std::slice::from_ref(&write)).await;
+                    let _ = write.done.send(result);
+                }
+            }
+            Err(error) => {
+                for write in batch {
+                    let _ = write.done.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+}
+
+async fn commit_batch(
+    pool: &SqlitePool,
+    url: &DbUrl,
+    batch: &[JournalWrite],
+) -> Result<(), StoreError> {
+    let err = |what: &str| {
+        let what = what.to_owned();
+        move |e| store_error(url, &what, e)
+    };
+    let mut tx = pool.begin().await.map_err(err("journaling"))?;
+    for write in batch {
+        write_one(&mut tx, url, &write.transition, write.cursor.as_ref()).await?;
+    }
+    tx.commit().await.map_err(err("committing the journal"))
+}
+
+/// Journal line + snapshot (+ cursor) inside `tx`.
+async fn write_one(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    url: &DbUrl,
+    transition: &Transition,
+    cursor: Option<&LabelCursor>,
+) -> Result<(), StoreError> {
+    let row = RunRow::of(transition)?;
+    let what = format!("journaling run {} seq {}", row.run_id, row.seq);
+    let err = |e| store_error(url, &what, e);
+    let at = ts(transition.at);
+    sqlx::query(
             "INSERT INTO runs (run_id, cycle_id, label, stage, outcome, done, started_at, updated_at, snapshot)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
              ON CONFLICT (run_id) DO UPDATE SET
@@ -88,29 +177,29 @@ impl SqliteRunStore {
         .bind(ts(row.started_at))
         .bind(&at)
         .bind(row.snapshot.to_string())
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await
-        .map_err(self.err(&what))?;
-        sqlx::query(
-            "INSERT INTO transitions (run_id, seq, at, from_stage, to_stage, event, actions)
+        .map_err(err)?;
+    sqlx::query(
+        "INSERT INTO transitions (run_id, seq, at, from_stage, to_stage, event, actions)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )
-        .bind(row.run_id)
-        .bind(row.seq)
-        .bind(&at)
-        .bind(transition.from.as_str())
-        .bind(transition.to.as_str())
-        .bind(row.event.to_string())
-        .bind(row.actions.to_string())
-        .execute(&mut *tx)
-        .await
-        .map_err(self.err(&what))?;
-        if let Some(cursor) = cursor {
-            let samples = cursor
-                .consumed_num_samples
-                .map(|n| u64_to_i64(n, "consumed_num_samples"))
-                .transpose()?;
-            sqlx::query(
+    )
+    .bind(row.run_id)
+    .bind(row.seq)
+    .bind(&at)
+    .bind(transition.from.as_str())
+    .bind(transition.to.as_str())
+    .bind(row.event.to_string())
+    .bind(row.actions.to_string())
+    .execute(&mut **tx)
+    .await
+    .map_err(err)?;
+    if let Some(cursor) = cursor {
+        let samples = cursor
+            .consumed_num_samples
+            .map(|n| u64_to_i64(n, "consumed_num_samples"))
+            .transpose()?;
+        sqlx::query(
                 "INSERT INTO cursors (label, watermark, consumed_version, consumed_num_samples, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (label) DO UPDATE SET
@@ -122,13 +211,14 @@ impl SqliteRunStore {
             .bind(cursor.consumed_version.as_ref().map(VersionTag::as_str))
             .bind(samples)
             .bind(&at)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await
-            .map_err(self.err(&what))?;
-        }
-        tx.commit().await.map_err(self.err(&what))
+            .map_err(err)?;
     }
+    Ok(())
+}
 
+impl SqliteRunStore {
     fn summary_of(row: &SqliteRow) -> Result<RunSummary, StoreError> {
         let run_id: String = row.try_get("run_id").map_err(corrupt)?;
         let started: String = row.try_get("started_at").map_err(corrupt)?;
