@@ -175,16 +175,27 @@ impl DbUrl {
                 return Err(AdapterError::config(key, "not a SQLite URL"));
             }
         };
-        pool.acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(options)
-            .await
-            .map_err(|e| {
-                AdapterError::Unavailable(format!(
-                    "{key}: cannot open SQLite database {}: {}",
-                    self.redacted(),
-                    self.scrub(e)
-                ))
-            })
+        let pool = pool.acquire_timeout(ACQUIRE_TIMEOUT);
+        // Switching a fresh file to WAL takes a write lock that SQLite's busy
+        // handler does not cover, so two processes opening the same new file
+        // can see "database is locked": retry that, briefly.
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            match pool.clone().connect_with(options.clone()).await {
+                Ok(pool) => return Ok(pool),
+                Err(e) if attempt < 20 && is_sqlite_busy(&e) => {
+                    tokio::time::sleep(Duration::from_millis(25 * u64::from(attempt))).await;
+                }
+                Err(e) => {
+                    return Err(AdapterError::Unavailable(format!(
+                        "{key}: cannot open SQLite database {}: {}",
+                        self.redacted(),
+                        self.scrub(e)
+                    )))
+                }
+            }
+        }
     }
 
     /// A Postgres pool, connected eagerly so a bad URL fails at startup.
@@ -241,6 +252,14 @@ impl DbUrl {
                     self.scrub(e)
                 ))
             })
+    }
+}
+
+/// SQLITE_BUSY / SQLITE_LOCKED: another connection holds the lock.
+fn is_sqlite_busy(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) => matches!(db.code().as_deref(), Some("5" | "6" | "517")),
+        _ => false,
     }
 }
 

@@ -583,7 +583,10 @@ async fn two_processes_opening_a_fresh_sqlite_file_both_succeed() {
         open_run_store(&url, StoreOptions::default()),
         open_run_store(&url, StoreOptions::default()),
     );
-    let (a, b) = (a.ok().unwrap(), b.ok().unwrap());
+    let (a, b) = match (a, b) {
+        (Ok(a), Ok(b)) => (a, b),
+        (a, b) => panic!("both opens must succeed: {:?} / {:?}", a.err(), b.err()),
+    };
     assert_eq!(
         a.try_lock(
             &label("dept"),
