@@ -379,12 +379,13 @@ async fn runs_show(cli: &Cli, id: &str, format: ShowFormat) -> Result<u8, Failur
 async fn gate(cli: &Cli, args: &GateArgs) -> Result<u8, Failure> {
     let loaded = load(cli, false)?;
     let label = Label::new(&args.label).map_err(|e| config_failure(format!("--label: {e}")))?;
-    let store = reading_store(&loaded).await?;
+    // The evaluation is journaled (a forced pass must be on record).
+    let store = store(&loaded).await?;
     let engine = wiring::build_engine(&loaded, store)
         .await
         .map_err(config_failure)?;
-    let (candidate, production, verdict) = engine
-        .gate_candidate(&label, &args.candidate, args.force)
+    let outcome = engine
+        .gate_candidate(&label, &args.candidate, args.force, true)
         .await
         .map_err(|e| match e {
             retrain_core::engine::EngineError::UnknownLabel(..)
@@ -392,30 +393,32 @@ async fn gate(cli: &Cli, args: &GateArgs) -> Result<u8, Failure> {
             | retrain_core::engine::EngineError::NoRegistry(_) => config_failure(e),
             other => Failure::from(anyhow::Error::new(other)),
         })?;
+    let production = outcome.production.as_ref();
     match cli.output {
         OutputFormat::Json => output::print_json(&json!({
             "label": label,
-            "candidate": candidate,
+            "candidate": outcome.candidate,
             "production": production,
-            "verdict": verdict,
+            "verdict": outcome.verdict,
+            "run_id": outcome.run_id,
         }))?,
         OutputFormat::Text => {
             println!(
                 "gate {} candidate {} vs production {}",
                 label,
-                candidate.id,
-                production
-                    .as_ref()
-                    .map(|p| p.version.as_str())
-                    .unwrap_or("(none)")
+                outcome.candidate.id,
+                production.map(|p| p.version.as_str()).unwrap_or("(none)")
             );
-            output::print_verdict(&mut std::io::stdout().lock(), &verdict);
+            output::print_verdict(&mut std::io::stdout().lock(), &outcome.verdict);
+            if let Some(run_id) = &outcome.run_id {
+                println!("recorded as run {run_id}");
+            }
         }
     }
     if output::in_github_actions() {
-        output::github_gate_outputs(&verdict, production.as_ref().map(|p| p.version.as_str()))?;
+        output::github_gate_outputs(&outcome.verdict, production.map(|p| p.version.as_str()))?;
     }
-    if args.fail_on_reject && !verdict.passed {
+    if args.fail_on_reject && !outcome.verdict.passed {
         return Ok(exit::GATE_REJECTED);
     }
     Ok(exit::OK)

@@ -310,9 +310,19 @@ fn gate_alone_rejects_with_exit_3_and_force_is_recorded() {
         ])
         .assert()
         .success();
-    let verdict = &json_of(&forced.get_output().stdout)["verdict"];
+    let forced = json_of(&forced.get_output().stdout);
+    let verdict = &forced["verdict"];
     assert_eq!(verdict["forced"], true, "{verdict}");
     assert_eq!(verdict["passed"], true, "{verdict}");
+    // The override is on record in the journal.
+    let run_id = forced["run_id"].as_str().expect("the gate run is recorded");
+    let shown = retrain(dir.path())
+        .args(["--output", "json", "runs", "show", run_id])
+        .assert()
+        .success();
+    let shown = json_of(&shown.get_output().stdout);
+    assert_eq!(shown["snapshot"]["verdict"]["forced"], true, "{shown}");
+    assert_eq!(shown["transitions"][0]["event"]["event"], "gate_evaluated", "{shown}");
     retrain(dir.path())
         .args([
             "gate",

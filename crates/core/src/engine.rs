@@ -1004,13 +1004,15 @@ impl Engine {
     }
 
     /// The gate alone (`retrain gate`): candidate metrics from the registry vs
-    /// production, optionally forced. Read-only.
+    /// production, optionally forced. With `record`, the evaluation is
+    /// journaled as a run of its own (a forced pass shows as forced).
     pub async fn gate_candidate(
         &self,
         label: &Label,
         candidate_id: &str,
         force: bool,
-    ) -> Result<(Candidate, Option<crate::domain::ProductionModel>, Verdict), EngineError> {
+        record: bool,
+    ) -> Result<GateOutcome, EngineError> {
         let binding = self.labels.get(label).ok_or_else(|| {
             let known: Vec<&str> = self.labels.keys().map(Label::as_str).collect();
             EngineError::UnknownLabel(label.to_string(), known.join(", "))
@@ -1028,20 +1030,60 @@ impl Engine {
             .candidate_metrics(candidate_id.to_owned(), None)
             .await?;
         let production = registry.production(None).await?;
-        let mut verdict =
-            crate::gate::evaluate(&policy, &metrics, production.as_ref().map(|p| &p.metrics));
+        let mut verdict = crate::gate::evaluate(
+            &policy,
+            &metrics,
+            production.as_ref().map(|p| &p.metrics),
+        );
         if force {
             verdict = verdict.forced();
         }
-        Ok((
-            Candidate {
-                id: candidate_id.to_owned(),
-                metrics,
-            },
+        let candidate = Candidate {
+            id: candidate_id.to_owned(),
+            metrics,
+        };
+        let run_id = if record {
+            let cursor = self.store.cursor(label).await?;
+            let mut run = LabelRun::new(
+                RunId::generate(),
+                CycleId::generate(),
+                binding.plan.clone(),
+                cursor,
+            );
+            run.manifest = self.settings.manifest.clone();
+            let event = Event::GateEvaluated {
+                now: self.clock.now(),
+                candidate: candidate.clone(),
+                production: production.clone(),
+                verdict: verdict.clone(),
+            };
+            self.apply(&mut run, event, true).await?;
+            let from = run.stage;
+            let _ = run.step(&Event::Committed);
+            self.store
+                .finish(&self.transition(&run, from, Event::Committed), None)
+                .await?;
+            Some(run.run_id)
+        } else {
+            None
+        };
+        Ok(GateOutcome {
+            candidate,
             production,
             verdict,
-        ))
+            run_id,
+        })
     }
+}
+
+/// What `Engine::gate_candidate` decided.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct GateOutcome {
+    pub candidate: Candidate,
+    pub production: Option<crate::domain::ProductionModel>,
+    pub verdict: Verdict,
+    /// The journaled run, when recorded.
+    pub run_id: Option<RunId>,
 }
 
 fn active_lease(run: &LabelRun) -> Option<Lease> {

@@ -231,6 +231,14 @@ pub enum Event {
         error: Option<String>,
     },
     Committed,
+    /// `retrain gate` evaluated a candidate outside a cycle (possibly forced):
+    /// recorded as a run of its own so the decision is in the journal.
+    GateEvaluated {
+        now: DateTime<Utc>,
+        candidate: Candidate,
+        production: Option<ProductionModel>,
+        verdict: Verdict,
+    },
     /// An action failed; the run fails (releasing any lease first).
     ActionFailed {
         reason: String,
@@ -443,6 +451,29 @@ impl LabelRun {
                     }],
                     Trigger::Metadata { .. } => vec![Action::ReadPublished],
                 })
+            }
+            (
+                S::Created,
+                E::GateEvaluated {
+                    now,
+                    candidate,
+                    production,
+                    verdict,
+                },
+            ) => {
+                self.started_at = Some(*now);
+                self.candidate = Some(candidate.clone());
+                self.baseline = production.clone();
+                self.verdict = Some(verdict.clone());
+                self.outcome = Some(if verdict.passed {
+                    Outcome::Passed
+                } else {
+                    Outcome::Rejected {
+                        reason: verdict.reason.clone(),
+                    }
+                });
+                // Nothing was trained on a dataset here: no cursor moves.
+                Ok(self.commit())
             }
             (S::Counting, E::CountsRead { counts }) => {
                 let Trigger::Counts {
@@ -1042,6 +1073,30 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_manual_gate_is_recorded_without_moving_the_cursor() {
+        let mut r = run(plan(counts_trigger()));
+        let verdict = crate::gate::evaluate(
+            &GatePolicy::seed_default(),
+            &[("dice".to_string(), 0.1), ("iou".to_string(), 0.1)].into_iter().collect(),
+            None,
+        );
+        let actions = r
+            .step(&Event::GateEvaluated {
+                now: now(0),
+                candidate: Candidate {
+                    id: "run-1".into(),
+                    metrics: Default::default(),
+                },
+                production: None,
+                verdict: verdict.forced(),
+            })
+            .unwrap();
+        assert_eq!(actions, vec![Action::Commit { cursor: None }]);
+        assert_eq!(r.outcome, Some(Outcome::Passed));
+        assert!(r.verdict.as_ref().unwrap().forced);
     }
 
     #[test]
