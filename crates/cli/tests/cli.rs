@@ -322,7 +322,10 @@ fn gate_alone_rejects_with_exit_3_and_force_is_recorded() {
         .success();
     let shown = json_of(&shown.get_output().stdout);
     assert_eq!(shown["snapshot"]["verdict"]["forced"], true, "{shown}");
-    assert_eq!(shown["transitions"][0]["event"]["event"], "gate_evaluated", "{shown}");
+    assert_eq!(
+        shown["transitions"][0]["event"]["event"], "gate_evaluated",
+        "{shown}"
+    );
     retrain(dir.path())
         .args([
             "gate",

@@ -1030,11 +1030,8 @@ impl Engine {
             .candidate_metrics(candidate_id.to_owned(), None)
             .await?;
         let production = registry.production(None).await?;
-        let mut verdict = crate::gate::evaluate(
-            &policy,
-            &metrics,
-            production.as_ref().map(|p| &p.metrics),
-        );
+        let mut verdict =
+            crate::gate::evaluate(&policy, &metrics, production.as_ref().map(|p| &p.metrics));
         if force {
             verdict = verdict.forced();
         }

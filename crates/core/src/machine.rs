@@ -1080,7 +1080,9 @@ mod tests {
         let mut r = run(plan(counts_trigger()));
         let verdict = crate::gate::evaluate(
             &GatePolicy::seed_default(),
-            &[("dice".to_string(), 0.1), ("iou".to_string(), 0.1)].into_iter().collect(),
+            &[("dice".to_string(), 0.1), ("iou".to_string(), 0.1)]
+                .into_iter()
+                .collect(),
             None,
         );
         let actions = r

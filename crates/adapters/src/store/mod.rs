@@ -117,11 +117,18 @@ impl MigrationSource<'static> for Embedded {
     }
 }
 
-const SQLITE_MIGRATIONS: Embedded = Embedded(&[(
-    1,
-    "run store",
-    include_str!("../../migrations/sqlite/0001_run_store.sql"),
-)]);
+const SQLITE_MIGRATIONS: Embedded = Embedded(&[
+    (
+        1,
+        "run store",
+        include_str!("../../migrations/sqlite/0001_run_store.sql"),
+    ),
+    (
+        2,
+        "journal inbox",
+        include_str!("../../migrations/sqlite/0002_journal_inbox.sql"),
+    ),
+]);
 
 const POSTGRES_MIGRATIONS: Embedded = Embedded(&[(
     1,

@@ -161,32 +161,23 @@ async fn write_one(
     let what = format!("journaling run {} seq {}", row.run_id, row.seq);
     let err = |e| store_error(url, &what, e);
     let at = ts(transition.at);
+    // One statement: the `journal_inbox` trigger (migration 0002) upserts
+    // the run snapshot and appends the journal line atomically.
     sqlx::query(
-            "INSERT INTO runs (run_id, cycle_id, label, stage, outcome, done, started_at, updated_at, snapshot)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-             ON CONFLICT (run_id) DO UPDATE SET
-                stage = excluded.stage, outcome = excluded.outcome, done = excluded.done,
-                updated_at = excluded.updated_at, snapshot = excluded.snapshot",
-        )
-        .bind(row.run_id)
-        .bind(row.cycle_id)
-        .bind(row.label)
-        .bind(row.stage)
-        .bind(row.outcome)
-        .bind(row.done)
-        .bind(ts(row.started_at))
-        .bind(&at)
-        .bind(row.snapshot.to_string())
-        .execute(&mut **tx)
-        .await
-        .map_err(err)?;
-    sqlx::query(
-        "INSERT INTO transitions (run_id, seq, at, from_stage, to_stage, event, actions)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO journal_inbox (run_id, cycle_id, label, stage, outcome, done, started_at, at,
+                                    snapshot, seq, from_stage, to_stage, event, actions)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
     )
     .bind(row.run_id)
-    .bind(row.seq)
+    .bind(row.cycle_id)
+    .bind(row.label)
+    .bind(row.stage)
+    .bind(row.outcome)
+    .bind(row.done)
+    .bind(ts(row.started_at))
     .bind(&at)
+    .bind(row.snapshot.to_string())
+    .bind(row.seq)
     .bind(transition.from.as_str())
     .bind(transition.to.as_str())
     .bind(row.event.to_string())
