@@ -533,17 +533,31 @@ async fn read_only_opening_writes_nothing() {
             "a read-only store accepted a write"
         );
     }
-    // A migrated SQLite file: readable, and the file is not modified.
+    // A migrated SQLite file: readable, writes refused, nothing written.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.db");
     let url = format!("sqlite://{}", path.display());
     retrain_adapters::store::migrate(&url).await.unwrap();
-    let before = std::fs::read(&path).unwrap();
     let store = open_run_store(&url, read_only).await.unwrap();
     let label = retrain_core::domain::Label::new("a").unwrap();
+    let owner = retrain_core::domain::LockOwner("reader".into());
     assert!(store.cursor(&label).await.is_ok());
+    assert!(
+        store
+            .try_lock(&label, &owner, std::time::Duration::from_secs(5))
+            .await
+            .is_err(),
+        "a read-only SQLite store accepted a write"
+    );
     drop(store);
-    assert_eq!(std::fs::read(&path).unwrap(), before);
+    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    let locks: i64 = sqlx::query_scalar("SELECT count(*) FROM locks")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(locks, 0);
 }
 
 #[tokio::test]
