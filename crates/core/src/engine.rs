@@ -458,6 +458,11 @@ impl Engine {
             resumed,
             persist,
         } = task;
+        let (run, actions) = if resumed && persist {
+            self.renew_lease_on_resume(binding, run, actions).await
+        } else {
+            (run, actions)
+        };
         let (run, ended) = if ended == DriveEnd::Halted {
             let label_cancel = cancel.child_token();
             let lost = CancellationToken::new();
@@ -503,6 +508,64 @@ impl Engine {
             DriveEnd::Halted => {}
         }
         report
+    }
+
+    /// A resumed run that holds a lease and still needs its machines (to
+    /// train, or because the registry lives on the leased host) starts them
+    /// again first: an interrupt or `infra reap` may have stopped them.
+    /// Starting running instances is a no-op, so this is safe either way.
+    async fn renew_lease_on_resume(
+        &self,
+        binding: &LabelBinding,
+        mut run: LabelRun,
+        actions: Vec<Action>,
+    ) -> (LabelRun, Vec<Action>) {
+        let needs_machines = matches!(
+            actions.first(),
+            Some(
+                Action::StartTraining { .. }
+                    | Action::AwaitTraining { .. }
+                    | Action::ReadBaseline
+                    | Action::Promote { .. }
+            )
+        );
+        let (Some(lease), Some(provider)) = (run.lease.clone(), binding.lease.clone()) else {
+            return (run, actions);
+        };
+        if !needs_machines || run.lease_released {
+            return (run, actions);
+        }
+        // Still active in the store (the orchestrator died with it running):
+        // nothing stopped the machines, nothing to renew.
+        match self.store.active_leases().await {
+            Ok(active) if active.iter().any(|l| l.id == lease.id) => return (run, actions),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "could not read active leases; renewing to be safe"),
+        }
+        let mut renewing = lease.clone();
+        renewing.released_at = None;
+        if let Err(e) = self.store.put_lease(&renewing).await {
+            warn!(error = %e, "could not record the lease before renewing it");
+        }
+        let event = match provider.acquire(renewing).await {
+            Ok(lease) => {
+                if let Err(e) = self.store.put_lease(&lease).await {
+                    warn!(error = %e, "could not record lease attributes");
+                }
+                info!(lease = %lease.id, "lease renewed for the resumed run");
+                Event::LeaseRenewed { lease }
+            }
+            Err(e) => Event::ActionFailed {
+                reason: format!("re-acquiring the lease of the resumed run failed: {e}"),
+            },
+        };
+        match self.apply(&mut run, event, true).await {
+            Ok(next) => (run, next),
+            Err(error) => {
+                warn!(%error, "could not journal the renewed lease");
+                (run, Vec::new())
+            }
+        }
     }
 
     async fn unlock(&self, label: &Label, dry_run: bool) {
@@ -556,10 +619,31 @@ impl Engine {
                 return (run, actions, DriveEnd::Halted);
             }
             let stage = run.stage;
-            let executed = self
+            // Interrupted: stop at this boundary, except for the steps that
+            // finish what is under way (persisting the end, stopping machines).
+            let must_finish = matches!(action, Action::Commit { .. } | Action::ReleaseLease { .. });
+            if cancel.is_cancelled() && !must_finish {
+                self.on_interrupt(binding, &run).await;
+                return (run, Vec::new(), DriveEnd::Interrupted);
+            }
+            // Reads may be abandoned mid-flight; side effects run to their
+            // outcome so that it can be journaled (a dropped `StartTraining`
+            // could leave a job nobody knows about).
+            let abandonable = matches!(
+                action,
+                Action::ReadCounts { .. } | Action::ReadPublished | Action::ReadBaseline
+            );
+            let execution = self
                 .execute(binding, &run, action, shared, cancel, persist)
-                .instrument(info_span!("stage", stage = %stage))
-                .await;
+                .instrument(info_span!("stage", stage = %stage));
+            let executed = if abandonable {
+                tokio::select! {
+                    executed = execution => executed,
+                    () = cancel.cancelled() => Executed::Interrupted,
+                }
+            } else {
+                execution.await
+            };
             let event = match executed {
                 Executed::Event(event) => event,
                 Executed::Committed => {

@@ -211,6 +211,11 @@ pub enum Event {
     LeaseAcquired {
         lease: Lease,
     },
+    /// A resumed run re-started the machines of its lease (they were stopped
+    /// on interrupt or reaped); the pending actions stay the same.
+    LeaseRenewed {
+        lease: Lease,
+    },
     TrainingStarted {
         handle: TrainingHandle,
     },
@@ -439,6 +444,14 @@ impl LabelRun {
 
         if let E::ActionFailed { reason } = event {
             return Ok(self.fail(reason.clone()));
+        }
+        if let E::LeaseRenewed { lease } = event {
+            if self.lease.is_none() || self.stage == S::Done {
+                return Err(self.invalid(event));
+            }
+            self.lease = Some(lease.clone());
+            self.lease_released = false;
+            return Ok(self.pending.clone());
         }
 
         match (self.stage, event) {

@@ -521,3 +521,76 @@ impl retrain_core::ports::Trainer for SlowTrainer {
         "slow".into()
     }
 }
+
+/// A registry that never answers (the leased host went away mid-gate).
+struct HangingRegistry;
+#[async_trait::async_trait]
+impl retrain_core::ports::ModelRegistry for HangingRegistry {
+    async fn production(
+        &self,
+        _: Option<retrain_core::domain::Lease>,
+    ) -> Result<Option<retrain_core::domain::ProductionModel>, retrain_core::ports::PortError> {
+        std::future::pending().await
+    }
+    async fn candidate_metrics(
+        &self,
+        _: String,
+        _: Option<retrain_core::domain::Lease>,
+    ) -> Result<retrain_core::domain::Metrics, retrain_core::ports::PortError> {
+        std::future::pending().await
+    }
+    async fn promote(
+        &self,
+        _: retrain_core::domain::Candidate,
+        _: retrain_core::domain::RunId,
+        _: Option<retrain_core::domain::Lease>,
+    ) -> Result<retrain_core::domain::PromotedVersion, retrain_core::ports::PortError> {
+        std::future::pending().await
+    }
+    fn describe(&self) -> String {
+        "hanging".into()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_run_interrupted_while_gating_renews_its_lease_on_resume() {
+    let world = World::new();
+    let store = MemStore::new();
+    let mut p = plan("department");
+    p.leased = true;
+    let mut b = binding(&world, p.clone(), prepare(&world));
+    b.registry = Some(Arc::new(HangingRegistry));
+    let e = engine(&store, &world, vec![b]);
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        c.cancel();
+    });
+    let report = e.run_cycle(CycleRequest::default(), cancel).await.unwrap();
+    assert_eq!(report.labels[0].status, LabelStatus::Interrupted);
+    assert_eq!(get(&world.counters.acquires), 1);
+    assert_eq!(get(&world.counters.releases), 1, "stopped on interrupt");
+
+    let restarted = store.restarted();
+    let e2 = engine(
+        &restarted,
+        &world,
+        vec![binding(&world, p, prepare(&world))],
+    );
+    let report = cycle(&e2).await;
+    assert!(report.labels[0].resumed);
+    assert_eq!(
+        report.labels[0].status,
+        LabelStatus::Promoted,
+        "{:?}",
+        report.labels[0]
+    );
+    assert_eq!(
+        get(&world.counters.acquires),
+        2,
+        "the machines were started again before gating"
+    );
+    assert_eq!(get(&world.counters.releases), 2);
+    assert_eq!(get(&world.counters.starts), 1, "no second training");
+}
