@@ -9,7 +9,12 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 cd "$here"
-retrain() { cargo run -q --manifest-path "$root/Cargo.toml" -p retrain-cli -- "$@"; }
+# Build once (progress shows the first time), then run the binary directly.
+target="${CARGO_TARGET_DIR:-$root/target}"
+retrain() {
+    cargo build --manifest-path "$root/Cargo.toml" -p retrain-cli --bin retrain >&2
+    "$target/debug/retrain" "$@"
+}
 [ $# -gt 0 ] || set -- run
 case "$1" in
   reset)
