@@ -458,11 +458,6 @@ impl Engine {
             resumed,
             persist,
         } = task;
-        let (run, actions) = if resumed && persist {
-            self.renew_lease_on_resume(binding, run, actions).await
-        } else {
-            (run, actions)
-        };
         let (run, ended) = if ended == DriveEnd::Halted {
             let label_cancel = cancel.child_token();
             let lost = CancellationToken::new();
@@ -475,8 +470,27 @@ impl Engine {
                 }
             };
             let everything = |_: &Action| true;
+            // The lease renewal of a resumed run may take minutes (instances
+            // starting): it runs under the heartbeat like the rest.
+            let work = async {
+                let (run, actions) = if resumed && persist {
+                    self.renew_lease_on_resume(binding, run, actions).await
+                } else {
+                    (run, actions)
+                };
+                self.drive(
+                    binding,
+                    run,
+                    actions,
+                    persist,
+                    shared,
+                    &label_cancel,
+                    &everything,
+                )
+                .await
+            };
             let result = tokio::select! {
-                (run, _, ended) = self.drive(binding, run, actions, persist, shared, &label_cancel, &everything) => Ok((run, ended)),
+                (run, _, ended) = work => Ok((run, ended)),
                 () = heartbeat => Err("lost the label lock (expired and taken by another orchestrator)".to_string()),
             };
             label_cancel.cancel();
