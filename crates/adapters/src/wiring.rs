@@ -231,14 +231,32 @@ fn plan(settings: &Settings, label: &LabelSettings) -> LabelPlan {
     }
 }
 
-/// Build the engine for `loaded` on `store`.
+/// Build the engine for `loaded` on `store`, for running cycles.
 pub async fn build_engine(
     loaded: &LoadedSettings,
     store: Arc<dyn RunStore>,
 ) -> Result<Engine, AdapterError> {
+    assemble_engine(loaded, store, true).await
+}
+
+/// Build the engine for commands that never count (`retrain gate`,
+/// `retrain infra reap`): the feedback database is not even connected to,
+/// so its being down cannot block them.
+pub async fn build_control_engine(
+    loaded: &LoadedSettings,
+    store: Arc<dyn RunStore>,
+) -> Result<Engine, AdapterError> {
+    assemble_engine(loaded, store, false).await
+}
+
+async fn assemble_engine(
+    loaded: &LoadedSettings,
+    store: Arc<dyn RunStore>,
+    with_counts: bool,
+) -> Result<Engine, AdapterError> {
     let settings = &loaded.settings;
     let counts: Option<Arc<dyn CountSource>> = match &settings.counts {
-        Some(c) if settings.labels.values().any(|l| l.counts) => Some(
+        Some(c) if with_counts && settings.labels.values().any(|l| l.counts) => Some(
             crate::counts::open_count_source(
                 c.database.expose_secret(),
                 &c.query,

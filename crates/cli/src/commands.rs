@@ -381,7 +381,7 @@ async fn gate(cli: &Cli, args: &GateArgs) -> Result<u8, Failure> {
     let label = Label::new(&args.label).map_err(|e| config_failure(format!("--label: {e}")))?;
     // The evaluation is journaled (a forced pass must be on record).
     let store = store(&loaded).await?;
-    let engine = wiring::build_engine(&loaded, store)
+    let engine = wiring::build_control_engine(&loaded, store)
         .await
         .map_err(config_failure)?;
     let outcome = engine
@@ -429,7 +429,7 @@ async fn infra(cli: &Cli, command: &InfraCommand) -> Result<u8, Failure> {
     match command {
         InfraCommand::Reap { force } => {
             let store = store(&loaded).await?;
-            let engine = wiring::build_engine(&loaded, store)
+            let engine = wiring::build_control_engine(&loaded, store)
                 .await
                 .map_err(config_failure)?;
             let reaped = engine.reap_leases(*force).await.context("reaping leases")?;

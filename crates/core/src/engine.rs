@@ -22,7 +22,7 @@ use crate::domain::{
 };
 use crate::gate::Verdict;
 use crate::journal::Transition;
-use crate::machine::{Action, Event, LabelPlan, LabelRun, Outcome, RunManifest, Stage};
+use crate::machine::{Action, Event, LabelPlan, LabelRun, RunManifest, Stage};
 use crate::ports::{
     CountSource, LeaseProvider, MetadataRead, MetadataStore, ModelRegistry, Notifier, PortError,
     RunStore, SpaceController, StoreError, Trainer, TrainingRequest,
@@ -349,13 +349,10 @@ impl Engine {
         let binding = &self.labels[label];
         let threshold = binding.plan.trigger.threshold();
         if cancel.is_cancelled() {
-            let mut report = LabelReport::failed_before_run(
+            return Begun::done(LabelReport::interrupted_before_run(
                 label.clone(),
                 threshold,
-                "interrupted before start".into(),
-            );
-            report.status = LabelStatus::Interrupted;
-            return Begun::done(report);
+            ));
         }
         let owner = &self.settings.owner;
         if !dry_run {
@@ -460,11 +457,9 @@ impl Engine {
         } = task;
         let (run, ended) = if ended == DriveEnd::Halted {
             let label_cancel = cancel.child_token();
-            let lost = CancellationToken::new();
             let heartbeat = async {
                 if persist {
-                    self.heartbeat(&label, label_cancel.clone(), lost.clone())
-                        .await
+                    self.heartbeat(&label, label_cancel.clone()).await
                 } else {
                     std::future::pending().await
                 }
@@ -592,7 +587,7 @@ impl Engine {
     }
 
     /// Renew the lock until `stop`; completes only if the lock was lost.
-    async fn heartbeat(&self, label: &Label, stop: CancellationToken, lost: CancellationToken) {
+    async fn heartbeat(&self, label: &Label, stop: CancellationToken) {
         let every = (self.settings.lock_ttl / 3).max(Duration::from_millis(10));
         loop {
             tokio::select! {
@@ -605,10 +600,7 @@ impl Engine {
                 .await
             {
                 Ok(true) => {}
-                Ok(false) => {
-                    lost.cancel();
-                    return;
-                }
+                Ok(false) => return,
                 Err(e) => warn!(error = %e, "lock renewal failed; will retry"),
             }
         }
@@ -1208,11 +1200,6 @@ fn jitter(run_id: &RunId, polls: u32, delay: Duration, fraction: f64) -> Duratio
     polls.hash(&mut hasher);
     let unit = (hasher.finish() % 10_000) as f64 / 10_000.0;
     delay.mul_f64((unit * fraction).min(1.0))
-}
-
-/// Outcome helper for reports.
-pub fn outcome_of(run: &LabelRun) -> Option<&Outcome> {
-    run.outcome.as_ref()
 }
 
 #[cfg(test)]

@@ -100,11 +100,12 @@ impl LabelReport {
         }
     }
 
-    pub fn busy(label: Label, threshold: u64, holder: String) -> Self {
+    /// A label that never got a run: `status` and why.
+    fn without_run(label: Label, threshold: u64, status: LabelStatus, error: String) -> Self {
         Self {
             label,
             run_id: None,
-            status: LabelStatus::Busy,
+            status,
             stage: None,
             outcome: None,
             counts: None,
@@ -117,16 +118,30 @@ impl LabelReport {
             promoted: None,
             lost_attempts: Vec::new(),
             resumed: false,
-            error: Some(format!("label is locked by {holder}")),
+            error: Some(error),
         }
     }
 
+    pub fn busy(label: Label, threshold: u64, holder: String) -> Self {
+        Self::without_run(
+            label,
+            threshold,
+            LabelStatus::Busy,
+            format!("label is locked by {holder}"),
+        )
+    }
+
     pub fn failed_before_run(label: Label, threshold: u64, error: String) -> Self {
-        Self {
-            status: LabelStatus::Failed,
-            error: Some(error),
-            ..Self::busy(label, threshold, String::new())
-        }
+        Self::without_run(label, threshold, LabelStatus::Failed, error)
+    }
+
+    pub fn interrupted_before_run(label: Label, threshold: u64) -> Self {
+        Self::without_run(
+            label,
+            threshold,
+            LabelStatus::Interrupted,
+            "interrupted before start".into(),
+        )
     }
 
     /// Whether the model improved (gate passed and promoted, or first model).

@@ -90,6 +90,27 @@ struct Tally {
 }
 
 impl Tally {
+    /// Validate every row of a result set; `text` and `int` read one cell the
+    /// way the backend types it. Shared by the SQLite and Postgres sources.
+    fn of_rows<R: sqlx::Row>(
+        rows: &[R],
+        text: fn(&R, &str) -> Cell<String>,
+        int: fn(&R, &str) -> Cell<i64>,
+    ) -> Result<BTreeMap<Label, FeedbackCounts>, PortError> {
+        use sqlx::Column;
+        let mut tally = Self::default();
+        for row in rows {
+            let columns: Vec<String> = row.columns().iter().map(|c| c.name().to_owned()).collect();
+            tally.add(
+                text(row, "label"),
+                int(row, "misclassified"),
+                int(row, "correct"),
+                &columns,
+            )?;
+        }
+        Ok(tally.counts)
+    }
+
     /// Validate one row. `columns` lists what the query returned, for the
     /// "missing column" message.
     fn add(

@@ -7,7 +7,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use retrain_core::domain::{FeedbackCounts, Label};
 use retrain_core::ports::{CountSource, PortError};
 use sqlx::sqlite::{SqlitePool, SqliteRow};
-use sqlx::{Column, Row, TypeInfo, ValueRef};
+use sqlx::{Row, TypeInfo, ValueRef};
 
 use super::{with_deadline, Cell, CountOptions, Tally, KEY_DATABASE};
 use crate::db::DbUrl;
@@ -130,18 +130,7 @@ impl CountSource for SqliteCountSource {
                 .fetch_all(&self.pool)
                 .await
                 .map_err(|e| self.error(e))?;
-            let mut tally = Tally::default();
-            for row in &rows {
-                let columns: Vec<String> =
-                    row.columns().iter().map(|c| c.name().to_owned()).collect();
-                tally.add(
-                    cell_text(row, "label"),
-                    cell_int(row, "misclassified"),
-                    cell_int(row, "correct"),
-                    &columns,
-                )?;
-            }
-            Ok(tally.counts)
+            Tally::of_rows(&rows, cell_text, cell_int)
         })
         .await
     }

@@ -7,7 +7,7 @@ mod duration;
 mod seed_env;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use figment::providers::{Format, Serialized, Toml};
@@ -1281,15 +1281,6 @@ pub fn redacted_toml(figment: &Figment) -> Result<String, ConfigError> {
         key: None,
         message: format!("cannot render configuration: {e}"),
     })
-}
-
-/// Resolve `path` against `base` when relative.
-pub fn resolve_path(base: &Path, path: &Path) -> PathBuf {
-    if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        base.join(path)
-    }
 }
 
 #[cfg(test)]
