@@ -65,7 +65,7 @@ impl MetadataStore for Metadata {
 struct Prepare(Hub);
 #[async_trait]
 impl SpaceController for Prepare {
-    async fn restart(&self) -> Result<(), PortError> {
+    async fn restart(&self, _intent: &JobKey) -> Result<(), PortError> {
         *self.0.restarted.lock().unwrap() = true;
         Ok(())
     }

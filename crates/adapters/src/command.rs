@@ -31,7 +31,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use retrain_core::domain::{
-    Candidate, Lease, Metrics, SpaceStage, TrainingHandle, TrainingOutcome,
+    Candidate, JobKey, Lease, Metrics, SpaceStage, TrainingHandle, TrainingOutcome,
 };
 use retrain_core::ports::{PortError, SpaceController, Trainer, TrainingRequest};
 use serde::{Deserialize, Serialize};
@@ -787,7 +787,7 @@ impl CommandSpace {
 
 #[async_trait]
 impl SpaceController for CommandSpace {
-    async fn restart(&self) -> Result<(), PortError> {
+    async fn restart(&self, _intent: &JobKey) -> Result<(), PortError> {
         let mut slot = self.job.lock().await;
         if let Some(mut previous) = slot.take() {
             // Only signal the group while the leader is unreaped: until then

@@ -328,14 +328,79 @@ pub struct DatasetVersion {
 }
 
 /// Model metrics by name. `BTreeMap` keeps reports and hashes stable.
+///
+/// Values may be `NaN` or infinite (Python's `json` writes them): the gate
+/// rejects them fail-closed, naming the metric. Wherever metrics are
+/// serialised inside retrain's own records, use [`metrics_serde`] so they
+/// survive a round trip (plain JSON has no NaN).
 pub type Metrics = BTreeMap<String, f64>;
+
+/// Serde for [`Metrics`] that keeps non-finite values: they are written as
+/// the strings `"NaN"`, `"Infinity"`, `"-Infinity"` and read back from those
+/// strings or from numbers.
+pub mod metrics_serde {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Value {
+        Number(f64),
+        Text(String),
+    }
+
+    pub fn serialize<S: Serializer>(
+        metrics: &BTreeMap<String, f64>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let encoded: BTreeMap<&str, Value> = metrics
+            .iter()
+            .map(|(k, v)| {
+                let value = if v.is_nan() {
+                    Value::Text("NaN".into())
+                } else if *v == f64::INFINITY {
+                    Value::Text("Infinity".into())
+                } else if *v == f64::NEG_INFINITY {
+                    Value::Text("-Infinity".into())
+                } else {
+                    Value::Number(*v)
+                };
+                (k.as_str(), value)
+            })
+            .collect();
+        encoded.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, f64>, D::Error> {
+        let raw = BTreeMap::<String, Value>::deserialize(d)?;
+        raw.into_iter()
+            .map(|(k, v)| {
+                let value = match v {
+                    Value::Number(n) => n,
+                    Value::Text(t) => match t.as_str() {
+                        "NaN" => f64::NAN,
+                        "Infinity" => f64::INFINITY,
+                        "-Infinity" => f64::NEG_INFINITY,
+                        other => {
+                            return Err(serde::de::Error::custom(format!(
+                                "metric `{k}` is not a number: {other:?}"
+                            )))
+                        }
+                    },
+                };
+                Ok((k, value))
+            })
+            .collect()
+    }
+}
 
 /// What a trainer produced: an id the registry understands and its metrics.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Candidate {
     /// Registry run id or model id (`RETRAIN_RESULT`'s `candidate`).
     pub id: String,
-    #[serde(default)]
+    #[serde(default, with = "metrics_serde")]
     pub metrics: Metrics,
 }
 
@@ -345,7 +410,7 @@ pub struct ProductionModel {
     pub version: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub candidate_id: Option<String>,
-    #[serde(default)]
+    #[serde(default, with = "metrics_serde")]
     pub metrics: Metrics,
 }
 
@@ -446,23 +511,135 @@ pub struct Lease {
 }
 
 /// Who holds a label lock. The owner string is unique per engine instance.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Owners built with [`LockOwner::for_process`] also say which process holds
+/// the lock (`hint@host/pid/start-ticks/uuid`), so that a contender on the
+/// same host can tell that the holder process is gone and take the lock at
+/// once instead of waiting for its expiry (see [`ProcessIdentity`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct LockOwner(pub String);
 
 impl LockOwner {
+    /// An owner that names no process (tests, embedders).
     pub fn generate(hint: &str) -> Self {
         Self(format!("{hint}-{}", uuid::Uuid::now_v7()))
+    }
+
+    /// An owner naming the process that holds the lock. `start` is the
+    /// process start time in whatever unit the host reports (clock ticks
+    /// since boot on Linux); with the pid it identifies the process even
+    /// after pid reuse.
+    pub fn for_process(hint: &str, process: &ProcessIdentity) -> Self {
+        Self(format!(
+            "{hint}@{}/{}/{}/{}",
+            process.host,
+            process.pid,
+            process.start,
+            uuid::Uuid::now_v7()
+        ))
+    }
+
+    /// The process named by an owner built with [`LockOwner::for_process`].
+    pub fn process(&self) -> Option<ProcessIdentity> {
+        let (_, rest) = self.0.split_once('@')?;
+        let mut parts = rest.rsplitn(4, '/');
+        let _uuid = parts.next()?;
+        let start = parts.next()?.parse().ok()?;
+        let pid = parts.next()?.parse().ok()?;
+        let host = parts.next()?.to_owned();
+        if host.is_empty() {
+            return None;
+        }
+        Some(ProcessIdentity { host, pid, start })
+    }
+}
+
+impl fmt::Display for LockOwner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A process on a host: host name, pid and start time (so a reused pid is
+/// not mistaken for the original process).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ProcessIdentity {
+    pub host: String,
+    pub pid: u32,
+    pub start: u64,
+}
+
+/// A held label lock: its owner and the fencing token of this acquisition.
+///
+/// The token grows with every acquisition of the label's lock (by anyone), so
+/// a write carrying an older token is from a holder that has since lost the
+/// lock. Every journal, cursor and lease write of a run carries its fence and
+/// the store applies it only while that exact lock is still held and
+/// unexpired (`StoreError::Fenced` otherwise).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Fence {
+    pub owner: LockOwner,
+    pub token: u64,
+}
+
+impl fmt::Display for Fence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (token {})", self.owner, self.token)
     }
 }
 
 /// Result of trying to take a label lock.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LockOutcome {
-    Acquired,
+    Acquired(Fence),
     Busy {
         owner: String,
         expires_at: DateTime<Utc>,
     },
+}
+
+/// Deterministic key of one side effect announced in the journal (a training
+/// job, a prepare restart, a lease): `run_id/kind/n`. Ports that start
+/// something take the key and are idempotent for it, so a resumed run that
+/// finds the intent journaled without its outcome adopts the job instead of
+/// starting a second one.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JobKey(pub String);
+
+impl JobKey {
+    /// The key of the `start`-th training job of `run_id` (1-based; counts
+    /// every job started, including cancelled ones).
+    pub fn training(run_id: &RunId, start: u32) -> Self {
+        Self(format!("{run_id}/train/{start}"))
+    }
+    /// The key of the restart of prepare job `job` in cycle `cycle_id` (a
+    /// shared job is restarted once per cycle, whichever label asks first).
+    pub fn prepare(cycle_id: &CycleId, job: &str) -> Self {
+        Self(format!("{cycle_id}/prepare/{job}"))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+    /// A file-name-safe form (`/` → `_`), for pid files and markers.
+    pub fn file_stem(&self) -> String {
+        self.0
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    }
+}
+
+impl fmt::Display for JobKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 #[cfg(test)]

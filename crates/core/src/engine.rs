@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::domain::{
-    Candidate, CycleId, DatasetVersion, FeedbackCounts, Label, Lease, LockOutcome, LockOwner,
-    RunId, TrainingOutcome,
+    Candidate, CycleId, DatasetVersion, FeedbackCounts, Fence, JobKey, Label, Lease, LockOutcome,
+    LockOwner, RunId, TrainingOutcome,
 };
 use crate::gate::Verdict;
 use crate::journal::Transition;
@@ -125,6 +125,8 @@ pub enum EngineError {
     NoRegistry(Label),
     #[error("label `{0}` has no gate policy (gate = \"none\")")]
     NoGate(Label),
+    #[error("label `{0}` is being driven by {1}; try again when its run has finished")]
+    Busy(Label, String),
 }
 
 /// What to run.
@@ -202,7 +204,7 @@ struct LabelTask {
     actions: Vec<Action>,
     ended: DriveEnd,
     resumed: bool,
-    persist: bool,
+    fence: Option<Fence>,
 }
 
 enum Begun {
@@ -355,13 +357,14 @@ impl Engine {
             ));
         }
         let owner = &self.settings.owner;
+        let mut fence = None;
         if !dry_run {
             match self
                 .store
                 .try_lock(label, owner, self.settings.lock_ttl)
                 .await
             {
-                Ok(LockOutcome::Acquired) => {}
+                Ok(LockOutcome::Acquired(held)) => fence = Some(held),
                 Ok(LockOutcome::Busy { owner, expires_at }) => {
                     info!(%owner, %expires_at, "label is busy: another orchestrator holds its lock");
                     return Begun::done(LabelReport::busy(label.clone(), threshold, owner));
@@ -402,40 +405,47 @@ impl Engine {
                     (run, false)
                 }
                 Err(e) => {
-                    self.unlock(label, dry_run).await;
+                    self.unlock(label, fence.as_ref()).await;
                     return fail(e.to_string());
                 }
             },
             Err(e) => {
-                self.unlock(label, dry_run).await;
+                self.unlock(label, fence.as_ref()).await;
                 return fail(e.to_string());
             }
         };
-        let persist = !dry_run;
         let actions = if resumed {
             run.pending.clone()
         } else {
             let event = Event::Started {
                 now: self.clock.now(),
             };
-            match self.apply(&mut run, event, persist).await {
+            match self.apply(&mut run, event, fence.as_ref()).await {
                 Ok(actions) => actions,
                 Err(error) => {
-                    self.unlock(label, dry_run).await;
+                    self.unlock(label, fence.as_ref()).await;
                     return fail(format!("could not journal the start of the run: {error}"));
                 }
             }
         };
         let read_only = |a: &Action| matches!(a, Action::ReadCounts { .. } | Action::ReadPublished);
         let (run, actions, ended) = self
-            .drive(binding, run, actions, persist, shared, cancel, &read_only)
+            .drive(
+                binding,
+                run,
+                actions,
+                fence.as_ref(),
+                shared,
+                cancel,
+                &read_only,
+            )
             .await;
         Begun::Task(Box::new(LabelTask {
             run,
             actions,
             ended,
             resumed,
-            persist,
+            fence,
         }))
     }
 
@@ -453,13 +463,13 @@ impl Engine {
             actions,
             ended,
             resumed,
-            persist,
+            fence,
         } = task;
         let (run, ended) = if ended == DriveEnd::Halted {
             let label_cancel = cancel.child_token();
             let heartbeat = async {
-                if persist {
-                    self.heartbeat(&label, label_cancel.clone()).await
+                if let Some(fence) = &fence {
+                    self.heartbeat(&label, fence, label_cancel.clone()).await
                 } else {
                     std::future::pending().await
                 }
@@ -468,8 +478,9 @@ impl Engine {
             // The lease renewal of a resumed run may take minutes (instances
             // starting): it runs under the heartbeat like the rest.
             let work = async {
-                let (run, actions) = if resumed && persist {
-                    self.renew_lease_on_resume(binding, run, actions).await
+                let (run, actions) = if let (true, Some(fence)) = (resumed, &fence) {
+                    self.renew_lease_on_resume(binding, run, actions, fence)
+                        .await
                 } else {
                     (run, actions)
                 };
@@ -477,7 +488,7 @@ impl Engine {
                     binding,
                     run,
                     actions,
-                    persist,
+                    fence.as_ref(),
                     shared,
                     &label_cancel,
                     &everything,
@@ -492,7 +503,7 @@ impl Engine {
             match result {
                 Ok(done) => done,
                 Err(error) => {
-                    self.unlock(&label, !persist).await;
+                    self.unlock(&label, fence.as_ref()).await;
                     return LabelReport::failed_before_run(
                         label,
                         binding.plan.trigger.threshold(),
@@ -503,7 +514,7 @@ impl Engine {
         } else {
             (run, ended)
         };
-        self.unlock(&label, !persist).await;
+        self.unlock(&label, fence.as_ref()).await;
         let mut report = LabelReport::from_run(&run, resumed);
         match ended {
             DriveEnd::Finished => {}
@@ -528,6 +539,7 @@ impl Engine {
         binding: &LabelBinding,
         mut run: LabelRun,
         actions: Vec<Action>,
+        fence: &Fence,
     ) -> (LabelRun, Vec<Action>) {
         let needs_machines = matches!(
             actions.first(),
@@ -553,12 +565,12 @@ impl Engine {
         }
         let mut renewing = lease.clone();
         renewing.released_at = None;
-        if let Err(e) = self.store.put_lease(&renewing).await {
+        if let Err(e) = self.store.put_lease(&renewing, fence).await {
             warn!(error = %e, "could not record the lease before renewing it");
         }
         let event = match provider.acquire(renewing).await {
             Ok(lease) => {
-                if let Err(e) = self.store.put_lease(&lease).await {
+                if let Err(e) = self.store.put_lease(&lease, fence).await {
                     warn!(error = %e, "could not record lease attributes");
                 }
                 info!(lease = %lease.id, "lease renewed for the resumed run");
@@ -568,7 +580,7 @@ impl Engine {
                 reason: format!("re-acquiring the lease of the resumed run failed: {e}"),
             },
         };
-        match self.apply(&mut run, event, true).await {
+        match self.apply(&mut run, event, Some(fence)).await {
             Ok(next) => (run, next),
             Err(error) => {
                 warn!(%error, "could not journal the renewed lease");
@@ -577,17 +589,17 @@ impl Engine {
         }
     }
 
-    async fn unlock(&self, label: &Label, dry_run: bool) {
-        if dry_run {
+    async fn unlock(&self, label: &Label, fence: Option<&Fence>) {
+        let Some(fence) = fence else {
             return;
-        }
-        if let Err(e) = self.store.release_lock(label, &self.settings.owner).await {
+        };
+        if let Err(e) = self.store.release_lock(label, fence).await {
             warn!(error = %e, "could not release the label lock; it will expire");
         }
     }
 
     /// Renew the lock until `stop`; completes only if the lock was lost.
-    async fn heartbeat(&self, label: &Label, stop: CancellationToken) {
+    async fn heartbeat(&self, label: &Label, fence: &Fence, stop: CancellationToken) {
         let every = (self.settings.lock_ttl / 3).max(Duration::from_millis(10));
         loop {
             tokio::select! {
@@ -596,7 +608,7 @@ impl Engine {
             }
             match self
                 .store
-                .renew_lock(label, &self.settings.owner, self.settings.lock_ttl)
+                .renew_lock(label, fence, self.settings.lock_ttl)
                 .await
             {
                 Ok(true) => {}
@@ -615,7 +627,7 @@ impl Engine {
         binding: &LabelBinding,
         mut run: LabelRun,
         mut actions: Vec<Action>,
-        persist: bool,
+        fence: Option<&Fence>,
         shared: &CycleShared,
         cancel: &CancellationToken,
         allowed: &(dyn Fn(&Action) -> bool + Sync),
@@ -629,7 +641,7 @@ impl Engine {
             // finish what is under way (persisting the end, stopping machines).
             let must_finish = matches!(action, Action::Commit { .. } | Action::ReleaseLease { .. });
             if cancel.is_cancelled() && !must_finish {
-                self.on_interrupt(binding, &run).await;
+                self.on_interrupt(binding, &run, fence).await;
                 return (run, Vec::new(), DriveEnd::Interrupted);
             }
             // Reads may be abandoned mid-flight; side effects run to their
@@ -640,7 +652,7 @@ impl Engine {
                 Action::ReadCounts { .. } | Action::ReadPublished | Action::ReadBaseline
             );
             let execution = self
-                .execute(binding, &run, action, shared, cancel, persist)
+                .execute(binding, &run, action, shared, cancel, fence)
                 .instrument(info_span!("stage", stage = %stage));
             let executed = if abandonable {
                 tokio::select! {
@@ -660,11 +672,11 @@ impl Engine {
                     return (run, Vec::new(), DriveEnd::JournalFailed(error));
                 }
                 Executed::Interrupted => {
-                    self.on_interrupt(binding, &run).await;
+                    self.on_interrupt(binding, &run, fence).await;
                     return (run, Vec::new(), DriveEnd::Interrupted);
                 }
             };
-            match self.apply(&mut run, event, persist).await {
+            match self.apply(&mut run, event, fence).await {
                 Ok(next) => actions = next,
                 Err(error) => {
                     warn!(%error, "stopping label: the journal could not be written");
@@ -680,7 +692,7 @@ impl Engine {
         &self,
         run: &mut LabelRun,
         event: Event,
-        persist: bool,
+        fence: Option<&Fence>,
     ) -> Result<Vec<Action>, StoreError> {
         let from = run.stage;
         let actions = match run.step(&event) {
@@ -693,9 +705,9 @@ impl Engine {
                 .unwrap_or_default()
             }
         };
-        if persist {
+        if let Some(fence) = fence {
             let transition = self.transition(run, from, event);
-            self.store.record(&transition).await?;
+            self.store.record(&transition, fence).await?;
         }
         Ok(actions)
     }
@@ -717,7 +729,7 @@ impl Engine {
 
     /// Ctrl-C / SIGTERM: stop the trainer and the lease; the journal keeps the
     /// run resumable at its recorded stage.
-    async fn on_interrupt(&self, binding: &LabelBinding, run: &LabelRun) {
+    async fn on_interrupt(&self, binding: &LabelBinding, run: &LabelRun, fence: Option<&Fence>) {
         if let Some(handle) = &run.handle {
             if let Err(e) = binding.trainer.cancel(handle).await {
                 warn!(error = %e, "could not stop the training job on interrupt");
@@ -725,8 +737,18 @@ impl Engine {
         }
         if let (Some(lease), Some(provider)) = (&run.lease, &binding.lease) {
             if !run.lease_released {
-                self.release_lease(provider.as_ref(), lease).await.ok();
+                self.release_lease(provider.as_ref(), lease, fence)
+                    .await
+                    .ok();
             }
+        }
+    }
+
+    /// Write a lease record: fenced inside a run, unfenced for `infra reap`.
+    async fn record_lease(&self, lease: &Lease, fence: Option<&Fence>) -> Result<(), StoreError> {
+        match fence {
+            Some(fence) => self.store.put_lease(lease, fence).await,
+            None => self.store.put_lease_unfenced(lease).await,
         }
     }
 
@@ -734,12 +756,12 @@ impl Engine {
         &self,
         provider: &dyn LeaseProvider,
         lease: &Lease,
+        fence: Option<&Fence>,
     ) -> Result<(), String> {
         provider.release(lease).await.map_err(|e| e.to_string())?;
         let mut released = lease.clone();
         released.released_at = Some(self.clock.now());
-        self.store
-            .put_lease(&released)
+        self.record_lease(&released, fence)
             .await
             .map_err(|e| e.to_string())?;
         info!(lease = %lease.id, resources = ?lease.resources, "lease released");
@@ -759,7 +781,7 @@ impl Engine {
         action: Action,
         shared: &CycleShared,
         cancel: &CancellationToken,
-        persist: bool,
+        fence: Option<&Fence>,
     ) -> Executed {
         debug_assert!(
             !(run.plan.dry_run
@@ -813,7 +835,9 @@ impl Engine {
                 let result = cell
                     .get_or_init(|| async {
                         info!(job = %controller.describe(), "restarting prepare job");
-                        controller.restart().await
+                        controller
+                            .restart(&JobKey::prepare(&run.cycle_id, &key))
+                            .await
                     })
                     .await;
                 match result {
@@ -854,26 +878,28 @@ impl Engine {
                     released_at: None,
                 };
                 // Recorded before the instances start, so nothing can leak.
-                if let Err(e) = self.store.put_lease(&lease).await {
+                if let Err(e) = self.record_lease(&lease, fence).await {
                     return Self::failed(format!("could not record the lease: {e}"));
                 }
                 let acquired = tokio::select! {
                     r = provider.acquire(lease.clone()) => r,
                     () = cancel.cancelled() => {
-                        self.release_lease(provider.as_ref(), &lease).await.ok();
+                        self.release_lease(provider.as_ref(), &lease, fence).await.ok();
                         return Executed::Interrupted;
                     }
                 };
                 match acquired {
                     Ok(lease) => {
-                        if let Err(e) = self.store.put_lease(&lease).await {
+                        if let Err(e) = self.record_lease(&lease, fence).await {
                             warn!(error = %e, "could not record lease attributes");
                         }
                         Executed::Event(Event::LeaseAcquired { lease })
                     }
                     Err(e) => {
                         // Starting may have partially succeeded: stop now.
-                        self.release_lease(provider.as_ref(), &lease).await.ok();
+                        self.release_lease(provider.as_ref(), &lease, fence)
+                            .await
+                            .ok();
                         Self::failed(format!("acquiring the lease failed: {e}"))
                     }
                 }
@@ -955,7 +981,7 @@ impl Engine {
                 let Some(provider) = &binding.lease else {
                     return Self::failed("no lease provider configured to release the lease");
                 };
-                match self.release_lease(provider.as_ref(), &lease).await {
+                match self.release_lease(provider.as_ref(), &lease, fence).await {
                     Ok(()) => Executed::Event(Event::LeaseReleased),
                     Err(e) => Self::failed(e),
                 }
@@ -974,16 +1000,16 @@ impl Engine {
                 })
             }
             Action::Commit { cursor } => {
-                if !persist {
+                let Some(fence) = fence else {
                     return Executed::Committed;
-                }
+                };
                 let mut finished = run.clone();
                 let from = finished.stage;
                 if finished.step(&Event::Committed).is_err() {
                     return Self::failed("internal error: commit outside the finishing stage");
                 }
                 let transition = self.transition(&finished, from, Event::Committed);
-                match self.store.finish(&transition, cursor).await {
+                match self.store.finish(&transition, cursor, fence).await {
                     Ok(()) => {
                         if let Some(outcome) = &run.outcome {
                             info!(outcome = outcome.short(), "run finished");
@@ -1082,7 +1108,7 @@ impl Engine {
                 warn!(lease = %lease.id, label = %lease.label, "cannot reap: label has no lease provider configured");
                 continue;
             };
-            match self.release_lease(provider.as_ref(), &lease).await {
+            match self.release_lease(provider.as_ref(), &lease, None).await {
                 Ok(()) => {
                     info!(lease = %lease.id, expired, orphaned, "reaped lease");
                     reaped.push(lease);
@@ -1144,12 +1170,29 @@ impl Engine {
                 production: production.clone(),
                 verdict: verdict.clone(),
             };
-            self.apply(&mut run, event, true).await?;
-            let from = run.stage;
-            let _ = run.step(&Event::Committed);
-            self.store
-                .finish(&self.transition(&run, from, Event::Committed), None)
-                .await?;
+            // Journaled under the label's lock like every run, so the write is
+            // fenced; a label being driven right now is reported busy.
+            let fence = match self
+                .store
+                .try_lock(label, &self.settings.owner, self.settings.lock_ttl)
+                .await?
+            {
+                LockOutcome::Acquired(fence) => fence,
+                LockOutcome::Busy { owner, .. } => {
+                    return Err(EngineError::Busy(label.clone(), owner))
+                }
+            };
+            let recorded = async {
+                self.apply(&mut run, event, Some(&fence)).await?;
+                let from = run.stage;
+                let _ = run.step(&Event::Committed);
+                self.store
+                    .finish(&self.transition(&run, from, Event::Committed), None, &fence)
+                    .await
+            }
+            .await;
+            self.unlock(label, Some(&fence)).await;
+            recorded?;
             Some(run.run_id)
         } else {
             None
@@ -1182,6 +1225,7 @@ fn training_request(run: &LabelRun, attempt: u32, dataset: &DatasetVersion) -> T
         label: run.label().clone(),
         run_id: run.run_id.clone(),
         attempt,
+        job_key: JobKey::training(&run.run_id, attempt),
         dataset_name: dataset.metadata.dataset_name.clone(),
         dataset_version: dataset.metadata.version_tag.clone(),
         lease: active_lease(run),

@@ -18,9 +18,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{
-    Candidate, DatasetVersion, FeedbackCounts, Label, LabelCursor, Lease, LockOutcome, LockOwner,
-    Metrics, ProductionModel, PromotedVersion, RunId, SpaceStage, TrainingHandle, TrainingOutcome,
-    VersionTag,
+    Candidate, DatasetVersion, FeedbackCounts, Fence, JobKey, Label, LabelCursor, Lease,
+    LockOutcome, LockOwner, Metrics, ProductionModel, PromotedVersion, RunId, SpaceStage,
+    TrainingHandle, TrainingOutcome, VersionTag,
 };
 use crate::journal::{RunDetail, RunFilter, RunSummary, Transition};
 use crate::machine::LabelRun;
@@ -82,7 +82,12 @@ pub trait CountSource: Send + Sync {
 #[async_trait]
 pub trait SpaceController: Send + Sync {
     /// Restart the job. Must be safe to call on a job in any state.
-    async fn restart(&self) -> Result<(), PortError>;
+    ///
+    /// `intent` is the journaled key of this restart. An adapter that can
+    /// tell that the restart for `intent` already happened (a command job
+    /// spawned for that key) must not restart again: a resumed run whose
+    /// restart was sent but not journaled calls this a second time.
+    async fn restart(&self, intent: &JobKey) -> Result<(), PortError>;
     /// Current stage; `SpaceStage::Error(..)` makes waiting labels fail fast.
     async fn stage(&self) -> Result<SpaceStage, PortError>;
     /// Human-readable address, for logs and reports.
@@ -115,6 +120,9 @@ pub struct TrainingRequest {
     pub label: Label,
     pub run_id: RunId,
     pub attempt: u32,
+    /// Deterministic key of this job (journaled as the intent before
+    /// `start` is called). `start` is idempotent for it.
+    pub job_key: JobKey,
     pub dataset_name: String,
     pub dataset_version: VersionTag,
     /// Present when the trainer runs under a lease (e.g. `public_ip`).
@@ -122,10 +130,19 @@ pub struct TrainingRequest {
 }
 
 /// Starts and awaits training jobs.
+///
+/// Contract (the engine relies on it for exactly-once training): `start` is
+/// **idempotent for `request.job_key`**. The engine journals the intent
+/// (the key) before calling `start` and the handle after it returns; a crash
+/// in between makes the resumed run call `start` again with the same key,
+/// and the trainer must then return the handle of the job already started
+/// for that key (running or finished) instead of starting another one. Only
+/// when no job for the key exists may it start one.
 #[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
 #[async_trait]
 pub trait Trainer: Send + Sync {
-    /// Start the job and return a handle that survives a restart of the
+    /// Start the job for `request.job_key`, or adopt the one already started
+    /// for it, and return a handle that survives a restart of the
     /// orchestrator (it is journaled).
     async fn start(&self, request: &TrainingRequest) -> Result<TrainingHandle, PortError>;
     /// Wait for the job of `handle` (possibly started by an earlier process).
@@ -204,45 +221,72 @@ pub enum StoreError {
     Corrupt(String),
     #[error("run store conflict: {0}")]
     Conflict(String),
+    /// The write carried a fence whose lock is no longer held (expired, or
+    /// taken by another orchestrator): nothing was written. The message names
+    /// the current holder, if any.
+    #[error("lock lost: {0}")]
+    Fenced(String),
 }
 
 /// The durable journal, cursors, label locks and leases.
+///
+/// **Fencing contract.** `try_lock` returns a [`Fence`] whose token is larger
+/// than that of every earlier acquisition of the label's lock. `record`,
+/// `finish`, `put_lease`, `renew_lock` and `release_lock`
+/// check, *in the same statement or transaction as the write*, that exactly
+/// this lock (label, owner, token) is still held and unexpired, and
+/// otherwise write nothing and return [`StoreError::Fenced`]. So a holder
+/// whose lock expired (a pause longer than the TTL) can never overwrite the
+/// work of the orchestrator that took the label over.
 #[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
 #[async_trait]
 pub trait RunStore: Send + Sync {
-    /// Take `label`'s lock for `owner` unless another owner holds an unexpired one.
+    /// Take `label`'s lock for `owner` unless another owner holds an
+    /// unexpired one. A lock held by a process of this host that no longer
+    /// exists (see `LockOwner::process`) may be taken at once. Every
+    /// acquisition, re-acquisition by the same owner included, gets a new,
+    /// larger token.
     async fn try_lock(
         &self,
         label: &Label,
         owner: &LockOwner,
         ttl: Duration,
     ) -> Result<LockOutcome, StoreError>;
-    /// Extend a held lock; `false` if it was lost (expired and taken).
+    /// Extend a held lock; `false` if it was lost (expired and taken, or
+    /// released).
     async fn renew_lock(
         &self,
         label: &Label,
-        owner: &LockOwner,
+        fence: &Fence,
         ttl: Duration,
     ) -> Result<bool, StoreError>;
-    async fn release_lock(&self, label: &Label, owner: &LockOwner) -> Result<(), StoreError>;
+    /// Release the lock if `fence` still holds it (a no-op otherwise).
+    async fn release_lock(&self, label: &Label, fence: &Fence) -> Result<(), StoreError>;
 
     async fn cursor(&self, label: &Label) -> Result<LabelCursor, StoreError>;
     /// The unfinished run of `label`, if any, as last journaled.
     async fn unfinished_run(&self, label: &Label) -> Result<Option<LabelRun>, StoreError>;
-    /// Append `transition` to the journal and store its snapshot, atomically.
-    async fn record(&self, transition: &Transition) -> Result<(), StoreError>;
-    /// Record the final transition and (optionally) advance the cursor, atomically.
+    /// Append `transition` to the journal and store its snapshot, atomically,
+    /// if `fence` still holds the label's lock.
+    async fn record(&self, transition: &Transition, fence: &Fence) -> Result<(), StoreError>;
+    /// Record the final transition and (optionally) advance the cursor,
+    /// atomically, if `fence` still holds the label's lock.
     async fn finish(
         &self,
         transition: &Transition,
         cursor: Option<LabelCursor>,
+        fence: &Fence,
     ) -> Result<(), StoreError>;
 
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, StoreError>;
     async fn run(&self, run_id: &RunId) -> Result<Option<RunDetail>, StoreError>;
 
-    /// Insert or update a lease record.
-    async fn put_lease(&self, lease: &Lease) -> Result<(), StoreError>;
+    /// Insert or update a lease record of a run, fenced on the lease's label
+    /// like a journal write.
+    async fn put_lease(&self, lease: &Lease, fence: &Fence) -> Result<(), StoreError>;
+    /// Insert or update a lease record outside a run: administrative writes
+    /// (`infra reap`, `infra start|stop`) that hold no label lock.
+    async fn put_lease_unfenced(&self, lease: &Lease) -> Result<(), StoreError>;
     /// Leases not yet released.
     async fn active_leases(&self) -> Result<Vec<Lease>, StoreError>;
     /// Whether the owner of `label`'s lock is alive (lock held and unexpired).

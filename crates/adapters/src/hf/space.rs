@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 use reqwest::Method;
-use retrain_core::domain::SpaceStage;
+use retrain_core::domain::{JobKey, SpaceStage};
 use retrain_core::ports::{PortError, SpaceController};
 use tracing::{debug, warn};
 
@@ -158,7 +158,7 @@ impl HfSpaceController {
 impl SpaceController for HfSpaceController {
     /// Safe in any state: the Hub restarts running, paused and errored Spaces
     /// alike (§1.2: "no matter the current state").
-    async fn restart(&self) -> Result<(), PortError> {
+    async fn restart(&self, _intent: &JobKey) -> Result<(), PortError> {
         restart_space(&self.client, &self.space, self.factory_reboot).await
     }
 

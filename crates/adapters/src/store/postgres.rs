@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use retrain_core::domain::{Label, LabelCursor, Lease, LockOutcome, LockOwner, RunId, VersionTag};
+use retrain_core::domain::{
+    Fence, Label, LabelCursor, Lease, LockOutcome, LockOwner, RunId, VersionTag,
+};
 use retrain_core::journal::{RunDetail, RunFilter, RunSummary, Transition, TransitionRecord};
 use retrain_core::machine::LabelRun;
 use retrain_core::ports::{RunStore, StoreError};
@@ -198,7 +200,10 @@ impl RunStore for PostgresRunStore {
             .map_err(self.err(&what))?
             .rows_affected();
             if taken == 1 {
-                return Ok(LockOutcome::Acquired);
+                return Ok(LockOutcome::Acquired(Fence {
+                    owner: owner.clone(),
+                    token: 0,
+                }));
             }
             let holder = sqlx::query("SELECT owner, expires_at FROM locks WHERE label = $1")
                 .bind(label.as_str())
@@ -222,9 +227,10 @@ impl RunStore for PostgresRunStore {
     async fn renew_lock(
         &self,
         label: &Label,
-        owner: &LockOwner,
+        fence: &Fence,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
+        let owner = &fence.owner;
         let renewed = sqlx::query(
             "UPDATE locks SET expires_at = now() + make_interval(secs => $3)
              WHERE label = $1 AND owner = $2",
@@ -239,7 +245,8 @@ impl RunStore for PostgresRunStore {
         Ok(renewed == 1)
     }
 
-    async fn release_lock(&self, label: &Label, owner: &LockOwner) -> Result<(), StoreError> {
+    async fn release_lock(&self, label: &Label, fence: &Fence) -> Result<(), StoreError> {
+        let owner = &fence.owner;
         sqlx::query("DELETE FROM locks WHERE label = $1 AND owner = $2")
             .bind(label.as_str())
             .bind(&owner.0)
@@ -292,7 +299,7 @@ impl RunStore for PostgresRunStore {
         .transpose()
     }
 
-    async fn record(&self, transition: &Transition) -> Result<(), StoreError> {
+    async fn record(&self, transition: &Transition, _fence: &Fence) -> Result<(), StoreError> {
         self.write(transition, None).await
     }
 
@@ -300,6 +307,7 @@ impl RunStore for PostgresRunStore {
         &self,
         transition: &Transition,
         cursor: Option<LabelCursor>,
+        _fence: &Fence,
     ) -> Result<(), StoreError> {
         self.write(transition, cursor.as_ref()).await
     }
@@ -372,7 +380,11 @@ impl RunStore for PostgresRunStore {
         }))
     }
 
-    async fn put_lease(&self, lease: &Lease) -> Result<(), StoreError> {
+    async fn put_lease(&self, lease: &Lease, _fence: &Fence) -> Result<(), StoreError> {
+        self.put_lease_unfenced(lease).await
+    }
+
+    async fn put_lease_unfenced(&self, lease: &Lease) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO leases (id, label, run_id, provider, resources, region, acquired_at, max_until, attributes, released_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
-use retrain_core::domain::{Label, LabelCursor, Lease, LockOutcome, LockOwner, RunId, VersionTag};
+use retrain_core::domain::{
+    Fence, Label, LabelCursor, Lease, LockOutcome, LockOwner, RunId, VersionTag,
+};
 use retrain_core::journal::{RunDetail, RunFilter, RunSummary, Transition, TransitionRecord};
 use retrain_core::machine::LabelRun;
 use retrain_core::ports::{RunStore, StoreError};
@@ -282,7 +284,10 @@ impl RunStore for SqliteRunStore {
             .map_err(self.err(&what))?
             .rows_affected();
             if taken == 1 {
-                return Ok(LockOutcome::Acquired);
+                return Ok(LockOutcome::Acquired(Fence {
+                    owner: owner.clone(),
+                    token: 0,
+                }));
             }
             let holder = sqlx::query("SELECT owner, expires_at FROM locks WHERE label = ?1")
                 .bind(label.as_str())
@@ -305,9 +310,10 @@ impl RunStore for SqliteRunStore {
     async fn renew_lock(
         &self,
         label: &Label,
-        owner: &LockOwner,
+        fence: &Fence,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
+        let owner = &fence.owner;
         let renewed =
             sqlx::query("UPDATE locks SET expires_at = ?3 WHERE label = ?1 AND owner = ?2")
                 .bind(label.as_str())
@@ -320,7 +326,8 @@ impl RunStore for SqliteRunStore {
         Ok(renewed == 1)
     }
 
-    async fn release_lock(&self, label: &Label, owner: &LockOwner) -> Result<(), StoreError> {
+    async fn release_lock(&self, label: &Label, fence: &Fence) -> Result<(), StoreError> {
+        let owner = &fence.owner;
         sqlx::query("DELETE FROM locks WHERE label = ?1 AND owner = ?2")
             .bind(label.as_str())
             .bind(&owner.0)
@@ -374,7 +381,7 @@ impl RunStore for SqliteRunStore {
         .transpose()
     }
 
-    async fn record(&self, transition: &Transition) -> Result<(), StoreError> {
+    async fn record(&self, transition: &Transition, _fence: &Fence) -> Result<(), StoreError> {
         self.write(transition, None).await
     }
 
@@ -382,6 +389,7 @@ impl RunStore for SqliteRunStore {
         &self,
         transition: &Transition,
         cursor: Option<LabelCursor>,
+        _fence: &Fence,
     ) -> Result<(), StoreError> {
         self.write(transition, cursor.as_ref()).await
     }
@@ -459,7 +467,11 @@ impl RunStore for SqliteRunStore {
         }))
     }
 
-    async fn put_lease(&self, lease: &Lease) -> Result<(), StoreError> {
+    async fn put_lease(&self, lease: &Lease, _fence: &Fence) -> Result<(), StoreError> {
+        self.put_lease_unfenced(lease).await
+    }
+
+    async fn put_lease_unfenced(&self, lease: &Lease) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO leases (id, label, run_id, provider, resources, region, acquired_at, max_until, attributes, released_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)

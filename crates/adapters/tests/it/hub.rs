@@ -7,7 +7,9 @@ use retrain_adapters::hf::{
     HfMetadataStore, HfSpaceController, HfSpaceTrainer, HubClient, HubSettings, HANDLE_KIND,
 };
 use retrain_adapters::http::HttpPolicy;
-use retrain_core::domain::{Label, RunId, SpaceStage, TrainingHandle, TrainingOutcome, VersionTag};
+use retrain_core::domain::{
+    JobKey, Label, RunId, SpaceStage, TrainingHandle, TrainingOutcome, VersionTag,
+};
 use retrain_core::ports::{
     MetadataRead, MetadataStore, PortError, SpaceController, Trainer, TrainingRequest,
 };
@@ -50,6 +52,7 @@ fn request(version: &str) -> TrainingRequest {
         label: Label::new("department").unwrap(),
         run_id: RunId("run-1".into()),
         attempt: 1,
+        job_key: JobKey("run-1/train/1".into()),
         dataset_name: "owner/ds".into(),
         dataset_version: VersionTag::new(version),
         lease: None,
@@ -100,7 +103,10 @@ async fn restart_posts_without_factory_by_default() {
         .await;
     let controller =
         HfSpaceController::new(client(&server), "hf-space://owner/prep", false).unwrap();
-    controller.restart().await.unwrap();
+    controller
+        .restart(&JobKey("cycle-1/prepare/job".into()))
+        .await
+        .unwrap();
     let requests = server.received_requests().await.unwrap();
     assert_eq!(
         requests[0].url.query(),
@@ -127,7 +133,10 @@ async fn restart_with_factory_reboot_sends_factory_true() {
         true,
     )
     .unwrap();
-    controller.restart().await.unwrap();
+    controller
+        .restart(&JobKey("cycle-1/prepare/job".into()))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -208,7 +217,10 @@ async fn space_permission_errors_name_the_space_and_permission() {
             )
             .mount(&server)
             .await;
-        let err = controller.restart().await.unwrap_err();
+        let err = controller
+            .restart(&JobKey("cycle-1/prepare/job".into()))
+            .await
+            .unwrap_err();
         assert!(matches!(err, PortError::Denied(_)), "{err:?}");
         check_message(&err, "owner/prep");
         check_message(&err, "write access");
@@ -224,7 +236,10 @@ async fn space_permission_errors_name_the_space_and_permission() {
         )
         .mount(&server)
         .await;
-    let err = controller.restart().await.unwrap_err();
+    let err = controller
+        .restart(&JobKey("cycle-1/prepare/job".into()))
+        .await
+        .unwrap_err();
     assert!(matches!(err, PortError::NotFound(_)), "{err:?}");
     check_message(&err, "owner/prep");
     check_message(&err, "RepoNotFound");
@@ -241,7 +256,10 @@ async fn restart_of_a_static_space_fails_with_a_hint() {
         .mount(&server)
         .await;
     let controller = HfSpaceController::new(client(&server), "owner/prep", false).unwrap();
-    let err = controller.restart().await.unwrap_err();
+    let err = controller
+        .restart(&JobKey("cycle-1/prepare/job".into()))
+        .await
+        .unwrap_err();
     assert!(matches!(err, PortError::Failed(_)), "{err:?}");
     check_message(&err, "owner/prep");
     check_message(&err, "Cannot restart a static space");
@@ -264,7 +282,10 @@ async fn a_server_echoing_the_token_cannot_leak_it_into_errors() {
             )
             .mount(&server)
             .await;
-        let err = controller.restart().await.unwrap_err();
+        let err = controller
+            .restart(&JobKey("cycle-1/prepare/job".into()))
+            .await
+            .unwrap_err();
         check_message(&err, "owner/prep");
         assert!(err.to_string().contains("Bearer ***"), "{err}");
     }
@@ -317,7 +338,10 @@ async fn rate_limit_429_honours_retry_after() {
         .await;
     let controller = HfSpaceController::new(client(&server), "owner/prep", false).unwrap();
     let started = Instant::now();
-    controller.restart().await.unwrap();
+    controller
+        .restart(&JobKey("cycle-1/prepare/job".into()))
+        .await
+        .unwrap();
     assert!(started.elapsed() >= Duration::from_millis(900));
     assert_eq!(server.received_requests().await.unwrap().len(), 2);
 }
@@ -362,7 +386,10 @@ async fn rate_limit_too_long_gives_a_transient_error_with_the_reset_time() {
         .mount(&server)
         .await;
     let controller = HfSpaceController::new(client(&server), "owner/prep", false).unwrap();
-    let err = controller.restart().await.unwrap_err();
+    let err = controller
+        .restart(&JobKey("cycle-1/prepare/job".into()))
+        .await
+        .unwrap_err();
     assert!(matches!(err, PortError::Transient(_)), "{err:?}");
     check_message(&err, "owner/prep");
     check_message(&err, "3600s");
@@ -855,7 +882,10 @@ mod fake {
         );
         assert_eq!(hub.metadata_gets("owner/ds"), 1);
 
-        controller.restart().await.unwrap();
+        controller
+            .restart(&JobKey("cycle-1/prepare/job".into()))
+            .await
+            .unwrap();
         assert_eq!(hub.restarts("owner/prep"), 1);
         assert_eq!(controller.stage().await.unwrap(), SpaceStage::Running);
         // Not yet: the Space takes its time.
@@ -923,7 +953,10 @@ mod fake {
         hub.set_restart_stages("owner/prep", &["BUILDING", "BUILD_ERROR"]);
         hub.set_error_message("owner/prep", "requirements.txt: no such package");
         let controller = HfSpaceController::new(hub.client(), "owner/prep", true).unwrap();
-        controller.restart().await.unwrap();
+        controller
+            .restart(&JobKey("cycle-1/prepare/job".into()))
+            .await
+            .unwrap();
         assert_eq!(hub.factory_restarts("owner/prep"), 1);
         assert_eq!(controller.stage().await.unwrap(), SpaceStage::Building);
         assert_eq!(
@@ -940,14 +973,20 @@ mod fake {
         wrong.token = Some(SecretString::from(TOKEN));
         let controller =
             HfSpaceController::new(HubClient::new(wrong).unwrap(), "owner/prep", false).unwrap();
-        let err = controller.restart().await.unwrap_err();
+        let err = controller
+            .restart(&JobKey("cycle-1/prepare/job".into()))
+            .await
+            .unwrap_err();
         assert!(matches!(err, PortError::Denied(_)), "{err:?}");
         check_message(&err, "owner/prep");
         assert_eq!(hub.restarts("owner/prep"), 0);
 
         let controller = HfSpaceController::new(hub.client(), "owner/prep", false).unwrap();
         hub.fail_next(2, 503);
-        controller.restart().await.unwrap();
+        controller
+            .restart(&JobKey("cycle-1/prepare/job".into()))
+            .await
+            .unwrap();
         assert_eq!(hub.restarts("owner/prep"), 1);
         hub.fail_next(1, 429);
         assert_eq!(controller.stage().await.unwrap(), SpaceStage::Running);

@@ -11,7 +11,7 @@ use retrain_adapters::file_metadata::FileMetadataStore;
 use retrain_adapters::json_registry::JsonRegistry;
 use retrain_adapters::log_notifier::LogNotifier;
 use retrain_core::domain::{
-    Candidate, Label, Lease, Metrics, RunId, SpaceStage, TrainingHandle, TrainingOutcome,
+    Candidate, JobKey, Label, Lease, Metrics, RunId, SpaceStage, TrainingHandle, TrainingOutcome,
     VersionTag,
 };
 use retrain_core::ports::{
@@ -29,6 +29,7 @@ fn request(run_id: &str, attempt: u32, lease: Option<Lease>) -> TrainingRequest 
         label: Label::new("segmentation").unwrap(),
         run_id: RunId(run_id.into()),
         attempt,
+        job_key: JobKey(format!("{run_id}/train/{attempt}")),
         dataset_name: "owner/wms".into(),
         dataset_version: VersionTag::new("v20251030_115250"),
         lease,
@@ -399,7 +400,10 @@ async fn command_space_reports_running_stopped_and_failed() {
         space.stage().await.unwrap(),
         SpaceStage::Unknown("NOT_STARTED".into())
     );
-    space.restart().await.unwrap();
+    space
+        .restart(&JobKey("cycle-1/prepare/job".into()))
+        .await
+        .unwrap();
     assert_eq!(space.stage().await.unwrap(), SpaceStage::Running);
     assert_eq!(settled(&space).await, SpaceStage::Stopped);
 
@@ -408,7 +412,10 @@ async fn command_space_reports_running_stopped_and_failed() {
         state.path().to_path_buf(),
     )
     .unwrap();
-    failing.restart().await.unwrap();
+    failing
+        .restart(&JobKey("cycle-1/prepare/job".into()))
+        .await
+        .unwrap();
     let stage = settled(&failing).await;
     assert_eq!(
         stage,
@@ -426,9 +433,15 @@ async fn restarting_a_command_space_stops_the_previous_run() {
     spec.env
         .insert("PIDS".into(), pids.to_string_lossy().into_owned());
     let space = CommandSpace::new(spec, state.path().to_path_buf()).unwrap();
-    space.restart().await.unwrap();
+    space
+        .restart(&JobKey("cycle-1/prepare/job".into()))
+        .await
+        .unwrap();
     let first = read_pid(&pids).await;
-    space.restart().await.unwrap();
+    space
+        .restart(&JobKey("cycle-1/prepare/job".into()))
+        .await
+        .unwrap();
     assert!(!running(first), "the first prepare run survived a restart");
     assert_eq!(space.stage().await.unwrap(), SpaceStage::Running);
     // Leave nothing behind.

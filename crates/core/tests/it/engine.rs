@@ -167,7 +167,7 @@ async fn shared_prepare_job_is_restarted_once_for_all_labels() {
     let store = MemStore::new();
     let mut mock = MockSpaceController::new();
     let w = world.clone();
-    mock.expect_restart().times(1).returning(move || {
+    mock.expect_restart().times(1).returning(move |_| {
         *w.published.lock().unwrap() = Some(dataset("v2", 500, 3600));
         Ok(())
     });
@@ -431,7 +431,7 @@ async fn an_unchanged_version_is_never_accepted_and_the_poll_times_out() {
     let store = MemStore::new();
     // A prepare job that restarts but never publishes a new version.
     let mut mock = MockSpaceController::new();
-    mock.expect_restart().times(1).returning(|| Ok(()));
+    mock.expect_restart().times(1).returning(|_| Ok(()));
     mock.expect_stage().returning(|| Ok(SpaceStage::Running));
     mock.expect_describe().return_const("mock".to_string());
     *world.published.lock().unwrap() = Some(dataset("v1", 1_000_000, 0));

@@ -135,14 +135,18 @@ impl RunStore for MemStore {
                 now + chrono::Duration::from_std(ttl).unwrap(),
             ),
         );
-        Ok(LockOutcome::Acquired)
+        Ok(LockOutcome::Acquired(Fence {
+            owner: owner.clone(),
+            token: 0,
+        }))
     }
     async fn renew_lock(
         &self,
         label: &Label,
-        owner: &LockOwner,
+        fence: &Fence,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
+        let owner = &fence.owner;
         self.check()?;
         let mut d = self.data.lock().unwrap();
         match d.locks.get_mut(label) {
@@ -153,7 +157,8 @@ impl RunStore for MemStore {
             _ => Ok(false),
         }
     }
-    async fn release_lock(&self, label: &Label, owner: &LockOwner) -> Result<(), StoreError> {
+    async fn release_lock(&self, label: &Label, fence: &Fence) -> Result<(), StoreError> {
+        let owner = &fence.owner;
         self.check()?;
         let mut d = self.data.lock().unwrap();
         if d.locks.get(label).is_some_and(|(h, _)| h == &owner.0) {
@@ -183,7 +188,7 @@ impl RunStore for MemStore {
             .rfind(|(r, done)| !done && r.label() == label)
             .map(|(r, _)| r.clone()))
     }
-    async fn record(&self, transition: &Transition) -> Result<(), StoreError> {
+    async fn record(&self, transition: &Transition, _fence: &Fence) -> Result<(), StoreError> {
         self.check()?;
         self.store_transition(transition);
         self.after_write()
@@ -192,6 +197,7 @@ impl RunStore for MemStore {
         &self,
         transition: &Transition,
         cursor: Option<LabelCursor>,
+        _fence: &Fence,
     ) -> Result<(), StoreError> {
         self.check()?;
         self.store_transition(transition);
@@ -233,7 +239,11 @@ impl RunStore for MemStore {
                 .collect(),
         }))
     }
-    async fn put_lease(&self, lease: &Lease) -> Result<(), StoreError> {
+    async fn put_lease(&self, lease: &Lease, _fence: &Fence) -> Result<(), StoreError> {
+        self.put_lease_unfenced(lease).await
+    }
+
+    async fn put_lease_unfenced(&self, lease: &Lease) -> Result<(), StoreError> {
         self.check()?;
         self.data
             .lock()
@@ -378,7 +388,7 @@ pub struct FakePrepare {
 }
 #[async_trait]
 impl SpaceController for FakePrepare {
-    async fn restart(&self) -> Result<(), PortError> {
+    async fn restart(&self, _intent: &JobKey) -> Result<(), PortError> {
         self.world.counters.restarts.fetch_add(1, Ordering::SeqCst);
         if !self.stage.is_error() {
             *self.world.published.lock().unwrap() = Some(dataset("v2", 500, 3600));
