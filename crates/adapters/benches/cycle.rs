@@ -184,6 +184,7 @@ fn main() {
                     leased: false,
                     promote: PromoteMode::Auto,
                     max_attempts: 2,
+                    max_step_retries: 5,
                     poll_interval: Duration::from_millis(1),
                     poll_timeout: Duration::from_secs(600),
                     dry_run: false,

@@ -225,6 +225,7 @@ fn plan(settings: &Settings, label: &LabelSettings) -> LabelPlan {
         leased: label.lease.is_some(),
         promote: label.promote,
         max_attempts: label.max_attempts,
+        max_step_retries: label.max_step_retries,
         poll_interval: label.poll_interval,
         poll_timeout: label.poll_timeout,
         dry_run: settings.dry_run,

@@ -94,6 +94,7 @@ fn bench(c: &mut Criterion) {
         leased: false,
         promote: PromoteMode::Auto,
         max_attempts: 2,
+        max_step_retries: 5,
         poll_interval: Duration::from_secs(60),
         poll_timeout: Duration::from_secs(1800),
         dry_run: false,

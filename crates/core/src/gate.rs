@@ -72,33 +72,57 @@ impl MetricRule {
     }
 }
 
-/// A label's gate policy.
+/// A label's gate policy. It can only be constructed valid ([`GatePolicy::new`],
+/// or deserialised, which validates the same way), so an embedder cannot
+/// build a policy that fails open (a `NaN` bound, no metric at all).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "GatePolicyFields", into = "GatePolicyFields")]
 pub struct GatePolicy {
+    require: Require,
+    metrics: Vec<MetricRule>,
+    first_model: FirstModelPolicy,
+}
+
+/// The serialised shape of a [`GatePolicy`], validated on the way in.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GatePolicyFields {
     #[serde(default)]
-    pub require: Require,
-    pub metrics: Vec<MetricRule>,
+    require: Require,
+    metrics: Vec<MetricRule>,
     #[serde(default)]
-    pub first_model: FirstModelPolicy,
+    first_model: FirstModelPolicy,
+}
+
+impl TryFrom<GatePolicyFields> for GatePolicy {
+    type Error = String;
+    fn try_from(fields: GatePolicyFields) -> Result<Self, String> {
+        Self::new(fields.require, fields.metrics, fields.first_model)
+    }
+}
+
+impl From<GatePolicy> for GatePolicyFields {
+    fn from(policy: GatePolicy) -> Self {
+        Self {
+            require: policy.require,
+            metrics: policy.metrics,
+            first_model: policy.first_model,
+        }
+    }
 }
 
 impl GatePolicy {
-    /// The seed rule: `dice` and `iou`, both higher, strictly better.
-    pub fn seed_default() -> Self {
-        Self {
-            require: Require::All,
-            metrics: vec![MetricRule::higher("dice"), MetricRule::higher("iou")],
-            first_model: FirstModelPolicy::Pass,
-        }
-    }
-
-    /// Reject policies that could never be evaluated meaningfully.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.metrics.is_empty() {
+    /// A policy, or why it could never be evaluated meaningfully: no
+    /// metric, an empty name, a non-finite threshold or bound, `min > max`.
+    pub fn new(
+        require: Require,
+        metrics: Vec<MetricRule>,
+        first_model: FirstModelPolicy,
+    ) -> Result<Self, String> {
+        if metrics.is_empty() {
             return Err("gate.metrics must list at least one metric".into());
         }
-        for rule in &self.metrics {
+        for rule in &metrics {
             if rule.name.trim().is_empty() {
                 return Err("gate metric name must not be empty".into());
             }
@@ -123,7 +147,30 @@ impl GatePolicy {
                 }
             }
         }
-        Ok(())
+        Ok(Self {
+            require,
+            metrics,
+            first_model,
+        })
+    }
+
+    /// The seed rule: `dice` and `iou`, both higher, strictly better.
+    pub fn seed_default() -> Self {
+        Self {
+            require: Require::All,
+            metrics: vec![MetricRule::higher("dice"), MetricRule::higher("iou")],
+            first_model: FirstModelPolicy::Pass,
+        }
+    }
+
+    pub fn require(&self) -> Require {
+        self.require
+    }
+    pub fn metrics(&self) -> &[MetricRule] {
+        &self.metrics
+    }
+    pub fn first_model(&self) -> FirstModelPolicy {
+        self.first_model
     }
 }
 
@@ -542,23 +589,58 @@ mod tests {
 
     #[test]
     fn policy_validation() {
-        assert!(GatePolicy::seed_default().validate().is_ok());
-        let empty = GatePolicy {
-            metrics: vec![],
-            ..GatePolicy::seed_default()
+        let seed = GatePolicy::seed_default();
+        assert!(
+            GatePolicy::new(seed.require(), seed.metrics().to_vec(), seed.first_model()).is_ok()
+        );
+        assert!(
+            GatePolicy::new(Require::All, vec![], FirstModelPolicy::Pass)
+                .unwrap_err()
+                .contains("at least one metric")
+        );
+        let inverted = MetricRule {
+            min: Some(1.0),
+            max: Some(0.0),
+            ..MetricRule::higher("x")
         };
-        assert!(empty.validate().is_err());
-        let inverted = GatePolicy {
-            metrics: vec![MetricRule {
-                min: Some(1.0),
-                max: Some(0.0),
-                ..MetricRule::higher("x")
-            }],
-            ..GatePolicy::seed_default()
-        };
-        assert!(inverted
-            .validate()
+        assert!(
+            GatePolicy::new(Require::All, vec![inverted], FirstModelPolicy::Pass)
+                .unwrap_err()
+                .contains("greater than max")
+        );
+        for bound in ["min", "max", "min_delta", "min_relative"] {
+            let mut rule = MetricRule::higher("acc");
+            match bound {
+                "min" => rule.min = Some(f64::NAN),
+                "max" => rule.max = Some(f64::INFINITY),
+                "min_delta" => rule.min_delta = Some(f64::NAN),
+                _ => rule.min_relative = Some(f64::NEG_INFINITY),
+            }
+            let err =
+                GatePolicy::new(Require::All, vec![rule], FirstModelPolicy::Pass).unwrap_err();
+            assert!(err.contains(bound) && err.contains("finite"), "{err}");
+        }
+        let blank = MetricRule::higher("  ");
+        assert!(GatePolicy::new(Require::Any, vec![blank], FirstModelPolicy::Fail).is_err());
+    }
+
+    #[test]
+    fn deserialising_validates_and_round_trips() {
+        let err = serde_json::from_value::<GatePolicy>(serde_json::json!({"metrics": []}))
             .unwrap_err()
-            .contains("greater than max"));
+            .to_string();
+        assert!(err.contains("at least one metric"), "{err}");
+        let policy: GatePolicy = serde_json::from_value(serde_json::json!({
+            "require": "any",
+            "metrics": [{"name": "loss", "direction": "lower", "max": 0.5}],
+            "first_model": "fail"
+        }))
+        .unwrap();
+        assert_eq!(policy.require(), Require::Any);
+        assert_eq!(policy.first_model(), FirstModelPolicy::Fail);
+        assert_eq!(policy.metrics()[0].max, Some(0.5));
+        let back: GatePolicy =
+            serde_json::from_value(serde_json::to_value(&policy).unwrap()).unwrap();
+        assert_eq!(back, policy);
     }
 }

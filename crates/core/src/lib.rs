@@ -11,6 +11,7 @@
 
 pub mod domain;
 pub mod engine;
+pub mod failpoint;
 pub mod gate;
 pub mod journal;
 pub mod machine;

@@ -20,8 +20,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{
-    Candidate, CorrectRatio, CycleId, DatasetVersion, FeedbackCounts, Label, LabelCursor, Lease,
-    ProductionModel, PromotedVersion, RunId, SpaceStage, TrainingHandle, VersionTag,
+    Candidate, CorrectRatio, CycleId, DatasetVersion, FeedbackCounts, JobKey, Label, LabelCursor,
+    Lease, ProductionModel, PromotedVersion, RunId, SpaceStage, TrainingHandle, VersionTag,
 };
 use crate::gate::{self, GatePolicy, Verdict};
 
@@ -70,11 +70,23 @@ pub struct LabelPlan {
     pub leased: bool,
     pub promote: PromoteMode,
     pub max_attempts: u32,
+    /// How many cycles a step that failed transiently (registry, notifier or
+    /// lease outage) is retried before the run fails. Journals written
+    /// before this field existed read as the default.
+    #[serde(default = "default_max_step_retries")]
+    pub max_step_retries: u32,
     #[serde(with = "duration_ms")]
     pub poll_interval: Duration,
     #[serde(with = "duration_ms")]
     pub poll_timeout: Duration,
     pub dry_run: bool,
+}
+
+/// Default of [`LabelPlan::max_step_retries`].
+pub const DEFAULT_MAX_STEP_RETRIES: u32 = 5;
+
+fn default_max_step_retries() -> u32 {
+    DEFAULT_MAX_STEP_RETRIES
 }
 
 mod duration_ms {
@@ -225,6 +237,11 @@ pub enum Event {
     TrainingLost {
         reason: String,
     },
+    /// The job was stopped by us (Ctrl-C, SIGTERM, shutdown): it is started
+    /// again on resume under a new job key, without counting an attempt.
+    TrainingCancelled {
+        reason: String,
+    },
     BaselineRead {
         production: Option<ProductionModel>,
     },
@@ -244,10 +261,48 @@ pub enum Event {
         production: Option<ProductionModel>,
         verdict: Verdict,
     },
+    /// A step with an outside dependency (reading the baseline, promoting,
+    /// notifying, releasing the lease) failed transiently. The run stays at
+    /// that step and the next cycle retries it, until
+    /// `plan.max_step_retries` consecutive failures fail the run. `done`
+    /// names the parts of the step that did succeed (notifiers already
+    /// delivered), so a retry does not repeat them.
+    StepDeferred {
+        error: String,
+        #[serde(default)]
+        done: Vec<String>,
+    },
     /// An action failed; the run fails (releasing any lease first).
     ActionFailed {
         reason: String,
     },
+}
+
+impl Event {
+    /// The event's journal name (its serialised tag).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Started { .. } => "started",
+            Self::CountsRead { .. } => "counts_read",
+            Self::PublishedRead { .. } => "published_read",
+            Self::PrepareRestarted { .. } => "prepare_restarted",
+            Self::Polled { .. } => "polled",
+            Self::LeaseAcquired { .. } => "lease_acquired",
+            Self::LeaseRenewed { .. } => "lease_renewed",
+            Self::TrainingStarted { .. } => "training_started",
+            Self::TrainingFinished { .. } => "training_finished",
+            Self::TrainingLost { .. } => "training_lost",
+            Self::TrainingCancelled { .. } => "training_cancelled",
+            Self::BaselineRead { .. } => "baseline_read",
+            Self::Promoted { .. } => "promoted",
+            Self::LeaseReleased => "lease_released",
+            Self::Notified { .. } => "notified",
+            Self::Committed => "committed",
+            Self::GateEvaluated { .. } => "gate_evaluated",
+            Self::StepDeferred { .. } => "step_deferred",
+            Self::ActionFailed { .. } => "action_failed",
+        }
+    }
 }
 
 /// Outputs of the machine, executed by the engine.
@@ -273,9 +328,13 @@ pub enum Action {
     AcquireLease {
         attempt: u32,
     },
+    /// The intent to start training job `job_key`: journaled before the
+    /// trainer is called, which is idempotent for the key.
     StartTraining {
         attempt: u32,
         version: VersionTag,
+        #[serde(default)]
+        job_key: Option<JobKey>,
     },
     AwaitTraining {
         attempt: u32,
@@ -353,7 +412,15 @@ pub struct LabelRun {
     pub polls: u32,
     pub last_seen: Option<DatasetVersion>,
     pub dataset: Option<DatasetVersion>,
+    /// Attempts counted against `max_attempts` (jobs lost or failed on
+    /// their own; a cancelled job is not an attempt).
     pub attempt: u32,
+    /// Training jobs started, cancelled ones included: numbers the job keys.
+    #[serde(default)]
+    pub starts: u32,
+    /// Jobs we stopped ourselves (interrupts), for the report.
+    #[serde(default)]
+    pub cancelled_jobs: Vec<String>,
     pub lost_attempts: Vec<String>,
     pub handle: Option<TrainingHandle>,
     pub lease: Option<Lease>,
@@ -363,6 +430,15 @@ pub struct LabelRun {
     pub verdict: Option<Verdict>,
     pub promoted: Option<PromotedVersion>,
     pub notify_error: Option<String>,
+    /// Notifiers that already delivered this run's report.
+    #[serde(default)]
+    pub notified: Vec<String>,
+    /// Consecutive transient failures of the current step.
+    #[serde(default)]
+    pub step_retries: u32,
+    /// The last transient failure of the current step.
+    #[serde(default)]
+    pub step_error: Option<String>,
     /// Set once the outcome is known; `Done` follows after release/notify/commit.
     pub outcome: Option<Outcome>,
     /// Actions announced by the last transition and not yet confirmed.
@@ -390,6 +466,8 @@ impl LabelRun {
             last_seen: None,
             dataset: None,
             attempt: 0,
+            starts: 0,
+            cancelled_jobs: Vec::new(),
             lost_attempts: Vec::new(),
             handle: None,
             lease: None,
@@ -399,6 +477,9 @@ impl LabelRun {
             verdict: None,
             promoted: None,
             notify_error: None,
+            notified: Vec::new(),
+            step_retries: 0,
+            step_error: None,
             outcome: None,
             pending: Vec::new(),
         }
@@ -421,20 +502,33 @@ impl LabelRun {
 
     /// Apply `event`; returns the actions to execute (also kept in `pending`).
     pub fn step(&mut self, event: &Event) -> Result<Vec<Action>, InvalidTransition> {
+        let stage = self.stage;
         let actions = self.transition(event)?;
+        if !matches!(event, Event::StepDeferred { .. }) || self.stage != stage {
+            // Progress (or a failure) ends the current step's retry count.
+            self.step_retries = 0;
+            self.step_error = None;
+        }
         self.seq += 1;
         self.pending = actions.clone();
         Ok(actions)
     }
 
+    /// The key of the current (or next) training job.
+    pub fn job_key(&self) -> JobKey {
+        JobKey::training(&self.run_id, self.starts.max(1))
+    }
+
+    /// Whether the run stopped at a step that failed transiently and will be
+    /// retried by the next cycle.
+    pub fn is_deferred(&self) -> bool {
+        self.step_error.is_some() && !self.is_done()
+    }
+
     fn invalid(&self, event: &Event) -> InvalidTransition {
-        let name = serde_json::to_value(event)
-            .ok()
-            .and_then(|v| v.get("event").and_then(|e| e.as_str()).map(str::to_owned))
-            .unwrap_or_else(|| "unknown".into());
         InvalidTransition {
             stage: self.stage,
-            event: name,
+            event: event.name().to_owned(),
         }
     }
 
@@ -443,7 +537,13 @@ impl LabelRun {
         use Stage as S;
 
         if let E::ActionFailed { reason } = event {
+            if self.stage == S::Done {
+                return Err(self.invalid(event));
+            }
             return Ok(self.fail(reason.clone()));
+        }
+        if let E::StepDeferred { error, done } = event {
+            return self.defer(event, error, done);
         }
         if let E::LeaseRenewed { lease } = event {
             if self.lease.is_none() || self.stage == S::Done {
@@ -655,6 +755,13 @@ impl LabelRun {
                 }
                 Ok(self.start_training())
             }
+            (S::Training, E::TrainingCancelled { reason }) => {
+                self.cancelled_jobs
+                    .push(format!("job {}: {reason}", self.job_key()));
+                self.handle = None;
+                // Not an attempt: the same attempt starts again under a new key.
+                Ok(self.start_job())
+            }
             (S::Training, E::TrainingFinished { candidate }) => {
                 self.candidate = Some(candidate.clone());
                 self.handle = None;
@@ -776,18 +883,61 @@ impl LabelRun {
         self.start_training()
     }
 
+    /// A new attempt: counted against `max_attempts`.
     fn start_training(&mut self) -> Vec<Action> {
+        self.attempt += 1;
+        self.start_job()
+    }
+
+    /// The intent to start one more job for the current attempt.
+    fn start_job(&mut self) -> Vec<Action> {
         let version = self
             .dataset
             .as_ref()
             .map(|d| d.metadata.version_tag.clone())
             .unwrap_or_else(|| VersionTag::new(""));
-        self.attempt += 1;
+        self.starts += 1;
         self.stage = Stage::Training;
         vec![Action::StartTraining {
             attempt: self.attempt,
             version,
+            job_key: Some(self.job_key()),
         }]
+    }
+
+    /// A transient failure of a step with an outside dependency: stay at the
+    /// step (same pending actions) until `max_step_retries` failures.
+    fn defer(
+        &mut self,
+        event: &Event,
+        error: &str,
+        done: &[String],
+    ) -> Result<Vec<Action>, InvalidTransition> {
+        let retryable = matches!(
+            (self.stage, self.pending.first()),
+            (Stage::Gating, Some(Action::ReadBaseline))
+                | (Stage::Promoting, Some(Action::Promote { .. }))
+                | (Stage::Notifying, Some(Action::Notify))
+                | (Stage::Releasing, Some(Action::ReleaseLease { .. }))
+        );
+        if !retryable {
+            return Err(self.invalid(event));
+        }
+        for part in done {
+            if !self.notified.contains(part) {
+                self.notified.push(part.clone());
+            }
+        }
+        self.step_retries += 1;
+        if self.step_retries >= self.plan.max_step_retries {
+            let tries = self.step_retries;
+            return Ok(self.fail(format!(
+                "{error} (failed {tries} time(s) in a row, max_step_retries = {})",
+                self.plan.max_step_retries
+            )));
+        }
+        self.step_error = Some(error.to_owned());
+        Ok(self.pending.clone())
     }
 
     fn finish_with(&mut self, outcome: Outcome) -> Vec<Action> {
@@ -829,12 +979,14 @@ impl LabelRun {
                 self.notify_error = Some(reason);
                 self.commit()
             }
-            Stage::Finishing | Stage::Done => {
-                // The commit itself failed: nothing more the machine can do;
-                // the engine reports the store error and resume retries.
-                self.outcome = Some(Outcome::Failed { stage, reason });
-                Vec::new()
+            Stage::Finishing => {
+                // The commit itself failed (the store): the outcome stands and
+                // the commit stays pending, so a resumed run commits it. A run
+                // is never left in a stage with nothing to do.
+                let _ = reason;
+                self.commit()
             }
+            Stage::Done => Vec::new(),
             _ => {
                 self.outcome = Some(Outcome::Failed { stage, reason });
                 if self.plan.dry_run {
@@ -883,11 +1035,18 @@ impl LabelRun {
 
     /// The cursor to commit: advanced to the dataset iff a training consumed it
     /// (ran to a result), so no `(label, version)` is ever trained twice.
+    ///
+    /// The watermark only moves forward: a republished older snapshot under
+    /// a new tag must not make the next count re-read feedback already used.
     pub fn next_cursor(&self) -> Option<LabelCursor> {
         let dataset = self.dataset.as_ref()?;
         self.candidate.as_ref()?;
+        let watermark = match self.cursor.watermark {
+            Some(current) if current > dataset.metadata.created_at => current,
+            _ => dataset.metadata.created_at,
+        };
         Some(LabelCursor {
-            watermark: Some(dataset.metadata.created_at),
+            watermark: Some(watermark),
             consumed_version: Some(dataset.metadata.version_tag.clone()),
             consumed_num_samples: Some(dataset.metadata.num_samples),
         })
@@ -909,6 +1068,7 @@ mod tests {
             leased: false,
             promote: PromoteMode::Auto,
             max_attempts: 2,
+            max_step_retries: 5,
             poll_interval: Duration::from_secs(60),
             poll_timeout: Duration::from_secs(1800),
             dry_run: false,
@@ -1029,7 +1189,8 @@ mod tests {
             a,
             vec![Action::StartTraining {
                 attempt: 1,
-                version: VersionTag::new("v2")
+                version: VersionTag::new("v2"),
+                job_key: Some(JobKey::training(&r.run_id, 1)),
             }]
         );
     }

@@ -46,6 +46,12 @@ pub enum LabelStatus {
     Busy,
     /// Stopped by Ctrl-C/SIGTERM; the journal allows a resume.
     Interrupted,
+    /// A step failed transiently (registry, notifier, lease outage); the
+    /// run resumes at that step at the next cycle.
+    Deferred,
+    /// The label's lock was lost mid-run (expired and taken over): this
+    /// orchestrator stopped without acting further; the new holder resumes.
+    LockLost,
 }
 
 impl LabelStatus {
@@ -60,6 +66,8 @@ impl LabelStatus {
             Self::Failed => "failed",
             Self::Busy => "busy",
             Self::Interrupted => "interrupted",
+            Self::Deferred => "deferred",
+            Self::LockLost => "lock_lost",
         }
     }
 }
@@ -167,8 +175,15 @@ pub struct CycleReport {
 }
 
 impl CycleReport {
+    /// Whether a label did not complete its run: failed, deferred to the
+    /// next cycle by an outage, or stopped because its lock was lost.
     pub fn any_failed(&self) -> bool {
-        self.labels.iter().any(|l| l.status == LabelStatus::Failed)
+        self.labels.iter().any(|l| {
+            matches!(
+                l.status,
+                LabelStatus::Failed | LabelStatus::Deferred | LabelStatus::LockLost
+            )
+        })
     }
     pub fn any_rejected(&self) -> bool {
         self.labels

@@ -269,6 +269,8 @@ struct RawLabel {
     promote: Option<String>,
     #[serde(default = "default_attempts")]
     max_attempts: u32,
+    #[serde(default = "default_step_retries")]
+    max_step_retries: u32,
     train_timeout: Option<HumanDuration>,
     poll_interval: Option<HumanDuration>,
     poll_timeout: Option<HumanDuration>,
@@ -276,6 +278,10 @@ struct RawLabel {
 
 fn default_attempts() -> u32 {
     2
+}
+
+fn default_step_retries() -> u32 {
+    retrain_core::machine::DEFAULT_MAX_STEP_RETRIES
 }
 
 /// Validated configuration.
@@ -434,6 +440,8 @@ pub struct LabelSettings {
     pub notify: Vec<NotifySpec>,
     pub promote: PromoteMode,
     pub max_attempts: u32,
+    /// Cycles a transiently failing registry/notify/release step is retried.
+    pub max_step_retries: u32,
     pub poll_interval: Duration,
     pub poll_timeout: Duration,
 }
@@ -791,7 +799,6 @@ fn validate(raw: RawSettings, figment: &Figment) -> Result<Settings, ConfigError
                 let policy: GatePolicy = serde_json::from_value(v.clone()).map_err(|e| {
                     err(&key("gate"), format!("{e} (expected \"none\" or {{ require, metrics = [{{ name, direction, min_delta?, min_relative?, min?, max? }}], first_model? }})"))
                 })?;
-                policy.validate().map_err(|e| err(&key("gate"), e))?;
                 if registry.is_none() {
                     return Err(err(
                         &key("registry"),
@@ -823,6 +830,9 @@ fn validate(raw: RawSettings, figment: &Figment) -> Result<Settings, ConfigError
         if label_raw.max_attempts == 0 || label_raw.max_attempts > 10 {
             return Err(err(&key("max_attempts"), "expected 1..=10".into()));
         }
+        if label_raw.max_step_retries == 0 || label_raw.max_step_retries > 1000 {
+            return Err(err(&key("max_step_retries"), "expected 1..=1000".into()));
+        }
         let trainer_timeout = match &trainer {
             JobSpec::Command(c) => c.timeout,
             JobSpec::HfSpace { wait_running, .. } => {
@@ -851,6 +861,7 @@ fn validate(raw: RawSettings, figment: &Figment) -> Result<Settings, ConfigError
                 notify,
                 promote,
                 max_attempts: label_raw.max_attempts,
+                max_step_retries: label_raw.max_step_retries,
                 poll_interval: label_raw
                     .poll_interval
                     .map(|d| d.0)

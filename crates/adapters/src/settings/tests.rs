@@ -223,7 +223,7 @@ notify = [ { github = "owner/repo", on = "improved", pr_head = "data-update" } ]
         seg.lease.as_ref().unwrap().max,
         Duration::from_secs(3 * 3600)
     );
-    assert_eq!(seg.gate.as_ref().unwrap().metrics.len(), 2);
+    assert_eq!(seg.gate.as_ref().unwrap().metrics().len(), 2);
     let dept = &s.labels[&Label::new("department").unwrap()];
     assert!(dept.gate.is_none());
     assert!(dept.prepare.is_some());

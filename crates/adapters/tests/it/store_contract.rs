@@ -30,6 +30,7 @@ pub fn plan(name: &str) -> LabelPlan {
         leased: false,
         promote: PromoteMode::Auto,
         max_attempts: 2,
+        max_step_retries: 5,
         poll_interval: Duration::from_secs(1),
         poll_timeout: Duration::from_secs(60),
         dry_run: false,

@@ -83,6 +83,7 @@ fn plan(s: &Scenario) -> LabelPlan {
         leased: s.leased,
         promote: PromoteMode::Auto,
         max_attempts: s.max_attempts,
+        max_step_retries: 5,
         poll_interval: Duration::from_secs(60),
         poll_timeout: Duration::from_secs(600),
         dry_run: s.dry_run,

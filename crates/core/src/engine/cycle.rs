@@ -1,0 +1,516 @@
+//! A cycle: phase one (lock, load or create, read-only steps) for every
+//! label, then phase two (drive every run to its end), under one heartbeat.
+//!
+//! **Invariant (journal before acting):** for every transition, the new
+//! state with its pending actions is written to the store before any of
+//! those actions runs; the pending actions are the *intents* (a
+//! `StartTraining` carries its job key). A resumed run re-executes exactly
+//! its pending actions, and the ports that start something are idempotent
+//! for the intent's key, so a crash at any point ends in the same final
+//! state with no side effect repeated (`tests/it/engine.rs` crashes after
+//! every write; `crates/cli/tests/fault_campaign.rs` aborts the real binary
+//! between every side effect and its journal write).
+
+use futures::stream::{self, StreamExt};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, info_span, warn, Instrument};
+
+use super::locks::Acquired;
+use super::{
+    running_job, Begun, CycleRequest, CycleShared, DriveEnd, Engine, EngineError, Executed,
+    LabelBinding, LabelTask,
+};
+use crate::domain::{CycleId, Fence, Label, RunId};
+use crate::failpoint;
+use crate::journal::Transition;
+use crate::machine::{Action, Event, LabelRun, Stage};
+use crate::ports::StoreError;
+use crate::report::{CycleReport, LabelReport, LabelStatus};
+
+/// What stops a label: the cycle's interrupt, or the loss of its lock.
+pub(super) struct Stops<'a> {
+    pub interrupt: &'a CancellationToken,
+    pub lost: CancellationToken,
+}
+
+impl Engine {
+    /// Run one cycle (§3) for the requested labels. One label's failure never
+    /// stops another; `cancel` interrupts waits and leaves runs resumable.
+    ///
+    /// Two phases: first every label is locked and counted and records the
+    /// version currently published (reads only); then all labels are driven
+    /// to the end. So a prepare job shared by several labels is restarted
+    /// once, after *every* label has recorded the version it must replace.
+    /// The heartbeat renews every lock taken, from phase one on.
+    pub async fn run_cycle(
+        &self,
+        request: CycleRequest,
+        cancel: CancellationToken,
+    ) -> Result<CycleReport, EngineError> {
+        let labels = self.select_labels(&request)?;
+        let cycle_id = CycleId::generate();
+        let started_at = self.clock.now();
+        let shared = CycleShared::default();
+        let span = info_span!("run", run_id = %cycle_id, dry_run = request.dry_run);
+        let parallel = self.settings.max_parallel_labels.max(1);
+        let work = async {
+            let begun: Vec<Begun> = stream::iter(labels.iter().map(|label| {
+                self.begin_label(label, &cycle_id, request.dry_run, &shared, &cancel)
+                    .instrument(info_span!("label", label = %label))
+            }))
+            .buffered(parallel)
+            .collect()
+            .await;
+            stream::iter(begun.into_iter().map(|begun| async {
+                match begun {
+                    Begun::Done(report) => *report,
+                    Begun::Task(task) => {
+                        let span = info_span!("label", label = %task.run.label());
+                        self.finish_label(*task, &shared, &cancel)
+                            .instrument(span)
+                            .await
+                    }
+                }
+            }))
+            .buffered(parallel)
+            .collect::<Vec<LabelReport>>()
+            .await
+        };
+        let reports = async {
+            tokio::select! {
+                reports = work => reports,
+                () = self.heartbeat() => unreachable!("the heartbeat never ends"),
+            }
+        }
+        .instrument(span)
+        .await;
+        Ok(CycleReport {
+            cycle_id,
+            dry_run: request.dry_run,
+            started_at,
+            finished_at: self.clock.now(),
+            interrupted: cancel.is_cancelled(),
+            labels: reports,
+        })
+    }
+
+    /// Phase one: lock, load or create the run, and drive it through the
+    /// read-only steps (counts, currently published version).
+    async fn begin_label(
+        &self,
+        label: &Label,
+        cycle_id: &CycleId,
+        dry_run: bool,
+        shared: &CycleShared,
+        cancel: &CancellationToken,
+    ) -> Begun {
+        let binding = &self.labels[label];
+        let threshold = binding.plan.trigger.threshold();
+        if cancel.is_cancelled() {
+            return Begun::done(LabelReport::interrupted_before_run(
+                label.clone(),
+                threshold,
+            ));
+        }
+        let fail = |error: String| {
+            Begun::done(LabelReport::failed_before_run(
+                label.clone(),
+                threshold,
+                error,
+            ))
+        };
+        // Dry-run: reads only, no lock, nothing journaled, always fresh.
+        let (fence, lost) = if dry_run {
+            (None, CancellationToken::new())
+        } else {
+            match self.acquire(label).await {
+                Ok(Acquired::Held(fence, lost)) => (Some(fence), lost),
+                Ok(Acquired::Busy(owner)) => {
+                    return Begun::done(LabelReport::busy(label.clone(), threshold, owner))
+                }
+                Err(e) => return fail(e.to_string()),
+            }
+        };
+        let unfinished = if dry_run {
+            Ok(None)
+        } else {
+            self.store.unfinished_run(label).await
+        };
+        let (mut run, resumed) = match unfinished {
+            Ok(Some(run)) => {
+                info!(run_id = %run.run_id, stage = %run.stage, "resuming unfinished run");
+                (run, true)
+            }
+            Ok(None) => match self.store.cursor(label).await {
+                Ok(cursor) => {
+                    let mut plan = binding.plan.clone();
+                    plan.dry_run = dry_run;
+                    let mut run = LabelRun::new(RunId::generate(), cycle_id.clone(), plan, cursor);
+                    run.manifest = self.settings.manifest.clone();
+                    (run, false)
+                }
+                Err(e) => {
+                    self.unlock(label).await;
+                    return fail(e.to_string());
+                }
+            },
+            Err(e) => {
+                self.unlock(label).await;
+                return fail(e.to_string());
+            }
+        };
+        let actions = if resumed {
+            run.pending.clone()
+        } else {
+            let event = Event::Started {
+                now: self.clock.now(),
+            };
+            match self.apply(&mut run, event, fence.as_ref()).await {
+                Ok(actions) => actions,
+                Err(error) => {
+                    self.unlock(label).await;
+                    return fail(format!("could not journal the start of the run: {error}"));
+                }
+            }
+        };
+        let read_only = |a: &Action| matches!(a, Action::ReadCounts { .. } | Action::ReadPublished);
+        let stops = Stops {
+            interrupt: cancel,
+            lost,
+        };
+        let (run, actions, ended) = self
+            .drive(
+                binding,
+                run,
+                actions,
+                fence.as_ref(),
+                shared,
+                &stops,
+                &read_only,
+            )
+            .await;
+        Begun::Task(Box::new(LabelTask {
+            run,
+            actions,
+            ended,
+            resumed,
+            fence,
+            lost: stops.lost,
+        }))
+    }
+
+    /// Phase two: drive the run to its end (the heartbeat keeps its lock).
+    async fn finish_label(
+        &self,
+        task: LabelTask,
+        shared: &CycleShared,
+        cancel: &CancellationToken,
+    ) -> LabelReport {
+        let LabelTask {
+            run,
+            actions,
+            ended,
+            resumed,
+            fence,
+            lost,
+        } = task;
+        let label = run.label().clone();
+        let binding = &self.labels[&label];
+        let (run, ended) = if ended == DriveEnd::Halted {
+            let stops = Stops {
+                interrupt: cancel,
+                lost,
+            };
+            let (run, actions) = match &fence {
+                Some(fence) if resumed => {
+                    self.renew_lease_on_resume(binding, run, actions, fence)
+                        .await
+                }
+                _ => (run, actions),
+            };
+            let everything = |_: &Action| true;
+            let (run, _, ended) = self
+                .drive(
+                    binding,
+                    run,
+                    actions,
+                    fence.as_ref(),
+                    shared,
+                    &stops,
+                    &everything,
+                )
+                .await;
+            (run, ended)
+        } else {
+            (run, ended)
+        };
+        self.unlock(&label).await;
+        let mut report = LabelReport::from_run(&run, resumed);
+        match ended {
+            DriveEnd::Finished | DriveEnd::Halted => {}
+            DriveEnd::Interrupted(note) => {
+                report.status = LabelStatus::Interrupted;
+                if note.is_some() {
+                    report.error = note;
+                }
+            }
+            DriveEnd::JournalFailed(error) => {
+                report.status = LabelStatus::Failed;
+                report.error = Some(format!(
+                    "run store failure, the run stays resumable: {error}"
+                ));
+            }
+            DriveEnd::Deferred(error) => {
+                report.status = LabelStatus::Deferred;
+                report.error = Some(format!(
+                    "{error}; the run resumes at stage {} at the next cycle (failure {} of max_step_retries = {})",
+                    run.stage, run.step_retries, run.plan.max_step_retries
+                ));
+            }
+            DriveEnd::LockLost(reason) => {
+                report.status = LabelStatus::LockLost;
+                report.error = Some(format!(
+                    "{reason}; stopped without further action (the new holder resumes the run)"
+                ));
+            }
+        }
+        report
+    }
+
+    /// A resumed run that holds a lease and still needs its machines (to
+    /// train, or because the registry lives on the leased host) starts them
+    /// again first: an interrupt or `infra reap` may have stopped them.
+    /// Starting running instances is a no-op, so this is safe either way.
+    async fn renew_lease_on_resume(
+        &self,
+        binding: &LabelBinding,
+        mut run: LabelRun,
+        actions: Vec<Action>,
+        fence: &Fence,
+    ) -> (LabelRun, Vec<Action>) {
+        let needs_machines = matches!(
+            actions.first(),
+            Some(
+                Action::StartTraining { .. }
+                    | Action::AwaitTraining { .. }
+                    | Action::ReadBaseline
+                    | Action::Promote { .. }
+            )
+        );
+        let (Some(lease), Some(provider)) = (run.lease.clone(), binding.lease.clone()) else {
+            return (run, actions);
+        };
+        if !needs_machines || run.lease_released || self.lock_problem(run.label()).is_some() {
+            return (run, actions);
+        }
+        // Still active in the store (the orchestrator died with it running):
+        // nothing stopped the machines, nothing to renew.
+        match self.store.active_leases().await {
+            Ok(active) if active.iter().any(|l| l.id == lease.id) => return (run, actions),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "could not read active leases; renewing to be safe"),
+        }
+        let mut renewing = lease.clone();
+        renewing.released_at = None;
+        if let Err(e) = self.store.put_lease(&renewing, fence).await {
+            // Without the record nothing would stop the machines: don't start them.
+            warn!(error = %e, "could not record the lease before renewing it");
+            return (run, Vec::new());
+        }
+        let event = match provider.acquire(renewing).await {
+            Ok(lease) => {
+                failpoint::hit("after-effect:renew_lease");
+                if let Err(e) = self.store.put_lease(&lease, fence).await {
+                    warn!(error = %e, "could not record lease attributes");
+                }
+                info!(lease = %lease.id, "lease renewed for the resumed run");
+                Event::LeaseRenewed { lease }
+            }
+            Err(e) => Event::ActionFailed {
+                reason: format!("re-acquiring the lease of the resumed run failed: {e}"),
+            },
+        };
+        match self.apply(&mut run, event, Some(fence)).await {
+            Ok(next) => (run, next),
+            Err(error) => {
+                warn!(%error, "could not journal the renewed lease");
+                (run, Vec::new())
+            }
+        }
+    }
+
+    /// Execute `actions` and the ones that follow until the run is done,
+    /// interrupted, deferred, the journal fails, the lock is lost, or the
+    /// next action does not satisfy `allowed` (then it is returned, not
+    /// executed).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn drive(
+        &self,
+        binding: &LabelBinding,
+        mut run: LabelRun,
+        mut actions: Vec<Action>,
+        fence: Option<&Fence>,
+        shared: &CycleShared,
+        stops: &Stops<'_>,
+        allowed: &(dyn Fn(&Action) -> bool + Sync),
+    ) -> (LabelRun, Vec<Action>, DriveEnd) {
+        while let Some(action) = actions.first().cloned() {
+            if !allowed(&action) {
+                return (run, actions, DriveEnd::Halted);
+            }
+            // Fencing, engine side: nothing runs once the lock is in doubt.
+            if fence.is_some() {
+                if let Some(reason) = self.lock_problem(run.label()) {
+                    return (run, Vec::new(), DriveEnd::LockLost(reason));
+                }
+            }
+            let stage = run.stage;
+            // Interrupted: stop at this boundary, except for the steps that
+            // finish what is under way (persisting the end, stopping machines).
+            let must_finish = matches!(action, Action::Commit { .. } | Action::ReleaseLease { .. });
+            if stops.interrupt.is_cancelled() && !must_finish {
+                let end = self.interrupted(binding, &mut run, fence).await;
+                return (run, Vec::new(), end);
+            }
+            // Reads may be abandoned mid-flight; side effects run to their
+            // outcome so that it can be journaled (a dropped `StartTraining`
+            // could leave a job nobody knows about).
+            let abandonable = matches!(
+                action,
+                Action::ReadCounts { .. } | Action::ReadPublished | Action::ReadBaseline
+            );
+            let execution = self
+                .execute(binding, &run, action, shared, stops, fence)
+                .instrument(info_span!("stage", stage = %stage));
+            let executed = if abandonable {
+                tokio::select! {
+                    executed = execution => executed,
+                    () = stops.interrupt.cancelled() => Executed::Interrupted,
+                    () = stops.lost.cancelled() => Executed::LockLost(
+                        self.lock_problem(run.label()).unwrap_or_else(|| "lock lost".into())
+                    ),
+                }
+            } else {
+                execution.await
+            };
+            let event = match executed {
+                Executed::Event(event) => event,
+                Executed::Committed => {
+                    let _ = run.step(&Event::Committed);
+                    return (run, Vec::new(), DriveEnd::Finished);
+                }
+                Executed::CommitFailed(error) => {
+                    return (run, Vec::new(), DriveEnd::JournalFailed(error));
+                }
+                Executed::Interrupted => {
+                    let end = self.interrupted(binding, &mut run, fence).await;
+                    return (run, Vec::new(), end);
+                }
+                Executed::LockLost(reason) => {
+                    return (run, Vec::new(), DriveEnd::LockLost(reason));
+                }
+            };
+            let deferral = matches!(event, Event::StepDeferred { .. });
+            match self.apply(&mut run, event, fence).await {
+                Ok(_) if deferral && run.is_deferred() => {
+                    let error = run.step_error.clone().unwrap_or_default();
+                    warn!(%error, stage = %run.stage, "step failed transiently; the run resumes here next cycle");
+                    return (run, Vec::new(), DriveEnd::Deferred(error));
+                }
+                Ok(next) => actions = next,
+                Err(StoreError::Fenced(detail)) => {
+                    let reason = match fence {
+                        Some(fence) => self.fenced(run.label(), fence, &StoreError::Fenced(detail)),
+                        None => detail,
+                    };
+                    return (run, Vec::new(), DriveEnd::LockLost(reason));
+                }
+                Err(error) => {
+                    warn!(%error, "stopping label: the journal could not be written");
+                    return (run, Vec::new(), DriveEnd::JournalFailed(error.to_string()));
+                }
+            }
+        }
+        (run, Vec::new(), DriveEnd::Finished)
+    }
+
+    /// Step the machine and journal the transition before anything acts on it.
+    pub(super) async fn apply(
+        &self,
+        run: &mut LabelRun,
+        event: Event,
+        fence: Option<&Fence>,
+    ) -> Result<Vec<Action>, StoreError> {
+        let from = run.stage;
+        let actions = match run.step(&event) {
+            Ok(actions) => actions,
+            Err(invalid) => {
+                warn!(%invalid, "state machine refused an event; failing the label");
+                run.step(&Event::ActionFailed {
+                    reason: format!("internal error: {invalid}"),
+                })
+                .unwrap_or_default()
+            }
+        };
+        if let Some(fence) = fence {
+            let transition = self.transition(run, from, event);
+            self.store.record(&transition, fence).await?;
+            failpoint::hit_lazy("after-journal", || transition.event.name());
+        }
+        Ok(actions)
+    }
+
+    pub(super) fn transition(&self, run: &LabelRun, from: Stage, event: Event) -> Transition {
+        Transition {
+            run_id: run.run_id.clone(),
+            cycle_id: run.cycle_id.clone(),
+            label: run.label().clone(),
+            seq: run.seq,
+            at: self.clock.now(),
+            from,
+            to: run.stage,
+            event,
+            actions: run.pending.clone(),
+            snapshot: run.clone(),
+        }
+    }
+
+    /// Ctrl-C / SIGTERM: stop the training job (journaled as cancelled, so
+    /// the resumed run restarts it without counting an attempt) and the
+    /// lease; the journal keeps the run resumable at its recorded stage.
+    async fn interrupted(
+        &self,
+        binding: &LabelBinding,
+        run: &mut LabelRun,
+        fence: Option<&Fence>,
+    ) -> DriveEnd {
+        if let Some(handle) = running_job(run).cloned() {
+            if let Err(e) = binding.trainer.cancel(&handle).await {
+                warn!(error = %e, "could not stop the training job on interrupt");
+            }
+            failpoint::hit("after-effect:cancel_training");
+            let event = Event::TrainingCancelled {
+                reason: "interrupted (Ctrl-C/SIGTERM)".into(),
+            };
+            if let Err(e) = self.apply(run, event, fence).await {
+                warn!(error = %e, "could not journal the cancelled training; the resumed run will find it gone");
+            }
+        }
+        let mut note = None;
+        if let (Some(lease), Some(provider)) = (&run.lease, &binding.lease) {
+            if !run.lease_released {
+                if let Err(e) = self
+                    .release_lease_with_retries(provider.as_ref(), lease, fence)
+                    .await
+                {
+                    note = Some(format!(
+                        "could not stop lease {} ({}): {e}; left to `retrain infra reap`",
+                        lease.id,
+                        lease.resources.join(", ")
+                    ));
+                }
+            }
+        }
+        DriveEnd::Interrupted(note)
+    }
+}

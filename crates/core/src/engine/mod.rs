@@ -1,0 +1,364 @@
+//! The async driver around the state machine.
+//!
+//! The engine decides nothing itself: it locks, feeds events to
+//! [`LabelRun::step`], persists, executes the returned actions through the
+//! ports and feeds their outcomes back. Each invariant lives in one file:
+//!
+//! - [`cycle`](self) (`cycle.rs`): the two phases of a cycle and the drive
+//!   loop. **Journal before acting:** every transition (snapshot + pending
+//!   actions, i.e. the *intents*) is written to the `RunStore` before any of
+//!   its actions runs; a resumed run re-executes exactly its pending actions.
+//! - `locks.rs`: label locks, fencing and the heartbeat. **Fenced:** every
+//!   store write of a run carries the fence of the lock it was taken under;
+//!   the heartbeat covers every label the engine holds (queued or running)
+//!   from the moment its lock is taken; a label whose lock was lost or not
+//!   renewed for `lock_ttl` executes no further action.
+//! - `execute.rs`: actions → ports. **Retry semantics:** transient failures
+//!   of the steps that talk to a registry, a notifier or a lease provider
+//!   leave the run resumable at that step (`Event::StepDeferred`); training
+//!   starts carry their journaled job key so a retried start adopts the job.
+//! - `poll.rs`: waiting for a new dataset (deadline-bounded, jittered,
+//!   woken early by webhooks).
+//! - `admin.rs`: what runs outside a cycle (`retrain gate`, `infra reap`).
+
+mod admin;
+mod cycle;
+mod execute;
+mod locks;
+mod poll;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{Notify, OnceCell};
+
+use crate::domain::{
+    DatasetVersion, FeedbackCounts, Label, Lease, LockOwner, ProcessIdentity, TrainingHandle,
+};
+use crate::machine::{Action, LabelPlan, LabelRun, RunManifest};
+use crate::ports::{
+    CountSource, LeaseProvider, MetadataStore, ModelRegistry, Notifier, PortError, RunStore,
+    SpaceController, StoreError, Trainer, TrainingRequest,
+};
+use crate::report::LabelReport;
+
+pub use admin::GateOutcome;
+use locks::HeldLocks;
+
+/// Source of wall-clock time for events. The default follows tokio's clock
+/// so that tests with paused time see time advance consistently.
+pub trait Clock: Send + Sync + std::fmt::Debug {
+    fn now(&self) -> DateTime<Utc>;
+}
+
+/// Wall-clock time anchored at creation and advanced by `tokio::time`.
+#[derive(Debug)]
+pub struct TokioClock {
+    wall_at_start: DateTime<Utc>,
+    instant_at_start: tokio::time::Instant,
+}
+
+impl TokioClock {
+    pub fn new() -> Self {
+        Self {
+            wall_at_start: Utc::now(),
+            instant_at_start: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Default for TokioClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for TokioClock {
+    fn now(&self) -> DateTime<Utc> {
+        let elapsed = tokio::time::Instant::now() - self.instant_at_start;
+        self.wall_at_start + chrono::Duration::from_std(elapsed).unwrap_or_default()
+    }
+}
+
+/// The ports one label is driven through, built by the wiring layer.
+#[derive(Clone)]
+pub struct LabelBinding {
+    /// The plan new runs start with (`dry_run` is set per cycle).
+    pub plan: LabelPlan,
+    pub metadata: Arc<dyn MetadataStore>,
+    pub prepare: Option<Arc<dyn SpaceController>>,
+    pub trainer: Arc<dyn Trainer>,
+    pub registry: Option<Arc<dyn ModelRegistry>>,
+    pub lease: Option<Arc<dyn LeaseProvider>>,
+    pub notifiers: Vec<Arc<dyn Notifier>>,
+    pub train_timeout: Duration,
+}
+
+impl std::fmt::Debug for LabelBinding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LabelBinding")
+            .field("label", &self.plan.label)
+            .field("metadata", &self.metadata.describe())
+            .field("trainer", &self.trainer.describe())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Engine-wide settings.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    pub max_parallel_labels: usize,
+    /// How long a label lock lives without renewal. The heartbeat renews
+    /// every `lock_ttl / 3`; a holder that could not renew for `lock_ttl`
+    /// stops the label before its next action.
+    pub lock_ttl: Duration,
+    /// Fraction of the poll interval added as random jitter (0.1 = up to +10 %).
+    pub poll_jitter: f64,
+    pub owner: LockOwner,
+    /// Recorded in every run's manifest.
+    pub manifest: RunManifest,
+}
+
+/// Default [`EngineSettings::lock_ttl`]: short enough that a dead holder on
+/// another host frees its labels within a minute (etcd/Consul-style leases),
+/// renewed every 20 s.
+pub const DEFAULT_LOCK_TTL: Duration = Duration::from_secs(60);
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self {
+            max_parallel_labels: 16,
+            lock_ttl: DEFAULT_LOCK_TTL,
+            poll_jitter: 0.1,
+            owner: LockOwner::generate("retrain"),
+            manifest: RunManifest::default(),
+        }
+    }
+}
+
+impl EngineSettings {
+    /// Settings whose lock owner names this process (see
+    /// [`LockOwner::for_process`]).
+    pub fn for_process(process: &ProcessIdentity) -> Self {
+        Self {
+            owner: LockOwner::for_process("retrain", process),
+            ..Self::default()
+        }
+    }
+}
+
+/// Errors that stop a whole cycle before any label runs.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("unknown label `{0}` (configured: {1})")]
+    UnknownLabel(String, String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Port(#[from] PortError),
+    #[error("label `{0}` has no model registry configured")]
+    NoRegistry(Label),
+    #[error("label `{0}` has no gate policy (gate = \"none\")")]
+    NoGate(Label),
+    #[error("label `{0}` is being driven by {1}; try again when its run has finished")]
+    Busy(Label, String),
+}
+
+/// What to run.
+#[derive(Debug, Clone, Default)]
+pub struct CycleRequest {
+    /// `None` = every configured label.
+    pub labels: Option<Vec<Label>>,
+    pub dry_run: bool,
+}
+
+/// Drives label runs through the ports.
+pub struct Engine {
+    store: Arc<dyn RunStore>,
+    counts: Option<Arc<dyn CountSource>>,
+    labels: BTreeMap<Label, LabelBinding>,
+    settings: EngineSettings,
+    clock: Arc<dyn Clock>,
+    wakers: Mutex<HashMap<Label, Arc<Notify>>>,
+    locks: HeldLocks,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("labels", &self.labels.keys().collect::<Vec<_>>())
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The result of one count query, shared by every label with that watermark.
+type CountsCell = Arc<OnceCell<Result<BTreeMap<Label, FeedbackCounts>, PortError>>>;
+/// The result of one prepare restart, shared by every label using that job.
+type PrepareCell = Arc<OnceCell<Result<(), PortError>>>;
+
+/// Per-cycle shared work: one count query per watermark, one restart per prepare job.
+#[derive(Default)]
+struct CycleShared {
+    counts: Mutex<HashMap<DateTime<Utc>, CountsCell>>,
+    prepares: Mutex<HashMap<String, PrepareCell>>,
+}
+
+impl CycleShared {
+    fn counts_cell(&self, since: DateTime<Utc>) -> CountsCell {
+        let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(since).or_default().clone()
+    }
+    fn prepare_cell(&self, key: &str) -> PrepareCell {
+        let mut map = self.prepares.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(key.to_owned()).or_default().clone()
+    }
+}
+
+/// Result of executing one action.
+enum Executed {
+    Event(crate::machine::Event),
+    /// The commit wrote the final state itself.
+    Committed,
+    CommitFailed(String),
+    Interrupted,
+    /// The label's lock is gone: stop without any further action.
+    LockLost(String),
+}
+
+/// Why driving stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum DriveEnd {
+    Finished,
+    /// The next action is for the next phase.
+    Halted,
+    /// Stopped by an interrupt; with a note when the lease could not be stopped.
+    Interrupted(Option<String>),
+    JournalFailed(String),
+    /// A step failed transiently; the run resumes there next cycle.
+    Deferred(String),
+    /// The lock was lost (expired, taken over): nothing more was done.
+    LockLost(String),
+}
+
+/// A label that passed phase one.
+struct LabelTask {
+    run: LabelRun,
+    actions: Vec<Action>,
+    ended: DriveEnd,
+    resumed: bool,
+    /// `None` for a dry run (no lock taken, nothing journaled).
+    fence: Option<crate::domain::Fence>,
+    /// Cancelled when the label's lock is lost.
+    lost: tokio_util::sync::CancellationToken,
+}
+
+enum Begun {
+    Task(Box<LabelTask>),
+    Done(Box<LabelReport>),
+}
+
+impl Begun {
+    fn done(report: LabelReport) -> Self {
+        Self::Done(Box::new(report))
+    }
+}
+
+impl Engine {
+    pub fn new(
+        store: Arc<dyn RunStore>,
+        counts: Option<Arc<dyn CountSource>>,
+        labels: Vec<LabelBinding>,
+        settings: EngineSettings,
+    ) -> Self {
+        Self {
+            store,
+            counts,
+            labels: labels
+                .into_iter()
+                .map(|b| (b.plan.label.clone(), b))
+                .collect(),
+            settings,
+            clock: Arc::new(TokioClock::new()),
+            wakers: Mutex::new(HashMap::new()),
+            locks: HeldLocks::default(),
+        }
+    }
+
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    pub fn labels(&self) -> impl Iterator<Item = &LabelBinding> {
+        self.labels.values()
+    }
+
+    pub fn store(&self) -> &Arc<dyn RunStore> {
+        &self.store
+    }
+
+    pub fn settings(&self) -> &EngineSettings {
+        &self.settings
+    }
+
+    /// Wake the dataset poll of `label` early (a webhook saw a new commit).
+    pub fn wake(&self, label: &Label) {
+        let waker = self.waker(label);
+        waker.notify_one();
+    }
+
+    fn waker(&self, label: &Label) -> Arc<Notify> {
+        let mut map = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(label.clone()).or_default().clone()
+    }
+
+    fn select_labels(&self, request: &CycleRequest) -> Result<Vec<Label>, EngineError> {
+        match &request.labels {
+            None => Ok(self.labels.keys().cloned().collect()),
+            Some(wanted) if wanted.is_empty() => Ok(self.labels.keys().cloned().collect()),
+            Some(wanted) => {
+                let mut selected = Vec::new();
+                for label in wanted {
+                    if !self.labels.contains_key(label) {
+                        return Err(self.unknown(label));
+                    }
+                    if !selected.contains(label) {
+                        selected.push(label.clone());
+                    }
+                }
+                Ok(selected)
+            }
+        }
+    }
+
+    fn unknown(&self, label: &Label) -> EngineError {
+        let known: Vec<&str> = self.labels.keys().map(Label::as_str).collect();
+        EngineError::UnknownLabel(label.to_string(), known.join(", "))
+    }
+}
+
+fn active_lease(run: &LabelRun) -> Option<Lease> {
+    run.lease.clone().filter(|_| !run.lease_released)
+}
+
+fn training_request(run: &LabelRun, attempt: u32, dataset: &DatasetVersion) -> TrainingRequest {
+    TrainingRequest {
+        label: run.label().clone(),
+        run_id: run.run_id.clone(),
+        attempt,
+        job_key: run.job_key(),
+        dataset_name: dataset.metadata.dataset_name.clone(),
+        dataset_version: dataset.metadata.version_tag.clone(),
+        lease: active_lease(run),
+    }
+}
+
+/// The handle of the training job in flight, if the run has one.
+fn running_job(run: &LabelRun) -> Option<&TrainingHandle> {
+    run.handle
+        .as_ref()
+        .filter(|_| run.stage == crate::machine::Stage::Training)
+}
