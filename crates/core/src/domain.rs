@@ -647,6 +647,82 @@ mod tests {
     use super::*;
 
     #[test]
+    fn non_finite_metrics_survive_the_journal() {
+        let candidate = Candidate {
+            id: "c".into(),
+            metrics: [
+                ("acc".to_string(), f64::NAN),
+                ("f1".to_string(), f64::INFINITY),
+                ("loss".to_string(), f64::NEG_INFINITY),
+                ("ok".to_string(), 0.5),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let json = serde_json::to_value(&candidate).unwrap();
+        assert_eq!(json["metrics"]["acc"], "NaN");
+        assert_eq!(json["metrics"]["f1"], "Infinity");
+        assert_eq!(json["metrics"]["loss"], "-Infinity");
+        assert_eq!(json["metrics"]["ok"], 0.5);
+        let back: Candidate = serde_json::from_value(json).unwrap();
+        assert!(back.metrics["acc"].is_nan());
+        assert_eq!(back.metrics["f1"], f64::INFINITY);
+        assert_eq!(back.metrics["loss"], f64::NEG_INFINITY);
+        assert_eq!(back.metrics["ok"], 0.5);
+        let err = serde_json::from_value::<Candidate>(
+            serde_json::json!({"id": "c", "metrics": {"acc": "high"}}),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("acc") && err.contains("high"), "{err}");
+    }
+
+    #[test]
+    fn lock_owners_name_their_process() {
+        let process = ProcessIdentity {
+            host: "build-01".into(),
+            pid: 4242,
+            start: 987_654,
+        };
+        let owner = LockOwner::for_process("retrain", &process);
+        assert!(
+            owner.0.starts_with("retrain@build-01/4242/987654/"),
+            "{owner}"
+        );
+        assert_eq!(owner.process(), Some(process));
+        assert_eq!(LockOwner::generate("retrain").process(), None);
+        for bad in [
+            "x@/1/2/u",
+            "x@h/pid/2/u",
+            "x@h/1/start/u",
+            "x@h/1",
+            "nohost",
+        ] {
+            assert_eq!(LockOwner(bad.into()).process(), None, "{bad}");
+        }
+        // A host name with a slash-free but odd spelling still parses.
+        let odd = LockOwner("r@my-host.local/7/8/uuid".into());
+        assert_eq!(odd.process().unwrap().host, "my-host.local");
+    }
+
+    #[test]
+    fn job_keys_are_deterministic_and_file_safe() {
+        let run = RunId("0192-ab".into());
+        assert_eq!(JobKey::training(&run, 3).as_str(), "0192-ab/train/3");
+        assert_ne!(JobKey::training(&run, 3), JobKey::training(&run, 4));
+        let cycle = CycleId("c1".into());
+        assert_eq!(
+            JobKey::prepare(&cycle, "hf-space://o/p").as_str(),
+            "c1/prepare/hf-space://o/p"
+        );
+        assert_eq!(
+            JobKey::prepare(&cycle, "hf-space://o/p").file_stem(),
+            "c1_prepare_hf-space___o_p"
+        );
+        assert_eq!(JobKey("a.b-c".into()).file_stem(), "a.b-c");
+    }
+
+    #[test]
     fn dataset_len_follows_the_seed_formula() {
         let counts = FeedbackCounts {
             misclassified: 10,

@@ -221,8 +221,9 @@ fn compare(rule: &MetricRule, candidate: Option<f64>, baseline: Option<&Metrics>
     let mut comparison = Comparison {
         metric: rule.name.clone(),
         direction: rule.direction,
-        candidate: raw_candidate.filter(|v| !v.is_nan()),
-        baseline: raw_baseline.filter(|v| !v.is_nan()),
+        // Non-finite values are named in the reason; JSON has no NaN.
+        candidate: raw_candidate.filter(|v| v.is_finite()),
+        baseline: raw_baseline.filter(|v| v.is_finite()),
         delta: None,
         passed: false,
         reason: String::new(),
@@ -230,7 +231,7 @@ fn compare(rule: &MetricRule, candidate: Option<f64>, baseline: Option<&Metrics>
     let Some(cand) = usable(raw_candidate) else {
         comparison.reason = match raw_candidate {
             None => format!("candidate has no metric `{}`", rule.name),
-            Some(_) => format!("candidate metric `{}` is not a finite number", rule.name),
+            Some(v) => format!("candidate metric `{}` is {}", rule.name, non_finite(v)),
         };
         return comparison;
     };
@@ -254,7 +255,7 @@ fn compare(rule: &MetricRule, candidate: Option<f64>, baseline: Option<&Metrics>
     let Some(base) = usable(raw_baseline) else {
         comparison.reason = match raw_baseline {
             None => format!("production model has no metric `{}`", rule.name),
-            Some(_) => format!("production metric `{}` is not a finite number", rule.name),
+            Some(v) => format!("production metric `{}` is {}", rule.name, non_finite(v)),
         };
         let _ = baseline_metrics;
         return comparison;
@@ -296,6 +297,17 @@ fn compare(rule: &MetricRule, candidate: Option<f64>, baseline: Option<&Metrics>
         needed.join(" and ")
     );
     comparison
+}
+
+/// How a non-finite metric is named in reasons (Python's spelling).
+fn non_finite(value: f64) -> &'static str {
+    if value.is_nan() {
+        "NaN"
+    } else if value > 0.0 {
+        "Infinity"
+    } else {
+        "-Infinity"
+    }
 }
 
 /// Evaluate `policy` for `candidate` against `baseline` (`None` = no production model).
@@ -531,11 +543,7 @@ mod tests {
             Some(&prod),
         );
         assert!(!nan.passed);
-        assert!(
-            nan.reason.contains("`iou` is not a finite number"),
-            "{}",
-            nan.reason
-        );
+        assert!(nan.reason.contains("`iou` is NaN"), "{}", nan.reason);
 
         let prod_missing = evaluate(
             &policy,
@@ -622,6 +630,38 @@ mod tests {
         }
         let blank = MetricRule::higher("  ");
         assert!(GatePolicy::new(Require::Any, vec![blank], FirstModelPolicy::Fail).is_err());
+    }
+
+    #[test]
+    fn non_finite_metrics_are_named_and_reject() {
+        let policy = GatePolicy::seed_default();
+        for (value, word) in [
+            (f64::NAN, "NaN"),
+            (f64::INFINITY, "Infinity"),
+            (f64::NEG_INFINITY, "-Infinity"),
+        ] {
+            let v = evaluate(&policy, &metrics(&[("dice", value), ("iou", 0.9)]), None);
+            assert!(!v.passed);
+            assert!(
+                v.reason.contains(&format!("`dice` is {word}")),
+                "{}",
+                v.reason
+            );
+            assert_eq!(v.comparisons[0].candidate, None);
+            let prod = metrics(&[("dice", value), ("iou", 0.1)]);
+            let v = evaluate(
+                &policy,
+                &metrics(&[("dice", 0.9), ("iou", 0.9)]),
+                Some(&prod),
+            );
+            assert!(!v.passed);
+            assert!(
+                v.reason
+                    .contains(&format!("production metric `dice` is {word}")),
+                "{}",
+                v.reason
+            );
+        }
     }
 
     #[test]

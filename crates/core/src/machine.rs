@@ -1275,6 +1275,230 @@ mod tests {
         assert!(r.verdict.as_ref().unwrap().forced);
     }
 
+    /// Drive a fresh counts-triggered run to training of `v2`.
+    fn training_run() -> LabelRun {
+        let mut r = run(plan(counts_trigger()));
+        r.step(&Event::Started { now: now(0) }).unwrap();
+        r.step(&Event::CountsRead {
+            counts: FeedbackCounts {
+                misclassified: 50,
+                correct: 0,
+            },
+        })
+        .unwrap();
+        r.step(&Event::PublishedRead {
+            current: Some(dataset("v1", 10)),
+        })
+        .unwrap();
+        r.step(&Event::PrepareRestarted { now: now(1) }).unwrap();
+        r.step(&Event::Polled {
+            now: now(2),
+            dataset: Some(dataset("v2", 60)),
+            prepare_stage: None,
+        })
+        .unwrap();
+        r
+    }
+
+    fn started(r: &mut LabelRun) {
+        r.step(&Event::TrainingStarted {
+            handle: TrainingHandle {
+                kind: "t".into(),
+                data: serde_json::json!({}),
+            },
+        })
+        .unwrap();
+    }
+
+    fn finished(r: &mut LabelRun, dice: f64) -> Vec<Action> {
+        r.step(&Event::TrainingFinished {
+            candidate: Candidate {
+                id: "c".into(),
+                metrics: [("dice".to_string(), dice), ("iou".to_string(), 0.9)]
+                    .into_iter()
+                    .collect(),
+            },
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_cancelled_job_restarts_under_a_new_key_without_counting_an_attempt() {
+        let mut r = training_run();
+        assert_eq!((r.attempt, r.starts), (1, 1));
+        started(&mut r);
+        let a = r
+            .step(&Event::TrainingCancelled {
+                reason: "interrupted".into(),
+            })
+            .unwrap();
+        assert_eq!(
+            a,
+            vec![Action::StartTraining {
+                attempt: 1,
+                version: VersionTag::new("v2"),
+                job_key: Some(JobKey::training(&r.run_id, 2)),
+            }]
+        );
+        assert_eq!((r.attempt, r.starts), (1, 2));
+        assert!(r.handle.is_none());
+        assert!(r.lost_attempts.is_empty());
+        assert_eq!(r.cancelled_jobs.len(), 1);
+        assert!(
+            r.cancelled_jobs[0].contains("/train/1"),
+            "{:?}",
+            r.cancelled_jobs
+        );
+        // A cancellation outside training is refused.
+        let mut idle = run(plan(counts_trigger()));
+        assert!(idle
+            .step(&Event::TrainingCancelled { reason: "x".into() })
+            .is_err());
+    }
+
+    #[test]
+    fn a_transient_failure_keeps_the_step_until_max_step_retries() {
+        let mut r = training_run();
+        started(&mut r);
+        assert_eq!(finished(&mut r, 0.95), vec![Action::ReadBaseline]);
+        let defer = Event::StepDeferred {
+            error: "registry 503".into(),
+            done: vec![],
+        };
+        for failure in 1..r.plan.max_step_retries {
+            assert_eq!(r.step(&defer).unwrap(), vec![Action::ReadBaseline]);
+            assert_eq!(r.stage, Stage::Gating);
+            assert_eq!(r.step_retries, failure);
+            assert_eq!(r.step_error.as_deref(), Some("registry 503"));
+            assert!(r.is_deferred());
+        }
+        // The last allowed failure fails the run (notify, commit the cursor).
+        let a = r.step(&defer).unwrap();
+        assert_eq!(a, vec![Action::Notify]);
+        match &r.outcome {
+            Some(Outcome::Failed { stage, reason }) => {
+                assert_eq!(*stage, Stage::Gating);
+                assert!(reason.contains("max_step_retries = 5"), "{reason}");
+                assert!(reason.contains("registry 503"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!r.is_deferred());
+    }
+
+    #[test]
+    fn progress_resets_the_retry_count_and_a_deferral_elsewhere_is_refused() {
+        let mut r = training_run();
+        started(&mut r);
+        // Deferral is only for steps with an outside dependency.
+        assert!(r
+            .step(&Event::StepDeferred {
+                error: "x".into(),
+                done: vec![]
+            })
+            .is_err());
+        finished(&mut r, 0.95);
+        r.step(&Event::StepDeferred {
+            error: "503".into(),
+            done: vec![],
+        })
+        .unwrap();
+        assert_eq!(r.step_retries, 1);
+        let a = r.step(&Event::BaselineRead { production: None }).unwrap();
+        assert!(matches!(a[..], [Action::Promote { .. }]));
+        assert_eq!(r.step_retries, 0);
+        assert_eq!(r.step_error, None);
+        // Notify: the notifiers that delivered are remembered, once each.
+        r.step(&Event::Promoted {
+            version: PromotedVersion {
+                version: "1".into(),
+                previous: None,
+            },
+        })
+        .unwrap();
+        assert_eq!(r.stage, Stage::Notifying);
+        for _ in 0..2 {
+            r.step(&Event::StepDeferred {
+                error: "slack timed out".into(),
+                done: vec!["github".into()],
+            })
+            .unwrap();
+        }
+        assert_eq!(r.notified, vec!["github".to_string()]);
+        assert_eq!(r.step_retries, 2);
+    }
+
+    #[test]
+    fn the_watermark_never_moves_backwards() {
+        let mut r = training_run();
+        // The label had consumed feedback up to a later time than the new
+        // dataset claims (a republished older snapshot under a new tag).
+        let later: DateTime<Utc> = "2026-01-01T00:00:00Z".parse().unwrap();
+        r.cursor.watermark = Some(later);
+        started(&mut r);
+        finished(&mut r, 0.95);
+        let cursor = r.next_cursor().unwrap();
+        assert_eq!(cursor.watermark, Some(later));
+        assert_eq!(cursor.consumed_version, Some(VersionTag::new("v2")));
+        // An older watermark does move forward to the dataset's time.
+        r.cursor.watermark = Some("2020-01-01T00:00:00Z".parse().unwrap());
+        assert_eq!(
+            r.next_cursor().unwrap().watermark,
+            Some(r.dataset.as_ref().unwrap().metadata.created_at)
+        );
+    }
+
+    #[test]
+    fn a_failed_commit_stays_pending_and_done_is_final() {
+        let mut r = run(plan(counts_trigger()));
+        r.step(&Event::Started { now: now(0) }).unwrap();
+        let a = r
+            .step(&Event::CountsRead {
+                counts: FeedbackCounts::default(),
+            })
+            .unwrap();
+        assert_eq!(a, vec![Action::Commit { cursor: None }]);
+        let outcome = r.outcome.clone();
+        let again = r
+            .step(&Event::ActionFailed {
+                reason: "store down".into(),
+            })
+            .unwrap();
+        assert_eq!(again, vec![Action::Commit { cursor: None }]);
+        assert_eq!(r.stage, Stage::Finishing);
+        assert_eq!(r.outcome, outcome, "the outcome stands");
+        r.step(&Event::Committed).unwrap();
+        assert!(r.is_done());
+        assert!(r
+            .step(&Event::ActionFailed {
+                reason: "late".into()
+            })
+            .is_err());
+    }
+
+    #[test]
+    fn event_names_match_the_journal_tags() {
+        let events = [
+            Event::Started { now: now(0) },
+            Event::Committed,
+            Event::LeaseReleased,
+            Event::TrainingCancelled { reason: "r".into() },
+            Event::StepDeferred {
+                error: "e".into(),
+                done: vec![],
+            },
+            Event::ActionFailed { reason: "r".into() },
+            Event::Notified { error: None },
+        ];
+        for event in events {
+            let tag = serde_json::to_value(&event).unwrap()["event"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            assert_eq!(event.name(), tag);
+        }
+    }
+
     #[test]
     fn invalid_events_are_refused() {
         let mut r = run(plan(counts_trigger()));

@@ -120,44 +120,59 @@ async fn crash_after_every_journaled_step_resumes_to_the_same_final_state() {
     assert_eq!(expected.acquires, 1);
     assert_eq!(expected.releases, 1);
 
-    for crash_at in 1..=steps {
-        let world = World::new();
-        let store = MemStore::new();
-        let crashing = store.crashing_after(crash_at);
-        let first = engine(
-            &crashing,
-            &world,
-            vec![binding(&world, leased.clone(), prepare(&world))],
-        );
-        let _ = cycle(&first).await;
-        drop(first);
+    // Two kinds of crash after every journal write: the write persisted
+    // (the process died right after it), or the write lost (the process
+    // died between a side effect and the journal write of its outcome: the
+    // resumed run repeats the intent, and the ports' idempotency per job key
+    // / run id must absorb it).
+    for lose_write in [false, true] {
+        for crash_at in 1..=steps {
+            let world = World::new();
+            let store = MemStore::new();
+            let crashing = if lose_write {
+                store.losing_write(crash_at)
+            } else {
+                store.crashing_after(crash_at)
+            };
+            let first = engine(
+                &crashing,
+                &world,
+                vec![binding(&world, leased.clone(), prepare(&world))],
+            );
+            let _ = cycle(&first).await;
+            drop(first);
 
-        let restarted = store.restarted();
-        let second = engine(
-            &restarted,
-            &world,
-            vec![binding(&world, leased.clone(), prepare(&world))],
-        );
-        let report = cycle(&second).await;
-        assert!(
-            matches!(
-                report.labels[0].status,
-                LabelStatus::Promoted | LabelStatus::Skipped
-            ),
-            "crash at {crash_at}: {:?}",
-            report.labels[0]
-        );
-        assert_eq!(
-            final_state(&store, &world),
-            expected,
-            "crash after journal write {crash_at}"
-        );
-        let promoted_runs = store
-            .finished_runs("department")
-            .into_iter()
-            .filter(|r| r.promoted.is_some())
-            .count();
-        assert_eq!(promoted_runs, 1, "crash at {crash_at}");
+            let restarted = store.restarted();
+            let second = engine(
+                &restarted,
+                &world,
+                vec![binding(&world, leased.clone(), prepare(&world))],
+            );
+            let report = cycle(&second).await;
+            let what = format!("crash at write {crash_at} (write lost: {lose_write})");
+            assert!(
+                matches!(
+                    report.labels[0].status,
+                    LabelStatus::Promoted | LabelStatus::Skipped
+                ),
+                "{what}: {:?}",
+                report.labels[0]
+            );
+            assert_eq!(final_state(&store, &world), expected, "{what}");
+            let promoted_runs = store
+                .finished_runs("department")
+                .into_iter()
+                .filter(|r| r.promoted.is_some())
+                .count();
+            assert_eq!(promoted_runs, 1, "{what}");
+            // Notifications are at-least-once: never lost, repeated at most
+            // once (a crash between sending and journaling it).
+            let notifies = get(&world.counters.notifies);
+            assert!(
+                (1..=2).contains(&notifies),
+                "{what}: {notifies} notifications"
+            );
+        }
     }
 }
 

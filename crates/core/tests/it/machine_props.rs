@@ -95,6 +95,10 @@ fn plan(s: &Scenario) -> LabelPlan {
 struct Trace {
     starts: Vec<VersionTag>,
     lost: usize,
+    cancelled: usize,
+    deferred: usize,
+    /// Promotions that took effect (`Promoted` answered).
+    promoted: usize,
     promotes: usize,
     side_effects_in_dry_run: usize,
     trained_dataset: Option<DatasetVersion>,
@@ -103,10 +107,23 @@ struct Trace {
 
 /// Answer `action` with an outcome chosen by `choice`.
 fn respond(action: &Action, run: &LabelRun, choice: u8, clock: &mut i64) -> Event {
-    let fail = choice.is_multiple_of(17);
-    if fail && !matches!(action, Action::Commit { .. }) {
+    if choice.is_multiple_of(17) {
         return Event::ActionFailed {
             reason: "injected".into(),
+        };
+    }
+    // An outage of the registry, a notifier or the lease provider.
+    let retryable = matches!(
+        action,
+        Action::ReadBaseline
+            | Action::Promote { .. }
+            | Action::Notify
+            | Action::ReleaseLease { .. }
+    );
+    if retryable && choice % 6 == 1 {
+        return Event::StepDeferred {
+            error: "503".into(),
+            done: vec!["slack".into()],
         };
     }
     let now = |c: &i64| DateTime::<Utc>::from_timestamp(1_700_000_000 + *c, 0).unwrap();
@@ -155,7 +172,11 @@ fn respond(action: &Action, run: &LabelRun, choice: u8, clock: &mut i64) -> Even
             },
         },
         Action::AwaitTraining { .. } => {
-            if choice.is_multiple_of(5) {
+            if choice % 7 == 3 {
+                Event::TrainingCancelled {
+                    reason: "interrupted".into(),
+                }
+            } else if choice.is_multiple_of(5) {
                 Event::TrainingLost {
                     reason: "host rebooted".into(),
                 }
@@ -249,11 +270,26 @@ fn drive(s: &Scenario) -> (LabelRun, Trace) {
             assert_eq!(run.pending, actions, "resume re-issues the pending actions");
         }
         let event = respond(&action, &run, choice, &mut clock);
-        if matches!(event, Event::TrainingLost { .. }) {
-            trace.lost += 1;
+        match &event {
+            Event::TrainingLost { .. } => trace.lost += 1,
+            Event::TrainingCancelled { .. } => trace.cancelled += 1,
+            Event::StepDeferred { .. } => trace.deferred += 1,
+            Event::Promoted { .. } => trace.promoted += 1,
+            _ => {}
         }
         actions = run.step(&event).expect("a plausible event was refused");
+        assert!(
+            run.is_done() || !actions.is_empty(),
+            "run left in stage {} with nothing to do after {event:?}",
+            run.stage
+        );
+        if matches!(event, Event::StepDeferred { .. }) && !run.is_done() && run.step_error.is_some()
+        {
+            assert_eq!(actions, run.pending, "a deferred step is retried as it was");
+            assert!(run.step_retries < run.plan.max_step_retries);
+        }
     }
+    assert!(run.is_done(), "run stopped in stage {}", run.stage);
     (run, trace)
 }
 
@@ -263,8 +299,11 @@ proptest! {
     #[test]
     fn never_two_trainings_per_version_unless_lost(s in scenario()) {
         let (run, trace) = drive(&s);
-        prop_assert!(trace.starts.len() <= 1 + trace.lost, "{trace:?}");
-        prop_assert!(trace.starts.len() as u32 <= s.max_attempts);
+        // A cancelled job (interrupt) is started again without counting.
+        prop_assert!(trace.starts.len() <= 1 + trace.lost + trace.cancelled, "{trace:?}");
+        prop_assert!((trace.starts.len() - trace.cancelled) as u32 <= s.max_attempts);
+        prop_assert!(run.attempt <= s.max_attempts);
+        prop_assert_eq!(run.starts as usize, trace.starts.len());
         if let Some(first) = trace.starts.first() {
             prop_assert!(trace.starts.iter().all(|v| v == first), "one run trains one version");
         }
@@ -274,7 +313,10 @@ proptest! {
     #[test]
     fn never_two_promotions_per_run(s in scenario()) {
         let (_, trace) = drive(&s);
-        prop_assert!(trace.promotes <= 1);
+        // A deferred promotion is retried (idempotent per run id): it takes
+        // effect at most once.
+        prop_assert!(trace.promoted <= 1);
+        prop_assert!(trace.promotes <= 1 + trace.deferred, "{trace:?}");
     }
 
     #[test]
@@ -290,7 +332,9 @@ proptest! {
     fn finishing_after_training_advances_the_watermark_to_the_dataset(s in scenario()) {
         let (run, trace) = drive(&s);
         if run.is_done() && !s.dry_run {
-            prop_assert_eq!(trace.commits.len(), 1);
+            // A failed commit is retried with the same cursor.
+            prop_assert!(!trace.commits.is_empty());
+            prop_assert!(trace.commits.iter().all(|c| *c == trace.commits[0]));
             let committed = trace.commits[0].clone();
             if run.candidate.is_some() {
                 let dataset = run.dataset.clone().expect("trained on a dataset");

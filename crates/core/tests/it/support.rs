@@ -3,14 +3,14 @@
 //! simulated world (a prepare restart publishes a new dataset).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use retrain_core::domain::*;
-use retrain_core::engine::{Engine, EngineSettings, LabelBinding};
+use retrain_core::engine::{Clock, Engine, EngineSettings, LabelBinding, TokioClock};
 use retrain_core::gate::GatePolicy;
 use retrain_core::journal::{RunDetail, RunFilter, RunSummary, Transition, TransitionRecord};
 use retrain_core::machine::{LabelPlan, LabelRun, PromoteMode, Stage, Trigger};
@@ -21,8 +21,12 @@ struct StoreData {
     runs: BTreeMap<RunId, (LabelRun, bool)>,
     transitions: Vec<Transition>,
     cursors: HashMap<Label, LabelCursor>,
-    locks: HashMap<Label, (String, DateTime<Utc>)>,
+    /// label → (owner, expiry, fencing token); a released lock keeps its
+    /// row (owner "") so tokens keep growing.
+    locks: HashMap<Label, (String, DateTime<Utc>, u64)>,
     leases: BTreeMap<String, Lease>,
+    /// Writes refused because the writer's fence was stale.
+    fenced: usize,
 }
 
 /// In-memory `RunStore`. `crash_after(n)`: the n-th journal write (record or
@@ -31,27 +35,82 @@ struct StoreData {
 pub struct MemStore {
     data: Arc<Mutex<StoreData>>,
     crash_after: Option<usize>,
+    /// With `crash_after`: the crashing write itself is lost (the process
+    /// died between a side effect and the journal write of its outcome).
+    lose_crashing_write: bool,
     writes: Arc<AtomicUsize>,
+    /// Lock expiry follows tokio's (possibly paused) clock.
+    clock: Arc<TokioClock>,
+    /// While set, lock renewals fail (a store outage seen by one holder).
+    pub renewals_fail: Arc<AtomicBool>,
 }
 
 impl MemStore {
     pub fn new() -> Self {
         Self::default()
     }
+    fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+    /// The n-th journal write is lost and every later call fails.
+    pub fn losing_write(&self, n: usize) -> Self {
+        Self {
+            lose_crashing_write: true,
+            ..self.crashing_after(n)
+        }
+    }
     pub fn crashing_after(&self, n: usize) -> Self {
         Self {
-            data: self.data.clone(),
             crash_after: Some(n),
+            lose_crashing_write: false,
             writes: Arc::new(AtomicUsize::new(0)),
+            renewals_fail: Arc::default(),
+            ..self.clone()
         }
     }
     /// A new process on the same database: locks of the dead one have expired.
     pub fn restarted(&self) -> Self {
-        self.data.lock().unwrap().locks.clear();
+        for lock in self.data.lock().unwrap().locks.values_mut() {
+            lock.0.clear();
+        }
         Self {
-            data: self.data.clone(),
             crash_after: None,
+            lose_crashing_write: false,
             writes: Arc::new(AtomicUsize::new(0)),
+            renewals_fail: Arc::default(),
+            ..self.clone()
+        }
+    }
+    /// Whether this write is the lost one (then nothing is persisted).
+    fn loses_this_write(&self) -> bool {
+        self.lose_crashing_write
+            && self
+                .crash_after
+                .is_some_and(|n| self.writes.load(Ordering::SeqCst) + 1 >= n)
+    }
+    /// Writes refused by fencing so far.
+    pub fn fenced_writes(&self) -> usize {
+        self.data.lock().unwrap().fenced
+    }
+    /// Refuse the write unless `fence` holds `label`'s unexpired lock.
+    fn fence(&self, label: &Label, fence: &Fence) -> Result<(), StoreError> {
+        let mut d = self.data.lock().unwrap();
+        let now = self.now();
+        match d.locks.get(label) {
+            Some((owner, expires, token))
+                if owner == &fence.owner.0 && *token == fence.token && *expires > now =>
+            {
+                Ok(())
+            }
+            other => {
+                let holder = other
+                    .map(|(o, _, t)| format!("{o} (token {t})"))
+                    .unwrap_or_else(|| "nobody".into());
+                d.fenced += 1;
+                Err(StoreError::Fenced(format!(
+                    "lock of label {label} is held by {holder}, not by {fence}"
+                )))
+            }
         }
     }
     pub fn writes(&self) -> usize {
@@ -93,10 +152,13 @@ impl MemStore {
             .collect()
     }
     pub fn hold_lock(&self, label: &str, owner: &str) {
-        self.data.lock().unwrap().locks.insert(
-            Label::new(label).unwrap(),
-            (owner.into(), Utc::now() + chrono::Duration::hours(1)),
-        );
+        let expires = self.now() + chrono::Duration::hours(1);
+        let mut d = self.data.lock().unwrap();
+        let entry =
+            d.locks
+                .entry(Label::new(label).unwrap())
+                .or_insert((String::new(), expires, 0));
+        *entry = (owner.into(), expires, entry.2 + 1);
     }
     pub fn leases(&self) -> Vec<Lease> {
         self.data.lock().unwrap().leases.values().cloned().collect()
@@ -118,26 +180,26 @@ impl RunStore for MemStore {
         ttl: Duration,
     ) -> Result<LockOutcome, StoreError> {
         self.check()?;
+        let now = self.now();
         let mut d = self.data.lock().unwrap();
-        let now = Utc::now();
-        if let Some((holder, expires)) = d.locks.get(label) {
-            if holder != &owner.0 && *expires > now {
-                return Ok(LockOutcome::Busy {
-                    owner: holder.clone(),
-                    expires_at: *expires,
-                });
-            }
+        let entry = d
+            .locks
+            .entry(label.clone())
+            .or_insert((String::new(), now, 0));
+        if !entry.0.is_empty() && entry.0 != owner.0 && entry.1 > now {
+            return Ok(LockOutcome::Busy {
+                owner: entry.0.clone(),
+                expires_at: entry.1,
+            });
         }
-        d.locks.insert(
-            label.clone(),
-            (
-                owner.0.clone(),
-                now + chrono::Duration::from_std(ttl).unwrap(),
-            ),
+        *entry = (
+            owner.0.clone(),
+            now + chrono::Duration::from_std(ttl).unwrap(),
+            entry.2 + 1,
         );
         Ok(LockOutcome::Acquired(Fence {
             owner: owner.clone(),
-            token: 0,
+            token: entry.2,
         }))
     }
     async fn renew_lock(
@@ -146,23 +208,29 @@ impl RunStore for MemStore {
         fence: &Fence,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let owner = &fence.owner;
         self.check()?;
+        if self.renewals_fail.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("simulated outage".into()));
+        }
+        let now = self.now();
         let mut d = self.data.lock().unwrap();
         match d.locks.get_mut(label) {
-            Some((holder, expires)) if holder == &owner.0 => {
-                *expires = Utc::now() + chrono::Duration::from_std(ttl).unwrap();
+            Some((holder, expires, token))
+                if holder == &fence.owner.0 && *token == fence.token && *expires > now =>
+            {
+                *expires = now + chrono::Duration::from_std(ttl).unwrap();
                 Ok(true)
             }
             _ => Ok(false),
         }
     }
     async fn release_lock(&self, label: &Label, fence: &Fence) -> Result<(), StoreError> {
-        let owner = &fence.owner;
         self.check()?;
         let mut d = self.data.lock().unwrap();
-        if d.locks.get(label).is_some_and(|(h, _)| h == &owner.0) {
-            d.locks.remove(label);
+        if let Some(lock) = d.locks.get_mut(label) {
+            if lock.0 == fence.owner.0 && lock.2 == fence.token {
+                lock.0.clear();
+            }
         }
         Ok(())
     }
@@ -188,8 +256,12 @@ impl RunStore for MemStore {
             .rfind(|(r, done)| !done && r.label() == label)
             .map(|(r, _)| r.clone()))
     }
-    async fn record(&self, transition: &Transition, _fence: &Fence) -> Result<(), StoreError> {
+    async fn record(&self, transition: &Transition, fence: &Fence) -> Result<(), StoreError> {
         self.check()?;
+        self.fence(&transition.label, fence)?;
+        if self.loses_this_write() {
+            return self.after_write();
+        }
         self.store_transition(transition);
         self.after_write()
     }
@@ -197,9 +269,13 @@ impl RunStore for MemStore {
         &self,
         transition: &Transition,
         cursor: Option<LabelCursor>,
-        _fence: &Fence,
+        fence: &Fence,
     ) -> Result<(), StoreError> {
         self.check()?;
+        self.fence(&transition.label, fence)?;
+        if self.loses_this_write() {
+            return self.after_write();
+        }
         self.store_transition(transition);
         if let Some(c) = cursor {
             self.data
@@ -239,7 +315,9 @@ impl RunStore for MemStore {
                 .collect(),
         }))
     }
-    async fn put_lease(&self, lease: &Lease, _fence: &Fence) -> Result<(), StoreError> {
+    async fn put_lease(&self, lease: &Lease, fence: &Fence) -> Result<(), StoreError> {
+        self.check()?;
+        self.fence(&lease.label, fence)?;
         self.put_lease_unfenced(lease).await
     }
 
@@ -266,10 +344,11 @@ impl RunStore for MemStore {
     }
     async fn lock_holder(&self, label: &Label) -> Result<Option<String>, StoreError> {
         let d = self.data.lock().unwrap();
+        let now = self.now();
         Ok(d.locks
             .get(label)
-            .filter(|(_, e)| *e > Utc::now())
-            .map(|(h, _)| h.clone()))
+            .filter(|(h, e, _)| !h.is_empty() && *e > now)
+            .map(|(h, _, _)| h.clone()))
     }
 }
 
@@ -314,6 +393,10 @@ pub struct Counters {
     pub acquires: AtomicUsize,
     pub releases: AtomicUsize,
     pub notifies: AtomicUsize,
+    /// Jobs the trainer cancelled.
+    pub cancels: AtomicUsize,
+    /// `start` calls that adopted the job already started for their key.
+    pub adopted: AtomicUsize,
 }
 
 /// The simulated outside world.
@@ -325,6 +408,20 @@ pub struct World {
     pub candidate_metrics: Arc<Mutex<Metrics>>,
     pub trainer_fails: Arc<Mutex<bool>>,
     pub lose_trainings: Arc<AtomicUsize>,
+    /// Jobs started, by job key (the trainer is idempotent per key).
+    pub jobs: Arc<Mutex<BTreeMap<JobKey, TrainingHandle>>>,
+    /// Training duration (virtual time).
+    pub train_time: Arc<Mutex<Duration>>,
+    /// The next N registry calls (production or promote) fail with 503.
+    pub registry_outages: Arc<AtomicUsize>,
+    /// The next N notifications fail with a timeout.
+    pub notifier_outages: Arc<AtomicUsize>,
+    /// The next N promotions fail with 503 (reads work).
+    pub promote_outages: Arc<AtomicUsize>,
+    /// Leases whose machines are running.
+    pub running_leases: Arc<Mutex<std::collections::BTreeSet<String>>>,
+    /// Prepare restarts done, by intent key.
+    pub restart_intents: Arc<Mutex<std::collections::BTreeSet<JobKey>>>,
 }
 
 impl World {
@@ -340,8 +437,32 @@ impl World {
             )),
             trainer_fails: Arc::default(),
             lose_trainings: Arc::default(),
+            jobs: Arc::default(),
+            train_time: Arc::new(Mutex::new(Duration::from_secs(5))),
+            registry_outages: Arc::default(),
+            notifier_outages: Arc::default(),
+            promote_outages: Arc::default(),
+            restart_intents: Arc::default(),
+            running_leases: Arc::default(),
         }
     }
+}
+
+impl World {
+    fn outage(&self) -> Result<(), PortError> {
+        if take_one(&self.registry_outages) {
+            return Err(PortError::Transient(
+                "registry answered 503 Service Unavailable".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Decrement `n` if positive; whether it was.
+fn take_one(n: &AtomicUsize) -> bool {
+    n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
+        .is_ok()
 }
 
 pub struct FakeCounts(pub World);
@@ -388,7 +509,17 @@ pub struct FakePrepare {
 }
 #[async_trait]
 impl SpaceController for FakePrepare {
-    async fn restart(&self, _intent: &JobKey) -> Result<(), PortError> {
+    async fn restart(&self, intent: &JobKey) -> Result<(), PortError> {
+        // The port's contract: a restart already done for `intent` is not redone.
+        if !self
+            .world
+            .restart_intents
+            .lock()
+            .unwrap()
+            .insert(intent.clone())
+        {
+            return Ok(());
+        }
         self.world.counters.restarts.fetch_add(1, Ordering::SeqCst);
         if !self.stage.is_error() {
             *self.world.published.lock().unwrap() = Some(dataset("v2", 500, 3600));
@@ -407,11 +538,23 @@ pub struct FakeTrainer(pub World);
 #[async_trait]
 impl Trainer for FakeTrainer {
     async fn start(&self, request: &TrainingRequest) -> Result<TrainingHandle, PortError> {
+        // The port's contract: idempotent for the job key.
+        let mut jobs = self.0.jobs.lock().unwrap();
+        if let Some(handle) = jobs.get(&request.job_key) {
+            self.0.counters.adopted.fetch_add(1, Ordering::SeqCst);
+            return Ok(handle.clone());
+        }
         self.0.counters.starts.fetch_add(1, Ordering::SeqCst);
-        Ok(TrainingHandle {
+        let handle = TrainingHandle {
             kind: "fake".into(),
-            data: serde_json::json!({"version": request.dataset_version, "attempt": request.attempt}),
-        })
+            data: serde_json::json!({
+                "version": request.dataset_version,
+                "attempt": request.attempt,
+                "job": request.job_key,
+            }),
+        };
+        jobs.insert(request.job_key.clone(), handle.clone());
+        Ok(handle)
     }
     async fn wait(
         &self,
@@ -419,7 +562,8 @@ impl Trainer for FakeTrainer {
         _: &TrainingHandle,
     ) -> Result<TrainingOutcome, PortError> {
         // Training takes (virtual) time, so concurrent engines overlap.
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        let train_time = *self.0.train_time.lock().unwrap();
+        tokio::time::sleep(train_time).await;
         if *self.0.trainer_fails.lock().unwrap() {
             return Err(PortError::Failed(
                 "exit status 1: CUDA out of memory".into(),
@@ -437,6 +581,7 @@ impl Trainer for FakeTrainer {
         }))
     }
     async fn cancel(&self, _: &TrainingHandle) -> Result<(), PortError> {
+        self.0.counters.cancels.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
     fn describe(&self) -> String {
@@ -448,6 +593,7 @@ pub struct FakeRegistry(pub World);
 #[async_trait]
 impl ModelRegistry for FakeRegistry {
     async fn production(&self, _: Option<Lease>) -> Result<Option<ProductionModel>, PortError> {
+        self.0.outage()?;
         Ok(self
             .0
             .production
@@ -469,6 +615,12 @@ impl ModelRegistry for FakeRegistry {
         run_id: RunId,
         _: Option<Lease>,
     ) -> Result<PromotedVersion, PortError> {
+        self.0.outage()?;
+        if take_one(&self.0.promote_outages) {
+            return Err(PortError::Transient(
+                "registry answered 503 Service Unavailable".into(),
+            ));
+        }
         let mut production = self.0.production.lock().unwrap();
         if let Some((v, _, r)) = production.as_ref() {
             if r == &run_id {
@@ -504,14 +656,26 @@ impl LeaseProvider for FakeLease {
         }
     }
     async fn acquire(&self, mut lease: Lease) -> Result<Lease, PortError> {
-        self.0.counters.acquires.fetch_add(1, Ordering::SeqCst);
+        // Like EC2: starting running machines is a no-op.
+        if self
+            .0
+            .running_leases
+            .lock()
+            .unwrap()
+            .insert(lease.id.clone())
+        {
+            self.0.counters.acquires.fetch_add(1, Ordering::SeqCst);
+        }
         lease
             .attributes
             .insert("public_ip".into(), "10.0.0.1".into());
         Ok(lease)
     }
-    async fn release(&self, _: &Lease) -> Result<(), PortError> {
-        self.0.counters.releases.fetch_add(1, Ordering::SeqCst);
+    async fn release(&self, lease: &Lease) -> Result<(), PortError> {
+        // Like EC2: stopping stopped machines is a no-op.
+        if self.0.running_leases.lock().unwrap().remove(&lease.id) {
+            self.0.counters.releases.fetch_add(1, Ordering::SeqCst);
+        }
         Ok(())
     }
 }
@@ -520,6 +684,9 @@ pub struct CountingNotifier(pub World);
 #[async_trait]
 impl Notifier for CountingNotifier {
     async fn notify(&self, _: &retrain_core::report::LabelReport) -> Result<(), PortError> {
+        if take_one(&self.0.notifier_outages) {
+            return Err(PortError::Transient("webhook timed out".into()));
+        }
         self.0.counters.notifies.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }

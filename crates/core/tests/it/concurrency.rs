@@ -1,0 +1,397 @@
+//! The engine's concurrency model: fenced locks held from phase one,
+//! holders that lose their lock stop before acting, interrupts that keep
+//! attempts, outages that keep the candidate. Each test failed on the
+//! engine before fencing/intents/deferral existed.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use retrain_core::domain::LockOwner;
+use retrain_core::engine::{CycleRequest, Engine, EngineSettings};
+use retrain_core::machine::Stage;
+use retrain_core::report::{CycleReport, LabelStatus};
+use retrain_core::CancellationToken;
+
+use crate::support::*;
+
+fn get(c: &std::sync::atomic::AtomicUsize) -> usize {
+    c.load(Ordering::SeqCst)
+}
+
+async fn cycle(engine: &Engine) -> CycleReport {
+    engine
+        .run_cycle(CycleRequest::default(), CancellationToken::new())
+        .await
+        .unwrap()
+}
+
+/// An engine over `store` with its own owner and the given lock TTL and
+/// parallelism.
+fn engine_as(
+    store: &MemStore,
+    world: &World,
+    labels: &[&str],
+    owner: &str,
+    lock_ttl: Duration,
+    parallel: usize,
+) -> Engine {
+    let bindings = labels
+        .iter()
+        .map(|l| binding(world, plan(l), prepare(world)))
+        .collect();
+    Engine::new(
+        std::sync::Arc::new(store.clone()),
+        Some(std::sync::Arc::new(FakeCounts(world.clone()))),
+        bindings,
+        EngineSettings {
+            poll_jitter: 0.0,
+            lock_ttl,
+            max_parallel_labels: parallel,
+            owner: LockOwner::generate(owner),
+            ..EngineSettings::default()
+        },
+    )
+}
+
+/// Finding 1: with more labels than the parallelism and trainings longer
+/// than `lock_ttl`, queued labels used to lose their locks (the heartbeat
+/// started only in phase two) and a second orchestrator drove them too.
+#[tokio::test(start_paused = true)]
+async fn queued_labels_keep_their_locks_and_every_label_trains_once() {
+    let world = World::new();
+    *world.train_time.lock().unwrap() = Duration::from_secs(5);
+    let store = MemStore::new();
+    let labels = ["a", "b", "c", "d"];
+    let ttl = Duration::from_secs(2);
+    let first = engine_as(&store, &world, &labels, "first", ttl, 1);
+    let second = engine_as(&store, &world, &labels, "second", ttl, 1);
+    let (one, two) = tokio::join!(cycle(&first), async {
+        // The second orchestrator starts while the first trains label `a`.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        cycle(&second).await
+    });
+    for label in labels {
+        let trained = store
+            .finished_runs(label)
+            .iter()
+            .filter(|r| r.candidate.is_some())
+            .count();
+        assert_eq!(trained, 1, "label {label} trained {trained} times");
+    }
+    assert_eq!(get(&world.counters.starts), 4);
+    assert_eq!(
+        store.fenced_writes(),
+        0,
+        "no stale holder ever tried to write"
+    );
+    let statuses = |r: &CycleReport| r.labels.iter().map(|l| l.status).collect::<Vec<_>>();
+    // The labels share one fake registry: the first promotes, the others
+    // (same metrics) are rejected; all of them were driven to the end.
+    assert!(
+        statuses(&one)
+            .iter()
+            .all(|s| matches!(s, LabelStatus::Promoted | LabelStatus::Rejected)),
+        "{:?}",
+        statuses(&one)
+    );
+    assert!(
+        statuses(&two).iter().all(|s| *s == LabelStatus::Busy),
+        "{:?}",
+        statuses(&two)
+    );
+}
+
+/// Findings 2 and 3: a holder whose renewals fail for longer than the TTL
+/// stops before its next side effect, leaves the training job to the next
+/// holder (no cancel, no second start), and the next holder finishes it.
+#[tokio::test(start_paused = true)]
+async fn a_holder_that_cannot_renew_stops_before_its_next_side_effect() {
+    let world = World::new();
+    *world.train_time.lock().unwrap() = Duration::from_secs(10);
+    let store = MemStore::new();
+    let ttl = Duration::from_secs(3);
+    let stale = engine_as(&store, &world, &["department"], "stale", ttl, 1);
+    let outage = store.renewals_fail.clone();
+    let (report, ()) = tokio::join!(cycle(&stale), async {
+        // The store becomes unreachable for this holder once training runs.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        outage.store(true, Ordering::SeqCst);
+    });
+    let label = &report.labels[0];
+    assert_eq!(label.status, LabelStatus::LockLost, "{label:?}");
+    assert!(
+        label.error.as_deref().unwrap().contains("lock_ttl"),
+        "{label:?}"
+    );
+    assert_eq!(get(&world.counters.starts), 1);
+    assert_eq!(
+        get(&world.counters.promotes),
+        0,
+        "no side effect after the loss"
+    );
+    assert_eq!(get(&world.counters.notifies), 0);
+    assert_eq!(
+        get(&world.counters.cancels),
+        0,
+        "the job is left to the next holder"
+    );
+    assert_eq!(
+        store.fenced_writes(),
+        0,
+        "it stopped before even trying to write"
+    );
+
+    // Another orchestrator takes over after the TTL and finishes the same job.
+    outage.store(false, Ordering::SeqCst);
+    tokio::time::sleep(ttl).await;
+    let next = engine_as(&store, &world, &["department"], "next", ttl, 1);
+    let report = cycle(&next).await;
+    assert_eq!(report.labels[0].status, LabelStatus::Promoted, "{report:?}");
+    assert!(report.labels[0].resumed);
+    assert_eq!(
+        get(&world.counters.starts),
+        1,
+        "the job was adopted, not restarted"
+    );
+    assert_eq!(get(&world.counters.promotes), 1);
+}
+
+/// Finding 2: a holder paused past its TTL (no heartbeat at all) whose lock
+/// was taken over is refused by the store at its next write: it does
+/// nothing more, the new holder's run is untouched.
+#[tokio::test(start_paused = true)]
+async fn a_stale_fence_is_refused_by_the_store() {
+    let world = World::new();
+    let store = MemStore::new();
+    let ttl = Duration::from_secs(2);
+    let first = engine_as(&store, &world, &["department"], "first", ttl, 1);
+    // Simulate a takeover between two of the first holder's writes: the
+    // lock changes hands (new token) while the first engine trains.
+    let takeover = {
+        let store = store.clone();
+        async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            store.hold_lock("department", "thief");
+        }
+    };
+    let (report, ()) = tokio::join!(cycle(&first), takeover);
+    let label = &report.labels[0];
+    assert_eq!(label.status, LabelStatus::LockLost, "{label:?}");
+    assert!(
+        label.error.as_deref().unwrap().contains("thief"),
+        "{label:?}"
+    );
+    assert_eq!(get(&world.counters.promotes), 0);
+    assert_eq!(get(&world.counters.notifies), 0);
+    assert!(store.cursor_of("department").consumed_version.is_none());
+}
+
+/// Finding 5: Ctrl-C during training used to record `TrainingLost` on
+/// resume; two interrupts exhausted `max_attempts = 2`.
+#[tokio::test(start_paused = true)]
+async fn interrupting_training_twice_then_resuming_counts_one_attempt() {
+    let world = World::new();
+    *world.train_time.lock().unwrap() = Duration::from_secs(10);
+    let store = MemStore::new();
+    let engine = engine(
+        &store,
+        &world,
+        vec![binding(&world, plan("department"), prepare(&world))],
+    );
+    for interrupt in 1..=2 {
+        let cancel = CancellationToken::new();
+        let trigger = cancel.clone();
+        let (report, ()) = tokio::join!(
+            engine.run_cycle(CycleRequest::default(), cancel),
+            async move {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                trigger.cancel();
+            }
+        );
+        let label = &report.unwrap().labels[0];
+        assert_eq!(label.status, LabelStatus::Interrupted, "{label:?}");
+        assert_eq!(get(&world.counters.cancels), interrupt);
+    }
+    let report = cycle(&engine).await;
+    let label = &report.labels[0];
+    assert_eq!(label.status, LabelStatus::Promoted, "{label:?}");
+    assert!(label.lost_attempts.is_empty(), "{label:?}");
+    assert_eq!(
+        get(&world.counters.starts),
+        3,
+        "two cancelled jobs, one finished"
+    );
+    let run = &store.finished_runs("department")[0];
+    assert_eq!(run.attempt, 1, "attempts counted");
+    assert_eq!(run.starts, 3);
+    assert_eq!(run.cancelled_jobs.len(), 2);
+}
+
+/// Finding 6: a registry outage at promotion used to fail the run and
+/// commit the cursor: a passed model was never promoted.
+#[tokio::test(start_paused = true)]
+async fn a_registry_outage_defers_the_promotion_to_the_next_cycle() {
+    let world = World::new();
+    world.promote_outages.store(2, Ordering::SeqCst);
+    let store = MemStore::new();
+    let engine = engine(
+        &store,
+        &world,
+        vec![binding(&world, plan("department"), prepare(&world))],
+    );
+    for cycle_no in 1..=2 {
+        let report = cycle(&engine).await;
+        let label = &report.labels[0];
+        assert_eq!(
+            label.status,
+            LabelStatus::Deferred,
+            "cycle {cycle_no}: {label:?}"
+        );
+        assert_eq!(label.stage, Some(Stage::Promoting));
+        assert!(label.error.as_deref().unwrap().contains("503"), "{label:?}");
+        assert!(report.any_failed(), "a deferred label is not a success");
+        assert!(
+            store.cursor_of("department").consumed_version.is_none(),
+            "the cursor waits for the promotion"
+        );
+        assert_eq!(get(&world.counters.notifies), 0);
+    }
+    let report = cycle(&engine).await;
+    assert_eq!(report.labels[0].status, LabelStatus::Promoted, "{report:?}");
+    assert_eq!(get(&world.counters.promotes), 1);
+    assert_eq!(get(&world.counters.starts), 1, "never retrained");
+    assert_eq!(get(&world.counters.restarts), 1);
+    assert_eq!(
+        get(&world.counters.count_queries),
+        1,
+        "resumes, no new count"
+    );
+    let finished = store.finished_runs("department");
+    assert_eq!(finished.len(), 1, "one run, committed once");
+    assert_eq!(
+        store
+            .cursor_of("department")
+            .consumed_version
+            .unwrap()
+            .as_str(),
+        "v2"
+    );
+}
+
+/// After `max_step_retries` failing cycles the run fails (and says why).
+#[tokio::test(start_paused = true)]
+async fn a_lasting_outage_fails_the_run_after_max_step_retries() {
+    let world = World::new();
+    world.promote_outages.store(100, Ordering::SeqCst);
+    let store = MemStore::new();
+    let mut p = plan("department");
+    p.max_step_retries = 2;
+    let engine = engine(&store, &world, vec![binding(&world, p, prepare(&world))]);
+    assert_eq!(cycle(&engine).await.labels[0].status, LabelStatus::Deferred);
+    let report = cycle(&engine).await;
+    let label = &report.labels[0];
+    assert_eq!(label.status, LabelStatus::Failed, "{label:?}");
+    assert!(
+        label
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("max_step_retries = 2"),
+        "{label:?}"
+    );
+    assert_eq!(get(&world.counters.notifies), 1, "the failure is notified");
+}
+
+/// A notifier outage is retried next cycle without re-sending to the
+/// notifiers that already delivered.
+#[tokio::test(start_paused = true)]
+async fn a_notifier_outage_is_retried_without_repeating_deliveries() {
+    let world = World::new();
+    world.notifier_outages.store(1, Ordering::SeqCst);
+    let store = MemStore::new();
+    let engine = engine(
+        &store,
+        &world,
+        vec![binding(&world, plan("department"), prepare(&world))],
+    );
+    let first = cycle(&engine).await;
+    assert_eq!(first.labels[0].status, LabelStatus::Deferred, "{first:?}");
+    assert_eq!(
+        get(&world.counters.promotes),
+        1,
+        "promoted before notifying"
+    );
+    let second = cycle(&engine).await;
+    assert_eq!(second.labels[0].status, LabelStatus::Promoted, "{second:?}");
+    assert_eq!(get(&world.counters.notifies), 1);
+    assert_eq!(get(&world.counters.promotes), 1);
+}
+
+/// A reading failure of the baseline (registry down) keeps the candidate.
+#[tokio::test(start_paused = true)]
+async fn a_registry_outage_while_gating_keeps_the_candidate() {
+    let world = World::new();
+    world.registry_outages.store(1, Ordering::SeqCst);
+    let store = MemStore::new();
+    let engine = engine(
+        &store,
+        &world,
+        vec![binding(&world, plan("department"), prepare(&world))],
+    );
+    let first = cycle(&engine).await;
+    assert_eq!(first.labels[0].status, LabelStatus::Deferred);
+    assert_eq!(first.labels[0].stage, Some(Stage::Gating));
+    let second = cycle(&engine).await;
+    assert_eq!(second.labels[0].status, LabelStatus::Promoted);
+    assert_eq!(get(&world.counters.starts), 1);
+}
+
+/// A trainer result with NaN is gated fail-closed, naming the metric.
+#[tokio::test(start_paused = true)]
+async fn a_nan_metric_is_rejected_naming_the_metric() {
+    let world = World::new();
+    world
+        .candidate_metrics
+        .lock()
+        .unwrap()
+        .insert("dice".into(), f64::NAN);
+    let store = MemStore::new();
+    let engine = engine(
+        &store,
+        &world,
+        vec![binding(&world, plan("department"), prepare(&world))],
+    );
+    let report = cycle(&engine).await;
+    let label = &report.labels[0];
+    assert_eq!(label.status, LabelStatus::Rejected, "{label:?}");
+    let reason = &label.verdict.as_ref().unwrap().reason;
+    assert!(
+        reason.contains("dice") && reason.contains("NaN"),
+        "{reason}"
+    );
+    assert_eq!(get(&world.counters.promotes), 0);
+}
+
+/// One engine never drives a label twice at once (two triggers in one
+/// process): the second is reported busy and the first is not fenced out.
+#[tokio::test(start_paused = true)]
+async fn two_cycles_of_one_engine_never_drive_the_same_label() {
+    let world = World::new();
+    let store = MemStore::new();
+    let engine = engine_as(
+        &store,
+        &world,
+        &["department"],
+        "server",
+        Duration::from_secs(60),
+        4,
+    );
+    let (one, two) = tokio::join!(cycle(&engine), async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        cycle(&engine).await
+    });
+    assert_eq!(one.labels[0].status, LabelStatus::Promoted, "{one:?}");
+    assert_eq!(two.labels[0].status, LabelStatus::Busy, "{two:?}");
+    assert_eq!(get(&world.counters.starts), 1);
+    assert_eq!(store.fenced_writes(), 0);
+}
