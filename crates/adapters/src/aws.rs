@@ -5,8 +5,15 @@
 //! AWS SDK or `object_store`: two services, four operations, and the
 //! `RetryingClient` policy stays the one every other adapter uses (see
 //! `docs/ARCHITECTURE.md (S3 and EC2 section)`).
+//!
+//! Every attempt of the retry loop is signed at the moment it is sent
+//! ([`SigV4Signer::send`]): a retry after a long `Retry-After` wait never
+//! replays a signature computed earlier (AWS rejects requests whose
+//! `x-amz-date` is more than 15 minutes off, and a byte-identical resend is
+//! what a replay looks like).
 
 use std::fmt;
+use std::sync::Mutex;
 use std::time::SystemTime;
 
 use aws_credential_types::Credentials;
@@ -16,11 +23,13 @@ use aws_sigv4::http_request::{
 };
 use aws_sigv4::sign::v4;
 use aws_smithy_runtime_api::client::identity::Identity;
+use reqwest::{Method, Response};
 use retrain_core::ports::PortError;
 use secrecy::{ExposeSecret, SecretString};
 use url::Url;
 
 use crate::error::AdapterError;
+use crate::http::RetryingClient;
 
 /// Region used when neither the config nor `AWS_REGION`/`AWS_DEFAULT_REGION` set one
 /// (the SDKs' historical default; moto ignores it).
@@ -262,6 +271,64 @@ impl SigV4Signer {
             .map(|(name, value)| (name.to_owned(), value.to_owned()))
             .collect())
     }
+
+    /// Send `method url` with `headers` and `body` through `http`'s retry
+    /// policy, signing **each attempt** when it is built (the retry loop
+    /// calls its builder once per attempt, right before sending).
+    ///
+    /// `what` names the resource in errors and retry logs. A signing failure
+    /// is returned as itself (`Config`), and nothing unsigned is ever sent.
+    pub async fn send(
+        &self,
+        http: &RetryingClient,
+        what: &str,
+        method: Method,
+        url: &Url,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<Response, PortError> {
+        // `RetryingClient::send` takes an infallible builder; a signing error
+        // is parked here and the attempt is made to fail inside reqwest
+        // before any byte goes out (see `poisoned`).
+        let signing_failure: Mutex<Option<PortError>> = Mutex::new(None);
+        let result = http
+            .send(what, |client| {
+                let mut request = client.request(method.clone(), url.clone());
+                for (name, value) in headers {
+                    request = request.header(*name, *value);
+                }
+                match self.sign(method.as_str(), url, headers, body) {
+                    Ok(signed) => {
+                        for (name, value) in signed {
+                            request = request.header(name, value);
+                        }
+                        request.body(body.to_vec())
+                    }
+                    Err(e) => {
+                        *signing_failure
+                            .lock()
+                            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(e);
+                        poisoned(request)
+                    }
+                }
+            })
+            .await;
+        let parked = signing_failure
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        match parked {
+            Some(e) => Err(e),
+            None => result,
+        }
+    }
+}
+
+/// A request reqwest refuses to send: an invalid header value is recorded
+/// as a builder error and returned by `send()` without touching the network
+/// (builder errors are not retried by `RetryingClient`).
+fn poisoned(request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    request.header("x-retrain-signing-failed", "\n")
 }
 
 /// The `Host` header reqwest will send: the port only when it is not the
@@ -397,6 +464,23 @@ mod tests {
             )
             .unwrap();
         assert!(s3.iter().any(|(k, _)| k == "x-amz-content-sha256"));
+    }
+
+    #[tokio::test]
+    async fn a_signing_failure_is_returned_and_nothing_is_sent() {
+        use crate::http::{HttpPolicy, RetryingClient};
+        let settings = AwsSettings::new("testing", SecretString::from("s3cr3t"), "us-east-1");
+        let http = RetryingClient::new(HttpPolicy::fast_for_tests()).unwrap();
+        // No host: SigV4 cannot sign it.
+        let url = Url::parse("data:text/plain,x").unwrap();
+        let err = settings
+            .signer("s3")
+            .send(&http, "s3://b/k", Method::GET, &url, &[], b"")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, PortError::Config(_)), "{err:?}");
+        assert!(err.to_string().contains("has no host"), "{err}");
+        assert!(!format!("{err:?}").contains("s3cr3t"));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use retrain_core::domain::Lease;
 use retrain_core::ports::{LeasePlan, LeaseProvider, PortError};
 use serde::Deserialize;
 use tokio::time::Instant;
-use tracing::{debug, info};
+use tracing::{debug, error, info, warn};
 use url::Url;
 
 use crate::aws::{AwsSettings, SigV4Signer};
@@ -248,26 +248,17 @@ impl Ec2Client {
             form.finish()
         };
         let what = format!("EC2 {action} in {}", self.region);
-        // Signed once: the signature stays valid for minutes, longer than
-        // the retry policy waits.
-        let signed = self.signer.sign(
-            "POST",
-            &self.endpoint,
-            &[("content-type", FORM_CONTENT_TYPE)],
-            body.as_bytes(),
-        )?;
+        // Signed per attempt: a retry never resends an earlier signature.
         let response = self
-            .http
-            .send(&what, |c| {
-                let mut request = c
-                    .post(self.endpoint.clone())
-                    .header("content-type", FORM_CONTENT_TYPE)
-                    .body(body.clone());
-                for (name, value) in &signed {
-                    request = request.header(name.as_str(), value.as_str());
-                }
-                request
-            })
+            .signer
+            .send(
+                &self.http,
+                &what,
+                reqwest::Method::POST,
+                &self.endpoint,
+                &[("content-type", FORM_CONTENT_TYPE)],
+                body.as_bytes(),
+            )
             .await?;
         let status = response.status();
         let text = response
@@ -422,24 +413,132 @@ impl Ec2Client {
     }
 }
 
-/// How an acquire waits for the instances (and the health URL).
+/// How the lease waits for instances: the acquire's `running` (and health)
+/// wait, the wait for a transitional state to end before a start or stop
+/// can be issued, and the release's retries.
 #[derive(Debug, Clone)]
 pub struct Ec2WaitSettings {
+    /// First DescribeInstances / health poll interval.
     pub poll_interval: Duration,
     /// Deadline for the whole acquire: `running` and then a healthy `health_url`.
     pub running_timeout: Duration,
+    /// Longest wait for instances to leave `pending` (before a stop) or
+    /// `stopping` (before a start) after EC2 answered `IncorrectInstanceState`.
+    pub transition_timeout: Duration,
+    /// Cap of the poll backoff during such a wait and of the release's
+    /// backoff (both start at their base and double).
+    pub max_poll_interval: Duration,
+    /// Attempts of the stop in `release` (and `infra stop`) when it fails
+    /// transiently; every failed attempt is logged.
+    pub release_attempts: u32,
+    /// Pause after the first failed release attempt (doubles per attempt).
+    pub release_backoff: Duration,
 }
 
 impl Default for Ec2WaitSettings {
     fn default() -> Self {
         // botocore's InstanceRunning waiter: every 15 s, 40 attempts. We poll
         // faster (starting takes ~30-60 s) and allow the same ten minutes.
+        // Stopping can take minutes (OS shutdown); five are allowed.
         Self {
             poll_interval: Duration::from_secs(5),
             running_timeout: Duration::from_secs(600),
+            transition_timeout: Duration::from_secs(300),
+            max_poll_interval: Duration::from_secs(30),
+            release_attempts: 5,
+            release_backoff: Duration::from_secs(5),
         }
     }
 }
+
+/// A state change the lease asks for, with what EC2's states mean for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transition {
+    Start,
+    Stop,
+}
+
+impl Transition {
+    fn action(self) -> &'static str {
+        match self {
+            Self::Start => "StartInstances",
+            Self::Stop => "StopInstances",
+        }
+    }
+
+    fn past(self) -> &'static str {
+        match self {
+            Self::Start => "started",
+            Self::Stop => "stopped",
+        }
+    }
+
+    fn verb(self) -> &'static str {
+        match self {
+            Self::Start => "start",
+            Self::Stop => "stop",
+        }
+    }
+
+    /// Already where the transition leads (or on its way there).
+    fn settled(self, state: &InstanceState) -> bool {
+        match self {
+            Self::Start => matches!(state, InstanceState::Pending | InstanceState::Running),
+            Self::Stop => matches!(
+                state,
+                InstanceState::Stopping
+                    | InstanceState::Stopped
+                    | InstanceState::ShuttingDown
+                    | InstanceState::Terminated
+            ),
+        }
+    }
+
+    /// The state EC2 refuses the transition in until it ends
+    /// (`IncorrectInstanceState`): wait it out, then ask again.
+    fn blocking(self) -> InstanceState {
+        match self {
+            Self::Start => InstanceState::Stopping,
+            Self::Stop => InstanceState::Pending,
+        }
+    }
+
+    /// States the transition can never leave (a terminated instance does
+    /// not start again).
+    fn impossible(self, state: &InstanceState) -> bool {
+        match self {
+            Self::Start => matches!(
+                state,
+                InstanceState::ShuttingDown | InstanceState::Terminated
+            ),
+            Self::Stop => false,
+        }
+    }
+}
+
+fn state_list(described: &[InstanceInfo]) -> String {
+    described
+        .iter()
+        .map(|i| format!("{}={}", i.instance_id, i.state))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The same error kind with another message.
+fn with_message(error: &PortError, message: String) -> PortError {
+    match error {
+        PortError::Transient(_) => PortError::Transient(message),
+        PortError::Denied(_) => PortError::Denied(message),
+        PortError::NotFound(_) => PortError::NotFound(message),
+        PortError::InvalidResponse(_) => PortError::InvalidResponse(message),
+        PortError::Config(_) => PortError::Config(message),
+        PortError::Failed(_) => PortError::Failed(message),
+    }
+}
+
+/// `IncorrectInstanceState`: the instance is in a state the call cannot
+/// leave from (stop while `pending`, start while `stopping`).
+const INCORRECT_INSTANCE_STATE: &str = "IncorrectInstanceState";
 
 /// `LeaseProvider` over a fixed set of EC2 instances.
 #[derive(Debug, Clone)]
@@ -519,9 +618,10 @@ impl Ec2LeaseProvider {
         self.start_and_wait(&self.instance_ids).await
     }
 
-    /// `retrain infra stop`: stop the instances (idempotent).
+    /// `retrain infra stop`: stop the instances (idempotent), with the
+    /// release's retries.
     pub async fn stop(&self) -> Result<Vec<InstanceStateChange>, PortError> {
-        self.stop_ids(&self.instance_ids).await
+        self.stop_with_retries(&self.instance_ids).await
     }
 
     /// `retrain infra status`: state and addresses of the instances.
@@ -530,8 +630,8 @@ impl Ec2LeaseProvider {
     }
 
     async fn start_and_wait(&self, ids: &[String]) -> Result<Vec<InstanceInfo>, PortError> {
+        let changes = self.change_state(Transition::Start, ids).await?;
         let deadline = Instant::now() + self.wait.running_timeout;
-        let changes = self.client.start_instances(ids).await?;
         for c in &changes {
             info!(instance = %c.instance_id, from = %c.previous, to = %c.current, "EC2 instance starting");
         }
@@ -635,41 +735,203 @@ impl Ec2LeaseProvider {
         }
     }
 
-    async fn stop_ids(&self, ids: &[String]) -> Result<Vec<InstanceStateChange>, PortError> {
-        match self.client.stop_instances(ids).await {
-            Ok(changes) => {
-                for c in &changes {
-                    info!(instance = %c.instance_id, from = %c.previous, to = %c.current, "EC2 instance stopping");
-                }
-                Ok(changes)
+    /// StartInstances or StopInstances, waiting out the state EC2 refuses it
+    /// in: a stop of a `pending` instance waits until it left `pending`
+    /// (normally `running`), a start of a `stopping` instance until it is
+    /// `stopped`, polling DescribeInstances with a doubling interval for at
+    /// most `transition_timeout`. Instances already where the transition
+    /// leads count as done (an empty change list).
+    async fn change_state(
+        &self,
+        transition: Transition,
+        ids: &[String],
+    ) -> Result<Vec<InstanceStateChange>, PortError> {
+        let action = transition.action();
+        let deadline = Instant::now() + self.wait.transition_timeout;
+        // Refusals with nothing to wait for: one more try covers a state
+        // change between the call and the DescribeInstances.
+        let mut unexplained = 0;
+        loop {
+            let refusal = match self.client.state_change(action, ids).await? {
+                Ok(changes) => return Ok(changes),
+                Err(e) if e.code == INCORRECT_INSTANCE_STATE => e,
+                Err(e) => return Err(self.client.map_error(action, ids, e)),
+            };
+            let described = self.client.describe_instances(ids).await?;
+            if let Some(stuck) = described.iter().find(|i| transition.impossible(&i.state)) {
+                return Err(PortError::Failed(format!(
+                    "EC2 {action} of {} in {}: instance {} is {} and cannot {} ({}: {})",
+                    ids.join(", "),
+                    self.client.region(),
+                    stuck.instance_id,
+                    stuck.state,
+                    transition.verb(),
+                    refusal.code,
+                    refusal.message
+                )));
             }
-            // A stop raced with a pending start (IncorrectInstanceState):
-            // stopped/stopping/terminated instances count as released.
-            Err(PortError::Failed(m)) if m.contains("IncorrectInstanceState") => {
-                let described = self.client.describe_instances(ids).await?;
-                let busy: Vec<String> = described
+            let is = |id: &String, f: &dyn Fn(&InstanceState) -> bool| {
+                described
                     .iter()
-                    .filter(|i| {
-                        !matches!(
-                            i.state,
-                            InstanceState::Stopped
-                                | InstanceState::Stopping
-                                | InstanceState::Terminated
-                        )
+                    .any(|i| &i.instance_id == id && f(&i.state))
+            };
+            if ids.iter().all(|id| is(id, &|s| transition.settled(s))) {
+                info!(instances = %state_list(&described), action, "EC2 instances already there");
+                return Ok(Vec::new());
+            }
+            let blocking = transition.blocking();
+            let blocked: Vec<String> = ids
+                .iter()
+                .filter(|id| is(id, &|s| *s == blocking))
+                .cloned()
+                .collect();
+            if blocked.is_empty() {
+                unexplained += 1;
+                if unexplained > 1 || Instant::now() >= deadline {
+                    return Err(PortError::Failed(format!(
+                        "EC2 {action} of {} in {}: {}: {} (states: {})",
+                        ids.join(", "),
+                        self.client.region(),
+                        refusal.code,
+                        refusal.message,
+                        state_list(&described)
+                    )));
+                }
+                debug!(instances = %state_list(&described), action, "IncorrectInstanceState without a transitional state; asking again");
+                continue;
+            }
+            info!(
+                instances = %blocked.join(", "),
+                state = %blocking,
+                action,
+                "EC2 refused ({}); waiting for the instances to leave `{blocking}`",
+                refusal.code
+            );
+            self.wait_while(&blocked, &blocking, transition, deadline)
+                .await?;
+        }
+    }
+
+    /// Poll DescribeInstances (interval doubling from `poll_interval` to
+    /// `max_poll_interval`) until none of `ids` is in `state`.
+    async fn wait_while(
+        &self,
+        ids: &[String],
+        state: &InstanceState,
+        transition: Transition,
+        deadline: Instant,
+    ) -> Result<Vec<InstanceInfo>, PortError> {
+        let mut interval = self.wait.poll_interval;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                let described = self.client.describe_instances(ids).await?;
+                return Err(PortError::Transient(format!(
+                    "EC2 instances {} in {} still `{state}` after {:?}, so they could not be {} ({})",
+                    ids.join(", "),
+                    self.client.region(),
+                    self.wait.transition_timeout,
+                    transition.past(),
+                    state_list(&described)
+                )));
+            }
+            tokio::time::sleep(interval.min(deadline - now)).await;
+            interval = interval.saturating_mul(2).min(self.wait.max_poll_interval);
+            let described = self.client.describe_instances(ids).await?;
+            if !described.iter().any(|i| &i.state == state) {
+                debug!(instances = %state_list(&described), "transitional state over");
+                return Ok(described);
+            }
+        }
+    }
+
+    /// The release's stop: [`Self::change_state`] retried on transient
+    /// failures (`release_attempts`, doubling backoff), each failure logged.
+    /// The final error names the instances that are still up.
+    async fn stop_with_retries(
+        &self,
+        ids: &[String],
+    ) -> Result<Vec<InstanceStateChange>, PortError> {
+        let attempts = self.wait.release_attempts.max(1);
+        let mut backoff = self.wait.release_backoff;
+        let mut attempt = 1;
+        loop {
+            let error = match self.change_state(Transition::Stop, ids).await {
+                Ok(changes) => {
+                    for c in &changes {
+                        info!(instance = %c.instance_id, from = %c.previous, to = %c.current, "EC2 instance stopping");
+                    }
+                    return Ok(changes);
+                }
+                Err(e) => e,
+            };
+            let retry = matches!(error, PortError::Transient(_)) && attempt < attempts;
+            if retry {
+                warn!(
+                    instances = %ids.join(", "),
+                    region = %self.client.region(),
+                    attempt,
+                    attempts,
+                    retry_in_ms = backoff.as_millis() as u64,
+                    error = %error,
+                    "stopping EC2 instances failed; retrying"
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = backoff.saturating_mul(2).min(self.wait.max_poll_interval);
+                attempt += 1;
+                continue;
+            }
+            error!(
+                instances = %ids.join(", "),
+                region = %self.client.region(),
+                attempt,
+                attempts,
+                error = %error,
+                "stopping EC2 instances failed; giving up (they may still be running and costing money)"
+            );
+            return Err(self.release_failure(ids, attempt, &error).await);
+        }
+    }
+
+    /// The error of a release that gave up: which instances are still up
+    /// (best effort: all of them when even DescribeInstances fails).
+    async fn release_failure(&self, ids: &[String], attempts: u32, last: &PortError) -> PortError {
+        let up = match self.client.describe_instances(ids).await {
+            Ok(described) => {
+                let up: Vec<String> = ids
+                    .iter()
+                    .filter(|id| {
+                        !described
+                            .iter()
+                            .any(|i| &i.instance_id == *id && Transition::Stop.settled(&i.state))
                     })
-                    .map(|i| format!("{}={}", i.instance_id, i.state))
+                    .map(|id| match described.iter().find(|i| &i.instance_id == id) {
+                        Some(i) => format!("{id} ({})", i.state),
+                        None => id.clone(),
+                    })
                     .collect();
-                if busy.is_empty() {
-                    Ok(Vec::new())
+                if up.is_empty() {
+                    // Stopped meanwhile (e.g. by hand): still report the
+                    // failure, naming every instance.
+                    ids.to_vec()
                 } else {
-                    Err(PortError::Failed(format!(
-                        "{m} (instances still up: {})",
-                        busy.join(", ")
-                    )))
+                    up
                 }
             }
-            Err(e) => Err(e),
-        }
+            Err(e) => {
+                warn!(instances = %ids.join(", "), error = %e, "cannot read the instances' state after a failed stop");
+                ids.to_vec()
+            }
+        };
+        with_message(
+            last,
+            format!(
+                "could not stop EC2 instances {} in {} after {attempts} attempt{}: {last}",
+                up.join(", "),
+                self.client.region(),
+                if attempts == 1 { "" } else { "s" }
+            ),
+        )
     }
 }
 
@@ -729,7 +991,7 @@ impl LeaseProvider for Ec2LeaseProvider {
 
     async fn release(&self, lease: &Lease) -> Result<(), PortError> {
         let ids = self.ids_of(lease).to_vec();
-        self.stop_ids(&ids).await.map(|_| ())
+        self.stop_with_retries(&ids).await.map(|_| ())
     }
 }
 

@@ -13,9 +13,18 @@
 //! tag `retrain_run_id`, found again with `model-versions/search`, and the
 //! steps after the version's creation are re-done only if the version lacks
 //! the `retrain.promoted` tag (set last).
+//!
+//! A candidate is a run id or, in MLflow 3, a LoggedModel id (`m-…`, what
+//! `mlflow.<flavor>.log_model` returns): it is registered with
+//! `source = models:/m-…` and `model_id`, and its metrics are the logged
+//! model's (`logged-models/{id}`, `model.data.metrics`), else its source
+//! run's. Production moves only once the new version is `READY`
+//! (`PENDING_REGISTRATION` is waited for, bounded by [`ReadyWait`];
+//! `FAILED_REGISTRATION` fails the promotion with MLflow's message).
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use reqwest::{Method, StatusCode};
@@ -25,6 +34,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tokio::time::Instant;
+use tracing::{debug, info};
 
 use crate::error::AdapterError;
 use crate::http::{is_retryable_status, HttpPolicy, RetryingClient};
@@ -140,10 +151,71 @@ impl MlflowSettings {
     }
 }
 
+/// How long a promotion waits for a new model version to leave
+/// `PENDING_REGISTRATION` (MLflow's own client polls the same way).
+#[derive(Debug, Clone)]
+pub struct ReadyWait {
+    /// Give up (`Transient`) when the version is not `READY` by then.
+    pub timeout: Duration,
+    /// First pause between `model-versions/get` polls (doubles).
+    pub poll_interval: Duration,
+    /// Cap of the poll interval.
+    pub max_poll_interval: Duration,
+}
+
+impl Default for ReadyWait {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(60),
+            poll_interval: Duration::from_millis(500),
+            max_poll_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What a candidate id names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum CandidateRef {
+    /// A tracking run (`runs:/<id>/model`).
+    Run(String),
+    /// An MLflow 3 LoggedModel (`models:/m-…`).
+    LoggedModel(String),
+}
+
+impl CandidateRef {
+    /// `m-<alphanumerics>` (optionally as a `models:/m-…` URI) is a
+    /// LoggedModel id (the SQL store makes `"m-" + uuid4 hex`); anything else
+    /// is a run id (32 hex characters, no prefix).
+    fn parse(id: &str) -> Self {
+        let trimmed = id.trim();
+        let bare = trimmed.strip_prefix("models:/").unwrap_or(trimmed);
+        match bare.strip_prefix("m-") {
+            Some(rest) if !rest.is_empty() && rest.chars().all(|c| c.is_ascii_alphanumeric()) => {
+                Self::LoggedModel(bare.to_owned())
+            }
+            _ => Self::Run(trimmed.to_owned()),
+        }
+    }
+
+    fn id(&self) -> &str {
+        match self {
+            Self::Run(id) | Self::LoggedModel(id) => id,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Self::Run(id) => format!("run `{id}`"),
+            Self::LoggedModel(id) => format!("logged model `{id}`"),
+        }
+    }
+}
+
 /// `ModelRegistry` backed by an MLflow tracking server.
 #[derive(Debug, Clone)]
 pub struct MlflowRegistry {
     settings: MlflowSettings,
+    ready_wait: ReadyWait,
     http: RetryingClient,
     /// Same policy without retries: used for creating a model version, which
     /// is not idempotent; we retry it ourselves after checking it did not land.
@@ -185,10 +257,51 @@ struct ModelVersion {
     #[serde(default)]
     run_id: String,
     #[serde(default)]
+    source: String,
+    /// The LoggedModel the version was registered from (MLflow 3; the 3.17
+    /// server does not echo it, `source` = `models:/m-…` tells instead).
+    #[serde(default)]
+    model_id: String,
+    /// `PENDING_REGISTRATION` | `FAILED_REGISTRATION` | `READY`.
+    #[serde(default)]
+    status: Option<String>,
+    #[serde(default)]
+    status_message: String,
+    #[serde(default)]
     tags: Vec<Tag>,
 }
 
+/// `ModelVersionStatus`, open for values a newer server may add.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum VersionStatus {
+    Pending,
+    Failed,
+    Ready,
+    Unknown(String),
+}
+
 impl ModelVersion {
+    fn status(&self) -> VersionStatus {
+        match self.status.as_deref() {
+            // No status at all: a server without background registration.
+            None | Some("") | Some("READY") => VersionStatus::Ready,
+            Some("PENDING_REGISTRATION") => VersionStatus::Pending,
+            Some("FAILED_REGISTRATION") => VersionStatus::Failed,
+            Some(other) => VersionStatus::Unknown(other.to_owned()),
+        }
+    }
+
+    /// The LoggedModel behind the version, if it was registered from one.
+    fn logged_model(&self) -> Option<String> {
+        if let CandidateRef::LoggedModel(id) = CandidateRef::parse(&self.model_id) {
+            return Some(id);
+        }
+        match CandidateRef::parse(&self.source) {
+            CandidateRef::LoggedModel(id) if self.source.starts_with("models:/") => Some(id),
+            _ => None,
+        }
+    }
+
     fn tag(&self, key: &str) -> Option<&str> {
         self.tags
             .iter()
@@ -209,6 +322,30 @@ struct ModelVersionsResponse {
     model_versions: Vec<ModelVersion>,
     #[serde(default)]
     next_page_token: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct LoggedModelResponse {
+    model: LoggedModel,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct LoggedModel {
+    #[serde(default)]
+    info: LoggedModelInfo,
+    #[serde(default)]
+    data: RunData,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct LoggedModelInfo {
+    #[serde(default)]
+    source_run_id: String,
+    /// `LOGGED_MODEL_PENDING` | `LOGGED_MODEL_READY` | `LOGGED_MODEL_UPLOAD_FAILED`.
+    #[serde(default)]
+    status: String,
+    #[serde(default)]
+    status_message: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -324,9 +461,16 @@ impl MlflowRegistry {
         })?;
         Ok(Self {
             settings,
+            ready_wait: ReadyWait::default(),
             http,
             http_once,
         })
+    }
+
+    /// Override how long a promotion waits for a new version to be `READY`.
+    pub fn with_ready_wait(mut self, ready_wait: ReadyWait) -> Self {
+        self.ready_wait = ready_wait;
+        self
     }
 
     pub fn settings(&self) -> &MlflowSettings {
@@ -537,6 +681,145 @@ impl MlflowRegistry {
         }
     }
 
+    /// Metrics of a LoggedModel: `model.data.metrics` (latest per key), or
+    /// its `source_run_id` run's when the model has none.
+    async fn logged_model_metrics(
+        &self,
+        base: &str,
+        model_id: &str,
+        what: &str,
+    ) -> Result<Metrics, PortError> {
+        let answer: Result<LoggedModelResponse, ApiError> = self
+            .call(
+                base,
+                Method::GET,
+                &format!("logged-models/{model_id}"),
+                json!({}),
+                what,
+                false,
+            )
+            .await?;
+        let model = match answer {
+            Ok(r) => r.model,
+            Err(e) if e.is("RESOURCE_DOES_NOT_EXIST") => {
+                return Err(PortError::NotFound(format!(
+                    "{what}: MLflow logged model `{model_id}` not found"
+                )))
+            }
+            Err(e) => return Err(Self::unexpected(what, e)),
+        };
+        if model.info.status == "LOGGED_MODEL_UPLOAD_FAILED" {
+            return Err(PortError::Failed(format!(
+                "{what}: MLflow logged model `{model_id}` is LOGGED_MODEL_UPLOAD_FAILED{}",
+                if model.info.status_message.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", model.info.status_message)
+                }
+            )));
+        }
+        if !model.data.metrics.is_empty() {
+            return latest_metrics(&model.data.metrics, what);
+        }
+        if model.info.source_run_id.is_empty() {
+            debug!(model_id, "logged model has no metrics and no source run");
+            return Ok(Metrics::new());
+        }
+        debug!(model_id, run_id = %model.info.source_run_id, "logged model has no metrics; reading its source run");
+        self.run_metrics(base, &model.info.source_run_id, what)
+            .await
+    }
+
+    async fn metrics_of(
+        &self,
+        base: &str,
+        candidate: &CandidateRef,
+        what: &str,
+    ) -> Result<Metrics, PortError> {
+        match candidate {
+            CandidateRef::Run(id) => self.run_metrics(base, id, what).await,
+            CandidateRef::LoggedModel(id) => self.logged_model_metrics(base, id, what).await,
+        }
+    }
+
+    async fn get_version(&self, base: &str, version: &str) -> Result<ModelVersion, PortError> {
+        let model = self.model();
+        let what = format!("MLflow model `{model}` version {version}");
+        let answer: Result<ModelVersionResponse, ApiError> = self
+            .call(
+                base,
+                Method::GET,
+                "model-versions/get",
+                json!({"name": model, "version": version}),
+                &what,
+                false,
+            )
+            .await?;
+        match answer {
+            Ok(ModelVersionResponse {
+                model_version: Some(v),
+            }) => Ok(v),
+            Ok(ModelVersionResponse {
+                model_version: None,
+            }) => Err(PortError::InvalidResponse(format!(
+                "{what}: the answer has no `model_version`"
+            ))),
+            Err(e) => Err(Self::unexpected(&what, e)),
+        }
+    }
+
+    /// Poll `model-versions/get` until the version is `READY`
+    /// (`PENDING_REGISTRATION` and unknown statuses keep waiting, bounded by
+    /// [`ReadyWait::timeout`]); `FAILED_REGISTRATION` is `Failed` with
+    /// MLflow's `status_message`.
+    async fn wait_ready(
+        &self,
+        base: &str,
+        mut version: ModelVersion,
+    ) -> Result<ModelVersion, PortError> {
+        let model = self.model();
+        let deadline = Instant::now() + self.ready_wait.timeout;
+        let mut interval = self.ready_wait.poll_interval;
+        loop {
+            let status = version.status();
+            match &status {
+                VersionStatus::Ready => return Ok(version),
+                VersionStatus::Failed => {
+                    return Err(PortError::Failed(format!(
+                        "MLflow model `{model}` version {}: registration failed (FAILED_REGISTRATION){}",
+                        version.version,
+                        if version.status_message.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {}", version.status_message)
+                        }
+                    )))
+                }
+                VersionStatus::Pending | VersionStatus::Unknown(_) => {}
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(PortError::Transient(format!(
+                    "MLflow model `{model}` version {} is still {} after {:?}; production was not moved{}",
+                    version.version,
+                    version.status.as_deref().unwrap_or("?"),
+                    self.ready_wait.timeout,
+                    if version.status_message.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", version.status_message)
+                    }
+                )));
+            }
+            info!(model, version = %version.version, status = ?status, "waiting for the MLflow model version to be READY");
+            tokio::time::sleep(interval.min(deadline - now)).await;
+            interval = interval
+                .saturating_mul(2)
+                .min(self.ready_wait.max_poll_interval);
+            version = self.get_version(base, &version.version).await?;
+        }
+    }
+
     /// Versions of the model tagged with `retrain_run_id = run_id`. The
     /// server-side tag filter works on MLflow 3.17 (verified); the result is
     /// still filtered client-side in case a server ignores part of it.
@@ -614,17 +897,30 @@ impl MlflowRegistry {
         run_id: &RunId,
     ) -> Result<ModelVersion, PortError> {
         let model = self.model();
+        let source = CandidateRef::parse(&candidate.id);
         let what = format!(
-            "MLflow create version of `{model}` from run `{}`",
-            candidate.id
+            "MLflow create version of `{model}` from {}",
+            source.describe()
         );
-        let body = json!({
-            "name": model,
-            "source": format!("runs:/{}/{MODEL_ARTIFACT_PATH}", candidate.id),
-            "run_id": candidate.id,
-            "tags": [{"key": TAG_RUN_ID, "value": run_id.as_str()}],
-            "description": format!("promoted by retrain run {run_id}"),
-        });
+        let tags = json!([{"key": TAG_RUN_ID, "value": run_id.as_str()}]);
+        let description = format!("promoted by retrain run {run_id}");
+        let body = match &source {
+            CandidateRef::Run(id) => json!({
+                "name": model,
+                "source": format!("runs:/{id}/{MODEL_ARTIFACT_PATH}"),
+                "run_id": id,
+                "tags": tags,
+                "description": description,
+            }),
+            // The server fills `run_id` from the logged model's source run.
+            CandidateRef::LoggedModel(id) => json!({
+                "name": model,
+                "source": format!("models:/{id}"),
+                "model_id": id,
+                "tags": tags,
+                "description": description,
+            }),
+        };
         let attempts = self.settings.policy.max_retries + 1;
         let mut last_error = None;
         for attempt in 0..attempts {
@@ -664,8 +960,9 @@ impl MlflowRegistry {
                 }
                 Ok(Err(e)) if e.is("RESOURCE_DOES_NOT_EXIST") => {
                     return Err(PortError::NotFound(format!(
-                        "{what}: {} (does the candidate run exist on this server?)",
-                        e.message
+                        "{what}: {} (does the candidate {} exist on this server?)",
+                        e.message,
+                        source.describe()
                     )))
                 }
                 Ok(Err(e)) if is_retryable_status(e.status) => {
@@ -756,15 +1053,21 @@ impl ModelRegistry for MlflowRegistry {
             self.model(),
             version.version
         );
-        if version.run_id.is_empty() {
-            return Err(PortError::InvalidResponse(format!(
-                "{what} has no run_id, so its metrics cannot be read"
-            )));
-        }
-        let metrics = self.run_metrics(&base, &version.run_id, &what).await?;
+        // A version registered from a LoggedModel is measured like its
+        // candidate was: by the logged model's metrics.
+        let source = match version.logged_model() {
+            Some(model_id) => CandidateRef::LoggedModel(model_id),
+            None if !version.run_id.is_empty() => CandidateRef::Run(version.run_id.clone()),
+            None => {
+                return Err(PortError::InvalidResponse(format!(
+                    "{what} has neither a run_id nor a logged model source, so its metrics cannot be read"
+                )))
+            }
+        };
+        let metrics = self.metrics_of(&base, &source, &what).await?;
         Ok(Some(ProductionModel {
             version: version.version,
-            candidate_id: Some(version.run_id),
+            candidate_id: Some(source.id().to_owned()),
             metrics,
         }))
     }
@@ -775,8 +1078,9 @@ impl ModelRegistry for MlflowRegistry {
         lease: Option<Lease>,
     ) -> Result<Metrics, PortError> {
         let base = self.api_base(lease.as_ref())?;
-        let what = format!("MLflow candidate run `{candidate_id}`");
-        self.run_metrics(&base, &candidate_id, &what).await
+        let candidate = CandidateRef::parse(&candidate_id);
+        let what = format!("MLflow candidate {}", candidate.describe());
+        self.metrics_of(&base, &candidate, &what).await
     }
 
     async fn promote(
@@ -805,6 +1109,8 @@ impl ModelRegistry for MlflowRegistry {
                 version: version.version,
             });
         }
+        // Production only ever points at a usable version.
+        let version = self.wait_ready(&base, version).await?;
         // The previous production version: recorded on the new version before
         // production moves, so a retry after a crash still knows it.
         let current = self.current_production(&base).await?.map(|c| c.version);
@@ -859,6 +1165,54 @@ mod tests {
         assert!(metric_value(&json!("NaN")).unwrap().is_nan());
         assert_eq!(metric_value(&json!("-Infinity")), Some(f64::NEG_INFINITY));
         assert_eq!(metric_value(&json!(null)), None);
+    }
+
+    #[test]
+    fn candidate_ids_name_runs_or_logged_models() {
+        let m = "m-e6dd905da2f644c7896cc1fe2dbd35ca";
+        assert_eq!(CandidateRef::parse(m), CandidateRef::LoggedModel(m.into()));
+        assert_eq!(
+            CandidateRef::parse(&format!("models:/{m}")),
+            CandidateRef::LoggedModel(m.into())
+        );
+        let run = "9f6c17f79cda43c6bed22b82327861ee";
+        assert_eq!(CandidateRef::parse(run), CandidateRef::Run(run.into()));
+        // Not an id shape: never used as a URL path segment.
+        assert_eq!(CandidateRef::parse("m-"), CandidateRef::Run("m-".into()));
+        assert_eq!(
+            CandidateRef::parse("m-../x"),
+            CandidateRef::Run("m-../x".into())
+        );
+        assert_eq!(
+            CandidateRef::parse("models:/seg@champion"),
+            CandidateRef::Run("models:/seg@champion".into())
+        );
+    }
+
+    #[test]
+    fn version_status_and_logged_model_source() {
+        let v: ModelVersion = serde_json::from_value(json!({
+            "name": "m", "version": "2", "source": "models:/m-abc123", "run_id": "r",
+            "status": "PENDING_REGISTRATION"
+        }))
+        .unwrap();
+        assert_eq!(v.status(), VersionStatus::Pending);
+        assert_eq!(v.logged_model().as_deref(), Some("m-abc123"));
+        let v: ModelVersion = serde_json::from_value(json!({
+            "version": "1", "source": "runs:/r/model", "run_id": "r", "status": "FAILED_REGISTRATION"
+        }))
+        .unwrap();
+        assert_eq!(v.status(), VersionStatus::Failed);
+        assert_eq!(v.logged_model(), None);
+        let v: ModelVersion = serde_json::from_value(json!({"version": "1"})).unwrap();
+        assert_eq!(
+            v.status(),
+            VersionStatus::Ready,
+            "no status: nothing to wait for"
+        );
+        let v: ModelVersion =
+            serde_json::from_value(json!({"version": "1", "status": "COPYING"})).unwrap();
+        assert_eq!(v.status(), VersionStatus::Unknown("COPYING".into()));
     }
 
     #[test]

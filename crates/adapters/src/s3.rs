@@ -6,6 +6,10 @@
 //! validates the JSON. Path-style addressing is used with a custom endpoint
 //! (moto, MinIO, LocalStack) and for bucket names with dots (virtual-host
 //! TLS certificates do not cover them); virtual-host style otherwise.
+//!
+//! Every attempt is signed when it is sent ([`SigV4Signer::send`]), and the
+//! body is read up to [`MAX_METADATA_BYTES`] (like the Hub metadata store):
+//! a URL pointing at a dataset archive fails fast instead of buffering it.
 
 use async_trait::async_trait;
 use reqwest::{Method, StatusCode};
@@ -17,6 +21,10 @@ use url::Url;
 use crate::aws::{encode_s3_key, AwsSettings, SigV4Signer};
 use crate::error::AdapterError;
 use crate::http::{is_retryable_status, HttpPolicy, RetryingClient};
+
+/// Largest metadata object read (1 MiB): `dataset_metadata.json` is a few
+/// hundred bytes; anything bigger is the wrong object.
+pub const MAX_METADATA_BYTES: usize = 1 << 20;
 
 /// `MetadataStore` reading one S3 object.
 #[derive(Debug, Clone)]
@@ -71,19 +79,62 @@ impl S3MetadataStore {
     }
 
     async fn send(&self, method: Method) -> Result<reqwest::Response, PortError> {
-        let signed = self
-            .signer
-            .sign(method.as_str(), &self.object_url, &[], b"")?;
         let what = self.address();
-        self.http
-            .send(&what, |c| {
-                let mut request = c.request(method.clone(), self.object_url.clone());
-                for (name, value) in &signed {
-                    request = request.header(name.as_str(), value.as_str());
-                }
-                request
-            })
+        self.signer
+            .send(&self.http, &what, method, &self.object_url, &[], b"")
             .await
+    }
+
+    /// The request URL for messages: no query string, no userinfo.
+    fn display_url(&self) -> String {
+        let mut url = self.object_url.clone();
+        url.set_query(None);
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+        url.to_string()
+    }
+
+    fn too_large(&self, size: Option<u64>) -> PortError {
+        PortError::InvalidResponse(format!(
+            "{}: the object at {} is larger than the {} byte (1 MiB) limit for dataset metadata{} (check that the URL names the metadata file)",
+            self.address(),
+            self.display_url(),
+            MAX_METADATA_BYTES,
+            size.map(|s| format!(" ({s} bytes)")).unwrap_or_default(),
+        ))
+    }
+
+    /// The body, at most [`MAX_METADATA_BYTES`]: refused up front when
+    /// `Content-Length` says so, else as soon as the stream exceeds it.
+    async fn read_capped(&self, mut response: reqwest::Response) -> Result<Vec<u8>, PortError> {
+        if let Some(length) = response.content_length() {
+            if length > MAX_METADATA_BYTES as u64 {
+                return Err(self.too_large(Some(length)));
+            }
+        }
+        let mut body = Vec::new();
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    if body.len() + chunk.len() > MAX_METADATA_BYTES {
+                        return Err(self.too_large(None));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => return Ok(body),
+                Err(e) => {
+                    return Err(PortError::Transient(format!(
+                        "{}: reading the object failed: {}",
+                        self.address(),
+                        if e.is_timeout() {
+                            "timed out"
+                        } else {
+                            "connection error"
+                        }
+                    )))
+                }
+            }
+        }
     }
 
     /// Map a non-2xx answer; `None` for "no such key" (→ `Absent`).
@@ -223,12 +274,7 @@ impl MetadataStore for S3MetadataStore {
         // The GET's own ETag is the revision: the object may have changed
         // between the HEAD and the GET.
         let revision = etag_of(&response);
-        let bytes = response.bytes().await.map_err(|e| {
-            PortError::Transient(format!(
-                "{}: reading the object failed: {e}",
-                self.address()
-            ))
-        })?;
+        let bytes = self.read_capped(response).await?;
         let metadata = DatasetMetadata::parse(&bytes)
             .map_err(|e| PortError::InvalidResponse(format!("{}: {e}", self.address())))?;
         Ok(MetadataRead::Published(DatasetVersion {

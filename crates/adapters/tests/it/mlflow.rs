@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 
 use retrain_adapters::http::HttpPolicy;
-use retrain_adapters::mlflow::{MlflowAuth, MlflowRegistry, MlflowSettings, RegistryMode};
+use retrain_adapters::mlflow::{
+    MlflowAuth, MlflowRegistry, MlflowSettings, ReadyWait, RegistryMode,
+};
 use retrain_core::domain::{Candidate, Label, Lease, RunId};
 use retrain_core::ports::{ModelRegistry, PortError};
 use secrecy::SecretString;
@@ -113,6 +115,31 @@ impl Mlflow {
         )
         .await;
         run_id
+    }
+
+    /// A LoggedModel (`POST logged-models`) whose source run is `run_id`;
+    /// `model_metrics` are logged to the run *linked to the model*
+    /// (`log-metric` with `model_id`), so they show in `model.data.metrics`.
+    async fn logged_model(&self, run_id: &str, model_metrics: &[(&str, f64)]) -> String {
+        let created = self
+            .post(
+                "logged-models",
+                json!({"experiment_id": self.experiment_id, "name": "model", "source_run_id": run_id}),
+            )
+            .await;
+        let model_id = created["model"]["info"]["model_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(model_id.starts_with("m-"), "{created}");
+        for (key, value) in model_metrics {
+            self.post(
+                "runs/log-metric",
+                json!({"run_id": run_id, "key": key, "value": value, "timestamp": 3, "step": 0, "model_id": model_id}),
+            )
+            .await;
+        }
+        model_id
     }
 
     async fn versions(&self, model: &str) -> Vec<Value> {
@@ -471,7 +498,9 @@ async fn create_version_500_is_not_blindly_retried() {
     Mock::given(method("GET"))
         .and(path(format!("{base}/model-versions/search")))
         .respond_with(ResponseTemplate::new(200).set_body_json(json!({"model_versions": [
-            {"name": "m", "version": "4", "run_id": "cand", "tags": [{"key": "retrain_run_id", "value": "run-77"}]}
+            {"name": "m", "version": "4", "creation_timestamp": 1795369921052_i64, "last_updated_timestamp": 1795369921052_i64,
+             "current_stage": "None", "description": "promoted by retrain run run-77", "source": "runs:/cand/model",
+             "run_id": "cand", "status": "READY", "tags": [{"key": "retrain_run_id", "value": "run-77"}], "run_link": ""}
         ]})))
         .mount(&server)
         .await;
@@ -492,7 +521,10 @@ async fn create_version_500_is_not_blindly_retried() {
     Mock::given(method("GET"))
         .and(path(format!("{base}/registered-models/alias")))
         .respond_with(ResponseTemplate::new(200).set_body_json(
-            json!({"model_version": {"name": "m", "version": "3", "run_id": "old"}}),
+            json!({"model_version": {"name": "m", "version": "3", "creation_timestamp": 1795369921052_i64,
+                "last_updated_timestamp": 1795369921052_i64, "current_stage": "None", "description": "",
+                "source": "runs:/old/model", "run_id": "old", "status": "READY", "run_link": "",
+                "aliases": ["production"]}}),
         ))
         .mount(&server)
         .await;
@@ -528,4 +560,411 @@ async fn create_version_500_is_not_blindly_retried() {
         creates, 1,
         "the create call is not retried once the version exists"
     );
+}
+
+// ---- MLflow 3 LoggedModel candidates and the READY wait ----
+
+fn fast_ready() -> ReadyWait {
+    ReadyWait {
+        timeout: std::time::Duration::from_secs(3),
+        poll_interval: std::time::Duration::from_millis(20),
+        max_poll_interval: std::time::Duration::from_millis(100),
+    }
+}
+
+const MODEL_ID: &str = "m-e6dd905da2f644c7896cc1fe2dbd35ca";
+const SOURCE_RUN: &str = "9f6c17f79cda43c6bed22b82327861ee";
+
+/// `GET logged-models/{id}` exactly as mlflow 3.17 answers it.
+fn logged_model_json(metrics: Value) -> Value {
+    let mut model = json!({
+        "model": {
+            "info": {
+                "model_id": MODEL_ID,
+                "experiment_id": "1",
+                "name": "model",
+                "creation_timestamp_ms": 1796194606294_i64,
+                "last_updated_timestamp_ms": 1796194606294_i64,
+                "artifact_uri": format!("mlflow-artifacts:/1/models/{MODEL_ID}/artifacts"),
+                "status": "LOGGED_MODEL_READY",
+                "model_type": "",
+                "source_run_id": SOURCE_RUN
+            },
+            "data": {}
+        }
+    });
+    if !metrics.is_null() {
+        model["model"]["data"]["metrics"] = metrics;
+    }
+    model
+}
+
+/// A model version as `model-versions/create|get` return it.
+fn version_json(version: &str, status: &str, status_message: Option<&str>) -> Value {
+    let mut v = json!({"model_version": {
+        "name": "m", "version": version,
+        "creation_timestamp": 1796194610242_i64, "last_updated_timestamp": 1796194610242_i64,
+        "current_stage": "None", "description": "promoted by retrain run run-9",
+        "source": format!("models:/{MODEL_ID}"), "run_id": SOURCE_RUN,
+        "status": status, "run_link": "",
+        "tags": [{"key": "retrain_run_id", "value": "run-9"}]
+    }});
+    if let Some(message) = status_message {
+        v["model_version"]["status_message"] = json!(message);
+    }
+    v
+}
+
+#[tokio::test]
+async fn logged_model_candidate_metrics_come_from_the_logged_model() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path(format!("/api/2.0/mlflow/logged-models/{MODEL_ID}")))
+        .respond_with(ResponseTemplate::new(200).set_body_json(logged_model_json(json!([
+            {"key": "dice", "value": 0.7, "timestamp": 1, "step": 0, "model_id": MODEL_ID, "run_id": SOURCE_RUN},
+            {"key": "dice", "value": 0.9, "timestamp": 2, "step": 1, "model_id": MODEL_ID, "run_id": SOURCE_RUN,
+             "dataset_name": "val", "dataset_digest": "abc123"},
+            {"key": "iou", "value": "NaN", "timestamp": 2, "step": 1, "model_id": MODEL_ID, "run_id": SOURCE_RUN}
+        ]))))
+        .mount(&server)
+        .await;
+    let registry = MlflowRegistry::new(settings(&server.uri(), "m", RegistryMode::Alias)).unwrap();
+    for id in [MODEL_ID.to_owned(), format!("models:/{MODEL_ID}")] {
+        let metrics = registry.candidate_metrics(id, None).await.unwrap();
+        assert_eq!(metrics["dice"], 0.9);
+        assert!(metrics["iou"].is_nan());
+    }
+    // No run was read: the logged model's own metrics were there.
+    let requests = server.received_requests().await.unwrap();
+    assert!(requests
+        .iter()
+        .all(|r| r.url.path().contains("/logged-models/")));
+}
+
+#[tokio::test]
+async fn logged_model_without_metrics_falls_back_to_its_source_run() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path(format!("/api/2.0/mlflow/logged-models/{MODEL_ID}")))
+        .respond_with(ResponseTemplate::new(200).set_body_json(logged_model_json(Value::Null)))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/api/2.0/mlflow/runs/get"))
+        .and(query_param("run_id", SOURCE_RUN))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "run": {"info": {"run_id": SOURCE_RUN, "run_uuid": SOURCE_RUN, "experiment_id": "1", "status": "FINISHED"},
+                    "data": {"metrics": [{"key": "dice", "value": 0.81, "timestamp": 1, "step": 0}]},
+                    "inputs": {}, "outputs": {}}
+        })))
+        .expect(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path(
+            "/api/2.0/mlflow/logged-models/m-0000000000000000000000000000dead",
+        ))
+        .respond_with(ResponseTemplate::new(404).set_body_json(json!({
+            "error_code": "RESOURCE_DOES_NOT_EXIST",
+            "message": "Logged model with ID 'm-0000000000000000000000000000dead' not found.",
+            "sqlstate": "KAM00", "error_class": "RESOURCE_NOT_FOUND"
+        })))
+        .mount(&server)
+        .await;
+    let registry = MlflowRegistry::new(settings(&server.uri(), "m", RegistryMode::Alias)).unwrap();
+    let metrics = registry
+        .candidate_metrics(MODEL_ID.into(), None)
+        .await
+        .unwrap();
+    assert_eq!(metrics, BTreeMap::from([("dice".into(), 0.81)]));
+    let err = registry
+        .candidate_metrics("m-0000000000000000000000000000dead".into(), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PortError::NotFound(_)), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("m-0000000000000000000000000000dead"),
+        "{err}"
+    );
+}
+
+/// The mocks every LoggedModel promotion needs: no version of the run yet,
+/// the registered model exists, no production alias.
+async fn mount_promotion_basics(server: &MockServer) {
+    let base = "/api/2.0/mlflow";
+    Mock::given(method("GET"))
+        .and(path(format!("{base}/model-versions/search")))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
+        .mount(server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(format!("{base}/registered-models/create")))
+        .respond_with(ResponseTemplate::new(400).set_body_json(json!({
+            "error_code": "RESOURCE_ALREADY_EXISTS", "message": "Registered Model (name=m) already exists.",
+            "sqlstate": "KAM00", "error_class": "RESOURCE_ALREADY_EXISTS"
+        })))
+        .mount(server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path(format!("{base}/registered-models/alias")))
+        .respond_with(ResponseTemplate::new(400).set_body_json(json!({
+            "error_code": "INVALID_PARAMETER_VALUE", "message": "Registered model alias production not found.",
+            "sqlstate": "KAM00", "error_class": "INVALID_PARAMETER_VALUE"
+        })))
+        .mount(server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(format!("{base}/model-versions/set-tag")))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
+        .mount(server)
+        .await;
+    // Registered from the logged model: models:/ source and model_id.
+    Mock::given(method("POST"))
+        .and(path(format!("{base}/model-versions/create")))
+        .and(body_partial_json(json!({
+            "name": "m",
+            "source": format!("models:/{MODEL_ID}"),
+            "model_id": MODEL_ID,
+            "tags": [{"key": "retrain_run_id", "value": "run-9"}]
+        })))
+        .respond_with(ResponseTemplate::new(200).set_body_json(version_json(
+            "5",
+            "PENDING_REGISTRATION",
+            None,
+        )))
+        .expect(1)
+        .mount(server)
+        .await;
+}
+
+fn paths(requests: &[wiremock::Request]) -> Vec<String> {
+    requests
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {}",
+                r.method,
+                r.url.path().trim_start_matches("/api/2.0/mlflow/")
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn promote_logged_model_waits_until_ready_before_moving_the_alias() {
+    let server = MockServer::start().await;
+    mount_promotion_basics(&server).await;
+    let base = "/api/2.0/mlflow";
+    Mock::given(method("GET"))
+        .and(path(format!("{base}/model-versions/get")))
+        .and(query_param("name", "m"))
+        .and(query_param("version", "5"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(version_json(
+            "5",
+            "PENDING_REGISTRATION",
+            None,
+        )))
+        .up_to_n_times(2)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path(format!("{base}/model-versions/get")))
+        .respond_with(ResponseTemplate::new(200).set_body_json(version_json("5", "READY", None)))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(format!("{base}/registered-models/alias")))
+        .and(body_partial_json(
+            json!({"name": "m", "alias": "production", "version": "5"}),
+        ))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let registry = MlflowRegistry::new(settings(&server.uri(), "m", RegistryMode::Alias))
+        .unwrap()
+        .with_ready_wait(fast_ready());
+    let promoted = registry
+        .promote(candidate(MODEL_ID, &[]), RunId("run-9".into()), None)
+        .await
+        .unwrap();
+    assert_eq!(promoted.version, "5");
+    assert_eq!(promoted.previous, None);
+    let order = paths(&server.received_requests().await.unwrap());
+    let gets: Vec<usize> = order
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| *p == "GET model-versions/get")
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(gets.len(), 3, "PENDING, PENDING, READY: {order:#?}");
+    let alias = order
+        .iter()
+        .position(|p| p == "POST registered-models/alias")
+        .unwrap();
+    assert!(alias > gets[2], "alias moved only after READY: {order:#?}");
+}
+
+#[tokio::test]
+async fn failed_registration_fails_the_promotion_with_mlflows_message() {
+    let server = MockServer::start().await;
+    mount_promotion_basics(&server).await;
+    let base = "/api/2.0/mlflow";
+    Mock::given(method("GET"))
+        .and(path(format!("{base}/model-versions/get")))
+        .respond_with(ResponseTemplate::new(200).set_body_json(version_json(
+            "5",
+            "FAILED_REGISTRATION",
+            Some("Failed to copy model artifacts: permission denied on s3://models/m-e6dd"),
+        )))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(format!("{base}/registered-models/alias")))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
+        .expect(0)
+        .mount(&server)
+        .await;
+    let registry = MlflowRegistry::new(settings(&server.uri(), "m", RegistryMode::Alias))
+        .unwrap()
+        .with_ready_wait(fast_ready());
+    let err = registry
+        .promote(candidate(MODEL_ID, &[]), RunId("run-9".into()), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PortError::Failed(_)), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains("FAILED_REGISTRATION"), "{text}");
+    assert!(text.contains("version 5"), "{text}");
+    assert!(
+        text.contains("Failed to copy model artifacts: permission denied"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn pending_registration_is_waited_for_a_bounded_time() {
+    let server = MockServer::start().await;
+    mount_promotion_basics(&server).await;
+    let base = "/api/2.0/mlflow";
+    Mock::given(method("GET"))
+        .and(path(format!("{base}/model-versions/get")))
+        .respond_with(ResponseTemplate::new(200).set_body_json(version_json(
+            "5",
+            "PENDING_REGISTRATION",
+            None,
+        )))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(format!("{base}/registered-models/alias")))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
+        .expect(0)
+        .mount(&server)
+        .await;
+    let registry = MlflowRegistry::new(settings(&server.uri(), "m", RegistryMode::Alias))
+        .unwrap()
+        .with_ready_wait(ReadyWait {
+            timeout: std::time::Duration::from_millis(300),
+            ..fast_ready()
+        });
+    let started = std::time::Instant::now();
+    let err = registry
+        .promote(candidate(MODEL_ID, &[]), RunId("run-9".into()), None)
+        .await
+        .unwrap_err();
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    assert!(matches!(err, PortError::Transient(_)), "{err:?}");
+    assert!(
+        err.to_string().contains("still PENDING_REGISTRATION"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn real_server_promotes_a_logged_model_by_its_id() {
+    let Some(url) = service_url("RETRAIN_TEST_MLFLOW_URL") else {
+        return;
+    };
+    let mlflow = Mlflow::new(&url).await;
+    let model = unique("logged");
+    let registry = MlflowRegistry::new(settings(&url, &model, RegistryMode::Alias))
+        .unwrap()
+        .with_ready_wait(fast_ready());
+
+    // The run's own metrics differ from the ones linked to the model: the
+    // candidate must be measured by the model's.
+    let run = mlflow.run_with(&[("dice", 0.10)]).await;
+    let model_id = mlflow
+        .logged_model(&run, &[("dice", 0.91), ("iou", 0.77)])
+        .await;
+    let metrics = registry
+        .candidate_metrics(model_id.clone(), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        metrics,
+        BTreeMap::from([("dice".into(), 0.91), ("iou".into(), 0.77)])
+    );
+
+    let retrain = RunId::generate();
+    let promoted = registry
+        .promote(candidate(&model_id, &[]), retrain.clone(), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (promoted.version.as_str(), promoted.previous.as_deref()),
+        ("1", None)
+    );
+    let v1 = mlflow.version(&model, "1").await;
+    assert_eq!(v1["source"], json!(format!("models:/{model_id}")), "{v1}");
+    assert_eq!(
+        v1["run_id"],
+        json!(run),
+        "the server links the source run: {v1}"
+    );
+    assert_eq!(v1["status"], "READY");
+    assert_eq!(v1["aliases"], json!(["production"]));
+    assert_eq!(tag(&v1, "retrain_run_id"), Some(retrain.as_str()));
+
+    // Production is measured like the candidate was.
+    let production = registry.production(None).await.unwrap().unwrap();
+    assert_eq!(production.version, "1");
+    assert_eq!(production.candidate_id.as_deref(), Some(model_id.as_str()));
+    assert_eq!(production.metrics["dice"], 0.91);
+
+    // Idempotent per retrain run id.
+    let again = registry
+        .promote(candidate(&model_id, &[]), retrain, None)
+        .await
+        .unwrap();
+    assert_eq!(again, promoted);
+    assert_eq!(mlflow.versions(&model).await.len(), 1);
+
+    // A logged model with no metrics of its own: its source run's.
+    let run_c = mlflow.run_with(&[("dice", 0.66)]).await;
+    let bare = mlflow.logged_model(&run_c, &[]).await;
+    let metrics = registry.candidate_metrics(bare, None).await.unwrap();
+    assert_eq!(metrics, BTreeMap::from([("dice".into(), 0.66)]));
+
+    // An unknown logged model is NotFound naming it.
+    let err = registry
+        .candidate_metrics("m-0123456789abcdef0123456789abcdef".into(), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PortError::NotFound(_)), "{err:?}");
+    assert!(err
+        .to_string()
+        .contains("m-0123456789abcdef0123456789abcdef"));
+
+    // A second, run-based promotion replaces it (mixed candidates).
+    let run_b = mlflow.run_with(&[("dice", 0.95)]).await;
+    let second = registry
+        .promote(candidate(&run_b, &[]), RunId::generate(), None)
+        .await
+        .unwrap();
+    assert_eq!(second.previous.as_deref(), Some("1"));
+    let production = registry.production(None).await.unwrap().unwrap();
+    assert_eq!(production.candidate_id.as_deref(), Some(run_b.as_str()));
 }

@@ -172,3 +172,108 @@ async fn forbidden_is_denied_naming_the_bucket_and_no_secret() {
         .unwrap();
     assert!(auth.contains("/s3/aws4_request"), "{auth}");
 }
+
+fn valid_metadata_body() -> Vec<u8> {
+    metadata("v7", 42)
+}
+
+#[tokio::test]
+async fn every_attempt_is_signed_afresh() {
+    // 503 + Retry-After: 1, then 200: the retry must carry its own
+    // signature, not the one computed for the first attempt.
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(
+            ResponseTemplate::new(503)
+                .insert_header("retry-after", "1")
+                .set_body_string("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"),
+        )
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .insert_header("etag", "\"5d41402abc4b2a76b9719d911017c592\"")
+                .set_body_bytes(valid_metadata_body()),
+        )
+        .mount(&server)
+        .await;
+    let store = S3MetadataStore::with_policy(
+        moto_settings(&server.uri()),
+        "s3://bucket-a/meta.json",
+        HttpPolicy::fast_for_tests(),
+    )
+    .unwrap();
+    let MetadataRead::Published(read) = store.read(None).await.unwrap() else {
+        panic!("expected a published version");
+    };
+    assert_eq!(read.metadata.version_tag.as_str(), "v7");
+    let requests = server.received_requests().await.unwrap();
+    assert_eq!(requests.len(), 2);
+    let header = |i: usize, name: &str| {
+        requests[i]
+            .headers
+            .get(name)
+            .unwrap_or_else(|| panic!("request {i} has no {name}"))
+            .to_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_ne!(header(0, "x-amz-date"), header(1, "x-amz-date"));
+    assert_ne!(header(0, "authorization"), header(1, "authorization"));
+    // The retry's signature covers its own date.
+    let date = header(1, "x-amz-date");
+    assert!(
+        header(1, "authorization").contains(&format!("Credential=testing/{}/", &date[..8])),
+        "{}",
+        header(1, "authorization")
+    );
+}
+
+#[tokio::test]
+async fn an_oversized_object_is_refused_naming_the_url_and_the_limit() {
+    let server = MockServer::start().await;
+    let mut big = b"{\"dataset_name\": \"".to_vec();
+    big.extend(std::iter::repeat_n(b'x', (1 << 20) + 10));
+    big.extend(b"\"}");
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(200).set_body_bytes(big))
+        .mount(&server)
+        .await;
+    let store = S3MetadataStore::with_policy(
+        moto_settings(&server.uri()),
+        "s3://bucket-a/wms/archive.tar",
+        HttpPolicy::fast_for_tests(),
+    )
+    .unwrap();
+    let err = store.read(None).await.unwrap_err();
+    assert!(matches!(err, PortError::InvalidResponse(_)), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains("s3://bucket-a/wms/archive.tar"), "{text}");
+    assert!(
+        text.contains(&format!("{}/bucket-a/wms/archive.tar", server.uri())),
+        "{text}"
+    );
+    assert!(text.contains("1048576"), "{text}");
+    assert!(!text.contains('?'), "no query string: {text}");
+
+    // Exactly at the limit is still read (and then parsed).
+    let server = MockServer::start().await;
+    let mut at_limit = valid_metadata_body();
+    at_limit.resize(1 << 20, b' ');
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(200).set_body_bytes(at_limit))
+        .mount(&server)
+        .await;
+    let store = S3MetadataStore::with_policy(
+        moto_settings(&server.uri()),
+        "s3://bucket-a/meta.json",
+        HttpPolicy::fast_for_tests(),
+    )
+    .unwrap();
+    assert!(matches!(
+        store.read(None).await.unwrap(),
+        MetadataRead::Published(_)
+    ));
+}
