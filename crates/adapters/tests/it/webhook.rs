@@ -92,7 +92,7 @@ async fn the_webhook_url_never_appears_in_logs_or_errors() {
         .finish();
     let _default = tracing::subscriber::set_default(subscriber);
     let policy = HttpPolicy {
-        timeout: Duration::from_millis(300),
+        timeout: Duration::from_millis(1000),
         max_retries: 2,
         max_server_wait: Duration::from_secs(2),
         ..HttpPolicy::fast_for_tests()
@@ -132,7 +132,7 @@ async fn the_webhook_url_never_appears_in_logs_or_errors() {
     // 3. The endpoint hangs past the timeout: not re-POSTed either.
     server.reset().await;
     Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(2)))
+        .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(3)))
         .mount(&server)
         .await;
     errors.push(
