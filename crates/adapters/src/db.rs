@@ -90,34 +90,21 @@ impl DbUrl {
         }
     }
 
-    /// Remove the password from a driver message, in case it echoes the URL.
+    /// Remove the password from a driver message, in case it echoes the URL:
+    /// the user-info password and the `password`, `sslpassword` and
+    /// `passfile` query parameters, each as written and decoded.
     pub(crate) fn scrub(&self, message: impl fmt::Display) -> String {
-        let message = message.to_string();
-        match self.password() {
-            Some(password) if !password.is_empty() => {
-                // Drivers may echo the password percent-encoded or decoded.
-                let decoded: String =
-                    url::form_urlencoded::parse(format!("p={password}").as_bytes())
-                        .map(|(_, v)| v.into_owned())
-                        .next()
-                        .unwrap_or_default();
-                let mut out = message.replace(&password, "***");
-                if !decoded.is_empty() {
-                    out = out.replace(&decoded, "***");
-                }
-                out
-            }
-            _ => message,
+        let mut out = message.to_string();
+        let Self::Postgres(url) = self else {
+            return out;
+        };
+        // Longest first, so a secret containing another is replaced whole.
+        let mut secrets = url_secrets(url);
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        for secret in secrets {
+            out = out.replace(&secret, "***");
         }
-    }
-
-    fn password(&self) -> Option<String> {
-        match self {
-            Self::Postgres(url) => url::Url::parse(url)
-                .ok()
-                .and_then(|u| u.password().map(str::to_owned)),
-            _ => None,
-        }
+        out
     }
 
     /// A SQLite pool: WAL so readers never block the writer, and a busy
@@ -263,8 +250,21 @@ fn is_sqlite_busy(error: &sqlx::Error) -> bool {
     }
 }
 
-/// `url` with its password replaced by `***` (unparseable URLs are hidden
-/// entirely: they might be nothing but a secret).
+/// Query parameters of a libpq URL whose value is a secret (`passfile` is a
+/// path, but where the password lives is masked too).
+const SECRET_QUERY_KEYS: [&str; 3] = ["password", "sslpassword", "passfile"];
+
+fn is_secret_key(key: &str) -> bool {
+    let key = percent_encoding::percent_decode_str(key).decode_utf8_lossy();
+    SECRET_QUERY_KEYS
+        .iter()
+        .any(|k| k.eq_ignore_ascii_case(&key))
+}
+
+/// `url` with its password replaced by `***`, in the user info
+/// (`user:***@host`) and in the query (`?password=***`, `sslpassword`,
+/// `passfile`). Unparseable URLs are hidden entirely: they might be nothing
+/// but a secret.
 pub(crate) fn redact(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut parsed) => {
@@ -272,10 +272,57 @@ pub(crate) fn redact(url: &str) -> String {
                 // Cannot fail for URLs that already have a password.
                 let _ = parsed.set_password(Some("***"));
             }
+            if let Some(query) = parsed.query().map(str::to_owned) {
+                // Pair by pair, so the other parameters keep their spelling.
+                let masked: Vec<String> = query
+                    .split('&')
+                    .map(|pair| {
+                        let key = pair.split('=').next().unwrap_or_default();
+                        if is_secret_key(key) {
+                            format!("{key}=***")
+                        } else {
+                            pair.to_owned()
+                        }
+                    })
+                    .collect();
+                parsed.set_query(Some(&masked.join("&")));
+            }
             parsed.to_string()
         }
         Err(_) => "<unparseable URL>".into(),
     }
+}
+
+/// Every spelling of every secret in `url`: the user-info password and the
+/// secret query values, as written (percent-encoded) and decoded.
+fn url_secrets(url: &str) -> Vec<String> {
+    let Ok(parsed) = url::Url::parse(url) else {
+        return Vec::new();
+    };
+    let mut secrets = Vec::new();
+    if let Some(password) = parsed.password() {
+        secrets.push(password.to_owned());
+        secrets.push(
+            percent_encoding::percent_decode_str(password)
+                .decode_utf8_lossy()
+                .into_owned(),
+        );
+    }
+    for pair in parsed.query().unwrap_or_default().split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if is_secret_key(key) {
+            secrets.push(value.to_owned());
+            // Query values are form-encoded: `+` is a space.
+            secrets.extend(
+                url::form_urlencoded::parse(format!("v={value}").as_bytes())
+                    .map(|(_, v)| v.into_owned()),
+            );
+        }
+    }
+    secrets.retain(|s| !s.is_empty());
+    secrets.sort();
+    secrets.dedup();
+    secrets
 }
 
 #[cfg(test)]
@@ -328,5 +375,36 @@ mod tests {
         let url = DbUrl::parse("state", "postgresql+psycopg2://bob:s3cr%3Et@db:5432/x").unwrap();
         assert_eq!(format!("{url:?}"), "postgres://bob:***@db:5432/x");
         assert_eq!(url.scrub("bad s3cr%3Et here"), "bad *** here");
+        assert_eq!(url.scrub("bad s3cr>t here"), "bad *** here");
+    }
+
+    #[test]
+    fn query_passwords_never_show() {
+        let url = DbUrl::parse(
+            "state",
+            "postgresql://bob@db:5432/x?sslmode=require&password=hunter%2B2&sslpassword=keypass&passfile=/home/bob/.pgpass&application_name=a%20b",
+        )
+        .unwrap();
+        let shown = format!("{url:?}");
+        assert_eq!(
+            shown,
+            "postgres://bob@db:5432/x?sslmode=require&password=***&sslpassword=***&passfile=***&application_name=a%20b"
+        );
+        assert_eq!(url.redacted(), shown);
+        // Drivers may echo either spelling of a value.
+        let scrubbed =
+            url.scrub("password=hunter%2B2 / hunter+2 / sslpassword keypass / /home/bob/.pgpass");
+        for secret in ["hunter", "keypass", ".pgpass"] {
+            assert!(!scrubbed.contains(secret), "{scrubbed}");
+        }
+        // Both places at once, any case.
+        let both = DbUrl::parse("state", "postgres://bob:s3cret@db/x?PASSWORD=other").unwrap();
+        assert_eq!(both.redacted(), "postgres://bob:***@db/x?PASSWORD=***");
+        assert_eq!(both.scrub("s3cret other"), "*** ***");
+        // A parse error shows the URL masked.
+        let err = DbUrl::parse("state", "postgres://bob@db:notaport/x?password=hunter2")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
     }
 }

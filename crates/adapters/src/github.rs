@@ -6,21 +6,45 @@
 //! an issue or PR never fills up with one comment per cycle (CML users' top
 //! complaint). REST API version `2022-11-28`; auto-merge through GraphQL
 //! `enablePullRequestAutoMerge`, as `gh pr merge --auto` does.
+//!
+//! **Only its own marker.** A comment or PR is adopted only when it carries
+//! the marker *and* was authored by the token's own account (`GET /user`,
+//! once per notifier; for a GitHub App installation token, where `GET /user`
+//! answers 403, the configured [`GithubNotifier::with_app_login`], else any
+//! App bot: `user.type == "Bot"` and `performed_via_github_app` not null).
+//! Someone pasting the marker into their own comment gets a new comment
+//! next to theirs, never an edit of theirs.
+//!
+//! **Exactly one comment.** Creating a comment or PR is a POST and is never
+//! resent blindly: when its answer is lost (timeout, dropped connection,
+//! 5xx), the notifier lists again and adopts its own marker comment (or its
+//! own PR) if GitHub did create it, and only otherwise posts again. A
+//! "pull request already exists" 422 is adopted the same way.
+//!
+//! **Rate limits** (403/429 with `x-ratelimit-remaining: 0` or
+//! `retry-after`) are waited out by the shared client, at most
+//! [`MAX_RATE_LIMIT_WAIT`] per wait; they are never reported as a
+//! permission error.
 
 use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
-use reqwest::{Method, RequestBuilder, Response};
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use retrain_core::ports::{Notifier, PortError};
 use retrain_core::report::LabelReport;
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
-use tracing::info;
+use tokio::sync::OnceCell;
+use tracing::{info, warn};
 use url::Url;
 
 use crate::error::AdapterError;
-use crate::http::{error_for_status, HttpPolicy, RetryingClient};
+use crate::http::{
+    error_for_status, is_rate_limited, Call, Checked, HttpPolicy, Replay, RetryingClient,
+};
 
 pub const DEFAULT_API_URL: &str = "https://api.github.com";
 const API_VERSION: &str = "2022-11-28";
@@ -28,6 +52,9 @@ const ACCEPT: &str = "application/vnd.github+json";
 const PERMISSION_HINT: &str = "GITHUB_TOKEN needs `issues: write` (comments) or `pull-requests: write` and `contents: write` (pull requests, auto-merge)";
 /// Pages followed at most when looking for our comment (100 per page).
 const MAX_PAGES: usize = 50;
+/// Longest rate-limit wait (`retry-after`, `x-ratelimit-reset`) the notifier
+/// sits through; a longer one fails the notification as `Transient`.
+pub const MAX_RATE_LIMIT_WAIT: Duration = Duration::from_secs(60);
 
 /// When to notify.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -106,6 +133,45 @@ pub struct GithubNotifier {
     owner: String,
     name: String,
     http: RetryingClient,
+    /// The App bot login (`my-app[bot]`) to recognise our own comments by
+    /// when the token is an installation token (`GET /user` answers 403).
+    app_login: Option<String>,
+    /// Who the token acts as, asked once (`GET /user`) and cached.
+    me: Arc<OnceCell<Me>>,
+    /// The login GitHub put on a comment or PR we created: the truth, which
+    /// overrides `me` from then on.
+    learned: Arc<Mutex<Option<String>>>,
+}
+
+/// The account the token acts as, to recognise our own comments and PRs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Me {
+    /// `GET /user`'s login, the configured App bot login, or the login of a
+    /// comment we created.
+    Login(String),
+    /// An App installation token whose bot login is unknown: any App bot
+    /// (`user.type == "Bot"`, `performed_via_github_app` not null).
+    AnyAppBot,
+}
+
+impl Me {
+    fn wrote(&self, user: Option<&Author>, app: Option<&Option<Value>>) -> bool {
+        let Some(user) = user else {
+            return false;
+        };
+        match self {
+            // GitHub logins are case-insensitive.
+            Self::Login(login) => user.login.eq_ignore_ascii_case(login),
+            Self::AnyAppBot => user.kind == "Bot" && !matches!(app, Some(None)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct Author {
+    login: String,
+    #[serde(rename = "type", default)]
+    kind: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -113,9 +179,14 @@ struct Comment {
     id: u64,
     #[serde(default)]
     body: Option<String>,
+    #[serde(default)]
+    user: Option<Author>,
+    /// Absent → `None`; `null` → `Some(None)`; an App → `Some(Some(app))`.
+    #[serde(default, deserialize_with = "present")]
+    performed_via_github_app: Option<Option<Value>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 struct PullRequest {
     number: u64,
     #[serde(default)]
@@ -124,6 +195,17 @@ struct PullRequest {
     body: Option<String>,
     #[serde(default)]
     html_url: String,
+    #[serde(default)]
+    user: Option<Author>,
+}
+
+/// Tell a present `null` from an absent field.
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<Value>>, D::Error> {
+    Option::<Value>::deserialize(d).map(Some)
+}
+
+fn carries(body: Option<&str>, marker: &str) -> bool {
+    body.is_some_and(|b| b.contains(marker))
 }
 
 /// The hidden marker identifying a label's comment / PR.
@@ -161,13 +243,30 @@ impl GithubNotifier {
                 ));
             }
         }
+        let policy = HttpPolicy {
+            max_server_wait: settings.policy.max_server_wait.min(MAX_RATE_LIMIT_WAIT),
+            ..settings.policy.clone()
+        };
         Ok(Self {
-            http: RetryingClient::new(settings.policy.clone())?,
+            http: RetryingClient::new(policy)?,
             settings,
             api,
             owner,
             name,
+            app_login: None,
+            me: Arc::new(OnceCell::new()),
+            learned: Arc::new(Mutex::new(None)),
         })
+    }
+
+    /// The login of the GitHub App's bot (`my-app[bot]`; `github-actions[bot]`
+    /// for Actions' `GITHUB_TOKEN`), used to recognise our own comments when
+    /// the token is an installation token, for which `GET /user` is 403.
+    /// Without it, any App bot's marker comment is taken as ours.
+    pub fn with_app_login(mut self, login: impl Into<String>) -> Self {
+        let login = login.into();
+        self.app_login = Some(login.trim().to_owned()).filter(|l| !l.is_empty());
+        self
     }
 
     fn url(&self, path: &str) -> String {
@@ -188,28 +287,37 @@ impl GithubNotifier {
         }
     }
 
-    fn headers(&self, request: RequestBuilder) -> RequestBuilder {
-        request
+    fn request(
+        &self,
+        client: &reqwest::Client,
+        method: Method,
+        url: &str,
+        body: Option<&Value>,
+    ) -> RequestBuilder {
+        let request = client
+            .request(method, url)
             .header("accept", ACCEPT)
             .header("x-github-api-version", API_VERSION)
-            .bearer_auth(self.settings.token.expose_secret())
+            .bearer_auth(self.settings.token.expose_secret());
+        match body {
+            Some(body) => request.json(body),
+            None => request,
+        }
     }
 
+    /// One request; non-2xx answers become errors naming `what`.
     async fn send(
         &self,
         what: &str,
         method: Method,
         url: &str,
         body: Option<&Value>,
+        replay: Replay,
     ) -> Result<Response, PortError> {
         let response = self
             .http
-            .send(what, |c| {
-                let request = self.headers(c.request(method.clone(), url));
-                match body {
-                    Some(body) => request.json(body),
-                    None => request,
-                }
+            .send_with(&Call::new(what, replay), |c| {
+                self.request(c, method.clone(), url, body)
             })
             .await?;
         if response.status().is_success() {
@@ -255,7 +363,9 @@ impl GithubNotifier {
         let mut pages = 0;
         while let Some(url) = next.take() {
             pages += 1;
-            let response = self.send(what, Method::GET, &url, None).await?;
+            let response = self
+                .send(what, Method::GET, &url, None, Replay::ByMethod)
+                .await?;
             next = self.next_link(&response);
             let page: Vec<T> = Self::json(what, response).await?;
             out.extend(page);
@@ -270,46 +380,225 @@ impl GithubNotifier {
         format!("{}/{}", self.owner, self.name)
     }
 
-    async fn upsert_comment(&self, issue: u64, body: &str, marker: &str) -> Result<(), PortError> {
+    /// Who the token acts as: the login of something we created, else
+    /// `GET /user` (asked once per notifier), else for an App installation
+    /// token (403 there) the configured App login or any App bot.
+    async fn me(&self) -> Result<Me, PortError> {
+        if let Some(login) = self.learned.lock().expect("not poisoned").clone() {
+            return Ok(Me::Login(login));
+        }
+        self.me.get_or_try_init(|| self.ask_me()).await.cloned()
+    }
+
+    async fn ask_me(&self) -> Result<Me, PortError> {
+        let what = "GitHub authenticated user (GET /user)";
+        let url = self.url("user");
+        let response = self
+            .http
+            .send_with(&Call::new(what, Replay::ByMethod), |c| {
+                self.request(c, Method::GET, &url, None)
+            })
+            .await?;
+        let status = response.status();
+        if status.is_success() {
+            let user: Author = Self::json(what, response).await?;
+            info!(login = %user.login, "GitHub notifier acts as this account");
+            return Ok(Me::Login(user.login));
+        }
+        // An installation token (GitHub App, Actions' GITHUB_TOKEN) cannot
+        // read `/user`: 403 "Resource not accessible by integration".
+        if matches!(status, StatusCode::FORBIDDEN | StatusCode::NOT_FOUND)
+            && !is_rate_limited(&response)
+        {
+            return Ok(match &self.app_login {
+                Some(login) => {
+                    info!(%login, "GitHub token is an App installation token: using the configured App login");
+                    Me::Login(login.clone())
+                }
+                None => {
+                    info!("GitHub token is an App installation token and no App login is configured: any App bot's marker comment counts as ours");
+                    Me::AnyAppBot
+                }
+            });
+        }
+        Err(error_for_status(what, PERMISSION_HINT, response).await)
+    }
+
+    /// Remember the login GitHub put on something we created.
+    fn learn(&self, user: Option<&Author>) {
+        if let Some(user) = user.filter(|u| !u.login.is_empty()) {
+            *self.learned.lock().expect("not poisoned") = Some(user.login.clone());
+        }
+    }
+
+    async fn list_comments(&self, issue: u64) -> Result<Vec<Comment>, PortError> {
         let repo = self.repo();
-        let what = format!("GitHub {repo}#{issue} comments");
-        let comments: Vec<Comment> = self
-            .list_all(
-                &what,
-                self.url(&format!(
-                    "repos/{repo}/issues/{issue}/comments?per_page=100"
-                )),
+        self.list_all(
+            &format!("GitHub {repo}#{issue} comments"),
+            self.url(&format!(
+                "repos/{repo}/issues/{issue}/comments?per_page=100"
+            )),
+        )
+        .await
+    }
+
+    /// Our own comment carrying `marker`, if any: `(id, body)`.
+    async fn find_own_comment(
+        &self,
+        issue: u64,
+        marker: &str,
+    ) -> Result<Option<(u64, Option<String>)>, PortError> {
+        let comments = self.list_comments(issue).await?;
+        let marked: Vec<&Comment> = comments
+            .iter()
+            .filter(|c| carries(c.body.as_deref(), marker))
+            .collect();
+        if marked.is_empty() {
+            return Ok(None);
+        }
+        let me = self.me().await?;
+        let mine = marked
+            .iter()
+            .find(|c| me.wrote(c.user.as_ref(), c.performed_via_github_app.as_ref()));
+        if mine.is_none() {
+            let authors: Vec<&str> = marked
+                .iter()
+                .map(|c| c.user.as_ref().map_or("(unknown)", |u| u.login.as_str()))
+                .collect();
+            warn!(
+                repo = %self.repo(),
+                issue,
+                ?authors,
+                "comments carry this label's marker but were not written by this token's account: leaving them alone"
+            );
+        }
+        Ok(mine.map(|c| (c.id, c.body.clone())))
+    }
+
+    async fn update_comment(&self, issue: u64, id: u64, body: &str) -> Result<(), PortError> {
+        let repo = self.repo();
+        let what = format!("GitHub {repo}#{issue} update comment {id}");
+        // Setting the body to a fixed text: idempotent, safe to resend.
+        self.send(
+            &what,
+            Method::PATCH,
+            &self.url(&format!("repos/{repo}/issues/comments/{id}")),
+            Some(&json!({ "body": body })),
+            Replay::Idempotent,
+        )
+        .await?;
+        info!(%repo, issue, comment = id, "updated GitHub comment");
+        Ok(())
+    }
+
+    async fn upsert_comment(&self, issue: u64, body: &str, marker: &str) -> Result<(), PortError> {
+        if let Some((id, _)) = self.find_own_comment(issue, marker).await? {
+            return self.update_comment(issue, id, body).await;
+        }
+        let repo = self.repo();
+        let what = format!("GitHub {repo}#{issue} new comment");
+        let url = self.url(&format!("repos/{repo}/issues/{issue}/comments"));
+        let payload = json!({ "body": body });
+        // A POST: resent only after the check found it did not take effect.
+        let outcome = self
+            .http
+            .send_checked(
+                &Call::new(&what, Replay::ByMethod),
+                |c| self.request(c, Method::POST, &url, Some(&payload)),
+                || self.find_own_comment(issue, marker),
             )
             .await?;
-        let payload = json!({ "body": body });
-        match comments
-            .iter()
-            .find(|c| c.body.as_deref().is_some_and(|b| b.contains(marker)))
-        {
-            Some(existing) => {
-                let what = format!("GitHub {repo}#{issue} update comment {}", existing.id);
-                self.send(
-                    &what,
-                    Method::PATCH,
-                    &self.url(&format!("repos/{repo}/issues/comments/{}", existing.id)),
-                    Some(&payload),
-                )
-                .await?;
-                info!(%repo, issue, comment = existing.id, "updated GitHub comment");
+        match outcome {
+            Checked::AlreadyApplied((id, existing)) => {
+                info!(%repo, issue, comment = id, "the comment was created although its answer was lost: adopted it");
+                if existing.as_deref() != Some(body) {
+                    self.update_comment(issue, id, body).await?;
+                }
+                Ok(())
             }
-            None => {
-                let what = format!("GitHub {repo}#{issue} new comment");
-                self.send(
-                    &what,
-                    Method::POST,
-                    &self.url(&format!("repos/{repo}/issues/{issue}/comments")),
-                    Some(&payload),
-                )
-                .await?;
-                info!(%repo, issue, "posted GitHub comment");
+            Checked::Response(response) if response.status().is_success() => {
+                let created: Comment = Self::json(&what, response).await?;
+                self.learn(created.user.as_ref());
+                info!(%repo, issue, comment = created.id, "posted GitHub comment");
+                Ok(())
+            }
+            Checked::Response(response) => {
+                Err(error_for_status(&what, PERMISSION_HINT, response).await)
             }
         }
-        Ok(())
+    }
+
+    /// Open PRs from `head_filter` (`owner:branch`) into `base`.
+    async fn list_pull_requests(
+        &self,
+        head_filter: &str,
+        base: &str,
+    ) -> Result<Vec<PullRequest>, PortError> {
+        let repo = self.repo();
+        let what = format!("GitHub {repo} pull requests from {head_filter}");
+        let list_url = {
+            let mut url = Url::parse(&self.url(&format!("repos/{repo}/pulls")))
+                .map_err(|e| PortError::Config(format!("{what}: {e}")))?;
+            url.query_pairs_mut()
+                .append_pair("state", "open")
+                .append_pair("head", head_filter)
+                .append_pair("base", base)
+                .append_pair("per_page", "100");
+            url.to_string()
+        };
+        self.list_all(&what, list_url).await
+    }
+
+    /// The open PR of `head_filter` → `base` to update: ours with the marker,
+    /// else ours without it (GitHub allows one open PR per head and base, so
+    /// ours is the one). `Err` when the only one was opened by someone else.
+    async fn find_own_pull_request(
+        &self,
+        head_filter: &str,
+        base: &str,
+        marker: &str,
+    ) -> Result<Option<PullRequest>, PortError> {
+        let open = self.list_pull_requests(head_filter, base).await?;
+        if open.is_empty() {
+            return Ok(None);
+        }
+        let me = self.me().await?;
+        let mine = |p: &&PullRequest| me.wrote(p.user.as_ref(), None);
+        if let Some(pr) = open
+            .iter()
+            .filter(mine)
+            .find(|p| carries(p.body.as_deref(), marker))
+            .or_else(|| open.iter().find(mine))
+        {
+            return Ok(Some(pr.clone()));
+        }
+        let other = &open[0];
+        Err(PortError::Failed(format!(
+            "GitHub {}: pull request #{} from {head_filter} into {base} was opened by {}, not by this token's account; retrain does not overwrite someone else's pull request (close it or use another pr_head)",
+            self.repo(),
+            other.number,
+            other
+                .user
+                .as_ref()
+                .map_or("an unknown account".to_owned(), |u| format!("@{}", u.login)),
+        )))
+    }
+
+    async fn update_pull_request(&self, number: u64, body: &str) -> Result<PullRequest, PortError> {
+        let repo = self.repo();
+        let what = format!("GitHub {repo}#{number} update pull request");
+        // Setting the body to a fixed text: idempotent, safe to resend.
+        let response = self
+            .send(
+                &what,
+                Method::PATCH,
+                &self.url(&format!("repos/{repo}/pulls/{number}")),
+                Some(&json!({ "body": body })),
+                Replay::Idempotent,
+            )
+            .await?;
+        info!(%repo, number, "updated pull request");
+        Self::json(&what, response).await
     }
 
     async fn upsert_pull_request(
@@ -321,65 +610,95 @@ impl GithubNotifier {
         body: &str,
         marker: &str,
     ) -> Result<(), PortError> {
-        let repo = self.repo();
         // The `head` filter wants `owner:branch`.
         let head_filter = if head.contains(':') {
             head.to_owned()
         } else {
             format!("{}:{head}", self.owner)
         };
-        let what = format!("GitHub {repo} pull requests from {head}");
-        let list_url = {
-            let mut url = Url::parse(&self.url(&format!("repos/{repo}/pulls")))
-                .map_err(|e| PortError::Config(format!("{what}: {e}")))?;
-            url.query_pairs_mut()
-                .append_pair("state", "open")
-                .append_pair("head", &head_filter)
-                .append_pair("base", base)
-                .append_pair("per_page", "100");
-            url.to_string()
-        };
-        let open: Vec<PullRequest> = self.list_all(&what, list_url).await?;
-        // Ours first; else the open PR of this head/base (GitHub allows only
-        // one, so creating another would fail with 422).
-        let existing = open
-            .iter()
-            .find(|p| p.body.as_deref().is_some_and(|b| b.contains(marker)))
-            .or_else(|| open.first());
-        let pr: PullRequest = match existing {
-            Some(pr) => {
-                let what = format!("GitHub {repo}#{} update pull request", pr.number);
-                let response = self
-                    .send(
-                        &what,
-                        Method::PATCH,
-                        &self.url(&format!("repos/{repo}/pulls/{}", pr.number)),
-                        Some(&json!({ "body": body })),
-                    )
-                    .await?;
-                info!(%repo, number = pr.number, "updated pull request");
-                Self::json(&what, response).await?
-            }
+        let pr: PullRequest = match self
+            .find_own_pull_request(&head_filter, base, marker)
+            .await?
+        {
+            Some(pr) => self.update_pull_request(pr.number, body).await?,
             None => {
-                let what = format!("GitHub {repo} create pull request {head} → {base}");
-                let title = format!("retrain: `{}` {}", report.label, report.status.as_str());
-                let response = self
-                    .send(
-                        &what,
-                        Method::POST,
-                        &self.url(&format!("repos/{repo}/pulls")),
-                        Some(&json!({ "title": title, "head": head, "base": base, "body": body })),
-                    )
-                    .await?;
-                let pr: PullRequest = Self::json(&what, response).await?;
-                info!(%repo, number = pr.number, url = %pr.html_url, "created pull request");
-                pr
+                self.create_pull_request(report, head, &head_filter, base, body, marker)
+                    .await?
             }
         };
         if auto_merge {
             self.enable_auto_merge(&pr).await?;
         }
         Ok(())
+    }
+
+    async fn create_pull_request(
+        &self,
+        report: &LabelReport,
+        head: &str,
+        head_filter: &str,
+        base: &str,
+        body: &str,
+        marker: &str,
+    ) -> Result<PullRequest, PortError> {
+        let repo = self.repo();
+        let what = format!("GitHub {repo} create pull request {head} → {base}");
+        let title = format!("retrain: `{}` {}", report.label, report.status.as_str());
+        let url = self.url(&format!("repos/{repo}/pulls"));
+        let payload = json!({ "title": title, "head": head, "base": base, "body": body });
+        // A POST: resent only after the check found no PR of ours.
+        let outcome = self
+            .http
+            .send_checked(
+                &Call::new(&what, Replay::ByMethod),
+                |c| self.request(c, Method::POST, &url, Some(&payload)),
+                || self.find_own_pull_request(head_filter, base, marker),
+            )
+            .await?;
+        let response = match outcome {
+            Checked::AlreadyApplied(pr) => {
+                info!(%repo, number = pr.number, "the pull request was created although its answer was lost: adopted it");
+                if pr.body.as_deref() == Some(body) {
+                    return Ok(pr);
+                }
+                return self.update_pull_request(pr.number, body).await;
+            }
+            Checked::Response(response) => response,
+        };
+        let status = response.status();
+        if status.is_success() {
+            let pr: PullRequest = Self::json(&what, response).await?;
+            self.learn(pr.user.as_ref());
+            info!(%repo, number = pr.number, url = %pr.html_url, "created pull request");
+            return Ok(pr);
+        }
+        if status != StatusCode::UNPROCESSABLE_ENTITY {
+            return Err(error_for_status(&what, PERMISSION_HINT, response).await);
+        }
+        let text = response.text().await.unwrap_or_default();
+        if !text
+            .to_ascii_lowercase()
+            .contains("pull request already exists")
+        {
+            let excerpt: String = text.chars().take(300).collect();
+            return Err(PortError::Failed(format!(
+                "{what}: HTTP {status}: {excerpt}"
+            )));
+        }
+        // 422 "A pull request already exists for owner:branch.": ours (an
+        // earlier attempt, or one opened by the same account) is updated.
+        match self
+            .find_own_pull_request(head_filter, base, marker)
+            .await?
+        {
+            Some(pr) => {
+                info!(%repo, number = pr.number, "a pull request already existed: updating it");
+                self.update_pull_request(pr.number, body).await
+            }
+            None => Err(PortError::Failed(format!(
+                "{what}: GitHub says a pull request already exists, but none is open from {head_filter} into {base}"
+            ))),
+        }
     }
 
     async fn enable_auto_merge(&self, pr: &PullRequest) -> Result<(), PortError> {
@@ -394,8 +713,15 @@ impl GithubNotifier {
             "query": "mutation($id: ID!) { enablePullRequestAutoMerge(input: {pullRequestId: $id, mergeMethod: SQUASH}) { pullRequest { number } } }",
             "variables": { "id": pr.node_id },
         });
+        // A GraphQL mutation is a POST: not resent after an unknown outcome.
         let response = self
-            .send(&what, Method::POST, &self.graphql_url(), Some(&query))
+            .send(
+                &what,
+                Method::POST,
+                &self.graphql_url(),
+                Some(&query),
+                Replay::ByMethod,
+            )
             .await?;
         let answer: Value = Self::json(&what, response).await?;
         let Some(errors) = answer
@@ -419,6 +745,7 @@ impl GithubNotifier {
                 Method::PUT,
                 &self.url(&format!("repos/{repo}/pulls/{}/merge", pr.number)),
                 Some(&json!({ "merge_method": "squash" })),
+                Replay::ByMethod,
             )
             .await?;
             info!(%repo, number = pr.number, "pull request was mergeable: merged");

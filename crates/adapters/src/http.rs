@@ -1,14 +1,38 @@
 //! The one HTTP client every REST adapter uses: timeouts on every call,
-//! capped exponential backoff with jitter on connect errors/408/429/5xx,
-//! `Retry-After` (seconds) and the Hub's `RateLimit: "...";r=0;t=N` honoured,
-//! and error messages that name the resource but never a credential.
+//! capped exponential backoff with jitter, server-requested waits honoured
+//! (`Retry-After` seconds, the Hub's `RateLimit: "...";r=0;t=N`, GitHub's
+//! `x-ratelimit-remaining: 0` + `x-ratelimit-reset`), and log lines and error
+//! messages that name the resource but never a credential.
+//!
+//! # What is resent, and when
+//!
+//! Every request is sent through a [`Call`] that states two things:
+//!
+//! - **[`Replay`]**: may the request be sent again when an attempt's outcome
+//!   is *unknown* (timeout, dropped connection, 408/5xx)? GET, HEAD, OPTIONS,
+//!   TRACE, PUT and DELETE are idempotent and are resent per the policy
+//!   ([`Replay::ByMethod`]); a POST or PATCH is resent only when the caller
+//!   vouches for it ([`Replay::Idempotent`]: an idempotency key, or a "set X
+//!   to V" operation), or supplies a "did it already take effect?" check
+//!   ([`RetryingClient::send_checked`]). A request that *provably* did not
+//!   take effect is always retried, whatever its method: a connection that
+//!   could not be established, and a rate-limit refusal (429, or 403 with
+//!   `Retry-After` or `x-ratelimit-remaining: 0`).
+//! - **[`UrlDisplay`]**: how the URL appears in log lines and errors. Never
+//!   with its query string or user info; only scheme, host and port when the
+//!   caller marks the URL secret ([`Call::secret_url`]: Slack, Discord and
+//!   generic webhook URLs, whose path is the credential).
 
-use std::time::Duration;
+use std::error::Error as _;
+use std::future::Future;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand::Rng;
-use reqwest::{RequestBuilder, Response, StatusCode};
+use reqwest::header::HeaderMap;
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use retrain_core::ports::PortError;
 use tracing::warn;
+use url::Url;
 
 use crate::error::AdapterError;
 
@@ -22,8 +46,8 @@ pub struct HttpPolicy {
     pub max_retries: u32,
     pub base_backoff: Duration,
     pub max_backoff: Duration,
-    /// Longest server-requested wait (`Retry-After`, `RateLimit`) we accept
-    /// before giving up instead of sleeping.
+    /// Longest server-requested wait (`Retry-After`, `RateLimit`,
+    /// `x-ratelimit-reset`) we accept before giving up instead of sleeping.
     pub max_server_wait: Duration,
 }
 
@@ -54,12 +78,104 @@ impl HttpPolicy {
     }
 }
 
-/// A reqwest client with the retry policy applied by [`RetryingClient::send`].
+/// Whether a request may be sent again after an attempt whose outcome is
+/// unknown (timeout, dropped connection, 408 or 5xx answer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replay {
+    /// Decided by the method: GET, HEAD, OPTIONS, TRACE, PUT and DELETE are
+    /// idempotent (RFC 9110 §9.2.2) and resent per the policy; POST, PATCH
+    /// and any other method are not.
+    ByMethod,
+    /// The caller vouches that sending the request twice has the effect of
+    /// sending it once, whatever its method: it carries an idempotency key
+    /// the server honours, or it sets a value ("PATCH the body to this
+    /// text", "set variable X to V").
+    Idempotent,
+    /// Never resent once it may have reached the server.
+    Never,
+}
+
+/// How a request's URL appears in the client's log lines and errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UrlDisplay {
+    /// Scheme, host, port and path: never the query string (presigned URLs,
+    /// `?token=`) nor user info.
+    #[default]
+    Path,
+    /// Scheme, host and port only: the URL itself is a credential (a Slack,
+    /// Discord or generic webhook URL's path is its secret).
+    OriginOnly,
+}
+
+/// One request's name and policy: what it is called in messages, whether it
+/// may be resent, and how its URL may be shown.
+#[derive(Debug, Clone, Copy)]
+pub struct Call<'a> {
+    what: &'a str,
+    replay: Replay,
+    url: UrlDisplay,
+}
+
+impl<'a> Call<'a> {
+    /// `what` names the resource in log lines and errors (e.g. "Space
+    /// owner/name"); it must not contain a secret.
+    pub fn new(what: &'a str, replay: Replay) -> Self {
+        Self {
+            what,
+            replay,
+            url: UrlDisplay::Path,
+        }
+    }
+
+    /// The URL is a secret: show only its scheme, host and port.
+    pub fn secret_url(mut self) -> Self {
+        self.url = UrlDisplay::OriginOnly;
+        self
+    }
+
+    pub fn what(&self) -> &str {
+        self.what
+    }
+
+    pub fn replay(&self) -> Replay {
+        self.replay
+    }
+
+    pub fn url_display(&self) -> UrlDisplay {
+        self.url
+    }
+}
+
+/// The outcome of [`RetryingClient::send_checked`].
+#[derive(Debug)]
+pub enum Checked<T> {
+    /// The server's answer to the last attempt, whatever its status.
+    Response(Response),
+    /// An attempt's outcome was lost, and the caller's check found that it
+    /// had taken effect; `T` is what the check found (e.g. the comment id).
+    AlreadyApplied(T),
+}
+
+/// Why an attempt did not produce a final answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// The request provably did not take effect: no connection could be
+    /// made, or the server refused it for a rate limit. Always retryable.
+    Refused,
+    /// It may or may not have taken effect: timeout, dropped connection,
+    /// 408 or 5xx. Resent only when the [`Replay`] choice (or a check) allows.
+    Ambiguous,
+}
+
+/// A reqwest client with the retry policy applied by [`RetryingClient::send_with`].
 #[derive(Debug, Clone)]
 pub struct RetryingClient {
     client: reqwest::Client,
     policy: HttpPolicy,
 }
+
+/// `check` argument of [`RetryingClient::send_with`]'s shared loop: none.
+type NoCheck = fn() -> std::future::Ready<Result<Option<()>, PortError>>;
 
 impl RetryingClient {
     pub fn new(policy: HttpPolicy) -> Result<Self, AdapterError> {
@@ -90,56 +206,176 @@ impl RetryingClient {
         &self.policy
     }
 
-    /// Send the request built by `build` (called again for every attempt),
-    /// retrying transient failures. Returns the last response whatever its
-    /// status once it is not retryable or retries are exhausted; `what` names
-    /// the resource in errors (e.g. "Space owner/name").
+    /// Shorthand for `send_with(&Call::new(what, Replay::Idempotent), build)`:
+    /// the caller vouches that repeating the request is harmless, whatever
+    /// its method. Kept for the adapters written before [`Call`] existed
+    /// (Hub, S3, EC2, MLflow); new call sites use [`RetryingClient::send_with`],
+    /// which makes the choice visible where the request is made.
     pub async fn send(
         &self,
         what: &str,
         build: impl Fn(&reqwest::Client) -> RequestBuilder,
     ) -> Result<Response, PortError> {
+        self.send_with(&Call::new(what, Replay::Idempotent), build)
+            .await
+    }
+
+    /// Send the request built by `build` (called again for every attempt),
+    /// retrying as `call` allows (see the module documentation). Returns the
+    /// last response whatever its status once it is final, not resendable or
+    /// retries are exhausted; transport failures become
+    /// [`PortError::Transient`] naming `call.what()`.
+    pub async fn send_with(
+        &self,
+        call: &Call<'_>,
+        build: impl Fn(&reqwest::Client) -> RequestBuilder,
+    ) -> Result<Response, PortError> {
+        match self.run::<(), NoCheck, _>(call, &build, None).await? {
+            Checked::Response(response) => Ok(response),
+            Checked::AlreadyApplied(()) => unreachable!("no check was given"),
+        }
+    }
+
+    /// Like [`RetryingClient::send_with`] for a request that is not
+    /// idempotent but whose effect can be looked for: after an attempt whose
+    /// outcome is unknown (timeout, dropped connection, 408/5xx), `check` is
+    /// called (after the backoff delay, so the server had time to finish);
+    /// `Some(t)` means the request took effect → [`Checked::AlreadyApplied`],
+    /// `None` means it did not → it is sent again (within `max_retries`).
+    /// The check also runs after the last attempt, so an effect is never
+    /// reported as a failure.
+    pub async fn send_checked<T, F, Fut>(
+        &self,
+        call: &Call<'_>,
+        build: impl Fn(&reqwest::Client) -> RequestBuilder,
+        check: F,
+    ) -> Result<Checked<T>, PortError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<Option<T>, PortError>>,
+    {
+        self.run(call, &build, Some(&check)).await
+    }
+
+    async fn run<T, F, Fut>(
+        &self,
+        call: &Call<'_>,
+        build: &impl Fn(&reqwest::Client) -> RequestBuilder,
+        check: Option<&F>,
+    ) -> Result<Checked<T>, PortError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<Option<T>, PortError>>,
+    {
+        let what = call.what;
         let mut attempt: u32 = 0;
         loop {
-            let result = build(&self.client).send().await;
-            let wait = match &result {
-                Ok(response) if !is_retryable_status(response.status()) => {
-                    return Ok(result.expect("checked Ok"))
-                }
-                Ok(response) => server_requested_wait(response),
-                Err(e) if is_retryable_transport(e) => None,
-                Err(e) => return Err(PortError::Transient(describe_transport(what, e))),
+            let request = match build(&self.client).build() {
+                Ok(request) => request,
+                Err(e) => return Err(PortError::Transient(describe_transport(call, None, &e))),
             };
-            if attempt >= self.policy.max_retries {
+            let method = request.method().clone();
+            let url = request.url().clone();
+            let shown = display_url(&url, call.url);
+            let result = self.client.execute(request).await;
+            let (failure, server_wait) = match &result {
+                Ok(response) if is_rate_limited(response) => {
+                    (Failure::Refused, server_requested_wait(response))
+                }
+                Ok(response) if is_retryable_status(response.status()) => {
+                    (Failure::Ambiguous, server_requested_wait(response))
+                }
+                Ok(_) => return Ok(Checked::Response(result.expect("checked Ok"))),
+                Err(e) if e.is_connect() => (Failure::Refused, None),
+                Err(e) if e.is_timeout() || e.is_request() => (Failure::Ambiguous, None),
+                Err(e) => {
+                    return Err(PortError::Transient(describe_transport(
+                        call,
+                        Some(&url),
+                        e,
+                    )))
+                }
+            };
+            let outcome = match &result {
+                Ok(response) => format!("HTTP {}", response.status()),
+                Err(e) => describe_transport(call, Some(&url), e),
+            };
+            let resendable = failure == Failure::Refused
+                || check.is_some()
+                || match call.replay {
+                    Replay::ByMethod => is_idempotent(&method),
+                    Replay::Idempotent => true,
+                    Replay::Never => false,
+                };
+            let checked = failure == Failure::Ambiguous && check.is_some();
+            if !resendable {
+                warn!(%what, %method, url = %shown, outcome = %outcome, "not resending: the request may already have taken effect");
                 return match result {
-                    Ok(response) => Ok(response),
-                    Err(e) => Err(PortError::Transient(format!(
-                        "{} (gave up after {} attempts)",
-                        describe_transport(what, &e),
+                    Ok(response) => Ok(Checked::Response(response)),
+                    Err(_) => Err(PortError::Transient(format!(
+                        "{outcome}; not resent: a {method} may already have taken effect"
+                    ))),
+                };
+            }
+            let too_long = server_wait.is_some_and(|w| w > self.policy.max_server_wait);
+            if attempt >= self.policy.max_retries || too_long {
+                if checked {
+                    if let Some(found) = self.look(call, &outcome, check).await? {
+                        return Ok(Checked::AlreadyApplied(found));
+                    }
+                }
+                return match result {
+                    Ok(response) => Ok(Checked::Response(response)),
+                    Err(_) => Err(PortError::Transient(format!(
+                        "{outcome} (gave up after {} attempts)",
                         attempt + 1
                     ))),
                 };
             }
-            if let Some(wait) = wait {
-                if wait > self.policy.max_server_wait {
-                    return match result {
-                        Ok(response) => Ok(response),
-                        Err(e) => Err(PortError::Transient(describe_transport(what, &e))),
-                    };
-                }
-            }
-            let delay = wait.unwrap_or_else(|| self.backoff(attempt));
-            match &result {
-                Ok(r) => {
-                    warn!(%what, status = %r.status(), attempt = attempt + 1, delay_ms = delay.as_millis() as u64, "retrying HTTP request")
-                }
-                Err(e) => {
-                    warn!(%what, error = %describe_transport(what, e), attempt = attempt + 1, delay_ms = delay.as_millis() as u64, "retrying HTTP request")
-                }
-            }
+            let delay = server_wait.unwrap_or_else(|| self.backoff(attempt));
+            warn!(
+                %what,
+                %method,
+                url = %shown,
+                outcome = %outcome,
+                attempt = attempt + 1,
+                delay_ms = delay.as_millis() as u64,
+                "retrying HTTP request"
+            );
+            drop(result);
             tokio::time::sleep(delay).await;
+            if checked {
+                if let Some(found) = self.look(call, &outcome, check).await? {
+                    return Ok(Checked::AlreadyApplied(found));
+                }
+            }
             attempt += 1;
         }
+    }
+
+    /// Run the caller's "did it take effect?" check.
+    async fn look<T, F, Fut>(
+        &self,
+        call: &Call<'_>,
+        outcome: &str,
+        check: Option<&F>,
+    ) -> Result<Option<T>, PortError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<Option<T>, PortError>>,
+    {
+        let Some(check) = check else {
+            return Ok(None);
+        };
+        let found = check().await.map_err(|e| {
+            PortError::Transient(format!(
+                "{outcome}; checking whether it took effect failed: {e}"
+            ))
+        })?;
+        if found.is_some() {
+            warn!(what = %call.what, outcome = %outcome, "the request's answer was lost but it took effect: not resending");
+        }
+        Ok(found)
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
@@ -155,6 +391,14 @@ impl RetryingClient {
     }
 }
 
+/// GET, HEAD, OPTIONS, TRACE, PUT and DELETE (RFC 9110 §9.2.2).
+pub fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
 /// 408, 429 and 5xx are worth retrying.
 pub fn is_retryable_status(status: StatusCode) -> bool {
     status == StatusCode::REQUEST_TIMEOUT
@@ -162,47 +406,129 @@ pub fn is_retryable_status(status: StatusCode) -> bool {
         || status.is_server_error()
 }
 
-fn is_retryable_transport(error: &reqwest::Error) -> bool {
-    error.is_connect() || error.is_timeout() || error.is_request()
+/// A rate-limit refusal: 429, or a 403 carrying `Retry-After` or
+/// `x-ratelimit-remaining: 0` (GitHub's primary and secondary limits). Such a
+/// request did not take effect, so it may be retried whatever its method.
+/// A 403 without those headers is a permission error.
+pub fn is_rate_limited(response: &Response) -> bool {
+    rate_limited(response.status(), response.headers())
 }
 
-fn describe_transport(what: &str, error: &reqwest::Error) -> String {
-    // reqwest's Display includes the URL, which never carries our secrets
-    // (tokens go in headers), but strip query strings defensively.
+fn rate_limited(status: StatusCode, headers: &HeaderMap) -> bool {
+    match status {
+        StatusCode::TOO_MANY_REQUESTS => true,
+        StatusCode::FORBIDDEN => {
+            headers.contains_key(reqwest::header::RETRY_AFTER)
+                || header_u64(headers, "x-ratelimit-remaining") == Some(0)
+        }
+        _ => false,
+    }
+}
+
+fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+}
+
+/// How `url` may appear in a log line or an error: never its query string
+/// nor user info; only its origin when `display` says it is secret.
+pub fn display_url(url: &Url, display: UrlDisplay) -> String {
+    let origin = url.origin().ascii_serialization();
+    match display {
+        UrlDisplay::OriginOnly => origin,
+        UrlDisplay::Path => {
+            if url.cannot_be_a_base() {
+                // `mailto:`-like URLs have no origin worth showing.
+                return format!("{}:…", url.scheme());
+            }
+            format!("{origin}{}", url.path())
+        }
+    }
+}
+
+/// Replace every form of `url` that must not be shown in `text`: the full
+/// URL, its query, and (when secret) its path.
+fn scrub(text: &str, url: &Url, display: UrlDisplay) -> String {
+    let mut out = text.replace(url.as_str(), &display_url(url, display));
+    if let Some(query) = url.query().filter(|q| !q.is_empty()) {
+        out = out.replace(query, "***");
+    }
+    if display == UrlDisplay::OriginOnly && url.path().len() > 1 {
+        out = out.replace(url.path(), "/***");
+    }
+    if let Some(password) = url.password().filter(|p| !p.is_empty()) {
+        out = out.replace(password, "***");
+    }
+    out
+}
+
+/// "`what`: timed out (https://host/path): cause", with the URL shown as
+/// `call` allows and the cause scrubbed of any form of it.
+fn describe_transport(
+    call: &Call<'_>,
+    request_url: Option<&Url>,
+    error: &reqwest::Error,
+) -> String {
     let kind = if error.is_timeout() {
         "timed out"
     } else if error.is_connect() {
         "connection failed"
+    } else if error.is_builder() {
+        "invalid request"
     } else {
         "request failed"
     };
-    let url = error
-        .url()
-        .map(|u| {
-            let mut u = u.clone();
-            u.set_query(None);
-            let _ = u.set_password(None);
-            format!(" ({u})")
-        })
+    // reqwest's own `Display` includes the full URL: never use it. The
+    // innermost cause ("Connection refused (os error 111)") is what helps.
+    let mut cause = None;
+    let mut source = error.source();
+    while let Some(inner) = source {
+        cause = Some(inner.to_string());
+        source = inner.source();
+    }
+    let urls: Vec<&Url> = request_url.into_iter().chain(error.url()).collect();
+    let mut cause = cause.unwrap_or_default();
+    for url in &urls {
+        cause = scrub(&cause, url, call.url);
+    }
+    let shown = urls
+        .first()
+        .map(|u| format!(" ({})", display_url(u, call.url)))
         .unwrap_or_default();
-    format!("{what}: {kind}{url}")
+    if cause.is_empty() {
+        format!("{}: {kind}{shown}", call.what)
+    } else {
+        format!("{}: {kind}{shown}: {cause}", call.what)
+    }
 }
 
 /// Server-requested wait: the Hub's `RateLimit: "api";r=0;t=N` (wait N+1 s),
 /// else `Retry-After` in integer seconds (HTTP-dates are ignored, as the
-/// Python client does).
+/// Python client does), else GitHub's `x-ratelimit-remaining: 0` with
+/// `x-ratelimit-reset` (UTC epoch seconds; wait until then + 1 s).
 pub fn server_requested_wait(response: &Response) -> Option<Duration> {
-    let headers = response.headers();
+    wait_from_headers(response.headers(), SystemTime::now())
+}
+
+fn wait_from_headers(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     if let Some(rate) = headers.get("ratelimit").and_then(|v| v.to_str().ok()) {
         if let Some(wait) = parse_ratelimit_reset(rate) {
             return Some(wait);
         }
     }
-    headers
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs)
+    if let Some(seconds) = header_u64(headers, reqwest::header::RETRY_AFTER.as_str()) {
+        return Some(Duration::from_secs(seconds));
+    }
+    if header_u64(headers, "x-ratelimit-remaining") == Some(0) {
+        if let Some(reset) = header_u64(headers, "x-ratelimit-reset") {
+            let reset = UNIX_EPOCH + Duration::from_secs(reset);
+            let until = reset.duration_since(now).unwrap_or(Duration::ZERO);
+            return Some(until + Duration::from_secs(1));
+        }
+    }
+    None
 }
 
 /// Parse `"api";r=0;t=55` → 56 s when the remaining quota `r` is 0.
@@ -223,13 +549,40 @@ pub fn parse_ratelimit_reset(header: &str) -> Option<Duration> {
     }
 }
 
+/// " (retry after 120s)" / " (quota resets at 2026-…Z)" for a rate-limit
+/// refusal, from its headers.
+fn rate_limit_detail(headers: &HeaderMap) -> String {
+    if let Some(seconds) = header_u64(headers, reqwest::header::RETRY_AFTER.as_str()) {
+        return format!(" (retry after {seconds}s)");
+    }
+    if header_u64(headers, "x-ratelimit-remaining") == Some(0) {
+        if let Some(at) = header_u64(headers, "x-ratelimit-reset")
+            .and_then(|r| i64::try_from(r).ok())
+            .and_then(|r| chrono::DateTime::from_timestamp(r, 0))
+        {
+            let resource = headers
+                .get("x-ratelimit-resource")
+                .and_then(|v| v.to_str().ok())
+                .map(|r| format!(" `{r}`"))
+                .unwrap_or_default();
+            return format!(
+                " (quota{resource} resets at {})",
+                at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            );
+        }
+    }
+    String::new()
+}
+
 /// Map a non-success response to a `PortError` that names `what` and, for
-/// 401/403, the permission that is likely missing. The body is included only
-/// as a short excerpt (servers do not echo our Authorization header).
+/// 401/403, the permission that is likely missing. A rate-limit refusal
+/// (see [`is_rate_limited`], or a 403 whose message says "rate limit") is
+/// `Transient`, never a permission error. The body is included only as a
+/// short excerpt (servers do not echo our Authorization header).
 pub async fn error_for_status(what: &str, permission_hint: &str, response: Response) -> PortError {
     let status = response.status();
-    let error_code = response
-        .headers()
+    let headers = response.headers().clone();
+    let error_code = headers
         .get("x-error-code")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
@@ -239,6 +592,14 @@ pub async fn error_for_status(what: &str, permission_hint: &str, response: Respo
         Some(code) => format!(" [{code}]"),
         None => String::new(),
     };
+    let rate_limit_message =
+        status == StatusCode::FORBIDDEN && body.to_ascii_lowercase().contains("rate limit");
+    if rate_limited(status, &headers) || rate_limit_message {
+        return PortError::Transient(format!(
+            "{what}: HTTP {status}{detail}: rate limited{}; try again later: {excerpt}",
+            rate_limit_detail(&headers)
+        ));
+    }
     match status {
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => PortError::Denied(format!(
             "{what}: HTTP {status}{detail}: access denied; {permission_hint}"
@@ -246,9 +607,9 @@ pub async fn error_for_status(what: &str, permission_hint: &str, response: Respo
         StatusCode::NOT_FOUND => PortError::NotFound(format!(
             "{what}: HTTP 404{detail}: not found (check the name, and that the token can see it if it is private)"
         )),
-        s if is_retryable_status(s) => PortError::Transient(format!(
-            "{what}: HTTP {status}{detail} after retries: {excerpt}"
-        )),
+        s if is_retryable_status(s) => {
+            PortError::Transient(format!("{what}: HTTP {status}{detail}: {excerpt}"))
+        }
         _ => PortError::Failed(format!("{what}: HTTP {status}{detail}: {excerpt}")),
     }
 }
@@ -345,5 +706,365 @@ mod tests {
         let response = client.send("x", |c| c.get(&url)).await.unwrap();
         assert_eq!(response.status(), 429);
         assert_eq!(server.received_requests().await.unwrap().len(), 1);
+    }
+
+    fn fast(max_retries: u32) -> HttpPolicy {
+        HttpPolicy {
+            max_retries,
+            timeout: Duration::from_millis(400),
+            ..HttpPolicy::fast_for_tests()
+        }
+    }
+
+    async fn count(server: &wiremock::MockServer) -> usize {
+        server.received_requests().await.unwrap().len()
+    }
+
+    #[tokio::test]
+    async fn post_is_not_resent_after_an_unknown_outcome() {
+        use wiremock::matchers::method;
+        use wiremock::{Mock, MockServer, ResponseTemplate};
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(503))
+            .mount(&server)
+            .await;
+        let client = RetryingClient::new(fast(3)).unwrap();
+        let url = server.uri();
+        for replay in [Replay::ByMethod, Replay::Never] {
+            let response = client
+                .send_with(&Call::new("hook", replay), |c| c.post(&url))
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 503);
+        }
+        assert_eq!(count(&server).await, 2, "one attempt each");
+
+        // A timeout: the error says it was not resent.
+        let slow = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(2)))
+            .mount(&slow)
+            .await;
+        let url = slow.uri();
+        let err = client
+            .send_with(&Call::new("hook", Replay::ByMethod), |c| c.post(&url))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, PortError::Transient(_)), "{err:?}");
+        assert!(err.to_string().contains("timed out"), "{err}");
+        assert!(err.to_string().contains("not resent"), "{err}");
+        assert_eq!(count(&slow).await, 1);
+    }
+
+    #[tokio::test]
+    async fn idempotent_methods_and_vouched_posts_are_resent() {
+        use wiremock::matchers::method;
+        use wiremock::{Mock, MockServer, ResponseTemplate};
+        let server = MockServer::start().await;
+        Mock::given(wiremock::matchers::any())
+            .respond_with(ResponseTemplate::new(502))
+            .mount(&server)
+            .await;
+        let client = RetryingClient::new(fast(2)).unwrap();
+        let url = server.uri();
+        for m in [Method::GET, Method::PUT, Method::DELETE, Method::HEAD] {
+            server.reset().await;
+            Mock::given(method(m.as_str()))
+                .respond_with(ResponseTemplate::new(502))
+                .mount(&server)
+                .await;
+            let response = client
+                .send_with(&Call::new("x", Replay::ByMethod), |c| {
+                    c.request(m.clone(), &url)
+                })
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 502);
+            assert_eq!(count(&server).await, 3, "{m}: 1 + 2 retries");
+        }
+        for m in [Method::POST, Method::PATCH] {
+            server.reset().await;
+            Mock::given(method(m.as_str()))
+                .respond_with(ResponseTemplate::new(502))
+                .mount(&server)
+                .await;
+            client
+                .send_with(&Call::new("x", Replay::Idempotent), |c| {
+                    c.request(m.clone(), &url)
+                })
+                .await
+                .unwrap();
+            assert_eq!(count(&server).await, 3, "{m} vouched idempotent");
+            server.reset().await;
+            Mock::given(method(m.as_str()))
+                .respond_with(ResponseTemplate::new(502))
+                .mount(&server)
+                .await;
+            client
+                .send_with(&Call::new("x", Replay::ByMethod), |c| {
+                    c.request(m.clone(), &url)
+                })
+                .await
+                .unwrap();
+            assert_eq!(count(&server).await, 1, "{m} by method: never resent");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_rate_limit_refusal_is_retried_even_for_a_post() {
+        use wiremock::matchers::method;
+        use wiremock::{Mock, MockServer, ResponseTemplate};
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(429).insert_header("retry-after", "1"))
+            .up_to_n_times(1)
+            .mount(&server)
+            .await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(201))
+            .mount(&server)
+            .await;
+        let client = RetryingClient::new(fast(3)).unwrap();
+        let url = server.uri();
+        let started = std::time::Instant::now();
+        let response = client
+            .send_with(&Call::new("x", Replay::Never), |c| c.post(&url))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        assert!(started.elapsed() >= Duration::from_millis(900));
+        assert_eq!(count(&server).await, 2);
+    }
+
+    #[tokio::test]
+    async fn github_403_with_remaining_0_waits_until_the_reset() {
+        use wiremock::matchers::method;
+        use wiremock::{Mock, MockServer, ResponseTemplate};
+        let server = MockServer::start().await;
+        let reset = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 1;
+        Mock::given(method("GET"))
+            .respond_with(
+                ResponseTemplate::new(403)
+                    .insert_header("x-ratelimit-limit", "5000")
+                    .insert_header("x-ratelimit-remaining", "0")
+                    .insert_header("x-ratelimit-used", "5000")
+                    .insert_header("x-ratelimit-reset", reset.to_string().as_str())
+                    .insert_header("x-ratelimit-resource", "core")
+                    .set_body_string(r#"{"message":"API rate limit exceeded for user ID 1.","documentation_url":"https://docs.github.com/rest/overview/rate-limits-for-the-rest-api"}"#),
+            )
+            .up_to_n_times(1)
+            .mount(&server)
+            .await;
+        Mock::given(method("GET"))
+            .respond_with(ResponseTemplate::new(200))
+            .mount(&server)
+            .await;
+        let client = RetryingClient::new(fast(3)).unwrap();
+        let url = server.uri();
+        let started = std::time::Instant::now();
+        let response = client
+            .send_with(&Call::new("x", Replay::ByMethod), |c| c.get(&url))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(started.elapsed() >= Duration::from_millis(900));
+        assert_eq!(count(&server).await, 2);
+    }
+
+    #[tokio::test]
+    async fn a_403_without_rate_limit_headers_is_denied_at_once() {
+        use wiremock::matchers::method;
+        use wiremock::{Mock, MockServer, ResponseTemplate};
+        let server = MockServer::start().await;
+        Mock::given(method("GET"))
+            .respond_with(
+                ResponseTemplate::new(403)
+                    .insert_header("x-ratelimit-remaining", "4999")
+                    .set_body_string(r#"{"message":"Resource not accessible by integration"}"#),
+            )
+            .mount(&server)
+            .await;
+        let client = RetryingClient::new(fast(3)).unwrap();
+        let url = server.uri();
+        let response = client
+            .send_with(&Call::new("x", Replay::ByMethod), |c| c.get(&url))
+            .await
+            .unwrap();
+        let err = error_for_status("repo a/b", "needs `issues: write`", response).await;
+        assert!(matches!(err, PortError::Denied(_)), "{err:?}");
+        assert!(err.to_string().contains("issues: write"), "{err}");
+        assert_eq!(count(&server).await, 1);
+    }
+
+    #[tokio::test]
+    async fn a_rate_limit_too_long_to_wait_is_transient_naming_the_reset() {
+        use wiremock::matchers::method;
+        use wiremock::{Mock, MockServer, ResponseTemplate};
+        let server = MockServer::start().await;
+        Mock::given(method("GET"))
+            .respond_with(
+                ResponseTemplate::new(403)
+                    .insert_header("x-ratelimit-remaining", "0")
+                    .insert_header("x-ratelimit-reset", "4102444800")
+                    .insert_header("x-ratelimit-resource", "core"),
+            )
+            .mount(&server)
+            .await;
+        let client = RetryingClient::new(fast(3)).unwrap();
+        let url = server.uri();
+        let response = client
+            .send_with(&Call::new("x", Replay::ByMethod), |c| c.get(&url))
+            .await
+            .unwrap();
+        let err = error_for_status("repo a/b", "needs `issues: write`", response).await;
+        assert!(matches!(err, PortError::Transient(_)), "{err:?}");
+        assert!(
+            err.to_string()
+                .contains("quota `core` resets at 2100-01-01T00:00:00Z"),
+            "{err}"
+        );
+        assert_eq!(count(&server).await, 1);
+    }
+
+    #[test]
+    fn waits_from_github_headers() {
+        use reqwest::header::{HeaderMap, HeaderValue};
+        let now = UNIX_EPOCH + Duration::from_secs(1_000);
+        let mut h = HeaderMap::new();
+        h.insert("x-ratelimit-remaining", HeaderValue::from_static("0"));
+        h.insert("x-ratelimit-reset", HeaderValue::from_static("1010"));
+        assert_eq!(wait_from_headers(&h, now), Some(Duration::from_secs(11)));
+        // A reset already past: one second, not zero, not an error.
+        h.insert("x-ratelimit-reset", HeaderValue::from_static("990"));
+        assert_eq!(wait_from_headers(&h, now), Some(Duration::from_secs(1)));
+        // `retry-after` wins; remaining > 0 means no wait.
+        h.insert("retry-after", HeaderValue::from_static("7"));
+        assert_eq!(wait_from_headers(&h, now), Some(Duration::from_secs(7)));
+        h.remove("retry-after");
+        h.insert("x-ratelimit-remaining", HeaderValue::from_static("3"));
+        assert_eq!(wait_from_headers(&h, now), None);
+        assert!(!rate_limited(StatusCode::FORBIDDEN, &h));
+        h.insert("x-ratelimit-remaining", HeaderValue::from_static("0"));
+        assert!(rate_limited(StatusCode::FORBIDDEN, &h));
+        assert!(rate_limited(
+            StatusCode::TOO_MANY_REQUESTS,
+            &HeaderMap::new()
+        ));
+        assert!(!rate_limited(StatusCode::FORBIDDEN, &HeaderMap::new()));
+    }
+
+    #[test]
+    fn urls_are_shown_without_query_or_secret_path() {
+        let url = Url::parse(
+            "https://user:pw@bucket.s3.example.com:8443/key/x.json?X-Amz-Signature=abc&token=t0k",
+        )
+        .unwrap();
+        assert_eq!(
+            display_url(&url, UrlDisplay::Path),
+            "https://bucket.s3.example.com:8443/key/x.json"
+        );
+        assert_eq!(
+            display_url(&url, UrlDisplay::OriginOnly),
+            "https://bucket.s3.example.com:8443"
+        );
+        let text = format!("error sending request for url ({url}): X-Amz-Signature=abc&token=t0k");
+        for display in [UrlDisplay::Path, UrlDisplay::OriginOnly] {
+            let clean = scrub(&text, &url, display);
+            assert!(!clean.contains("t0k") && !clean.contains("abc"), "{clean}");
+            assert!(!clean.contains("pw@"), "{clean}");
+        }
+        let clean = scrub(&text, &url, UrlDisplay::OriginOnly);
+        assert!(!clean.contains("/key/x.json"), "{clean}");
+    }
+
+    #[tokio::test]
+    async fn secret_urls_show_only_their_origin_in_transport_errors() {
+        // Nothing listens on port 9 (discard): connection refused, retried.
+        let client = RetryingClient::new(fast(1)).unwrap();
+        let url = "http://127.0.0.1:9/services/T0/B0/SECRETPATH?token=SECRETQUERY";
+        let err = client
+            .send_with(
+                &Call::new("webhook 127.0.0.1", Replay::ByMethod).secret_url(),
+                |c| c.post(url),
+            )
+            .await
+            .unwrap_err();
+        let text = format!("{err} {err:?}");
+        assert!(text.contains("http://127.0.0.1:9"), "{text}");
+        assert!(
+            text.contains("gave up after 2 attempts"),
+            "refused: retried: {text}"
+        );
+        assert!(!text.contains("SECRET"), "{text}");
+        // Not secret: the path is shown, never the query.
+        let err = client
+            .send_with(&Call::new("object", Replay::ByMethod), |c| c.get(url))
+            .await
+            .unwrap_err();
+        let text = format!("{err} {err:?}");
+        assert!(text.contains("/services/T0/B0/SECRETPATH"), "{text}");
+        assert!(!text.contains("SECRETQUERY"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_checked_post_whose_answer_was_lost_is_adopted_not_resent() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use wiremock::matchers::method;
+        use wiremock::{Mock, MockServer, ResponseTemplate};
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(201).set_delay(Duration::from_secs(2)))
+            .mount(&server)
+            .await;
+        let client = RetryingClient::new(fast(3)).unwrap();
+        let url = server.uri();
+        let checks = AtomicUsize::new(0);
+        let outcome = client
+            .send_checked(
+                &Call::new("comment", Replay::ByMethod),
+                |c| c.post(&url),
+                || {
+                    checks.fetch_add(1, Ordering::SeqCst);
+                    async { Ok::<_, PortError>(Some(42u64)) }
+                },
+            )
+            .await
+            .unwrap();
+        assert!(
+            matches!(outcome, Checked::AlreadyApplied(42)),
+            "{outcome:?}"
+        );
+        assert_eq!(checks.load(Ordering::SeqCst), 1);
+        assert_eq!(count(&server).await, 1);
+
+        // The check finds nothing: sent again, until an answer arrives.
+        server.reset().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(502))
+            .up_to_n_times(1)
+            .mount(&server)
+            .await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(201))
+            .mount(&server)
+            .await;
+        let outcome = client
+            .send_checked(
+                &Call::new("comment", Replay::ByMethod),
+                |c| c.post(&url),
+                || async { Ok::<Option<u64>, PortError>(None) },
+            )
+            .await
+            .unwrap();
+        match outcome {
+            Checked::Response(r) => assert_eq!(r.status(), 201),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(count(&server).await, 2);
     }
 }

@@ -2,7 +2,15 @@
 //! Slack incoming-webhook message `{"text": <markdown>}`.
 //!
 //! Webhook URLs are credentials (a Slack URL's path *is* its secret), so the
-//! URL is kept in a `SecretString` and errors name only its host.
+//! URL is kept in a `SecretString`, every request is marked
+//! [`Call::secret_url`] (the shared client's log lines and errors show only
+//! scheme, host and port), and this module's own errors name only the host.
+//!
+//! A message is not idempotent (Slack and most receivers have no idempotency
+//! key), so a POST whose outcome is unknown (timeout, dropped connection,
+//! 5xx) is **not** resent: a missed notification is better than a duplicate
+//! one. Refusals that provably did not deliver (connection refused, 429) are
+//! retried per the policy.
 
 use std::fmt;
 
@@ -15,7 +23,7 @@ use url::Url;
 
 use crate::error::AdapterError;
 use crate::github::NotifyOn;
-use crate::http::{is_retryable_status, HttpPolicy, RetryingClient};
+use crate::http::{is_rate_limited, is_retryable_status, Call, HttpPolicy, Replay, RetryingClient};
 
 /// Body format of the webhook.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -82,19 +90,28 @@ impl WebhookNotifier {
         })
     }
 
-    /// Strip the secret URL from a transport error message.
+    /// Defence in depth: strip any form of the secret URL from an error
+    /// message (the shared client already shows only its origin).
     fn redact(&self, error: PortError) -> PortError {
         let secret = self.url.expose_secret();
-        let path = Url::parse(secret)
+        let parsed = Url::parse(secret).ok();
+        let path = parsed
+            .as_ref()
             .map(|u| u.path().to_owned())
             .unwrap_or_default();
+        let query = parsed
+            .as_ref()
+            .and_then(|u| u.query().map(str::to_owned))
+            .unwrap_or_default();
         let clean = |m: &str| {
-            let m = m.replace(secret, &format!("https://{}/***", self.host));
+            let mut m = m.replace(secret, &format!("https://{}/***", self.host));
             if path.len() > 1 {
-                m.replace(&path, "/***")
-            } else {
-                m
+                m = m.replace(&path, "/***");
             }
+            if !query.is_empty() {
+                m = m.replace(&query, "***");
+            }
+            m
         };
         match error {
             PortError::Transient(m) => PortError::Transient(clean(&m)),
@@ -120,14 +137,21 @@ impl Notifier for WebhookNotifier {
         };
         let what = format!("webhook {}", self.host);
         let url = self.url.expose_secret();
+        // POST: not resent after an unknown outcome (`Replay::ByMethod`).
+        let call = Call::new(&what, Replay::ByMethod).secret_url();
         let response = self
             .http
-            .send(&what, |c| c.post(url).json(&body))
+            .send_with(&call, |c| c.post(url).json(&body))
             .await
             .map_err(|e| self.redact(e))?;
         let status = response.status();
         if status.is_success() {
             return Ok(());
+        }
+        if is_rate_limited(&response) {
+            return Err(PortError::Transient(format!(
+                "{what}: HTTP {status}: rate limited; try again later"
+            )));
         }
         Err(match status.as_u16() {
             401 | 403 => PortError::Denied(format!(
@@ -136,9 +160,9 @@ impl Notifier for WebhookNotifier {
             404 | 410 => PortError::NotFound(format!(
                 "{what}: HTTP {status}: the webhook no longer exists"
             )),
-            _ if is_retryable_status(status) => {
-                PortError::Transient(format!("{what}: HTTP {status} after retries"))
-            }
+            _ if is_retryable_status(status) => PortError::Transient(format!(
+                "{what}: HTTP {status} (not resent: the message may have been delivered)"
+            )),
             _ => PortError::Failed(format!("{what}: HTTP {status}")),
         })
     }

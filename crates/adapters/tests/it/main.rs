@@ -16,4 +16,5 @@ mod pg;
 mod s3;
 #[allow(dead_code, unused_imports)]
 mod store_fixtures;
+mod webhook;
 // mod store_contract; // re-enabled with the fenced stores
