@@ -9,6 +9,12 @@ use retrain_core::machine::Outcome;
 use retrain_core::report::{CycleReport, LabelReport, LabelStatus};
 
 pub fn detail(report: &LabelReport) -> String {
+    // A run that stopped before its end says why, whatever outcome it had.
+    if matches!(report.status, LabelStatus::Deferred | LabelStatus::LockLost) {
+        if let Some(error) = &report.error {
+            return error.clone();
+        }
+    }
     match &report.outcome {
         Some(Outcome::Skipped { reason, .. }) => reason.clone(),
         Some(Outcome::Planned { would, .. }) => format!("would {would}"),
@@ -159,8 +165,13 @@ pub fn github_actions(report: &CycleReport) -> anyhow::Result<()> {
         println!("::endgroup::");
         let message = escape_data(&format!("{}: {}", label.label, detail(label)));
         match label.status {
-            LabelStatus::Failed => println!("::error title=retrain {}::{message}", label.label),
-            LabelStatus::Rejected | LabelStatus::Busy | LabelStatus::Interrupted => {
+            LabelStatus::Failed | LabelStatus::LockLost => {
+                println!("::error title=retrain {}::{message}", label.label)
+            }
+            LabelStatus::Rejected
+            | LabelStatus::Busy
+            | LabelStatus::Interrupted
+            | LabelStatus::Deferred => {
                 println!("::warning title=retrain {}::{message}", label.label)
             }
             _ => {}
