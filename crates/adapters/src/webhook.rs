@@ -8,9 +8,13 @@
 //!
 //! A message is not idempotent (Slack and most receivers have no idempotency
 //! key), so a POST whose outcome is unknown (timeout, dropped connection,
-//! 5xx) is **not** resent: a missed notification is better than a duplicate
-//! one. Refusals that provably did not deliver (connection refused, 429) are
-//! retried per the policy.
+//! 5xx) is **not** resent by this call: a missed notification is better than
+//! a duplicate one. Refusals that provably did not deliver (connection
+//! refused, 429) are retried per the policy. The engine retries a transient
+//! failure at the next cycle and may repeat a delivery after a crash between
+//! sending and journaling it, so every request carries the header
+//! `Idempotency-Key: <run_id>`: receivers that can deduplicate see one
+//! delivery per run.
 
 use std::fmt;
 
@@ -141,7 +145,13 @@ impl Notifier for WebhookNotifier {
         let call = Call::new(&what, Replay::ByMethod).secret_url();
         let response = self
             .http
-            .send_with(&call, |c| c.post(url).json(&body))
+            .send_with(&call, |c| {
+                let request = c.post(url).json(&body);
+                match &report.run_id {
+                    Some(run_id) => request.header("Idempotency-Key", run_id.as_str()),
+                    None => request,
+                }
+            })
             .await
             .map_err(|e| self.redact(e))?;
         let status = response.status();
