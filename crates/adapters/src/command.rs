@@ -493,20 +493,23 @@ impl CommandTrainer {
 
     /// Wait until the job's leader exits: `Some(status)` for our own child,
     /// `None` for a process started by an earlier orchestrator (polled).
-    async fn wait_exit(&self, job: &JobHandle) -> Option<ExitStatus> {
+    /// The flag says whether the leader was seen alive (see `stop_orphans`).
+    async fn wait_exit(&self, job: &JobHandle) -> (Option<ExitStatus>, bool) {
         if let Some(child) = self.child((job.pid, job.start_time)) {
             let mut child = child.lock().await;
             match child.wait().await {
-                Ok(status) => return Some(status),
+                Ok(status) => return (Some(status), true),
                 Err(e) => {
                     warn!(pid = job.pid, error = %e, "waiting on the command failed; polling /proc")
                 }
             }
         }
+        let mut seen = false;
         while process_alive(job.pid, job.start_time) {
+            seen = true;
             tokio::time::sleep(POLL_EVERY).await;
         }
-        None
+        (None, seen)
     }
 
     async fn read_result(&self, job: &JobHandle) -> Result<Option<Candidate>, PortError> {
@@ -566,8 +569,8 @@ impl CommandTrainer {
 
     /// Wait for the leader, stop what it left behind, read the outcome.
     async fn run_to_outcome(&self, job: &JobHandle) -> Result<TrainingOutcome, PortError> {
-        let status = self.wait_exit(job).await;
-        stop_orphans(job, &job.trainer_marker()).await;
+        let (status, leader_seen) = self.wait_exit(job).await;
+        stop_orphans(job, &job.trainer_marker(), leader_seen).await;
         self.outcome(job, status).await
     }
 
@@ -1054,7 +1057,9 @@ impl SpaceController for CommandSpace {
                 }
             }
             Some(status) => {
-                stop_orphans(&prepare.job, &marker).await;
+                // Our own child was held unreaped until now: its group is ours.
+                let leader_seen = prepare.child.is_some();
+                stop_orphans(&prepare.job, &marker, leader_seen).await;
                 match status {
                     Some(status) if status.success() => SpaceStage::Stopped,
                     Some(status) => {

@@ -214,8 +214,20 @@ pub(super) async fn stop_job(job: &JobHandle, marker: &str) -> bool {
 
 /// After the leader exited: terminate whatever it left in its group
 /// (background children), so no orphan keeps running.
-pub(super) async fn stop_orphans(job: &JobHandle, marker: &str) {
-    if group_is_ours(job.pgid, marker) {
+///
+/// `leader_seen` says the leader was observed alive (our own child, held
+/// unreaped until it exited, or polled while running): its pgid was pinned
+/// by it and, after it, by its remaining members, so any member of the group
+/// now is the job's — even one that cleared its environment. Otherwise (the
+/// leader was already gone when we looked, perhaps days ago) the group must
+/// prove itself through `marker`.
+pub(super) async fn stop_orphans(job: &JobHandle, marker: &str, leader_seen: bool) {
+    let ours = if leader_seen {
+        signallable(job.pgid) && !group_members(job.pgid).is_empty()
+    } else {
+        group_is_ours(job.pgid, marker)
+    };
+    if ours {
         info!(
             pgid = job.pgid,
             "the job's main process exited; stopping what it left running"

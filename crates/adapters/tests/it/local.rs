@@ -528,8 +528,9 @@ async fn loop_until_lines_text(path: &Path, n: usize) -> Vec<String> {
 async fn background_children_are_stopped_when_the_main_process_exits() {
     let state = tempfile::tempdir().unwrap();
     let pidfile = state.path().join("child.pid");
+    // The child even clears its environment (no marker to recognise it by).
     let mut spec = sh(
-        r#"sleep 1000 & echo $! > "$PIDFILE"; printf '{"candidate":"c","metrics":{}}' > "$RETRAIN_RESULT""#,
+        r#"env -i "$(command -v sleep)" 1000 & echo $! > "$PIDFILE"; printf '{"candidate":"c","metrics":{}}' > "$RETRAIN_RESULT""#,
     );
     spec.env
         .insert("PIDFILE".into(), pidfile.to_string_lossy().into_owned());
