@@ -2,22 +2,44 @@
 //!
 //! Protocol (BRIEF §6 "Command trainer protocol"): the trainer command runs
 //! with `RETRAIN_LABEL`, `RETRAIN_RUN_ID`, `RETRAIN_ATTEMPT`,
-//! `RETRAIN_DATASET_NAME`, `RETRAIN_DATASET_VERSION` and `RETRAIN_RESULT` (a
-//! file path) and, under a lease, `RETRAIN_HOST`; it writes
-//! `{"candidate": "<id>", "metrics": {"dice": 0.81, ...}}` to
-//! `$RETRAIN_RESULT` and exits 0. Configured `env` values may contain
-//! `{public_ip}` (or any other lease attribute in braces), substituted from the
-//! lease, so `MLFLOW_TRACKING_URI = "http://{public_ip}:5000"` works.
+//! `RETRAIN_JOB_KEY`, `RETRAIN_DATASET_NAME`, `RETRAIN_DATASET_VERSION` and
+//! `RETRAIN_RESULT` (a file path) and, under a lease, `RETRAIN_HOST`; it
+//! writes `{"candidate": "<id>", "metrics": {"dice": 0.81, ...}}` to
+//! `$RETRAIN_RESULT` and exits 0 (Python's bare `NaN`/`Infinity` are read as
+//! such; see [`result`]). Configured `env` values may contain `{public_ip}`
+//! (or any other lease attribute in braces), substituted from the lease, so
+//! `MLFLOW_TRACKING_URI = "http://{public_ip}:5000"` works.
 //!
-//! Every job runs in its own process group so that cancelling it (timeout,
-//! Ctrl-C) also stops whatever it spawned, while a `kill -9` of the
-//! orchestrator leaves it running: the journaled [`TrainingHandle`] carries the
-//! pid, its kernel start time (to tell a reused pid apart) and the result path,
-//! so a new orchestrator process can await it ([`CommandTrainer::wait`]).
+//! **Idempotent for the job key.** Each job has a record
+//! `<state_dir>/jobs/<key>.job.json` (trainer: the key's file stem; prepare
+//! job: one record per command, holding the intent it last ran for). A start
+//! whose key already has a record adopts that job — running, finished with a
+//! result, or gone without one (then `wait` reports it `Lost`) — and never
+//! spawns a second process for the key. The record is written twice, each
+//! time atomically: a *claim* before the spawn and the pid + kernel start time
+//! right after it. **Crash window:** an orchestrator killed between the spawn
+//! and the second write leaves a claim without a pid; the next start then
+//! looks for the job by its environment (`/proc/<pid>/environ` holds
+//! `RETRAIN_RESULT=<path>` / `RETRAIN_JOB_KEY=<key>`) and adopts it, or, if it
+//! already exited, adopts its result file. Only a job that died inside that
+//! window *without* a result cannot be told from one never started, and is
+//! started (once more).
 //!
-//! Output (stdout and stderr) goes to `<state_dir>/jobs/<run_id>-<attempt>.log`;
-//! errors quote its last lines. Env values may hold secrets: they are never
-//! logged, described or put in an error message (only their names are).
+//! **Process groups.** Every job runs in its own process group so that
+//! cancelling it (timeout, Ctrl-C) also stops whatever it spawned, while a
+//! `kill -9` of the orchestrator leaves it running: the journaled
+//! [`TrainingHandle`] carries the pid, its kernel start time (to tell a reused
+//! pid apart) and the result path, so a new orchestrator process can await it
+//! ([`CommandTrainer::wait`]). When the main process exits, the rest of its
+//! group (background children it left) is terminated — SIGTERM, then SIGKILL
+//! after a short grace — so no orphan keeps running. Signals go through
+//! `killpg` (`nix`), never `/bin/kill`, and only to a group proven to be the
+//! job's ([`process`]). A child that leaves the group (`setsid`) escapes this.
+//!
+//! **Output.** stdout and stderr go to `<state_dir>/jobs/<key>.log`; errors
+//! quote its last lines after the [`Scrubber`] replaced every secret value by
+//! `***`. Env values may hold secrets: they are never logged, described or
+//! put in an error message (only their names are).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -30,9 +52,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use retrain_core::domain::{
-    Candidate, JobKey, Lease, Metrics, SpaceStage, TrainingHandle, TrainingOutcome,
-};
+use retrain_core::domain::{Candidate, JobKey, Lease, SpaceStage, TrainingHandle, TrainingOutcome};
 use retrain_core::ports::{PortError, SpaceController, Trainer, TrainingRequest};
 use serde::{Deserialize, Serialize};
 use tokio::process::{Child, Command};
@@ -40,24 +60,32 @@ use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 
 use crate::error::AdapterError;
+use crate::scrub::Scrubber;
+
+mod process;
+mod result;
+
+use process::{
+    find_job, process_alive, read_record, stop_group, stop_job, stop_orphans, write_record,
+    JobRecord,
+};
 
 /// `TrainingHandle::kind` of the jobs this module starts.
 pub const HANDLE_KIND: &str = "command";
 
 /// How often a job started by an earlier process is polled through `/proc`.
 const POLL_EVERY: Duration = Duration::from_millis(500);
-/// Time between SIGTERM and SIGKILL when stopping a job's process group.
-const KILL_GRACE: Duration = Duration::from_secs(3);
 /// Lines of the job log quoted in errors.
 const TAIL_LINES: usize = 20;
 /// Bytes read from the end of the log to find those lines (logs can be huge).
 const TAIL_BYTES: u64 = 64 * 1024;
 
 /// Variables of the command protocol, set only by the adapter.
-const PROTOCOL_VARS: [&str; 8] = [
+const PROTOCOL_VARS: [&str; 9] = [
     "RETRAIN_LABEL",
     "RETRAIN_RUN_ID",
     "RETRAIN_ATTEMPT",
+    "RETRAIN_JOB_KEY",
     "RETRAIN_DATASET_NAME",
     "RETRAIN_DATASET_VERSION",
     "RETRAIN_RESULT",
@@ -197,94 +225,14 @@ fn render_env(
     Ok(out)
 }
 
-/// `/proc/<pid>/stat` facts used to recognise a process across restarts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct ProcStat {
-    state: char,
-    pgrp: i64,
-    start_time: u64,
-}
-
-impl ProcStat {
-    fn read(pid: u32) -> Option<Self> {
-        let raw = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        Self::parse(&raw)
+/// The file stem of a job key, safe inside `jobs/` (no leading dots).
+fn key_stem(key: &JobKey) -> String {
+    let stem = file_safe(&key.file_stem());
+    if stem.is_empty() {
+        "job".to_owned()
+    } else {
+        stem
     }
-
-    /// Field 2 (`comm`) may contain spaces and parentheses, so parse from the
-    /// last `)`: the rest starts at field 3 (state); pgrp is field 5 and
-    /// starttime field 22.
-    fn parse(raw: &str) -> Option<Self> {
-        let rest = &raw[raw.rfind(')')? + 1..];
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        Some(Self {
-            state: fields.first()?.chars().next()?,
-            pgrp: fields.get(2)?.parse().ok()?,
-            start_time: fields.get(19)?.parse().ok()?,
-        })
-    }
-
-    /// Zombies have exited; only their parent has not collected them yet.
-    fn is_running(&self) -> bool {
-        !matches!(self.state, 'Z' | 'X' | 'x')
-    }
-}
-
-/// Whether `pid` is still the process we started (same start time) and running.
-fn process_alive(pid: u32, start_time: Option<u64>) -> bool {
-    match ProcStat::read(pid) {
-        Some(stat) => stat.is_running() && start_time.is_none_or(|t| t == stat.start_time),
-        None => false,
-    }
-}
-
-/// Whether any non-zombie process is still in process group `pgid`.
-fn group_alive(pgid: u32) -> bool {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return false;
-    };
-    entries.flatten().any(|entry| {
-        entry
-            .file_name()
-            .to_str()
-            .and_then(|name| name.parse::<u32>().ok())
-            .and_then(ProcStat::read)
-            .is_some_and(|stat| stat.is_running() && stat.pgrp == i64::from(pgid))
-    })
-}
-
-/// Send `signal` to every process of group `pgid` with the `kill` utility
-/// (the workspace denies `unsafe`, so no `libc::kill`). "No such process" is
-/// fine: stopping a stopped group is a success.
-async fn signal_group(pgid: u32, signal: &str) {
-    let result = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg("--")
-        .arg(format!("-{pgid}"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .await;
-    if let Err(e) = result {
-        warn!(pgid, signal, error = %e, "could not run `kill`");
-    }
-}
-
-/// SIGTERM the group, give it [`KILL_GRACE`] to exit, then SIGKILL.
-async fn stop_group(pgid: u32) {
-    if !group_alive(pgid) {
-        return;
-    }
-    signal_group(pgid, "TERM").await;
-    let deadline = tokio::time::Instant::now() + KILL_GRACE;
-    while tokio::time::Instant::now() < deadline {
-        if !group_alive(pgid) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    signal_group(pgid, "KILL").await;
 }
 
 /// The last `n` non-empty lines of a job log (best effort: "" when unreadable).
@@ -311,6 +259,20 @@ fn describe_status(status: ExitStatus) -> String {
         (None, Some(signal)) => format!("killed by signal {signal}"),
         (None, None) => status.to_string(),
     }
+}
+
+/// `message` followed by the scrubbed tail of the job log.
+fn with_tail(message: String, log_path: &Path, scrubber: &Scrubber) -> String {
+    let tail = log_tail(log_path, TAIL_LINES);
+    let text = if tail.is_empty() {
+        format!("{message} (no output; log {})", log_path.display())
+    } else {
+        format!(
+            "{message}; last output lines (log {}):\n{tail}",
+            log_path.display()
+        )
+    };
+    scrubber.scrub(&text)
 }
 
 /// A process spawned in its own group, with its output going to `log_path`.
@@ -376,7 +338,7 @@ fn spawn(
         ))
     })?;
     // The child is not reaped until we wait on it, so its /proc entry exists.
-    let start_time = ProcStat::read(pid).map(|s| s.start_time);
+    let start_time = process::ProcStat::read(pid).map(|s| s.start_time);
     Ok(Spawned {
         child,
         pid,
@@ -384,9 +346,12 @@ fn spawn(
     })
 }
 
-/// What a command job's [`TrainingHandle::data`] holds (journaled).
+/// What a command job's [`TrainingHandle::data`] holds (journaled), and the
+/// `job` of its [`JobRecord`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct JobHandle {
+    /// The group leader; 0 when a job adopted from a crash window had
+    /// already exited (its result file is then all that is left).
     pid: u32,
     pgid: u32,
     /// `/proc/<pid>/stat` field 22 (clock ticks after boot); `None` where
@@ -395,6 +360,7 @@ struct JobHandle {
     /// Wall-clock start, so a timeout counts from the start even after a resume.
     #[serde(default)]
     started_at: Option<DateTime<Utc>>,
+    /// Empty for prepare jobs (they write no result).
     result_path: PathBuf,
     log_path: PathBuf,
     argv0: String,
@@ -412,73 +378,43 @@ impl JobHandle {
             PortError::InvalidResponse(format!("command training handle is malformed: {e}"))
         })
     }
-}
 
-/// The `RETRAIN_RESULT` file a trainer writes.
-#[derive(Debug, Deserialize)]
-struct ResultFile {
-    candidate: serde_json::Value,
-    #[serde(default)]
-    metrics: Option<serde_json::Value>,
-}
-
-/// Parse a result file; the error says what is wrong (the caller names the file).
-fn parse_result(bytes: &[u8]) -> Result<Candidate, String> {
-    let raw: ResultFile =
-        serde_json::from_slice(bytes).map_err(|e| format!("is not valid result JSON: {e}"))?;
-    let id = match raw.candidate {
-        serde_json::Value::String(s) if !s.trim().is_empty() => s,
-        serde_json::Value::String(_) => return Err("has an empty `candidate`".into()),
-        // A numeric run id is unambiguous; accept it as text.
-        serde_json::Value::Number(n) => n.to_string(),
-        _ => return Err("field `candidate` must be a string".into()),
-    };
-    let mut metrics = Metrics::new();
-    match raw.metrics {
-        None | Some(serde_json::Value::Null) => {}
-        Some(serde_json::Value::Object(map)) => {
-            for (name, value) in map {
-                match value.as_f64() {
-                    Some(v) if v.is_finite() => {
-                        metrics.insert(name, v);
-                    }
-                    _ => {
-                        return Err(format!(
-                            "metric `{name}` must be a finite number, got {value}"
-                        ))
-                    }
-                }
-            }
-        }
-        Some(_) => return Err("field `metrics` must be an object of numbers".into()),
+    fn to_handle(&self) -> Result<TrainingHandle, PortError> {
+        let data = serde_json::to_value(self).map_err(|e| {
+            PortError::Failed(format!("cannot encode the command training handle: {e}"))
+        })?;
+        Ok(TrainingHandle {
+            kind: HANDLE_KIND.into(),
+            data,
+        })
     }
-    Ok(Candidate { id, metrics })
+
+    /// The environment entry every process of a trainer job carries.
+    fn trainer_marker(&self) -> String {
+        format!("RETRAIN_RESULT={}", self.result_path.to_string_lossy())
+    }
 }
 
-/// Read the result file: `Ok(None)` when it does not exist.
-async fn read_result(path: &Path) -> Result<Option<Candidate>, PortError> {
-    match tokio::fs::read(path).await {
-        Ok(bytes) => parse_result(&bytes).map(Some).map_err(|what| {
-            PortError::InvalidResponse(format!("result file {} {what}", path.display()))
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+/// The environment entry every process of a prepare job for `intent` carries.
+fn prepare_marker(intent: &str) -> String {
+    format!("RETRAIN_JOB_KEY={intent}")
+}
+
+/// Remove `path` if it exists.
+fn remove_if_exists(path: &Path, what: &str) -> Result<(), PortError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(PortError::Failed(format!(
-            "cannot read result file {}: {e}",
+            "cannot remove {what} {}: {e}",
             path.display()
         ))),
     }
 }
 
-fn with_tail(message: String, log_path: &Path) -> String {
-    let tail = log_tail(log_path, TAIL_LINES);
-    if tail.is_empty() {
-        format!("{message} (no output; log {})", log_path.display())
-    } else {
-        format!(
-            "{message}; last output lines (log {}):\n{tail}",
-            log_path.display()
-        )
-    }
+/// Whether anything exists at `path` (a file, a link, a FIFO...).
+fn exists(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok()
 }
 
 type ChildKey = (u32, Option<u64>);
@@ -487,10 +423,13 @@ type ChildKey = (u32, Option<u64>);
 pub struct CommandTrainer {
     spec: CommandSpec,
     state_dir: PathBuf,
+    scrubber: Scrubber,
     /// Children started by this instance, so `wait` gets their exit status.
     /// Behind a mutex each: `Child::wait` is cancel-safe, so a `wait` dropped
     /// by the engine's timeout leaves the child here for `cancel`/another wait.
     children: std::sync::Mutex<HashMap<ChildKey, Arc<Mutex<Child>>>>,
+    /// Serialises `start`s of this instance (record check, claim, spawn).
+    starting: Mutex<()>,
 }
 
 impl fmt::Debug for CommandTrainer {
@@ -502,24 +441,46 @@ impl fmt::Debug for CommandTrainer {
     }
 }
 
+/// The files of one trainer job.
+struct TrainerPaths {
+    record: PathBuf,
+    result: PathBuf,
+    log: PathBuf,
+}
+
 impl CommandTrainer {
-    /// `state_dir` holds `jobs/<run_id>-<attempt>.{log,result.json}`; a
-    /// relative path is resolved against the current directory now.
+    /// `state_dir` holds `jobs/<key>.{job.json,log,result.json}`; a relative
+    /// path is resolved against the current directory now. Output quoted in
+    /// errors is scrubbed of the secret-named variables of this process and
+    /// of `spec.env` (see [`CommandTrainer::with_scrubber`] for more).
     pub fn new(spec: CommandSpec, state_dir: PathBuf) -> Result<Self, AdapterError> {
         spec.validate()?;
+        let scrubber = Scrubber::new([]).with_env(spec.env.clone());
         Ok(Self {
             spec,
             state_dir: absolute(state_dir),
+            scrubber,
             children: std::sync::Mutex::new(HashMap::new()),
+            starting: Mutex::new(()),
         })
     }
 
-    fn job_path(&self, request: &TrainingRequest, suffix: &str) -> PathBuf {
-        self.state_dir.join("jobs").join(format!(
-            "{}-{}.{suffix}",
-            file_safe(request.run_id.as_str()),
-            request.attempt
-        ))
+    /// Scrub job output with `scrubber` (the wiring's: every configured
+    /// secret and the secret-named env vars), plus the secret-named
+    /// variables of `spec.env`.
+    pub fn with_scrubber(mut self, scrubber: Scrubber) -> Self {
+        self.scrubber = scrubber.with_env(self.spec.env.clone());
+        self
+    }
+
+    fn paths(&self, key: &JobKey) -> TrainerPaths {
+        let dir = self.state_dir.join("jobs");
+        let stem = key_stem(key);
+        TrainerPaths {
+            record: dir.join(format!("{stem}.job.json")),
+            result: dir.join(format!("{stem}.result.json")),
+            log: dir.join(format!("{stem}.log")),
+        }
     }
 
     fn child(&self, key: ChildKey) -> Option<Arc<Mutex<Child>>> {
@@ -532,20 +493,31 @@ impl CommandTrainer {
 
     /// Wait until the job's leader exits: `Some(status)` for our own child,
     /// `None` for a process started by an earlier orchestrator (polled).
-    async fn wait_exit(&self, job: &JobHandle) -> Option<ExitStatus> {
+    /// The flag says whether the leader was seen alive (see `stop_orphans`).
+    async fn wait_exit(&self, job: &JobHandle) -> (Option<ExitStatus>, bool) {
         if let Some(child) = self.child((job.pid, job.start_time)) {
             let mut child = child.lock().await;
             match child.wait().await {
-                Ok(status) => return Some(status),
+                Ok(status) => return (Some(status), true),
                 Err(e) => {
                     warn!(pid = job.pid, error = %e, "waiting on the command failed; polling /proc")
                 }
             }
         }
+        let mut seen = false;
         while process_alive(job.pid, job.start_time) {
+            seen = true;
             tokio::time::sleep(POLL_EVERY).await;
         }
-        None
+        (None, seen)
+    }
+
+    async fn read_result(&self, job: &JobHandle) -> Result<Option<Candidate>, PortError> {
+        let path = job.result_path.clone();
+        let state_dir = self.state_dir.clone();
+        tokio::task::spawn_blocking(move || result::read_result(&path, &state_dir))
+            .await
+            .map_err(|e| PortError::Failed(format!("reading the result file failed: {e}")))?
     }
 
     async fn outcome(
@@ -558,8 +530,9 @@ impl CommandTrainer {
             Some(status) if !status.success() => Err(PortError::Failed(with_tail(
                 format!("command `{program}` failed with {}", describe_status(status)),
                 &job.log_path,
+                &self.scrubber,
             ))),
-            Some(_) => match read_result(&job.result_path).await? {
+            Some(_) => match self.read_result(job).await? {
                 Some(candidate) => Ok(TrainingOutcome::Finished(candidate)),
                 None => Err(PortError::InvalidResponse(with_tail(
                     format!(
@@ -567,48 +540,125 @@ impl CommandTrainer {
                         job.result_path.display()
                     ),
                     &job.log_path,
+                    &self.scrubber,
                 ))),
             },
             // Started by an earlier orchestrator: its exit status is gone
             // with it, so the result file is the only evidence.
-            None => match read_result(&job.result_path).await? {
+            None => match self.read_result(job).await? {
                 Some(candidate) => Ok(TrainingOutcome::Finished(candidate)),
                 None => {
                     let last = log_tail(&job.log_path, 1);
+                    let reason = format!(
+                        "command `{program}` (pid {}) is gone without writing {}{}",
+                        job.pid,
+                        job.result_path.display(),
+                        if last.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; last output: {last}")
+                        }
+                    );
                     Ok(TrainingOutcome::Lost {
-                        reason: format!(
-                            "command `{program}` (pid {}) is gone without writing {}{}",
-                            job.pid,
-                            job.result_path.display(),
-                            if last.is_empty() {
-                                String::new()
-                            } else {
-                                format!("; last output: {last}")
-                            }
-                        ),
+                        reason: self.scrubber.scrub(&reason),
                     })
                 }
             },
         }
     }
+
+    /// Wait for the leader, stop what it left behind, read the outcome.
+    async fn run_to_outcome(&self, job: &JobHandle) -> Result<TrainingOutcome, PortError> {
+        let (status, leader_seen) = self.wait_exit(job).await;
+        stop_orphans(job, &job.trainer_marker(), leader_seen).await;
+        self.outcome(job, status).await
+    }
+
+    /// A claim without a pid: the orchestrator died between writing it and
+    /// spawning, or between spawning and recording the pid. Find the job by
+    /// its environment; `None` when it must be (re)started.
+    async fn recover_claim(
+        &self,
+        record: &JobRecord,
+        paths: &TrainerPaths,
+    ) -> Result<Option<JobHandle>, PortError> {
+        let marker = format!("RETRAIN_RESULT={}", paths.result.to_string_lossy());
+        let found = find_job(&marker);
+        let mut job = JobHandle {
+            pid: 0,
+            pgid: found.pgid.unwrap_or(0),
+            start_time: None,
+            started_at: Some(record.claimed_at),
+            result_path: paths.result.clone(),
+            log_path: paths.log.clone(),
+            argv0: self.spec.program().to_owned(),
+        };
+        if let Some((pid, start_time)) = found.leader {
+            info!(pid, key = %record.key, "adopting a job whose start was not recorded");
+            job.pid = pid;
+            job.pgid = pid;
+            job.start_time = Some(start_time);
+            return Ok(Some(job));
+        }
+        if exists(&paths.result) {
+            info!(key = %record.key, "adopting the result of a job whose start was not recorded");
+            return Ok(Some(job));
+        }
+        // Gone without a result (or never started): leftovers are stopped,
+        // and the key's job is started afresh.
+        if let Some(pgid) = found.pgid {
+            stop_group(pgid).await;
+        }
+        Ok(None)
+    }
 }
 
 #[async_trait]
 impl Trainer for CommandTrainer {
+    /// Idempotent for `request.job_key` (see the module doc): the job
+    /// recorded for the key is adopted; a new one is spawned only when the
+    /// key has none.
     async fn start(&self, request: &TrainingRequest) -> Result<TrainingHandle, PortError> {
-        let result_path = self.job_path(request, "result.json");
-        let log_path = self.job_path(request, "log");
-        // A stale result of an earlier attempt must never pass for this one.
-        match std::fs::remove_file(&result_path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
+        let _starting = self.starting.lock().await;
+        let key = &request.job_key;
+        let paths = self.paths(key);
+        let claim = match read_record(&paths.record)? {
+            Some(record) if record.key != key.as_str() => {
                 return Err(PortError::Failed(format!(
-                    "cannot remove stale result file {}: {e}",
-                    result_path.display()
+                    "job record {} belongs to job key {}, not {key}",
+                    paths.record.display(),
+                    record.key
                 )))
             }
-        }
+            Some(JobRecord { job: Some(job), .. }) => {
+                info!(pid = job.pid, key = %key, "a job was already started for this key; adopting it");
+                return job.to_handle();
+            }
+            Some(record) => {
+                if let Some(job) = self.recover_claim(&record, &paths).await? {
+                    let adopted = JobRecord {
+                        job: Some(job.clone()),
+                        ..record
+                    };
+                    write_record(&paths.record, &adopted)?;
+                    return job.to_handle();
+                }
+                record
+            }
+            None => {
+                // A result without a record was not written by a job of
+                // this key: it must never pass for this one.
+                remove_if_exists(&paths.result, "stale result file")?;
+                let claim = JobRecord {
+                    key: key.as_str().to_owned(),
+                    claimed_at: Utc::now(),
+                    job: None,
+                };
+                write_record(&paths.record, &claim)?;
+                claim
+            }
+        };
+
         let mut env = render_env(&self.spec.env, request.lease.as_ref())?;
         if let Some(ip) = request
             .lease
@@ -622,6 +672,7 @@ impl Trainer for CommandTrainer {
             ("RETRAIN_LABEL".to_owned(), request.label.to_string()),
             ("RETRAIN_RUN_ID".to_owned(), request.run_id.to_string()),
             ("RETRAIN_ATTEMPT".to_owned(), request.attempt.to_string()),
+            ("RETRAIN_JOB_KEY".to_owned(), key.to_string()),
             (
                 "RETRAIN_DATASET_NAME".to_owned(),
                 request.dataset_name.clone(),
@@ -632,14 +683,22 @@ impl Trainer for CommandTrainer {
             ),
             (
                 "RETRAIN_RESULT".to_owned(),
-                result_path.to_string_lossy().into_owned(),
+                paths.result.to_string_lossy().into_owned(),
             ),
         ]);
-        let spawned = spawn(&self.spec, env, &log_path, false)?;
+        let spawned = match spawn(&self.spec, env, &paths.log, false) {
+            Ok(spawned) => spawned,
+            Err(e) => {
+                // Nothing runs for the key: a later start may try again.
+                let _ = std::fs::remove_file(&paths.record);
+                return Err(e);
+            }
+        };
         info!(
             pid = spawned.pid,
+            key = %key,
             command = %self.spec.display(),
-            log = %log_path.display(),
+            log = %paths.log.display(),
             "training command started"
         );
         let job = JobHandle {
@@ -647,8 +706,8 @@ impl Trainer for CommandTrainer {
             pgid: spawned.pid,
             start_time: spawned.start_time,
             started_at: Some(Utc::now()),
-            result_path,
-            log_path,
+            result_path: paths.result,
+            log_path: paths.log,
             argv0: self.spec.program().to_owned(),
         };
         self.children
@@ -658,13 +717,16 @@ impl Trainer for CommandTrainer {
                 (spawned.pid, spawned.start_time),
                 Arc::new(Mutex::new(spawned.child)),
             );
-        let data = serde_json::to_value(&job).map_err(|e| {
-            PortError::Failed(format!("cannot encode the command training handle: {e}"))
-        })?;
-        Ok(TrainingHandle {
-            kind: HANDLE_KIND.into(),
-            data,
-        })
+        let record = JobRecord {
+            job: Some(job.clone()),
+            ..claim
+        };
+        if let Err(e) = write_record(&paths.record, &record) {
+            // The job runs; the claim lets a later start find it by its
+            // environment, and the handle returned now is journaled.
+            warn!(error = %e, "could not record the started job");
+        }
+        job.to_handle()
     }
 
     async fn wait(
@@ -674,17 +736,17 @@ impl Trainer for CommandTrainer {
     ) -> Result<TrainingOutcome, PortError> {
         let job = JobHandle::from_handle(handle)?;
         let Some(timeout) = self.spec.timeout else {
-            let status = self.wait_exit(&job).await;
-            return self.outcome(&job, status).await;
+            return self.run_to_outcome(&job).await;
         };
-        // Count from the job's start, so a resumed wait keeps the budget.
+        // Count from the job's start, so a resumed wait keeps the budget;
+        // reading the result file counts too.
         let elapsed = job
             .started_at
             .and_then(|t| (Utc::now() - t).to_std().ok())
             .unwrap_or_default();
         let remaining = timeout.saturating_sub(elapsed);
-        match tokio::time::timeout(remaining, self.wait_exit(&job)).await {
-            Ok(status) => self.outcome(&job, status).await,
+        match tokio::time::timeout(remaining, self.run_to_outcome(&job)).await {
+            Ok(outcome) => outcome,
             Err(_) => {
                 warn!(
                     pid = job.pid,
@@ -698,6 +760,7 @@ impl Trainer for CommandTrainer {
                         timeout.as_secs_f64()
                     ),
                     &job.log_path,
+                    &self.scrubber,
                 )))
             }
         }
@@ -705,15 +768,9 @@ impl Trainer for CommandTrainer {
 
     async fn cancel(&self, handle: &TrainingHandle) -> Result<(), PortError> {
         let job = JobHandle::from_handle(handle)?;
-        // A live leader with another start time means the pid was reused,
-        // which the kernel only does once our whole group is gone.
-        if let Some(stat) = ProcStat::read(job.pid) {
-            if job.start_time.is_some_and(|t| t != stat.start_time) {
-                debug!(pid = job.pid, "pid reused: the command job is long gone");
-                return Ok(());
-            }
-        }
-        stop_group(job.pgid).await;
+        // Only a group provably the job's is signalled: a live leader with
+        // the recorded start time, or a member carrying the job's marker.
+        stop_job(&job, &job.trainer_marker()).await;
         // Reap our own child so it does not linger as a zombie.
         if let Some(child) = self.child((job.pid, job.start_time)) {
             if let Ok(mut child) = child.try_lock() {
@@ -728,12 +785,13 @@ impl Trainer for CommandTrainer {
     }
 }
 
-/// The prepare job started by [`CommandSpace::restart`].
+/// The prepare job started (or adopted) by [`CommandSpace::restart`].
 struct PrepareJob {
-    child: Child,
-    pid: u32,
-    started: tokio::time::Instant,
-    log_path: PathBuf,
+    /// The restart intent this job runs for.
+    intent: JobKey,
+    /// `None` when started by an earlier orchestrator process (adopted).
+    child: Option<Child>,
+    job: JobHandle,
     /// Set once the job has been observed to exit (or was timed out).
     finished: Option<SpaceStage>,
 }
@@ -742,6 +800,7 @@ struct PrepareJob {
 pub struct CommandSpace {
     spec: CommandSpec,
     state_dir: PathBuf,
+    scrubber: Scrubber,
     job: Mutex<Option<PrepareJob>>,
 }
 
@@ -757,62 +816,189 @@ impl fmt::Debug for CommandSpace {
 impl CommandSpace {
     pub fn new(spec: CommandSpec, state_dir: PathBuf) -> Result<Self, AdapterError> {
         spec.validate()?;
+        let scrubber = Scrubber::new([]).with_env(spec.env.clone());
         Ok(Self {
             spec,
             state_dir: absolute(state_dir),
+            scrubber,
             job: Mutex::new(None),
         })
     }
 
-    /// One log per distinct command (truncated on restart), so several
-    /// prepare commands can share a state directory.
-    fn log_path(&self) -> PathBuf {
+    /// See [`CommandTrainer::with_scrubber`].
+    pub fn with_scrubber(mut self, scrubber: Scrubber) -> Self {
+        self.scrubber = scrubber.with_env(self.spec.env.clone());
+        self
+    }
+
+    /// One log and one record per distinct command (the log is truncated on
+    /// restart), so several prepare commands can share a state directory.
+    fn file(&self, suffix: &str) -> PathBuf {
         use sha2::Digest;
         let digest = sha2::Sha256::digest(self.spec.argv.join("\0").as_bytes());
         let short = hex::encode(&digest[..6]);
         self.state_dir
             .join("jobs")
-            .join(format!("prepare-{short}.log"))
+            .join(format!("prepare-{short}.{suffix}"))
     }
 
     fn failed_stage(&self, what: String, log_path: &Path) -> SpaceStage {
         let last = log_tail(log_path, 1);
-        if last.is_empty() {
-            SpaceStage::Error(format!("COMMAND_FAILED: {what}"))
+        let detail = if last.is_empty() {
+            format!("COMMAND_FAILED: {what}")
         } else {
-            SpaceStage::Error(format!("COMMAND_FAILED: {what}: {last}"))
+            format!("COMMAND_FAILED: {what}: {last}")
+        };
+        SpaceStage::Error(self.scrubber.scrub(&detail))
+    }
+
+    /// Adopt the job an earlier orchestrator process started for `intent`.
+    fn adopt(&self, intent: &JobKey, job: JobHandle) -> PrepareJob {
+        info!(pid = job.pid, intent = %intent, "the prepare command already runs (or ran) for this restart; not restarting it");
+        PrepareJob {
+            intent: intent.clone(),
+            child: None,
+            job,
+            finished: None,
+        }
+    }
+
+    /// Stop a previous run (another intent) before starting the next.
+    async fn stop_previous(&self, previous: Option<PrepareJob>, record: Option<&JobRecord>) {
+        if let Some(mut previous) = previous {
+            if previous.finished.is_none() {
+                let marker = prepare_marker(previous.intent.as_str());
+                if stop_job(&previous.job, &marker).await {
+                    info!(
+                        pid = previous.job.pid,
+                        "stopped the previous prepare command"
+                    );
+                }
+            }
+            if let Some(child) = previous.child.as_mut() {
+                let _ = tokio::time::timeout(Duration::from_secs(1), child.wait()).await;
+            }
+        } else if let Some(JobRecord {
+            key,
+            job: Some(job),
+            ..
+        }) = record
+        {
+            // Started by an earlier orchestrator process for an earlier intent.
+            if stop_job(job, &prepare_marker(key)).await {
+                info!(
+                    pid = job.pid,
+                    "stopped the prepare command an earlier process started"
+                );
+            }
         }
     }
 }
 
 #[async_trait]
 impl SpaceController for CommandSpace {
-    async fn restart(&self, _intent: &JobKey) -> Result<(), PortError> {
+    /// Idempotent for `intent`: the command runs once per intent. A second
+    /// call with the same intent — from this process or, through the job
+    /// record, a later one — does nothing, whether the job still runs or has
+    /// finished; a new intent stops the previous run and starts the command.
+    async fn restart(&self, intent: &JobKey) -> Result<(), PortError> {
         let mut slot = self.job.lock().await;
-        if let Some(mut previous) = slot.take() {
-            // Only signal the group while the leader is unreaped: until then
-            // its pid (= the pgid) cannot have been reused by someone else.
-            if matches!(previous.child.try_wait(), Ok(None)) {
-                info!(pid = previous.pid, "stopping the previous prepare command");
-                stop_group(previous.pid).await;
-                let _ = tokio::time::timeout(Duration::from_secs(1), previous.child.wait()).await;
+        if slot.as_ref().is_some_and(|job| job.intent == *intent) {
+            debug!(intent = %intent, "prepare command already started for this restart");
+            return Ok(());
+        }
+        let record_path = self.file("job.json");
+        let log_path = self.file("log");
+        let record = read_record(&record_path)?;
+        if slot.is_none() {
+            match &record {
+                Some(JobRecord {
+                    key,
+                    job: Some(job),
+                    ..
+                }) if key == intent.as_str() => {
+                    *slot = Some(self.adopt(intent, job.clone()));
+                    return Ok(());
+                }
+                Some(claim @ JobRecord { key, job: None, .. }) if key == intent.as_str() => {
+                    let found = find_job(&prepare_marker(key));
+                    if let Some((pid, start_time)) = found.leader {
+                        let job = JobHandle {
+                            pid,
+                            pgid: pid,
+                            start_time: Some(start_time),
+                            started_at: Some(claim.claimed_at),
+                            result_path: PathBuf::new(),
+                            log_path: log_path.clone(),
+                            argv0: self.spec.program().to_owned(),
+                        };
+                        write_record(
+                            &record_path,
+                            &JobRecord {
+                                job: Some(job.clone()),
+                                ..claim.clone()
+                            },
+                        )?;
+                        *slot = Some(self.adopt(intent, job));
+                        return Ok(());
+                    }
+                    // Not running: never started, or finished before its pid
+                    // was recorded (indistinguishable); a prepare job is
+                    // restartable, so it runs (again).
+                    if let Some(pgid) = found.pgid {
+                        stop_group(pgid).await;
+                    }
+                }
+                _ => {}
             }
         }
+        self.stop_previous(slot.take(), record.as_ref()).await;
+
+        let claim = JobRecord {
+            key: intent.as_str().to_owned(),
+            claimed_at: Utc::now(),
+            job: None,
+        };
+        write_record(&record_path, &claim)?;
         let mut env = render_env(&self.spec.env, None)?;
         env.push(("RETRAIN_PREPARE".into(), "1".into()));
-        let log_path = self.log_path();
-        let spawned = spawn(&self.spec, env, &log_path, true)?;
+        env.push(("RETRAIN_JOB_KEY".into(), intent.to_string()));
+        let spawned = match spawn(&self.spec, env, &log_path, true) {
+            Ok(spawned) => spawned,
+            Err(e) => {
+                let _ = std::fs::remove_file(&record_path);
+                return Err(e);
+            }
+        };
         info!(
             pid = spawned.pid,
+            intent = %intent,
             command = %self.spec.display(),
             log = %log_path.display(),
             "prepare command started"
         );
-        *slot = Some(PrepareJob {
-            child: spawned.child,
+        let job = JobHandle {
             pid: spawned.pid,
-            started: tokio::time::Instant::now(),
+            pgid: spawned.pid,
+            start_time: spawned.start_time,
+            started_at: Some(Utc::now()),
+            result_path: PathBuf::new(),
             log_path,
+            argv0: self.spec.program().to_owned(),
+        };
+        if let Err(e) = write_record(
+            &record_path,
+            &JobRecord {
+                job: Some(job.clone()),
+                ..claim
+            },
+        ) {
+            warn!(error = %e, "could not record the started prepare command");
+        }
+        *slot = Some(PrepareJob {
+            intent: intent.clone(),
+            child: Some(spawned.child),
+            job,
             finished: None,
         });
         Ok(())
@@ -820,43 +1006,72 @@ impl SpaceController for CommandSpace {
 
     async fn stage(&self) -> Result<SpaceStage, PortError> {
         let mut slot = self.job.lock().await;
-        let Some(job) = slot.as_mut() else {
+        let Some(prepare) = slot.as_mut() else {
             return Ok(SpaceStage::Unknown("NOT_STARTED".into()));
         };
-        if let Some(stage) = &job.finished {
+        if let Some(stage) = &prepare.finished {
             return Ok(stage.clone());
         }
-        let stage = match job.child.try_wait() {
-            Ok(None) => {
-                let timed_out = self.spec.timeout.filter(|t| job.started.elapsed() >= *t);
-                match timed_out {
+        let marker = prepare_marker(prepare.intent.as_str());
+        // `Some(status)` once exited; the inner `None` when the exit status
+        // is unknown (a job started by an earlier process).
+        let exited: Option<Option<ExitStatus>> = match prepare.child.as_mut() {
+            Some(child) => match child.try_wait() {
+                Ok(None) => None,
+                Ok(Some(status)) => Some(Some(status)),
+                Err(e) => {
+                    return Err(PortError::Failed(format!(
+                        "cannot query prepare command `{}` (pid {}): {e}",
+                        self.spec.program(),
+                        prepare.job.pid
+                    )))
+                }
+            },
+            None if process_alive(prepare.job.pid, prepare.job.start_time) => None,
+            None => Some(None),
+        };
+        let stage = match exited {
+            None => {
+                let elapsed = prepare
+                    .job
+                    .started_at
+                    .and_then(|t| (Utc::now() - t).to_std().ok())
+                    .unwrap_or_default();
+                match self.spec.timeout.filter(|t| elapsed >= *t) {
                     None => return Ok(SpaceStage::Running),
                     Some(t) => {
                         warn!(
-                            pid = job.pid,
+                            pid = prepare.job.pid,
                             "prepare command timed out; stopping its process group"
                         );
-                        stop_group(job.pid).await;
-                        let _ =
-                            tokio::time::timeout(Duration::from_secs(1), job.child.wait()).await;
+                        stop_job(&prepare.job, &marker).await;
+                        if let Some(child) = prepare.child.as_mut() {
+                            let _ =
+                                tokio::time::timeout(Duration::from_secs(1), child.wait()).await;
+                        }
                         self.failed_stage(
                             format!("timed out after {}s", t.as_secs_f64()),
-                            &job.log_path,
+                            &prepare.job.log_path,
                         )
                     }
                 }
             }
-            Ok(Some(status)) if status.success() => SpaceStage::Stopped,
-            Ok(Some(status)) => self.failed_stage(describe_status(status), &job.log_path),
-            Err(e) => {
-                return Err(PortError::Failed(format!(
-                    "cannot query prepare command `{}` (pid {}): {e}",
-                    self.spec.program(),
-                    job.pid
-                )))
+            Some(status) => {
+                // Our own child was held unreaped until now: its group is ours.
+                let leader_seen = prepare.child.is_some();
+                stop_orphans(&prepare.job, &marker, leader_seen).await;
+                match status {
+                    Some(status) if status.success() => SpaceStage::Stopped,
+                    Some(status) => {
+                        self.failed_stage(describe_status(status), &prepare.job.log_path)
+                    }
+                    // Its exit status went with the process that started it;
+                    // the metadata poll decides whether it produced a dataset.
+                    None => SpaceStage::Stopped,
+                }
             }
         };
-        job.finished = Some(stage.clone());
+        prepare.finished = Some(stage.clone());
         Ok(stage)
     }
 
@@ -868,40 +1083,6 @@ impl SpaceController for CommandSpace {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn proc_stat_parses_comm_with_spaces_and_parens() {
-        let raw = "1234 (my (odd) prog) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
-        let stat = ProcStat::parse(raw).unwrap();
-        assert_eq!(stat.state, 'S');
-        assert_eq!(stat.pgrp, 1234);
-        assert_eq!(stat.start_time, 987654);
-        assert!(ProcStat::parse("garbage").is_none());
-    }
-
-    #[test]
-    fn own_process_is_alive() {
-        let stat = ProcStat::read(std::process::id()).unwrap();
-        assert!(process_alive(std::process::id(), Some(stat.start_time)));
-        assert!(!process_alive(
-            std::process::id(),
-            Some(stat.start_time + 1)
-        ));
-    }
-
-    #[test]
-    fn result_files_are_validated() {
-        let ok = parse_result(br#"{"candidate":"run-1","metrics":{"dice":0.81,"iou":1},"x":true}"#)
-            .unwrap();
-        assert_eq!(ok.id, "run-1");
-        assert_eq!(ok.metrics["iou"], 1.0);
-        let err = parse_result(br#"{"candidate":"r","metrics":{"dice":null}}"#).unwrap_err();
-        assert!(err.contains("`dice`"), "{err}");
-        let err = parse_result(br#"{"candidate":"r","metrics":{"dice":"0.8"}}"#).unwrap_err();
-        assert!(err.contains("`dice`"), "{err}");
-        assert!(parse_result(br#"{"metrics":{}}"#).is_err());
-        assert!(parse_result(b"nope").is_err());
-    }
 
     #[test]
     fn env_placeholders_need_a_lease() {
@@ -925,5 +1106,12 @@ mod tests {
         assert_eq!(trainer.describe(), "command: python train.py");
         assert!(!format!("{trainer:?}").contains("s3cret"));
         assert!(CommandSpec::new(vec![]).is_err());
+    }
+
+    #[test]
+    fn key_stems_are_file_names() {
+        assert_eq!(key_stem(&JobKey("run-1/train/2".into())), "run-1_train_2");
+        assert_eq!(key_stem(&JobKey("../x".into())), "_x");
+        assert_eq!(key_stem(&JobKey("..".into())), "job");
     }
 }

@@ -18,6 +18,7 @@ pub mod json_registry;
 pub mod log_notifier;
 pub mod mlflow;
 pub mod s3;
+pub mod scrub;
 pub mod settings;
 pub mod store;
 #[cfg(feature = "testing")]

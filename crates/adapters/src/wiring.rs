@@ -20,6 +20,7 @@ use crate::hf::{HfMetadataStore, HfSpaceController, HfSpaceTrainer, HubClient, H
 use crate::http::HttpPolicy;
 use crate::json_registry::JsonRegistry;
 use crate::log_notifier::LogNotifier;
+use crate::scrub::{url_secrets, Scrubber};
 use crate::settings::{
     CommandConfig, JobSpec, LabelSettings, LeaseSpec, LoadedSettings, NotifyOn, NotifySpec,
     RegistrySpec, Settings,
@@ -106,6 +107,46 @@ fn command_spec(config: &CommandConfig) -> CommandSpec {
 struct Clients<'a> {
     settings: &'a Settings,
     hub: Option<HubClient>,
+    /// Scrubs job output quoted in errors (see [`job_scrubber`]).
+    scrubber: Scrubber,
+}
+
+/// Every secret the configuration knows, so that no job output quoting one
+/// (a trainer echoing a token, a stack trace with a database URL) reaches an
+/// error or a report: the store and feedback database URLs (and their
+/// passwords), the Hub, MLflow and GitHub tokens, the MLflow password,
+/// webhook URLs and the AWS keys; plus the secret-named env vars.
+fn job_scrubber(settings: &Settings) -> Scrubber {
+    use secrecy::SecretString;
+    let mut secrets: Vec<SecretString> = Vec::new();
+    secrets.extend(url_secrets(settings.state.expose_secret()));
+    if let Some(counts) = &settings.counts {
+        secrets.extend(url_secrets(counts.database.expose_secret()));
+    }
+    secrets.extend(
+        [
+            &settings.hub.token,
+            &settings.mlflow.token,
+            &settings.mlflow.password,
+            &settings.github.token,
+        ]
+        .into_iter()
+        .flatten()
+        .cloned(),
+    );
+    for label in settings.labels.values() {
+        for notify in &label.notify {
+            if let NotifySpec::Webhook { url, .. } = notify {
+                secrets.extend(url_secrets(url.expose_secret()));
+            }
+        }
+    }
+    if let Ok(aws) = crate::aws::AwsSettings::from_env() {
+        secrets.push(SecretString::from(aws.access_key_id.clone()));
+        secrets.push(aws.secret_access_key.clone());
+        secrets.extend(aws.session_token.clone());
+    }
+    Scrubber::new(secrets)
 }
 
 impl<'a> Clients<'a> {
@@ -141,10 +182,10 @@ fn prepare_controller(
             repo,
             *factory_reboot,
         )?),
-        JobSpec::Command(config) => Arc::new(CommandSpace::new(
-            command_spec(config),
-            job_dir(clients.settings),
-        )?),
+        JobSpec::Command(config) => Arc::new(
+            CommandSpace::new(command_spec(config), job_dir(clients.settings))?
+                .with_scrubber(clients.scrubber.clone()),
+        ),
     })
 }
 
@@ -153,10 +194,10 @@ fn trainer(clients: &mut Clients<'_>, spec: &JobSpec) -> Result<Arc<dyn Trainer>
         JobSpec::HfSpace {
             repo, wait_running, ..
         } => Arc::new(HfSpaceTrainer::new(clients.hub()?, repo, *wait_running)?),
-        JobSpec::Command(config) => Arc::new(CommandTrainer::new(
-            command_spec(config),
-            job_dir(clients.settings),
-        )?),
+        JobSpec::Command(config) => Arc::new(
+            CommandTrainer::new(command_spec(config), job_dir(clients.settings))?
+                .with_scrubber(clients.scrubber.clone()),
+        ),
     })
 }
 
@@ -272,6 +313,7 @@ async fn assemble_engine(
     let mut clients = Clients {
         settings,
         hub: None,
+        scrubber: job_scrubber(settings),
     };
     // One controller per prepare job so labels sharing it share its state.
     let mut prepares: std::collections::HashMap<String, Arc<dyn SpaceController>> =
@@ -553,4 +595,44 @@ fn lease_spec<'a>(settings: &'a Settings, label: &Label) -> Result<&'a LeaseSpec
                 "this label has no lease configured",
             )
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::{load, ConfigSources};
+
+    #[test]
+    fn the_job_scrubber_knows_every_configured_secret() {
+        let env = [
+            ("HF_TOKEN", "hf_wired_secret_token"),
+            ("PREPARE_DATASET_REPO", "owner/prep"),
+            ("RETRAIN_DEPT_REPO", "owner/train"),
+            (
+                "HF_HUB_METADATA_DEPT",
+                "https://huggingface.co/datasets/owner/d/resolve/main/dataset_metadata.json",
+            ),
+            (
+                "DATABASE_URL",
+                "postgresql+psycopg2://demo_user:wired_db_pass@db.example.com:5432/project_db",
+            ),
+            ("THRESHOLD_DEPARTMENT", "40"),
+            (
+                "RETRAIN_COUNTS__QUERY",
+                "SELECT label, misclassified, correct FROM counts WHERE reviewed_at > $1",
+            ),
+        ];
+        let loaded = load(&ConfigSources {
+            file: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            overrides: Vec::new(),
+        })
+        .unwrap();
+        let scrubber = job_scrubber(&loaded.settings);
+        let out = scrubber.scrub("hf=hf_wired_secret_token db=wired_db_pass ok=department");
+        assert_eq!(out, "hf=*** db=*** ok=department");
+    }
 }

@@ -25,7 +25,7 @@ use crate::http::{is_retryable_status, server_requested_wait, HttpPolicy, Retryi
 
 pub use metadata::HfMetadataStore;
 pub use space::HfSpaceController;
-pub use trainer::{HfSpaceTrainer, DATASET_VERSION_VARIABLE, HANDLE_KIND};
+pub use trainer::{HfSpaceTrainer, DATASET_VERSION_VARIABLE, HANDLE_KIND, JOB_KEY_VARIABLE};
 
 /// `huggingface_hub`'s default endpoint.
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";

@@ -1,14 +1,29 @@
 //! A Hugging Face Space as the dataset-preparation job (seed 000's
 //! `PREPARE_DATASET_REPO`): restart it, read its runtime stage.
+//!
+//! **Idempotence.** The Hub keeps no record of *why* a Space restarted, so
+//! the prepare controller does not key its restarts: a resumed run whose
+//! restart was sent but not journaled restarts the prepare Space once more
+//! (a prepare job is restartable by design: it republishes the dataset).
+//! What it never does is repeat a restart *blindly*: a restart request that
+//! failed in a way that leaves its effect unknown (timeout, 5xx) is followed
+//! by a runtime read, and a Space already (re)starting is not restarted again
+//! ([`restart_space`]).
+
+use std::time::Duration;
 
 use async_trait::async_trait;
+use rand::Rng;
 use reqwest::Method;
 use retrain_core::domain::{JobKey, SpaceStage};
 use retrain_core::ports::{PortError, SpaceController};
-use tracing::{debug, warn};
+use secrecy::ExposeSecret;
+use tracing::{debug, info, warn};
+use url::Url;
 
 use super::{excerpt, parse_space, HubClient, RepoId};
 use crate::error::AdapterError;
+use crate::http::{is_retryable_status, server_requested_wait, HttpPolicy};
 
 /// The fields of the Hub's SpaceRuntime JSON we use (§1.2).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,7 +75,48 @@ pub(crate) fn restart_permission(space: &RepoId) -> String {
     )
 }
 
-/// `POST /api/spaces/{id}/restart[?factory=true]`.
+/// Whether a runtime stage shows a (re)start under way: what a restart
+/// leads to first (`BUILDING`, `RUNNING_BUILDING`, `APP_STARTING`,
+/// `RUNNING_APP_STARTING`).
+pub(crate) fn is_restarting(stage: &SpaceStage) -> bool {
+    matches!(stage, SpaceStage::Building | SpaceStage::Starting)
+}
+
+/// One attempt of a request, without the client's retries: a restart must
+/// not be repeated blindly.
+async fn send_once(
+    client: &HubClient,
+    method: Method,
+    url: &Url,
+) -> Result<reqwest::Response, reqwest::Error> {
+    let mut request = client.http.inner().request(method, url.clone());
+    if let Some(token) = client.token.as_ref().filter(|_| client.is_endpoint(url)) {
+        request = request.bearer_auth(token.expose_secret());
+    }
+    request.send().await
+}
+
+/// Capped exponential backoff with jitter in `[d/2, d]`, as the shared
+/// client does.
+fn backoff(policy: &HttpPolicy, attempt: u32) -> Duration {
+    let exp = policy
+        .base_backoff
+        .saturating_mul(2u32.saturating_pow(attempt))
+        .min(policy.max_backoff);
+    let half = exp / 2;
+    let spread = rand::thread_rng().gen_range(0..=half.as_millis().max(1) as u64);
+    half + Duration::from_millis(spread)
+}
+
+/// `POST /api/spaces/{id}/restart[?factory=true]`, never repeated blindly.
+///
+/// A failure that proves the Hub did not act (connection refused, 408, 429)
+/// is retried with backoff. A failure after which the restart may have
+/// happened anyway (timeout, dropped connection, 5xx) is followed by a read
+/// of the runtime: a stage showing a (re)start under way ([`is_restarting`])
+/// means it took effect, and it is not posted again; only a Space that shows
+/// none is restarted again. If even the runtime cannot be read, the restart
+/// fails (transiently) rather than risk a second one.
 pub(crate) async fn restart_space(
     client: &HubClient,
     space: &RepoId,
@@ -72,34 +128,102 @@ pub(crate) async fn restart_space(
         url.query_pairs_mut().append_pair("factory", "true");
     }
     let what = format!("restarting Space {space}");
-    let response = client.send(&what, Method::POST, &url, None, false).await?;
-    if response.status() == reqwest::StatusCode::BAD_REQUEST {
-        // The documented 400 of restart: a static Space has nothing to restart.
-        let error = client
-            .error(&what, &restart_permission(space), response)
-            .await;
-        return Err(PortError::Failed(format!(
-            "{} (static Spaces cannot be restarted; the prepare/retrain job must be a Gradio, Streamlit or Docker Space)",
-            error.message()
-        )));
-    }
-    if !response.status().is_success() {
-        return Err(client
-            .error(&what, &restart_permission(space), response)
-            .await);
-    }
-    // The body is the new runtime; it is informative only, so a body we
-    // cannot parse does not turn a successful restart into a failure.
-    let body = response.bytes().await.unwrap_or_default();
-    match Runtime::parse(space, &body) {
-        Ok(runtime) => {
-            debug!(space = %space, stage = %runtime.raw_stage, factory_reboot, "Space restarted")
+    let policy = client.http.policy().clone();
+    let mut attempt: u32 = 0;
+    loop {
+        let (failure, ambiguous, server_wait) = match send_once(client, Method::POST, &url).await {
+            Ok(response) if response.status().is_success() => {
+                // The body is the new runtime; it is informative only, so a
+                // body we cannot parse does not turn a success into a failure.
+                let body = response.bytes().await.unwrap_or_default();
+                match Runtime::parse(space, &body) {
+                    Ok(runtime) => {
+                        debug!(space = %space, stage = %runtime.raw_stage, factory_reboot, "Space restarted")
+                    }
+                    Err(e) => {
+                        debug!(space = %space, error = %e, "Space restarted; runtime body not understood")
+                    }
+                }
+                return Ok(());
+            }
+            Ok(response) if response.status() == reqwest::StatusCode::BAD_REQUEST => {
+                // The documented 400 of restart: a static Space has nothing to restart.
+                let error = client
+                    .error(&what, &restart_permission(space), response)
+                    .await;
+                return Err(PortError::Failed(format!(
+                    "{} (static Spaces cannot be restarted; the prepare/retrain job must be a Gradio, Streamlit or Docker Space)",
+                    error.message()
+                )));
+            }
+            Ok(response) if !is_retryable_status(response.status()) => {
+                return Err(client
+                    .error(&what, &restart_permission(space), response)
+                    .await);
+            }
+            Ok(response) => {
+                let status = response.status();
+                let wait = server_requested_wait(&response);
+                let too_long = wait.is_some_and(|w| w > policy.max_server_wait);
+                let error = client
+                    .error(&what, &restart_permission(space), response)
+                    .await;
+                if attempt >= policy.max_retries || too_long {
+                    return Err(error);
+                }
+                let failure = error
+                    .message()
+                    .trim_end_matches(" (gave up retrying)")
+                    .to_owned();
+                // 408/429: refused before acting. 5xx: it may have acted.
+                (failure, status.is_server_error(), wait)
+            }
+            Err(e) => {
+                let kind = if e.is_timeout() {
+                    "timed out"
+                } else if e.is_connect() {
+                    "connection failed"
+                } else {
+                    "request failed"
+                };
+                if attempt >= policy.max_retries {
+                    return Err(PortError::Transient(format!(
+                        "{what}: {kind} (gave up after {} attempts)",
+                        attempt + 1
+                    )));
+                }
+                // A connection that never opened cannot have restarted anything.
+                (format!("{what}: {kind}"), !e.is_connect(), None)
+            }
+        };
+        if ambiguous {
+            match fetch_runtime(client, space).await {
+                Ok(runtime) if is_restarting(&runtime.stage) => {
+                    info!(
+                        space = %space,
+                        stage = %runtime.raw_stage,
+                        failure = %failure,
+                        "the restart request failed, but the Space is (re)starting: it took effect; not posting it again"
+                    );
+                    return Ok(());
+                }
+                Ok(runtime) => {
+                    debug!(space = %space, stage = %runtime.raw_stage, "the restart did not take effect; posting it again")
+                }
+                Err(e) => {
+                    return Err(client.scrub_error(PortError::Transient(format!(
+                        "{failure}; whether the restart took effect cannot be told \
+                         (reading the runtime failed: {}), so it is not posted again blindly",
+                        e.message()
+                    ))))
+                }
+            }
         }
-        Err(e) => {
-            debug!(space = %space, error = %e, "Space restarted; runtime body not understood")
-        }
+        let delay = server_wait.unwrap_or_else(|| backoff(&policy, attempt));
+        warn!(space = %space, failure = %failure, attempt = attempt + 1, delay_ms = delay.as_millis() as u64, "retrying the Space restart");
+        tokio::time::sleep(delay).await;
+        attempt += 1;
     }
-    Ok(())
 }
 
 /// `GET /api/spaces/{id}/runtime`.
@@ -157,7 +281,8 @@ impl HfSpaceController {
 #[async_trait]
 impl SpaceController for HfSpaceController {
     /// Safe in any state: the Hub restarts running, paused and errored Spaces
-    /// alike (§1.2: "no matter the current state").
+    /// alike (§1.2: "no matter the current state"). Not keyed by `intent`
+    /// (see the module doc), but never re-posted blindly.
     async fn restart(&self, _intent: &JobKey) -> Result<(), PortError> {
         restart_space(&self.client, &self.space, self.factory_reboot).await
     }

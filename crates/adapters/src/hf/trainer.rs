@@ -1,6 +1,29 @@
 //! A retrain Space as the trainer (seed 000 §6): the dataset version goes in
 //! as the Space variable `DATASET_VERSION`, then the Space is restarted. The
 //! Space trains, evaluates and deploys by itself (gate = "none").
+//!
+//! **Idempotent for the job key.** Before the restart, the trainer sets two
+//! Space variables: `DATASET_VERSION` (the protocol) and then
+//! `RETRAIN_JOB_KEY` (the key of this start). Per the Hub reference
+//! (`shared/reference/external-apis.md` §1.2), setting a variable does *not*
+//! restart the Space: it is injected as an env var at the next (re)start,
+//! which is the restart we post right after. A `start` for a key whose
+//! variables are already set (`RETRAIN_JOB_KEY` = the key, `DATASET_VERSION`
+//! = the version) and whose runtime shows the Space (re)starting or running
+//! (`BUILDING`, `RUNNING_BUILDING`, `APP_STARTING`, `RUNNING_APP_STARTING`,
+//! `RUNNING`) adopts that job and posts no restart: that is a resumed run
+//! whose previous process died between the restart and its journal write.
+//! Any other stage (`PAUSED`, `STOPPED`, an error stage) shows no restart
+//! for the key, so the Space is restarted.
+//!
+//! **Crash window.** The Hub records no restart time, so the variables and
+//! the stage are the only evidence. A process killed *after* setting
+//! `RETRAIN_JOB_KEY` but *before* its restart request reached the Hub, on a
+//! Space that was already `RUNNING`, is indistinguishable from one whose
+//! restart went through: the job is adopted without a restart. The window
+//! is one HTTP round trip (the key is set last, immediately before the
+//! restart). A restart request whose outcome is unknown (timeout, 5xx) is
+//! never re-posted blindly ([`restart_space`]).
 
 use std::time::Duration;
 
@@ -11,7 +34,7 @@ use retrain_core::ports::{PortError, Trainer, TrainingRequest};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use super::space::{fetch_runtime, restart_space, Runtime};
+use super::space::{fetch_runtime, is_restarting, restart_space, Runtime};
 use super::{parse_space, HubClient, RepoId};
 use crate::error::AdapterError;
 
@@ -19,6 +42,9 @@ use crate::error::AdapterError;
 pub const HANDLE_KIND: &str = "hf-space";
 /// The Space variable carrying the dataset version (BRIEF §6).
 pub const DATASET_VERSION_VARIABLE: &str = "DATASET_VERSION";
+/// The Space variable carrying the job key of the last start (set after
+/// `DATASET_VERSION`, before the restart): what makes `start` idempotent.
+pub const JOB_KEY_VARIABLE: &str = "RETRAIN_JOB_KEY";
 
 /// `TrainingHandle::data` of Space trainings (journaled; keep it stable).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +88,64 @@ impl HfSpaceTrainer {
 
     pub fn space(&self) -> &RepoId {
         &self.space
+    }
+
+    fn variables_permission(&self) -> String {
+        format!(
+            "the token needs write access to Space {} to read and set its variables",
+            self.space
+        )
+    }
+
+    /// `GET /api/spaces/{id}/variables`: `{KEY: {"value", "description",
+    /// "updatedAt"}}` → key → value.
+    async fn variables(&self) -> Result<std::collections::BTreeMap<String, String>, PortError> {
+        let url = self
+            .client
+            .url(&format!("/api/spaces/{}/variables", self.space))?;
+        let what = format!("reading the variables of Space {}", self.space);
+        let response = self
+            .client
+            .send(&what, Method::GET, &url, None, false)
+            .await?;
+        if !response.status().is_success() {
+            return Err(self
+                .client
+                .error(&what, &self.variables_permission(), response)
+                .await);
+        }
+        let body = super::read_limited(&what, response, 1 << 20).await?;
+        let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+            PortError::InvalidResponse(format!("{what}: the response is not JSON: {e}"))
+        })?;
+        let serde_json::Value::Object(map) = value else {
+            return Err(PortError::InvalidResponse(format!(
+                "{what}: expected an object of variables"
+            )));
+        };
+        Ok(map
+            .into_iter()
+            .filter_map(|(key, entry)| {
+                let value = match entry {
+                    serde_json::Value::Object(fields) => fields.get("value")?.as_str()?.to_owned(),
+                    serde_json::Value::String(value) => value,
+                    _ => return None,
+                };
+                Some((key, value))
+            })
+            .collect())
+    }
+
+    fn handle(&self, version: &str) -> Result<TrainingHandle, PortError> {
+        let data = HandleData {
+            space: self.space.to_string(),
+            dataset_version: version.to_owned(),
+        };
+        Ok(TrainingHandle {
+            kind: HANDLE_KIND.to_owned(),
+            data: serde_json::to_value(data)
+                .map_err(|e| PortError::Failed(format!("cannot encode the handle: {e}")))?,
+        })
     }
 
     async fn set_variable(&self, key: &str, value: &str) -> Result<(), PortError> {
@@ -108,22 +192,45 @@ impl HfSpaceTrainer {
 
 #[async_trait]
 impl Trainer for HfSpaceTrainer {
+    /// Idempotent for `request.job_key` (see the module doc): adopts the
+    /// Space already restarted for the key instead of restarting it again.
     async fn start(&self, request: &TrainingRequest) -> Result<TrainingHandle, PortError> {
         let version = request.dataset_version.as_str();
-        // The variable first: it is injected at the next (re)start, so the
-        // restart below is what makes the Space train on this version.
-        self.set_variable(DATASET_VERSION_VARIABLE, version).await?;
+        let key = request.job_key.as_str();
+        let variables = self.variables().await?;
+        let same_version =
+            variables.get(DATASET_VERSION_VARIABLE).map(String::as_str) == Some(version);
+        let same_key = variables.get(JOB_KEY_VARIABLE).map(String::as_str) == Some(key);
+        if same_version && same_key {
+            let runtime = fetch_runtime(&self.client, &self.space).await?;
+            if is_restarting(&runtime.stage) || runtime.stage == SpaceStage::Running {
+                info!(
+                    space = %self.space,
+                    job_key = key,
+                    stage = %runtime.raw_stage,
+                    "the Space was already restarted for this job; adopting it"
+                );
+                return self.handle(version);
+            }
+            info!(
+                space = %self.space,
+                job_key = key,
+                stage = %runtime.raw_stage,
+                "the variables are set for this job but the Space shows no restart; restarting it"
+            );
+        }
+        // The variables first: they are injected at the next (re)start, so
+        // the restart below is what makes the Space train on this version.
+        // The key last, so "key set" implies "version set".
+        if !same_version {
+            self.set_variable(DATASET_VERSION_VARIABLE, version).await?;
+        }
+        if !same_key {
+            self.set_variable(JOB_KEY_VARIABLE, key).await?;
+        }
         restart_space(&self.client, &self.space, false).await?;
-        info!(space = %self.space, dataset_version = version, "retrain Space restarted");
-        let data = HandleData {
-            space: self.space.to_string(),
-            dataset_version: version.to_owned(),
-        };
-        Ok(TrainingHandle {
-            kind: HANDLE_KIND.to_owned(),
-            data: serde_json::to_value(data)
-                .map_err(|e| PortError::Failed(format!("cannot encode the handle: {e}")))?,
-        })
+        info!(space = %self.space, dataset_version = version, job_key = key, "retrain Space restarted");
+        self.handle(version)
     }
 
     async fn wait(

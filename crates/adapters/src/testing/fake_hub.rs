@@ -9,6 +9,17 @@
 //! Time is wall-clock: a publication scheduled `delay` after a restart
 //! becomes visible to the first request made after that delay.
 //!
+//! Space variables behave as the reference says (§1.2): setting one does not
+//! restart the Space; the variables are injected at the next (re)start
+//! ([`FakeHub::started_env`]). Restarts are counted per Space and per
+//! `RETRAIN_JOB_KEY` ([`FakeHub::restarts_for_job`]), and a second restart
+//! for the job key the Space was last restarted for is **refused** (HTTP 409,
+//! counted by [`FakeHub::rejected_restarts`]) unless a test allows it
+//! ([`FakeHub::allow_repeated_job_restarts`]): an adapter that restarts a
+//! trainer Space twice for one job fails loudly here. A restart can also be
+//! applied while its response is lost ([`FakeHub::lose_next_restart_response`]),
+//! to check that a client does not re-post it blindly.
+//!
 //! ```no_run
 //! # async fn demo() {
 //! use retrain_adapters::testing::fake_hub::FakeHub;
@@ -42,6 +53,19 @@ use crate::http::HttpPolicy;
 /// The token [`FakeHub::start`] requires.
 pub const FAKE_TOKEN: &str = "hf_fake_hub_token_0123456789";
 
+/// The variable whose value identifies the job a restart is for.
+const JOB_KEY_VARIABLE: &str = "RETRAIN_JOB_KEY";
+
+/// How the response of a restart that *was applied* gets lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LostResponse {
+    /// The response arrives after this delay (longer than the client's
+    /// timeout: the client sees a timeout).
+    Delay(Duration),
+    /// The response is this HTTP status (e.g. a 502 from a gateway).
+    Status(u16),
+}
+
 /// One request the fake Hub received.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordedRequest {
@@ -72,6 +96,15 @@ struct Space {
     restarts: u64,
     factory_restarts: u64,
     on_restart: Vec<Publication>,
+    /// Restarts per `RETRAIN_JOB_KEY` value at the time of the restart.
+    restarts_by_job: BTreeMap<String, u64>,
+    /// The job key of the last restart, if the variable was set.
+    last_restart_job: Option<String>,
+    /// The variables injected at the last restart.
+    started_env: BTreeMap<String, String>,
+    allow_repeated_job_restarts: bool,
+    rejected_restarts: u64,
+    lose_next_restart_response: Option<LostResponse>,
 }
 
 impl Space {
@@ -86,6 +119,12 @@ impl Space {
             restarts: 0,
             factory_restarts: 0,
             on_restart: Vec::new(),
+            restarts_by_job: BTreeMap::new(),
+            last_restart_job: None,
+            started_env: BTreeMap::new(),
+            allow_repeated_job_restarts: false,
+            rejected_restarts: 0,
+            lose_next_restart_response: None,
         }
     }
 }
@@ -312,6 +351,50 @@ impl FakeHub {
             .map_or(0, |s| s.restarts)
     }
 
+    /// Restarts of `space` made while its `RETRAIN_JOB_KEY` was `job_key`.
+    pub fn restarts_for_job(&self, space: &str, job_key: &str) -> u64 {
+        lock(&self.state)
+            .spaces
+            .get(space)
+            .and_then(|s| s.restarts_by_job.get(job_key).copied())
+            .unwrap_or(0)
+    }
+
+    /// Restarts refused because the Space was already restarted for that
+    /// job key (see the module doc).
+    pub fn rejected_restarts(&self, space: &str) -> u64 {
+        lock(&self.state)
+            .spaces
+            .get(space)
+            .map_or(0, |s| s.rejected_restarts)
+    }
+
+    /// Accept repeated restarts for one job key on `space` (for tests of a
+    /// Space that must legitimately be restarted again, e.g. after a pause).
+    pub fn allow_repeated_job_restarts(&self, space: &str) {
+        lock(&self.state)
+            .space_mut(space)
+            .allow_repeated_job_restarts = true;
+    }
+
+    /// The variables the Space was last (re)started with: what its app sees
+    /// as env vars.
+    pub fn started_env(&self, space: &str) -> BTreeMap<String, String> {
+        lock(&self.state)
+            .spaces
+            .get(space)
+            .map(|s| s.started_env.clone())
+            .unwrap_or_default()
+    }
+
+    /// The next restart of `space` is applied, but its response is lost
+    /// `how` (delayed past the client's timeout, or a 5xx).
+    pub fn lose_next_restart_response(&self, space: &str, how: LostResponse) {
+        lock(&self.state)
+            .space_mut(space)
+            .lose_next_restart_response = Some(how);
+    }
+
     pub fn factory_restarts(&self, space: &str) -> u64 {
         lock(&self.state)
             .spaces
@@ -480,6 +563,25 @@ fn space_route(
             ResponseTemplate::new(200).set_body_json(body)
         }
         ("POST", "restart") => {
+            let job = space.variables.get(JOB_KEY_VARIABLE).cloned();
+            if let Some(job) = &job {
+                if space.last_restart_job.as_ref() == Some(job)
+                    && !space.allow_repeated_job_restarts
+                {
+                    space.rejected_restarts += 1;
+                    return json_error(
+                        409,
+                        None,
+                        &format!(
+                            "fake hub: Space {repo} was already restarted for job {job}; \
+                             a second restart for one job is a bug"
+                        ),
+                    );
+                }
+                *space.restarts_by_job.entry(job.clone()).or_default() += 1;
+            }
+            space.last_restart_job = job;
+            space.started_env = space.variables.clone();
             space.restarts += 1;
             let factory = request
                 .url
@@ -498,9 +600,20 @@ fn space_route(
                 .iter()
                 .map(|p| (now + p.delay, p.clone()))
                 .collect();
+            let lost = space.lose_next_restart_response.take();
             state.pending.extend(scheduled);
             state.apply_due();
-            ResponseTemplate::new(200).set_body_json(body)
+            match lost {
+                None => ResponseTemplate::new(200).set_body_json(body),
+                Some(LostResponse::Delay(delay)) => ResponseTemplate::new(200)
+                    .set_body_json(body)
+                    .set_delay(delay),
+                Some(LostResponse::Status(status)) => json_error(
+                    status,
+                    None,
+                    "fake hub: bad gateway (the restart was applied)",
+                ),
+            }
         }
         ("POST", "variables") => {
             let body: serde_json::Value = match request.body_json() {

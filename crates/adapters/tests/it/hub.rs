@@ -396,14 +396,47 @@ async fn rate_limit_too_long_gives_a_transient_error_with_the_reset_time() {
     assert_eq!(server.received_requests().await.unwrap().len(), 1);
 }
 
+fn variables_json(vars: &[(&str, &str)]) -> serde_json::Value {
+    let map: serde_json::Map<String, serde_json::Value> = vars
+        .iter()
+        .map(|(k, v)| {
+            (
+                (*k).to_owned(),
+                json!({"value": v, "description": null, "updatedAt": "2025-11-01T00:00:00.000Z"}),
+            )
+        })
+        .collect();
+    serde_json::Value::Object(map)
+}
+
 #[tokio::test]
-async fn trainer_sets_dataset_version_then_restarts() {
+async fn trainer_sets_dataset_version_and_job_key_then_restarts() {
     let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/api/spaces/owner/train/variables"))
+        .and(bearer())
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(variables_json(&[("DATASET_VERSION", "v20251001_000000")])),
+        )
+        .expect(1)
+        .mount(&server)
+        .await;
     Mock::given(method("POST"))
         .and(path("/api/spaces/owner/train/variables"))
         .and(bearer())
         .and(body_json(
             json!({"key": "DATASET_VERSION", "value": "v20251030_115250"}),
+        ))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
+        .expect(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/api/spaces/owner/train/variables"))
+        .and(bearer())
+        .and(body_json(
+            json!({"key": "RETRAIN_JOB_KEY", "value": "run-1/train/1"}),
         ))
         .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
         .expect(1)
@@ -424,20 +457,37 @@ async fn trainer_sets_dataset_version_then_restarts() {
         handle.data,
         json!({"space": "owner/train", "dataset_version": "v20251030_115250"})
     );
-    let paths: Vec<String> = server
+    let calls: Vec<(String, String)> = server
         .received_requests()
         .await
         .unwrap()
         .iter()
-        .map(|r| r.url.path().to_owned())
+        .map(|r| {
+            let body = serde_json::from_slice::<serde_json::Value>(&r.body)
+                .ok()
+                .and_then(|b| b.get("key").and_then(|k| k.as_str()).map(str::to_owned))
+                .unwrap_or_default();
+            (format!("{} {}", r.method, r.url.path()), body)
+        })
         .collect();
     assert_eq!(
-        paths,
+        calls,
         [
-            "/api/spaces/owner/train/variables",
-            "/api/spaces/owner/train/restart"
+            (
+                "GET /api/spaces/owner/train/variables".into(),
+                String::new()
+            ),
+            (
+                "POST /api/spaces/owner/train/variables".into(),
+                "DATASET_VERSION".into()
+            ),
+            (
+                "POST /api/spaces/owner/train/variables".into(),
+                "RETRAIN_JOB_KEY".into()
+            ),
+            ("POST /api/spaces/owner/train/restart".into(), String::new()),
         ],
-        "the variable must be set before the restart"
+        "the version, then the key, must be set before the restart"
     );
     // No wait configured: the Space decides by itself.
     let outcome = trainer.wait(&req, &handle).await.unwrap();
@@ -450,8 +500,84 @@ async fn trainer_sets_dataset_version_then_restarts() {
 }
 
 #[tokio::test]
+async fn trainer_adopts_a_space_already_restarted_for_the_job_key() {
+    for stage in ["BUILDING", "RUNNING_APP_STARTING", "RUNNING"] {
+        let server = MockServer::start().await;
+        Mock::given(method("GET"))
+            .and(path("/api/spaces/owner/train/variables"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(variables_json(&[
+                ("DATASET_VERSION", "v2"),
+                ("RETRAIN_JOB_KEY", "run-1/train/1"),
+            ])))
+            .mount(&server)
+            .await;
+        Mock::given(method("GET"))
+            .and(path("/api/spaces/owner/train/runtime"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(runtime(stage)))
+            .mount(&server)
+            .await;
+        let trainer = HfSpaceTrainer::new(client(&server), "owner/train", None).unwrap();
+        let handle = trainer.start(&request("v2")).await.unwrap();
+        assert_eq!(
+            handle.data,
+            json!({"space": "owner/train", "dataset_version": "v2"})
+        );
+        let posts = server
+            .received_requests()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|r| r.method.as_str() == "POST")
+            .count();
+        assert_eq!(posts, 0, "{stage}: adopted, so nothing may be posted");
+    }
+}
+
+#[tokio::test]
+async fn trainer_restarts_when_the_space_shows_no_restart_for_the_key() {
+    // The variables were set for this job, but the restart never happened
+    // (or the Space was paused since): restart, without setting them again.
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/api/spaces/owner/train/variables"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(variables_json(&[
+            ("DATASET_VERSION", "v2"),
+            ("RETRAIN_JOB_KEY", "run-1/train/1"),
+        ])))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/api/spaces/owner/train/runtime"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(runtime("PAUSED")))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/api/spaces/owner/train/restart"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(runtime("BUILDING")))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let trainer = HfSpaceTrainer::new(client(&server), "owner/train", None).unwrap();
+    trainer.start(&request("v2")).await.unwrap();
+    let posts: Vec<String> = server
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| r.method.as_str() == "POST")
+        .map(|r| r.url.path().to_owned())
+        .collect();
+    assert_eq!(posts, ["/api/spaces/owner/train/restart"]);
+}
+
+#[tokio::test]
 async fn trainer_variable_denied_names_the_space_and_does_not_restart() {
     let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/api/spaces/owner/train/variables"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
+        .mount(&server)
+        .await;
     Mock::given(method("POST"))
         .and(path("/api/spaces/owner/train/variables"))
         .respond_with(ResponseTemplate::new(403))
@@ -462,7 +588,130 @@ async fn trainer_variable_denied_names_the_space_and_does_not_restart() {
     assert!(matches!(err, PortError::Denied(_)), "{err:?}");
     check_message(&err, "owner/train");
     check_message(&err, "write access");
+    assert_eq!(server.received_requests().await.unwrap().len(), 2);
+
+    // Reading the variables needs the same access.
+    server.reset().await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(401))
+        .mount(&server)
+        .await;
+    let err = trainer.start(&request("v2")).await.unwrap_err();
+    assert!(matches!(err, PortError::Denied(_)), "{err:?}");
+    check_message(&err, "variables of Space owner/train");
     assert_eq!(server.received_requests().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_restart_answered_5xx_is_not_reposted_when_the_space_is_restarting() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/api/spaces/owner/prep/restart"))
+        .respond_with(ResponseTemplate::new(504))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/api/spaces/owner/prep/runtime"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(runtime("BUILDING")))
+        .mount(&server)
+        .await;
+    let controller = HfSpaceController::new(client(&server), "owner/prep", false).unwrap();
+    controller
+        .restart(&JobKey("cycle-1/prepare/job".into()))
+        .await
+        .unwrap();
+    let calls: Vec<String> = server
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.url.path()))
+        .collect();
+    assert_eq!(
+        calls,
+        [
+            "POST /api/spaces/owner/prep/restart",
+            "GET /api/spaces/owner/prep/runtime"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_restart_answered_5xx_is_reposted_only_when_the_space_shows_no_restart() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/api/spaces/owner/prep/restart"))
+        .respond_with(ResponseTemplate::new(502))
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/api/spaces/owner/prep/restart"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(runtime("BUILDING")))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/api/spaces/owner/prep/runtime"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(runtime("RUNNING")))
+        .mount(&server)
+        .await;
+    let controller = HfSpaceController::new(client(&server), "owner/prep", false).unwrap();
+    controller
+        .restart(&JobKey("cycle-1/prepare/job".into()))
+        .await
+        .unwrap();
+    let calls: Vec<String> = server
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.url.path()))
+        .collect();
+    assert_eq!(
+        calls,
+        [
+            "POST /api/spaces/owner/prep/restart",
+            "GET /api/spaces/owner/prep/runtime",
+            "POST /api/spaces/owner/prep/restart"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_timed_out_restart_with_an_unreadable_runtime_fails_instead_of_reposting() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/api/spaces/owner/prep/restart"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(runtime("BUILDING"))
+                .set_delay(Duration::from_secs(2)),
+        )
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&server)
+        .await;
+    let mut settings = settings(&server);
+    settings.policy.timeout = Duration::from_millis(300);
+    let controller =
+        HfSpaceController::new(HubClient::new(settings).unwrap(), "owner/prep", false).unwrap();
+    let err = controller
+        .restart(&JobKey("cycle-1/prepare/job".into()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PortError::Transient(_)), "{err:?}");
+    check_message(&err, "timed out");
+    check_message(&err, "not posted again blindly");
+    let posts = server
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| r.method.as_str() == "POST")
+        .count();
+    assert_eq!(posts, 1);
 }
 
 #[tokio::test]
@@ -852,7 +1101,7 @@ async fn metadata_5xx_then_success() {
 #[cfg(feature = "testing")]
 mod fake {
     use super::*;
-    use retrain_adapters::testing::fake_hub::FakeHub;
+    use retrain_adapters::testing::fake_hub::{FakeHub, LostResponse};
 
     const PATH: &str = "dataset_metadata.json";
 
@@ -941,9 +1190,120 @@ mod fake {
         assert_eq!(hub.variables("owner/train")["DATASET_VERSION"], "v7");
         assert_eq!(hub.restarts("owner/train"), 1);
         assert_eq!(hub.factory_restarts("owner/train"), 0);
+        // What the Space's app sees at its restart.
+        let env = hub.started_env("owner/train");
+        assert_eq!(env["DATASET_VERSION"], "v7");
+        assert_eq!(env["RETRAIN_JOB_KEY"], "run-1/train/1");
         let outcome = trainer.wait(&req, &handle).await.unwrap();
         assert!(matches!(outcome, TrainingOutcome::Finished(c) if c.id == "owner/train@v7"));
-        assert_eq!(hub.posts(), 2);
+        assert_eq!(hub.posts(), 3, "two variables and one restart");
+    }
+
+    fn keyed(version: &str, key: &str) -> TrainingRequest {
+        let mut req = request(version);
+        req.job_key = JobKey(key.into());
+        req
+    }
+
+    /// A resumed run calls `start` again after a crash between the restart
+    /// and its journal write: the Space must not be restarted again.
+    #[tokio::test]
+    async fn trainer_start_is_idempotent_for_the_job_key() {
+        let hub = FakeHub::start().await;
+        hub.add_space("owner/train", "PAUSED");
+        hub.set_restart_stages("owner/train", &["BUILDING", "APP_STARTING", "RUNNING"]);
+        let req = keyed("v7", "run-9/train/1");
+        let first = HfSpaceTrainer::new(hub.client(), "owner/train", None)
+            .unwrap()
+            .start(&req)
+            .await
+            .unwrap();
+        // Another process, while the Space builds, then once it runs.
+        for _ in 0..4 {
+            let again = HfSpaceTrainer::new(hub.client(), "owner/train", None)
+                .unwrap()
+                .start(&req)
+                .await
+                .unwrap();
+            assert_eq!(again, first);
+        }
+        assert_eq!(hub.stage("owner/train").as_deref(), Some("RUNNING"));
+        assert_eq!(hub.restarts("owner/train"), 1);
+        assert_eq!(hub.restarts_for_job("owner/train", "run-9/train/1"), 1);
+        assert_eq!(hub.rejected_restarts("owner/train"), 0);
+
+        // The next job (another key, same version) restarts it once more.
+        let next = keyed("v7", "run-9/train/2");
+        let trainer = HfSpaceTrainer::new(hub.client(), "owner/train", None).unwrap();
+        trainer.start(&next).await.unwrap();
+        trainer.start(&next).await.unwrap();
+        assert_eq!(hub.restarts_for_job("owner/train", "run-9/train/2"), 1);
+        assert_eq!(hub.restarts("owner/train"), 2);
+        assert_eq!(
+            hub.started_env("owner/train")["RETRAIN_JOB_KEY"],
+            "run-9/train/2"
+        );
+        assert_eq!(hub.rejected_restarts("owner/train"), 0);
+    }
+
+    #[tokio::test]
+    async fn the_fake_hub_refuses_a_second_restart_for_one_job() {
+        let hub = FakeHub::start().await;
+        hub.add_space("owner/train", "RUNNING");
+        let trainer = HfSpaceTrainer::new(hub.client(), "owner/train", None).unwrap();
+        trainer.start(&keyed("v1", "run-x/train/1")).await.unwrap();
+        // A controller restarting the same Space blindly: refused.
+        let blind = HfSpaceController::new(hub.client(), "owner/train", false).unwrap();
+        let err = blind
+            .restart(&JobKey("cycle/prepare/x".into()))
+            .await
+            .unwrap_err();
+        check_message(&err, "already restarted for job run-x/train/1");
+        assert_eq!(hub.rejected_restarts("owner/train"), 1);
+        assert_eq!(hub.restarts("owner/train"), 1);
+        hub.allow_repeated_job_restarts("owner/train");
+        blind
+            .restart(&JobKey("cycle/prepare/x".into()))
+            .await
+            .unwrap();
+        assert_eq!(hub.restarts_for_job("owner/train", "run-x/train/1"), 2);
+    }
+
+    fn short_timeout(hub: &FakeHub) -> HubClient {
+        let mut settings = hub.settings();
+        settings.policy.timeout = Duration::from_millis(300);
+        HubClient::new(settings).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_restart_whose_response_was_lost_is_not_posted_again() {
+        for lost in [
+            LostResponse::Delay(Duration::from_secs(2)),
+            LostResponse::Status(502),
+        ] {
+            // The prepare controller.
+            let hub = FakeHub::start().await;
+            hub.add_space("owner/prep", "RUNNING");
+            hub.set_restart_stages("owner/prep", &["BUILDING", "RUNNING"]);
+            hub.lose_next_restart_response("owner/prep", lost);
+            let controller =
+                HfSpaceController::new(short_timeout(&hub), "owner/prep", false).unwrap();
+            controller
+                .restart(&JobKey("cycle-1/prepare/job".into()))
+                .await
+                .unwrap();
+            assert_eq!(hub.restarts("owner/prep"), 1, "{lost:?}: re-posted blindly");
+
+            // The trainer.
+            hub.add_space("owner/train", "RUNNING");
+            hub.set_restart_stages("owner/train", &["APP_STARTING", "RUNNING"]);
+            hub.lose_next_restart_response("owner/train", lost);
+            let trainer = HfSpaceTrainer::new(short_timeout(&hub), "owner/train", None).unwrap();
+            let req = keyed("v3", "run-t/train/1");
+            trainer.start(&req).await.unwrap();
+            assert_eq!(hub.restarts_for_job("owner/train", "run-t/train/1"), 1);
+            assert_eq!(hub.rejected_restarts("owner/train"), 0, "{lost:?}");
+        }
     }
 
     #[tokio::test]

@@ -2,6 +2,7 @@
 //! metadata store, JSON registry, log notifier.
 
 use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use retrain_adapters::command::{CommandSpace, CommandSpec, CommandTrainer};
 use retrain_adapters::file_metadata::FileMetadataStore;
 use retrain_adapters::json_registry::JsonRegistry;
 use retrain_adapters::log_notifier::LogNotifier;
+use retrain_adapters::scrub::Scrubber;
 use retrain_core::domain::{
     Candidate, JobKey, Label, Lease, Metrics, RunId, SpaceStage, TrainingHandle, TrainingOutcome,
     VersionTag,
@@ -87,7 +89,7 @@ async fn command_trainer_passes_the_protocol_env_and_reads_the_result() {
     let workdir = tempfile::tempdir().unwrap();
     let mut spec = sh(r#"
         echo "training $RETRAIN_DATASET_VERSION"
-        id="$RETRAIN_LABEL|$RETRAIN_RUN_ID|$RETRAIN_ATTEMPT|$RETRAIN_DATASET_NAME|$RETRAIN_DATASET_VERSION|$RETRAIN_HOST|$MLFLOW_TRACKING_URI|$(pwd)"
+        id="$RETRAIN_LABEL|$RETRAIN_RUN_ID|$RETRAIN_ATTEMPT|$RETRAIN_JOB_KEY|$RETRAIN_DATASET_NAME|$RETRAIN_DATASET_VERSION|$RETRAIN_HOST|$MLFLOW_TRACKING_URI|$(pwd)"
         printf '{"candidate":"%s","metrics":{"dice":0.81,"iou":%s},"notes":"ignored"}' "$id" "$RETRAIN_ATTEMPT" > "$RETRAIN_RESULT"
     "#);
     spec.env.insert(
@@ -110,15 +112,15 @@ async fn command_trainer_passes_the_protocol_env_and_reads_the_result() {
     assert_eq!(
         candidate.id,
         format!(
-            "segmentation|run-1|2|owner/wms|v20251030_115250|10.0.0.7|http://10.0.0.7:5000|{}",
+            "segmentation|run-1|2|run-1/train/2|owner/wms|v20251030_115250|10.0.0.7|http://10.0.0.7:5000|{}",
             cwd.display()
         )
     );
     assert_eq!(candidate.metrics["dice"], 0.81);
     assert_eq!(candidate.metrics["iou"], 2.0);
-    let log = std::fs::read_to_string(state.path().join("jobs/run-1-2.log")).unwrap();
+    let log = std::fs::read_to_string(state.path().join("jobs/run-1_train_2.log")).unwrap();
     assert!(log.contains("training v20251030_115250"), "{log}");
-    assert!(state.path().join("jobs/run-1-2.result.json").exists());
+    assert!(state.path().join("jobs/run-1_train_2.result.json").exists());
 }
 
 #[tokio::test]
@@ -140,7 +142,7 @@ async fn a_stale_result_file_is_removed_before_the_start() {
     let state = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(state.path().join("jobs")).unwrap();
     std::fs::write(
-        state.path().join("jobs/run-s-1.result.json"),
+        state.path().join("jobs/run-s_train_1.result.json"),
         r#"{"candidate":"stale","metrics":{}}"#,
     )
     .unwrap();
@@ -178,7 +180,7 @@ async fn exit_zero_without_a_result_names_the_missing_file() {
     let handle = trainer.start(&req).await.unwrap();
     let err = trainer.wait(&req, &handle).await.unwrap_err();
     assert!(matches!(err, PortError::InvalidResponse(_)), "{err:?}");
-    assert!(err.message().contains("run-n-1.result.json"), "{err}");
+    assert!(err.message().contains("run-n_train_1.result.json"), "{err}");
     assert!(err.message().contains("no result file"), "{err}");
 }
 
@@ -190,7 +192,7 @@ async fn invalid_result_files_are_rejected_naming_the_file_and_the_problem() {
             "not valid result JSON",
         ),
         (
-            r#"echo '{"candidate":"c","metrics":{"dice":NaN}}' > "$RETRAIN_RESULT""#,
+            r#"echo '{"candidate":"c","metrics":{"dice":NaN' > "$RETRAIN_RESULT""#,
             "not valid result JSON",
         ),
         (
@@ -215,7 +217,8 @@ async fn invalid_result_files_are_rejected_naming_the_file_and_the_problem() {
         assert!(matches!(err, PortError::InvalidResponse(_)), "{err:?}");
         assert!(err.message().contains(needle), "{script}: {err}");
         assert!(
-            err.message().contains(&format!("run-i{i}-1.result.json")),
+            err.message()
+                .contains(&format!("run-i{i}_train_1.result.json")),
             "names the file: {err}"
         );
     }
@@ -339,7 +342,7 @@ async fn a_job_gone_without_a_result_is_lost_for_a_new_process() {
     let TrainingOutcome::Lost { reason } = outcome else {
         panic!("expected Lost, got {outcome:?}");
     };
-    assert!(reason.contains("run-l-1.result.json"), "{reason}");
+    assert!(reason.contains("run-l_train_1.result.json"), "{reason}");
     assert!(reason.contains("host rebooted"), "{reason}");
 }
 
@@ -373,6 +376,338 @@ async fn a_reused_pid_is_not_mistaken_for_the_job() {
         data: serde_json::json!({}),
     };
     assert!(trainer.wait(&req, &foreign).await.is_err());
+}
+
+// ------------------------------------------------ trainer: idempotent start
+
+/// A trainer script that counts its starts in `$COUNT`, runs `secs` and
+/// writes a result naming the job key.
+fn counting(state: &Path, secs: f64) -> (CommandSpec, PathBuf) {
+    let count = state.join("count");
+    let mut spec = sh(&format!(
+        r#"echo "$RETRAIN_JOB_KEY" >> "$COUNT"; sleep {secs}; printf '{{"candidate":"%s","metrics":{{"dice":0.5}}}}' "$RETRAIN_JOB_KEY" > "$RETRAIN_RESULT""#
+    ));
+    spec.env
+        .insert("COUNT".into(), count.to_string_lossy().into_owned());
+    (spec, count)
+}
+
+fn starts(count: &Path) -> Vec<String> {
+    std::fs::read_to_string(count)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn start_is_idempotent_for_the_job_key() {
+    let state = tempfile::tempdir().unwrap();
+    let (spec, count) = counting(state.path(), 1.0);
+    let trainer = CommandTrainer::new(spec.clone(), state.path().to_path_buf()).unwrap();
+    let req = request("run-k", 1, None);
+
+    let first = trainer.start(&req).await.unwrap();
+    let again = trainer.start(&req).await.unwrap();
+    assert_eq!(first, again, "the same key must give the same handle");
+    // A new orchestrator process (crash after the start, before the journal
+    // write) calling start for the same key adopts the running job.
+    let resumed = CommandTrainer::new(spec.clone(), state.path().to_path_buf()).unwrap();
+    assert_eq!(resumed.start(&req).await.unwrap(), first);
+    assert!(running(handle_pid(&first)));
+
+    let outcome = trainer.wait(&req, &first).await.unwrap();
+    assert!(
+        matches!(&outcome, TrainingOutcome::Finished(c) if c.id == "run-k/train/1"),
+        "{outcome:?}"
+    );
+    // After it finished: still the same job; `wait` reads its result.
+    let later = CommandTrainer::new(spec.clone(), state.path().to_path_buf()).unwrap();
+    let handle = later.start(&req).await.unwrap();
+    assert_eq!(handle, first);
+    assert_eq!(later.wait(&req, &handle).await.unwrap(), outcome);
+    assert_eq!(starts(&count), ["run-k/train/1"], "spawned exactly once");
+
+    // Another key is another job.
+    let mut next = request("run-k", 1, None);
+    next.job_key = JobKey("run-k/train/2".into());
+    let second = trainer.start(&next).await.unwrap();
+    assert_ne!(handle_pid(&second), handle_pid(&first));
+    let outcome = trainer.wait(&next, &second).await.unwrap();
+    assert!(matches!(outcome, TrainingOutcome::Finished(c) if c.id == "run-k/train/2"));
+    assert_eq!(starts(&count), ["run-k/train/1", "run-k/train/2"]);
+}
+
+#[tokio::test]
+async fn a_job_gone_without_a_result_is_adopted_not_restarted() {
+    let state = tempfile::tempdir().unwrap();
+    let count = state.path().join("count");
+    let mut spec = sh(r#"echo x >> "$COUNT"; exit 0"#);
+    spec.env
+        .insert("COUNT".into(), count.to_string_lossy().into_owned());
+    let req = request("run-g", 1, None);
+    let handle = {
+        let first = CommandTrainer::new(spec.clone(), state.path().to_path_buf()).unwrap();
+        first.start(&req).await.unwrap()
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = CommandTrainer::new(spec, state.path().to_path_buf()).unwrap();
+    assert_eq!(second.start(&req).await.unwrap(), handle);
+    let outcome = second.wait(&req, &handle).await.unwrap();
+    assert!(
+        matches!(outcome, TrainingOutcome::Lost { .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(starts(&count).len(), 1);
+}
+
+/// The crash window: the claim was written, the job spawned, and the
+/// orchestrator died before recording the pid. The next start finds the job
+/// by its environment instead of spawning a second one.
+#[tokio::test]
+async fn a_claim_without_a_pid_adopts_the_job_found_by_its_environment() {
+    let state = tempfile::tempdir().unwrap();
+    let (spec, count) = counting(state.path(), 1.0);
+    let jobs = state.path().join("jobs");
+    std::fs::create_dir_all(&jobs).unwrap();
+    let result = jobs.join("run-w_train_1.result.json");
+    let claim = serde_json::json!({
+        "key": "run-w/train/1", "claimed_at": Utc::now(), "job": null
+    });
+    std::fs::write(jobs.join("run-w_train_1.job.json"), claim.to_string()).unwrap();
+    // What the crashed orchestrator had spawned.
+    let mut orphan = std::process::Command::new("sh")
+        .args(["-c", &spec.argv[2]])
+        .env("COUNT", &count)
+        .env("RETRAIN_JOB_KEY", "run-w/train/1")
+        .env("RETRAIN_RESULT", &result)
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let _ = loop_until_lines_text(&count, 1).await;
+
+    let trainer = CommandTrainer::new(spec.clone(), state.path().to_path_buf()).unwrap();
+    let req = request("run-w", 1, None);
+    let handle = trainer.start(&req).await.unwrap();
+    assert_eq!(handle_pid(&handle), orphan.id());
+    assert_eq!(trainer.start(&req).await.unwrap(), handle, "now recorded");
+    // Reap it as its real parent would have (the trainer polls /proc).
+    let reaper = std::thread::spawn(move || orphan.wait());
+    let outcome = trainer.wait(&req, &handle).await.unwrap();
+    assert!(matches!(outcome, TrainingOutcome::Finished(c) if c.id == "run-w/train/1"));
+    reaper.join().unwrap().unwrap();
+    assert_eq!(starts(&count).len(), 1, "never spawned a second job");
+
+    // A claim whose job is not running and left no result: started now.
+    let claim = serde_json::json!({
+        "key": "run-w/train/2", "claimed_at": Utc::now(), "job": null
+    });
+    std::fs::write(jobs.join("run-w_train_2.job.json"), claim.to_string()).unwrap();
+    let mut next = request("run-w", 1, None);
+    next.job_key = JobKey("run-w/train/2".into());
+    let handle = trainer.start(&next).await.unwrap();
+    assert!(handle_pid(&handle) > 0);
+    trainer.wait(&next, &handle).await.unwrap();
+    assert_eq!(starts(&count).len(), 2);
+}
+
+async fn loop_until_lines_text(path: &Path, n: usize) -> Vec<String> {
+    for _ in 0..200 {
+        let lines = starts(path);
+        if lines.len() >= n {
+            return lines;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{} never reached {n} lines", path.display());
+}
+
+// ------------------------------------------------ trainer: process groups
+
+#[tokio::test]
+async fn background_children_are_stopped_when_the_main_process_exits() {
+    let state = tempfile::tempdir().unwrap();
+    let pidfile = state.path().join("child.pid");
+    // The child even clears its environment (no marker to recognise it by).
+    let mut spec = sh(
+        r#"env -i "$(command -v sleep)" 1000 & echo $! > "$PIDFILE"; printf '{"candidate":"c","metrics":{}}' > "$RETRAIN_RESULT""#,
+    );
+    spec.env
+        .insert("PIDFILE".into(), pidfile.to_string_lossy().into_owned());
+    let trainer = CommandTrainer::new(spec.clone(), state.path().to_path_buf()).unwrap();
+    let req = request("run-o", 1, None);
+    let handle = trainer.start(&req).await.unwrap();
+    let outcome = trainer.wait(&req, &handle).await.unwrap();
+    assert!(
+        matches!(outcome, TrainingOutcome::Finished(_)),
+        "{outcome:?}"
+    );
+    let child = read_pid(&pidfile).await;
+    assert!(
+        !running(child),
+        "the background `sleep 1000` outlived the job"
+    );
+
+    // Same for a job awaited by a later orchestrator process (no child handle).
+    std::fs::remove_file(&pidfile).unwrap();
+    spec.argv[2] = format!("sleep 0.5; {}", spec.argv[2]);
+    let req = request("run-o2", 1, None);
+    let handle = {
+        let first = CommandTrainer::new(spec.clone(), state.path().to_path_buf()).unwrap();
+        first.start(&req).await.unwrap()
+    };
+    let second = CommandTrainer::new(spec, state.path().to_path_buf()).unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(15), second.wait(&req, &handle))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(outcome, TrainingOutcome::Finished(_)),
+        "{outcome:?}"
+    );
+    let child = read_pid(&pidfile).await;
+    assert!(
+        !running(child),
+        "the background `sleep 1000` outlived the resumed job"
+    );
+}
+
+// ------------------------------------------------ trainer: result files
+
+async fn result_error(script: &str, run: &str) -> (PortError, PathBuf) {
+    let state = tempfile::tempdir().unwrap();
+    let mut spec = sh(script);
+    spec.timeout = Some(Duration::from_secs(10));
+    let trainer = CommandTrainer::new(spec, state.path().to_path_buf()).unwrap();
+    let req = request(run, 1, None);
+    let handle = trainer.start(&req).await.unwrap();
+    let started = std::time::Instant::now();
+    let err = trainer.wait(&req, &handle).await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(5), "blocked: {err}");
+    // Keep the directory alive until the assertions are done.
+    let dir = state.keep();
+    (err, dir)
+}
+
+#[tokio::test]
+async fn an_oversized_result_file_is_rejected() {
+    let (err, dir) = result_error(
+        r#"head -c 2000000 /dev/zero | tr '\0' ' ' > "$RETRAIN_RESULT""#,
+        "run-big",
+    )
+    .await;
+    assert!(matches!(err, PortError::InvalidResponse(_)), "{err:?}");
+    let msg = err.message();
+    assert!(msg.contains("run-big_train_1.result.json"), "{msg}");
+    assert!(msg.contains("1 MiB"), "{msg}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_fifo_result_file_is_rejected_without_blocking() {
+    let (err, dir) = result_error(r#"mkfifo "$RETRAIN_RESULT""#, "run-fifo").await;
+    assert!(matches!(err, PortError::InvalidResponse(_)), "{err:?}");
+    let msg = err.message();
+    assert!(msg.contains("run-fifo_train_1.result.json"), "{msg}");
+    assert!(
+        msg.contains("FIFO") && msg.contains("regular file"),
+        "{msg}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_symlinked_result_file_outside_the_state_dir_is_rejected() {
+    let (err, dir) = result_error(r#"ln -s /etc/passwd "$RETRAIN_RESULT""#, "run-ln").await;
+    assert!(matches!(err, PortError::InvalidResponse(_)), "{err:?}");
+    let msg = err.message();
+    assert!(msg.contains("run-ln_train_1.result.json"), "{msg}");
+    assert!(
+        msg.contains("symbolic link") && msg.contains("outside the job's state directory"),
+        "{msg}"
+    );
+    assert!(!msg.contains("root:"), "quoted the target's content: {msg}");
+    std::fs::remove_dir_all(dir).unwrap();
+
+    // A link within the state directory is fine.
+    let state = tempfile::tempdir().unwrap();
+    let script = r#"printf '{"candidate":"linked","metrics":{}}' > "$RETRAIN_RESULT.real"; ln -s "$RETRAIN_RESULT.real" "$RETRAIN_RESULT""#;
+    let trainer = CommandTrainer::new(sh(script), state.path().to_path_buf()).unwrap();
+    let req = request("run-ln2", 1, None);
+    let handle = trainer.start(&req).await.unwrap();
+    let outcome = trainer.wait(&req, &handle).await.unwrap();
+    assert!(matches!(outcome, TrainingOutcome::Finished(c) if c.id == "linked"));
+}
+
+#[tokio::test]
+async fn python_nan_and_infinity_in_results_become_non_finite_metrics() {
+    let state = tempfile::tempdir().unwrap();
+    let script = r#"printf '%s' '{"candidate": "c1", "metrics": {"acc": NaN, "f1": Infinity, "loss": -Infinity}, "note": "NaN stays text"}' > "$RETRAIN_RESULT""#;
+    let trainer = CommandTrainer::new(sh(script), state.path().to_path_buf()).unwrap();
+    let req = request("run-nan", 1, None);
+    let handle = trainer.start(&req).await.unwrap();
+    let TrainingOutcome::Finished(candidate) = trainer.wait(&req, &handle).await.unwrap() else {
+        panic!("expected a result");
+    };
+    assert_eq!(candidate.id, "c1");
+    assert!(candidate.metrics["acc"].is_nan());
+    assert_eq!(candidate.metrics["f1"], f64::INFINITY);
+    assert_eq!(candidate.metrics["loss"], f64::NEG_INFINITY);
+
+    // A string containing "NaN" is untouched.
+    let script = r#"printf '%s' '{"candidate": "NaN-Infinity", "metrics": {"acc": 0.9}}' > "$RETRAIN_RESULT""#;
+    let trainer = CommandTrainer::new(sh(script), state.path().to_path_buf()).unwrap();
+    let req = request("run-nan2", 1, None);
+    let handle = trainer.start(&req).await.unwrap();
+    let TrainingOutcome::Finished(candidate) = trainer.wait(&req, &handle).await.unwrap() else {
+        panic!("expected a result");
+    };
+    assert_eq!(candidate.id, "NaN-Infinity");
+    assert_eq!(candidate.metrics["acc"], 0.9);
+}
+
+// ------------------------------------------------ trainer: secret scrubbing
+
+#[tokio::test]
+async fn secrets_in_the_output_are_scrubbed_from_errors() {
+    const HF: &str = "hf_very_secret_token_value";
+    const DB_PASSWORD: &str = "db-pa55word-xyz";
+    let state = tempfile::tempdir().unwrap();
+    let mut spec = sh(r#"echo "token=$HF_TOKEN" >&2; echo "url=$DATABASE_URL" >&2; exit 1"#);
+    spec.env.insert("HF_TOKEN".into(), HF.into());
+    // Not a secret-looking name: only the configured secret catches it.
+    spec.env.insert(
+        "DATABASE_URL".into(),
+        format!("postgres://app:{DB_PASSWORD}@db/feedback"),
+    );
+    let scrubber = Scrubber::empty().with_secrets(retrain_adapters::scrub::url_secrets(&format!(
+        "postgres://app:{DB_PASSWORD}@db/feedback"
+    )));
+    let trainer = CommandTrainer::new(spec.clone(), state.path().to_path_buf())
+        .unwrap()
+        .with_scrubber(scrubber.clone());
+    let req = request("run-sec", 1, None);
+    let handle = trainer.start(&req).await.unwrap();
+    let err = trainer.wait(&req, &handle).await.unwrap_err();
+    let msg = err.message();
+    assert!(msg.contains("token=***"), "{msg}");
+    assert!(msg.contains("url=***"), "{msg}");
+    assert!(!msg.contains(HF) && !msg.contains(DB_PASSWORD), "{msg}");
+
+    // The prepare job's failure stage goes through the same scrubber.
+    let space = CommandSpace::new(spec, state.path().to_path_buf())
+        .unwrap()
+        .with_scrubber(scrubber);
+    space
+        .restart(&JobKey("cycle-s/prepare/job".into()))
+        .await
+        .unwrap();
+    let stage = settled(&space).await.to_string();
+    assert!(stage.contains("***"), "{stage}");
+    assert!(
+        !stage.contains(HF) && !stage.contains(DB_PASSWORD),
+        "{stage}"
+    );
 }
 
 // ---------------------------------------------------------------- prepare job
@@ -438,25 +773,88 @@ async fn restarting_a_command_space_stops_the_previous_run() {
         .await
         .unwrap();
     let first = read_pid(&pids).await;
+    // A new cycle's restart (a new intent) stops the previous run.
     space
-        .restart(&JobKey("cycle-1/prepare/job".into()))
+        .restart(&JobKey("cycle-2/prepare/job".into()))
         .await
         .unwrap();
     assert!(!running(first), "the first prepare run survived a restart");
     assert_eq!(space.stage().await.unwrap(), SpaceStage::Running);
-    // Leave nothing behind.
-    for _ in 0..100 {
-        let all = std::fs::read_to_string(&pids).unwrap();
-        if all.lines().count() == 2 {
-            let second: u32 = all.lines().nth(1).unwrap().trim().parse().unwrap();
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", "--", &format!("-{second}")])
-                .status();
-            return;
+    let second = loop_until_lines(&pids, 2).await[1];
+    assert!(running(second));
+    // Leave nothing behind: a third intent stops the second run too.
+    space
+        .restart(&JobKey("cycle-3/prepare/job".into()))
+        .await
+        .unwrap();
+    assert!(
+        !running(second),
+        "the second prepare run survived a restart"
+    );
+    let third = loop_until_lines(&pids, 3).await[2];
+    stop_pid_group(third);
+}
+
+#[tokio::test]
+async fn a_prepare_restart_runs_once_per_intent() {
+    let state = tempfile::tempdir().unwrap();
+    let pids = state.path().join("pids");
+    let mut spec = sh(r#"echo $$ >> "$PIDS"; sleep 0.5"#);
+    spec.env
+        .insert("PIDS".into(), pids.to_string_lossy().into_owned());
+    let intent = JobKey("cycle-a/prepare/job".into());
+    let space = CommandSpace::new(spec.clone(), state.path().to_path_buf()).unwrap();
+    space.restart(&intent).await.unwrap();
+    // Same intent while it runs: nothing happens.
+    space.restart(&intent).await.unwrap();
+    let first = loop_until_lines(&pids, 1).await[0];
+    assert!(
+        running(first),
+        "the running job was stopped by a repeated restart"
+    );
+    // A later orchestrator process with the same intent adopts it.
+    let resumed = CommandSpace::new(spec.clone(), state.path().to_path_buf()).unwrap();
+    resumed.restart(&intent).await.unwrap();
+    assert_eq!(resumed.stage().await.unwrap(), SpaceStage::Running);
+    assert_eq!(settled(&space).await, SpaceStage::Stopped);
+    assert_eq!(settled(&resumed).await, SpaceStage::Stopped);
+    // Same intent after it finished: still nothing.
+    space.restart(&intent).await.unwrap();
+    let later = CommandSpace::new(spec.clone(), state.path().to_path_buf()).unwrap();
+    later.restart(&intent).await.unwrap();
+    assert_eq!(settled(&later).await, SpaceStage::Stopped);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(std::fs::read_to_string(&pids).unwrap().lines().count(), 1);
+
+    // A new intent runs it again.
+    space
+        .restart(&JobKey("cycle-b/prepare/job".into()))
+        .await
+        .unwrap();
+    assert_eq!(loop_until_lines(&pids, 2).await.len(), 2);
+    assert_eq!(settled(&space).await, SpaceStage::Stopped);
+}
+
+/// Wait until `path` has `n` lines; return them as pids.
+async fn loop_until_lines(path: &Path, n: usize) -> Vec<u32> {
+    for _ in 0..200 {
+        if let Ok(all) = std::fs::read_to_string(path) {
+            let pids: Vec<u32> = all.lines().filter_map(|l| l.trim().parse().ok()).collect();
+            if pids.len() >= n {
+                return pids;
+            }
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    panic!("the second prepare run never started");
+    panic!("{} never reached {n} lines", path.display());
+}
+
+/// SIGKILL the process group led by `pid` (test clean-up; no `/bin/kill`).
+fn stop_pid_group(pid: u32) {
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
 }
 
 // ---------------------------------------------------------------- metadata
