@@ -88,7 +88,11 @@ fn a_run_killed_mid_training_is_resumed_at_once_and_trains_once() {
     let label = &report["labels"][0];
     assert_eq!(label["status"], "trained", "{label}");
     assert_eq!(label["resumed"], true, "{label}");
-    assert_eq!(starts(root), 1, "the job was awaited or adopted, never started twice");
+    assert_eq!(
+        starts(root),
+        1,
+        "the job was awaited or adopted, never started twice"
+    );
     // The lock of the dead process was taken at once, not after lock_ttl (60 s).
     assert!(took < Duration::from_secs(20), "resume took {took:?}");
 }

@@ -202,7 +202,11 @@ notify = [{{ webhook = "{webhook}", on = "always" }}]
             .args(["--output", "json", "status"])
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     }
 }
@@ -438,4 +442,3 @@ async fn every_failpoint_resumes_to_the_uninterrupted_outcome_on_sqlite() {
 async fn every_failpoint_resumes_to_the_uninterrupted_outcome_on_postgres() {
     campaign("postgres").await;
 }
-

@@ -321,12 +321,10 @@ pub fn evaluate(policy: &GatePolicy, candidate: &Metrics, baseline: Option<&Metr
     let first_model = baseline.is_none();
     // Missing / NaN metrics and bound violations always reject, even under
     // `require = "any"`: a silent pass on bad data is the failure users hate.
-    let hard_failure = comparisons.iter().find(|c| {
-        !c.passed
-            && (c.candidate.is_none()
-                || (!first_model && c.baseline.is_none())
-                || c.delta.is_none())
-    });
+    // A failed comparison without a delta is exactly that: `compare` stops
+    // before computing the delta when the candidate's or production's value
+    // is missing or not finite, or a bound is violated.
+    let hard_failure = comparisons.iter().find(|c| !c.passed && c.delta.is_none());
 
     let (passed, reason) = if let Some(failure) = hard_failure {
         (false, format!("rejected: {}", failure.reason))
@@ -493,6 +491,9 @@ mod tests {
         let suspicious = evaluate(&policy, &metrics(&[("dice", 0.999)]), None);
         assert!(!suspicious.passed);
         assert!(evaluate(&policy, &metrics(&[("dice", 0.7)]), None).passed);
+        // Bounds are inclusive: exactly `min` or exactly `max` is in range.
+        assert!(evaluate(&policy, &metrics(&[("dice", 0.6)]), None).passed);
+        assert!(evaluate(&policy, &metrics(&[("dice", 0.99)]), None).passed);
         let prod = metrics(&[("dice", 0.4)]);
         assert!(!evaluate(&policy, &metrics(&[("dice", 0.5)]), Some(&prod)).passed);
     }
@@ -630,6 +631,42 @@ mod tests {
         }
         let blank = MetricRule::higher("  ");
         assert!(GatePolicy::new(Require::Any, vec![blank], FirstModelPolicy::Fail).is_err());
+    }
+
+    #[test]
+    fn a_metric_missing_in_production_rejects_even_under_require_any() {
+        let policy = GatePolicy {
+            require: Require::Any,
+            ..GatePolicy::seed_default()
+        };
+        let prod = metrics(&[("dice", 0.5)]);
+        let v = evaluate(
+            &policy,
+            &metrics(&[("dice", 0.9), ("iou", 0.9)]),
+            Some(&prod),
+        );
+        assert!(!v.passed, "{}", v.reason);
+        assert!(
+            v.reason.contains("production model has no metric `iou`"),
+            "{}",
+            v.reason
+        );
+        // A candidate missing a metric likewise, even when another improved.
+        let prod = metrics(&[("dice", 0.5), ("iou", 0.5)]);
+        let v = evaluate(&policy, &metrics(&[("dice", 0.9)]), Some(&prod));
+        assert!(!v.passed);
+        assert!(
+            v.reason.contains("candidate has no metric `iou`"),
+            "{}",
+            v.reason
+        );
+        // Whereas a metric that is merely not better does not, under `any`.
+        let v = evaluate(
+            &policy,
+            &metrics(&[("dice", 0.9), ("iou", 0.4)]),
+            Some(&prod),
+        );
+        assert!(v.passed, "{}", v.reason);
     }
 
     #[test]

@@ -1500,6 +1500,298 @@ mod tests {
     }
 
     #[test]
+    fn names_and_classifications_are_those_of_the_journal_format() {
+        assert_eq!(counts_trigger().threshold(), 40);
+        assert_eq!(Trigger::Metadata { threshold: 7 }.threshold(), 7);
+        for stage in [
+            Stage::Created,
+            Stage::Counting,
+            Stage::Preparing,
+            Stage::AwaitingDataset,
+            Stage::Leasing,
+            Stage::Training,
+            Stage::Gating,
+            Stage::Promoting,
+            Stage::Releasing,
+            Stage::Notifying,
+            Stage::Finishing,
+            Stage::Done,
+        ] {
+            let serde_name = serde_json::to_value(stage).unwrap();
+            assert_eq!(serde_name, stage.as_str());
+            assert_eq!(stage.to_string(), stage.as_str());
+        }
+        let failed = Outcome::Failed {
+            stage: Stage::Training,
+            reason: "x".into(),
+        };
+        assert_eq!(failed.short(), "failed");
+        assert!(failed.is_failure());
+        let others = [
+            (Outcome::Passed, "passed"),
+            (Outcome::Trained { candidate: None }, "trained"),
+            (
+                Outcome::Promoted {
+                    version: "1".into(),
+                },
+                "promoted",
+            ),
+            (Outcome::Rejected { reason: "r".into() }, "rejected"),
+            (
+                Outcome::Skipped {
+                    measured: 0,
+                    threshold: 1,
+                    reason: "r".into(),
+                },
+                "skipped",
+            ),
+            (
+                Outcome::Planned {
+                    measured: 0,
+                    threshold: 1,
+                    would: "w".into(),
+                },
+                "planned",
+            ),
+        ];
+        for (outcome, short) in others {
+            assert_eq!(outcome.short(), short);
+            assert!(!outcome.is_failure());
+            let tag = serde_json::to_value(&outcome).unwrap()["kind"].clone();
+            assert_eq!(tag, short);
+        }
+    }
+
+    #[test]
+    fn side_effects_are_exactly_the_actions_that_change_the_world() {
+        let lease = Lease {
+            id: "l".into(),
+            label: Label::new("x").unwrap(),
+            run_id: RunId("r".into()),
+            provider: "ec2".into(),
+            resources: vec![],
+            region: None,
+            acquired_at: now(0),
+            max_until: now(0),
+            attributes: Default::default(),
+            released_at: None,
+        };
+        let handle = TrainingHandle {
+            kind: "t".into(),
+            data: serde_json::json!({}),
+        };
+        let effects = [
+            Action::RestartPrepare { key: "k".into() },
+            Action::AcquireLease { attempt: 1 },
+            Action::StartTraining {
+                attempt: 1,
+                version: VersionTag::new("v"),
+                job_key: None,
+            },
+            Action::Promote {
+                candidate: Candidate {
+                    id: "c".into(),
+                    metrics: Default::default(),
+                },
+            },
+            Action::ReleaseLease { lease },
+            Action::Notify,
+            Action::Commit { cursor: None },
+        ];
+        for action in &effects {
+            assert!(action.is_side_effect(), "{action:?}");
+        }
+        let reads = [
+            Action::ReadCounts { since: now(0) },
+            Action::ReadPublished,
+            Action::Poll {
+                delay_ms: 1,
+                check_prepare: true,
+            },
+            Action::AwaitTraining { attempt: 1, handle },
+            Action::ReadBaseline,
+        ];
+        for action in &reads {
+            assert!(!action.is_side_effect(), "{action:?}");
+        }
+    }
+
+    #[test]
+    fn journals_without_max_step_retries_read_as_the_default() {
+        let mut json = serde_json::to_value(plan(counts_trigger())).unwrap();
+        json.as_object_mut().unwrap().remove("max_step_retries");
+        let plan: LabelPlan = serde_json::from_value(json).unwrap();
+        assert_eq!(plan.max_step_retries, DEFAULT_MAX_STEP_RETRIES);
+        assert_eq!(DEFAULT_MAX_STEP_RETRIES, 5);
+    }
+
+    #[test]
+    fn thresholds_are_inclusive_for_both_triggers() {
+        // Counts: dataset_len == threshold is enough.
+        let mut r = run(plan(counts_trigger()));
+        r.step(&Event::Started { now: now(0) }).unwrap();
+        let a = r
+            .step(&Event::CountsRead {
+                counts: FeedbackCounts {
+                    misclassified: 40,
+                    correct: 0,
+                },
+            })
+            .unwrap();
+        assert_eq!(a, vec![Action::ReadPublished]);
+        assert_eq!(r.seq, 2, "one sequence number per event");
+        // One below: skipped.
+        let mut r = run(plan(counts_trigger()));
+        r.step(&Event::Started { now: now(0) }).unwrap();
+        let a = r
+            .step(&Event::CountsRead {
+                counts: FeedbackCounts {
+                    misclassified: 39,
+                    correct: 0,
+                },
+            })
+            .unwrap();
+        assert_eq!(a, vec![Action::Commit { cursor: None }]);
+        // Metadata: exactly `threshold` new samples is enough, one less is not.
+        for (samples, proceeds) in [(60, true), (59, false), (61, true)] {
+            let mut p = plan(Trigger::Metadata { threshold: 50 });
+            p.prepare = None;
+            let mut r = LabelRun::new(
+                RunId::generate(),
+                CycleId::generate(),
+                p,
+                LabelCursor {
+                    watermark: None,
+                    consumed_version: Some(VersionTag::new("v0")),
+                    consumed_num_samples: Some(10),
+                },
+            );
+            r.step(&Event::Started { now: now(0) }).unwrap();
+            let a = r
+                .step(&Event::PublishedRead {
+                    current: Some(dataset("v1", samples)),
+                })
+                .unwrap();
+            assert_eq!(r.measured, Some(samples - 10));
+            if proceeds {
+                assert!(
+                    matches!(a[..], [Action::StartTraining { .. }]),
+                    "{samples}: {a:?}"
+                );
+            } else {
+                assert_eq!(a, vec![Action::Commit { cursor: None }], "{samples}");
+                assert!(matches!(r.outcome, Some(Outcome::Skipped { .. })));
+            }
+        }
+    }
+
+    #[test]
+    fn disabled_promotion_passes_without_touching_the_registry() {
+        let mut p = plan(counts_trigger());
+        p.promote = PromoteMode::Disabled;
+        let mut r = run(p);
+        r.step(&Event::Started { now: now(0) }).unwrap();
+        r.step(&Event::CountsRead {
+            counts: FeedbackCounts {
+                misclassified: 50,
+                correct: 0,
+            },
+        })
+        .unwrap();
+        r.step(&Event::PublishedRead { current: None }).unwrap();
+        r.step(&Event::PrepareRestarted { now: now(1) }).unwrap();
+        r.step(&Event::Polled {
+            now: now(2),
+            dataset: Some(dataset("v2", 60)),
+            prepare_stage: None,
+        })
+        .unwrap();
+        started(&mut r);
+        finished(&mut r, 0.95);
+        let a = r.step(&Event::BaselineRead { production: None }).unwrap();
+        assert_eq!(a, vec![Action::Notify]);
+        assert_eq!(r.outcome, Some(Outcome::Passed));
+    }
+
+    #[test]
+    fn failures_while_releasing_notifying_or_finishing_still_end_the_run() {
+        let mut p = plan(counts_trigger());
+        p.leased = true;
+        let mut r = run(p);
+        r.step(&Event::Started { now: now(0) }).unwrap();
+        r.step(&Event::CountsRead {
+            counts: FeedbackCounts {
+                misclassified: 50,
+                correct: 0,
+            },
+        })
+        .unwrap();
+        r.step(&Event::PublishedRead { current: None }).unwrap();
+        r.step(&Event::PrepareRestarted { now: now(1) }).unwrap();
+        let a = r
+            .step(&Event::Polled {
+                now: now(2),
+                dataset: Some(dataset("v2", 60)),
+                prepare_stage: None,
+            })
+            .unwrap();
+        assert_eq!(a, vec![Action::AcquireLease { attempt: 1 }]);
+        let lease = Lease {
+            id: "l".into(),
+            label: r.label().clone(),
+            run_id: r.run_id.clone(),
+            provider: "ec2".into(),
+            resources: vec!["i-1".into()],
+            region: None,
+            acquired_at: now(2),
+            max_until: now(3),
+            attributes: Default::default(),
+            released_at: None,
+        };
+        r.step(&Event::LeaseAcquired {
+            lease: lease.clone(),
+        })
+        .unwrap();
+        started(&mut r);
+        // Training fails: the lease is released first.
+        let a = r
+            .step(&Event::ActionFailed {
+                reason: "oom".into(),
+            })
+            .unwrap();
+        assert_eq!(a, vec![Action::ReleaseLease { lease }]);
+        // Releasing fails too: recorded, left to `infra reap`, then notify.
+        let a = r
+            .step(&Event::ActionFailed {
+                reason: "ec2 said no".into(),
+            })
+            .unwrap();
+        assert_eq!(a, vec![Action::Notify]);
+        assert!(r.lease_released);
+        match &r.outcome {
+            Some(Outcome::Failed { stage, reason }) => {
+                assert_eq!(*stage, Stage::Training);
+                assert!(
+                    reason.contains("oom")
+                        && reason.contains("releasing the lease failed: ec2 said no"),
+                    "{reason}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // Notifying fails: the error is kept and the run commits.
+        let a = r
+            .step(&Event::ActionFailed {
+                reason: "slack down".into(),
+            })
+            .unwrap();
+        assert_eq!(a, vec![Action::Commit { cursor: None }]);
+        assert_eq!(r.notify_error.as_deref(), Some("slack down"));
+        r.step(&Event::Committed).unwrap();
+        assert!(r.is_done());
+    }
+
+    #[test]
     fn invalid_events_are_refused() {
         let mut r = run(plan(counts_trigger()));
         let err = r.step(&Event::Committed).unwrap_err();
