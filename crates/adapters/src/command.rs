@@ -40,6 +40,7 @@ use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 
 use crate::error::AdapterError;
+use crate::process::{process_alive, ProcStat};
 
 /// `TrainingHandle::kind` of the jobs this module starts.
 pub const HANDLE_KIND: &str = "command";
@@ -195,47 +196,6 @@ fn render_env(
         out.push((name.clone(), rendered));
     }
     Ok(out)
-}
-
-/// `/proc/<pid>/stat` facts used to recognise a process across restarts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct ProcStat {
-    state: char,
-    pgrp: i64,
-    start_time: u64,
-}
-
-impl ProcStat {
-    fn read(pid: u32) -> Option<Self> {
-        let raw = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        Self::parse(&raw)
-    }
-
-    /// Field 2 (`comm`) may contain spaces and parentheses, so parse from the
-    /// last `)`: the rest starts at field 3 (state); pgrp is field 5 and
-    /// starttime field 22.
-    fn parse(raw: &str) -> Option<Self> {
-        let rest = &raw[raw.rfind(')')? + 1..];
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        Some(Self {
-            state: fields.first()?.chars().next()?,
-            pgrp: fields.get(2)?.parse().ok()?,
-            start_time: fields.get(19)?.parse().ok()?,
-        })
-    }
-
-    /// Zombies have exited; only their parent has not collected them yet.
-    fn is_running(&self) -> bool {
-        !matches!(self.state, 'Z' | 'X' | 'x')
-    }
-}
-
-/// Whether `pid` is still the process we started (same start time) and running.
-fn process_alive(pid: u32, start_time: Option<u64>) -> bool {
-    match ProcStat::read(pid) {
-        Some(stat) => stat.is_running() && start_time.is_none_or(|t| t == stat.start_time),
-        None => false,
-    }
 }
 
 /// Whether any non-zombie process is still in process group `pgid`.
@@ -868,26 +828,6 @@ impl SpaceController for CommandSpace {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn proc_stat_parses_comm_with_spaces_and_parens() {
-        let raw = "1234 (my (odd) prog) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
-        let stat = ProcStat::parse(raw).unwrap();
-        assert_eq!(stat.state, 'S');
-        assert_eq!(stat.pgrp, 1234);
-        assert_eq!(stat.start_time, 987654);
-        assert!(ProcStat::parse("garbage").is_none());
-    }
-
-    #[test]
-    fn own_process_is_alive() {
-        let stat = ProcStat::read(std::process::id()).unwrap();
-        assert!(process_alive(std::process::id(), Some(stat.start_time)));
-        assert!(!process_alive(
-            std::process::id(),
-            Some(stat.start_time + 1)
-        ));
-    }
 
     #[test]
     fn result_files_are_validated() {
