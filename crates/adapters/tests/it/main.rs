@@ -14,6 +14,4 @@ mod local;
 mod mlflow;
 mod pg;
 mod s3;
-#[allow(dead_code, unused_imports)]
-mod store_fixtures;
-// mod store_contract; // re-enabled with the fenced stores
+mod store_contract;
