@@ -466,7 +466,8 @@ pub async fn stale_fences_write_nothing_after_expiry_and_takeover(store: Arc<dyn
     let store = store.as_ref();
     let a = LockOwner("a".into());
     let b = LockOwner("b".into());
-    let fa = acquire(store, "dept", &a, Duration::from_millis(500)).await;
+    // Long enough to drive the run under load, short enough for a test.
+    let fa = acquire(store, "dept", &a, Duration::from_millis(1500)).await;
     let (run, _) = drive(
         store,
         &fa,
@@ -480,7 +481,7 @@ pub async fn stale_fences_write_nothing_after_expiry_and_takeover(store: Arc<dyn
         .await
         .unwrap();
     // `a` pauses past its TTL: its lock expired, nobody holds the label.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
     assert_stale_fence_writes_nothing(store, &run, &fa, "nobody").await;
     // `b` takes the label over; `a` wakes up and tries to go on.
     let fb = acquire(store, "dept", &b, LONG).await;
