@@ -17,6 +17,7 @@ pub mod http;
 pub mod json_registry;
 pub mod log_notifier;
 pub mod mlflow;
+pub mod process;
 pub mod s3;
 pub mod scrub;
 pub mod settings;

@@ -356,21 +356,15 @@ async fn assemble_engine(
         max_parallel_labels: settings.max_parallel_labels,
         lock_ttl: settings.lock_ttl,
         poll_jitter: settings.poll.jitter,
-        owner: LockOwner::generate(&owner_hint()),
+        // Names this process (host, pid, start time), so that another
+        // orchestrator on this host can take its locks at once if it dies.
+        owner: LockOwner::for_process("retrain", &crate::process::current_identity()),
         manifest: RunManifest {
             binary_version: env!("CARGO_PKG_VERSION").to_owned(),
             config_hash: loaded.config_hash.clone(),
         },
     };
     Ok(Engine::new(store, counts, bindings, engine_settings))
-}
-
-/// `host-pid`, so an operator can tell which process holds a lock.
-fn owner_hint() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "host".into());
-    format!("{host}-{}", std::process::id())
 }
 
 // ---- AWS / MLflow / GitHub (see the modules for their behaviour) ----
@@ -599,6 +593,13 @@ fn lease_spec<'a>(settings: &'a Settings, label: &Label) -> Result<&'a LeaseSpec
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use retrain_core::domain::LockOutcome;
+    use retrain_core::engine::CycleRequest;
+    use retrain_core::mocks::MockRunStore;
+
     use super::*;
     use crate::settings::{load, ConfigSources};
 
@@ -634,5 +635,52 @@ mod tests {
         let scrubber = job_scrubber(&loaded.settings);
         let out = scrubber.scrub("hf=hf_wired_secret_token db=wired_db_pass ok=department");
         assert_eq!(out, "hf=*** db=*** ok=department");
+    }
+
+    /// The engine locks labels as this process (so a contender on this
+    /// host can take its locks at once if it dies), for the default TTL.
+    #[tokio::test]
+    async fn the_engine_locks_as_this_process_for_a_minute() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("retrain.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "[labels.a]\nthreshold = 1\nmetadata = \"file://{}/meta.json\"\ntrainer = \"command:true\"\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let loaded = load(&ConfigSources {
+            file: Some(file),
+            env: Vec::new(),
+            overrides: Vec::new(),
+        })
+        .unwrap();
+        let locks = Arc::new(Mutex::new(Vec::new()));
+        let mut store = MockRunStore::new();
+        store.expect_try_lock().returning({
+            let locks = locks.clone();
+            move |_, owner, ttl| {
+                locks.lock().unwrap().push((owner.clone(), ttl));
+                Ok(LockOutcome::Busy {
+                    owner: "someone-else".into(),
+                    expires_at: chrono::Utc::now(),
+                })
+            }
+        });
+        let engine = build_engine(&loaded, Arc::new(store)).await.unwrap();
+        engine
+            .run_cycle(
+                CycleRequest::default(),
+                retrain_core::CancellationToken::new(),
+            )
+            .await
+            .unwrap();
+        let locks = locks.lock().unwrap();
+        let (owner, ttl) = locks.first().expect("the engine locked the label");
+        assert_eq!(*ttl, Duration::from_secs(60));
+        assert!(owner.0.starts_with("retrain@"), "{owner}");
+        assert_eq!(owner.process(), Some(crate::process::current_identity()));
     }
 }

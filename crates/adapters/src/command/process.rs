@@ -30,49 +30,7 @@ use super::JobHandle;
 /// Time between SIGTERM and SIGKILL when stopping a job's process group.
 pub(super) const KILL_GRACE: Duration = Duration::from_secs(3);
 
-/// `/proc/<pid>/stat` facts used to recognise a process across restarts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct ProcStat {
-    pub state: char,
-    pub pgrp: i64,
-    pub start_time: u64,
-}
-
-impl ProcStat {
-    pub fn read(pid: u32) -> Option<Self> {
-        let raw = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        Self::parse(&raw)
-    }
-
-    /// Field 2 (`comm`) may contain spaces and parentheses, so parse from the
-    /// last `)`: the rest starts at field 3 (state); pgrp is field 5 and
-    /// starttime field 22.
-    pub fn parse(raw: &str) -> Option<Self> {
-        let rest = &raw[raw.rfind(')')? + 1..];
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        Some(Self {
-            state: fields.first()?.chars().next()?,
-            pgrp: fields.get(2)?.parse().ok()?,
-            start_time: fields.get(19)?.parse().ok()?,
-        })
-    }
-
-    /// Zombies have exited; only their parent has not collected them yet.
-    pub fn is_running(&self) -> bool {
-        !matches!(self.state, 'Z' | 'X' | 'x')
-    }
-}
-
-/// Whether `pid` is still the process we started (same start time) and running.
-pub(super) fn process_alive(pid: u32, start_time: Option<u64>) -> bool {
-    if pid == 0 {
-        return false;
-    }
-    match ProcStat::read(pid) {
-        Some(stat) => stat.is_running() && start_time.is_none_or(|t| t == stat.start_time),
-        None => false,
-    }
-}
+pub(super) use crate::process::{process_alive, ProcStat};
 
 /// Every running (non-zombie) process: `(pid, stat)`.
 fn processes() -> Vec<(u32, ProcStat)> {

@@ -115,8 +115,11 @@ fn default_state_dir() -> PathBuf {
 fn default_parallel() -> usize {
     16
 }
+/// Short enough that a crashed holder on another machine frees its labels
+/// within a minute (a dead holder on this host is noticed at once); the
+/// engine renews every third of it (20 s).
 fn default_lock_ttl() -> HumanDuration {
-    HumanDuration::secs(600)
+    HumanDuration::secs(60)
 }
 
 #[derive(Debug, Deserialize)]

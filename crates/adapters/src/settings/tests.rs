@@ -109,6 +109,19 @@ trainer = "command:true"
 }
 
 #[test]
+fn lock_ttl_defaults_to_a_minute() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        "[labels.a]\nthreshold = 3\nmetadata = \"file://m.json\"\ntrainer = \"command:true\"\n",
+    );
+    let loaded = load(&sources(Some(file.clone()), &[])).unwrap();
+    assert_eq!(loaded.settings.lock_ttl, Duration::from_secs(60));
+    let loaded = load(&sources(Some(file), &[("RETRAIN_LOCK_TTL", "5m")])).unwrap();
+    assert_eq!(loaded.settings.lock_ttl, Duration::from_secs(300));
+}
+
+#[test]
 fn errors_name_the_file_the_key_and_the_expectation() {
     let dir = tempfile::tempdir().unwrap();
     let file = write(

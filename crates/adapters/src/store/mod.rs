@@ -1,20 +1,29 @@
 //! `RunStore` over SQLite (the embedded default) and Postgres (shared by
 //! orchestrators on several machines).
 //!
-//! Both backends keep the same five tables (runs, transitions, cursors,
-//! locks, leases; see `migrations/`) and the same semantics:
-//! - `record` appends the journal line and upserts the run's snapshot in one
-//!   transaction; `finish` does the same plus the cursor update;
-//! - a label lock is a row (owner, expires_at) taken with an upsert that only
-//!   overwrites an expired lock or one of the same owner, so a crashed holder
-//!   frees the label after its TTL. SQLite compares with this machine's clock
-//!   (a SQLite file is shared by processes of one machine); Postgres compares
-//!   with the database's `now()` so machines with skewed clocks still agree.
+//! One implementation, [`SqlRunStore`], holds the rules; a dialect
+//! ([`backend::Backend`]: `sqlite.rs`, `postgres.rs`) supplies its SQL, how
+//! values and rows map to its column types, and its two fenced writes. Both
+//! keep the same five tables (runs, transitions, cursors, locks, leases; see
+//! `migrations/`) and the same semantics:
+//! - `record` appends the journal line and upserts the run's snapshot
+//!   atomically; `finish` does the same plus the cursor update;
+//! - a label lock is a row (owner, expires_at, token) taken with an upsert
+//!   that only overwrites an expired or released lock or one of the same
+//!   owner, so a crashed holder frees the label after its TTL (at once for a
+//!   contender on its host, which can tell the process is gone). Every
+//!   acquisition increments the row's fencing token, and every write of a run
+//!   applies only while its (owner, token) still holds the lock: see
+//!   `locks.rs`. SQLite compares with this machine's clock (a SQLite file is
+//!   shared by processes of one machine); Postgres compares with the
+//!   database's `now()` so machines with skewed clocks still agree.
 //!
 //! Postgres advisory locks were considered and rejected: they belong to a
 //! session, so they would die with a pooled connection and could not express
 //! "held until expiry" for a holder that crashed mid-run.
 
+mod backend;
+mod locks;
 mod postgres;
 mod sqlite;
 
@@ -22,8 +31,8 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use retrain_core::domain::Label;
-use retrain_core::journal::{RunSummary, Transition};
+use retrain_core::domain::{Fence, Label, LabelCursor, Lease, LockOutcome, LockOwner, RunId};
+use retrain_core::journal::{RunDetail, RunFilter, RunSummary, Transition};
 use retrain_core::machine::{LabelRun, Stage};
 use retrain_core::ports::{RunStore, StoreError};
 use sqlx::error::BoxDynError;
@@ -32,8 +41,12 @@ use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
 use crate::db::DbUrl;
 use crate::AdapterError;
 
-pub use postgres::PostgresRunStore;
-pub use sqlite::SqliteRunStore;
+use backend::{
+    cursor_of, lease_args, lease_of, snapshot_of, summary_of, transition_of, Arg, Backend,
+    Statements,
+};
+use postgres::PostgresRunStore;
+use sqlite::SqliteRunStore;
 
 /// The config key the store URL comes from (named in errors).
 const KEY: &str = "state";
@@ -67,12 +80,12 @@ pub async fn open_run_store(
 ) -> Result<Arc<dyn RunStore>, AdapterError> {
     let url = DbUrl::parse(KEY, url)?;
     match &url {
-        DbUrl::SqliteFile(_) | DbUrl::SqliteMemory => {
-            Ok(Arc::new(SqliteRunStore::open(url.clone(), options).await?))
-        }
-        DbUrl::Postgres(_) => Ok(Arc::new(
+        DbUrl::SqliteFile(_) | DbUrl::SqliteMemory => Ok(Arc::new(SqlRunStore(
+            SqliteRunStore::open(url.clone(), options).await?,
+        ))),
+        DbUrl::Postgres(_) => Ok(Arc::new(SqlRunStore(
             PostgresRunStore::open(url.clone(), options).await?,
-        )),
+        ))),
     }
 }
 
@@ -91,6 +104,147 @@ pub async fn migrate(url: &str) -> Result<(), AdapterError> {
         }
     }
     Ok(())
+}
+
+/// The run store over one dialect `B`: every `RunStore` rule lives here or
+/// in `locks.rs`, once.
+struct SqlRunStore<B>(B);
+
+impl<B> std::fmt::Debug for SqlRunStore<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlRunStore").finish_non_exhaustive()
+    }
+}
+
+#[async_trait::async_trait]
+impl<B: Backend> RunStore for SqlRunStore<B> {
+    async fn try_lock(
+        &self,
+        label: &Label,
+        owner: &LockOwner,
+        ttl: std::time::Duration,
+    ) -> Result<LockOutcome, StoreError> {
+        locks::try_lock(&self.0, label, owner, ttl).await
+    }
+
+    async fn renew_lock(
+        &self,
+        label: &Label,
+        fence: &Fence,
+        ttl: std::time::Duration,
+    ) -> Result<bool, StoreError> {
+        locks::renew(&self.0, label, fence, ttl).await
+    }
+
+    async fn release_lock(&self, label: &Label, fence: &Fence) -> Result<(), StoreError> {
+        locks::release(&self.0, label, fence).await
+    }
+
+    async fn cursor(&self, label: &Label) -> Result<LabelCursor, StoreError> {
+        let b = &self.0;
+        b.pool()
+            .fetch_optional(backend::SELECT_CURSOR, vec![Arg::text(label)])
+            .await
+            .map_err(|e| b.error(&format!("reading the cursor of label {label}"), e))?
+            .map_or_else(|| Ok(LabelCursor::default()), |row| cursor_of(&row, label))
+    }
+
+    async fn unfinished_run(&self, label: &Label) -> Result<Option<LabelRun>, StoreError> {
+        let b = &self.0;
+        b.pool()
+            .fetch_optional(backend::SELECT_UNFINISHED, vec![Arg::text(label)])
+            .await
+            .map_err(|e| b.error(&format!("reading the unfinished run of label {label}"), e))?
+            .map(|row| snapshot_of(&row))
+            .transpose()
+    }
+
+    async fn record(&self, transition: &Transition, fence: &Fence) -> Result<(), StoreError> {
+        let applied = self.0.journal(transition, None, fence).await?;
+        locks::fenced(&self.0, &transition.label, fence, applied).await
+    }
+
+    async fn finish(
+        &self,
+        transition: &Transition,
+        cursor: Option<LabelCursor>,
+        fence: &Fence,
+    ) -> Result<(), StoreError> {
+        let applied = self.0.journal(transition, cursor.as_ref(), fence).await?;
+        locks::fenced(&self.0, &transition.label, fence, applied).await
+    }
+
+    async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, StoreError> {
+        let b = &self.0;
+        let args = vec![
+            Arg::OptText(filter.label.as_ref().map(Label::to_string)),
+            Arg::Int(filter.limit.map_or(i64::MAX, i64::from)),
+        ];
+        b.pool()
+            .fetch_all(backend::SELECT_RUNS, args)
+            .await
+            .map_err(|e| b.error("listing runs", e))?
+            .iter()
+            .map(summary_of)
+            .collect()
+    }
+
+    async fn run(&self, run_id: &RunId) -> Result<Option<RunDetail>, StoreError> {
+        let b = &self.0;
+        let what = format!("reading run {run_id}");
+        let Some(row) = b
+            .pool()
+            .fetch_optional(backend::SELECT_RUN, vec![Arg::text(run_id)])
+            .await
+            .map_err(|e| b.error(&what, e))?
+        else {
+            return Ok(None);
+        };
+        let summary = summary_of(&row)?;
+        let snapshot = snapshot_of(&row)?;
+        let transitions = b
+            .pool()
+            .fetch_all(backend::SELECT_TRANSITIONS, vec![Arg::text(run_id)])
+            .await
+            .map_err(|e| b.error(&what, e))?
+            .iter()
+            .map(|row| transition_of(row, run_id))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(Some(RunDetail {
+            summary,
+            snapshot,
+            transitions,
+        }))
+    }
+
+    async fn put_lease(&self, lease: &Lease, fence: &Fence) -> Result<(), StoreError> {
+        let applied = self.0.lease(lease, fence).await?;
+        locks::fenced(&self.0, &lease.label, fence, applied).await
+    }
+
+    async fn put_lease_unfenced(&self, lease: &Lease) -> Result<(), StoreError> {
+        let b = &self.0;
+        b.pool()
+            .execute(backend::UPSERT_LEASE, lease_args(lease)?)
+            .await
+            .map_err(|e| b.error(&format!("recording lease {}", lease.id), e))?;
+        Ok(())
+    }
+
+    async fn active_leases(&self) -> Result<Vec<Lease>, StoreError> {
+        let b = &self.0;
+        b.pool()
+            .fetch_all(backend::SELECT_ACTIVE_LEASES, Vec::new())
+            .await
+            .map_err(|e| b.error("listing active leases", e))?
+            .iter()
+            .map(lease_of)
+            .collect()
+    }
+
+    async fn lock_holder(&self, label: &Label) -> Result<Option<String>, StoreError> {
+        locks::holder(&self.0, label).await
+    }
 }
 
 /// Migrations embedded in the binary (no migrations directory at run time).
@@ -128,13 +282,25 @@ const SQLITE_MIGRATIONS: Embedded = Embedded(&[
         "journal inbox",
         include_str!("../../migrations/sqlite/0002_journal_inbox.sql"),
     ),
+    (
+        3,
+        "fencing tokens",
+        include_str!("../../migrations/sqlite/0003_fencing.sql"),
+    ),
 ]);
 
-const POSTGRES_MIGRATIONS: Embedded = Embedded(&[(
-    1,
-    "run store",
-    include_str!("../../migrations/postgres/0001_run_store.sql"),
-)]);
+const POSTGRES_MIGRATIONS: Embedded = Embedded(&[
+    (
+        1,
+        "run store",
+        include_str!("../../migrations/postgres/0001_run_store.sql"),
+    ),
+    (
+        2,
+        "fencing tokens",
+        include_str!("../../migrations/postgres/0002_fencing.sql"),
+    ),
+]);
 
 /// Apply `source` on open, or check that nothing is pending.
 async fn prepare_schema<'c, A>(
@@ -221,10 +387,6 @@ fn outcome_of(run: &LabelRun) -> &'static str {
     run.outcome.as_ref().map_or("running", |o| o.short())
 }
 
-fn stage_name(stage: Stage) -> &'static str {
-    stage.as_str()
-}
-
 fn parse_stage(raw: &str, run_id: &str) -> Result<Stage, StoreError> {
     serde_json::from_value(serde_json::Value::String(raw.to_owned()))
         .map_err(|_| StoreError::Corrupt(format!("run {run_id}: unknown stage `{raw}`")))
@@ -234,26 +396,11 @@ fn parse_label(raw: &str, run_id: &str) -> Result<Label, StoreError> {
     Label::new(raw).map_err(|e| StoreError::Corrupt(format!("run {run_id}: {e}")))
 }
 
-fn decode_snapshot(run_id: &str, value: serde_json::Value) -> Result<LabelRun, StoreError> {
-    serde_json::from_value(value)
-        .map_err(|e| StoreError::Corrupt(format!("snapshot of run {run_id} cannot be read: {e}")))
-}
-
-fn decode_snapshot_text(run_id: &str, text: &str) -> Result<LabelRun, StoreError> {
-    serde_json::from_str(text)
-        .map_err(|e| StoreError::Corrupt(format!("snapshot of run {run_id} cannot be read: {e}")))
-}
-
 /// Encode something we own as JSON. Failure means a bug (non-string map
 /// keys...), reported as a conflict rather than a panic.
 fn to_json<T: serde::Serialize>(value: &T, what: &str) -> Result<serde_json::Value, StoreError> {
     serde_json::to_value(value)
         .map_err(|e| StoreError::Conflict(format!("cannot encode {what} as JSON: {e}")))
-}
-
-fn json_text(value: &str, what: &str, run_id: &str) -> Result<serde_json::Value, StoreError> {
-    serde_json::from_str(value)
-        .map_err(|e| StoreError::Corrupt(format!("{what} of run {run_id} is not JSON: {e}")))
 }
 
 /// The row fields shared by every transition write.
@@ -284,7 +431,7 @@ impl<'a> RunRow<'a> {
             run_id: transition.run_id.as_str(),
             cycle_id: &transition.cycle_id.0,
             label: transition.label.as_str(),
-            stage: stage_name(transition.to),
+            stage: transition.to.as_str(),
             outcome: outcome_of(run),
             done: transition.is_final(),
             started_at: run.started_at.unwrap_or(transition.at),

@@ -1,25 +1,25 @@
-//! `RunStore` over Postgres: several orchestrators, possibly on different
-//! machines, share one database. Lock expiry is computed and compared with
-//! the database's `now()`, never with a client clock.
+//! The Postgres dialect of the run store: several orchestrators, possibly on
+//! different machines, share one database. Lock expiry is computed and
+//! compared with the database's `now()`, never with a client clock. Fenced
+//! writes run in a transaction that first takes a `FOR SHARE` lock on the
+//! label's lock row (see [`holds`]).
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use retrain_core::domain::{
-    Fence, Label, LabelCursor, Lease, LockOutcome, LockOwner, RunId, VersionTag,
-};
-use retrain_core::journal::{RunDetail, RunFilter, RunSummary, Transition, TransitionRecord};
-use retrain_core::machine::LabelRun;
-use retrain_core::ports::{RunStore, StoreError};
+use retrain_core::domain::{Fence, Label, LabelCursor, Lease, VersionTag};
+use retrain_core::journal::Transition;
+use retrain_core::ports::StoreError;
+use serde::de::DeserializeOwned;
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::types::Json;
-use sqlx::Row;
+use sqlx::{Postgres, Row};
 
-use super::{
-    decode_snapshot, i64_to_u64, parse_stage, prepare_schema, store_error, summary, to_json,
-    u64_to_i64, RunRow, StoreOptions, POSTGRES_MIGRATIONS,
+use super::backend::{
+    bind, fence_args, lease_args, Arg, Backend, Bind, LockSql, Query, StoreRow, UPSERT_LEASE,
 };
+use super::{prepare_schema, u64_to_i64, RunRow, StoreOptions, POSTGRES_MIGRATIONS};
 use crate::db::DbUrl;
 use crate::AdapterError;
 
@@ -27,31 +27,114 @@ use crate::AdapterError;
 /// bounded by `max_parallel_labels`; more would only queue in Postgres.
 const MAX_CONNECTIONS: u32 = 8;
 
-/// The Postgres run store.
-pub struct PostgresRunStore {
+/// The Postgres dialect.
+pub(super) struct PostgresRunStore {
     pool: PgPool,
     url: DbUrl,
 }
 
-impl std::fmt::Debug for PostgresRunStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PostgresRunStore")
-            .field("url", &self.url)
-            .finish_non_exhaustive()
+impl Bind for Postgres {
+    fn bind(query: Query<'_, Self>, arg: Arg) -> Query<'_, Self> {
+        match arg {
+            Arg::Text(v) => query.bind(v),
+            Arg::OptText(v) => query.bind(v),
+            Arg::Int(v) => query.bind(v),
+            Arg::OptInt(v) => query.bind(v),
+            Arg::Float(v) => query.bind(v),
+            Arg::Bool(v) => query.bind(v),
+            Arg::Time(v) => query.bind(v),
+            Arg::OptTime(v) => query.bind(v),
+            Arg::Json(v) => query.bind(Json(v)),
+        }
+    }
+
+    fn rows_affected(result: &sqlx::postgres::PgQueryResult) -> u64 {
+        result.rows_affected()
     }
 }
 
-fn corrupt(e: sqlx::Error) -> StoreError {
-    StoreError::Corrupt(e.to_string())
+impl StoreRow for PgRow {
+    fn time(&self, column: &str, what: &str) -> Result<DateTime<Utc>, StoreError> {
+        self.try_get(column)
+            .map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+    }
+
+    fn opt_time(&self, column: &str, what: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+        self.try_get(column)
+            .map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+    }
+
+    fn json<T: DeserializeOwned>(&self, column: &str) -> Result<T, String> {
+        let Json(value) = self
+            .try_get::<Json<serde_json::Value>, _>(column)
+            .map_err(|e| e.to_string())?;
+        serde_json::from_value(value).map_err(|e| e.to_string())
+    }
 }
+
+/// Lock statements: `$1` label, then per statement (see [`LockSql`]); the
+/// TTL in seconds comes last where an expiry is set. `now()` is the
+/// database's clock. Concurrent upserts of one row serialise on it and
+/// re-check the `WHERE` on its latest version, so exactly one caller takes a
+/// free lock, and exactly one the lock of a dead holder.
+const LOCKS: LockSql = LockSql {
+    // [label, owner, ttl]
+    acquire: "INSERT INTO locks (label, owner, expires_at, token)
+              VALUES ($1, $2, now() + make_interval(secs => $3), 1)
+              ON CONFLICT (label) DO UPDATE SET
+                 owner = excluded.owner, expires_at = excluded.expires_at, token = locks.token + 1
+              WHERE locks.expires_at <= now() OR locks.owner = excluded.owner
+              RETURNING token",
+    // [label, owner, dead owner, dead token, ttl]
+    take: "UPDATE locks SET owner = $2, expires_at = now() + make_interval(secs => $5),
+                            token = token + 1
+           WHERE label = $1 AND owner = $3 AND token = $4
+           RETURNING token",
+    // [label]
+    row: "SELECT owner, token, expires_at, expires_at > now() AS live FROM locks WHERE label = $1",
+    // [label, owner, token, ttl]
+    renew: "UPDATE locks SET expires_at = now() + make_interval(secs => $4)
+            WHERE label = $1 AND owner = $2 AND token = $3 AND expires_at > now()",
+    // [label, owner, token]
+    release: "UPDATE locks SET owner = '', expires_at = 'epoch'
+              WHERE label = $1 AND owner = $2 AND token = $3 AND expires_at > now()",
+};
+
+/// The check that opens every fenced write transaction. The share lock on
+/// the row makes a concurrent takeover (an `UPDATE` of the row) wait until
+/// this transaction ends, so nobody takes the lock between the check and the
+/// commit.
+const HOLDS: &str = "SELECT 1 FROM locks
+     WHERE label = $1 AND owner = $2 AND token = $3 AND expires_at > now()
+     FOR SHARE";
+
+const UPSERT_RUN: &str =
+    "INSERT INTO runs (run_id, cycle_id, label, stage, outcome, done, started_at, updated_at, snapshot)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+     ON CONFLICT (run_id) DO UPDATE SET
+        stage = excluded.stage, outcome = excluded.outcome, done = excluded.done,
+        updated_at = excluded.updated_at, snapshot = excluded.snapshot";
+
+const INSERT_TRANSITION: &str =
+    "INSERT INTO transitions (run_id, seq, at, from_stage, to_stage, event, actions)
+     VALUES ($1, $2, $3, $4, $5, $6, $7)";
+
+const UPSERT_CURSOR: &str =
+    "INSERT INTO cursors (label, watermark, consumed_version, consumed_num_samples, updated_at)
+     VALUES ($1, $2, $3, $4, $5)
+     ON CONFLICT (label) DO UPDATE SET
+        watermark = excluded.watermark, consumed_version = excluded.consumed_version,
+        consumed_num_samples = excluded.consumed_num_samples, updated_at = excluded.updated_at";
 
 /// TTL in seconds for `make_interval(secs => …)`.
 fn secs(ttl: Duration) -> f64 {
     super::ttl(ttl).num_milliseconds() as f64 / 1000.0
 }
 
+type Tx = sqlx::Transaction<'static, Postgres>;
+
 impl PostgresRunStore {
-    pub(crate) async fn open(url: DbUrl, options: StoreOptions) -> Result<Self, AdapterError> {
+    pub(super) async fn open(url: DbUrl, options: StoreOptions) -> Result<Self, AdapterError> {
         let pool = url
             .postgres_pool(super::KEY, MAX_CONNECTIONS, options.read_only)
             .await?;
@@ -59,371 +142,192 @@ impl PostgresRunStore {
         Ok(Self { pool, url })
     }
 
-    /// Close every connection (SQLite checkpoints its WAL on the last close).
-    pub async fn close(&self) {
+    /// Close every connection.
+    pub(super) async fn close(&self) {
         self.pool.close().await;
     }
 
-    fn err(&self, what: &str) -> impl FnOnce(sqlx::Error) -> StoreError + '_ {
-        let what = what.to_owned();
-        move |e| store_error(&self.url, &what, e)
+    /// Begin a fenced write: a transaction in which `fence` holds `label`'s
+    /// lock (share-locked until it ends), or `None` (rolled back) if it does
+    /// not.
+    async fn begin_fenced(
+        &self,
+        label: &Label,
+        fence: &Fence,
+        what: &str,
+    ) -> Result<Option<Tx>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(|e| self.error(what, e))?;
+        let held = bind(sqlx::query(HOLDS), fence_args(label, fence)?)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| self.error(what, e))?
+            .is_some();
+        if held {
+            return Ok(Some(tx));
+        }
+        tx.rollback().await.map_err(|e| self.error(what, e))?;
+        Ok(None)
     }
 
-    /// Journal line + snapshot (+ cursor) in one transaction.
-    async fn write(
+    async fn run_in(
+        &self,
+        tx: &mut Tx,
+        sql: &'static str,
+        args: Vec<Arg>,
+        what: &str,
+    ) -> Result<(), StoreError> {
+        bind(sqlx::query(sql), args)
+            .execute(&mut **tx)
+            .await
+            .map_err(|e| self.error(what, e))?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Backend for PostgresRunStore {
+    type Pool = PgPool;
+
+    const LOCKS: LockSql = LOCKS;
+
+    fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    fn url(&self) -> &DbUrl {
+        &self.url
+    }
+
+    fn now_args(&self) -> Vec<Arg> {
+        Vec::new()
+    }
+
+    fn expiry_args(&self, ttl: Duration) -> Vec<Arg> {
+        vec![Arg::Float(secs(ttl))]
+    }
+
+    /// Run snapshot + journal line (+ cursor) in one transaction opened by
+    /// the fence check.
+    async fn journal(
         &self,
         transition: &Transition,
         cursor: Option<&LabelCursor>,
-    ) -> Result<(), StoreError> {
+        fence: &Fence,
+    ) -> Result<bool, StoreError> {
         let row = RunRow::of(transition)?;
         let what = format!("journaling run {} seq {}", row.run_id, row.seq);
-        let mut tx = self.pool.begin().await.map_err(self.err(&what))?;
-        sqlx::query(
-            "INSERT INTO runs (run_id, cycle_id, label, stage, outcome, done, started_at, updated_at, snapshot)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-             ON CONFLICT (run_id) DO UPDATE SET
-                stage = excluded.stage, outcome = excluded.outcome, done = excluded.done,
-                updated_at = excluded.updated_at, snapshot = excluded.snapshot",
-        )
-        .bind(row.run_id)
-        .bind(row.cycle_id)
-        .bind(row.label)
-        .bind(row.stage)
-        .bind(row.outcome)
-        .bind(row.done)
-        .bind(row.started_at)
-        .bind(transition.at)
-        .bind(Json(&row.snapshot))
-        .execute(&mut *tx)
-        .await
-        .map_err(self.err(&what))?;
-        sqlx::query(
-            "INSERT INTO transitions (run_id, seq, at, from_stage, to_stage, event, actions)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(row.run_id)
-        .bind(row.seq)
-        .bind(transition.at)
-        .bind(transition.from.as_str())
-        .bind(transition.to.as_str())
-        .bind(Json(&row.event))
-        .bind(Json(&row.actions))
-        .execute(&mut *tx)
-        .await
-        .map_err(self.err(&what))?;
+        let Some(mut tx) = self.begin_fenced(&transition.label, fence, &what).await? else {
+            return Ok(false);
+        };
+        let run = vec![
+            Arg::text(row.run_id),
+            Arg::text(row.cycle_id),
+            Arg::text(row.label),
+            Arg::text(row.stage),
+            Arg::text(row.outcome),
+            Arg::Bool(row.done),
+            Arg::Time(row.started_at),
+            Arg::Time(transition.at),
+            Arg::Json(row.snapshot),
+        ];
+        self.run_in(&mut tx, UPSERT_RUN, run, &what).await?;
+        let line = vec![
+            Arg::text(row.run_id),
+            Arg::Int(row.seq),
+            Arg::Time(transition.at),
+            Arg::text(transition.from.as_str()),
+            Arg::text(transition.to.as_str()),
+            Arg::Json(row.event),
+            Arg::Json(row.actions),
+        ];
+        self.run_in(&mut tx, INSERT_TRANSITION, line, &what).await?;
         if let Some(cursor) = cursor {
             let samples = cursor
                 .consumed_num_samples
                 .map(|n| u64_to_i64(n, "consumed_num_samples"))
                 .transpose()?;
-            sqlx::query(
-                "INSERT INTO cursors (label, watermark, consumed_version, consumed_num_samples, updated_at)
-                 VALUES ($1, $2, $3, $4, $5)
-                 ON CONFLICT (label) DO UPDATE SET
-                    watermark = excluded.watermark, consumed_version = excluded.consumed_version,
-                    consumed_num_samples = excluded.consumed_num_samples, updated_at = excluded.updated_at",
-            )
-            .bind(row.label)
-            .bind(cursor.watermark)
-            .bind(cursor.consumed_version.as_ref().map(VersionTag::as_str))
-            .bind(samples)
-            .bind(transition.at)
-            .execute(&mut *tx)
-            .await
-            .map_err(self.err(&what))?;
+            let args = vec![
+                Arg::text(row.label),
+                Arg::OptTime(cursor.watermark),
+                Arg::OptText(
+                    cursor
+                        .consumed_version
+                        .as_ref()
+                        .map(|v| VersionTag::as_str(v).to_owned()),
+                ),
+                Arg::OptInt(samples),
+                Arg::Time(transition.at),
+            ];
+            self.run_in(&mut tx, UPSERT_CURSOR, args, &what).await?;
         }
-        tx.commit().await.map_err(self.err(&what))
+        tx.commit().await.map_err(|e| self.error(&what, e))?;
+        Ok(true)
     }
 
-    fn summary_of(row: &PgRow) -> Result<RunSummary, StoreError> {
-        summary(
-            row.try_get("run_id").map_err(corrupt)?,
-            row.try_get("cycle_id").map_err(corrupt)?,
-            &row.try_get::<String, _>("label").map_err(corrupt)?,
-            &row.try_get::<String, _>("stage").map_err(corrupt)?,
-            row.try_get("outcome").map_err(corrupt)?,
-            row.try_get("started_at").map_err(corrupt)?,
-            row.try_get("updated_at").map_err(corrupt)?,
-        )
-    }
-
-    fn lease_of(row: &PgRow) -> Result<Lease, StoreError> {
-        let id: String = row.try_get("id").map_err(corrupt)?;
-        let field = |name: &str| format!("{name} of lease {id}");
-        let label: String = row.try_get("label").map_err(corrupt)?;
-        let Json(resources) = row
-            .try_get::<Json<Vec<String>>, _>("resources")
-            .map_err(|e| StoreError::Corrupt(format!("{}: {e}", field("resources"))))?;
-        let Json(attributes) = row
-            .try_get("attributes")
-            .map_err(|e| StoreError::Corrupt(format!("{}: {e}", field("attributes"))))?;
-        Ok(Lease {
-            label: Label::new(label)
-                .map_err(|e| StoreError::Corrupt(format!("{}: {e}", field("label"))))?,
-            run_id: RunId(row.try_get("run_id").map_err(corrupt)?),
-            provider: row.try_get("provider").map_err(corrupt)?,
-            resources,
-            region: row.try_get("region").map_err(corrupt)?,
-            acquired_at: row.try_get("acquired_at").map_err(corrupt)?,
-            max_until: row.try_get("max_until").map_err(corrupt)?,
-            attributes,
-            released_at: row.try_get("released_at").map_err(corrupt)?,
-            id,
-        })
+    async fn lease(&self, lease: &Lease, fence: &Fence) -> Result<bool, StoreError> {
+        let what = format!("recording lease {}", lease.id);
+        let Some(mut tx) = self.begin_fenced(&lease.label, fence, &what).await? else {
+            return Ok(false);
+        };
+        self.run_in(&mut tx, UPSERT_LEASE, lease_args(lease)?, &what)
+            .await?;
+        tx.commit().await.map_err(|e| self.error(&what, e))?;
+        Ok(true)
     }
 }
 
-#[async_trait]
-impl RunStore for PostgresRunStore {
-    async fn try_lock(
-        &self,
-        label: &Label,
-        owner: &LockOwner,
-        ttl: Duration,
-    ) -> Result<LockOutcome, StoreError> {
-        let what = format!("locking label {label}");
-        // ON CONFLICT DO UPDATE is atomic in Postgres: concurrent callers
-        // serialise on the row and re-check the WHERE on its latest version,
-        // so exactly one of them can take an expired lock.
-        for _ in 0..3 {
-            let taken = sqlx::query(
-                "INSERT INTO locks (label, owner, expires_at)
-                 VALUES ($1, $2, now() + make_interval(secs => $3))
-                 ON CONFLICT (label) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at
-                 WHERE locks.expires_at < now() OR locks.owner = excluded.owner",
-            )
-            .bind(label.as_str())
-            .bind(&owner.0)
-            .bind(secs(ttl))
-            .execute(&self.pool)
-            .await
-            .map_err(self.err(&what))?
-            .rows_affected();
-            if taken == 1 {
-                return Ok(LockOutcome::Acquired(Fence {
-                    owner: owner.clone(),
-                    token: 0,
-                }));
-            }
-            let holder = sqlx::query("SELECT owner, expires_at FROM locks WHERE label = $1")
-                .bind(label.as_str())
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(self.err(&what))?;
-            if let Some(row) = holder {
-                return Ok(LockOutcome::Busy {
-                    owner: row.try_get("owner").map_err(corrupt)?,
-                    expires_at: row
-                        .try_get::<DateTime<Utc>, _>("expires_at")
-                        .map_err(corrupt)?,
-                });
-            }
-        }
-        Err(StoreError::Conflict(format!(
-            "the lock of label {label} kept changing hands; try again"
-        )))
-    }
+#[cfg(test)]
+mod tests {
+    use retrain_core::domain::{LockOutcome, LockOwner};
 
-    async fn renew_lock(
-        &self,
-        label: &Label,
-        fence: &Fence,
-        ttl: Duration,
-    ) -> Result<bool, StoreError> {
-        let owner = &fence.owner;
-        let renewed = sqlx::query(
-            "UPDATE locks SET expires_at = now() + make_interval(secs => $3)
-             WHERE label = $1 AND owner = $2",
-        )
-        .bind(label.as_str())
-        .bind(&owner.0)
-        .bind(secs(ttl))
-        .execute(&self.pool)
-        .await
-        .map_err(self.err(&format!("renewing the lock of label {label}")))?
-        .rows_affected();
-        Ok(renewed == 1)
-    }
+    use super::*;
+    use crate::store::locks;
 
-    async fn release_lock(&self, label: &Label, fence: &Fence) -> Result<(), StoreError> {
-        let owner = &fence.owner;
-        sqlx::query("DELETE FROM locks WHERE label = $1 AND owner = $2")
-            .bind(label.as_str())
-            .bind(&owner.0)
-            .execute(&self.pool)
-            .await
-            .map_err(self.err(&format!("releasing the lock of label {label}")))?;
-        Ok(())
-    }
-
-    async fn cursor(&self, label: &Label) -> Result<LabelCursor, StoreError> {
-        let row = sqlx::query(
-            "SELECT watermark, consumed_version, consumed_num_samples FROM cursors WHERE label = $1",
-        )
-        .bind(label.as_str())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(self.err(&format!("reading the cursor of label {label}")))?;
-        let Some(row) = row else {
-            return Ok(LabelCursor::default());
+    /// The share lock taken by the fence check makes a takeover of the label
+    /// wait until the write transaction ends: the lock cannot change hands
+    /// between the check and the commit.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_takeover_waits_for_the_fenced_write_in_flight() {
+        let Some(url) = crate::testing::services::fresh_postgres_database().await else {
+            return;
         };
-        let samples: Option<i64> = row.try_get("consumed_num_samples").map_err(corrupt)?;
-        Ok(LabelCursor {
-            watermark: row.try_get("watermark").map_err(corrupt)?,
-            consumed_version: row
-                .try_get::<Option<String>, _>("consumed_version")
-                .map_err(corrupt)?
-                .map(VersionTag),
-            consumed_num_samples: samples
-                .map(|n| i64_to_u64(n, &format!("consumed_num_samples of label {label}")))
-                .transpose()?,
-        })
-    }
-
-    async fn unfinished_run(&self, label: &Label) -> Result<Option<LabelRun>, StoreError> {
-        let row = sqlx::query(
-            "SELECT run_id, snapshot FROM runs WHERE label = $1 AND NOT done
-             ORDER BY started_at DESC, run_id DESC LIMIT 1",
-        )
-        .bind(label.as_str())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(self.err(&format!("reading the unfinished run of label {label}")))?;
-        row.map(|row| {
-            let run_id: String = row.try_get("run_id").map_err(corrupt)?;
-            let Json(snapshot) = row
-                .try_get::<Json<serde_json::Value>, _>("snapshot")
-                .map_err(corrupt)?;
-            decode_snapshot(&run_id, snapshot)
-        })
-        .transpose()
-    }
-
-    async fn record(&self, transition: &Transition, _fence: &Fence) -> Result<(), StoreError> {
-        self.write(transition, None).await
-    }
-
-    async fn finish(
-        &self,
-        transition: &Transition,
-        cursor: Option<LabelCursor>,
-        _fence: &Fence,
-    ) -> Result<(), StoreError> {
-        self.write(transition, cursor.as_ref()).await
-    }
-
-    async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT run_id, cycle_id, label, stage, outcome, started_at, updated_at FROM runs
-             WHERE ($1::text IS NULL OR label = $1)
-             ORDER BY started_at DESC, run_id DESC LIMIT $2",
-        )
-        .bind(filter.label.as_ref().map(Label::as_str))
-        // LIMIT NULL is "no limit" in Postgres.
-        .bind(filter.limit.map(i64::from))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(self.err("listing runs"))?;
-        rows.iter().map(Self::summary_of).collect()
-    }
-
-    async fn run(&self, run_id: &RunId) -> Result<Option<RunDetail>, StoreError> {
-        let what = format!("reading run {run_id}");
-        let Some(row) = sqlx::query(
-            "SELECT run_id, cycle_id, label, stage, outcome, started_at, updated_at, snapshot
-             FROM runs WHERE run_id = $1",
-        )
-        .bind(run_id.as_str())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(self.err(&what))?
+        let url = DbUrl::parse("state", &url).unwrap();
+        let store = std::sync::Arc::new(
+            PostgresRunStore::open(url, StoreOptions::default())
+                .await
+                .unwrap(),
+        );
+        let dept = Label::new("dept").unwrap();
+        let ttl = Duration::from_millis(500);
+        let LockOutcome::Acquired(fence) =
+            locks::try_lock(store.as_ref(), &dept, &LockOwner("a".into()), ttl)
+                .await
+                .unwrap()
         else {
-            return Ok(None);
+            panic!("a fresh label is free");
         };
-        let summary = Self::summary_of(&row)?;
-        let Json(snapshot) = row
-            .try_get::<Json<serde_json::Value>, _>("snapshot")
-            .map_err(corrupt)?;
-        let snapshot = decode_snapshot(run_id.as_str(), snapshot)?;
-        let rows = sqlx::query(
-            "SELECT seq, at, from_stage, to_stage, event, actions FROM transitions
-             WHERE run_id = $1 ORDER BY seq",
-        )
-        .bind(run_id.as_str())
-        .fetch_all(&self.pool)
-        .await
-        .map_err(self.err(&what))?;
-        let id = run_id.as_str();
-        let transitions = rows
-            .iter()
-            .map(|row| {
-                let seq: i64 = row.try_get("seq").map_err(corrupt)?;
-                let Json(event) = row.try_get("event").map_err(corrupt)?;
-                let Json(actions) = row.try_get("actions").map_err(corrupt)?;
-                Ok(TransitionRecord {
-                    seq: i64_to_u64(seq, &format!("seq of run {id}"))?,
-                    at: row.try_get("at").map_err(corrupt)?,
-                    from: parse_stage(
-                        &row.try_get::<String, _>("from_stage").map_err(corrupt)?,
-                        id,
-                    )?,
-                    to: parse_stage(&row.try_get::<String, _>("to_stage").map_err(corrupt)?, id)?,
-                    event,
-                    actions,
-                })
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        Ok(Some(RunDetail {
-            summary,
-            snapshot,
-            transitions,
-        }))
-    }
-
-    async fn put_lease(&self, lease: &Lease, _fence: &Fence) -> Result<(), StoreError> {
-        self.put_lease_unfenced(lease).await
-    }
-
-    async fn put_lease_unfenced(&self, lease: &Lease) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO leases (id, label, run_id, provider, resources, region, acquired_at, max_until, attributes, released_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-             ON CONFLICT (id) DO UPDATE SET
-                label = excluded.label, run_id = excluded.run_id, provider = excluded.provider,
-                resources = excluded.resources, region = excluded.region,
-                acquired_at = excluded.acquired_at, max_until = excluded.max_until,
-                attributes = excluded.attributes, released_at = excluded.released_at",
-        )
-        .bind(&lease.id)
-        .bind(lease.label.as_str())
-        .bind(lease.run_id.as_str())
-        .bind(&lease.provider)
-        .bind(Json(to_json(&lease.resources, "lease resources")?))
-        .bind(lease.region.as_deref())
-        .bind(lease.acquired_at)
-        .bind(lease.max_until)
-        .bind(Json(to_json(&lease.attributes, "lease attributes")?))
-        .bind(lease.released_at)
-        .execute(&self.pool)
-        .await
-        .map_err(self.err(&format!("recording lease {}", lease.id)))?;
-        Ok(())
-    }
-
-    async fn active_leases(&self) -> Result<Vec<Lease>, StoreError> {
-        let rows =
-            sqlx::query("SELECT * FROM leases WHERE released_at IS NULL ORDER BY acquired_at, id")
-                .fetch_all(&self.pool)
-                .await
-                .map_err(self.err("listing active leases"))?;
-        rows.iter().map(Self::lease_of).collect()
-    }
-
-    async fn lock_holder(&self, label: &Label) -> Result<Option<String>, StoreError> {
-        sqlx::query_scalar("SELECT owner FROM locks WHERE label = $1 AND expires_at > now()")
-            .bind(label.as_str())
-            .fetch_optional(&self.pool)
+        let tx = store
+            .begin_fenced(&dept, &fence, "test")
             .await
-            .map_err(self.err(&format!("reading the lock of label {label}")))
+            .unwrap()
+            .expect("the fence holds");
+        // The lock expires while the write is in flight; a takeover starts.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let takeover = tokio::spawn({
+            let store = store.clone();
+            let dept = dept.clone();
+            async move {
+                locks::try_lock(store.as_ref(), &dept, &LockOwner("b".into()), ttl)
+                    .await
+                    .unwrap()
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!takeover.is_finished(), "the takeover did not wait");
+        tx.commit().await.unwrap();
+        let LockOutcome::Acquired(taken) = takeover.await.unwrap() else {
+            panic!("the expired lock is free once the write committed");
+        };
+        assert_eq!(taken.token, fence.token + 1);
     }
 }

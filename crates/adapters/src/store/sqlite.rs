@@ -1,28 +1,27 @@
-//! `RunStore` over a SQLite file (WAL, busy timeout: several processes of
-//! one machine may share it).
+//! The SQLite dialect of the run store: a file (WAL, busy timeout) that
+//! several processes of one machine may share. Times are fixed-width RFC 3339
+//! text compared with this machine's clock; JSON is text.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
-use retrain_core::domain::{
-    Fence, Label, LabelCursor, Lease, LockOutcome, LockOwner, RunId, VersionTag,
-};
-use retrain_core::journal::{RunDetail, RunFilter, RunSummary, Transition, TransitionRecord};
-use retrain_core::machine::LabelRun;
-use retrain_core::ports::{RunStore, StoreError};
+use retrain_core::domain::{Fence, LabelCursor, Lease, VersionTag};
+use retrain_core::journal::Transition;
+use retrain_core::ports::StoreError;
+use serde::de::DeserializeOwned;
 use sqlx::sqlite::{SqlitePool, SqliteRow};
-use sqlx::Row;
+use sqlx::{Row, Sqlite};
 
-use super::{
-    decode_snapshot_text, i64_to_u64, json_text, parse_stage, prepare_schema, store_error, summary,
-    to_json, u64_to_i64, RunRow, StoreOptions, SQLITE_MIGRATIONS,
+use super::backend::{
+    bind, fence_args, lease_args, Arg, Backend, Bind, LockSql, Query, Statements, StoreRow,
 };
+use super::{prepare_schema, u64_to_i64, RunRow, StoreOptions, SQLITE_MIGRATIONS};
 use crate::db::DbUrl;
 use crate::AdapterError;
 
-/// The SQLite run store.
-pub struct SqliteRunStore {
+/// The SQLite dialect.
+pub(super) struct SqliteRunStore {
     pool: SqlitePool,
     url: DbUrl,
     /// Journal writes go through one writer task that commits whatever is
@@ -33,23 +32,17 @@ pub struct SqliteRunStore {
     journal: tokio::sync::mpsc::UnboundedSender<JournalWrite>,
 }
 
-/// One queued journal write and where to send its outcome.
+/// One queued journal write and where to send its outcome (`false`: fenced
+/// off, nothing written).
 struct JournalWrite {
     transition: Transition,
     cursor: Option<LabelCursor>,
-    done: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
+    fence: Fence,
+    done: tokio::sync::oneshot::Sender<Result<bool, StoreError>>,
 }
 
 /// Most writes committed in one transaction.
 const GROUP_COMMIT_MAX: usize = 256;
-
-impl std::fmt::Debug for SqliteRunStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteRunStore")
-            .field("url", &self.url)
-            .finish_non_exhaustive()
-    }
-}
 
 /// Fixed-width UTC text: text order is time order, which the lock expiry
 /// comparison and the listings rely on.
@@ -63,8 +56,96 @@ fn parse_ts(raw: &str, what: &str) -> Result<DateTime<Utc>, StoreError> {
         .map_err(|_| StoreError::Corrupt(format!("{what} is not an RFC 3339 timestamp: {raw:?}")))
 }
 
+impl Bind for Sqlite {
+    fn bind(query: Query<'_, Self>, arg: Arg) -> Query<'_, Self> {
+        match arg {
+            Arg::Text(v) => query.bind(v),
+            Arg::OptText(v) => query.bind(v),
+            Arg::Int(v) => query.bind(v),
+            Arg::OptInt(v) => query.bind(v),
+            Arg::Float(v) => query.bind(v),
+            Arg::Bool(v) => query.bind(v),
+            Arg::Time(v) => query.bind(ts(v)),
+            Arg::OptTime(v) => query.bind(v.map(ts)),
+            Arg::Json(v) => query.bind(v.to_string()),
+        }
+    }
+
+    fn rows_affected(result: &sqlx::sqlite::SqliteQueryResult) -> u64 {
+        result.rows_affected()
+    }
+}
+
+impl StoreRow for SqliteRow {
+    fn time(&self, column: &str, what: &str) -> Result<DateTime<Utc>, StoreError> {
+        let raw: String = self.try_get(column).map_err(corrupt)?;
+        parse_ts(&raw, what)
+    }
+
+    fn opt_time(&self, column: &str, what: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let raw: Option<String> = self.try_get(column).map_err(corrupt)?;
+        raw.map(|raw| parse_ts(&raw, what)).transpose()
+    }
+
+    fn json<T: DeserializeOwned>(&self, column: &str) -> Result<T, String> {
+        let raw: String = self.try_get(column).map_err(|e| e.to_string())?;
+        serde_json::from_str(&raw).map_err(|e| e.to_string())
+    }
+}
+
+fn corrupt(e: sqlx::Error) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+/// Lock statements: `$1` label, then per statement (see [`LockSql`]); the
+/// clock arguments come last (`now`, then the new expiry).
+const LOCKS: LockSql = LockSql {
+    // [label, owner, now, expiry]
+    acquire: "INSERT INTO locks (label, owner, expires_at, token) VALUES ($1, $2, $4, 1)
+              ON CONFLICT (label) DO UPDATE SET
+                 owner = excluded.owner, expires_at = excluded.expires_at, token = locks.token + 1
+              WHERE locks.expires_at <= $3 OR locks.owner = excluded.owner
+              RETURNING token",
+    // [label, owner, dead owner, dead token, now, expiry]
+    take: "UPDATE locks SET owner = $2, expires_at = $6, token = token + 1
+           WHERE label = $1 AND owner = $3 AND token = $4
+           RETURNING token",
+    // [label, now]
+    row: "SELECT owner, token, expires_at, expires_at > $2 AS live FROM locks WHERE label = $1",
+    // [label, owner, token, now, expiry]
+    renew: "UPDATE locks SET expires_at = $5
+            WHERE label = $1 AND owner = $2 AND token = $3 AND expires_at > $4",
+    // [label, owner, token, now]; the epoch sorts before every clock reading.
+    release: "UPDATE locks SET owner = '', expires_at = '1970-01-01T00:00:00.000000Z'
+              WHERE label = $1 AND owner = $2 AND token = $3 AND expires_at > $4",
+};
+
+/// The lease upsert applied only while the fence holds: `$1..$10` the lease,
+/// `$11..$13` the fence (label, owner, token), `$14` now. One statement, so
+/// the check and the write are atomic.
+const UPSERT_LEASE_FENCED: &str =
+    "INSERT INTO leases (id, label, run_id, provider, resources, region, acquired_at, max_until, attributes, released_at)
+     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10
+     WHERE EXISTS (SELECT 1 FROM locks WHERE label = $11 AND owner = $12 AND token = $13 AND expires_at > $14)
+     ON CONFLICT (id) DO UPDATE SET
+        label = excluded.label, run_id = excluded.run_id, provider = excluded.provider,
+        resources = excluded.resources, region = excluded.region,
+        acquired_at = excluded.acquired_at, max_until = excluded.max_until,
+        attributes = excluded.attributes, released_at = excluded.released_at";
+
+/// One journal write: `$1..$18` the journal row (with the cursor when
+/// `has_cursor`), `$19..$21` the fence (label, owner, token), `$22` now.
+/// The `journal_inbox` trigger (migration 0003) applies it; no row is
+/// inserted, so nothing is applied, unless the fence holds.
+const INSERT_JOURNAL_FENCED: &str =
+    "INSERT INTO journal_inbox (run_id, cycle_id, label, stage, outcome, done, started_at, at,
+                                snapshot, seq, from_stage, to_stage, event, actions,
+                                has_cursor, watermark, consumed_version, consumed_num_samples)
+     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18
+     WHERE EXISTS (SELECT 1 FROM locks WHERE label = $19 AND owner = $20 AND token = $21 AND expires_at > $22)";
+
 impl SqliteRunStore {
-    pub(crate) async fn open(url: DbUrl, options: StoreOptions) -> Result<Self, AdapterError> {
+    pub(super) async fn open(url: DbUrl, options: StoreOptions) -> Result<Self, AdapterError> {
         let pool = url.sqlite_pool(super::KEY, options.read_only).await?;
         prepare_schema(SQLITE_MIGRATIONS, &url, options, &pool).await?;
         let (journal, queue) = tokio::sync::mpsc::unbounded_channel();
@@ -73,30 +154,63 @@ impl SqliteRunStore {
     }
 
     /// Close every connection (SQLite checkpoints its WAL on the last close).
-    pub async fn close(&self) {
+    pub(super) async fn close(&self) {
         self.pool.close().await;
     }
+}
 
-    fn err(&self, what: &str) -> impl FnOnce(sqlx::Error) -> StoreError + '_ {
-        let what = what.to_owned();
-        move |e| store_error(&self.url, &what, e)
+#[async_trait]
+impl Backend for SqliteRunStore {
+    type Pool = SqlitePool;
+
+    const LOCKS: LockSql = LOCKS;
+
+    fn pool(&self) -> &SqlitePool {
+        &self.pool
     }
 
-    /// Queue a journal write and wait until it is committed.
-    async fn write(
+    fn url(&self) -> &DbUrl {
+        &self.url
+    }
+
+    fn now_args(&self) -> Vec<Arg> {
+        vec![Arg::Time(Utc::now())]
+    }
+
+    fn expiry_args(&self, ttl: Duration) -> Vec<Arg> {
+        let now = Utc::now();
+        vec![Arg::Time(now), Arg::Time(now + super::ttl(ttl))]
+    }
+
+    /// Queue the write for the writer task and wait until it is committed.
+    async fn journal(
         &self,
         transition: &Transition,
         cursor: Option<&LabelCursor>,
-    ) -> Result<(), StoreError> {
+        fence: &Fence,
+    ) -> Result<bool, StoreError> {
         let (done, outcome) = tokio::sync::oneshot::channel();
         let write = JournalWrite {
             transition: transition.clone(),
             cursor: cursor.cloned(),
+            fence: fence.clone(),
             done,
         };
         let closed = || StoreError::Unavailable("the run store's journal writer stopped".into());
         self.journal.send(write).map_err(|_| closed())?;
         outcome.await.map_err(|_| closed())?
+    }
+
+    async fn lease(&self, lease: &Lease, fence: &Fence) -> Result<bool, StoreError> {
+        let mut args = lease_args(lease)?;
+        args.extend(fence_args(&lease.label, fence)?);
+        args.extend(self.now_args());
+        let applied = self
+            .pool
+            .execute(UPSERT_LEASE_FENCED, args)
+            .await
+            .map_err(|e| self.error(&format!("recording lease {}", lease.id), e))?;
+        Ok(applied == 1)
     }
 }
 
@@ -115,15 +229,19 @@ async fn journal_writer(
             }
         }
         match commit_batch(&pool, &url, &batch).await {
-            Ok(()) => {
-                for write in batch {
-                    let _ = write.done.send(Ok(()));
+            // Each write learns whether it was applied or fenced off; a
+            // fenced write does not fail the others.
+            Ok(applied) => {
+                for (write, applied) in batch.into_iter().zip(applied) {
+                    let _ = write.done.send(Ok(applied));
                 }
             }
             // One bad write must not fail the others: retry them one by one.
             Err(_) if batch.len() > 1 => {
                 for write in batch {
-                    let result = commit_batch(&pool, &url, std::slice::from_ref(&write)).await;
+                    let result = commit_batch(&pool, &url, std::slice::from_ref(&write))
+                        .await
+                        .map(|applied| applied[0]);
                     let _ = write.done.send(result);
                 }
             }
@@ -136,382 +254,73 @@ async fn journal_writer(
     }
 }
 
+/// Apply `batch` in one transaction; for each write, whether its fence held
+/// (and so whether it was applied).
 async fn commit_batch(
     pool: &SqlitePool,
     url: &DbUrl,
     batch: &[JournalWrite],
-) -> Result<(), StoreError> {
+) -> Result<Vec<bool>, StoreError> {
     let err = |what: &str| {
         let what = what.to_owned();
-        move |e| store_error(url, &what, e)
+        move |e| super::store_error(url, &what, e)
     };
     let mut tx = pool.begin().await.map_err(err("journaling"))?;
+    let mut applied = Vec::with_capacity(batch.len());
     for write in batch {
-        write_one(&mut tx, url, &write.transition, write.cursor.as_ref()).await?;
+        applied.push(write_one(&mut tx, url, write).await?);
     }
-    tx.commit().await.map_err(err("committing the journal"))
+    tx.commit().await.map_err(err("committing the journal"))?;
+    Ok(applied)
 }
 
-/// Journal line + snapshot (+ cursor) inside `tx`.
+/// Journal line + snapshot (+ cursor) inside `tx`, in one statement that
+/// applies only while the write's fence holds the label's lock.
 async fn write_one(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     url: &DbUrl,
-    transition: &Transition,
-    cursor: Option<&LabelCursor>,
-) -> Result<(), StoreError> {
+    write: &JournalWrite,
+) -> Result<bool, StoreError> {
+    let transition = &write.transition;
     let row = RunRow::of(transition)?;
-    let what = format!("journaling run {} seq {}", row.run_id, row.seq);
-    let err = |e| store_error(url, &what, e);
-    let at = ts(transition.at);
-    // One statement: the `journal_inbox` trigger (migration 0002) upserts
-    // the run snapshot and appends the journal line atomically.
-    sqlx::query(
-        "INSERT INTO journal_inbox (run_id, cycle_id, label, stage, outcome, done, started_at, at,
-                                    snapshot, seq, from_stage, to_stage, event, actions)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-    )
-    .bind(row.run_id)
-    .bind(row.cycle_id)
-    .bind(row.label)
-    .bind(row.stage)
-    .bind(row.outcome)
-    .bind(row.done)
-    .bind(ts(row.started_at))
-    .bind(&at)
-    .bind(row.snapshot.to_string())
-    .bind(row.seq)
-    .bind(transition.from.as_str())
-    .bind(transition.to.as_str())
-    .bind(row.event.to_string())
-    .bind(row.actions.to_string())
-    .execute(&mut **tx)
-    .await
-    .map_err(err)?;
-    if let Some(cursor) = cursor {
-        let samples = cursor
-            .consumed_num_samples
-            .map(|n| u64_to_i64(n, "consumed_num_samples"))
-            .transpose()?;
-        sqlx::query(
-                "INSERT INTO cursors (label, watermark, consumed_version, consumed_num_samples, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (label) DO UPDATE SET
-                    watermark = excluded.watermark, consumed_version = excluded.consumed_version,
-                    consumed_num_samples = excluded.consumed_num_samples, updated_at = excluded.updated_at",
-            )
-            .bind(row.label)
-            .bind(cursor.watermark.map(ts))
-            .bind(cursor.consumed_version.as_ref().map(VersionTag::as_str))
-            .bind(samples)
-            .bind(&at)
-            .execute(&mut **tx)
-            .await
-            .map_err(err)?;
-    }
-    Ok(())
-}
-
-impl SqliteRunStore {
-    fn summary_of(row: &SqliteRow) -> Result<RunSummary, StoreError> {
-        let run_id: String = row.try_get("run_id").map_err(corrupt)?;
-        let started: String = row.try_get("started_at").map_err(corrupt)?;
-        let updated: String = row.try_get("updated_at").map_err(corrupt)?;
-        summary(
-            run_id.clone(),
-            row.try_get("cycle_id").map_err(corrupt)?,
-            &row.try_get::<String, _>("label").map_err(corrupt)?,
-            &row.try_get::<String, _>("stage").map_err(corrupt)?,
-            row.try_get("outcome").map_err(corrupt)?,
-            parse_ts(&started, &format!("started_at of run {run_id}"))?,
-            parse_ts(&updated, &format!("updated_at of run {run_id}"))?,
-        )
-    }
-
-    fn lease_of(row: &SqliteRow) -> Result<Lease, StoreError> {
-        let id: String = row.try_get("id").map_err(corrupt)?;
-        let field = |name: &str| format!("{name} of lease {id}");
-        let text =
-            |name: &str| -> Result<String, StoreError> { row.try_get(name).map_err(corrupt) };
-        let released: Option<String> = row.try_get("released_at").map_err(corrupt)?;
-        Ok(Lease {
-            label: Label::new(text("label")?)
-                .map_err(|e| StoreError::Corrupt(format!("{}: {e}", field("label"))))?,
-            run_id: RunId(text("run_id")?),
-            provider: text("provider")?,
-            resources: serde_json::from_str(&text("resources")?)
-                .map_err(|e| StoreError::Corrupt(format!("{}: {e}", field("resources"))))?,
-            region: row.try_get("region").map_err(corrupt)?,
-            acquired_at: parse_ts(&text("acquired_at")?, &field("acquired_at"))?,
-            max_until: parse_ts(&text("max_until")?, &field("max_until"))?,
-            attributes: serde_json::from_str(&text("attributes")?)
-                .map_err(|e| StoreError::Corrupt(format!("{}: {e}", field("attributes"))))?,
-            released_at: released
-                .map(|r| parse_ts(&r, &field("released_at")))
-                .transpose()?,
-            id,
-        })
-    }
-}
-
-fn corrupt(e: sqlx::Error) -> StoreError {
-    StoreError::Corrupt(e.to_string())
-}
-
-#[async_trait]
-impl RunStore for SqliteRunStore {
-    async fn try_lock(
-        &self,
-        label: &Label,
-        owner: &LockOwner,
-        ttl: Duration,
-    ) -> Result<LockOutcome, StoreError> {
-        let what = format!("locking label {label}");
-        // The row may vanish between a refused upsert and the read of its
-        // holder (released meanwhile): then simply try again.
-        for _ in 0..3 {
-            let now = Utc::now();
-            let taken = sqlx::query(
-                "INSERT INTO locks (label, owner, expires_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (label) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at
-                 WHERE locks.expires_at < ?4 OR locks.owner = excluded.owner",
-            )
-            .bind(label.as_str())
-            .bind(&owner.0)
-            .bind(ts(now + super::ttl(ttl)))
-            .bind(ts(now))
-            .execute(&self.pool)
-            .await
-            .map_err(self.err(&what))?
-            .rows_affected();
-            if taken == 1 {
-                return Ok(LockOutcome::Acquired(Fence {
-                    owner: owner.clone(),
-                    token: 0,
-                }));
-            }
-            let holder = sqlx::query("SELECT owner, expires_at FROM locks WHERE label = ?1")
-                .bind(label.as_str())
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(self.err(&what))?;
-            if let Some(row) = holder {
-                let expires: String = row.try_get("expires_at").map_err(corrupt)?;
-                return Ok(LockOutcome::Busy {
-                    owner: row.try_get("owner").map_err(corrupt)?,
-                    expires_at: parse_ts(&expires, &format!("expiry of the lock of {label}"))?,
-                });
-            }
-        }
-        Err(StoreError::Conflict(format!(
-            "the lock of label {label} kept changing hands; try again"
-        )))
-    }
-
-    async fn renew_lock(
-        &self,
-        label: &Label,
-        fence: &Fence,
-        ttl: Duration,
-    ) -> Result<bool, StoreError> {
-        let owner = &fence.owner;
-        let renewed =
-            sqlx::query("UPDATE locks SET expires_at = ?3 WHERE label = ?1 AND owner = ?2")
-                .bind(label.as_str())
-                .bind(&owner.0)
-                .bind(ts(Utc::now() + super::ttl(ttl)))
-                .execute(&self.pool)
-                .await
-                .map_err(self.err(&format!("renewing the lock of label {label}")))?
-                .rows_affected();
-        Ok(renewed == 1)
-    }
-
-    async fn release_lock(&self, label: &Label, fence: &Fence) -> Result<(), StoreError> {
-        let owner = &fence.owner;
-        sqlx::query("DELETE FROM locks WHERE label = ?1 AND owner = ?2")
-            .bind(label.as_str())
-            .bind(&owner.0)
-            .execute(&self.pool)
-            .await
-            .map_err(self.err(&format!("releasing the lock of label {label}")))?;
-        Ok(())
-    }
-
-    async fn cursor(&self, label: &Label) -> Result<LabelCursor, StoreError> {
-        let row = sqlx::query(
-            "SELECT watermark, consumed_version, consumed_num_samples FROM cursors WHERE label = ?1",
-        )
-        .bind(label.as_str())
-        .fetch_optional(&self.pool)
+    let cursor = write.cursor.as_ref();
+    let samples = cursor
+        .and_then(|c| c.consumed_num_samples)
+        .map(|n| u64_to_i64(n, "consumed_num_samples"))
+        .transpose()?;
+    let mut args = vec![
+        Arg::text(row.run_id),
+        Arg::text(row.cycle_id),
+        Arg::text(row.label),
+        Arg::text(row.stage),
+        Arg::text(row.outcome),
+        Arg::Bool(row.done),
+        Arg::Time(row.started_at),
+        Arg::Time(transition.at),
+        Arg::Json(row.snapshot),
+        Arg::Int(row.seq),
+        Arg::text(transition.from.as_str()),
+        Arg::text(transition.to.as_str()),
+        Arg::Json(row.event),
+        Arg::Json(row.actions),
+        Arg::Bool(cursor.is_some()),
+        Arg::OptTime(cursor.and_then(|c| c.watermark)),
+        Arg::OptText(
+            cursor
+                .and_then(|c| c.consumed_version.as_ref())
+                .map(|v| VersionTag::as_str(v).to_owned()),
+        ),
+        Arg::OptInt(samples),
+    ];
+    args.extend(fence_args(&transition.label, &write.fence)?);
+    args.push(Arg::Time(Utc::now()));
+    let inserted = bind(sqlx::query(INSERT_JOURNAL_FENCED), args)
+        .execute(&mut **tx)
         .await
-        .map_err(self.err(&format!("reading the cursor of label {label}")))?;
-        let Some(row) = row else {
-            return Ok(LabelCursor::default());
-        };
-        let watermark: Option<String> = row.try_get("watermark").map_err(corrupt)?;
-        let samples: Option<i64> = row.try_get("consumed_num_samples").map_err(corrupt)?;
-        Ok(LabelCursor {
-            watermark: watermark
-                .map(|w| parse_ts(&w, &format!("watermark of label {label}")))
-                .transpose()?,
-            consumed_version: row
-                .try_get::<Option<String>, _>("consumed_version")
-                .map_err(corrupt)?
-                .map(VersionTag),
-            consumed_num_samples: samples
-                .map(|n| i64_to_u64(n, &format!("consumed_num_samples of label {label}")))
-                .transpose()?,
-        })
-    }
-
-    async fn unfinished_run(&self, label: &Label) -> Result<Option<LabelRun>, StoreError> {
-        let row = sqlx::query(
-            "SELECT run_id, snapshot FROM runs WHERE label = ?1 AND done = 0
-             ORDER BY started_at DESC, run_id DESC LIMIT 1",
-        )
-        .bind(label.as_str())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(self.err(&format!("reading the unfinished run of label {label}")))?;
-        row.map(|row| {
-            let run_id: String = row.try_get("run_id").map_err(corrupt)?;
-            let snapshot: String = row.try_get("snapshot").map_err(corrupt)?;
-            decode_snapshot_text(&run_id, &snapshot)
-        })
-        .transpose()
-    }
-
-    async fn record(&self, transition: &Transition, _fence: &Fence) -> Result<(), StoreError> {
-        self.write(transition, None).await
-    }
-
-    async fn finish(
-        &self,
-        transition: &Transition,
-        cursor: Option<LabelCursor>,
-        _fence: &Fence,
-    ) -> Result<(), StoreError> {
-        self.write(transition, cursor.as_ref()).await
-    }
-
-    async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT run_id, cycle_id, label, stage, outcome, started_at, updated_at FROM runs
-             WHERE (?1 IS NULL OR label = ?1)
-             ORDER BY started_at DESC, run_id DESC LIMIT ?2",
-        )
-        .bind(filter.label.as_ref().map(Label::as_str))
-        // A negative LIMIT means "no limit" in SQLite.
-        .bind(filter.limit.map_or(-1, i64::from))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(self.err("listing runs"))?;
-        rows.iter().map(Self::summary_of).collect()
-    }
-
-    async fn run(&self, run_id: &RunId) -> Result<Option<RunDetail>, StoreError> {
-        let what = format!("reading run {run_id}");
-        let Some(row) = sqlx::query(
-            "SELECT run_id, cycle_id, label, stage, outcome, started_at, updated_at, snapshot
-             FROM runs WHERE run_id = ?1",
-        )
-        .bind(run_id.as_str())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(self.err(&what))?
-        else {
-            return Ok(None);
-        };
-        let summary = Self::summary_of(&row)?;
-        let snapshot: String = row.try_get("snapshot").map_err(corrupt)?;
-        let snapshot = decode_snapshot_text(run_id.as_str(), &snapshot)?;
-        let rows = sqlx::query(
-            "SELECT seq, at, from_stage, to_stage, event, actions FROM transitions
-             WHERE run_id = ?1 ORDER BY seq",
-        )
-        .bind(run_id.as_str())
-        .fetch_all(&self.pool)
-        .await
-        .map_err(self.err(&what))?;
-        let id = run_id.as_str();
-        let transitions = rows
-            .iter()
-            .map(|row| {
-                let seq: i64 = row.try_get("seq").map_err(corrupt)?;
-                let at: String = row.try_get("at").map_err(corrupt)?;
-                Ok(TransitionRecord {
-                    seq: i64_to_u64(seq, &format!("seq of run {id}"))?,
-                    at: parse_ts(&at, &format!("time of run {id} seq {seq}"))?,
-                    from: parse_stage(
-                        &row.try_get::<String, _>("from_stage").map_err(corrupt)?,
-                        id,
-                    )?,
-                    to: parse_stage(&row.try_get::<String, _>("to_stage").map_err(corrupt)?, id)?,
-                    event: json_text(
-                        &row.try_get::<String, _>("event").map_err(corrupt)?,
-                        "event",
-                        id,
-                    )?,
-                    actions: json_text(
-                        &row.try_get::<String, _>("actions").map_err(corrupt)?,
-                        "actions",
-                        id,
-                    )?,
-                })
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        Ok(Some(RunDetail {
-            summary,
-            snapshot,
-            transitions,
-        }))
-    }
-
-    async fn put_lease(&self, lease: &Lease, _fence: &Fence) -> Result<(), StoreError> {
-        self.put_lease_unfenced(lease).await
-    }
-
-    async fn put_lease_unfenced(&self, lease: &Lease) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO leases (id, label, run_id, provider, resources, region, acquired_at, max_until, attributes, released_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
-             ON CONFLICT (id) DO UPDATE SET
-                label = excluded.label, run_id = excluded.run_id, provider = excluded.provider,
-                resources = excluded.resources, region = excluded.region,
-                acquired_at = excluded.acquired_at, max_until = excluded.max_until,
-                attributes = excluded.attributes, released_at = excluded.released_at",
-        )
-        .bind(&lease.id)
-        .bind(lease.label.as_str())
-        .bind(lease.run_id.as_str())
-        .bind(&lease.provider)
-        .bind(to_json(&lease.resources, "lease resources")?.to_string())
-        .bind(lease.region.as_deref())
-        .bind(ts(lease.acquired_at))
-        .bind(ts(lease.max_until))
-        .bind(to_json(&lease.attributes, "lease attributes")?.to_string())
-        .bind(lease.released_at.map(ts))
-        .execute(&self.pool)
-        .await
-        .map_err(self.err(&format!("recording lease {}", lease.id)))?;
-        Ok(())
-    }
-
-    async fn active_leases(&self) -> Result<Vec<Lease>, StoreError> {
-        let rows =
-            sqlx::query("SELECT * FROM leases WHERE released_at IS NULL ORDER BY acquired_at, id")
-                .fetch_all(&self.pool)
-                .await
-                .map_err(self.err("listing active leases"))?;
-        rows.iter().map(Self::lease_of).collect()
-    }
-
-    async fn lock_holder(&self, label: &Label) -> Result<Option<String>, StoreError> {
-        sqlx::query_scalar("SELECT owner FROM locks WHERE label = ?1 AND expires_at > ?2")
-            .bind(label.as_str())
-            .bind(ts(Utc::now()))
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(self.err(&format!("reading the lock of label {label}")))
-    }
+        .map_err(|e| {
+            let what = format!("journaling run {} seq {}", row.run_id, row.seq);
+            super::store_error(url, &what, e)
+        })?
+        .rows_affected();
+    Ok(inserted == 1)
 }

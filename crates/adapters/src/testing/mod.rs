@@ -1,3 +1,5 @@
-//! Test doubles for other crates' end-to-end tests (cargo feature `testing`).
+//! Test doubles and test services for this crate's and other crates' tests
+//! (cargo feature `testing`).
 
 pub mod fake_hub;
+pub mod services;

@@ -17,7 +17,7 @@ use retrain_core::report::LabelStatus;
 use retrain_core::CancellationToken;
 
 use crate::pg;
-use crate::store_fixtures::{dataset, label, plan};
+use crate::store_contract::{dataset, label, plan};
 
 #[derive(Debug)]
 struct Published;

@@ -14,7 +14,5 @@ mod local;
 mod mlflow;
 mod pg;
 mod s3;
-#[allow(dead_code, unused_imports)]
-mod store_fixtures;
+mod store_contract;
 mod webhook;
-// mod store_contract; // re-enabled with the fenced stores

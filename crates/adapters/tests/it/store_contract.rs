@@ -8,10 +8,10 @@ use std::time::Duration;
 use chrono::{DateTime, SubsecRound, Utc};
 use retrain_adapters::store::{open_run_store, StoreOptions};
 use retrain_core::domain::{
-    Candidate, CycleId, DatasetMetadata, DatasetVersion, Label, LabelCursor, Lease, LockOutcome,
-    LockOwner, RunId, TrainingHandle, TrainingOutcome, VersionTag,
+    Candidate, CycleId, DatasetMetadata, DatasetVersion, Fence, Label, LabelCursor, Lease,
+    LockOutcome, LockOwner, ProcessIdentity, RunId, TrainingHandle, VersionTag,
 };
-use retrain_core::journal::{RunFilter, Transition};
+use retrain_core::journal::{RunDetail, RunFilter, Transition};
 use retrain_core::machine::{Action, Event, LabelPlan, LabelRun, PromoteMode, Stage, Trigger};
 use retrain_core::ports::{RunStore, StoreError};
 
@@ -52,6 +52,49 @@ fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
 
+const LONG: Duration = Duration::from_secs(60);
+
+/// Take `name`'s lock for `owner`, which must succeed.
+async fn acquire(store: &dyn RunStore, name: &str, owner: &LockOwner, ttl: Duration) -> Fence {
+    match store.try_lock(&label(name), owner, ttl).await.unwrap() {
+        LockOutcome::Acquired(fence) => {
+            assert_eq!(&fence.owner, owner);
+            fence
+        }
+        busy => panic!("{owner} could not lock {name}: {busy:?}"),
+    }
+}
+
+/// Take `name`'s lock for the test driver (a new token every time).
+async fn lock(store: &dyn RunStore, name: &str) -> Fence {
+    acquire(store, name, &LockOwner("driver".into()), LONG).await
+}
+
+/// `owner` must find `name` busy, held by `holder`.
+async fn assert_busy(store: &dyn RunStore, name: &str, owner: &LockOwner, holder: &LockOwner) {
+    match store.try_lock(&label(name), owner, LONG).await.unwrap() {
+        LockOutcome::Busy { owner, expires_at } => {
+            assert_eq!(owner, holder.0);
+            assert!(expires_at > Utc::now(), "{expires_at}");
+        }
+        acquired => panic!("{owner} took the lock of {name} from {holder}: {acquired:?}"),
+    }
+}
+
+/// The identity of a process of this host that has exited and been reaped.
+fn dead_process() -> ProcessIdentity {
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    // Not reaped yet, so /proc still knows its start time.
+    let identity = retrain_adapters::process::identity(child.id()).unwrap();
+    child.wait().unwrap();
+    identity
+}
+
+/// An owner naming this (live) process, unique per call.
+fn live_owner() -> LockOwner {
+    LockOwner::for_process("retrain", &retrain_adapters::process::current_identity())
+}
+
 fn step(run: &mut LabelRun, event: Event) -> Transition {
     let from = run.stage;
     run.step(&event).unwrap();
@@ -70,10 +113,12 @@ fn step(run: &mut LabelRun, event: Event) -> Transition {
 }
 
 /// Drive a metadata-triggered run through the real machine, journaling
-/// every transition, until `stop_at` (or the end: then `finish` commits the
-/// run and its cursor). Returns the run as last journaled and the cursor.
+/// every transition under `fence`, until `stop_at` (or the end: then
+/// `finish` commits the run and its cursor). Returns the run as last
+/// journaled and the cursor.
 async fn drive(
     store: &dyn RunStore,
+    fence: &Fence,
     name: &str,
     published: Option<DatasetVersion>,
     stop_at: Option<Stage>,
@@ -87,7 +132,7 @@ async fn drive(
     let mut next = Event::Started { now: now() };
     loop {
         let t = step(&mut run, next);
-        store.record(&t).await.unwrap();
+        store.record(&t, fence).await.unwrap();
         if Some(run.stage) == stop_at {
             return (run, None);
         }
@@ -111,7 +156,7 @@ async fn drive(
             Action::Notify => Event::Notified { error: None },
             Action::Commit { cursor } => {
                 let t = step(&mut run, Event::Committed);
-                store.finish(&t, cursor.clone()).await.unwrap();
+                store.finish(&t, cursor.clone(), fence).await.unwrap();
                 return (run, cursor);
             }
             other => panic!("unexpected action in test run: {other:?}"),
@@ -119,8 +164,112 @@ async fn drive(
     }
 }
 
+/// The rest of a run stopped in `Training`: the transitions to `Done` (the
+/// last one is the `finish`) and the cursor it commits.
+fn rest_of_run(run: &LabelRun) -> (Vec<Transition>, Option<LabelCursor>) {
+    let mut run = run.clone();
+    assert_eq!(run.stage, Stage::Training);
+    let finished = step(
+        &mut run,
+        Event::TrainingFinished {
+            candidate: Candidate {
+                id: "c".into(),
+                metrics: BTreeMap::new(),
+            },
+        },
+    );
+    let notified = step(&mut run, Event::Notified { error: None });
+    let Some(Action::Commit { cursor }) = run.pending.first().cloned() else {
+        panic!("expected a commit, got {:?}", run.pending);
+    };
+    let committed = step(&mut run, Event::Committed);
+    (vec![finished, notified, committed], cursor)
+}
+
+fn lease_of(run: &LabelRun, id: &str) -> Lease {
+    let at = now();
+    Lease {
+        id: id.into(),
+        label: run.label().clone(),
+        run_id: run.run_id.clone(),
+        provider: "ec2".into(),
+        resources: vec!["i-0abc".into()],
+        region: Some("eu-west-1".into()),
+        acquired_at: at,
+        max_until: at + chrono::Duration::hours(3),
+        attributes: BTreeMap::new(),
+        released_at: None,
+    }
+}
+
+/// Everything a write of `run` could change: the run and its journal, its
+/// label's cursor, the active leases.
+async fn state_of(
+    store: &dyn RunStore,
+    run: &LabelRun,
+) -> (Option<RunDetail>, LabelCursor, Vec<Lease>) {
+    (
+        store.run(&run.run_id).await.unwrap(),
+        store.cursor(run.label()).await.unwrap(),
+        store.active_leases().await.unwrap(),
+    )
+}
+
+/// Every write of `run` (stopped in `Training`, with the active lease
+/// `lease-1`) under the `stale` fence is refused as `Fenced`, naming
+/// `holder` (`nobody` or an owner) and the stale owner and token, and
+/// changes nothing; renewing fails and releasing does nothing.
+async fn assert_stale_fence_writes_nothing(
+    store: &dyn RunStore,
+    run: &LabelRun,
+    stale: &Fence,
+    holder: &str,
+) {
+    let label = run.label();
+    let before = state_of(store, run).await;
+    let holder_before = store.lock_holder(label).await.unwrap();
+    let assert_fenced = |result: Result<(), StoreError>, what: &str| match result {
+        Err(StoreError::Fenced(message)) => {
+            let expected = format!("lock of label {label} is held by {holder} (token ");
+            assert!(message.starts_with(&expected), "{what}: {message}");
+            let stale_part = format!("not by {} (token {})", stale.owner, stale.token);
+            assert!(message.ends_with(&stale_part), "{what}: {message}");
+        }
+        other => panic!("{what} with a stale fence: {other:?}"),
+    };
+    let (rest, cursor) = rest_of_run(run);
+    assert_fenced(store.record(&rest[0], stale).await, "record");
+    assert_fenced(
+        store.finish(&rest[2], cursor.clone(), stale).await,
+        "finish",
+    );
+    assert!(cursor.is_some(), "the finish would move the cursor");
+    let mut released = lease_of(run, "lease-1");
+    released.released_at = Some(now());
+    assert_fenced(
+        store.put_lease(&released, stale).await,
+        "put_lease (update)",
+    );
+    assert_fenced(
+        store.put_lease(&lease_of(run, "lease-2"), stale).await,
+        "put_lease (insert)",
+    );
+    assert!(!store.renew_lock(label, stale, LONG).await.unwrap());
+    store.release_lock(label, stale).await.unwrap();
+    assert_eq!(state_of(store, run).await, before, "a stale fence wrote");
+    assert_eq!(store.lock_holder(label).await.unwrap(), holder_before);
+}
+
 pub async fn journal_snapshot_and_cursor_are_written_together(store: Arc<dyn RunStore>) {
-    let (run, cursor) = drive(store.as_ref(), "dept", Some(dataset("v1", 10)), None).await;
+    let fence = lock(store.as_ref(), "dept").await;
+    let (run, cursor) = drive(
+        store.as_ref(),
+        &fence,
+        "dept",
+        Some(dataset("v1", 10)),
+        None,
+    )
+    .await;
     assert!(run.is_done());
     let cursor = cursor.expect("a consumed dataset advances the cursor");
     assert_eq!(cursor.consumed_version, Some(VersionTag::new("v1")));
@@ -147,11 +296,26 @@ pub async fn journal_snapshot_and_cursor_are_written_together(store: Arc<dyn Run
         store.cursor(&label("other")).await.unwrap(),
         LabelCursor::default()
     );
+
+    // Only `finish` moves the cursor: the journal writes of the next run
+    // leave it alone.
+    let (next, _) = drive(
+        store.as_ref(),
+        &fence,
+        "dept",
+        Some(dataset("v2", 20)),
+        Some(Stage::Training),
+    )
+    .await;
+    assert!(store.run(&next.run_id).await.unwrap().is_some());
+    assert_eq!(store.cursor(&label("dept")).await.unwrap(), cursor);
 }
 
 pub async fn unfinished_runs_resume_from_their_snapshot(store: Arc<dyn RunStore>) {
+    let fence = lock(store.as_ref(), "dept").await;
     let (run, _) = drive(
         store.as_ref(),
+        &fence,
         "dept",
         Some(dataset("v1", 10)),
         Some(Stage::Training),
@@ -170,7 +334,7 @@ pub async fn unfinished_runs_resume_from_their_snapshot(store: Arc<dyn RunStore>
     replay.seq -= 1;
     let duplicate = step(&mut replay, Event::TrainingLost { reason: "x".into() });
     assert!(matches!(
-        store.record(&duplicate).await,
+        store.record(&duplicate, &fence).await,
         Err(StoreError::Conflict(_))
     ));
     assert_eq!(
@@ -178,131 +342,351 @@ pub async fn unfinished_runs_resume_from_their_snapshot(store: Arc<dyn RunStore>
         Some(run.clone())
     );
 
-    // Continue the resumed run to its end: nothing is left unfinished.
-    let mut run = run;
-    let t = step(
-        &mut run,
-        Event::TrainingFinished {
-            candidate: Candidate {
-                id: "c".into(),
-                metrics: BTreeMap::new(),
-            },
-        },
-    );
-    store.record(&t).await.unwrap();
-    let t = step(&mut run, Event::Notified { error: None });
-    store.record(&t).await.unwrap();
-    let Some(Action::Commit { cursor }) = run.pending.first().cloned() else {
-        panic!("expected a commit, got {:?}", run.pending);
-    };
-    let t = step(&mut run, Event::Committed);
-    store.finish(&t, cursor).await.unwrap();
+    // A new holder (a resumed engine) continues the run to its end: nothing
+    // is left unfinished.
+    let fence = lock(store.as_ref(), "dept").await;
+    let (rest, cursor) = rest_of_run(&run);
+    store.record(&rest[0], &fence).await.unwrap();
+    store.record(&rest[1], &fence).await.unwrap();
+    store.finish(&rest[2], cursor, &fence).await.unwrap();
     assert_eq!(store.unfinished_run(&label("dept")).await.unwrap(), None);
-    let _ = TrainingOutcome::Lost {
-        reason: String::new(),
-    };
 }
 
 pub async fn locks_are_exclusive_renewable_and_expire(store: Arc<dyn RunStore>) {
     let dept = label("dept");
     let a = LockOwner("a".into());
     let b = LockOwner("b".into());
-    let long = Duration::from_secs(60);
     assert_eq!(store.lock_holder(&dept).await.unwrap(), None);
-    assert_eq!(
-        store.try_lock(&dept, &a, long).await.unwrap(),
-        LockOutcome::Acquired
-    );
-    match store.try_lock(&dept, &b, long).await.unwrap() {
+    let fa = acquire(store.as_ref(), "dept", &a, LONG).await;
+    match store.try_lock(&dept, &b, LONG).await.unwrap() {
         LockOutcome::Busy { owner, expires_at } => {
             assert_eq!(owner, "a");
             assert!(expires_at > Utc::now() + chrono::Duration::seconds(30));
         }
         other => panic!("expected busy, got {other:?}"),
     }
-    // Re-entrant for the same owner (a resumed engine keeps its lock).
-    assert_eq!(
-        store.try_lock(&dept, &a, long).await.unwrap(),
-        LockOutcome::Acquired
-    );
-    assert_eq!(
-        store.lock_holder(&dept).await.unwrap().as_deref(),
-        Some("a")
-    );
-    assert!(store.renew_lock(&dept, &a, long).await.unwrap());
-    assert!(!store.renew_lock(&dept, &b, long).await.unwrap());
-    // Only the owner can release.
-    store.release_lock(&dept, &b).await.unwrap();
+    // Re-entrant for the same owner (a resumed engine keeps its lock), with
+    // a new token: the old fence is stale now.
+    let fa2 = acquire(store.as_ref(), "dept", &a, LONG).await;
+    assert!(fa2.token > fa.token);
     assert_eq!(
         store.lock_holder(&dept).await.unwrap().as_deref(),
         Some("a")
     );
-    store.release_lock(&dept, &a).await.unwrap();
+    assert!(store.renew_lock(&dept, &fa2, LONG).await.unwrap());
+    assert!(!store.renew_lock(&dept, &fa, LONG).await.unwrap());
+    let fb = Fence {
+        owner: b.clone(),
+        token: fa2.token,
+    };
+    assert!(!store.renew_lock(&dept, &fb, LONG).await.unwrap());
+    // Only the holder of the current token can release.
+    store.release_lock(&dept, &fb).await.unwrap();
+    store.release_lock(&dept, &fa).await.unwrap();
+    assert_eq!(
+        store.lock_holder(&dept).await.unwrap().as_deref(),
+        Some("a")
+    );
+    store.release_lock(&dept, &fa2).await.unwrap();
     assert_eq!(store.lock_holder(&dept).await.unwrap(), None);
-    assert_eq!(
-        store.try_lock(&dept, &b, long).await.unwrap(),
-        LockOutcome::Acquired
-    );
-    store.release_lock(&dept, &b).await.unwrap();
+    // A released lock cannot be renewed.
+    assert!(!store.renew_lock(&dept, &fa2, LONG).await.unwrap());
+    let fb = acquire(store.as_ref(), "dept", &b, LONG).await;
+    store.release_lock(&dept, &fb).await.unwrap();
 
     // A crashed holder's lock expires and can then be taken over; the old
     // holder's renewal then fails.
     let short = Duration::from_millis(300);
-    assert_eq!(
-        store.try_lock(&dept, &a, short).await.unwrap(),
-        LockOutcome::Acquired
-    );
+    let fa = acquire(store.as_ref(), "dept", &a, short).await;
     assert!(matches!(
-        store.try_lock(&dept, &b, long).await.unwrap(),
+        store.try_lock(&dept, &b, LONG).await.unwrap(),
         LockOutcome::Busy { .. }
     ));
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(store.lock_holder(&dept).await.unwrap(), None);
-    assert_eq!(
-        store.try_lock(&dept, &b, long).await.unwrap(),
-        LockOutcome::Acquired
-    );
-    assert!(!store.renew_lock(&dept, &a, long).await.unwrap());
+    // An expired lock is not renewed, even before anyone takes it.
+    assert!(!store.renew_lock(&dept, &fa, LONG).await.unwrap());
+    acquire(store.as_ref(), "dept", &b, LONG).await;
+    assert!(!store.renew_lock(&dept, &fa, LONG).await.unwrap());
     assert_eq!(
         store.lock_holder(&dept).await.unwrap().as_deref(),
         Some("b")
     );
 
     // Locks are per label.
-    assert_eq!(
-        store.try_lock(&label("urgency"), &a, long).await.unwrap(),
-        LockOutcome::Acquired
+    acquire(store.as_ref(), "urgency", &a, LONG).await;
+}
+
+pub async fn tokens_grow_with_every_acquisition(store: Arc<dyn RunStore>) {
+    let store = store.as_ref();
+    let a = LockOwner("a".into());
+    let b = LockOwner("b".into());
+    let mut tokens = Vec::new();
+    let first = acquire(store, "dept", &a, LONG).await;
+    assert_eq!(first.token, 1, "a label's first lock has token 1");
+    tokens.push(first.token);
+    // Re-acquisition by the same owner.
+    let again = acquire(store, "dept", &a, LONG).await;
+    tokens.push(again.token);
+    // Release (the row stays), then another owner, then the first again.
+    store.release_lock(&label("dept"), &again).await.unwrap();
+    let fb = acquire(store, "dept", &b, LONG).await;
+    tokens.push(fb.token);
+    store.release_lock(&label("dept"), &fb).await.unwrap();
+    tokens.push(
+        acquire(store, "dept", &a, Duration::from_millis(300))
+            .await
+            .token,
+    );
+    // Takeover after expiry.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let fb = acquire(store, "dept", &b, LONG).await;
+    tokens.push(fb.token);
+    // Takeover from a dead holder.
+    store.release_lock(&label("dept"), &fb).await.unwrap();
+    tokens.push(
+        acquire(
+            store,
+            "dept",
+            &LockOwner::for_process("retrain", &dead_process()),
+            LONG,
+        )
+        .await
+        .token,
+    );
+    tokens.push(acquire(store, "dept", &live_owner(), LONG).await.token);
+    assert!(
+        tokens.windows(2).all(|w| w[0] < w[1]),
+        "tokens must strictly increase: {tokens:?}"
+    );
+    // Tokens are per label.
+    assert_eq!(acquire(store, "urgency", &a, LONG).await.token, 1);
+}
+
+pub async fn stale_fences_write_nothing_after_expiry_and_takeover(store: Arc<dyn RunStore>) {
+    let store = store.as_ref();
+    let a = LockOwner("a".into());
+    let b = LockOwner("b".into());
+    // Long enough to drive the run under load, short enough for a test.
+    let fa = acquire(store, "dept", &a, Duration::from_millis(1500)).await;
+    let (run, _) = drive(
+        store,
+        &fa,
+        "dept",
+        Some(dataset("v1", 10)),
+        Some(Stage::Training),
+    )
+    .await;
+    store
+        .put_lease(&lease_of(&run, "lease-1"), &fa)
+        .await
+        .unwrap();
+    // `a` pauses past its TTL: its lock expired, nobody holds the label.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_stale_fence_writes_nothing(store, &run, &fa, "nobody").await;
+    // `b` takes the label over; `a` wakes up and tries to go on.
+    let fb = acquire(store, "dept", &b, LONG).await;
+    assert!(fb.token > fa.token);
+    assert_stale_fence_writes_nothing(store, &run, &fa, "b").await;
+    // The new holder goes on where the journal stands.
+    let (rest, cursor) = rest_of_run(&run);
+    for t in &rest[..2] {
+        store.record(t, &fb).await.unwrap();
+    }
+    let mut released = lease_of(&run, "lease-1");
+    released.released_at = Some(now());
+    store.put_lease(&released, &fb).await.unwrap();
+    store.finish(&rest[2], cursor.clone(), &fb).await.unwrap();
+    assert_eq!(store.cursor(&label("dept")).await.unwrap(), cursor.unwrap());
+    assert!(store.active_leases().await.unwrap().is_empty());
+    assert!(store.renew_lock(&label("dept"), &fb, LONG).await.unwrap());
+}
+
+pub async fn stale_fences_write_nothing_after_release_and_reacquisition(store: Arc<dyn RunStore>) {
+    let store = store.as_ref();
+    let a = LockOwner("a".into());
+    let first = acquire(store, "dept", &a, LONG).await;
+    let (run, _) = drive(
+        store,
+        &first,
+        "dept",
+        Some(dataset("v1", 10)),
+        Some(Stage::Training),
+    )
+    .await;
+    store
+        .put_lease(&lease_of(&run, "lease-1"), &first)
+        .await
+        .unwrap();
+    store.release_lock(&label("dept"), &first).await.unwrap();
+    assert_stale_fence_writes_nothing(store, &run, &first, "nobody").await;
+    // The same owner locks the label again: the first fence stays stale.
+    let second = acquire(store, "dept", &a, LONG).await;
+    assert!(second.token > first.token);
+    assert_stale_fence_writes_nothing(store, &run, &first, "a").await;
+    let (rest, _) = rest_of_run(&run);
+    store.record(&rest[0], &second).await.unwrap();
+}
+
+/// Writes sent together (on SQLite: queued while the writer task is busy,
+/// so committed in one group-commit transaction) succeed or are fenced off
+/// one by one: a stale fence fails only its own write.
+pub async fn a_fenced_write_fails_alone_among_concurrent_writes(store: Arc<dyn RunStore>) {
+    let names: Vec<String> = (0..12).map(|i| format!("label-{i}")).collect();
+    let mut fences = Vec::new();
+    for name in &names {
+        fences.push(lock(store.as_ref(), name).await);
+    }
+    // Two labels were locked again since: their first fences are stale.
+    let stale = [3, 8];
+    for &i in &stale {
+        lock(store.as_ref(), &names[i]).await;
+    }
+    let mut runs = Vec::new();
+    let mut transitions = Vec::new();
+    for name in &names {
+        let mut run = LabelRun::new(
+            RunId::generate(),
+            CycleId::generate(),
+            plan(name),
+            LabelCursor::default(),
+        );
+        transitions.push(step(&mut run, Event::Started { now: now() }));
+        runs.push(run);
+    }
+    let results = futures::future::join_all(
+        transitions
+            .iter()
+            .zip(&fences)
+            .map(|(t, fence)| store.record(t, fence)),
+    )
+    .await;
+    for (i, result) in results.into_iter().enumerate() {
+        let stored = store.run(&runs[i].run_id).await.unwrap();
+        if stale.contains(&i) {
+            assert!(
+                matches!(result, Err(StoreError::Fenced(_))),
+                "{i}: {result:?}"
+            );
+            assert_eq!(stored, None, "{i}: a fenced write was applied");
+        } else {
+            result.unwrap_or_else(|e| panic!("{i}: {e}"));
+            assert_eq!(stored.unwrap().snapshot, runs[i], "{i}");
+        }
+    }
+}
+
+pub async fn concurrent_lockers_get_one_winner_per_round(store: Arc<dyn RunStore>) {
+    let dept = label("dept");
+    let mut tokens = Vec::new();
+    for round in 0..4 {
+        let tasks: Vec<_> = (0..12)
+            .map(|i| {
+                let store = store.clone();
+                let dept = dept.clone();
+                tokio::spawn(async move {
+                    store
+                        .try_lock(&dept, &LockOwner(format!("owner-{round}-{i}")), LONG)
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut winners = Vec::new();
+        let mut busy = Vec::new();
+        for task in tasks {
+            match task.await.unwrap() {
+                LockOutcome::Acquired(fence) => winners.push(fence),
+                LockOutcome::Busy { owner, .. } => busy.push(owner),
+            }
+        }
+        assert_eq!(winners.len(), 1, "round {round}: {winners:?}");
+        let winner = winners.pop().unwrap();
+        assert!(
+            busy.iter().all(|owner| *owner == winner.owner.0),
+            "round {round}: the losers saw {busy:?}, the winner is {}",
+            winner.owner
+        );
+        tokens.push(winner.token);
+        store.release_lock(&dept, &winner).await.unwrap();
+    }
+    assert!(
+        tokens.windows(2).all(|w| w[0] < w[1]),
+        "distinct, growing tokens: {tokens:?}"
     );
 }
 
-pub async fn concurrent_lockers_get_one_winner(store: Arc<dyn RunStore>) {
+pub async fn dead_holders_of_this_host_are_taken_over_at_once(store: Arc<dyn RunStore>) {
     let dept = label("dept");
+    let dead = LockOwner::for_process("retrain", &dead_process());
+    let held = acquire(store.as_ref(), "dept", &dead, LONG).await;
+    let (run, _) = drive(store.as_ref(), &held, "dept", None, Some(Stage::Counting)).await;
+    // Its lock is unexpired, but its process is gone: nobody holds it.
+    assert_eq!(store.lock_holder(&dept).await.unwrap(), None);
+    // Of several contenders, exactly one takes it, at once.
     let tasks: Vec<_> = (0..8)
-        .map(|i| {
+        .map(|_| {
             let store = store.clone();
             let dept = dept.clone();
-            tokio::spawn(async move {
-                store
-                    .try_lock(
-                        &dept,
-                        &LockOwner(format!("owner-{i}")),
-                        Duration::from_secs(60),
-                    )
-                    .await
-                    .unwrap()
-            })
+            tokio::spawn(async move { store.try_lock(&dept, &live_owner(), LONG).await.unwrap() })
         })
         .collect();
-    let mut acquired = 0;
+    let mut winners = Vec::new();
     for task in tasks {
-        if task.await.unwrap() == LockOutcome::Acquired {
-            acquired += 1;
+        if let LockOutcome::Acquired(fence) = task.await.unwrap() {
+            winners.push(fence);
         }
     }
-    assert_eq!(acquired, 1);
+    assert_eq!(winners.len(), 1, "{winners:?}");
+    let winner = &winners[0];
+    assert_eq!(winner.token, held.token + 1);
+    assert_eq!(
+        store.lock_holder(&dept).await.unwrap().as_deref(),
+        Some(winner.owner.0.as_str())
+    );
+    // The dead holder's fence is stale: had it been a paused process, it
+    // could not write any more.
+    let mut next = run.clone();
+    let t = step(&mut next, Event::PublishedRead { current: None });
+    assert!(matches!(
+        store.record(&t, &held).await,
+        Err(StoreError::Fenced(_))
+    ));
+    store.record(&t, winner).await.unwrap();
+}
+
+pub async fn live_and_remote_holders_are_not_taken_early(store: Arc<dyn RunStore>) {
+    let store = store.as_ref();
+    // A live process of this host (this test).
+    let live = live_owner();
+    acquire(store, "dept", &live, LONG).await;
+    assert_busy(store, "dept", &live_owner(), &live).await;
+    // A process of another host, even one whose pid is free here.
+    let remote = LockOwner::for_process(
+        "retrain",
+        &ProcessIdentity {
+            host: "another-host.example".into(),
+            ..dead_process()
+        },
+    );
+    acquire(store, "urgency", &remote, LONG).await;
+    assert_busy(store, "urgency", &live_owner(), &remote).await;
+    assert_eq!(
+        store
+            .lock_holder(&label("urgency"))
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(remote.0.as_str())
+    );
+    // An owner naming no process.
+    let plain = LockOwner::generate("embedder");
+    acquire(store, "seg", &plain, LONG).await;
+    assert_busy(store, "seg", &live_owner(), &plain).await;
 }
 
 pub async fn leases_are_recorded_updated_and_released(store: Arc<dyn RunStore>) {
+    let fence = lock(store.as_ref(), "seg").await;
     let at = now();
     let mut lease = Lease {
         id: "lease-1".into(),
@@ -317,26 +701,36 @@ pub async fn leases_are_recorded_updated_and_released(store: Arc<dyn RunStore>) 
         released_at: None,
     };
     assert!(store.active_leases().await.unwrap().is_empty());
-    store.put_lease(&lease).await.unwrap();
+    store.put_lease(&lease, &fence).await.unwrap();
     assert_eq!(store.active_leases().await.unwrap(), vec![lease.clone()]);
     lease
         .attributes
         .insert("public_ip".into(), "203.0.113.7".into());
     lease.region = None;
-    store.put_lease(&lease).await.unwrap();
+    store.put_lease(&lease, &fence).await.unwrap();
     assert_eq!(store.active_leases().await.unwrap(), vec![lease.clone()]);
     lease.released_at = Some(now());
-    store.put_lease(&lease).await.unwrap();
+    store.put_lease(&lease, &fence).await.unwrap();
     assert!(store.active_leases().await.unwrap().is_empty());
+    // Administrative writes (`infra reap`) hold no lock.
+    store.release_lock(&label("seg"), &fence).await.unwrap();
+    lease.released_at = None;
+    store.put_lease_unfenced(&lease).await.unwrap();
+    assert_eq!(store.active_leases().await.unwrap(), vec![lease.clone()]);
 }
 
 pub async fn runs_are_listed_newest_first_and_shown(store: Arc<dyn RunStore>) {
-    let (first, _) = drive(store.as_ref(), "dept", None, None).await;
+    let store_ref = store.as_ref();
+    let fence = lock(store_ref, "dept").await;
+    let (first, _) = drive(store_ref, &fence, "dept", None, None).await;
     tokio::time::sleep(Duration::from_millis(5)).await;
-    let (second, _) = drive(store.as_ref(), "urgency", None, None).await;
+    let fence = lock(store_ref, "urgency").await;
+    let (second, _) = drive(store_ref, &fence, "urgency", None, None).await;
     tokio::time::sleep(Duration::from_millis(5)).await;
+    let fence = lock(store_ref, "dept").await;
     let (third, _) = drive(
-        store.as_ref(),
+        store_ref,
+        &fence,
         "dept",
         Some(dataset("v1", 3)),
         Some(Stage::Training),
@@ -421,10 +815,25 @@ contract!(
     journal_snapshot_and_cursor_are_written_together,
     unfinished_runs_resume_from_their_snapshot,
     locks_are_exclusive_renewable_and_expire,
-    concurrent_lockers_get_one_winner,
+    tokens_grow_with_every_acquisition,
+    stale_fences_write_nothing_after_expiry_and_takeover,
+    stale_fences_write_nothing_after_release_and_reacquisition,
+    a_fenced_write_fails_alone_among_concurrent_writes,
+    concurrent_lockers_get_one_winner_per_round,
+    dead_holders_of_this_host_are_taken_over_at_once,
+    live_and_remote_holders_are_not_taken_early,
     leases_are_recorded_updated_and_released,
     runs_are_listed_newest_first_and_shown,
 );
+
+/// On a current-thread runtime every write of the test is queued before the
+/// SQLite writer task runs, so they are committed as one batch: the stale
+/// ones are refused and the others of that same transaction still commit.
+#[tokio::test(flavor = "current_thread")]
+async fn sqlite_a_fenced_write_fails_alone_in_its_group_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    a_fenced_write_fails_alone_among_concurrent_writes(sqlite_store(&dir).await).await;
+}
 
 #[tokio::test]
 async fn in_memory_sqlite_works_for_tests() {
@@ -439,7 +848,8 @@ async fn sqlite_corrupt_snapshot_names_the_run() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}/state.db", dir.path().display());
     let store = open_run_store(&url, StoreOptions::default()).await.unwrap();
-    let (run, _) = drive(store.as_ref(), "dept", None, Some(Stage::Counting)).await;
+    let fence = lock(store.as_ref(), "dept").await;
+    let (run, _) = drive(store.as_ref(), &fence, "dept", None, Some(Stage::Counting)).await;
     let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}/state.db", dir.path().display()))
         .await
         .unwrap();
@@ -458,7 +868,8 @@ async fn postgres_corrupt_snapshot_names_the_run() {
         return;
     };
     let store = open_run_store(&url, StoreOptions::default()).await.unwrap();
-    let (run, _) = drive(store.as_ref(), "dept", None, Some(Stage::Counting)).await;
+    let fence = lock(store.as_ref(), "dept").await;
+    let (run, _) = drive(store.as_ref(), &fence, "dept", None, Some(Stage::Counting)).await;
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
     sqlx::query(r#"UPDATE runs SET snapshot = '{"not": "a run"}'"#)
         .execute(&pool)
@@ -602,16 +1013,7 @@ async fn two_processes_opening_a_fresh_sqlite_file_both_succeed() {
         (Ok(a), Ok(b)) => (a, b),
         (a, b) => panic!("both opens must succeed: {:?} / {:?}", a.err(), b.err()),
     };
-    assert_eq!(
-        a.try_lock(
-            &label("dept"),
-            &LockOwner("a".into()),
-            Duration::from_secs(5)
-        )
-        .await
-        .unwrap(),
-        LockOutcome::Acquired
-    );
+    acquire(a.as_ref(), "dept", &LockOwner("a".into()), LONG).await;
     assert!(matches!(
         b.try_lock(
             &label("dept"),

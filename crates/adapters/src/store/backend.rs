@@ -1,0 +1,363 @@
+//! What a SQL dialect supplies to the one `RunStore` implementation
+//! ([`super::SqlRunStore`]): how to bind values and run a statement, how to
+//! read timestamps and JSON back, the clock arguments of lock statements,
+//! its lock SQL, and its two fenced writes (journal, lease), which differ in
+//! shape (a single conditional statement on SQLite, a `FOR SHARE`
+//! transaction on Postgres). Everything else (the shared SQL, decoding rows,
+//! the lock rules in `locks.rs`) is written once.
+
+use std::future::Future;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use retrain_core::domain::{Fence, Label, LabelCursor, Lease, RunId};
+use retrain_core::journal::{RunSummary, Transition, TransitionRecord};
+use retrain_core::ports::StoreError;
+use serde::de::DeserializeOwned;
+
+use super::{i64_to_u64, parse_stage, summary};
+use crate::db::DbUrl;
+
+/// A value bound to a statement. Each dialect maps times and JSON to its
+/// own column types (RFC 3339 text and JSON text on SQLite, `TIMESTAMPTZ`
+/// and `JSONB` on Postgres).
+#[derive(Debug, Clone)]
+pub(super) enum Arg {
+    Text(String),
+    OptText(Option<String>),
+    Int(i64),
+    OptInt(Option<i64>),
+    Float(f64),
+    Bool(bool),
+    Time(DateTime<Utc>),
+    OptTime(Option<DateTime<Utc>>),
+    Json(serde_json::Value),
+}
+
+impl Arg {
+    pub(super) fn text(value: impl std::fmt::Display) -> Self {
+        Self::Text(value.to_string())
+    }
+}
+
+/// The lock statements of a dialect (see `locks.rs` for the rules and the
+/// arguments each one takes).
+pub(super) struct LockSql {
+    /// Take a free, expired or own lock with `token + 1` (a first insert is
+    /// token 1); `RETURNING token`, no row when refused.
+    pub(super) acquire: &'static str,
+    /// Take the lock from one dead holder (`owner` and `token` as read):
+    /// `RETURNING token`, no row when it changed hands meanwhile.
+    pub(super) take: &'static str,
+    /// `owner, token, expires_at, live` of the label's lock row.
+    pub(super) row: &'static str,
+    /// Extend the expiry of exactly this (label, owner, token), if unexpired.
+    pub(super) renew: &'static str,
+    /// Mark exactly this (label, owner, token), if unexpired, released:
+    /// owner `''`, expiry in the past. The row (and its token) stays.
+    pub(super) release: &'static str,
+}
+
+/// How a dialect binds [`Arg`]s (the one thing its statements do
+/// differently).
+pub(super) trait Bind: sqlx::Database {
+    fn bind(query: Query<'_, Self>, arg: Arg) -> Query<'_, Self>;
+
+    fn rows_affected(result: &Self::QueryResult) -> u64;
+}
+
+pub(super) type Query<'q, DB> = sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>;
+
+/// Running one statement with [`Arg`]s on a pool: written once for every
+/// dialect's pool.
+pub(super) trait Statements: Send + Sync {
+    type Row: StoreRow + Send;
+
+    fn fetch_optional(
+        &self,
+        sql: &'static str,
+        args: Vec<Arg>,
+    ) -> impl Future<Output = Result<Option<Self::Row>, sqlx::Error>> + Send;
+
+    fn fetch_all(
+        &self,
+        sql: &'static str,
+        args: Vec<Arg>,
+    ) -> impl Future<Output = Result<Vec<Self::Row>, sqlx::Error>> + Send;
+
+    /// Rows affected.
+    fn execute(
+        &self,
+        sql: &'static str,
+        args: Vec<Arg>,
+    ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send;
+}
+
+/// `args` bound in order (`$1`, `$2`, …).
+pub(super) fn bind<DB: Bind>(query: Query<'_, DB>, args: Vec<Arg>) -> Query<'_, DB> {
+    args.into_iter().fold(query, DB::bind)
+}
+
+impl<DB> Statements for sqlx::Pool<DB>
+where
+    DB: Bind,
+    DB::Row: StoreRow,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+{
+    type Row = DB::Row;
+
+    async fn fetch_optional(
+        &self,
+        sql: &'static str,
+        args: Vec<Arg>,
+    ) -> Result<Option<DB::Row>, sqlx::Error> {
+        bind(sqlx::query(sql), args).fetch_optional(self).await
+    }
+
+    async fn fetch_all(
+        &self,
+        sql: &'static str,
+        args: Vec<Arg>,
+    ) -> Result<Vec<DB::Row>, sqlx::Error> {
+        bind(sqlx::query(sql), args).fetch_all(self).await
+    }
+
+    async fn execute(&self, sql: &'static str, args: Vec<Arg>) -> Result<u64, sqlx::Error> {
+        let result = bind(sqlx::query(sql), args).execute(self).await?;
+        Ok(DB::rows_affected(&result))
+    }
+}
+
+/// A dialect: SQLite or Postgres.
+#[async_trait]
+pub(super) trait Backend: Send + Sync + 'static {
+    type Pool: Statements;
+
+    const LOCKS: LockSql;
+
+    fn pool(&self) -> &Self::Pool;
+
+    fn url(&self) -> &DbUrl;
+
+    /// Arguments appended to a lock statement that compares with "now":
+    /// the client's clock on SQLite, none on Postgres (`now()` in the SQL).
+    fn now_args(&self) -> Vec<Arg>;
+
+    /// Arguments appended to a lock statement that also sets an expiry
+    /// `ttl` from now: `[now, now + ttl]` on SQLite, `[ttl seconds]` on
+    /// Postgres.
+    fn expiry_args(&self, ttl: Duration) -> Vec<Arg>;
+
+    /// Journal `transition` (and the cursor) if `fence` holds the label's
+    /// lock, checked atomically with the write; `false`: nothing written.
+    async fn journal(
+        &self,
+        transition: &Transition,
+        cursor: Option<&LabelCursor>,
+        fence: &Fence,
+    ) -> Result<bool, StoreError>;
+
+    /// Upsert `lease` if `fence` holds its label's lock (atomically);
+    /// `false`: nothing written.
+    async fn lease(&self, lease: &Lease, fence: &Fence) -> Result<bool, StoreError>;
+
+    /// A driver error of `what`, secret-free.
+    fn error(&self, what: &str, error: sqlx::Error) -> StoreError {
+        super::store_error(self.url(), what, error)
+    }
+}
+
+/// Plain columns (text, integers, flags): decoded the same way on both
+/// dialects, so implemented once for every row type that can.
+pub(super) trait Columns {
+    fn text(&self, column: &str) -> Result<String, StoreError>;
+    fn opt_text(&self, column: &str) -> Result<Option<String>, StoreError>;
+    fn int(&self, column: &str) -> Result<i64, StoreError>;
+    fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError>;
+    fn flag(&self, column: &str) -> Result<bool, StoreError>;
+}
+
+impl<R> Columns for R
+where
+    R: sqlx::Row,
+    for<'c> &'c str: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> bool: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    fn text(&self, column: &str) -> Result<String, StoreError> {
+        self.try_get(column).map_err(|e| corrupt_column(column, e))
+    }
+    fn opt_text(&self, column: &str) -> Result<Option<String>, StoreError> {
+        self.try_get(column).map_err(|e| corrupt_column(column, e))
+    }
+    fn int(&self, column: &str) -> Result<i64, StoreError> {
+        self.try_get(column).map_err(|e| corrupt_column(column, e))
+    }
+    fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError> {
+        self.try_get(column).map_err(|e| corrupt_column(column, e))
+    }
+    fn flag(&self, column: &str) -> Result<bool, StoreError> {
+        self.try_get(column).map_err(|e| corrupt_column(column, e))
+    }
+}
+
+pub(super) fn corrupt_column(column: &str, error: sqlx::Error) -> StoreError {
+    StoreError::Corrupt(format!("column {column}: {error}"))
+}
+
+/// Reading a result row: timestamps and JSON are dialect-specific.
+pub(super) trait StoreRow: Columns {
+    /// A timestamp column; `what` names it in the error.
+    fn time(&self, column: &str, what: &str) -> Result<DateTime<Utc>, StoreError>;
+
+    fn opt_time(&self, column: &str, what: &str) -> Result<Option<DateTime<Utc>>, StoreError>;
+
+    /// A JSON column decoded as `T`; the error is the decoder's message.
+    fn json<T: DeserializeOwned>(&self, column: &str) -> Result<T, String>;
+}
+
+// ---- Shared SQL (`$N` placeholders work on both dialects) ----
+
+pub(super) const SELECT_CURSOR: &str =
+    "SELECT watermark, consumed_version, consumed_num_samples FROM cursors WHERE label = $1";
+
+pub(super) const SELECT_UNFINISHED: &str = "SELECT run_id, snapshot FROM runs
+     WHERE label = $1 AND NOT done
+     ORDER BY started_at DESC, run_id DESC LIMIT 1";
+
+/// `$2`: `i64::MAX` for "no limit" (SQLite and Postgres disagree on the
+/// spelling of "no limit", not on a large one).
+pub(super) const SELECT_RUNS: &str =
+    "SELECT run_id, cycle_id, label, stage, outcome, started_at, updated_at FROM runs
+     WHERE (CAST($1 AS TEXT) IS NULL OR label = $1)
+     ORDER BY started_at DESC, run_id DESC LIMIT $2";
+
+pub(super) const SELECT_RUN: &str =
+    "SELECT run_id, cycle_id, label, stage, outcome, started_at, updated_at, snapshot
+     FROM runs WHERE run_id = $1";
+
+pub(super) const SELECT_TRANSITIONS: &str =
+    "SELECT seq, at, from_stage, to_stage, event, actions FROM transitions
+     WHERE run_id = $1 ORDER BY seq";
+
+pub(super) const SELECT_ACTIVE_LEASES: &str =
+    "SELECT * FROM leases WHERE released_at IS NULL ORDER BY acquired_at, id";
+
+/// The lease upsert, `$1..$10` as bound by [`lease_args`].
+pub(super) const UPSERT_LEASE: &str =
+    "INSERT INTO leases (id, label, run_id, provider, resources, region, acquired_at, max_until, attributes, released_at)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+     ON CONFLICT (id) DO UPDATE SET
+        label = excluded.label, run_id = excluded.run_id, provider = excluded.provider,
+        resources = excluded.resources, region = excluded.region,
+        acquired_at = excluded.acquired_at, max_until = excluded.max_until,
+        attributes = excluded.attributes, released_at = excluded.released_at";
+
+/// `$1..$10` of a lease write.
+pub(super) fn lease_args(lease: &Lease) -> Result<Vec<Arg>, StoreError> {
+    Ok(vec![
+        Arg::text(&lease.id),
+        Arg::text(&lease.label),
+        Arg::text(&lease.run_id),
+        Arg::text(&lease.provider),
+        Arg::Json(super::to_json(&lease.resources, "lease resources")?),
+        Arg::OptText(lease.region.clone()),
+        Arg::Time(lease.acquired_at),
+        Arg::Time(lease.max_until),
+        Arg::Json(super::to_json(&lease.attributes, "lease attributes")?),
+        Arg::OptTime(lease.released_at),
+    ])
+}
+
+/// `(label, owner, token)` of a fence, the arguments of every lock check.
+pub(super) fn fence_args(label: &Label, fence: &Fence) -> Result<Vec<Arg>, StoreError> {
+    Ok(vec![
+        Arg::text(label),
+        Arg::text(&fence.owner),
+        Arg::Int(super::u64_to_i64(fence.token, "fencing token")?),
+    ])
+}
+
+// ---- Shared decoding ----
+
+pub(super) fn cursor_of<R: StoreRow>(row: &R, label: &Label) -> Result<LabelCursor, StoreError> {
+    let samples = row.opt_int("consumed_num_samples")?;
+    Ok(LabelCursor {
+        watermark: row.opt_time("watermark", &format!("watermark of label {label}"))?,
+        consumed_version: row
+            .opt_text("consumed_version")?
+            .map(retrain_core::domain::VersionTag),
+        consumed_num_samples: samples
+            .map(|n| i64_to_u64(n, &format!("consumed_num_samples of label {label}")))
+            .transpose()?,
+    })
+}
+
+pub(super) fn snapshot_of<R: StoreRow>(
+    row: &R,
+) -> Result<retrain_core::machine::LabelRun, StoreError> {
+    let run_id = row.text("run_id")?;
+    json_column(row, "snapshot", &format!("snapshot of run {run_id}"))
+}
+
+pub(super) fn summary_of<R: StoreRow>(row: &R) -> Result<RunSummary, StoreError> {
+    let run_id = row.text("run_id")?;
+    let started = row.time("started_at", &format!("started_at of run {run_id}"))?;
+    let updated = row.time("updated_at", &format!("updated_at of run {run_id}"))?;
+    summary(
+        run_id,
+        row.text("cycle_id")?,
+        &row.text("label")?,
+        &row.text("stage")?,
+        row.text("outcome")?,
+        started,
+        updated,
+    )
+}
+
+pub(super) fn transition_of<R: StoreRow>(
+    row: &R,
+    run_id: &RunId,
+) -> Result<TransitionRecord, StoreError> {
+    let id = run_id.as_str();
+    let seq = row.int("seq")?;
+    Ok(TransitionRecord {
+        seq: i64_to_u64(seq, &format!("seq of run {id}"))?,
+        at: row.time("at", &format!("time of run {id} seq {seq}"))?,
+        from: parse_stage(&row.text("from_stage")?, id)?,
+        to: parse_stage(&row.text("to_stage")?, id)?,
+        event: json_column(row, "event", &format!("event of run {id}"))?,
+        actions: json_column(row, "actions", &format!("actions of run {id}"))?,
+    })
+}
+
+pub(super) fn lease_of<R: StoreRow>(row: &R) -> Result<Lease, StoreError> {
+    let id = row.text("id")?;
+    let field = |name: &str| format!("{name} of lease {id}");
+    Ok(Lease {
+        label: Label::new(row.text("label")?)
+            .map_err(|e| StoreError::Corrupt(format!("{}: {e}", field("label"))))?,
+        run_id: RunId(row.text("run_id")?),
+        provider: row.text("provider")?,
+        resources: json_column(row, "resources", &field("resources"))?,
+        region: row.opt_text("region")?,
+        acquired_at: row.time("acquired_at", &field("acquired_at"))?,
+        max_until: row.time("max_until", &field("max_until"))?,
+        attributes: json_column(row, "attributes", &field("attributes"))?,
+        released_at: row.opt_time("released_at", &field("released_at"))?,
+        id,
+    })
+}
+
+/// A JSON column as `T`; `what` names it in the error.
+fn json_column<R: StoreRow, T: DeserializeOwned>(
+    row: &R,
+    column: &str,
+    what: &str,
+) -> Result<T, StoreError> {
+    row.json(column)
+        .map_err(|e| StoreError::Corrupt(format!("{what} cannot be read: {e}")))
+}
