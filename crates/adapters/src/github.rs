@@ -1672,7 +1672,7 @@ impl GithubNotifier {
             // changed since it was read. Both resolve on a fresh read.
             if status == StatusCode::CONFLICT || text.contains("sha") {
                 return Err(PortError::Transient(format!(
-                    "{what}: HTTP {status}: the file or the branch changed meanwhile; retried at the next cycle: {}",
+                    "{what}: HTTP {status}: the file or the branch changed meanwhile: {}",
                     excerpt(&text)
                 )));
             }
@@ -2085,6 +2085,10 @@ impl Notifier for GithubNotifier {
                 auto_merge,
                 file,
             } => {
+                // Not deferred to the next cycle: here that is the next
+                // workflow run, likely another pull request's, which would
+                // get this report (and its approval). The HTTP client has
+                // already retried within this attempt.
                 self.notify_triggering(
                     report,
                     *number,
@@ -2094,6 +2098,12 @@ impl Notifier for GithubNotifier {
                     &marker,
                 )
                 .await
+                .map_err(|e| match e {
+                    PortError::Transient(message) => PortError::Failed(format!(
+                        "{message} (not retried at the next cycle, which runs for the next pull request's workflow)"
+                    )),
+                    other => other,
+                })
             }
         }
     }

@@ -192,15 +192,18 @@ fn registry(
     }
 }
 
+/// `cycles`: the engine runs cycles (which notify); `false` for `retrain
+/// gate` and `infra reap`, which never do.
 fn notifiers(
     settings: &Settings,
     label: &LabelSettings,
+    cycles: bool,
 ) -> Result<Vec<Arc<dyn Notifier>>, AdapterError> {
     let mut out: Vec<Arc<dyn Notifier>> = vec![Arc::new(LogNotifier)];
     for spec in &label.notify {
         match spec {
             NotifySpec::Log => {}
-            other => out.extend(remote_notifier(settings, label, other)?),
+            other => out.extend(remote_notifier(settings, label, other, cycles)?),
         }
     }
     Ok(out)
@@ -306,7 +309,7 @@ async fn assemble_engine(
                 .map(|r| registry(settings, r))
                 .transpose()?,
             lease,
-            notifiers: notifiers(settings, label)?,
+            notifiers: notifiers(settings, label, with_counts)?,
             train_timeout: label.train_timeout,
         });
     }
@@ -426,6 +429,7 @@ fn remote_notifier(
     settings: &Settings,
     label: &LabelSettings,
     spec: &NotifySpec,
+    cycles: bool,
 ) -> Result<Option<Arc<dyn Notifier>>, AdapterError> {
     let on = |on: &NotifyOn| match on {
         NotifyOn::Improved => crate::github::NotifyOn::Improved,
@@ -463,9 +467,10 @@ fn remote_notifier(
                         auto_merge: *auto_merge,
                         file: pr_file.clone(),
                     },
-                    // A dry run notifies nobody: it need not run on a PR.
-                    Err(e) if settings.dry_run => {
-                        tracing::warn!(label = %label.label, error = %e, "dry run: the triggering pull request notifier is left out");
+                    // A dry run, `retrain gate` and `infra reap` notify
+                    // nobody: they need not run on a pull request.
+                    Err(e) if settings.dry_run || !cycles => {
+                        tracing::debug!(label = %label.label, error = %e, "no triggering pull request: its notifier is left out (nothing here notifies)");
                         return Ok(None);
                     }
                     Err(e) => return Err(e),

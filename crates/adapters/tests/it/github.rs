@@ -2256,3 +2256,41 @@ async fn github_actions_refusing_to_approve_is_explained() {
         "no auto-merge without approval"
     );
 }
+
+#[tokio::test]
+async fn a_transient_error_on_the_triggering_pr_is_final_not_deferred_to_another_pr() {
+    let server = MockServer::start().await;
+    mount_user(&server, ME).await;
+    let dir = tempfile::tempdir().unwrap();
+    let event = pull_request_event(&dir, 17);
+    // The data branch moved between the read and the write.
+    Mock::given(method("PUT"))
+        .and(path("/repos/acme/wms/contents/model-metadata.json"))
+        .respond_with(ResponseTemplate::new(409).set_body_json(json!({
+            "message": "model-metadata.json does not match 0123abc",
+            "documentation_url": "https://docs.github.com/rest/repos/contents#create-or-update-file-contents",
+            "status": "409"
+        })))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let repo = repo_with_data_branch();
+    repo.mount(&server).await;
+    let pr = FakeTriggeringPr::new(17, "acme/wms");
+    pr.mount(&server).await;
+    let issue = FakeIssue::new(17, ME);
+    issue.mount(&server, None).await;
+
+    let err = triggering(&server, &event)
+        .notify(&full_report(LabelStatus::Promoted, "7", 0.85))
+        .await
+        .unwrap_err();
+
+    assert!(matches!(err, PortError::Failed(_)), "{err:?}");
+    assert!(
+        err.to_string().contains("not retried at the next cycle"),
+        "{err}"
+    );
+    assert_eq!(pr.review_posts.load(Ordering::SeqCst), 0);
+    assert!(issue.bodies()[0].2.contains("changed meanwhile"));
+}
