@@ -1985,7 +1985,7 @@ impl GithubNotifier {
             }
         }
         let body = format!(
-            "{marker}\n{}\n---\n\n{}\n",
+            "{marker}\n{}\n\n---\n\n{}\n",
             report.to_markdown().trim_end(),
             done.join("\n\n")
         );
