@@ -233,15 +233,18 @@ fn registry(
     }
 }
 
+/// `cycles`: the engine runs cycles (which notify); `false` for `retrain
+/// gate` and `infra reap`, which never do.
 fn notifiers(
     settings: &Settings,
     label: &LabelSettings,
+    cycles: bool,
 ) -> Result<Vec<Arc<dyn Notifier>>, AdapterError> {
     let mut out: Vec<Arc<dyn Notifier>> = vec![Arc::new(LogNotifier)];
     for spec in &label.notify {
         match spec {
             NotifySpec::Log => {}
-            other => out.push(remote_notifier(settings, other)?),
+            other => out.extend(remote_notifier(settings, label, other, cycles)?),
         }
     }
     Ok(out)
@@ -348,7 +351,7 @@ async fn assemble_engine(
                 .map(|r| registry(settings, r))
                 .transpose()?,
             lease,
-            notifiers: notifiers(settings, label)?,
+            notifiers: notifiers(settings, label, with_counts)?,
             train_timeout: label.train_timeout,
         });
     }
@@ -460,65 +463,129 @@ fn lease_provider(
 
 fn remote_notifier(
     settings: &Settings,
+    label: &LabelSettings,
     spec: &NotifySpec,
-) -> Result<Arc<dyn Notifier>, AdapterError> {
+    cycles: bool,
+) -> Result<Option<Arc<dyn Notifier>>, AdapterError> {
     let on = |on: &NotifyOn| match on {
         NotifyOn::Improved => crate::github::NotifyOn::Improved,
         NotifyOn::Always => crate::github::NotifyOn::Always,
     };
     match spec {
-        NotifySpec::Log => Ok(Arc::new(LogNotifier)),
+        NotifySpec::Log => Ok(Some(Arc::new(LogNotifier))),
         NotifySpec::Github {
             repo,
             on: when,
             issue,
             pr_head,
             pr_base,
+            pr_triggering,
+            approve,
             auto_merge,
+            pr_file,
+            app_login,
         } => {
             let token = settings.github.token.clone().ok_or_else(|| {
                 AdapterError::config("github.token", "a GitHub notifier needs GITHUB_TOKEN")
             })?;
-            let target = match (issue, pr_head) {
-                (Some(issue), _) => crate::github::GithubTarget::Comment { issue: *issue },
-                (None, Some(head)) => crate::github::GithubTarget::PullRequest {
+            let target = match (issue, pr_head, pr_triggering) {
+                (Some(issue), _, _) => crate::github::GithubTarget::Comment { issue: *issue },
+                (None, Some(head), _) => crate::github::GithubTarget::PullRequest {
                     head: head.clone(),
                     base: pr_base.clone(),
                     auto_merge: *auto_merge,
+                    file: pr_file.clone(),
                 },
-                (None, None) => {
+                (None, None, true) => match crate::github::triggering_pull_request_from_env() {
+                    Ok(number) => crate::github::GithubTarget::TriggeringPullRequest {
+                        number,
+                        approve: *approve,
+                        auto_merge: *auto_merge,
+                        file: pr_file.clone(),
+                    },
+                    // A dry run, `retrain gate` and `infra reap` notify
+                    // nobody: they need not run on a pull request.
+                    Err(e) if settings.dry_run || !cycles => {
+                        tracing::debug!(label = %label.label, error = %e, "no triggering pull request: its notifier is left out (nothing here notifies)");
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(e),
+                },
+                (None, None, false) => {
                     return Err(AdapterError::config(
                         "notify",
-                        "github needs issue or pr_head",
+                        "github needs issue, pr_head or pr = \"triggering\"",
                     ))
                 }
             };
-            Ok(Arc::new(crate::github::GithubNotifier::new(
-                crate::github::GithubSettings {
-                    api_url: settings.github.api_url.clone(),
-                    token,
-                    repo: repo.clone(),
-                    on: on(when),
-                    target,
-                    policy: http_policy(settings),
+            let registry = label.registry.as_ref().map(|r| match r {
+                RegistrySpec::Mlflow {
+                    tracking_uri,
+                    model,
+                    alias,
+                    stages,
+                } => crate::github::RegistryRef {
+                    kind: "mlflow".into(),
+                    uri: public_uri(tracking_uri),
+                    model: model.clone(),
+                    alias: (!stages).then(|| alias.clone()),
+                    stage: stages.then(|| alias.clone()),
                 },
-            )?))
+                RegistrySpec::Json { model, .. } => crate::github::RegistryRef {
+                    kind: "json".into(),
+                    uri: None,
+                    model: model.clone(),
+                    alias: None,
+                    stage: None,
+                },
+            });
+            let notifier = crate::github::GithubNotifier::new(crate::github::GithubSettings {
+                api_url: settings.github.api_url.clone(),
+                token,
+                repo: repo.clone(),
+                on: on(when),
+                target,
+                policy: http_policy(settings),
+                registry,
+                report_url: crate::github::actions_run_url_from_env(),
+            })?;
+            Ok(Some(Arc::new(match app_login {
+                Some(login) => notifier.with_app_login(login.clone()),
+                None => notifier,
+            })))
         }
         NotifySpec::Webhook {
             url,
             slack,
             on: when,
-        } => Ok(Arc::new(crate::webhook::WebhookNotifier::with_policy(
-            url.clone(),
-            if *slack {
-                crate::webhook::WebhookFormat::Slack
-            } else {
-                crate::webhook::WebhookFormat::Json
-            },
-            on(when),
-            http_policy(settings),
-        )?)),
+        } => Ok(Some(Arc::new(
+            crate::webhook::WebhookNotifier::with_policy(
+                url.clone(),
+                if *slack {
+                    crate::webhook::WebhookFormat::Slack
+                } else {
+                    crate::webhook::WebhookFormat::Json
+                },
+                on(when),
+                http_policy(settings),
+            )?,
+        ))),
     }
+}
+
+/// A registry address fit for a file committed to a repository: no user
+/// info, query or fragment; `None` for an address templated on an ephemeral
+/// instance (`http://{public_ip}:5000`) or one that is not a URL.
+fn public_uri(raw: &str) -> Option<String> {
+    if raw.contains('{') {
+        return None;
+    }
+    let mut url = url::Url::parse(raw).ok()?;
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    url.set_query(None);
+    url.set_fragment(None);
+    Some(url.to_string())
 }
 
 /// `retrain infra start|stop --label L`: returns `(instance id, state)`.

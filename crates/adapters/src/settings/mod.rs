@@ -417,7 +417,16 @@ pub enum NotifySpec {
         issue: Option<u64>,
         pr_head: Option<String>,
         pr_base: String,
+        /// `pr = "triggering"`: the pull request that triggered the workflow.
+        pr_triggering: bool,
+        /// Approve the triggering pull request when the model improved.
+        approve: bool,
         auto_merge: bool,
+        /// The model file committed with a PR (default `models/<label>.json`).
+        pr_file: Option<String>,
+        /// The App bot login (`github-actions[bot]`) that identifies our own
+        /// comments when the token is an App installation token.
+        app_login: Option<String>,
     },
     Webhook {
         url: SecretString,
@@ -1194,7 +1203,13 @@ fn parse_notify(value: &Value) -> Result<NotifySpec, String> {
         Value::String(s) if s == "log" => Ok(NotifySpec::Log),
         Value::Object(table) if table.contains_key("log") => Ok(NotifySpec::Log),
         Value::Object(table) if table.contains_key("github") => {
-            check_keys(table, &["github", "on", "issue", "pr_head", "pr_base", "auto_merge"])?;
+            check_keys(
+                table,
+                &[
+                    "github", "on", "issue", "pr_head", "pr_base", "pr", "approve", "auto_merge",
+                    "pr_file", "app_login",
+                ],
+            )?;
             let repo = match table.get("github") {
                 Some(Value::String(r)) if r.split('/').filter(|p| !p.is_empty()).count() == 2 => r.clone(),
                 _ => return Err("`github` must be \"owner/repo\"".into()),
@@ -1208,22 +1223,77 @@ fn parse_notify(value: &Value) -> Result<NotifySpec, String> {
                 Some(Value::String(s)) => Some(s.clone()),
                 Some(_) => return Err("`pr_head` must be a branch name".into()),
             };
-            if issue.is_none() && pr_head.is_none() {
-                return Err("set `issue = N` (comment on an issue/PR) or `pr_head = \"branch\"` (open/update a PR)".into());
+            let pr_triggering = match table.get("pr") {
+                None => false,
+                Some(Value::String(s)) if s == "triggering" => true,
+                Some(other) => {
+                    return Err(format!(
+                        "`pr`: expected \"triggering\" (the pull request that triggered the workflow), got {other}"
+                    ))
+                }
+            };
+            let targets = [issue.is_some(), pr_head.is_some(), pr_triggering]
+                .iter()
+                .filter(|t| **t)
+                .count();
+            if targets == 0 {
+                return Err("set `issue = N` (comment on an issue/PR), `pr_head = \"branch\"` (open/update a PR carrying the model file) or `pr = \"triggering\"` (act on the pull request that triggered the workflow)".into());
+            }
+            if targets > 1 {
+                return Err("set only one of `issue`, `pr_head` and `pr`".into());
             }
             let pr_base = match table.get("pr_base") {
                 None => "main".to_owned(),
-                Some(Value::String(s)) => s.clone(),
+                Some(Value::String(s)) if pr_head.is_some() => s.clone(),
+                Some(Value::String(_)) => return Err("`pr_base` goes with `pr_head`".into()),
                 Some(_) => return Err("`pr_base` must be a branch name".into()),
             };
-            let auto_merge = matches!(table.get("auto_merge"), Some(Value::Bool(true)));
+            let flag = |key: &str| match table.get(key) {
+                None => Ok(false),
+                Some(Value::Bool(b)) => Ok(*b),
+                Some(other) => Err(format!("`{key}` must be true or false, got {other}")),
+            };
+            let approve = flag("approve")?;
+            if approve && !pr_triggering {
+                return Err("`approve` goes with `pr = \"triggering\"`".into());
+            }
+            let auto_merge = flag("auto_merge")?;
+            if auto_merge && issue.is_some() {
+                return Err("`auto_merge` goes with `pr_head` or `pr = \"triggering\"`".into());
+            }
+            let pr_file = match table.get("pr_file") {
+                None => None,
+                Some(Value::String(_)) if issue.is_some() => {
+                    return Err("`pr_file` goes with `pr_head` or `pr = \"triggering\"`".into())
+                }
+                Some(Value::String(s)) => {
+                    crate::github::check_pr_file(s)?;
+                    Some(s.clone())
+                }
+                Some(_) => return Err("`pr_file` must be a path in the repository".into()),
+            };
+            let app_login = match table.get("app_login") {
+                None => None,
+                Some(Value::String(s)) if !s.trim().is_empty() => Some(s.trim().to_owned()),
+                Some(_) => return Err("`app_login` must be the App's bot login, e.g. \"github-actions[bot]\"".into()),
+            };
+            // On the triggering PR the report is posted whatever the outcome
+            // (a reject explains itself there), unless `on` says otherwise.
+            let on = match (table.contains_key("on"), pr_triggering) {
+                (false, true) => NotifyOn::Always,
+                _ => parse_on(table)?,
+            };
             Ok(NotifySpec::Github {
                 repo,
-                on: parse_on(table)?,
+                on,
                 issue,
                 pr_head,
                 pr_base,
+                pr_triggering,
+                approve,
                 auto_merge,
+                pr_file,
+                app_login,
             })
         }
         Value::Object(table) if table.contains_key("webhook") || table.contains_key("slack") => {

@@ -272,3 +272,60 @@ fn job_specs() {
             .contains("bogus")
     );
 }
+
+#[test]
+fn github_notify_specs_for_pull_requests() {
+    match parse_notify(&serde_json::json!({"github": "o/r", "pr": "triggering", "approve": true, "auto_merge": true, "pr_file": "model-metadata.json"})).unwrap() {
+        NotifySpec::Github { pr_triggering, approve, auto_merge, pr_file, on, issue, pr_head, .. } => {
+            assert!(pr_triggering && approve && auto_merge);
+            assert_eq!(pr_file.as_deref(), Some("model-metadata.json"));
+            assert_eq!(on, NotifyOn::Always, "a reject is explained on the triggering PR");
+            assert!(issue.is_none() && pr_head.is_none());
+        }
+        other => panic!("{other:?}"),
+    }
+    match parse_notify(&serde_json::json!({"github": "o/r", "pr_head": "retrain/seg", "auto_merge": true, "app_login": "github-actions[bot]"})).unwrap() {
+        NotifySpec::Github { pr_head, pr_base, pr_file, on, app_login, .. } => {
+            assert_eq!(pr_head.as_deref(), Some("retrain/seg"));
+            assert_eq!(pr_base, "main");
+            assert_eq!(pr_file, None);
+            assert_eq!(on, NotifyOn::Improved);
+            assert_eq!(app_login.as_deref(), Some("github-actions[bot]"));
+        }
+        other => panic!("{other:?}"),
+    }
+    for (bad, expected) in [
+        (
+            serde_json::json!({"github": "o/r", "pr": "current"}),
+            "triggering",
+        ),
+        (
+            serde_json::json!({"github": "o/r", "pr": "triggering", "issue": 3}),
+            "only one",
+        ),
+        (
+            serde_json::json!({"github": "o/r", "pr_head": "x", "approve": true}),
+            "`approve`",
+        ),
+        (
+            serde_json::json!({"github": "o/r", "issue": 3, "pr_file": "m.json"}),
+            "`pr_file`",
+        ),
+        (
+            serde_json::json!({"github": "o/r", "pr": "triggering", "pr_file": "../m.json"}),
+            "..",
+        ),
+        (
+            serde_json::json!({"github": "o/r", "pr": "triggering", "approve": "yes"}),
+            "true or false",
+        ),
+        (
+            serde_json::json!({"github": "o/r", "pr": "triggering", "pr_base": "main"}),
+            "`pr_base`",
+        ),
+        (serde_json::json!({"github": "o/r"}), "pr = \"triggering\""),
+    ] {
+        let err = parse_notify(&bad).unwrap_err();
+        assert!(err.contains(expected), "{bad}: {err}");
+    }
+}
