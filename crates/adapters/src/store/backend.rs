@@ -224,8 +224,10 @@ pub(super) trait StoreRow: Columns {
 pub(super) const SELECT_CURSOR: &str =
     "SELECT watermark, consumed_version, consumed_num_samples FROM cursors WHERE label = $1";
 
+/// `done = FALSE` (not `NOT done`) so both dialects use the
+/// `(label, done, started_at)` index however long a label's history.
 pub(super) const SELECT_UNFINISHED: &str = "SELECT run_id, snapshot FROM runs
-     WHERE label = $1 AND NOT done
+     WHERE label = $1 AND done = FALSE
      ORDER BY started_at DESC, run_id DESC LIMIT 1";
 
 /// `$2`: `i64::MAX` for "no limit" (SQLite and Postgres disagree on the
