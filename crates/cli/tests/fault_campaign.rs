@@ -194,12 +194,13 @@ notify = [{{ webhook = "{webhook}", on = "always" }}]
             .collect()
     }
 
-    fn status(&self) -> Value {
+    fn json(&self, args: &[&str]) -> Value {
         let out = Command::new(assert_cmd::cargo::cargo_bin("retrain"))
             .current_dir(self.dir.path())
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .args(["--output", "json", "status"])
+            .args(["--output", "json"])
+            .args(args)
             .output()
             .unwrap();
         assert!(
@@ -214,8 +215,9 @@ notify = [{{ webhook = "{webhook}", on = "always" }}]
 /// What an uninterrupted run leaves behind, compared across runs.
 #[derive(Debug, PartialEq)]
 struct Outcome {
-    /// Per label: last consumed version and last outcome.
-    labels: BTreeMap<String, (Value, Value)>,
+    /// Per label: last consumed version, and the outcomes of its runs that
+    /// did something (a rerun after a completed run skips: not counted).
+    labels: BTreeMap<String, (Value, Vec<String>)>,
     restarts: usize,
     /// Trainings started per label.
     trainings: BTreeMap<String, usize>,
@@ -227,20 +229,23 @@ struct Outcome {
 }
 
 async fn outcome(scenario: &Scenario, ec2: &Ec2Client, webhook: &MockServer) -> Outcome {
-    let status = scenario.status();
+    let status = scenario.json(&["status"]);
+    let runs = scenario.json(&["runs", "--limit", "100"]);
     let labels = status
         .as_array()
         .unwrap_or_else(|| panic!("status is not a list of labels: {status}"))
         .iter()
         .map(|l| {
-            let last = &l["last_run"];
-            (
-                l["label"].as_str().unwrap().to_owned(),
-                (
-                    l["last_version"].clone(),
-                    serde_json::json!([last["outcome"], last["stage"], last["verdict"]]),
-                ),
-            )
+            let name = l["label"].as_str().unwrap().to_owned();
+            let mut outcomes: Vec<String> = runs
+                .as_array()
+                .unwrap_or_else(|| panic!("runs is not a list: {runs}"))
+                .iter()
+                .filter(|r| r["label"] == name.as_str() && r["outcome"] != "skipped")
+                .map(|r| format!("{} ({})", r["outcome"], r["stage"]))
+                .collect();
+            outcomes.sort();
+            (name, (l["last_version"].clone(), outcomes))
         })
         .collect();
     let mut trainings = BTreeMap::new();
