@@ -1,17 +1,24 @@
 //! Two engines (two orchestrators) sharing one run store never drive the
 //! same label at once: each label is trained exactly once, the other engine
-//! reports it busy.
+//! reports it busy — also when labels queue behind a small parallelism for
+//! longer than the lock TTL, and when one holder cannot renew its locks.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use retrain_adapters::store::{open_run_store, StoreOptions};
-use retrain_core::domain::{Candidate, Label, LockOwner, TrainingHandle, TrainingOutcome};
+use retrain_core::domain::{
+    Candidate, Fence, Label, LabelCursor, Lease, LockOutcome, LockOwner, RunId, TrainingHandle,
+    TrainingOutcome,
+};
 use retrain_core::engine::{CycleRequest, Engine, EngineSettings, LabelBinding};
+use retrain_core::journal::{RunDetail, RunFilter, RunSummary, Transition};
+use retrain_core::machine::LabelRun;
 use retrain_core::ports::{
-    MetadataRead, MetadataStore, PortError, RunStore, Trainer, TrainingRequest,
+    MetadataRead, MetadataStore, PortError, RunStore, StoreError, Trainer, TrainingRequest,
 };
 use retrain_core::report::LabelStatus;
 use retrain_core::CancellationToken;
@@ -34,9 +41,28 @@ impl MetadataStore for Published {
 
 /// Counts starts per label; training takes long enough that both engines'
 /// lock attempts overlap with it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct CountingTrainer {
     starts: Mutex<HashMap<Label, u32>>,
+    train_time: Duration,
+}
+
+impl Default for CountingTrainer {
+    fn default() -> Self {
+        Self::taking(Duration::from_millis(500))
+    }
+}
+
+impl CountingTrainer {
+    fn taking(train_time: Duration) -> Self {
+        Self {
+            starts: Mutex::default(),
+            train_time,
+        }
+    }
+    fn starts(&self) -> HashMap<Label, u32> {
+        self.starts.lock().unwrap().clone()
+    }
 }
 
 #[async_trait]
@@ -58,7 +84,7 @@ impl Trainer for CountingTrainer {
         _request: &TrainingRequest,
         _handle: &TrainingHandle,
     ) -> Result<TrainingOutcome, PortError> {
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(self.train_time).await;
         Ok(TrainingOutcome::Finished(Candidate {
             id: "cand".into(),
             metrics: Default::default(),
@@ -75,7 +101,18 @@ impl Trainer for CountingTrainer {
 const LABELS: &[&str] = &["a", "b", "c", "d", "e", "f"];
 
 fn engine(store: Arc<dyn RunStore>, trainer: Arc<CountingTrainer>, name: &str) -> Engine {
-    let bindings = LABELS
+    engine_with(store, trainer, name, LABELS, Duration::from_secs(30), 16)
+}
+
+fn engine_with(
+    store: Arc<dyn RunStore>,
+    trainer: Arc<CountingTrainer>,
+    name: &str,
+    labels: &[&str],
+    lock_ttl: Duration,
+    parallel: usize,
+) -> Engine {
+    let bindings = labels
         .iter()
         .map(|l| LabelBinding {
             plan: plan(l),
@@ -93,8 +130,8 @@ fn engine(store: Arc<dyn RunStore>, trainer: Arc<CountingTrainer>, name: &str) -
         None,
         bindings,
         EngineSettings {
-            max_parallel_labels: 16,
-            lock_ttl: Duration::from_secs(30),
+            max_parallel_labels: parallel,
+            lock_ttl,
             poll_jitter: 0.0,
             owner: LockOwner::generate(name),
             ..EngineSettings::default()
@@ -130,7 +167,7 @@ async fn two_engines_drive_each_label_once(url: &str) {
         b.run_cycle(CycleRequest::default(), CancellationToken::new()),
     );
     let (ra, rb) = (ra.unwrap(), rb.unwrap());
-    let starts = trainer.starts.lock().unwrap().clone();
+    let starts = trainer.starts();
     for name in LABELS {
         let l = label(name);
         let sa = ra.labels.iter().find(|r| r.label == l).unwrap();
@@ -166,4 +203,185 @@ async fn postgres_two_engines_share_one_database() {
         return;
     };
     two_engines_drive_each_label_once(&url).await;
+}
+
+async fn open(url: &str) -> Arc<dyn RunStore> {
+    open_run_store(url, StoreOptions::default()).await.unwrap()
+}
+
+/// Issue 9, finding 1, on a real database: four labels queue behind
+/// `max_parallel_labels = 1` with trainings (5 s) longer than the lock TTL
+/// (2 s). The heartbeat keeps every queued label's lock, so the second
+/// orchestrator finds them all busy and nothing is trained twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_queued_labels_keep_their_locks_past_the_ttl() {
+    let Some(url) = pg::fresh_database().await else {
+        return;
+    };
+    let labels = ["a", "b", "c", "d"];
+    let ttl = Duration::from_secs(2);
+    let trainer = Arc::new(CountingTrainer::taking(Duration::from_secs(5)));
+    let first = engine_with(open(&url).await, trainer.clone(), "first", &labels, ttl, 1);
+    let second = engine_with(open(&url).await, trainer.clone(), "second", &labels, ttl, 1);
+    let (one, two) = tokio::join!(
+        first.run_cycle(CycleRequest::default(), CancellationToken::new()),
+        async {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            second
+                .run_cycle(CycleRequest::default(), CancellationToken::new())
+                .await
+        }
+    );
+    let (one, two) = (one.unwrap(), two.unwrap());
+    let starts = trainer.starts();
+    for name in labels {
+        assert_eq!(
+            starts.get(&label(name)),
+            Some(&1),
+            "label {name}: {starts:?}"
+        );
+    }
+    assert!(
+        one.labels.iter().all(|l| l.status == LabelStatus::Trained),
+        "{:?}",
+        one.labels
+            .iter()
+            .map(|l| (&l.label, l.status, &l.error))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        two.labels.iter().all(|l| l.status == LabelStatus::Busy),
+        "{:?}",
+        two.labels
+            .iter()
+            .map(|l| (&l.label, l.status))
+            .collect::<Vec<_>>()
+    );
+}
+
+/// A store whose lock renewals fail while `outage` is set (the holder lost
+/// its network path to the database; other orchestrators still reach it).
+struct RenewalOutage {
+    inner: Arc<dyn RunStore>,
+    outage: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl RunStore for RenewalOutage {
+    async fn try_lock(
+        &self,
+        label: &Label,
+        owner: &LockOwner,
+        ttl: Duration,
+    ) -> Result<LockOutcome, StoreError> {
+        self.inner.try_lock(label, owner, ttl).await
+    }
+    async fn renew_lock(
+        &self,
+        label: &Label,
+        fence: &Fence,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        if self.outage.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("connection reset".into()));
+        }
+        self.inner.renew_lock(label, fence, ttl).await
+    }
+    async fn release_lock(&self, label: &Label, fence: &Fence) -> Result<(), StoreError> {
+        self.inner.release_lock(label, fence).await
+    }
+    async fn cursor(&self, label: &Label) -> Result<LabelCursor, StoreError> {
+        self.inner.cursor(label).await
+    }
+    async fn unfinished_run(&self, label: &Label) -> Result<Option<LabelRun>, StoreError> {
+        self.inner.unfinished_run(label).await
+    }
+    async fn record(&self, transition: &Transition, fence: &Fence) -> Result<(), StoreError> {
+        self.inner.record(transition, fence).await
+    }
+    async fn finish(
+        &self,
+        transition: &Transition,
+        cursor: Option<LabelCursor>,
+        fence: &Fence,
+    ) -> Result<(), StoreError> {
+        self.inner.finish(transition, cursor, fence).await
+    }
+    async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, StoreError> {
+        self.inner.list_runs(filter).await
+    }
+    async fn run(&self, run_id: &RunId) -> Result<Option<RunDetail>, StoreError> {
+        self.inner.run(run_id).await
+    }
+    async fn put_lease(&self, lease: &Lease, fence: &Fence) -> Result<(), StoreError> {
+        self.inner.put_lease(lease, fence).await
+    }
+    async fn put_lease_unfenced(&self, lease: &Lease) -> Result<(), StoreError> {
+        self.inner.put_lease_unfenced(lease).await
+    }
+    async fn active_leases(&self) -> Result<Vec<Lease>, StoreError> {
+        self.inner.active_leases().await
+    }
+    async fn lock_holder(&self, label: &Label) -> Result<Option<String>, StoreError> {
+        self.inner.lock_holder(label).await
+    }
+}
+
+/// A holder whose renewals fail for longer than the TTL stops before its
+/// next side effect (nothing more is journaled by it), and the orchestrator
+/// that takes the label over finishes the same training (no second start).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_holder_that_cannot_renew_stops_and_the_next_one_finishes() {
+    let Some(url) = pg::fresh_database().await else {
+        return;
+    };
+    let ttl = Duration::from_secs(2);
+    let trainer = Arc::new(CountingTrainer::taking(Duration::from_secs(6)));
+    let outage = Arc::new(AtomicBool::new(false));
+    let flaky: Arc<dyn RunStore> = Arc::new(RenewalOutage {
+        inner: open(&url).await,
+        outage: outage.clone(),
+    });
+    let stale = engine_with(flaky, trainer.clone(), "stale", &["a"], ttl, 1);
+    let cut = outage.clone();
+    let (report, ()) = tokio::join!(
+        stale.run_cycle(CycleRequest::default(), CancellationToken::new()),
+        async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            cut.store(true, Ordering::SeqCst);
+        }
+    );
+    let report = report.unwrap();
+    assert_eq!(
+        report.labels[0].status,
+        LabelStatus::LockLost,
+        "{:?}",
+        report.labels[0]
+    );
+    let store = open(&url).await;
+    let run = store
+        .unfinished_run(&label("a"))
+        .await
+        .unwrap()
+        .expect("the run stays resumable");
+    assert!(
+        run.handle.is_some(),
+        "the job's handle was journaled before the outage"
+    );
+
+    tokio::time::sleep(ttl).await;
+    let next = engine_with(store.clone(), trainer.clone(), "next", &["a"], ttl, 1);
+    let report = next
+        .run_cycle(CycleRequest::default(), CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        report.labels[0].status,
+        LabelStatus::Trained,
+        "{:?}",
+        report.labels[0]
+    );
+    assert!(report.labels[0].resumed);
+    assert_eq!(trainer.starts().get(&label("a")), Some(&1));
+    assert_eq!(store.unfinished_run(&label("a")).await.unwrap(), None);
 }
