@@ -1010,20 +1010,11 @@ impl LabelRun {
         }
     }
 
+    /// Only runs that trained, gated or failed get here (skips and plans
+    /// finish directly), and all of those are notified.
     fn after_release(&mut self) -> Vec<Action> {
-        if self.needs_notification() {
-            self.stage = Stage::Notifying;
-            vec![Action::Notify]
-        } else {
-            self.commit()
-        }
-    }
-
-    fn needs_notification(&self) -> bool {
-        !matches!(
-            self.outcome,
-            None | Some(Outcome::Skipped { .. }) | Some(Outcome::Planned { .. })
-        )
+        self.stage = Stage::Notifying;
+        vec![Action::Notify]
     }
 
     fn commit(&mut self) -> Vec<Action> {
@@ -1041,10 +1032,12 @@ impl LabelRun {
     pub fn next_cursor(&self) -> Option<LabelCursor> {
         let dataset = self.dataset.as_ref()?;
         self.candidate.as_ref()?;
-        let watermark = match self.cursor.watermark {
-            Some(current) if current > dataset.metadata.created_at => current,
-            _ => dataset.metadata.created_at,
-        };
+        let watermark = self
+            .cursor
+            .watermark
+            .map_or(dataset.metadata.created_at, |current| {
+                current.max(dataset.metadata.created_at)
+            });
         Some(LabelCursor {
             watermark: Some(watermark),
             consumed_version: Some(dataset.metadata.version_tag.clone()),
@@ -1789,6 +1782,82 @@ mod tests {
         assert_eq!(r.notify_error.as_deref(), Some("slack down"));
         r.step(&Event::Committed).unwrap();
         assert!(r.is_done());
+    }
+
+    #[test]
+    fn polls_are_counted_and_a_lease_renewal_needs_a_lease() {
+        let mut r = run(plan(counts_trigger()));
+        assert!(r
+            .step(&Event::LeaseRenewed {
+                lease: Lease {
+                    id: "l".into(),
+                    label: r.label().clone(),
+                    run_id: r.run_id.clone(),
+                    provider: "ec2".into(),
+                    resources: vec![],
+                    region: None,
+                    acquired_at: now(0),
+                    max_until: now(0),
+                    attributes: Default::default(),
+                    released_at: None,
+                },
+            })
+            .is_err());
+        r.step(&Event::Started { now: now(0) }).unwrap();
+        r.step(&Event::CountsRead {
+            counts: FeedbackCounts {
+                misclassified: 50,
+                correct: 0,
+            },
+        })
+        .unwrap();
+        r.step(&Event::PublishedRead { current: None }).unwrap();
+        r.step(&Event::PrepareRestarted { now: now(1) }).unwrap();
+        for i in 1..=3 {
+            r.step(&Event::Polled {
+                now: now(1 + i),
+                dataset: None,
+                prepare_stage: None,
+            })
+            .unwrap();
+            assert_eq!(r.polls, i as u32);
+        }
+    }
+
+    #[test]
+    fn a_gate_free_run_reports_its_candidate_only_when_named() {
+        for (id, expected) in [("", None), ("cand-7", Some("cand-7".to_string()))] {
+            let mut p = plan(counts_trigger());
+            p.gate = None;
+            let mut r = run(p);
+            r.step(&Event::Started { now: now(0) }).unwrap();
+            r.step(&Event::CountsRead {
+                counts: FeedbackCounts {
+                    misclassified: 50,
+                    correct: 0,
+                },
+            })
+            .unwrap();
+            r.step(&Event::PublishedRead { current: None }).unwrap();
+            r.step(&Event::PrepareRestarted { now: now(1) }).unwrap();
+            r.step(&Event::Polled {
+                now: now(2),
+                dataset: Some(dataset("v2", 60)),
+                prepare_stage: None,
+            })
+            .unwrap();
+            started(&mut r);
+            let a = r
+                .step(&Event::TrainingFinished {
+                    candidate: Candidate {
+                        id: id.into(),
+                        metrics: Default::default(),
+                    },
+                })
+                .unwrap();
+            assert_eq!(a, vec![Action::Notify]);
+            assert_eq!(r.outcome, Some(Outcome::Trained { candidate: expected }));
+        }
     }
 
     #[test]
