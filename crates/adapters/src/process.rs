@@ -147,6 +147,7 @@ mod tests {
             std::process::id(),
             Some(stat.start_time + 1)
         ));
+        assert!(!process_alive(0, None));
     }
 
     #[test]

@@ -19,6 +19,7 @@ use std::process::{Command, Output};
 use retrain_adapters::aws::AwsSettings;
 use retrain_adapters::ec2::{Ec2Client, InstanceState};
 use retrain_adapters::http::HttpPolicy;
+use retrain_adapters::testing::services::{fresh_postgres_database, service_url, stopped_instance};
 use secrecy::SecretString;
 use serde_json::Value;
 use wiremock::matchers::method;
@@ -82,22 +83,6 @@ for label in ("department", "urgency"):
 db.commit()
 "#;
 
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.is_empty())
-}
-
-fn required(name: &str) -> Option<String> {
-    let value = env(name);
-    if value.is_none() {
-        assert!(
-            env("CI").as_deref() != Some("true"),
-            "{name} unset under CI=true (scripts/test.sh starts the service)"
-        );
-        eprintln!("skipped: {name} unset (scripts/test.sh starts the service)");
-    }
-    value
-}
-
 /// One scenario directory: config, programs, feedback, effects.
 struct Scenario {
     dir: tempfile::TempDir,
@@ -123,7 +108,7 @@ impl Scenario {
             r#"{"dataset_name": "intents", "version_tag": "i1", "num_samples": 300, "created_at": "2026-01-02T00:00:00Z"}"#,
         )
         .unwrap();
-        let instance = instance(ec2).await;
+        let instance = stopped_instance(ec2).await;
         let config = format!(
             r#"
 state = "{state}"
@@ -297,69 +282,22 @@ fn aborted(out: &Output) -> bool {
     out.status.signal() == Some(6)
 }
 
-async fn instance(client: &Ec2Client) -> String {
-    let xml = client
-        .call(
-            "RunInstances",
-            &[
-                ("ImageId".into(), "ami-12c6146b".into()),
-                ("MinCount".into(), "1".into()),
-                ("MaxCount".into(), "1".into()),
-                ("InstanceType".into(), "t3.micro".into()),
-            ],
-        )
-        .await
-        .unwrap()
-        .unwrap();
-    let start = xml.find("<instanceId>").unwrap() + "<instanceId>".len();
-    let end = start + xml[start..].find("</instanceId>").unwrap();
-    let id = xml[start..end].to_owned();
-    client
-        .stop_instances(std::slice::from_ref(&id))
-        .await
-        .unwrap();
-    id
-}
-
-async fn fresh_postgres(admin: &str) -> String {
-    use sqlx::Connection;
-    let mut conn = sqlx::PgConnection::connect(admin).await.unwrap();
-    let name = format!(
-        "retrain_campaign_{}_{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    );
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    let mut url = url::Url::parse(admin).unwrap();
-    url.set_path(&format!("/{name}"));
-    url.to_string()
-}
-
 async fn campaign(store: &str) {
-    let Some(moto) = required("RETRAIN_TEST_MOTO_URL") else {
+    let Some(moto) = service_url("RETRAIN_TEST_MOTO_URL") else {
         return;
     };
-    let postgres = if store == "postgres" {
-        match required("RETRAIN_TEST_POSTGRES_URL") {
-            Some(admin) => Some(admin),
-            None => return,
-        }
-    } else {
-        None
-    };
+    let postgres = store == "postgres";
+    if postgres && service_url("RETRAIN_TEST_POSTGRES_URL").is_none() {
+        return;
+    }
     let aws = AwsSettings::new("testing", SecretString::from("testing"), "us-east-1")
         .with_endpoint(url::Url::parse(&moto).unwrap());
     let ec2 = Ec2Client::new(&aws, HttpPolicy::fast_for_tests()).unwrap();
     let state = || async {
-        match &postgres {
-            Some(admin) => fresh_postgres(admin).await,
-            None => "sqlite://.retrain/state.db".to_owned(),
+        if postgres {
+            fresh_postgres_database().await.expect("checked above")
+        } else {
+            "sqlite://.retrain/state.db".to_owned()
         }
     };
 

@@ -78,31 +78,6 @@ fn metadata(version: &str, samples: u64) -> Vec<u8> {
     .unwrap()
 }
 
-/// A stopped moto instance.
-async fn instance(client: &Ec2Client) -> String {
-    let xml = client
-        .call(
-            "RunInstances",
-            &[
-                ("ImageId".into(), "ami-12c6146b".into()),
-                ("MinCount".into(), "1".into()),
-                ("MaxCount".into(), "1".into()),
-                ("InstanceType".into(), "t3.micro".into()),
-            ],
-        )
-        .await
-        .unwrap()
-        .unwrap();
-    let start = xml.find("<instanceId>").unwrap() + "<instanceId>".len();
-    let end = start + xml[start..].find("</instanceId>").unwrap();
-    let id = xml[start..end].to_owned();
-    client
-        .stop_instances(std::slice::from_ref(&id))
-        .await
-        .unwrap();
-    id
-}
-
 async fn state(client: &Ec2Client, id: &str) -> InstanceState {
     client
         .describe_instances(&[id.to_owned()])
@@ -155,7 +130,7 @@ impl Scenario {
         let services = services()?;
         let aws = aws(&services.moto);
         let ec2 = Ec2Client::new(&aws, HttpPolicy::fast_for_tests()).unwrap();
-        let instance = instance(&ec2).await;
+        let instance = retrain_adapters::testing::services::stopped_instance(&ec2).await;
         let bucket = unique("wms");
         s3_put(&aws, &services.moto, &bucket, b"").await;
         s3_put(

@@ -1268,9 +1268,10 @@ mod tests {
         assert!(r.verdict.as_ref().unwrap().forced);
     }
 
-    /// Drive a fresh counts-triggered run to training of `v2`.
-    fn training_run() -> LabelRun {
-        let mut r = run(plan(counts_trigger()));
+    /// Drive a fresh run of `plan` over threshold to its first poll after
+    /// the prepare restart (nothing was published before).
+    fn polling(plan: LabelPlan) -> LabelRun {
+        let mut r = run(plan);
         r.step(&Event::Started { now: now(0) }).unwrap();
         r.step(&Event::CountsRead {
             counts: FeedbackCounts {
@@ -1279,11 +1280,14 @@ mod tests {
             },
         })
         .unwrap();
-        r.step(&Event::PublishedRead {
-            current: Some(dataset("v1", 10)),
-        })
-        .unwrap();
+        r.step(&Event::PublishedRead { current: None }).unwrap();
         r.step(&Event::PrepareRestarted { now: now(1) }).unwrap();
+        r
+    }
+
+    /// Drive a fresh counts-triggered run to training of `v2`.
+    fn training_run() -> LabelRun {
+        let mut r = polling(plan(counts_trigger()));
         r.step(&Event::Polled {
             now: now(2),
             dataset: Some(dataset("v2", 60)),
@@ -1682,17 +1686,7 @@ mod tests {
     fn disabled_promotion_passes_without_touching_the_registry() {
         let mut p = plan(counts_trigger());
         p.promote = PromoteMode::Disabled;
-        let mut r = run(p);
-        r.step(&Event::Started { now: now(0) }).unwrap();
-        r.step(&Event::CountsRead {
-            counts: FeedbackCounts {
-                misclassified: 50,
-                correct: 0,
-            },
-        })
-        .unwrap();
-        r.step(&Event::PublishedRead { current: None }).unwrap();
-        r.step(&Event::PrepareRestarted { now: now(1) }).unwrap();
+        let mut r = polling(p);
         r.step(&Event::Polled {
             now: now(2),
             dataset: Some(dataset("v2", 60)),
@@ -1710,17 +1704,7 @@ mod tests {
     fn failures_while_releasing_notifying_or_finishing_still_end_the_run() {
         let mut p = plan(counts_trigger());
         p.leased = true;
-        let mut r = run(p);
-        r.step(&Event::Started { now: now(0) }).unwrap();
-        r.step(&Event::CountsRead {
-            counts: FeedbackCounts {
-                misclassified: 50,
-                correct: 0,
-            },
-        })
-        .unwrap();
-        r.step(&Event::PublishedRead { current: None }).unwrap();
-        r.step(&Event::PrepareRestarted { now: now(1) }).unwrap();
+        let mut r = polling(p);
         let a = r
             .step(&Event::Polled {
                 now: now(2),
@@ -1829,17 +1813,7 @@ mod tests {
         for (id, expected) in [("", None), ("cand-7", Some("cand-7".to_string()))] {
             let mut p = plan(counts_trigger());
             p.gate = None;
-            let mut r = run(p);
-            r.step(&Event::Started { now: now(0) }).unwrap();
-            r.step(&Event::CountsRead {
-                counts: FeedbackCounts {
-                    misclassified: 50,
-                    correct: 0,
-                },
-            })
-            .unwrap();
-            r.step(&Event::PublishedRead { current: None }).unwrap();
-            r.step(&Event::PrepareRestarted { now: now(1) }).unwrap();
+            let mut r = polling(p);
             r.step(&Event::Polled {
                 now: now(2),
                 dataset: Some(dataset("v2", 60)),
@@ -1856,7 +1830,12 @@ mod tests {
                 })
                 .unwrap();
             assert_eq!(a, vec![Action::Notify]);
-            assert_eq!(r.outcome, Some(Outcome::Trained { candidate: expected }));
+            assert_eq!(
+                r.outcome,
+                Some(Outcome::Trained {
+                    candidate: expected
+                })
+            );
         }
     }
 

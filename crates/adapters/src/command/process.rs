@@ -255,27 +255,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn proc_stat_parses_comm_with_spaces_and_parens() {
-        let raw = "1234 (my (odd) prog) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
-        let stat = ProcStat::parse(raw).unwrap();
-        assert_eq!(stat.state, 'S');
-        assert_eq!(stat.pgrp, 1234);
-        assert_eq!(stat.start_time, 987654);
-        assert!(ProcStat::parse("garbage").is_none());
-    }
-
-    #[test]
-    fn own_process_is_alive() {
-        let stat = ProcStat::read(std::process::id()).unwrap();
-        assert!(process_alive(std::process::id(), Some(stat.start_time)));
-        assert!(!process_alive(
-            std::process::id(),
-            Some(stat.start_time + 1)
-        ));
-        assert!(!process_alive(0, None));
-    }
-
-    #[test]
     fn our_own_group_and_init_are_never_signallable() {
         let own = u32::try_from(getpgrp().as_raw()).unwrap();
         assert!(!signallable(own));

@@ -43,3 +43,32 @@ pub async fn fresh_postgres_database() -> Option<String> {
     url.set_path(&format!("/{name}"));
     Some(url.to_string())
 }
+
+/// A new EC2 instance in moto, stopped, created through a signed
+/// `RunInstances` call; its id.
+///
+/// # Panics
+/// When moto refuses: a test helper.
+pub async fn stopped_instance(client: &crate::ec2::Ec2Client) -> String {
+    let xml = client
+        .call(
+            "RunInstances",
+            &[
+                ("ImageId".into(), "ami-12c6146b".into()),
+                ("MinCount".into(), "1".into()),
+                ("MaxCount".into(), "1".into()),
+                ("InstanceType".into(), "t3.micro".into()),
+            ],
+        )
+        .await
+        .expect("RunInstances")
+        .expect("RunInstances answered");
+    let start = xml.find("<instanceId>").expect("an instance id") + "<instanceId>".len();
+    let end = start + xml[start..].find("</instanceId>").expect("an instance id");
+    let id = xml[start..end].to_owned();
+    client
+        .stop_instances(std::slice::from_ref(&id))
+        .await
+        .expect("StopInstances");
+    id
+}

@@ -6,6 +6,7 @@ use std::time::Duration;
 use retrain_adapters::aws::AwsSettings;
 use retrain_adapters::ec2::{Ec2Client, Ec2LeaseProvider, Ec2WaitSettings, InstanceState};
 use retrain_adapters::http::HttpPolicy;
+use retrain_adapters::testing::services::stopped_instance;
 use retrain_core::domain::{Label, Lease, RunId};
 use retrain_core::ports::{LeaseProvider, PortError};
 use secrecy::SecretString;
@@ -32,31 +33,6 @@ fn fast_wait() -> Ec2WaitSettings {
         release_attempts: 3,
         release_backoff: Duration::from_millis(20),
     }
-}
-
-/// A stopped instance created through a signed RunInstances call.
-async fn stopped_instance(client: &Ec2Client) -> String {
-    let xml = client
-        .call(
-            "RunInstances",
-            &[
-                ("ImageId".into(), "ami-12c6146b".into()),
-                ("MinCount".into(), "1".into()),
-                ("MaxCount".into(), "1".into()),
-                ("InstanceType".into(), "t3.micro".into()),
-            ],
-        )
-        .await
-        .unwrap()
-        .unwrap();
-    let start = xml.find("<instanceId>").unwrap() + "<instanceId>".len();
-    let end = start + xml[start..].find("</instanceId>").unwrap();
-    let id = xml[start..end].to_owned();
-    client
-        .stop_instances(std::slice::from_ref(&id))
-        .await
-        .unwrap();
-    id
 }
 
 fn lease_for(ids: &[String]) -> Lease {
