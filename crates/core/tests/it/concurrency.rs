@@ -395,3 +395,83 @@ async fn two_cycles_of_one_engine_never_drive_the_same_label() {
     assert_eq!(get(&world.counters.starts), 1);
     assert_eq!(store.fenced_writes(), 0);
 }
+
+/// A webhook's `Engine::wake` cuts a poll interval short: with a 60 s
+/// interval, a publication announced after 1 s is picked up at once.
+#[tokio::test(start_paused = true)]
+async fn wake_cuts_the_poll_interval_short() {
+    let world = World::new();
+    let store = MemStore::new();
+    let mut p = plan("department");
+    p.poll_interval = Duration::from_secs(60);
+    p.poll_timeout = Duration::from_secs(600);
+    // The prepare job publishes nothing by itself (error-free, no dataset).
+    let quiet: std::sync::Arc<dyn retrain_core::ports::SpaceController> =
+        std::sync::Arc::new(QuietPrepare);
+    let engine = std::sync::Arc::new(engine(&store, &world, vec![binding(&world, p, quiet)]));
+    let label = retrain_core::domain::Label::new("department").unwrap();
+    let started = tokio::time::Instant::now();
+    let waker = {
+        let engine = engine.clone();
+        let world = world.clone();
+        async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            *world.published.lock().unwrap() = Some(dataset("v2", 500, 3600));
+            engine.wake(&label);
+        }
+    };
+    let (report, ()) = tokio::join!(cycle(&engine), waker);
+    assert_eq!(report.labels[0].status, LabelStatus::Promoted, "{report:?}");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(30), "woken after {took:?}");
+}
+
+/// A prepare job that restarts without publishing anything.
+struct QuietPrepare;
+
+#[async_trait::async_trait]
+impl retrain_core::ports::SpaceController for QuietPrepare {
+    async fn restart(
+        &self,
+        _: &retrain_core::domain::JobKey,
+    ) -> Result<(), retrain_core::ports::PortError> {
+        Ok(())
+    }
+    async fn stage(
+        &self,
+    ) -> Result<retrain_core::domain::SpaceStage, retrain_core::ports::PortError> {
+        Ok(retrain_core::domain::SpaceStage::Running)
+    }
+    fn describe(&self) -> String {
+        "quiet prepare".into()
+    }
+}
+
+#[test]
+fn engines_describe_themselves_and_name_their_process() {
+    let process = retrain_core::domain::ProcessIdentity {
+        host: "h".into(),
+        pid: 7,
+        start: 9,
+    };
+    let settings = EngineSettings::for_process(&process);
+    assert_eq!(settings.owner.process(), Some(process));
+    assert_eq!(settings.lock_ttl, Duration::from_secs(60));
+    let world = World::new();
+    let store = MemStore::new();
+    let engine = engine_as(&store, &world, &["a", "b"], "me", Duration::from_secs(5), 3);
+    assert_eq!(engine.labels().count(), 2);
+    assert_eq!(engine.settings().lock_ttl, Duration::from_secs(5));
+    assert_eq!(engine.settings().max_parallel_labels, 3);
+    let debug = format!("{engine:?}");
+    assert!(
+        debug.contains("\"a\"") && debug.contains("\"b\""),
+        "{debug}"
+    );
+    let binding = engine.labels().next().unwrap();
+    let debug = format!("{binding:?}");
+    assert!(
+        debug.contains("fake metadata") && debug.contains("fake trainer"),
+        "{debug}"
+    );
+}
