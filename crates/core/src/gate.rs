@@ -303,7 +303,7 @@ fn compare(rule: &MetricRule, candidate: Option<f64>, baseline: Option<&Metrics>
 fn non_finite(value: f64) -> &'static str {
     if value.is_nan() {
         "NaN"
-    } else if value > 0.0 {
+    } else if value.is_sign_positive() {
         "Infinity"
     } else {
         "-Infinity"
