@@ -475,3 +475,58 @@ fn engines_describe_themselves_and_name_their_process() {
         "{debug}"
     );
 }
+
+/// `--label` selects: only the requested labels are driven, unknown ones are
+/// refused before anything runs.
+#[tokio::test(start_paused = true)]
+async fn a_cycle_drives_only_the_requested_labels() {
+    let world = World::new();
+    let store = MemStore::new();
+    let engine = engine_as(
+        &store,
+        &world,
+        &["a", "b", "c"],
+        "me",
+        Duration::from_secs(60),
+        2,
+    );
+    let label = |l: &str| retrain_core::domain::Label::new(l).unwrap();
+    let report = engine
+        .run_cycle(
+            CycleRequest {
+                labels: Some(vec![label("b"), label("b")]),
+                dry_run: false,
+            },
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    let driven: Vec<_> = report.labels.iter().map(|l| l.label.as_str()).collect();
+    assert_eq!(driven, ["b"]);
+    let unknown = engine
+        .run_cycle(
+            CycleRequest {
+                labels: Some(vec![label("zzz")]),
+                dry_run: false,
+            },
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        unknown.contains("zzz") && unknown.contains("a, b, c"),
+        "{unknown}"
+    );
+    let all = engine
+        .run_cycle(
+            CycleRequest {
+                labels: Some(vec![]),
+                dry_run: true,
+            },
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(all.labels.len(), 3);
+}
