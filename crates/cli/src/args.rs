@@ -55,6 +55,8 @@ pub enum Command {
     Runs(RunsArgs),
     /// The quality gate alone for a candidate (usable as a CI step).
     Gate(GateArgs),
+    /// Metrics history of a label for charting: one row per evaluated candidate.
+    Metrics(MetricsArgs),
     /// EC2 lease control.
     Infra(InfraArgs),
     /// Validate or print the effective configuration.
@@ -110,6 +112,24 @@ pub enum ShowFormat {
     Text,
     Json,
     Md,
+}
+
+#[derive(Debug, Args)]
+pub struct MetricsArgs {
+    #[arg(long, value_name = "LABEL")]
+    pub label: String,
+    /// `csv` (seed 004's `metrics/{task}.csv`) or `json`; `--output json` implies `json`.
+    #[arg(long, value_enum, default_value_t = MetricsFormat::Csv)]
+    pub format: MetricsFormat,
+    /// Only the newest N candidates (default: all).
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MetricsFormat {
+    Csv,
+    Json,
 }
 
 #[derive(Debug, Args)]

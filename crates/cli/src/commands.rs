@@ -15,8 +15,8 @@ use retrain_core::CancellationToken;
 use serde_json::json;
 
 use crate::args::{
-    Cli, Command, ConfigCommand, GateArgs, InfraCommand, OutputFormat, RunArgs, RunsCommand,
-    ShowFormat,
+    Cli, Command, ConfigCommand, GateArgs, InfraCommand, MetricsArgs, MetricsFormat, OutputFormat,
+    RunArgs, RunsCommand, ShowFormat,
 };
 use crate::output;
 use crate::signals::Interrupt;
@@ -91,6 +91,7 @@ pub async fn dispatch(cli: Cli, interrupt: Interrupt) -> Result<u8, Failure> {
             Some(RunsCommand::Show { id, format }) => runs_show(&cli, id, *format).await,
         },
         Command::Gate(args) => gate(&cli, args).await,
+        Command::Metrics(args) => metrics(&cli, args).await,
         Command::Infra(args) => infra(&cli, &args.command).await,
         Command::Config(args) => config(&cli, &args.command),
         Command::Migrate => {
@@ -372,6 +373,22 @@ async fn runs_show(cli: &Cli, id: &str, format: ShowFormat) -> Result<u8, Failur
                 );
             }
         }
+    }
+    Ok(exit::OK)
+}
+
+/// `retrain metrics`: the label's evaluated candidates, oldest first.
+async fn metrics(cli: &Cli, args: &MetricsArgs) -> Result<u8, Failure> {
+    let loaded = load(cli, false)?;
+    let label = Label::new(&args.label).map_err(|e| config_failure(format!("--label: {e}")))?;
+    let store = reading_store(&loaded).await?;
+    let points = retrain_core::history::metric_points(store.as_ref(), &label, args.limit)
+        .await
+        .context("reading the metrics history")?;
+    if cli.output == OutputFormat::Json || args.format == MetricsFormat::Json {
+        output::print_json(&points)?;
+    } else {
+        print!("{}", retrain_core::report::metrics_csv(&points));
     }
     Ok(exit::OK)
 }

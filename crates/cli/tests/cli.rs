@@ -421,3 +421,75 @@ fn sigterm_saves_state_exits_143_and_the_next_run_resumes() {
         .count();
     assert_eq!(prepared_before, prepared_after, "the prepare job ran again");
 }
+
+fn add_feedback(dir: &Path, n: u32) {
+    let status = std::process::Command::new("python3")
+        .args(["seed_feedback.py", "--add", &n.to_string()])
+        .current_dir(dir)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn metrics_csv_has_one_row_per_evaluated_candidate_in_order() {
+    let dir = quickstart();
+    retrain(dir.path()).arg("run").assert().success();
+    add_feedback(dir.path(), 200);
+    retrain(dir.path()).arg("run").assert().success();
+    // A third run below threshold is skipped: no row for it.
+    retrain(dir.path()).arg("run").assert().success();
+
+    let out = retrain(dir.path())
+        .args(["metrics", "--label", "department", "--format", "csv"])
+        .assert()
+        .success();
+    let csv = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 3, "{csv}");
+    let header: Vec<&str> = lines[0].split(',').collect();
+    for column in [
+        "time",
+        "dataset_version",
+        "candidate",
+        "accuracy",
+        "production_accuracy",
+        "macro_f1",
+        "production_macro_f1",
+        "verdict",
+        "promoted",
+    ] {
+        assert!(header.contains(&column), "{column} missing: {csv}");
+    }
+    let col = |row: &str, name: &str| {
+        let i = header.iter().position(|h| *h == name).unwrap();
+        row.split(',').nth(i).unwrap().to_owned()
+    };
+    let (first, second) = (lines[1], lines[2]);
+    assert!(col(first, "time") <= col(second, "time"), "{csv}");
+    assert_ne!(
+        col(first, "dataset_version"),
+        col(second, "dataset_version")
+    );
+    for row in [first, second] {
+        assert!(col(row, "accuracy").parse::<f64>().is_ok(), "{csv}");
+        assert!(["passed", "rejected"].contains(&col(row, "verdict").as_str()));
+    }
+    // The second candidate was compared with production (the first model
+    // if it was promoted).
+    if col(first, "promoted") == "true" {
+        assert_eq!(
+            col(second, "production_accuracy"),
+            col(first, "accuracy"),
+            "{csv}"
+        );
+    }
+
+    let out = retrain(dir.path())
+        .args(["metrics", "--label", "department", "--format", "json"])
+        .assert()
+        .success();
+    let json = json_of(&out.get_output().stdout);
+    assert_eq!(json.as_array().unwrap().len(), 2, "{json}");
+    assert!(json[0]["metrics"]["accuracy"].is_number(), "{json}");
+}

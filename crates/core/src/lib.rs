@@ -13,6 +13,7 @@ pub mod domain;
 pub mod engine;
 pub mod failpoint;
 pub mod gate;
+pub mod history;
 pub mod journal;
 pub mod machine;
 pub mod ports;
