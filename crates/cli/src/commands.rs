@@ -321,7 +321,18 @@ async fn runs_show(cli: &Cli, id: &str, format: ShowFormat) -> Result<u8, Failur
     } else {
         format
     };
-    let report = retrain_core::report::LabelReport::from_run(&detail.snapshot, false);
+    let mut report = retrain_core::report::LabelReport::from_run(&detail.snapshot, false);
+    if format == ShowFormat::Md && detail.snapshot.verdict.is_some() {
+        // The chart: the label's evaluated candidates up to this one.
+        let points =
+            retrain_core::history::metric_points(store.as_ref(), &detail.summary.label, None)
+                .await
+                .context("reading the metrics history")?
+                .into_iter()
+                .filter(|p| p.at <= detail.summary.started_at)
+                .collect();
+        report = retrain_core::report::with_history(report, points);
+    }
     match format {
         ShowFormat::Json => output::print_json(&detail)?,
         ShowFormat::Md => {

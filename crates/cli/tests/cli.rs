@@ -493,3 +493,45 @@ fn metrics_csv_has_one_row_per_evaluated_candidate_in_order() {
     assert_eq!(json.as_array().unwrap().len(), 2, "{json}");
     assert!(json[0]["metrics"]["accuracy"].is_number(), "{json}");
 }
+
+#[test]
+fn markdown_report_charts_the_gated_metrics_over_the_candidates() {
+    let dir = quickstart();
+    retrain(dir.path()).arg("run").assert().success();
+    add_feedback(dir.path(), 200);
+    let summary = dir.path().join("step_summary.md");
+    let out = retrain(dir.path())
+        .args(["--output", "json", "run"])
+        .env("GITHUB_ACTIONS", "true")
+        .env("GITHUB_STEP_SUMMARY", &summary)
+        .env("GITHUB_OUTPUT", dir.path().join("github_output"))
+        .assert()
+        .success();
+    // JSON on stdout comes first, the Actions groups follow it.
+    let stdout = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
+    let json_end = stdout.find("\n}\n").expect("JSON report") + 3;
+    let report = json_of(&stdout.as_bytes()[..json_end]);
+    let label = &report["labels"][0];
+    assert_eq!(label["history"].as_array().unwrap().len(), 2, "{label}");
+    let run_id = label["run_id"].as_str().unwrap().to_owned();
+
+    // The step summary has one chart per gated metric, two candidates each.
+    let summary = std::fs::read_to_string(&summary).unwrap();
+    assert_eq!(summary.matches("xychart-beta").count(), 2, "{summary}");
+    assert!(summary.contains("title \"accuracy (higher is better)\""));
+    assert!(summary.contains("title \"macro_f1 (higher is better)\""));
+    let axis = summary
+        .lines()
+        .find(|l| l.trim_start().starts_with("x-axis"))
+        .unwrap();
+    assert_eq!(axis.matches('"').count(), 4, "{axis}");
+
+    // `runs show --format md` draws the same history.
+    let out = retrain(dir.path())
+        .args(["runs", "show", &run_id, "--format", "md"])
+        .assert()
+        .success();
+    let md = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
+    assert_eq!(md.matches("```mermaid\nxychart-beta").count(), 2, "{md}");
+    assert!(md.contains(axis), "{md}");
+}

@@ -245,7 +245,9 @@ impl Engine {
             (run, ended)
         };
         self.unlock(&label).await;
-        let mut report = LabelReport::from_run(&run, resumed);
+        let mut report = self
+            .with_history(&run, LabelReport::from_run(&run, resumed))
+            .await;
         match ended {
             DriveEnd::Finished | DriveEnd::Halted => {}
             DriveEnd::Interrupted(note) => {

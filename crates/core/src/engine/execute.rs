@@ -420,7 +420,9 @@ impl Engine {
 
     /// Deliver the report to every notifier that has not delivered it yet.
     async fn notify(&self, binding: &LabelBinding, run: &LabelRun) -> Executed {
-        let report = LabelReport::from_run(run, false);
+        let report = self
+            .with_history(run, LabelReport::from_run(run, false))
+            .await;
         let mut delivered = Vec::new();
         let mut transient = Vec::new();
         let mut permanent = Vec::new();

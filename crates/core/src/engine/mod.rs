@@ -22,6 +22,7 @@
 //! - `admin.rs`: what runs outside a cycle (`retrain gate`, `infra reap`).
 
 mod admin;
+mod audit;
 mod cycle;
 mod execute;
 mod locks;
