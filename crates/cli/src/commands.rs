@@ -9,6 +9,7 @@ use retrain_adapters::wiring;
 use retrain_core::domain::{Label, RunId};
 use retrain_core::engine::CycleRequest;
 use retrain_core::journal::RunFilter;
+use retrain_core::manifest::ManifestDocument;
 use retrain_core::ports::RunStore;
 use retrain_core::report::{CycleReport, LabelStatus};
 use retrain_core::CancellationToken;
@@ -134,7 +135,7 @@ async fn run(
     } else {
         store(&loaded).await?
     };
-    let engine = wiring::build_engine(&loaded, store)
+    let engine = wiring::build_engine(&loaded, store.clone())
         .await
         .map_err(config_failure)?;
     let cancel: CancellationToken = interrupt.token();
@@ -161,8 +162,34 @@ async fn run(
             retrain_core::engine::EngineError::UnknownLabel(..) => config_failure(e),
             other => Failure::from(anyhow::Error::new(other)),
         })?;
+    if !dry_run {
+        write_manifests(store.as_ref(), &loaded.settings.state_dir, &report).await;
+    }
     render_cycle(cli, &report)?;
     Ok(cycle_exit_code(&report, args.fail_on_reject, &interrupt))
+}
+
+/// `state_dir/runs/<run_id>/manifest.json` for every run of the cycle, as
+/// journaled. A failure is logged: the manifest stays in the run store.
+async fn write_manifests(store: &dyn RunStore, state_dir: &std::path::Path, report: &CycleReport) {
+    for run_id in report.labels.iter().filter_map(|l| l.run_id.as_ref()) {
+        let written = async {
+            let detail = store
+                .run(run_id)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("not in the run store"))?;
+            let dir = state_dir.join("runs").join(run_id.as_str());
+            std::fs::create_dir_all(&dir)?;
+            let text = serde_json::to_string_pretty(&ManifestDocument::from_run(&detail.snapshot))?;
+            let tmp = dir.join("manifest.json.tmp");
+            std::fs::write(&tmp, text + "\n")?;
+            std::fs::rename(&tmp, dir.join("manifest.json"))?;
+            anyhow::Ok(())
+        };
+        if let Err(error) = written.await {
+            tracing::warn!(run_id = %run_id, error = %format!("{error:#}"), "could not write the run manifest");
+        }
+    }
 }
 
 fn render_cycle(cli: &Cli, report: &CycleReport) -> Result<(), Failure> {
@@ -334,24 +361,20 @@ async fn runs_show(cli: &Cli, id: &str, format: ShowFormat) -> Result<u8, Failur
         report = retrain_core::report::with_history(report, points);
     }
     match format {
-        ShowFormat::Json => output::print_json(&detail)?,
+        ShowFormat::Json => {
+            let mut value = serde_json::to_value(&detail).context("rendering the run")?;
+            value["manifest"] = serde_json::to_value(ManifestDocument::from_run(&detail.snapshot))
+                .context("rendering the manifest")?;
+            output::print_json(&value)?
+        }
         ShowFormat::Md => {
             println!("# retrain run `{}`\n", detail.summary.run_id);
             println!("{}", report.to_markdown());
-            println!("\n## Manifest\n");
-            println!(
-                "- binary version: `{}`",
-                detail.snapshot.manifest.binary_version
+            println!();
+            print!(
+                "{}",
+                ManifestDocument::from_run(&detail.snapshot).to_markdown()
             );
-            println!("- config hash: `{}`", detail.snapshot.manifest.config_hash);
-            if let Some(d) = &detail.snapshot.dataset {
-                println!(
-                    "- dataset: `{}` `{}` (metadata sha256 `{}`)",
-                    d.metadata.dataset_name,
-                    d.metadata.version_tag,
-                    d.metadata.content_hash()
-                );
-            }
             println!("\n## Journal\n\n| seq | at | from | to | event |\n|---|---|---|---|---|");
             for t in &detail.transitions {
                 println!(

@@ -31,7 +31,7 @@ pub fn init(format: LogFormat, filter: Option<&str>) {
                 .flatten_event(true);
             registry.with(layer).try_init().ok();
             tracing::info!(
-                git_sha = option_env!("RETRAIN_GIT_SHA").unwrap_or("unknown"),
+                git_sha = retrain_adapters::build_info::GIT_SHA,
                 version = env!("CARGO_PKG_VERSION"),
                 "retrain starting"
             );

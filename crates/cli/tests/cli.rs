@@ -535,3 +535,78 @@ fn markdown_report_charts_the_gated_metrics_over_the_candidates() {
     assert_eq!(md.matches("```mermaid\nxychart-beta").count(), 2, "{md}");
     assert!(md.contains(axis), "{md}");
 }
+
+#[test]
+fn run_manifest_is_written_and_shown() {
+    let dir = quickstart();
+    let out = retrain(dir.path())
+        .args(["--output", "json", "run"])
+        .assert()
+        .success();
+    let report = json_of(&out.get_output().stdout);
+    let run_id = report["labels"][0]["run_id"].as_str().unwrap().to_owned();
+    let path = dir
+        .path()
+        .join(".retrain/runs")
+        .join(&run_id)
+        .join("manifest.json");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("manifest.json written")).unwrap();
+    let env = &manifest["environment"];
+    assert_eq!(
+        env["binary_version"],
+        env!("CARGO_PKG_VERSION"),
+        "{manifest}"
+    );
+    assert_eq!(env["config_hash"].as_str().unwrap().len(), 64, "{manifest}");
+    assert!(!env["git_sha"].as_str().unwrap().is_empty(), "{manifest}");
+    assert!(
+        env["rustc_version"].as_str().unwrap().starts_with("rustc "),
+        "{manifest}"
+    );
+    assert!(
+        env["os"]
+            .as_str()
+            .unwrap()
+            .starts_with(std::env::consts::OS),
+        "{manifest}"
+    );
+    assert_eq!(env["trainer"], "command: python3 train.py", "{manifest}");
+    let dataset = &manifest["dataset"];
+    assert_eq!(
+        dataset["metadata_sha256"].as_str().unwrap().len(),
+        64,
+        "{manifest}"
+    );
+    assert!(!dataset["version"].as_str().unwrap().is_empty());
+    assert!(
+        manifest["candidate"]["metrics"]["accuracy"].is_number(),
+        "{manifest}"
+    );
+    assert!(manifest["verdict"]["passed"].is_boolean(), "{manifest}");
+    assert_eq!(manifest["run_id"], run_id.as_str());
+
+    let out = retrain(dir.path())
+        .args(["runs", "show", &run_id, "--format", "json"])
+        .assert()
+        .success();
+    let shown = json_of(&out.get_output().stdout);
+    assert_eq!(shown["manifest"], manifest);
+
+    let out = retrain(dir.path())
+        .args(["runs", "show", &run_id, "--format", "md"])
+        .assert()
+        .success();
+    let md = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
+    for needle in [
+        "## Manifest",
+        "- git sha: `",
+        "- rustc: `rustc ",
+        "- trainer: `command: python3 train.py`",
+        "metadata sha256 `",
+        "- candidate: `",
+        "- verdict: ",
+    ] {
+        assert!(md.contains(needle), "{needle} missing: {md}");
+    }
+}

@@ -16,6 +16,7 @@ pub mod gate;
 pub mod history;
 pub mod journal;
 pub mod machine;
+pub mod manifest;
 pub mod ports;
 pub mod report;
 

@@ -147,6 +147,7 @@ impl Engine {
                     plan.dry_run = dry_run;
                     let mut run = LabelRun::new(RunId::generate(), cycle_id.clone(), plan, cursor);
                     run.manifest = self.settings.manifest.clone();
+                    run.manifest.trainer = Some(binding.trainer.describe());
                     (run, false)
                 }
                 Err(e) => {
