@@ -27,6 +27,9 @@ pub struct Cli {
     /// Log filter (e.g. `info`, `retrain=debug`); default from RETRAIN_LOG or `info`.
     #[arg(long, global = true, value_name = "FILTER")]
     pub log: Option<String>,
+    /// Also write JSONL logs per stage to DIR/<stage>.log (seed 004's layout).
+    #[arg(long, global = true, value_name = "DIR", env = "RETRAIN_LOG_DIR")]
+    pub log_dir: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -162,10 +162,18 @@ async fn run(
             retrain_core::engine::EngineError::UnknownLabel(..) => config_failure(e),
             other => Failure::from(anyhow::Error::new(other)),
         })?;
+    let cycle_id = report.cycle_id.to_string();
+    crate::telemetry::process_step(
+        "startup",
+        &cycle_id,
+        crate::telemetry::process_started(),
+        report.started_at,
+    );
     if !dry_run {
         write_manifests(store.as_ref(), &loaded.settings.state_dir, &report).await;
     }
     render_cycle(cli, &report)?;
+    crate::telemetry::process_step("finish", &cycle_id, report.finished_at, chrono::Utc::now());
     Ok(cycle_exit_code(&report, args.fail_on_reject, &interrupt))
 }
 

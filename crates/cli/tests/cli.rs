@@ -610,3 +610,66 @@ fn run_manifest_is_written_and_shown() {
         assert!(md.contains(needle), "{needle} missing: {md}");
     }
 }
+
+#[test]
+fn json_logs_have_the_audit_fields_account_for_the_wall_time_and_hold_no_secret() {
+    let dir = quickstart();
+    let canary = "hf_canary_7f3a9c2e41d8b5";
+    let log_dir = dir.path().join("logs");
+    let started = std::time::Instant::now();
+    let out = retrain(dir.path())
+        .args(["--log-format", "json", "--log-dir"])
+        .arg(&log_dir)
+        .arg("run")
+        .env("HF_TOKEN", canary)
+        .assert()
+        .success();
+    let wall = started.elapsed().as_secs_f64();
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    let stdout = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
+    assert!(!stdout.contains(canary) && !stderr.contains(canary));
+    let mut total = 0.0;
+    let mut stages = std::collections::BTreeSet::new();
+    for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        for field in [
+            "run_id",
+            "ts",
+            "label",
+            "stage",
+            "level",
+            "git_sha",
+            "inputs",
+            "outputs",
+            "metrics",
+            "duration_s",
+            "status",
+        ] {
+            assert!(value.get(field).is_some(), "{field} missing: {line}");
+        }
+        if value["message"] == "step" {
+            total += value["duration_s"].as_f64().unwrap();
+            assert!(value["run_id"].is_string() && value["status"].is_string());
+            assert!(value["inputs"].is_object() && value["outputs"].is_object());
+            stages.insert(value["stage"].as_str().unwrap().to_owned());
+        }
+    }
+    for stage in ["counting", "training", "gating", "done"] {
+        assert!(stages.contains(stage), "{stage} missing: {stages:?}");
+    }
+    assert!(
+        (total - wall).abs() <= 0.1 * wall,
+        "steps sum to {total:.3}s, the process took {wall:.3}s"
+    );
+    // --log-dir: one JSONL file per stage.
+    let gating = std::fs::read_to_string(log_dir.join("gating.log")).unwrap();
+    for line in gating.lines() {
+        let value: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(value["stage"], "gating", "{line}");
+    }
+    for entry in std::fs::read_dir(&log_dir).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        assert!(!text.contains(canary));
+    }
+}

@@ -458,7 +458,10 @@ impl Engine {
         if let Some(fence) = fence {
             let transition = self.transition(run, from, event);
             self.store.record(&transition, fence).await?;
+            self.audit_step(run, from, &transition.event);
             failpoint::hit_lazy("after-journal", || transition.event.name());
+        } else {
+            self.audit_step(run, from, &event);
         }
         Ok(actions)
     }

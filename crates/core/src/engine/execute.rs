@@ -340,6 +340,7 @@ impl Engine {
                 let transition = self.transition(&finished, from, Event::Committed);
                 match self.store.finish(&transition, cursor, fence).await {
                     Ok(()) => {
+                        self.audit_step(&finished, from, &Event::Committed);
                         failpoint::hit("after-journal:committed");
                         if let Some(outcome) = &run.outcome {
                             info!(outcome = outcome.short(), "run finished");
