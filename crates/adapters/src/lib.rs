@@ -5,6 +5,7 @@
 //! owns timeouts, retries and secret-free error messages.
 
 pub mod aws;
+pub mod build_info;
 pub mod command;
 pub mod counts;
 mod db;

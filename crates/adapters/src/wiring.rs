@@ -365,6 +365,10 @@ async fn assemble_engine(
         manifest: RunManifest {
             binary_version: env!("CARGO_PKG_VERSION").to_owned(),
             config_hash: loaded.config_hash.clone(),
+            git_sha: crate::build_info::GIT_SHA.to_owned(),
+            rustc_version: crate::build_info::RUSTC_VERSION.to_owned(),
+            os: crate::build_info::os(),
+            trainer: None,
         },
     };
     Ok(Engine::new(store, counts, bindings, engine_settings))

@@ -27,6 +27,9 @@ pub struct Cli {
     /// Log filter (e.g. `info`, `retrain=debug`); default from RETRAIN_LOG or `info`.
     #[arg(long, global = true, value_name = "FILTER")]
     pub log: Option<String>,
+    /// Also write JSONL logs per stage to DIR/<stage>.log (seed 004's layout).
+    #[arg(long, global = true, value_name = "DIR", env = "RETRAIN_LOG_DIR")]
+    pub log_dir: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -55,6 +58,8 @@ pub enum Command {
     Runs(RunsArgs),
     /// The quality gate alone for a candidate (usable as a CI step).
     Gate(GateArgs),
+    /// Metrics history of a label for charting: one row per evaluated candidate.
+    Metrics(MetricsArgs),
     /// EC2 lease control.
     Infra(InfraArgs),
     /// Validate or print the effective configuration.
@@ -110,6 +115,24 @@ pub enum ShowFormat {
     Text,
     Json,
     Md,
+}
+
+#[derive(Debug, Args)]
+pub struct MetricsArgs {
+    #[arg(long, value_name = "LABEL")]
+    pub label: String,
+    /// `csv` (seed 004's `metrics/{task}.csv`) or `json`; `--output json` implies `json`.
+    #[arg(long, value_enum, default_value_t = MetricsFormat::Csv)]
+    pub format: MetricsFormat,
+    /// Only the newest N candidates (default: all).
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MetricsFormat {
+    Csv,
+    Json,
 }
 
 #[derive(Debug, Args)]

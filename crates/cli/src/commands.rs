@@ -9,14 +9,15 @@ use retrain_adapters::wiring;
 use retrain_core::domain::{Label, RunId};
 use retrain_core::engine::CycleRequest;
 use retrain_core::journal::RunFilter;
+use retrain_core::manifest::ManifestDocument;
 use retrain_core::ports::RunStore;
 use retrain_core::report::{CycleReport, LabelStatus};
 use retrain_core::CancellationToken;
 use serde_json::json;
 
 use crate::args::{
-    Cli, Command, ConfigCommand, GateArgs, InfraCommand, OutputFormat, RunArgs, RunsCommand,
-    ShowFormat,
+    Cli, Command, ConfigCommand, GateArgs, InfraCommand, MetricsArgs, MetricsFormat, OutputFormat,
+    RunArgs, RunsCommand, ShowFormat,
 };
 use crate::output;
 use crate::signals::Interrupt;
@@ -91,6 +92,7 @@ pub async fn dispatch(cli: Cli, interrupt: Interrupt) -> Result<u8, Failure> {
             Some(RunsCommand::Show { id, format }) => runs_show(&cli, id, *format).await,
         },
         Command::Gate(args) => gate(&cli, args).await,
+        Command::Metrics(args) => metrics(&cli, args).await,
         Command::Infra(args) => infra(&cli, &args.command).await,
         Command::Config(args) => config(&cli, &args.command),
         Command::Migrate => {
@@ -133,7 +135,7 @@ async fn run(
     } else {
         store(&loaded).await?
     };
-    let engine = wiring::build_engine(&loaded, store)
+    let engine = wiring::build_engine(&loaded, store.clone())
         .await
         .map_err(config_failure)?;
     let cancel: CancellationToken = interrupt.token();
@@ -160,8 +162,42 @@ async fn run(
             retrain_core::engine::EngineError::UnknownLabel(..) => config_failure(e),
             other => Failure::from(anyhow::Error::new(other)),
         })?;
+    let cycle_id = report.cycle_id.to_string();
+    crate::telemetry::process_step(
+        "startup",
+        &cycle_id,
+        crate::telemetry::process_started(),
+        report.started_at,
+    );
+    if !dry_run {
+        write_manifests(store.as_ref(), &loaded.settings.state_dir, &report).await;
+    }
     render_cycle(cli, &report)?;
+    crate::telemetry::process_step("finish", &cycle_id, report.finished_at, chrono::Utc::now());
     Ok(cycle_exit_code(&report, args.fail_on_reject, &interrupt))
+}
+
+/// `state_dir/runs/<run_id>/manifest.json` for every run of the cycle, as
+/// journaled. A failure is logged: the manifest stays in the run store.
+async fn write_manifests(store: &dyn RunStore, state_dir: &std::path::Path, report: &CycleReport) {
+    for run_id in report.labels.iter().filter_map(|l| l.run_id.as_ref()) {
+        let written = async {
+            let detail = store
+                .run(run_id)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("not in the run store"))?;
+            let dir = state_dir.join("runs").join(run_id.as_str());
+            std::fs::create_dir_all(&dir)?;
+            let text = serde_json::to_string_pretty(&ManifestDocument::from_run(&detail.snapshot))?;
+            let tmp = dir.join("manifest.json.tmp");
+            std::fs::write(&tmp, text + "\n")?;
+            std::fs::rename(&tmp, dir.join("manifest.json"))?;
+            anyhow::Ok(())
+        };
+        if let Err(error) = written.await {
+            tracing::warn!(run_id = %run_id, error = %format!("{error:#}"), "could not write the run manifest");
+        }
+    }
 }
 
 fn render_cycle(cli: &Cli, report: &CycleReport) -> Result<(), Failure> {
@@ -320,26 +356,33 @@ async fn runs_show(cli: &Cli, id: &str, format: ShowFormat) -> Result<u8, Failur
     } else {
         format
     };
-    let report = retrain_core::report::LabelReport::from_run(&detail.snapshot, false);
+    let mut report = retrain_core::report::LabelReport::from_run(&detail.snapshot, false);
+    if format == ShowFormat::Md && detail.snapshot.verdict.is_some() {
+        // The chart: the label's evaluated candidates up to this one.
+        let points =
+            retrain_core::history::metric_points(store.as_ref(), &detail.summary.label, None)
+                .await
+                .context("reading the metrics history")?
+                .into_iter()
+                .filter(|p| p.at <= detail.summary.started_at)
+                .collect();
+        report = retrain_core::report::with_history(report, points);
+    }
     match format {
-        ShowFormat::Json => output::print_json(&detail)?,
+        ShowFormat::Json => {
+            let mut value = serde_json::to_value(&detail).context("rendering the run")?;
+            value["manifest"] = serde_json::to_value(ManifestDocument::from_run(&detail.snapshot))
+                .context("rendering the manifest")?;
+            output::print_json(&value)?
+        }
         ShowFormat::Md => {
             println!("# retrain run `{}`\n", detail.summary.run_id);
             println!("{}", report.to_markdown());
-            println!("\n## Manifest\n");
-            println!(
-                "- binary version: `{}`",
-                detail.snapshot.manifest.binary_version
+            println!();
+            print!(
+                "{}",
+                ManifestDocument::from_run(&detail.snapshot).to_markdown()
             );
-            println!("- config hash: `{}`", detail.snapshot.manifest.config_hash);
-            if let Some(d) = &detail.snapshot.dataset {
-                println!(
-                    "- dataset: `{}` `{}` (metadata sha256 `{}`)",
-                    d.metadata.dataset_name,
-                    d.metadata.version_tag,
-                    d.metadata.content_hash()
-                );
-            }
             println!("\n## Journal\n\n| seq | at | from | to | event |\n|---|---|---|---|---|");
             for t in &detail.transitions {
                 println!(
@@ -372,6 +415,22 @@ async fn runs_show(cli: &Cli, id: &str, format: ShowFormat) -> Result<u8, Failur
                 );
             }
         }
+    }
+    Ok(exit::OK)
+}
+
+/// `retrain metrics`: the label's evaluated candidates, oldest first.
+async fn metrics(cli: &Cli, args: &MetricsArgs) -> Result<u8, Failure> {
+    let loaded = load(cli, false)?;
+    let label = Label::new(&args.label).map_err(|e| config_failure(format!("--label: {e}")))?;
+    let store = reading_store(&loaded).await?;
+    let points = retrain_core::history::metric_points(store.as_ref(), &label, args.limit)
+        .await
+        .context("reading the metrics history")?;
+    if cli.output == OutputFormat::Json || args.format == MetricsFormat::Json {
+        output::print_json(&points)?;
+    } else {
+        print!("{}", retrain_core::report::metrics_csv(&points));
     }
     Ok(exit::OK)
 }

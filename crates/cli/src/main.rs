@@ -14,8 +14,9 @@ use clap::Parser;
 fn main() -> ExitCode {
     // `--version`/`--help`/usage errors are answered here, before any runtime
     // or config work (clap exits 2 on usage errors).
+    telemetry::mark_process_start();
     let cli = args::Cli::parse();
-    telemetry::init(cli.log_format, cli.log.as_deref());
+    telemetry::init(cli.log_format, cli.log.as_deref(), cli.log_dir.clone());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

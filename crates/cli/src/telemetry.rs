@@ -1,18 +1,77 @@
-//! Logging set up in one place: text or JSONL on stderr (§9). JSON lines carry
-//! the span fields (`run_id`, `label`, `stage`) plus `git_sha`.
+//! Logging set up in one place: text or JSONL on stderr (§9), and with
+//! `--log-dir DIR` the same JSONL per stage in `DIR/<stage>.log` (seed 004's
+//! `logs/{task}.log`). Every JSON line has seed 004's fields: `ts`, `level`,
+//! `run_id`, `label`, `stage`, `git_sha`, `inputs`, `outputs`, `metrics`,
+//! `duration_s`, `status` (null where a line is not a step), plus `message`
+//! and `target`. Steps are the engine's `retrain::audit` events, one per
+//! journaled transition.
 
+use std::io::Write;
+use std::path::PathBuf;
+
+use serde_json::{Map, Value};
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::format::{JsonFields, Writer};
+use tracing_subscriber::fmt::{self, FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{fmt, EnvFilter};
+use tracing_subscriber::EnvFilter;
 
 use crate::args::LogFormat;
 
-pub fn init(format: LogFormat, filter: Option<&str>) {
+/// The fields every JSON line carries (seed 004).
+pub const AUDIT_FIELDS: &[&str] = &[
+    "run_id",
+    "ts",
+    "label",
+    "stage",
+    "level",
+    "git_sha",
+    "inputs",
+    "outputs",
+    "metrics",
+    "duration_s",
+    "status",
+];
+
+/// When this process started (set first thing in `main`).
+static PROCESS_START: std::sync::OnceLock<chrono::DateTime<chrono::Utc>> =
+    std::sync::OnceLock::new();
+
+pub fn mark_process_start() {
+    PROCESS_START.get_or_init(chrono::Utc::now);
+}
+
+/// A step of the process itself (`startup`: process start → cycle start;
+/// `finish`: cycle end → now), so that the steps' `duration_s` account for
+/// the whole wall time.
+pub fn process_step(
+    stage: &str,
+    run_id: &str,
+    from: chrono::DateTime<chrono::Utc>,
+    to: chrono::DateTime<chrono::Utc>,
+) {
+    let duration_s = (to - from).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
+    tracing::info!(target: "retrain::audit", run_id, stage, status = "ok", inputs = "{}", outputs = "{}", metrics = "{}", duration_s, "step");
+}
+
+pub fn process_started() -> chrono::DateTime<chrono::Utc> {
+    *PROCESS_START.get_or_init(chrono::Utc::now)
+}
+
+pub fn init(format: LogFormat, filter: Option<&str>, log_dir: Option<PathBuf>) {
     let filter = filter
         .map(str::to_owned)
         .or_else(|| std::env::var("RETRAIN_LOG").ok())
         .unwrap_or_else(|| "info".into());
     let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    if let Some(dir) = &log_dir {
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            eprintln!("warning: --log-dir {}: {e}", dir.display());
+        }
+    }
     let registry = tracing_subscriber::registry().with(filter);
     match format {
         LogFormat::Text => {
@@ -20,21 +79,137 @@ pub fn init(format: LogFormat, filter: Option<&str>) {
                 .with_writer(std::io::stderr)
                 .with_target(false)
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-            registry.with(layer).try_init().ok();
+            // With --log-dir, the JSONL files come from a second layer.
+            let files = log_dir.map(|dir| {
+                fmt::layer()
+                    .fmt_fields(JsonFields::new())
+                    .event_format(AuditFormat { log_dir: Some(dir) })
+                    .with_writer(std::io::sink)
+            });
+            registry.with(layer).with(files).try_init().ok();
         }
         LogFormat::Json => {
             let layer = fmt::layer()
-                .json()
-                .with_writer(std::io::stderr)
-                .with_current_span(true)
-                .with_span_list(true)
-                .flatten_event(true);
+                .fmt_fields(JsonFields::new())
+                .event_format(AuditFormat { log_dir })
+                .with_writer(std::io::stderr);
             registry.with(layer).try_init().ok();
-            tracing::info!(
-                git_sha = option_env!("RETRAIN_GIT_SHA").unwrap_or("unknown"),
-                version = env!("CARGO_PKG_VERSION"),
-                "retrain starting"
-            );
+            tracing::info!(version = env!("CARGO_PKG_VERSION"), "retrain starting");
         }
+    }
+}
+
+/// One JSON object per event with the seed-004 fields.
+struct AuditFormat {
+    log_dir: Option<PathBuf>,
+}
+
+/// Event fields as JSON; `inputs`/`outputs`/`metrics` arrive as JSON text.
+struct JsonVisitor<'a>(&'a mut Map<String, Value>);
+
+impl Visit for JsonVisitor<'_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.0
+            .insert(field.name().to_owned(), Value::String(format!("{value:?}")));
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        let parsed = match field.name() {
+            "inputs" | "outputs" | "metrics" => serde_json::from_str(value).ok(),
+            _ => None,
+        };
+        self.0.insert(
+            field.name().to_owned(),
+            parsed.unwrap_or_else(|| Value::String(value.to_owned())),
+        );
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.0
+            .insert(field.name().to_owned(), serde_json::json!(value));
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+}
+
+/// A file name for a stage: `[a-z0-9_-]` only.
+fn file_stem(stage: Option<&Value>) -> String {
+    let stem: String = stage
+        .and_then(Value::as_str)
+        .unwrap_or("retrain")
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
+        .collect();
+    if stem.is_empty() {
+        "retrain".into()
+    } else {
+        stem
+    }
+}
+
+impl<S, N> FormatEvent<S, N> for AuditFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        let mut fields = Map::new();
+        // Span fields (outermost first), then the event's own.
+        if let Some(scope) = ctx.event_scope() {
+            for span in scope.from_root() {
+                let extensions = span.extensions();
+                if let Some(formatted) = extensions.get::<FormattedFields<N>>() {
+                    if let Ok(Value::Object(map)) = serde_json::from_str(formatted.as_str()) {
+                        fields.extend(map);
+                    }
+                }
+            }
+        }
+        event.record(&mut JsonVisitor(&mut fields));
+        let mut line = Map::new();
+        line.insert(
+            "ts".into(),
+            Value::String(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
+        );
+        line.insert(
+            "level".into(),
+            Value::String(event.metadata().level().to_string()),
+        );
+        line.insert(
+            "git_sha".into(),
+            Value::String(retrain_adapters::build_info::GIT_SHA.into()),
+        );
+        line.insert(
+            "target".into(),
+            Value::String(event.metadata().target().into()),
+        );
+        for key in AUDIT_FIELDS {
+            line.entry(*key)
+                .or_insert_with(|| fields.remove(*key).unwrap_or(Value::Null));
+        }
+        line.extend(fields);
+        let text = Value::Object(line);
+        if let Some(dir) = &self.log_dir {
+            let path = dir.join(format!("{}.log", file_stem(text.get("stage"))));
+            let written = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .and_then(|mut f| writeln!(f, "{text}"));
+            if let Err(e) = written {
+                eprintln!("warning: writing {}: {e}", path.display());
+            }
+        }
+        writeln!(writer, "{text}")
     }
 }

@@ -421,3 +421,255 @@ fn sigterm_saves_state_exits_143_and_the_next_run_resumes() {
         .count();
     assert_eq!(prepared_before, prepared_after, "the prepare job ran again");
 }
+
+fn add_feedback(dir: &Path, n: u32) {
+    let status = std::process::Command::new("python3")
+        .args(["seed_feedback.py", "--add", &n.to_string()])
+        .current_dir(dir)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn metrics_csv_has_one_row_per_evaluated_candidate_in_order() {
+    let dir = quickstart();
+    retrain(dir.path()).arg("run").assert().success();
+    add_feedback(dir.path(), 200);
+    retrain(dir.path()).arg("run").assert().success();
+    // A third run below threshold is skipped: no row for it.
+    retrain(dir.path()).arg("run").assert().success();
+
+    let out = retrain(dir.path())
+        .args(["metrics", "--label", "department", "--format", "csv"])
+        .assert()
+        .success();
+    let csv = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 3, "{csv}");
+    let header: Vec<&str> = lines[0].split(',').collect();
+    for column in [
+        "time",
+        "dataset_version",
+        "candidate",
+        "accuracy",
+        "production_accuracy",
+        "macro_f1",
+        "production_macro_f1",
+        "verdict",
+        "promoted",
+    ] {
+        assert!(header.contains(&column), "{column} missing: {csv}");
+    }
+    let col = |row: &str, name: &str| {
+        let i = header.iter().position(|h| *h == name).unwrap();
+        row.split(',').nth(i).unwrap().to_owned()
+    };
+    let (first, second) = (lines[1], lines[2]);
+    assert!(col(first, "time") <= col(second, "time"), "{csv}");
+    assert_ne!(
+        col(first, "dataset_version"),
+        col(second, "dataset_version")
+    );
+    for row in [first, second] {
+        assert!(col(row, "accuracy").parse::<f64>().is_ok(), "{csv}");
+        assert!(["passed", "rejected"].contains(&col(row, "verdict").as_str()));
+    }
+    // The second candidate was compared with production (the first model
+    // if it was promoted).
+    if col(first, "promoted") == "true" {
+        assert_eq!(
+            col(second, "production_accuracy"),
+            col(first, "accuracy"),
+            "{csv}"
+        );
+    }
+
+    let out = retrain(dir.path())
+        .args(["metrics", "--label", "department", "--format", "json"])
+        .assert()
+        .success();
+    let json = json_of(&out.get_output().stdout);
+    assert_eq!(json.as_array().unwrap().len(), 2, "{json}");
+    assert!(json[0]["metrics"]["accuracy"].is_number(), "{json}");
+}
+
+#[test]
+fn markdown_report_charts_the_gated_metrics_over_the_candidates() {
+    let dir = quickstart();
+    retrain(dir.path()).arg("run").assert().success();
+    add_feedback(dir.path(), 200);
+    let summary = dir.path().join("step_summary.md");
+    let out = retrain(dir.path())
+        .args(["--output", "json", "run"])
+        .env("GITHUB_ACTIONS", "true")
+        .env("GITHUB_STEP_SUMMARY", &summary)
+        .env("GITHUB_OUTPUT", dir.path().join("github_output"))
+        .assert()
+        .success();
+    // JSON on stdout comes first, the Actions groups follow it.
+    let stdout = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
+    let json_end = stdout.find("\n}\n").expect("JSON report") + 3;
+    let report = json_of(&stdout.as_bytes()[..json_end]);
+    let label = &report["labels"][0];
+    assert_eq!(label["history"].as_array().unwrap().len(), 2, "{label}");
+    let run_id = label["run_id"].as_str().unwrap().to_owned();
+
+    // The step summary has one chart per gated metric, two candidates each.
+    let summary = std::fs::read_to_string(&summary).unwrap();
+    assert_eq!(summary.matches("xychart-beta").count(), 2, "{summary}");
+    assert!(summary.contains("title \"accuracy (higher is better)\""));
+    assert!(summary.contains("title \"macro_f1 (higher is better)\""));
+    let axis = summary
+        .lines()
+        .find(|l| l.trim_start().starts_with("x-axis"))
+        .unwrap();
+    assert_eq!(axis.matches('"').count(), 4, "{axis}");
+
+    // `runs show --format md` draws the same history.
+    let out = retrain(dir.path())
+        .args(["runs", "show", &run_id, "--format", "md"])
+        .assert()
+        .success();
+    let md = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
+    assert_eq!(md.matches("```mermaid\nxychart-beta").count(), 2, "{md}");
+    assert!(md.contains(axis), "{md}");
+}
+
+#[test]
+fn run_manifest_is_written_and_shown() {
+    let dir = quickstart();
+    let out = retrain(dir.path())
+        .args(["--output", "json", "run"])
+        .assert()
+        .success();
+    let report = json_of(&out.get_output().stdout);
+    let run_id = report["labels"][0]["run_id"].as_str().unwrap().to_owned();
+    let path = dir
+        .path()
+        .join(".retrain/runs")
+        .join(&run_id)
+        .join("manifest.json");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("manifest.json written")).unwrap();
+    let env = &manifest["environment"];
+    assert_eq!(
+        env["binary_version"],
+        env!("CARGO_PKG_VERSION"),
+        "{manifest}"
+    );
+    assert_eq!(env["config_hash"].as_str().unwrap().len(), 64, "{manifest}");
+    assert!(!env["git_sha"].as_str().unwrap().is_empty(), "{manifest}");
+    assert!(
+        env["rustc_version"].as_str().unwrap().starts_with("rustc "),
+        "{manifest}"
+    );
+    assert!(
+        env["os"]
+            .as_str()
+            .unwrap()
+            .starts_with(std::env::consts::OS),
+        "{manifest}"
+    );
+    assert_eq!(env["trainer"], "command: python3 train.py", "{manifest}");
+    let dataset = &manifest["dataset"];
+    assert_eq!(
+        dataset["metadata_sha256"].as_str().unwrap().len(),
+        64,
+        "{manifest}"
+    );
+    assert!(!dataset["version"].as_str().unwrap().is_empty());
+    assert!(
+        manifest["candidate"]["metrics"]["accuracy"].is_number(),
+        "{manifest}"
+    );
+    assert!(manifest["verdict"]["passed"].is_boolean(), "{manifest}");
+    assert_eq!(manifest["run_id"], run_id.as_str());
+
+    let out = retrain(dir.path())
+        .args(["runs", "show", &run_id, "--format", "json"])
+        .assert()
+        .success();
+    let shown = json_of(&out.get_output().stdout);
+    assert_eq!(shown["manifest"], manifest);
+
+    let out = retrain(dir.path())
+        .args(["runs", "show", &run_id, "--format", "md"])
+        .assert()
+        .success();
+    let md = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
+    for needle in [
+        "## Manifest",
+        "- git sha: `",
+        "- rustc: `rustc ",
+        "- trainer: `command: python3 train.py`",
+        "metadata sha256 `",
+        "- candidate: `",
+        "- verdict: ",
+    ] {
+        assert!(md.contains(needle), "{needle} missing: {md}");
+    }
+}
+
+#[test]
+fn json_logs_have_the_audit_fields_account_for_the_wall_time_and_hold_no_secret() {
+    let dir = quickstart();
+    let canary = "hf_canary_7f3a9c2e41d8b5";
+    let log_dir = dir.path().join("logs");
+    let started = std::time::Instant::now();
+    let out = retrain(dir.path())
+        .args(["--log-format", "json", "--log-dir"])
+        .arg(&log_dir)
+        .arg("run")
+        .env("HF_TOKEN", canary)
+        .assert()
+        .success();
+    let wall = started.elapsed().as_secs_f64();
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    let stdout = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
+    assert!(!stdout.contains(canary) && !stderr.contains(canary));
+    let mut total = 0.0;
+    let mut stages = std::collections::BTreeSet::new();
+    for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        for field in [
+            "run_id",
+            "ts",
+            "label",
+            "stage",
+            "level",
+            "git_sha",
+            "inputs",
+            "outputs",
+            "metrics",
+            "duration_s",
+            "status",
+        ] {
+            assert!(value.get(field).is_some(), "{field} missing: {line}");
+        }
+        if value["message"] == "step" {
+            total += value["duration_s"].as_f64().unwrap();
+            assert!(value["run_id"].is_string() && value["status"].is_string());
+            assert!(value["inputs"].is_object() && value["outputs"].is_object());
+            stages.insert(value["stage"].as_str().unwrap().to_owned());
+        }
+    }
+    for stage in ["counting", "training", "gating", "done"] {
+        assert!(stages.contains(stage), "{stage} missing: {stages:?}");
+    }
+    assert!(
+        (total - wall).abs() <= 0.1 * wall,
+        "steps sum to {total:.3}s, the process took {wall:.3}s"
+    );
+    // --log-dir: one JSONL file per stage.
+    let gating = std::fs::read_to_string(log_dir.join("gating.log")).unwrap();
+    for line in gating.lines() {
+        let value: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(value["stage"], "gating", "{line}");
+    }
+    for entry in std::fs::read_dir(&log_dir).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        assert!(!text.contains(canary));
+    }
+}

@@ -13,8 +13,10 @@ pub mod domain;
 pub mod engine;
 pub mod failpoint;
 pub mod gate;
+pub mod history;
 pub mod journal;
 pub mod machine;
+pub mod manifest;
 pub mod ports;
 pub mod report;
 

@@ -385,6 +385,19 @@ pub struct InvalidTransition {
 pub struct RunManifest {
     pub binary_version: String,
     pub config_hash: String,
+    /// Commit the binary was built from (`unknown` when built without git).
+    #[serde(default)]
+    pub git_sha: String,
+    /// `rustc --version` at build time.
+    #[serde(default)]
+    pub rustc_version: String,
+    /// `std::env::consts` OS and architecture of the orchestrator.
+    #[serde(default)]
+    pub os: String,
+    /// The label's trainer as it describes itself (for command trainers,
+    /// the command line).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trainer: Option<String>,
 }
 
 /// The full state of one label's run. Serialised as the journal snapshot.

@@ -5,7 +5,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{
-    Candidate, CycleId, FeedbackCounts, Label, PromotedVersion, RunId, VersionTag,
+    metrics_serde, Candidate, CycleId, FeedbackCounts, Label, Metrics, PromotedVersion, RunId,
+    VersionTag,
 };
 use crate::gate::Verdict;
 use crate::machine::{LabelRun, Outcome, Stage};
@@ -29,6 +30,11 @@ pub struct LabelReport {
     pub lost_attempts: Vec<String>,
     pub resumed: bool,
     pub error: Option<String>,
+    /// The label's last evaluated candidates, oldest first (at most
+    /// [`HISTORY_LEN`]), filled from the run store before rendering
+    /// (see [`with_history`]); drawn as a chart by [`LabelReport::to_markdown`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<MetricPoint>,
 }
 
 /// Coarse status per label, the first thing a reader looks at.
@@ -105,6 +111,7 @@ impl LabelReport {
             lost_attempts: run.lost_attempts.clone(),
             resumed,
             error,
+            history: Vec::new(),
         }
     }
 
@@ -127,6 +134,7 @@ impl LabelReport {
             lost_attempts: Vec::new(),
             resumed: false,
             error: Some(error),
+            history: Vec::new(),
         }
     }
 
@@ -264,6 +272,351 @@ impl LabelReport {
                 ));
             }
         }
+        out.push_str(&self.history_charts());
         out
+    }
+}
+
+/// How many evaluated candidates the report's chart shows.
+pub const HISTORY_LEN: usize = 20;
+
+/// One evaluated candidate of a label: a row of `retrain metrics` and a
+/// point of the report's chart (seed 004's `metrics/{task}.csv`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricPoint {
+    pub run_id: RunId,
+    /// When the run started.
+    pub at: DateTime<Utc>,
+    #[serde(default)]
+    pub dataset_version: Option<VersionTag>,
+    pub candidate: String,
+    #[serde(default, with = "metrics_serde")]
+    pub metrics: Metrics,
+    /// The production model the candidate was compared with, if any.
+    #[serde(default)]
+    pub production_version: Option<String>,
+    #[serde(default, with = "metrics_serde")]
+    pub production: Metrics,
+    /// `passed`, `rejected` or `forced`.
+    pub verdict: String,
+    pub promoted: bool,
+}
+
+impl MetricPoint {
+    /// The point of an evaluated run (`None` before the gate ran).
+    pub fn from_run(run: &LabelRun, at: DateTime<Utc>) -> Option<Self> {
+        let verdict = run.verdict.as_ref()?;
+        let candidate = run.candidate.as_ref()?;
+        Some(Self {
+            run_id: run.run_id.clone(),
+            at,
+            dataset_version: run.dataset.as_ref().map(|d| d.metadata.version_tag.clone()),
+            candidate: candidate.id.clone(),
+            metrics: candidate.metrics.clone(),
+            production_version: run.baseline.as_ref().map(|b| b.version.clone()),
+            production: run
+                .baseline
+                .as_ref()
+                .map(|b| b.metrics.clone())
+                .unwrap_or_default(),
+            verdict: if verdict.forced {
+                "forced"
+            } else if verdict.passed {
+                "passed"
+            } else {
+                "rejected"
+            }
+            .into(),
+            promoted: run.promoted.is_some(),
+        })
+    }
+}
+
+/// Whether a run with this short outcome (`RunSummary::outcome`) can have
+/// been evaluated by the gate (skipped and planned runs never are).
+pub fn may_be_evaluated(outcome: &str) -> bool {
+    !matches!(outcome, "skipped" | "planned" | "trained")
+}
+
+/// `report` with the last [`HISTORY_LEN`] of `points` (sorted oldest first).
+pub fn with_history(mut report: LabelReport, mut points: Vec<MetricPoint>) -> LabelReport {
+    points.sort_by(|a, b| a.at.cmp(&b.at).then_with(|| a.run_id.0.cmp(&b.run_id.0)));
+    let skip = points.len().saturating_sub(HISTORY_LEN);
+    report.history = points.into_iter().skip(skip).collect();
+    report
+}
+
+fn csv_field(raw: &str) -> String {
+    if raw.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", raw.replace('"', "\"\""))
+    } else {
+        raw.to_owned()
+    }
+}
+
+fn csv_number(value: Option<f64>) -> String {
+    value.map(|v| v.to_string()).unwrap_or_default()
+}
+
+/// `retrain metrics --format csv`: one row per point, in the given order;
+/// one column per metric any candidate reported and its production value.
+pub fn metrics_csv(points: &[MetricPoint]) -> String {
+    let names: std::collections::BTreeSet<&String> =
+        points.iter().flat_map(|p| p.metrics.keys()).collect();
+    let mut out = String::from("time,run_id,dataset_version,candidate");
+    for name in &names {
+        out.push_str(&format!(
+            ",{},{}",
+            csv_field(name),
+            csv_field(&format!("production_{name}"))
+        ));
+    }
+    out.push_str(",production_version,verdict,promoted\n");
+    for p in points {
+        out.push_str(&format!(
+            "{},{},{},{}",
+            p.at.to_rfc3339(),
+            csv_field(p.run_id.as_str()),
+            csv_field(p.dataset_version.as_ref().map_or("", |v| v.0.as_str())),
+            csv_field(&p.candidate)
+        ));
+        for name in &names {
+            out.push_str(&format!(
+                ",{},{}",
+                csv_number(p.metrics.get(*name).copied()),
+                csv_number(p.production.get(*name).copied())
+            ));
+        }
+        out.push_str(&format!(
+            ",{},{},{}\n",
+            csv_field(p.production_version.as_deref().unwrap_or("")),
+            p.verdict,
+            p.promoted
+        ));
+    }
+    out
+}
+
+/// A series for the chart: missing or non-finite values take the previous
+/// value (leading ones the first known value); `None` if nothing is known.
+fn filled(values: &[Option<f64>]) -> Option<Vec<f64>> {
+    let first = values.iter().flatten().copied().find(|v| v.is_finite())?;
+    let mut last = first;
+    Some(
+        values
+            .iter()
+            .map(|v| {
+                if let Some(v) = v.filter(|v| v.is_finite()) {
+                    last = v;
+                }
+                last
+            })
+            .collect(),
+    )
+}
+
+fn mermaid_text(raw: &str) -> String {
+    raw.replace(['"', '\n', '\r'], "'")
+}
+
+fn mermaid_numbers(values: &[f64]) -> String {
+    values
+        .iter()
+        .map(|v| format!("{v:.4}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl LabelReport {
+    /// One Mermaid `xychart-beta` per gated metric over [`Self::history`]:
+    /// the candidate's line, then production's. Empty without a gate
+    /// verdict or history.
+    pub fn history_charts(&self) -> String {
+        let Some(verdict) = &self.verdict else {
+            return String::new();
+        };
+        if self.history.is_empty() || verdict.comparisons.is_empty() {
+            return String::new();
+        }
+        let axis: Vec<String> = self
+            .history
+            .iter()
+            .map(|p| {
+                let name = match &p.dataset_version {
+                    Some(v) => v.0.clone(),
+                    None => p.candidate.chars().take(12).collect(),
+                };
+                format!("\"{}\"", mermaid_text(&name))
+            })
+            .collect();
+        let mut out = String::new();
+        for comparison in &verdict.comparisons {
+            let metric = &comparison.metric;
+            let candidate: Vec<Option<f64>> = self
+                .history
+                .iter()
+                .map(|p| p.metrics.get(metric).copied())
+                .collect();
+            let Some(candidate) = filled(&candidate) else {
+                continue;
+            };
+            let production: Vec<Option<f64>> = self
+                .history
+                .iter()
+                .map(|p| p.production.get(metric).copied())
+                .collect();
+            let production = filled(&production);
+            let all = candidate.iter().chain(production.iter().flatten());
+            let (min, max) = all.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+                (lo.min(*v), hi.max(*v))
+            });
+            let pad = if max > min { (max - min) * 0.1 } else { 0.01 };
+            let direction = match comparison.direction {
+                crate::gate::Direction::Higher => "higher is better",
+                crate::gate::Direction::Lower => "lower is better",
+            };
+            out.push_str(&format!(
+                "\n**{}** over the last {} candidates: first line candidate{}\n\n",
+                mermaid_text(metric),
+                self.history.len(),
+                if production.is_some() {
+                    ", second line production"
+                } else {
+                    " (no production model yet)"
+                }
+            ));
+            out.push_str("```mermaid\nxychart-beta\n");
+            out.push_str(&format!(
+                "    title \"{} ({direction})\"\n",
+                mermaid_text(metric)
+            ));
+            out.push_str(&format!("    x-axis [{}]\n", axis.join(", ")));
+            out.push_str(&format!(
+                "    y-axis \"{}\" {:.4} --> {:.4}\n",
+                mermaid_text(metric),
+                min - pad,
+                max + pad
+            ));
+            out.push_str(&format!("    line [{}]\n", mermaid_numbers(&candidate)));
+            if let Some(production) = &production {
+                out.push_str(&format!("    line [{}]\n", mermaid_numbers(production)));
+            }
+            out.push_str("```\n");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gate::{Comparison, Direction};
+
+    fn point(n: u32, accuracy: f64, production: Option<f64>, promoted: bool) -> MetricPoint {
+        MetricPoint {
+            run_id: RunId(format!("run-{n}")),
+            at: DateTime::from_timestamp(1_700_000_000 + i64::from(n) * 60, 0).unwrap(),
+            dataset_version: Some(VersionTag::new(format!("v{n}"))),
+            candidate: format!("cand-{n}"),
+            metrics: [("accuracy".to_owned(), accuracy), ("loss".to_owned(), 1.0)].into(),
+            production_version: production.map(|_| "1".to_owned()),
+            production: production
+                .map(|p| [("accuracy".to_owned(), p)].into())
+                .unwrap_or_default(),
+            verdict: if promoted { "passed" } else { "rejected" }.into(),
+            promoted,
+        }
+    }
+
+    fn gated_report() -> LabelReport {
+        let mut report = LabelReport::without_run(
+            Label::new("department").unwrap(),
+            40,
+            LabelStatus::Promoted,
+            "x".into(),
+        );
+        report.error = None;
+        report.verdict = Some(Verdict {
+            passed: true,
+            first_model: false,
+            forced: false,
+            comparisons: vec![Comparison {
+                metric: "accuracy".into(),
+                direction: Direction::Higher,
+                candidate: Some(0.9),
+                baseline: Some(0.8),
+                delta: Some(0.1),
+                passed: true,
+                reason: "better".into(),
+            }],
+            reason: "all metrics improved".into(),
+        });
+        report
+    }
+
+    #[test]
+    fn chart_renders_each_gated_metric_in_order_with_production() {
+        // Given out of order: the chart is oldest first.
+        let points = vec![
+            point(3, 0.9, Some(0.8), true),
+            point(1, 0.7, None, true),
+            point(2, 0.8, Some(0.7), true),
+        ];
+        let report = with_history(gated_report(), points);
+        let charts = report.history_charts();
+        assert_eq!(
+            charts,
+            "\n**accuracy** over the last 3 candidates: first line candidate, second line production\n\n\
+             ```mermaid\n\
+             xychart-beta\n    \
+             title \"accuracy (higher is better)\"\n    \
+             x-axis [\"v1\", \"v2\", \"v3\"]\n    \
+             y-axis \"accuracy\" 0.6800 --> 0.9200\n    \
+             line [0.7000, 0.8000, 0.9000]\n    \
+             line [0.7000, 0.7000, 0.8000]\n\
+             ```\n"
+        );
+        // Only the gated metric is drawn (not `loss`), inside the markdown.
+        let markdown = report.to_markdown();
+        assert!(markdown.ends_with(&charts), "{markdown}");
+        assert_eq!(markdown.matches("xychart-beta").count(), 1);
+    }
+
+    #[test]
+    fn chart_keeps_the_last_twenty_candidates() {
+        let points = (0..25).map(|n| point(n, 0.5, Some(0.5), false)).collect();
+        let report = with_history(gated_report(), points);
+        assert_eq!(report.history.len(), HISTORY_LEN);
+        assert_eq!(report.history[0].run_id.0, "run-5");
+        assert!(report.history_charts().contains("\"v24\"]"));
+    }
+
+    #[test]
+    fn chart_is_omitted_without_a_gate_or_history() {
+        let mut ungated = with_history(gated_report(), vec![point(1, 0.7, None, true)]);
+        ungated.verdict = None;
+        assert_eq!(ungated.history_charts(), "");
+        assert!(!ungated.to_markdown().contains("mermaid"));
+        let empty = gated_report();
+        assert!(!empty.to_markdown().contains("mermaid"));
+    }
+
+    #[test]
+    fn metrics_csv_has_one_row_per_candidate_with_production_columns() {
+        let csv = metrics_csv(&[point(1, 0.7, None, true), point(2, 0.8, Some(0.7), false)]);
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(
+            lines[0],
+            "time,run_id,dataset_version,candidate,accuracy,production_accuracy,loss,production_loss,production_version,verdict,promoted"
+        );
+        assert_eq!(
+            lines[1],
+            "2023-11-14T22:14:20+00:00,run-1,v1,cand-1,0.7,,1,,,passed,true"
+        );
+        assert_eq!(
+            lines[2],
+            "2023-11-14T22:15:20+00:00,run-2,v2,cand-2,0.8,0.7,1,,1,rejected,false"
+        );
+        assert_eq!(lines.len(), 3);
     }
 }

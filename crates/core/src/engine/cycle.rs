@@ -147,6 +147,7 @@ impl Engine {
                     plan.dry_run = dry_run;
                     let mut run = LabelRun::new(RunId::generate(), cycle_id.clone(), plan, cursor);
                     run.manifest = self.settings.manifest.clone();
+                    run.manifest.trainer = Some(binding.trainer.describe());
                     (run, false)
                 }
                 Err(e) => {
@@ -245,7 +246,9 @@ impl Engine {
             (run, ended)
         };
         self.unlock(&label).await;
-        let mut report = LabelReport::from_run(&run, resumed);
+        let mut report = self
+            .with_history(&run, LabelReport::from_run(&run, resumed))
+            .await;
         match ended {
             DriveEnd::Finished | DriveEnd::Halted => {}
             DriveEnd::Interrupted(note) => {
@@ -455,7 +458,10 @@ impl Engine {
         if let Some(fence) = fence {
             let transition = self.transition(run, from, event);
             self.store.record(&transition, fence).await?;
+            self.audit_step(run, from, &transition.event);
             failpoint::hit_lazy("after-journal", || transition.event.name());
+        } else {
+            self.audit_step(run, from, &event);
         }
         Ok(actions)
     }

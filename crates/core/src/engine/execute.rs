@@ -340,6 +340,7 @@ impl Engine {
                 let transition = self.transition(&finished, from, Event::Committed);
                 match self.store.finish(&transition, cursor, fence).await {
                     Ok(()) => {
+                        self.audit_step(&finished, from, &Event::Committed);
                         failpoint::hit("after-journal:committed");
                         if let Some(outcome) = &run.outcome {
                             info!(outcome = outcome.short(), "run finished");
@@ -420,7 +421,9 @@ impl Engine {
 
     /// Deliver the report to every notifier that has not delivered it yet.
     async fn notify(&self, binding: &LabelBinding, run: &LabelRun) -> Executed {
-        let report = LabelReport::from_run(run, false);
+        let report = self
+            .with_history(run, LabelReport::from_run(run, false))
+            .await;
         let mut delivered = Vec::new();
         let mut transient = Vec::new();
         let mut permanent = Vec::new();

@@ -22,6 +22,7 @@
 //! - `admin.rs`: what runs outside a cycle (`retrain gate`, `infra reap`).
 
 mod admin;
+mod audit;
 mod cycle;
 mod execute;
 mod locks;
@@ -183,6 +184,8 @@ pub struct Engine {
     clock: Arc<dyn Clock>,
     wakers: Mutex<HashMap<Label, Arc<Notify>>>,
     locks: HeldLocks,
+    /// Time of each run's previous transition, for the audit log's `duration_s`.
+    audit_marks: audit::Marks,
 }
 
 impl std::fmt::Debug for Engine {
@@ -284,6 +287,7 @@ impl Engine {
             clock: Arc::new(TokioClock::new()),
             wakers: Mutex::new(HashMap::new()),
             locks: HeldLocks::default(),
+            audit_marks: audit::Marks::default(),
         }
     }
 
