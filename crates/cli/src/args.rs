@@ -53,6 +53,8 @@ pub enum Command {
     Status(LabelsArg),
     /// Run history from the RunStore.
     Runs(RunsArgs),
+    /// Production lineage of a label: every promotion and rollback, with who and why.
+    History(HistoryArgs),
     /// The quality gate alone for a candidate (usable as a CI step).
     Gate(GateArgs),
     /// EC2 lease control.
@@ -93,6 +95,12 @@ pub struct RunsArgs {
     pub label: Option<String>,
     #[arg(long, default_value_t = 20)]
     pub limit: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    #[arg(long, value_name = "LABEL")]
+    pub label: String,
 }
 
 #[derive(Debug, Subcommand)]

@@ -90,6 +90,7 @@ pub async fn dispatch(cli: Cli, interrupt: Interrupt) -> Result<u8, Failure> {
             None => runs_list(&cli, args.label.as_deref(), args.limit).await,
             Some(RunsCommand::Show { id, format }) => runs_show(&cli, id, *format).await,
         },
+        Command::History(args) => history(&cli, &args.label).await,
         Command::Gate(args) => gate(&cli, args).await,
         Command::Infra(args) => infra(&cli, &args.command).await,
         Command::Config(args) => config(&cli, &args.command),
@@ -296,6 +297,28 @@ async fn runs_list(cli: &Cli, label: Option<&str>, limit: u32) -> Result<u8, Fai
                     r.outcome,
                     r.started_at.to_rfc3339()
                 );
+            }
+        }
+    }
+    Ok(exit::OK)
+}
+
+async fn history(cli: &Cli, label: &str) -> Result<u8, Failure> {
+    let loaded = load(cli, false)?;
+    let label = Label::new(label).map_err(|e| config_failure(format!("--label: {e}")))?;
+    let store = reading_store(&loaded).await?;
+    let events = store
+        .promotions(&label)
+        .await
+        .with_context(|| format!("reading the promotion history of label {label}"))?;
+    match cli.output {
+        OutputFormat::Json => output::print_json(&events)?,
+        OutputFormat::Text => {
+            if events.is_empty() {
+                println!("label {label}: no promotion recorded");
+            }
+            for line in output::history_lines(&events) {
+                println!("{line}");
             }
         }
     }

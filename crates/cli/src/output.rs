@@ -109,6 +109,34 @@ pub fn print_verdict(out: &mut impl Write, verdict: &Verdict) {
     }
 }
 
+/// `retrain history`: one line per production change, oldest first.
+pub fn history_lines(events: &[retrain_core::journal::PromotionEvent]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| {
+            let mut line = format!(
+                "{}  {:<9} version {} (was {})  by {}",
+                e.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                e.kind.as_str(),
+                e.version,
+                e.previous_version.as_deref().unwrap_or("none"),
+                e.by,
+            );
+            if let Some(reason) = &e.reason {
+                line.push_str(&format!(": {reason}"));
+            }
+            if let Some(candidate) = &e.candidate_id {
+                line.push_str(&format!("  candidate {candidate}"));
+            }
+            if let Some(verdict) = &e.verdict {
+                line.push_str(&format!("  [gate: {verdict}]"));
+            }
+            line.push_str(&format!("  run {}", e.run_id));
+            line
+        })
+        .collect()
+}
+
 pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     let text = serde_json::to_string_pretty(value).context("rendering JSON")?;
     println!("{text}");

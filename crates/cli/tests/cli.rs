@@ -421,3 +421,45 @@ fn sigterm_saves_state_exits_143_and_the_next_run_resumes() {
         .count();
     assert_eq!(prepared_before, prepared_after, "the prepare job ran again");
 }
+
+#[test]
+fn history_lists_the_promotions_of_a_label() {
+    let dir = quickstart();
+    let empty = retrain(dir.path())
+        .args(["history", "--label", "department"])
+        .assert()
+        .success();
+    let text = String::from_utf8_lossy(&empty.get_output().stdout);
+    assert!(text.contains("no promotion recorded"), "{text}");
+
+    let run = retrain(dir.path())
+        .args(["--output", "json", "run"])
+        .assert()
+        .success();
+    let report = json_of(&run.get_output().stdout);
+    assert_eq!(report["labels"][0]["status"], "promoted", "{report}");
+    let run_id = report["labels"][0]["run_id"].as_str().unwrap().to_owned();
+
+    let out = retrain(dir.path())
+        .args(["--output", "json", "history", "--label", "department"])
+        .assert()
+        .success();
+    let events = json_of(&out.get_output().stdout);
+    let events = events.as_array().unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["kind"], "promotion");
+    assert_eq!(events[0]["version"], "1");
+    assert_eq!(events[0]["by"], "auto");
+    assert_eq!(events[0]["run_id"], run_id.as_str());
+    assert!(events[0]["verdict"].as_str().is_some(), "{events:?}");
+
+    let text = retrain(dir.path())
+        .args(["history", "--label", "department"])
+        .assert()
+        .success();
+    let text = String::from_utf8_lossy(&text.get_output().stdout);
+    assert!(
+        text.contains("promotion version 1 (was none)  by auto"),
+        "{text}"
+    );
+}

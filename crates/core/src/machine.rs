@@ -387,6 +387,15 @@ pub struct RunManifest {
     pub config_hash: String,
 }
 
+/// A human decision on a candidate (`retrain approve` / `retrain reject`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    pub by: String,
+    #[serde(default)]
+    pub reason: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
 /// The full state of one label's run. Serialised as the journal snapshot.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LabelRun {
@@ -439,6 +448,10 @@ pub struct LabelRun {
     /// The last transient failure of the current step.
     #[serde(default)]
     pub step_error: Option<String>,
+    /// Who approved the promotion by hand, and why (`promote = "manual"`);
+    /// `None`: promoted automatically.
+    #[serde(default)]
+    pub approval: Option<Approval>,
     /// Set once the outcome is known; `Done` follows after release/notify/commit.
     pub outcome: Option<Outcome>,
     /// Actions announced by the last transition and not yet confirmed.
@@ -477,6 +490,7 @@ impl LabelRun {
             verdict: None,
             promoted: None,
             notify_error: None,
+            approval: None,
             notified: Vec::new(),
             step_retries: 0,
             step_error: None,
@@ -512,6 +526,16 @@ impl LabelRun {
         self.seq += 1;
         self.pending = actions.clone();
         Ok(actions)
+    }
+
+    /// What kind of production change a promotion of this run is.
+    pub fn promotion_kind(&self) -> crate::journal::PromotionKind {
+        crate::journal::PromotionKind::Promotion
+    }
+
+    /// The run that trained the candidate this run promotes.
+    pub fn candidate_run(&self) -> Option<&RunId> {
+        self.candidate.as_ref().map(|_| &self.run_id)
     }
 
     /// The key of the current (or next) training job.
