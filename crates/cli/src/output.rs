@@ -31,6 +31,10 @@ pub fn detail(report: &LabelReport) -> String {
                 .unwrap_or("")
         ),
         Some(Outcome::Passed) => "gate passed; promotion disabled".into(),
+        Some(Outcome::AwaitingApproval) => report
+            .approval_hint()
+            .map(|h| h.replace('`', ""))
+            .unwrap_or_else(|| "awaiting approval".into()),
         Some(Outcome::Rejected { reason }) => reason.clone(),
         Some(Outcome::Failed { .. }) | None => report.error.clone().unwrap_or_default(),
     }
@@ -212,6 +216,11 @@ pub fn github_actions(report: &CycleReport) -> anyhow::Result<()> {
     outputs.push_str(&format!("run_id={}\n", report.cycle_id));
     outputs.push_str(&format!("triggered={triggered}\n"));
     outputs.push_str(&format!("improved={improved}\n"));
+    let awaiting = report
+        .labels
+        .iter()
+        .any(|l| l.status == LabelStatus::AwaitingApproval);
+    outputs.push_str(&format!("awaiting_approval={awaiting}\n"));
     for label in &report.labels {
         let key = output_key(label.label.as_str());
         outputs.push_str(&format!("{key}_status={}\n", label.status.as_str()));

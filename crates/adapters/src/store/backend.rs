@@ -229,7 +229,7 @@ pub(super) const SELECT_CURSOR: &str =
 /// `done = FALSE` (not `NOT done`) so both dialects use the
 /// `(label, done, started_at)` index however long a label's history.
 pub(super) const SELECT_UNFINISHED: &str = "SELECT run_id, snapshot FROM runs
-     WHERE label = $1 AND done = FALSE
+     WHERE label = $1 AND done = FALSE AND stage <> 'awaiting_approval'
      ORDER BY started_at DESC, run_id DESC LIMIT 1";
 
 /// `$2`: `i64::MAX` for "no limit" (SQLite and Postgres disagree on the

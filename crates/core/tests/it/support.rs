@@ -262,7 +262,7 @@ impl RunStore for MemStore {
             .unwrap()
             .runs
             .values()
-            .rfind(|(r, done)| !done && r.label() == label)
+            .rfind(|(r, done)| !done && !r.is_awaiting_approval() && r.label() == label)
             .map(|(r, _)| r.clone()))
     }
     async fn record(&self, transition: &Transition, fence: &Fence) -> Result<(), StoreError> {
