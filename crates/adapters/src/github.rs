@@ -1211,6 +1211,10 @@ fn not_improved_line(report: &LabelReport) -> String {
             format!("**retrain failed**: {why}. Nothing was committed or approved.")
         }
         LabelStatus::Passed => "The gate passed, but promotion is disabled (`promote = \"disabled\"`): nothing was committed or approved.".into(),
+        LabelStatus::AwaitingApproval => format!(
+            "The gate passed; the model is **awaiting approval** (`promote = \"manual\"`): {}.",
+            report.approval_hint().unwrap_or_default()
+        ),
         LabelStatus::Trained => "Trained without a gate: the model was not promoted; nothing was committed or approved.".into(),
         other => format!(
             "Status `{}`: nothing was committed or approved.",

@@ -56,6 +56,12 @@ pub enum Command {
     Status(LabelsArg),
     /// Run history from the RunStore.
     Runs(RunsArgs),
+    /// Production lineage of a label: every promotion and rollback, with who and why.
+    History(HistoryArgs),
+    /// Promote a candidate waiting in awaiting_approval (exactly once).
+    Approve(DecideArgs),
+    /// Close a candidate waiting in awaiting_approval without promoting it.
+    Reject(DecideArgs),
     /// The quality gate alone for a candidate (usable as a CI step).
     Gate(GateArgs),
     /// Metrics history of a label for charting: one row per evaluated candidate.
@@ -98,6 +104,27 @@ pub struct RunsArgs {
     pub label: Option<String>,
     #[arg(long, default_value_t = 20)]
     pub limit: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct DecideArgs {
+    /// The run awaiting approval (`retrain runs`).
+    pub run_id: String,
+    /// Why (journaled; required to reject).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Who decides (default: $GITHUB_ACTOR, then $USER).
+    #[arg(long = "as", value_name = "NAME")]
+    pub as_name: Option<String>,
+    /// Approve only: gate the candidate again against the current production.
+    #[arg(long)]
+    pub regate: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    #[arg(long, value_name = "LABEL")]
+    pub label: String,
 }
 
 #[derive(Debug, Subcommand)]

@@ -91,6 +91,9 @@ pub async fn dispatch(cli: Cli, interrupt: Interrupt) -> Result<u8, Failure> {
             None => runs_list(&cli, args.label.as_deref(), args.limit).await,
             Some(RunsCommand::Show { id, format }) => runs_show(&cli, id, *format).await,
         },
+        Command::History(args) => history(&cli, &args.label).await,
+        Command::Approve(args) => decide(&cli, args, true).await,
+        Command::Reject(args) => decide(&cli, args, false).await,
         Command::Gate(args) => gate(&cli, args).await,
         Command::Metrics(args) => metrics(&cli, args).await,
         Command::Infra(args) => infra(&cli, &args.command).await,
@@ -332,6 +335,99 @@ async fn runs_list(cli: &Cli, label: Option<&str>, limit: u32) -> Result<u8, Fai
                     r.outcome,
                     r.started_at.to_rfc3339()
                 );
+            }
+        }
+    }
+    Ok(exit::OK)
+}
+
+async fn decide(cli: &Cli, args: &crate::args::DecideArgs, approve: bool) -> Result<u8, Failure> {
+    use retrain_core::engine::{Decision, DecisionOutcome};
+    if !approve && args.reason.as_deref().is_none_or(str::is_empty) {
+        return Err(config_failure("reject needs --reason TEXT"));
+    }
+    if !approve && args.regate {
+        return Err(config_failure("--regate applies to approve only"));
+    }
+    let by = args
+        .as_name
+        .clone()
+        .or_else(|| std::env::var("GITHUB_ACTOR").ok())
+        .or_else(|| std::env::var("USER").ok())
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| config_failure("say who decides with --as NAME ($USER is not set)"))?;
+    let loaded = load(cli, false)?;
+    let store = store(&loaded).await?;
+    let engine = wiring::build_engine(&loaded, store)
+        .await
+        .map_err(config_failure)?;
+    let decision = if approve {
+        Decision::Approve {
+            regate: args.regate,
+        }
+    } else {
+        Decision::Reject
+    };
+    let outcome = engine
+        .decide(
+            &RunId(args.run_id.clone()),
+            decision,
+            &by,
+            args.reason.clone(),
+        )
+        .await?;
+    match outcome {
+        DecisionOutcome::AlreadyApproved { by, at } => {
+            let text = format!(
+                "run {} already approved by {by} at {}",
+                args.run_id,
+                at.to_rfc3339()
+            );
+            match cli.output {
+                OutputFormat::Json => output::print_json(&json!({
+                    "run_id": args.run_id, "already_approved": true, "by": by, "at": at,
+                }))?,
+                OutputFormat::Text => println!("{text}"),
+            }
+            Ok(exit::OK)
+        }
+        DecisionOutcome::Applied(report) => {
+            match cli.output {
+                OutputFormat::Json => output::print_json(&report)?,
+                OutputFormat::Text => println!(
+                    "{}: {} — {}",
+                    report.label,
+                    report.status.as_str(),
+                    output::detail(&report)
+                ),
+            }
+            Ok(
+                if report.status == retrain_core::report::LabelStatus::Failed {
+                    exit::LABEL_FAILED
+                } else {
+                    exit::OK
+                },
+            )
+        }
+    }
+}
+
+async fn history(cli: &Cli, label: &str) -> Result<u8, Failure> {
+    let loaded = load(cli, false)?;
+    let label = Label::new(label).map_err(|e| config_failure(format!("--label: {e}")))?;
+    let store = reading_store(&loaded).await?;
+    let events = store
+        .promotions(&label)
+        .await
+        .with_context(|| format!("reading the promotion history of label {label}"))?;
+    match cli.output {
+        OutputFormat::Json => output::print_json(&events)?,
+        OutputFormat::Text => {
+            if events.is_empty() {
+                println!("label {label}: no promotion recorded");
+            }
+            for line in output::history_lines(&events) {
+                println!("{line}");
             }
         }
     }

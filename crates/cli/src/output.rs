@@ -31,6 +31,10 @@ pub fn detail(report: &LabelReport) -> String {
                 .unwrap_or("")
         ),
         Some(Outcome::Passed) => "gate passed; promotion disabled".into(),
+        Some(Outcome::AwaitingApproval) => report
+            .approval_hint()
+            .map(|h| h.replace('`', ""))
+            .unwrap_or_else(|| "awaiting approval".into()),
         Some(Outcome::Rejected { reason }) => reason.clone(),
         Some(Outcome::Failed { .. }) | None => report.error.clone().unwrap_or_default(),
     }
@@ -109,6 +113,34 @@ pub fn print_verdict(out: &mut impl Write, verdict: &Verdict) {
     }
 }
 
+/// `retrain history`: one line per production change, oldest first.
+pub fn history_lines(events: &[retrain_core::journal::PromotionEvent]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| {
+            let mut line = format!(
+                "{}  {:<9} version {} (was {})  by {}",
+                e.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                e.kind.as_str(),
+                e.version,
+                e.previous_version.as_deref().unwrap_or("none"),
+                e.by,
+            );
+            if let Some(reason) = &e.reason {
+                line.push_str(&format!(": {reason}"));
+            }
+            if let Some(candidate) = &e.candidate_id {
+                line.push_str(&format!("  candidate {candidate}"));
+            }
+            if let Some(verdict) = &e.verdict {
+                line.push_str(&format!("  [gate: {verdict}]"));
+            }
+            line.push_str(&format!("  run {}", e.run_id));
+            line
+        })
+        .collect()
+}
+
 pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     let text = serde_json::to_string_pretty(value).context("rendering JSON")?;
     println!("{text}");
@@ -184,6 +216,11 @@ pub fn github_actions(report: &CycleReport) -> anyhow::Result<()> {
     outputs.push_str(&format!("run_id={}\n", report.cycle_id));
     outputs.push_str(&format!("triggered={triggered}\n"));
     outputs.push_str(&format!("improved={improved}\n"));
+    let awaiting = report
+        .labels
+        .iter()
+        .any(|l| l.status == LabelStatus::AwaitingApproval);
+    outputs.push_str(&format!("awaiting_approval={awaiting}\n"));
     for label in &report.labels {
         let key = output_key(label.label.as_str());
         outputs.push_str(&format!("{key}_status={}\n", label.status.as_str()));

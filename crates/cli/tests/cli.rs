@@ -673,3 +673,108 @@ fn json_logs_have_the_audit_fields_account_for_the_wall_time_and_hold_no_secret(
         assert!(!text.contains(canary));
     }
 }
+
+#[test]
+fn history_lists_the_promotions_of_a_label() {
+    let dir = quickstart();
+    let empty = retrain(dir.path())
+        .args(["history", "--label", "department"])
+        .assert()
+        .success();
+    let text = String::from_utf8_lossy(&empty.get_output().stdout);
+    assert!(text.contains("no promotion recorded"), "{text}");
+
+    let run = retrain(dir.path())
+        .args(["--output", "json", "run"])
+        .assert()
+        .success();
+    let report = json_of(&run.get_output().stdout);
+    assert_eq!(report["labels"][0]["status"], "promoted", "{report}");
+    let run_id = report["labels"][0]["run_id"].as_str().unwrap().to_owned();
+
+    let out = retrain(dir.path())
+        .args(["--output", "json", "history", "--label", "department"])
+        .assert()
+        .success();
+    let events = json_of(&out.get_output().stdout);
+    let events = events.as_array().unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["kind"], "promotion");
+    assert_eq!(events[0]["version"], "1");
+    assert_eq!(events[0]["by"], "auto");
+    assert_eq!(events[0]["run_id"], run_id.as_str());
+    assert!(events[0]["verdict"].as_str().is_some(), "{events:?}");
+
+    let text = retrain(dir.path())
+        .args(["history", "--label", "department"])
+        .assert()
+        .success();
+    let text = String::from_utf8_lossy(&text.get_output().stdout);
+    assert!(
+        text.contains("promotion version 1 (was none)  by auto"),
+        "{text}"
+    );
+}
+
+#[test]
+fn manual_sign_off_waits_then_approve_promotes_once() {
+    let dir = quickstart();
+    let toml = dir.path().join("retrain.toml");
+    let config = std::fs::read_to_string(&toml).unwrap().replace(
+        "notify = [\"log\"]",
+        "notify = [\"log\"]\npromote = \"manual\"",
+    );
+    std::fs::write(&toml, config).unwrap();
+    let run = retrain(dir.path())
+        .args(["--output", "json", "run"])
+        .assert()
+        .success();
+    let report = json_of(&run.get_output().stdout);
+    let label = &report["labels"][0];
+    assert_eq!(label["status"], "awaiting_approval", "{report}");
+    let run_id = label["run_id"].as_str().unwrap().to_owned();
+    assert!(
+        !dir.path().join("registry.json").exists() || {
+            let r: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(dir.path().join("registry.json")).unwrap())
+                    .unwrap();
+            r["models"]["ticket-router"]["production"].is_null()
+        }
+    );
+    let text = retrain(dir.path()).arg("run").assert().success();
+    let text = String::from_utf8_lossy(&text.get_output().stdout).to_string();
+    assert!(
+        text.contains("skipped"),
+        "the dataset stays consumed: {text}"
+    );
+
+    let approve = retrain(dir.path())
+        .args(["approve", &run_id, "--reason", "reviewed", "--as", "alice"])
+        .assert()
+        .success();
+    let out = String::from_utf8_lossy(&approve.get_output().stdout).to_string();
+    assert!(out.contains("promoted"), "{out}");
+    let registry: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("registry.json")).unwrap()).unwrap();
+    assert_eq!(
+        registry["models"]["ticket-router"]["production"], "1",
+        "{registry}"
+    );
+
+    let again = retrain(dir.path())
+        .args(["approve", &run_id, "--as", "bob"])
+        .assert()
+        .success();
+    let out = String::from_utf8_lossy(&again.get_output().stdout).to_string();
+    assert!(out.contains("already approved by alice at"), "{out}");
+
+    let history = retrain(dir.path())
+        .args(["--output", "json", "history", "--label", "department"])
+        .assert()
+        .success();
+    let events = json_of(&history.get_output().stdout);
+    assert_eq!(events.as_array().unwrap().len(), 1, "{events}");
+    assert_eq!(events[0]["by"], "alice");
+    assert_eq!(events[0]["reason"], "reviewed");
+    assert_eq!(events[0]["run_id"], run_id.as_str());
+}

@@ -28,6 +28,87 @@ impl Transition {
     pub fn is_final(&self) -> bool {
         self.to == Stage::Done
     }
+
+    /// The promotion event this transition records, if it is the one that
+    /// journals a promotion (`Event::Promoted`). The store writes it in the
+    /// same fenced statement/transaction as the journal line, so a promotion
+    /// is in the history exactly when it is in the journal.
+    pub fn promotion_event(&self) -> Option<PromotionEvent> {
+        let Event::Promoted { version } = &self.event else {
+            return None;
+        };
+        let run = &self.snapshot;
+        let (by, reason) = match &run.approval {
+            Some(a) => (a.by.clone(), a.reason.clone()),
+            None => (AUTO.to_owned(), None),
+        };
+        Some(PromotionEvent {
+            run_id: self.run_id.clone(),
+            label: self.label.clone(),
+            kind: run.promotion_kind(),
+            version: version.version.clone(),
+            previous_version: version
+                .previous
+                .clone()
+                .or_else(|| run.baseline.as_ref().map(|b| b.version.clone())),
+            candidate_run: run.candidate_run().cloned(),
+            candidate_id: run.candidate.as_ref().map(|c| c.id.clone()),
+            verdict: run.verdict.as_ref().map(|v| v.reason.clone()),
+            by,
+            reason,
+            at: self.at,
+        })
+    }
+}
+
+/// `by` of a promotion nobody approved by hand.
+pub const AUTO: &str = "auto";
+
+/// What changed production: a gated promotion or a rollback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromotionKind {
+    Promotion,
+    Rollback,
+}
+
+impl PromotionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Promotion => "promotion",
+            Self::Rollback => "rollback",
+        }
+    }
+    pub fn parse(raw: &str) -> Option<Self> {
+        match raw {
+            "promotion" => Some(Self::Promotion),
+            "rollback" => Some(Self::Rollback),
+            _ => None,
+        }
+    }
+}
+
+/// One change of a label's production model (`retrain history`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PromotionEvent {
+    /// The run that changed production (one event per run at most).
+    pub run_id: RunId,
+    pub label: Label,
+    pub kind: PromotionKind,
+    /// The registry version that became production.
+    pub version: String,
+    /// The version that was production before.
+    pub previous_version: Option<String>,
+    /// The run that trained the candidate (the run itself for a promotion).
+    pub candidate_run: Option<RunId>,
+    pub candidate_id: Option<String>,
+    /// The gate's reason (promotions).
+    pub verdict: Option<String>,
+    /// `auto`, or who approved / rolled back.
+    pub by: String,
+    /// Why (the approver's or the rollback's reason).
+    pub reason: Option<String>,
+    pub at: DateTime<Utc>,
 }
 
 /// Filter for `retrain runs`.

@@ -52,6 +52,9 @@ impl Trigger {
 pub enum PromoteMode {
     #[default]
     Auto,
+    /// A passed verdict waits in `awaiting_approval` (cursor committed, lease
+    /// released) until `retrain approve` / `retrain reject` decides.
+    Manual,
     /// Record the verdict but never touch the registry.
     Disabled,
 }
@@ -117,6 +120,9 @@ pub enum Stage {
     Releasing,
     Notifying,
     Finishing,
+    /// `promote = "manual"`: the automatic part is over (lease released,
+    /// notified, cursor committed); waiting for `Approved` / `Rejected`.
+    AwaitingApproval,
     Done,
 }
 
@@ -134,6 +140,7 @@ impl Stage {
             Self::Releasing => "releasing",
             Self::Notifying => "notifying",
             Self::Finishing => "finishing",
+            Self::AwaitingApproval => "awaiting_approval",
             Self::Done => "done",
         }
     }
@@ -170,6 +177,8 @@ pub enum Outcome {
     },
     /// Gate passed but promotion is disabled.
     Passed,
+    /// Gate passed; waiting for a human (`promote = "manual"`).
+    AwaitingApproval,
     Rejected {
         reason: String,
     },
@@ -187,6 +196,7 @@ impl Outcome {
             Self::Trained { .. } => "trained",
             Self::Promoted { .. } => "promoted",
             Self::Passed => "passed",
+            Self::AwaitingApproval => "awaiting_approval",
             Self::Rejected { .. } => "rejected",
             Self::Failed { .. } => "failed",
         }
@@ -261,6 +271,25 @@ pub enum Event {
         production: Option<ProductionModel>,
         verdict: Verdict,
     },
+    /// The candidate of an `awaiting_approval` run was gated again against
+    /// the current production (`retrain approve --regate`).
+    Regated {
+        production: Option<ProductionModel>,
+        verdict: Verdict,
+    },
+    /// A human approved the waiting candidate: it is promoted (once).
+    Approved {
+        by: String,
+        #[serde(default)]
+        reason: Option<String>,
+        at: DateTime<Utc>,
+    },
+    /// A human rejected the waiting candidate: closed without promoting.
+    Rejected {
+        by: String,
+        reason: String,
+        at: DateTime<Utc>,
+    },
     /// A step with an outside dependency (reading the baseline, promoting,
     /// notifying, releasing the lease) failed transiently. The run stays at
     /// that step and the next cycle retries it, until
@@ -299,6 +328,9 @@ impl Event {
             Self::Notified { .. } => "notified",
             Self::Committed => "committed",
             Self::GateEvaluated { .. } => "gate_evaluated",
+            Self::Regated { .. } => "regated",
+            Self::Approved { .. } => "approved",
+            Self::Rejected { .. } => "rejected",
             Self::StepDeferred { .. } => "step_deferred",
             Self::ActionFailed { .. } => "action_failed",
         }
@@ -400,6 +432,15 @@ pub struct RunManifest {
     pub trainer: Option<String>,
 }
 
+/// A human decision on a candidate (`retrain approve` / `retrain reject`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    pub by: String,
+    #[serde(default)]
+    pub reason: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
 /// The full state of one label's run. Serialised as the journal snapshot.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LabelRun {
@@ -452,6 +493,10 @@ pub struct LabelRun {
     /// The last transient failure of the current step.
     #[serde(default)]
     pub step_error: Option<String>,
+    /// Who approved the promotion by hand, and why (`promote = "manual"`);
+    /// `None`: promoted automatically.
+    #[serde(default)]
+    pub approval: Option<Approval>,
     /// Set once the outcome is known; `Done` follows after release/notify/commit.
     pub outcome: Option<Outcome>,
     /// Actions announced by the last transition and not yet confirmed.
@@ -490,6 +535,7 @@ impl LabelRun {
             verdict: None,
             promoted: None,
             notify_error: None,
+            approval: None,
             notified: Vec::new(),
             step_retries: 0,
             step_error: None,
@@ -504,6 +550,11 @@ impl LabelRun {
 
     pub fn is_done(&self) -> bool {
         self.stage == Stage::Done
+    }
+
+    /// Whether the run waits for a human decision (`retrain approve`).
+    pub fn is_awaiting_approval(&self) -> bool {
+        self.stage == Stage::AwaitingApproval
     }
 
     /// The point in time after which waiting for a dataset fails.
@@ -525,6 +576,16 @@ impl LabelRun {
         self.seq += 1;
         self.pending = actions.clone();
         Ok(actions)
+    }
+
+    /// What kind of production change a promotion of this run is.
+    pub fn promotion_kind(&self) -> crate::journal::PromotionKind {
+        crate::journal::PromotionKind::Promotion
+    }
+
+    /// The run that trained the candidate this run promotes.
+    pub fn candidate_run(&self) -> Option<&RunId> {
+        self.candidate.as_ref().map(|_| &self.run_id)
     }
 
     /// The key of the current (or next) training job.
@@ -559,7 +620,7 @@ impl LabelRun {
             return self.defer(event, error, done);
         }
         if let E::LeaseRenewed { lease } = event {
-            if self.lease.is_none() || self.stage == S::Done {
+            if self.lease.is_none() || matches!(self.stage, S::Done | S::AwaitingApproval) {
                 return Err(self.invalid(event));
             }
             self.lease = Some(lease.clone());
@@ -805,6 +866,12 @@ impl LabelRun {
                 if self.plan.promote == PromoteMode::Disabled || self.plan.dry_run {
                     return Ok(self.conclude(Outcome::Passed));
                 }
+                if self.plan.promote == PromoteMode::Manual {
+                    // Release, notify ("awaiting approval"), commit the cursor,
+                    // then park in `AwaitingApproval`: no `Promote` without
+                    // an `Approved` event.
+                    return Ok(self.conclude(Outcome::AwaitingApproval));
+                }
                 self.stage = S::Promoting;
                 Ok(vec![Action::Promote {
                     candidate: candidate.clone(),
@@ -825,8 +892,54 @@ impl LabelRun {
                 Ok(self.commit())
             }
             (S::Finishing, E::Committed) => {
-                self.stage = S::Done;
+                self.stage = if self.outcome == Some(Outcome::AwaitingApproval) {
+                    S::AwaitingApproval
+                } else {
+                    S::Done
+                };
                 Ok(Vec::new())
+            }
+            (
+                S::AwaitingApproval,
+                E::Regated {
+                    production,
+                    verdict,
+                },
+            ) => {
+                self.baseline = production.clone();
+                self.verdict = Some(verdict.clone());
+                if verdict.passed {
+                    return Ok(Vec::new());
+                }
+                self.notified.clear();
+                Ok(self.conclude(Outcome::Rejected {
+                    reason: format!(
+                        "re-gated against the current production: {}",
+                        verdict.reason
+                    ),
+                }))
+            }
+            (S::AwaitingApproval, E::Approved { by, reason, at }) => {
+                let Some(candidate) = self.candidate.clone() else {
+                    return Err(self.invalid(event));
+                };
+                self.approval = Some(Approval {
+                    by: by.clone(),
+                    reason: reason.clone(),
+                    at: *at,
+                });
+                // The promotion is reported afresh.
+                self.notified.clear();
+                self.notify_error = None;
+                self.stage = S::Promoting;
+                Ok(vec![Action::Promote { candidate }])
+            }
+            (S::AwaitingApproval, E::Rejected { by, reason, at: _ }) => {
+                self.notified.clear();
+                self.notify_error = None;
+                Ok(self.conclude(Outcome::Rejected {
+                    reason: format!("rejected by {by}: {reason}"),
+                }))
             }
             _ => Err(self.invalid(event)),
         }

@@ -22,7 +22,7 @@ use crate::domain::{
     LockOutcome, LockOwner, Metrics, ProductionModel, PromotedVersion, RunId, SpaceStage,
     TrainingHandle, TrainingOutcome, VersionTag,
 };
-use crate::journal::{RunDetail, RunFilter, RunSummary, Transition};
+use crate::journal::{PromotionEvent, RunDetail, RunFilter, RunSummary, Transition};
 use crate::machine::LabelRun;
 use crate::report::LabelReport;
 
@@ -267,10 +267,15 @@ pub trait RunStore: Send + Sync {
     /// The unfinished run of `label`, if any, as last journaled.
     async fn unfinished_run(&self, label: &Label) -> Result<Option<LabelRun>, StoreError>;
     /// Append `transition` to the journal and store its snapshot, atomically,
-    /// if `fence` still holds the label's lock.
+    /// if `fence` still holds the label's lock. When the transition records a
+    /// promotion ([`Transition::promotion_event`]), the promotion event is
+    /// written in the same atomic, fenced write (once per run: a second
+    /// event for the same run is ignored), so `promotions` and the journal
+    /// never disagree.
     async fn record(&self, transition: &Transition, fence: &Fence) -> Result<(), StoreError>;
     /// Record the final transition and (optionally) advance the cursor,
-    /// atomically, if `fence` still holds the label's lock.
+    /// atomically, if `fence` still holds the label's lock (promotion events
+    /// as in [`RunStore::record`]).
     async fn finish(
         &self,
         transition: &Transition,
@@ -279,6 +284,8 @@ pub trait RunStore: Send + Sync {
     ) -> Result<(), StoreError>;
 
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, StoreError>;
+    /// The promotion events of `label` (production lineage), oldest first.
+    async fn promotions(&self, label: &Label) -> Result<Vec<PromotionEvent>, StoreError>;
     async fn run(&self, run_id: &RunId) -> Result<Option<RunDetail>, StoreError>;
 
     /// Insert or update a lease record of a run, fenced on the lease's label

@@ -46,6 +46,8 @@ pub enum LabelStatus {
     Trained,
     Promoted,
     Passed,
+    /// Gate passed; waiting for `retrain approve` (`promote = "manual"`).
+    AwaitingApproval,
     Rejected,
     Failed,
     /// Another orchestrator holds the label's lock.
@@ -68,6 +70,7 @@ impl LabelStatus {
             Self::Trained => "trained",
             Self::Promoted => "promoted",
             Self::Passed => "passed",
+            Self::AwaitingApproval => "awaiting_approval",
             Self::Rejected => "rejected",
             Self::Failed => "failed",
             Self::Busy => "busy",
@@ -86,6 +89,7 @@ impl LabelReport {
             Some(Outcome::Trained { .. }) => LabelStatus::Trained,
             Some(Outcome::Promoted { .. }) => LabelStatus::Promoted,
             Some(Outcome::Passed) => LabelStatus::Passed,
+            Some(Outcome::AwaitingApproval) => LabelStatus::AwaitingApproval,
             Some(Outcome::Rejected { .. }) => LabelStatus::Rejected,
             Some(Outcome::Failed { .. }) => LabelStatus::Failed,
             None => LabelStatus::Interrupted,
@@ -210,6 +214,17 @@ fn fmt_metric(value: Option<f64>) -> String {
 impl LabelReport {
     /// Markdown rendering shared by the GitHub notifier, the Actions step
     /// summary and `retrain runs show --format md`.
+    /// For a run awaiting approval: the exact commands that decide it.
+    pub fn approval_hint(&self) -> Option<String> {
+        if self.status != LabelStatus::AwaitingApproval {
+            return None;
+        }
+        let run_id = self.run_id.as_ref()?;
+        Some(format!(
+            "awaiting approval: `retrain approve {run_id} --reason \"...\"` to promote, `retrain reject {run_id} --reason \"...\"` to close"
+        ))
+    }
+
     pub fn to_markdown(&self) -> String {
         let mut out = String::new();
         out.push_str(&format!(
@@ -219,6 +234,9 @@ impl LabelReport {
         ));
         if let Some(run_id) = &self.run_id {
             out.push_str(&format!("- run: `{run_id}`\n"));
+            if let Some(how) = self.approval_hint() {
+                out.push_str(&format!("- {how}\n"));
+            }
         }
         if let Some(measured) = self.measured {
             out.push_str(&format!(

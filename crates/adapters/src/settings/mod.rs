@@ -831,11 +831,12 @@ fn validate(raw: RawSettings, figment: &Figment) -> Result<Settings, ConfigError
         }
         let promote = match label_raw.promote.as_deref() {
             None | Some("auto") => PromoteMode::Auto,
+            Some("manual") => PromoteMode::Manual,
             Some("disabled") | Some("off") => PromoteMode::Disabled,
             Some(other) => {
                 return Err(err(
                     &key("promote"),
-                    format!("expected \"auto\" or \"disabled\", got {other:?}"),
+                    format!("expected \"auto\", \"manual\" or \"disabled\", got {other:?}"),
                 ))
             }
         };

@@ -12,7 +12,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use retrain_core::domain::{Fence, Label, LabelCursor, Lease, RunId};
-use retrain_core::journal::{RunSummary, Transition, TransitionRecord};
+use retrain_core::journal::{
+    PromotionEvent, PromotionKind, RunSummary, Transition, TransitionRecord,
+};
 use retrain_core::ports::StoreError;
 use serde::de::DeserializeOwned;
 
@@ -227,7 +229,7 @@ pub(super) const SELECT_CURSOR: &str =
 /// `done = FALSE` (not `NOT done`) so both dialects use the
 /// `(label, done, started_at)` index however long a label's history.
 pub(super) const SELECT_UNFINISHED: &str = "SELECT run_id, snapshot FROM runs
-     WHERE label = $1 AND done = FALSE
+     WHERE label = $1 AND done = FALSE AND stage <> 'awaiting_approval'
      ORDER BY started_at DESC, run_id DESC LIMIT 1";
 
 /// `$2`: `i64::MAX` for "no limit" (SQLite and Postgres disagree on the
@@ -236,6 +238,56 @@ pub(super) const SELECT_RUNS: &str =
     "SELECT run_id, cycle_id, label, stage, outcome, started_at, updated_at FROM runs
      WHERE (CAST($1 AS TEXT) IS NULL OR label = $1)
      ORDER BY started_at DESC, run_id DESC LIMIT $2";
+
+pub(super) const SELECT_PROMOTIONS: &str =
+    "SELECT run_id, label, kind, version, previous_version, candidate_run, candidate_id,
+            verdict, by_whom, reason, at
+     FROM promotions WHERE label = $1 ORDER BY at, run_id";
+
+/// `$1..$11` a promotion event (see [`promotion_args`]); the event of a run
+/// is written once.
+pub(super) const INSERT_PROMOTION: &str =
+    "INSERT INTO promotions (run_id, label, kind, version, previous_version, candidate_run,
+                             candidate_id, verdict, by_whom, reason, at)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+     ON CONFLICT (run_id) DO NOTHING";
+
+pub(super) fn promotion_args(event: &PromotionEvent) -> Vec<Arg> {
+    vec![
+        Arg::text(&event.run_id),
+        Arg::text(&event.label),
+        Arg::text(event.kind.as_str()),
+        Arg::text(&event.version),
+        Arg::OptText(event.previous_version.clone()),
+        Arg::OptText(event.candidate_run.as_ref().map(|r| r.as_str().to_owned())),
+        Arg::OptText(event.candidate_id.clone()),
+        Arg::OptText(event.verdict.clone()),
+        Arg::text(&event.by),
+        Arg::OptText(event.reason.clone()),
+        Arg::Time(event.at),
+    ]
+}
+
+pub(super) fn promotion_of<R: StoreRow>(row: &R) -> Result<PromotionEvent, StoreError> {
+    let run_id = row.text("run_id")?;
+    let field = |name: &str| format!("{name} of promotion event {run_id}");
+    let kind = row.text("kind")?;
+    Ok(PromotionEvent {
+        label: Label::new(row.text("label")?)
+            .map_err(|e| StoreError::Corrupt(format!("{}: {e}", field("label"))))?,
+        kind: PromotionKind::parse(&kind)
+            .ok_or_else(|| StoreError::Corrupt(format!("{}: {kind:?}", field("kind"))))?,
+        version: row.text("version")?,
+        previous_version: row.opt_text("previous_version")?,
+        candidate_run: row.opt_text("candidate_run")?.map(RunId),
+        candidate_id: row.opt_text("candidate_id")?,
+        verdict: row.opt_text("verdict")?,
+        by: row.text("by_whom")?,
+        reason: row.opt_text("reason")?,
+        at: row.time("at", &field("time"))?,
+        run_id: RunId(run_id),
+    })
+}
 
 pub(super) const SELECT_RUN: &str =
     "SELECT run_id, cycle_id, label, stage, outcome, started_at, updated_at, snapshot

@@ -32,7 +32,7 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use retrain_core::domain::{Fence, Label, LabelCursor, Lease, LockOutcome, LockOwner, RunId};
-use retrain_core::journal::{RunDetail, RunFilter, RunSummary, Transition};
+use retrain_core::journal::{PromotionEvent, RunDetail, RunFilter, RunSummary, Transition};
 use retrain_core::machine::{LabelRun, Stage};
 use retrain_core::ports::{RunStore, StoreError};
 use sqlx::error::BoxDynError;
@@ -189,6 +189,22 @@ impl<B: Backend> RunStore for SqlRunStore<B> {
             .collect()
     }
 
+    async fn promotions(&self, label: &Label) -> Result<Vec<PromotionEvent>, StoreError> {
+        let b = &self.0;
+        b.pool()
+            .fetch_all(backend::SELECT_PROMOTIONS, vec![Arg::text(label)])
+            .await
+            .map_err(|e| {
+                b.error(
+                    &format!("reading the promotion history of label {label}"),
+                    e,
+                )
+            })?
+            .iter()
+            .map(backend::promotion_of)
+            .collect()
+    }
+
     async fn run(&self, run_id: &RunId) -> Result<Option<RunDetail>, StoreError> {
         let b = &self.0;
         let what = format!("reading run {run_id}");
@@ -287,6 +303,11 @@ const SQLITE_MIGRATIONS: Embedded = Embedded(&[
         "fencing tokens",
         include_str!("../../migrations/sqlite/0003_fencing.sql"),
     ),
+    (
+        4,
+        "promotion events",
+        include_str!("../../migrations/sqlite/0004_promotions.sql"),
+    ),
 ]);
 
 const POSTGRES_MIGRATIONS: Embedded = Embedded(&[
@@ -299,6 +320,11 @@ const POSTGRES_MIGRATIONS: Embedded = Embedded(&[
         2,
         "fencing tokens",
         include_str!("../../migrations/postgres/0002_fencing.sql"),
+    ),
+    (
+        3,
+        "promotion events",
+        include_str!("../../migrations/postgres/0003_promotions.sql"),
     ),
 ]);
 

@@ -260,6 +260,11 @@ impl Backend for PostgresRunStore {
             ];
             self.run_in(&mut tx, UPSERT_CURSOR, args, &what).await?;
         }
+        if let Some(event) = transition.promotion_event() {
+            let args = super::backend::promotion_args(&event);
+            self.run_in(&mut tx, super::backend::INSERT_PROMOTION, args, &what)
+                .await?;
+        }
         tx.commit().await.map_err(|e| self.error(&what, e))?;
         Ok(true)
     }

@@ -322,5 +322,21 @@ async fn write_one(
             super::store_error(url, &what, e)
         })?
         .rows_affected();
+    if inserted == 1 {
+        // The promotion event joins the journal line's transaction, and only
+        // a write whose fence held gets one.
+        if let Some(event) = transition.promotion_event() {
+            bind(
+                sqlx::query(super::backend::INSERT_PROMOTION),
+                super::backend::promotion_args(&event),
+            )
+            .execute(&mut **tx)
+            .await
+            .map_err(|e| {
+                let what = format!("recording the promotion event of run {}", row.run_id);
+                super::store_error(url, &what, e)
+            })?;
+        }
+    }
     Ok(inserted == 1)
 }

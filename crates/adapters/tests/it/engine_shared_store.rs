@@ -15,7 +15,7 @@ use retrain_core::domain::{
     TrainingOutcome,
 };
 use retrain_core::engine::{CycleRequest, Engine, EngineSettings, LabelBinding};
-use retrain_core::journal::{RunDetail, RunFilter, RunSummary, Transition};
+use retrain_core::journal::{PromotionEvent, RunDetail, RunFilter, RunSummary, Transition};
 use retrain_core::machine::LabelRun;
 use retrain_core::ports::{
     MetadataRead, MetadataStore, PortError, RunStore, StoreError, Trainer, TrainingRequest,
@@ -324,6 +324,9 @@ impl RunStore for RenewalOutage {
     }
     async fn lock_holder(&self, label: &Label) -> Result<Option<String>, StoreError> {
         self.inner.lock_holder(label).await
+    }
+    async fn promotions(&self, label: &Label) -> Result<Vec<PromotionEvent>, StoreError> {
+        self.inner.promotions(label).await
     }
 }
 

@@ -9,10 +9,14 @@ use chrono::{DateTime, SubsecRound, Utc};
 use retrain_adapters::store::{open_run_store, StoreOptions};
 use retrain_core::domain::{
     Candidate, CycleId, DatasetMetadata, DatasetVersion, Fence, Label, LabelCursor, Lease,
-    LockOutcome, LockOwner, ProcessIdentity, RunId, TrainingHandle, VersionTag,
+    LockOutcome, LockOwner, ProcessIdentity, ProductionModel, PromotedVersion, RunId,
+    TrainingHandle, VersionTag,
 };
+use retrain_core::journal::PromotionKind;
 use retrain_core::journal::{RunDetail, RunFilter, Transition};
-use retrain_core::machine::{Action, Event, LabelPlan, LabelRun, PromoteMode, Stage, Trigger};
+use retrain_core::machine::{
+    Action, Approval, Event, LabelPlan, LabelRun, PromoteMode, Stage, Trigger,
+};
 use retrain_core::ports::{RunStore, StoreError};
 
 use crate::pg;
@@ -782,6 +786,88 @@ async fn sqlite_store(dir: &tempfile::TempDir) -> Arc<dyn RunStore> {
     .unwrap()
 }
 
+/// A run of `name` about to journal its promotion of `cand` over `v1`.
+fn promoting_run(name: &str, cand: &str, approval: Option<Approval>) -> LabelRun {
+    let mut run = LabelRun::new(
+        RunId::generate(),
+        CycleId::generate(),
+        plan(name),
+        LabelCursor::default(),
+    );
+    run.stage = Stage::Promoting;
+    run.started_at = Some(now());
+    run.candidate = Some(Candidate {
+        id: cand.into(),
+        metrics: BTreeMap::from([("dice".into(), 0.9)]),
+    });
+    run.baseline = Some(ProductionModel {
+        version: "1".into(),
+        candidate_id: None,
+        metrics: BTreeMap::from([("dice".into(), 0.8)]),
+    });
+    run.approval = approval;
+    run
+}
+
+pub async fn promotions_are_recorded_with_their_journal_write(store: Arc<dyn RunStore>) {
+    let fence = lock(store.as_ref(), "dept").await;
+    let mut auto = promoting_run("dept", "cand-a", None);
+    let promoted = |v: &str| Event::Promoted {
+        version: PromotedVersion {
+            version: v.into(),
+            previous: Some("1".into()),
+        },
+    };
+    let t = step(&mut auto, promoted("2"));
+    store.record(&t, &fence).await.unwrap();
+    // A replayed journal line is refused and adds no second event.
+    store.record(&t, &fence).await.unwrap_err();
+    let by_hand = Approval {
+        by: "alice".into(),
+        reason: Some("looks good".into()),
+        at: now(),
+    };
+    let mut manual = promoting_run("dept", "cand-b", Some(by_hand));
+    let t2 = step(&mut manual, promoted("3"));
+    store.record(&t2, &fence).await.unwrap();
+    // Other journal writes record no promotion.
+    let mut other = LabelRun::new(
+        RunId::generate(),
+        CycleId::generate(),
+        plan("dept"),
+        LabelCursor::default(),
+    );
+    let t3 = step(&mut other, Event::Started { now: now() });
+    store.record(&t3, &fence).await.unwrap();
+
+    let history = store.promotions(&label("dept")).await.unwrap();
+    assert_eq!(history.len(), 2, "{history:?}");
+    assert_eq!(history[0].run_id, auto.run_id);
+    assert_eq!(history[0].kind, PromotionKind::Promotion);
+    assert_eq!(history[0].version, "2");
+    assert_eq!(history[0].previous_version.as_deref(), Some("1"));
+    assert_eq!(history[0].candidate_run.as_ref(), Some(&auto.run_id));
+    assert_eq!(history[0].candidate_id.as_deref(), Some("cand-a"));
+    assert_eq!(history[0].by, "auto");
+    assert_eq!(history[0].reason, None);
+    assert_eq!(history[0].at, t.at);
+    assert_eq!(history[1].version, "3");
+    assert_eq!(history[1].by, "alice");
+    assert_eq!(history[1].reason.as_deref(), Some("looks good"));
+    assert!(store.promotions(&label("other")).await.unwrap().is_empty());
+
+    // A stale fence records no promotion event either.
+    store.release_lock(&label("dept"), &fence).await.unwrap();
+    let _new = lock(store.as_ref(), "dept").await;
+    let mut late = promoting_run("dept", "cand-c", None);
+    let t4 = step(&mut late, promoted("4"));
+    assert!(matches!(
+        store.record(&t4, &fence).await,
+        Err(StoreError::Fenced(_))
+    ));
+    assert_eq!(store.promotions(&label("dept")).await.unwrap().len(), 2);
+}
+
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -824,6 +910,7 @@ contract!(
     live_and_remote_holders_are_not_taken_early,
     leases_are_recorded_updated_and_released,
     runs_are_listed_newest_first_and_shown,
+    promotions_are_recorded_with_their_journal_write,
 );
 
 /// On a current-thread runtime every write of the test is queued before the

@@ -22,6 +22,7 @@
 //! - `admin.rs`: what runs outside a cycle (`retrain gate`, `infra reap`).
 
 mod admin;
+mod approval;
 mod audit;
 mod cycle;
 mod execute;
@@ -36,7 +37,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{Notify, OnceCell};
 
 use crate::domain::{
-    DatasetVersion, FeedbackCounts, Label, Lease, LockOwner, ProcessIdentity, TrainingHandle,
+    DatasetVersion, FeedbackCounts, Label, Lease, LockOwner, ProcessIdentity, RunId, TrainingHandle,
 };
 use crate::machine::{Action, LabelPlan, LabelRun, RunManifest};
 use crate::ports::{
@@ -46,6 +47,7 @@ use crate::ports::{
 use crate::report::LabelReport;
 
 pub use admin::GateOutcome;
+pub use approval::{Decision, DecisionOutcome};
 use locks::HeldLocks;
 
 /// Source of wall-clock time for events. The default follows tokio's clock
@@ -165,6 +167,16 @@ pub enum EngineError {
     NoGate(Label),
     #[error("label `{0}` is being driven by {1}; try again when its run has finished")]
     Busy(Label, String),
+    #[error("no run with id {0}")]
+    NoSuchRun(RunId),
+    #[error("run {0} is not awaiting approval (it is {1})")]
+    NotAwaitingApproval(RunId, String),
+    #[error("production changed since the verdict of run {run}: the candidate was gated against version {recorded}, production is now {current}; approve with --regate to gate it against the current production first")]
+    ProductionChanged {
+        run: RunId,
+        recorded: String,
+        current: String,
+    },
 }
 
 /// What to run.

@@ -38,6 +38,8 @@ struct Scenario {
     max_attempts: u32,
     consumed: Option<u8>,
     choices: Vec<u8>,
+    /// `promote = "manual"`.
+    manual: bool,
 }
 
 fn scenario() -> impl Strategy<Value = Scenario> {
@@ -62,6 +64,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                     max_attempts,
                     consumed,
                     choices,
+                    manual: false,
                 }
             },
         )
@@ -81,7 +84,11 @@ fn plan(s: &Scenario) -> LabelPlan {
         prepare: s.prepare.then(|| "prep".to_string()),
         gate: s.gated.then(GatePolicy::seed_default),
         leased: s.leased,
-        promote: PromoteMode::Auto,
+        promote: if s.manual {
+            PromoteMode::Manual
+        } else {
+            PromoteMode::Auto
+        },
         max_attempts: s.max_attempts,
         max_step_retries: 5,
         poll_interval: Duration::from_secs(60),
@@ -100,6 +107,8 @@ struct Trace {
     /// Promotions that took effect (`Promoted` answered).
     promoted: usize,
     promotes: usize,
+    /// An `Approved` event was accepted (manual scenarios).
+    approved: bool,
     side_effects_in_dry_run: usize,
     trained_dataset: Option<DatasetVersion>,
     commits: Vec<Option<LabelCursor>>,
@@ -278,8 +287,14 @@ fn drive(s: &Scenario) -> (LabelRun, Trace) {
             _ => {}
         }
         actions = run.step(&event).expect("a plausible event was refused");
+        if s.manual && !trace.approved {
+            assert!(
+                !actions.iter().any(|a| matches!(a, Action::Promote { .. })),
+                "manual promotion emitted Promote before an Approved event"
+            );
+        }
         assert!(
-            run.is_done() || !actions.is_empty(),
+            run.is_done() || run.is_awaiting_approval() || !actions.is_empty(),
             "run left in stage {} with nothing to do after {event:?}",
             run.stage
         );
@@ -289,8 +304,129 @@ fn drive(s: &Scenario) -> (LabelRun, Trace) {
             assert!(run.step_retries < run.plan.max_step_retries);
         }
     }
-    assert!(run.is_done(), "run stopped in stage {}", run.stage);
+    assert!(
+        run.is_done() || (s.manual && run.is_awaiting_approval()),
+        "run stopped in stage {}",
+        run.stage
+    );
     (run, trace)
+}
+
+/// A gated, manual scenario (`promote = "manual"`), not a dry run.
+fn manual_scenario() -> impl Strategy<Value = (Scenario, Vec<u8>)> {
+    (scenario(), prop::collection::vec(any::<u8>(), 1..40)).prop_map(|(mut s, decisions)| {
+        s.manual = true;
+        s.gated = true;
+        s.dry_run = false;
+        (s, decisions)
+    })
+}
+
+fn at(secs: i64) -> DateTime<Utc> {
+    DateTime::<Utc>::from_timestamp(1_700_100_000 + secs, 0).unwrap()
+}
+
+/// After the automatic part, any interleaving of approve / reject / re-gate
+/// (pass or fail) / crash-resume / repeated decisions, answering the actions
+/// they cause (promotions sometimes deferred) until nothing is left to do.
+fn decide(run: &mut LabelRun, trace: &mut Trace, decisions: &[u8]) {
+    let mut actions = run.pending.clone();
+    let mut rejected = false;
+    for (i, d) in decisions.iter().copied().enumerate() {
+        if actions.is_empty() {
+            let event = match d % 5 {
+                0 | 1 => Event::Approved {
+                    by: "alice".into(),
+                    reason: Some("ok".into()),
+                    at: at(i as i64),
+                },
+                2 => Event::Rejected {
+                    by: "bob".into(),
+                    reason: "no".into(),
+                    at: at(i as i64),
+                },
+                3 => Event::Regated {
+                    production: None,
+                    verdict: retrain_core::gate::evaluate(
+                        &GatePolicy::seed_default(),
+                        &run.candidate
+                            .clone()
+                            .unwrap_or(Candidate {
+                                id: "c".into(),
+                                metrics: Default::default(),
+                            })
+                            .metrics,
+                        Some(
+                            &[("dice".to_string(), 2.0), ("iou".to_string(), 2.0)]
+                                .into_iter()
+                                .collect(),
+                        ),
+                    ),
+                },
+                _ => {
+                    // Crash + resume.
+                    let json = serde_json::to_string(&*run).unwrap();
+                    *run = serde_json::from_str(&json).unwrap();
+                    continue;
+                }
+            };
+            let before = run.clone();
+            match run.step(&event) {
+                Ok(next) => {
+                    assert_eq!(
+                        before.stage,
+                        Stage::AwaitingApproval,
+                        "{event:?} accepted in {}",
+                        before.stage
+                    );
+                    match event {
+                        Event::Approved { .. } => trace.approved = true,
+                        Event::Rejected { .. } => rejected = true,
+                        Event::Regated { ref verdict, .. } if !verdict.passed => rejected = true,
+                        _ => {}
+                    }
+                    actions = next;
+                }
+                Err(_) => {
+                    assert_eq!(*run, before, "a refused decision changed the state");
+                    assert_ne!(before.stage, Stage::AwaitingApproval);
+                }
+            }
+            continue;
+        }
+        let action = actions[0].clone();
+        if matches!(action, Action::Promote { .. }) {
+            assert!(trace.approved, "Promote before Approved");
+            assert!(!rejected, "a rejected run promotes");
+            trace.promotes += 1;
+        }
+        let event = match action {
+            Action::Promote { .. } if d % 3 == 0 => {
+                trace.deferred += 1;
+                Event::StepDeferred {
+                    error: "registry down".into(),
+                    done: Vec::new(),
+                }
+            }
+            Action::Promote { .. } => {
+                trace.promoted += 1;
+                Event::Promoted {
+                    version: PromotedVersion {
+                        version: "2".into(),
+                        previous: Some("1".into()),
+                    },
+                }
+            }
+            Action::ReleaseLease { .. } => Event::LeaseReleased,
+            Action::Notify => Event::Notified { error: None },
+            Action::Commit { .. } => Event::Committed,
+            other => panic!("unexpected action after the verdict: {other:?}"),
+        };
+        actions = run.step(&event).expect("a plausible event was refused");
+    }
+    if rejected {
+        assert_eq!(trace.promoted, 0);
+    }
 }
 
 proptest! {
@@ -317,6 +453,23 @@ proptest! {
         // effect at most once.
         prop_assert!(trace.promoted <= 1);
         prop_assert!(trace.promotes <= 1 + trace.deferred, "{trace:?}");
+    }
+
+    #[test]
+    fn manual_promotes_only_after_approval_and_at_most_once((s, decisions) in manual_scenario()) {
+        let (mut run, mut trace) = drive(&s);
+        prop_assert_eq!(trace.promotes, 0, "no Promote without an Approved event");
+        let waiting = run.is_awaiting_approval();
+        if waiting {
+            // The automatic part committed the dataset before waiting.
+            prop_assert!(run.dataset.is_some() && trace.commits.last().is_some_and(Option::is_some));
+        }
+        decide(&mut run, &mut trace, &decisions);
+        prop_assert!(trace.promoted <= 1, "{trace:?}");
+        prop_assert!(trace.promotes <= 1 + trace.deferred, "{trace:?}");
+        if trace.promoted == 1 {
+            prop_assert!(run.approval.is_some());
+        }
     }
 
     #[test]

@@ -12,7 +12,9 @@ use chrono::{DateTime, Utc};
 use retrain_core::domain::*;
 use retrain_core::engine::{Clock, Engine, EngineSettings, LabelBinding, TokioClock};
 use retrain_core::gate::GatePolicy;
-use retrain_core::journal::{RunDetail, RunFilter, RunSummary, Transition, TransitionRecord};
+use retrain_core::journal::{
+    PromotionEvent, RunDetail, RunFilter, RunSummary, Transition, TransitionRecord,
+};
 use retrain_core::machine::{LabelPlan, LabelRun, PromoteMode, Stage, Trigger};
 use retrain_core::ports::*;
 
@@ -25,6 +27,8 @@ struct StoreData {
     /// row (owner "") so tokens keep growing.
     locks: HashMap<Label, (String, DateTime<Utc>, u64)>,
     leases: BTreeMap<String, Lease>,
+    /// Promotion events, in write order (one per run).
+    promotions: Vec<PromotionEvent>,
     /// Writes refused because the writer's fence was stale.
     fenced: usize,
 }
@@ -168,6 +172,11 @@ impl MemStore {
         d.runs
             .insert(t.run_id.clone(), (t.snapshot.clone(), t.to == Stage::Done));
         d.transitions.push(t.clone());
+        if let Some(event) = t.promotion_event() {
+            if !d.promotions.iter().any(|p| p.run_id == event.run_id) {
+                d.promotions.push(event);
+            }
+        }
     }
 }
 
@@ -253,7 +262,7 @@ impl RunStore for MemStore {
             .unwrap()
             .runs
             .values()
-            .rfind(|(r, done)| !done && r.label() == label)
+            .rfind(|(r, done)| !done && !r.is_awaiting_approval() && r.label() == label)
             .map(|(r, _)| r.clone()))
     }
     async fn record(&self, transition: &Transition, fence: &Fence) -> Result<(), StoreError> {
@@ -293,6 +302,14 @@ impl RunStore for MemStore {
             .rev()
             .filter(|(r, _)| filter.label.as_ref().is_none_or(|l| l == r.label()))
             .map(|(r, _)| summary(r))
+            .collect())
+    }
+    async fn promotions(&self, label: &Label) -> Result<Vec<PromotionEvent>, StoreError> {
+        let d = self.data.lock().unwrap();
+        Ok(d.promotions
+            .iter()
+            .filter(|p| &p.label == label)
+            .cloned()
             .collect())
     }
     async fn run(&self, run_id: &RunId) -> Result<Option<RunDetail>, StoreError> {
