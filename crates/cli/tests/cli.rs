@@ -420,3 +420,114 @@ fn sigterm_saves_state_exits_143_and_the_next_run_resumes() {
         .count();
     assert_eq!(prepared_before, prepared_after, "the prepare job ran again");
 }
+
+/// The promoted (or rejected) first run of a fresh quickstart, from `report`.
+fn assert_first_cycle_promoted(report: &serde_json::Value, dir: &Path) {
+    let label = &report["labels"][0];
+    assert_eq!(label["label"], "department", "{report}");
+    assert_eq!(label["status"], "promoted", "{label}");
+    assert!(
+        dir.join(".retrain/state.db").exists(),
+        "the state is next to the config"
+    );
+    assert!(dir.join("registry.json").exists());
+    assert!(dir.join("datasets/dataset_metadata.json").exists());
+}
+
+#[test]
+fn quickstart_runs_from_the_root_directory_with_an_absolute_config() {
+    let dir = quickstart();
+    let config = std::fs::canonicalize(dir.path().join("retrain.toml")).unwrap();
+    let out = retrain(Path::new("/"))
+        .arg("--config")
+        .arg(&config)
+        .args(["--output", "json", "run"])
+        .assert()
+        .success();
+    assert_first_cycle_promoted(&json_of(&out.get_output().stdout), dir.path());
+    // Nothing was written to the working directory.
+    assert!(!Path::new("/.retrain").exists());
+    assert!(!Path::new("/registry.json").exists());
+}
+
+#[test]
+fn quickstart_runs_from_another_directory_with_a_relative_config() {
+    // Like `retrain run --config examples/quickstart/retrain.toml` from the
+    // repository root: the config path is relative to the working directory,
+    // every path inside it relative to the config file.
+    let parent = tempfile::tempdir().unwrap();
+    let dir = quickstart();
+    let nested = parent.path().join("examples/quickstart");
+    std::fs::create_dir_all(nested.parent().unwrap()).unwrap();
+    std::fs::rename(dir.path(), &nested)
+        .or_else(|_| copy_dir(dir.path(), &nested))
+        .unwrap();
+    let out = retrain(parent.path())
+        .args(["--config", "examples/quickstart/retrain.toml"])
+        .args(["--output", "json", "run"])
+        .assert()
+        .success();
+    assert_first_cycle_promoted(&json_of(&out.get_output().stdout), &nested);
+    let entries: Vec<_> = std::fs::read_dir(parent.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(entries, ["examples"], "wrote into the working directory");
+    // The second run from yet another directory sees the same state.
+    let out = retrain(&nested.join(".retrain"))
+        .arg("--config")
+        .arg(nested.join("retrain.toml"))
+        .arg("run")
+        .assert()
+        .success();
+    let text = String::from_utf8_lossy(&out.get_output().stdout);
+    assert!(text.contains("below threshold 40"), "{text}");
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name()))?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn config_show_prints_absolute_paths() {
+    let dir = quickstart();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = retrain(elsewhere.path())
+        .arg("--config")
+        .arg(root.join("retrain.toml"))
+        .args(["config", "show"])
+        .assert()
+        .success();
+    let shown = String::from_utf8_lossy(&out.get_output().stdout);
+    let r = root.display();
+    for expected in [
+        format!("state = \"sqlite://{r}/.retrain/state.db\""),
+        format!("state_dir = \"{r}/.retrain\""),
+        format!("database = \"sqlite://{r}/feedback.db\""),
+        format!("metadata = \"file://{r}/datasets/dataset_metadata.json\""),
+        format!("json = \"{r}/registry.json\""),
+        format!("workdir = \"{r}\""),
+    ] {
+        assert!(shown.contains(&expected), "missing {expected}: {shown}");
+    }
+    // The JSON form parses and carries the same paths.
+    let out = retrain(elsewhere.path())
+        .arg("--config")
+        .arg(root.join("retrain.toml"))
+        .args(["--output", "json", "config", "show"])
+        .assert()
+        .success();
+    let value = json_of(&out.get_output().stdout);
+    assert_eq!(
+        value["labels"]["department"]["trainer"]["workdir"],
+        r.to_string()
+    );
+}
