@@ -4,6 +4,7 @@
 mod args;
 mod commands;
 mod output;
+mod progress;
 mod signals;
 mod telemetry;
 
@@ -15,7 +16,9 @@ fn main() -> ExitCode {
     // `--version`/`--help`/usage errors are answered here, before any runtime
     // or config work (clap exits 2 on usage errors).
     let cli = args::Cli::parse();
-    telemetry::init(cli.log_format, cli.log.as_deref());
+    let terminal =
+        telemetry::Terminal::detect(cli.log_format, cli.output == args::OutputFormat::Text);
+    telemetry::init(cli.log_format, cli.log.as_deref(), terminal);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -531,3 +531,91 @@ fn config_show_prints_absolute_paths() {
         r.to_string()
     );
 }
+
+#[test]
+fn completions_for_bash_zsh_and_fish_need_no_config() {
+    let dir = tempfile::tempdir().unwrap();
+    for (shell, marker) in [
+        ("bash", "complete -F _retrain"),
+        ("zsh", "#compdef retrain"),
+        ("fish", "complete -c retrain"),
+    ] {
+        let out = retrain(dir.path())
+            .args(["completions", shell])
+            .assert()
+            .success();
+        let script = String::from_utf8_lossy(&out.get_output().stdout);
+        assert!(script.contains(marker), "{shell}: {script}");
+        assert!(script.contains("config"), "{shell}: subcommands missing");
+    }
+    retrain(dir.path())
+        .args(["completions", "tcsh"])
+        .assert()
+        .code(2);
+}
+
+#[test]
+fn no_color_means_no_ansi_escapes_on_stderr() {
+    let dir = quickstart();
+    // CLICOLOR_FORCE colours a pipe, so that this test can see colours at all.
+    let forced = retrain(dir.path())
+        .env("CLICOLOR_FORCE", "1")
+        .env_remove("NO_COLOR")
+        .arg("plan")
+        .assert()
+        .success();
+    let stderr = String::from_utf8_lossy(&forced.get_output().stderr);
+    assert!(
+        stderr.contains("\x1b["),
+        "no colours even when forced: {stderr}"
+    );
+    let plain = retrain(dir.path())
+        .env("CLICOLOR_FORCE", "1")
+        .env("NO_COLOR", "1")
+        .arg("plan")
+        .assert()
+        .success();
+    let stderr = String::from_utf8_lossy(&plain.get_output().stderr);
+    assert!(stderr.contains("reading feedback counts"), "{stderr}");
+    assert!(!stderr.contains('\x1b'), "NO_COLOR ignored: {stderr:?}");
+}
+
+/// On a terminal (a pty from util-linux's `script`), the per-poll log lines
+/// become one live status line per label; piped, they stay log lines (see
+/// `quickstart_first_run_trains_and_gates_second_run_skips`).
+#[test]
+fn a_terminal_shows_a_status_line_instead_of_poll_log_lines() {
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: util-linux `script` is not installed");
+        return;
+    }
+    let dir = quickstart();
+    let bin = assert_cmd::cargo::cargo_bin("retrain");
+    let config = dir.path().join("retrain.toml");
+    let command = format!("'{}' --config '{}' run", bin.display(), config.display());
+    let out = std::process::Command::new("script")
+        .args(["-qfec", &command, "/dev/null"])
+        .current_dir(dir.path())
+        .env("TERM", "xterm")
+        .env("RETRAIN_LOG", "info")
+        .env_remove("GITHUB_ACTIONS")
+        .env_remove("NO_COLOR")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{screen}");
+    assert!(
+        screen.contains("len 240/130  version v"),
+        "no status line: {screen}"
+    );
+    assert!(
+        !screen.contains("current_len="),
+        "poll lines were logged on a terminal: {screen}"
+    );
+    assert!(screen.contains("promoted version 1"), "{screen}");
+}
