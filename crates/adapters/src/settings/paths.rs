@@ -58,7 +58,7 @@ impl Bases<'_> {
     }
 
     /// Whether the value at `key` (or its nearest parent) came from a file.
-    fn from_file(&self, key: &str) -> bool {
+    fn set_in_file(&self, key: &str) -> bool {
         let mut probe = key.to_owned();
         loop {
             if let Some(meta) = self.figment.find_metadata(&probe) {
@@ -158,7 +158,7 @@ fn resolve_command(config: &mut CommandConfig, key: &str, bases: &Bases<'_>) -> 
         Some(dir) => join(&bases.of(&format!("{key}.workdir")), dir),
         // A command written in the file runs next to it; one from the
         // environment runs where retrain runs.
-        None if bases.from_file(&command_key) => base,
+        None if bases.set_in_file(&command_key) => base,
         None => bases.cwd.clone(),
     });
     let workdir = config
