@@ -72,13 +72,16 @@ impl Bases<'_> {
     }
 }
 
-/// The absolute directory of the config file at `path`.
+/// The absolute directory holding the config file at `path`: the directory
+/// itself is canonicalised (no `..`), a symlinked file is not followed (its
+/// relative paths are relative to where the link is, like the file's name).
 fn file_dir(path: &Path, cwd: &Path) -> PathBuf {
-    let absolute = std::fs::canonicalize(path).unwrap_or_else(|_| join(cwd, path));
-    absolute
+    let absolute = join(cwd, path);
+    let dir = absolute
         .parent()
         .map(Path::to_path_buf)
-        .unwrap_or_else(|| cwd.to_path_buf())
+        .unwrap_or_else(|| cwd.to_path_buf());
+    std::fs::canonicalize(&dir).unwrap_or(dir)
 }
 
 /// `base/path` unless `path` is absolute, without `.` components
