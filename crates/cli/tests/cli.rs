@@ -397,8 +397,10 @@ fn sigterm_saves_state_exits_143_and_the_next_run_resumes() {
     assert_eq!(report["interrupted"], true);
     assert_eq!(report["labels"][0]["status"], "interrupted", "{report}");
 
-    // The next run resumes the journaled run: the lost attempt is recorded
-    // and retried, the prepare job is not restarted.
+    // The next run resumes the journaled run: the training stopped by
+    // SIGTERM is started again without counting as a lost attempt
+    // (docs/configuration.md, `max_attempts`), the prepare job is not
+    // restarted.
     let prepared_before = std::fs::read_dir(dir.path().join("datasets"))
         .unwrap()
         .count();
@@ -412,7 +414,13 @@ fn sigterm_saves_state_exits_143_and_the_next_run_resumes() {
     assert_eq!(label["status"], "promoted", "{label}");
     assert_eq!(
         label["lost_attempts"].as_array().unwrap().len(),
-        1,
+        0,
+        "{label}"
+    );
+    assert!(
+        label["candidate"]["id"]
+            .as_str()
+            .is_some_and(|c| c.ends_with("attempt1")),
         "{label}"
     );
     let prepared_after = std::fs::read_dir(dir.path().join("datasets"))
