@@ -1,6 +1,7 @@
 # retrain and retrain-server in a small Debian image.
 #
-#   docker build -t retrain .            # or: podman build -t retrain .
+#   docker build -t retrain .            # or: podman build --format docker -t retrain .
+#                                        #     (podman's default OCI format drops HEALTHCHECK)
 #   docker run -d -p 8080:8080 retrain   # retrain-server (HEALTHCHECK: /healthz)
 #   docker run --rm -v "$PWD:/work" retrain retrain run --config retrain.toml
 #
@@ -27,7 +28,7 @@ FROM ${RUNTIME_IMAGE}
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
-    && rm -rf /var/lib/apt/lists/* \
+    && apt-get clean && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --user-group --create-home --home-dir /work retrain
 COPY --from=build /out/retrain /out/retrain-server /usr/local/bin/
 USER 10001:10001

@@ -90,8 +90,11 @@ async fn main() -> anyhow::Result<()> {
     if std::env::args().skip(1).any(|a| a == "--healthcheck") {
         return healthcheck(server_addr()?).await;
     }
+    let color = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(color)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("RETRAIN_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
