@@ -3,7 +3,7 @@
 #   docker build -t retrain .            # or: podman build --format docker -t retrain .
 #                                        #     (podman's default OCI format drops HEALTHCHECK)
 #   docker run -d -p 8080:8080 retrain   # retrain-server (HEALTHCHECK: /healthz)
-#   docker run --rm -v "$PWD:/work" retrain retrain run --config retrain.toml
+#   docker run --rm --user "$(id -u):$(id -g)" -v "$PWD:/work" retrain retrain run --config retrain.toml
 #
 # The runtime image has no Python: a config whose commands need it should
 # extend this image (FROM retrain + apt-get install python3). See
