@@ -45,3 +45,6 @@ fi
 
 echo "== cargo test"
 cargo test --workspace --all-targets --locked --no-fail-fast "$@"
+# `--all-targets` leaves doc tests out (the Engine wiring example lives there).
+echo "== cargo test --doc"
+cargo test --workspace --doc --locked "$@"

@@ -18,7 +18,7 @@ retrain() {
 [ $# -gt 0 ] || set -- run
 case "$1" in
   reset)
-    rm -rf .retrain feedback.db datasets models registry.json
+    rm -rf .retrain feedback.db datasets models registry.json registry.json.lock
     echo "quickstart reset" ;;
   add)
     python3 seed_feedback.py --add "${2:-120}" ;;

@@ -9,9 +9,13 @@ dataset it consumed.
 
     python3 seed_feedback.py            # create feedback.db with 240 reviews
     python3 seed_feedback.py --add 60   # append 60 new reviews (a new batch)
+
+The database is created next to this script (where retrain.toml's
+`sqlite://feedback.db` points), whatever the working directory.
 """
 import argparse
 import datetime as dt
+import os
 import random
 import sqlite3
 import sys
@@ -43,7 +47,8 @@ def ticket(rng, department):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--db", default="feedback.db")
+    here = os.path.dirname(os.path.abspath(__file__))
+    parser.add_argument("--db", default=os.path.join(here, "feedback.db"))
     parser.add_argument("--add", type=int, default=0, help="append N new reviews")
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()

@@ -72,6 +72,11 @@ pub enum Command {
     Config(ConfigArgs),
     /// Create or upgrade the RunStore schema.
     Migrate,
+    /// Print a shell completion script (e.g. `retrain completions bash > /etc/bash_completion.d/retrain`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -98,6 +98,12 @@ pub async fn dispatch(cli: Cli, interrupt: Interrupt) -> Result<u8, Failure> {
         Command::Metrics(args) => metrics(&cli, args).await,
         Command::Infra(args) => infra(&cli, &args.command).await,
         Command::Config(args) => config(&cli, &args.command),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut command = Cli::command();
+            clap_complete::generate(*shell, &mut command, "retrain", &mut std::io::stdout());
+            Ok(exit::OK)
+        }
         Command::Migrate => {
             let loaded = load(&cli, false)?;
             wiring::migrate(&loaded.settings)
@@ -158,13 +164,13 @@ async fn run(
         labels: (!labels.is_empty()).then_some(labels),
         dry_run,
     };
-    let report = engine
-        .run_cycle(request, cancel)
-        .await
-        .map_err(|e| match e {
-            retrain_core::engine::EngineError::UnknownLabel(..) => config_failure(e),
-            other => Failure::from(anyhow::Error::new(other)),
-        })?;
+    let report = engine.run_cycle(request, cancel).await;
+    // Freeze the status lines (terminal only) before the report is printed.
+    crate::progress::finish();
+    let report = report.map_err(|e| match e {
+        retrain_core::engine::EngineError::UnknownLabel(..) => config_failure(e),
+        other => Failure::from(anyhow::Error::new(other)),
+    })?;
     let cycle_id = report.cycle_id.to_string();
     crate::telemetry::process_step(
         "startup",

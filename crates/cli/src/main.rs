@@ -4,6 +4,7 @@
 mod args;
 mod commands;
 mod output;
+mod progress;
 mod signals;
 mod telemetry;
 
@@ -16,7 +17,14 @@ fn main() -> ExitCode {
     // or config work (clap exits 2 on usage errors).
     telemetry::mark_process_start();
     let cli = args::Cli::parse();
-    telemetry::init(cli.log_format, cli.log.as_deref(), cli.log_dir.clone());
+    let terminal =
+        telemetry::Terminal::detect(cli.log_format, cli.output == args::OutputFormat::Text);
+    telemetry::init(
+        cli.log_format,
+        cli.log.as_deref(),
+        cli.log_dir.clone(),
+        terminal,
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

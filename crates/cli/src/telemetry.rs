@@ -4,22 +4,25 @@
 //! `run_id`, `label`, `stage`, `git_sha`, `inputs`, `outputs`, `metrics`,
 //! `duration_s`, `status` (null where a line is not a step), plus `message`
 //! and `target`. Steps are the engine's `retrain::audit` events, one per
-//! journaled transition.
+//! journaled transition. On a terminal, a live status line per label
+//! replaces the per-poll log lines (`progress.rs`).
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
+use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::fmt::format::{JsonFields, Writer};
 use tracing_subscriber::fmt::{self, FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::args::LogFormat;
+use crate::progress::{self, Progress, ProgressLayer};
 
 /// The fields every JSON line carries (seed 004).
 pub const AUDIT_FIELDS: &[&str] = &[
@@ -61,7 +64,35 @@ pub fn process_started() -> chrono::DateTime<chrono::Utc> {
     *PROCESS_START.get_or_init(chrono::Utc::now)
 }
 
-pub fn init(format: LogFormat, filter: Option<&str>, log_dir: Option<PathBuf>) {
+/// How stderr is used, decided once from the flags and the environment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Terminal {
+    /// Colours in text logs.
+    pub color: bool,
+    /// Live status lines instead of per-poll log lines.
+    pub status_lines: bool,
+}
+
+impl Terminal {
+    /// `NO_COLOR` (non-empty) never colours; `CLICOLOR_FORCE` (not `0`)
+    /// colours even when stderr is not a terminal; otherwise colours and
+    /// status lines only on a terminal. Status lines also need text logs and
+    /// text output, no GitHub Actions and a `TERM` other than `dumb`.
+    pub fn detect(format: LogFormat, text_output: bool) -> Self {
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let tty = std::io::stderr().is_terminal();
+        let no_color = env("NO_COLOR").is_some();
+        let forced = env("CLICOLOR_FORCE").is_some_and(|v| v != "0");
+        let dumb = env("TERM").is_some_and(|t| t == "dumb");
+        let github = env("GITHUB_ACTIONS").is_some_and(|v| v == "true");
+        Self {
+            color: !no_color && (forced || (tty && !dumb)),
+            status_lines: tty && !dumb && !github && text_output && format == LogFormat::Text,
+        }
+    }
+}
+
+pub fn init(format: LogFormat, filter: Option<&str>, log_dir: Option<PathBuf>, terminal: Terminal) {
     let filter = filter
         .map(str::to_owned)
         .or_else(|| std::env::var("RETRAIN_LOG").ok())
@@ -75,18 +106,31 @@ pub fn init(format: LogFormat, filter: Option<&str>, log_dir: Option<PathBuf>) {
     let registry = tracing_subscriber::registry().with(filter);
     match format {
         LogFormat::Text => {
-            let layer = fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_target(false)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
             // With --log-dir, the JSONL files come from a second layer.
-            let files = log_dir.map(|dir| {
-                fmt::layer()
-                    .fmt_fields(JsonFields::new())
-                    .event_format(AuditFormat { log_dir: Some(dir) })
-                    .with_writer(std::io::sink)
-            });
-            registry.with(layer).with(files).try_init().ok();
+            if terminal.status_lines {
+                let progress = Progress::install();
+                let layer = fmt::layer()
+                    .with_writer(progress.writer())
+                    .with_target(false)
+                    .with_ansi(terminal.color)
+                    .with_filter(filter_fn(|meta| !progress::is_poll_line(meta)));
+                registry
+                    .with(layer)
+                    .with(ProgressLayer::new(progress))
+                    .with(log_files(log_dir))
+                    .try_init()
+                    .ok();
+            } else {
+                let layer = fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_target(false)
+                    .with_ansi(terminal.color);
+                registry
+                    .with(layer)
+                    .with(log_files(log_dir))
+                    .try_init()
+                    .ok();
+            }
         }
         LogFormat::Json => {
             let layer = fmt::layer()
@@ -97,6 +141,19 @@ pub fn init(format: LogFormat, filter: Option<&str>, log_dir: Option<PathBuf>) {
             tracing::info!(version = env!("CARGO_PKG_VERSION"), "retrain starting");
         }
     }
+}
+
+/// The `--log-dir` layer: the same JSONL lines, one file per stage.
+fn log_files<S>(log_dir: Option<PathBuf>) -> Option<impl tracing_subscriber::Layer<S>>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    log_dir.map(|dir| {
+        fmt::layer()
+            .fmt_fields(JsonFields::new())
+            .event_format(AuditFormat { log_dir: Some(dir) })
+            .with_writer(std::io::sink)
+    })
 }
 
 /// One JSON object per event with the seed-004 fields.

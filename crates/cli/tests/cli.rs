@@ -416,6 +416,12 @@ fn sigterm_saves_state_exits_143_and_the_next_run_resumes() {
         0,
         "an interrupt is not a lost attempt: {label}"
     );
+    assert!(
+        label["candidate"]["id"]
+            .as_str()
+            .is_some_and(|c| c.ends_with("attempt1")),
+        "{label}"
+    );
     let prepared_after = std::fs::read_dir(dir.path().join("datasets"))
         .unwrap()
         .count();
@@ -777,4 +783,203 @@ fn manual_sign_off_waits_then_approve_promotes_once() {
     assert_eq!(events[0]["by"], "alice");
     assert_eq!(events[0]["reason"], "reviewed");
     assert_eq!(events[0]["run_id"], run_id.as_str());
+}
+
+/// The promoted (or rejected) first run of a fresh quickstart, from `report`.
+fn assert_first_cycle_promoted(report: &serde_json::Value, dir: &Path) {
+    let label = &report["labels"][0];
+    assert_eq!(label["label"], "department", "{report}");
+    assert_eq!(label["status"], "promoted", "{label}");
+    assert!(
+        dir.join(".retrain/state.db").exists(),
+        "the state is next to the config"
+    );
+    assert!(dir.join("registry.json").exists());
+    assert!(dir.join("datasets/dataset_metadata.json").exists());
+}
+
+#[test]
+fn quickstart_runs_from_the_root_directory_with_an_absolute_config() {
+    let dir = quickstart();
+    let config = std::fs::canonicalize(dir.path().join("retrain.toml")).unwrap();
+    let out = retrain(Path::new("/"))
+        .arg("--config")
+        .arg(&config)
+        .args(["--output", "json", "run"])
+        .assert()
+        .success();
+    assert_first_cycle_promoted(&json_of(&out.get_output().stdout), dir.path());
+    // Nothing was written to the working directory.
+    assert!(!Path::new("/.retrain").exists());
+    assert!(!Path::new("/registry.json").exists());
+}
+
+#[test]
+fn quickstart_runs_from_another_directory_with_a_relative_config() {
+    // Like `retrain run --config examples/quickstart/retrain.toml` from the
+    // repository root: the config path is relative to the working directory,
+    // every path inside it relative to the config file.
+    let parent = tempfile::tempdir().unwrap();
+    let dir = quickstart();
+    let nested = parent.path().join("examples/quickstart");
+    std::fs::create_dir_all(nested.parent().unwrap()).unwrap();
+    std::fs::rename(dir.path(), &nested)
+        .or_else(|_| copy_dir(dir.path(), &nested))
+        .unwrap();
+    let out = retrain(parent.path())
+        .args(["--config", "examples/quickstart/retrain.toml"])
+        .args(["--output", "json", "run"])
+        .assert()
+        .success();
+    assert_first_cycle_promoted(&json_of(&out.get_output().stdout), &nested);
+    let entries: Vec<_> = std::fs::read_dir(parent.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(entries, ["examples"], "wrote into the working directory");
+    // The second run from yet another directory sees the same state.
+    let out = retrain(&nested.join(".retrain"))
+        .arg("--config")
+        .arg(nested.join("retrain.toml"))
+        .arg("run")
+        .assert()
+        .success();
+    let text = String::from_utf8_lossy(&out.get_output().stdout);
+    assert!(text.contains("below threshold 40"), "{text}");
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name()))?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn config_show_prints_absolute_paths() {
+    let dir = quickstart();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = retrain(elsewhere.path())
+        .arg("--config")
+        .arg(root.join("retrain.toml"))
+        .args(["config", "show"])
+        .assert()
+        .success();
+    let shown = String::from_utf8_lossy(&out.get_output().stdout);
+    let r = root.display();
+    for expected in [
+        format!("state = \"sqlite://{r}/.retrain/state.db\""),
+        format!("state_dir = \"{r}/.retrain\""),
+        format!("database = \"sqlite://{r}/feedback.db\""),
+        format!("metadata = \"file://{r}/datasets/dataset_metadata.json\""),
+        format!("json = \"{r}/registry.json\""),
+        format!("workdir = \"{r}\""),
+    ] {
+        assert!(shown.contains(&expected), "missing {expected}: {shown}");
+    }
+    // The JSON form parses and carries the same paths.
+    let out = retrain(elsewhere.path())
+        .arg("--config")
+        .arg(root.join("retrain.toml"))
+        .args(["--output", "json", "config", "show"])
+        .assert()
+        .success();
+    let value = json_of(&out.get_output().stdout);
+    assert_eq!(
+        value["labels"]["department"]["trainer"]["workdir"],
+        r.to_string()
+    );
+}
+
+#[test]
+fn completions_for_bash_zsh_and_fish_need_no_config() {
+    let dir = tempfile::tempdir().unwrap();
+    for (shell, marker) in [
+        ("bash", "complete -F _retrain"),
+        ("zsh", "#compdef retrain"),
+        ("fish", "complete -c retrain"),
+    ] {
+        let out = retrain(dir.path())
+            .args(["completions", shell])
+            .assert()
+            .success();
+        let script = String::from_utf8_lossy(&out.get_output().stdout);
+        assert!(script.contains(marker), "{shell}: {script}");
+        assert!(script.contains("config"), "{shell}: subcommands missing");
+    }
+    retrain(dir.path())
+        .args(["completions", "tcsh"])
+        .assert()
+        .code(2);
+}
+
+#[test]
+fn no_color_means_no_ansi_escapes_on_stderr() {
+    let dir = quickstart();
+    // CLICOLOR_FORCE colours a pipe, so that this test can see colours at all.
+    let forced = retrain(dir.path())
+        .env("CLICOLOR_FORCE", "1")
+        .env_remove("NO_COLOR")
+        .arg("plan")
+        .assert()
+        .success();
+    let stderr = String::from_utf8_lossy(&forced.get_output().stderr);
+    assert!(
+        stderr.contains("\x1b["),
+        "no colours even when forced: {stderr}"
+    );
+    let plain = retrain(dir.path())
+        .env("CLICOLOR_FORCE", "1")
+        .env("NO_COLOR", "1")
+        .arg("plan")
+        .assert()
+        .success();
+    let stderr = String::from_utf8_lossy(&plain.get_output().stderr);
+    assert!(stderr.contains("reading feedback counts"), "{stderr}");
+    assert!(!stderr.contains('\x1b'), "NO_COLOR ignored: {stderr:?}");
+}
+
+/// On a terminal (a pty from util-linux's `script`), the per-poll log lines
+/// become one live status line per label; piped, they stay log lines (see
+/// `quickstart_first_run_trains_and_gates_second_run_skips`).
+#[test]
+fn a_terminal_shows_a_status_line_instead_of_poll_log_lines() {
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: util-linux `script` is not installed");
+        return;
+    }
+    let dir = quickstart();
+    let bin = assert_cmd::cargo::cargo_bin("retrain");
+    let config = dir.path().join("retrain.toml");
+    let command = format!("'{}' --config '{}' run", bin.display(), config.display());
+    let out = std::process::Command::new("script")
+        .args(["-qfec", &command, "/dev/null"])
+        .current_dir(dir.path())
+        .env("TERM", "xterm")
+        .env("RETRAIN_LOG", "info")
+        .env_remove("GITHUB_ACTIONS")
+        .env_remove("NO_COLOR")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{screen}");
+    assert!(
+        screen.contains("len 240/130  version v"),
+        "no status line: {screen}"
+    );
+    assert!(
+        !screen.contains("current_len="),
+        "poll lines were logged on a terminal: {screen}"
+    );
+    assert!(screen.contains("promoted version 1"), "{screen}");
 }

@@ -4,6 +4,7 @@
 //! from (file or env var), the key, and what was expected.
 
 mod duration;
+mod paths;
 mod seed_env;
 
 use std::collections::BTreeMap;
@@ -462,7 +463,8 @@ pub struct LabelSettings {
 #[derive(Debug)]
 pub struct LoadedSettings {
     pub settings: Settings,
-    /// The merged figment, for `config show` (render with [`redacted_toml`]).
+    /// The merged figment with every relative path resolved to an absolute
+    /// one (see `paths.rs`), for `config show` (render with [`redacted_toml`]).
     pub figment: Figment,
     /// The config file used, if any.
     pub file: Option<PathBuf>,
@@ -621,7 +623,11 @@ fn figment_error(figment: &Figment, error: figment::Error) -> ConfigError {
 pub fn load(sources: &ConfigSources) -> Result<LoadedSettings, ConfigError> {
     let (figment, file) = figment(sources)?;
     let raw: RawSettings = figment.extract().map_err(|e| figment_error(&figment, e))?;
-    let settings = validate(raw, &figment)?;
+    let mut settings = validate(raw, &figment)?;
+    let resolved = paths::resolve(&mut settings, &figment, file.as_deref())?;
+    let figment = resolved.into_iter().fold(figment, |f, (key, value)| {
+        f.merge(Named::new(&key, value, "resolved path".into()))
+    });
     let redacted = redacted_toml(&figment).unwrap_or_default();
     let config_hash = {
         use sha2::Digest;

@@ -188,6 +188,94 @@ pub struct CycleRequest {
 }
 
 /// Drives label runs through the ports.
+///
+/// # Wiring
+///
+/// An engine is a [`RunStore`] (journal, cursors, locks), an optional
+/// [`CountSource`], one [`LabelBinding`] per label (its [`LabelPlan`] and
+/// the ports it is driven through) and [`EngineSettings`]. `retrain-adapters`
+/// implements every port (`wiring::build_engine` builds them from a config
+/// file); an embedding service may implement any of them itself, see
+/// `examples/embed` and `docs/embedding.md`. The minimal wiring, with the
+/// `mocks` feature's in-memory doubles and a count source of our own, and a
+/// dry run (reads only: no lock, nothing journaled, no job started):
+///
+/// ```
+/// use std::collections::BTreeMap;
+/// use std::sync::Arc;
+/// use std::time::Duration;
+///
+/// use retrain_core::domain::{CorrectRatio, FeedbackCounts, Label, LabelCursor};
+/// use retrain_core::engine::{CycleRequest, Engine, EngineSettings, LabelBinding};
+/// use retrain_core::machine::{LabelPlan, PromoteMode, Trigger};
+/// use retrain_core::mocks::{MockMetadataStore, MockRunStore, MockTrainer};
+/// use retrain_core::ports::{CountSource, MetadataRead, PortError};
+/// use retrain_core::report::LabelStatus;
+/// use retrain_core::CancellationToken;
+///
+/// /// The embedding service's own feedback counter.
+/// struct Fixed(u64);
+///
+/// #[async_trait::async_trait]
+/// impl CountSource for Fixed {
+///     async fn counts(
+///         &self,
+///         _since: chrono::DateTime<chrono::Utc>,
+///     ) -> Result<BTreeMap<Label, FeedbackCounts>, PortError> {
+///         let counts = FeedbackCounts { misclassified: self.0, correct: 0 };
+///         Ok(BTreeMap::from([(Label::new("department").unwrap(), counts)]))
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let label = Label::new("department").unwrap();
+/// let mut store = MockRunStore::new();
+/// store.expect_cursor().returning(|_| Ok(LabelCursor::default()));
+/// let mut metadata = MockMetadataStore::new();
+/// metadata.expect_read().returning(|_| Ok(MetadataRead::Absent));
+/// metadata.expect_describe().return_const("dataset_metadata.json");
+/// let mut trainer = MockTrainer::new();
+/// trainer.expect_start().never();
+/// trainer.expect_describe().return_const("trainer");
+///
+/// let binding = LabelBinding {
+///     plan: LabelPlan {
+///         label: label.clone(),
+///         trigger: Trigger::Counts {
+///             threshold: 40,
+///             correct_ratio: CorrectRatio::new(1.0).unwrap(),
+///         },
+///         prepare: None,
+///         gate: None,
+///         leased: false,
+///         promote: PromoteMode::Auto,
+///         max_attempts: 2,
+///         max_step_retries: 5,
+///         poll_interval: Duration::from_secs(60),
+///         poll_timeout: Duration::from_secs(1800),
+///         dry_run: false,
+///     },
+///     metadata: Arc::new(metadata),
+///     prepare: None,
+///     trainer: Arc::new(trainer),
+///     registry: None,
+///     lease: None,
+///     notifiers: Vec::new(),
+///     train_timeout: Duration::from_secs(3600),
+/// };
+/// let engine = Engine::new(
+///     Arc::new(store),
+///     Some(Arc::new(Fixed(50))),
+///     vec![binding],
+///     EngineSettings::default(),
+/// );
+/// let request = CycleRequest { labels: None, dry_run: true };
+/// let report = engine.run_cycle(request, CancellationToken::new()).await.unwrap();
+/// assert_eq!(report.labels[0].status, LabelStatus::Planned);
+/// assert_eq!(report.labels[0].measured, Some(50));
+/// # }
+/// ```
 pub struct Engine {
     store: Arc<dyn RunStore>,
     counts: Option<Arc<dyn CountSource>>,
