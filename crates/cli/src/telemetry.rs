@@ -113,7 +113,9 @@ pub fn init(format: LogFormat, filter: Option<&str>, log_dir: Option<PathBuf>, t
                     .with_writer(progress.writer())
                     .with_target(false)
                     .with_ansi(terminal.color)
-                    .with_filter(filter_fn(|meta| !progress::is_poll_line(meta)));
+                    .with_filter(filter_fn(|meta| {
+                        !progress::is_poll_line(meta) && !is_audit_step(meta)
+                    }));
                 registry
                     .with(layer)
                     .with(ProgressLayer::new(progress))
@@ -124,7 +126,8 @@ pub fn init(format: LogFormat, filter: Option<&str>, log_dir: Option<PathBuf>, t
                 let layer = fmt::layer()
                     .with_writer(std::io::stderr)
                     .with_target(false)
-                    .with_ansi(terminal.color);
+                    .with_ansi(terminal.color)
+                    .with_filter(filter_fn(|meta| !is_audit_step(meta)));
                 registry
                     .with(layer)
                     .with(log_files(log_dir))
@@ -141,6 +144,12 @@ pub fn init(format: LogFormat, filter: Option<&str>, log_dir: Option<PathBuf>, t
             tracing::info!(version = env!("CARGO_PKG_VERSION"), "retrain starting");
         }
     }
+}
+
+/// The per-transition audit steps are structured records for JSON logs and
+/// `--log-dir`; text logs on stderr stay readable without them.
+fn is_audit_step(meta: &tracing::Metadata<'_>) -> bool {
+    meta.target() == "retrain::audit"
 }
 
 /// The `--log-dir` layer: the same JSONL lines, one file per stage.
