@@ -155,6 +155,10 @@ impl MemStore {
             .map(|(r, _)| r.clone())
             .collect()
     }
+    /// The journaled snapshot of `run_id`.
+    pub fn run_snapshot(&self, run_id: &RunId) -> LabelRun {
+        self.data.lock().unwrap().runs[run_id].0.clone()
+    }
     pub fn hold_lock(&self, label: &str, owner: &str) {
         let expires = self.now() + chrono::Duration::hours(1);
         let mut d = self.data.lock().unwrap();

@@ -1,0 +1,183 @@
+//! Manual sign-off (`promote = "manual"`): a passed run parks in
+//! `awaiting_approval`; `Engine::decide` promotes it exactly once, refuses a
+//! stale approval, re-gates on request, and completes a crashed approval.
+
+use std::sync::atomic::Ordering;
+
+use retrain_core::domain::RunId;
+use retrain_core::engine::{
+    CycleRequest, Decision, DecisionOutcome, Engine, EngineError, LabelBinding,
+};
+use retrain_core::machine::{PromoteMode, Stage};
+use retrain_core::report::{LabelReport, LabelStatus};
+use retrain_core::CancellationToken;
+
+use crate::support::*;
+
+fn get(c: &std::sync::atomic::AtomicUsize) -> usize {
+    c.load(Ordering::SeqCst)
+}
+
+fn manual(world: &World) -> LabelBinding {
+    let mut plan = plan("department");
+    plan.promote = PromoteMode::Manual;
+    binding(world, plan, prepare(world))
+}
+
+/// Run one cycle: the run passes the gate and waits for approval.
+async fn awaiting(engine: &Engine, store: &MemStore, world: &World) -> RunId {
+    let report = engine
+        .run_cycle(CycleRequest::default(), CancellationToken::new())
+        .await
+        .unwrap();
+    let label = &report.labels[0];
+    assert_eq!(label.status, LabelStatus::AwaitingApproval, "{label:?}");
+    assert_eq!(
+        get(&world.counters.promotes),
+        0,
+        "no promotion before approval"
+    );
+    assert!(world.production.lock().unwrap().is_none());
+    assert_eq!(
+        store
+            .cursor_of("department")
+            .consumed_version
+            .unwrap()
+            .as_str(),
+        "v2",
+        "the cursor is committed while the run waits"
+    );
+    label.run_id.clone().unwrap()
+}
+
+fn applied(outcome: DecisionOutcome) -> LabelReport {
+    match outcome {
+        DecisionOutcome::Applied(report) => *report,
+        other => panic!("expected an applied decision, got {other:?}"),
+    }
+}
+
+const APPROVE: Decision = Decision::Approve { regate: false };
+
+#[tokio::test(start_paused = true)]
+async fn manual_run_waits_then_approve_promotes_exactly_once() {
+    let world = World::new();
+    let store = MemStore::new();
+    let engine = engine(&store, &world, vec![manual(&world)]);
+    let run_id = awaiting(&engine, &store, &world).await;
+    let stored = store.finished_runs("department");
+    assert!(stored.is_empty(), "a waiting run is not done");
+
+    let report = applied(
+        engine
+            .decide(&run_id, APPROVE, "alice", Some("looks good".into()))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(report.status, LabelStatus::Promoted, "{report:?}");
+    assert_eq!(get(&world.counters.promotes), 1);
+    assert_eq!(world.production.lock().unwrap().as_ref().unwrap().2, run_id);
+
+    match engine.decide(&run_id, APPROVE, "bob", None).await.unwrap() {
+        DecisionOutcome::AlreadyApproved { by, .. } => assert_eq!(by, "alice"),
+        other => panic!("expected already approved, got {other:?}"),
+    }
+    assert_eq!(get(&world.counters.promotes), 1, "no second promotion");
+}
+
+#[tokio::test(start_paused = true)]
+async fn approve_refused_when_production_changed_since_the_verdict() {
+    let world = World::new();
+    let store = MemStore::new();
+    let engine = engine(&store, &world, vec![manual(&world)]);
+    let run_id = awaiting(&engine, &store, &world).await;
+    // Someone else promoted meanwhile.
+    *world.production.lock().unwrap() = Some((
+        "7".into(),
+        world.candidate_metrics.lock().unwrap().clone(),
+        RunId("other".into()),
+    ));
+
+    let err = engine
+        .decide(&run_id, APPROVE, "alice", None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, EngineError::ProductionChanged { recorded, current, .. }
+            if recorded == "none" && current == "7"),
+        "{err}"
+    );
+    assert_eq!(get(&world.counters.promotes), 0, "nothing promoted");
+    assert_eq!(world.production.lock().unwrap().as_ref().unwrap().0, "7");
+    let run = store.run_snapshot(&run_id);
+    assert_eq!(run.stage, Stage::AwaitingApproval, "the run still waits");
+}
+
+#[tokio::test(start_paused = true)]
+async fn approve_with_regate_rejects_a_now_worse_candidate() {
+    let world = World::new();
+    let store = MemStore::new();
+    let engine = engine(&store, &world, vec![manual(&world)]);
+    let run_id = awaiting(&engine, &store, &world).await;
+    // A better model reached production meanwhile.
+    *world.production.lock().unwrap() = Some((
+        "7".into(),
+        [("dice".to_string(), 0.99), ("iou".to_string(), 0.95)]
+            .into_iter()
+            .collect(),
+        RunId("other".into()),
+    ));
+
+    let report = applied(
+        engine
+            .decide(&run_id, Decision::Approve { regate: true }, "alice", None)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(report.status, LabelStatus::Rejected, "{report:?}");
+    assert_eq!(get(&world.counters.promotes), 0, "nothing promoted");
+    assert_eq!(world.production.lock().unwrap().as_ref().unwrap().0, "7");
+    let run = store.run_snapshot(&run_id);
+    assert_eq!(run.stage, Stage::Done);
+}
+
+#[tokio::test(start_paused = true)]
+async fn approval_crashing_after_the_promote_call_completes_once_on_restart() {
+    let world = World::new();
+    let store = MemStore::new();
+    let run_id = {
+        let engine = engine(&store, &world, vec![manual(&world)]);
+        awaiting(&engine, &store, &world).await
+    };
+
+    // Journal writes of the approval: 1 = Approved, 2 = Promoted. The second
+    // is lost: the registry promoted, the journal does not know.
+    let crashing = store.losing_write(2);
+    {
+        let engine = engine(&crashing, &world, vec![manual(&world)]);
+        let _ = engine.decide(&run_id, APPROVE, "alice", None).await;
+    }
+    assert_eq!(get(&world.counters.promotes), 1, "the registry was called");
+    let run = store.run_snapshot(&run_id);
+    assert_eq!(
+        run.stage,
+        Stage::Promoting,
+        "the promotion is not journaled"
+    );
+
+    let restarted = store.restarted();
+    let engine = engine(&restarted, &world, vec![manual(&world)]);
+    let report = applied(
+        engine
+            .decide(&run_id, APPROVE, "alice", None)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(report.status, LabelStatus::Promoted, "{report:?}");
+    assert_eq!(get(&world.counters.promotes), 1, "promoted exactly once");
+    assert_eq!(restarted.run_snapshot(&run_id).stage, Stage::Done);
+    match engine.decide(&run_id, APPROVE, "bob", None).await.unwrap() {
+        DecisionOutcome::AlreadyApproved { by, .. } => assert_eq!(by, "alice"),
+        other => panic!("expected already approved, got {other:?}"),
+    }
+}
