@@ -62,6 +62,8 @@ pub enum Command {
     Approve(DecideArgs),
     /// Close a candidate waiting in awaiting_approval without promoting it.
     Reject(DecideArgs),
+    /// Runs waiting in awaiting_approval, across labels (newest first).
+    Approvals(LabelsArg),
     /// The quality gate alone for a candidate (usable as a CI step).
     Gate(GateArgs),
     /// Metrics history of a label for charting: one row per evaluated candidate.

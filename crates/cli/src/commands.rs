@@ -94,6 +94,7 @@ pub async fn dispatch(cli: Cli, interrupt: Interrupt) -> Result<u8, Failure> {
         Command::History(args) => history(&cli, &args.label).await,
         Command::Approve(args) => decide(&cli, args, true).await,
         Command::Reject(args) => decide(&cli, args, false).await,
+        Command::Approvals(labels) => approvals(&cli, &labels.labels).await,
         Command::Gate(args) => gate(&cli, args).await,
         Command::Metrics(args) => metrics(&cli, args).await,
         Command::Infra(args) => infra(&cli, &args.command).await,
@@ -258,6 +259,7 @@ async fn status(cli: &Cli, raw_labels: &[String]) -> Result<u8, Failure> {
             .await
             .context("reading runs")?;
         let holder = store.lock_holder(label).await.context("reading locks")?;
+        let waiting = waiting_approvals(store.as_ref(), Some(label.clone())).await?;
         let last_run = match last.first() {
             Some(summary) => store.run(&summary.run_id).await.context("reading run")?,
             None => None,
@@ -268,6 +270,7 @@ async fn status(cli: &Cli, raw_labels: &[String]) -> Result<u8, Failure> {
             "watermark": cursor.watermark,
             "last_version": cursor.consumed_version,
             "locked_by": holder,
+            "awaiting_approval": waiting.first().map(|w| &w.summary.run_id),
             "last_run": last_run.as_ref().map(|r| json!({
                 "run_id": r.summary.run_id,
                 "stage": r.summary.stage,
@@ -296,14 +299,87 @@ async fn status(cli: &Cli, raw_labels: &[String]) -> Result<u8, Failure> {
                 } else {
                     format!("{} ({})", s(&last["outcome"]), s(&last["stage"]))
                 };
+                let waiting = match &row["awaiting_approval"] {
+                    serde_json::Value::Null => String::new(),
+                    id => format!(" [awaiting approval: {}]", s(id)),
+                };
                 println!(
-                    "{:<16} {:>9}  {:<26} {:<22} {:<18} {}",
+                    "{:<16} {:>9}  {:<26} {:<22} {:<18} {}{}",
                     s(&row["label"]),
                     s(&row["threshold"]),
                     s(&row["watermark"]),
                     s(&row["last_version"]),
                     run,
-                    s(&last["verdict"])
+                    s(&last["verdict"]),
+                    waiting
+                );
+            }
+        }
+    }
+    Ok(exit::OK)
+}
+
+/// Runs parked in `awaiting_approval` (of `label`, or of every label),
+/// newest first.
+async fn waiting_approvals(
+    store: &dyn RunStore,
+    label: Option<Label>,
+) -> Result<Vec<retrain_core::journal::RunDetail>, Failure> {
+    let runs = store
+        .list_runs(&RunFilter { label, limit: None })
+        .await
+        .context("listing runs")?;
+    let mut waiting = Vec::new();
+    for summary in runs
+        .iter()
+        .filter(|r| r.stage == retrain_core::machine::Stage::AwaitingApproval)
+    {
+        if let Some(detail) = store.run(&summary.run_id).await.context("reading run")? {
+            waiting.push(detail);
+        }
+    }
+    Ok(waiting)
+}
+
+async fn approvals(cli: &Cli, raw_labels: &[String]) -> Result<u8, Failure> {
+    let loaded = load(cli, false)?;
+    let store = reading_store(&loaded).await?;
+    let wanted = parse_labels(raw_labels)?;
+    let rows: Vec<_> = waiting_approvals(store.as_ref(), None)
+        .await?
+        .into_iter()
+        .filter(|d| wanted.is_empty() || wanted.contains(&d.summary.label))
+        .map(|d| {
+            json!({
+                "run_id": d.summary.run_id,
+                "label": d.summary.label,
+                "candidate": d.snapshot.candidate.as_ref().map(|c| &c.id),
+                "verdict": d.snapshot.verdict.as_ref().map(|v| &v.reason),
+                "since": d.summary.updated_at,
+            })
+        })
+        .collect();
+    match cli.output {
+        OutputFormat::Json => output::print_json(&rows)?,
+        OutputFormat::Text if rows.is_empty() => println!("no runs awaiting approval"),
+        OutputFormat::Text => {
+            println!(
+                "{:<38} {:<16} {:<20} {:<26} VERDICT",
+                "RUN", "LABEL", "CANDIDATE", "SINCE"
+            );
+            let s = |v: &serde_json::Value| match v {
+                serde_json::Value::Null => "-".to_owned(),
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            for row in &rows {
+                println!(
+                    "{:<38} {:<16} {:<20} {:<26} {}",
+                    s(&row["run_id"]),
+                    s(&row["label"]),
+                    s(&row["candidate"]),
+                    s(&row["since"]),
+                    s(&row["verdict"])
                 );
             }
         }

@@ -785,6 +785,78 @@ fn manual_sign_off_waits_then_approve_promotes_once() {
     assert_eq!(events[0]["run_id"], run_id.as_str());
 }
 
+#[test]
+fn approvals_lists_a_waiting_run_until_it_is_rejected() {
+    let dir = quickstart();
+    let toml = dir.path().join("retrain.toml");
+    let config = std::fs::read_to_string(&toml).unwrap().replace(
+        "notify = [\"log\"]",
+        "notify = [\"log\"]\npromote = \"manual\"",
+    );
+    std::fs::write(&toml, config).unwrap();
+    let run = retrain(dir.path())
+        .args(["--output", "json", "run"])
+        .assert()
+        .success();
+    let report = json_of(&run.get_output().stdout);
+    let run_id = report["labels"][0]["run_id"].as_str().unwrap().to_owned();
+
+    let listed = retrain(dir.path())
+        .args(["--output", "json", "approvals"])
+        .assert()
+        .success();
+    let rows = json_of(&listed.get_output().stdout);
+    assert_eq!(rows.as_array().unwrap().len(), 1, "{rows}");
+    assert_eq!(rows[0]["run_id"], run_id.as_str());
+    assert_eq!(rows[0]["label"], "department");
+    assert!(rows[0]["candidate"].is_string(), "{rows}");
+    assert!(rows[0]["verdict"].is_string(), "{rows}");
+    assert!(rows[0]["since"].is_string(), "{rows}");
+    let text = retrain(dir.path()).arg("approvals").assert().success();
+    let text = String::from_utf8_lossy(&text.get_output().stdout).to_string();
+    assert!(text.contains(&run_id), "{text}");
+
+    let status = retrain(dir.path())
+        .args(["--output", "json", "status"])
+        .assert()
+        .success();
+    let status = json_of(&status.get_output().stdout);
+    assert_eq!(status[0]["awaiting_approval"], run_id.as_str(), "{status}");
+    let text = retrain(dir.path()).arg("status").assert().success();
+    let text = String::from_utf8_lossy(&text.get_output().stdout).to_string();
+    assert!(text.contains("awaiting approval"), "{text}");
+
+    retrain(dir.path())
+        .args(["reject", &run_id, "--reason", "x", "--as", "alice"])
+        .assert()
+        .success();
+    let listed = retrain(dir.path())
+        .args(["--output", "json", "approvals"])
+        .assert()
+        .success();
+    let rows = json_of(&listed.get_output().stdout);
+    assert_eq!(rows, serde_json::json!([]), "{rows}");
+    let status = retrain(dir.path())
+        .args(["--output", "json", "status"])
+        .assert()
+        .success();
+    let status = json_of(&status.get_output().stdout);
+    assert!(status[0]["awaiting_approval"].is_null(), "{status}");
+    let text = retrain(dir.path()).arg("approvals").assert().success();
+    let text = String::from_utf8_lossy(&text.get_output().stdout).to_string();
+    assert!(text.contains("no runs awaiting approval"), "{text}");
+    assert!(
+        !dir.path().join("registry.json").exists() || {
+            let r: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(dir.path().join("registry.json")).unwrap())
+                    .unwrap();
+            r["models"]["ticket-router"]["production"].is_null()
+                && r["models"]["department"]["production"].is_null()
+        },
+        "nothing promoted"
+    );
+}
+
 /// The promoted (or rejected) first run of a fresh quickstart, from `report`.
 fn assert_first_cycle_promoted(report: &serde_json::Value, dir: &Path) {
     let label = &report["labels"][0];
