@@ -51,6 +51,12 @@ impl Engine {
     /// Only fields of the run's own state: adapters' errors are already
     /// secret-free, and no configuration value is logged.
     pub(super) fn audit_step(&self, run: &LabelRun, from: Stage, event: &Event) {
+        // Three JSON documents per transition: build them only when a
+        // subscriber records audit steps (JSON logs, `--log-dir`), not on
+        // every transition of every run (text logs, embedders, benches).
+        if !tracing::enabled!(target: "retrain::audit", tracing::Level::WARN) {
+            return;
+        }
         let now = self.clock.now();
         let duration_s = {
             let mut marks = self.audit_marks.0.lock().unwrap_or_else(|e| e.into_inner());

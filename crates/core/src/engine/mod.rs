@@ -4,7 +4,7 @@
 //! [`LabelRun::step`], persists, executes the returned actions through the
 //! ports and feeds their outcomes back. Each invariant lives in one file:
 //!
-//! - [`cycle`](self) (`cycle.rs`): the two phases of a cycle and the drive
+//! - `cycle.rs`: the two phases of a cycle and the drive
 //!   loop. **Journal before acting:** every transition (snapshot + pending
 //!   actions, i.e. the *intents*) is written to the `RunStore` before any of
 //!   its actions runs; a resumed run re-executes exactly its pending actions.
