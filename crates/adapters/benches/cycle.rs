@@ -126,6 +126,21 @@ impl ModelRegistry for Registry {
             previous: None,
         })
     }
+    async fn version_exists(&self, version: String, _: Option<Lease>) -> Result<bool, PortError> {
+        Ok(version == "1")
+    }
+    async fn roll_back(
+        &self,
+        rollback: RegistryRollback,
+        _: Option<Lease>,
+    ) -> Result<PromotedVersion, PortError> {
+        // The bench never rolls back; a registry with one version has
+        // nothing to roll back to.
+        Err(PortError::NotFound(format!(
+            "bench registry has no version {} to roll back to",
+            rollback.version
+        )))
+    }
     fn describe(&self) -> String {
         "bench".into()
     }

@@ -26,6 +26,10 @@
 //! - `production` names the production version (`null` or absent: none yet);
 //!   versions are decimal strings numbered from 1; `status` is `production`
 //!   or `archived`; `previous` is the version this one replaced.
+//! - `rollbacks` (written by `retrain rollback`) lists every rollback of the
+//!   model: `{"run_id", "version", "previous", "by", "reason", "at"}`; it
+//!   makes a rollback idempotent per run. The version rolled back from also
+//!   gets `rolled_back_by`, `rolled_back_reason` and `rolled_back_run_id`.
 //! - `runs` is where a training program may log a candidate's metrics (like an
 //!   MLflow run); [`ModelRegistry::candidate_metrics`] reads it first and
 //!   falls back to a registered version of that candidate.
@@ -49,7 +53,7 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use chrono::Utc;
 use retrain_core::domain::{Candidate, Lease, Metrics, ProductionModel, PromotedVersion, RunId};
-use retrain_core::ports::{ModelRegistry, PortError};
+use retrain_core::ports::{ModelRegistry, PortError, RegistryRollback};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -72,6 +76,8 @@ struct ModelEntry {
     production: Option<String>,
     #[serde(default)]
     versions: Vec<VersionEntry>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    rollbacks: Vec<RollbackEntry>,
     #[serde(flatten)]
     extra: Map<String, Value>,
 }
@@ -91,6 +97,20 @@ struct VersionEntry {
     previous: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     created_at: Option<String>,
+    #[serde(flatten)]
+    extra: Map<String, Value>,
+}
+
+/// One `retrain rollback` of a model (its run id is the idempotency key).
+#[derive(Debug, Serialize, Deserialize)]
+struct RollbackEntry {
+    run_id: String,
+    version: String,
+    #[serde(default)]
+    previous: Option<String>,
+    by: String,
+    reason: String,
+    at: String,
     #[serde(flatten)]
     extra: Map<String, Value>,
 }
@@ -272,11 +292,10 @@ impl JsonRegistry {
         self.metrics(&entry.metrics, &format!("candidate `{id}`"))
     }
 
-    fn promote_sync(
-        &self,
-        candidate: &Candidate,
-        run_id: &RunId,
-    ) -> Result<PromotedVersion, PortError> {
+    /// Take the exclusive lock on `<file>.lock` (creating the directory
+    /// and the lock file); held until the returned file is dropped (flock
+    /// locks are released when the file is closed, even on a crash).
+    fn lock_for_update(&self) -> Result<File, PortError> {
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| {
                 PortError::Failed(format!(
@@ -297,15 +316,21 @@ impl JsonRegistry {
                     lock_path.display()
                 ))
             })?;
-        // Held until `lock` is dropped at the end of this function (flock
-        // locks are released when the file is closed, even on a crash).
         lock.lock().map_err(|e| {
             PortError::Failed(format!(
                 "cannot lock registry lock file {}: {e}",
                 lock_path.display()
             ))
         })?;
+        Ok(lock)
+    }
 
+    fn promote_sync(
+        &self,
+        candidate: &Candidate,
+        run_id: &RunId,
+    ) -> Result<PromotedVersion, PortError> {
+        let lock = self.lock_for_update()?;
         let mut file = Self::load(&self.path)?.unwrap_or_default();
         let model = file.models.entry(self.model.clone()).or_default();
         if let Some(done) = model
@@ -366,6 +391,77 @@ impl JsonRegistry {
         Ok(PromotedVersion { version, previous })
     }
 
+    fn version_exists_sync(&self, version: &str) -> Result<bool, PortError> {
+        let Some(file) = Self::load(&self.path)? else {
+            return Ok(false);
+        };
+        Ok(file
+            .models
+            .get(&self.model)
+            .is_some_and(|m| m.versions.iter().any(|v| v.version == version)))
+    }
+
+    fn roll_back_sync(&self, rollback: &RegistryRollback) -> Result<PromotedVersion, PortError> {
+        let lock = self.lock_for_update()?;
+        let mut file = Self::load(&self.path)?.unwrap_or_default();
+        let model = file.models.entry(self.model.clone()).or_default();
+        if let Some(done) = model
+            .rollbacks
+            .iter()
+            .find(|r| r.run_id == rollback.run_id.as_str())
+        {
+            // Idempotent per run: this rollback already happened.
+            return Ok(PromotedVersion {
+                version: done.version.clone(),
+                previous: done.previous.clone(),
+            });
+        }
+        if !model.versions.iter().any(|v| v.version == rollback.version) {
+            return Err(PortError::NotFound(format!(
+                "model registry {}: model `{}` has no version {} to roll back to",
+                self.path.display(),
+                self.model,
+                rollback.version
+            )));
+        }
+        let previous = model
+            .production
+            .clone()
+            .filter(|current| current != &rollback.version);
+        for entry in &mut model.versions {
+            if entry.version == rollback.version {
+                entry.status = PRODUCTION.into();
+            } else if entry.status == PRODUCTION {
+                entry.status = ARCHIVED.into();
+            }
+            if Some(&entry.version) == previous.as_ref() {
+                for (key, value) in [
+                    ("rolled_back_by", &rollback.by),
+                    ("rolled_back_reason", &rollback.reason),
+                    ("rolled_back_run_id", &rollback.run_id.0),
+                ] {
+                    entry.extra.insert(key.into(), Value::String(value.clone()));
+                }
+            }
+        }
+        model.production = Some(rollback.version.clone());
+        model.rollbacks.push(RollbackEntry {
+            run_id: rollback.run_id.to_string(),
+            version: rollback.version.clone(),
+            previous: previous.clone(),
+            by: rollback.by.clone(),
+            reason: rollback.reason.clone(),
+            at: Utc::now().to_rfc3339(),
+            extra: Map::new(),
+        });
+        Self::store(&self.path, &file)?;
+        drop(lock);
+        Ok(PromotedVersion {
+            version: rollback.version.clone(),
+            previous,
+        })
+    }
+
     /// Run blocking file work off the async runtime.
     async fn blocking<T: Send + 'static>(
         &self,
@@ -408,6 +504,24 @@ impl ModelRegistry for JsonRegistry {
         _lease: Option<Lease>,
     ) -> Result<PromotedVersion, PortError> {
         self.blocking(move |this| this.promote_sync(&candidate, &run_id))
+            .await
+    }
+
+    async fn version_exists(
+        &self,
+        version: String,
+        _lease: Option<Lease>,
+    ) -> Result<bool, PortError> {
+        self.blocking(move |this| this.version_exists_sync(&version))
+            .await
+    }
+
+    async fn roll_back(
+        &self,
+        rollback: RegistryRollback,
+        _lease: Option<Lease>,
+    ) -> Result<PromotedVersion, PortError> {
+        self.blocking(move |this| this.roll_back_sync(&rollback))
             .await
     }
 

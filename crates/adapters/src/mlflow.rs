@@ -14,6 +14,14 @@
 //! steps after the version's creation are re-done only if the version lacks
 //! the `retrain.promoted` tag (set last).
 //!
+//! A rollback (`retrain rollback`) moves the alias back to an existing
+//! version (stages: transitions it to `Production`, archiving the current
+//! one) and tags the version it replaces `retrain.rolled_back_by`,
+//! `retrain.rolled_back_reason` and `retrain.rolled_back_run_id`. It is
+//! idempotent per rollback run id through tags on the restored version:
+//! `retrain.restored_by_run_id` + `retrain.restored_from` before production
+//! moves, `retrain.restored` = the run id last.
+//!
 //! A candidate is a run id or, in MLflow 3, a LoggedModel id (`m-…`, what
 //! `mlflow.<flavor>.log_model` returns): it is registered with
 //! `source = models:/m-…` and `model_id`, and its metrics are the logged
@@ -29,7 +37,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use reqwest::{Method, StatusCode};
 use retrain_core::domain::{Candidate, Lease, Metrics, ProductionModel, PromotedVersion, RunId};
-use retrain_core::ports::{ModelRegistry, PortError};
+use retrain_core::ports::{ModelRegistry, PortError, RegistryRollback};
 use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -48,6 +56,21 @@ pub const TAG_PREVIOUS: &str = "retrain.previous_version";
 pub const TAG_PROMOTED: &str = "retrain.promoted";
 /// Tag on the replaced version (alias mode; stage mode archives it instead).
 pub const TAG_ARCHIVED: &str = "retrain.archived";
+/// Tag on the version a rollback moved away from: who rolled it back.
+pub const TAG_ROLLED_BACK_BY: &str = "retrain.rolled_back_by";
+/// Tag on the version a rollback moved away from: why.
+pub const TAG_ROLLED_BACK_REASON: &str = "retrain.rolled_back_reason";
+/// Tag on the version a rollback moved away from: the rollback run.
+pub const TAG_ROLLED_BACK_RUN_ID: &str = "retrain.rolled_back_run_id";
+/// Tag on a restored version: the rollback run restoring it (set, with
+/// [`TAG_RESTORED_FROM`], before production moves).
+pub const TAG_RESTORED_BY_RUN: &str = "retrain.restored_by_run_id";
+/// Tag on a restored version: the version it replaced (`none` if none).
+pub const TAG_RESTORED_FROM: &str = "retrain.restored_from";
+/// Tag on a restored version: the rollback run that finished (set last).
+pub const TAG_RESTORED: &str = "retrain.restored";
+/// MLflow's limit on a model version tag value is 5000 characters.
+const MAX_TAG_VALUE: usize = 5000;
 /// Artifact path of the model inside the candidate's run (`runs:/<id>/model`).
 pub const MODEL_ARTIFACT_PATH: &str = "model";
 
@@ -1134,6 +1157,84 @@ impl ModelRegistry for MlflowRegistry {
             .await?;
         Ok(PromotedVersion {
             version: version.version,
+            previous,
+        })
+    }
+
+    async fn version_exists(
+        &self,
+        version: String,
+        lease: Option<Lease>,
+    ) -> Result<bool, PortError> {
+        let base = self.api_base(lease.as_ref())?;
+        match self.get_version(&base, &version).await {
+            Ok(_) => Ok(true),
+            Err(PortError::NotFound(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn roll_back(
+        &self,
+        rollback: RegistryRollback,
+        lease: Option<Lease>,
+    ) -> Result<PromotedVersion, PortError> {
+        const NO_PREVIOUS: &str = "none";
+        let base = self.api_base(lease.as_ref())?;
+        let run_id = rollback.run_id.as_str();
+        let target = self.get_version(&base, &rollback.version).await?;
+        let recorded_previous = |v: &ModelVersion| {
+            v.tag(TAG_RESTORED_FROM)
+                .filter(|p| !p.is_empty() && *p != NO_PREVIOUS)
+                .map(str::to_owned)
+        };
+        if target.tag(TAG_RESTORED) == Some(run_id) {
+            // Idempotent per run: this rollback already finished.
+            return Ok(PromotedVersion {
+                previous: recorded_previous(&target),
+                version: target.version,
+            });
+        }
+        let current = self.current_production(&base).await?.map(|v| v.version);
+        let previous = if target.tag(TAG_RESTORED_BY_RUN) == Some(run_id) {
+            // An earlier attempt of this run recorded what it replaces
+            // (production may already point at the target).
+            recorded_previous(&target)
+        } else {
+            let previous = current.clone().filter(|c| *c != target.version);
+            let from = previous.as_deref().unwrap_or(NO_PREVIOUS);
+            self.set_version_tag(&base, &target.version, TAG_RESTORED_FROM, from)
+                .await?;
+            self.set_version_tag(&base, &target.version, TAG_RESTORED_BY_RUN, run_id)
+                .await?;
+            previous
+        };
+        if current.as_deref() != Some(target.version.as_str()) {
+            self.move_production(&base, &target.version).await?;
+        }
+        if let Some(previous) = &previous {
+            let reason: String = rollback.reason.chars().take(MAX_TAG_VALUE).collect();
+            for (key, value) in [
+                (TAG_ROLLED_BACK_BY, rollback.by.as_str()),
+                (TAG_ROLLED_BACK_REASON, reason.as_str()),
+                (TAG_ROLLED_BACK_RUN_ID, run_id),
+            ] {
+                self.set_version_tag(&base, previous, key, value).await?;
+            }
+            if self.settings.mode == RegistryMode::Alias {
+                self.set_version_tag(&base, previous, TAG_ARCHIVED, "true")
+                    .await?;
+            }
+        }
+        if self.settings.mode == RegistryMode::Alias && target.tag(TAG_ARCHIVED).is_some() {
+            // Production again: no longer archived.
+            self.set_version_tag(&base, &target.version, TAG_ARCHIVED, "false")
+                .await?;
+        }
+        self.set_version_tag(&base, &target.version, TAG_RESTORED, run_id)
+            .await?;
+        Ok(PromotedVersion {
+            version: target.version,
             previous,
         })
     }

@@ -36,6 +36,12 @@ pub fn detail(report: &LabelReport) -> String {
             .map(|h| h.replace('`', ""))
             .unwrap_or_else(|| "awaiting approval".into()),
         Some(Outcome::Rejected { reason }) => reason.clone(),
+        Some(Outcome::RolledBack { from, to }) => report.rollback_summary().unwrap_or_else(|| {
+            format!(
+                "rolled back from version {} to version {to}",
+                from.as_deref().unwrap_or("none")
+            )
+        }),
         Some(Outcome::Failed { .. }) | None => report.error.clone().unwrap_or_default(),
     }
 }

@@ -30,29 +30,36 @@ impl Transition {
     }
 
     /// The promotion event this transition records, if it is the one that
-    /// journals a promotion (`Event::Promoted`). The store writes it in the
+    /// journals a promotion (`Event::Promoted`) or a rollback
+    /// (`Event::RolledBack`). The store writes it in the
     /// same fenced statement/transaction as the journal line, so a promotion
     /// is in the history exactly when it is in the journal.
     pub fn promotion_event(&self) -> Option<PromotionEvent> {
-        let Event::Promoted { version } = &self.event else {
+        let (Event::Promoted { version } | Event::RolledBack { version }) = &self.event else {
             return None;
         };
         let run = &self.snapshot;
-        let (by, reason) = match &run.approval {
-            Some(a) => (a.by.clone(), a.reason.clone()),
-            None => (AUTO.to_owned(), None),
+        let (by, reason) = match (&run.rollback, &run.approval) {
+            (Some(r), _) => (r.by.clone(), Some(r.reason.clone())),
+            (None, Some(a)) => (a.by.clone(), a.reason.clone()),
+            (None, None) => (AUTO.to_owned(), None),
+        };
+        let recorded_previous = match &run.rollback {
+            Some(r) => r.from_version.clone(),
+            None => run.baseline.as_ref().map(|b| b.version.clone()),
+        };
+        let candidate_id = match &run.rollback {
+            Some(r) => r.restored_candidate.clone(),
+            None => run.candidate.as_ref().map(|c| c.id.clone()),
         };
         Some(PromotionEvent {
             run_id: self.run_id.clone(),
             label: self.label.clone(),
             kind: run.promotion_kind(),
             version: version.version.clone(),
-            previous_version: version
-                .previous
-                .clone()
-                .or_else(|| run.baseline.as_ref().map(|b| b.version.clone())),
+            previous_version: version.previous.clone().or(recorded_previous),
             candidate_run: run.candidate_run().cloned(),
-            candidate_id: run.candidate.as_ref().map(|c| c.id.clone()),
+            candidate_id,
             verdict: run.verdict.as_ref().map(|v| v.reason.clone()),
             by,
             reason,

@@ -124,6 +124,9 @@ pub enum Stage {
     /// notified, cursor committed); waiting for `Approved` / `Rejected`.
     AwaitingApproval,
     Done,
+    /// A rollback run (`retrain rollback`): moving production back to an
+    /// earlier version in the registry.
+    RollingBack,
 }
 
 impl Stage {
@@ -142,6 +145,7 @@ impl Stage {
             Self::Finishing => "finishing",
             Self::AwaitingApproval => "awaiting_approval",
             Self::Done => "done",
+            Self::RollingBack => "rolling_back",
         }
     }
 }
@@ -186,6 +190,11 @@ pub enum Outcome {
         stage: Stage,
         reason: String,
     },
+    /// A rollback run moved production from `from` back to `to`.
+    RolledBack {
+        from: Option<String>,
+        to: String,
+    },
 }
 
 impl Outcome {
@@ -199,6 +208,7 @@ impl Outcome {
             Self::AwaitingApproval => "awaiting_approval",
             Self::Rejected { .. } => "rejected",
             Self::Failed { .. } => "failed",
+            Self::RolledBack { .. } => "rolled_back",
         }
     }
     pub fn is_failure(&self) -> bool {
@@ -305,6 +315,15 @@ pub enum Event {
     ActionFailed {
         reason: String,
     },
+    /// `retrain rollback`: a new run that moves production back to
+    /// `rollback.to_version` (validated by the engine before this event).
+    RollbackRequested {
+        rollback: Rollback,
+    },
+    /// The registry made the rollback's target version production again.
+    RolledBack {
+        version: PromotedVersion,
+    },
 }
 
 impl Event {
@@ -333,6 +352,8 @@ impl Event {
             Self::Rejected { .. } => "rejected",
             Self::StepDeferred { .. } => "step_deferred",
             Self::ActionFailed { .. } => "action_failed",
+            Self::RollbackRequested { .. } => "rollback_requested",
+            Self::RolledBack { .. } => "rolled_back",
         }
     }
 }
@@ -384,6 +405,11 @@ pub enum Action {
     Commit {
         cursor: Option<LabelCursor>,
     },
+    /// Make the earlier registry version `version` production again
+    /// (idempotent per run id, like `Promote`).
+    RollBack {
+        version: String,
+    },
 }
 
 impl Action {
@@ -398,6 +424,7 @@ impl Action {
                 | Self::ReleaseLease { .. }
                 | Self::Notify
                 | Self::Commit { .. }
+                | Self::RollBack { .. }
         )
     }
 }
@@ -439,6 +466,27 @@ pub struct Approval {
     #[serde(default)]
     pub reason: Option<String>,
     pub at: DateTime<Utc>,
+}
+
+/// What a rollback run restores, who asked and why (`retrain rollback`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rollback {
+    /// The registry version that becomes production again.
+    pub to_version: String,
+    /// Production when the rollback was requested (`None`: there was none).
+    pub from_version: Option<String>,
+    pub by: String,
+    pub reason: String,
+    /// `--force`: the target never was production for this label.
+    #[serde(default)]
+    pub forced: bool,
+    pub at: DateTime<Utc>,
+    /// The run whose promotion first made `to_version` production, if the
+    /// promotion history knows it.
+    #[serde(default)]
+    pub restored_run: Option<RunId>,
+    #[serde(default)]
+    pub restored_candidate: Option<String>,
 }
 
 /// The full state of one label's run. Serialised as the journal snapshot.
@@ -497,6 +545,9 @@ pub struct LabelRun {
     /// `None`: promoted automatically.
     #[serde(default)]
     pub approval: Option<Approval>,
+    /// Set for a rollback run (`retrain rollback`): what it restores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<Rollback>,
     /// Set once the outcome is known; `Done` follows after release/notify/commit.
     pub outcome: Option<Outcome>,
     /// Actions announced by the last transition and not yet confirmed.
@@ -536,6 +587,7 @@ impl LabelRun {
             promoted: None,
             notify_error: None,
             approval: None,
+            rollback: None,
             notified: Vec::new(),
             step_retries: 0,
             step_error: None,
@@ -580,12 +632,20 @@ impl LabelRun {
 
     /// What kind of production change a promotion of this run is.
     pub fn promotion_kind(&self) -> crate::journal::PromotionKind {
-        crate::journal::PromotionKind::Promotion
+        if self.rollback.is_some() {
+            crate::journal::PromotionKind::Rollback
+        } else {
+            crate::journal::PromotionKind::Promotion
+        }
     }
 
-    /// The run that trained the candidate this run promotes.
+    /// The run that trained the candidate this run promotes (for a
+    /// rollback: the run that first promoted the restored version, if known).
     pub fn candidate_run(&self) -> Option<&RunId> {
-        self.candidate.as_ref().map(|_| &self.run_id)
+        match &self.rollback {
+            Some(rollback) => rollback.restored_run.as_ref(),
+            None => self.candidate.as_ref().map(|_| &self.run_id),
+        }
     }
 
     /// The key of the current (or next) training job.
@@ -941,6 +1001,31 @@ impl LabelRun {
                     reason: format!("rejected by {by}: {reason}"),
                 }))
             }
+            (S::Created, E::RollbackRequested { .. }) if self.plan.dry_run => {
+                // A dry run never acts: there is no dry-run rollback.
+                Err(self.invalid(event))
+            }
+            (S::Created, E::RollbackRequested { rollback }) => {
+                // A rollback trains nothing: no dataset, so `Commit` carries
+                // no cursor and the label's consumed version stays consumed.
+                self.started_at = Some(rollback.at);
+                self.rollback = Some(rollback.clone());
+                self.stage = S::RollingBack;
+                Ok(vec![Action::RollBack {
+                    version: rollback.to_version.clone(),
+                }])
+            }
+            (S::RollingBack, E::RolledBack { version }) => {
+                let Some(rollback) = &self.rollback else {
+                    return Err(self.invalid(event));
+                };
+                let from = version.previous.clone().or(rollback.from_version.clone());
+                self.promoted = Some(version.clone());
+                Ok(self.conclude(Outcome::RolledBack {
+                    from,
+                    to: version.version.clone(),
+                }))
+            }
             _ => Err(self.invalid(event)),
         }
     }
@@ -1045,6 +1130,7 @@ impl LabelRun {
                 | (Stage::Promoting, Some(Action::Promote { .. }))
                 | (Stage::Notifying, Some(Action::Notify))
                 | (Stage::Releasing, Some(Action::ReleaseLease { .. }))
+                | (Stage::RollingBack, Some(Action::RollBack { .. }))
         );
         if !retryable {
             return Err(self.invalid(event));
@@ -1963,6 +2049,121 @@ mod tests {
                 })
             );
         }
+    }
+
+    fn rollback_to(version: &str) -> Rollback {
+        Rollback {
+            to_version: version.into(),
+            from_version: Some("3".into()),
+            by: "alice".into(),
+            reason: "dice regressed".into(),
+            forced: false,
+            at: now(5),
+            restored_run: Some(RunId("promoted-2".into())),
+            restored_candidate: Some("cand-2".into()),
+        }
+    }
+
+    #[test]
+    fn a_rollback_run_rolls_back_notifies_and_commits_no_cursor() {
+        let mut r = run(plan(counts_trigger()));
+        r.cursor.consumed_version = Some(VersionTag::new("v9"));
+        let a = r
+            .step(&Event::RollbackRequested {
+                rollback: rollback_to("2"),
+            })
+            .unwrap();
+        assert_eq!(
+            a,
+            vec![Action::RollBack {
+                version: "2".into()
+            }]
+        );
+        assert_eq!(r.stage, Stage::RollingBack);
+        assert_eq!(r.started_at, Some(now(5)));
+        assert_eq!(r.promotion_kind(), crate::journal::PromotionKind::Rollback);
+        assert_eq!(r.candidate_run(), Some(&RunId("promoted-2".into())));
+        // A transient registry failure retries the same rollback.
+        let a = r
+            .step(&Event::StepDeferred {
+                error: "503".into(),
+                done: vec![],
+            })
+            .unwrap();
+        assert_eq!(
+            a,
+            vec![Action::RollBack {
+                version: "2".into()
+            }]
+        );
+        let a = r
+            .step(&Event::RolledBack {
+                version: PromotedVersion {
+                    version: "2".into(),
+                    previous: None,
+                },
+            })
+            .unwrap();
+        assert_eq!(a, vec![Action::Notify]);
+        assert_eq!(
+            r.outcome,
+            Some(Outcome::RolledBack {
+                from: Some("3".into()),
+                to: "2".into()
+            }),
+            "the requested `from` stands in for a registry that did not say"
+        );
+        let a = r.step(&Event::Notified { error: None }).unwrap();
+        assert_eq!(a, vec![Action::Commit { cursor: None }]);
+        r.step(&Event::Committed).unwrap();
+        assert!(r.is_done());
+        assert_eq!(r.outcome.as_ref().unwrap().short(), "rolled_back");
+    }
+
+    #[test]
+    fn a_failed_rollback_is_reported_and_rollback_events_are_refused_elsewhere() {
+        let mut r = run(plan(counts_trigger()));
+        r.step(&Event::RollbackRequested {
+            rollback: rollback_to("2"),
+        })
+        .unwrap();
+        let a = r
+            .step(&Event::ActionFailed {
+                reason: "no such version".into(),
+            })
+            .unwrap();
+        assert_eq!(a, vec![Action::Notify]);
+        assert!(matches!(
+            r.outcome,
+            Some(Outcome::Failed {
+                stage: Stage::RollingBack,
+                ..
+            })
+        ));
+        // Not in a cycle's run, not twice, not in a dry run.
+        let mut cycle = run(plan(counts_trigger()));
+        cycle.step(&Event::Started { now: now(0) }).unwrap();
+        let request = Event::RollbackRequested {
+            rollback: rollback_to("2"),
+        };
+        assert!(cycle.step(&request).is_err());
+        let rolled = Event::RolledBack {
+            version: PromotedVersion {
+                version: "2".into(),
+                previous: None,
+            },
+        };
+        assert!(cycle.step(&rolled).is_err());
+        let mut dry = plan(counts_trigger());
+        dry.dry_run = true;
+        assert!(run(dry).step(&request).is_err());
+        assert_eq!(Stage::RollingBack.as_str(), "rolling_back");
+        assert_eq!(request.name(), "rollback_requested");
+        assert_eq!(rolled.name(), "rolled_back");
+        assert!(Action::RollBack {
+            version: "1".into()
+        }
+        .is_side_effect());
     }
 
     #[test]

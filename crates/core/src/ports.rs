@@ -178,7 +178,37 @@ pub trait ModelRegistry: Send + Sync {
         run_id: RunId,
         lease: Option<Lease>,
     ) -> Result<PromotedVersion, PortError>;
+    /// Whether `version` is a registered version of the model (validates
+    /// `retrain rollback --to` before anything is journaled).
+    async fn version_exists(
+        &self,
+        version: String,
+        lease: Option<Lease>,
+    ) -> Result<bool, PortError>;
+    /// Make the earlier version `rollback.version` production again, marking
+    /// the version it replaces as rolled back by `rollback.by` because
+    /// `rollback.reason`. Returns the restored version and the one it
+    /// replaced (`previous`). Must be idempotent per `rollback.run_id`: a
+    /// second call for the same rollback run changes nothing and returns
+    /// what the first one returned (a resumed run calls it again after a
+    /// crash between the call and its journal write).
+    async fn roll_back(
+        &self,
+        rollback: RegistryRollback,
+        lease: Option<Lease>,
+    ) -> Result<PromotedVersion, PortError>;
     fn describe(&self) -> String;
+}
+
+/// What [`ModelRegistry::roll_back`] does, on behalf of which run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistryRollback {
+    /// The registry version that becomes production again.
+    pub version: String,
+    /// The rollback run: the idempotency key.
+    pub run_id: RunId,
+    pub by: String,
+    pub reason: String,
 }
 
 /// Sends the per-label report somewhere people look.

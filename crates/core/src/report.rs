@@ -9,7 +9,7 @@ use crate::domain::{
     VersionTag,
 };
 use crate::gate::Verdict;
-use crate::machine::{LabelRun, Outcome, Stage};
+use crate::machine::{LabelRun, Outcome, Rollback, Stage};
 
 /// The per-label result of a cycle.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -35,6 +35,9 @@ pub struct LabelReport {
     /// (see [`with_history`]); drawn as a chart by [`LabelReport::to_markdown`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<MetricPoint>,
+    /// A rollback run: what it restored, who asked and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<Rollback>,
 }
 
 /// Coarse status per label, the first thing a reader looks at.
@@ -60,6 +63,8 @@ pub enum LabelStatus {
     /// The label's lock was lost mid-run (expired and taken over): this
     /// orchestrator stopped without acting further; the new holder resumes.
     LockLost,
+    /// A rollback run moved production back to an earlier version.
+    RolledBack,
 }
 
 impl LabelStatus {
@@ -77,6 +82,7 @@ impl LabelStatus {
             Self::Interrupted => "interrupted",
             Self::Deferred => "deferred",
             Self::LockLost => "lock_lost",
+            Self::RolledBack => "rolled_back",
         }
     }
 }
@@ -92,6 +98,7 @@ impl LabelReport {
             Some(Outcome::AwaitingApproval) => LabelStatus::AwaitingApproval,
             Some(Outcome::Rejected { .. }) => LabelStatus::Rejected,
             Some(Outcome::Failed { .. }) => LabelStatus::Failed,
+            Some(Outcome::RolledBack { .. }) => LabelStatus::RolledBack,
             None => LabelStatus::Interrupted,
         };
         let error = match &run.outcome {
@@ -116,6 +123,7 @@ impl LabelReport {
             resumed,
             error,
             history: Vec::new(),
+            rollback: run.rollback.clone(),
         }
     }
 
@@ -139,6 +147,7 @@ impl LabelReport {
             resumed: false,
             error: Some(error),
             history: Vec::new(),
+            rollback: None,
         }
     }
 
@@ -225,6 +234,37 @@ impl LabelReport {
         ))
     }
 
+    /// For a rollback run: "rolled back from X to Y by Z because R" (or
+    /// what it is doing, while it has not finished).
+    pub fn rollback_summary(&self) -> Option<String> {
+        let rollback = self.rollback.as_ref()?;
+        let to = self
+            .promoted
+            .as_ref()
+            .map_or(rollback.to_version.as_str(), |p| p.version.as_str());
+        let from = self
+            .promoted
+            .as_ref()
+            .and_then(|p| p.previous.as_deref())
+            .or(rollback.from_version.as_deref())
+            .unwrap_or("none");
+        let verb = if self.status == LabelStatus::RolledBack {
+            "rolled back"
+        } else {
+            "rollback"
+        };
+        Some(format!(
+            "{verb} from version {from} to version {to} by {} because {}{}",
+            rollback.by,
+            rollback.reason,
+            if rollback.forced {
+                " (forced: the version never was production for this label)"
+            } else {
+                ""
+            }
+        ))
+    }
+
     pub fn to_markdown(&self) -> String {
         let mut out = String::new();
         out.push_str(&format!(
@@ -255,7 +295,9 @@ impl LabelReport {
                 out.push_str(&format!("- candidate: `{}`\n", candidate.id));
             }
         }
-        if let Some(promoted) = &self.promoted {
+        if let Some(summary) = self.rollback_summary() {
+            out.push_str(&format!("- {summary}\n"));
+        } else if let Some(promoted) = &self.promoted {
             out.push_str(&format!("- promoted version: `{}`", promoted.version));
             if let Some(previous) = &promoted.previous {
                 out.push_str(&format!(" (previous `{previous}` archived)"));

@@ -17,8 +17,8 @@ use retrain_core::domain::{
     VersionTag,
 };
 use retrain_core::ports::{
-    MetadataRead, MetadataStore, ModelRegistry, Notifier, PortError, SpaceController, Trainer,
-    TrainingRequest,
+    MetadataRead, MetadataStore, ModelRegistry, Notifier, PortError, RegistryRollback,
+    SpaceController, Trainer, TrainingRequest,
 };
 use retrain_core::report::LabelReport;
 
@@ -985,6 +985,79 @@ async fn json_registry_promotes_archives_and_is_idempotent_per_run() {
         registry.candidate_metrics("c1".into(), None).await.unwrap()["dice"],
         0.8
     );
+}
+
+fn rollback(version: &str, run_id: &str) -> RegistryRollback {
+    RegistryRollback {
+        version: version.into(),
+        run_id: RunId(run_id.into()),
+        by: "alice".into(),
+        reason: "dice regressed".into(),
+    }
+}
+
+#[tokio::test]
+async fn json_registry_rolls_back_marks_the_version_and_is_idempotent_per_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("registry.json");
+    let registry = JsonRegistry::open(path.clone(), "m".into());
+    assert!(!registry.version_exists("1".into(), None).await.unwrap());
+    for (id, run) in [("c1", "run-a"), ("c2", "run-b")] {
+        registry
+            .promote(candidate(id, 0.8), RunId(run.into()), None)
+            .await
+            .unwrap();
+    }
+    assert!(registry.version_exists("1".into(), None).await.unwrap());
+    assert!(!registry.version_exists("3".into(), None).await.unwrap());
+
+    let back = registry
+        .roll_back(rollback("1", "rollback-1"), None)
+        .await
+        .unwrap();
+    assert_eq!(back.version, "1");
+    assert_eq!(back.previous.as_deref(), Some("2"));
+    assert_eq!(
+        registry.production(None).await.unwrap().unwrap().version,
+        "1"
+    );
+    // The same rollback run again: nothing changes, the same answer.
+    let before = std::fs::read_to_string(&path).unwrap();
+    let again = registry
+        .roll_back(rollback("1", "rollback-1"), None)
+        .await
+        .unwrap();
+    assert_eq!(again, back);
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), before);
+
+    let raw: serde_json::Value = serde_json::from_str(&before).unwrap();
+    let model = &raw["models"]["m"];
+    assert_eq!(model["production"], "1");
+    let versions = model["versions"].as_array().unwrap();
+    assert_eq!(versions[0]["status"], "production");
+    assert_eq!(versions[1]["status"], "archived");
+    assert_eq!(versions[1]["rolled_back_by"], "alice");
+    assert_eq!(versions[1]["rolled_back_reason"], "dice regressed");
+    assert_eq!(versions[1]["rolled_back_run_id"], "rollback-1");
+    assert_eq!(model["rollbacks"][0]["run_id"], "rollback-1");
+    assert_eq!(model["rollbacks"][0]["previous"], "2");
+
+    // A promotion after the rollback gets a new number.
+    let v3 = registry
+        .promote(candidate("c3", 0.9), RunId("run-c".into()), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (v3.version.as_str(), v3.previous.as_deref()),
+        ("3", Some("1"))
+    );
+
+    let err = registry
+        .roll_back(rollback("9", "rollback-2"), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PortError::NotFound(_)), "{err:?}");
+    assert!(err.message().contains("no version 9"), "{err}");
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@ use retrain_adapters::mlflow::{
     MlflowAuth, MlflowRegistry, MlflowSettings, ReadyWait, RegistryMode,
 };
 use retrain_core::domain::{Candidate, Label, Lease, RunId};
-use retrain_core::ports::{ModelRegistry, PortError};
+use retrain_core::ports::{ModelRegistry, PortError, RegistryRollback};
 use secrecy::SecretString;
 use serde_json::{json, Value};
 use wiremock::matchers::{body_partial_json, method, path, query_param};
@@ -967,4 +967,175 @@ async fn real_server_promotes_a_logged_model_by_its_id() {
     assert_eq!(second.previous.as_deref(), Some("1"));
     let production = registry.production(None).await.unwrap().unwrap();
     assert_eq!(production.candidate_id.as_deref(), Some(run_b.as_str()));
+}
+
+fn rollback_order(version: &str, run_id: &RunId) -> RegistryRollback {
+    RegistryRollback {
+        version: version.into(),
+        run_id: run_id.clone(),
+        by: "alice".into(),
+        reason: "dice regressed in production".into(),
+    }
+}
+
+/// Two promotions (versions 1 and 2) of fresh runs of `mlflow`.
+async fn promoted_twice(mlflow: &Mlflow, registry: &MlflowRegistry) {
+    for dice in [0.80, 0.85] {
+        let run = mlflow.run_with(&[("dice", dice)]).await;
+        registry
+            .promote(candidate(&run, &[]), RunId::generate(), None)
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn real_server_alias_mode_rollback_moves_the_alias_back_and_tags_the_version() {
+    let Some(url) = service_url("RETRAIN_TEST_MLFLOW_URL") else {
+        return;
+    };
+    let mlflow = Mlflow::new(&url).await;
+    let model = unique("rolled");
+    let registry = MlflowRegistry::new(settings(&url, &model, RegistryMode::Alias)).unwrap();
+    assert!(
+        !registry.version_exists("1".into(), None).await.unwrap(),
+        "no model yet"
+    );
+    promoted_twice(&mlflow, &registry).await;
+    assert_eq!(
+        mlflow.version(&model, "2").await["aliases"],
+        json!(["production"])
+    );
+    assert!(registry.version_exists("1".into(), None).await.unwrap());
+    assert!(!registry.version_exists("99".into(), None).await.unwrap());
+
+    let rollback_run = RunId::generate();
+    let back = registry
+        .roll_back(rollback_order("1", &rollback_run), None)
+        .await
+        .unwrap();
+    assert_eq!(back.version, "1");
+    assert_eq!(back.previous.as_deref(), Some("2"));
+    let v1 = mlflow.version(&model, "1").await;
+    assert_eq!(v1["aliases"], json!(["production"]), "{v1}");
+    assert_eq!(tag(&v1, "retrain.archived"), Some("false"));
+    assert_eq!(tag(&v1, "retrain.restored"), Some(rollback_run.as_str()));
+    let v2 = mlflow.version(&model, "2").await;
+    assert_ne!(v2["aliases"], json!(["production"]), "{v2}");
+    assert_eq!(tag(&v2, "retrain.rolled_back_by"), Some("alice"));
+    assert_eq!(
+        tag(&v2, "retrain.rolled_back_reason"),
+        Some("dice regressed in production")
+    );
+    assert_eq!(
+        tag(&v2, "retrain.rolled_back_run_id"),
+        Some(rollback_run.as_str())
+    );
+    assert_eq!(tag(&v2, "retrain.archived"), Some("true"));
+    let production = registry.production(None).await.unwrap().unwrap();
+    assert_eq!(
+        (production.version.as_str(), production.metrics["dice"]),
+        ("1", 0.80)
+    );
+
+    // The same rollback run again changes nothing and answers the same.
+    let again = registry
+        .roll_back(rollback_order("1", &rollback_run), None)
+        .await
+        .unwrap();
+    assert_eq!(again, back);
+    assert_eq!(mlflow.versions(&model).await.len(), 2, "no new version");
+
+    let err = registry
+        .roll_back(rollback_order("99", &RunId::generate()), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PortError::NotFound(_)), "{err:?}");
+    assert!(err.to_string().contains("version 99"), "{err}");
+}
+
+#[tokio::test]
+async fn real_server_rollback_interrupted_before_the_alias_moved_completes_once() {
+    let Some(url) = service_url("RETRAIN_TEST_MLFLOW_URL") else {
+        return;
+    };
+    let mlflow = Mlflow::new(&url).await;
+    let model = unique("rolled-crash");
+    let registry = MlflowRegistry::new(settings(&url, &model, RegistryMode::Alias)).unwrap();
+    promoted_twice(&mlflow, &registry).await;
+    // An earlier attempt of this rollback run recorded its intent on
+    // version 1, then died before moving the alias.
+    let rollback_run = RunId::generate();
+    for (key, value) in [
+        ("retrain.restored_from", "2"),
+        ("retrain.restored_by_run_id", rollback_run.as_str()),
+    ] {
+        mlflow
+            .post(
+                "model-versions/set-tag",
+                json!({"name": model, "version": "1", "key": key, "value": value}),
+            )
+            .await;
+    }
+    let back = registry
+        .roll_back(rollback_order("1", &rollback_run), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (back.version.as_str(), back.previous.as_deref()),
+        ("1", Some("2"))
+    );
+    assert_eq!(
+        mlflow.version(&model, "1").await["aliases"],
+        json!(["production"])
+    );
+    assert_eq!(
+        tag(&mlflow.version(&model, "2").await, "retrain.rolled_back_by"),
+        Some("alice")
+    );
+}
+
+#[tokio::test]
+async fn real_server_stage_mode_rollback_transitions_back_and_archives() {
+    let Some(url) = service_url("RETRAIN_TEST_MLFLOW_URL") else {
+        return;
+    };
+    let mlflow = Mlflow::new(&url).await;
+    let model = unique("staged-rolled");
+    let registry = MlflowRegistry::new(settings(&url, &model, RegistryMode::Stage)).unwrap();
+    promoted_twice(&mlflow, &registry).await;
+    assert_eq!(
+        mlflow.version(&model, "1").await["current_stage"],
+        "Archived"
+    );
+
+    let rollback_run = RunId::generate();
+    let back = registry
+        .roll_back(rollback_order("1", &rollback_run), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (back.version.as_str(), back.previous.as_deref()),
+        ("1", Some("2"))
+    );
+    assert_eq!(
+        mlflow.version(&model, "1").await["current_stage"],
+        "Production"
+    );
+    let v2 = mlflow.version(&model, "2").await;
+    assert_eq!(v2["current_stage"], "Archived");
+    assert_eq!(tag(&v2, "retrain.rolled_back_by"), Some("alice"));
+    assert_eq!(
+        tag(&v2, "retrain.rolled_back_reason"),
+        Some("dice regressed in production")
+    );
+    assert_eq!(
+        registry.production(None).await.unwrap().unwrap().version,
+        "1"
+    );
+    let again = registry
+        .roll_back(rollback_order("1", &rollback_run), None)
+        .await
+        .unwrap();
+    assert_eq!(again, back);
 }

@@ -5,9 +5,8 @@
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
-use super::cycle::Stops;
 use super::locks::Acquired;
-use super::{CycleShared, Engine, EngineError};
+use super::{Engine, EngineError};
 use crate::domain::RunId;
 use crate::machine::{Event, LabelRun, Stage};
 use crate::report::LabelReport;
@@ -171,24 +170,7 @@ impl Engine {
         fence: &crate::domain::Fence,
         lost: CancellationToken,
     ) -> Result<DecisionOutcome, EngineError> {
-        let interrupt = CancellationToken::new();
-        let stops = Stops {
-            interrupt: &interrupt,
-            lost,
-        };
-        let shared = CycleShared::default();
-        let everything = |_: &crate::machine::Action| true;
-        let (run, _, _ended) = self
-            .drive(
-                binding,
-                run,
-                actions,
-                Some(fence),
-                &shared,
-                &stops,
-                &everything,
-            )
-            .await;
+        let (run, _ended) = self.drive_alone(binding, run, actions, fence, lost).await;
         let mut report = LabelReport::from_run(&run, true);
         if !run.is_done() && report.error.is_none() {
             report.error = Some(format!(

@@ -246,40 +246,78 @@ impl Engine {
             (run, ended)
         };
         self.unlock(&label).await;
-        let mut report = self
+        let report = self
             .with_history(&run, LabelReport::from_run(&run, resumed))
             .await;
-        match ended {
-            DriveEnd::Finished | DriveEnd::Halted => {}
-            DriveEnd::Interrupted(note) => {
-                report.status = LabelStatus::Interrupted;
-                if note.is_some() {
-                    report.error = note;
-                }
+        report_end(report, &run, ended)
+    }
+
+    /// Drive a run outside a cycle (`approve`, `rollback`) to its end, with
+    /// every action allowed and no interrupt; the caller holds the lock.
+    pub(super) async fn drive_alone(
+        &self,
+        binding: &LabelBinding,
+        run: LabelRun,
+        actions: Vec<Action>,
+        fence: &Fence,
+        lost: CancellationToken,
+    ) -> (LabelRun, DriveEnd) {
+        let interrupt = CancellationToken::new();
+        let stops = Stops {
+            interrupt: &interrupt,
+            lost,
+        };
+        let shared = CycleShared::default();
+        let everything = |_: &Action| true;
+        let (run, _, ended) = self
+            .drive(
+                binding,
+                run,
+                actions,
+                Some(fence),
+                &shared,
+                &stops,
+                &everything,
+            )
+            .await;
+        (run, ended)
+    }
+}
+
+/// `report` of `run` with the status and error of how driving it `ended`.
+pub(super) fn report_end(mut report: LabelReport, run: &LabelRun, ended: DriveEnd) -> LabelReport {
+    match ended {
+        DriveEnd::Finished | DriveEnd::Halted => {}
+        DriveEnd::Interrupted(note) => {
+            report.status = LabelStatus::Interrupted;
+            if note.is_some() {
+                report.error = note;
             }
-            DriveEnd::JournalFailed(error) => {
-                report.status = LabelStatus::Failed;
-                report.error = Some(format!(
-                    "run store failure, the run stays resumable: {error}"
-                ));
-            }
-            DriveEnd::Deferred(error) => {
-                report.status = LabelStatus::Deferred;
-                report.error = Some(format!(
+        }
+        DriveEnd::JournalFailed(error) => {
+            report.status = LabelStatus::Failed;
+            report.error = Some(format!(
+                "run store failure, the run stays resumable: {error}"
+            ));
+        }
+        DriveEnd::Deferred(error) => {
+            report.status = LabelStatus::Deferred;
+            report.error = Some(format!(
                     "{error}; the run resumes at stage {} at the next cycle (failure {} of max_step_retries = {})",
                     run.stage, run.step_retries, run.plan.max_step_retries
                 ));
-            }
-            DriveEnd::LockLost(reason) => {
-                report.status = LabelStatus::LockLost;
-                report.error = Some(format!(
-                    "{reason}; stopped without further action (the new holder resumes the run)"
-                ));
-            }
         }
-        report
+        DriveEnd::LockLost(reason) => {
+            report.status = LabelStatus::LockLost;
+            report.error = Some(format!(
+                "{reason}; stopped without further action (the new holder resumes the run)"
+            ));
+        }
     }
+    report
+}
 
+impl Engine {
     /// A resumed run that holds a lease and still needs its machines (to
     /// train, or because the registry lives on the leased host) starts them
     /// again first: an interrupt or `infra reap` may have stopped them.

@@ -3,7 +3,7 @@
 //! **Retry semantics.** Adapters retry transport errors themselves; what
 //! reaches the engine as `PortError::Transient` persisted through those
 //! retries. For the steps that talk to a registry, notifiers or a lease
-//! provider (`ReadBaseline`, `Promote`, `Notify`, `ReleaseLease`) such an
+//! provider (`ReadBaseline`, `Promote`, `RollBack`, `Notify`, `ReleaseLease`) such an
 //! error becomes `Event::StepDeferred`: the run stays at that step and the
 //! next cycle retries it, so a passed verdict is never thrown away by an
 //! outage; a permanent error (`Denied`, `NotFound`, `InvalidResponse`…)
@@ -20,7 +20,7 @@ use super::{training_request, CycleShared, Engine, Executed, LabelBinding};
 use crate::domain::{Fence, JobKey, Lease, TrainingOutcome};
 use crate::failpoint;
 use crate::machine::{Action, Event, LabelRun};
-use crate::ports::{LeaseProvider, MetadataRead, PortError, StoreError};
+use crate::ports::{LeaseProvider, MetadataRead, PortError, RegistryRollback, StoreError};
 use crate::report::LabelReport;
 
 /// Attempts at stopping a lease before giving up (the lease then stays
@@ -302,6 +302,30 @@ impl Engine {
                     Err(e) => Self::deferred_or_failed(
                         e,
                         format!("promotion in {} failed", registry.describe()),
+                    ),
+                }
+            }
+            Action::RollBack { version } => {
+                let (Some(registry), Some(rollback)) = (&binding.registry, &run.rollback) else {
+                    return Self::failed(
+                        "a rollback needs a model registry and a rollback request; this run has neither",
+                    );
+                };
+                let order = RegistryRollback {
+                    version,
+                    run_id: run.run_id.clone(),
+                    by: rollback.by.clone(),
+                    reason: rollback.reason.clone(),
+                };
+                match registry.roll_back(order, None).await {
+                    Ok(version) => {
+                        failpoint::hit("after-effect:roll_back");
+                        info!(version = %version.version, previous = ?version.previous, "rolled back");
+                        Executed::Event(Event::RolledBack { version })
+                    }
+                    Err(e) => Self::deferred_or_failed(
+                        e,
+                        format!("rollback in {} failed", registry.describe()),
                     ),
                 }
             }

@@ -20,6 +20,10 @@
 //! - `poll.rs`: waiting for a new dataset (deadline-bounded, jittered,
 //!   woken early by webhooks).
 //! - `admin.rs`: what runs outside a cycle (`retrain gate`, `infra reap`).
+//! - `rollback.rs`: `retrain rollback`, a run of its own that moves
+//!   production back. **Exactly once:** validated before anything is
+//!   written; intent journaled before the registry call, which is
+//!   idempotent per run id; no cursor moves.
 
 mod admin;
 mod approval;
@@ -28,6 +32,7 @@ mod cycle;
 mod execute;
 mod locks;
 mod poll;
+mod rollback;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -49,6 +54,9 @@ use crate::report::LabelReport;
 pub use admin::GateOutcome;
 pub use approval::{Decision, DecisionOutcome};
 use locks::HeldLocks;
+pub use rollback::{
+    previous_production, production_lineage, RollbackOutcome, RollbackRefused, RollbackRequest,
+};
 
 /// Source of wall-clock time for events. The default follows tokio's clock
 /// so that tests with paused time see time advance consistently.
@@ -177,6 +185,8 @@ pub enum EngineError {
         recorded: String,
         current: String,
     },
+    #[error(transparent)]
+    RollbackRefused(#[from] RollbackRefused),
 }
 
 /// What to run.

@@ -562,6 +562,20 @@ impl retrain_core::ports::ModelRegistry for HangingRegistry {
     ) -> Result<retrain_core::domain::PromotedVersion, retrain_core::ports::PortError> {
         std::future::pending().await
     }
+    async fn version_exists(
+        &self,
+        _: String,
+        _: Option<retrain_core::domain::Lease>,
+    ) -> Result<bool, retrain_core::ports::PortError> {
+        std::future::pending().await
+    }
+    async fn roll_back(
+        &self,
+        _: retrain_core::ports::RegistryRollback,
+        _: Option<retrain_core::domain::Lease>,
+    ) -> Result<retrain_core::domain::PromotedVersion, retrain_core::ports::PortError> {
+        std::future::pending().await
+    }
     fn describe(&self) -> String {
         "hanging".into()
     }

@@ -12,7 +12,9 @@ use retrain_core::domain::{
     VersionTag,
 };
 use retrain_core::gate::GatePolicy;
-use retrain_core::machine::{Action, Event, LabelPlan, LabelRun, PromoteMode, Stage, Trigger};
+use retrain_core::machine::{
+    Action, Event, LabelPlan, LabelRun, Outcome, PromoteMode, Rollback, Stage, Trigger,
+};
 
 fn dataset(tag: u8, n: u64, created: i64) -> DatasetVersion {
     DatasetVersion {
@@ -128,6 +130,7 @@ fn respond(action: &Action, run: &LabelRun, choice: u8, clock: &mut i64) -> Even
             | Action::Promote { .. }
             | Action::Notify
             | Action::ReleaseLease { .. }
+            | Action::RollBack { .. }
     );
     if retryable && choice % 6 == 1 {
         return Event::StepDeferred {
@@ -221,6 +224,12 @@ fn respond(action: &Action, run: &LabelRun, choice: u8, clock: &mut i64) -> Even
         Action::ReleaseLease { .. } => Event::LeaseReleased,
         Action::Notify => Event::Notified { error: None },
         Action::Commit { .. } => Event::Committed,
+        Action::RollBack { version } => Event::RolledBack {
+            version: PromotedVersion {
+                version: version.clone(),
+                previous: Some("3".into()),
+            },
+        },
     }
 }
 
@@ -429,8 +438,113 @@ fn decide(run: &mut LabelRun, trace: &mut Trace, decisions: &[u8]) {
     }
 }
 
+/// What a rollback run did.
+#[derive(Debug, Default)]
+struct RollbackTrace {
+    /// `RollBack` actions issued (retries after a deferral included).
+    roll_backs: usize,
+    /// Rollbacks that took effect (`RolledBack` answered).
+    rolled_back: usize,
+    deferred: usize,
+    commits: Vec<Option<LabelCursor>>,
+    /// Actions a rollback must never issue (training, promotion, leases…).
+    foreign: Vec<Action>,
+}
+
+/// A rollback run answered by `respond`, with crash/resume and impossible
+/// events injected like [`drive`].
+fn drive_rollback(s: &Scenario) -> (LabelRun, RollbackTrace) {
+    let mut run = LabelRun::new(
+        RunId::generate(),
+        CycleId::generate(),
+        plan(s),
+        LabelCursor {
+            watermark: None,
+            consumed_version: s.consumed.map(|c| VersionTag::new(format!("v{c}"))),
+            consumed_num_samples: s.consumed.map(|_| 5),
+        },
+    );
+    let mut trace = RollbackTrace::default();
+    let mut clock = 0i64;
+    let mut actions = run
+        .step(&Event::RollbackRequested {
+            rollback: Rollback {
+                to_version: "1".into(),
+                from_version: Some("3".into()),
+                by: "alice".into(),
+                reason: "dice regressed in production".into(),
+                forced: false,
+                at: at(0),
+                restored_run: None,
+                restored_candidate: None,
+            },
+        })
+        .unwrap();
+    let mut i = 0;
+    while let Some(action) = actions.first().cloned() {
+        let choice = s.choices[i % s.choices.len()].wrapping_add((i / s.choices.len()) as u8);
+        i += 1;
+        assert!(i < 200, "rollback run did not terminate");
+        match &action {
+            Action::RollBack { .. } => trace.roll_backs += 1,
+            Action::Commit { cursor } => trace.commits.push(cursor.clone()),
+            Action::Notify => {}
+            other => trace.foreign.push(other.clone()),
+        }
+        if choice.is_multiple_of(13) {
+            let before = run.clone();
+            if run.step(&Event::Started { now: at(1) }).is_ok() {
+                panic!("a rollback run accepted Started in stage {}", before.stage);
+            }
+            assert_eq!(run, before, "a refused event changed the state");
+        }
+        if choice.is_multiple_of(11) {
+            let json = serde_json::to_string(&run).unwrap();
+            run = serde_json::from_str(&json).unwrap();
+            assert_eq!(run.pending, actions, "resume re-issues the pending actions");
+        }
+        let event = respond(&action, &run, choice, &mut clock);
+        match &event {
+            Event::RolledBack { .. } => trace.rolled_back += 1,
+            Event::StepDeferred { .. } => trace.deferred += 1,
+            _ => {}
+        }
+        actions = run.step(&event).expect("a plausible event was refused");
+        assert!(
+            run.is_done() || !actions.is_empty(),
+            "rollback run left in stage {} with nothing to do after {event:?}",
+            run.stage
+        );
+    }
+    assert!(run.is_done(), "rollback run stopped in stage {}", run.stage);
+    (run, trace)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn a_rollback_moves_production_at_most_once_and_never_the_cursor(mut s in scenario()) {
+        s.dry_run = false;
+        let (run, trace) = drive_rollback(&s);
+        prop_assert!(trace.rolled_back <= 1, "{trace:?}");
+        prop_assert!(trace.roll_backs <= 1 + trace.deferred, "{trace:?}");
+        prop_assert!(trace.foreign.is_empty(), "a rollback trains, promotes or leases nothing: {trace:?}");
+        prop_assert!(!trace.commits.is_empty());
+        prop_assert!(trace.commits.iter().all(Option::is_none), "a rollback never moves the cursor");
+        match &run.outcome {
+            Some(Outcome::RolledBack { from, to }) => {
+                prop_assert_eq!(trace.rolled_back, 1);
+                prop_assert_eq!(to.as_str(), "1");
+                prop_assert_eq!(from.as_deref(), Some("3"));
+            }
+            Some(Outcome::Failed { stage, .. }) => {
+                prop_assert_eq!(trace.rolled_back, 0);
+                prop_assert_eq!(*stage, Stage::RollingBack);
+            }
+            other => prop_assert!(false, "unexpected outcome {other:?}"),
+        }
+    }
 
     #[test]
     fn never_two_trainings_per_version_unless_lost(s in scenario()) {

@@ -418,6 +418,8 @@ pub struct Counters {
     pub cancels: AtomicUsize,
     /// `start` calls that adopted the job already started for their key.
     pub adopted: AtomicUsize,
+    /// Rollbacks that moved production (not the idempotent repeats).
+    pub rollbacks: AtomicUsize,
 }
 
 /// The simulated outside world.
@@ -426,6 +428,10 @@ pub struct World {
     pub counters: Arc<Counters>,
     pub published: Arc<Mutex<Option<DatasetVersion>>>,
     pub production: Arc<Mutex<Option<(String, Metrics, RunId)>>>,
+    /// Every registered version: metrics and the run that promoted it.
+    pub versions: Arc<Mutex<BTreeMap<String, (Metrics, RunId)>>>,
+    /// Rollbacks done, by rollback run id (the registry is idempotent per run).
+    pub rollbacks: Arc<Mutex<BTreeMap<RunId, PromotedVersion>>>,
     pub candidate_metrics: Arc<Mutex<Metrics>>,
     pub trainer_fails: Arc<Mutex<bool>>,
     pub lose_trainings: Arc<AtomicUsize>,
@@ -451,6 +457,8 @@ impl World {
             counters: Arc::default(),
             published: Arc::new(Mutex::new(Some(dataset("v1", 10, 0)))),
             production: Arc::default(),
+            versions: Arc::default(),
+            rollbacks: Arc::default(),
             candidate_metrics: Arc::new(Mutex::new(
                 [("dice".to_string(), 0.9), ("iou".to_string(), 0.8)]
                     .into_iter()
@@ -653,12 +661,65 @@ impl ModelRegistry for FakeRegistry {
         }
         self.0.counters.promotes.fetch_add(1, Ordering::SeqCst);
         let previous = production.as_ref().map(|(v, _, _)| v.clone());
-        let version = previous
-            .as_ref()
-            .map(|v| (v.parse::<u32>().unwrap() + 1).to_string())
-            .unwrap_or_else(|| "1".into());
+        // Numbered after every registered version (production may have
+        // been rolled back to an older one), or after a production set by
+        // the test itself.
+        let newest = self
+            .0
+            .versions
+            .lock()
+            .unwrap()
+            .keys()
+            .chain(previous.iter())
+            .map(|v| v.parse::<u32>().unwrap())
+            .max()
+            .unwrap_or(0);
+        let version = (newest + 1).to_string();
+        self.0
+            .versions
+            .lock()
+            .unwrap()
+            .insert(version.clone(), (candidate.metrics.clone(), run_id.clone()));
         *production = Some((version.clone(), candidate.metrics, run_id));
         Ok(PromotedVersion { version, previous })
+    }
+    async fn version_exists(&self, version: String, _: Option<Lease>) -> Result<bool, PortError> {
+        self.0.outage()?;
+        Ok(self.0.versions.lock().unwrap().contains_key(&version))
+    }
+    async fn roll_back(
+        &self,
+        rollback: RegistryRollback,
+        _: Option<Lease>,
+    ) -> Result<PromotedVersion, PortError> {
+        self.0.outage()?;
+        if take_one(&self.0.promote_outages) {
+            return Err(PortError::Transient(
+                "registry answered 503 Service Unavailable".into(),
+            ));
+        }
+        let mut done = self.0.rollbacks.lock().unwrap();
+        if let Some(result) = done.get(&rollback.run_id) {
+            return Ok(result.clone());
+        }
+        let (metrics, promoted_by) = self
+            .0
+            .versions
+            .lock()
+            .unwrap()
+            .get(&rollback.version)
+            .cloned()
+            .ok_or_else(|| PortError::NotFound(format!("no version {}", rollback.version)))?;
+        self.0.counters.rollbacks.fetch_add(1, Ordering::SeqCst);
+        let mut production = self.0.production.lock().unwrap();
+        let previous = production.as_ref().map(|(v, _, _)| v.clone());
+        *production = Some((rollback.version.clone(), metrics, promoted_by));
+        let result = PromotedVersion {
+            version: rollback.version,
+            previous,
+        };
+        done.insert(rollback.run_id, result.clone());
+        Ok(result)
     }
     fn describe(&self) -> String {
         "fake registry".into()

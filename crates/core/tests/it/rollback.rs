@@ -1,0 +1,306 @@
+//! `Engine::rollback`: production back to the previous (or a named)
+//! version as a run of its own, refused without changing anything when it
+//! makes no sense, exactly once across a crash, and without re-promoting
+//! the rolled-back candidate at the next cycle.
+
+use std::sync::atomic::Ordering;
+
+use retrain_core::domain::{Label, RunId};
+use retrain_core::engine::{
+    CycleRequest, Engine, EngineError, RollbackOutcome, RollbackRefused, RollbackRequest,
+};
+use retrain_core::journal::{PromotionKind, RunFilter};
+use retrain_core::machine::Stage;
+use retrain_core::ports::RunStore;
+use retrain_core::report::LabelStatus;
+use retrain_core::CancellationToken;
+
+use crate::support::*;
+
+fn get(c: &std::sync::atomic::AtomicUsize) -> usize {
+    c.load(Ordering::SeqCst)
+}
+
+fn department() -> Label {
+    Label::new("department").unwrap()
+}
+
+fn request(to_version: Option<&str>, force: bool) -> RollbackRequest {
+    RollbackRequest {
+        label: department(),
+        to_version: to_version.map(Into::into),
+        by: "alice".into(),
+        reason: "dice regressed in production".into(),
+        force,
+    }
+}
+
+/// Production "1" (a worse model, registered by hand) and one cycle that
+/// promotes the candidate as "2" with previous "1".
+async fn promoted_twice(store: &MemStore, world: &World) -> Engine {
+    let worse = [("dice".to_string(), 0.5), ("iou".to_string(), 0.4)]
+        .into_iter()
+        .collect::<retrain_core::domain::Metrics>();
+    let seeded = RunId("seeded-by-hand".into());
+    world
+        .versions
+        .lock()
+        .unwrap()
+        .insert("1".into(), (worse.clone(), seeded.clone()));
+    *world.production.lock().unwrap() = Some(("1".into(), worse, seeded));
+    let engine = engine(
+        store,
+        world,
+        vec![binding(world, plan("department"), prepare(world))],
+    );
+    let report = engine
+        .run_cycle(CycleRequest::default(), CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(report.labels[0].status, LabelStatus::Promoted, "{report:?}");
+    assert_eq!(production(world), "2");
+    engine
+}
+
+fn production(world: &World) -> String {
+    world.production.lock().unwrap().as_ref().unwrap().0.clone()
+}
+
+async fn run_count(store: &MemStore) -> usize {
+    store.list_runs(&RunFilter::default()).await.unwrap().len()
+}
+
+fn refused(result: Result<RollbackOutcome, EngineError>) -> RollbackRefused {
+    match result {
+        Err(EngineError::RollbackRefused(refused)) => refused,
+        other => panic!("expected a refused rollback, got {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn rollback_restores_the_previous_version_and_records_who_and_why() {
+    let world = World::new();
+    let store = MemStore::new();
+    let engine = promoted_twice(&store, &world).await;
+    let cursor = store.cursor_of("department");
+    let notified = get(&world.counters.notifies);
+
+    let outcome = engine.rollback(request(None, false)).await.unwrap();
+    assert!(!outcome.resumed);
+    let report = outcome.report;
+    assert_eq!(report.status, LabelStatus::RolledBack, "{report:?}");
+    assert_eq!(production(&world), "1", "production restored");
+    assert_eq!(get(&world.counters.rollbacks), 1);
+    assert_eq!(get(&world.counters.notifies), notified + 1, "notified once");
+    let summary = report.rollback_summary().unwrap();
+    assert_eq!(
+        summary,
+        "rolled back from version 2 to version 1 by alice because dice regressed in production"
+    );
+    assert!(report.to_markdown().contains(&summary));
+
+    let run_id = report.run_id.clone().unwrap();
+    let run = store.run_snapshot(&run_id);
+    assert_eq!(run.stage, Stage::Done);
+    assert_eq!(store.cursor_of("department"), cursor, "no cursor moves");
+
+    let history = store.promotions(&department()).await.unwrap();
+    assert_eq!(history.len(), 2, "{history:?}");
+    let (promotion, rollback) = (&history[0], &history[1]);
+    assert_eq!(promotion.kind, PromotionKind::Promotion);
+    assert_eq!(rollback.kind, PromotionKind::Rollback);
+    assert_eq!(rollback.run_id, run_id);
+    assert_eq!(rollback.version, "1");
+    assert_eq!(rollback.previous_version.as_deref(), Some("2"));
+    assert_eq!(rollback.by, "alice");
+    assert_eq!(
+        rollback.reason.as_deref(),
+        Some("dice regressed in production")
+    );
+    assert_eq!(rollback.verdict, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_next_cycle_does_not_re_promote_the_rolled_back_candidate() {
+    let world = World::new();
+    let store = MemStore::new();
+    let engine = promoted_twice(&store, &world).await;
+    engine.rollback(request(None, false)).await.unwrap();
+    let consumed = store.cursor_of("department");
+    assert_eq!(consumed.consumed_version.as_ref().unwrap().as_str(), "v2");
+
+    let report = engine
+        .run_cycle(CycleRequest::default(), CancellationToken::new())
+        .await
+        .unwrap();
+    let label = &report.labels[0];
+    assert_eq!(label.status, LabelStatus::Skipped, "{label:?}");
+    assert_eq!(get(&world.counters.promotes), 1, "no second promotion");
+    assert_eq!(get(&world.counters.starts), 1, "no second training");
+    assert_eq!(production(&world), "1", "production stays restored");
+    assert_eq!(store.cursor_of("department"), consumed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn refusals_change_nothing_and_say_why() {
+    let world = World::new();
+    let store = MemStore::new();
+    let engine = promoted_twice(&store, &world).await;
+    // Registered, but never production for this label.
+    world
+        .versions
+        .lock()
+        .unwrap()
+        .insert("7".into(), (Default::default(), RunId("elsewhere".into())));
+    let runs = run_count(&store).await;
+
+    let never = refused(engine.rollback(request(Some("7"), false)).await);
+    assert!(
+        matches!(&never, RollbackRefused::NeverProduction { version, lineage, .. }
+            if version == "7" && lineage == "1, 2"),
+        "{never}"
+    );
+    assert!(never.to_string().contains("--force"), "{never}");
+    let already = refused(engine.rollback(request(Some("2"), false)).await);
+    assert!(
+        matches!(&already, RollbackRefused::AlreadyProduction { version, .. } if version == "2"),
+        "{already}"
+    );
+    let unknown = refused(engine.rollback(request(Some("99"), true)).await);
+    assert!(
+        matches!(&unknown, RollbackRefused::UnknownVersion { version, .. } if version == "99"),
+        "{unknown}"
+    );
+    let mut no_reason = request(None, false);
+    no_reason.reason = "  ".into();
+    assert_eq!(
+        refused(engine.rollback(no_reason).await),
+        RollbackRefused::MissingReason
+    );
+
+    assert_eq!(run_count(&store).await, runs, "nothing journaled");
+    assert_eq!(get(&world.counters.rollbacks), 0);
+    assert_eq!(production(&world), "2");
+    assert_eq!(store.promotions(&department()).await.unwrap().len(), 1);
+
+    // --force: a registered version that never was production.
+    let forced = engine.rollback(request(Some("7"), true)).await.unwrap();
+    assert_eq!(forced.report.status, LabelStatus::RolledBack);
+    assert!(forced.report.rollback.as_ref().unwrap().forced);
+    assert_eq!(production(&world), "7");
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_earlier_version_is_refused() {
+    let world = World::new();
+    let store = MemStore::new();
+    let engine = engine(
+        &store,
+        &world,
+        vec![binding(&world, plan("department"), prepare(&world))],
+    );
+    let report = engine
+        .run_cycle(CycleRequest::default(), CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(report.labels[0].status, LabelStatus::Promoted);
+    // The first model: nothing was production before it.
+    let none = refused(engine.rollback(request(None, false)).await);
+    assert!(
+        matches!(&none, RollbackRefused::NoPreviousVersion { .. }),
+        "{none}"
+    );
+    assert!(none.to_string().contains("--to VERSION"), "{none}");
+    let unknown = engine
+        .rollback(RollbackRequest {
+            label: Label::new("nope").unwrap(),
+            ..request(None, false)
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(unknown, EngineError::UnknownLabel(..)),
+        "{unknown}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rollback_crashing_after_the_registry_call_completes_once() {
+    let world = World::new();
+    let store = MemStore::new();
+    promoted_twice(&store, &world).await;
+
+    // Journal writes of the rollback: 1 = RollbackRequested, 2 = RolledBack.
+    // The second is lost: the registry moved production, the journal does
+    // not know.
+    let crashing = store.losing_write(2);
+    {
+        let engine = engine(
+            &crashing,
+            &world,
+            vec![binding(&world, plan("department"), prepare(&world))],
+        );
+        let _ = engine.rollback(request(None, false)).await;
+    }
+    assert_eq!(get(&world.counters.rollbacks), 1, "the registry was called");
+    assert_eq!(production(&world), "1");
+    let history = store.promotions(&department()).await.unwrap();
+    assert_eq!(history.len(), 1, "the rollback is not journaled yet");
+
+    // The next `rollback` completes the interrupted one instead of rolling
+    // back again (which would go further back).
+    let restarted = store.restarted();
+    let engine = engine(
+        &restarted,
+        &world,
+        vec![binding(&world, plan("department"), prepare(&world))],
+    );
+    let outcome = engine.rollback(request(None, false)).await.unwrap();
+    assert!(outcome.resumed);
+    assert_eq!(outcome.report.status, LabelStatus::RolledBack);
+    assert_eq!(
+        get(&world.counters.rollbacks),
+        1,
+        "rolled back exactly once"
+    );
+    assert_eq!(production(&world), "1");
+    let history = restarted.promotions(&department()).await.unwrap();
+    assert_eq!(history.len(), 2);
+    assert_eq!(history[1].kind, PromotionKind::Rollback);
+    assert_eq!(history[1].previous_version.as_deref(), Some("2"));
+    let run = restarted.run_snapshot(outcome.report.run_id.as_ref().unwrap());
+    assert_eq!(run.stage, Stage::Done);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cycle_completes_an_interrupted_rollback() {
+    let world = World::new();
+    let store = MemStore::new();
+    promoted_twice(&store, &world).await;
+    // Crash right after the intent was journaled, before the registry call.
+    let crashing = store.crashing_after(1);
+    {
+        let engine = engine(
+            &crashing,
+            &world,
+            vec![binding(&world, plan("department"), prepare(&world))],
+        );
+        let _ = engine.rollback(request(None, false)).await;
+    }
+    let restarted = store.restarted();
+    let engine = engine(
+        &restarted,
+        &world,
+        vec![binding(&world, plan("department"), prepare(&world))],
+    );
+    let report = engine
+        .run_cycle(CycleRequest::default(), CancellationToken::new())
+        .await
+        .unwrap();
+    let label = &report.labels[0];
+    assert_eq!(label.status, LabelStatus::RolledBack, "{label:?}");
+    assert!(label.resumed);
+    assert_eq!(get(&world.counters.rollbacks), 1);
+    assert_eq!(production(&world), "1");
+    assert_eq!(get(&world.counters.promotes), 1, "nothing promoted again");
+}
