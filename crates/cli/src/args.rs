@@ -64,6 +64,8 @@ pub enum Command {
     Reject(DecideArgs),
     /// Runs waiting in awaiting_approval, across labels (newest first).
     Approvals(LabelsArg),
+    /// Move a label's production back to the previous (or the given) version, as a journaled run.
+    Rollback(RollbackArgs),
     /// The quality gate alone for a candidate (usable as a CI step).
     Gate(GateArgs),
     /// Metrics history of a label for charting: one row per evaluated candidate.
@@ -126,6 +128,24 @@ pub struct DecideArgs {
     /// Approve only: gate the candidate again against the current production.
     #[arg(long)]
     pub regate: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    #[arg(long, value_name = "LABEL")]
+    pub label: String,
+    /// The registry version to restore (default: the production version before the current one).
+    #[arg(long = "to", value_name = "VERSION")]
+    pub to: Option<String>,
+    /// Why (required; journaled, tagged on the rolled-back version, shown by `history`).
+    #[arg(long)]
+    pub reason: String,
+    /// Who rolls back (default: $GITHUB_ACTOR, then $USER).
+    #[arg(long = "as", value_name = "NAME")]
+    pub as_name: Option<String>,
+    /// Allow a version that never was production for this label.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]

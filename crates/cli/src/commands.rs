@@ -95,6 +95,7 @@ pub async fn dispatch(cli: Cli, interrupt: Interrupt) -> Result<u8, Failure> {
         Command::Approve(args) => decide(&cli, args, true).await,
         Command::Reject(args) => decide(&cli, args, false).await,
         Command::Approvals(labels) => approvals(&cli, &labels.labels).await,
+        Command::Rollback(args) => rollback(&cli, args).await,
         Command::Gate(args) => gate(&cli, args).await,
         Command::Metrics(args) => metrics(&cli, args).await,
         Command::Infra(args) => infra(&cli, &args.command).await,
@@ -431,13 +432,7 @@ async fn decide(cli: &Cli, args: &crate::args::DecideArgs, approve: bool) -> Res
     if !approve && args.regate {
         return Err(config_failure("--regate applies to approve only"));
     }
-    let by = args
-        .as_name
-        .clone()
-        .or_else(|| std::env::var("GITHUB_ACTOR").ok())
-        .or_else(|| std::env::var("USER").ok())
-        .filter(|n| !n.is_empty())
-        .ok_or_else(|| config_failure("say who decides with --as NAME ($USER is not set)"))?;
+    let by = actor(args.as_name.as_deref(), "decides")?;
     let loaded = load(cli, false)?;
     let store = store(&loaded).await?;
     let engine = wiring::build_engine(&loaded, store)
@@ -492,6 +487,80 @@ async fn decide(cli: &Cli, args: &crate::args::DecideArgs, approve: bool) -> Res
             )
         }
     }
+}
+
+/// Who acts: `--as`, else `$GITHUB_ACTOR`, else `$USER`.
+fn actor(as_name: Option<&str>, verb: &str) -> Result<String, Failure> {
+    as_name
+        .map(str::to_owned)
+        .or_else(|| std::env::var("GITHUB_ACTOR").ok())
+        .or_else(|| std::env::var("USER").ok())
+        .filter(|n| !n.trim().is_empty())
+        .ok_or_else(|| config_failure(format!("say who {verb} with --as NAME ($USER is not set)")))
+}
+
+async fn rollback(cli: &Cli, args: &crate::args::RollbackArgs) -> Result<u8, Failure> {
+    use retrain_core::engine::{EngineError, RollbackRequest};
+    let label = Label::new(&args.label).map_err(|e| config_failure(format!("--label: {e}")))?;
+    if args.reason.trim().is_empty() {
+        return Err(config_failure("rollback needs --reason TEXT"));
+    }
+    if args.to.as_deref().is_some_and(|v| v.trim().is_empty()) {
+        return Err(config_failure("--to needs a registry version"));
+    }
+    let by = actor(args.as_name.as_deref(), "rolls back")?;
+    let loaded = load(cli, false)?;
+    let store = store(&loaded).await?;
+    let engine = wiring::build_engine(&loaded, store)
+        .await
+        .map_err(config_failure)?;
+    let request = RollbackRequest {
+        label,
+        to_version: args.to.clone(),
+        by,
+        reason: args.reason.clone(),
+        force: args.force,
+    };
+    let outcome = match engine.rollback(request).await {
+        Ok(outcome) => outcome,
+        // A refusal is the caller's mistake (like a bad flag): exit 2.
+        Err(error @ (EngineError::RollbackRefused(_) | EngineError::UnknownLabel(..))) => {
+            return Err(Failure {
+                code: exit::CONFIG,
+                error: anyhow::anyhow!("rollback refused: {error}"),
+            })
+        }
+        Err(error) => return Err(error.into()),
+    };
+    let report = &outcome.report;
+    match cli.output {
+        OutputFormat::Json => output::print_json(&outcome)?,
+        OutputFormat::Text => {
+            if outcome.resumed {
+                println!(
+                    "completed the interrupted rollback run {} first; this request was not applied (run it again if still needed)",
+                    report.run_id.as_ref().map_or("?", |r| r.as_str())
+                );
+            }
+            println!(
+                "{}: {} — {}",
+                report.label,
+                report.status.as_str(),
+                output::detail(report)
+            );
+            if let Some(run_id) = &report.run_id {
+                println!(
+                    "run {run_id}; `retrain history --label {}` shows the lineage",
+                    report.label
+                );
+            }
+        }
+    }
+    Ok(if report.status == LabelStatus::RolledBack {
+        exit::OK
+    } else {
+        exit::LABEL_FAILED
+    })
 }
 
 async fn history(cli: &Cli, label: &str) -> Result<u8, Failure> {

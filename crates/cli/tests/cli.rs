@@ -786,6 +786,145 @@ fn manual_sign_off_waits_then_approve_promotes_once() {
 }
 
 #[test]
+fn manual_approve_then_rollback_restores_production_and_history_shows_both() {
+    let dir = quickstart();
+    let toml = dir.path().join("retrain.toml");
+    let config = std::fs::read_to_string(&toml).unwrap().replace(
+        "notify = [\"log\"]",
+        "notify = [\"log\"]\npromote = \"manual\"",
+    );
+    std::fs::write(&toml, config).unwrap();
+    // Production before retrain: version 1, a model the candidate beats.
+    std::fs::write(
+        dir.path().join("registry.json"),
+        r#"{"models": {"ticket-router": {"production": "1", "versions": [
+            {"version": "1", "candidate": "hand-made", "status": "production",
+             "metrics": {"accuracy": 0.0, "macro_f1": 0.0}}]}}}"#,
+    )
+    .unwrap();
+    let production = |dir: &Path| {
+        let registry: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("registry.json")).unwrap()).unwrap();
+        registry["models"]["ticket-router"].clone()
+    };
+
+    let run = retrain(dir.path())
+        .args(["--output", "json", "run"])
+        .assert()
+        .success();
+    let report = json_of(&run.get_output().stdout);
+    let label = &report["labels"][0];
+    assert_eq!(label["status"], "awaiting_approval", "{report}");
+    let run_id = label["run_id"].as_str().unwrap().to_owned();
+    retrain(dir.path())
+        .args(["approve", &run_id, "--reason", "reviewed", "--as", "alice"])
+        .assert()
+        .success();
+    assert_eq!(production(dir.path())["production"], "2");
+
+    // Refusals change nothing and exit 2 with the reason.
+    let refused = retrain(dir.path())
+        .args([
+            "rollback",
+            "--label",
+            "department",
+            "--to",
+            "2",
+            "--reason",
+            "x",
+            "--as",
+            "bob",
+        ])
+        .assert()
+        .code(2);
+    let stderr = String::from_utf8_lossy(&refused.get_output().stderr).to_string();
+    assert!(stderr.contains("already production"), "{stderr}");
+    retrain(dir.path())
+        .args(["rollback", "--label", "department"])
+        .assert()
+        .code(2);
+
+    let rollback = retrain(dir.path())
+        .args([
+            "rollback",
+            "--label",
+            "department",
+            "--reason",
+            "misroutes billing tickets",
+            "--as",
+            "bob",
+        ])
+        .assert()
+        .success();
+    let out = String::from_utf8_lossy(&rollback.get_output().stdout).to_string();
+    assert!(
+        out.contains(
+            "rolled_back — rolled back from version 2 to version 1 by bob because misroutes billing tickets"
+        ),
+        "{out}"
+    );
+    let model = production(dir.path());
+    assert_eq!(model["production"], "1", "{model}");
+    assert_eq!(model["versions"][1]["rolled_back_by"], "bob", "{model}");
+
+    let history = retrain(dir.path())
+        .args(["--output", "json", "history", "--label", "department"])
+        .assert()
+        .success();
+    let events = json_of(&history.get_output().stdout);
+    assert_eq!(events.as_array().unwrap().len(), 2, "{events}");
+    assert_eq!(events[0]["kind"], "promotion");
+    assert_eq!(
+        (&events[0]["version"], &events[0]["by"]),
+        (&"2".into(), &"alice".into())
+    );
+    assert_eq!(events[0]["reason"], "reviewed");
+    assert_eq!(events[1]["kind"], "rollback");
+    assert_eq!(events[1]["version"], "1");
+    assert_eq!(events[1]["previous_version"], "2");
+    assert_eq!(events[1]["by"], "bob");
+    assert_eq!(events[1]["reason"], "misroutes billing tickets");
+    assert_eq!(events[1]["candidate_run"], serde_json::Value::Null);
+    let text = retrain(dir.path())
+        .args(["history", "--label", "department"])
+        .assert()
+        .success();
+    let text = String::from_utf8_lossy(&text.get_output().stdout).to_string();
+    assert!(
+        text.contains("rollback  version 1 (was 2)  by bob: misroutes billing tickets"),
+        "{text}"
+    );
+
+    // Nothing further back (2 was rolled back from): refused, exit 2.
+    let again = retrain(dir.path())
+        .args([
+            "rollback",
+            "--label",
+            "department",
+            "--reason",
+            "again",
+            "--as",
+            "bob",
+        ])
+        .assert()
+        .code(2);
+    let stderr = String::from_utf8_lossy(&again.get_output().stderr).to_string();
+    assert!(stderr.contains("no earlier production version"), "{stderr}");
+
+    // The rolled-back candidate's dataset stays consumed: no re-promotion.
+    let next = retrain(dir.path()).arg("run").assert().success();
+    let text = String::from_utf8_lossy(&next.get_output().stdout).to_string();
+    assert!(text.contains("skipped"), "{text}");
+    assert_eq!(production(dir.path())["production"], "1");
+    let runs = retrain(dir.path())
+        .args(["runs", "--label", "department"])
+        .assert()
+        .success();
+    let text = String::from_utf8_lossy(&runs.get_output().stdout).to_string();
+    assert!(text.contains("rolled_back"), "{text}");
+}
+
+#[test]
 fn approvals_lists_a_waiting_run_until_it_is_rejected() {
     let dir = quickstart();
     let toml = dir.path().join("retrain.toml");
