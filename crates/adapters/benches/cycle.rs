@@ -203,6 +203,8 @@ fn main() {
                     poll_interval: Duration::from_millis(1),
                     poll_timeout: Duration::from_secs(600),
                     dry_run: false,
+                    approval_expires: retrain_core::machine::DEFAULT_APPROVAL_EXPIRES,
+                    dataset_check: false,
                 },
                 metadata: metadata.clone(),
                 prepare: Some(prepare.clone()),
@@ -211,6 +213,7 @@ fn main() {
                 lease: None,
                 notifiers: Vec::new(),
                 train_timeout: Duration::from_secs(60),
+                dataset_check: None,
             })
             .collect();
         let engine = Engine::new(

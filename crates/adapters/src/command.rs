@@ -1,4 +1,5 @@
-//! Local commands as a [`Trainer`] and as a prepare job ([`SpaceController`]).
+//! Local commands as a [`Trainer`], as a prepare job ([`SpaceController`])
+//! and as a dataset check (`check.rs`).
 //!
 //! Protocol (BRIEF §6 "Command trainer protocol"): the trainer command runs
 //! with `RETRAIN_LABEL`, `RETRAIN_RUN_ID`, `RETRAIN_ATTEMPT`,
@@ -62,8 +63,11 @@ use tracing::{debug, info, warn};
 use crate::error::AdapterError;
 use crate::scrub::Scrubber;
 
+mod check;
 mod process;
 mod result;
+
+pub use check::CommandDatasetCheck;
 
 use process::{
     find_job, process_alive, read_record, stop_group, stop_job, stop_orphans, write_record,
@@ -622,7 +626,7 @@ impl Trainer for CommandTrainer {
         let _starting = self.starting.lock().await;
         let key = &request.job_key;
         let paths = self.paths(key);
-        let claim = match read_record(&paths.record)? {
+        let claim = match read_record::<JobRecord>(&paths.record)? {
             Some(record) if record.key != key.as_str() => {
                 return Err(PortError::Failed(format!(
                     "job record {} belongs to job key {}, not {key}",
@@ -909,7 +913,7 @@ impl SpaceController for CommandSpace {
         }
         let record_path = self.file("job.json");
         let log_path = self.file("log");
-        let record = read_record(&record_path)?;
+        let record = read_record::<JobRecord>(&record_path)?;
         if slot.is_none() {
             match &record {
                 Some(JobRecord {

@@ -1216,6 +1216,7 @@ fn not_improved_line(report: &LabelReport) -> String {
             report.approval_hint().unwrap_or_default()
         ),
         LabelStatus::Trained => "Trained without a gate: the model was not promoted; nothing was committed or approved.".into(),
+        LabelStatus::DatasetRejected => "**The dataset check rejected the dataset** (see its report above): nothing was leased, trained, committed or approved.".into(),
         other => format!(
             "Status `{}`: nothing was committed or approved.",
             other.as_str()

@@ -8,12 +8,12 @@ use retrain_core::domain::{Label, LockOwner};
 use retrain_core::engine::{Engine, EngineSettings, LabelBinding};
 use retrain_core::machine::{LabelPlan, RunManifest, Trigger};
 use retrain_core::ports::{
-    CountSource, LeaseProvider, MetadataStore, ModelRegistry, Notifier, RunStore, SpaceController,
-    Trainer,
+    CountSource, DatasetCheck, LeaseProvider, MetadataStore, ModelRegistry, Notifier, RunStore,
+    SpaceController, Trainer,
 };
 use secrecy::ExposeSecret;
 
-use crate::command::{CommandSpace, CommandSpec, CommandTrainer};
+use crate::command::{CommandDatasetCheck, CommandSpace, CommandSpec, CommandTrainer};
 use crate::error::AdapterError;
 use crate::file_metadata::FileMetadataStore;
 use crate::hf::{HfMetadataStore, HfSpaceController, HfSpaceTrainer, HubClient, HubSettings};
@@ -273,6 +273,8 @@ fn plan(settings: &Settings, label: &LabelSettings) -> LabelPlan {
         poll_interval: label.poll_interval,
         poll_timeout: label.poll_timeout,
         dry_run: settings.dry_run,
+        approval_expires: label.approval_expires,
+        dataset_check: label.dataset_check.is_some(),
     }
 }
 
@@ -353,6 +355,16 @@ async fn assemble_engine(
             lease,
             notifiers: notifiers(settings, label, with_counts)?,
             train_timeout: label.train_timeout,
+            dataset_check: label
+                .dataset_check
+                .as_ref()
+                .map(|config| -> Result<Arc<dyn DatasetCheck>, AdapterError> {
+                    Ok(Arc::new(
+                        CommandDatasetCheck::new(command_spec(config), job_dir(settings))?
+                            .with_scrubber(clients.scrubber.clone()),
+                    ))
+                })
+                .transpose()?,
         });
     }
     let engine_settings = EngineSettings {

@@ -42,6 +42,15 @@ pub fn detail(report: &LabelReport) -> String {
                 from.as_deref().unwrap_or("none")
             )
         }),
+        Some(Outcome::DatasetRejected { reason, .. }) => {
+            // The detail line is one line; the full report is in the markdown.
+            let first = reason.lines().next().unwrap_or_default();
+            format!("{first} (nothing leased or trained; this version is not checked again)")
+        }
+        Some(Outcome::Expired { reason }) => format!("expired: {reason}"),
+        Some(Outcome::Superseded { by_run }) => {
+            format!("superseded by run {by_run} (a newer candidate awaiting approval)")
+        }
         Some(Outcome::Failed { .. }) | None => report.error.clone().unwrap_or_default(),
     }
 }

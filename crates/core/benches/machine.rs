@@ -98,6 +98,8 @@ fn bench(c: &mut Criterion) {
         poll_interval: Duration::from_secs(60),
         poll_timeout: Duration::from_secs(1800),
         dry_run: false,
+        approval_expires: retrain_core::machine::DEFAULT_APPROVAL_EXPIRES,
+        dataset_check: false,
     };
     let events = events();
     let template = LabelRun::new(

@@ -191,6 +191,12 @@ pub struct LabelCursor {
     pub consumed_version: Option<VersionTag>,
     /// `num_samples` of the last consumed dataset (metadata-triggered labels).
     pub consumed_num_samples: Option<u64>,
+    /// `version_tag` of the last dataset the label's `dataset_check`
+    /// rejected: never checked or trained again (the watermark and the
+    /// consumed version stay where they were, so the next cycle over its
+    /// threshold prepares a new version).
+    #[serde(default)]
+    pub rejected_version: Option<VersionTag>,
 }
 
 impl LabelCursor {
@@ -198,6 +204,31 @@ impl LabelCursor {
     pub fn watermark_or_epoch(&self) -> DateTime<Utc> {
         self.watermark.unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
     }
+
+    /// Whether `version` was consumed or rejected: either way it is never
+    /// accepted as a new dataset again.
+    pub fn has_seen(&self, version: &VersionTag) -> bool {
+        self.consumed_version.as_ref() == Some(version)
+            || self.rejected_version.as_ref() == Some(version)
+    }
+}
+
+/// What a label's `dataset_check` found for one dataset version.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct DatasetCheckResult {
+    pub passed: bool,
+    /// The check's own summary (`"summary"` of its result file): counts,
+    /// resolutions, whatever it measured. Empty when it wrote none.
+    #[serde(default)]
+    pub summary: serde_json::Map<String, serde_json::Value>,
+    /// The check's markdown report (`"report_md"`), put into the label's
+    /// report and notifications.
+    #[serde(default)]
+    pub report_md: Option<String>,
+    /// How the check ended as the adapter saw it when it failed (exit
+    /// status and the scrubbed tail of its output).
+    #[serde(default)]
+    pub detail: Option<String>,
 }
 
 /// `dataset_metadata.json` (seed 000 §5). Invariant: validated by
@@ -617,6 +648,11 @@ impl JobKey {
     /// shared job is restarted once per cycle, whichever label asks first).
     pub fn prepare(cycle_id: &CycleId, job: &str) -> Self {
         Self(format!("{cycle_id}/prepare/{job}"))
+    }
+    /// The key of the dataset check of `run_id` (one check per run: a run
+    /// accepts one dataset version).
+    pub fn dataset_check(run_id: &RunId) -> Self {
+        Self(format!("{run_id}/check"))
     }
     pub fn as_str(&self) -> &str {
         &self.0

@@ -20,8 +20,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{
-    Candidate, CorrectRatio, CycleId, DatasetVersion, FeedbackCounts, JobKey, Label, LabelCursor,
-    Lease, ProductionModel, PromotedVersion, RunId, SpaceStage, TrainingHandle, VersionTag,
+    Candidate, CorrectRatio, CycleId, DatasetCheckResult, DatasetVersion, FeedbackCounts, JobKey,
+    Label, LabelCursor, Lease, ProductionModel, PromotedVersion, RunId, SpaceStage, TrainingHandle,
+    VersionTag,
 };
 use crate::gate::{self, GatePolicy, Verdict};
 
@@ -83,6 +84,22 @@ pub struct LabelPlan {
     #[serde(with = "duration_ms")]
     pub poll_timeout: Duration,
     pub dry_run: bool,
+    /// `promote = "manual"`: how long a candidate waits for a decision
+    /// before the next cycle expires it. Journals written before this field
+    /// existed read as the default.
+    #[serde(default = "default_approval_expires", with = "duration_ms")]
+    pub approval_expires: Duration,
+    /// Whether a `dataset_check` examines the accepted dataset version
+    /// before the lease and the training.
+    #[serde(default)]
+    pub dataset_check: bool,
+}
+
+/// Default of [`LabelPlan::approval_expires`]: a week.
+pub const DEFAULT_APPROVAL_EXPIRES: Duration = Duration::from_secs(7 * 24 * 3600);
+
+fn default_approval_expires() -> Duration {
+    DEFAULT_APPROVAL_EXPIRES
 }
 
 /// Default of [`LabelPlan::max_step_retries`].
@@ -127,6 +144,9 @@ pub enum Stage {
     /// A rollback run (`retrain rollback`): moving production back to an
     /// earlier version in the registry.
     RollingBack,
+    /// The `dataset_check` examines the accepted dataset version (before
+    /// any lease or training).
+    Checking,
 }
 
 impl Stage {
@@ -146,6 +166,7 @@ impl Stage {
             Self::AwaitingApproval => "awaiting_approval",
             Self::Done => "done",
             Self::RollingBack => "rolling_back",
+            Self::Checking => "checking",
         }
     }
 }
@@ -195,6 +216,22 @@ pub enum Outcome {
         from: Option<String>,
         to: String,
     },
+    /// The `dataset_check` rejected the accepted dataset version: nothing
+    /// was leased or trained; the version is never checked again.
+    DatasetRejected {
+        version: VersionTag,
+        reason: String,
+    },
+    /// A candidate awaiting approval was not decided within
+    /// `approval_expires`; it can no longer be approved.
+    Expired {
+        reason: String,
+    },
+    /// A newer passed candidate of the same label (`by_run`) reached
+    /// `awaiting_approval`; this one can no longer be approved.
+    Superseded {
+        by_run: RunId,
+    },
 }
 
 impl Outcome {
@@ -209,6 +246,9 @@ impl Outcome {
             Self::Rejected { .. } => "rejected",
             Self::Failed { .. } => "failed",
             Self::RolledBack { .. } => "rolled_back",
+            Self::DatasetRejected { .. } => "dataset_rejected",
+            Self::Expired { .. } => "expired",
+            Self::Superseded { .. } => "superseded",
         }
     }
     pub fn is_failure(&self) -> bool {
@@ -324,6 +364,23 @@ pub enum Event {
     RolledBack {
         version: PromotedVersion,
     },
+    /// The `dataset_check` ran on the accepted dataset version.
+    DatasetChecked {
+        result: DatasetCheckResult,
+    },
+    /// The waiting candidate was not decided within `approval_expires`
+    /// (checked by the engine at the label's next cycle).
+    ApprovalExpired {
+        at: DateTime<Utc>,
+        /// Why, for the report ("awaiting approval since … ; approval_expires = 7d").
+        reason: String,
+    },
+    /// A newer passed candidate of the same label (`by_run`) is awaiting
+    /// approval: this older one is closed.
+    Superseded {
+        by_run: RunId,
+        at: DateTime<Utc>,
+    },
 }
 
 impl Event {
@@ -354,6 +411,9 @@ impl Event {
             Self::ActionFailed { .. } => "action_failed",
             Self::RollbackRequested { .. } => "rollback_requested",
             Self::RolledBack { .. } => "rolled_back",
+            Self::DatasetChecked { .. } => "dataset_checked",
+            Self::ApprovalExpired { .. } => "approval_expired",
+            Self::Superseded { .. } => "superseded",
         }
     }
 }
@@ -410,6 +470,13 @@ pub enum Action {
     RollBack {
         version: String,
     },
+    /// The intent to run the label's `dataset_check` on `version` as job
+    /// `job_key`: journaled before the check runs; the check returns the
+    /// recorded result of a key it already completed instead of running again.
+    CheckDataset {
+        version: VersionTag,
+        job_key: JobKey,
+    },
 }
 
 impl Action {
@@ -425,6 +492,7 @@ impl Action {
                 | Self::Notify
                 | Self::Commit { .. }
                 | Self::RollBack { .. }
+                | Self::CheckDataset { .. }
         )
     }
 }
@@ -548,6 +616,15 @@ pub struct LabelRun {
     /// Set for a rollback run (`retrain rollback`): what it restores.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollback: Option<Rollback>,
+    /// What the `dataset_check` found for the accepted dataset version.
+    #[serde(default)]
+    pub dataset_check: Option<DatasetCheckResult>,
+    /// Whether the run already committed once (a run awaiting approval
+    /// committed its cursor before waiting): later commits (after an
+    /// approval, rejection, expiry or supersede) never write the cursor
+    /// again, so a newer run's cursor is never moved back.
+    #[serde(default)]
+    pub cursor_committed: bool,
     /// Set once the outcome is known; `Done` follows after release/notify/commit.
     pub outcome: Option<Outcome>,
     /// Actions announced by the last transition and not yet confirmed.
@@ -588,6 +665,8 @@ impl LabelRun {
             notify_error: None,
             approval: None,
             rollback: None,
+            dataset_check: None,
+            cursor_committed: false,
             notified: Vec::new(),
             step_retries: 0,
             step_error: None,
@@ -786,6 +865,19 @@ impl LabelRun {
                         reason: format!("version {} was already consumed", meta.version_tag),
                     }));
                 }
+                let rejected = self.cursor.rejected_version.as_ref() == Some(&meta.version_tag);
+                if rejected && self.plan.prepare.is_none() {
+                    // Nothing to prepare a new version with: wait for one.
+                    self.measured = Some(0);
+                    return Ok(self.finish_with(Outcome::Skipped {
+                        measured: 0,
+                        threshold,
+                        reason: format!(
+                            "version {} was rejected by the dataset check; waiting for a new version",
+                            meta.version_tag
+                        ),
+                    }));
+                }
                 let new_samples = meta
                     .num_samples
                     .saturating_sub(self.cursor.consumed_num_samples.unwrap_or(0));
@@ -952,6 +1044,7 @@ impl LabelRun {
                 Ok(self.commit())
             }
             (S::Finishing, E::Committed) => {
+                self.cursor_committed = true;
                 self.stage = if self.outcome == Some(Outcome::AwaitingApproval) {
                     S::AwaitingApproval
                 } else {
@@ -1026,6 +1119,42 @@ impl LabelRun {
                     to: version.version.clone(),
                 }))
             }
+            (S::AwaitingApproval, E::ApprovalExpired { at: _, reason }) => {
+                self.notified.clear();
+                self.notify_error = None;
+                Ok(self.conclude(Outcome::Expired {
+                    reason: reason.clone(),
+                }))
+            }
+            (S::AwaitingApproval, E::Superseded { by_run, at: _ }) => {
+                if *by_run == self.run_id {
+                    return Err(self.invalid(event));
+                }
+                self.notified.clear();
+                self.notify_error = None;
+                Ok(self.conclude(Outcome::Superseded {
+                    by_run: by_run.clone(),
+                }))
+            }
+            (S::Checking, E::DatasetChecked { result }) => {
+                let Some(dataset) = &self.dataset else {
+                    return Err(self.invalid(event));
+                };
+                let version = dataset.metadata.version_tag.clone();
+                self.dataset_check = Some(result.clone());
+                if result.passed {
+                    return Ok(self.lease_or_train());
+                }
+                let why = result
+                    .detail
+                    .clone()
+                    .or_else(|| result.report_md.as_ref().and_then(|r| first_line(r)))
+                    .unwrap_or_else(|| "it reported passed = false".into());
+                Ok(self.conclude(Outcome::DatasetRejected {
+                    reason: format!("the dataset check rejected version {version}: {why}"),
+                    version,
+                }))
+            }
             _ => Err(self.invalid(event)),
         }
     }
@@ -1047,8 +1176,9 @@ impl LabelRun {
             let meta = &candidate.metadata;
             // A version already consumed is never new, whatever was published
             // in between: no `(label, version)` is trained twice.
+            // A version the dataset check rejected is not new either.
             let is_new = self.last_version.as_ref() != Some(&meta.version_tag)
-                && self.cursor.consumed_version.as_ref() != Some(&meta.version_tag);
+                && !self.cursor.has_seen(&meta.version_tag);
             if is_new && meta.num_samples >= self.required_len {
                 return self.dataset_ready(candidate);
             }
@@ -1084,7 +1214,21 @@ impl LabelRun {
     }
 
     fn dataset_ready(&mut self, dataset: DatasetVersion) -> Vec<Action> {
+        let version = dataset.metadata.version_tag.clone();
         self.dataset = Some(dataset);
+        if self.plan.dataset_check {
+            // Before any lease or training: a rejected dataset costs nothing.
+            self.stage = Stage::Checking;
+            return vec![Action::CheckDataset {
+                version,
+                job_key: JobKey::dataset_check(&self.run_id),
+            }];
+        }
+        self.lease_or_train()
+    }
+
+    /// The accepted (and checked) dataset: lease the machines, or train.
+    fn lease_or_train(&mut self) -> Vec<Action> {
         if self.plan.leased {
             self.stage = Stage::Leasing;
             return vec![Action::AcquireLease {
@@ -1232,8 +1376,25 @@ impl LabelRun {
     fn commit(&mut self) -> Vec<Action> {
         self.stage = Stage::Finishing;
         vec![Action::Commit {
-            cursor: self.next_cursor(),
+            cursor: self.cursor_to_commit(),
         }]
+    }
+
+    /// The cursor the (first) commit writes: the consumed dataset after a
+    /// training; the rejected version after a failed dataset check (the
+    /// watermark and the consumed version unchanged); nothing otherwise,
+    /// and nothing on any commit after the first (see `cursor_committed`).
+    fn cursor_to_commit(&self) -> Option<LabelCursor> {
+        if self.cursor_committed {
+            return None;
+        }
+        if let Some(Outcome::DatasetRejected { version, .. }) = &self.outcome {
+            return Some(LabelCursor {
+                rejected_version: Some(version.clone()),
+                ..self.cursor.clone()
+            });
+        }
+        self.next_cursor()
     }
 
     /// The cursor to commit: advanced to the dataset iff a training consumed it
@@ -1254,8 +1415,19 @@ impl LabelRun {
             watermark: Some(watermark),
             consumed_version: Some(dataset.metadata.version_tag.clone()),
             consumed_num_samples: Some(dataset.metadata.num_samples),
+            rejected_version: self.cursor.rejected_version.clone(),
         })
     }
+}
+
+/// The first non-empty line of `text` that is not a markdown heading (the
+/// first heading if there is nothing else).
+fn first_line(text: &str) -> Option<String> {
+    let lines = || text.lines().map(str::trim).filter(|l| !l.is_empty());
+    lines()
+        .find(|l| !l.starts_with('#'))
+        .or_else(|| lines().next().map(|l| l.trim_start_matches('#').trim()))
+        .map(str::to_owned)
 }
 
 #[cfg(test)]
@@ -1277,6 +1449,8 @@ mod tests {
             poll_interval: Duration::from_secs(60),
             poll_timeout: Duration::from_secs(1800),
             dry_run: false,
+            approval_expires: DEFAULT_APPROVAL_EXPIRES,
+            dataset_check: false,
         }
     }
 
@@ -1873,6 +2047,7 @@ mod tests {
                     watermark: None,
                     consumed_version: Some(VersionTag::new("v0")),
                     consumed_num_samples: Some(10),
+                    rejected_version: None,
                 },
             );
             r.step(&Event::Started { now: now(0) }).unwrap();
@@ -2164,6 +2339,208 @@ mod tests {
             version: "1".into()
         }
         .is_side_effect());
+    }
+
+    fn check(passed: bool) -> Event {
+        Event::DatasetChecked {
+            result: DatasetCheckResult {
+                passed,
+                summary: Default::default(),
+                report_md: Some("## Masks\n3 masks are not binary".into()),
+                detail: None,
+            },
+        }
+    }
+
+    #[test]
+    fn a_dataset_check_comes_before_the_lease_and_a_rejection_records_only_the_version() {
+        let mut p = plan(counts_trigger());
+        p.dataset_check = true;
+        p.leased = true;
+        let mut r = polling(p.clone());
+        let a = r
+            .step(&Event::Polled {
+                now: now(2),
+                dataset: Some(dataset("v2", 60)),
+                prepare_stage: None,
+            })
+            .unwrap();
+        assert_eq!(
+            a,
+            vec![Action::CheckDataset {
+                version: VersionTag::new("v2"),
+                job_key: JobKey::dataset_check(&r.run_id),
+            }]
+        );
+        assert_eq!(r.stage, Stage::Checking);
+        // Rejected: no lease, notify, then commit only the rejected version.
+        assert_eq!(r.step(&check(false)).unwrap(), vec![Action::Notify]);
+        match &r.outcome {
+            Some(Outcome::DatasetRejected { version, reason }) => {
+                assert_eq!(version.as_str(), "v2");
+                assert!(reason.contains("3 masks are not binary"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let a = r.step(&Event::Notified { error: None }).unwrap();
+        assert_eq!(
+            a,
+            vec![Action::Commit {
+                cursor: Some(LabelCursor {
+                    rejected_version: Some(VersionTag::new("v2")),
+                    ..LabelCursor::default()
+                })
+            }]
+        );
+        // Passed: the lease, then training.
+        let mut r = polling(p);
+        r.step(&Event::Polled {
+            now: now(2),
+            dataset: Some(dataset("v2", 60)),
+            prepare_stage: None,
+        })
+        .unwrap();
+        assert_eq!(
+            r.step(&check(true)).unwrap(),
+            vec![Action::AcquireLease { attempt: 1 }]
+        );
+        assert!(r.dataset_check.as_ref().unwrap().passed);
+        // A check result outside `checking` is refused.
+        assert!(r.step(&check(true)).is_err());
+    }
+
+    #[test]
+    fn a_rejected_version_is_not_accepted_again() {
+        let mut p = plan(counts_trigger());
+        p.dataset_check = true;
+        let mut r = polling(p);
+        r.cursor.rejected_version = Some(VersionTag::new("v2"));
+        let a = r
+            .step(&Event::Polled {
+                now: now(2),
+                dataset: Some(dataset("v2", 60)),
+                prepare_stage: None,
+            })
+            .unwrap();
+        assert!(matches!(a[..], [Action::Poll { .. }]), "{a:?}");
+    }
+
+    #[test]
+    fn expiry_and_supersede_close_only_a_waiting_run_without_moving_the_cursor() {
+        let waiting = || {
+            let mut p = plan(counts_trigger());
+            p.promote = PromoteMode::Manual;
+            let mut r = training_run_with(p);
+            started(&mut r);
+            finished(&mut r, 0.95);
+            r.step(&Event::BaselineRead { production: None }).unwrap();
+            r.step(&Event::Notified { error: None }).unwrap();
+            let a = r.step(&Event::Committed).unwrap();
+            assert!(a.is_empty());
+            assert!(r.is_awaiting_approval());
+            r
+        };
+        let expired = Event::ApprovalExpired {
+            at: now(100),
+            reason: "not approved within approval_expires = 7d".into(),
+        };
+        let mut r = waiting();
+        assert_eq!(r.step(&expired).unwrap(), vec![Action::Notify]);
+        assert_eq!(r.outcome.as_ref().unwrap().short(), "expired");
+        assert_eq!(
+            r.step(&Event::Notified { error: None }).unwrap(),
+            vec![Action::Commit { cursor: None }]
+        );
+        r.step(&Event::Committed).unwrap();
+        assert!(r.is_done());
+        assert!(r.step(&expired).is_err(), "closed once");
+
+        let mut r = waiting();
+        let by_itself = Event::Superseded {
+            by_run: r.run_id.clone(),
+            at: now(100),
+        };
+        assert!(r.step(&by_itself).is_err(), "a run never supersedes itself");
+        let newer = RunId::generate();
+        r.step(&Event::Superseded {
+            by_run: newer.clone(),
+            at: now(100),
+        })
+        .unwrap();
+        assert_eq!(r.outcome, Some(Outcome::Superseded { by_run: newer }));
+        assert!(r
+            .step(&Event::Approved {
+                by: "alice".into(),
+                reason: None,
+                at: now(101)
+            })
+            .is_err());
+        // Outside `awaiting_approval` both are refused.
+        let mut r = training_run();
+        assert!(r.step(&expired).is_err());
+    }
+
+    fn training_run_with(plan: LabelPlan) -> LabelRun {
+        let mut r = polling(plan);
+        r.step(&Event::Polled {
+            now: now(2),
+            dataset: Some(dataset("v2", 60)),
+            prepare_stage: None,
+        })
+        .unwrap();
+        r
+    }
+
+    #[test]
+    fn new_names_match_the_journal_tags() {
+        let events = [
+            check(true),
+            Event::ApprovalExpired {
+                at: now(0),
+                reason: "r".into(),
+            },
+            Event::Superseded {
+                by_run: RunId("r".into()),
+                at: now(0),
+            },
+        ];
+        for event in events {
+            let tag = serde_json::to_value(&event).unwrap()["event"].clone();
+            assert_eq!(tag, event.name());
+        }
+        for (outcome, short) in [
+            (
+                Outcome::DatasetRejected {
+                    version: VersionTag::new("v"),
+                    reason: "r".into(),
+                },
+                "dataset_rejected",
+            ),
+            (Outcome::Expired { reason: "r".into() }, "expired"),
+            (
+                Outcome::Superseded {
+                    by_run: RunId("r".into()),
+                },
+                "superseded",
+            ),
+        ] {
+            assert_eq!(outcome.short(), short);
+            assert_eq!(serde_json::to_value(&outcome).unwrap()["kind"], short);
+            assert!(!outcome.is_failure());
+        }
+        assert_eq!(serde_json::to_value(Stage::Checking).unwrap(), "checking");
+        assert!(Action::CheckDataset {
+            version: VersionTag::new("v"),
+            job_key: JobKey("k".into())
+        }
+        .is_side_effect());
+        // Journals written before these fields existed read as the defaults.
+        let mut json = serde_json::to_value(plan(counts_trigger())).unwrap();
+        json.as_object_mut().unwrap().remove("approval_expires");
+        json.as_object_mut().unwrap().remove("dataset_check");
+        let old: LabelPlan = serde_json::from_value(json).unwrap();
+        assert_eq!(old.approval_expires, DEFAULT_APPROVAL_EXPIRES);
+        assert!(!old.dataset_check);
     }
 
     #[test]

@@ -23,6 +23,13 @@ pub struct DatasetRecord {
     pub revision: Option<String>,
 }
 
+/// What the dataset check found (its verdict and summary).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetCheckRecord {
+    pub passed: bool,
+    pub summary: serde_json::Map<String, serde_json::Value>,
+}
+
 /// One run's manifest.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ManifestDocument {
@@ -36,6 +43,9 @@ pub struct ManifestDocument {
     /// Config hash, binary version, git sha, rustc, OS, trainer.
     pub environment: RunManifest,
     pub dataset: Option<DatasetRecord>,
+    /// The `dataset_check`'s verdict and summary, when it ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset_check: Option<DatasetCheckRecord>,
     /// The candidate id with its metrics.
     pub candidate: Option<Candidate>,
     /// The production model compared against, with its metrics.
@@ -62,6 +72,10 @@ impl ManifestDocument {
                 num_samples: d.metadata.num_samples,
                 metadata_sha256: d.metadata.content_hash(),
                 revision: d.revision.clone(),
+            }),
+            dataset_check: run.dataset_check.as_ref().map(|c| DatasetCheckRecord {
+                passed: c.passed,
+                summary: c.summary.clone(),
             }),
             candidate: run.candidate.clone(),
             baseline: run.baseline.clone(),
@@ -100,6 +114,20 @@ impl ManifestDocument {
             out.push_str(&format!(
                 "- dataset: `{}` `{}` ({} samples, metadata sha256 `{}`)\n",
                 d.name, d.version, d.num_samples, d.metadata_sha256
+            ));
+        }
+        if let Some(check) = &self.dataset_check {
+            out.push_str(&format!(
+                "- dataset check: {}{}\n",
+                if check.passed { "passed" } else { "rejected" },
+                if check.summary.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " (summary `{}`)",
+                        serde_json::Value::Object(check.summary.clone())
+                    )
+                }
             ));
         }
         let metrics = |m: &crate::domain::Metrics| {

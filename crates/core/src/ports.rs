@@ -18,9 +18,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{
-    Candidate, DatasetVersion, FeedbackCounts, Fence, JobKey, Label, LabelCursor, Lease,
-    LockOutcome, LockOwner, Metrics, ProductionModel, PromotedVersion, RunId, SpaceStage,
-    TrainingHandle, TrainingOutcome, VersionTag,
+    Candidate, DatasetCheckResult, DatasetVersion, FeedbackCounts, Fence, JobKey, Label,
+    LabelCursor, Lease, LockOutcome, LockOwner, Metrics, ProductionModel, PromotedVersion, RunId,
+    SpaceStage, TrainingHandle, TrainingOutcome, VersionTag,
 };
 use crate::journal::{PromotionEvent, RunDetail, RunFilter, RunSummary, Transition};
 use crate::machine::LabelRun;
@@ -154,6 +154,40 @@ pub trait Trainer: Send + Sync {
     ) -> Result<TrainingOutcome, PortError>;
     /// Stop the job (timeout, interrupt). Best effort, idempotent.
     async fn cancel(&self, handle: &TrainingHandle) -> Result<(), PortError>;
+    fn describe(&self) -> String;
+}
+
+/// What a dataset check examines: one accepted dataset version of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetCheckRequest {
+    pub label: Label,
+    pub run_id: RunId,
+    /// Deterministic key of the check (journaled as the intent before
+    /// `check` is called).
+    pub job_key: JobKey,
+    pub dataset_name: String,
+    pub dataset_version: VersionTag,
+}
+
+/// Examines a dataset version before anything is leased or trained
+/// (`dataset_check`, seed 002's data QA).
+///
+/// Contract: a verdict, passing or failing (`passed = false`, e.g. a
+/// command that exited non-zero), is `Ok`; `Err` means the check could not
+/// give one (it could not start, timed out, or wrote an invalid result), and
+/// the run fails without rejecting the version. **Idempotent for
+/// `request.job_key`:** a key whose check already completed returns that
+/// recorded result without running again (a resumed run whose result was
+/// not journaled asks a second time); a check interrupted before it
+/// completed is run again from the start, which is harmless because a
+/// check only reads the dataset.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait DatasetCheck: Send + Sync {
+    /// Run the check for `request.job_key` (or return its recorded result).
+    /// Cancel-safe: dropping the future stops the check.
+    async fn check(&self, request: &DatasetCheckRequest) -> Result<DatasetCheckResult, PortError>;
+    /// Human-readable description (the command line), for logs and reports.
     fn describe(&self) -> String;
 }
 

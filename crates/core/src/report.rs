@@ -5,8 +5,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{
-    metrics_serde, Candidate, CycleId, FeedbackCounts, Label, Metrics, PromotedVersion, RunId,
-    VersionTag,
+    metrics_serde, Candidate, CycleId, DatasetCheckResult, FeedbackCounts, Label, Metrics,
+    PromotedVersion, RunId, VersionTag,
 };
 use crate::gate::Verdict;
 use crate::machine::{LabelRun, Outcome, Rollback, Stage};
@@ -38,6 +38,9 @@ pub struct LabelReport {
     /// A rollback run: what it restored, who asked and why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollback: Option<Rollback>,
+    /// What the label's `dataset_check` found, when it ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset_check: Option<DatasetCheckResult>,
 }
 
 /// Coarse status per label, the first thing a reader looks at.
@@ -65,6 +68,12 @@ pub enum LabelStatus {
     LockLost,
     /// A rollback run moved production back to an earlier version.
     RolledBack,
+    /// The `dataset_check` rejected the dataset version: nothing trained.
+    DatasetRejected,
+    /// Not approved within `approval_expires`: closed without promoting.
+    Expired,
+    /// A newer candidate of the label awaits approval: closed without promoting.
+    Superseded,
 }
 
 impl LabelStatus {
@@ -83,6 +92,9 @@ impl LabelStatus {
             Self::Deferred => "deferred",
             Self::LockLost => "lock_lost",
             Self::RolledBack => "rolled_back",
+            Self::DatasetRejected => "dataset_rejected",
+            Self::Expired => "expired",
+            Self::Superseded => "superseded",
         }
     }
 }
@@ -99,6 +111,9 @@ impl LabelReport {
             Some(Outcome::Rejected { .. }) => LabelStatus::Rejected,
             Some(Outcome::Failed { .. }) => LabelStatus::Failed,
             Some(Outcome::RolledBack { .. }) => LabelStatus::RolledBack,
+            Some(Outcome::DatasetRejected { .. }) => LabelStatus::DatasetRejected,
+            Some(Outcome::Expired { .. }) => LabelStatus::Expired,
+            Some(Outcome::Superseded { .. }) => LabelStatus::Superseded,
             None => LabelStatus::Interrupted,
         };
         let error = match &run.outcome {
@@ -124,6 +139,7 @@ impl LabelReport {
             error,
             history: Vec::new(),
             rollback: run.rollback.clone(),
+            dataset_check: run.dataset_check.clone(),
         }
     }
 
@@ -148,6 +164,7 @@ impl LabelReport {
             error: Some(error),
             history: Vec::new(),
             rollback: None,
+            dataset_check: None,
         }
     }
 
@@ -206,10 +223,14 @@ impl CycleReport {
             )
         })
     }
+    /// Whether a gate rejected a candidate or a dataset check a dataset.
     pub fn any_rejected(&self) -> bool {
-        self.labels
-            .iter()
-            .any(|l| l.status == LabelStatus::Rejected)
+        self.labels.iter().any(|l| {
+            matches!(
+                l.status,
+                LabelStatus::Rejected | LabelStatus::DatasetRejected
+            )
+        })
     }
 }
 
@@ -307,8 +328,24 @@ impl LabelReport {
         for lost in &self.lost_attempts {
             out.push_str(&format!("- lost attempt: {lost}\n"));
         }
+        match &self.outcome {
+            Some(Outcome::Expired { reason }) => out.push_str(&format!("- expired: {reason}\n")),
+            Some(Outcome::DatasetRejected { version, .. }) => out.push_str(&format!(
+                "- dataset version `{version}` rejected by the dataset check: nothing was leased or trained, and it will not be checked again\n"
+            )),
+            Some(Outcome::Superseded { by_run }) => out.push_str(&format!(
+                "- superseded by run `{by_run}` (a newer candidate awaiting approval)\n"
+            )),
+            Some(Outcome::Rejected { reason }) if self.verdict.as_ref().is_none_or(|v| v.passed) => {
+                out.push_str(&format!("- rejected: {reason}\n"))
+            }
+            _ => {}
+        }
         if let Some(error) = &self.error {
             out.push_str(&format!("- error: {error}\n"));
+        }
+        if let Some(check) = &self.dataset_check {
+            out.push_str(&check_markdown(check));
         }
         if let Some(verdict) = &self.verdict {
             out.push_str(&format!(
@@ -335,6 +372,47 @@ impl LabelReport {
         out.push_str(&self.history_charts());
         out
     }
+}
+
+/// The dataset check's section of a report: verdict, summary, the check's
+/// own markdown report and, when it failed, how it ended (output tail).
+fn check_markdown(check: &DatasetCheckResult) -> String {
+    let mut out = format!(
+        "\n**Dataset check:** {}\n\n",
+        if check.passed {
+            "passed ✅"
+        } else {
+            "rejected ❌"
+        }
+    );
+    if !check.summary.is_empty() {
+        out.push_str("| summary | value |\n|---|---|\n");
+        for (key, value) in &check.summary {
+            let value = match value {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            out.push_str(&format!(
+                "| {} | {} |\n",
+                key.replace('|', "\\|"),
+                value.replace('|', "\\|")
+            ));
+        }
+        out.push('\n');
+    }
+    if let Some(report) = check.report_md.as_deref().filter(|r| !r.trim().is_empty()) {
+        out.push_str(report.trim_end());
+        out.push_str("\n\n");
+    }
+    if let Some(detail) = &check.detail {
+        // Output of user code: fenced so it cannot break the markdown.
+        let fence = "~~~~";
+        out.push_str(&format!(
+            "{fence}text\n{}\n{fence}\n\n",
+            detail.replace(fence, "~~~")
+        ));
+    }
+    out
 }
 
 /// How many evaluated candidates the report's chart shows.

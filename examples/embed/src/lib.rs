@@ -244,6 +244,8 @@ pub fn label_plan(config: &EmbedConfig) -> anyhow::Result<LabelPlan> {
         poll_interval: config.poll_interval,
         poll_timeout: Duration::from_secs(60),
         dry_run: false,
+        approval_expires: retrain_core::machine::DEFAULT_APPROVAL_EXPIRES,
+        dataset_check: false,
     })
 }
 
@@ -290,6 +292,7 @@ pub async fn build_engine(config: &EmbedConfig, buffer: &FeedbackBuffer) -> anyh
         lease: None,
         notifiers: vec![Arc::new(LogNotifier::new())],
         train_timeout: Duration::from_secs(120),
+        dataset_check: None,
     };
     let counts: Arc<dyn CountSource> = Arc::new(buffer.clone());
     Ok(Engine::new(
@@ -361,6 +364,7 @@ mod tests {
             lease: None,
             notifiers: Vec::new(),
             train_timeout: Duration::from_secs(10),
+            dataset_check: None,
         }
     }
 

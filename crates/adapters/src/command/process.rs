@@ -133,6 +133,12 @@ fn signal_group(pgid: u32, signal: Signal) {
     }
 }
 
+/// SIGKILL the group at once, without waiting (for `Drop`, which cannot
+/// await). The caller has established that the group is the job's.
+pub(super) fn kill_group_now(pgid: u32) {
+    signal_group(pgid, Signal::SIGKILL);
+}
+
 /// SIGTERM the group, give it [`KILL_GRACE`] to exit, then SIGKILL. The
 /// caller has established that the group is the job's.
 pub(super) async fn stop_group(pgid: u32) {
@@ -208,8 +214,11 @@ pub(super) struct JobRecord {
     pub job: Option<JobHandle>,
 }
 
-/// Read a job record: `Ok(None)` when there is none.
-pub(super) fn read_record(path: &Path) -> Result<Option<JobRecord>, PortError> {
+/// Read a job record (a [`JobRecord`], or another record of a job such as a
+/// completed dataset check): `Ok(None)` when there is none.
+pub(super) fn read_record<T: serde::de::DeserializeOwned>(
+    path: &Path,
+) -> Result<Option<T>, PortError> {
     match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
             PortError::Failed(format!(
@@ -225,9 +234,10 @@ pub(super) fn read_record(path: &Path) -> Result<Option<JobRecord>, PortError> {
     }
 }
 
-/// Write a job record atomically: a reader sees the old or the new record,
-/// never half of one, even after a crash or a power loss.
-pub(super) fn write_record(path: &Path, record: &JobRecord) -> Result<(), PortError> {
+/// Write a job record (or any record of a job, e.g. a completed dataset
+/// check) atomically: a reader sees the old or the new record, never half
+/// of one, even after a crash or a power loss.
+pub(super) fn write_record<T: Serialize>(path: &Path, record: &T) -> Result<(), PortError> {
     let failed = |e: std::io::Error| {
         PortError::Failed(format!("cannot write job record {}: {e}", path.display()))
     };
@@ -267,14 +277,14 @@ mod tests {
     fn records_round_trip_atomically() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("jobs/k.job.json");
-        assert_eq!(read_record(&path).unwrap(), None);
+        assert_eq!(read_record::<JobRecord>(&path).unwrap(), None);
         let record = JobRecord {
             key: "run/train/1".into(),
             claimed_at: Utc::now(),
             job: None,
         };
         write_record(&path, &record).unwrap();
-        assert_eq!(read_record(&path).unwrap(), Some(record));
+        assert_eq!(read_record::<JobRecord>(&path).unwrap(), Some(record));
         let leftovers: Vec<_> = std::fs::read_dir(path.parent().unwrap())
             .unwrap()
             .flatten()
@@ -282,7 +292,7 @@ mod tests {
             .collect();
         assert_eq!(leftovers.len(), 1, "{leftovers:?}");
         std::fs::write(&path, "{").unwrap();
-        let err = read_record(&path).unwrap_err().to_string();
+        let err = read_record::<JobRecord>(&path).unwrap_err().to_string();
         assert!(
             err.contains("k.job.json") && err.contains("malformed"),
             "{err}"

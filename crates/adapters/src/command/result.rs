@@ -194,7 +194,7 @@ pub(super) fn parse_result(bytes: &[u8]) -> Result<Candidate, String> {
     Ok(Candidate { id, metrics })
 }
 
-fn invalid(path: &Path, what: impl std::fmt::Display) -> PortError {
+pub(super) fn invalid(path: &Path, what: impl std::fmt::Display) -> PortError {
     PortError::InvalidResponse(format!("result file {} {what}", path.display()))
 }
 
@@ -219,6 +219,20 @@ fn file_kind(file_type: std::fs::FileType) -> &'static str {
 /// `state_dir`: `Ok(None)` when it does not exist. Blocking; see the module
 /// doc for the rules.
 pub(super) fn read_result(path: &Path, state_dir: &Path) -> Result<Option<Candidate>, PortError> {
+    let Some(bytes) = read_result_bytes(path, state_dir)? else {
+        return Ok(None);
+    };
+    parse_result(&bytes)
+        .map(Some)
+        .map_err(|what| invalid(path, what))
+}
+
+/// The bytes of the untrusted result file `path` (`Ok(None)` when it does
+/// not exist), read under the rules of the module doc. Blocking.
+pub(super) fn read_result_bytes(
+    path: &Path,
+    state_dir: &Path,
+) -> Result<Option<Vec<u8>>, PortError> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(meta) => meta,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -308,9 +322,7 @@ pub(super) fn read_result(path: &Path, state_dir: &Path) -> Result<Option<Candid
             format!("grew over the {RESULT_LIMIT} byte (1 MiB) limit for $RETRAIN_RESULT while being read"),
         ));
     }
-    parse_result(&bytes)
-        .map(Some)
-        .map_err(|what| invalid(path, what))
+    Ok(Some(bytes))
 }
 
 #[cfg(test)]

@@ -278,6 +278,8 @@ struct RawLabel {
     train_timeout: Option<HumanDuration>,
     poll_interval: Option<HumanDuration>,
     poll_timeout: Option<HumanDuration>,
+    approval_expires: Option<HumanDuration>,
+    dataset_check: Option<Value>,
 }
 
 fn default_attempts() -> u32 {
@@ -457,7 +459,15 @@ pub struct LabelSettings {
     pub max_step_retries: u32,
     pub poll_interval: Duration,
     pub poll_timeout: Duration,
+    /// `promote = "manual"`: how long a candidate may wait for a decision.
+    pub approval_expires: Duration,
+    /// The data gate run on every accepted dataset version before the lease
+    /// and the training (its `timeout` always set).
+    pub dataset_check: Option<CommandConfig>,
 }
+
+/// Default `timeout` of a `dataset_check` command.
+pub const DEFAULT_DATASET_CHECK_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 
 /// Settings plus what `config show` and the run manifest need.
 #[derive(Debug)]
@@ -852,6 +862,20 @@ fn validate(raw: RawSettings, figment: &Figment) -> Result<Settings, ConfigError
         if label_raw.max_step_retries == 0 || label_raw.max_step_retries > 1000 {
             return Err(err(&key("max_step_retries"), "expected 1..=1000".into()));
         }
+        let approval_expires = match label_raw.approval_expires {
+            None => retrain_core::machine::DEFAULT_APPROVAL_EXPIRES,
+            Some(d) if d.0.is_zero() => {
+                return Err(err(
+                    &key("approval_expires"),
+                    "expected a duration > 0 (e.g. \"7d\", \"36h\")".into(),
+                ))
+            }
+            Some(d) => d.0,
+        };
+        let dataset_check = match &label_raw.dataset_check {
+            None => None,
+            Some(v) => parse_dataset_check(v).map_err(|e| err(&key("dataset_check"), e))?,
+        };
         let trainer_timeout = match &trainer {
             JobSpec::Command(c) => c.timeout,
             JobSpec::HfSpace { wait_running, .. } => {
@@ -886,6 +910,8 @@ fn validate(raw: RawSettings, figment: &Figment) -> Result<Settings, ConfigError
                     .map(|d| d.0)
                     .unwrap_or(poll.interval),
                 poll_timeout: label_raw.poll_timeout.map(|d| d.0).unwrap_or(poll.timeout),
+                approval_expires,
+                dataset_check,
             },
         );
     }
@@ -987,6 +1013,34 @@ fn check_keys(table: &serde_json::Map<String, Value>, allowed: &[&str]) -> Resul
 /// Parse a prepare job or trainer: `"none"`, `"hf-space://o/n"`, `"o/n"`,
 /// `"command:prog args"`, `{ command = [...], timeout, env, workdir }` or
 /// `{ hf_space = "o/n", factory_reboot, wait_running }`.
+/// `dataset_check = { command = [...], timeout = "5m", env, workdir }` (or
+/// `"command:…"`, or `"none"`): a local command, with a timeout (default
+/// [`DEFAULT_DATASET_CHECK_TIMEOUT`]).
+fn parse_dataset_check(value: &Value) -> Result<Option<CommandConfig>, String> {
+    const EXPECTED: &str =
+        "expected { command = [\"python\", \"check.py\"], timeout = \"5m\" } (a local command) or \"none\"";
+    match value {
+        Value::String(_) | Value::Object(_) => {}
+        _ => return Err(EXPECTED.into()),
+    }
+    if let Value::Object(table) = value {
+        if !table.contains_key("command") {
+            return Err(format!("missing `command`: {EXPECTED}"));
+        }
+    }
+    match parse_job(value, false)? {
+        None => Ok(None),
+        Some(JobSpec::Command(mut config)) => {
+            config.timeout = Some(config.timeout.unwrap_or(DEFAULT_DATASET_CHECK_TIMEOUT));
+            if config.timeout == Some(Duration::ZERO) {
+                return Err("`timeout` must be greater than zero".into());
+            }
+            Ok(Some(config))
+        }
+        Some(JobSpec::HfSpace { .. }) => Err(format!("a dataset check runs locally: {EXPECTED}")),
+    }
+}
+
 pub fn parse_job(value: &Value, trainer: bool) -> Result<Option<JobSpec>, String> {
     match value {
         Value::String(s) => {

@@ -11,7 +11,8 @@
 //! - `state`, `state_dir`, `counts.database` (SQLite only);
 //! - `labels.<l>.metadata` (`file://…` or a plain path);
 //! - `labels.<l>.registry.json`;
-//! - command jobs (`prepare`, `labels.<l>.prepare`, `labels.<l>.trainer`):
+//! - command jobs (`prepare`, `labels.<l>.prepare`, `labels.<l>.trainer`,
+//!   `labels.<l>.dataset_check`):
 //!   a program given as a relative path containing a `/` (`./train.sh`),
 //!   the `workdir`, and the working directory itself, which defaults to the
 //!   config file's directory for a command written in the file (so
@@ -230,6 +231,12 @@ pub(super) fn resolve(
             shown.push((
                 key("trainer"),
                 resolve_command(config, &key("trainer"), &bases),
+            ));
+        }
+        if let Some(config) = &mut label_settings.dataset_check {
+            shown.push((
+                key("dataset_check"),
+                resolve_command(config, &key("dataset_check"), &bases),
             ));
         }
         if let Some(JobSpec::Command(config)) = &mut label_settings.prepare {

@@ -329,3 +329,89 @@ fn github_notify_specs_for_pull_requests() {
         assert!(err.contains(expected), "{bad}: {err}");
     }
 }
+
+#[test]
+fn approval_expires_and_dataset_check_parse_with_defaults_and_errors_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = "[labels.seg]\nthreshold = 1\ncounts = \"none\"\nmetadata = \"file://m.json\"\ntrainer = \"command:true\"\n";
+    let file = write(&dir, base);
+    let loaded = load(&sources(Some(file), &[])).unwrap();
+    let seg = &loaded.settings.labels[&Label::new("seg").unwrap()];
+    assert_eq!(seg.approval_expires, Duration::from_secs(7 * 86_400));
+    assert!(seg.dataset_check.is_none());
+
+    let file = write(
+        &dir,
+        &format!("{base}approval_expires = \"36h\"\ndataset_check = {{ command = [\"python\", \"check.py\"], timeout = \"5m\", env = {{ STRICT = \"1\" }} }}\n"),
+    );
+    let loaded = load(&sources(Some(file), &[])).unwrap();
+    let seg = &loaded.settings.labels[&Label::new("seg").unwrap()];
+    assert_eq!(seg.approval_expires, Duration::from_secs(36 * 3600));
+    let check = seg.dataset_check.as_ref().unwrap();
+    assert_eq!(check.argv, vec!["python", "check.py"]);
+    assert_eq!(check.timeout, Some(Duration::from_secs(300)));
+    assert_eq!(check.env["STRICT"], "1");
+    // Run next to the config file, like the trainer.
+    assert_eq!(check.workdir.as_deref(), Some(dir.path()));
+
+    // Without a timeout: the default.
+    let file = write(
+        &dir,
+        &format!("{base}dataset_check = \"command:./check.sh\"\n"),
+    );
+    let loaded = load(&sources(Some(file), &[])).unwrap();
+    let check = loaded.settings.labels[&Label::new("seg").unwrap()]
+        .dataset_check
+        .clone()
+        .unwrap();
+    assert_eq!(check.timeout, Some(DEFAULT_DATASET_CHECK_TIMEOUT));
+    assert_eq!(
+        check.argv[0],
+        dir.path().join("check.sh").display().to_string()
+    );
+
+    for (line, key, says) in [
+        (
+            "approval_expires = \"soon\"",
+            "labels.seg.approval_expires",
+            "soon",
+        ),
+        (
+            "approval_expires = \"0s\"",
+            "labels.seg.approval_expires",
+            "> 0",
+        ),
+        (
+            "dataset_check = \"owner/space\"",
+            "labels.seg.dataset_check",
+            "runs locally",
+        ),
+        ("dataset_check = 3", "labels.seg.dataset_check", "command"),
+        (
+            "dataset_check = { timeout = \"5m\" }",
+            "labels.seg.dataset_check",
+            "missing `command`",
+        ),
+        (
+            "dataset_check = { command = [] }",
+            "labels.seg.dataset_check",
+            "must not be empty",
+        ),
+        (
+            "dataset_check = { command = [\"x\"], timeout = \"0s\" }",
+            "labels.seg.dataset_check",
+            "greater than zero",
+        ),
+        (
+            "dataset_check = { command = [\"x\"], retries = 2 }",
+            "labels.seg.dataset_check",
+            "retries",
+        ),
+    ] {
+        let file = write(&dir, &format!("{base}{line}\n"));
+        let err = load(&sources(Some(file), &[])).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains(key), "{line}: {text}");
+        assert!(text.contains(says), "{line}: {text}");
+    }
+}

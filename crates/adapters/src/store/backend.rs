@@ -224,7 +224,7 @@ pub(super) trait StoreRow: Columns {
 // ---- Shared SQL (`$N` placeholders work on both dialects) ----
 
 pub(super) const SELECT_CURSOR: &str =
-    "SELECT watermark, consumed_version, consumed_num_samples FROM cursors WHERE label = $1";
+    "SELECT watermark, consumed_version, consumed_num_samples, rejected_version FROM cursors WHERE label = $1";
 
 /// `done = FALSE` (not `NOT done`) so both dialects use the
 /// `(label, done, started_at)` index however long a label's history.
@@ -347,6 +347,9 @@ pub(super) fn cursor_of<R: StoreRow>(row: &R, label: &Label) -> Result<LabelCurs
         consumed_num_samples: samples
             .map(|n| i64_to_u64(n, &format!("consumed_num_samples of label {label}")))
             .transpose()?,
+        rejected_version: row
+            .opt_text("rejected_version")?
+            .map(retrain_core::domain::VersionTag),
     })
 }
 

@@ -308,6 +308,11 @@ const SQLITE_MIGRATIONS: Embedded = Embedded(&[
         "promotion events",
         include_str!("../../migrations/sqlite/0004_promotions.sql"),
     ),
+    (
+        5,
+        "rejected dataset version",
+        include_str!("../../migrations/sqlite/0005_rejected_version.sql"),
+    ),
 ]);
 
 const POSTGRES_MIGRATIONS: Embedded = Embedded(&[
@@ -325,6 +330,11 @@ const POSTGRES_MIGRATIONS: Embedded = Embedded(&[
         3,
         "promotion events",
         include_str!("../../migrations/postgres/0003_promotions.sql"),
+    ),
+    (
+        4,
+        "rejected dataset version",
+        include_str!("../../migrations/postgres/0004_rejected_version.sql"),
     ),
 ]);
 

@@ -120,11 +120,12 @@ const INSERT_TRANSITION: &str =
      VALUES ($1, $2, $3, $4, $5, $6, $7)";
 
 const UPSERT_CURSOR: &str =
-    "INSERT INTO cursors (label, watermark, consumed_version, consumed_num_samples, updated_at)
-     VALUES ($1, $2, $3, $4, $5)
+    "INSERT INTO cursors (label, watermark, consumed_version, consumed_num_samples, updated_at, rejected_version)
+     VALUES ($1, $2, $3, $4, $5, $6)
      ON CONFLICT (label) DO UPDATE SET
         watermark = excluded.watermark, consumed_version = excluded.consumed_version,
-        consumed_num_samples = excluded.consumed_num_samples, updated_at = excluded.updated_at";
+        consumed_num_samples = excluded.consumed_num_samples, updated_at = excluded.updated_at,
+        rejected_version = excluded.rejected_version";
 
 /// TTL in seconds for `make_interval(secs => …)`.
 fn secs(ttl: Duration) -> f64 {
@@ -257,6 +258,12 @@ impl Backend for PostgresRunStore {
                 ),
                 Arg::OptInt(samples),
                 Arg::Time(transition.at),
+                Arg::OptText(
+                    cursor
+                        .rejected_version
+                        .as_ref()
+                        .map(|v| VersionTag::as_str(v).to_owned()),
+                ),
             ];
             self.run_in(&mut tx, UPSERT_CURSOR, args, &what).await?;
         }

@@ -133,16 +133,17 @@ const UPSERT_LEASE_FENCED: &str =
         acquired_at = excluded.acquired_at, max_until = excluded.max_until,
         attributes = excluded.attributes, released_at = excluded.released_at";
 
-/// One journal write: `$1..$18` the journal row (with the cursor when
-/// `has_cursor`), `$19..$21` the fence (label, owner, token), `$22` now.
-/// The `journal_inbox` trigger (migration 0003) applies it; no row is
+/// One journal write: `$1..$19` the journal row (with the cursor when
+/// `has_cursor`), `$20..$22` the fence (label, owner, token), `$23` now.
+/// The `journal_inbox` trigger (migrations 0003, 0005) applies it; no row is
 /// inserted, so nothing is applied, unless the fence holds.
 const INSERT_JOURNAL_FENCED: &str =
     "INSERT INTO journal_inbox (run_id, cycle_id, label, stage, outcome, done, started_at, at,
                                 snapshot, seq, from_stage, to_stage, event, actions,
-                                has_cursor, watermark, consumed_version, consumed_num_samples)
-     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18
-     WHERE EXISTS (SELECT 1 FROM locks WHERE label = $19 AND owner = $20 AND token = $21 AND expires_at > $22)";
+                                has_cursor, watermark, consumed_version, consumed_num_samples,
+                                rejected_version)
+     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19
+     WHERE EXISTS (SELECT 1 FROM locks WHERE label = $20 AND owner = $21 AND token = $22 AND expires_at > $23)";
 
 impl SqliteRunStore {
     pub(super) async fn open(url: DbUrl, options: StoreOptions) -> Result<Self, AdapterError> {
@@ -311,6 +312,11 @@ async fn write_one(
                 .map(|v| VersionTag::as_str(v).to_owned()),
         ),
         Arg::OptInt(samples),
+        Arg::OptText(
+            cursor
+                .and_then(|c| c.rejected_version.as_ref())
+                .map(|v| VersionTag::as_str(v).to_owned()),
+        ),
     ];
     args.extend(fence_args(&transition.label, &write.fence)?);
     args.push(Arg::Time(Utc::now()));

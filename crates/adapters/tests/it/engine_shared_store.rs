@@ -123,6 +123,7 @@ fn engine_with(
             lease: None,
             notifiers: Vec::new(),
             train_timeout: Duration::from_secs(30),
+            dataset_check: None,
         })
         .collect();
     Engine::new(

@@ -6,6 +6,7 @@
 
 mod common;
 mod counts;
+mod dataset_check;
 mod ec2;
 mod engine_shared_store;
 mod github;

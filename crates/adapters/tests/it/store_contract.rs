@@ -8,9 +8,9 @@ use std::time::Duration;
 use chrono::{DateTime, SubsecRound, Utc};
 use retrain_adapters::store::{open_run_store, StoreOptions};
 use retrain_core::domain::{
-    Candidate, CycleId, DatasetMetadata, DatasetVersion, Fence, Label, LabelCursor, Lease,
-    LockOutcome, LockOwner, ProcessIdentity, ProductionModel, PromotedVersion, RunId,
-    TrainingHandle, VersionTag,
+    Candidate, CycleId, DatasetCheckResult, DatasetMetadata, DatasetVersion, Fence, Label,
+    LabelCursor, Lease, LockOutcome, LockOwner, ProcessIdentity, ProductionModel, PromotedVersion,
+    RunId, TrainingHandle, VersionTag,
 };
 use retrain_core::journal::PromotionKind;
 use retrain_core::journal::{RunDetail, RunFilter, Transition};
@@ -38,6 +38,8 @@ pub fn plan(name: &str) -> LabelPlan {
         poll_interval: Duration::from_secs(1),
         poll_timeout: Duration::from_secs(60),
         dry_run: false,
+        approval_expires: retrain_core::machine::DEFAULT_APPROVAL_EXPIRES,
+        dataset_check: false,
     }
 }
 
@@ -127,10 +129,12 @@ async fn drive(
     published: Option<DatasetVersion>,
     stop_at: Option<Stage>,
 ) -> (LabelRun, Option<LabelCursor>) {
+    let mut plan = plan(name);
+    plan.dataset_check = name.starts_with("checked");
     let mut run = LabelRun::new(
         RunId::generate(),
         CycleId::generate(),
-        plan(name),
+        plan,
         store.cursor(&label(name)).await.unwrap(),
     );
     let mut next = Event::Started { now: now() };
@@ -163,6 +167,13 @@ async fn drive(
                 store.finish(&t, cursor.clone(), fence).await.unwrap();
                 return (run, cursor);
             }
+            // A dataset check (labels named `checked*`) rejects `bad*` versions.
+            Action::CheckDataset { version, .. } => Event::DatasetChecked {
+                result: DatasetCheckResult {
+                    passed: !version.as_str().starts_with("bad"),
+                    ..DatasetCheckResult::default()
+                },
+            },
             other => panic!("unexpected action in test run: {other:?}"),
         };
     }
@@ -313,6 +324,41 @@ pub async fn journal_snapshot_and_cursor_are_written_together(store: Arc<dyn Run
     .await;
     assert!(store.run(&next.run_id).await.unwrap().is_some());
     assert_eq!(store.cursor(&label("dept")).await.unwrap(), cursor);
+}
+
+/// A run whose dataset check rejected its version commits only the rejected
+/// version (watermark and consumed version unchanged); a later training keeps
+/// it while advancing the rest.
+pub async fn a_rejected_dataset_version_is_kept_in_the_cursor(store: Arc<dyn RunStore>) {
+    let name = "checked";
+    let fence = lock(store.as_ref(), name).await;
+    let (first, _) = drive(store.as_ref(), &fence, name, Some(dataset("v1", 10)), None).await;
+    assert_eq!(first.outcome.as_ref().unwrap().short(), "trained");
+    let consumed = store.cursor(&label(name)).await.unwrap();
+    assert_eq!(consumed.rejected_version, None);
+
+    let (run, cursor) = drive(
+        store.as_ref(),
+        &fence,
+        name,
+        Some(dataset("bad-2", 20)),
+        None,
+    )
+    .await;
+    assert_eq!(run.outcome.as_ref().unwrap().short(), "dataset_rejected");
+    let expected = LabelCursor {
+        rejected_version: Some(VersionTag::new("bad-2")),
+        ..consumed.clone()
+    };
+    assert_eq!(cursor, Some(expected.clone()));
+    assert_eq!(store.cursor(&label(name)).await.unwrap(), expected);
+    let summary = store.run(&run.run_id).await.unwrap().unwrap().summary;
+    assert_eq!(summary.outcome, "dataset_rejected");
+
+    let (_, _) = drive(store.as_ref(), &fence, name, Some(dataset("v3", 30)), None).await;
+    let cursor = store.cursor(&label(name)).await.unwrap();
+    assert_eq!(cursor.consumed_version, Some(VersionTag::new("v3")));
+    assert_eq!(cursor.rejected_version, Some(VersionTag::new("bad-2")));
 }
 
 pub async fn unfinished_runs_resume_from_their_snapshot(store: Arc<dyn RunStore>) {
@@ -911,6 +957,7 @@ contract!(
     leases_are_recorded_updated_and_released,
     runs_are_listed_newest_first_and_shown,
     promotions_are_recorded_with_their_journal_write,
+    a_rejected_dataset_version_is_kept_in_the_cursor,
 );
 
 /// On a current-thread runtime every write of the test is queued before the

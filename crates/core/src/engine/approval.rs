@@ -1,14 +1,28 @@
 //! `retrain approve` / `retrain reject`: a human decision on a run parked in
 //! `awaiting_approval`, applied as a machine event under the label's lock
 //! (fenced like every run write), then driven to its end like a cycle does.
+//!
+//! Expiry and supersede: under the same lock (phase one of every cycle of a
+//! manual label, right after one of its runs started waiting, and before
+//! every decision), [`Engine::close_stale_approvals`] closes the waiting
+//! runs that can no longer be approved: every one but the newest is
+//! `Superseded` by the newest, and the newest is `ApprovalExpired` once it
+//! waited longer than the label's `approval_expires`. Both are machine
+//! events, journaled and fenced, and the closed run is notified and
+//! committed (without moving the cursor) like any other end.
+
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 
+use super::cycle::Stops;
 use super::locks::Acquired;
-use super::{Engine, EngineError};
-use crate::domain::RunId;
-use crate::machine::{Event, LabelRun, Stage};
+use super::{CycleShared, Engine, EngineError, LabelBinding};
+use crate::domain::{Fence, RunId};
+use crate::journal::RunFilter;
+use crate::machine::{Action, Event, LabelRun, Outcome, PromoteMode, Stage};
 use crate::report::LabelReport;
 
 /// What a human decided.
@@ -61,6 +75,15 @@ impl Engine {
             Acquired::Busy(owner) => return Err(EngineError::Busy(label, owner)),
         };
         let result = async {
+            // A candidate that waited too long (or was overtaken by a newer
+            // one) is closed first, so it cannot be approved any more.
+            let interrupt = CancellationToken::new();
+            let stops = Stops {
+                interrupt: &interrupt,
+                lost: lost.clone(),
+            };
+            self.close_stale_approvals(binding, &fence, &CycleShared::default(), &stops)
+                .await;
             // Re-read under the lock: the journal is the truth.
             let mut run: LabelRun = self
                 .store
@@ -144,15 +167,7 @@ impl Engine {
                 // An approval that crashed before its end: finish it.
                 (Stage::Promoting | Stage::Notifying | Stage::Finishing, Some(_))
                     if decision != Decision::Reject => {}
-                _ => {
-                    return Err(EngineError::NotAwaitingApproval(
-                        run_id.clone(),
-                        match &run.outcome {
-                            Some(o) => o.short().to_owned(),
-                            None => run.stage.as_str().to_owned(),
-                        },
-                    ))
-                }
+                _ => return Err(not_awaiting(&run)),
             }
             self.drive_decided(binding, run, actions, &fence, lost)
                 .await
@@ -160,6 +175,99 @@ impl Engine {
         .await;
         self.unlock(&label).await;
         result
+    }
+
+    /// Close the waiting candidates of `binding`'s label that can no longer
+    /// be approved (see the module doc). The caller holds the label's lock
+    /// (`fence`). Failures are logged and leave the runs as they were (the
+    /// next cycle tries again); they never stop the caller.
+    pub(super) async fn close_stale_approvals(
+        &self,
+        binding: &LabelBinding,
+        fence: &Fence,
+        shared: &CycleShared,
+        stops: &Stops<'_>,
+    ) {
+        if binding.plan.promote != PromoteMode::Manual {
+            return;
+        }
+        let label = &binding.plan.label;
+        let filter = RunFilter {
+            label: Some(label.clone()),
+            limit: None,
+        };
+        let runs = match self.store.list_runs(&filter).await {
+            Ok(runs) => runs,
+            Err(error) => {
+                warn!(%error, "could not list the runs awaiting approval; expiry and supersede wait for the next cycle");
+                return;
+            }
+        };
+        // Newest first (the store's order): the newest waiting run stays.
+        let mut waiting = runs
+            .into_iter()
+            .filter(|r| r.stage == Stage::AwaitingApproval);
+        let Some(newest) = waiting.next() else {
+            return;
+        };
+        let now = self.clock.now();
+        let mut closing: Vec<(RunId, Event)> = waiting
+            .map(|older| {
+                let event = Event::Superseded {
+                    by_run: newest.run_id.clone(),
+                    at: now,
+                };
+                (older.run_id, event)
+            })
+            .collect();
+        let expires = binding.plan.approval_expires;
+        // `updated_at` of a waiting run is its verdict's (the commit that
+        // parked it, or the last passing re-gate).
+        let waited = (now - newest.updated_at).to_std().unwrap_or_default();
+        if waited >= expires {
+            let reason = format!(
+                "not approved within approval_expires = {} (awaiting approval since {})",
+                human_duration(expires),
+                newest
+                    .updated_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            );
+            closing.push((newest.run_id, Event::ApprovalExpired { at: now, reason }));
+        }
+        let everything = |_: &Action| true;
+        for (run_id, event) in closing {
+            if self.lock_problem(label).is_some() || stops.interrupt.is_cancelled() {
+                return;
+            }
+            let mut run = match self.store.run(&run_id).await {
+                Ok(Some(detail)) if detail.snapshot.is_awaiting_approval() => detail.snapshot,
+                Ok(_) => continue,
+                Err(error) => {
+                    warn!(%error, run_id = %run_id, "could not read a run awaiting approval");
+                    continue;
+                }
+            };
+            let name = event.name();
+            match self.apply(&mut run, event, Some(fence)).await {
+                Ok(actions) => {
+                    info!(run_id = %run_id, event = name, "closed a candidate awaiting approval");
+                    self.drive(
+                        binding,
+                        run,
+                        actions,
+                        Some(fence),
+                        shared,
+                        stops,
+                        &everything,
+                    )
+                    .await;
+                }
+                Err(error) => {
+                    warn!(%error, run_id = %run_id, "could not journal the end of a run awaiting approval");
+                    return;
+                }
+            }
+        }
     }
 
     async fn drive_decided(
@@ -180,4 +288,39 @@ impl Engine {
         }
         Ok(DecisionOutcome::Applied(Box::new(report)))
     }
+}
+
+/// Why `run` cannot be decided: closed by expiry or supersede (it can never
+/// be approved), or simply not waiting.
+fn not_awaiting(run: &LabelRun) -> EngineError {
+    let run_id = run.run_id.clone();
+    match &run.outcome {
+        Some(Outcome::Expired { reason }) => EngineError::ApprovalClosed {
+            run: run_id,
+            why: format!("it expired, {reason}"),
+        },
+        Some(Outcome::Superseded { by_run }) => EngineError::ApprovalClosed {
+            run: run_id,
+            why: format!(
+                "it was superseded by run {by_run}, a newer passed candidate of label {} (decide that one instead; see `retrain approvals`)",
+                run.label()
+            ),
+        },
+        Some(outcome) => EngineError::NotAwaitingApproval(run_id, outcome.short().to_owned()),
+        None => EngineError::NotAwaitingApproval(run_id, run.stage.as_str().to_owned()),
+    }
+}
+
+/// `7d`, `36h`, `90m`, `45s`: the largest unit that divides `d` (config style).
+pub(crate) fn human_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    if d.subsec_nanos() != 0 {
+        return format!("{}ms", d.as_millis());
+    }
+    for (unit, size) in [("d", 86_400), ("h", 3600), ("m", 60)] {
+        if secs >= size && secs % size == 0 {
+            return format!("{}{unit}", secs / size);
+        }
+    }
+    format!("{secs}s")
 }

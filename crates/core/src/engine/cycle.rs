@@ -131,6 +131,16 @@ impl Engine {
                 Err(e) => return fail(e.to_string()),
             }
         };
+        if let Some(fence) = &fence {
+            // Waiting candidates past `approval_expires` or overtaken by a
+            // newer one are closed under this lock, before anything else.
+            let stops = Stops {
+                interrupt: cancel,
+                lost: lost.clone(),
+            };
+            self.close_stale_approvals(binding, fence, shared, &stops)
+                .await;
+        }
         let unfinished = if dry_run {
             Ok(None)
         } else {
@@ -220,7 +230,7 @@ impl Engine {
         let (run, ended) = if ended == DriveEnd::Halted {
             let stops = Stops {
                 interrupt: cancel,
-                lost,
+                lost: lost.clone(),
             };
             let (run, actions) = match &fence {
                 Some(fence) if resumed => {
@@ -245,6 +255,15 @@ impl Engine {
         } else {
             (run, ended)
         };
+        if let (Some(fence), true) = (&fence, run.is_awaiting_approval()) {
+            // This run's candidate now waits: it supersedes an older one.
+            let stops = Stops {
+                interrupt: cancel,
+                lost,
+            };
+            self.close_stale_approvals(binding, fence, shared, &stops)
+                .await;
+        }
         self.unlock(&label).await;
         let report = self
             .with_history(&run, LabelReport::from_run(&run, resumed))

@@ -17,10 +17,12 @@ use tracing::{info, warn};
 
 use super::cycle::Stops;
 use super::{training_request, CycleShared, Engine, Executed, LabelBinding};
-use crate::domain::{Fence, JobKey, Lease, TrainingOutcome};
+use crate::domain::{Fence, JobKey, Lease, TrainingOutcome, VersionTag};
 use crate::failpoint;
 use crate::machine::{Action, Event, LabelRun};
-use crate::ports::{LeaseProvider, MetadataRead, PortError, RegistryRollback, StoreError};
+use crate::ports::{
+    DatasetCheckRequest, LeaseProvider, MetadataRead, PortError, RegistryRollback, StoreError,
+};
 use crate::report::LabelReport;
 
 /// Attempts at stopping a lease before giving up (the lease then stays
@@ -352,6 +354,10 @@ impl Engine {
                 }
             }
             Action::Notify => self.notify(binding, run).await,
+            Action::CheckDataset { version, job_key } => {
+                self.check_dataset(binding, run, version, job_key, stops)
+                    .await
+            }
             Action::Commit { cursor } => {
                 let Some(fence) = fence else {
                     return Executed::Committed;
@@ -380,6 +386,56 @@ impl Engine {
                     }
                 }
             }
+        }
+    }
+
+    /// Run the label's dataset check on the accepted version. An interrupt or
+    /// the loss of the lock drops the check (the adapter stops it); the
+    /// resumed run asks again under the same key.
+    async fn check_dataset(
+        &self,
+        binding: &LabelBinding,
+        run: &LabelRun,
+        version: VersionTag,
+        job_key: JobKey,
+        stops: &Stops<'_>,
+    ) -> Executed {
+        let Some(check) = &binding.dataset_check else {
+            return Self::failed("the label's plan has a dataset check but none is configured");
+        };
+        let Some(dataset) = &run.dataset else {
+            return Self::failed("internal error: a dataset check without a dataset");
+        };
+        let request = DatasetCheckRequest {
+            label: run.label().clone(),
+            run_id: run.run_id.clone(),
+            job_key,
+            dataset_name: dataset.metadata.dataset_name.clone(),
+            dataset_version: version,
+        };
+        info!(job = %request.job_key, version = %request.dataset_version, check = %check.describe(), "checking the dataset");
+        let checked = tokio::select! {
+            r = check.check(&request) => r,
+            () = stops.interrupt.cancelled() => return Executed::Interrupted,
+            () = stops.lost.cancelled() => return Executed::LockLost(
+                self.lock_problem(run.label()).unwrap_or_else(|| "lock lost".into())
+            ),
+        };
+        match checked {
+            Ok(result) => {
+                failpoint::hit("after-effect:check_dataset");
+                if result.passed {
+                    info!(version = %request.dataset_version, "dataset check passed");
+                } else {
+                    warn!(version = %request.dataset_version, "dataset check rejected the dataset");
+                }
+                Executed::Event(Event::DatasetChecked { result })
+            }
+            Err(e) => Self::failed(format!(
+                "dataset check {} could not check version {}: {e}",
+                check.describe(),
+                request.dataset_version
+            )),
         }
     }
 

@@ -46,8 +46,8 @@ use crate::domain::{
 };
 use crate::machine::{Action, LabelPlan, LabelRun, RunManifest};
 use crate::ports::{
-    CountSource, LeaseProvider, MetadataStore, ModelRegistry, Notifier, PortError, RunStore,
-    SpaceController, StoreError, Trainer, TrainingRequest,
+    CountSource, DatasetCheck, LeaseProvider, MetadataStore, ModelRegistry, Notifier, PortError,
+    RunStore, SpaceController, StoreError, Trainer, TrainingRequest,
 };
 use crate::report::LabelReport;
 
@@ -105,6 +105,9 @@ pub struct LabelBinding {
     pub lease: Option<Arc<dyn LeaseProvider>>,
     pub notifiers: Vec<Arc<dyn Notifier>>,
     pub train_timeout: Duration,
+    /// The label's `dataset_check`, run on every accepted dataset version
+    /// before the lease and the training (`plan.dataset_check` says it is set).
+    pub dataset_check: Option<Arc<dyn DatasetCheck>>,
 }
 
 impl std::fmt::Debug for LabelBinding {
@@ -179,6 +182,10 @@ pub enum EngineError {
     NoSuchRun(RunId),
     #[error("run {0} is not awaiting approval (it is {1})")]
     NotAwaitingApproval(RunId, String),
+    /// The run waited for a decision but was closed by expiry or by a newer
+    /// candidate: it can never be approved (or rejected) any more.
+    #[error("run {run} can no longer be approved or rejected: {why}")]
+    ApprovalClosed { run: RunId, why: String },
     #[error("production changed since the verdict of run {run}: the candidate was gated against version {recorded}, production is now {current}; approve with --regate to gate it against the current production first")]
     ProductionChanged {
         run: RunId,
@@ -265,6 +272,8 @@ pub struct CycleRequest {
 ///         poll_interval: Duration::from_secs(60),
 ///         poll_timeout: Duration::from_secs(1800),
 ///         dry_run: false,
+///         approval_expires: retrain_core::machine::DEFAULT_APPROVAL_EXPIRES,
+///         dataset_check: false,
 ///     },
 ///     metadata: Arc::new(metadata),
 ///     prepare: None,
@@ -273,6 +282,7 @@ pub struct CycleRequest {
 ///     lease: None,
 ///     notifiers: Vec::new(),
 ///     train_timeout: Duration::from_secs(3600),
+///     dataset_check: None,
 /// };
 /// let engine = Engine::new(
 ///     Arc::new(store),

@@ -8,7 +8,7 @@ use retrain_core::domain::RunId;
 use retrain_core::engine::{
     CycleRequest, Decision, DecisionOutcome, Engine, EngineError, LabelBinding,
 };
-use retrain_core::machine::{PromoteMode, Stage};
+use retrain_core::machine::{Outcome, PromoteMode, Stage, Trigger};
 use retrain_core::report::{LabelReport, LabelStatus};
 use retrain_core::CancellationToken;
 
@@ -180,4 +180,170 @@ async fn approval_crashing_after_the_promote_call_completes_once_on_restart() {
         DecisionOutcome::AlreadyApproved { by, .. } => assert_eq!(by, "alice"),
         other => panic!("expected already approved, got {other:?}"),
     }
+}
+
+fn expiring(world: &World, expires: std::time::Duration) -> LabelBinding {
+    let mut binding = manual(world);
+    binding.plan.approval_expires = expires;
+    binding
+}
+
+const HOUR: std::time::Duration = std::time::Duration::from_secs(3600);
+
+#[tokio::test(start_paused = true)]
+async fn an_unapproved_candidate_expires_at_the_first_cycle_after_approval_expires() {
+    let world = World::new();
+    let store = MemStore::new();
+    let engine = engine(&store, &world, vec![expiring(&world, HOUR)]);
+    let run_id = awaiting(&engine, &store, &world).await;
+    let notified = get(&world.counters.notifies);
+
+    // Within approval_expires: a cycle leaves it waiting.
+    tokio::time::advance(HOUR / 2).await;
+    engine
+        .run_cycle(CycleRequest::default(), CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(store.run_snapshot(&run_id).stage, Stage::AwaitingApproval);
+
+    // The first cycle after it: expired (journaled, notified), never promoted.
+    tokio::time::advance(HOUR).await;
+    engine
+        .run_cycle(CycleRequest::default(), CancellationToken::new())
+        .await
+        .unwrap();
+    let run = store.run_snapshot(&run_id);
+    assert_eq!(run.stage, Stage::Done);
+    match &run.outcome {
+        Some(Outcome::Expired { reason }) => {
+            assert!(reason.contains("approval_expires = 1h"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        get(&world.counters.notifies),
+        notified + 1,
+        "expiry is notified"
+    );
+    assert_eq!(
+        store
+            .cursor_of("department")
+            .consumed_version
+            .unwrap()
+            .as_str(),
+        "v2",
+        "the dataset stays consumed"
+    );
+
+    // It can never be approved (or rejected) afterwards, and nothing changes.
+    let err = engine
+        .decide(&run_id, APPROVE, "alice", None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, EngineError::ApprovalClosed { .. }), "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains("can no longer be approved") && message.contains("expired"),
+        "{message}"
+    );
+    assert!(engine
+        .decide(&run_id, Decision::Reject, "bob", Some("late".into()))
+        .await
+        .is_err());
+    assert_eq!(get(&world.counters.promotes), 0);
+    assert!(world.production.lock().unwrap().is_none());
+    assert_eq!(
+        store.run_snapshot(&run_id),
+        run,
+        "a refused decision changes nothing"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn approving_after_approval_expires_expires_the_run_instead_of_promoting() {
+    let world = World::new();
+    let store = MemStore::new();
+    let engine = engine(&store, &world, vec![expiring(&world, HOUR)]);
+    let run_id = awaiting(&engine, &store, &world).await;
+    // No cycle ran since: the decision itself applies the expiry.
+    tokio::time::advance(HOUR * 2).await;
+    let err = engine
+        .decide(&run_id, APPROVE, "alice", None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, EngineError::ApprovalClosed { .. }), "{err}");
+    assert_eq!(get(&world.counters.promotes), 0);
+    assert!(matches!(
+        store.run_snapshot(&run_id).outcome,
+        Some(Outcome::Expired { .. })
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_newer_waiting_candidate_supersedes_the_older_one_which_can_never_be_approved() {
+    let world = World::new();
+    // Metadata-triggered, no prepare job: each published version is a candidate.
+    let mut binding = manual(&world);
+    binding.plan.trigger = Trigger::Metadata { threshold: 10 };
+    binding.plan.prepare = None;
+    binding.prepare = None;
+    *world.published.lock().unwrap() = Some(dataset("v2", 500, 60));
+    let store = MemStore::new();
+    let engine = engine(&store, &world, vec![binding]);
+    let older = awaiting(&engine, &store, &world).await;
+
+    *world.published.lock().unwrap() = Some(dataset("v3", 600, 120));
+    tokio::time::advance(HOUR).await;
+    let report = engine
+        .run_cycle(CycleRequest::default(), CancellationToken::new())
+        .await
+        .unwrap();
+    let newer = report.labels[0].run_id.clone().unwrap();
+    assert_eq!(report.labels[0].status, LabelStatus::AwaitingApproval);
+
+    // Superseded at once (journaled on the old run, notified), not at the next cycle.
+    let old = store.run_snapshot(&older);
+    assert_eq!(old.stage, Stage::Done);
+    assert_eq!(
+        old.outcome,
+        Some(Outcome::Superseded {
+            by_run: newer.clone()
+        })
+    );
+    assert!(store
+        .finished_runs("department")
+        .iter()
+        .any(|r| r.run_id == older));
+    let err = engine
+        .decide(&older, APPROVE, "alice", None)
+        .await
+        .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains("superseded") && message.contains(newer.as_str()),
+        "{message}"
+    );
+    // Closing the old run did not move the cursor back to its dataset.
+    assert_eq!(
+        store
+            .cursor_of("department")
+            .consumed_version
+            .unwrap()
+            .as_str(),
+        "v3"
+    );
+
+    // The newer one is approved and promoted once.
+    let report = applied(engine.decide(&newer, APPROVE, "alice", None).await.unwrap());
+    assert_eq!(report.status, LabelStatus::Promoted, "{report:?}");
+    assert_eq!(get(&world.counters.promotes), 1);
+    assert_eq!(world.production.lock().unwrap().as_ref().unwrap().2, newer);
+    assert_eq!(
+        store
+            .cursor_of("department")
+            .consumed_version
+            .unwrap()
+            .as_str(),
+        "v3"
+    );
 }

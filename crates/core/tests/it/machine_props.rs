@@ -7,13 +7,14 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use proptest::prelude::*;
 use retrain_core::domain::{
-    Candidate, CorrectRatio, CycleId, DatasetMetadata, DatasetVersion, FeedbackCounts, Label,
-    LabelCursor, Lease, ProductionModel, PromotedVersion, RunId, SpaceStage, TrainingHandle,
-    VersionTag,
+    Candidate, CorrectRatio, CycleId, DatasetCheckResult, DatasetMetadata, DatasetVersion,
+    FeedbackCounts, Label, LabelCursor, Lease, ProductionModel, PromotedVersion, RunId, SpaceStage,
+    TrainingHandle, VersionTag,
 };
 use retrain_core::gate::GatePolicy;
 use retrain_core::machine::{
     Action, Event, LabelPlan, LabelRun, Outcome, PromoteMode, Rollback, Stage, Trigger,
+    DEFAULT_APPROVAL_EXPIRES,
 };
 
 fn dataset(tag: u8, n: u64, created: i64) -> DatasetVersion {
@@ -42,6 +43,10 @@ struct Scenario {
     choices: Vec<u8>,
     /// `promote = "manual"`.
     manual: bool,
+    /// A `dataset_check` runs before the lease and the training.
+    checked: bool,
+    /// The version the dataset check rejected before this run.
+    rejected: Option<u8>,
 }
 
 fn scenario() -> impl Strategy<Value = Scenario> {
@@ -54,9 +59,22 @@ fn scenario() -> impl Strategy<Value = Scenario> {
         1u32..4,
         prop::option::of(0u8..3),
         prop::collection::vec(any::<u8>(), 1..120),
+        any::<bool>(),
+        prop::option::of(0u8..5),
     )
         .prop_map(
-            |(counts_trigger, prepare, gated, leased, dry_run, max_attempts, consumed, choices)| {
+            |(
+                counts_trigger,
+                prepare,
+                gated,
+                leased,
+                dry_run,
+                max_attempts,
+                consumed,
+                choices,
+                checked,
+                rejected,
+            )| {
                 Scenario {
                     counts_trigger,
                     prepare,
@@ -67,6 +85,8 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                     consumed,
                     choices,
                     manual: false,
+                    checked,
+                    rejected,
                 }
             },
         )
@@ -96,6 +116,17 @@ fn plan(s: &Scenario) -> LabelPlan {
         poll_interval: Duration::from_secs(60),
         poll_timeout: Duration::from_secs(600),
         dry_run: s.dry_run,
+        approval_expires: DEFAULT_APPROVAL_EXPIRES,
+        dataset_check: s.checked,
+    }
+}
+
+fn start_cursor(s: &Scenario) -> LabelCursor {
+    LabelCursor {
+        watermark: None,
+        consumed_version: s.consumed.map(|c| VersionTag::new(format!("v{c}"))),
+        consumed_num_samples: s.consumed.map(|_| 5),
+        rejected_version: s.rejected.map(|c| VersionTag::new(format!("v{c}"))),
     }
 }
 
@@ -114,6 +145,10 @@ struct Trace {
     side_effects_in_dry_run: usize,
     trained_dataset: Option<DatasetVersion>,
     commits: Vec<Option<LabelCursor>>,
+    /// Versions the dataset check was asked about.
+    checked: Vec<VersionTag>,
+    /// Leases asked for.
+    leases: usize,
 }
 
 /// Answer `action` with an outcome chosen by `choice`.
@@ -230,6 +265,14 @@ fn respond(action: &Action, run: &LabelRun, choice: u8, clock: &mut i64) -> Even
                 previous: Some("3".into()),
             },
         },
+        Action::CheckDataset { .. } => Event::DatasetChecked {
+            result: DatasetCheckResult {
+                passed: !choice.is_multiple_of(3),
+                summary: Default::default(),
+                report_md: Some("## masks\n3 masks are not binary".into()),
+                detail: choice.is_multiple_of(2).then(|| "exit status 1".into()),
+            },
+        },
     }
 }
 
@@ -240,11 +283,7 @@ fn drive(s: &Scenario) -> (LabelRun, Trace) {
         RunId::generate(),
         CycleId::generate(),
         plan(s),
-        LabelCursor {
-            watermark: None,
-            consumed_version: s.consumed.map(|c| VersionTag::new(format!("v{c}"))),
-            consumed_num_samples: s.consumed.map(|_| 5),
-        },
+        start_cursor(s),
     );
     let mut trace = Trace::default();
     let mut clock = 0i64;
@@ -268,6 +307,14 @@ fn drive(s: &Scenario) -> (LabelRun, Trace) {
             }
             Action::Promote { .. } => trace.promotes += 1,
             Action::Commit { cursor } => trace.commits.push(cursor.clone()),
+            Action::CheckDataset { version, .. } => {
+                assert!(
+                    trace.starts.is_empty() && trace.leases == 0,
+                    "checked after the lease or a training"
+                );
+                trace.checked.push(version.clone());
+            }
+            Action::AcquireLease { .. } => trace.leases += 1,
             _ => {}
         }
         // An impossible event now and then must be refused without effect.
@@ -343,7 +390,7 @@ fn decide(run: &mut LabelRun, trace: &mut Trace, decisions: &[u8]) {
     let mut rejected = false;
     for (i, d) in decisions.iter().copied().enumerate() {
         if actions.is_empty() {
-            let event = match d % 5 {
+            let event = match d % 7 {
                 0 | 1 => Event::Approved {
                     by: "alice".into(),
                     reason: Some("ok".into()),
@@ -372,6 +419,14 @@ fn decide(run: &mut LabelRun, trace: &mut Trace, decisions: &[u8]) {
                         ),
                     ),
                 },
+                4 => Event::ApprovalExpired {
+                    at: at(i as i64),
+                    reason: "not approved within approval_expires = 7d".into(),
+                },
+                5 => Event::Superseded {
+                    by_run: RunId::generate(),
+                    at: at(i as i64),
+                },
                 _ => {
                     // Crash + resume.
                     let json = serde_json::to_string(&*run).unwrap();
@@ -390,7 +445,9 @@ fn decide(run: &mut LabelRun, trace: &mut Trace, decisions: &[u8]) {
                     );
                     match event {
                         Event::Approved { .. } => trace.approved = true,
-                        Event::Rejected { .. } => rejected = true,
+                        Event::Rejected { .. }
+                        | Event::ApprovalExpired { .. }
+                        | Event::Superseded { .. } => rejected = true,
                         Event::Regated { ref verdict, .. } if !verdict.passed => rejected = true,
                         _ => {}
                     }
@@ -428,13 +485,29 @@ fn decide(run: &mut LabelRun, trace: &mut Trace, decisions: &[u8]) {
             }
             Action::ReleaseLease { .. } => Event::LeaseReleased,
             Action::Notify => Event::Notified { error: None },
-            Action::Commit { .. } => Event::Committed,
+            Action::Commit { ref cursor } => {
+                // The cursor was committed before waiting: never again.
+                assert_eq!(*cursor, None, "a decided run moved the cursor again");
+                Event::Committed
+            }
             other => panic!("unexpected action after the verdict: {other:?}"),
         };
         actions = run.step(&event).expect("a plausible event was refused");
     }
     if rejected {
         assert_eq!(trace.promoted, 0);
+        assert!(run.promoted.is_none());
+    }
+    if run.is_done() {
+        match &run.outcome {
+            Some(
+                Outcome::Expired { .. } | Outcome::Superseded { .. } | Outcome::Rejected { .. },
+            ) => {
+                assert!(run.promoted.is_none(), "a closed candidate was promoted");
+            }
+            Some(Outcome::Promoted { .. }) => assert!(run.approval.is_some()),
+            _ => {}
+        }
     }
 }
 
@@ -462,6 +535,7 @@ fn drive_rollback(s: &Scenario) -> (LabelRun, RollbackTrace) {
             watermark: None,
             consumed_version: s.consumed.map(|c| VersionTag::new(format!("v{c}"))),
             consumed_num_samples: s.consumed.map(|_| 5),
+            rejected_version: None,
         },
     );
     let mut trace = RollbackTrace::default();
@@ -603,7 +677,13 @@ proptest! {
             prop_assert!(!trace.commits.is_empty());
             prop_assert!(trace.commits.iter().all(|c| *c == trace.commits[0]));
             let committed = trace.commits[0].clone();
-            if run.candidate.is_some() {
+            if let Some(Outcome::DatasetRejected { version, .. }) = &run.outcome {
+                // Only the rejected version is recorded: the watermark and
+                // the consumed version stay where they were.
+                let expected = LabelCursor { rejected_version: Some(version.clone()), ..start_cursor(&s) };
+                prop_assert_eq!(committed, Some(expected));
+                prop_assert!(trace.starts.is_empty() && trace.leases == 0, "a rejected dataset was leased for or trained");
+            } else if run.candidate.is_some() {
                 let dataset = run.dataset.clone().expect("trained on a dataset");
                 let cursor = committed.expect("a trained run commits a cursor");
                 prop_assert_eq!(cursor.watermark, Some(dataset.metadata.created_at));
@@ -622,6 +702,25 @@ proptest! {
             let consumed = VersionTag::new(format!("v{consumed}"));
             prop_assert!(!trace.starts.contains(&consumed),
                 "a consumed version must never be retrained");
+        }
+    }
+
+    #[test]
+    fn a_rejected_version_is_never_checked_or_trained_again(s in scenario()) {
+        let (run, trace) = drive(&s);
+        if let Some(rejected) = s.rejected {
+            let rejected = VersionTag::new(format!("v{rejected}"));
+            prop_assert!(!trace.checked.contains(&rejected), "a rejected version was checked again");
+            prop_assert!(!trace.starts.contains(&rejected), "a rejected version was trained");
+        }
+        if s.checked && !trace.starts.is_empty() {
+            // Trained only what the check passed, and checked it once.
+            prop_assert_eq!(trace.checked.len(), 1);
+            prop_assert!(run.dataset_check.as_ref().is_some_and(|c| c.passed));
+            prop_assert_eq!(&trace.checked[0], &trace.starts[0]);
+        }
+        if !s.checked {
+            prop_assert!(trace.checked.is_empty());
         }
     }
 }

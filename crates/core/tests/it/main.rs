@@ -3,6 +3,7 @@
 
 mod approval;
 mod concurrency;
+mod dataset_check;
 mod engine;
 mod machine_props;
 mod purity;

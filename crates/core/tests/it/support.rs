@@ -305,7 +305,7 @@ impl RunStore for MemStore {
             .values()
             .rev()
             .filter(|(r, _)| filter.label.as_ref().is_none_or(|l| l == r.label()))
-            .map(|(r, _)| summary(r))
+            .map(|(r, _)| summary(r, &d.transitions))
             .collect())
     }
     async fn promotions(&self, label: &Label) -> Result<Vec<PromotionEvent>, StoreError> {
@@ -319,7 +319,7 @@ impl RunStore for MemStore {
     async fn run(&self, run_id: &RunId) -> Result<Option<RunDetail>, StoreError> {
         let d = self.data.lock().unwrap();
         Ok(d.runs.get(run_id).map(|(r, _)| RunDetail {
-            summary: summary(r),
+            summary: summary(r, &d.transitions),
             snapshot: r.clone(),
             transitions: d
                 .transitions
@@ -373,7 +373,13 @@ impl RunStore for MemStore {
     }
 }
 
-fn summary(r: &LabelRun) -> RunSummary {
+/// `updated_at` is the time of the run's last journaled transition.
+fn summary(r: &LabelRun, transitions: &[Transition]) -> RunSummary {
+    let updated_at = transitions
+        .iter()
+        .rev()
+        .find(|t| t.run_id == r.run_id)
+        .map_or_else(Utc::now, |t| t.at);
     RunSummary {
         run_id: r.run_id.clone(),
         cycle_id: r.cycle_id.clone(),
@@ -386,7 +392,7 @@ fn summary(r: &LabelRun) -> RunSummary {
             .unwrap_or("running")
             .into(),
         started_at: r.started_at.unwrap_or_else(Utc::now),
-        updated_at: Utc::now(),
+        updated_at,
     }
 }
 
@@ -420,6 +426,8 @@ pub struct Counters {
     pub adopted: AtomicUsize,
     /// Rollbacks that moved production (not the idempotent repeats).
     pub rollbacks: AtomicUsize,
+    /// Dataset checks run (not counting recorded results returned again).
+    pub checks: AtomicUsize,
 }
 
 /// The simulated outside world.
@@ -449,6 +457,10 @@ pub struct World {
     pub running_leases: Arc<Mutex<std::collections::BTreeSet<String>>>,
     /// Prepare restarts done, by intent key.
     pub restart_intents: Arc<Mutex<std::collections::BTreeSet<JobKey>>>,
+    /// Dataset versions the fake dataset check rejects.
+    pub bad_versions: Arc<Mutex<std::collections::BTreeSet<String>>>,
+    /// Completed dataset checks by job key, with the version checked.
+    pub checked: Arc<Mutex<BTreeMap<JobKey, (VersionTag, DatasetCheckResult)>>>,
 }
 
 impl World {
@@ -473,6 +485,8 @@ impl World {
             promote_outages: Arc::default(),
             restart_intents: Arc::default(),
             running_leases: Arc::default(),
+            bad_versions: Arc::default(),
+            checked: Arc::default(),
         }
     }
 }
@@ -560,6 +574,50 @@ impl SpaceController for FakePrepare {
     }
     fn describe(&self) -> String {
         "fake prepare".into()
+    }
+}
+
+/// A dataset check that rejects the versions in `World::bad_versions`.
+pub struct FakeDatasetCheck(pub World);
+#[async_trait]
+impl DatasetCheck for FakeDatasetCheck {
+    async fn check(&self, request: &DatasetCheckRequest) -> Result<DatasetCheckResult, PortError> {
+        // The port's contract: a completed check of the key is not run again.
+        if let Some((_, result)) = self.0.checked.lock().unwrap().get(&request.job_key) {
+            return Ok(result.clone());
+        }
+        self.0.counters.checks.fetch_add(1, Ordering::SeqCst);
+        let version = request.dataset_version.clone();
+        let bad = self
+            .0
+            .bad_versions
+            .lock()
+            .unwrap()
+            .contains(version.as_str());
+        let result = DatasetCheckResult {
+            passed: !bad,
+            summary: serde_json::json!({ "pairs": 500, "bad_masks": if bad { 3 } else { 0 } })
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+            report_md: Some(if bad {
+                format!("## {version}\n3 masks are not binary")
+            } else {
+                format!("## {version}\nall 500 pairs valid")
+            }),
+            detail: bad.then(|| {
+                "exit status 1; last output lines:\nmask_17.png: values {0, 128, 255}".into()
+            }),
+        };
+        self.0
+            .checked
+            .lock()
+            .unwrap()
+            .insert(request.job_key.clone(), (version, result.clone()));
+        Ok(result)
+    }
+    fn describe(&self) -> String {
+        "fake dataset check".into()
     }
 }
 
@@ -793,6 +851,8 @@ pub fn plan(label: &str) -> LabelPlan {
         poll_interval: Duration::from_secs(1),
         poll_timeout: Duration::from_secs(60),
         dry_run: false,
+        approval_expires: retrain_core::machine::DEFAULT_APPROVAL_EXPIRES,
+        dataset_check: false,
     }
 }
 
@@ -808,6 +868,7 @@ pub fn binding(world: &World, plan: LabelPlan, prepare: Arc<dyn SpaceController>
         lease: leased.then(|| Arc::new(FakeLease(world.clone())) as Arc<dyn LeaseProvider>),
         notifiers: vec![Arc::new(CountingNotifier(world.clone()))],
         train_timeout: Duration::from_secs(60),
+        dataset_check: None,
     }
 }
 
