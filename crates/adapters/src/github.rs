@@ -1217,6 +1217,12 @@ fn not_improved_line(report: &LabelReport) -> String {
         ),
         LabelStatus::Trained => "Trained without a gate: the model was not promoted; nothing was committed or approved.".into(),
         LabelStatus::DatasetRejected => "**The dataset check rejected the dataset** (see its report above): nothing was leased, trained, committed or approved.".into(),
+        LabelStatus::RolledBack => format!(
+            "Production was **{}**; nothing was committed or approved.",
+            report
+                .rollback_summary()
+                .unwrap_or_else(|| "rolled back".into())
+        ),
         other => format!(
             "Status `{}`: nothing was committed or approved.",
             other.as_str()
@@ -2217,6 +2223,33 @@ mod tests {
         ] {
             assert!(check_pr_file(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_rollback_says_from_what_to_what_by_whom_and_why() {
+        use retrain_core::domain::{Label, PromotedVersion};
+        use retrain_core::machine::Rollback;
+        let mut report = LabelReport::failed_before_run(Label::new("seg").unwrap(), 10, "x".into());
+        report.status = LabelStatus::RolledBack;
+        report.error = None;
+        report.promoted = Some(PromotedVersion {
+            version: "6".into(),
+            previous: Some("7".into()),
+        });
+        report.rollback = Some(Rollback {
+            to_version: "6".into(),
+            from_version: Some("7".into()),
+            by: "alice".into(),
+            reason: "dice regressed".into(),
+            forced: false,
+            at: chrono::DateTime::UNIX_EPOCH,
+            restored_run: None,
+            restored_candidate: None,
+        });
+        assert_eq!(
+            not_improved_line(&report),
+            "Production was **rolled back from version 7 to version 6 by alice because dice regressed**; nothing was committed or approved."
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use retrain_core::domain::{
 use retrain_core::journal::PromotionKind;
 use retrain_core::journal::{RunDetail, RunFilter, Transition};
 use retrain_core::machine::{
-    Action, Approval, Event, LabelPlan, LabelRun, PromoteMode, Stage, Trigger,
+    Action, Approval, Event, LabelPlan, LabelRun, PromoteMode, Rollback, Stage, Trigger,
 };
 use retrain_core::ports::{RunStore, StoreError};
 
@@ -914,6 +914,70 @@ pub async fn promotions_are_recorded_with_their_journal_write(store: Arc<dyn Run
     assert_eq!(store.promotions(&label("dept")).await.unwrap().len(), 2);
 }
 
+pub async fn rollbacks_are_recorded_as_promotion_events_and_resume(store: Arc<dyn RunStore>) {
+    let fence = lock(store.as_ref(), "dept").await;
+    let mut run = LabelRun::new(
+        RunId::generate(),
+        CycleId::generate(),
+        plan("dept"),
+        LabelCursor::default(),
+    );
+    let requested = step(
+        &mut run,
+        Event::RollbackRequested {
+            rollback: Rollback {
+                to_version: "1".into(),
+                from_version: Some("2".into()),
+                by: "bob".into(),
+                reason: "misroutes billing tickets".into(),
+                forced: false,
+                at: now(),
+                restored_run: Some(RunId("promoted-1".into())),
+                restored_candidate: Some("cand-1".into()),
+            },
+        },
+    );
+    store.record(&requested, &fence).await.unwrap();
+    // Interrupted before the registry answered: the rollback run resumes.
+    let unfinished = store.unfinished_run(&label("dept")).await.unwrap().unwrap();
+    assert_eq!(unfinished.run_id, run.run_id);
+    assert_eq!(unfinished.stage, Stage::RollingBack);
+    assert_eq!(unfinished.rollback, run.rollback);
+    assert!(store.promotions(&label("dept")).await.unwrap().is_empty());
+
+    let rolled = step(
+        &mut run,
+        Event::RolledBack {
+            version: PromotedVersion {
+                version: "1".into(),
+                previous: Some("2".into()),
+            },
+        },
+    );
+    store.record(&rolled, &fence).await.unwrap();
+    let history = store.promotions(&label("dept")).await.unwrap();
+    assert_eq!(history.len(), 1, "{history:?}");
+    let event = &history[0];
+    assert_eq!(event.run_id, run.run_id);
+    assert_eq!(event.kind, PromotionKind::Rollback);
+    assert_eq!(event.version, "1");
+    assert_eq!(event.previous_version.as_deref(), Some("2"));
+    assert_eq!(event.candidate_run, Some(RunId("promoted-1".into())));
+    assert_eq!(event.candidate_id.as_deref(), Some("cand-1"));
+    assert_eq!(event.verdict, None);
+    assert_eq!(event.by, "bob");
+    assert_eq!(event.reason.as_deref(), Some("misroutes billing tickets"));
+    let summary = store
+        .list_runs(&RunFilter::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.run_id == run.run_id)
+        .unwrap();
+    assert_eq!(summary.stage, Stage::Notifying);
+    assert_eq!(summary.outcome, "rolled_back");
+}
+
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -958,6 +1022,7 @@ contract!(
     runs_are_listed_newest_first_and_shown,
     promotions_are_recorded_with_their_journal_write,
     a_rejected_dataset_version_is_kept_in_the_cursor,
+    rollbacks_are_recorded_as_promotion_events_and_resume,
 );
 
 /// On a current-thread runtime every write of the test is queued before the
