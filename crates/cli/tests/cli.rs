@@ -326,6 +326,17 @@ fn gate_alone_rejects_with_exit_3_and_force_is_recorded() {
         shown["transitions"][0]["event"]["event"], "gate_evaluated",
         "{shown}"
     );
+    // A gate run has a manifest too, in the store and in state_dir.
+    assert_eq!(shown["manifest"]["verdict"]["forced"], true, "{shown}");
+    assert_eq!(shown["manifest"]["candidate"]["id"], candidate.as_str());
+    let path = dir
+        .path()
+        .join(".retrain/runs")
+        .join(run_id)
+        .join("manifest.json");
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("gate manifest.json written")).unwrap();
+    assert_eq!(written, shown["manifest"]);
     retrain(dir.path())
         .args([
             "gate",
@@ -578,6 +589,7 @@ fn run_manifest_is_written_and_shown() {
         "{manifest}"
     );
     assert_eq!(env["trainer"], "command: python3 train.py", "{manifest}");
+    assert_eq!(env["trainer_exit"], "exit status 0", "{manifest}");
     let dataset = &manifest["dataset"];
     assert_eq!(
         dataset["metadata_sha256"].as_str().unwrap().len(),
@@ -608,7 +620,7 @@ fn run_manifest_is_written_and_shown() {
         "## Manifest",
         "- git sha: `",
         "- rustc: `rustc ",
-        "- trainer: `command: python3 train.py`",
+        "- trainer: `command: python3 train.py` (exit status 0)",
         "metadata sha256 `",
         "- candidate: `",
         "- verdict: ",

@@ -498,6 +498,11 @@ pub struct RunManifest {
     /// the command line).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trainer: Option<String>,
+    /// How the last training job ended as the trainer saw it (command
+    /// trainers: `exit status N`), recorded by the engine with the
+    /// transition that ends the wait.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trainer_exit: Option<String>,
 }
 
 /// A human decision on a candidate (`retrain approve` / `retrain reject`).
