@@ -275,6 +275,7 @@ async fn status(cli: &Cli, raw_labels: &[String]) -> Result<u8, Failure> {
             "threshold": label_settings.threshold,
             "watermark": cursor.watermark,
             "last_version": cursor.consumed_version,
+            "rejected_version": cursor.rejected_version,
             "locked_by": holder,
             "awaiting_approval": waiting.first().map(|w| &w.summary.run_id),
             "last_run": last_run.as_ref().map(|r| json!({
@@ -305,10 +306,16 @@ async fn status(cli: &Cli, raw_labels: &[String]) -> Result<u8, Failure> {
                 } else {
                     format!("{} ({})", s(&last["outcome"]), s(&last["stage"]))
                 };
-                let waiting = match &row["awaiting_approval"] {
+                let mut waiting = match &row["awaiting_approval"] {
                     serde_json::Value::Null => String::new(),
                     id => format!(" [awaiting approval: {}]", s(id)),
                 };
+                if !row["rejected_version"].is_null() {
+                    waiting.push_str(&format!(
+                        " [dataset check rejected: {}]",
+                        s(&row["rejected_version"])
+                    ));
+                }
                 println!(
                     "{:<16} {:>9}  {:<26} {:<22} {:<18} {}{}",
                     s(&row["label"]),

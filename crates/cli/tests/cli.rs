@@ -1134,6 +1134,15 @@ fn a_failing_dataset_check_rejects_the_version_then_a_new_version_passes_and_tra
     let text = String::from_utf8_lossy(&run.get_output().stdout).into_owned();
     assert!(text.contains("dataset_rejected"), "{text}");
     assert!(text.contains("not checked again"), "{text}");
+    let status = retrain(dir.path())
+        .args(["--output", "json", "status"])
+        .assert()
+        .success();
+    let status = json_of(&status.get_output().stdout);
+    assert!(
+        status[0]["watermark"].is_null(),
+        "the watermark did not move: {status}"
+    );
     let checked = std::fs::read_to_string(dir.path().join("checked.log")).unwrap();
     let versions: Vec<&str> = checked.lines().collect();
     assert_eq!(versions.len(), 2, "{checked}");
@@ -1142,6 +1151,7 @@ fn a_failing_dataset_check_rejects_the_version_then_a_new_version_passes_and_tra
         versions[1], rejected,
         "a rejected version was checked again"
     );
+    assert_eq!(status[0]["rejected_version"], versions[1], "{status}");
 
     // Passing: the new version trains and the check's summary is in the manifest.
     std::fs::write(dir.path().join("check_mode"), "pass").unwrap();
