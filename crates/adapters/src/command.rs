@@ -434,6 +434,9 @@ pub struct CommandTrainer {
     children: std::sync::Mutex<HashMap<ChildKey, Arc<Mutex<Child>>>>,
     /// Serialises `start`s of this instance (record check, claim, spawn).
     starting: Mutex<()>,
+    /// How the jobs this instance waited for ended (`exit status 0`), for
+    /// [`Trainer::job_exit`].
+    exits: std::sync::Mutex<HashMap<ChildKey, String>>,
 }
 
 impl fmt::Debug for CommandTrainer {
@@ -466,6 +469,7 @@ impl CommandTrainer {
             scrubber,
             children: std::sync::Mutex::new(HashMap::new()),
             starting: Mutex::new(()),
+            exits: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -574,6 +578,12 @@ impl CommandTrainer {
     /// Wait for the leader, stop what it left behind, read the outcome.
     async fn run_to_outcome(&self, job: &JobHandle) -> Result<TrainingOutcome, PortError> {
         let (status, leader_seen) = self.wait_exit(job).await;
+        if let Some(status) = status {
+            self.exits
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .insert((job.pid, job.start_time), describe_status(status));
+        }
         stop_orphans(job, &job.trainer_marker(), leader_seen).await;
         self.outcome(job, status).await
     }
@@ -786,6 +796,15 @@ impl Trainer for CommandTrainer {
 
     fn describe(&self) -> String {
         format!("command: {}", self.spec.display())
+    }
+
+    fn job_exit(&self, handle: &TrainingHandle) -> Option<String> {
+        let job = JobHandle::from_handle(handle).ok()?;
+        self.exits
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(&(job.pid, job.start_time))
+            .cloned()
     }
 }
 

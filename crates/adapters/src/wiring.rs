@@ -381,6 +381,7 @@ async fn assemble_engine(
             rustc_version: crate::build_info::RUSTC_VERSION.to_owned(),
             os: crate::build_info::os(),
             trainer: None,
+            trainer_exit: None,
         },
     };
     Ok(Engine::new(store, counts, bindings, engine_settings))

@@ -181,17 +181,23 @@ async fn run(
         report.started_at,
     );
     if !dry_run {
-        write_manifests(store.as_ref(), &loaded.settings.state_dir, &report).await;
+        let runs = report.labels.iter().filter_map(|l| l.run_id.as_ref());
+        write_manifests(store.as_ref(), &loaded.settings.state_dir, runs).await;
     }
     render_cycle(cli, &report)?;
     crate::telemetry::process_step("finish", &cycle_id, report.finished_at, chrono::Utc::now());
     Ok(cycle_exit_code(&report, args.fail_on_reject, &interrupt))
 }
 
-/// `state_dir/runs/<run_id>/manifest.json` for every run of the cycle, as
-/// journaled. A failure is logged: the manifest stays in the run store.
-async fn write_manifests(store: &dyn RunStore, state_dir: &std::path::Path, report: &CycleReport) {
-    for run_id in report.labels.iter().filter_map(|l| l.run_id.as_ref()) {
+/// `state_dir/runs/<run_id>/manifest.json` for every run of `runs` (those of
+/// a cycle, a `retrain gate`, a decision), as journaled. A failure is
+/// logged: the manifest stays in the run store.
+async fn write_manifests<'a>(
+    store: &dyn RunStore,
+    state_dir: &std::path::Path,
+    runs: impl Iterator<Item = &'a RunId>,
+) {
+    for run_id in runs {
         let written = async {
             let detail = store
                 .run(run_id)
@@ -270,6 +276,7 @@ async fn status(cli: &Cli, raw_labels: &[String]) -> Result<u8, Failure> {
             "threshold": label_settings.threshold,
             "watermark": cursor.watermark,
             "last_version": cursor.consumed_version,
+            "rejected_version": cursor.rejected_version,
             "locked_by": holder,
             "awaiting_approval": waiting.first().map(|w| &w.summary.run_id),
             "last_run": last_run.as_ref().map(|r| json!({
@@ -300,10 +307,16 @@ async fn status(cli: &Cli, raw_labels: &[String]) -> Result<u8, Failure> {
                 } else {
                     format!("{} ({})", s(&last["outcome"]), s(&last["stage"]))
                 };
-                let waiting = match &row["awaiting_approval"] {
+                let mut waiting = match &row["awaiting_approval"] {
                     serde_json::Value::Null => String::new(),
                     id => format!(" [awaiting approval: {}]", s(id)),
                 };
+                if !row["rejected_version"].is_null() {
+                    waiting.push_str(&format!(
+                        " [dataset check rejected: {}]",
+                        s(&row["rejected_version"])
+                    ));
+                }
                 println!(
                     "{:<16} {:>9}  {:<26} {:<22} {:<18} {}{}",
                     s(&row["label"]),
@@ -435,7 +448,7 @@ async fn decide(cli: &Cli, args: &crate::args::DecideArgs, approve: bool) -> Res
     let by = actor(args.as_name.as_deref(), "decides")?;
     let loaded = load(cli, false)?;
     let store = store(&loaded).await?;
-    let engine = wiring::build_engine(&loaded, store)
+    let engine = wiring::build_engine(&loaded, store.clone())
         .await
         .map_err(config_failure)?;
     let decision = if approve {
@@ -469,6 +482,8 @@ async fn decide(cli: &Cli, args: &crate::args::DecideArgs, approve: bool) -> Res
             Ok(exit::OK)
         }
         DecisionOutcome::Applied(report) => {
+            let runs = report.run_id.iter();
+            write_manifests(store.as_ref(), &loaded.settings.state_dir, runs).await;
             match cli.output {
                 OutputFormat::Json => output::print_json(&report)?,
                 OutputFormat::Text => println!(
@@ -687,7 +702,7 @@ async fn gate(cli: &Cli, args: &GateArgs) -> Result<u8, Failure> {
     let label = Label::new(&args.label).map_err(|e| config_failure(format!("--label: {e}")))?;
     // The evaluation is journaled (a forced pass must be on record).
     let store = store(&loaded).await?;
-    let engine = wiring::build_control_engine(&loaded, store)
+    let engine = wiring::build_control_engine(&loaded, store.clone())
         .await
         .map_err(config_failure)?;
     let outcome = engine
@@ -699,6 +714,8 @@ async fn gate(cli: &Cli, args: &GateArgs) -> Result<u8, Failure> {
             | retrain_core::engine::EngineError::NoRegistry(_) => config_failure(e),
             other => Failure::from(anyhow::Error::new(other)),
         })?;
+    let runs = outcome.run_id.iter();
+    write_manifests(store.as_ref(), &loaded.settings.state_dir, runs).await;
     let production = outcome.production.as_ref();
     match cli.output {
         OutputFormat::Json => output::print_json(&json!({

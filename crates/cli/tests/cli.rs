@@ -326,6 +326,17 @@ fn gate_alone_rejects_with_exit_3_and_force_is_recorded() {
         shown["transitions"][0]["event"]["event"], "gate_evaluated",
         "{shown}"
     );
+    // A gate run has a manifest too, in the store and in state_dir.
+    assert_eq!(shown["manifest"]["verdict"]["forced"], true, "{shown}");
+    assert_eq!(shown["manifest"]["candidate"]["id"], candidate.as_str());
+    let path = dir
+        .path()
+        .join(".retrain/runs")
+        .join(run_id)
+        .join("manifest.json");
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("gate manifest.json written")).unwrap();
+    assert_eq!(written, shown["manifest"]);
     retrain(dir.path())
         .args([
             "gate",
@@ -578,6 +589,7 @@ fn run_manifest_is_written_and_shown() {
         "{manifest}"
     );
     assert_eq!(env["trainer"], "command: python3 train.py", "{manifest}");
+    assert_eq!(env["trainer_exit"], "exit status 0", "{manifest}");
     let dataset = &manifest["dataset"];
     assert_eq!(
         dataset["metadata_sha256"].as_str().unwrap().len(),
@@ -608,7 +620,7 @@ fn run_manifest_is_written_and_shown() {
         "## Manifest",
         "- git sha: `",
         "- rustc: `rustc ",
-        "- trainer: `command: python3 train.py`",
+        "- trainer: `command: python3 train.py` (exit status 0)",
         "metadata sha256 `",
         "- candidate: `",
         "- verdict: ",
@@ -1193,4 +1205,150 @@ fn a_terminal_shows_a_status_line_instead_of_poll_log_lines() {
         "poll lines were logged on a terminal: {screen}"
     );
     assert!(screen.contains("promoted version 1"), "{screen}");
+}
+
+/// The quickstart with a `dataset_check` whose verdict follows the file
+/// `check_mode` (`fail` or anything else); every version it is asked about
+/// is appended to `checked.log`.
+fn quickstart_with_a_dataset_check() -> tempfile::TempDir {
+    let dir = quickstart();
+    std::fs::write(
+        dir.path().join("check.sh"),
+        r#"echo "$RETRAIN_DATASET_VERSION" >> checked.log
+if [ "$(cat check_mode)" = fail ]; then
+  echo "mask_17.png is not binary" >&2
+  printf '{"passed": false, "summary": {"bad": 3}, "report_md": "3 samples have an empty text"}' > "$RETRAIN_RESULT"
+  exit 1
+fi
+printf '{"passed": true, "summary": {"checked": 1}, "report_md": "all samples valid"}' > "$RETRAIN_RESULT"
+"#,
+    )
+    .unwrap();
+    let toml = dir.path().join("retrain.toml");
+    let config = std::fs::read_to_string(&toml).unwrap().replace(
+        "notify = [\"log\"]",
+        "notify = [\"log\"]\ndataset_check = { command = [\"sh\", \"check.sh\"], timeout = \"1m\" }",
+    );
+    std::fs::write(&toml, config).unwrap();
+    dir
+}
+
+#[test]
+fn a_failing_dataset_check_rejects_the_version_then_a_new_version_passes_and_trains() {
+    let dir = quickstart_with_a_dataset_check();
+    std::fs::write(dir.path().join("check_mode"), "fail").unwrap();
+    let run = retrain(dir.path())
+        .args(["--output", "json", "run"])
+        .assert()
+        .success();
+    let report = json_of(&run.get_output().stdout);
+    let label = &report["labels"][0];
+    assert_eq!(label["status"], "dataset_rejected", "{report}");
+    let rejected = label["dataset_version"].as_str().unwrap().to_owned();
+    assert_eq!(label["dataset_check"]["passed"], false, "{label}");
+    assert_eq!(
+        label["dataset_check"]["report_md"], "3 samples have an empty text",
+        "{label}"
+    );
+    let detail = label["dataset_check"]["detail"].as_str().unwrap();
+    assert!(detail.contains("mask_17.png is not binary"), "{detail}");
+    assert!(label["candidate"].is_null(), "nothing trained: {label}");
+    let run_id = label["run_id"].as_str().unwrap().to_owned();
+    let trained = std::fs::read_dir(dir.path().join(".retrain/jobs"))
+        .unwrap()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().contains("_train_"));
+    assert!(!trained, "a training job ran for a rejected dataset");
+    let md = retrain(dir.path())
+        .args(["runs", "show", &run_id, "--format", "md"])
+        .assert()
+        .success();
+    let md = String::from_utf8_lossy(&md.get_output().stdout).into_owned();
+    assert!(md.contains("dataset_rejected"), "{md}");
+    assert!(md.contains("3 samples have an empty text"), "{md}");
+
+    // Still failing: the next cycle prepares a new version (the watermark
+    // did not move) and checks that one; the rejected one is never checked again.
+    let run = retrain(dir.path()).arg("run").assert().success();
+    let text = String::from_utf8_lossy(&run.get_output().stdout).into_owned();
+    assert!(text.contains("dataset_rejected"), "{text}");
+    assert!(text.contains("not checked again"), "{text}");
+    let status = retrain(dir.path())
+        .args(["--output", "json", "status"])
+        .assert()
+        .success();
+    let status = json_of(&status.get_output().stdout);
+    assert!(
+        status[0]["watermark"].is_null(),
+        "the watermark did not move: {status}"
+    );
+    let checked = std::fs::read_to_string(dir.path().join("checked.log")).unwrap();
+    let versions: Vec<&str> = checked.lines().collect();
+    assert_eq!(versions.len(), 2, "{checked}");
+    assert_eq!(versions[0], rejected);
+    assert_ne!(
+        versions[1], rejected,
+        "a rejected version was checked again"
+    );
+    assert_eq!(status[0]["rejected_version"], versions[1], "{status}");
+
+    // Passing: the new version trains and the check's summary is in the manifest.
+    std::fs::write(dir.path().join("check_mode"), "pass").unwrap();
+    let run = retrain(dir.path())
+        .args(["--output", "json", "run"])
+        .assert()
+        .success();
+    let report = json_of(&run.get_output().stdout);
+    let label = &report["labels"][0];
+    let status = label["status"].as_str().unwrap();
+    assert!(status == "promoted" || status == "rejected", "{label}");
+    assert!(
+        label["candidate"]["metrics"]["accuracy"].is_number(),
+        "{label}"
+    );
+    assert_eq!(label["dataset_check"]["passed"], true, "{label}");
+    let run_id = label["run_id"].as_str().unwrap();
+    let shown = retrain(dir.path())
+        .args(["runs", "show", run_id, "--format", "json"])
+        .assert()
+        .success();
+    let shown = json_of(&shown.get_output().stdout);
+    assert_eq!(
+        shown["manifest"]["dataset_check"],
+        serde_json::json!({"passed": true, "summary": {"checked": 1}}),
+        "{shown}"
+    );
+    let checked = std::fs::read_to_string(dir.path().join("checked.log")).unwrap();
+    assert_eq!(checked.lines().count(), 3, "{checked}");
+}
+
+#[test]
+fn bad_approval_expires_or_dataset_check_exits_2_naming_the_key() {
+    for (line, key) in [
+        (
+            "approval_expires = \"next week\"",
+            "labels.department.approval_expires",
+        ),
+        (
+            "dataset_check = { timeout = \"5m\" }",
+            "labels.department.dataset_check",
+        ),
+        (
+            "dataset_check = \"owner/check-space\"",
+            "labels.department.dataset_check",
+        ),
+    ] {
+        let dir = quickstart();
+        let toml = dir.path().join("retrain.toml");
+        let config = std::fs::read_to_string(&toml)
+            .unwrap()
+            .replace("notify = [\"log\"]", &format!("notify = [\"log\"]\n{line}"));
+        std::fs::write(&toml, config).unwrap();
+        retrain(dir.path())
+            .arg("run")
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains(key))
+            .stderr(predicate::str::contains("retrain.toml"));
+    }
 }

@@ -525,6 +525,11 @@ pub struct RunManifest {
     /// the command line).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trainer: Option<String>,
+    /// How the last training job ended as the trainer saw it (command
+    /// trainers: `exit status N`), recorded by the engine with the
+    /// transition that ends the wait.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trainer_exit: Option<String>,
 }
 
 /// A human decision on a candidate (`retrain approve` / `retrain reject`).
@@ -699,6 +704,11 @@ impl LabelRun {
     pub fn step(&mut self, event: &Event) -> Result<Vec<Action>, InvalidTransition> {
         let stage = self.stage;
         let actions = self.transition(event)?;
+        if stage == Stage::AwaitingApproval {
+            // It committed its cursor before it waited (also true of journals
+            // written before `cursor_committed` existed): never again.
+            self.cursor_committed = true;
+        }
         if !matches!(event, Event::StepDeferred { .. }) || self.stage != stage {
             // Progress (or a failure) ends the current step's retry count.
             self.step_retries = 0;
@@ -2478,6 +2488,34 @@ mod tests {
         // Outside `awaiting_approval` both are refused.
         let mut r = training_run();
         assert!(r.step(&expired).is_err());
+    }
+
+    #[test]
+    fn a_waiting_run_from_an_older_journal_never_commits_its_cursor_again() {
+        let mut p = plan(counts_trigger());
+        p.promote = PromoteMode::Manual;
+        let mut r = training_run_with(p);
+        started(&mut r);
+        finished(&mut r, 0.95);
+        r.step(&Event::BaselineRead { production: None }).unwrap();
+        r.step(&Event::Notified { error: None }).unwrap();
+        r.step(&Event::Committed).unwrap();
+        // A snapshot journaled before `cursor_committed` existed.
+        let mut json = serde_json::to_value(&r).unwrap();
+        json.as_object_mut().unwrap().remove("cursor_committed");
+        let mut legacy: LabelRun = serde_json::from_value(json).unwrap();
+        assert!(!legacy.cursor_committed);
+        legacy
+            .step(&Event::Rejected {
+                by: "bob".into(),
+                reason: "no".into(),
+                at: now(50),
+            })
+            .unwrap();
+        assert_eq!(
+            legacy.step(&Event::Notified { error: None }).unwrap(),
+            vec![Action::Commit { cursor: None }]
+        );
     }
 
     fn training_run_with(plan: LabelPlan) -> LabelRun {

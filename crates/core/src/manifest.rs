@@ -108,7 +108,11 @@ impl ManifestDocument {
             or_unknown(&env.config_hash)
         ));
         if let Some(trainer) = &env.trainer {
-            out.push_str(&format!("- trainer: `{trainer}`\n"));
+            out.push_str(&format!("- trainer: `{trainer}`"));
+            if let Some(exit) = &env.trainer_exit {
+                out.push_str(&format!(" ({exit})"));
+            }
+            out.push('\n');
         }
         if let Some(d) = &self.dataset {
             out.push_str(&format!(

@@ -155,6 +155,12 @@ pub trait Trainer: Send + Sync {
     /// Stop the job (timeout, interrupt). Best effort, idempotent.
     async fn cancel(&self, handle: &TrainingHandle) -> Result<(), PortError>;
     fn describe(&self) -> String;
+    /// How the job of `handle` ended as this trainer saw it (a command
+    /// trainer: `exit status 0`), for the run manifest; `None` when it cannot
+    /// tell (a remote trainer, a job started by an earlier process).
+    fn job_exit(&self, _handle: &TrainingHandle) -> Option<String> {
+        None
+    }
 }
 
 /// What a dataset check examines: one accepted dataset version of a run.

@@ -121,6 +121,8 @@ async fn command_trainer_passes_the_protocol_env_and_reads_the_result() {
     let log = std::fs::read_to_string(state.path().join("jobs/run-1_train_2.log")).unwrap();
     assert!(log.contains("training v20251030_115250"), "{log}");
     assert!(state.path().join("jobs/run-1_train_2.result.json").exists());
+    // The manifest records how the job ended.
+    assert_eq!(trainer.job_exit(&handle).as_deref(), Some("exit status 0"));
 }
 
 #[tokio::test]
@@ -170,6 +172,10 @@ async fn a_non_zero_exit_fails_with_the_status_and_the_stderr_tail() {
         "only the tail: {msg}"
     );
     assert!(msg.contains("`sh`"), "names the command: {msg}");
+    assert_eq!(trainer.job_exit(&handle).as_deref(), Some("exit status 3"));
+    // A job this instance never waited for: unknown.
+    let other = CommandTrainer::new(sh("true"), state.path().to_path_buf()).unwrap();
+    assert_eq!(other.job_exit(&handle), None);
 }
 
 #[tokio::test]

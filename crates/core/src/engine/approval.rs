@@ -318,9 +318,25 @@ pub(crate) fn human_duration(d: Duration) -> String {
         return format!("{}ms", d.as_millis());
     }
     for (unit, size) in [("d", 86_400), ("h", 3600), ("m", 60)] {
-        if secs >= size && secs % size == 0 {
+        if secs >= size && secs.is_multiple_of(size) {
             return format!("{}{unit}", secs / size);
         }
     }
     format!("{secs}s")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::human_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_read_like_the_config() {
+        assert_eq!(human_duration(Duration::from_secs(7 * 86_400)), "7d");
+        assert_eq!(human_duration(Duration::from_secs(36 * 3600)), "36h");
+        assert_eq!(human_duration(Duration::from_secs(90 * 60)), "90m");
+        assert_eq!(human_duration(Duration::from_secs(45)), "45s");
+        assert_eq!(human_duration(Duration::from_secs(0)), "0s");
+        assert_eq!(human_duration(Duration::from_millis(1500)), "1500ms");
+    }
 }

@@ -439,6 +439,10 @@ impl Engine {
                 action,
                 Action::ReadCounts { .. } | Action::ReadPublished | Action::ReadBaseline
             );
+            let awaited = match &action {
+                Action::AwaitTraining { handle, .. } => Some(handle.clone()),
+                _ => None,
+            };
             let execution = self
                 .execute(binding, &run, action, shared, stops, fence)
                 .instrument(info_span!("stage", stage = %stage));
@@ -453,6 +457,11 @@ impl Engine {
             } else {
                 execution.await
             };
+            // The manifest records how the job ended (journaled with the
+            // transition that ends the wait).
+            if let Some(exit) = awaited.and_then(|h| binding.trainer.job_exit(&h)) {
+                run.manifest.trainer_exit = Some(exit);
+            }
             let event = match executed {
                 Executed::Event(event) => event,
                 Executed::Committed => {
