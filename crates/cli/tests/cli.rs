@@ -1352,3 +1352,68 @@ fn bad_approval_expires_or_dataset_check_exits_2_naming_the_key() {
             .stderr(predicate::str::contains("retrain.toml"));
     }
 }
+
+#[test]
+fn a_newer_waiting_candidate_supersedes_the_older_one_which_approve_refuses() {
+    let dir = quickstart();
+    let toml = dir.path().join("retrain.toml");
+    let config = std::fs::read_to_string(&toml).unwrap().replace(
+        "notify = [\"log\"]",
+        "notify = [\"log\"]\npromote = \"manual\"\napproval_expires = \"7d\"",
+    );
+    std::fs::write(&toml, config).unwrap();
+    let waiting = |dir: &Path| {
+        let run = retrain(dir)
+            .args(["--output", "json", "run"])
+            .assert()
+            .success();
+        let report = json_of(&run.get_output().stdout);
+        let label = &report["labels"][0];
+        assert_eq!(label["status"], "awaiting_approval", "{report}");
+        label["run_id"].as_str().unwrap().to_owned()
+    };
+    let older = waiting(dir.path());
+    add_feedback(dir.path(), 200);
+    let newer = waiting(dir.path());
+
+    let refused = retrain(dir.path())
+        .args(["approve", &older, "--as", "alice"])
+        .assert()
+        .code(1);
+    let stderr = String::from_utf8_lossy(&refused.get_output().stderr).into_owned();
+    assert!(
+        stderr.contains("can no longer be approved") && stderr.contains(&newer),
+        "{stderr}"
+    );
+    let shown = retrain(dir.path())
+        .args(["--output", "json", "runs", "show", &older])
+        .assert()
+        .success();
+    let shown = json_of(&shown.get_output().stdout);
+    assert_eq!(shown["summary"]["outcome"], "superseded", "{shown}");
+    assert!(
+        shown["transitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["event"]["event"] == "superseded" && t["event"]["by_run"] == newer.as_str()),
+        "{shown}"
+    );
+    let approvals = retrain(dir.path())
+        .args(["--output", "json", "approvals"])
+        .assert()
+        .success();
+    let approvals = json_of(&approvals.get_output().stdout);
+    let ids: Vec<&str> = approvals
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a["run_id"].as_str())
+        .collect();
+    assert_eq!(ids, vec![newer.as_str()], "{approvals}");
+    retrain(dir.path())
+        .args(["approve", &newer, "--as", "alice"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("promoted"));
+}
