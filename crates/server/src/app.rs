@@ -54,6 +54,8 @@ pub struct Application {
     addr: SocketAddr,
     state: AppState,
     shutdown_timeout: Duration,
+    /// Routes mounted beside the API's (webhooks, metrics).
+    extra: Vec<axum::Router<AppState>>,
 }
 
 impl Application {
@@ -114,6 +116,7 @@ impl Application {
             addr,
             state,
             shutdown_timeout,
+            extra: Vec::new(),
         })
     }
 
@@ -122,9 +125,16 @@ impl Application {
         self.addr
     }
 
-    /// The shared state (for mounting more routes on [`routes::router`]).
+    /// The shared state.
     pub fn state(&self) -> &AppState {
         &self.state
+    }
+
+    /// Mount more routes (they get the same state, body limit, timeout and
+    /// shutdown); their paths must not overlap the API's.
+    pub fn merge_routes(mut self, routes: axum::Router<AppState>) -> Self {
+        self.extra.push(routes);
+        self
     }
 
     /// Serve until `signal` completes, then shut down gracefully: stop
@@ -139,11 +149,12 @@ impl Application {
             listener,
             state,
             shutdown_timeout,
+            extra,
             ..
         } = self;
         let shutdown = state.shutdown.clone();
         let work = state.work.clone();
-        let app = routes::router(state);
+        let app = routes::router_with(state, extra);
         let stopping = shutdown.clone();
         let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
             signal.await;

@@ -26,9 +26,31 @@ use crate::state::AppState;
 
 /// Every route of the server.
 pub fn router(state: AppState) -> Router {
+    router_with(state, Vec::new())
+}
+
+/// The API's routes plus `extra` (see `Application::merge_routes`), under
+/// the same limits.
+pub fn router_with(state: AppState, extra: Vec<Router<AppState>>) -> Router {
     let server = &state.settings.server;
     let body_limit = server.body_limit;
     let request_timeout = server.request_timeout;
+    extra
+        .into_iter()
+        .fold(api(), Router::merge)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        // Until the response head: an event stream is not cut by it.
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            request_timeout,
+        ))
+        .with_state(state)
+}
+
+/// The API's own routes, without state or layers.
+fn api() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
@@ -39,15 +61,6 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/runs/{id}/reject", post(runs::reject))
         .route("/v1/labels", get(labels::list))
         .route("/v1/events", get(events::stream))
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(body_limit))
-        // Until the response head: an event stream is not cut by it.
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            request_timeout,
-        ))
-        .with_state(state)
 }
 
 async fn not_found() -> ApiError {
@@ -86,7 +99,7 @@ scopes!(ReadScope => Read, TriggerScope => Trigger, ApproveScope => Approve);
 /// a handler it runs before the body is read: a request without the right
 /// token is refused before anything else happens.
 #[derive(Debug)]
-pub struct Authorized<S>(pub Caller, PhantomData<S>);
+pub struct Authorized<S>(pub Caller, pub PhantomData<S>);
 
 impl<S: RequiredScope + Send> FromRequestParts<AppState> for Authorized<S> {
     type Rejection = ApiError;
