@@ -382,6 +382,7 @@ async fn assemble_engine(
             os: crate::build_info::os(),
             trainer: None,
             trainer_exit: None,
+            triggered_by: None,
         },
     };
     Ok(Engine::new(store, counts, bindings, engine_settings))

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
 
 use super::locks::Acquired;
+use super::started::{announce, Announce, CycleStarted};
 use super::{
     running_job, Begun, CycleRequest, CycleShared, DriveEnd, Engine, EngineError, Executed,
     LabelBinding, LabelTask,
@@ -47,20 +48,57 @@ impl Engine {
         request: CycleRequest,
         cancel: CancellationToken,
     ) -> Result<CycleReport, EngineError> {
+        self.run_cycle_announced(request, cancel, None, None).await
+    }
+
+    /// [`Engine::run_cycle`], sending each label's run id (or why it has
+    /// none) to `started` as soon as phase one is over, while the runs go
+    /// on (see `started.rs`). `triggered_by` is recorded in the manifest of
+    /// every run the cycle creates.
+    pub async fn run_cycle_announcing(
+        &self,
+        request: CycleRequest,
+        cancel: CancellationToken,
+        started: tokio::sync::oneshot::Sender<CycleStarted>,
+        triggered_by: Option<String>,
+    ) -> Result<CycleReport, EngineError> {
+        self.run_cycle_announced(request, cancel, Some(started), triggered_by)
+            .await
+    }
+
+    async fn run_cycle_announced(
+        &self,
+        request: CycleRequest,
+        cancel: CancellationToken,
+        started: Announce,
+        triggered_by: Option<String>,
+    ) -> Result<CycleReport, EngineError> {
         let labels = self.select_labels(&request)?;
         let cycle_id = CycleId::generate();
         let started_at = self.clock.now();
-        let shared = CycleShared::default();
+        let shared = CycleShared {
+            triggered_by,
+            ..CycleShared::default()
+        };
         let span = info_span!("run", run_id = %cycle_id, dry_run = request.dry_run);
         let parallel = self.settings.max_parallel_labels.max(1);
         let work = async {
-            let begun: Vec<Begun> = stream::iter(labels.iter().map(|label| {
-                self.begin_label(label, &cycle_id, request.dry_run, &shared, &cancel)
-                    .instrument(info_span!("label", label = %label))
+            // Owned labels: a closure over `&Label` makes the cycle's future
+            // not `Send` for every lifetime (rustc #110338), so that a server
+            // could not spawn it.
+            let begun: Vec<Begun> = stream::iter(labels.iter().cloned().map(|label| {
+                let span = info_span!("label", label = %label);
+                let (cycle_id, shared, cancel) = (&cycle_id, &shared, &cancel);
+                async move {
+                    self.begin_label(&label, cycle_id, request.dry_run, shared, cancel)
+                        .await
+                }
+                .instrument(span)
             }))
             .buffered(parallel)
             .collect()
             .await;
+            announce(started, &cycle_id, &begun);
             stream::iter(begun.into_iter().map(|begun| async {
                 match begun {
                     Begun::Done(report) => *report,
@@ -158,6 +196,7 @@ impl Engine {
                     let mut run = LabelRun::new(RunId::generate(), cycle_id.clone(), plan, cursor);
                     run.manifest = self.settings.manifest.clone();
                     run.manifest.trainer = Some(binding.trainer.describe());
+                    run.manifest.triggered_by = shared.triggered_by.clone();
                     (run, false)
                 }
                 Err(e) => {

@@ -24,6 +24,8 @@
 //!   production back. **Exactly once:** validated before anything is
 //!   written; intent journaled before the registry call, which is
 //!   idempotent per run id; no cursor moves.
+//! - `started.rs`: announcing each label's run id after phase one, while
+//!   the cycle goes on (the server's `202`).
 
 mod admin;
 mod approval;
@@ -33,6 +35,7 @@ mod execute;
 mod locks;
 mod poll;
 mod rollback;
+mod started;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -57,6 +60,7 @@ use locks::HeldLocks;
 pub use rollback::{
     previous_production, production_lineage, RollbackOutcome, RollbackRefused, RollbackRequest,
 };
+pub use started::{CycleStarted, LabelStart};
 
 /// Source of wall-clock time for events. The default follows tokio's clock
 /// so that tests with paused time see time advance consistently.
@@ -327,6 +331,8 @@ type PrepareCell = Arc<OnceCell<Result<(), PortError>>>;
 struct CycleShared {
     counts: Mutex<HashMap<DateTime<Utc>, CountsCell>>,
     prepares: Mutex<HashMap<String, PrepareCell>>,
+    /// Recorded in the manifest of every run the cycle creates.
+    triggered_by: Option<String>,
 }
 
 impl CycleShared {
