@@ -4,6 +4,7 @@
 //! from (file or env var), the key, and what was expected.
 
 mod duration;
+mod github_trigger;
 mod paths;
 mod seed_env;
 
@@ -19,6 +20,8 @@ use retrain_core::machine::PromoteMode;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::Value;
+
+pub use github_trigger::GithubTrigger;
 
 pub use duration::{format_duration, parse_duration, HumanDuration};
 pub use seed_env::SeedEnv;
@@ -278,6 +281,7 @@ struct RawLabel {
     train_timeout: Option<HumanDuration>,
     poll_interval: Option<HumanDuration>,
     poll_timeout: Option<HumanDuration>,
+    github_trigger: Option<github_trigger::RawGithubTrigger>,
 }
 
 fn default_attempts() -> u32 {
@@ -457,6 +461,8 @@ pub struct LabelSettings {
     pub max_step_retries: u32,
     pub poll_interval: Duration,
     pub poll_timeout: Duration,
+    /// Start this label's cycle on a GitHub push (`retrain-server`).
+    pub github_trigger: Option<GithubTrigger>,
 }
 
 /// Settings plus what `config show` and the run manifest need.
@@ -858,6 +864,10 @@ fn validate(raw: RawSettings, figment: &Figment) -> Result<Settings, ConfigError
                 wait_running.map(|w| w + Duration::from_secs(60))
             }
         };
+        let github_trigger = label_raw
+            .github_trigger
+            .map(|t| t.validate().map_err(|e| err(&key("github_trigger"), e)))
+            .transpose()?;
         let train_timeout = label_raw
             .train_timeout
             .map(|d| d.0)
@@ -886,6 +896,7 @@ fn validate(raw: RawSettings, figment: &Figment) -> Result<Settings, ConfigError
                     .map(|d| d.0)
                     .unwrap_or(poll.interval),
                 poll_timeout: label_raw.poll_timeout.map(|d| d.0).unwrap_or(poll.timeout),
+                github_trigger,
             },
         );
     }
