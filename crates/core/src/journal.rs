@@ -149,3 +149,45 @@ pub struct TransitionRecord {
     pub event: serde_json::Value,
     pub actions: serde_json::Value,
 }
+
+/// One journal line with its position in the whole store's journal (all
+/// labels, all replicas): what `GET /v1/events` streams. Positions grow in
+/// commit order, so a reader that has seen position `p` has seen every line
+/// committed before it and can resume with [`crate::ports::RunStore::journal_after`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JournalEntry {
+    pub position: u64,
+    pub run_id: RunId,
+    pub cycle_id: CycleId,
+    pub label: Label,
+    pub seq: u64,
+    pub at: DateTime<Utc>,
+    pub from: Stage,
+    pub to: Stage,
+    /// The journaled event as stored (`{"event": "training_started", …}`).
+    pub event: serde_json::Value,
+}
+
+impl JournalEntry {
+    /// The journal name of the event (`training_started`, …).
+    pub fn event_name(&self) -> &str {
+        self.event
+            .get("event")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("")
+    }
+}
+
+/// What an `Idempotency-Key` claim found (see
+/// [`crate::ports::RunStore::claim_request`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestClaim {
+    /// The key is new: the caller acts, then stores its response.
+    Claimed,
+    /// The key was used before with this fingerprint; `response` is the
+    /// stored first response, `None` while the first request is still
+    /// being answered.
+    Seen { response: Option<String> },
+    /// The key was used before for a different request.
+    Mismatch,
+}

@@ -15,6 +15,7 @@ pub mod failpoint;
 pub mod gate;
 pub mod history;
 pub mod journal;
+pub mod lifecycle;
 pub mod machine;
 pub mod manifest;
 pub mod ports;

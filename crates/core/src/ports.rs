@@ -22,7 +22,9 @@ use crate::domain::{
     LockOutcome, LockOwner, Metrics, ProductionModel, PromotedVersion, RunId, SpaceStage,
     TrainingHandle, TrainingOutcome, VersionTag,
 };
-use crate::journal::{PromotionEvent, RunDetail, RunFilter, RunSummary, Transition};
+use crate::journal::{
+    JournalEntry, PromotionEvent, RequestClaim, RunDetail, RunFilter, RunSummary, Transition,
+};
 use crate::machine::LabelRun;
 use crate::report::LabelReport;
 
@@ -298,4 +300,55 @@ pub trait RunStore: Send + Sync {
     async fn active_leases(&self) -> Result<Vec<Lease>, StoreError>;
     /// Whether the owner of `label`'s lock is alive (lock held and unexpired).
     async fn lock_holder(&self, label: &Label) -> Result<Option<String>, StoreError>;
+
+    /// Up to `limit` journal lines with a position greater than `after`
+    /// (of `label` only, if given), in position order. **Contract:**
+    /// positions are assigned in commit order, so no line can appear later
+    /// with a position at or below one already returned; reading on from
+    /// the last position seen loses and repeats nothing (the event stream's
+    /// `Last-Event-ID`). Optional capability: a store without journal
+    /// positions answers `Unavailable`.
+    async fn journal_after(
+        &self,
+        after: u64,
+        label: Option<Label>,
+        limit: u32,
+    ) -> Result<Vec<JournalEntry>, StoreError> {
+        let _ = (after, label, limit);
+        Err(StoreError::Unavailable(
+            "this run store keeps no journal positions".into(),
+        ))
+    }
+
+    /// Claim an idempotency `key` for a request with `fingerprint` (a hash
+    /// of what was asked). Atomic across every process sharing the store:
+    /// exactly one claimer gets [`RequestClaim::Claimed`]. Optional
+    /// capability, as [`RunStore::journal_after`].
+    async fn claim_request(
+        &self,
+        key: &str,
+        fingerprint: &str,
+    ) -> Result<RequestClaim, StoreError> {
+        let _ = (key, fingerprint);
+        Err(StoreError::Unavailable(
+            "this run store keeps no idempotency keys".into(),
+        ))
+    }
+
+    /// Store the response to the request that claimed `key`.
+    async fn complete_request(&self, key: &str, response: &str) -> Result<(), StoreError> {
+        let _ = (key, response);
+        Err(StoreError::Unavailable(
+            "this run store keeps no idempotency keys".into(),
+        ))
+    }
+
+    /// Forget a claimed `key` whose request failed before it was answered,
+    /// so that a retry with the same key can act.
+    async fn release_request(&self, key: &str) -> Result<(), StoreError> {
+        let _ = key;
+        Err(StoreError::Unavailable(
+            "this run store keeps no idempotency keys".into(),
+        ))
+    }
 }

@@ -7,6 +7,7 @@ mod duration;
 mod github_trigger;
 mod paths;
 mod seed_env;
+mod server;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -25,6 +26,10 @@ pub use github_trigger::GithubTrigger;
 
 pub use duration::{format_duration, parse_duration, HumanDuration};
 pub use seed_env::SeedEnv;
+pub use server::{
+    ApiToken, ScheduleSettings, Scope, ServerLogSettings, ServerSettings, WebhookSecrets,
+    SIMPLE_TOKEN_NAME,
+};
 
 /// The default config file, relative to the working directory.
 pub const DEFAULT_CONFIG_FILE: &str = "retrain.toml";
@@ -108,6 +113,8 @@ struct RawSettings {
     http: RawHttp,
     #[serde(default)]
     labels: BTreeMap<String, RawLabel>,
+    #[serde(default)]
+    server: server::RawServer,
 }
 
 fn default_state() -> SecretString {
@@ -311,6 +318,8 @@ pub struct Settings {
     pub http_timeout: Duration,
     pub http_max_retries: u32,
     pub labels: BTreeMap<Label, LabelSettings>,
+    /// `[server]` (`retrain-server` only; the CLI ignores it).
+    pub server: ServerSettings,
 }
 
 #[derive(Debug, Clone)]
@@ -629,7 +638,7 @@ fn figment_error(figment: &Figment, error: figment::Error) -> ConfigError {
 pub fn load(sources: &ConfigSources) -> Result<LoadedSettings, ConfigError> {
     let (figment, file) = figment(sources)?;
     let raw: RawSettings = figment.extract().map_err(|e| figment_error(&figment, e))?;
-    let mut settings = validate(raw, &figment)?;
+    let mut settings = validate(raw, &figment, &sources.env)?;
     let resolved = paths::resolve(&mut settings, &figment, file.as_deref())?;
     let figment = resolved.into_iter().fold(figment, |f, (key, value)| {
         f.merge(Named::new(&key, value, "resolved path".into()))
@@ -647,8 +656,13 @@ pub fn load(sources: &ConfigSources) -> Result<LoadedSettings, ConfigError> {
     })
 }
 
-fn validate(raw: RawSettings, figment: &Figment) -> Result<Settings, ConfigError> {
+fn validate(
+    raw: RawSettings,
+    figment: &Figment,
+    env: &[(String, String)],
+) -> Result<Settings, ConfigError> {
     let err = |key: &str, expected: String| ConfigError::at(key, &origin(figment, key), expected);
+    let server = server::validate(raw.server, &raw.state_dir, env, &err)?;
 
     let state = raw.state.expose_secret().trim().to_owned();
     if !(state.starts_with("sqlite:")
@@ -930,6 +944,7 @@ fn validate(raw: RawSettings, figment: &Figment) -> Result<Settings, ConfigError
         http_timeout: raw.http.timeout.0,
         http_max_retries: raw.http.max_retries,
         labels,
+        server,
     })
 }
 

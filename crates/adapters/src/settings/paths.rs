@@ -11,6 +11,7 @@
 //! - `state`, `state_dir`, `counts.database` (SQLite only);
 //! - `labels.<l>.metadata` (`file://…` or a plain path);
 //! - `labels.<l>.registry.json`;
+//! - `server.artifacts_dir` (default `<state_dir>/artifacts`), `server.log_file`;
 //! - command jobs (`prepare`, `labels.<l>.prepare`, `labels.<l>.trainer`):
 //!   a program given as a relative path containing a `/` (`./train.sh`),
 //!   the `workdir`, and the working directory itself, which defaults to the
@@ -201,6 +202,18 @@ pub(super) fn resolve(
         "state_dir".into(),
         json!(settings.state_dir.display().to_string()),
     ));
+
+    // `[server]`: an explicit artifacts_dir/log_file is relative to its
+    // origin; the default artifacts_dir follows the (resolved) state_dir.
+    let server = &mut settings.server;
+    server.artifacts_dir = if figment.find_value("server.artifacts_dir").is_ok() {
+        join(&bases.of("server.artifacts_dir"), &server.artifacts_dir)
+    } else {
+        settings.state_dir.join("artifacts")
+    };
+    if let Some(file) = &mut server.log.file {
+        *file = join(&bases.of("server.log_file"), file);
+    }
 
     if let Some(counts) = &mut settings.counts {
         let database = resolve_sqlite_url(

@@ -35,6 +35,22 @@ const DIRECT: &[(&str, &str)] = &[
     ("MLFLOW_TRACKING_PASSWORD", "mlflow.password"),
     ("GITHUB_TOKEN", "github.token"),
     ("GITHUB_API_URL", "github.api_url"),
+    // Seed 003 (the trigger service): `retrain-server`'s `[server]`.
+    ("PORT", "server.port"),
+    ("LOG_FILE", "server.log_file"),
+    ("LOG_MAX_BYTES", "server.log_max_bytes"),
+    ("LOG_BACKUP_COUNT", "server.log_backup_count"),
+    ("LOG_LEVEL", "server.log_level"),
+    ("ORCHESTRATOR_TOKEN", "server.token"),
+    ("RETRAIN_SERVER_TOKEN", "server.token"),
+];
+
+/// Seed names whose values are whole numbers (kept as strings when they
+/// are not, so the error names the variable and the expectation).
+const WHOLE_NUMBERS: &[&str] = &[
+    "server.port",
+    "server.log_max_bytes",
+    "server.log_backup_count",
 ];
 
 /// The seed abbreviates `DEPARTMENT` to `DEPT` in two names.
@@ -66,7 +82,12 @@ impl SeedEnv {
                     continue;
                 }
                 // POLL_* are durations: numbers stay numbers (seconds).
-                let value = if key.starts_with("poll.") {
+                let value = if WHOLE_NUMBERS.contains(key) {
+                    match raw.trim().parse::<u64>() {
+                        Ok(n) => Value::from(n),
+                        Err(_) => Value::String(raw.clone()),
+                    }
+                } else if key.starts_with("poll.") {
                     match raw.trim().parse::<f64>() {
                         Ok(f) if f.is_finite() => Value::from(f),
                         _ => Value::String(raw.clone()),

@@ -368,3 +368,151 @@ fn github_triggers_are_validated_and_named_in_errors() {
         );
     }
 }
+
+const SERVER_TOKEN: &str = "0123456789abcdef0123";
+
+#[test]
+fn server_defaults_and_seed_003_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(&dir, "");
+    let loaded = load(&sources(Some(file.clone()), &[])).unwrap();
+    let server = &loaded.settings.server;
+    assert_eq!(server.bind, "127.0.0.1:8080".parse().unwrap());
+    assert_eq!(server.body_limit, 1024 * 1024);
+    assert_eq!(server.shutdown_timeout, Duration::from_secs(30));
+    assert!(server.tokens.is_empty());
+    assert!(server.schedule.is_none());
+    assert_eq!(
+        server.artifacts_dir,
+        loaded.settings.state_dir.join("artifacts")
+    );
+
+    let env = [
+        ("PORT", "9999"),
+        ("LOG_FILE", "logs/server.log"),
+        ("LOG_MAX_BYTES", "2048"),
+        ("LOG_BACKUP_COUNT", "3"),
+        ("LOG_LEVEL", "debug"),
+        ("ORCHESTRATOR_TOKEN", "seed-003-token-0000"),
+        ("RETRAIN_SERVER_TOKEN", SERVER_TOKEN),
+        ("RETRAIN_SERVER__WEBHOOKS__GITHUB_SECRET", "gh-secret"),
+    ];
+    let loaded = load(&sources(Some(file), &env)).unwrap();
+    let server = &loaded.settings.server;
+    assert_eq!(server.bind.port(), 9999);
+    assert_eq!(server.log.max_bytes, 2048);
+    assert_eq!(server.log.backup_count, 3);
+    assert_eq!(server.log.level, "debug");
+    let log_file = server.log.file.as_ref().unwrap();
+    assert!(log_file.is_absolute() && log_file.ends_with("logs/server.log"));
+    // RETRAIN_SERVER_TOKEN wins over the seed's name; all scopes.
+    assert_eq!(server.tokens.len(), 1);
+    assert_eq!(server.tokens[0].name, SIMPLE_TOKEN_NAME);
+    assert_eq!(server.tokens[0].secret.expose_secret(), SERVER_TOKEN);
+    assert!(Scope::ALL.iter().all(|s| server.tokens[0].allows(*s)));
+    assert_eq!(
+        server
+            .webhooks
+            .github_secret
+            .as_ref()
+            .unwrap()
+            .expose_secret(),
+        "gh-secret"
+    );
+    assert!(server.webhooks.huggingface_secret.is_none());
+    // Secrets never show in Debug or `config show`.
+    let debug = format!("{server:?}");
+    assert!(
+        !debug.contains(SERVER_TOKEN) && !debug.contains("gh-secret"),
+        "{debug}"
+    );
+    let shown = redacted_toml(&loaded.figment).unwrap();
+    assert!(
+        !shown.contains(SERVER_TOKEN) && !shown.contains("gh-secret"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn named_server_tokens_read_their_env_and_scopes() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        r#"
+[server]
+bind = "0.0.0.0:8081"
+[[server.tokens]]
+name = "ci"
+env = "CI_TOKEN"
+scopes = ["read", "trigger"]
+[[server.tokens]]
+name = "ml-lead"
+env = "LEAD_TOKEN"
+scopes = ["read", "approve", "rollback"]
+[server.schedule]
+cron = "0 3 * * *"
+timezone = "Europe/Paris"
+jitter = "5m"
+"#,
+    );
+    let env = [
+        ("CI_TOKEN", "ci-token-0123456789"),
+        ("LEAD_TOKEN", "lead-token-0123456789"),
+    ];
+    let server = load(&sources(Some(file), &env)).unwrap().settings.server;
+    assert_eq!(server.bind, "0.0.0.0:8081".parse().unwrap());
+    let ci = &server.tokens[0];
+    assert_eq!(ci.name, "ci");
+    assert!(ci.allows(Scope::Trigger) && !ci.allows(Scope::Approve));
+    assert!(server.tokens[1].allows(Scope::Approve));
+    assert_eq!(
+        server.schedule,
+        Some(ScheduleSettings {
+            cron: "0 3 * * *".into(),
+            timezone: "Europe/Paris".into(),
+            jitter: Duration::from_secs(300),
+        })
+    );
+}
+
+#[test]
+fn bad_server_settings_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: &[(&str, &[(&str, &str)], &str)] = &[
+        ("[server]\nbind = \"localhost\"\n", &[], "server.bind"),
+        ("[server]\nbody_limit = 10\n", &[], "server.body_limit"),
+        (
+            "[server]\nshutdown_timeout = \"0s\"\n",
+            &[],
+            "server.shutdown_timeout",
+        ),
+        ("[server]\nbnid = \"x\"\n", &[], "bnid"),
+        (
+            "[[server.tokens]]\nname = \"ci\"\nenv = \"MISSING_TOKEN\"\nscopes = [\"read\"]\n",
+            &[],
+            "server.tokens[0].env",
+        ),
+        (
+            "[[server.tokens]]\nname = \"ci\"\nenv = \"CI_TOKEN\"\nscopes = [\"reed\"]\n",
+            &[("CI_TOKEN", "ci-token-0123456789")],
+            "server.tokens[0].scopes",
+        ),
+        (
+            "[[server.tokens]]\nname = \"ci\"\nenv = \"CI_TOKEN\"\nscopes = [\"read\"]\n",
+            &[("CI_TOKEN", "short")],
+            "server.tokens[0].env",
+        ),
+        ("", &[("PORT", "eighty")], "server.port"),
+        ("", &[("RETRAIN_SERVER_TOKEN", "short")], "server.token"),
+    ];
+    for (toml, env, key) in cases {
+        let file = write(&dir, toml);
+        let error = load(&sources(Some(file), env)).unwrap_err();
+        assert!(
+            error.message.contains(key),
+            "{toml} {env:?}: expected the key {key} in {}",
+            error.message
+        );
+        assert!(!error.message.contains("short"), "{}", error.message);
+    }
+}

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use retrain_core::domain::{Fence, Label, LabelCursor, Lease, RunId};
+use retrain_core::domain::{CycleId, Fence, Label, LabelCursor, Lease, RunId};
 use retrain_core::journal::{
-    PromotionEvent, PromotionKind, RunSummary, Transition, TransitionRecord,
+    JournalEntry, PromotionEvent, PromotionKind, RunSummary, Transition, TransitionRecord,
 };
 use retrain_core::ports::StoreError;
 use serde::de::DeserializeOwned;
@@ -296,6 +296,49 @@ pub(super) const SELECT_RUN: &str =
 pub(super) const SELECT_TRANSITIONS: &str =
     "SELECT seq, at, from_stage, to_stage, event, actions FROM transitions
      WHERE run_id = $1 ORDER BY seq";
+
+/// `$1` the position to read after, `$2` an optional label, `$3` the limit.
+pub(super) const SELECT_JOURNAL_AFTER: &str =
+    "SELECT t.position, t.run_id, r.cycle_id, r.label, t.seq, t.at, t.from_stage, t.to_stage, t.event
+     FROM transitions t JOIN runs r ON r.run_id = t.run_id
+     WHERE t.position > $1 AND (CAST($2 AS TEXT) IS NULL OR r.label = $2)
+     ORDER BY t.position LIMIT $3";
+
+/// `$1` key, `$2` fingerprint, `$3` now; one row affected: claimed.
+pub(super) const CLAIM_REQUEST: &str =
+    "INSERT INTO idempotency_keys (key, fingerprint, response, created_at)
+     VALUES ($1, $2, NULL, $3) ON CONFLICT (key) DO NOTHING";
+
+pub(super) const SELECT_REQUEST: &str =
+    "SELECT fingerprint, response FROM idempotency_keys WHERE key = $1";
+
+pub(super) const COMPLETE_REQUEST: &str =
+    "UPDATE idempotency_keys SET response = $2 WHERE key = $1";
+
+/// Only a claim still unanswered is released: a stored response stays.
+pub(super) const RELEASE_REQUEST: &str =
+    "DELETE FROM idempotency_keys WHERE key = $1 AND response IS NULL";
+
+/// A journal line with its position (see [`SELECT_JOURNAL_AFTER`]).
+pub(super) fn journal_entry_of<R: StoreRow>(row: &R) -> Result<JournalEntry, StoreError> {
+    let run_id = RunId(row.text("run_id")?);
+    let id = run_id.as_str().to_owned();
+    let seq = row.int("seq")?;
+    Ok(JournalEntry {
+        position: i64_to_u64(
+            row.int("position")?,
+            &format!("position of run {id} seq {seq}"),
+        )?,
+        cycle_id: CycleId(row.text("cycle_id")?),
+        label: super::parse_label(&row.text("label")?, &id)?,
+        seq: i64_to_u64(seq, &format!("seq of run {id}"))?,
+        at: row.time("at", &format!("time of run {id} seq {seq}"))?,
+        from: parse_stage(&row.text("from_stage")?, &id)?,
+        to: parse_stage(&row.text("to_stage")?, &id)?,
+        event: json_column(row, "event", &format!("event of run {id}"))?,
+        run_id,
+    })
+}
 
 pub(super) const SELECT_ACTIVE_LEASES: &str =
     "SELECT * FROM leases WHERE released_at IS NULL ORDER BY acquired_at, id";

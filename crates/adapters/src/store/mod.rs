@@ -27,13 +27,16 @@ mod deliveries;
 mod locks;
 mod postgres;
 mod sqlite;
+mod watch;
 
 use std::borrow::Cow;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use retrain_core::domain::{Fence, Label, LabelCursor, Lease, LockOutcome, LockOwner, RunId};
-use retrain_core::journal::{PromotionEvent, RunDetail, RunFilter, RunSummary, Transition};
+use retrain_core::journal::{
+    JournalEntry, PromotionEvent, RequestClaim, RunDetail, RunFilter, RunSummary, Transition,
+};
 use retrain_core::machine::{LabelRun, Stage};
 use retrain_core::ports::{RunStore, StoreError};
 use sqlx::error::BoxDynError;
@@ -43,11 +46,12 @@ use crate::db::DbUrl;
 use crate::AdapterError;
 
 use backend::{
-    cursor_of, lease_args, lease_of, snapshot_of, summary_of, transition_of, Arg, Backend,
+    cursor_of, lease_args, lease_of, snapshot_of, summary_of, transition_of, Arg, Backend, Columns,
     Statements,
 };
 use postgres::PostgresRunStore;
 use sqlite::SqliteRunStore;
+pub use watch::{JournalWaker, JournalWatch};
 
 pub use deliveries::{Delivery, DeliveryLog, DeliveryQuery, NewDelivery, Recorded};
 
@@ -292,6 +296,85 @@ impl<B: Backend> RunStore for SqlRunStore<B> {
     async fn lock_holder(&self, label: &Label) -> Result<Option<String>, StoreError> {
         locks::holder(&self.0, label).await
     }
+
+    async fn journal_after(
+        &self,
+        after: u64,
+        label: Option<Label>,
+        limit: u32,
+    ) -> Result<Vec<JournalEntry>, StoreError> {
+        let b = &self.0;
+        let args = vec![
+            Arg::Int(u64_to_i64(after, "journal position")?),
+            Arg::OptText(label.as_ref().map(Label::to_string)),
+            Arg::Int(i64::from(limit)),
+        ];
+        b.pool()
+            .fetch_all(backend::SELECT_JOURNAL_AFTER, args)
+            .await
+            .map_err(|e| b.error(&format!("reading the journal after position {after}"), e))?
+            .iter()
+            .map(backend::journal_entry_of)
+            .collect()
+    }
+
+    async fn claim_request(
+        &self,
+        key: &str,
+        fingerprint: &str,
+    ) -> Result<RequestClaim, StoreError> {
+        let b = &self.0;
+        let what = "claiming an idempotency key";
+        let args = vec![
+            Arg::text(key),
+            Arg::text(fingerprint),
+            Arg::Time(chrono::Utc::now()),
+        ];
+        let inserted = b
+            .pool()
+            .execute(backend::CLAIM_REQUEST, args)
+            .await
+            .map_err(|e| b.error(what, e))?;
+        if inserted == 1 {
+            return Ok(RequestClaim::Claimed);
+        }
+        let row = b
+            .pool()
+            .fetch_optional(backend::SELECT_REQUEST, vec![Arg::text(key)])
+            .await
+            .map_err(|e| b.error(what, e))?;
+        let Some(row) = row else {
+            // Released between our insert and read: the retry can claim it.
+            return Ok(RequestClaim::Seen { response: None });
+        };
+        if row.text("fingerprint")? != fingerprint {
+            return Ok(RequestClaim::Mismatch);
+        }
+        Ok(RequestClaim::Seen {
+            response: row.opt_text("response")?,
+        })
+    }
+
+    async fn complete_request(&self, key: &str, response: &str) -> Result<(), StoreError> {
+        let b = &self.0;
+        b.pool()
+            .execute(
+                backend::COMPLETE_REQUEST,
+                vec![Arg::text(key), Arg::text(response)],
+            )
+            .await
+            .map_err(|e| b.error("storing the response of an idempotent request", e))?;
+        Ok(())
+    }
+
+    async fn release_request(&self, key: &str) -> Result<(), StoreError> {
+        let b = &self.0;
+        b.pool()
+            .execute(backend::RELEASE_REQUEST, vec![Arg::text(key)])
+            .await
+            .map_err(|e| b.error("releasing an idempotency key", e))?;
+        Ok(())
+    }
 }
 
 /// Migrations embedded in the binary (no migrations directory at run time).
@@ -340,6 +423,11 @@ const SQLITE_MIGRATIONS: Embedded = Embedded(&[
         include_str!("../../migrations/sqlite/0004_promotions.sql"),
     ),
     (
+        8,
+        "journal positions and idempotency keys",
+        include_str!("../../migrations/sqlite/0008_journal_positions.sql"),
+    ),
+    (
         9,
         "webhook deliveries",
         include_str!("../../migrations/sqlite/0009_webhook_deliveries.sql"),
@@ -361,6 +449,11 @@ const POSTGRES_MIGRATIONS: Embedded = Embedded(&[
         3,
         "promotion events",
         include_str!("../../migrations/postgres/0003_promotions.sql"),
+    ),
+    (
+        7,
+        "journal positions and idempotency keys",
+        include_str!("../../migrations/postgres/0007_journal_positions.sql"),
     ),
     (
         8,

@@ -868,6 +868,158 @@ pub async fn promotions_are_recorded_with_their_journal_write(store: Arc<dyn Run
     assert_eq!(store.promotions(&label("dept")).await.unwrap().len(), 2);
 }
 
+/// Journal positions: every line once, in commit order, across labels;
+/// reading on from any position seen repeats and loses nothing; a label
+/// filter keeps the positions of the whole journal.
+pub async fn the_journal_is_read_after_a_position_in_commit_order(store: Arc<dyn RunStore>) {
+    let store_ref = store.as_ref();
+    assert_eq!(store.journal_after(0, None, 100).await.unwrap(), vec![]);
+    let fence = lock(store_ref, "dept").await;
+    let (dept, _) = drive(store_ref, &fence, "dept", None, None).await;
+    let fence = lock(store_ref, "urgency").await;
+    let (urgency, _) = drive(
+        store_ref,
+        &fence,
+        "urgency",
+        Some(dataset("v1", 3)),
+        Some(Stage::Training),
+    )
+    .await;
+
+    let all = store.journal_after(0, None, 1000).await.unwrap();
+    let lines = |run: &LabelRun| store_ref_lines(run, &all);
+    // One line per event (`seq` counts them).
+    assert_eq!(lines(&dept), dept.seq as usize);
+    assert_eq!(lines(&urgency), urgency.seq as usize);
+    let positions: Vec<u64> = all.iter().map(|e| e.position).collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+    // Commit order: dept's run was journaled entirely before urgency's.
+    let first_urgency = all
+        .iter()
+        .position(|e| e.label == label("urgency"))
+        .unwrap();
+    assert!(all[..first_urgency]
+        .iter()
+        .all(|e| e.label == label("dept")));
+    assert_eq!(all[0].event_name(), "started");
+    assert_eq!(all[0].run_id, dept.run_id);
+    assert_eq!(all[0].seq, 1);
+
+    // Paging: any split point gives the rest exactly once.
+    for split in [1usize, 3, all.len() - 1] {
+        let after = all[split - 1].position;
+        let rest = store.journal_after(after, None, 1000).await.unwrap();
+        assert_eq!(rest, all[split..].to_vec());
+    }
+    let page = store.journal_after(0, None, 2).await.unwrap();
+    assert_eq!(page, all[..2].to_vec());
+
+    let only_urgency = store
+        .journal_after(0, Some(label("urgency")), 1000)
+        .await
+        .unwrap();
+    let expected: Vec<_> = all
+        .iter()
+        .filter(|e| e.label == label("urgency"))
+        .cloned()
+        .collect();
+    assert_eq!(only_urgency, expected);
+
+    // Later lines get larger positions.
+    let fence = lock(store_ref, "dept").await;
+    let _ = drive(store_ref, &fence, "dept", None, None).await;
+    let newer = store
+        .journal_after(all.last().unwrap().position, None, 1000)
+        .await
+        .unwrap();
+    assert!(!newer.is_empty());
+    assert!(newer.iter().all(|e| e.label == label("dept")));
+}
+
+fn store_ref_lines(run: &LabelRun, all: &[retrain_core::journal::JournalEntry]) -> usize {
+    all.iter().filter(|e| e.run_id == run.run_id).count()
+}
+
+/// Concurrent writers of different labels still get distinct, gap-free
+/// positions and each line appears once.
+pub async fn concurrent_journal_writers_get_distinct_positions(store: Arc<dyn RunStore>) {
+    let names = ["a", "b", "c", "d"];
+    let mut tasks = Vec::new();
+    for name in names {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let fence = lock(store.as_ref(), name).await;
+            drive(store.as_ref(), &fence, name, None, None).await.0
+        }));
+    }
+    let mut expected = 0;
+    for task in tasks {
+        expected += task.await.unwrap().seq as usize;
+    }
+    let all = store.journal_after(0, None, 1000).await.unwrap();
+    assert_eq!(all.len(), expected);
+    let positions: Vec<u64> = all.iter().map(|e| e.position).collect();
+    assert_eq!(positions, (1..=expected as u64).collect::<Vec<_>>());
+}
+
+/// Idempotency keys: one claimer, the stored response read back, a
+/// different request with the same key refused, a released claim free again.
+pub async fn idempotency_keys_are_claimed_once(store: Arc<dyn RunStore>) {
+    use retrain_core::journal::RequestClaim;
+    assert_eq!(
+        store.claim_request("k1", "fp-a").await.unwrap(),
+        RequestClaim::Claimed
+    );
+    assert_eq!(
+        store.claim_request("k1", "fp-a").await.unwrap(),
+        RequestClaim::Seen { response: None }
+    );
+    assert_eq!(
+        store.claim_request("k1", "fp-b").await.unwrap(),
+        RequestClaim::Mismatch
+    );
+    store
+        .complete_request("k1", r#"{"cycle_id":"c"}"#)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.claim_request("k1", "fp-a").await.unwrap(),
+        RequestClaim::Seen {
+            response: Some(r#"{"cycle_id":"c"}"#.into())
+        }
+    );
+    // A stored response is never released.
+    store.release_request("k1").await.unwrap();
+    assert!(matches!(
+        store.claim_request("k1", "fp-a").await.unwrap(),
+        RequestClaim::Seen { response: Some(_) }
+    ));
+    // An unanswered claim is.
+    assert_eq!(
+        store.claim_request("k2", "fp").await.unwrap(),
+        RequestClaim::Claimed
+    );
+    store.release_request("k2").await.unwrap();
+    assert_eq!(
+        store.claim_request("k2", "fp").await.unwrap(),
+        RequestClaim::Claimed
+    );
+    // Concurrent claims: exactly one wins.
+    let claims = futures::future::join_all((0..8).map(|_| {
+        let store = store.clone();
+        async move { store.claim_request("k3", "fp").await.unwrap() }
+    }))
+    .await;
+    assert_eq!(
+        claims
+            .iter()
+            .filter(|c| **c == RequestClaim::Claimed)
+            .count(),
+        1,
+        "{claims:?}"
+    );
+}
+
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -911,6 +1063,9 @@ contract!(
     leases_are_recorded_updated_and_released,
     runs_are_listed_newest_first_and_shown,
     promotions_are_recorded_with_their_journal_write,
+    the_journal_is_read_after_a_position_in_commit_order,
+    concurrent_journal_writers_get_distinct_positions,
+    idempotency_keys_are_claimed_once,
 );
 
 /// On a current-thread runtime every write of the test is queued before the

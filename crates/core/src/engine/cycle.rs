@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
 
 use super::locks::Acquired;
+use super::started::{announce, Announce, CycleStarted};
 use super::{
     running_job, Begun, CycleRequest, CycleShared, DriveEnd, Engine, EngineError, Executed,
     LabelBinding, LabelTask,
@@ -47,6 +48,28 @@ impl Engine {
         request: CycleRequest,
         cancel: CancellationToken,
     ) -> Result<CycleReport, EngineError> {
+        self.run_cycle_announced(request, cancel, None).await
+    }
+
+    /// [`Engine::run_cycle`], sending each label's run id (or why it has
+    /// none) to `started` as soon as phase one is over, while the runs go
+    /// on (see `started.rs`).
+    pub async fn run_cycle_announcing(
+        &self,
+        request: CycleRequest,
+        cancel: CancellationToken,
+        started: tokio::sync::oneshot::Sender<CycleStarted>,
+    ) -> Result<CycleReport, EngineError> {
+        self.run_cycle_announced(request, cancel, Some(started))
+            .await
+    }
+
+    async fn run_cycle_announced(
+        &self,
+        request: CycleRequest,
+        cancel: CancellationToken,
+        started: Announce,
+    ) -> Result<CycleReport, EngineError> {
         let labels = self.select_labels(&request)?;
         let cycle_id = CycleId::generate();
         let started_at = self.clock.now();
@@ -61,6 +84,7 @@ impl Engine {
             .buffered(parallel)
             .collect()
             .await;
+            announce(started, &cycle_id, &begun);
             stream::iter(begun.into_iter().map(|begun| async {
                 match begun {
                     Begun::Done(report) => *report,

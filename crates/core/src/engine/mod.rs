@@ -20,6 +20,8 @@
 //! - `poll.rs`: waiting for a new dataset (deadline-bounded, jittered,
 //!   woken early by webhooks).
 //! - `admin.rs`: what runs outside a cycle (`retrain gate`, `infra reap`).
+//! - `started.rs`: announcing each label's run id after phase one, while
+//!   the cycle goes on (the server's `202`).
 
 mod admin;
 mod approval;
@@ -28,6 +30,7 @@ mod cycle;
 mod execute;
 mod locks;
 mod poll;
+mod started;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -49,6 +52,7 @@ use crate::report::LabelReport;
 pub use admin::GateOutcome;
 pub use approval::{Decision, DecisionOutcome};
 use locks::HeldLocks;
+pub use started::{CycleStarted, LabelStart};
 
 /// Source of wall-clock time for events. The default follows tokio's clock
 /// so that tests with paused time see time advance consistently.
