@@ -163,7 +163,7 @@ impl Engine {
         result
     }
 
-    async fn drive_decided(
+    pub(super) async fn drive_decided(
         &self,
         binding: &super::LabelBinding,
         run: LabelRun,
