@@ -124,28 +124,12 @@ pub fn route(event: &MlflowEvent, targets: &[LabelTarget]) -> Result<WebhookActi
     }
     let created: ModelVersionCreated = serde_json::from_value(event.data.clone())
         .map_err(|e| WebhookError::MalformedPayload(format!("model_version.created data: {e}")))?;
-    // The candidate is measured by its run or, for a version registered from
-    // a LoggedModel without a run, by that logged model (`models:/m-…`).
-    let candidate_id = created
-        .run_id
-        .clone()
-        .filter(|r| !r.is_empty())
-        .or_else(|| {
-            created
-                .source
-                .as_deref()
-                .and_then(|s| s.strip_prefix("models:/"))
-                .filter(|m| m.starts_with("m-"))
-                .map(str::to_owned)
-        });
-    let Some(candidate_id) = candidate_id else {
-        return Ok(WebhookAction::Ignored {
-            reason: format!(
-                "{} version {} has neither a run nor a logged model to measure",
-                created.name, created.version
-            ),
-        });
-    };
+    if created.version.is_empty() || !created.version.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(WebhookError::MalformedPayload(format!(
+            "model_version.created data: version {:?} is not a version number",
+            created.version
+        )));
+    }
     let requests: Vec<GateRequest> = targets
         .iter()
         .filter(|t| t.mlflow_model.as_deref() == Some(created.name.as_str()))
@@ -153,7 +137,7 @@ pub fn route(event: &MlflowEvent, targets: &[LabelTarget]) -> Result<WebhookActi
             label: t.label.clone(),
             model: created.name.clone(),
             version: created.version.clone(),
-            candidate_id: candidate_id.clone(),
+            candidate_run_id: created.run_id.clone().filter(|r| !r.is_empty()),
         })
         .collect();
     if requests.is_empty() {
@@ -290,18 +274,11 @@ mod tests {
         assert_eq!(requests.len(), 2);
         assert_eq!(requests[0].label, targets[0].label);
         assert_eq!(requests[0].version, "3");
-        assert_eq!(requests[0].candidate_id, "9f6c17f79cda43c6bed22b82327861ee");
-        // Without a run: the logged model is the candidate.
-        let no_run = BODY.replace(
-            r#""run_id": "9f6c17f79cda43c6bed22b82327861ee""#,
-            r#""run_id": """#,
+        assert_eq!(requests[0].candidate_id(), "models:/seg/3");
+        assert_eq!(
+            requests[0].candidate_run_id.as_deref(),
+            Some("9f6c17f79cda43c6bed22b82327861ee")
         );
-        let WebhookAction::GateModelVersions(requests) =
-            route(&parse(no_run.as_bytes()).unwrap(), &targets).unwrap()
-        else {
-            panic!()
-        };
-        assert_eq!(requests[0].candidate_id, "m-0123abcd");
     }
 
     #[test]
@@ -319,12 +296,15 @@ mod tests {
             ));
         }
         let no_version = BODY.replace(r#""version": "3", "#, "");
-        assert_eq!(
-            route(&parse(no_version.as_bytes()).unwrap(), &targets)
-                .unwrap_err()
-                .code(),
-            "malformed_payload"
-        );
+        let bad_version = BODY.replace(r#""version": "3""#, r#""version": "../3""#);
+        for body in [no_version, bad_version] {
+            assert_eq!(
+                route(&parse(body.as_bytes()).unwrap(), &targets)
+                    .unwrap_err()
+                    .code(),
+                "malformed_payload"
+            );
+        }
         assert_eq!(parse(b"{nope").unwrap_err().code(), "malformed_payload");
     }
 }

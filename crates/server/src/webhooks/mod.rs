@@ -54,9 +54,17 @@ pub struct GateRequest {
     /// The registered model and version the webhook announced.
     pub model: String,
     pub version: String,
-    /// The candidate as the registry knows it: the version's MLflow run id,
-    /// or its LoggedModel (`m-…`) when it has no run.
-    pub candidate_id: String,
+    /// The MLflow run the version was registered from, when it says.
+    pub candidate_run_id: Option<String>,
+}
+
+impl GateRequest {
+    /// The candidate as the registry adapter takes it: that registered
+    /// version itself (`models:/<model>/<version>`), measured by its run or
+    /// LoggedModel and promoted as is.
+    pub fn candidate_id(&self) -> String {
+        format!("models:/{}/{}", self.model, self.version)
+    }
 }
 
 /// What a verified delivery asks for.

@@ -184,10 +184,8 @@ async fn each_source_acts_on_a_valid_delivery_and_logs_it() {
     assert_eq!(answer.code, "gating");
     let gated = effects.gated.lock().unwrap().clone();
     assert_eq!(gated.len(), 1);
-    assert_eq!(
-        (gated[0].version.as_str(), gated[0].candidate_id.as_str()),
-        ("3", "abc")
-    );
+    assert_eq!(gated[0].candidate_id(), "models:/seg/3");
+    assert_eq!(gated[0].candidate_run_id.as_deref(), Some("abc"));
     // HF woke and started dept (metadata-triggered); GitHub started it too.
     assert_eq!(effects.started.lock().unwrap().len(), 2);
 
