@@ -534,18 +534,13 @@ async fn runs_show(cli: &Cli, id: &str, format: ShowFormat) -> Result<u8, Failur
     } else {
         format
     };
-    let mut report = retrain_core::report::LabelReport::from_run(&detail.snapshot, false);
-    if format == ShowFormat::Md && detail.snapshot.verdict.is_some() {
-        // The chart: the label's evaluated candidates up to this one.
-        let points =
-            retrain_core::history::metric_points(store.as_ref(), &detail.summary.label, None)
-                .await
-                .context("reading the metrics history")?
-                .into_iter()
-                .filter(|p| p.at <= detail.summary.started_at)
-                .collect();
-        report = retrain_core::report::with_history(report, points);
-    }
+    let report = if format == ShowFormat::Md {
+        retrain_core::history::stored_run_report(store.as_ref(), &detail)
+            .await
+            .context("reading the metrics history")?
+    } else {
+        retrain_core::report::LabelReport::from_run(&detail.snapshot, false)
+    };
     match format {
         ShowFormat::Json => {
             let mut value = serde_json::to_value(&detail).context("rendering the run")?;
@@ -554,24 +549,7 @@ async fn runs_show(cli: &Cli, id: &str, format: ShowFormat) -> Result<u8, Failur
             output::print_json(&value)?
         }
         ShowFormat::Md => {
-            println!("# retrain run `{}`\n", detail.summary.run_id);
-            println!("{}", report.to_markdown());
-            println!();
-            print!(
-                "{}",
-                ManifestDocument::from_run(&detail.snapshot).to_markdown()
-            );
-            println!("\n## Journal\n\n| seq | at | from | to | event |\n|---|---|---|---|---|");
-            for t in &detail.transitions {
-                println!(
-                    "| {} | {} | {} | {} | {} |",
-                    t.seq,
-                    t.at.to_rfc3339(),
-                    t.from,
-                    t.to,
-                    t.event.get("event").and_then(|e| e.as_str()).unwrap_or("?")
-                );
-            }
+            print!("{}", retrain_core::manifest::run_markdown(&detail, &report));
         }
         ShowFormat::Text => {
             println!(

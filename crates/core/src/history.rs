@@ -63,3 +63,22 @@ pub async fn metric_points_besides(
     points.sort_by(|a, b| a.at.cmp(&b.at).then_with(|| a.run_id.0.cmp(&b.run_id.0)));
     Ok(points)
 }
+
+/// The report of a stored run, with the chart of the label's evaluated
+/// candidates up to this run when it has a verdict (`runs show --format
+/// md`, `GET /v1/runs/{id}/report.md`).
+pub async fn stored_run_report(
+    store: &dyn RunStore,
+    detail: &crate::journal::RunDetail,
+) -> Result<crate::report::LabelReport, StoreError> {
+    let report = crate::report::LabelReport::from_run(&detail.snapshot, false);
+    if detail.snapshot.verdict.is_none() {
+        return Ok(report);
+    }
+    let points = metric_points(store, &detail.summary.label, None)
+        .await?
+        .into_iter()
+        .filter(|p| p.at <= detail.summary.started_at)
+        .collect();
+    Ok(crate::report::with_history(report, points))
+}

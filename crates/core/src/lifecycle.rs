@@ -75,9 +75,11 @@ fn kind_of(entry: &JournalEntry) -> Option<&'static str> {
     let name = entry.event_name();
     let specific = match name {
         "started" => Some("run.started"),
-        "polled" => {
-            let accepted = entry.event.get("dataset").is_some_and(|d| !d.is_null())
-                && entry.to != Stage::AwaitingDataset;
+        // The run accepted a new dataset: read at once (no prepare job) or
+        // found by a poll, it moves on to leasing or training.
+        "published_read" | "polled" => {
+            let accepted =
+                entry.from != entry.to && matches!(entry.to, Stage::Leasing | Stage::Training);
             accepted.then_some("dataset.published")
         }
         "training_started" => Some("training.started"),
@@ -159,6 +161,14 @@ mod tests {
                 Training
             ),
             Some("dataset.published")
+        );
+        assert_eq!(
+            kind(json!({"event": "published_read"}), Counting, Leasing),
+            Some("dataset.published")
+        );
+        assert_eq!(
+            kind(json!({"event": "published_read"}), Counting, Preparing),
+            Some("stage.changed")
         );
         assert_eq!(
             kind(json!({"event": "training_started"}), Training, Training),

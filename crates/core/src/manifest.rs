@@ -140,3 +140,28 @@ impl ManifestDocument {
         out
     }
 }
+
+/// The Markdown document of one run (`retrain runs show --format md`,
+/// `GET /v1/runs/{id}/report.md`): its report (with the history chart if
+/// `report` has one), its manifest and its journal.
+pub fn run_markdown(
+    detail: &crate::journal::RunDetail,
+    report: &crate::report::LabelReport,
+) -> String {
+    let mut out = format!("# retrain run `{}`\n\n", detail.summary.run_id);
+    out.push_str(&report.to_markdown());
+    out.push_str("\n\n");
+    out.push_str(&ManifestDocument::from_run(&detail.snapshot).to_markdown());
+    out.push_str("\n## Journal\n\n| seq | at | from | to | event |\n|---|---|---|---|---|\n");
+    for t in &detail.transitions {
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} |\n",
+            t.seq,
+            t.at.to_rfc3339(),
+            t.from,
+            t.to,
+            t.event.get("event").and_then(|e| e.as_str()).unwrap_or("?")
+        ));
+    }
+    out
+}

@@ -320,6 +320,14 @@ pub trait RunStore: Send + Sync {
         ))
     }
 
+    /// The position of the last journal line (0: empty journal); a stream
+    /// starting "now" reads after it.
+    async fn journal_end(&self) -> Result<u64, StoreError> {
+        Err(StoreError::Unavailable(
+            "this run store keeps no journal positions".into(),
+        ))
+    }
+
     /// Claim an idempotency `key` for a request with `fingerprint` (a hash
     /// of what was asked). Atomic across every process sharing the store:
     /// exactly one claimer gets [`RequestClaim::Claimed`]. Optional

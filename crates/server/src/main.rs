@@ -1,8 +1,9 @@
-//! `retrain-server`: the engine behind HTTP (§8).
+//! `retrain-server`: the engine behind HTTP (see `docs/server.md`).
 //!
-//! This release serves liveness only (`GET /healthz`); triggers, webhooks and
-//! results endpoints are tracked as later work. It binds 127.0.0.1 by default
-//! and shuts down gracefully on SIGINT/SIGTERM.
+//! `retrain-server --config retrain.toml` serves `[server] bind` until
+//! SIGINT/SIGTERM, then shuts down gracefully (exit 0). A bad configuration
+//! exits 2 naming the key; no bearer token without `--insecure-no-auth`
+//! exits 2 as well.
 //!
 //! `retrain-server --healthcheck` asks a running server's `/healthz` (at
 //! `RETRAIN_SERVER_ADDR`, `0.0.0.0` meaning this host) and exits 0 if it
@@ -10,18 +11,29 @@
 //! slim image.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context;
-use axum::routing::get;
-use axum::Router;
+use clap::Parser;
+use retrain_adapters::settings::{load, ConfigSources};
+use retrain_server::{Application, ServeOptions, StartupError};
 
-/// The HTTP routes. A function so tests can drive it without a socket.
-pub fn router() -> Router {
-    Router::new().route("/healthz", get(healthz))
-}
+/// Exit code of a configuration error (as the CLI's).
+const EXIT_CONFIG: u8 = 2;
 
-async fn healthz() -> &'static str {
-    "ok"
+#[derive(Debug, Parser)]
+#[command(name = "retrain-server", version, about = "retrain behind HTTP")]
+struct Args {
+    /// The configuration file (default: ./retrain.toml if present).
+    #[arg(long, env = "RETRAIN_CONFIG")]
+    config: Option<PathBuf>,
+    /// Serve without bearer tokens (loopback only).
+    #[arg(long)]
+    insecure_no_auth: bool,
+    /// Ask a running server's /healthz (RETRAIN_SERVER_ADDR) and exit 0 if healthy.
+    #[arg(long)]
+    healthcheck: bool,
 }
 
 async fn shutdown_signal() {
@@ -85,58 +97,61 @@ fn server_addr() -> anyhow::Result<SocketAddr> {
         .context("RETRAIN_SERVER_ADDR must be host:port, e.g. 127.0.0.1:8080")
 }
 
+fn fail(code: u8, error: impl std::fmt::Display) -> ExitCode {
+    eprintln!("retrain-server: {error}");
+    ExitCode::from(code)
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    if std::env::args().skip(1).any(|a| a == "--healthcheck") {
-        return healthcheck(server_addr()?).await;
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.healthcheck {
+        return match server_addr() {
+            Ok(addr) => match healthcheck(addr).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(1, format!("{e:#}")),
+            },
+            Err(e) => fail(EXIT_CONFIG, format!("{e:#}")),
+        };
     }
-    let color = std::io::IsTerminal::is_terminal(&std::io::stderr())
-        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(color)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("RETRAIN_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    let addr = server_addr()?;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {addr}"))?;
-    tracing::info!(addr = %listener.local_addr()?, "retrain-server listening");
-    axum::serve(listener, router())
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving HTTP")?;
-    Ok(())
+    let loaded = match load(&ConfigSources::from_process(args.config.clone())) {
+        Ok(loaded) => loaded,
+        Err(e) => return fail(EXIT_CONFIG, e),
+    };
+    if let Err(e) = retrain_server::logging::init(&loaded.settings.server.log) {
+        return fail(
+            EXIT_CONFIG,
+            format!("server.log_file: cannot open the log file: {e}"),
+        );
+    }
+    let options = ServeOptions {
+        insecure_no_auth: args.insecure_no_auth,
+    };
+    let app = match Application::build(loaded, options).await {
+        Ok(app) => app,
+        Err(e @ StartupError::Config(_)) => return fail(EXIT_CONFIG, e),
+        Err(e) => return fail(1, e),
+    };
+    tracing::info!(addr = %app.addr(), "retrain-server listening");
+    match app.run_until(shutdown_signal()).await {
+        Ok(()) => {
+            tracing::info!("retrain-server stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, e),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::body::Body;
-    use axum::http::{Request, StatusCode};
-    use tower::ServiceExt;
-
-    #[tokio::test]
-    async fn healthz_answers_ok() {
-        let response = router()
-            .oneshot(Request::get("/healthz").body(Body::empty()).unwrap())
-            .await
-            .unwrap();
-        assert_eq!(response.status(), StatusCode::OK);
-        let body = axum::body::to_bytes(response.into_body(), 1024)
-            .await
-            .unwrap();
-        assert_eq!(&body[..], b"ok");
-    }
 
     #[tokio::test]
     async fn the_healthcheck_passes_against_a_live_server_and_fails_without_one() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move { axum::serve(listener, router()).await });
+        let app = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok" }));
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
         healthcheck(addr).await.unwrap();
         // `0.0.0.0:port` (the container's bind address) is checked on localhost.
         healthcheck(SocketAddr::new([0, 0, 0, 0].into(), addr.port()))
@@ -149,14 +164,5 @@ mod tests {
         drop(closed);
         let err = healthcheck(closed_addr).await.unwrap_err();
         assert!(format!("{err:#}").contains("cannot reach"), "{err:#}");
-    }
-
-    #[tokio::test]
-    async fn unknown_routes_are_404() {
-        let response = router()
-            .oneshot(Request::get("/nope").body(Body::empty()).unwrap())
-            .await
-            .unwrap();
-        assert_eq!(response.status(), StatusCode::NOT_FOUND);
     }
 }

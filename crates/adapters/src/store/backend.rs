@@ -304,6 +304,9 @@ pub(super) const SELECT_JOURNAL_AFTER: &str =
      WHERE t.position > $1 AND (CAST($2 AS TEXT) IS NULL OR r.label = $2)
      ORDER BY t.position LIMIT $3";
 
+pub(super) const SELECT_JOURNAL_END: &str =
+    "SELECT COALESCE(MAX(position), 0) AS position FROM transitions";
+
 /// `$1` key, `$2` fingerprint, `$3` now; one row affected: claimed.
 pub(super) const CLAIM_REQUEST: &str =
     "INSERT INTO idempotency_keys (key, fingerprint, response, created_at)

@@ -318,6 +318,19 @@ impl<B: Backend> RunStore for SqlRunStore<B> {
             .collect()
     }
 
+    async fn journal_end(&self) -> Result<u64, StoreError> {
+        let b = &self.0;
+        let row = b
+            .pool()
+            .fetch_optional(backend::SELECT_JOURNAL_END, Vec::new())
+            .await
+            .map_err(|e| b.error("reading the end of the journal", e))?;
+        match row {
+            Some(row) => i64_to_u64(row.int("position")?, "journal position"),
+            None => Ok(0),
+        }
+    }
+
     async fn claim_request(
         &self,
         key: &str,

@@ -874,6 +874,7 @@ pub async fn promotions_are_recorded_with_their_journal_write(store: Arc<dyn Run
 pub async fn the_journal_is_read_after_a_position_in_commit_order(store: Arc<dyn RunStore>) {
     let store_ref = store.as_ref();
     assert_eq!(store.journal_after(0, None, 100).await.unwrap(), vec![]);
+    assert_eq!(store.journal_end().await.unwrap(), 0);
     let fence = lock(store_ref, "dept").await;
     let (dept, _) = drive(store_ref, &fence, "dept", None, None).await;
     let fence = lock(store_ref, "urgency").await;
@@ -893,6 +894,10 @@ pub async fn the_journal_is_read_after_a_position_in_commit_order(store: Arc<dyn
     assert_eq!(lines(&urgency), urgency.seq as usize);
     let positions: Vec<u64> = all.iter().map(|e| e.position).collect();
     assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+    assert_eq!(
+        store.journal_end().await.unwrap(),
+        *positions.last().unwrap()
+    );
     // Commit order: dept's run was journaled entirely before urgency's.
     let first_urgency = all
         .iter()

@@ -77,9 +77,17 @@ impl Engine {
         let span = info_span!("run", run_id = %cycle_id, dry_run = request.dry_run);
         let parallel = self.settings.max_parallel_labels.max(1);
         let work = async {
-            let begun: Vec<Begun> = stream::iter(labels.iter().map(|label| {
-                self.begin_label(label, &cycle_id, request.dry_run, &shared, &cancel)
-                    .instrument(info_span!("label", label = %label))
+            // Owned labels: a closure over `&Label` makes the cycle's future
+            // not `Send` for every lifetime (rustc #110338), so that a server
+            // could not spawn it.
+            let begun: Vec<Begun> = stream::iter(labels.iter().cloned().map(|label| {
+                let span = info_span!("label", label = %label);
+                let (cycle_id, shared, cancel) = (&cycle_id, &shared, &cancel);
+                async move {
+                    self.begin_label(&label, cycle_id, request.dry_run, shared, cancel)
+                        .await
+                }
+                .instrument(span)
             }))
             .buffered(parallel)
             .collect()

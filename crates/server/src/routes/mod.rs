@@ -1,0 +1,158 @@
+//! The HTTP routes, one module per resource, and the request parts they
+//! share: scope-checked callers, JSON/YAML bodies and query strings whose
+//! rejections use the API's error shape.
+
+pub mod events;
+pub mod health;
+pub mod labels;
+pub mod runs;
+
+use std::marker::PhantomData;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Query};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use axum::Router;
+use retrain_adapters::settings::Scope;
+use serde::de::DeserializeOwned;
+use tower_http::timeout::TimeoutLayer;
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Every route of the server.
+pub fn router(state: AppState) -> Router {
+    let server = &state.settings.server;
+    let body_limit = server.body_limit;
+    let request_timeout = server.request_timeout;
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/v1/runs", post(runs::trigger).get(runs::list))
+        .route("/v1/runs/{id}", get(runs::show))
+        .route("/v1/runs/{id}/report.md", get(runs::report_md))
+        .route("/v1/runs/{id}/approve", post(runs::approve))
+        .route("/v1/runs/{id}/reject", post(runs::reject))
+        .route("/v1/labels", get(labels::list))
+        .route("/v1/events", get(events::stream))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        // Until the response head: an event stream is not cut by it.
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            request_timeout,
+        ))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
+}
+
+/// A scope, as a type, for [`Authorized`].
+pub trait RequiredScope {
+    const SCOPE: Scope;
+}
+
+macro_rules! scopes {
+    ($($name:ident => $scope:ident),* $(,)?) => {
+        $(
+            #[doc = concat!("The `", stringify!($scope), "` scope.")]
+            #[derive(Debug)]
+            pub struct $name;
+            impl RequiredScope for $name {
+                const SCOPE: Scope = Scope::$scope;
+            }
+        )*
+    };
+}
+
+scopes!(ReadScope => Read, TriggerScope => Trigger, ApproveScope => Approve);
+
+/// The caller of a request, authorized for `S`. As the first extractor of
+/// a handler it runs before the body is read: a request without the right
+/// token is refused before anything else happens.
+#[derive(Debug)]
+pub struct Authorized<S>(pub Caller, PhantomData<S>);
+
+impl<S: RequiredScope + Send> FromRequestParts<AppState> for Authorized<S> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let caller = state.tokens.authorize(&parts.headers, S::SCOPE)?;
+        Ok(Self(caller, PhantomData))
+    }
+}
+
+/// A query string as `T`, or a 400 naming the problem.
+pub fn query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    query.map(|Query(q)| q).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_query",
+            format!("invalid query string: {}", e.body_text()),
+        )
+    })
+}
+
+/// A request body within the body limit (413 beyond it).
+pub fn body(bytes: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    bytes.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "request body larger than [server] body_limit",
+            )
+        } else {
+            ApiError::bad_request("invalid_body", e.body_text())
+        }
+    })
+}
+
+/// A body as `T`: JSON (`application/json`), YAML (`text/yaml`,
+/// `application/yaml`, as seed 003 submits) or empty (`T::default()`).
+pub fn parse_body<T: DeserializeOwned + Default>(
+    headers: &HeaderMap,
+    bytes: &Bytes,
+) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json");
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    match essence.as_str() {
+        "application/json" => serde_json::from_slice(bytes)
+            .map_err(|e| ApiError::bad_request("invalid_body", format!("invalid JSON body: {e}"))),
+        "text/yaml" | "application/yaml" | "application/x-yaml" | "text/x-yaml" => {
+            serde_norway::from_slice(bytes).map_err(|e| {
+                ApiError::bad_request("invalid_body", format!("invalid YAML body: {e}"))
+            })
+        }
+        other => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("Content-Type {other:?}: expected application/json or text/yaml"),
+        )),
+    }
+}

@@ -1,0 +1,462 @@
+//! `/v1/runs`: trigger a cycle, list and show runs, approve or reject.
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use retrain_core::domain::{Label, RunId};
+use retrain_core::engine::{CycleRequest, CycleStarted, Decision, DecisionOutcome, LabelStart};
+use retrain_core::journal::{RequestClaim, RunFilter};
+use retrain_core::manifest::ManifestDocument;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tokio::sync::oneshot;
+
+use super::{body, parse_body, query, ApproveScope, Authorized, ReadScope, TriggerScope};
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// `POST /v1/runs` (JSON or YAML).
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TriggerBody {
+    /// Labels to run; absent or empty: every configured label.
+    #[serde(default)]
+    pub labels: Option<Vec<String>>,
+    #[serde(default)]
+    pub dry_run: Option<bool>,
+    /// Why (logged with the caller).
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+const MAX_KEY_LEN: usize = 255;
+
+/// Start a cycle in the background; answer `202` with each label's run id
+/// (or `already_running`) once every label has been locked or found busy.
+pub async fn trigger(
+    Authorized(caller, _): Authorized<TriggerScope>,
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let bytes = body(bytes)?;
+    let request: TriggerBody = parse_body(&headers, &bytes)?;
+    let labels = configured_labels(&state, request.labels.as_deref().unwrap_or_default())?;
+    let dry_run = request.dry_run.unwrap_or(state.settings.dry_run);
+    let key = idempotency_key(&headers)?;
+    if let Some(key) = &key {
+        let fingerprint = fingerprint(&caller, &labels, dry_run, request.reason.as_deref());
+        match state.store.claim_request(key, &fingerprint).await? {
+            RequestClaim::Claimed => {}
+            RequestClaim::Seen {
+                response: Some(first),
+            } => {
+                let first: Value = serde_json::from_str(&first).map_err(|e| {
+                    ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "store_corrupt",
+                        format!("the stored response of this Idempotency-Key cannot be read: {e}"),
+                    )
+                })?;
+                return Ok(accepted(first));
+            }
+            RequestClaim::Seen { response: None } => {
+                return Err(ApiError::conflict(
+                    "request_in_progress",
+                    "a request with this Idempotency-Key is still being answered; retry shortly",
+                ))
+            }
+            RequestClaim::Mismatch => {
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "idempotency_key_reused",
+                    "this Idempotency-Key was used for a different request",
+                ))
+            }
+        }
+    }
+    tracing::info!(
+        by = %caller.name,
+        reason = request.reason.as_deref().unwrap_or(""),
+        labels = ?labels.iter().map(Label::as_str).collect::<Vec<_>>(),
+        dry_run,
+        "cycle triggered over HTTP"
+    );
+    let cycle = CycleRequest {
+        labels: (!labels.is_empty()).then_some(labels),
+        dry_run,
+    };
+    let answered = start_cycle(&state, cycle, caller, key);
+    answered
+        .await
+        .map_err(|_| ApiError::unavailable("the server is shutting down"))?
+        .map(accepted)
+}
+
+fn accepted(body: Value) -> Response {
+    (StatusCode::ACCEPTED, Json(body)).into_response()
+}
+
+/// Run the cycle in a tracked task; the receiver gets the `202` body after
+/// phase one (stored under the idempotency key first, if any). The task
+/// outlives the request: a client hanging up never drops the cycle.
+fn start_cycle(
+    state: &AppState,
+    request: CycleRequest,
+    caller: Caller,
+    key: Option<String>,
+) -> oneshot::Receiver<Result<Value, ApiError>> {
+    let (answer, answered) = oneshot::channel();
+    let engine = state.engine.clone();
+    let store = state.store.clone();
+    let cancel = state.shutdown.child_token();
+    let dry_run = request.dry_run;
+    state.work.spawn(async move {
+        let (started_tx, mut started_rx) = oneshot::channel();
+        let cycle = engine.run_cycle_announcing(request, cancel, started_tx);
+        tokio::pin!(cycle);
+        let (started, mut finished) = tokio::select! {
+            biased;
+            started = &mut started_rx => (started.ok(), None),
+            finished = &mut cycle => (started_rx.try_recv().ok(), Some(finished)),
+        };
+        let response = match started {
+            Some(started) => Ok(trigger_response(&started, dry_run, &caller)),
+            None => {
+                // The cycle stopped before phase one ended (unknown label,
+                // store down): its error is the answer.
+                let ended = match finished.take() {
+                    Some(ended) => ended,
+                    None => cycle.as_mut().await,
+                };
+                let error = match &ended {
+                    Err(e) => cycle_error(e),
+                    Ok(_) => ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal",
+                        "the cycle ended without announcing its runs",
+                    ),
+                };
+                finished = Some(ended);
+                Err(error)
+            }
+        };
+        if let Some(key) = &key {
+            let stored = match &response {
+                Ok(body) => store.complete_request(key, &body.to_string()).await,
+                // Nothing was started: a retry with the same key may act.
+                Err(_) => store.release_request(key).await,
+            };
+            if let Err(e) = stored {
+                tracing::warn!(error = %e, "could not store the answer to an Idempotency-Key");
+            }
+        }
+        let _ = answer.send(response);
+        let report = match finished {
+            Some(finished) => finished,
+            None => cycle.await,
+        };
+        match report {
+            Ok(report) => tracing::info!(
+                cycle_id = %report.cycle_id,
+                interrupted = report.interrupted,
+                labels = report.labels.len(),
+                "cycle finished"
+            ),
+            Err(e) => tracing::warn!(error = %e, "cycle failed"),
+        }
+    });
+    answered
+}
+
+/// The API error of a cycle that could not start (by reference: the
+/// cycle's result is still logged afterwards).
+fn cycle_error(error: &retrain_core::engine::EngineError) -> ApiError {
+    use retrain_core::engine::EngineError;
+    match error {
+        EngineError::UnknownLabel(..) => ApiError::bad_request("unknown_label", error.to_string()),
+        EngineError::Store(_) => ApiError::unavailable(error.to_string()),
+        _ => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "cycle_failed",
+            error.to_string(),
+        ),
+    }
+}
+
+fn trigger_response(started: &CycleStarted, dry_run: bool, caller: &Caller) -> Value {
+    let labels: Vec<Value> = started
+        .labels
+        .iter()
+        .map(|(label, start)| match start {
+            LabelStart::Driving { run_id, resumed } => json!({
+                "label": label,
+                "run_id": run_id,
+                "status": if dry_run { "planned" } else if *resumed { "resumed" } else { "started" },
+            }),
+            LabelStart::Busy { holder } => json!({
+                "label": label,
+                "run_id": Value::Null,
+                "status": "already_running",
+                "detail": holder,
+            }),
+            LabelStart::Ended {
+                run_id,
+                status,
+                error,
+            } => json!({
+                "label": label,
+                "run_id": run_id,
+                "status": status.as_str(),
+                "detail": error,
+            }),
+        })
+        .collect();
+    json!({
+        "cycle_id": started.cycle_id,
+        "dry_run": dry_run,
+        "triggered_by": caller.name,
+        "labels": labels,
+    })
+}
+
+/// The requested labels, each valid and configured (400 naming the first
+/// that is not).
+fn configured_labels(state: &AppState, raw: &[String]) -> Result<Vec<Label>, ApiError> {
+    let mut labels = Vec::new();
+    for name in raw {
+        let label = Label::new(name)
+            .map_err(|e| ApiError::bad_request("invalid_label", format!("labels: {e}")))?;
+        if !state.settings.labels.contains_key(&label) {
+            let known: Vec<&str> = state.settings.labels.keys().map(Label::as_str).collect();
+            return Err(ApiError::bad_request(
+                "unknown_label",
+                format!("unknown label `{label}` (configured: {})", known.join(", ")),
+            ));
+        }
+        if !labels.contains(&label) {
+            labels.push(label);
+        }
+    }
+    Ok(labels)
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .map(str::trim)
+        .filter(|k| {
+            !k.is_empty() && k.len() <= MAX_KEY_LEN && k.chars().all(|c| c.is_ascii_graphic())
+        })
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_idempotency_key",
+                format!("Idempotency-Key: expected 1 to {MAX_KEY_LEN} printable ASCII characters"),
+            )
+        })?;
+    Ok(Some(key.to_owned()))
+}
+
+/// What makes two requests "the same": who asked, and what.
+fn fingerprint(caller: &Caller, labels: &[Label], dry_run: bool, reason: Option<&str>) -> String {
+    let canonical = json!({
+        "by": caller.name,
+        "labels": labels,
+        "dry_run": dry_run,
+        "reason": reason,
+    });
+    hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
+}
+
+/// `GET /v1/runs` query.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    pub label: Option<String>,
+    /// An outcome (`promoted`, `rejected`, `running`, …) or a stage
+    /// (`training`, `awaiting_approval`, …).
+    pub status: Option<String>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+    pub limit: Option<u32>,
+}
+
+const DEFAULT_PAGE: u32 = 50;
+const MAX_PAGE: u32 = 500;
+
+/// Runs newest first, a page at a time.
+pub async fn list(
+    Authorized(_, _): Authorized<ReadScope>,
+    State(state): State<AppState>,
+    params: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let params = query(params)?;
+    let label = params
+        .label
+        .as_deref()
+        .map(Label::new)
+        .transpose()
+        .map_err(|e| ApiError::bad_request("invalid_label", format!("label: {e}")))?;
+    let limit = params.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE) as usize;
+    let runs = state
+        .store
+        .list_runs(&RunFilter { label, limit: None })
+        .await?;
+    let after = match &params.cursor {
+        None => 0,
+        Some(cursor) => {
+            runs.iter()
+                .position(|r| r.run_id.as_str() == cursor)
+                .ok_or_else(|| {
+                    ApiError::bad_request("invalid_cursor", "cursor: not a run of this listing")
+                })?
+                + 1
+        }
+    };
+    let mut page: Vec<_> = runs[after..]
+        .iter()
+        .filter(|r| {
+            params
+                .status
+                .as_deref()
+                .is_none_or(|s| r.outcome == s || r.stage.as_str() == s)
+        })
+        .take(limit + 1)
+        .collect();
+    let next_cursor = (page.len() > limit).then(|| page[limit - 1].run_id.clone());
+    page.truncate(limit);
+    Ok(Json(json!({"runs": page, "next_cursor": next_cursor})))
+}
+
+async fn detail(state: &AppState, id: &str) -> Result<retrain_core::journal::RunDetail, ApiError> {
+    state
+        .store
+        .run(&RunId(id.to_owned()))
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no run with id {id}")))
+}
+
+/// One run: its summary, report (verdict table included), journal and manifest.
+pub async fn show(
+    Authorized(_, _): Authorized<ReadScope>,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let detail = detail(&state, &id).await?;
+    let report = retrain_core::report::LabelReport::from_run(&detail.snapshot, false);
+    Ok(Json(json!({
+        "run": detail.summary,
+        "report": report,
+        "journal": detail.transitions,
+        "manifest": ManifestDocument::from_run(&detail.snapshot),
+    })))
+}
+
+/// The run as Markdown (as `retrain runs show --format md`).
+pub async fn report_md(
+    Authorized(_, _): Authorized<ReadScope>,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let detail = detail(&state, &id).await?;
+    let report = retrain_core::history::stored_run_report(state.store.as_ref(), &detail).await?;
+    let markdown = retrain_core::manifest::run_markdown(&detail, &report);
+    Ok((
+        [(header::CONTENT_TYPE, "text/markdown; charset=utf-8")],
+        markdown,
+    )
+        .into_response())
+}
+
+/// `POST /v1/runs/{id}/approve|reject`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecisionBody {
+    pub reason: Option<String>,
+    /// Approve only: gate again against the current production first.
+    #[serde(default)]
+    pub regate: bool,
+}
+
+pub async fn approve(
+    Authorized(caller, _): Authorized<ApproveScope>,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body: DecisionBody = parse_body(&headers, &body(bytes)?)?;
+    let decision = Decision::Approve {
+        regate: body.regate,
+    };
+    decide(state, id, decision, caller, body.reason).await
+}
+
+pub async fn reject(
+    Authorized(caller, _): Authorized<ApproveScope>,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body: DecisionBody = parse_body(&headers, &body(bytes)?)?;
+    if body.regate {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "regate applies to approve only",
+        ));
+    }
+    if body.reason.as_deref().is_none_or(|r| r.trim().is_empty()) {
+        return Err(ApiError::bad_request(
+            "reason_required",
+            "a rejection needs a reason: {\"reason\": \"…\"}",
+        ));
+    }
+    decide(state, id, Decision::Reject, caller, body.reason).await
+}
+
+/// Apply a decision in a tracked task (it drives the run to its end; a
+/// client hanging up must not drop it half-way), identity = token name.
+async fn decide(
+    state: AppState,
+    id: String,
+    decision: Decision,
+    caller: Caller,
+    reason: Option<String>,
+) -> Result<Response, ApiError> {
+    let engine = state.engine.clone();
+    let run_id = RunId(id.clone());
+    let by = caller.name.clone();
+    let task = state
+        .work
+        .spawn(async move { engine.decide(&run_id, decision, &by, reason).await });
+    let outcome = task
+        .await
+        .map_err(|_| ApiError::unavailable("the server is shutting down"))??;
+    match outcome {
+        DecisionOutcome::Applied(report) => Ok(Json(json!({
+            "run_id": id,
+            "decided_by": caller.name,
+            "status": report.status.as_str(),
+            "report": report,
+        }))
+        .into_response()),
+        DecisionOutcome::AlreadyApproved { by, at } => Err(ApiError::conflict(
+            "already_approved",
+            format!(
+                "run {id} was already approved by {by} at {}",
+                at.to_rfc3339()
+            ),
+        )),
+    }
+}

@@ -1,0 +1,41 @@
+//! What every handler shares.
+
+use std::sync::Arc;
+
+use retrain_adapters::settings::Settings;
+use retrain_adapters::store::JournalWatch;
+use retrain_core::engine::Engine;
+use retrain_core::ports::RunStore;
+use retrain_core::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Tokens;
+
+/// Shared state of the server (cheap to clone).
+#[derive(Clone)]
+pub struct AppState {
+    /// The engine every trigger and decision runs on: one per process, so
+    /// its in-process lock table reports a label already driven here busy.
+    pub engine: Arc<Engine>,
+    pub store: Arc<dyn RunStore>,
+    pub settings: Arc<Settings>,
+    pub tokens: Arc<Tokens>,
+    pub journal: Arc<JournalWatch>,
+    /// Cancelled on shutdown: interrupts the cycles' waits (runs stay
+    /// resumable, trainings are cancelled, leases stopped) and ends the
+    /// event streams.
+    pub shutdown: CancellationToken,
+    /// Cycles and decisions under way, awaited on shutdown. They run as
+    /// tasks of their own so that a client hanging up or a request timeout
+    /// never drops an engine future half-way.
+    pub work: TaskTracker,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("engine", &self.engine)
+            .field("tokens", &self.tokens)
+            .finish_non_exhaustive()
+    }
+}

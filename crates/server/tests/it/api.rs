@@ -1,0 +1,417 @@
+//! The HTTP API over a real `Application` (SQLite; the Postgres variants
+//! are in `replicas.rs`).
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::support::{entry, spawn_app, SseClient, Store, ADMIN, READER, TRIGGER};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_right_token_nothing_happens() {
+    let (workspace, app) = spawn_app(Store::Sqlite).await;
+    // Open probes.
+    let health = app.client.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+
+    let body = json!({"labels": ["intent"]});
+    let attempts = [
+        (None, 401, "unauthorized"),
+        (Some("wrong-token-0123456789"), 401, "unauthorized"),
+        (Some(READER), 403, "forbidden"),
+    ];
+    for (token, status, code) in attempts {
+        let mut request = app.client.post(app.url("/v1/runs")).json(&body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), status, "{token:?}");
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["code"], code, "{error}");
+        assert!(!error.to_string().contains("0123456789"), "{error}");
+    }
+    // Reads need a token too; approving needs the approve scope.
+    for path in ["/v1/runs", "/v1/labels", "/v1/events"] {
+        let response = app.client.get(app.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), 401, "{path}");
+        assert_eq!(response.headers()["www-authenticate"], "Bearer");
+    }
+    let response = app
+        .post("/v1/runs/some-run/approve", TRIGGER)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+    let response = app
+        .post("/v1/runs/some-run/reject", READER)
+        .json(&json!({"reason": "no"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let store = workspace.store().await;
+    assert_eq!(store.journal_end().await.unwrap(), 0, "the journal changed");
+    assert!(store
+        .list_runs(&Default::default())
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(workspace.starts("intent"), 0);
+    app.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_concurrent_triggers_drive_a_label_once() {
+    let (workspace, app) = spawn_app(Store::Sqlite).await;
+    workspace.slow("intent", 2);
+    let (a, b) = tokio::join!(app.trigger(&["intent"]), app.trigger(&["intent"]));
+    let statuses = [entry(&a, "intent"), entry(&b, "intent")];
+    let started: Vec<&&Value> = statuses
+        .iter()
+        .filter(|e| e["status"] == "started")
+        .collect();
+    let busy: Vec<&&Value> = statuses
+        .iter()
+        .filter(|e| e["status"] == "already_running")
+        .collect();
+    assert_eq!((started.len(), busy.len()), (1, 1), "{a} {b}");
+    assert!(busy[0]["run_id"].is_null());
+    assert_eq!(a["triggered_by"], "ci");
+    let run_id = started[0]["run_id"].as_str().unwrap().to_owned();
+    let done = app.wait_stage(&run_id, &["done"]).await;
+    assert_eq!(done["run"]["outcome"], "trained", "{done}");
+    assert_eq!(workspace.starts("intent"), 1);
+    // The run is listed, shown with its journal and manifest, and in Markdown.
+    assert!(done["journal"].as_array().unwrap().len() > 3);
+    assert_eq!(done["manifest"]["run_id"], run_id.as_str());
+    let md = app
+        .get(&format!("/v1/runs/{run_id}/report.md"), READER)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(md.status(), 200);
+    assert!(md.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/markdown"));
+    let md = md.text().await.unwrap();
+    assert!(md.contains(&format!("# retrain run `{run_id}`")) && md.contains("## Journal"));
+    let listed: Value = app
+        .get("/v1/runs?label=intent", READER)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["runs"][0]["run_id"], run_id.as_str());
+    let missing = app.get("/v1/runs/nope", READER).send().await.unwrap();
+    assert_eq!(missing.status(), 404);
+    app.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_returns_the_first_response() {
+    let (workspace, app) = spawn_app(Store::Sqlite).await;
+    workspace.slow("urgency", 1);
+    let send = |body: Value, key: &'static str| {
+        app.post("/v1/runs", TRIGGER)
+            .header("Idempotency-Key", key)
+            .json(&body)
+            .send()
+    };
+    let first = send(json!({"labels": ["urgency"]}), "key-1").await.unwrap();
+    assert_eq!(first.status(), 202);
+    let first: Value = first.json().await.unwrap();
+    let again = send(json!({"labels": ["urgency"]}), "key-1").await.unwrap();
+    assert_eq!(again.status(), 202);
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(first, again);
+    assert_eq!(entry(&first, "urgency")["status"], "started");
+    // The same key for another request is refused.
+    let other = send(json!({"labels": ["intent"]}), "key-1").await.unwrap();
+    assert_eq!(other.status(), 422);
+    let other: Value = other.json().await.unwrap();
+    assert_eq!(other["error"]["code"], "idempotency_key_reused");
+    let run_id = entry(&first, "urgency")["run_id"].as_str().unwrap();
+    app.wait_stage(run_id, &["done"]).await;
+    assert_eq!(workspace.starts("urgency"), 1);
+    assert_eq!(workspace.starts("intent"), 0);
+    app.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_are_json_or_yaml_and_bad_ones_are_named() {
+    let (_workspace, app) = spawn_app(Store::Sqlite).await;
+    let yaml = app
+        .post("/v1/runs", TRIGGER)
+        .header("Content-Type", "text/yaml")
+        .body("labels:\n  - intent\ndry_run: true\nreason: seed 003 submits YAML\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(yaml.status(), 202);
+    let yaml: Value = yaml.json().await.unwrap();
+    assert_eq!(yaml["dry_run"], true);
+    assert_eq!(entry(&yaml, "intent")["status"], "planned");
+
+    let cases = [
+        (
+            "application/json",
+            r#"{"labels": ["nope"]}"#,
+            400,
+            "unknown_label",
+        ),
+        (
+            "application/json",
+            r#"{"labels": ["Bad Label"]}"#,
+            400,
+            "invalid_label",
+        ),
+        (
+            "application/json",
+            r#"{"lables": ["intent"]}"#,
+            400,
+            "invalid_body",
+        ),
+        ("application/json", "{", 400, "invalid_body"),
+        (
+            "text/plain",
+            "labels: [intent]",
+            415,
+            "unsupported_media_type",
+        ),
+    ];
+    for (content_type, body, status, code) in cases {
+        let response = app
+            .post("/v1/runs", TRIGGER)
+            .header("Content-Type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status, "{body}");
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["code"], code, "{body}: {error}");
+        assert!(!error["error"]["message"].as_str().unwrap().is_empty());
+    }
+    let too_big = app
+        .post("/v1/runs", TRIGGER)
+        .header("Content-Type", "application/json")
+        .body(format!(
+            r#"{{"reason": "{}"}}"#,
+            "x".repeat(2 * 1024 * 1024)
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(too_big.status(), 413);
+    let labels: Value = app
+        .get("/v1/labels", READER)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<&str> = labels["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["intent", "manual", "urgency"]);
+    assert_eq!(labels["labels"][0]["threshold"], 10);
+    let page: Value = app
+        .get("/v1/labels?limit=2", READER)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["next_cursor"], "manual");
+    let rest: Value = app
+        .get("/v1/labels?cursor=manual", READER)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(rest["labels"][0]["label"], "urgency");
+    assert!(rest["next_cursor"].is_null());
+    app.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_candidate_is_approved_once_over_http() {
+    let (_workspace, app) = spawn_app(Store::Sqlite).await;
+    let body = app.trigger(&["manual"]).await;
+    let run_id = entry(&body, "manual")["run_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    app.wait_stage(&run_id, &["awaiting_approval"]).await;
+    let labels: Value = app
+        .get("/v1/labels", READER)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(labels["labels"][1]["awaiting_approval"][0], run_id.as_str());
+
+    let path = |verb: &str| format!("/v1/runs/{run_id}/{verb}");
+    let no_reason = app
+        .post(&path("reject"), ADMIN)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_reason.status(), 400);
+    let approved = app
+        .post(&path("approve"), ADMIN)
+        .json(&json!({"reason": "looks good"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(approved.status(), 200);
+    let approved: Value = approved.json().await.unwrap();
+    assert_eq!(approved["status"], "promoted", "{approved}");
+    assert_eq!(approved["decided_by"], "admin");
+    let again = app.post(&path("approve"), ADMIN).send().await.unwrap();
+    assert_eq!(again.status(), 409);
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(again["error"]["code"], "already_approved");
+    assert!(again["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("by admin"));
+    let late_reject = app
+        .post(&path("reject"), ADMIN)
+        .json(&json!({"reason": "too late"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(late_reject.status(), 409);
+    let shown = app.wait_stage(&run_id, &["done"]).await;
+    assert_eq!(shown["report"]["status"], "promoted");
+    let missing = app
+        .post("/v1/runs/no-such-run/approve", ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    app.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_stream_is_the_journal_and_resumes_without_loss_or_duplicates() {
+    let (workspace, app) = spawn_app(Store::Sqlite).await;
+    let mut stream = SseClient::open(&app, "", None).await;
+    let body = app.trigger(&["intent"]).await;
+    let run_id = entry(&body, "intent")["run_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let events = stream.until(&run_id, "run.finished").await;
+    let kinds: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
+    for expected in [
+        "run.started",
+        "dataset.published",
+        "training.started",
+        "training.finished",
+        "run.finished",
+    ] {
+        assert!(kinds.contains(&expected), "{expected} missing: {kinds:?}");
+    }
+    let ids: Vec<u64> = events.iter().map(|e| e.id).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    assert!(events
+        .iter()
+        .all(|e| e.data["id"] == e.id && e.data["type"] == e.event));
+    // Journal order: the events are the run's journal lines, in seq order.
+    let seqs: Vec<u64> = events
+        .iter()
+        .map(|e| e.data["seq"].as_u64().unwrap())
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    drop(stream);
+
+    // Reconnect after the second event: exactly the rest, nothing repeated.
+    let mut resumed = SseClient::open(&app, "", Some(ids[1])).await;
+    let rest = resumed.until(&run_id, "run.finished").await;
+    assert_eq!(rest, events[2..].to_vec());
+    // `?after=0` replays from the start; filters apply.
+    let mut filtered = SseClient::open(
+        &app,
+        "?after=0&label=intent&types=training.started,run.finished",
+        None,
+    )
+    .await;
+    let only = filtered.until(&run_id, "run.finished").await;
+    let kinds: Vec<&str> = only.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(kinds, ["training.started", "run.finished"]);
+    let bad = app
+        .get("/v1/events?types=training.begun", READER)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    assert_eq!(workspace.starts("intent"), 1);
+    app.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_during_a_training_stops_in_time_and_the_run_resumes() {
+    let (workspace, app) = spawn_app(Store::Sqlite).await;
+    workspace.slow("intent", 60);
+    let mut stream = SseClient::open(&app, "", None).await;
+    let body = app.trigger(&["intent"]).await;
+    let run_id = entry(&body, "intent")["run_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    stream.until(&run_id, "training.started").await;
+    let began = std::time::Instant::now();
+    app.shutdown().await.unwrap();
+    assert!(
+        began.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        began.elapsed()
+    );
+    // The stream was closed by the shutdown.
+    assert!(tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .unwrap()
+        .is_none());
+    // Journaled as cancelled (not an attempt), unfinished, resumable.
+    let store = workspace.store().await;
+    let detail = store
+        .run(&retrain_core::domain::RunId(run_id.clone()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(detail.summary.stage.as_str(), "training");
+    let last = detail.transitions.last().unwrap();
+    assert_eq!(last.event["event"], "training_cancelled");
+    drop(store);
+
+    workspace.slow("intent", 0);
+    let app = crate::support::spawn_in(&workspace).await;
+    let body = app.trigger(&["intent"]).await;
+    let resumed = entry(&body, "intent");
+    assert_eq!(resumed["status"], "resumed", "{body}");
+    assert_eq!(resumed["run_id"], run_id.as_str());
+    app.wait_stage(&run_id, &["done"]).await;
+    assert_eq!(workspace.starts("intent"), 2);
+    app.shutdown().await.unwrap();
+}

@@ -1,0 +1,7 @@
+//! Integration tests of `retrain-server`: one `spawn_app()` harness
+//! (`support.rs`) on SQLite and on the real Postgres.
+
+mod api;
+mod process;
+mod replicas;
+mod support;
