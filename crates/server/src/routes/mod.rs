@@ -23,6 +23,7 @@ use tower_http::timeout::TimeoutLayer;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::state::AppState;
+use crate::webhooks::routes as hooks;
 
 /// Every route of the server.
 pub fn router(state: AppState) -> Router {
@@ -39,6 +40,15 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/runs/{id}/reject", post(runs::reject))
         .route("/v1/labels", get(labels::list))
         .route("/v1/events", get(events::stream))
+        .route("/v1/hooks/huggingface", post(hooks::huggingface))
+        .route("/v1/hooks/github", post(hooks::github))
+        .route("/v1/hooks/mlflow", post(hooks::mlflow))
+        .route("/v1/webhooks/deliveries", get(hooks::deliveries))
+        .route("/metrics", get(hooks::metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            hooks::count_requests,
+        ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))

@@ -13,9 +13,11 @@
 //! MLflow) acts at most once across replicas (the log's claim, see
 //! `retrain_adapters::store::DeliveryLog`).
 
+pub mod effects;
 pub mod github;
 pub mod huggingface;
 pub mod mlflow;
+pub mod routes;
 
 use std::sync::Arc;
 
@@ -224,7 +226,7 @@ pub struct WebhookContext {
     pub huggingface_secret: Option<SecretString>,
     pub github_secret: Option<SecretString>,
     pub mlflow_secret: Option<SecretString>,
-    pub targets: Vec<LabelTarget>,
+    pub targets: Arc<Vec<LabelTarget>>,
     pub deliveries: Arc<dyn DeliveryLog>,
     pub effects: Arc<dyn WebhookEffects>,
     pub metrics: Option<Arc<crate::metrics::Metrics>>,

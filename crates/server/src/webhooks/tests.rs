@@ -99,13 +99,13 @@ async fn context() -> (WebhookContext, Arc<FakeEffects>, Arc<dyn DeliveryLog>) {
         huggingface_secret: Some(SecretString::from("hf-secret")),
         github_secret: Some(SecretString::from("gh-secret")),
         mlflow_secret: Some(SecretString::from("ml-secret")),
-        targets: vec![
+        targets: Arc::new(vec![
             LabelTarget {
                 github: github_target("dept", "org/data", "main", &[]).github,
                 ..target("dept", Some("org/data"), true)
             },
             mlflow_target("seg", "seg"),
-        ],
+        ]),
         deliveries: stores.deliveries.clone(),
         effects: effects.clone(),
         metrics: Some(Arc::new(crate::metrics::Metrics::new())),
