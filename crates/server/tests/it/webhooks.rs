@@ -265,3 +265,250 @@ async fn postgres_github_push_starts_its_label_and_refusals_change_nothing() {
     };
     github_push_starts_its_label_and_refusals_change_nothing(store).await;
 }
+
+/// Test data on the real MLflow server, over its REST API.
+struct Mlflow {
+    api: String,
+    http: reqwest::Client,
+    experiment: String,
+}
+
+impl Mlflow {
+    async fn new(base: &str) -> Self {
+        let api = format!("{}/api/2.0/mlflow", base.trim_end_matches('/'));
+        let http = reqwest::Client::new();
+        let mut me = Self {
+            api,
+            http,
+            experiment: String::new(),
+        };
+        let created = me
+            .post(
+                "experiments/create",
+                serde_json::json!({"name": format!("hooks-{}", uuid_like())}),
+            )
+            .await;
+        me.experiment = created["experiment_id"].as_str().unwrap().to_owned();
+        me
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Value {
+        let response = self
+            .http
+            .post(format!("{}/{path}", self.api))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            response.status().is_success(),
+            "{path}: {}",
+            response.status()
+        );
+        response.json().await.unwrap()
+    }
+
+    /// A finished run with `dice`, registered as the next version of `model`.
+    async fn register(&self, model: &str, dice: f64) -> (String, String) {
+        let run = self
+            .post(
+                "runs/create",
+                serde_json::json!({"experiment_id": self.experiment, "start_time": 1}),
+            )
+            .await;
+        let run_id = run["run"]["info"]["run_id"].as_str().unwrap().to_owned();
+        self.post(
+            "runs/log-metric",
+            serde_json::json!({"run_id": run_id, "key": "dice", "value": dice, "timestamp": 1, "step": 0}),
+        )
+        .await;
+        let version = self
+            .post(
+                "model-versions/create",
+                serde_json::json!({"name": model, "source": format!("runs:/{run_id}/model"), "run_id": run_id}),
+            )
+            .await;
+        (
+            version["model_version"]["version"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+            run_id,
+        )
+    }
+
+    async fn production(&self, model: &str) -> Option<String> {
+        let answer: Value = self
+            .http
+            .get(format!("{}/registered-models/alias", self.api))
+            .query(&[("name", model), ("alias", "production")])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        answer["model_version"]["version"]
+            .as_str()
+            .map(str::to_owned)
+    }
+}
+
+fn uuid_like() -> String {
+    format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
+}
+
+/// What MLflow 3 posts for `model_version.created` (Python `json.dumps`
+/// separators), signed as `delivery.py` does.
+async fn mlflow_created(
+    app: &TestApp,
+    id: &str,
+    model: &str,
+    version: &str,
+    run_id: &str,
+) -> (u16, Value) {
+    use base64::Engine as _;
+    let body = format!(
+        r#"{{"entity": "model_version", "action": "created", "timestamp": "2026-01-01T00:00:00+00:00", "data": {{"name": "{model}", "version": "{version}", "source": "runs:/{run_id}/model", "run_id": "{run_id}", "tags": {{}}, "description": null}}}}"#
+    );
+    let ts = chrono::Utc::now().timestamp().to_string();
+    let mut mac = Hmac::<Sha256>::new_from_slice(MLFLOW_SECRET.as_bytes()).unwrap();
+    mac.update(format!("{id}.{ts}.{body}").as_bytes());
+    let signature = format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    );
+    let response = app
+        .client
+        .post(app.url("/v1/hooks/mlflow"))
+        .header("Content-Type", "application/json")
+        .header("X-MLflow-Delivery-Id", id)
+        .header("X-MLflow-Timestamp", ts)
+        .header("X-MLflow-Signature", signature)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// The finished runs of `label` (outcome per run), newest first.
+async fn outcomes(app: &TestApp, label: &str) -> Vec<String> {
+    let runs: Value = app
+        .get(&format!("/v1/runs?label={label}"), READER)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    runs["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["outcome"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// Against the real `mlflow server`: a better registered version, announced
+/// by a signed webhook, is gated and promoted (the alias moves to it); a
+/// worse one is rejected and the alias stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mlflow_webhook_promotes_a_better_version_and_rejects_a_worse_one() {
+    let Some(url) = retrain_adapters::testing::services::service_url("RETRAIN_TEST_MLFLOW_URL")
+    else {
+        return;
+    };
+    let mlflow = Mlflow::new(&url).await;
+    let model = format!("hooks-seg-{}", uuid_like());
+    mlflow
+        .post(
+            "registered-models/create",
+            serde_json::json!({"name": model}),
+        )
+        .await;
+    let (v1, _) = mlflow.register(&model, 0.80).await;
+    mlflow
+        .post(
+            "registered-models/alias",
+            serde_json::json!({"name": model, "alias": "production", "version": v1}),
+        )
+        .await;
+
+    let workspace = hooked(&Store::Sqlite);
+    let config = std::fs::read_to_string(workspace.config()).unwrap();
+    let label = format!(
+        "\n[labels.seg]\nthreshold = 1\ncounts = \"none\"\nmetadata = \"file://metadata.json\"\ntrainer = {{ command = [\"sh\", \"train.sh\"] }}\nregistry = {{ mlflow = \"{url}\", model = \"{model}\" }}\ngate = {{ metrics = [{{ name = \"dice\", direction = \"higher\" }}] }}\n"
+    );
+    // Before `[server.webhooks]`, which closes the file.
+    let config = config.replacen(
+        "\n[server.webhooks]",
+        &format!("{label}\n[server.webhooks]"),
+        1,
+    );
+    std::fs::write(workspace.config(), config).unwrap();
+    let app = spawn_in(&workspace).await;
+
+    let (v2, run2) = mlflow.register(&model, 0.90).await;
+    let (status, answer) = mlflow_created(&app, "delivery-2", &model, &v2, &run2).await;
+    assert_eq!(
+        (status, answer["result"].as_str()),
+        (202, Some("gating")),
+        "{answer}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while mlflow.production(&model).await.as_deref() != Some(v2.as_str()) {
+        assert!(
+            Instant::now() < deadline,
+            "the alias never moved to version {v2}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while outcomes(&app, "seg").await != vec!["promoted".to_owned()] {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            outcomes(&app, "seg").await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let (v3, run3) = mlflow.register(&model, 0.50).await;
+    let (status, _) = mlflow_created(&app, "delivery-3", &model, &v3, &run3).await;
+    assert_eq!(status, 202);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while outcomes(&app, "seg").await.first().map(String::as_str) != Some("rejected") {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            outcomes(&app, "seg").await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(mlflow.production(&model).await, Some(v2.clone()));
+    // The replayed delivery does not gate again.
+    let (status, _) = mlflow_created(&app, "delivery-3", &model, &v3, &run3).await;
+    assert_eq!(status, 409);
+    app.shutdown().await.unwrap();
+    assert_eq!(outcomes_len(&workspace).await, 2);
+}
+
+async fn outcomes_len(workspace: &Workspace) -> usize {
+    let store = workspace.store().await;
+    store
+        .list_runs(&retrain_core::journal::RunFilter {
+            label: Some(retrain_core::domain::Label::new("seg").unwrap()),
+            limit: None,
+        })
+        .await
+        .unwrap()
+        .len()
+}
