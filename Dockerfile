@@ -2,7 +2,8 @@
 #
 #   docker build -t retrain .            # or: podman build --format docker -t retrain .
 #                                        #     (podman's default OCI format drops HEALTHCHECK)
-#   docker run -d -p 8080:8080 retrain   # retrain-server (HEALTHCHECK: /healthz)
+#   docker run -d -p 8080:8080 -e RETRAIN_SERVER_TOKEN=... -v "$PWD:/work" retrain
+#                                        # retrain-server on /work/retrain.toml (HEALTHCHECK: /healthz)
 #   docker run --rm --user "$(id -u):$(id -g)" -v "$PWD:/work" retrain retrain run --config retrain.toml
 #
 # The runtime image has no Python: a config whose commands need it should
@@ -33,7 +34,9 @@ RUN apt-get update \
 COPY --from=build /out/retrain /out/retrain-server /usr/local/bin/
 USER 10001:10001
 WORKDIR /work
-ENV RETRAIN_SERVER_ADDR=0.0.0.0:8080
+# The server listens on every interface inside the container (its default
+# is loopback); the health check asks it there.
+ENV RETRAIN_SERVER__BIND=0.0.0.0:8080 RETRAIN_SERVER_ADDR=0.0.0.0:8080
 EXPOSE 8080
 # No curl in a slim image: the server binary checks itself (exit 0 on a 200).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=5s --retries=3 \

@@ -58,6 +58,8 @@ pub struct Application {
     state: AppState,
     shutdown_timeout: Duration,
     schedule: Option<Schedule>,
+    /// Routes mounted beside the API's.
+    extra: Vec<axum::Router<AppState>>,
 }
 
 impl Application {
@@ -142,6 +144,7 @@ impl Application {
             state,
             shutdown_timeout,
             schedule,
+            extra: Vec::new(),
         })
     }
 
@@ -150,9 +153,16 @@ impl Application {
         self.addr
     }
 
-    /// The shared state (for mounting more routes on [`routes::router`]).
+    /// The shared state.
     pub fn state(&self) -> &AppState {
         &self.state
+    }
+
+    /// Mount more routes (they get the same state, body limit, timeout and
+    /// shutdown); their paths must not overlap the API's.
+    pub fn merge_routes(mut self, routes: axum::Router<AppState>) -> Self {
+        self.extra.push(routes);
+        self
     }
 
     /// Serve until `signal` completes, then shut down gracefully: stop
@@ -168,6 +178,7 @@ impl Application {
             state,
             shutdown_timeout,
             schedule,
+            extra,
             ..
         } = self;
         let shutdown = state.shutdown.clone();
@@ -184,7 +195,7 @@ impl Application {
                 shutdown.clone(),
             ));
         }
-        let app = routes::router(state);
+        let app = routes::router_with(state, extra);
         let stopping = shutdown.clone();
         let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
             signal.await;

@@ -478,7 +478,9 @@ jitter = "5m"
 #[test]
 fn bad_server_settings_name_the_key() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: &[(&str, &[(&str, &str)], &str)] = &[
+    /// (config file, env, the key the error must name)
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
         ("[server]\nbind = \"localhost\"\n", &[], "server.bind"),
         ("[server]\nbody_limit = 10\n", &[], "server.body_limit"),
         (

@@ -27,24 +27,19 @@ use crate::webhooks::routes as hooks;
 
 /// Every route of the server.
 pub fn router(state: AppState) -> Router {
+    router_with(state, Vec::new())
+}
+
+/// The API's routes plus `extra` (see `Application::merge_routes`), under
+/// the same limits.
+pub fn router_with(state: AppState, extra: Vec<Router<AppState>>) -> Router {
     let server = &state.settings.server;
     let body_limit = server.body_limit;
     let request_timeout = server.request_timeout;
-    Router::new()
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/v1/runs", post(runs::trigger).get(runs::list))
-        .route("/v1/runs/{id}", get(runs::show))
-        .route("/v1/runs/{id}/report.md", get(runs::report_md))
-        .route("/v1/runs/{id}/approve", post(runs::approve))
-        .route("/v1/runs/{id}/reject", post(runs::reject))
-        .route("/v1/labels", get(labels::list))
-        .route("/v1/events", get(events::stream))
-        .route("/v1/hooks/huggingface", post(hooks::huggingface))
-        .route("/v1/hooks/github", post(hooks::github))
-        .route("/v1/hooks/mlflow", post(hooks::mlflow))
-        .route("/v1/webhooks/deliveries", get(hooks::deliveries))
-        .route("/metrics", get(hooks::metrics))
+    extra
+        .into_iter()
+        .fold(api(), Router::merge)
+        // Matched routes only (the route template is the metric's label).
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             hooks::count_requests,
@@ -58,6 +53,21 @@ pub fn router(state: AppState) -> Router {
             request_timeout,
         ))
         .with_state(state)
+}
+
+/// The API's own routes, without state or layers.
+fn api() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/v1/runs", post(runs::trigger).get(runs::list))
+        .route("/v1/runs/{id}", get(runs::show))
+        .route("/v1/runs/{id}/report.md", get(runs::report_md))
+        .route("/v1/runs/{id}/approve", post(runs::approve))
+        .route("/v1/runs/{id}/reject", post(runs::reject))
+        .route("/v1/labels", get(labels::list))
+        .route("/v1/events", get(events::stream))
+        .merge(hooks::router())
 }
 
 async fn not_found() -> ApiError {
@@ -96,7 +106,7 @@ scopes!(ReadScope => Read, TriggerScope => Trigger, ApproveScope => Approve);
 /// a handler it runs before the body is read: a request without the right
 /// token is refused before anything else happens.
 #[derive(Debug)]
-pub struct Authorized<S>(pub Caller, PhantomData<S>);
+pub struct Authorized<S>(pub Caller, pub PhantomData<S>);
 
 impl<S: RequiredScope + Send> FromRequestParts<AppState> for Authorized<S> {
     type Rejection = ApiError;

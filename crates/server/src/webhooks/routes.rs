@@ -12,7 +12,8 @@ use axum::extract::{MatchedPath, Query, Request, State};
 use axum::http::{header, HeaderMap};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::routing::{get, post};
+use axum::{Json, Router};
 use retrain_adapters::settings::Scope;
 use retrain_adapters::store::{Delivery, DeliveryQuery};
 use serde::Deserialize;
@@ -23,6 +24,16 @@ use super::{WebhookContext, WebhookSource};
 use crate::error::ApiError;
 use crate::routes::{body, query, Authorized, ReadScope};
 use crate::state::AppState;
+
+/// The webhook, delivery-log and metrics routes (merged into the API's).
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/hooks/huggingface", post(huggingface))
+        .route("/v1/hooks/github", post(github))
+        .route("/v1/hooks/mlflow", post(mlflow))
+        .route("/v1/webhooks/deliveries", get(deliveries))
+        .route("/metrics", get(metrics))
+}
 
 fn context(state: &AppState) -> WebhookContext {
     let secrets = &state.settings.server.webhooks;

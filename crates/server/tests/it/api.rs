@@ -415,3 +415,26 @@ async fn shutdown_during_a_training_stops_in_time_and_the_run_resumes() {
     assert_eq!(workspace.starts("intent"), 2);
     app.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_routes_can_be_mounted_with_the_same_auth_and_errors() {
+    use retrain_server::routes::{Authorized, ReadScope};
+    async fn hello(Authorized(caller, _): Authorized<ReadScope>) -> String {
+        format!("hello {}", caller.name)
+    }
+    let workspace = crate::support::Workspace::new(&Store::Sqlite);
+    let extra = axum::Router::new().route("/v1/hello", axum::routing::get(hello));
+    let app = crate::support::spawn_with(&workspace, Some(extra)).await;
+    let hello = app.get("/v1/hello", READER).send().await.unwrap();
+    assert_eq!(hello.status(), 200);
+    assert_eq!(hello.text().await.unwrap(), "hello reader");
+    let refused = app.client.get(app.url("/v1/hello")).send().await.unwrap();
+    assert_eq!(refused.status(), 401);
+    let missing = app.get("/v1/nope", READER).send().await.unwrap();
+    assert_eq!(missing.status(), 404);
+    let error: Value = missing.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "not_found");
+    let wrong_method = app.client.delete(app.url("/v1/runs")).send().await.unwrap();
+    assert_eq!(wrong_method.status(), 405);
+    app.shutdown().await.unwrap();
+}

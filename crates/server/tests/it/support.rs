@@ -174,15 +174,26 @@ pub struct TestApp {
 
 /// A running app on `workspace` (several apps may share one).
 pub async fn spawn_in(workspace: &Workspace) -> TestApp {
+    spawn_with(workspace, None).await
+}
+
+/// [`spawn_in`] with `extra` routes mounted beside the API's.
+pub async fn spawn_with(
+    workspace: &Workspace,
+    extra: Option<axum::Router<retrain_server::state::AppState>>,
+) -> TestApp {
     let sources = ConfigSources {
         file: Some(workspace.config()),
         env: Workspace::env(),
         overrides: Vec::new(),
     };
     let loaded = load(&sources).unwrap();
-    let app = Application::build(loaded, ServeOptions::default())
+    let mut app = Application::build(loaded, ServeOptions::default())
         .await
         .unwrap();
+    if let Some(extra) = extra {
+        app = app.merge_routes(extra);
+    }
     let addr = app.addr();
     let (stop, stopped) = oneshot::channel::<()>();
     let served = tokio::spawn(app.run_until(async move {
