@@ -512,3 +512,80 @@ async fn outcomes_len(workspace: &Workspace) -> usize {
         .unwrap()
         .len()
 }
+
+/// End to end with the fake Hub: a run waits for a new dataset with
+/// `poll_interval = 60s`; the Hub's webhook on publication wakes its poll,
+/// and the training starts within 200 ms instead of a minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_webhook_on_publication_wakes_the_waiting_label_at_once() {
+    use retrain_adapters::testing::fake_hub::FakeHub;
+    let hub = FakeHub::start().await;
+    let repo = "org/tickets";
+    let path = "dataset_metadata.json";
+    let metadata = |tag: &str, n: u64| {
+        serde_json::json!({"dataset_name": "tickets", "version_tag": tag, "num_samples": n,
+                           "created_at": "2026-01-02T00:00:00Z"})
+    };
+    hub.add_dataset(repo, path, Some(metadata("v1", 100)));
+
+    let workspace = hooked(&Store::Sqlite);
+    let config = std::fs::read_to_string(workspace.config()).unwrap();
+    let label = format!(
+        "\n[labels.hub]\nthreshold = 1\ncounts = \"none\"\nmetadata = \"{}\"\nprepare = {{ command = [\"true\"] }}\ntrainer = {{ command = [\"sh\", \"train.sh\"], timeout = \"2m\" }}\ngate = \"none\"\npoll_interval = \"60s\"\n",
+        hub.metadata_url(repo, path)
+    );
+    let config = config.replacen(
+        "\n[server.webhooks]",
+        &format!("{label}\n[server.webhooks]"),
+        1,
+    );
+    let config = format!(
+        "{config}\n[hub]\nendpoint = \"{}\"\ntoken = \"{}\"\n",
+        hub.uri(),
+        hub.token()
+    );
+    std::fs::write(workspace.config(), config).unwrap();
+    let app = spawn_in(&workspace).await;
+
+    let answer = app.trigger(&["hub"]).await;
+    let run_id = entry(&answer, "hub")["run_id"].as_str().unwrap().to_owned();
+    let waiting = app.wait_stage(&run_id, &["awaiting_dataset", "done"]).await;
+    assert_eq!(waiting["run"]["stage"], "awaiting_dataset", "{waiting}");
+    // Let the first poll (at once) find nothing new: the next is a minute away.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(workspace.starts("hub"), 0);
+
+    hub.publish(repo, path, metadata("v2", 200));
+    let body = serde_json::json!({
+        "event": {"action": "update", "scope": "repo.content"},
+        "repo": {"type": "dataset", "name": repo, "id": "6366c0", "private": false,
+                 "headSha": "575db8b7", "owner": {"id": "61d200"}},
+        "updatedRefs": [{"ref": "refs/heads/main", "oldSha": "ce9a4674", "newSha": "575db8b7"}],
+        "webhook": {"id": "6390e8", "version": 3}
+    });
+    let sent = Instant::now();
+    let response = app
+        .client
+        .post(app.url("/v1/hooks/huggingface"))
+        .header("X-Webhook-Secret", HF_SECRET)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    while workspace.starts("hub") == 0 {
+        assert!(
+            sent.elapsed() < Duration::from_secs(10),
+            "the waiting label never reacted"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let latency = sent.elapsed();
+    assert!(
+        latency < Duration::from_millis(200),
+        "reaction latency {latency:?} (poll interval 60 s)"
+    );
+    let done = app.wait_stage(&run_id, &["done"]).await;
+    assert_eq!(done["run"]["outcome"], "trained", "{done}");
+    app.shutdown().await.unwrap();
+}
