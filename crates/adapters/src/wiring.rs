@@ -369,6 +369,7 @@ async fn assemble_engine(
             rustc_version: crate::build_info::RUSTC_VERSION.to_owned(),
             os: crate::build_info::os(),
             trainer: None,
+            triggered_by: None,
         },
     };
     Ok(Engine::new(store, counts, bindings, engine_settings))

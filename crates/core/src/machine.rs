@@ -436,6 +436,10 @@ pub struct RunManifest {
     /// the command line).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trainer: Option<String>,
+    /// Who started the cycle that created the run, when someone did
+    /// (`retrain-server`: the bearer token's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub triggered_by: Option<String>,
 }
 
 /// A human decision on a candidate (`retrain approve` / `retrain reject`).

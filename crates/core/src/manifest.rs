@@ -96,6 +96,9 @@ impl ManifestDocument {
         if let Some(trainer) = &env.trainer {
             out.push_str(&format!("- trainer: `{trainer}`\n"));
         }
+        if let Some(by) = &env.triggered_by {
+            out.push_str(&format!("- triggered by: `{by}`\n"));
+        }
         if let Some(d) = &self.dataset {
             out.push_str(&format!(
                 "- dataset: `{}` `{}` ({} samples, metadata sha256 `{}`)\n",

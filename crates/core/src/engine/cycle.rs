@@ -48,19 +48,21 @@ impl Engine {
         request: CycleRequest,
         cancel: CancellationToken,
     ) -> Result<CycleReport, EngineError> {
-        self.run_cycle_announced(request, cancel, None).await
+        self.run_cycle_announced(request, cancel, None, None).await
     }
 
     /// [`Engine::run_cycle`], sending each label's run id (or why it has
     /// none) to `started` as soon as phase one is over, while the runs go
-    /// on (see `started.rs`).
+    /// on (see `started.rs`). `triggered_by` is recorded in the manifest of
+    /// every run the cycle creates.
     pub async fn run_cycle_announcing(
         &self,
         request: CycleRequest,
         cancel: CancellationToken,
         started: tokio::sync::oneshot::Sender<CycleStarted>,
+        triggered_by: Option<String>,
     ) -> Result<CycleReport, EngineError> {
-        self.run_cycle_announced(request, cancel, Some(started))
+        self.run_cycle_announced(request, cancel, Some(started), triggered_by)
             .await
     }
 
@@ -69,11 +71,15 @@ impl Engine {
         request: CycleRequest,
         cancel: CancellationToken,
         started: Announce,
+        triggered_by: Option<String>,
     ) -> Result<CycleReport, EngineError> {
         let labels = self.select_labels(&request)?;
         let cycle_id = CycleId::generate();
         let started_at = self.clock.now();
-        let shared = CycleShared::default();
+        let shared = CycleShared {
+            triggered_by,
+            ..CycleShared::default()
+        };
         let span = info_span!("run", run_id = %cycle_id, dry_run = request.dry_run);
         let parallel = self.settings.max_parallel_labels.max(1);
         let work = async {
@@ -180,6 +186,7 @@ impl Engine {
                     let mut run = LabelRun::new(RunId::generate(), cycle_id.clone(), plan, cursor);
                     run.manifest = self.settings.manifest.clone();
                     run.manifest.trainer = Some(binding.trainer.describe());
+                    run.manifest.triggered_by = shared.triggered_by.clone();
                     (run, false)
                 }
                 Err(e) => {

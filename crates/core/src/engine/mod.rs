@@ -311,6 +311,8 @@ type PrepareCell = Arc<OnceCell<Result<(), PortError>>>;
 struct CycleShared {
     counts: Mutex<HashMap<DateTime<Utc>, CountsCell>>,
     prepares: Mutex<HashMap<String, PrepareCell>>,
+    /// Recorded in the manifest of every run the cycle creates.
+    triggered_by: Option<String>,
 }
 
 impl CycleShared {

@@ -119,7 +119,8 @@ fn start_cycle(
     let dry_run = request.dry_run;
     state.work.spawn(async move {
         let (started_tx, mut started_rx) = oneshot::channel();
-        let cycle = engine.run_cycle_announcing(request, cancel, started_tx);
+        let cycle =
+            engine.run_cycle_announcing(request, cancel, started_tx, Some(caller.name.clone()));
         tokio::pin!(cycle);
         let (started, mut finished) = tokio::select! {
             biased;

@@ -90,6 +90,8 @@ async fn two_concurrent_triggers_drive_a_label_once() {
     // The run is listed, shown with its journal and manifest, and in Markdown.
     assert!(done["journal"].as_array().unwrap().len() > 3);
     assert_eq!(done["manifest"]["run_id"], run_id.as_str());
+    // The token's name is recorded as who triggered the run.
+    assert_eq!(done["manifest"]["environment"]["triggered_by"], "ci");
     let md = app
         .get(&format!("/v1/runs/{run_id}/report.md"), READER)
         .send()
@@ -102,6 +104,7 @@ async fn two_concurrent_triggers_drive_a_label_once() {
         .starts_with("text/markdown"));
     let md = md.text().await.unwrap();
     assert!(md.contains(&format!("# retrain run `{run_id}`")) && md.contains("## Journal"));
+    assert!(md.contains("- triggered by: `ci`"), "{md}");
     let listed: Value = app
         .get("/v1/runs?label=intent", READER)
         .send()
