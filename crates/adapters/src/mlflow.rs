@@ -504,6 +504,17 @@ impl MlflowRegistry {
         &self.settings.model
     }
 
+    /// The version number when `candidate_id` is `models:/<this model>/<N>`
+    /// (a version already registered, as MLflow webhooks announce them).
+    fn registered_version<'c>(&self, candidate_id: &'c str) -> Option<&'c str> {
+        let (name, number) = candidate_id
+            .trim()
+            .strip_prefix("models:/")?
+            .rsplit_once('/')?;
+        (name == self.model() && !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit()))
+            .then_some(number)
+    }
+
     /// Base API URL, with `{public_ip}`/`{private_ip}` filled from the lease.
     fn api_base(&self, lease: Option<&Lease>) -> Result<String, PortError> {
         let mut uri = self.settings.tracking_uri.clone();
@@ -1060,6 +1071,18 @@ fn display_uri(uri: &str) -> String {
     }
 }
 
+/// What a registered version is measured by: its LoggedModel (MLflow 3) or
+/// its run, like the candidate it was registered from.
+fn measured_by(version: &ModelVersion, what: &str) -> Result<CandidateRef, PortError> {
+    match version.logged_model() {
+        Some(model_id) => Ok(CandidateRef::LoggedModel(model_id)),
+        None if !version.run_id.is_empty() => Ok(CandidateRef::Run(version.run_id.clone())),
+        None => Err(PortError::InvalidResponse(format!(
+            "{what} has neither a run_id nor a logged model source, so its metrics cannot be read"
+        ))),
+    }
+}
+
 fn excerpt(body: &str) -> String {
     body.chars().take(300).collect()
 }
@@ -1076,17 +1099,7 @@ impl ModelRegistry for MlflowRegistry {
             self.model(),
             version.version
         );
-        // A version registered from a LoggedModel is measured like its
-        // candidate was: by the logged model's metrics.
-        let source = match version.logged_model() {
-            Some(model_id) => CandidateRef::LoggedModel(model_id),
-            None if !version.run_id.is_empty() => CandidateRef::Run(version.run_id.clone()),
-            None => {
-                return Err(PortError::InvalidResponse(format!(
-                    "{what} has neither a run_id nor a logged model source, so its metrics cannot be read"
-                )))
-            }
-        };
+        let source = measured_by(&version, &what)?;
         let metrics = self.metrics_of(&base, &source, &what).await?;
         Ok(Some(ProductionModel {
             version: version.version,
@@ -1101,6 +1114,14 @@ impl ModelRegistry for MlflowRegistry {
         lease: Option<Lease>,
     ) -> Result<Metrics, PortError> {
         let base = self.api_base(lease.as_ref())?;
+        if let Some(number) = self.registered_version(&candidate_id) {
+            // A version already registered (announced by an MLflow webhook):
+            // measured by its run or logged model, like production is.
+            let version = self.get_version(&base, number).await?;
+            let what = format!("MLflow model `{}` version {number}", self.model());
+            let source = measured_by(&version, &what)?;
+            return self.metrics_of(&base, &source, &what).await;
+        }
         let candidate = CandidateRef::parse(&candidate_id);
         let what = format!("MLflow candidate {}", candidate.describe());
         self.metrics_of(&base, &candidate, &what).await
@@ -1119,9 +1140,16 @@ impl ModelRegistry for MlflowRegistry {
             .await?
             .into_iter()
             .next();
-        let version = match existing {
-            Some(v) => v,
-            None => {
+        let version = match (existing, self.registered_version(&candidate.id)) {
+            (Some(v), _) => v,
+            // Already registered: promote that version itself (no copy), tagged
+            // with this run first so a retry finds it like one it created.
+            (None, Some(number)) => {
+                self.set_version_tag(&base, number, TAG_RUN_ID, run_id.as_str())
+                    .await?;
+                self.get_version(&base, number).await?
+            }
+            (None, None) => {
                 self.ensure_registered_model(&base).await?;
                 self.create_version_once(&base, &candidate, &run_id).await?
             }

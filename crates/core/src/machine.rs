@@ -320,6 +320,12 @@ pub enum Event {
         candidate: Candidate,
         production: Option<ProductionModel>,
         verdict: Verdict,
+        /// A registered candidate announced by the registry (an MLflow
+        /// webhook): a passed verdict goes on to promotion (or approval,
+        /// `promote = "manual"`) and the run is notified like a cycle's.
+        /// `false` (`retrain gate`): the verdict is only recorded.
+        #[serde(default)]
+        promote: bool,
     },
     /// The candidate of an `awaiting_approval` run was gated again against
     /// the current production (`retrain approve --regate`).
@@ -799,12 +805,33 @@ impl LabelRun {
                     candidate,
                     production,
                     verdict,
+                    promote,
                 },
             ) => {
                 self.started_at = Some(*now);
                 self.candidate = Some(candidate.clone());
                 self.baseline = production.clone();
                 self.verdict = Some(verdict.clone());
+                if *promote {
+                    // Nothing was trained on a dataset here either: the
+                    // cursor stays (`next_cursor` needs a dataset).
+                    if !verdict.passed {
+                        return Ok(self.conclude(Outcome::Rejected {
+                            reason: verdict.reason.clone(),
+                        }));
+                    }
+                    return Ok(match self.plan.promote {
+                        _ if self.plan.dry_run => self.conclude(Outcome::Passed),
+                        PromoteMode::Disabled => self.conclude(Outcome::Passed),
+                        PromoteMode::Manual => self.conclude(Outcome::AwaitingApproval),
+                        PromoteMode::Auto => {
+                            self.stage = S::Promoting;
+                            vec![Action::Promote {
+                                candidate: candidate.clone(),
+                            }]
+                        }
+                    });
+                }
                 self.outcome = Some(if verdict.passed {
                     Outcome::Passed
                 } else {
@@ -1661,11 +1688,67 @@ mod tests {
                 },
                 production: None,
                 verdict: verdict.forced(),
+                promote: false,
             })
             .unwrap();
         assert_eq!(actions, vec![Action::Commit { cursor: None }]);
         assert_eq!(r.outcome, Some(Outcome::Passed));
         assert!(r.verdict.as_ref().unwrap().forced);
+    }
+
+    /// A registered candidate (MLflow webhook) that passes is promoted
+    /// (auto), parked for approval (manual) or only passed (disabled); one
+    /// that fails is rejected; every path notifies and never moves the cursor.
+    #[test]
+    fn a_registered_candidate_is_gated_then_promoted_or_parked() {
+        let gated = |mode: PromoteMode, passed: bool| {
+            let mut p = plan(counts_trigger());
+            p.promote = mode;
+            let mut r = run(p);
+            let metrics = [("dice".to_string(), 0.9), ("iou".to_string(), 0.9)]
+                .into_iter()
+                .collect();
+            let mut verdict = crate::gate::evaluate(&GatePolicy::seed_default(), &metrics, None);
+            verdict.passed = passed;
+            let candidate = Candidate {
+                id: "models:/seg/3".into(),
+                metrics,
+            };
+            let actions = r
+                .step(&Event::GateEvaluated {
+                    now: now(0),
+                    candidate: candidate.clone(),
+                    production: None,
+                    verdict,
+                    promote: true,
+                })
+                .unwrap();
+            (r, actions, candidate)
+        };
+        let (mut r, actions, candidate) = gated(PromoteMode::Auto, true);
+        assert_eq!(actions, vec![Action::Promote { candidate }]);
+        assert_eq!(r.stage, Stage::Promoting);
+        let actions = r
+            .step(&Event::Promoted {
+                version: PromotedVersion {
+                    version: "3".into(),
+                    previous: Some("2".into()),
+                },
+            })
+            .unwrap();
+        assert_eq!(actions, vec![Action::Notify]);
+        r.step(&Event::Notified { error: None }).unwrap();
+        assert_eq!(r.pending, vec![Action::Commit { cursor: None }]);
+
+        for (mode, passed, outcome) in [
+            (PromoteMode::Manual, true, "awaiting_approval"),
+            (PromoteMode::Disabled, true, "passed"),
+            (PromoteMode::Auto, false, "rejected"),
+        ] {
+            let (r, actions, _) = gated(mode, passed);
+            assert_eq!(actions, vec![Action::Notify], "{mode:?}");
+            assert_eq!(r.outcome.as_ref().map(Outcome::short), Some(outcome));
+        }
     }
 
     /// Drive a fresh run of `plan` over threshold to its first poll after

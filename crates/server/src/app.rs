@@ -7,14 +7,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use retrain_adapters::settings::LoadedSettings;
-use retrain_adapters::store::JournalWatch;
+use retrain_adapters::store::{JournalWatch, StoreOptions};
 use retrain_adapters::wiring;
 use retrain_core::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Tokens;
+use crate::metrics::Metrics;
 use crate::routes;
+use crate::schedule::{Schedule, ScheduleError};
 use crate::state::AppState;
+use crate::webhooks::{self, effects::EngineEffects};
 
 /// How the server was asked to run (command-line flags).
 #[derive(Debug, Clone, Copy, Default)]
@@ -54,7 +57,8 @@ pub struct Application {
     addr: SocketAddr,
     state: AppState,
     shutdown_timeout: Duration,
-    /// Routes mounted beside the API's (webhooks, metrics).
+    schedule: Option<Schedule>,
+    /// Routes mounted beside the API's.
     extra: Vec<axum::Router<AppState>>,
 }
 
@@ -85,9 +89,29 @@ impl Application {
             }
             Tokens::new(&server.tokens)
         };
-        let store = wiring::open_store(&loaded.settings, true)
-            .await
-            .map_err(|e| StartupError::Store(format!("opening the run store: {e}")))?;
+        let schedule = server
+            .schedule
+            .as_ref()
+            .map(|s| {
+                Schedule::parse(&s.cron, Some(&s.timezone), s.jitter).map_err(|e| {
+                    let key = match e {
+                        ScheduleError::Cron { .. } => "server.schedule.cron",
+                        ScheduleError::TimeZone(_) => "server.schedule.timezone",
+                    };
+                    StartupError::Config(format!("key `{key}`: {e}"))
+                })
+            })
+            .transpose()?;
+        let stores = retrain_adapters::store::open_stores(
+            secrecy::ExposeSecret::expose_secret(&loaded.settings.state),
+            StoreOptions {
+                migrate: true,
+                read_only: false,
+            },
+        )
+        .await
+        .map_err(|e| StartupError::Store(format!("opening the run store: {e}")))?;
+        let store = stores.runs;
         let journal =
             JournalWatch::open(secrecy::ExposeSecret::expose_secret(&loaded.settings.state))
                 .await
@@ -105,17 +129,21 @@ impl Application {
         let state = AppState {
             engine: Arc::new(engine),
             store,
+            webhook_targets: Arc::new(webhooks::targets(&loaded.settings)),
             settings: Arc::new(loaded.settings),
             tokens: Arc::new(tokens),
             journal: Arc::new(journal),
             shutdown: CancellationToken::new(),
             work: TaskTracker::new(),
+            deliveries: stores.deliveries,
+            metrics: Arc::new(Metrics::new()),
         };
         Ok(Self {
             listener,
             addr,
             state,
             shutdown_timeout,
+            schedule,
             extra: Vec::new(),
         })
     }
@@ -149,11 +177,24 @@ impl Application {
             listener,
             state,
             shutdown_timeout,
+            schedule,
             extra,
             ..
         } = self;
         let shutdown = state.shutdown.clone();
         let work = state.work.clone();
+        if let Some(schedule) = schedule {
+            tracing::info!(schedule = schedule.expression(), "schedule on");
+            let effects = Arc::new(EngineEffects::new(state.clone(), state.metrics.clone()));
+            work.spawn(crate::schedule::run(
+                schedule,
+                state.deliveries.clone(),
+                effects,
+                Arc::new(retrain_core::engine::TokioClock::new()),
+                Some(state.metrics.clone()),
+                shutdown.clone(),
+            ));
+        }
         let app = routes::router_with(state, extra);
         let stopping = shutdown.clone();
         let serve = axum::serve(listener, app).with_graceful_shutdown(async move {

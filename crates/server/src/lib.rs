@@ -16,7 +16,10 @@ pub mod app;
 pub mod auth;
 pub mod error;
 pub mod logging;
+pub mod metrics;
 pub mod routes;
+pub mod schedule;
 pub mod state;
+pub mod webhooks;
 
 pub use app::{Application, ServeOptions, StartupError};

@@ -3,13 +3,15 @@
 use std::sync::Arc;
 
 use retrain_adapters::settings::Settings;
-use retrain_adapters::store::JournalWatch;
+use retrain_adapters::store::{DeliveryLog, JournalWatch};
 use retrain_core::engine::Engine;
 use retrain_core::ports::RunStore;
 use retrain_core::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Tokens;
+use crate::metrics::Metrics;
+use crate::webhooks::LabelTarget;
 
 /// Shared state of the server (cheap to clone).
 #[derive(Clone)]
@@ -29,6 +31,11 @@ pub struct AppState {
     /// tasks of their own so that a client hanging up or a request timeout
     /// never drops an engine future half-way.
     pub work: TaskTracker,
+    /// Every webhook delivery and schedule tick, with its outcome.
+    pub deliveries: Arc<dyn DeliveryLog>,
+    pub metrics: Arc<Metrics>,
+    /// What the webhooks know of each label (from the settings).
+    pub webhook_targets: Arc<Vec<LabelTarget>>,
 }
 
 impl std::fmt::Debug for AppState {

@@ -4,6 +4,7 @@
 //! from (file or env var), the key, and what was expected.
 
 mod duration;
+mod github_trigger;
 mod paths;
 mod seed_env;
 mod server;
@@ -20,6 +21,8 @@ use retrain_core::machine::PromoteMode;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::Value;
+
+pub use github_trigger::GithubTrigger;
 
 pub use duration::{format_duration, parse_duration, HumanDuration};
 pub use seed_env::SeedEnv;
@@ -287,6 +290,7 @@ struct RawLabel {
     poll_timeout: Option<HumanDuration>,
     approval_expires: Option<HumanDuration>,
     dataset_check: Option<Value>,
+    github_trigger: Option<github_trigger::RawGithubTrigger>,
 }
 
 fn default_attempts() -> u32 {
@@ -473,6 +477,8 @@ pub struct LabelSettings {
     /// The data gate run on every accepted dataset version before the lease
     /// and the training (its `timeout` always set).
     pub dataset_check: Option<CommandConfig>,
+    /// Start this label's cycle on a GitHub push (`retrain-server`).
+    pub github_trigger: Option<GithubTrigger>,
 }
 
 /// Default `timeout` of a `dataset_check` command.
@@ -896,6 +902,10 @@ fn validate(
                 wait_running.map(|w| w + Duration::from_secs(60))
             }
         };
+        let github_trigger = label_raw
+            .github_trigger
+            .map(|t| t.validate().map_err(|e| err(&key("github_trigger"), e)))
+            .transpose()?;
         let train_timeout = label_raw
             .train_timeout
             .map(|d| d.0)
@@ -926,6 +936,7 @@ fn validate(
                 poll_timeout: label_raw.poll_timeout.map(|d| d.0).unwrap_or(poll.timeout),
                 approval_expires,
                 dataset_check,
+                github_trigger,
             },
         );
     }

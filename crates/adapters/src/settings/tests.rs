@@ -416,6 +416,45 @@ fn approval_expires_and_dataset_check_parse_with_defaults_and_errors_name_the_ke
     }
 }
 
+#[test]
+fn github_triggers_are_validated_and_named_in_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let base =
+        "[labels.a]\nthreshold = 3\nmetadata = \"file://m.json\"\ntrainer = \"command:true\"\n";
+    let file = write(
+        &dir,
+        &format!("{base}github_trigger = {{ repo = \"org/data\", branch = \"main\", paths = [\"data/\"] }}\n"),
+    );
+    let loaded = load(&sources(Some(file), &[])).unwrap();
+    let trigger = loaded.settings.labels[&Label::new("a").unwrap()]
+        .github_trigger
+        .clone()
+        .unwrap();
+    assert_eq!(trigger.repo, "org/data");
+    assert_eq!(trigger.branch, "main");
+    assert_eq!(trigger.paths, vec!["data/"]);
+
+    for (bad, expected) in [
+        ("{ repo = \"org\", branch = \"main\" }", "is not owner/name"),
+        (
+            "{ repo = \"org/data\", branch = \"a b\" }",
+            "is not a git branch name",
+        ),
+        ("{ repo = \"org/data\" }", "branch"),
+        (
+            "{ repo = \"org/data\", branch = \"main\", path = [] }",
+            "path",
+        ),
+    ] {
+        let file = write(&dir, &format!("{base}github_trigger = {bad}\n"));
+        let e = load(&sources(Some(file), &[])).unwrap_err();
+        assert!(
+            e.to_string().contains("labels.a.github_trigger") && e.to_string().contains(expected),
+            "{bad}: {e}"
+        );
+    }
+}
+
 const SERVER_TOKEN: &str = "0123456789abcdef0123";
 
 #[test]

@@ -23,6 +23,7 @@
 //! "held until expiry" for a holder that crashed mid-run.
 
 mod backend;
+mod deliveries;
 mod locks;
 mod postgres;
 mod sqlite;
@@ -51,6 +52,8 @@ use backend::{
 use postgres::PostgresRunStore;
 use sqlite::SqliteRunStore;
 pub use watch::{JournalWaker, JournalWatch};
+
+pub use deliveries::{Delivery, DeliveryLog, DeliveryQuery, NewDelivery, Recorded};
 
 /// The config key the store URL comes from (named in errors).
 const KEY: &str = "state";
@@ -82,12 +85,40 @@ pub async fn open_run_store(
     url: &str,
     options: StoreOptions,
 ) -> Result<Arc<dyn RunStore>, AdapterError> {
+    Ok(open_stores(url, options).await?.runs)
+}
+
+/// The run store and the server's delivery log, over one pool.
+#[derive(Clone)]
+pub struct Stores {
+    pub runs: Arc<dyn RunStore>,
+    pub deliveries: Arc<dyn DeliveryLog>,
+}
+
+impl std::fmt::Debug for Stores {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stores").finish_non_exhaustive()
+    }
+}
+
+impl Stores {
+    fn of<B: Backend>(store: SqlRunStore<B>) -> Self {
+        let store = Arc::new(store);
+        Self {
+            runs: store.clone(),
+            deliveries: store,
+        }
+    }
+}
+
+/// Open the store at `url` as [`open_run_store`] does, with its delivery log.
+pub async fn open_stores(url: &str, options: StoreOptions) -> Result<Stores, AdapterError> {
     let url = DbUrl::parse(KEY, url)?;
     match &url {
-        DbUrl::SqliteFile(_) | DbUrl::SqliteMemory => Ok(Arc::new(SqlRunStore(
+        DbUrl::SqliteFile(_) | DbUrl::SqliteMemory => Ok(Stores::of(SqlRunStore(
             SqliteRunStore::open(url.clone(), options).await?,
         ))),
-        DbUrl::Postgres(_) => Ok(Arc::new(SqlRunStore(
+        DbUrl::Postgres(_) => Ok(Stores::of(SqlRunStore(
             PostgresRunStore::open(url.clone(), options).await?,
         ))),
     }
@@ -414,6 +445,11 @@ const SQLITE_MIGRATIONS: Embedded = Embedded(&[
         "journal positions and idempotency keys",
         include_str!("../../migrations/sqlite/0008_journal_positions.sql"),
     ),
+    (
+        9,
+        "webhook deliveries",
+        include_str!("../../migrations/sqlite/0009_webhook_deliveries.sql"),
+    ),
 ]);
 
 const POSTGRES_MIGRATIONS: Embedded = Embedded(&[
@@ -441,6 +477,11 @@ const POSTGRES_MIGRATIONS: Embedded = Embedded(&[
         7,
         "journal positions and idempotency keys",
         include_str!("../../migrations/postgres/0007_journal_positions.sql"),
+    ),
+    (
+        8,
+        "webhook deliveries",
+        include_str!("../../migrations/postgres/0008_webhook_deliveries.sql"),
     ),
 ]);
 

@@ -1139,3 +1139,59 @@ async fn real_server_stage_mode_rollback_transitions_back_and_archives() {
         .unwrap();
     assert_eq!(again, back);
 }
+
+/// A version registered outside retrain (announced by an MLflow webhook) is
+/// named `models:/<model>/<N>`: measured by its run, and promoted as is
+/// (the alias moves to *that* version; no copy is registered), once per
+/// retrain run.
+#[tokio::test]
+async fn real_server_promotes_an_already_registered_version_itself() {
+    let Some(url) = service_url("RETRAIN_TEST_MLFLOW_URL") else {
+        return;
+    };
+    let mlflow = Mlflow::new(&url).await;
+    let model = unique("registered");
+    let registry = MlflowRegistry::new(settings(&url, &model, RegistryMode::Alias)).unwrap();
+    let run_a = mlflow.run_with(&[("dice", 0.80)]).await;
+    registry
+        .promote(candidate(&run_a, &[]), RunId::generate(), None)
+        .await
+        .unwrap();
+
+    // Someone registers version 2 from a better run.
+    let run_b = mlflow.run_with(&[("dice", 0.90)]).await;
+    mlflow
+        .post(
+            "model-versions/create",
+            json!({"name": model, "source": format!("runs:/{run_b}/model"), "run_id": run_b}),
+        )
+        .await;
+    let id = format!("models:/{model}/2");
+    let metrics = registry.candidate_metrics(id.clone(), None).await.unwrap();
+    assert_eq!(metrics["dice"], 0.90);
+
+    let retrain_run = RunId::generate();
+    let promoted = registry
+        .promote(candidate(&id, &[]), retrain_run.clone(), None)
+        .await
+        .unwrap();
+    assert_eq!(promoted.version, "2");
+    assert_eq!(promoted.previous.as_deref(), Some("1"));
+    assert_eq!(
+        mlflow.version(&model, "2").await["aliases"],
+        json!(["production"])
+    );
+    assert_eq!(mlflow.versions(&model).await.len(), 2, "no copy registered");
+    let again = registry
+        .promote(candidate(&id, &[]), retrain_run, None)
+        .await
+        .unwrap();
+    assert_eq!(again, promoted);
+    assert_eq!(mlflow.versions(&model).await.len(), 2);
+
+    // A version of another model, or not a number, is not taken for one.
+    let other = registry
+        .candidate_metrics(format!("models:/{model}-other/2"), None)
+        .await;
+    assert!(other.is_err(), "{other:?}");
+}

@@ -1384,3 +1384,226 @@ async fn two_processes_opening_a_fresh_sqlite_file_both_succeed() {
         LockOutcome::Busy { .. }
     ));
 }
+
+// ---- The server's delivery log (same store, table `webhook_deliveries`) ----
+
+mod deliveries {
+    use std::sync::Arc;
+
+    use chrono::{Duration as Span, SubsecRound, Utc};
+    use retrain_adapters::store::{
+        open_stores, DeliveryLog, DeliveryQuery, NewDelivery, Recorded, StoreOptions,
+    };
+
+    fn delivery(source: &str, id: Option<&str>, claim: bool, outcome: &str) -> NewDelivery {
+        NewDelivery {
+            source: source.into(),
+            delivery_id: id.map(str::to_owned),
+            claim,
+            outcome: outcome.into(),
+            status: if claim { 202 } else { 401 },
+            detail: Some(format!("{outcome} detail")),
+            received_at: Utc::now().trunc_subsecs(6),
+        }
+    }
+
+    fn seq(recorded: Recorded) -> i64 {
+        match recorded {
+            Recorded::Recorded { seq } => seq,
+            Recorded::AlreadyClaimed => panic!("expected the delivery to be recorded"),
+        }
+    }
+
+    /// Every delivery is logged, newest first, filtered by source and paged
+    /// by `seq`; settling sets the final outcome.
+    pub async fn deliveries_are_logged_newest_first_and_paged(log: Arc<dyn DeliveryLog>) {
+        let first = delivery("github", Some("g-1"), true, "accepted");
+        let a = seq(log.record(&first).await.unwrap());
+        let b = seq(log
+            .record(&delivery("mlflow", Some("m-1"), false, "bad_signature"))
+            .await
+            .unwrap());
+        let c = seq(log
+            .record(&delivery("huggingface", None, false, "missing_header"))
+            .await
+            .unwrap());
+        assert!(a < b && b < c, "{a} {b} {c}");
+        log.settle(a, "started", 202, Some("started dept"), true)
+            .await
+            .unwrap();
+
+        let all = log
+            .list(&DeliveryQuery {
+                source: None,
+                before: None,
+                limit: 10,
+            })
+            .await
+            .unwrap();
+        assert_eq!(all.iter().map(|d| d.seq).collect::<Vec<_>>(), vec![c, b, a]);
+        let settled = &all[2];
+        assert_eq!(settled.source, "github");
+        assert_eq!(settled.delivery_id.as_deref(), Some("g-1"));
+        assert!(settled.claimed);
+        assert_eq!(settled.outcome, "started");
+        assert_eq!(settled.status, 202);
+        assert_eq!(settled.detail.as_deref(), Some("started dept"));
+        assert_eq!(settled.received_at, first.received_at);
+        assert_eq!(all[0].delivery_id, None);
+
+        let page = log
+            .list(&DeliveryQuery {
+                source: None,
+                before: Some(c),
+                limit: 1,
+            })
+            .await
+            .unwrap();
+        assert_eq!(page.iter().map(|d| d.seq).collect::<Vec<_>>(), vec![b]);
+        let mlflow = log
+            .list(&DeliveryQuery {
+                source: Some("mlflow".into()),
+                before: None,
+                limit: 10,
+            })
+            .await
+            .unwrap();
+        assert_eq!(mlflow.len(), 1);
+        assert_eq!(mlflow[0].outcome, "bad_signature");
+        assert!(!mlflow[0].claimed);
+
+        let missing = log.settle(c + 1000, "x", 200, None, true).await;
+        assert!(missing.is_err(), "settling an unknown delivery must fail");
+        // Claiming needs an id.
+        assert!(log
+            .record(&delivery("github", None, true, "accepted"))
+            .await
+            .is_err());
+    }
+
+    /// A delivery id is claimed once across every handle on the store (two
+    /// replicas), whoever races; unclaimed records of the same id are still
+    /// logged; a claim given up can be taken again.
+    pub async fn a_delivery_id_is_claimed_once_across_replicas(
+        one: Arc<dyn DeliveryLog>,
+        two: Arc<dyn DeliveryLog>,
+    ) {
+        let mut racers = Vec::new();
+        for i in 0..8 {
+            let log = if i % 2 == 0 { one.clone() } else { two.clone() };
+            racers.push(tokio::spawn(async move {
+                log.record(&delivery("mlflow", Some("d-1"), true, "accepted"))
+                    .await
+                    .unwrap()
+            }));
+        }
+        let mut won = Vec::new();
+        for racer in racers {
+            if let Recorded::Recorded { seq } = racer.await.unwrap() {
+                won.push(seq);
+            }
+        }
+        assert_eq!(won.len(), 1, "exactly one claim of d-1 wins: {won:?}");
+        // The replay itself is logged, unclaimed.
+        seq(two
+            .record(&delivery("mlflow", Some("d-1"), false, "replayed_delivery"))
+            .await
+            .unwrap());
+        // Same id from another source is another delivery.
+        seq(one
+            .record(&delivery("github", Some("d-1"), true, "accepted"))
+            .await
+            .unwrap());
+        // The action failed transiently: the claim is given up, a retry acts.
+        one.settle(won[0], "unavailable", 503, None, false)
+            .await
+            .unwrap();
+        let retry = seq(two
+            .record(&delivery("mlflow", Some("d-1"), true, "accepted"))
+            .await
+            .unwrap());
+        assert_eq!(
+            two.record(&delivery("mlflow", Some("d-1"), true, "accepted"))
+                .await
+                .unwrap(),
+            Recorded::AlreadyClaimed
+        );
+        let last = one.last_claimed("mlflow").await.unwrap().unwrap();
+        assert_eq!(last.seq, retry);
+        assert_eq!(one.last_claimed("schedule").await.unwrap(), None);
+    }
+
+    /// The schedule keeps its last fired tick as the newest claim.
+    pub async fn the_last_claimed_tick_is_the_newest(log: Arc<dyn DeliveryLog>) {
+        let base = Utc::now().trunc_subsecs(0);
+        for minutes in [0, 5, 10] {
+            let tick = (base + Span::minutes(minutes)).to_rfc3339();
+            let mut d = delivery("schedule", Some(&tick), true, "fired");
+            d.status = 0;
+            seq(log.record(&d).await.unwrap());
+        }
+        let last = log.last_claimed("schedule").await.unwrap().unwrap();
+        assert_eq!(
+            last.delivery_id.as_deref(),
+            Some((base + Span::minutes(10)).to_rfc3339().as_str())
+        );
+        assert_eq!(last.status, 0);
+    }
+
+    async fn sqlite_pair() -> (
+        tempfile::TempDir,
+        Arc<dyn DeliveryLog>,
+        Arc<dyn DeliveryLog>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/state.db", dir.path().display());
+        let one = open_stores(&url, StoreOptions::default()).await.unwrap();
+        let two = open_stores(&url, StoreOptions::default()).await.unwrap();
+        (dir, one.deliveries, two.deliveries)
+    }
+
+    async fn postgres_pair() -> Option<(Arc<dyn DeliveryLog>, Arc<dyn DeliveryLog>)> {
+        let url = crate::pg::fresh_database().await?;
+        let one = open_stores(&url, StoreOptions::default()).await.unwrap();
+        let two = open_stores(&url, StoreOptions::default()).await.unwrap();
+        Some((one.deliveries, two.deliveries))
+    }
+
+    macro_rules! delivery_contract {
+        ($($name:ident),* $(,)?) => {
+            mod sqlite {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $name() {
+                        let (_dir, one, _two) = super::sqlite_pair().await;
+                        super::$name(one).await;
+                    }
+                )*
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn a_delivery_id_is_claimed_once_across_replicas() {
+                    let (_dir, one, two) = super::sqlite_pair().await;
+                    super::a_delivery_id_is_claimed_once_across_replicas(one, two).await;
+                }
+            }
+            mod postgres {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $name() {
+                        let Some((one, _two)) = super::postgres_pair().await else { return };
+                        super::$name(one).await;
+                    }
+                )*
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn a_delivery_id_is_claimed_once_across_replicas() {
+                    let Some((one, two)) = super::postgres_pair().await else { return };
+                    super::a_delivery_id_is_claimed_once_across_replicas(one, two).await;
+                }
+            }
+        };
+    }
+
+    delivery_contract!(
+        deliveries_are_logged_newest_first_and_paged,
+        the_last_claimed_tick_is_the_newest,
+    );
+}

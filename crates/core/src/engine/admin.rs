@@ -8,6 +8,7 @@ use super::{Engine, EngineError};
 use crate::domain::{Candidate, CycleId, Label, Lease, RunId};
 use crate::gate::Verdict;
 use crate::machine::{Event, LabelRun};
+use crate::report::LabelReport;
 
 impl Engine {
     /// Stop leases that outlived their `max` or whose run is no longer driven
@@ -49,6 +50,40 @@ impl Engine {
         force: bool,
         record: bool,
     ) -> Result<GateOutcome, EngineError> {
+        self.gate(label, candidate_id, force, record, false)
+            .await
+            .map(|(outcome, _)| outcome)
+    }
+
+    /// A candidate the registry announced (an MLflow `model_version.created`
+    /// webhook: `candidate_id` names that version): gated against
+    /// production like [`Engine::gate_candidate`], journaled as a run of its
+    /// own, and, if it passed, promoted in that run (or parked for approval
+    /// with `promote = "manual"`); the run is notified like a cycle's. The
+    /// registry's promotion is idempotent per run id, so a crash mid-way is
+    /// finished by the next cycle, which resumes the run.
+    pub async fn gate_and_promote(
+        &self,
+        label: &Label,
+        candidate_id: &str,
+    ) -> Result<(GateOutcome, LabelReport), EngineError> {
+        let (outcome, report) = self.gate(label, candidate_id, false, true, true).await?;
+        let report = report.ok_or_else(|| {
+            EngineError::Port(crate::ports::PortError::InvalidResponse(
+                "the gated candidate's run was not driven".into(),
+            ))
+        })?;
+        Ok((outcome, *report))
+    }
+
+    async fn gate(
+        &self,
+        label: &Label,
+        candidate_id: &str,
+        force: bool,
+        record: bool,
+        promote: bool,
+    ) -> Result<(GateOutcome, Option<Box<LabelReport>>), EngineError> {
         let binding = self.labels.get(label).ok_or_else(|| self.unknown(label))?;
         let policy = binding
             .plan
@@ -72,7 +107,7 @@ impl Engine {
             id: candidate_id.to_owned(),
             metrics,
         };
-        let run_id = if record {
+        let (run_id, report) = if record {
             let cursor = self.store.cursor(label).await?;
             let mut run = LabelRun::new(
                 RunId::generate(),
@@ -86,34 +121,48 @@ impl Engine {
                 candidate: candidate.clone(),
                 production: production.clone(),
                 verdict: verdict.clone(),
+                promote,
             };
             // Journaled under the label's lock like every run, so the write is
             // fenced; a label being driven right now is reported busy.
-            let fence = match self.acquire(label).await? {
-                Acquired::Held(fence, _) => fence,
+            let (fence, lost) = match self.acquire(label).await? {
+                Acquired::Held(fence, lost) => (fence, lost),
                 Acquired::Busy(owner) => return Err(EngineError::Busy(label.clone(), owner)),
             };
+            let run_id = run.run_id.clone();
             let recorded = async {
-                self.apply(&mut run, event, Some(&fence)).await?;
+                let actions = self.apply(&mut run, event, Some(&fence)).await?;
+                if promote {
+                    return self
+                        .drive_decided(binding, run, actions, &fence, lost)
+                        .await
+                        .map(|driven| match driven {
+                            super::DecisionOutcome::Applied(report) => Some(report),
+                            super::DecisionOutcome::AlreadyApproved { .. } => None,
+                        });
+                }
                 let from = run.stage;
                 let _ = run.step(&Event::Committed);
                 self.store
                     .finish(&self.transition(&run, from, Event::Committed), None, &fence)
-                    .await
+                    .await?;
+                Ok(None)
             }
             .await;
             self.unlock(label).await;
-            recorded?;
-            Some(run.run_id)
+            (Some(run_id), recorded?)
         } else {
-            None
+            (None, None)
         };
-        Ok(GateOutcome {
-            candidate,
-            production,
-            verdict,
-            run_id,
-        })
+        Ok((
+            GateOutcome {
+                candidate,
+                production,
+                verdict,
+                run_id,
+            },
+            report,
+        ))
     }
 }
 

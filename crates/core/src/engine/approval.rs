@@ -270,7 +270,7 @@ impl Engine {
         }
     }
 
-    async fn drive_decided(
+    pub(super) async fn drive_decided(
         &self,
         binding: &super::LabelBinding,
         run: LabelRun,

@@ -43,6 +43,21 @@ struct Held {
 #[derive(Debug, Default)]
 pub(super) struct HeldLocks {
     inner: Mutex<HashMap<Label, Held>>,
+    /// Labels whose store lock is being taken right now: reserved before
+    /// the store call, so two triggers of one process racing for a label
+    /// cannot both reach `try_lock` (the store lets an owner re-acquire its
+    /// own lock, which would fence the first one out).
+    acquiring: Mutex<std::collections::HashSet<Label>>,
+}
+
+/// Removes a reservation of [`HeldLocks::reserve`] when dropped.
+struct Reservation<'a>(&'a HeldLocks, Label);
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let mut acquiring = self.0.acquiring.lock().unwrap_or_else(|e| e.into_inner());
+        acquiring.remove(&self.1);
+    }
 }
 
 /// What `Engine::acquire` found.
@@ -58,6 +73,16 @@ impl HeldLocks {
 
     pub(super) fn holds(&self, label: &Label) -> bool {
         self.map().contains_key(label)
+    }
+
+    /// Reserve `label` for one acquisition; `None` if this engine holds it
+    /// or another trigger is acquiring it.
+    fn reserve(&self, label: &Label) -> Option<Reservation<'_>> {
+        let mut acquiring = self.acquiring.lock().unwrap_or_else(|e| e.into_inner());
+        if self.holds(label) || !acquiring.insert(label.clone()) {
+            return None;
+        }
+        Some(Reservation(self, label.clone()))
     }
 
     fn insert(&self, label: Label, fence: Fence, valid_until: Instant) -> CancellationToken {
@@ -140,12 +165,12 @@ impl HeldLocks {
 impl Engine {
     /// Take `label`'s lock and register it with the heartbeat.
     pub(super) async fn acquire(&self, label: &Label) -> Result<Acquired, StoreError> {
-        if self.locks.holds(label) {
+        let Some(_reserved) = self.locks.reserve(label) else {
             return Ok(Acquired::Busy(format!(
                 "{} (this process, another trigger)",
                 self.settings.owner
             )));
-        }
+        };
         let sent = Instant::now();
         match self
             .store

@@ -347,3 +347,74 @@ async fn a_newer_waiting_candidate_supersedes_the_older_one_which_can_never_be_a
         "v3"
     );
 }
+
+/// A registry-announced candidate (MLflow webhook): a better one is gated,
+/// journaled as a run, promoted once and notified; a worse one is rejected
+/// and production is unchanged; with `promote = "manual"` it waits for an
+/// approval that then promotes it. No cursor moves (nothing was trained).
+#[tokio::test(start_paused = true)]
+async fn a_registered_candidate_is_gated_then_promoted_or_rejected() {
+    let world = World::new();
+    let store = MemStore::new();
+    let engine = engine(
+        &store,
+        &world,
+        vec![binding(&world, plan("department"), prepare(&world))],
+    );
+    let label = retrain_core::domain::Label::new("department").unwrap();
+
+    let (outcome, report) = engine
+        .gate_and_promote(&label, "models:/seg/1")
+        .await
+        .unwrap();
+    assert!(outcome.verdict.passed, "{outcome:?}");
+    assert_eq!(report.status, LabelStatus::Promoted, "{report:?}");
+    assert_eq!(get(&world.counters.promotes), 1);
+    assert_eq!(get(&world.counters.notifies), 1);
+    let run_id = outcome.run_id.clone().unwrap();
+    assert_eq!(world.production.lock().unwrap().as_ref().unwrap().2, run_id);
+    assert_eq!(store.run_snapshot(&run_id).stage, Stage::Done);
+    assert_eq!(store.cursor_of("department").consumed_version, None);
+
+    // Worse than production now: rejected, production unchanged.
+    *world.candidate_metrics.lock().unwrap() =
+        [("dice".to_string(), 0.1), ("iou".to_string(), 0.1)]
+            .into_iter()
+            .collect();
+    let (outcome, report) = engine
+        .gate_and_promote(&label, "models:/seg/2")
+        .await
+        .unwrap();
+    assert!(!outcome.verdict.passed);
+    assert_eq!(report.status, LabelStatus::Rejected, "{report:?}");
+    assert_eq!(get(&world.counters.promotes), 1);
+    assert_eq!(world.production.lock().unwrap().as_ref().unwrap().2, run_id);
+
+    // A label being driven is reported busy, nothing journaled.
+    store.hold_lock("department", "other-replica");
+    let busy = engine.gate_and_promote(&label, "models:/seg/3").await;
+    assert!(matches!(busy, Err(EngineError::Busy(..))), "{busy:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_registered_candidate_waits_for_approval_in_manual_mode() {
+    let world = World::new();
+    let store = MemStore::new();
+    let engine = engine(&store, &world, vec![manual(&world)]);
+    let label = retrain_core::domain::Label::new("department").unwrap();
+    let (outcome, report) = engine
+        .gate_and_promote(&label, "models:/seg/1")
+        .await
+        .unwrap();
+    assert_eq!(report.status, LabelStatus::AwaitingApproval, "{report:?}");
+    assert_eq!(get(&world.counters.promotes), 0);
+    let run_id = outcome.run_id.unwrap();
+    let approved = applied(
+        engine
+            .decide(&run_id, APPROVE, "alice", None)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(approved.status, LabelStatus::Promoted);
+    assert_eq!(get(&world.counters.promotes), 1);
+}

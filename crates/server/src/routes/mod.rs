@@ -23,6 +23,7 @@ use tower_http::timeout::TimeoutLayer;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::state::AppState;
+use crate::webhooks::routes as hooks;
 
 /// Every route of the server.
 pub fn router(state: AppState) -> Router {
@@ -38,6 +39,11 @@ pub fn router_with(state: AppState, extra: Vec<Router<AppState>>) -> Router {
     extra
         .into_iter()
         .fold(api(), Router::merge)
+        // Matched routes only (the route template is the metric's label).
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            hooks::count_requests,
+        ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
@@ -61,6 +67,7 @@ fn api() -> Router<AppState> {
         .route("/v1/runs/{id}/reject", post(runs::reject))
         .route("/v1/labels", get(labels::list))
         .route("/v1/events", get(events::stream))
+        .merge(hooks::router())
 }
 
 async fn not_found() -> ApiError {

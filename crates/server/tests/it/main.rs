@@ -5,3 +5,4 @@ mod api;
 mod process;
 mod replicas;
 mod support;
+mod webhooks;
