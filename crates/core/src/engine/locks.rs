@@ -15,10 +15,13 @@
 //!    holder paused between `check` and its write cannot write after losing
 //!    the lock.
 //! 5. One engine never drives a label twice at once: a label already held
-//!    here is reported busy rather than re-acquired (a re-acquisition by
-//!    the same owner would bump the token and fence out the first driver).
+//!    here, or whose lock another task of this engine is taking right now,
+//!    is reported busy rather than re-acquired (a re-acquisition by the
+//!    same owner would bump the token and fence out the first driver). The
+//!    check and the reservation are one step under the table's mutex, so two
+//!    concurrent triggers of one label in one process cannot both pass it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -43,6 +46,26 @@ struct Held {
 #[derive(Debug, Default)]
 pub(super) struct HeldLocks {
     inner: Mutex<HashMap<Label, Held>>,
+    /// Labels whose lock a task of this engine is taking (store call in
+    /// flight); always locked *after* `inner`.
+    acquiring: Mutex<HashSet<Label>>,
+}
+
+/// A reservation of a label while its lock is being taken; dropped (also
+/// when the acquiring future is dropped) it frees the label again.
+struct Acquiring<'a> {
+    locks: &'a HeldLocks,
+    label: Label,
+}
+
+impl Drop for Acquiring<'_> {
+    fn drop(&mut self) {
+        self.locks
+            .acquiring
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.label);
+    }
 }
 
 /// What `Engine::acquire` found.
@@ -56,8 +79,18 @@ impl HeldLocks {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(super) fn holds(&self, label: &Label) -> bool {
-        self.map().contains_key(label)
+    /// Reserve `label` for this task unless it is held or being taken
+    /// (one step: see invariant 5).
+    fn reserve(&self, label: &Label) -> Option<Acquiring<'_>> {
+        let map = self.map();
+        let mut acquiring = self.acquiring.lock().unwrap_or_else(|e| e.into_inner());
+        if map.contains_key(label) || !acquiring.insert(label.clone()) {
+            return None;
+        }
+        Some(Acquiring {
+            locks: self,
+            label: label.clone(),
+        })
     }
 
     fn insert(&self, label: Label, fence: Fence, valid_until: Instant) -> CancellationToken {
@@ -140,12 +173,14 @@ impl HeldLocks {
 impl Engine {
     /// Take `label`'s lock and register it with the heartbeat.
     pub(super) async fn acquire(&self, label: &Label) -> Result<Acquired, StoreError> {
-        if self.locks.holds(label) {
+        // Held until the lock is registered (or refused): a concurrent
+        // trigger of this label in this process is reported busy.
+        let Some(_reservation) = self.locks.reserve(label) else {
             return Ok(Acquired::Busy(format!(
                 "{} (this process, another trigger)",
                 self.settings.owner
             )));
-        }
+        };
         let sent = Instant::now();
         match self
             .store
@@ -221,5 +256,36 @@ impl Engine {
         };
         self.locks.mark_lost(label, fence, reason.clone());
         reason
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::LockOwner;
+
+    #[test]
+    fn a_label_being_taken_or_held_cannot_be_reserved_again() {
+        let locks = HeldLocks::default();
+        let label = Label::new("intent").unwrap();
+        let first = locks.reserve(&label).expect("free label");
+        assert!(locks.reserve(&label).is_none(), "reserved twice");
+        // Registered while still reserved, then the reservation ends: held.
+        let fence = Fence {
+            owner: LockOwner("me".into()),
+            token: 1,
+        };
+        locks.insert(
+            label.clone(),
+            fence,
+            Instant::now() + Duration::from_secs(60),
+        );
+        drop(first);
+        assert!(locks.reserve(&label).is_none(), "reserved while held");
+        locks.remove(&label);
+        let again = locks.reserve(&label).expect("free again after release");
+        drop(again);
+        // A dropped reservation (refused lock, dropped future) frees the label.
+        assert!(locks.reserve(&label).is_some());
     }
 }
