@@ -15,10 +15,13 @@
 //!    holder paused between `check` and its write cannot write after losing
 //!    the lock.
 //! 5. One engine never drives a label twice at once: a label already held
-//!    here is reported busy rather than re-acquired (a re-acquisition by
-//!    the same owner would bump the token and fence out the first driver).
+//!    here, or whose lock another task of this engine is taking right now,
+//!    is reported busy rather than re-acquired (a re-acquisition by the
+//!    same owner would bump the token and fence out the first driver). The
+//!    check and the reservation are one step under the table's mutex, so two
+//!    concurrent triggers of one label in one process cannot both pass it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -43,20 +46,25 @@ struct Held {
 #[derive(Debug, Default)]
 pub(super) struct HeldLocks {
     inner: Mutex<HashMap<Label, Held>>,
-    /// Labels whose store lock is being taken right now: reserved before
-    /// the store call, so two triggers of one process racing for a label
-    /// cannot both reach `try_lock` (the store lets an owner re-acquire its
-    /// own lock, which would fence the first one out).
-    acquiring: Mutex<std::collections::HashSet<Label>>,
+    /// Labels whose lock a task of this engine is taking (store call in
+    /// flight); always locked *after* `inner`.
+    acquiring: Mutex<HashSet<Label>>,
 }
 
-/// Removes a reservation of [`HeldLocks::reserve`] when dropped.
-struct Reservation<'a>(&'a HeldLocks, Label);
+/// A reservation of a label while its lock is being taken; dropped (also
+/// when the acquiring future is dropped) it frees the label again.
+struct Acquiring<'a> {
+    locks: &'a HeldLocks,
+    label: Label,
+}
 
-impl Drop for Reservation<'_> {
+impl Drop for Acquiring<'_> {
     fn drop(&mut self) {
-        let mut acquiring = self.0.acquiring.lock().unwrap_or_else(|e| e.into_inner());
-        acquiring.remove(&self.1);
+        self.locks
+            .acquiring
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.label);
     }
 }
 
@@ -71,18 +79,18 @@ impl HeldLocks {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(super) fn holds(&self, label: &Label) -> bool {
-        self.map().contains_key(label)
-    }
-
-    /// Reserve `label` for one acquisition; `None` if this engine holds it
-    /// or another trigger is acquiring it.
-    fn reserve(&self, label: &Label) -> Option<Reservation<'_>> {
+    /// Reserve `label` for this task unless it is held or being taken
+    /// (one step: see invariant 5).
+    fn reserve(&self, label: &Label) -> Option<Acquiring<'_>> {
+        let map = self.map();
         let mut acquiring = self.acquiring.lock().unwrap_or_else(|e| e.into_inner());
-        if self.holds(label) || !acquiring.insert(label.clone()) {
+        if map.contains_key(label) || !acquiring.insert(label.clone()) {
             return None;
         }
-        Some(Reservation(self, label.clone()))
+        Some(Acquiring {
+            locks: self,
+            label: label.clone(),
+        })
     }
 
     fn insert(&self, label: Label, fence: Fence, valid_until: Instant) -> CancellationToken {
@@ -165,7 +173,9 @@ impl HeldLocks {
 impl Engine {
     /// Take `label`'s lock and register it with the heartbeat.
     pub(super) async fn acquire(&self, label: &Label) -> Result<Acquired, StoreError> {
-        let Some(_reserved) = self.locks.reserve(label) else {
+        // Held until the lock is registered (or refused): a concurrent
+        // trigger of this label in this process is reported busy.
+        let Some(_reservation) = self.locks.reserve(label) else {
             return Ok(Acquired::Busy(format!(
                 "{} (this process, another trigger)",
                 self.settings.owner
@@ -246,5 +256,36 @@ impl Engine {
         };
         self.locks.mark_lost(label, fence, reason.clone());
         reason
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::LockOwner;
+
+    #[test]
+    fn a_label_being_taken_or_held_cannot_be_reserved_again() {
+        let locks = HeldLocks::default();
+        let label = Label::new("intent").unwrap();
+        let first = locks.reserve(&label).expect("free label");
+        assert!(locks.reserve(&label).is_none(), "reserved twice");
+        // Registered while still reserved, then the reservation ends: held.
+        let fence = Fence {
+            owner: LockOwner("me".into()),
+            token: 1,
+        };
+        locks.insert(
+            label.clone(),
+            fence,
+            Instant::now() + Duration::from_secs(60),
+        );
+        drop(first);
+        assert!(locks.reserve(&label).is_none(), "reserved while held");
+        locks.remove(&label);
+        let again = locks.reserve(&label).expect("free again after release");
+        drop(again);
+        // A dropped reservation (refused lock, dropped future) frees the label.
+        assert!(locks.reserve(&label).is_some());
     }
 }
