@@ -6,4 +6,5 @@ mod concurrency;
 mod engine;
 mod machine_props;
 mod purity;
+mod scale;
 mod support;
