@@ -380,11 +380,19 @@ fn main() {
             .iter()
             .filter(|l| l.status == LabelStatus::Promoted)
             .count();
+        let mut statuses = BTreeMap::<String, usize>::new();
+        for label in &report.labels {
+            *statuses.entry(format!("{:?}", label.status)).or_default() += 1;
+        }
         assert_eq!(
             promoted,
             labels,
-            "every label should promote: {:?}",
-            report.labels.first()
+            "every label should promote; statuses {statuses:?}, first other: {:?}",
+            report
+                .labels
+                .iter()
+                .find(|l| l.status != LabelStatus::Promoted)
+                .map(|l| (&l.label, &l.status, &l.error))
         );
         let writes = store.writes.load(Ordering::Relaxed);
         let requests = sources
