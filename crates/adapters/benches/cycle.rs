@@ -1,22 +1,35 @@
 //! Whole-cycle benchmark (§11): N labels through count → prepare (one shared
-//! restart) → await dataset → train → gate → promote → commit, on fast
-//! in-memory fakes and a real SQLite `RunStore`, concurrency 64.
+//! restart) → await dataset → train → gate → promote → commit, with a real
+//! `RunStore` (SQLite in a temp dir, or `RETRAIN_BENCH_STATE`), concurrency 64.
 //!
 //!     cargo bench -p retrain-adapters --bench cycle -- 1000
-//!     cargo bench -p retrain-adapters --bench cycle -- 10000
+//!     cargo bench -p retrain-adapters --bench cycle -- 10000 --hub
 //!
-//! Prints wall time, transitions journaled, and peak RSS (VmHWM).
+//! Two sets of fakes: in-memory ports (default; the dataset appears the
+//! moment the prepare job restarts, poll interval 1 ms), or `--hub`: the
+//! metadata and the shared prepare Space go over HTTP to the stateful fake
+//! Hub (`testing::fake_hub`, loopback), one dataset repo per label, all
+//! published 0.5 s after the prepare restart, poll interval 10 ms (the
+//! issue-11 comparison's setup; trainer and registry stay in memory).
+//!
+//! Prints wall time, durable store writes per label (journal writes, lease
+//! records), HTTP requests per label (`--hub`), and peak RSS (VmHWM).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use retrain_adapters::hf::{HfMetadataStore, HfSpaceController};
 use retrain_adapters::store::{open_run_store, StoreOptions};
+use retrain_adapters::testing::fake_hub::FakeHub;
 use retrain_core::domain::*;
 use retrain_core::engine::{CycleRequest, Engine, EngineSettings, LabelBinding};
 use retrain_core::gate::GatePolicy;
+use retrain_core::journal::{PromotionEvent, RunDetail, RunFilter, RunSummary, Transition};
+use retrain_core::machine::LabelRun;
 use retrain_core::machine::{LabelPlan, PromoteMode, Trigger};
 use retrain_core::ports::*;
 use retrain_core::report::LabelStatus;
@@ -146,6 +159,151 @@ impl ModelRegistry for Registry {
     }
 }
 
+/// The real store, counting the writes that must be durable before the
+/// engine goes on (each one is a commit, or a share of a group commit).
+struct CountingStore {
+    inner: Arc<dyn RunStore>,
+    writes: AtomicU64,
+}
+
+impl CountingStore {
+    fn wrote(&self) {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[async_trait]
+impl RunStore for CountingStore {
+    async fn try_lock(
+        &self,
+        label: &Label,
+        owner: &LockOwner,
+        ttl: Duration,
+    ) -> Result<LockOutcome, StoreError> {
+        self.inner.try_lock(label, owner, ttl).await
+    }
+    async fn renew_lock(
+        &self,
+        label: &Label,
+        fence: &Fence,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        self.inner.renew_lock(label, fence, ttl).await
+    }
+    async fn release_lock(&self, label: &Label, fence: &Fence) -> Result<(), StoreError> {
+        self.inner.release_lock(label, fence).await
+    }
+    async fn cursor(&self, label: &Label) -> Result<LabelCursor, StoreError> {
+        self.inner.cursor(label).await
+    }
+    async fn unfinished_run(&self, label: &Label) -> Result<Option<LabelRun>, StoreError> {
+        self.inner.unfinished_run(label).await
+    }
+    async fn record(&self, transition: &Transition, fence: &Fence) -> Result<(), StoreError> {
+        self.wrote();
+        self.inner.record(transition, fence).await
+    }
+    async fn record_all(
+        &self,
+        transitions: &[Transition],
+        fence: &Fence,
+    ) -> Result<(), StoreError> {
+        self.wrote();
+        self.inner.record_all(transitions, fence).await
+    }
+    async fn finish(
+        &self,
+        transition: &Transition,
+        cursor: Option<LabelCursor>,
+        fence: &Fence,
+    ) -> Result<(), StoreError> {
+        self.wrote();
+        self.inner.finish(transition, cursor, fence).await
+    }
+    async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, StoreError> {
+        self.inner.list_runs(filter).await
+    }
+    async fn promotions(&self, label: &Label) -> Result<Vec<PromotionEvent>, StoreError> {
+        self.inner.promotions(label).await
+    }
+    async fn run(&self, run_id: &RunId) -> Result<Option<RunDetail>, StoreError> {
+        self.inner.run(run_id).await
+    }
+    async fn put_lease(&self, lease: &Lease, fence: &Fence) -> Result<(), StoreError> {
+        self.wrote();
+        self.inner.put_lease(lease, fence).await
+    }
+    async fn put_lease_unfenced(&self, lease: &Lease) -> Result<(), StoreError> {
+        self.wrote();
+        self.inner.put_lease_unfenced(lease).await
+    }
+    async fn active_leases(&self) -> Result<Vec<Lease>, StoreError> {
+        self.inner.active_leases().await
+    }
+    async fn lock_holder(&self, label: &Label) -> Result<Option<String>, StoreError> {
+        self.inner.lock_holder(label).await
+    }
+}
+
+/// The in-memory metadata and prepare job, or the same over the fake Hub.
+struct Sources {
+    metadata: Vec<Arc<dyn MetadataStore>>,
+    prepare: Arc<dyn SpaceController>,
+    poll_interval: Duration,
+    hub: Option<FakeHub>,
+}
+
+const PREPARE_SPACE: &str = "bench/prepare";
+const METADATA_FILE: &str = "dataset_metadata.json";
+
+fn metadata_json(repo: &str, tag: &str) -> serde_json::Value {
+    serde_json::json!({
+        "dataset_name": repo,
+        "version_tag": tag,
+        "num_samples": 1000,
+        "created_at": "2025-10-30T11:53:01Z",
+    })
+}
+
+async fn sources(labels: usize, over_hub: bool) -> Sources {
+    if !over_hub {
+        let hub = Hub::default();
+        let metadata: Arc<dyn MetadataStore> = Arc::new(Metadata(hub.clone()));
+        return Sources {
+            metadata: vec![metadata; labels],
+            prepare: Arc::new(Prepare(hub)),
+            poll_interval: Duration::from_millis(1),
+            hub: None,
+        };
+    }
+    let hub = FakeHub::start().await;
+    hub.add_space(PREPARE_SPACE, "RUNNING");
+    let client = hub.client();
+    let metadata = (0..labels)
+        .map(|i| {
+            let repo = format!("bench/ds-{i}");
+            hub.add_dataset(&repo, METADATA_FILE, Some(metadata_json(&repo, "v1")));
+            hub.on_restart_publish(
+                PREPARE_SPACE,
+                &repo,
+                METADATA_FILE,
+                metadata_json(&repo, "v2"),
+                Duration::from_millis(500),
+            );
+            let url = hub.metadata_url(&repo, METADATA_FILE);
+            Arc::new(HfMetadataStore::from_url(client.clone(), &url).unwrap())
+                as Arc<dyn MetadataStore>
+        })
+        .collect();
+    let prepare = Arc::new(HfSpaceController::new(client, PREPARE_SPACE, false).unwrap());
+    Sources {
+        metadata,
+        prepare,
+        poll_interval: Duration::from_millis(10),
+        hub: Some(hub),
+    }
+}
+
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -164,6 +322,7 @@ fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(1000);
+    let over_hub = std::env::args().any(|a| a == "--hub");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -175,7 +334,7 @@ fn main() {
         // `sqlite::memory:` to separate engine cost from storage cost).
         let url = std::env::var("RETRAIN_BENCH_STATE")
             .unwrap_or_else(|_| format!("sqlite://{}", dir.path().join("state.db").display()));
-        let store = open_run_store(
+        let inner = open_run_store(
             &url,
             StoreOptions {
                 migrate: true,
@@ -184,13 +343,16 @@ fn main() {
         )
         .await
         .unwrap();
-        let hub = Hub::default();
-        let prepare: Arc<dyn SpaceController> = Arc::new(Prepare(hub.clone()));
-        let metadata: Arc<dyn MetadataStore> = Arc::new(Metadata(hub.clone()));
+        let store = Arc::new(CountingStore {
+            inner,
+            writes: AtomicU64::new(0),
+        });
+        let sources = sources(labels, over_hub).await;
         let trainer: Arc<dyn Trainer> = Arc::new(Train);
         let registry: Arc<dyn ModelRegistry> = Arc::new(Registry);
         let bindings: Vec<LabelBinding> = (0..labels)
-            .map(|i| LabelBinding {
+            .zip(&sources.metadata)
+            .map(|(i, metadata)| LabelBinding {
                 plan: LabelPlan {
                     label: Label::new(format!("label-{i}")).unwrap(),
                     trigger: Trigger::Metadata { threshold: 1 },
@@ -200,14 +362,14 @@ fn main() {
                     promote: PromoteMode::Auto,
                     max_attempts: 2,
                     max_step_retries: 5,
-                    poll_interval: Duration::from_millis(1),
+                    poll_interval: sources.poll_interval,
                     poll_timeout: Duration::from_secs(600),
                     dry_run: false,
                     approval_expires: retrain_core::machine::DEFAULT_APPROVAL_EXPIRES,
                     dataset_check: false,
                 },
                 metadata: metadata.clone(),
-                prepare: Some(prepare.clone()),
+                prepare: Some(sources.prepare.clone()),
                 trainer: trainer.clone(),
                 registry: Some(registry.clone()),
                 lease: None,
@@ -236,16 +398,32 @@ fn main() {
             .iter()
             .filter(|l| l.status == LabelStatus::Promoted)
             .count();
+        let mut statuses = BTreeMap::<String, usize>::new();
+        for label in &report.labels {
+            *statuses.entry(format!("{:?}", label.status)).or_default() += 1;
+        }
         assert_eq!(
             promoted,
             labels,
-            "every label should promote: {:?}",
-            report.labels.first()
+            "every label should promote; statuses {statuses:?}, first other: {:?}",
+            report
+                .labels
+                .iter()
+                .find(|l| l.status != LabelStatus::Promoted)
+                .map(|l| (&l.label, &l.status, &l.error))
         );
+        let writes = store.writes.load(Ordering::Relaxed);
+        let requests = sources
+            .hub
+            .as_ref()
+            .map_or(String::from("-"), |hub| {
+                format!("{:.2}", hub.requests().len() as f64 / labels as f64)
+            });
         println!(
-            "labels={labels} wall={:.3}s per_label={:.3}ms promoted={promoted} peak_rss={:.1}MiB",
+            "labels={labels} wall={:.3}s per_label={:.3}ms promoted={promoted} writes_per_label={:.2} requests_per_label={requests} peak_rss={:.1}MiB",
             elapsed.as_secs_f64(),
             elapsed.as_secs_f64() * 1000.0 / labels as f64,
+            writes as f64 / labels as f64,
             peak_rss_mib()
         );
     });

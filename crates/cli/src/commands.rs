@@ -252,42 +252,40 @@ async fn status(cli: &Cli, raw_labels: &[String]) -> Result<u8, Failure> {
     let loaded = load(cli, false)?;
     let store = reading_store(&loaded).await?;
     let wanted = parse_labels(raw_labels)?;
-    let mut rows = Vec::new();
-    for (label, label_settings) in &loaded.settings.labels {
-        if !wanted.is_empty() && !wanted.contains(label) {
-            continue;
-        }
-        let cursor = store.cursor(label).await.context("reading cursor")?;
-        let last = store
-            .list_runs(&RunFilter {
-                label: Some(label.clone()),
-                limit: Some(1),
+    let selected: Vec<_> = loaded
+        .settings
+        .labels
+        .iter()
+        .filter(|(label, _)| wanted.is_empty() || wanted.contains(label))
+        .collect();
+    let names: Vec<Label> = selected.iter().map(|(label, _)| (*label).clone()).collect();
+    // One query for every label, not several per label.
+    let statuses = store
+        .label_statuses(&names)
+        .await
+        .context("reading the labels' status")?;
+    let rows: Vec<serde_json::Value> = selected
+        .iter()
+        .zip(statuses)
+        .map(|((label, label_settings), status)| {
+            json!({
+                "label": label,
+                "threshold": label_settings.threshold,
+                "watermark": status.cursor.watermark,
+                "last_version": status.cursor.consumed_version,
+                "rejected_version": status.cursor.rejected_version,
+                "locked_by": status.locked_by,
+                "awaiting_approval": status.awaiting_approval,
+                "last_run": status.last_run.as_ref().map(|r| json!({
+                    "run_id": r.run_id,
+                    "stage": r.stage,
+                    "outcome": r.outcome,
+                    "updated_at": r.updated_at,
+                    "verdict": status.last_verdict,
+                })),
             })
-            .await
-            .context("reading runs")?;
-        let holder = store.lock_holder(label).await.context("reading locks")?;
-        let waiting = waiting_approvals(store.as_ref(), Some(label.clone())).await?;
-        let last_run = match last.first() {
-            Some(summary) => store.run(&summary.run_id).await.context("reading run")?,
-            None => None,
-        };
-        rows.push(json!({
-            "label": label,
-            "threshold": label_settings.threshold,
-            "watermark": cursor.watermark,
-            "last_version": cursor.consumed_version,
-            "rejected_version": cursor.rejected_version,
-            "locked_by": holder,
-            "awaiting_approval": waiting.first().map(|w| &w.summary.run_id),
-            "last_run": last_run.as_ref().map(|r| json!({
-                "run_id": r.summary.run_id,
-                "stage": r.summary.stage,
-                "outcome": r.summary.outcome,
-                "updated_at": r.summary.updated_at,
-                "verdict": r.snapshot.verdict.as_ref().map(|v| &v.reason),
-            })),
-        }));
-    }
+        })
+        .collect();
     match cli.output {
         OutputFormat::Json => output::print_json(&rows)?,
         OutputFormat::Text => {

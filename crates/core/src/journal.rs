@@ -138,6 +138,20 @@ pub struct RunSummary {
     pub updated_at: DateTime<Utc>,
 }
 
+/// One label's line of `retrain status`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct LabelStatusRow {
+    pub cursor: crate::domain::LabelCursor,
+    /// The label's newest run.
+    pub last_run: Option<RunSummary>,
+    /// The verdict reason of the newest run, if it was gated.
+    pub last_verdict: Option<String>,
+    /// Owner of the label's live lock (see [`RunStore::lock_holder`](crate::ports::RunStore::lock_holder)).
+    pub locked_by: Option<String>,
+    /// The newest run of the label waiting for a sign-off.
+    pub awaiting_approval: Option<RunId>,
+}
+
 /// `retrain runs show ID`: the last snapshot plus the whole journal.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunDetail {

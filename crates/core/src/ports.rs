@@ -23,7 +23,8 @@ use crate::domain::{
     SpaceStage, TrainingHandle, TrainingOutcome, VersionTag,
 };
 use crate::journal::{
-    JournalEntry, PromotionEvent, RequestClaim, RunDetail, RunFilter, RunSummary, Transition,
+    JournalEntry, LabelStatusRow, PromotionEvent, RequestClaim, RunDetail, RunFilter, RunSummary,
+    Transition,
 };
 use crate::machine::LabelRun;
 use crate::report::LabelReport;
@@ -345,6 +346,24 @@ pub trait RunStore: Send + Sync {
     /// event for the same run is ignored), so `promotions` and the journal
     /// never disagree.
     async fn record(&self, transition: &Transition, fence: &Fence) -> Result<(), StoreError>;
+    /// Append several consecutive transitions of one run (oldest first) as
+    /// one write: every journal line, and the run's snapshot as of the last
+    /// one. The engine batches the steps that only read (start, counts,
+    /// published version, polls) and writes them before the next action
+    /// that is not a read. A store should apply them atomically and fenced
+    /// like [`RunStore::record`]; this default writes them one by one, which
+    /// is also correct (a prefix of read-only steps is a state the run
+    /// can resume from).
+    async fn record_all(
+        &self,
+        transitions: &[Transition],
+        fence: &Fence,
+    ) -> Result<(), StoreError> {
+        for transition in transitions {
+            self.record(transition, fence).await?;
+        }
+        Ok(())
+    }
     /// Record the final transition and (optionally) advance the cursor,
     /// atomically, if `fence` still holds the label's lock (promotion events
     /// as in [`RunStore::record`]).
@@ -356,6 +375,39 @@ pub trait RunStore: Send + Sync {
     ) -> Result<(), StoreError>;
 
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, StoreError>;
+    /// `retrain status`: one row per label of `labels`, in that order (a
+    /// label the store never saw gets an empty row). The SQL stores answer
+    /// with one query for all labels; this default composes the row from
+    /// the other reads, label by label.
+    async fn label_statuses(&self, labels: &[Label]) -> Result<Vec<LabelStatusRow>, StoreError> {
+        let mut rows = Vec::with_capacity(labels.len());
+        for label in labels {
+            let runs = self
+                .list_runs(&RunFilter {
+                    label: Some(label.clone()),
+                    limit: None,
+                })
+                .await?;
+            let last_verdict = match runs.first() {
+                Some(last) => self
+                    .run(&last.run_id)
+                    .await?
+                    .and_then(|detail| detail.snapshot.verdict.map(|v| v.reason)),
+                None => None,
+            };
+            rows.push(LabelStatusRow {
+                cursor: self.cursor(label).await?,
+                awaiting_approval: runs
+                    .iter()
+                    .find(|r| r.stage == crate::machine::Stage::AwaitingApproval)
+                    .map(|r| r.run_id.clone()),
+                last_run: runs.into_iter().next(),
+                last_verdict,
+                locked_by: self.lock_holder(label).await?,
+            });
+        }
+        Ok(rows)
+    }
     /// The promotion events of `label` (production lineage), oldest first.
     async fn promotions(&self, label: &Label) -> Result<Vec<PromotionEvent>, StoreError>;
     async fn run(&self, run_id: &RunId) -> Result<Option<RunDetail>, StoreError>;

@@ -138,6 +138,8 @@ pub(super) trait Backend: Send + Sync + 'static {
     type Pool: Statements;
 
     const LOCKS: LockSql;
+    /// [`select_status`] in this dialect (arguments: [`Backend::now_args`]).
+    const SELECT_STATUS: &'static str;
 
     fn pool(&self) -> &Self::Pool;
 
@@ -152,11 +154,13 @@ pub(super) trait Backend: Send + Sync + 'static {
     /// Postgres.
     fn expiry_args(&self, ttl: Duration) -> Vec<Arg>;
 
-    /// Journal `transition` (and the cursor) if `fence` holds the label's
-    /// lock, checked atomically with the write; `false`: nothing written.
+    /// Journal `transitions` (consecutive ones of one run, oldest first: a
+    /// journal line each, the run's snapshot as of the last) and the cursor,
+    /// all in one atomic write, if `fence` holds the label's lock, checked
+    /// atomically with the write; `false`: nothing written.
     async fn journal(
         &self,
-        transition: &Transition,
+        transitions: &[Transition],
         cursor: Option<&LabelCursor>,
         fence: &Fence,
     ) -> Result<bool, StoreError>;
@@ -238,6 +242,43 @@ pub(super) const SELECT_RUNS: &str =
     "SELECT run_id, cycle_id, label, stage, outcome, started_at, updated_at FROM runs
      WHERE (CAST($1 AS TEXT) IS NULL OR label = $1)
      ORDER BY started_at DESC, run_id DESC LIMIT $2";
+
+/// `retrain status` for every label in one statement: cursor, newest run
+/// (with its verdict reason), live lock, newest run awaiting approval. A
+/// dialect supplies how a lock is live (`$1` = now on SQLite) and how the
+/// verdict reason is read from the snapshot JSON. The window functions use
+/// the `(label, done, started_at)` index's order; the snapshot is read for
+/// the newest run of each label only.
+macro_rules! select_status {
+    ($live:literal, $verdict:literal) => {
+        concat!(
+            "WITH ranked AS (
+                 SELECT run_id, label, stage,
+                        ROW_NUMBER() OVER (PARTITION BY label ORDER BY started_at DESC, run_id DESC) AS newest
+                 FROM runs),
+             waiting AS (
+                 SELECT run_id, label,
+                        ROW_NUMBER() OVER (PARTITION BY label ORDER BY started_at DESC, run_id DESC) AS newest
+                 FROM runs WHERE stage = 'awaiting_approval'),
+             labels AS (
+                 SELECT label FROM cursors UNION SELECT label FROM runs UNION SELECT label FROM locks)
+             SELECT labels.label AS label,
+                    c.watermark, c.consumed_version, c.consumed_num_samples, c.rejected_version,
+                    r.run_id, r.cycle_id, r.stage, r.outcome, r.started_at, r.updated_at,
+                    ", $verdict, " AS verdict,
+                    COALESCE(k.owner, '') AS owner,
+                    COALESCE(", $live, ", FALSE) AS live,
+                    w.run_id AS awaiting
+             FROM labels
+             LEFT JOIN cursors c ON c.label = labels.label
+             LEFT JOIN ranked ON ranked.label = labels.label AND ranked.newest = 1
+             LEFT JOIN runs r ON r.run_id = ranked.run_id
+             LEFT JOIN locks k ON k.label = labels.label
+             LEFT JOIN waiting w ON w.label = labels.label AND w.newest = 1"
+        )
+    };
+}
+pub(super) use select_status;
 
 pub(super) const SELECT_PROMOTIONS: &str =
     "SELECT run_id, label, kind, version, previous_version, candidate_run, candidate_id,

@@ -46,15 +46,25 @@ pub(super) struct LockRow {
 impl LockRow {
     /// Whether this lock is held by a process of this host that is gone.
     fn holder_is_dead(&self) -> bool {
-        LockOwner(self.owner.clone())
-            .process()
-            .is_some_and(|process| crate::process::is_dead_here(&process))
+        is_dead_here(&self.owner)
     }
 
     /// The owner of a live lock whose holder is not known to be dead.
     fn holder(&self) -> Option<&str> {
-        (self.live && !self.holder_is_dead()).then_some(self.owner.as_str())
+        live_holder(&self.owner, self.live)
     }
+}
+
+fn is_dead_here(owner: &str) -> bool {
+    LockOwner(owner.to_owned())
+        .process()
+        .is_some_and(|process| crate::process::is_dead_here(&process))
+}
+
+/// `owner` if its lock is `live` and it is not a dead process of this host
+/// (such a lock can be taken at once, so nobody holds it).
+pub(super) fn live_holder(owner: &str, live: bool) -> Option<&str> {
+    (live && !is_dead_here(owner)).then_some(owner)
 }
 
 /// How often `try_lock` retries when the lock changes hands between its

@@ -35,7 +35,8 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use retrain_core::domain::{Fence, Label, LabelCursor, Lease, LockOutcome, LockOwner, RunId};
 use retrain_core::journal::{
-    JournalEntry, PromotionEvent, RequestClaim, RunDetail, RunFilter, RunSummary, Transition,
+    JournalEntry, LabelStatusRow, PromotionEvent, RequestClaim, RunDetail, RunFilter, RunSummary,
+    Transition,
 };
 use retrain_core::machine::{LabelRun, Stage};
 use retrain_core::ports::{RunStore, StoreError};
@@ -195,8 +196,29 @@ impl<B: Backend> RunStore for SqlRunStore<B> {
     }
 
     async fn record(&self, transition: &Transition, fence: &Fence) -> Result<(), StoreError> {
-        let applied = self.0.journal(transition, None, fence).await?;
+        let applied = self
+            .0
+            .journal(std::slice::from_ref(transition), None, fence)
+            .await?;
         locks::fenced(&self.0, &transition.label, fence, applied).await
+    }
+
+    async fn record_all(
+        &self,
+        transitions: &[Transition],
+        fence: &Fence,
+    ) -> Result<(), StoreError> {
+        let Some(first) = transitions.first() else {
+            return Ok(());
+        };
+        if let Some(other) = transitions.iter().find(|t| t.run_id != first.run_id) {
+            return Err(StoreError::Conflict(format!(
+                "one journal write carries transitions of runs {} and {}",
+                first.run_id, other.run_id
+            )));
+        }
+        let applied = self.0.journal(transitions, None, fence).await?;
+        locks::fenced(&self.0, &first.label, fence, applied).await
     }
 
     async fn finish(
@@ -205,7 +227,10 @@ impl<B: Backend> RunStore for SqlRunStore<B> {
         cursor: Option<LabelCursor>,
         fence: &Fence,
     ) -> Result<(), StoreError> {
-        let applied = self.0.journal(transition, cursor.as_ref(), fence).await?;
+        let applied = self
+            .0
+            .journal(std::slice::from_ref(transition), cursor.as_ref(), fence)
+            .await?;
         locks::fenced(&self.0, &transition.label, fence, applied).await
     }
 
@@ -222,6 +247,36 @@ impl<B: Backend> RunStore for SqlRunStore<B> {
             .iter()
             .map(summary_of)
             .collect()
+    }
+
+    async fn label_statuses(&self, labels: &[Label]) -> Result<Vec<LabelStatusRow>, StoreError> {
+        let b = &self.0;
+        let rows = b
+            .pool()
+            .fetch_all(B::SELECT_STATUS, b.now_args())
+            .await
+            .map_err(|e| b.error("reading the labels' status", e))?;
+        let mut by_label = std::collections::HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let label = parse_label(&row.text("label")?, "-")?;
+            let last_run = match row.opt_text("run_id")? {
+                Some(_) => Some(summary_of(row)?),
+                None => None,
+            };
+            let owner = row.text("owner")?;
+            let status = LabelStatusRow {
+                cursor: cursor_of(row, &label)?,
+                last_run,
+                last_verdict: row.opt_text("verdict")?,
+                locked_by: locks::live_holder(&owner, row.flag("live")?).map(str::to_owned),
+                awaiting_approval: row.opt_text("awaiting")?.map(RunId),
+            };
+            by_label.insert(label, status);
+        }
+        Ok(labels
+            .iter()
+            .map(|label| by_label.remove(label).unwrap_or_default())
+            .collect())
     }
 
     async fn promotions(&self, label: &Label) -> Result<Vec<PromotionEvent>, StoreError> {

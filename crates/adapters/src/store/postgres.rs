@@ -190,6 +190,10 @@ impl Backend for PostgresRunStore {
     type Pool = PgPool;
 
     const LOCKS: LockSql = LOCKS;
+    const SELECT_STATUS: &'static str = super::backend::select_status!(
+        "k.owner <> '' AND k.expires_at > now()",
+        "r.snapshot -> 'verdict' ->> 'reason'"
+    );
 
     fn pool(&self) -> &PgPool {
         &self.pool
@@ -207,17 +211,20 @@ impl Backend for PostgresRunStore {
         vec![Arg::Float(secs(ttl))]
     }
 
-    /// Run snapshot + journal line (+ cursor) in one transaction opened by
-    /// the fence check.
+    /// Run snapshot (as of the last transition) + one journal line per
+    /// transition (+ cursor) in one transaction opened by the fence check.
     async fn journal(
         &self,
-        transition: &Transition,
+        transitions: &[Transition],
         cursor: Option<&LabelCursor>,
         fence: &Fence,
     ) -> Result<bool, StoreError> {
-        let row = RunRow::of(transition)?;
+        let Some(last) = transitions.last() else {
+            return Ok(true);
+        };
+        let row = RunRow::of(last)?;
         let what = format!("journaling run {} seq {}", row.run_id, row.seq);
-        let Some(mut tx) = self.begin_fenced(&transition.label, fence, &what).await? else {
+        let Some(mut tx) = self.begin_fenced(&last.label, fence, &what).await? else {
             return Ok(false);
         };
         let run = vec![
@@ -228,20 +235,30 @@ impl Backend for PostgresRunStore {
             Arg::text(row.outcome),
             Arg::Bool(row.done),
             Arg::Time(row.started_at),
-            Arg::Time(transition.at),
+            Arg::Time(last.at),
             Arg::Json(row.snapshot),
         ];
         self.run_in(&mut tx, UPSERT_RUN, run, &what).await?;
-        let line = vec![
-            Arg::text(row.run_id),
-            Arg::Int(row.seq),
-            Arg::Time(transition.at),
-            Arg::text(transition.from.as_str()),
-            Arg::text(transition.to.as_str()),
-            Arg::Json(row.event),
-            Arg::Json(row.actions),
-        ];
-        self.run_in(&mut tx, INSERT_TRANSITION, line, &what).await?;
+        for transition in transitions {
+            let seq = i64::try_from(transition.seq).map_err(|_| {
+                StoreError::Conflict(format!("sequence number {} is too large", transition.seq))
+            })?;
+            let line = vec![
+                Arg::text(transition.run_id.as_str()),
+                Arg::Int(seq),
+                Arg::Time(transition.at),
+                Arg::text(transition.from.as_str()),
+                Arg::text(transition.to.as_str()),
+                Arg::Json(super::to_json(&transition.event, "the event")?),
+                Arg::Json(super::to_json(&transition.actions, "the actions")?),
+            ];
+            self.run_in(&mut tx, INSERT_TRANSITION, line, &what).await?;
+            if let Some(event) = transition.promotion_event() {
+                let args = super::backend::promotion_args(&event);
+                self.run_in(&mut tx, super::backend::INSERT_PROMOTION, args, &what)
+                    .await?;
+            }
+        }
         if let Some(cursor) = cursor {
             let samples = cursor
                 .consumed_num_samples
@@ -257,7 +274,7 @@ impl Backend for PostgresRunStore {
                         .map(|v| VersionTag::as_str(v).to_owned()),
                 ),
                 Arg::OptInt(samples),
-                Arg::Time(transition.at),
+                Arg::Time(last.at),
                 Arg::OptText(
                     cursor
                         .rejected_version
@@ -266,11 +283,6 @@ impl Backend for PostgresRunStore {
                 ),
             ];
             self.run_in(&mut tx, UPSERT_CURSOR, args, &what).await?;
-        }
-        if let Some(event) = transition.promotion_event() {
-            let args = super::backend::promotion_args(&event);
-            self.run_in(&mut tx, super::backend::INSERT_PROMOTION, args, &what)
-                .await?;
         }
         tx.commit().await.map_err(|e| self.error(&what, e))?;
         Ok(true)

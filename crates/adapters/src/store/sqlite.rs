@@ -35,7 +35,8 @@ pub(super) struct SqliteRunStore {
 /// One queued journal write and where to send its outcome (`false`: fenced
 /// off, nothing written).
 struct JournalWrite {
-    transition: Transition,
+    /// Consecutive transitions of one run, applied together.
+    transitions: Vec<Transition>,
     cursor: Option<LabelCursor>,
     fence: Fence,
     done: tokio::sync::oneshot::Sender<Result<bool, StoreError>>,
@@ -165,6 +166,10 @@ impl Backend for SqliteRunStore {
     type Pool = SqlitePool;
 
     const LOCKS: LockSql = LOCKS;
+    const SELECT_STATUS: &'static str = super::backend::select_status!(
+        "k.owner <> '' AND k.expires_at > $1",
+        "json_extract(r.snapshot, '$.verdict.reason')"
+    );
 
     fn pool(&self) -> &SqlitePool {
         &self.pool
@@ -186,13 +191,13 @@ impl Backend for SqliteRunStore {
     /// Queue the write for the writer task and wait until it is committed.
     async fn journal(
         &self,
-        transition: &Transition,
+        transitions: &[Transition],
         cursor: Option<&LabelCursor>,
         fence: &Fence,
     ) -> Result<bool, StoreError> {
         let (done, outcome) = tokio::sync::oneshot::channel();
         let write = JournalWrite {
-            transition: transition.clone(),
+            transitions: transitions.to_vec(),
             cursor: cursor.cloned(),
             fence: fence.clone(),
             done,
@@ -275,16 +280,37 @@ async fn commit_batch(
     Ok(applied)
 }
 
-/// Journal line + snapshot (+ cursor) inside `tx`, in one statement that
-/// applies only while the write's fence holds the label's lock.
+/// The write's journal lines + snapshot (+ cursor, with the last line)
+/// inside `tx`, one statement per line, each applied only while the write's
+/// fence holds the label's lock. The fence cannot change inside `tx` (SQLite
+/// has one writer), so the lines are applied all or none.
 async fn write_one(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     url: &DbUrl,
     write: &JournalWrite,
 ) -> Result<bool, StoreError> {
-    let transition = &write.transition;
+    let last = write.transitions.len().saturating_sub(1);
+    let mut applied = true;
+    for (i, transition) in write.transitions.iter().enumerate() {
+        let cursor = if i == last {
+            write.cursor.as_ref()
+        } else {
+            None
+        };
+        applied &= write_line(tx, url, transition, cursor, &write.fence).await?;
+    }
+    Ok(applied)
+}
+
+/// One journal line + snapshot (+ cursor) in one statement.
+async fn write_line(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    url: &DbUrl,
+    transition: &Transition,
+    cursor: Option<&LabelCursor>,
+    fence: &Fence,
+) -> Result<bool, StoreError> {
     let row = RunRow::of(transition)?;
-    let cursor = write.cursor.as_ref();
     let samples = cursor
         .and_then(|c| c.consumed_num_samples)
         .map(|n| u64_to_i64(n, "consumed_num_samples"))
@@ -318,7 +344,7 @@ async fn write_one(
                 .map(|v| VersionTag::as_str(v).to_owned()),
         ),
     ];
-    args.extend(fence_args(&transition.label, &write.fence)?);
+    args.extend(fence_args(&transition.label, fence)?);
     args.push(Arg::Time(Utc::now()));
     let inserted = bind(sqlx::query(INSERT_JOURNAL_FENCED), args)
         .execute(&mut **tx)

@@ -13,7 +13,7 @@ use retrain_core::domain::{
     RunId, TrainingHandle, VersionTag,
 };
 use retrain_core::journal::PromotionKind;
-use retrain_core::journal::{RunDetail, RunFilter, Transition};
+use retrain_core::journal::{LabelStatusRow, RunDetail, RunFilter, Transition};
 use retrain_core::machine::{
     Action, Approval, Event, LabelPlan, LabelRun, PromoteMode, Rollback, Stage, Trigger,
 };
@@ -359,6 +359,137 @@ pub async fn a_rejected_dataset_version_is_kept_in_the_cursor(store: Arc<dyn Run
     let cursor = store.cursor(&label(name)).await.unwrap();
     assert_eq!(cursor.consumed_version, Some(VersionTag::new("v3")));
     assert_eq!(cursor.rejected_version, Some(VersionTag::new("bad-2")));
+}
+
+/// Consecutive transitions written as one (the engine batches the steps
+/// that only read): every journal line, the snapshot of the last, all under
+/// one fence check; a stale fence writes none of them.
+pub async fn batched_transitions_are_written_together_and_fenced(store: Arc<dyn RunStore>) {
+    let fence = lock(store.as_ref(), "dept").await;
+    let mut run = LabelRun::new(
+        RunId::generate(),
+        CycleId::generate(),
+        plan("dept"),
+        LabelCursor::default(),
+    );
+    let batch = vec![
+        step(&mut run, Event::Started { now: now() }),
+        step(
+            &mut run,
+            Event::PublishedRead {
+                current: Some(dataset("v1", 10)),
+            },
+        ),
+    ];
+    assert_eq!(
+        run.stage,
+        Stage::Training,
+        "the dataset is there: train next"
+    );
+    store.record_all(&batch, &fence).await.unwrap();
+    let detail = store
+        .run(&run.run_id)
+        .await
+        .unwrap()
+        .expect("run is stored");
+    assert_eq!(
+        detail.snapshot, run,
+        "the snapshot is the last transition's"
+    );
+    assert_eq!(detail.summary.stage, Stage::Training);
+    let events: Vec<&str> = detail
+        .transitions
+        .iter()
+        .map(|t| t.event["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(events, ["started", "published_read"]);
+    assert_eq!(
+        store.unfinished_run(&label("dept")).await.unwrap(),
+        Some(run.clone())
+    );
+
+    // A stale fence writes none of a batch.
+    let stale = fence.clone();
+    store.release_lock(&label("dept"), &fence).await.unwrap();
+    let _fresh = lock(store.as_ref(), "dept").await;
+    let mut next = run.clone();
+    let started = || Event::TrainingStarted {
+        handle: TrainingHandle {
+            kind: "test".into(),
+            data: serde_json::Value::Null,
+        },
+    };
+    let more = vec![step(&mut next, started())];
+    let refused = store.record_all(&more, &stale).await;
+    assert!(matches!(refused, Err(StoreError::Fenced(_))), "{refused:?}");
+    let after = store.run(&run.run_id).await.unwrap().unwrap();
+    assert_eq!(after.transitions.len(), 2, "a stale batch wrote a line");
+    assert_eq!(after.snapshot, run);
+
+    // Transitions of two runs are not one write.
+    let mut other = LabelRun::new(
+        RunId::generate(),
+        CycleId::generate(),
+        plan("dept"),
+        LabelCursor::default(),
+    );
+    let mut next = run.clone();
+    let mixed = vec![
+        step(&mut next, started()),
+        step(&mut other, Event::Started { now: now() }),
+    ];
+    let fence = lock(store.as_ref(), "dept").await;
+    assert!(matches!(
+        store.record_all(&mixed, &fence).await,
+        Err(StoreError::Conflict(_))
+    ));
+}
+
+/// `retrain status` in one query gives what the label-by-label reads give.
+pub async fn label_statuses_answer_for_every_label_at_once(store: Arc<dyn RunStore>) {
+    let fence = lock(store.as_ref(), "dept").await;
+    let (_, cursor) = drive(
+        store.as_ref(),
+        &fence,
+        "dept",
+        Some(dataset("v1", 10)),
+        None,
+    )
+    .await;
+    let (next, _) = drive(
+        store.as_ref(),
+        &fence,
+        "dept",
+        Some(dataset("v2", 20)),
+        Some(Stage::Training),
+    )
+    .await;
+    let free = lock(store.as_ref(), "free").await;
+    store.release_lock(&label("free"), &free).await.unwrap();
+    let labels = [label("dept"), label("never"), label("free")];
+    let rows = store.label_statuses(&labels).await.unwrap();
+    assert_eq!(rows.len(), 3);
+    let dept = &rows[0];
+    assert_eq!(Some(dept.cursor.clone()), cursor);
+    assert_eq!(dept.cursor, store.cursor(&label("dept")).await.unwrap());
+    let newest = store
+        .list_runs(&RunFilter {
+            label: Some(label("dept")),
+            limit: Some(1),
+        })
+        .await
+        .unwrap();
+    assert_eq!(dept.last_run.as_ref(), newest.first());
+    assert_eq!(dept.last_run.as_ref().unwrap().run_id, next.run_id);
+    assert_eq!(dept.last_verdict, None, "not gated");
+    assert_eq!(
+        dept.locked_by,
+        store.lock_holder(&label("dept")).await.unwrap()
+    );
+    assert_eq!(dept.locked_by.as_deref(), Some(fence.owner.0.as_str()));
+    assert_eq!(dept.awaiting_approval, None);
+    assert_eq!(rows[1], LabelStatusRow::default(), "a label never seen");
+    assert_eq!(rows[2].locked_by, None, "a released lock");
 }
 
 pub async fn unfinished_runs_resume_from_their_snapshot(store: Arc<dyn RunStore>) {
@@ -1166,6 +1297,8 @@ macro_rules! contract {
 
 contract!(
     journal_snapshot_and_cursor_are_written_together,
+    batched_transitions_are_written_together_and_fenced,
+    label_statuses_answer_for_every_label_at_once,
     unfinished_runs_resume_from_their_snapshot,
     locks_are_exclusive_renewable_and_expire,
     tokens_grow_with_every_acquisition,

@@ -12,30 +12,75 @@ use super::Engine;
 use crate::domain::RunId;
 use crate::history::metric_points_besides;
 use crate::machine::{Action, Event, LabelRun, Outcome, Stage};
-use crate::report::{with_history, LabelReport, HISTORY_LEN};
+use crate::report::{with_history, LabelReport, MetricPoint, HISTORY_LEN};
 
 impl Engine {
     /// `report` (of `run`) with the label's last evaluated candidates, `run`
     /// included, for the chart in its markdown. Only gated runs with a
     /// verdict read the store; a read failure leaves the chart out.
-    pub(super) async fn with_history(&self, run: &LabelRun, report: LabelReport) -> LabelReport {
+    ///
+    /// The history is read once per run in this process: the notification
+    /// keeps what it read (`keep`) for the cycle report that follows, which
+    /// takes it (`list_runs` + up to [`HISTORY_LEN`] `run` reads each time
+    /// otherwise). Nothing the history shows changes between the two: the
+    /// run's own point is fixed by its verdict, and the label's other runs
+    /// cannot move while this engine holds the label's lock.
+    pub(super) async fn with_history(
+        &self,
+        run: &LabelRun,
+        report: LabelReport,
+        keep: bool,
+    ) -> LabelReport {
+        let kept = self.history.take(&run.run_id);
         if run.plan.gate.is_none() || run.verdict.is_none() {
             return report;
         }
-        match metric_points_besides(
-            self.store.as_ref(),
-            run.label(),
-            Some(HISTORY_LEN),
-            Some(run),
-        )
-        .await
-        {
-            Ok(points) => with_history(report, points),
-            Err(error) => {
-                warn!(%error, "could not read the metrics history; the report has no chart");
-                report
-            }
+        let points = match kept {
+            Some(points) => points,
+            None => match metric_points_besides(
+                self.store.as_ref(),
+                run.label(),
+                Some(HISTORY_LEN),
+                Some(run),
+            )
+            .await
+            {
+                Ok(points) => points,
+                Err(error) => {
+                    warn!(%error, "could not read the metrics history; the report has no chart");
+                    return report;
+                }
+            },
+        };
+        if keep {
+            self.history.keep(&run.run_id, points.clone());
         }
+        with_history(report, points)
+    }
+
+    /// The run leaves this engine's hands (finished, deferred, interrupted,
+    /// lock lost, awaiting approval): drop what was kept for it, so that a
+    /// long-lived engine holds nothing for runs it no longer drives.
+    pub(super) fn forget_run(&self, run_id: &RunId) {
+        self.history.take(run_id);
+        let mut marks = self.audit_marks.0.lock().unwrap_or_else(|e| e.into_inner());
+        marks.remove(run_id);
+    }
+}
+
+/// The metrics history read for a run's notification, until its report.
+#[derive(Debug, Default)]
+pub(super) struct KeptHistory(Mutex<HashMap<RunId, Vec<MetricPoint>>>);
+
+impl KeptHistory {
+    fn take(&self, run_id: &RunId) -> Option<Vec<MetricPoint>> {
+        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        kept.remove(run_id)
+    }
+
+    fn keep(&self, run_id: &RunId, points: Vec<MetricPoint>) {
+        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        kept.insert(run_id.clone(), points);
     }
 }
 

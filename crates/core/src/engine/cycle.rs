@@ -209,13 +209,18 @@ impl Engine {
                 return fail(e.to_string());
             }
         };
+        let mut unwritten = Vec::new();
         let actions = if resumed {
             run.pending.clone()
         } else {
             let event = Event::Started {
                 now: self.clock.now(),
             };
-            match self.apply(&mut run, event, fence.as_ref()).await {
+            // Buffered with the reads that follow (see `apply_batched`).
+            match self
+                .apply_batched(&mut run, event, fence.as_ref(), &mut unwritten)
+                .await
+            {
                 Ok(actions) => actions,
                 Err(error) => {
                     self.unlock(label).await;
@@ -229,9 +234,9 @@ impl Engine {
             lost,
         };
         let (run, actions, ended) = self
-            .drive(
+            .drive_buffered(
                 binding,
-                run,
+                (run, unwritten),
                 actions,
                 fence.as_ref(),
                 shared,
@@ -305,8 +310,9 @@ impl Engine {
         }
         self.unlock(&label).await;
         let report = self
-            .with_history(&run, LabelReport::from_run(&run, resumed))
+            .with_history(&run, LabelReport::from_run(&run, resumed), false)
             .await;
+        self.forget_run(&run.run_id);
         report_end(report, &run, ended)
     }
 
@@ -441,12 +447,32 @@ impl Engine {
     /// Execute `actions` and the ones that follow until the run is done,
     /// interrupted, deferred, the journal fails, the lock is lost, or the
     /// next action does not satisfy `allowed` (then it is returned, not
-    /// executed).
+    /// executed). `run` comes with the transitions stepped but not written
+    /// yet (see [`Engine::apply_batched`]); every exit but a lost lock
+    /// writes them first.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn drive(
         &self,
         binding: &LabelBinding,
-        mut run: LabelRun,
+        run: LabelRun,
+        actions: Vec<Action>,
+        fence: Option<&Fence>,
+        shared: &CycleShared,
+        stops: &Stops<'_>,
+        allowed: &(dyn Fn(&Action) -> bool + Sync),
+    ) -> (LabelRun, Vec<Action>, DriveEnd) {
+        let run = (run, Vec::new());
+        self.drive_buffered(binding, run, actions, fence, shared, stops, allowed)
+            .await
+    }
+
+    /// [`Engine::drive`] for a run that comes with transitions stepped but
+    /// not written yet.
+    #[allow(clippy::too_many_arguments)]
+    async fn drive_buffered(
+        &self,
+        binding: &LabelBinding,
+        (mut run, mut unwritten): (LabelRun, Vec<Transition>),
         mut actions: Vec<Action>,
         fence: Option<&Fence>,
         shared: &CycleShared,
@@ -455,6 +481,10 @@ impl Engine {
     ) -> (LabelRun, Vec<Action>, DriveEnd) {
         while let Some(action) = actions.first().cloned() {
             if !allowed(&action) {
+                if let Err(error) = self.flush(fence, &mut unwritten).await {
+                    let end = self.journal_failure(&run, fence, error);
+                    return (run, Vec::new(), end);
+                }
                 return (run, actions, DriveEnd::Halted);
             }
             // Fencing, engine side: nothing runs once the lock is in doubt.
@@ -468,6 +498,7 @@ impl Engine {
             // finish what is under way (persisting the end, stopping machines).
             let must_finish = matches!(action, Action::Commit { .. } | Action::ReleaseLease { .. });
             if stops.interrupt.is_cancelled() && !must_finish {
+                self.flush_before_stopping(fence, &mut unwritten).await;
                 let end = self.interrupted(binding, &mut run, fence).await;
                 return (run, Vec::new(), end);
             }
@@ -511,6 +542,7 @@ impl Engine {
                     return (run, Vec::new(), DriveEnd::JournalFailed(error));
                 }
                 Executed::Interrupted => {
+                    self.flush_before_stopping(fence, &mut unwritten).await;
                     let end = self.interrupted(binding, &mut run, fence).await;
                     return (run, Vec::new(), end);
                 }
@@ -519,27 +551,135 @@ impl Engine {
                 }
             };
             let deferral = matches!(event, Event::StepDeferred { .. });
-            match self.apply(&mut run, event, fence).await {
+            match self
+                .apply_batched(&mut run, event, fence, &mut unwritten)
+                .await
+            {
                 Ok(_) if deferral && run.is_deferred() => {
                     let error = run.step_error.clone().unwrap_or_default();
                     warn!(%error, stage = %run.stage, "step failed transiently; the run resumes here next cycle");
                     return (run, Vec::new(), DriveEnd::Deferred(error));
                 }
                 Ok(next) => actions = next,
-                Err(StoreError::Fenced(detail)) => {
-                    let reason = match fence {
-                        Some(fence) => self.fenced(run.label(), fence, &StoreError::Fenced(detail)),
-                        None => detail,
-                    };
-                    return (run, Vec::new(), DriveEnd::LockLost(reason));
-                }
                 Err(error) => {
-                    warn!(%error, "stopping label: the journal could not be written");
-                    return (run, Vec::new(), DriveEnd::JournalFailed(error.to_string()));
+                    let end = self.journal_failure(&run, fence, error);
+                    return (run, Vec::new(), end);
                 }
             }
         }
+        if let Err(error) = self.flush(fence, &mut unwritten).await {
+            let end = self.journal_failure(&run, fence, error);
+            return (run, Vec::new(), end);
+        }
         (run, Vec::new(), DriveEnd::Finished)
+    }
+
+    /// How a failed journal write ends the drive: fenced off → the lock is
+    /// lost; anything else → the run stays resumable at its last write.
+    fn journal_failure(
+        &self,
+        run: &LabelRun,
+        fence: Option<&Fence>,
+        error: StoreError,
+    ) -> DriveEnd {
+        match error {
+            StoreError::Fenced(detail) => DriveEnd::LockLost(match fence {
+                Some(fence) => self.fenced(run.label(), fence, &StoreError::Fenced(detail)),
+                None => detail,
+            }),
+            error => {
+                warn!(%error, "stopping label: the journal could not be written");
+                DriveEnd::JournalFailed(error.to_string())
+            }
+        }
+    }
+
+    /// Step the machine and journal the transition, batching what only reads.
+    ///
+    /// **Journal before acting** needs an intent durable before its side
+    /// effect and a side effect's result durable before the next decision
+    /// acts on it; a read (counts, published version, a poll) has no effect
+    /// outside. So a transition caused by a read whose next actions are
+    /// reads again is kept in `unwritten` and written, in one
+    /// [`RunStore::record_all`](crate::ports::RunStore::record_all), with the
+    /// first transition whose next action is not a read (or when the drive
+    /// stops). A crash before that write loses only reads, which the resumed
+    /// run repeats. A poll that changed nothing but the poll counter (the
+    /// dataset is still the one last seen, the same poll is pending) is not
+    /// written at all: the stored state already says "poll again".
+    pub(super) async fn apply_batched(
+        &self,
+        run: &mut LabelRun,
+        event: Event,
+        fence: Option<&Fence>,
+        unwritten: &mut Vec<Transition>,
+    ) -> Result<Vec<Action>, StoreError> {
+        let Some(fence) = fence else {
+            return self.apply(run, event, None).await;
+        };
+        let before_poll = matches!(event, Event::Polled { .. }).then(|| run.clone());
+        let from = run.stage;
+        let read_result = matches!(
+            event,
+            Event::Started { .. }
+                | Event::CountsRead { .. }
+                | Event::PublishedRead { .. }
+                | Event::Polled { .. }
+        );
+        let actions = Self::step_or_fail(run, &event);
+        if before_poll.is_some_and(|before| nothing_new(&before, run)) {
+            return Ok(actions);
+        }
+        unwritten.push(self.transition(run, from, event));
+        let reads_next = !actions.is_empty() && actions.iter().all(is_read);
+        if !(read_result && reads_next) {
+            self.flush(Some(fence), unwritten).await?;
+        }
+        Ok(actions)
+    }
+
+    /// Write the transitions stepped but not written yet, as one write.
+    async fn flush(
+        &self,
+        fence: Option<&Fence>,
+        unwritten: &mut Vec<Transition>,
+    ) -> Result<(), StoreError> {
+        let Some(fence) = fence else {
+            unwritten.clear();
+            return Ok(());
+        };
+        let written = match unwritten.as_slice() {
+            [] => return Ok(()),
+            [one] => self.store.record(one, fence).await,
+            all => self.store.record_all(all, fence).await,
+        };
+        let transitions = std::mem::take(unwritten);
+        written?;
+        for transition in transitions {
+            self.audit_step(&transition.snapshot, transition.from, &transition.event);
+            failpoint::hit_lazy("after-journal", || transition.event.name());
+        }
+        Ok(())
+    }
+
+    /// Stopping anyway (interrupt): keep what was read, if the store lets us.
+    async fn flush_before_stopping(&self, fence: Option<&Fence>, unwritten: &mut Vec<Transition>) {
+        if let Err(error) = self.flush(fence, unwritten).await {
+            warn!(%error, "could not journal the last reads before stopping; the resumed run repeats them");
+        }
+    }
+
+    fn step_or_fail(run: &mut LabelRun, event: &Event) -> Vec<Action> {
+        match run.step(event) {
+            Ok(actions) => actions,
+            Err(invalid) => {
+                warn!(%invalid, "state machine refused an event; failing the label");
+                run.step(&Event::ActionFailed {
+                    reason: format!("internal error: {invalid}"),
+                })
+                .unwrap_or_default()
+            }
+        }
     }
 
     /// Step the machine and journal the transition before anything acts on it.
@@ -550,16 +690,7 @@ impl Engine {
         fence: Option<&Fence>,
     ) -> Result<Vec<Action>, StoreError> {
         let from = run.stage;
-        let actions = match run.step(&event) {
-            Ok(actions) => actions,
-            Err(invalid) => {
-                warn!(%invalid, "state machine refused an event; failing the label");
-                run.step(&Event::ActionFailed {
-                    reason: format!("internal error: {invalid}"),
-                })
-                .unwrap_or_default()
-            }
-        };
+        let actions = Self::step_or_fail(run, &event);
         if let Some(fence) = fence {
             let transition = self.transition(run, from, event);
             self.store.record(&transition, fence).await?;
@@ -624,4 +755,21 @@ impl Engine {
         }
         DriveEnd::Interrupted(note)
     }
+}
+
+/// Actions that only read: nothing outside changes when they run.
+fn is_read(action: &Action) -> bool {
+    matches!(
+        action,
+        Action::ReadCounts { .. } | Action::ReadPublished | Action::Poll { .. }
+    )
+}
+
+/// Whether a poll left the run as it was, but for its counters: same
+/// dataset seen, same decision, same next poll.
+fn nothing_new(before: &LabelRun, after: &LabelRun) -> bool {
+    let mut before = before.clone();
+    before.seq = after.seq;
+    before.polls = after.polls;
+    before == *after
 }

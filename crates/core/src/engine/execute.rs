@@ -209,7 +209,7 @@ impl Engine {
                 delay_ms,
                 check_prepare,
             } => {
-                self.poll(binding, run, delay_ms, check_prepare, stops)
+                self.poll(binding, run, delay_ms, check_prepare, shared, stops)
                     .await
             }
             Action::AcquireLease { .. } => self.acquire_lease(binding, run, stops, fence).await,
@@ -502,7 +502,7 @@ impl Engine {
     /// Deliver the report to every notifier that has not delivered it yet.
     async fn notify(&self, binding: &LabelBinding, run: &LabelRun) -> Executed {
         let report = self
-            .with_history(run, LabelReport::from_run(run, false))
+            .with_history(run, LabelReport::from_run(run, false), true)
             .await;
         let mut delivered = Vec::new();
         let mut transient = Vec::new();

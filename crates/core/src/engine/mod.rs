@@ -310,6 +310,8 @@ pub struct Engine {
     locks: HeldLocks,
     /// Time of each run's previous transition, for the audit log's `duration_s`.
     audit_marks: audit::Marks,
+    /// Metrics history read for a notification, reused by the cycle report.
+    history: audit::KeptHistory,
 }
 
 impl std::fmt::Debug for Engine {
@@ -326,13 +328,19 @@ type CountsCell = Arc<OnceCell<Result<BTreeMap<Label, FeedbackCounts>, PortError
 /// The result of one prepare restart, shared by every label using that job.
 type PrepareCell = Arc<OnceCell<Result<(), PortError>>>;
 
-/// Per-cycle shared work: one count query per watermark, one restart per prepare job.
+/// One read of a prepare job's stage, shared by the labels polling within
+/// the same round (`None`: the read failed).
+type StageCell = Arc<OnceCell<Option<crate::domain::SpaceStage>>>;
+
+/// Per-cycle shared work: one count query per watermark, one restart per
+/// prepare job, one stage read per prepare job per poll round.
 #[derive(Default)]
 struct CycleShared {
     counts: Mutex<HashMap<DateTime<Utc>, CountsCell>>,
     prepares: Mutex<HashMap<String, PrepareCell>>,
     /// Recorded in the manifest of every run the cycle creates.
     triggered_by: Option<String>,
+    stages: Mutex<HashMap<String, (tokio::time::Instant, StageCell)>>,
 }
 
 impl CycleShared {
@@ -343,6 +351,21 @@ impl CycleShared {
     fn prepare_cell(&self, key: &str) -> PrepareCell {
         let mut map = self.prepares.lock().unwrap_or_else(|e| e.into_inner());
         map.entry(key.to_owned()).or_default().clone()
+    }
+    /// The stage read of prepare job `key` begun less than `fresh` ago (in
+    /// flight or done), or a new one: labels waiting on the same job share
+    /// one read per round instead of one each.
+    fn stage_cell(&self, key: &str, fresh: Duration) -> StageCell {
+        let now = tokio::time::Instant::now();
+        let mut map = self.stages.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get(key) {
+            Some((begun, cell)) if now.duration_since(*begun) < fresh => cell.clone(),
+            _ => {
+                let cell = StageCell::default();
+                map.insert(key.to_owned(), (now, cell.clone()));
+                cell
+            }
+        }
     }
 }
 
@@ -414,6 +437,7 @@ impl Engine {
             wakers: Mutex::new(HashMap::new()),
             locks: HeldLocks::default(),
             audit_marks: audit::Marks::default(),
+            history: audit::KeptHistory::default(),
         }
     }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use super::cycle::Stops;
-use super::{Engine, Executed, LabelBinding};
+use super::{CycleShared, Engine, Executed, LabelBinding};
 use crate::domain::RunId;
 use crate::machine::{Event, LabelRun};
 use crate::ports::{MetadataRead, PortError};
@@ -19,6 +19,7 @@ impl Engine {
         run: &LabelRun,
         delay_ms: u64,
         check_prepare: bool,
+        shared: &CycleShared,
         stops: &Stops<'_>,
     ) -> Executed {
         if delay_ms > 0 {
@@ -55,14 +56,23 @@ impl Engine {
                 ))
             }
         };
-        let prepare_stage = match (&binding.prepare, check_prepare) {
-            (Some(controller), true) => match controller.stage().await {
-                Ok(stage) => Some(stage),
-                Err(e) => {
-                    warn!(error = %e, "could not read the prepare job's stage");
-                    None
-                }
-            },
+        let prepare_stage = match (&binding.prepare, &run.plan.prepare, check_prepare) {
+            (Some(controller), Some(job), true) => {
+                // One read per job per round (half a poll interval): every
+                // label waiting on this job decides on the same answer.
+                let cell = shared.stage_cell(job, run.plan.poll_interval / 2);
+                cell.get_or_init(|| async {
+                    match controller.stage().await {
+                        Ok(stage) => Some(stage),
+                        Err(e) => {
+                            warn!(error = %e, "could not read the prepare job's stage");
+                            None
+                        }
+                    }
+                })
+                .await
+                .clone()
+            }
             _ => None,
         };
         let (current_len, version) = dataset

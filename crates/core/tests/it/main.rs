@@ -8,4 +8,5 @@ mod engine;
 mod machine_props;
 mod purity;
 mod rollback;
+mod scale;
 mod support;

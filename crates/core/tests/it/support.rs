@@ -47,6 +47,8 @@ pub struct MemStore {
     clock: Arc<TokioClock>,
     /// While set, lock renewals fail (a store outage seen by one holder).
     pub renewals_fail: Arc<AtomicBool>,
+    /// `list_runs` calls (each metrics-history read makes one).
+    pub run_listings: Arc<AtomicUsize>,
 }
 
 impl MemStore {
@@ -278,6 +280,24 @@ impl RunStore for MemStore {
         self.store_transition(transition);
         self.after_write()
     }
+    /// One atomic write (one crash point), like the SQL stores.
+    async fn record_all(
+        &self,
+        transitions: &[Transition],
+        fence: &Fence,
+    ) -> Result<(), StoreError> {
+        self.check()?;
+        if let Some(first) = transitions.first() {
+            self.fence(&first.label, fence)?;
+        }
+        if self.loses_this_write() {
+            return self.after_write();
+        }
+        for transition in transitions {
+            self.store_transition(transition);
+        }
+        self.after_write()
+    }
     async fn finish(
         &self,
         transition: &Transition,
@@ -300,6 +320,7 @@ impl RunStore for MemStore {
         self.after_write()
     }
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, StoreError> {
+        self.run_listings.fetch_add(1, Ordering::SeqCst);
         let d = self.data.lock().unwrap();
         Ok(d.runs
             .values()

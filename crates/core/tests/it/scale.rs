@@ -1,0 +1,186 @@
+//! What a cycle costs the store and the outside world (issue 11): polls
+//! that saw nothing new write nothing, the read-only steps of phase one are
+//! one write, labels waiting on one prepare job share its stage reads, and a
+//! gated run reads its metrics history once.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use retrain_core::domain::*;
+use retrain_core::engine::CycleRequest;
+use retrain_core::ports::*;
+use retrain_core::report::LabelStatus;
+use retrain_core::CancellationToken;
+use tokio::time::Instant;
+
+use crate::support::*;
+
+/// A prepare job whose dataset (`v2`) appears `after` its restart, counting
+/// the reads of its stage and of the metadata.
+struct Delayed {
+    world: World,
+    after: Duration,
+    restarted_at: Mutex<Option<Instant>>,
+    stage_reads: AtomicUsize,
+    metadata_reads: AtomicUsize,
+}
+
+impl Delayed {
+    fn new(world: &World, after: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            world: world.clone(),
+            after,
+            restarted_at: Mutex::new(None),
+            stage_reads: AtomicUsize::new(0),
+            metadata_reads: AtomicUsize::new(0),
+        })
+    }
+    fn published(&self) -> DatasetVersion {
+        let restarted = *self.restarted_at.lock().unwrap();
+        match restarted {
+            Some(at) if at.elapsed() >= self.after => dataset("v2", 500, 3600),
+            _ => dataset("v1", 10, 0),
+        }
+    }
+}
+
+struct DelayedPrepare(Arc<Delayed>);
+#[async_trait]
+impl SpaceController for DelayedPrepare {
+    async fn restart(&self, _intent: &JobKey) -> Result<(), PortError> {
+        self.0
+            .world
+            .counters
+            .restarts
+            .fetch_add(1, Ordering::SeqCst);
+        self.0
+            .restarted_at
+            .lock()
+            .unwrap()
+            .get_or_insert(Instant::now());
+        Ok(())
+    }
+    async fn stage(&self) -> Result<SpaceStage, PortError> {
+        self.0.stage_reads.fetch_add(1, Ordering::SeqCst);
+        Ok(SpaceStage::Running)
+    }
+    fn describe(&self) -> String {
+        "delayed prepare".into()
+    }
+}
+
+struct DelayedMetadata(Arc<Delayed>);
+#[async_trait]
+impl MetadataStore for DelayedMetadata {
+    async fn read(&self, known: Option<String>) -> Result<MetadataRead, PortError> {
+        self.0.metadata_reads.fetch_add(1, Ordering::SeqCst);
+        let published = self.0.published();
+        Ok(if known.is_some() && published.revision == known {
+            MetadataRead::Unchanged
+        } else {
+            MetadataRead::Published(published)
+        })
+    }
+    fn describe(&self) -> String {
+        "delayed metadata".into()
+    }
+}
+
+/// One cycle of `labels` labels sharing one prepare job whose dataset
+/// appears `after` the restart; the store and the delayed job, to count.
+async fn cycle_with_delay(labels: &[&str], after: Duration) -> (MemStore, Arc<Delayed>) {
+    let world = World::new();
+    let store = MemStore::new();
+    let delayed = Delayed::new(&world, after);
+    let bindings = labels
+        .iter()
+        .map(|label| {
+            let mut binding = binding(
+                &world,
+                plan(label),
+                Arc::new(DelayedPrepare(delayed.clone())),
+            );
+            binding.metadata = Arc::new(DelayedMetadata(delayed.clone()));
+            binding
+        })
+        .collect();
+    let engine = engine(&store, &world, bindings);
+    let report = engine
+        .run_cycle(CycleRequest::default(), CancellationToken::new())
+        .await
+        .unwrap();
+    // The first label promotes; the others' candidates are no better than
+    // the production it just got, so they are rejected.
+    for label in &report.labels {
+        assert!(
+            matches!(label.status, LabelStatus::Promoted | LabelStatus::Rejected),
+            "{label:?}"
+        );
+        assert_eq!(label.dataset_version.as_ref().unwrap().as_str(), "v2");
+    }
+    (store, delayed)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_poll_that_observed_nothing_new_writes_nothing() {
+    // poll_interval is 1 s: about 3 polls, then about 30.
+    let (short, short_job) = cycle_with_delay(&["department"], Duration::from_secs(3)).await;
+    let (long, long_job) = cycle_with_delay(&["department"], Duration::from_secs(30)).await;
+    let polls = |job: &Delayed| job.metadata_reads.load(Ordering::SeqCst);
+    assert!(
+        polls(&long_job) >= polls(&short_job) + 25,
+        "the long wait should poll more: {} vs {}",
+        polls(&long_job),
+        polls(&short_job)
+    );
+    assert_eq!(
+        long.writes(),
+        short.writes(),
+        "27 more polls that saw nothing new must not write"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_read_only_steps_of_phase_one_are_one_write() {
+    let (store, _) = cycle_with_delay(&["department"], Duration::from_secs(3)).await;
+    // Written one by one: started, counts_read, published_read,
+    // prepare_restarted, the first poll, the poll that saw the dataset,
+    // training_started, training_finished, baseline_read, promoted,
+    // notified, committed (12). Batched: started + counts_read +
+    // published_read go as one write, the unchanged polls not at all.
+    assert!(
+        store.writes() <= 11,
+        "{} journal writes for one run",
+        store.writes()
+    );
+    // Every transition that was written is a journal line, in order.
+    let run = &store.finished_runs("department")[0];
+    assert_eq!(run.stage, retrain_core::machine::Stage::Done);
+}
+
+#[tokio::test(start_paused = true)]
+async fn labels_waiting_on_one_prepare_job_share_its_stage_reads() {
+    let labels = ["a", "b", "c", "d", "e"];
+    let (_, job) = cycle_with_delay(&labels, Duration::from_secs(10)).await;
+    let stage_reads = job.stage_reads.load(Ordering::SeqCst);
+    let metadata_reads = job.metadata_reads.load(Ordering::SeqCst);
+    // Each label polls about 11 times (1 s interval, 10 s wait); one stage
+    // read per round serves all five.
+    assert!(
+        metadata_reads >= labels.len() * 10,
+        "every label polls its metadata: {metadata_reads}"
+    );
+    assert!(
+        stage_reads <= 14,
+        "{stage_reads} stage reads for 5 labels waiting 10 s on one job"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_gated_run_reads_its_metrics_history_once() {
+    let (store, _) = cycle_with_delay(&["department"], Duration::from_secs(1)).await;
+    // The notification reads it; the cycle report reuses that read.
+    assert_eq!(store.run_listings.load(Ordering::SeqCst), 1);
+}
