@@ -5,6 +5,7 @@
 pub mod events;
 pub mod health;
 pub mod labels;
+pub mod rollback;
 pub mod runs;
 
 use std::marker::PhantomData;
@@ -66,6 +67,7 @@ fn api() -> Router<AppState> {
         .route("/v1/runs/{id}/approve", post(runs::approve))
         .route("/v1/runs/{id}/reject", post(runs::reject))
         .route("/v1/labels", get(labels::list))
+        .route("/v1/labels/{label}/rollback", post(rollback::rollback))
         .route("/v1/events", get(events::stream))
         .merge(hooks::router())
 }
@@ -100,7 +102,12 @@ macro_rules! scopes {
     };
 }
 
-scopes!(ReadScope => Read, TriggerScope => Trigger, ApproveScope => Approve);
+scopes!(
+    ReadScope => Read,
+    TriggerScope => Trigger,
+    ApproveScope => Approve,
+    RollbackScope => Rollback
+);
 
 /// The caller of a request, authorized for `S`. As the first extractor of
 /// a handler it runs before the body is read: a request without the right

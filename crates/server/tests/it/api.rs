@@ -444,3 +444,99 @@ async fn more_routes_can_be_mounted_with_the_same_auth_and_errors() {
     assert_eq!(wrong_method.status(), 405);
     app.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_over_http_restores_production_once_and_records_the_token_name() {
+    let (workspace, app) = spawn_app(Store::Sqlite).await;
+    // Production before retrain: version 1, a model the candidate beats.
+    std::fs::write(
+        workspace.root().join("registry.json"),
+        r#"{"models": {"manual-model": {"production": "1", "versions": [
+            {"version": "1", "candidate": "hand-made", "status": "production",
+             "metrics": {"accuracy": 0.5}}]}}}"#,
+    )
+    .unwrap();
+    let production = || {
+        let registry: Value =
+            serde_json::from_slice(&std::fs::read(workspace.root().join("registry.json")).unwrap())
+                .unwrap();
+        registry["models"]["manual-model"]["production"].clone()
+    };
+    let body = app.trigger(&["manual"]).await;
+    let run_id = entry(&body, "manual")["run_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    app.wait_stage(&run_id, &["awaiting_approval"]).await;
+    let approved = app
+        .post(&format!("/v1/runs/{run_id}/approve"), ADMIN)
+        .json(&json!({"reason": "looks good"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(approved.status(), 200);
+    assert_eq!(production(), "2");
+
+    let path = "/v1/labels/manual/rollback";
+    // The read scope may not roll back; nothing changes.
+    let denied = app
+        .post(path, READER)
+        .json(&json!({"reason": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(denied.status(), 403);
+    let no_reason = app.post(path, ADMIN).json(&json!({})).send().await.unwrap();
+    assert_eq!(no_reason.status(), 400);
+    let no_reason: Value = no_reason.json().await.unwrap();
+    assert_eq!(no_reason["error"]["code"], "reason_required");
+    let never = app
+        .post(path, ADMIN)
+        .json(&json!({"reason": "x", "to_version": "7"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(never.status(), 409);
+    let never: Value = never.json().await.unwrap();
+    assert_eq!(never["error"]["code"], "rollback_refused");
+    let unknown = app
+        .post("/v1/labels/nope/rollback", ADMIN)
+        .json(&json!({"reason": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 400);
+    assert_eq!(production(), "2", "a refused rollback changed production");
+
+    let rolled = app
+        .post(path, ADMIN)
+        .json(&json!({"reason": "dice regressed"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rolled.status(), 200);
+    let rolled: Value = rolled.json().await.unwrap();
+    assert_eq!(rolled["status"], "rolled_back", "{rolled}");
+    assert_eq!(rolled["rolled_back_by"], "admin");
+    assert_eq!(rolled["resumed"], false);
+    assert_eq!(production(), "1");
+    // Version 1 is production again: a second identical request is refused.
+    let again = app
+        .post(path, ADMIN)
+        .json(&json!({"reason": "dice regressed", "to_version": "1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 409);
+    let history = workspace
+        .store()
+        .await
+        .promotions(&retrain_core::domain::Label::new("manual").unwrap())
+        .await
+        .unwrap();
+    let last = history.last().unwrap();
+    assert_eq!(last.kind, retrain_core::journal::PromotionKind::Rollback);
+    assert_eq!(last.by, "admin");
+    assert_eq!(last.reason.as_deref(), Some("dice regressed"));
+    app.shutdown().await.unwrap();
+}
