@@ -65,7 +65,7 @@ use crate::scrub::Scrubber;
 
 mod check;
 mod process;
-mod result;
+pub(crate) mod result;
 
 pub use check::CommandDatasetCheck;
 

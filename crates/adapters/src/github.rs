@@ -411,10 +411,9 @@ pub fn actions_run_url_from_env() -> Option<String> {
 #[derive(Debug, Clone)]
 pub struct GithubNotifier {
     settings: GithubSettings,
-    api: Url,
+    api: GithubApi,
     owner: String,
     name: String,
-    http: RetryingClient,
     /// The App bot login (`my-app[bot]`) to recognise our own comments by
     /// when the token is an installation token (`GET /user` answers 403).
     app_login: Option<String>,
@@ -584,34 +583,163 @@ pub fn marker(label: &str) -> String {
     format!("<!-- retrain:label={label} -->")
 }
 
-impl GithubNotifier {
-    pub fn new(settings: GithubSettings) -> Result<Self, AdapterError> {
-        let (owner, name) = settings
-            .repo
-            .split_once('/')
-            .filter(|(o, n)| !o.is_empty() && !n.is_empty() && !n.contains('/'))
-            .map(|(o, n)| (o.to_owned(), n.to_owned()))
-            .ok_or_else(|| {
-                AdapterError::config(
-                    "notify.github",
-                    format!("`{}` is not an owner/name repository", settings.repo),
-                )
-            })?;
-        let api = Url::parse(settings.api_url.trim_end_matches('/')).map_err(|e| {
-            AdapterError::config(
-                "GITHUB_API_URL",
-                format!("`{}` is not a URL: {e}", settings.api_url),
-            )
+/// `owner/name` → (`owner`, `name`): both non-empty, exactly one `/`.
+pub(crate) fn split_repo(repo: &str) -> Option<(String, String)> {
+    repo.split_once('/')
+        .filter(|(o, n)| !o.is_empty() && !n.is_empty() && !n.contains('/'))
+        .map(|(o, n)| (o.to_owned(), n.to_owned()))
+}
+
+/// GitHub's REST API as every GitHub adapter talks to it (the notifier, the
+/// workflow trainer): one base URL (`GITHUB_API_URL`; Enterprise:
+/// `https://host/api/v3`), the token as a bearer, REST API version
+/// [`API_VERSION`], and the shared retrying client (rate limits waited out).
+/// The token never appears in `Debug`, logs or errors.
+#[derive(Clone)]
+pub(crate) struct GithubApi {
+    base: Url,
+    token: SecretString,
+    http: RetryingClient,
+}
+
+impl fmt::Debug for GithubApi {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GithubApi")
+            .field("base", &self.base.as_str())
+            .field("token", &"***")
+            .finish_non_exhaustive()
+    }
+}
+
+impl GithubApi {
+    /// Errors name `GITHUB_API_URL` or `GITHUB_TOKEN`, never the token.
+    pub(crate) fn new(
+        api_url: &str,
+        token: &SecretString,
+        policy: HttpPolicy,
+    ) -> Result<Self, AdapterError> {
+        let base = Url::parse(api_url.trim_end_matches('/')).map_err(|e| {
+            AdapterError::config("GITHUB_API_URL", format!("`{api_url}` is not a URL: {e}"))
         })?;
-        if settings.token.expose_secret().trim().is_empty() {
+        if token.expose_secret().trim().is_empty() {
             return Err(AdapterError::config("GITHUB_TOKEN", "is empty"));
         }
-        if api.cannot_be_a_base() {
+        if base.cannot_be_a_base() || !matches!(base.scheme(), "http" | "https") {
             return Err(AdapterError::config(
                 "GITHUB_API_URL",
-                format!("`{}` is not an http(s) URL", settings.api_url),
+                format!("`{api_url}` is not an http(s) URL"),
             ));
         }
+        Ok(Self {
+            base,
+            token: token.clone(),
+            http: RetryingClient::new(policy)?,
+        })
+    }
+
+    pub(crate) fn base(&self) -> &Url {
+        &self.base
+    }
+
+    pub(crate) fn http(&self) -> &RetryingClient {
+        &self.http
+    }
+
+    /// `<api>/<path>` (the path as given, already escaped).
+    pub(crate) fn url(&self, path: &str) -> String {
+        format!(
+            "{}/{}",
+            self.base.as_str().trim_end_matches('/'),
+            path.trim_start_matches('/')
+        )
+    }
+
+    /// `<api>/<segments…>`, every `/`-separated part pushed as one
+    /// percent-encoded path segment (branch names and file paths keep their
+    /// slashes, anything else is escaped).
+    pub(crate) fn endpoint(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        {
+            let mut path = url
+                .path_segments_mut()
+                .expect("checked in new(): the API URL can be a base");
+            path.pop_if_empty();
+            for segment in segments {
+                for part in segment.split('/') {
+                    path.push(part);
+                }
+            }
+        }
+        url
+    }
+
+    /// A request with GitHub's headers and the token.
+    pub(crate) fn request(
+        &self,
+        client: &reqwest::Client,
+        method: Method,
+        url: &str,
+        body: Option<&Value>,
+    ) -> RequestBuilder {
+        let request = client
+            .request(method, url)
+            .header("accept", ACCEPT)
+            .header("x-github-api-version", API_VERSION)
+            .bearer_auth(self.token.expose_secret());
+        match body {
+            Some(body) => request.json(body),
+            None => request,
+        }
+    }
+
+    /// Whether `url` is on the API's own origin: the only place the token
+    /// may be sent.
+    pub(crate) fn is_own(&self, url: &Url) -> bool {
+        url.origin() == self.base.origin()
+    }
+
+    /// Follow `Link: <…>; rel="next"`, but only to our own API host: the
+    /// token must never be sent elsewhere.
+    pub(crate) fn next_link(&self, response: &Response) -> Option<String> {
+        let link = response.headers().get("link")?.to_str().ok()?;
+        let next = link.split(',').find_map(|part| {
+            let (url, rel) = part.split_once(';')?;
+            rel.contains("rel=\"next\"").then(|| {
+                url.trim()
+                    .trim_start_matches('<')
+                    .trim_end_matches('>')
+                    .to_owned()
+            })
+        })?;
+        let parsed = Url::parse(&next).ok()?;
+        self.is_own(&parsed).then_some(next)
+    }
+}
+
+/// `error_for_status` with `hint`, plus the permission GitHub says the call
+/// needed (`x-accepted-github-permissions`) when it says so.
+pub(crate) async fn failure(what: &str, hint: &str, response: Response) -> PortError {
+    let needed = response
+        .headers()
+        .get("x-accepted-github-permissions")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.trim().is_empty())
+        .map(str::to_owned);
+    let hint = match needed {
+        Some(needed) => format!("{hint} (GitHub says this call needs: {needed})"),
+        None => hint.to_owned(),
+    };
+    error_for_status(what, &hint, response).await
+}
+
+impl GithubNotifier {
+    pub fn new(settings: GithubSettings) -> Result<Self, AdapterError> {
+        let (owner, name) = split_repo(&settings.repo).ok_or_else(|| {
+            AdapterError::config(
+                "notify.github",
+                format!("`{}` is not an owner/name repository", settings.repo),
+            )
+        })?;
         match &settings.target {
             GithubTarget::PullRequest {
                 head, base, file, ..
@@ -655,9 +783,8 @@ impl GithubNotifier {
             ..settings.policy.clone()
         };
         Ok(Self {
-            http: RetryingClient::new(policy)?,
+            api: GithubApi::new(&settings.api_url, &settings.token, policy)?,
             settings,
-            api,
             owner,
             name,
             app_login: None,
@@ -677,17 +804,13 @@ impl GithubNotifier {
     }
 
     fn url(&self, path: &str) -> String {
-        format!(
-            "{}/{}",
-            self.api.as_str().trim_end_matches('/'),
-            path.trim_start_matches('/')
-        )
+        self.api.url(path)
     }
 
     /// GraphQL endpoint: `https://api.github.com/graphql`, or for Enterprise
     /// (`https://host/api/v3`) `https://host/api/graphql`.
     fn graphql_url(&self) -> String {
-        let base = self.api.as_str().trim_end_matches('/');
+        let base = self.api.base().as_str().trim_end_matches('/');
         match base.strip_suffix("/api/v3") {
             Some(host) => format!("{host}/api/graphql"),
             None => format!("{base}/graphql"),
@@ -701,15 +824,7 @@ impl GithubNotifier {
         url: &str,
         body: Option<&Value>,
     ) -> RequestBuilder {
-        let request = client
-            .request(method, url)
-            .header("accept", ACCEPT)
-            .header("x-github-api-version", API_VERSION)
-            .bearer_auth(self.settings.token.expose_secret());
-        match body {
-            Some(body) => request.json(body),
-            None => request,
-        }
+        self.api.request(client, method, url, body)
     }
 
     /// One request; non-2xx answers become errors naming `what`.
@@ -722,7 +837,8 @@ impl GithubNotifier {
         replay: Replay,
     ) -> Result<Response, PortError> {
         let response = self
-            .http
+            .api
+            .http()
             .send_with(&Call::new(what, replay), |c| {
                 self.request(c, method.clone(), url, body)
             })
@@ -743,21 +859,8 @@ impl GithubNotifier {
         })
     }
 
-    /// Follow `Link: <…>; rel="next"`, but only to our own API host: the
-    /// token must never be sent elsewhere.
     fn next_link(&self, response: &Response) -> Option<String> {
-        let link = response.headers().get("link")?.to_str().ok()?;
-        let next = link.split(',').find_map(|part| {
-            let (url, rel) = part.split_once(';')?;
-            rel.contains("rel=\"next\"").then(|| {
-                url.trim()
-                    .trim_start_matches('<')
-                    .trim_end_matches('>')
-                    .to_owned()
-            })
-        })?;
-        let parsed = Url::parse(&next).ok()?;
-        (parsed.origin() == self.api.origin()).then_some(next)
+        self.api.next_link(response)
     }
 
     async fn list_all<T: for<'de> Deserialize<'de>>(
@@ -801,7 +904,8 @@ impl GithubNotifier {
         let what = "GitHub authenticated user (GET /user)";
         let url = self.url("user");
         let response = self
-            .http
+            .api
+            .http()
             .send_with(&Call::new(what, Replay::ByMethod), |c| {
                 self.request(c, Method::GET, &url, None)
             })
@@ -908,7 +1012,8 @@ impl GithubNotifier {
         let payload = json!({ "body": body });
         // A POST: resent only after the check found it did not take effect.
         let outcome = self
-            .http
+            .api
+            .http()
             .send_checked(
                 &Call::new(&what, Replay::ByMethod),
                 |c| self.request(c, Method::POST, &url, Some(&payload)),
@@ -1059,7 +1164,8 @@ impl GithubNotifier {
         let payload = json!({ "title": title, "head": head, "base": base, "body": body });
         // A POST: resent only after the check found no PR of ours.
         let outcome = self
-            .http
+            .api
+            .http()
             .send_checked(
                 &Call::new(&what, Replay::ByMethod),
                 |c| self.request(c, Method::POST, &url, Some(&payload)),
@@ -1251,39 +1357,16 @@ impl GithubNotifier {
     /// percent-encoded path segment (branch names and file paths keep their
     /// slashes, anything else is escaped).
     fn endpoint(&self, segments: &[&str]) -> Url {
-        let mut url = self.api.clone();
-        {
-            let mut path = url
-                .path_segments_mut()
-                .expect("checked in new(): the API URL can be a base");
-            path.pop_if_empty();
-            for segment in segments {
-                for part in segment.split('/') {
-                    path.push(part);
-                }
-            }
-        }
-        url
+        self.api.endpoint(segments)
     }
 
-    /// `error_for_status` with `hint`, plus the permission GitHub says the
-    /// call needed (`x-accepted-github-permissions`) when it says so.
     async fn failure(what: &str, hint: &str, response: Response) -> PortError {
-        let needed = response
-            .headers()
-            .get("x-accepted-github-permissions")
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.trim().is_empty())
-            .map(str::to_owned);
-        let hint = match needed {
-            Some(needed) => format!("{hint} (GitHub says this call needs: {needed})"),
-            None => hint.to_owned(),
-        };
-        error_for_status(what, &hint, response).await
+        failure(what, hint, response).await
     }
 
     async fn get(&self, what: &str, url: &Url) -> Result<Response, PortError> {
-        self.http
+        self.api
+            .http()
             .send_with(&Call::new(what, Replay::ByMethod), |c| {
                 self.request(c, Method::GET, url.as_str(), None)
             })
@@ -1301,7 +1384,8 @@ impl GithubNotifier {
         hint: &str,
     ) -> Result<Response, PortError> {
         let response = self
-            .http
+            .api
+            .http()
             .send_with(&Call::new(what, replay), |c| {
                 self.request(c, method.clone(), url.as_str(), Some(body))
             })
@@ -1408,7 +1492,8 @@ impl GithubNotifier {
         let payload = json!({ "ref": format!("refs/heads/{branch}"), "sha": sha });
         // A POST: resent only after the check found no such branch.
         let outcome = self
-            .http
+            .api
+            .http()
             .send_checked(
                 &Call::new(&what, Replay::ByMethod),
                 |c| self.request(c, Method::POST, url.as_str(), Some(&payload)),
@@ -1653,7 +1738,8 @@ impl GithubNotifier {
         // took effect, so it is resent only after the check found the file
         // not written.
         let outcome = self
-            .http
+            .api
+            .http()
             .send_checked(
                 &Call::new(&what, Replay::ByMethod),
                 |c| self.request(c, Method::PUT, url.as_str(), Some(&payload)),
@@ -1807,7 +1893,8 @@ impl GithubNotifier {
         let payload = json!({ "event": "APPROVE", "body": approval_body(report) });
         // A POST: resent only after the check found no approval of ours.
         let outcome = self
-            .http
+            .api
+            .http()
             .send_checked(
                 &Call::new(&what, Replay::ByMethod),
                 |c| self.request(c, Method::POST, url.as_str(), Some(&payload)),

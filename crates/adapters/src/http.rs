@@ -614,6 +614,39 @@ pub async fn error_for_status(what: &str, permission_hint: &str, response: Respo
     }
 }
 
+/// The body of `response`, refused once it grows over `limit` bytes (read
+/// chunk by chunk, so an endless or huge body is never buffered whole).
+pub async fn read_limited(
+    what: &str,
+    mut response: Response,
+    limit: usize,
+) -> Result<Vec<u8>, PortError> {
+    let mut body = Vec::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > limit {
+                    return Err(PortError::InvalidResponse(format!(
+                        "{what}: response body is larger than {limit} bytes"
+                    )));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(e) => {
+                return Err(PortError::Transient(format!(
+                    "{what}: reading the response body failed: {}",
+                    if e.is_timeout() {
+                        "timed out"
+                    } else {
+                        "connection error"
+                    }
+                )))
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

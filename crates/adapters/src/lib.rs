@@ -13,6 +13,7 @@ pub mod ec2;
 pub mod error;
 pub mod file_metadata;
 pub mod github;
+pub mod github_workflow;
 pub mod hf;
 pub mod http;
 pub mod json_registry;

@@ -16,14 +16,15 @@ use secrecy::ExposeSecret;
 use crate::command::{CommandDatasetCheck, CommandSpace, CommandSpec, CommandTrainer};
 use crate::error::AdapterError;
 use crate::file_metadata::FileMetadataStore;
+use crate::github_workflow::{GithubWorkflowSettings, GithubWorkflowTrainer};
 use crate::hf::{HfMetadataStore, HfSpaceController, HfSpaceTrainer, HubClient, HubSettings};
 use crate::http::HttpPolicy;
 use crate::json_registry::JsonRegistry;
 use crate::log_notifier::LogNotifier;
 use crate::scrub::{url_secrets, Scrubber};
 use crate::settings::{
-    CommandConfig, JobSpec, LabelSettings, LeaseSpec, LoadedSettings, NotifyOn, NotifySpec,
-    RegistrySpec, Settings,
+    CommandConfig, GithubWorkflowConfig, JobSpec, LabelSettings, LeaseSpec, LoadedSettings,
+    NotifyOn, NotifySpec, RegistrySpec, Settings,
 };
 use crate::store::{open_run_store, StoreOptions};
 
@@ -186,6 +187,12 @@ fn prepare_controller(
             CommandSpace::new(command_spec(config), job_dir(clients.settings))?
                 .with_scrubber(clients.scrubber.clone()),
         ),
+        JobSpec::GithubWorkflow(_) => {
+            return Err(AdapterError::config(
+                "prepare",
+                "a GitHub workflow runs trainers only; a prepare job is a command or a Space",
+            ))
+        }
     })
 }
 
@@ -198,6 +205,37 @@ fn trainer(clients: &mut Clients<'_>, spec: &JobSpec) -> Result<Arc<dyn Trainer>
             CommandTrainer::new(command_spec(config), job_dir(clients.settings))?
                 .with_scrubber(clients.scrubber.clone()),
         ),
+        JobSpec::GithubWorkflow(config) => {
+            Arc::new(github_workflow_trainer(clients.settings, config)?)
+        }
+    })
+}
+
+fn github_workflow_trainer(
+    settings: &Settings,
+    config: &GithubWorkflowConfig,
+) -> Result<GithubWorkflowTrainer, AdapterError> {
+    let token = settings.github.token.clone().ok_or_else(|| {
+        AdapterError::config(
+            "github.token",
+            format!(
+                "the GitHub workflow trainer ({}) needs GITHUB_TOKEN (or [github] token) with `actions: write`",
+                config.repo
+            ),
+        )
+    })?;
+    let trainer = GithubWorkflowTrainer::new(GithubWorkflowSettings {
+        api_url: settings.github.api_url.clone(),
+        token,
+        repo: config.repo.clone(),
+        workflow: config.workflow.clone(),
+        git_ref: config.git_ref.clone(),
+        inputs: config.inputs.clone(),
+        policy: http_policy(settings),
+    })?;
+    Ok(match config.poll_interval {
+        Some(interval) => trainer.with_poll_interval(interval),
+        None => trainer,
     })
 }
 

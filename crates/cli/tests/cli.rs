@@ -175,6 +175,43 @@ fn bad_config_exits_2_naming_the_key() {
 }
 
 #[test]
+fn a_bad_github_workflow_trainer_exits_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = |trainer: &str| {
+        std::fs::write(
+            dir.path().join("retrain.toml"),
+            format!("[labels.seg]\nthreshold = 1\nmetadata = \"m.json\"\ntrainer = {trainer}\n"),
+        )
+        .unwrap();
+    };
+    config(r#"{ github_workflow = { repo = "acme", workflow = "train.yml" } }"#);
+    retrain(dir.path())
+        .args(["config", "check"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("labels.seg.trainer"))
+        .stderr(predicate::str::contains("`repo`"));
+    config(r#"{ github_workflow = { repo = "acme/ml", workflow = "train" } }"#);
+    retrain(dir.path())
+        .arg("run")
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("labels.seg.trainer"))
+        .stderr(predicate::str::contains("`workflow`"));
+    // Valid, but no token to dispatch with: exit 2 naming github.token,
+    // before any run starts.
+    config(r#"{ github_workflow = { repo = "acme/ml", workflow = "train.yml" } }"#);
+    retrain(dir.path())
+        .env_remove("GITHUB_TOKEN")
+        .env_remove("RETRAIN_GITHUB__TOKEN")
+        .arg("run")
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("github.token"))
+        .stderr(predicate::str::contains("actions: write"));
+}
+
+#[test]
 fn unknown_label_is_a_usage_error() {
     let dir = quickstart();
     retrain(dir.path())

@@ -27,7 +27,7 @@ use retrain_core::ports::PortError;
 use serde::Deserialize;
 
 /// Largest result file accepted.
-pub(super) const RESULT_LIMIT: u64 = 1 << 20;
+pub(crate) const RESULT_LIMIT: u64 = 1 << 20;
 
 /// The `RETRAIN_RESULT` file a trainer writes.
 #[derive(Debug, Deserialize)]
@@ -149,7 +149,7 @@ fn metric_value(value: &serde_json::Value, tag: &str) -> Option<f64> {
 }
 
 /// Parse a result file; the error says what is wrong (the caller names the file).
-pub(super) fn parse_result(bytes: &[u8]) -> Result<Candidate, String> {
+pub(crate) fn parse_result(bytes: &[u8]) -> Result<Candidate, String> {
     let text = std::str::from_utf8(bytes)
         .map_err(|e| format!("is not valid result JSON: not UTF-8 ({e})"))?;
     let nonce = uuid::Uuid::now_v7().simple().to_string();

@@ -447,33 +447,17 @@ pub fn parse_space(raw: &str) -> Result<RepoId, AdapterError> {
 /// and a misconfigured URL must not make us buffer a multi-GB file.
 pub(crate) async fn read_limited(
     what: &str,
-    mut response: Response,
+    response: Response,
     limit: usize,
 ) -> Result<Vec<u8>, PortError> {
-    let mut body = Vec::new();
-    loop {
-        match response.chunk().await {
-            Ok(Some(chunk)) => {
-                if body.len() + chunk.len() > limit {
-                    return Err(PortError::InvalidResponse(format!(
-                        "{what}: response body is larger than {limit} bytes; is this the metadata file?"
-                    )));
-                }
-                body.extend_from_slice(&chunk);
+    crate::http::read_limited(what, response, limit)
+        .await
+        .map_err(|e| match e {
+            PortError::InvalidResponse(m) => {
+                PortError::InvalidResponse(format!("{m}; is this the metadata file?"))
             }
-            Ok(None) => return Ok(body),
-            Err(e) => {
-                return Err(PortError::Transient(format!(
-                    "{what}: reading the response body failed: {}",
-                    if e.is_timeout() {
-                        "timed out"
-                    } else {
-                        "connection error"
-                    }
-                )))
-            }
-        }
-    }
+            other => other,
+        })
 }
 
 #[cfg(test)]

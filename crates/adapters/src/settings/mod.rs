@@ -376,6 +376,8 @@ pub enum JobSpec {
         wait_running: Option<Duration>,
     },
     Command(CommandConfig),
+    /// Trainer only: a GitHub Actions workflow dispatched per job.
+    GithubWorkflow(GithubWorkflowConfig),
 }
 
 impl JobSpec {
@@ -384,8 +386,29 @@ impl JobSpec {
         match self {
             Self::HfSpace { repo, .. } => format!("hf-space://{repo}"),
             Self::Command(c) => format!("command:{}", c.argv.join(" ")),
+            Self::GithubWorkflow(w) => {
+                format!("github-workflow://{}/{}@{}", w.repo, w.workflow, w.git_ref)
+            }
         }
     }
+}
+
+/// `trainer = { github_workflow = { repo, workflow, ref, inputs, timeout,
+/// poll_interval } }`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GithubWorkflowConfig {
+    /// `owner/name`.
+    pub repo: String,
+    /// File name in `.github/workflows/` or numeric id.
+    pub workflow: String,
+    /// Branch or tag (default `main`).
+    pub git_ref: String,
+    /// Extra `workflow_dispatch` inputs.
+    pub inputs: BTreeMap<String, String>,
+    /// The run's time limit (the label's `train_timeout` unless that is set).
+    pub timeout: Option<Duration>,
+    /// How often the run is read (default 15 s).
+    pub poll_interval: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -901,6 +924,7 @@ fn validate(
             JobSpec::HfSpace { wait_running, .. } => {
                 wait_running.map(|w| w + Duration::from_secs(60))
             }
+            JobSpec::GithubWorkflow(w) => w.timeout,
         };
         let github_trigger = label_raw
             .github_trigger
@@ -1063,7 +1087,9 @@ fn parse_dataset_check(value: &Value) -> Result<Option<CommandConfig>, String> {
             }
             Ok(Some(config))
         }
-        Some(JobSpec::HfSpace { .. }) => Err(format!("a dataset check runs locally: {EXPECTED}")),
+        Some(JobSpec::HfSpace { .. } | JobSpec::GithubWorkflow(_)) => {
+            Err(format!("a dataset check runs locally: {EXPECTED}"))
+        }
     }
 }
 
@@ -1127,6 +1153,13 @@ pub fn parse_job(value: &Value, trainer: bool) -> Result<Option<JobSpec>, String
                     workdir,
                 })));
             }
+            if let Some(workflow) = table.get("github_workflow") {
+                check_keys(table, &["github_workflow"])?;
+                if !trainer {
+                    return Err("`github_workflow` runs trainers only; a prepare job is a command or a Space".into());
+                }
+                return parse_github_workflow(workflow).map(|w| Some(JobSpec::GithubWorkflow(w)));
+            }
             let space = table.get("hf_space").or_else(|| table.get("space"));
             if let Some(Value::String(space)) = space {
                 check_keys(
@@ -1148,12 +1181,94 @@ pub fn parse_job(value: &Value, trainer: bool) -> Result<Option<JobSpec>, String
                     wait_running,
                 }));
             }
-            Err("expected { command = [...] } or { hf_space = \"owner/name\" }".into())
+            Err("expected { command = [...] }, { hf_space = \"owner/name\" } or { github_workflow = { repo = \"owner/name\", workflow = \"train.yml\" } }".into())
         }
         other => Err(format!(
             "expected \"none\", \"hf-space://owner/name\", \"command:…\" or a table, got {other}"
         )),
     }
+}
+
+/// `{ repo = "o/n", workflow = "train.yml", ref = "main", inputs = { … },
+/// timeout = "2h", poll_interval = "15s" }`; errors name the inner key.
+fn parse_github_workflow(value: &Value) -> Result<GithubWorkflowConfig, String> {
+    use crate::github_workflow::{check_inputs, check_repo, check_workflow};
+    const EXPECTED: &str =
+        "expected github_workflow = { repo = \"owner/name\", workflow = \"train.yml\", ref = \"main\", inputs = { … }, timeout = \"2h\" }";
+    let Value::Object(table) = value else {
+        return Err(EXPECTED.into());
+    };
+    check_keys(
+        table,
+        &[
+            "repo",
+            "workflow",
+            "ref",
+            "inputs",
+            "timeout",
+            "poll_interval",
+        ],
+    )
+    .map_err(|e| format!("github_workflow: {e}"))?;
+    let text = |key: &str| -> Result<Option<String>, String> {
+        match table.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.trim().to_owned())),
+            Some(other) => Err(format!(
+                "github_workflow: `{key}` must be a string, got {other}"
+            )),
+        }
+    };
+    let repo =
+        text("repo")?.ok_or_else(|| format!("github_workflow: missing `repo`: {EXPECTED}"))?;
+    check_repo(&repo).map_err(|e| format!("github_workflow: {e}"))?;
+    let workflow = text("workflow")?
+        .ok_or_else(|| format!("github_workflow: missing `workflow`: {EXPECTED}"))?;
+    check_workflow(&workflow).map_err(|e| format!("github_workflow: {e}"))?;
+    let git_ref = text("ref")?.unwrap_or_else(|| "main".to_owned());
+    if git_ref.is_empty() || git_ref.chars().any(char::is_whitespace) {
+        return Err(format!(
+            "github_workflow: `ref` = {git_ref:?}: expected the branch or tag the workflow runs on"
+        ));
+    }
+    let mut inputs = BTreeMap::new();
+    match table.get("inputs") {
+        None => {}
+        Some(Value::Object(map)) => {
+            for (k, v) in map {
+                let v = match v {
+                    Value::String(s) => s.clone(),
+                    Value::Number(n) => n.to_string(),
+                    Value::Bool(b) => b.to_string(),
+                    other => {
+                        return Err(format!(
+                            "github_workflow: `inputs.{k}` must be a string, number or boolean, got {other}"
+                        ))
+                    }
+                };
+                inputs.insert(k.clone(), v);
+            }
+        }
+        Some(_) => return Err("github_workflow: `inputs` must be a table of strings".into()),
+    }
+    check_inputs(&inputs).map_err(|e| format!("github_workflow: {e}"))?;
+    let timeout = opt_duration(table, "timeout").map_err(|e| format!("github_workflow: {e}"))?;
+    if timeout == Some(Duration::ZERO) {
+        return Err("github_workflow: `timeout` must be greater than zero".into());
+    }
+    let poll_interval =
+        opt_duration(table, "poll_interval").map_err(|e| format!("github_workflow: {e}"))?;
+    if poll_interval.is_some_and(|p| p < Duration::from_secs(1)) {
+        return Err("github_workflow: `poll_interval` must be at least 1s".into());
+    }
+    Ok(GithubWorkflowConfig {
+        repo,
+        workflow,
+        git_ref,
+        inputs,
+        timeout,
+        poll_interval,
+    })
 }
 
 /// `hf-space://o/n`, `https://huggingface.co/spaces/o/n` or the seed's `o/n`.

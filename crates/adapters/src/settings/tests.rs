@@ -604,3 +604,78 @@ fn bad_server_settings_name_the_key() {
         assert!(!error.message.contains("short"), "{}", error.message);
     }
 }
+
+#[test]
+fn github_workflow_trainers_parse_and_errors_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        r#"
+[labels.seg]
+threshold = 3
+metadata = "file://m.json"
+trainer = { github_workflow = { repo = "acme/ml", workflow = "train.yml", ref = "release", inputs = { epochs = 20, fast = true }, timeout = "3h" } }
+"#,
+    );
+    let loaded = load(&sources(Some(file), &[])).unwrap();
+    let seg = &loaded.settings.labels[&Label::new("seg").unwrap()];
+    let JobSpec::GithubWorkflow(config) = &seg.trainer else {
+        panic!("{:?}", seg.trainer)
+    };
+    assert_eq!(config.repo, "acme/ml");
+    assert_eq!(config.workflow, "train.yml");
+    assert_eq!(config.git_ref, "release");
+    assert_eq!(config.inputs["epochs"], "20");
+    assert_eq!(config.inputs["fast"], "true");
+    // The workflow's timeout is the label's train_timeout.
+    assert_eq!(seg.train_timeout, Duration::from_secs(3 * 3600));
+
+    // `ref` defaults to main.
+    let minimal = serde_json::json!({"github_workflow": {"repo": "a/b", "workflow": "12345"}});
+    let Some(JobSpec::GithubWorkflow(config)) = parse_job(&minimal, true).unwrap() else {
+        panic!()
+    };
+    assert_eq!(config.git_ref, "main");
+
+    for (trainer, named) in [
+        (
+            r#"{ github_workflow = { repo = "acme", workflow = "train.yml" } }"#,
+            "`repo`",
+        ),
+        (
+            r#"{ github_workflow = { repo = "acme/ml", workflow = ".github/workflows/train.yml" } }"#,
+            "`workflow`",
+        ),
+        (
+            r#"{ github_workflow = { repo = "acme/ml" } }"#,
+            "missing `workflow`",
+        ),
+        (
+            r#"{ github_workflow = { repo = "acme/ml", workflow = "t.yml", inputs = { label = "x" } } }"#,
+            "inputs.label",
+        ),
+        (
+            r#"{ github_workflow = { repo = "acme/ml", workflow = "t.yml", bogus = 1 } }"#,
+            "bogus",
+        ),
+        (
+            r#"{ github_workflow = { repo = "acme/ml", workflow = "t.yml", timeout = "soon" } }"#,
+            "`timeout`",
+        ),
+    ] {
+        let file = write(
+            &dir,
+            &format!(
+                "[labels.seg]\nthreshold = 3\nmetadata = \"file://m.json\"\ntrainer = {trainer}\n"
+            ),
+        );
+        let err = load(&sources(Some(file), &[])).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("labels.seg.trainer"), "{err}");
+        let text = err.to_string();
+        assert!(text.contains(named), "{trainer}: {text}");
+        assert!(text.contains("retrain.toml"), "{text}");
+    }
+    // Trainers only.
+    let err = parse_job(&minimal, false).unwrap_err();
+    assert!(err.contains("trainers only"), "{err}");
+}

@@ -10,6 +10,7 @@ mod dataset_check;
 mod ec2;
 mod engine_shared_store;
 mod github;
+mod github_workflow;
 mod hub;
 mod local;
 mod mlflow;
