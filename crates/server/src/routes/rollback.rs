@@ -40,9 +40,8 @@ pub async fn rollback(
     bytes: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body: RollbackBody = parse_body(&headers, &body(bytes)?)?;
-    let label = Label::new(&raw_label).map_err(|e| {
-        ApiError::bad_request("invalid_label", format!("label {raw_label:?}: {e}"))
-    })?;
+    let label = Label::new(&raw_label)
+        .map_err(|e| ApiError::bad_request("invalid_label", format!("label {raw_label:?}: {e}")))?;
     let Some(reason) = body.reason.filter(|r| !r.trim().is_empty()) else {
         return Err(ApiError::bad_request(
             "reason_required",
