@@ -1700,10 +1700,16 @@ mod tests {
     /// (auto), parked for approval (manual) or only passed (disabled); one
     /// that fails is rejected; every path notifies and never moves the cursor.
     #[test]
+    fn an_unapproved_candidate_expires_after_a_week_by_default() {
+        assert_eq!(DEFAULT_APPROVAL_EXPIRES, Duration::from_secs(604_800));
+    }
+
+    #[test]
     fn a_registered_candidate_is_gated_then_promoted_or_parked() {
-        let gated = |mode: PromoteMode, passed: bool| {
+        let gated_in = |mode: PromoteMode, passed: bool, dry_run: bool| {
             let mut p = plan(counts_trigger());
             p.promote = mode;
+            p.dry_run = dry_run;
             let mut r = run(p);
             let metrics = [("dice".to_string(), 0.9), ("iou".to_string(), 0.9)]
                 .into_iter()
@@ -1725,6 +1731,11 @@ mod tests {
                 .unwrap();
             (r, actions, candidate)
         };
+        let gated = |mode: PromoteMode, passed: bool| gated_in(mode, passed, false);
+        // A dry run never promotes, even a passed candidate in auto mode.
+        let (r, actions, _) = gated_in(PromoteMode::Auto, true, true);
+        assert_eq!(actions, vec![Action::Notify]);
+        assert_eq!(r.outcome, Some(Outcome::Passed));
         let (mut r, actions, candidate) = gated(PromoteMode::Auto, true);
         assert_eq!(actions, vec![Action::Promote { candidate }]);
         assert_eq!(r.stage, Stage::Promoting);
