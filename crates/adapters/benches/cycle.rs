@@ -384,6 +384,12 @@ fn main() {
             bindings,
             EngineSettings {
                 max_parallel_labels: 64,
+                // RETRAIN_BENCH_LOCK_TTL_MS: a shorter lock_ttl shows at a
+                // few thousand labels what the default shows at 10,000.
+                lock_ttl: std::env::var("RETRAIN_BENCH_LOCK_TTL_MS")
+                    .ok()
+                    .and_then(|ms| ms.parse().ok())
+                    .map_or(retrain_core::engine::DEFAULT_LOCK_TTL, Duration::from_millis),
                 ..EngineSettings::default()
             },
         );
@@ -401,6 +407,14 @@ fn main() {
         let mut statuses = BTreeMap::<String, usize>::new();
         for label in &report.labels {
             *statuses.entry(format!("{:?}", label.status)).or_default() += 1;
+        }
+        let mut errors = BTreeMap::<String, usize>::new();
+        for label in report.labels.iter().filter(|l| l.status != LabelStatus::Promoted) {
+            let error = label.error.as_deref().unwrap_or("-").replace(label.label.as_str(), "L");
+            *errors.entry(error).or_default() += 1;
+        }
+        for (error, n) in &errors {
+            eprintln!("not promoted: {n} x {error}");
         }
         assert_eq!(
             promoted,

@@ -184,3 +184,59 @@ async fn a_gated_run_reads_its_metrics_history_once() {
     // The notification reads it; the cycle report reuses that read.
     assert_eq!(store.run_listings.load(Ordering::SeqCst), 1);
 }
+
+/// Issue 11 at 10,000 labels: the heartbeat renewed every held lock one
+/// after the other, so a round took `labels × renewal latency`; once that
+/// passed `lock_ttl − lock_ttl / 3` (10,000 renewals at 4 ms on a loaded
+/// SQLite store), labels renewed late in a round ran out of validity and
+/// stopped as `lock_lost` although nobody else wanted them. Here 300 labels,
+/// 20 ms per renewal: 6 s one by one, against a 3 s `lock_ttl`.
+#[tokio::test(start_paused = true)]
+async fn many_held_labels_keep_their_locks_when_each_renewal_is_slow() {
+    let world = World::new();
+    let store = MemStore::new();
+    *store.renew_latency.lock().unwrap() = Duration::from_millis(20);
+    let delayed = Delayed::new(&world, Duration::from_secs(8));
+    let labels: Vec<String> = (0..300).map(|i| format!("label-{i}")).collect();
+    let bindings = labels
+        .iter()
+        .map(|label| {
+            // Triggered by the published dataset (the fake counts know
+            // only a few labels), as in the cycle bench.
+            let mut plan = plan(label);
+            plan.trigger = retrain_core::machine::Trigger::Metadata { threshold: 1 };
+            let mut binding = binding(&world, plan, Arc::new(DelayedPrepare(delayed.clone())));
+            binding.metadata = Arc::new(DelayedMetadata(delayed.clone()));
+            binding
+        })
+        .collect();
+    let engine = retrain_core::engine::Engine::new(
+        Arc::new(store.clone()),
+        Some(Arc::new(FakeCounts(world.clone()))),
+        bindings,
+        retrain_core::engine::EngineSettings {
+            poll_jitter: 0.0,
+            lock_ttl: Duration::from_secs(3),
+            max_parallel_labels: 64,
+            ..retrain_core::engine::EngineSettings::default()
+        },
+    );
+    let report = engine
+        .run_cycle(CycleRequest::default(), CancellationToken::new())
+        .await
+        .unwrap();
+    let stopped: Vec<_> = report
+        .labels
+        .iter()
+        .filter(|l| !matches!(l.status, LabelStatus::Promoted | LabelStatus::Rejected))
+        .map(|l| (l.label.to_string(), l.status, l.error.clone()))
+        .collect();
+    assert!(
+        stopped.is_empty(),
+        "{} of {} labels stopped, first: {:?}",
+        stopped.len(),
+        labels.len(),
+        stopped.first()
+    );
+    assert_eq!(store.fenced_writes(), 0);
+}

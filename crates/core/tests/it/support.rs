@@ -47,6 +47,8 @@ pub struct MemStore {
     clock: Arc<TokioClock>,
     /// While set, lock renewals fail (a store outage seen by one holder).
     pub renewals_fail: Arc<AtomicBool>,
+    /// How long each lock renewal takes (a loaded store); zero by default.
+    pub renew_latency: Arc<Mutex<Duration>>,
     /// `list_runs` calls (each metrics-history read makes one).
     pub run_listings: Arc<AtomicUsize>,
 }
@@ -226,6 +228,10 @@ impl RunStore for MemStore {
         self.check()?;
         if self.renewals_fail.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("simulated outage".into()));
+        }
+        let latency = *self.renew_latency.lock().unwrap();
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
         }
         let now = self.now();
         let mut d = self.data.lock().unwrap();
