@@ -125,6 +125,31 @@ impl Scrubber {
         self.secrets.is_empty()
     }
 
+    /// `value` with every secret replaced by [`MASK`] in each string it
+    /// holds, object keys included (a result file written by user code may
+    /// quote a token anywhere in its structure).
+    pub fn scrub_json(&self, value: serde_json::Value) -> serde_json::Value {
+        use serde_json::Value;
+        match value {
+            Value::String(text) => Value::String(self.scrub(&text)),
+            Value::Array(items) => {
+                Value::Array(items.into_iter().map(|v| self.scrub_json(v)).collect())
+            }
+            Value::Object(map) => Value::Object(self.scrub_map(map)),
+            other => other,
+        }
+    }
+
+    /// [`Scrubber::scrub_json`] of a JSON object.
+    pub fn scrub_map(
+        &self,
+        map: serde_json::Map<String, serde_json::Value>,
+    ) -> serde_json::Map<String, serde_json::Value> {
+        map.into_iter()
+            .map(|(k, v)| (self.scrub(&k), self.scrub_json(v)))
+            .collect()
+    }
+
     /// `text` with every secret value replaced by [`MASK`].
     pub fn scrub(&self, text: &str) -> String {
         let mut out = text.to_owned();
@@ -193,6 +218,25 @@ mod tests {
             .scrub("token hf_abcdef and hf_abc; tok-1234; p@ss word / p%40ss+word; abc /usr/bin");
         assert_eq!(out, "token *** and ***; ***; *** / ***; abc /usr/bin");
         assert!(!format!("{scrubber:?}").contains("hf_abc"));
+    }
+
+    #[test]
+    fn json_strings_and_keys_are_masked_at_any_depth() {
+        let scrubber = Scrubber::empty().with_secrets([SecretString::from("hf_abcdef")]);
+        let value = serde_json::json!({
+            "ok": 1,
+            "note": "token hf_abcdef",
+            "nested": [{"hf_abcdef": true}, "x hf_abcdef", null, 2.5],
+        });
+        let scrubbed = scrubber.scrub_json(value);
+        assert_eq!(
+            scrubbed,
+            serde_json::json!({
+                "ok": 1,
+                "note": "token ***",
+                "nested": [{"***": true}, "x ***", null, 2.5],
+            })
+        );
     }
 
     #[test]

@@ -192,7 +192,10 @@ impl CommandDatasetCheck {
         });
         let (summary, report_md) = match file {
             Some(f) => (
-                f.summary.unwrap_or_default(),
+                // User code wrote it: scrubbed like the output it quotes.
+                f.summary
+                    .map(|summary| self.scrubber.scrub_map(summary))
+                    .unwrap_or_default(),
                 f.report_md
                     .map(|r| bounded(self.scrubber.scrub(&r)))
                     .filter(|r| !r.trim().is_empty()),

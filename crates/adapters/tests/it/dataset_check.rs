@@ -68,7 +68,7 @@ async fn a_failing_check_is_a_verdict_with_its_report_and_a_scrubbed_output_tail
     let state = tempfile::tempdir().unwrap();
     // Non-zero exit: rejected, even though the file says passed.
     let script = r#"echo "mask_17.png: values {0,128,255} token=$HF_TOKEN" >&2
-printf '{"passed": true, "summary": {"bad_masks": 3}, "report_md": "3 masks are not binary"}' > "$RETRAIN_RESULT"
+printf '{"passed": true, "summary": {"bad_masks": 3, "db": "postgres://u:%s@db"}, "report_md": "3 masks are not binary"}' "$HF_TOKEN" > "$RETRAIN_RESULT"
 exit 3"#;
     let result = check(script, state.path())
         .check(&request("run-3"))
@@ -76,6 +76,8 @@ exit 3"#;
         .unwrap();
     assert!(!result.passed);
     assert_eq!(result.summary["bad_masks"], 3);
+    // The summary is user output too: a secret it quotes is masked.
+    assert_eq!(result.summary["db"], "postgres://u:***@db");
     assert_eq!(result.report_md.as_deref(), Some("3 masks are not binary"));
     let detail = result.detail.unwrap();
     assert!(detail.contains("exit status 3"), "{detail}");
