@@ -181,7 +181,11 @@ async fn run(
         report.started_at,
     );
     if !dry_run {
-        let runs = report.labels.iter().filter_map(|l| l.run_id.as_ref());
+        // The cycle's runs and the waiting runs it closed.
+        let runs = report
+            .labels
+            .iter()
+            .flat_map(|l| l.run_id.iter().chain(&l.closed_runs));
         write_manifests(store.as_ref(), &loaded.settings.state_dir, runs).await;
     }
     render_cycle(cli, &report)?;

@@ -1412,6 +1412,16 @@ fn a_newer_waiting_candidate_supersedes_the_older_one_which_approve_refuses() {
     let older = waiting(dir.path());
     add_feedback(dir.path(), 200);
     let newer = waiting(dir.path());
+    // The cycle that superseded the older run rewrote its manifest too.
+    let manifest = |run: &str| -> serde_json::Value {
+        let path = dir
+            .path()
+            .join(".retrain/runs")
+            .join(run)
+            .join("manifest.json");
+        serde_json::from_slice(&std::fs::read(&path).expect("manifest.json written")).unwrap()
+    };
+    assert_eq!(manifest(&older)["outcome"], "superseded");
 
     let refused = retrain(dir.path())
         .args(["approve", &older, "--as", "alice"])

@@ -41,6 +41,10 @@ pub struct LabelReport {
     /// What the label's `dataset_check` found, when it ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dataset_check: Option<DatasetCheckResult>,
+    /// Older runs of this label awaiting approval that this cycle closed
+    /// (`expired`, `superseded`): their manifests changed too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub closed_runs: Vec<RunId>,
 }
 
 /// Coarse status per label, the first thing a reader looks at.
@@ -140,6 +144,7 @@ impl LabelReport {
             history: Vec::new(),
             rollback: run.rollback.clone(),
             dataset_check: run.dataset_check.clone(),
+            closed_runs: Vec::new(),
         }
     }
 
@@ -165,6 +170,7 @@ impl LabelReport {
             history: Vec::new(),
             rollback: None,
             dataset_check: None,
+            closed_runs: Vec::new(),
         }
     }
 

@@ -82,6 +82,9 @@ impl Engine {
                 interrupt: &interrupt,
                 lost: lost.clone(),
             };
+            // (The caller writes the manifest of the run it decides; those
+            // of older runs closed here are rewritten by the next cycle's
+            // report, which lists no closed run twice.)
             self.close_stale_approvals(binding, &fence, &CycleShared::default(), &stops)
                 .await;
             // Re-read under the lock: the journal is the truth.
@@ -187,9 +190,10 @@ impl Engine {
         fence: &Fence,
         shared: &CycleShared,
         stops: &Stops<'_>,
-    ) {
+    ) -> Vec<RunId> {
+        let mut closed = Vec::new();
         if binding.plan.promote != PromoteMode::Manual {
-            return;
+            return closed;
         }
         let label = &binding.plan.label;
         let filter = RunFilter {
@@ -200,7 +204,7 @@ impl Engine {
             Ok(runs) => runs,
             Err(error) => {
                 warn!(%error, "could not list the runs awaiting approval; expiry and supersede wait for the next cycle");
-                return;
+                return closed;
             }
         };
         // Newest first (the store's order): the newest waiting run stays.
@@ -208,7 +212,7 @@ impl Engine {
             .into_iter()
             .filter(|r| r.stage == Stage::AwaitingApproval);
         let Some(newest) = waiting.next() else {
-            return;
+            return closed;
         };
         let now = self.clock.now();
         let mut closing: Vec<(RunId, Event)> = waiting
@@ -237,7 +241,7 @@ impl Engine {
         let everything = |_: &Action| true;
         for (run_id, event) in closing {
             if self.lock_problem(label).is_some() || stops.interrupt.is_cancelled() {
-                return;
+                return closed;
             }
             let mut run = match self.store.run(&run_id).await {
                 Ok(Some(detail)) if detail.snapshot.is_awaiting_approval() => detail.snapshot,
@@ -251,6 +255,7 @@ impl Engine {
             match self.apply(&mut run, event, Some(fence)).await {
                 Ok(actions) => {
                     info!(run_id = %run_id, event = name, "closed a candidate awaiting approval");
+                    closed.push(run_id.clone());
                     self.drive(
                         binding,
                         run,
@@ -264,10 +269,11 @@ impl Engine {
                 }
                 Err(error) => {
                     warn!(%error, run_id = %run_id, "could not journal the end of a run awaiting approval");
-                    return;
+                    return closed;
                 }
             }
         }
+        closed
     }
 
     pub(super) async fn drive_decided(

@@ -169,6 +169,7 @@ impl Engine {
                 Err(e) => return fail(e.to_string()),
             }
         };
+        let mut closed = Vec::new();
         if let Some(fence) = &fence {
             // Waiting candidates past `approval_expires` or overtaken by a
             // newer one are closed under this lock, before anything else.
@@ -176,9 +177,15 @@ impl Engine {
                 interrupt: cancel,
                 lost: lost.clone(),
             };
-            self.close_stale_approvals(binding, fence, shared, &stops)
+            closed = self
+                .close_stale_approvals(binding, fence, shared, &stops)
                 .await;
         }
+        let fail = |error: String| {
+            let mut report = LabelReport::failed_before_run(label.clone(), threshold, error);
+            report.closed_runs = closed.clone();
+            Begun::done(report)
+        };
         let unfinished = if dry_run {
             Ok(None)
         } else {
@@ -251,6 +258,7 @@ impl Engine {
             resumed,
             fence,
             lost: stops.lost,
+            closed,
         }))
     }
 
@@ -268,6 +276,7 @@ impl Engine {
             resumed,
             fence,
             lost,
+            mut closed,
         } = task;
         let label = run.label().clone();
         let binding = &self.labels[&label];
@@ -305,13 +314,16 @@ impl Engine {
                 interrupt: cancel,
                 lost,
             };
-            self.close_stale_approvals(binding, fence, shared, &stops)
-                .await;
+            closed.extend(
+                self.close_stale_approvals(binding, fence, shared, &stops)
+                    .await,
+            );
         }
         self.unlock(&label).await;
-        let report = self
+        let mut report = self
             .with_history(&run, LabelReport::from_run(&run, resumed), false)
             .await;
+        report.closed_runs = closed;
         self.forget_run(&run.run_id);
         report_end(report, &run, ended)
     }

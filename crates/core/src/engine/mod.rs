@@ -405,6 +405,9 @@ struct LabelTask {
     fence: Option<crate::domain::Fence>,
     /// Cancelled when the label's lock is lost.
     lost: tokio_util::sync::CancellationToken,
+    /// Runs awaiting approval closed in phase one (see
+    /// `LabelReport::closed_runs`).
+    closed: Vec<crate::domain::RunId>,
 }
 
 enum Begun {

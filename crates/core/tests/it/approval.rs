@@ -200,18 +200,20 @@ async fn an_unapproved_candidate_expires_at_the_first_cycle_after_approval_expir
 
     // Within approval_expires: a cycle leaves it waiting.
     tokio::time::advance(HOUR / 2).await;
-    engine
+    let report = engine
         .run_cycle(CycleRequest::default(), CancellationToken::new())
         .await
         .unwrap();
     assert_eq!(store.run_snapshot(&run_id).stage, Stage::AwaitingApproval);
+    assert!(report.labels[0].closed_runs.is_empty());
 
     // The first cycle after it: expired (journaled, notified), never promoted.
     tokio::time::advance(HOUR).await;
-    engine
+    let report = engine
         .run_cycle(CycleRequest::default(), CancellationToken::new())
         .await
         .unwrap();
+    assert_eq!(report.labels[0].closed_runs, vec![run_id.clone()]);
     let run = store.run_snapshot(&run_id);
     assert_eq!(run.stage, Stage::Done);
     match &run.outcome {
@@ -300,6 +302,8 @@ async fn a_newer_waiting_candidate_supersedes_the_older_one_which_can_never_be_a
         .unwrap();
     let newer = report.labels[0].run_id.clone().unwrap();
     assert_eq!(report.labels[0].status, LabelStatus::AwaitingApproval);
+    // The report names the run it closed (the CLI rewrites its manifest).
+    assert_eq!(report.labels[0].closed_runs, vec![older.clone()]);
 
     // Superseded at once (journaled on the old run, notified), not at the next cycle.
     let old = store.run_snapshot(&older);
