@@ -130,25 +130,26 @@ impl Engine {
                 Acquired::Busy(owner) => return Err(EngineError::Busy(label.clone(), owner)),
             };
             let run_id = run.run_id.clone();
-            let recorded = async {
-                let actions = self.apply(&mut run, event, Some(&fence)).await?;
-                if promote {
-                    return self
-                        .drive_decided(binding, run, actions, &fence, lost)
-                        .await
-                        .map(|driven| match driven {
-                            super::DecisionOutcome::Applied(report) => Some(report),
-                            super::DecisionOutcome::AlreadyApproved { .. } => None,
-                        });
-                }
-                let from = run.stage;
-                let _ = run.step(&Event::Committed);
-                self.store
-                    .finish(&self.transition(&run, from, Event::Committed), None, &fence)
-                    .await?;
-                Ok(None)
-            }
-            .await;
+            let recorded = self
+                .renewing(async {
+                    let actions = self.apply(&mut run, event, Some(&fence)).await?;
+                    if promote {
+                        return self
+                            .drive_decided(binding, run, actions, &fence, lost)
+                            .await
+                            .map(|driven| match driven {
+                                super::DecisionOutcome::Applied(report) => Some(report),
+                                super::DecisionOutcome::AlreadyApproved { .. } => None,
+                            });
+                    }
+                    let from = run.stage;
+                    let _ = run.step(&Event::Committed);
+                    self.store
+                        .finish(&self.transition(&run, from, Event::Committed), None, &fence)
+                        .await?;
+                    Ok(None)
+                })
+                .await;
             self.unlock(label).await;
             (Some(run_id), recorded?)
         } else {

@@ -74,7 +74,7 @@ impl Engine {
             Acquired::Held(fence, lost) => (fence, lost),
             Acquired::Busy(owner) => return Err(EngineError::Busy(label, owner)),
         };
-        let result = async {
+        let decided = async {
             // A candidate that waited too long (or was overtaken by a newer
             // one) is closed first, so it cannot be approved any more.
             let interrupt = CancellationToken::new();
@@ -174,8 +174,8 @@ impl Engine {
             }
             self.drive_decided(binding, run, actions, &fence, lost)
                 .await
-        }
-        .await;
+        };
+        let result = self.renewing(decided).await;
         self.unlock(&label).await;
         result
     }

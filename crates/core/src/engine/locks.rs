@@ -264,6 +264,16 @@ impl Engine {
         }
     }
 
+    /// Run `work`, which holds a lock taken outside a cycle (a decision, a
+    /// rollback, a recorded gate), while the heartbeat renews it: a
+    /// registry call slower than `lock_ttl` must not lose the lock.
+    pub(super) async fn renewing<T>(&self, work: impl std::future::Future<Output = T>) -> T {
+        tokio::select! {
+            result = work => result,
+            () = self.heartbeat() => unreachable!("the heartbeat never ends"),
+        }
+    }
+
     /// One renewal of the heartbeat.
     async fn renew(&self, label: &Label, fence: &Fence, ttl: Duration) {
         let sent = Instant::now();

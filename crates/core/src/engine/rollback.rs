@@ -135,12 +135,9 @@ impl Engine {
             Acquired::Held(fence, lost) => (fence, lost),
             Acquired::Busy(owner) => return Err(EngineError::Busy(label, owner)),
         };
-        let work = self.rollback_locked(binding, request, &fence, lost);
-        // The lock is renewed while the registry works, as in a cycle.
-        let result = tokio::select! {
-            result = work => result,
-            () = self.heartbeat() => unreachable!("the heartbeat never ends"),
-        };
+        let result = self
+            .renewing(self.rollback_locked(binding, request, &fence, lost))
+            .await;
         self.unlock(&label).await;
         result
     }

@@ -86,6 +86,26 @@ async fn manual_run_waits_then_approve_promotes_exactly_once() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_approval_whose_promotion_outlasts_lock_ttl_keeps_its_lock() {
+    let world = World::new();
+    let store = MemStore::new();
+    let engine = engine(&store, &world, vec![manual(&world)]);
+    let run_id = awaiting(&engine, &store, &world).await;
+    // Ten times the default lock_ttl (60 s): only the heartbeat keeps the
+    // lock valid, otherwise the run stops after the promotion as lock_lost.
+    *world.promote_time.lock().unwrap() = std::time::Duration::from_secs(600);
+    let report = applied(
+        engine
+            .decide(&run_id, APPROVE, "alice", None)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(report.status, LabelStatus::Promoted, "{report:?}");
+    assert_eq!(report.error, None);
+    assert_eq!(store.run_snapshot(&run_id).stage, Stage::Done);
+}
+
+#[tokio::test(start_paused = true)]
 async fn approve_refused_when_production_changed_since_the_verdict() {
     let world = World::new();
     let store = MemStore::new();
@@ -367,12 +387,15 @@ async fn a_registered_candidate_is_gated_then_promoted_or_rejected() {
     );
     let label = retrain_core::domain::Label::new("department").unwrap();
 
+    // A promotion slower than lock_ttl keeps its lock (heartbeat).
+    *world.promote_time.lock().unwrap() = std::time::Duration::from_secs(600);
     let (outcome, report) = engine
         .gate_and_promote(&label, "models:/seg/1")
         .await
         .unwrap();
     assert!(outcome.verdict.passed, "{outcome:?}");
     assert_eq!(report.status, LabelStatus::Promoted, "{report:?}");
+    assert_eq!(report.error, None);
     assert_eq!(get(&world.counters.promotes), 1);
     assert_eq!(get(&world.counters.notifies), 1);
     let run_id = outcome.run_id.clone().unwrap();

@@ -474,6 +474,8 @@ pub struct World {
     pub jobs: Arc<Mutex<BTreeMap<JobKey, TrainingHandle>>>,
     /// Training duration (virtual time).
     pub train_time: Arc<Mutex<Duration>>,
+    /// How long a registry promotion takes (virtual time).
+    pub promote_time: Arc<Mutex<Duration>>,
     /// The next N registry calls (production or promote) fail with 503.
     pub registry_outages: Arc<AtomicUsize>,
     /// The next N notifications fail with a timeout.
@@ -507,6 +509,7 @@ impl World {
             lose_trainings: Arc::default(),
             jobs: Arc::default(),
             train_time: Arc::new(Mutex::new(Duration::from_secs(5))),
+            promote_time: Arc::default(),
             registry_outages: Arc::default(),
             notifier_outages: Arc::default(),
             promote_outages: Arc::default(),
@@ -730,6 +733,8 @@ impl ModelRegistry for FakeRegistry {
         _: Option<Lease>,
     ) -> Result<PromotedVersion, PortError> {
         self.0.outage()?;
+        let promote_time = *self.0.promote_time.lock().unwrap();
+        tokio::time::sleep(promote_time).await;
         if take_one(&self.0.promote_outages) {
             return Err(PortError::Transient(
                 "registry answered 503 Service Unavailable".into(),
