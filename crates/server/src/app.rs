@@ -195,6 +195,11 @@ impl Application {
                 shutdown.clone(),
             ));
         }
+        work.spawn(crate::maintenance::reap_leases(
+            state.clone(),
+            crate::maintenance::REAP_EVERY,
+            shutdown.clone(),
+        ));
         let app = routes::router_with(state, extra);
         let stopping = shutdown.clone();
         let serve = axum::serve(listener, app).with_graceful_shutdown(async move {

@@ -6,7 +6,8 @@
 //!   [`Application::run_until`] serves until a shutdown signal.
 //! - `routes/`: one module per resource (health, runs, labels, events);
 //!   `auth.rs`: bearer tokens and scopes; `error.rs`: the JSON error shape
-//!   with stable codes; `state.rs`: what handlers share.
+//!   with stable codes; `state.rs`: what handlers share; `maintenance.rs`:
+//!   what the server does on its own (reaping stale leases).
 //!
 //! Every handler that drives the engine runs it in a task of its own
 //! (tracked for shutdown), so a client that hangs up never drops a cycle or
@@ -16,6 +17,7 @@ pub mod app;
 pub mod auth;
 pub mod error;
 pub mod logging;
+pub mod maintenance;
 pub mod metrics;
 pub mod routes;
 pub mod schedule;
