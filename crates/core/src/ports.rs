@@ -132,6 +132,27 @@ pub struct TrainingRequest {
     pub lease: Option<Lease>,
 }
 
+/// Renewals the default [`RunStore::renew_locks`] keeps in flight at once.
+pub const RENEW_LOCKS_IN_FLIGHT: usize = 32;
+
+/// The default [`RunStore::renew_locks`]: one [`RunStore::renew_lock`] per
+/// lock, [`RENEW_LOCKS_IN_FLIGHT`] at a time, answers in the order asked.
+pub async fn renew_each<S: RunStore + ?Sized>(
+    store: &S,
+    held: &[(Label, Fence)],
+    ttl: Duration,
+) -> Result<Vec<bool>, StoreError> {
+    let mut renewed = Vec::with_capacity(held.len());
+    for chunk in held.chunks(RENEW_LOCKS_IN_FLIGHT) {
+        let mut renewals = Vec::with_capacity(chunk.len());
+        for (label, fence) in chunk {
+            renewals.push(store.renew_lock(label, fence, ttl));
+        }
+        renewed.extend(futures::future::try_join_all(renewals).await?);
+    }
+    Ok(renewed)
+}
+
 /// Starts and awaits training jobs.
 ///
 /// Contract (the engine relies on it for exactly-once training): `start` is
@@ -333,6 +354,19 @@ pub trait RunStore: Send + Sync {
         fence: &Fence,
         ttl: Duration,
     ) -> Result<bool, StoreError>;
+    /// Extend several held locks at once (the heartbeat's round): for each
+    /// `(label, fence)` of `held`, in order, whether exactly that lock was
+    /// extended (`false`: lost, as in [`RunStore::renew_lock`]). A store
+    /// that can do it in one statement should (10,000 held labels are one
+    /// round trip instead of 10,000); the default renews them one by one,
+    /// [`RENEW_LOCKS_IN_FLIGHT`] at a time.
+    async fn renew_locks(
+        &self,
+        held: &[(Label, Fence)],
+        ttl: Duration,
+    ) -> Result<Vec<bool>, StoreError> {
+        renew_each(self, held, ttl).await
+    }
     /// Release the lock if `fence` still holds it (a no-op otherwise).
     async fn release_lock(&self, label: &Label, fence: &Fence) -> Result<(), StoreError>;
 

@@ -56,6 +56,10 @@ pub(super) struct LockSql {
     pub(super) row: &'static str,
     /// Extend the expiry of exactly this (label, owner, token), if unexpired.
     pub(super) renew: &'static str,
+    /// [`LockSql::renew`] for many locks in one statement: `$1` a JSON array
+    /// of `{"label", "owner", "token"}`, then the expiry arguments;
+    /// `RETURNING label, owner, token` of every lock extended.
+    pub(super) renew_many: &'static str,
     /// Mark exactly this (label, owner, token), if unexpired, released:
     /// owner `''`, expiry in the past. The row (and its token) stays.
     pub(super) release: &'static str,

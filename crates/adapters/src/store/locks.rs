@@ -187,6 +187,45 @@ pub(super) async fn renew<B: Backend>(
     Ok(renewed == 1)
 }
 
+/// `RunStore::renew_locks`: one statement for all of `held`; for each, in
+/// order, whether exactly that lock was extended.
+pub(super) async fn renew_many<B: Backend>(
+    b: &B,
+    held: &[(Label, Fence)],
+    ttl: Duration,
+) -> Result<Vec<bool>, StoreError> {
+    if held.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut locks = Vec::with_capacity(held.len());
+    for (label, fence) in held {
+        locks.push(serde_json::json!({
+            "label": label.as_str(),
+            "owner": fence.owner.0,
+            "token": super::u64_to_i64(fence.token, "fencing token")?,
+        }));
+    }
+    let mut args = vec![Arg::Json(serde_json::Value::Array(locks))];
+    args.extend(b.expiry_args(ttl));
+    let rows = b
+        .pool()
+        .fetch_all(B::LOCKS.renew_many, args)
+        .await
+        .map_err(|e| b.error(&format!("renewing {} label locks", held.len()), e))?;
+    // Matched on the whole fence: the same label asked twice (a stale and
+    // a current fence) is extended for the current one only.
+    let mut extended = std::collections::HashSet::with_capacity(rows.len());
+    for row in &rows {
+        extended.insert((row.text("label")?, row.text("owner")?, row.int("token")?));
+    }
+    held.iter()
+        .map(|(label, fence)| {
+            let token = super::u64_to_i64(fence.token, "fencing token")?;
+            Ok(extended.contains(&(label.as_str().to_owned(), fence.owner.0.clone(), token)))
+        })
+        .collect()
+}
+
 /// `RunStore::release_lock`: a no-op unless `fence` still holds the lock.
 pub(super) async fn release<B: Backend>(
     b: &B,

@@ -172,6 +172,14 @@ impl<B: Backend> RunStore for SqlRunStore<B> {
         locks::renew(&self.0, label, fence, ttl).await
     }
 
+    async fn renew_locks(
+        &self,
+        held: &[(Label, Fence)],
+        ttl: std::time::Duration,
+    ) -> Result<Vec<bool>, StoreError> {
+        locks::renew_many(&self.0, held, ttl).await
+    }
+
     async fn release_lock(&self, label: &Label, fence: &Fence) -> Result<(), StoreError> {
         locks::release(&self.0, label, fence).await
     }

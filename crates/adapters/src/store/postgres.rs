@@ -95,6 +95,12 @@ const LOCKS: LockSql = LockSql {
     // [label, owner, token, ttl]
     renew: "UPDATE locks SET expires_at = now() + make_interval(secs => $4)
             WHERE label = $1 AND owner = $2 AND token = $3 AND expires_at > now()",
+    // [[{label, owner, token}…], ttl]
+    renew_many: "UPDATE locks SET expires_at = now() + make_interval(secs => $2)
+                 FROM jsonb_to_recordset($1) AS held(label TEXT, owner TEXT, token BIGINT)
+                 WHERE locks.label = held.label AND locks.owner = held.owner
+                   AND locks.token = held.token AND locks.expires_at > now()
+                 RETURNING locks.label, locks.owner, locks.token",
     // [label, owner, token]
     release: "UPDATE locks SET owner = '', expires_at = 'epoch'
               WHERE label = $1 AND owner = $2 AND token = $3 AND expires_at > now()",

@@ -116,6 +116,13 @@ const LOCKS: LockSql = LockSql {
     // [label, owner, token, now, expiry]
     renew: "UPDATE locks SET expires_at = $5
             WHERE label = $1 AND owner = $2 AND token = $3 AND expires_at > $4",
+    // [[{label, owner, token}…], now, expiry]
+    renew_many: "UPDATE locks SET expires_at = $3
+                 WHERE expires_at > $2 AND (label, owner, token) IN (
+                     SELECT json_extract(value, '$.label'), json_extract(value, '$.owner'),
+                            json_extract(value, '$.token')
+                     FROM json_each($1))
+                 RETURNING label, owner, token",
     // [label, owner, token, now]; the epoch sorts before every clock reading.
     release: "UPDATE locks SET owner = '', expires_at = '1970-01-01T00:00:00.000000Z'
               WHERE label = $1 AND owner = $2 AND token = $3 AND expires_at > $4",

@@ -598,6 +598,64 @@ pub async fn locks_are_exclusive_renewable_and_expire(store: Arc<dyn RunStore>) 
     acquire(store.as_ref(), "urgency", &a, LONG).await;
 }
 
+/// The heartbeat's round: every held lock of `renew_locks` is extended in
+/// one call, each answer in the order asked; a stale, foreign, released or
+/// expired fence gets `false` and extends nothing.
+pub async fn many_locks_are_renewed_at_once_and_each_is_fenced(store: Arc<dyn RunStore>) {
+    let a = LockOwner("a".into());
+    let b = LockOwner("b".into());
+    assert!(store.renew_locks(&[], LONG).await.unwrap().is_empty());
+    let short = Duration::from_millis(400);
+    let held_a = acquire(store.as_ref(), "held-a", &a, short).await;
+    let held_b = acquire(store.as_ref(), "held-b", &a, short).await;
+    let stale = acquire(store.as_ref(), "taken", &a, short).await;
+    let current = acquire(store.as_ref(), "taken", &a, short).await;
+    let theirs = acquire(store.as_ref(), "theirs", &b, LONG).await;
+    let released = acquire(store.as_ref(), "released", &a, LONG).await;
+    store
+        .release_lock(&label("released"), &released)
+        .await
+        .unwrap();
+    let expiring = acquire(store.as_ref(), "expiring", &a, Duration::from_millis(50)).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let ask = vec![
+        (label("held-a"), held_a.clone()),
+        (label("taken"), stale),
+        (label("held-b"), held_b.clone()),
+        (
+            label("theirs"),
+            Fence {
+                owner: a.clone(),
+                token: theirs.token,
+            },
+        ),
+        (label("released"), released),
+        (label("expiring"), expiring),
+        (label("taken"), current),
+    ];
+    let renewed = store.renew_locks(&ask, LONG).await.unwrap();
+    assert_eq!(renewed, [true, false, true, false, false, false, true]);
+    // Extended to the new TTL: still held long after the short one ran out.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for name in ["held-a", "held-b", "taken"] {
+        assert_eq!(
+            store.lock_holder(&label(name)).await.unwrap().as_deref(),
+            Some("a"),
+            "{name}"
+        );
+    }
+    assert_eq!(
+        store
+            .lock_holder(&label("theirs"))
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("b")
+    );
+    assert_eq!(store.lock_holder(&label("released")).await.unwrap(), None);
+    assert_eq!(store.lock_holder(&label("expiring")).await.unwrap(), None);
+}
+
 pub async fn tokens_grow_with_every_acquisition(store: Arc<dyn RunStore>) {
     let store = store.as_ref();
     let a = LockOwner("a".into());
@@ -1301,6 +1359,7 @@ contract!(
     label_statuses_answer_for_every_label_at_once,
     unfinished_runs_resume_from_their_snapshot,
     locks_are_exclusive_renewable_and_expire,
+    many_locks_are_renewed_at_once_and_each_is_fenced,
     tokens_grow_with_every_acquisition,
     stale_fences_write_nothing_after_expiry_and_takeover,
     stale_fences_write_nothing_after_release_and_reacquisition,

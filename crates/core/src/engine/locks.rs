@@ -34,8 +34,11 @@ use super::Engine;
 use crate::domain::{Fence, Label, LockOutcome};
 use crate::ports::StoreError;
 
-/// Lock renewals the heartbeat keeps in flight at once.
-const RENEWALS_IN_FLIGHT: usize = 32;
+/// Locks renewed by one `RunStore::renew_locks` call (one statement on
+/// the SQL stores).
+const RENEWAL_BATCH: usize = 512;
+/// Renewal batches the heartbeat keeps in flight at once.
+const BATCHES_IN_FLIGHT: usize = 8;
 
 /// One held lock.
 #[derive(Debug)]
@@ -229,13 +232,14 @@ impl Engine {
     /// Renew every held lock every `lock_ttl / 3`, forever (the caller
     /// drops this future when its cycle ends).
     ///
-    /// A round renews up to [`RENEWALS_IN_FLIGHT`] locks at once, the ones
-    /// that run out first first, and the next round is due `lock_ttl / 3`
-    /// after the previous one *started*: renewing one lock after the other
-    /// made a round last `held labels × renewal latency` on top of the
-    /// period (10,000 labels at a few ms per renewal on a loaded store
-    /// outlasted `lock_ttl`, and labels nobody else wanted stopped as
-    /// `lock_lost`).
+    /// A round renews the held locks in batches of [`RENEWAL_BATCH`] (one
+    /// `RunStore::renew_locks` call, one statement on the SQL stores), up to
+    /// [`BATCHES_IN_FLIGHT`] at once, the ones that run out first first, and
+    /// the next round is due `lock_ttl / 3` after the previous one
+    /// *started*: renewing one lock after the other made a round last `held
+    /// labels × renewal latency` on top of the period (10,000 labels at a
+    /// few ms per renewal on a loaded store outlasted `lock_ttl`, and labels
+    /// nobody else wanted stopped as `lock_lost`).
     pub(super) async fn heartbeat(&self) {
         let ttl = self.settings.lock_ttl;
         let every = (ttl / 3).max(Duration::from_millis(10));
@@ -245,10 +249,8 @@ impl Engine {
             let round = Instant::now();
             let held = self.locks.snapshot();
             let count = held.len();
-            stream::iter(held)
-                .for_each_concurrent(RENEWALS_IN_FLIGHT, |(label, fence)| async move {
-                    self.renew(&label, &fence, ttl).await;
-                })
+            stream::iter(held.chunks(RENEWAL_BATCH))
+                .for_each_concurrent(BATCHES_IN_FLIGHT, |batch| self.renew(batch, ttl))
                 .await;
             self.locks.expire(Instant::now());
             let took = round.elapsed();
@@ -274,26 +276,42 @@ impl Engine {
         }
     }
 
-    /// One renewal of the heartbeat.
-    async fn renew(&self, label: &Label, fence: &Fence, ttl: Duration) {
+    /// One batch of the heartbeat: each lock is valid until the batch's
+    /// send time + `ttl`; a lock the store did not extend is lost.
+    async fn renew(&self, batch: &[(Label, Fence)], ttl: Duration) {
         let sent = Instant::now();
-        match self.store.renew_lock(label, fence, ttl).await {
-            Ok(true) => self.locks.renewed(label, fence, sent + ttl),
-            Ok(false) => {
-                let holder = self
-                    .store
-                    .lock_holder(label)
-                    .await
-                    .ok()
-                    .flatten()
-                    .unwrap_or_else(|| "nobody (it expired)".into());
-                self.locks.mark_lost(
-                    label,
-                    fence,
-                    format!("lock of label {label} lost to {holder}"),
+        let renewed = match self.store.renew_locks(batch, ttl).await {
+            Ok(renewed) if renewed.len() == batch.len() => renewed,
+            Ok(renewed) => {
+                warn!(
+                    asked = batch.len(),
+                    answered = renewed.len(),
+                    "the store answered a lock renewal for a different number of locks; will retry"
                 );
+                return;
             }
-            Err(e) => warn!(%label, error = %e, "lock renewal failed; will retry"),
+            Err(e) => {
+                warn!(locks = batch.len(), error = %e, "lock renewal failed; will retry");
+                return;
+            }
+        };
+        for ((label, fence), renewed) in batch.iter().zip(renewed) {
+            if renewed {
+                self.locks.renewed(label, fence, sent + ttl);
+                continue;
+            }
+            let holder = self
+                .store
+                .lock_holder(label)
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| "nobody (it expired)".into());
+            self.locks.mark_lost(
+                label,
+                fence,
+                format!("lock of label {label} lost to {holder}"),
+            );
         }
     }
 

@@ -221,10 +221,19 @@ async fn many_held_labels_keep_their_locks_when_each_renewal_is_slow() {
             ..retrain_core::engine::EngineSettings::default()
         },
     );
+    let started = tokio::time::Instant::now();
     let report = engine
         .run_cycle(CycleRequest::default(), CancellationToken::new())
         .await
         .unwrap();
+    // One `renew_locks` call (one statement on the SQL stores) per
+    // heartbeat round of 300 labels, not one per label.
+    let rounds = started.elapsed().as_secs() + 1; // every lock_ttl / 3 = 1 s
+    let batches = store.renew_batches.load(Ordering::SeqCst) as u64;
+    assert!(
+        (1..=rounds).contains(&batches),
+        "{batches} renewal calls in {rounds} heartbeat rounds"
+    );
     let stopped: Vec<_> = report
         .labels
         .iter()

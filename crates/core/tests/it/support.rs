@@ -51,6 +51,8 @@ pub struct MemStore {
     pub renew_latency: Arc<Mutex<Duration>>,
     /// `list_runs` calls (each metrics-history read makes one).
     pub run_listings: Arc<AtomicUsize>,
+    /// `renew_locks` calls (one per heartbeat batch).
+    pub renew_batches: Arc<AtomicUsize>,
 }
 
 impl MemStore {
@@ -244,6 +246,14 @@ impl RunStore for MemStore {
             }
             _ => Ok(false),
         }
+    }
+    async fn renew_locks(
+        &self,
+        held: &[(Label, Fence)],
+        ttl: Duration,
+    ) -> Result<Vec<bool>, StoreError> {
+        self.renew_batches.fetch_add(1, Ordering::SeqCst);
+        retrain_core::ports::renew_each(self, held, ttl).await
     }
     async fn release_lock(&self, label: &Label, fence: &Fence) -> Result<(), StoreError> {
         self.check()?;
