@@ -19,6 +19,25 @@ pub struct ApiError {
     pub message: String,
 }
 
+/// The error shape, for the OpenAPI document (the response itself is built
+/// by [`ApiError::into_response`]).
+#[derive(Debug, utoipa::ToSchema)]
+#[allow(dead_code)] // Only its schema is used.
+pub struct ErrorBody {
+    error: ErrorDetail,
+}
+
+/// `error` of [`ErrorBody`].
+#[derive(Debug, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct ErrorDetail {
+    /// Stable, snake_case: clients branch on it (`unauthorized`,
+    /// `forbidden`, `not_found`, `invalid_body`, `label_busy`, …).
+    code: String,
+    /// For people: names what was wrong; never carries a secret.
+    message: String,
+}
+
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {

@@ -28,7 +28,7 @@ use retrain_core::CancellationToken;
 use serde::Deserialize;
 
 use super::{query, Authorized, ReadScope};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::state::AppState;
 
 /// Journal lines read per store query.
@@ -37,7 +37,8 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// After a store error, wait this long before reading again.
 const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct EventsQuery {
     /// Only this label's events.
@@ -49,6 +50,21 @@ pub struct EventsQuery {
     pub after: Option<u64>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/events",
+    tag = "events",
+    description = "Server-Sent Events of the lifecycle events (`run.started`, `stage.changed`, `verdict`, `promoted`, …). The stream is the journal: each event's `id` is its journal position, so reconnecting with `Last-Event-ID` resumes exactly after it, from any replica. Keep-alive comments every 15 s.",
+    params(
+        EventsQuery,
+        ("Last-Event-ID" = Option<u64>, Header, description = "resume after this journal position"),
+    ),
+    security(("bearer" = ["read"])),
+    responses(
+        (status = 200, description = "an event stream: `id: <position>`, `event: <type>`, `data: <JSON event>`", body = String, content_type = "text/event-stream"),
+        (status = 400, description = "invalid label, event type or Last-Event-ID", body = ErrorBody),
+    )
+)]
 pub async fn stream(
     Authorized(_, _): Authorized<ReadScope>,
     State(state): State<AppState>,

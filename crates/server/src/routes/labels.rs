@@ -10,14 +10,16 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{query, Authorized, ReadScope};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::state::AppState;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct LabelsQuery {
     /// `next_cursor` of the previous page (a label name).
     pub cursor: Option<String>,
+    /// Page size, 1..=1000 (default 100).
     pub limit: Option<u32>,
 }
 
@@ -27,6 +29,17 @@ const MAX_PAGE: u32 = 1000;
 /// Threshold, watermark, last consumed version, the stage of the run under
 /// way, the last verdict, the production version (from the promotion
 /// history), the runs awaiting approval and who holds the label's lock.
+#[utoipa::path(
+    get,
+    path = "/v1/labels",
+    tag = "labels",
+    params(LabelsQuery),
+    security(("bearer" = ["read"])),
+    responses(
+        (status = 200, description = "`{labels: [{label, threshold, watermark, last_consumed_version, running, locked_by, last_verdict, production_version, production_since, awaiting_approval}], next_cursor}`", body = Object),
+        (status = 400, description = "invalid query", body = ErrorBody),
+    )
+)]
 pub async fn list(
     Authorized(_, _): Authorized<ReadScope>,
     State(state): State<AppState>,

@@ -5,6 +5,7 @@
 pub mod events;
 pub mod health;
 pub mod labels;
+pub mod openapi;
 pub mod rollback;
 pub mod runs;
 
@@ -15,11 +16,12 @@ use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Query};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::routing::{get, post};
 use axum::Router;
 use retrain_adapters::settings::Scope;
 use serde::de::DeserializeOwned;
 use tower_http::timeout::TimeoutLayer;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -37,9 +39,10 @@ pub fn router_with(state: AppState, extra: Vec<Router<AppState>>) -> Router {
     let server = &state.settings.server;
     let body_limit = server.body_limit;
     let request_timeout = server.request_timeout;
+    let (api, _) = api().split_for_parts();
     extra
         .into_iter()
-        .fold(api(), Router::merge)
+        .fold(api, Router::merge)
         // Matched routes only (the route template is the metric's label).
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -56,20 +59,32 @@ pub fn router_with(state: AppState, extra: Vec<Router<AppState>>) -> Router {
         .with_state(state)
 }
 
-/// The API's own routes, without state or layers.
-fn api() -> Router<AppState> {
-    Router::new()
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/v1/runs", post(runs::trigger).get(runs::list))
-        .route("/v1/runs/{id}", get(runs::show))
-        .route("/v1/runs/{id}/report.md", get(runs::report_md))
-        .route("/v1/runs/{id}/approve", post(runs::approve))
-        .route("/v1/runs/{id}/reject", post(runs::reject))
-        .route("/v1/labels", get(labels::list))
-        .route("/v1/labels/{label}/rollback", post(rollback::rollback))
-        .route("/v1/events", get(events::stream))
+/// The API's own routes, without state or layers, each mounted and
+/// documented by the same `routes!` line (handlers sharing a path go in one
+/// `routes!`). Never `.route(..)`: it would mount without documenting
+/// (`tests/it/openapi.rs` fails on it).
+fn api() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::base())
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
+        .routes(routes!(openapi::document))
+        .routes(routes!(runs::trigger, runs::list))
+        .routes(routes!(runs::show))
+        .routes(routes!(runs::report_md))
+        .routes(routes!(runs::approve))
+        .routes(routes!(runs::reject))
+        .routes(routes!(labels::list))
+        .routes(routes!(rollback::rollback))
+        .routes(routes!(events::stream))
         .merge(hooks::router())
+}
+
+/// The OpenAPI document of every route [`router`] mounts (served at
+/// `GET /openapi.json`).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let mut document = api().into_openapi();
+    openapi::add_common_responses(&mut document);
+    document
 }
 
 async fn not_found() -> ApiError {
@@ -106,7 +121,8 @@ scopes!(
     ReadScope => Read,
     TriggerScope => Trigger,
     ApproveScope => Approve,
-    RollbackScope => Rollback
+    RollbackScope => Rollback,
+    WorkerScope => Worker
 );
 
 /// The caller of a request, authorized for `S`. As the first extractor of

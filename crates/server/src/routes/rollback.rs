@@ -14,10 +14,10 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{body, parse_body, Authorized, RollbackScope};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::state::AppState;
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RollbackBody {
     /// The version to restore; absent: the production version before the
@@ -32,6 +32,19 @@ pub struct RollbackBody {
     pub force: bool,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/labels/{label}/rollback",
+    tag = "labels",
+    params(("label" = String, Path, description = "a configured label")),
+    request_body(content = RollbackBody, content_type = "application/json"),
+    security(("bearer" = ["rollback"])),
+    responses(
+        (status = 200, description = "`{label, rolled_back_by, resumed, status, report}`", body = Object),
+        (status = 400, description = "`invalid_label`, `unknown_label` or `reason_required`", body = ErrorBody),
+        (status = 409, description = "`rollback_refused`, `not_configured` (no registry) or `label_busy`", body = ErrorBody),
+    )
+)]
 pub async fn rollback(
     Authorized(caller, _): Authorized<RollbackScope>,
     State(state): State<AppState>,

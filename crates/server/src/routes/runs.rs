@@ -17,11 +17,11 @@ use tokio::sync::oneshot;
 
 use super::{body, parse_body, query, ApproveScope, Authorized, ReadScope, TriggerScope};
 use crate::auth::Caller;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::state::AppState;
 
 /// `POST /v1/runs` (JSON or YAML).
-#[derive(Debug, Default, Deserialize, Serialize)]
+#[derive(Debug, Default, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TriggerBody {
     /// Labels to run; absent or empty: every configured label.
@@ -39,6 +39,23 @@ const MAX_KEY_LEN: usize = 255;
 
 /// Start a cycle in the background; answer `202` with each label's run id
 /// (or `already_running`) once every label has been locked or found busy.
+#[utoipa::path(
+    post,
+    path = "/v1/runs",
+    tag = "runs",
+    description = "Start a cycle (JSON, or YAML with `Content-Type: text/yaml`; an empty body runs every label). Answers once every label has been locked or found busy: a label already driven here or by another replica is reported `already_running`, never started twice. A repeated `Idempotency-Key` returns the first response.",
+    params(("Idempotency-Key" = Option<String>, Header, description = "1 to 255 printable ASCII characters")),
+    request_body(content = TriggerBody, content_type = "application/json"),
+    security(("bearer" = ["trigger"])),
+    responses(
+        (status = 202, description = "`{cycle_id, dry_run, triggered_by, labels: [{label, run_id, status, detail?}]}`; status is `started`, `resumed`, `planned`, `already_running` or the run's end", body = Object),
+        (status = 400, description = "invalid or unknown label, invalid body or Idempotency-Key", body = ErrorBody),
+        (status = 409, description = "`request_in_progress`: the first request with this Idempotency-Key is still being answered", body = ErrorBody),
+        (status = 413, description = "body larger than `[server] body_limit`", body = ErrorBody),
+        (status = 415, description = "neither JSON nor YAML", body = ErrorBody),
+        (status = 422, description = "`idempotency_key_reused` for a different request", body = ErrorBody),
+    )
+)]
 pub async fn trigger(
     Authorized(caller, _): Authorized<TriggerScope>,
     State(state): State<AppState>,
@@ -280,15 +297,18 @@ fn fingerprint(caller: &Caller, labels: &[Label], dry_run: bool, reason: Option<
 }
 
 /// `GET /v1/runs` query.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
+    /// Only this label's runs.
     pub label: Option<String>,
     /// An outcome (`promoted`, `rejected`, `running`, …) or a stage
     /// (`training`, `awaiting_approval`, …).
     pub status: Option<String>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
+    /// Page size, 1..=500 (default 50).
     pub limit: Option<u32>,
 }
 
@@ -296,6 +316,17 @@ const DEFAULT_PAGE: u32 = 50;
 const MAX_PAGE: u32 = 500;
 
 /// Runs newest first, a page at a time.
+#[utoipa::path(
+    get,
+    path = "/v1/runs",
+    tag = "runs",
+    params(ListQuery),
+    security(("bearer" = ["read"])),
+    responses(
+        (status = 200, description = "`{runs: [RunSummary], next_cursor}` (`next_cursor` null on the last page)", body = Object),
+        (status = 400, description = "invalid label, query or cursor", body = ErrorBody),
+    )
+)]
 pub async fn list(
     Authorized(_, _): Authorized<ReadScope>,
     State(state): State<AppState>,
@@ -348,6 +379,17 @@ async fn detail(state: &AppState, id: &str) -> Result<retrain_core::journal::Run
 }
 
 /// One run: its summary, report (verdict table included), journal and manifest.
+#[utoipa::path(
+    get,
+    path = "/v1/runs/{id}",
+    tag = "runs",
+    params(("id" = String, Path, description = "run id")),
+    security(("bearer" = ["read"])),
+    responses(
+        (status = 200, description = "`{run, report, journal, manifest}`", body = Object),
+        (status = 404, description = "no such run", body = ErrorBody),
+    )
+)]
 pub async fn show(
     Authorized(_, _): Authorized<ReadScope>,
     State(state): State<AppState>,
@@ -364,6 +406,17 @@ pub async fn show(
 }
 
 /// The run as Markdown (as `retrain runs show --format md`).
+#[utoipa::path(
+    get,
+    path = "/v1/runs/{id}/report.md",
+    tag = "runs",
+    params(("id" = String, Path, description = "run id")),
+    security(("bearer" = ["read"])),
+    responses(
+        (status = 200, description = "the run's report", body = String, content_type = "text/markdown"),
+        (status = 404, description = "no such run", body = ErrorBody),
+    )
+)]
 pub async fn report_md(
     Authorized(_, _): Authorized<ReadScope>,
     State(state): State<AppState>,
@@ -380,7 +433,7 @@ pub async fn report_md(
 }
 
 /// `POST /v1/runs/{id}/approve|reject`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DecisionBody {
     pub reason: Option<String>,
@@ -389,6 +442,21 @@ pub struct DecisionBody {
     pub regate: bool,
 }
 
+/// Approve a candidate awaiting approval: promote it (identity = the
+/// token's name).
+#[utoipa::path(
+    post,
+    path = "/v1/runs/{id}/approve",
+    tag = "runs",
+    params(("id" = String, Path, description = "run id")),
+    request_body(content = DecisionBody, content_type = "application/json"),
+    security(("bearer" = ["approve"])),
+    responses(
+        (status = 200, description = "`{run_id, decided_by, status, report}`", body = Object),
+        (status = 404, description = "no such run", body = ErrorBody),
+        (status = 409, description = "`not_awaiting_approval`, `already_approved`, `approval_closed`, `production_changed` (approve with `regate`) or `label_busy`", body = ErrorBody),
+    )
+)]
 pub async fn approve(
     Authorized(caller, _): Authorized<ApproveScope>,
     State(state): State<AppState>,
@@ -403,6 +471,21 @@ pub async fn approve(
     decide(state, id, decision, caller, body.reason).await
 }
 
+/// Reject a candidate awaiting approval (a reason is required).
+#[utoipa::path(
+    post,
+    path = "/v1/runs/{id}/reject",
+    tag = "runs",
+    params(("id" = String, Path, description = "run id")),
+    request_body(content = DecisionBody, content_type = "application/json"),
+    security(("bearer" = ["approve"])),
+    responses(
+        (status = 200, description = "`{run_id, decided_by, status, report}`", body = Object),
+        (status = 400, description = "`reason_required`, or `regate` given", body = ErrorBody),
+        (status = 404, description = "no such run", body = ErrorBody),
+        (status = 409, description = "`not_awaiting_approval`, `approval_closed` or `label_busy`", body = ErrorBody),
+    )
+)]
 pub async fn reject(
     Authorized(caller, _): Authorized<ApproveScope>,
     State(state): State<AppState>,
