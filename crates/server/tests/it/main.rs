@@ -5,5 +5,6 @@ mod api;
 mod openapi;
 mod process;
 mod replicas;
+mod schedule;
 mod support;
 mod webhooks;
