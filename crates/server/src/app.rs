@@ -136,6 +136,7 @@ impl Application {
             shutdown: CancellationToken::new(),
             work: TaskTracker::new(),
             deliveries: stores.deliveries,
+            pending_gates: stores.pending_gates,
             metrics: Arc::new(Metrics::new()),
         };
         Ok(Self {
@@ -200,6 +201,10 @@ impl Application {
             crate::maintenance::REAP_EVERY,
             shutdown.clone(),
         ));
+        // Gates accepted by a process that stopped before it could do them.
+        EngineEffects::new(state.clone(), state.metrics.clone())
+            .resume_pending_gates()
+            .await;
         let app = routes::router_with(state, extra);
         let stopping = shutdown.clone();
         let serve = axum::serve(listener, app).with_graceful_shutdown(async move {

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use retrain_adapters::settings::Settings;
-use retrain_adapters::store::{DeliveryLog, JournalWatch};
+use retrain_adapters::store::{DeliveryLog, JournalWatch, PendingGates};
 use retrain_core::engine::Engine;
 use retrain_core::ports::RunStore;
 use retrain_core::CancellationToken;
@@ -33,6 +33,8 @@ pub struct AppState {
     pub work: TaskTracker,
     /// Every webhook delivery and schedule tick, with its outcome.
     pub deliveries: Arc<dyn DeliveryLog>,
+    /// Registered versions accepted for gating and not gated yet.
+    pub pending_gates: Arc<dyn PendingGates>,
     pub metrics: Arc<Metrics>,
     /// What the webhooks know of each label (from the settings).
     pub webhook_targets: Arc<Vec<LabelTarget>>,

@@ -25,6 +25,7 @@
 mod backend;
 mod deliveries;
 mod locks;
+mod pending_gates;
 mod postgres;
 mod sqlite;
 mod watch;
@@ -55,6 +56,7 @@ use sqlite::SqliteRunStore;
 pub use watch::{JournalWaker, JournalWatch};
 
 pub use deliveries::{Delivery, DeliveryLog, DeliveryQuery, NewDelivery, Recorded};
+pub use pending_gates::{PendingGate, PendingGates};
 
 /// The config key the store URL comes from (named in errors).
 const KEY: &str = "state";
@@ -94,6 +96,7 @@ pub async fn open_run_store(
 pub struct Stores {
     pub runs: Arc<dyn RunStore>,
     pub deliveries: Arc<dyn DeliveryLog>,
+    pub pending_gates: Arc<dyn PendingGates>,
 }
 
 impl std::fmt::Debug for Stores {
@@ -107,7 +110,8 @@ impl Stores {
         let store = Arc::new(store);
         Self {
             runs: store.clone(),
-            deliveries: store,
+            deliveries: store.clone(),
+            pending_gates: store,
         }
     }
 }
@@ -513,6 +517,11 @@ const SQLITE_MIGRATIONS: Embedded = Embedded(&[
         "webhook deliveries",
         include_str!("../../migrations/sqlite/0009_webhook_deliveries.sql"),
     ),
+    (
+        12,
+        "pending gates",
+        include_str!("../../migrations/sqlite/0012_pending_gates.sql"),
+    ),
 ]);
 
 const POSTGRES_MIGRATIONS: Embedded = Embedded(&[
@@ -545,6 +554,11 @@ const POSTGRES_MIGRATIONS: Embedded = Embedded(&[
         8,
         "webhook deliveries",
         include_str!("../../migrations/postgres/0008_webhook_deliveries.sql"),
+    ),
+    (
+        11,
+        "pending gates",
+        include_str!("../../migrations/postgres/0011_pending_gates.sql"),
     ),
 ]);
 

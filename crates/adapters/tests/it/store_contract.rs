@@ -1800,6 +1800,64 @@ mod deliveries {
     );
 }
 
+// ---- The server's pending gates (same store, table `pending_gates`) ----
+
+mod pending_gates {
+    use chrono::{Duration as Span, SubsecRound, Utc};
+    use retrain_adapters::store::{open_stores, PendingGate, StoreOptions, Stores};
+
+    fn gate(label: &str, version: &str, minutes_ago: i64) -> PendingGate {
+        PendingGate {
+            label: label.into(),
+            model: "seg".into(),
+            version: version.into(),
+            candidate_run_id: (version == "2").then(|| "run-2".to_owned()),
+            received_at: (Utc::now() - Span::minutes(minutes_ago)).trunc_subsecs(6),
+        }
+    }
+
+    /// What one replica adds, another sees (a restart resumes it); adding
+    /// twice keeps one row; removing is final and idempotent.
+    async fn pending_gates_survive_a_restart_and_are_removed_once(one: Stores, two: Stores) {
+        let (one, two) = (one.pending_gates, two.pending_gates);
+        assert!(one.list().await.unwrap().is_empty());
+        let newer = gate("seg", "3", 1);
+        let older = gate("seg", "2", 5);
+        one.add(&newer).await.unwrap();
+        one.add(&older).await.unwrap();
+        one.add(&older).await.unwrap();
+        assert_eq!(
+            two.list().await.unwrap(),
+            vec![older.clone(), newer.clone()]
+        );
+        assert!(two.is_pending("seg", "seg", "2").await.unwrap());
+        assert!(!two.is_pending("other", "seg", "2").await.unwrap());
+        two.remove("seg", "seg", "2").await.unwrap();
+        two.remove("seg", "seg", "2").await.unwrap();
+        assert!(!one.is_pending("seg", "seg", "2").await.unwrap());
+        assert_eq!(one.list().await.unwrap(), vec![newer]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_pending_gates_survive_a_restart_and_are_removed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/state.db", dir.path().display());
+        let one = open_stores(&url, StoreOptions::default()).await.unwrap();
+        let two = open_stores(&url, StoreOptions::default()).await.unwrap();
+        pending_gates_survive_a_restart_and_are_removed_once(one, two).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_pending_gates_survive_a_restart_and_are_removed_once() {
+        let Some(url) = crate::pg::fresh_database().await else {
+            return;
+        };
+        let one = open_stores(&url, StoreOptions::default()).await.unwrap();
+        let two = open_stores(&url, StoreOptions::default()).await.unwrap();
+        pending_gates_survive_a_restart_and_are_removed_once(one, two).await;
+    }
+}
+
 /// Postgres: a journal write by anyone wakes a `JournalWatch` reader at
 /// commit (NOTIFY), well before its 5 s safety poll.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use retrain_adapters::store::PendingGate;
 use retrain_core::domain::{Label, RunId};
 use retrain_core::engine::{CycleRequest, EngineError};
 
@@ -87,52 +88,133 @@ impl WebhookEffects for EngineEffects {
         Ok(())
     }
 
+    /// Record each request as pending (durably, before the delivery is
+    /// answered), then gate it in a task of its own.
     async fn gate(&self, requests: Vec<GateRequest>) -> Result<(), String> {
         if self.state.shutdown.is_cancelled() {
             return Err("the server is shutting down".into());
         }
+        let now = Utc::now();
+        for request in &requests {
+            let pending = PendingGate {
+                label: request.label.to_string(),
+                model: request.model.clone(),
+                version: request.version.clone(),
+                candidate_run_id: request.candidate_run_id.clone(),
+                received_at: now,
+            };
+            // Unrecorded, it would be lost by a restart while it waits: refuse
+            // the delivery instead (the claim is given up, the sender retries).
+            self.state
+                .pending_gates
+                .add(&pending)
+                .await
+                .map_err(|e| format!("cannot record the gate to do: {e}"))?;
+        }
         for request in requests {
-            let effects = self.clone();
-            self.state.work.spawn(async move {
-                let candidate = request.candidate_id();
-                let started = tokio::time::Instant::now();
-                loop {
-                    let gated = effects
-                        .state
-                        .engine
-                        .gate_and_promote(&request.label, &candidate)
-                        .await;
-                    match gated {
-                        Ok((outcome, report)) => {
-                            tracing::info!(
-                                label = %request.label,
-                                candidate,
-                                passed = outcome.verdict.passed,
-                                status = ?report.status,
-                                "registered version gated"
-                            );
-                            effects.observe(outcome.run_id).await;
-                            return;
-                        }
-                        // The label's cycle holds the lock: gate after it.
-                        Err(EngineError::Busy(_, holder))
-                            if started.elapsed() < BUSY_PATIENCE =>
-                        {
-                            tracing::info!(label = %request.label, %holder, "gate waits for the label's run to finish");
-                            tokio::select! {
-                                () = effects.state.shutdown.cancelled() => return,
-                                () = tokio::time::sleep(BUSY_RETRY) => {}
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(label = %request.label, candidate, error = %e, "gating the registered version failed");
-                            return;
-                        }
-                    }
-                }
-            });
+            self.spawn_gate(request);
         }
         Ok(())
+    }
+}
+
+impl EngineEffects {
+    /// Resume the gates a previous process accepted and did not finish (it
+    /// stopped while the label's run held the lock).
+    pub async fn resume_pending_gates(&self) {
+        let pending = match self.state.pending_gates.list().await {
+            Ok(pending) => pending,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the pending gates; they resume at the next start");
+                return;
+            }
+        };
+        for gate in pending {
+            let Ok(label) = Label::new(&gate.label) else {
+                tracing::warn!(
+                    label = gate.label,
+                    "a pending gate names an invalid label; dropped"
+                );
+                let _ = self
+                    .state
+                    .pending_gates
+                    .remove(&gate.label, &gate.model, &gate.version)
+                    .await;
+                continue;
+            };
+            tracing::info!(%label, model = gate.model, version = gate.version, "resuming a pending gate");
+            self.spawn_gate(GateRequest {
+                label,
+                model: gate.model,
+                version: gate.version,
+                candidate_run_id: gate.candidate_run_id,
+            });
+        }
+    }
+
+    /// Gate `request` until it is done, waiting while its label is busy; the
+    /// pending row goes once it is (or when gating failed for good). A
+    /// replica that finds the row gone stops: another one gated it.
+    fn spawn_gate(&self, request: GateRequest) {
+        let effects = self.clone();
+        self.state.work.spawn(async move {
+            let candidate = request.candidate_id();
+            let label = request.label.to_string();
+            let pending = effects.state.pending_gates.clone();
+            let done = || async {
+                if let Err(e) = pending
+                    .remove(&label, &request.model, &request.version)
+                    .await
+                {
+                    tracing::warn!(%label, candidate, error = %e, "cannot clear the pending gate; it is gated again at the next start");
+                }
+            };
+            let started = tokio::time::Instant::now();
+            loop {
+                match pending
+                    .is_pending(&label, &request.model, &request.version)
+                    .await
+                {
+                    Ok(false) => return,
+                    Ok(true) => {}
+                    // Gate anyway: the engine's lock keeps it to one run.
+                    Err(e) => tracing::warn!(%label, error = %e, "cannot read the pending gate"),
+                }
+                let gated = effects
+                    .state
+                    .engine
+                    .gate_and_promote(&request.label, &candidate)
+                    .await;
+                match gated {
+                    Ok((outcome, report)) => {
+                        tracing::info!(
+                            %label,
+                            candidate,
+                            passed = outcome.verdict.passed,
+                            status = ?report.status,
+                            "registered version gated"
+                        );
+                        done().await;
+                        effects.observe(outcome.run_id).await;
+                        return;
+                    }
+                    // The label's cycle holds the lock: gate after it.
+                    Err(EngineError::Busy(_, holder)) if started.elapsed() < BUSY_PATIENCE => {
+                        tracing::info!(%label, %holder, "gate waits for the label's run to finish");
+                        tokio::select! {
+                            // Still pending: the next start resumes it.
+                            () = effects.state.shutdown.cancelled() => return,
+                            () = tokio::time::sleep(BUSY_RETRY) => {}
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(%label, candidate, error = %e, "gating the registered version failed");
+                        done().await;
+                        return;
+                    }
+                }
+            }
+        });
     }
 }
 

@@ -417,16 +417,10 @@ async fn outcomes(app: &TestApp, label: &str) -> Vec<String> {
         .collect()
 }
 
-/// Against the real `mlflow server`: a better registered version, announced
-/// by a signed webhook, is gated and promoted (the alias moves to it); a
-/// worse one is rejected and the alias stays.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mlflow_webhook_promotes_a_better_version_and_rejects_a_worse_one() {
-    let Some(url) = retrain_adapters::testing::services::service_url("RETRAIN_TEST_MLFLOW_URL")
-    else {
-        return;
-    };
-    let mlflow = Mlflow::new(&url).await;
+/// A registered model with version 1 (dice 0.80) in production, and a
+/// workspace whose label `seg` gates that model's versions on dice.
+async fn mlflow_label(url: &str) -> (Mlflow, String, Workspace) {
+    let mlflow = Mlflow::new(url).await;
     let model = format!("hooks-seg-{}", uuid_like());
     mlflow
         .post(
@@ -454,6 +448,77 @@ async fn mlflow_webhook_promotes_a_better_version_and_rejects_a_worse_one() {
         1,
     );
     std::fs::write(workspace.config(), config).unwrap();
+    (mlflow, model, workspace)
+}
+
+/// Wait until `model`'s production alias points at `version`.
+async fn wait_production(mlflow: &Mlflow, model: &str, version: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while mlflow.production(model).await.as_deref() != Some(version) {
+        assert!(
+            Instant::now() < deadline,
+            "the alias never moved to version {version}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A gate the previous server process accepted (the delivery was answered
+/// 202) but had not done when it stopped — the label's run held the lock —
+/// is resumed at start-up from the store, without a new delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gate_accepted_before_a_restart_is_done_after_it() {
+    let Some(url) = retrain_adapters::testing::services::service_url("RETRAIN_TEST_MLFLOW_URL")
+    else {
+        return;
+    };
+    let (mlflow, model, workspace) = mlflow_label(&url).await;
+    let (v2, run2) = mlflow.register(&model, 0.90).await;
+    let stores = retrain_adapters::store::open_stores(
+        &workspace.state,
+        retrain_adapters::store::StoreOptions {
+            migrate: true,
+            read_only: false,
+        },
+    )
+    .await
+    .unwrap();
+    stores
+        .pending_gates
+        .add(&retrain_adapters::store::PendingGate {
+            label: "seg".into(),
+            model: model.clone(),
+            version: v2.clone(),
+            candidate_run_id: Some(run2),
+            received_at: chrono::Utc::now(),
+        })
+        .await
+        .unwrap();
+
+    let app = spawn_in(&workspace).await;
+    wait_production(&mlflow, &model, &v2).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !stores.pending_gates.list().await.unwrap().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the pending gate was not cleared"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.shutdown().await.unwrap();
+    assert_eq!(outcomes_len(&workspace).await, 1, "gated once");
+}
+
+/// Against the real `mlflow server`: a better registered version, announced
+/// by a signed webhook, is gated and promoted (the alias moves to it); a
+/// worse one is rejected and the alias stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mlflow_webhook_promotes_a_better_version_and_rejects_a_worse_one() {
+    let Some(url) = retrain_adapters::testing::services::service_url("RETRAIN_TEST_MLFLOW_URL")
+    else {
+        return;
+    };
+    let (mlflow, model, workspace) = mlflow_label(&url).await;
     let app = spawn_in(&workspace).await;
 
     let (v2, run2) = mlflow.register(&model, 0.90).await;
@@ -463,14 +528,7 @@ async fn mlflow_webhook_promotes_a_better_version_and_rejects_a_worse_one() {
         (202, Some("gating")),
         "{answer}"
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while mlflow.production(&model).await.as_deref() != Some(v2.as_str()) {
-        assert!(
-            Instant::now() < deadline,
-            "the alias never moved to version {v2}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_production(&mlflow, &model, &v2).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while outcomes(&app, "seg").await != vec!["promoted".to_owned()] {
         assert!(
