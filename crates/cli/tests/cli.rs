@@ -55,46 +55,6 @@ fn snapshot(paths: &[PathBuf]) -> Vec<Vec<u8>> {
 }
 
 #[test]
-fn quickstart_first_run_trains_and_gates_second_run_skips() {
-    let dir = quickstart();
-    let first = retrain(dir.path())
-        .args(["--output", "json", "run"])
-        .assert()
-        .success();
-    let report = json_of(&first.get_output().stdout);
-    let label = &report["labels"][0];
-    assert_eq!(label["label"], "department");
-    let status = label["status"].as_str().unwrap();
-    assert!(status == "promoted" || status == "rejected", "{label}");
-    let verdict = &label["verdict"];
-    assert_eq!(
-        verdict["comparisons"].as_array().unwrap().len(),
-        2,
-        "{verdict}"
-    );
-    assert!(!verdict["reason"].as_str().unwrap().is_empty());
-    if status == "promoted" {
-        let registry: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(dir.path().join("registry.json")).unwrap())
-                .unwrap();
-        assert_eq!(
-            registry["models"]["ticket-router"]["production"], "1",
-            "{registry}"
-        );
-    }
-    let stderr = String::from_utf8_lossy(&first.get_output().stderr);
-    assert!(
-        stderr.contains("current_len="),
-        "per-poll progress line missing: {stderr}"
-    );
-
-    let second = retrain(dir.path()).arg("run").assert().success();
-    let text = String::from_utf8_lossy(&second.get_output().stdout);
-    assert!(text.contains("skipped"), "{text}");
-    assert!(text.contains("below threshold 40"), "{text}");
-}
-
-#[test]
 fn plan_changes_nothing() {
     let dir = quickstart();
     retrain(dir.path()).arg("run").assert().success();
@@ -1045,117 +1005,6 @@ fn approvals_lists_a_waiting_run_until_it_is_rejected() {
     );
 }
 
-/// The promoted (or rejected) first run of a fresh quickstart, from `report`.
-fn assert_first_cycle_promoted(report: &serde_json::Value, dir: &Path) {
-    let label = &report["labels"][0];
-    assert_eq!(label["label"], "department", "{report}");
-    assert_eq!(label["status"], "promoted", "{label}");
-    assert!(
-        dir.join(".retrain/state.db").exists(),
-        "the state is next to the config"
-    );
-    assert!(dir.join("registry.json").exists());
-    assert!(dir.join("datasets/dataset_metadata.json").exists());
-}
-
-#[test]
-fn quickstart_runs_from_the_root_directory_with_an_absolute_config() {
-    let dir = quickstart();
-    let config = std::fs::canonicalize(dir.path().join("retrain.toml")).unwrap();
-    let out = retrain(Path::new("/"))
-        .arg("--config")
-        .arg(&config)
-        .args(["--output", "json", "run"])
-        .assert()
-        .success();
-    assert_first_cycle_promoted(&json_of(&out.get_output().stdout), dir.path());
-    // Nothing was written to the working directory.
-    assert!(!Path::new("/.retrain").exists());
-    assert!(!Path::new("/registry.json").exists());
-}
-
-#[test]
-fn quickstart_runs_from_another_directory_with_a_relative_config() {
-    // Like `retrain run --config examples/quickstart/retrain.toml` from the
-    // repository root: the config path is relative to the working directory,
-    // every path inside it relative to the config file.
-    let parent = tempfile::tempdir().unwrap();
-    let dir = quickstart();
-    let nested = parent.path().join("examples/quickstart");
-    std::fs::create_dir_all(nested.parent().unwrap()).unwrap();
-    std::fs::rename(dir.path(), &nested)
-        .or_else(|_| copy_dir(dir.path(), &nested))
-        .unwrap();
-    let out = retrain(parent.path())
-        .args(["--config", "examples/quickstart/retrain.toml"])
-        .args(["--output", "json", "run"])
-        .assert()
-        .success();
-    assert_first_cycle_promoted(&json_of(&out.get_output().stdout), &nested);
-    let entries: Vec<_> = std::fs::read_dir(parent.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert_eq!(entries, ["examples"], "wrote into the working directory");
-    // The second run from yet another directory sees the same state.
-    let out = retrain(&nested.join(".retrain"))
-        .arg("--config")
-        .arg(nested.join("retrain.toml"))
-        .arg("run")
-        .assert()
-        .success();
-    let text = String::from_utf8_lossy(&out.get_output().stdout);
-    assert!(text.contains("below threshold 40"), "{text}");
-}
-
-fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        if entry.file_type()?.is_file() {
-            std::fs::copy(entry.path(), to.join(entry.file_name()))?;
-        }
-    }
-    Ok(())
-}
-
-#[test]
-fn config_show_prints_absolute_paths() {
-    let dir = quickstart();
-    let root = std::fs::canonicalize(dir.path()).unwrap();
-    let elsewhere = tempfile::tempdir().unwrap();
-    let out = retrain(elsewhere.path())
-        .arg("--config")
-        .arg(root.join("retrain.toml"))
-        .args(["config", "show"])
-        .assert()
-        .success();
-    let shown = String::from_utf8_lossy(&out.get_output().stdout);
-    let r = root.display();
-    for expected in [
-        format!("state = \"sqlite://{r}/.retrain/state.db\""),
-        format!("state_dir = \"{r}/.retrain\""),
-        format!("database = \"sqlite://{r}/feedback.db\""),
-        format!("metadata = \"file://{r}/datasets/dataset_metadata.json\""),
-        format!("json = \"{r}/registry.json\""),
-        format!("workdir = \"{r}\""),
-    ] {
-        assert!(shown.contains(&expected), "missing {expected}: {shown}");
-    }
-    // The JSON form parses and carries the same paths.
-    let out = retrain(elsewhere.path())
-        .arg("--config")
-        .arg(root.join("retrain.toml"))
-        .args(["--output", "json", "config", "show"])
-        .assert()
-        .success();
-    let value = json_of(&out.get_output().stdout);
-    assert_eq!(
-        value["labels"]["department"]["trainer"]["workdir"],
-        r.to_string()
-    );
-}
-
 #[test]
 fn completions_for_bash_zsh_and_fish_need_no_config() {
     let dir = tempfile::tempdir().unwrap();
@@ -1206,7 +1055,8 @@ fn no_color_means_no_ansi_escapes_on_stderr() {
 
 /// On a terminal (a pty from util-linux's `script`), the per-poll log lines
 /// become one live status line per label; piped, they stay log lines (see
-/// `quickstart_first_run_trains_and_gates_second_run_skips`).
+/// `quickstart_first_run_trains_and_gates_second_run_skips` in
+/// tests/tests/quickstart.rs).
 #[test]
 fn a_terminal_shows_a_status_line_instead_of_poll_log_lines() {
     if std::process::Command::new("script")
