@@ -16,4 +16,4 @@ pub use binary::{retrain_bin, RETRAIN_BIN_VAR};
 pub use project::Project;
 pub use ran::{label_status, Ran};
 pub use retrain_adapters::testing::fake_hub::FakeHub;
-pub use retrain_adapters::testing::services;
+pub use retrain_adapters::testing::{routes, services};

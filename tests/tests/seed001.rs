@@ -11,14 +11,14 @@ use std::time::Duration;
 use retrain_adapters::aws::AwsSettings;
 use retrain_adapters::ec2::{Ec2Client, InstanceState};
 use retrain_adapters::http::HttpPolicy;
+use retrain_tests::routes::json_route;
 use retrain_tests::services::{
     dataset_metadata, moto_env, moto_settings, s3_put, service_url, stopped_instance, unique_name,
     MLFLOW_VAR, MOTO_SECRET_KEY, MOTO_VAR, VENV_VAR,
 };
 use retrain_tests::{Project, Ran};
 use serde_json::{json, Value};
-use wiremock::matchers::{method, path};
-use wiremock::{Mock, MockServer, ResponseTemplate};
+use wiremock::MockServer;
 
 const GITHUB_TOKEN: &str = "ghp_e2e_secret_token_do_not_print";
 
@@ -105,16 +105,17 @@ impl Scenario {
         )
         .await;
         let github = MockServer::start().await;
-        Mock::given(method("GET"))
-            .and(path("/repos/acme/wms/issues/7/comments"))
-            .respond_with(ResponseTemplate::new(200).set_body_json(json!([])))
+        json_route("GET", "/repos/acme/wms/issues/7/comments", 200, json!([]))
             .mount(&github)
             .await;
-        Mock::given(method("POST"))
-            .and(path("/repos/acme/wms/issues/7/comments"))
-            .respond_with(ResponseTemplate::new(201).set_body_json(json!({"id": 555, "body": ""})))
-            .mount(&github)
-            .await;
+        json_route(
+            "POST",
+            "/repos/acme/wms/issues/7/comments",
+            201,
+            json!({"id": 555, "body": ""}),
+        )
+        .mount(&github)
+        .await;
         let project = Project::new();
         project.write("train.py", TRAIN_PY);
         Some(Self {

@@ -8,6 +8,7 @@ use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use retrain_tests::routes::json_route;
 use retrain_tests::{Project, Ran};
 use serde_json::{json, Value};
 use wiremock::matchers::{method, path};
@@ -134,9 +135,7 @@ async fn fake_github() -> (MockServer, Dispatched) {
         .mount(&server)
         .await;
     let zip = result_zip();
-    Mock::given(method("GET"))
-        .and(path(format!("/repos/acme/ml/actions/runs/{RUN_ID}/artifacts")))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+    json_route("GET", format!("/repos/acme/ml/actions/runs/{RUN_ID}/artifacts"), 200, json!({
             "total_count": 1,
             "artifacts": [{
                 "id": 2_848_401_u64, "name": "retrain-result", "size_in_bytes": zip.len(),
@@ -145,7 +144,7 @@ async fn fake_github() -> (MockServer, Dispatched) {
                 "expires_at": "2026-03-08T10:01:00Z",
                 "workflow_run": {"id": RUN_ID, "head_branch": "main"}
             }]
-        })))
+        }))
         .mount(&server)
         .await;
     Mock::given(method("GET"))

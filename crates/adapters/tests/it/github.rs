@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use retrain_adapters::github::{GithubNotifier, GithubSettings, GithubTarget, NotifyOn};
 use retrain_adapters::http::HttpPolicy;
+use retrain_adapters::testing::routes::{json_route, status_route};
 use retrain_adapters::webhook::{WebhookFormat, WebhookNotifier};
 use retrain_core::domain::{Label, PromotedVersion};
 use retrain_core::ports::{Notifier, PortError};
@@ -32,6 +33,14 @@ fn report(label: &str, status: LabelStatus) -> LabelReport {
         previous: Some("6".into()),
     });
     r
+}
+
+/// Notifies a promotion of label `seg`, which must succeed.
+async fn notify_promoted(notifier: &impl Notifier) {
+    notifier
+        .notify(&report("seg", LabelStatus::Promoted))
+        .await
+        .unwrap();
 }
 
 fn settings(server: &MockServer, on: NotifyOn, target: GithubTarget) -> GithubSettings {
@@ -111,9 +120,7 @@ fn pull(number: u64, body: &str, author: &str) -> Value {
 
 /// `GET /user` answers with `login` (a PAT or OAuth token).
 async fn mount_user(server: &MockServer, login: &str) {
-    Mock::given(method("GET"))
-        .and(path("/user"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(user(login)))
+    json_route("GET", "/user", 200, user(login))
         .mount(server)
         .await;
 }
@@ -313,12 +320,15 @@ async fn comments_are_paginated_through_the_link_header() {
         )
         .mount(&server)
         .await;
-    Mock::given(method("PATCH"))
-        .and(path("/repos/acme/wms/issues/comments/9"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(comment(5, 9, "x", ME)))
-        .expect(1)
-        .mount(&server)
-        .await;
+    json_route(
+        "PATCH",
+        "/repos/acme/wms/issues/comments/9",
+        200,
+        comment(5, 9, "x", ME),
+    )
+    .expect(1)
+    .mount(&server)
+    .await;
     Mock::given(method("POST"))
         .respond_with(ResponseTemplate::new(201))
         .expect(0)
@@ -330,10 +340,7 @@ async fn comments_are_paginated_through_the_link_header() {
         GithubTarget::Comment { issue: 5 },
     ))
     .unwrap();
-    notifier
-        .notify(&report("seg", LabelStatus::Promoted))
-        .await
-        .unwrap();
+    notify_promoted(&notifier).await;
 }
 
 #[tokio::test]
@@ -465,41 +472,33 @@ async fn pull_request_is_created_then_updated_and_auto_merged() {
         },
     ))
     .unwrap();
-    notifier
-        .notify(&report("seg", LabelStatus::Promoted))
-        .await
-        .unwrap();
-    notifier
-        .notify(&report("seg", LabelStatus::Promoted))
-        .await
-        .unwrap();
+    notify_promoted(&notifier).await;
+    notify_promoted(&notifier).await;
 }
 
 #[tokio::test]
 async fn auto_merge_on_a_clean_pr_merges_it() {
     let server = MockServer::start().await;
     FakeRepo::new().mount(&server).await;
-    Mock::given(method("GET"))
-        .and(path("/repos/acme/wms/pulls"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!([])))
+    json_route("GET", "/repos/acme/wms/pulls", 200, json!([]))
         .mount(&server)
         .await;
-    Mock::given(method("POST"))
-        .and(path("/repos/acme/wms/pulls"))
-        .respond_with(ResponseTemplate::new(201).set_body_json(pull(3, "x", ME)))
+    json_route("POST", "/repos/acme/wms/pulls", 201, pull(3, "x", ME))
         .mount(&server)
         .await;
-    Mock::given(method("POST"))
-        .and(path("/graphql"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"data": null, "errors": [{"message": "Pull request Pull request is in clean status"}]})))
+    let clean = json!({"data": null, "errors": [{"message": "Pull request Pull request is in clean status"}]});
+    json_route("POST", "/graphql", 200, clean)
         .mount(&server)
         .await;
-    Mock::given(method("PUT"))
-        .and(path("/repos/acme/wms/pulls/3/merge"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"merged": true})))
-        .expect(1)
-        .mount(&server)
-        .await;
+    json_route(
+        "PUT",
+        "/repos/acme/wms/pulls/3/merge",
+        200,
+        json!({"merged": true}),
+    )
+    .expect(1)
+    .mount(&server)
+    .await;
     let notifier = GithubNotifier::new(settings(
         &server,
         NotifyOn::Always,
@@ -511,10 +510,7 @@ async fn auto_merge_on_a_clean_pr_merges_it() {
         },
     ))
     .unwrap();
-    notifier
-        .notify(&report("seg", LabelStatus::Promoted))
-        .await
-        .unwrap();
+    notify_promoted(&notifier).await;
 }
 
 #[tokio::test]
@@ -544,9 +540,7 @@ async fn token_never_appears_in_errors_or_debug() {
 #[tokio::test]
 async fn webhook_posts_json_and_slack_text_without_leaking_the_url() {
     let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/services/T000/B000/XXXXSECRET"))
-        .respond_with(ResponseTemplate::new(200))
+    status_route("POST", "/services/T000/B000/XXXXSECRET", 200)
         .mount(&server)
         .await;
     let url = format!("{}/services/T000/B000/XXXXSECRET", server.uri());
@@ -569,10 +563,7 @@ async fn webhook_posts_json_and_slack_text_without_leaking_the_url() {
         HttpPolicy::fast_for_tests(),
     )
     .unwrap();
-    json_hook
-        .notify(&report("seg", LabelStatus::Promoted))
-        .await
-        .unwrap();
+    notify_promoted(&json_hook).await;
     let requests = server.received_requests().await.unwrap();
     assert_eq!(requests.len(), 2);
     let slack_body: Value = serde_json::from_slice(&requests[0].body).unwrap();
@@ -622,18 +613,12 @@ async fn a_comment_created_despite_a_timeout_is_adopted_not_posted_again() {
     // GitHub creates the comment, but its answer comes after the timeout.
     issue.mount(&server, Some(Duration::from_secs(2))).await;
     let notifier = comment_target(&server, 7, short_timeout());
-    notifier
-        .notify(&report("seg", LabelStatus::Promoted))
-        .await
-        .unwrap();
+    notify_promoted(&notifier).await;
     assert_eq!(issue.posts(), 1, "never re-POSTed");
     assert_eq!(issue.bodies().len(), 1, "exactly one comment");
     assert!(issue.patched().is_empty(), "its body is already right");
     // The next report updates that one comment.
-    notifier
-        .notify(&report("seg", LabelStatus::Promoted))
-        .await
-        .unwrap();
+    notify_promoted(&notifier).await;
     assert_eq!(issue.posts(), 1);
     assert_eq!(issue.patched(), vec![100]);
     assert_eq!(issue.bodies().len(), 1);
@@ -847,10 +832,7 @@ async fn a_marker_pasted_by_someone_else_is_never_edited() {
     issue.mount(&server, None).await;
     let notifier = comment_target(&server, 7, HttpPolicy::fast_for_tests());
     for _ in 0..2 {
-        notifier
-            .notify(&report("seg", LabelStatus::Promoted))
-            .await
-            .unwrap();
+        notify_promoted(&notifier).await;
     }
     let all = issue.bodies();
     assert_eq!(all.len(), 2, "{all:?}");
@@ -870,10 +852,7 @@ async fn an_installation_token_adopts_only_an_app_bots_marker_comment() {
     issue.mount(&server, None).await;
     let notifier = comment_target(&server, 7, HttpPolicy::fast_for_tests());
     for _ in 0..2 {
-        notifier
-            .notify(&report("seg", LabelStatus::Promoted))
-            .await
-            .unwrap();
+        notify_promoted(&notifier).await;
     }
     assert_eq!(issue.posts(), 0);
     assert_eq!(issue.patched(), vec![2, 2]);
@@ -898,10 +877,7 @@ async fn an_installation_token_with_an_app_login_adopts_only_that_bot() {
     let notifier =
         comment_target(&server, 7, HttpPolicy::fast_for_tests()).with_app_login("retrain-app[bot]");
     for _ in 0..2 {
-        notifier
-            .notify(&report("seg", LabelStatus::Promoted))
-            .await
-            .unwrap();
+        notify_promoted(&notifier).await;
     }
     assert_eq!(issue.posts(), 1);
     assert_eq!(issue.patched(), vec![101]);
@@ -951,14 +927,12 @@ async fn an_existing_pull_request_422_is_adopted_and_updated() {
         )])))
         .mount(&server)
         .await;
-    Mock::given(method("POST"))
-        .and(path("/repos/acme/wms/pulls"))
-        .respond_with(ResponseTemplate::new(422).set_body_json(json!({
+    json_route("POST", "/repos/acme/wms/pulls", 422, json!({
             "message": "Validation Failed",
             "errors": [{"resource": "PullRequest", "code": "custom", "message": "A pull request already exists for acme:data/1."}],
             "documentation_url": "https://docs.github.com/rest/pulls/pulls#create-a-pull-request",
             "status": "422"
-        })))
+        }))
         .expect(1)
         .mount(&server)
         .await;
@@ -983,15 +957,14 @@ async fn someone_elses_open_pull_request_is_not_overwritten() {
     let server = MockServer::start().await;
     FakeRepo::new().mount(&server).await;
     mount_user(&server, ME).await;
-    Mock::given(method("GET"))
-        .and(path("/repos/acme/wms/pulls"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!([pull(
-            9,
-            &format!("{MARKER}\ncopied"),
-            "mallory"
-        )])))
-        .mount(&server)
-        .await;
+    json_route(
+        "GET",
+        "/repos/acme/wms/pulls",
+        200,
+        json!([pull(9, &format!("{MARKER}\ncopied"), "mallory")]),
+    )
+    .mount(&server)
+    .await;
     Mock::given(method("PATCH"))
         .and(path_regex(r"^/repos/acme/wms/pulls"))
         .respond_with(ResponseTemplate::new(200))
@@ -1862,9 +1835,7 @@ async fn a_token_without_pull_requests_write_is_told_so() {
         .respond_with(denied("pull_requests=write"))
         .mount(&server)
         .await;
-    Mock::given(method("GET"))
-        .and(path("/repos/acme/wms/pulls"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!([])))
+    json_route("GET", "/repos/acme/wms/pulls", 200, json!([]))
         .mount(&server)
         .await;
     FakeRepo::new().mount(&server).await;
@@ -2220,14 +2191,12 @@ async fn github_actions_refusing_to_approve_is_explained() {
     mount_installation_token(&server).await;
     let dir = tempfile::tempdir().unwrap();
     let event = pull_request_event(&dir, 17);
-    Mock::given(method("POST"))
-        .and(path("/repos/acme/wms/pulls/17/reviews"))
-        .respond_with(ResponseTemplate::new(422).set_body_json(json!({
+    json_route("POST", "/repos/acme/wms/pulls/17/reviews", 422, json!({
             "message": "Unprocessable Entity",
             "errors": ["GitHub Actions is not permitted to approve pull requests."],
             "documentation_url": "https://docs.github.com/rest/pulls/reviews#create-a-review-for-a-pull-request",
             "status": "422"
-        })))
+        }))
         .expect(1)
         .mount(&server)
         .await;
@@ -2264,13 +2233,11 @@ async fn a_transient_error_on_the_triggering_pr_is_final_not_deferred_to_another
     let dir = tempfile::tempdir().unwrap();
     let event = pull_request_event(&dir, 17);
     // The data branch moved between the read and the write.
-    Mock::given(method("PUT"))
-        .and(path("/repos/acme/wms/contents/model-metadata.json"))
-        .respond_with(ResponseTemplate::new(409).set_body_json(json!({
+    json_route("PUT", "/repos/acme/wms/contents/model-metadata.json", 409, json!({
             "message": "model-metadata.json does not match 0123abc",
             "documentation_url": "https://docs.github.com/rest/repos/contents#create-or-update-file-contents",
             "status": "409"
-        })))
+        }))
         .expect(1)
         .mount(&server)
         .await;

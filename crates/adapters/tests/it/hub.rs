@@ -7,6 +7,7 @@ use retrain_adapters::hf::{
     HfMetadataStore, HfSpaceController, HfSpaceTrainer, HubClient, HubSettings, HANDLE_KIND,
 };
 use retrain_adapters::http::HttpPolicy;
+use retrain_adapters::testing::routes::{json_route, status_route};
 use retrain_core::domain::{
     JobKey, Label, RunId, SpaceStage, TrainingHandle, TrainingOutcome, VersionTag,
 };
@@ -299,11 +300,14 @@ async fn retries_5xx_then_succeeds() {
         .up_to_n_times(2)
         .mount(&server)
         .await;
-    Mock::given(method("GET"))
-        .and(path("/api/spaces/owner/prep/runtime"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(runtime("RUNNING")))
-        .mount(&server)
-        .await;
+    json_route(
+        "GET",
+        "/api/spaces/owner/prep/runtime",
+        200,
+        runtime("RUNNING"),
+    )
+    .mount(&server)
+    .await;
     let controller = HfSpaceController::new(client(&server), "owner/prep", false).unwrap();
     assert_eq!(controller.stage().await.unwrap(), SpaceStage::Running);
     assert_eq!(server.received_requests().await.unwrap().len(), 3);
@@ -503,19 +507,25 @@ async fn trainer_sets_dataset_version_and_job_key_then_restarts() {
 async fn trainer_adopts_a_space_already_restarted_for_the_job_key() {
     for stage in ["BUILDING", "RUNNING_APP_STARTING", "RUNNING"] {
         let server = MockServer::start().await;
-        Mock::given(method("GET"))
-            .and(path("/api/spaces/owner/train/variables"))
-            .respond_with(ResponseTemplate::new(200).set_body_json(variables_json(&[
+        json_route(
+            "GET",
+            "/api/spaces/owner/train/variables",
+            200,
+            variables_json(&[
                 ("DATASET_VERSION", "v2"),
                 ("RETRAIN_JOB_KEY", "run-1/train/1"),
-            ])))
-            .mount(&server)
-            .await;
-        Mock::given(method("GET"))
-            .and(path("/api/spaces/owner/train/runtime"))
-            .respond_with(ResponseTemplate::new(200).set_body_json(runtime(stage)))
-            .mount(&server)
-            .await;
+            ]),
+        )
+        .mount(&server)
+        .await;
+        json_route(
+            "GET",
+            "/api/spaces/owner/train/runtime",
+            200,
+            runtime(stage),
+        )
+        .mount(&server)
+        .await;
         let trainer = HfSpaceTrainer::new(client(&server), "owner/train", None).unwrap();
         let handle = trainer.start(&request("v2")).await.unwrap();
         assert_eq!(
@@ -538,25 +548,34 @@ async fn trainer_restarts_when_the_space_shows_no_restart_for_the_key() {
     // The variables were set for this job, but the restart never happened
     // (or the Space was paused since): restart, without setting them again.
     let server = MockServer::start().await;
-    Mock::given(method("GET"))
-        .and(path("/api/spaces/owner/train/variables"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(variables_json(&[
+    json_route(
+        "GET",
+        "/api/spaces/owner/train/variables",
+        200,
+        variables_json(&[
             ("DATASET_VERSION", "v2"),
             ("RETRAIN_JOB_KEY", "run-1/train/1"),
-        ])))
-        .mount(&server)
-        .await;
-    Mock::given(method("GET"))
-        .and(path("/api/spaces/owner/train/runtime"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(runtime("PAUSED")))
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .and(path("/api/spaces/owner/train/restart"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(runtime("BUILDING")))
-        .expect(1)
-        .mount(&server)
-        .await;
+        ]),
+    )
+    .mount(&server)
+    .await;
+    json_route(
+        "GET",
+        "/api/spaces/owner/train/runtime",
+        200,
+        runtime("PAUSED"),
+    )
+    .mount(&server)
+    .await;
+    json_route(
+        "POST",
+        "/api/spaces/owner/train/restart",
+        200,
+        runtime("BUILDING"),
+    )
+    .expect(1)
+    .mount(&server)
+    .await;
     let trainer = HfSpaceTrainer::new(client(&server), "owner/train", None).unwrap();
     trainer.start(&request("v2")).await.unwrap();
     let posts: Vec<String> = server
@@ -573,14 +592,10 @@ async fn trainer_restarts_when_the_space_shows_no_restart_for_the_key() {
 #[tokio::test]
 async fn trainer_variable_denied_names_the_space_and_does_not_restart() {
     let server = MockServer::start().await;
-    Mock::given(method("GET"))
-        .and(path("/api/spaces/owner/train/variables"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
+    json_route("GET", "/api/spaces/owner/train/variables", 200, json!({}))
         .mount(&server)
         .await;
-    Mock::given(method("POST"))
-        .and(path("/api/spaces/owner/train/variables"))
-        .respond_with(ResponseTemplate::new(403))
+    status_route("POST", "/api/spaces/owner/train/variables", 403)
         .mount(&server)
         .await;
     let trainer = HfSpaceTrainer::new(client(&server), "owner/train", None).unwrap();
@@ -605,16 +620,17 @@ async fn trainer_variable_denied_names_the_space_and_does_not_restart() {
 #[tokio::test]
 async fn a_restart_answered_5xx_is_not_reposted_when_the_space_is_restarting() {
     let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/api/spaces/owner/prep/restart"))
-        .respond_with(ResponseTemplate::new(504))
+    status_route("POST", "/api/spaces/owner/prep/restart", 504)
         .mount(&server)
         .await;
-    Mock::given(method("GET"))
-        .and(path("/api/spaces/owner/prep/runtime"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(runtime("BUILDING")))
-        .mount(&server)
-        .await;
+    json_route(
+        "GET",
+        "/api/spaces/owner/prep/runtime",
+        200,
+        runtime("BUILDING"),
+    )
+    .mount(&server)
+    .await;
     let controller = HfSpaceController::new(client(&server), "owner/prep", false).unwrap();
     controller
         .restart(&JobKey("cycle-1/prepare/job".into()))
@@ -639,22 +655,26 @@ async fn a_restart_answered_5xx_is_not_reposted_when_the_space_is_restarting() {
 #[tokio::test]
 async fn a_restart_answered_5xx_is_reposted_only_when_the_space_shows_no_restart() {
     let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/api/spaces/owner/prep/restart"))
-        .respond_with(ResponseTemplate::new(502))
+    status_route("POST", "/api/spaces/owner/prep/restart", 502)
         .up_to_n_times(1)
         .mount(&server)
         .await;
-    Mock::given(method("POST"))
-        .and(path("/api/spaces/owner/prep/restart"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(runtime("BUILDING")))
-        .mount(&server)
-        .await;
-    Mock::given(method("GET"))
-        .and(path("/api/spaces/owner/prep/runtime"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(runtime("RUNNING")))
-        .mount(&server)
-        .await;
+    json_route(
+        "POST",
+        "/api/spaces/owner/prep/restart",
+        200,
+        runtime("BUILDING"),
+    )
+    .mount(&server)
+    .await;
+    json_route(
+        "GET",
+        "/api/spaces/owner/prep/runtime",
+        200,
+        runtime("RUNNING"),
+    )
+    .mount(&server)
+    .await;
     let controller = HfSpaceController::new(client(&server), "owner/prep", false).unwrap();
     controller
         .restart(&JobKey("cycle-1/prepare/job".into()))
@@ -717,17 +737,23 @@ async fn a_timed_out_restart_with_an_unreadable_runtime_fails_instead_of_reposti
 #[tokio::test]
 async fn trainer_wait_polls_until_running() {
     let server = MockServer::start().await;
-    Mock::given(method("GET"))
-        .and(path("/api/spaces/owner/train/runtime"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(runtime("BUILDING")))
-        .up_to_n_times(2)
-        .mount(&server)
-        .await;
-    Mock::given(method("GET"))
-        .and(path("/api/spaces/owner/train/runtime"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(runtime("RUNNING")))
-        .mount(&server)
-        .await;
+    json_route(
+        "GET",
+        "/api/spaces/owner/train/runtime",
+        200,
+        runtime("BUILDING"),
+    )
+    .up_to_n_times(2)
+    .mount(&server)
+    .await;
+    json_route(
+        "GET",
+        "/api/spaces/owner/train/runtime",
+        200,
+        runtime("RUNNING"),
+    )
+    .mount(&server)
+    .await;
     let trainer = HfSpaceTrainer::new(client(&server), "owner/train", Some(Duration::from_secs(5)))
         .unwrap()
         .with_poll_interval(Duration::from_millis(10));
