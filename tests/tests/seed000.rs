@@ -66,6 +66,21 @@ async fn fake_hub() -> FakeHub {
     hub
 }
 
+/// The seed's world: the reviews database, the fake Hub and the seed's
+/// environment; `None` (skipped) without Postgres.
+async fn seed_world() -> Option<(FakeHub, Vec<(String, String)>)> {
+    let database = reviews_database().await?;
+    let hub = fake_hub().await;
+    let env = seed_env(&hub, &database, &database);
+    Some((hub, env))
+}
+
+/// The prepare Space publishes `tag` (`samples` samples) to the department
+/// dataset `delay` after its restart.
+fn publish_on_restart(hub: &FakeHub, tag: &str, samples: u64, delay: Duration) {
+    hub.on_restart_publish(PREPARE, DEPT_DATA, FILE, metadata(tag, samples), delay);
+}
+
 /// The seed's environment, nothing else.
 fn seed_env(hub: &FakeHub, database: &str, state: &str) -> Vec<(String, String)> {
     let psycopg = database.replacen("postgres://", "postgresql+psycopg2://", 1);
@@ -106,18 +121,10 @@ async fn retrain(env: Vec<(String, String)>, args: &[&str]) -> Ran {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_000_scenario() {
-    let Some(database) = reviews_database().await else {
+    let Some((hub, env)) = seed_world().await else {
         return;
     };
-    let hub = fake_hub().await;
-    hub.on_restart_publish(
-        PREPARE,
-        DEPT_DATA,
-        FILE,
-        metadata("v20251101_000000", 60),
-        Duration::from_millis(600),
-    );
-    let env = seed_env(&hub, &database, &database);
+    publish_on_restart(&hub, "v20251101_000000", 60, Duration::from_millis(600));
 
     // DRY_RUN=true: reads only, zero POSTs.
     let mut dry = env.clone();
@@ -174,13 +181,11 @@ async fn seed_000_scenario() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_error_stage_on_the_prepare_space_fails_fast() {
-    let Some(database) = reviews_database().await else {
+    let Some((hub, mut env)) = seed_world().await else {
         return;
     };
-    let hub = fake_hub().await;
     hub.set_restart_stages(PREPARE, &["BUILDING", "BUILD_ERROR"]);
     hub.set_error_message(PREPARE, "pip install failed");
-    let mut env = seed_env(&hub, &database, &database);
     env.push(("POLL_TIMEOUT".into(), "600".into()));
     let started = std::time::Instant::now();
     let ran = retrain(env, &["--output", "json", "run", "--label", "department"]).await;
@@ -197,19 +202,16 @@ async fn an_error_stage_on_the_prepare_space_fails_fast() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unchanged_version_tag_is_never_accepted() {
-    let Some(database) = reviews_database().await else {
+    let Some((hub, mut env)) = seed_world().await else {
         return;
     };
-    let hub = fake_hub().await;
     // The prepare job "publishes" the same version_tag with plenty of samples.
-    hub.on_restart_publish(
-        PREPARE,
-        DEPT_DATA,
-        FILE,
-        metadata("v20251030_115250", 100_000),
+    publish_on_restart(
+        &hub,
+        "v20251030_115250",
+        100_000,
         Duration::from_millis(100),
     );
-    let mut env = seed_env(&hub, &database, &database);
     env.push(("POLL_TIMEOUT".into(), "2".into()));
     let ran = retrain(env, &["--output", "json", "run", "--label", "department"]).await;
     assert_eq!(ran.code, 1, "{}", ran.stderr);
@@ -225,18 +227,10 @@ async fn an_unchanged_version_tag_is_never_accepted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_on_one_postgres_drive_each_label_once() {
-    let Some(database) = reviews_database().await else {
+    let Some((hub, env)) = seed_world().await else {
         return;
     };
-    let hub = fake_hub().await;
-    hub.on_restart_publish(
-        PREPARE,
-        DEPT_DATA,
-        FILE,
-        metadata("v20251101_000000", 60),
-        Duration::from_millis(1500),
-    );
-    let env = seed_env(&hub, &database, &database);
+    publish_on_restart(&hub, "v20251101_000000", 60, Duration::from_millis(1500));
     let (a, b) = tokio::join!(
         retrain(env.clone(), &["--output", "json", "run"]),
         retrain(env.clone(), &["--output", "json", "run"])

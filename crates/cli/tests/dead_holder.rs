@@ -47,7 +47,7 @@ fn a_run_killed_mid_training_is_resumed_at_once_and_trains_once() {
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while project.lines("starts.log").len() == 0 {
+    while project.lines("starts.log").is_empty() {
         assert!(Instant::now() < deadline, "training never started");
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -3,7 +3,7 @@
 //! service answers rather than the builder chain.
 
 use wiremock::matchers::{method, path};
-use wiremock::{Mock, ResponseTemplate};
+use wiremock::{Mock, MockServer, ResponseTemplate};
 
 /// Answers `verb path` with `status` and the JSON `body`; chain `.expect(n)`,
 /// `.up_to_n_times(n)` or `.named(…)` as needed, then `.mount(&server)`.
@@ -23,4 +23,18 @@ pub fn status_route(verb: &str, route: impl Into<String>, status: u16) -> Mock {
     Mock::given(method(verb))
         .and(path(route))
         .respond_with(ResponseTemplate::new(status))
+}
+
+/// The requests `server` received so far, as `"METHOD /path"`, in order.
+///
+/// # Panics
+/// When the server does not record requests: a test helper.
+pub async fn calls(server: &MockServer) -> Vec<String> {
+    server
+        .received_requests()
+        .await
+        .expect("the mock server records requests")
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.url.path()))
+        .collect()
 }
