@@ -135,18 +135,24 @@ async fn fake_github() -> (MockServer, Dispatched) {
         .mount(&server)
         .await;
     let zip = result_zip();
-    json_route("GET", format!("/repos/acme/ml/actions/runs/{RUN_ID}/artifacts"), 200, json!({
-            "total_count": 1,
-            "artifacts": [{
-                "id": 2_848_401_u64, "name": "retrain-result", "size_in_bytes": zip.len(),
-                "archive_download_url": format!("{uri}/repos/acme/ml/actions/artifacts/2848401/zip"),
-                "expired": false, "created_at": "2026-03-01T10:01:00Z",
-                "expires_at": "2026-03-08T10:01:00Z",
-                "workflow_run": {"id": RUN_ID, "head_branch": "main"}
-            }]
-        }))
-        .mount(&server)
-        .await;
+    let answer = json!({
+        "total_count": 1,
+        "artifacts": [{
+            "id": 2_848_401_u64, "name": "retrain-result", "size_in_bytes": zip.len(),
+            "archive_download_url": format!("{uri}/repos/acme/ml/actions/artifacts/2848401/zip"),
+            "expired": false, "created_at": "2026-03-01T10:01:00Z",
+            "expires_at": "2026-03-08T10:01:00Z",
+            "workflow_run": {"id": RUN_ID, "head_branch": "main"}
+        }]
+    });
+    json_route(
+        "GET",
+        format!("/repos/acme/ml/actions/runs/{RUN_ID}/artifacts"),
+        200,
+        answer,
+    )
+    .mount(&server)
+    .await;
     Mock::given(method("GET"))
         .and(path("/repos/acme/ml/actions/artifacts/2848401/zip"))
         .respond_with(ResponseTemplate::new(200).set_body_bytes(zip))

@@ -43,6 +43,38 @@ async fn notify_promoted(notifier: &impl Notifier) {
         .unwrap();
 }
 
+/// Notifies a promotion of label `seg`, which must fail: the error.
+async fn promotion_error(notifier: &impl Notifier) -> PortError {
+    notifier
+        .notify(&report("seg", LabelStatus::Promoted))
+        .await
+        .unwrap_err()
+}
+
+/// Answers the POSTs of comments on issue 7 with `answer` (the first
+/// `times` of them, or all); how many were answered.
+async fn mount_counted_comment_posts(
+    server: &MockServer,
+    times: Option<u64>,
+    answer: impl Fn() -> ResponseTemplate + Send + Sync + 'static,
+) -> Arc<AtomicUsize> {
+    let count = Arc::new(AtomicUsize::new(0));
+    let counted = count.clone();
+    let mock = Mock::given(method("POST"))
+        .and(path("/repos/acme/wms/issues/7/comments"))
+        .respond_with(move |_: &Request| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            answer()
+        });
+    match times {
+        Some(n) => mock.up_to_n_times(n),
+        None => mock,
+    }
+    .mount(server)
+    .await;
+    count
+}
+
 fn settings(server: &MockServer, on: NotifyOn, target: GithubTarget) -> GithubSettings {
     GithubSettings {
         api_url: server.uri(),
@@ -370,17 +402,7 @@ async fn not_improved_means_no_call_at_all() {
         }
     }
     // PR mode commits and opens a PR only for an improved model, whatever `on` says.
-    let always = GithubNotifier::new(settings(
-        &server,
-        NotifyOn::Always,
-        GithubTarget::PullRequest {
-            head: "retrain/seg".into(),
-            base: "main".into(),
-            auto_merge: true,
-            file: None,
-        },
-    ))
-    .unwrap();
+    let always = auto_merging_pr(&server, NotifyOn::Always, "retrain/seg");
     for status in [
         LabelStatus::Rejected,
         LabelStatus::Failed,
@@ -461,17 +483,7 @@ async fn pull_request_is_created_then_updated_and_auto_merged() {
         .expect(2)
         .mount(&server)
         .await;
-    let notifier = GithubNotifier::new(settings(
-        &server,
-        NotifyOn::Improved,
-        GithubTarget::PullRequest {
-            head: "data/20260210".into(),
-            base: "main".into(),
-            auto_merge: true,
-            file: None,
-        },
-    ))
-    .unwrap();
+    let notifier = auto_merging_pr(&server, NotifyOn::Improved, "data/20260210");
     notify_promoted(&notifier).await;
     notify_promoted(&notifier).await;
 }
@@ -499,17 +511,7 @@ async fn auto_merge_on_a_clean_pr_merges_it() {
     .expect(1)
     .mount(&server)
     .await;
-    let notifier = GithubNotifier::new(settings(
-        &server,
-        NotifyOn::Always,
-        GithubTarget::PullRequest {
-            head: "d".into(),
-            base: "main".into(),
-            auto_merge: true,
-            file: None,
-        },
-    ))
-    .unwrap();
+    let notifier = auto_merging_pr(&server, NotifyOn::Always, "d");
     notify_promoted(&notifier).await;
 }
 
@@ -628,26 +630,14 @@ async fn a_comment_created_despite_a_timeout_is_adopted_not_posted_again() {
 async fn a_timed_out_post_that_created_nothing_is_posted_again_once() {
     let server = MockServer::start().await;
     mount_user(&server, ME).await;
-    let lost = Arc::new(AtomicUsize::new(0));
-    {
-        let lost = lost.clone();
-        // The first POST never reaches GitHub's database and times out.
-        Mock::given(method("POST"))
-            .and(path("/repos/acme/wms/issues/7/comments"))
-            .respond_with(move |_: &Request| {
-                lost.fetch_add(1, Ordering::SeqCst);
-                ResponseTemplate::new(504).set_delay(Duration::from_secs(2))
-            })
-            .up_to_n_times(1)
-            .mount(&server)
-            .await;
-    }
+    // The first POST never reaches GitHub's database and times out.
+    let lost = mount_counted_comment_posts(&server, Some(1), || {
+        ResponseTemplate::new(504).set_delay(Duration::from_secs(2))
+    })
+    .await;
     let issue = FakeIssue::new(7, ME);
     issue.mount(&server, None).await;
-    comment_target(&server, 7, short_timeout())
-        .notify(&report("seg", LabelStatus::Promoted))
-        .await
-        .unwrap();
+    notify_promoted(&comment_target(&server, 7, short_timeout())).await;
     assert_eq!(lost.load(Ordering::SeqCst), 1);
     assert_eq!(
         issue.posts(),
@@ -678,10 +668,7 @@ async fn a_5xx_on_the_post_is_checked_before_any_new_post() {
         .mount(&server)
         .await;
     issue.mount(&server, None).await;
-    comment_target(&server, 7, HttpPolicy::fast_for_tests())
-        .notify(&report("seg", LabelStatus::Promoted))
-        .await
-        .unwrap();
+    notify_promoted(&comment_target(&server, 7, HttpPolicy::fast_for_tests())).await;
     assert_eq!(issue.posts(), 1);
     assert_eq!(issue.bodies().len(), 1);
 }
@@ -726,10 +713,7 @@ async fn a_403_with_remaining_0_waits_for_the_reset_then_succeeds() {
     let issue = FakeIssue::new(7, ME);
     issue.mount(&server, None).await;
     let started = Instant::now();
-    comment_target(&server, 7, HttpPolicy::fast_for_tests())
-        .notify(&report("seg", LabelStatus::Promoted))
-        .await
-        .unwrap();
+    notify_promoted(&comment_target(&server, 7, HttpPolicy::fast_for_tests())).await;
     assert!(
         started.elapsed() >= Duration::from_millis(900),
         "waited for x-ratelimit-reset: {:?}",
@@ -761,10 +745,7 @@ async fn a_429_with_retry_after_is_waited_out_even_for_the_post() {
     let issue = FakeIssue::new(7, ME);
     issue.mount(&server, None).await;
     let started = Instant::now();
-    comment_target(&server, 7, HttpPolicy::fast_for_tests())
-        .notify(&report("seg", LabelStatus::Promoted))
-        .await
-        .unwrap();
+    notify_promoted(&comment_target(&server, 7, HttpPolicy::fast_for_tests())).await;
     assert!(started.elapsed() >= Duration::from_millis(900));
     assert_eq!(issue.posts(), 1);
     assert_eq!(issue.bodies().len(), 1);
@@ -774,30 +755,19 @@ async fn a_429_with_retry_after_is_waited_out_even_for_the_post() {
 async fn a_403_without_rate_limit_headers_is_a_permission_error_at_once() {
     let server = MockServer::start().await;
     mount_user(&server, ME).await;
-    let posts = Arc::new(AtomicUsize::new(0));
-    {
-        let posts = posts.clone();
-        Mock::given(method("POST"))
-            .and(path("/repos/acme/wms/issues/7/comments"))
-            .respond_with(move |_: &Request| {
-                posts.fetch_add(1, Ordering::SeqCst);
-                ResponseTemplate::new(403)
-                    .insert_header("x-ratelimit-remaining", "4990")
-                    .insert_header("x-accepted-github-permissions", "issues=write")
-                    .set_body_json(json!({
-                        "message": "Resource not accessible by integration",
-                        "documentation_url": "https://docs.github.com/rest/issues/comments#create-an-issue-comment",
-                        "status": "403"
-                    }))
-            })
-            .mount(&server)
-            .await;
-    }
+    let posts = mount_counted_comment_posts(&server, None, || {
+        ResponseTemplate::new(403)
+            .insert_header("x-ratelimit-remaining", "4990")
+            .insert_header("x-accepted-github-permissions", "issues=write")
+            .set_body_json(json!({
+                "message": "Resource not accessible by integration",
+                "documentation_url": "https://docs.github.com/rest/issues/comments#create-an-issue-comment",
+                "status": "403"
+            }))
+    })
+    .await;
     FakeIssue::new(7, ME).mount(&server, None).await;
-    let err = comment_target(&server, 7, HttpPolicy::fast_for_tests())
-        .notify(&report("seg", LabelStatus::Promoted))
-        .await
-        .unwrap_err();
+    let err = promotion_error(&comment_target(&server, 7, HttpPolicy::fast_for_tests())).await;
     assert!(matches!(err, PortError::Denied(_)), "{err:?}");
     assert!(err.to_string().contains("issues: write"), "{err}");
     assert_eq!(posts.load(Ordering::SeqCst), 1);
@@ -810,10 +780,7 @@ async fn a_rate_limit_longer_than_the_cap_fails_as_transient_not_denied() {
         .respond_with(primary_limit(403, &epoch_in(3600)))
         .mount(&server)
         .await;
-    let err = comment_target(&server, 7, HttpPolicy::fast_for_tests())
-        .notify(&report("seg", LabelStatus::Promoted))
-        .await
-        .unwrap_err();
+    let err = promotion_error(&comment_target(&server, 7, HttpPolicy::fast_for_tests())).await;
     assert!(matches!(err, PortError::Transient(_)), "{err:?}");
     assert!(err.to_string().contains("rate limited"), "{err}");
     assert!(err.to_string().contains("resets at"), "{err}");
@@ -887,6 +854,17 @@ async fn an_installation_token_with_an_app_login_adopts_only_that_bot() {
 // ---------------------------------------------------------------------------
 // Pull requests.
 
+/// A notifier opening an auto-merged pull request from `head` into `main`.
+fn auto_merging_pr(server: &MockServer, on: NotifyOn, head: &str) -> GithubNotifier {
+    let target = GithubTarget::PullRequest {
+        head: head.into(),
+        base: "main".into(),
+        auto_merge: true,
+        file: None,
+    };
+    GithubNotifier::new(settings(server, on, target)).unwrap()
+}
+
 fn pr_target(server: &MockServer, policy: HttpPolicy) -> GithubNotifier {
     GithubNotifier::new(GithubSettings {
         policy,
@@ -927,12 +905,13 @@ async fn an_existing_pull_request_422_is_adopted_and_updated() {
         )])))
         .mount(&server)
         .await;
-    json_route("POST", "/repos/acme/wms/pulls", 422, json!({
-            "message": "Validation Failed",
-            "errors": [{"resource": "PullRequest", "code": "custom", "message": "A pull request already exists for acme:data/1."}],
-            "documentation_url": "https://docs.github.com/rest/pulls/pulls#create-a-pull-request",
-            "status": "422"
-        }))
+    let answer = json!({
+        "message": "Validation Failed",
+        "errors": [{"resource": "PullRequest", "code": "custom", "message": "A pull request already exists for acme:data/1."}],
+        "documentation_url": "https://docs.github.com/rest/pulls/pulls#create-a-pull-request",
+        "status": "422"
+    });
+    json_route("POST", "/repos/acme/wms/pulls", 422, answer)
         .expect(1)
         .mount(&server)
         .await;
@@ -946,10 +925,7 @@ async fn an_existing_pull_request_422_is_adopted_and_updated() {
         .expect(1)
         .mount(&server)
         .await;
-    pr_target(&server, HttpPolicy::fast_for_tests())
-        .notify(&report("seg", LabelStatus::Promoted))
-        .await
-        .unwrap();
+    notify_promoted(&pr_target(&server, HttpPolicy::fast_for_tests())).await;
 }
 
 #[tokio::test]
@@ -1026,10 +1002,7 @@ async fn a_pull_request_created_despite_a_timeout_is_adopted_not_opened_twice() 
         .expect(0)
         .mount(&server)
         .await;
-    pr_target(&server, short_timeout())
-        .notify(&report("seg", LabelStatus::Promoted))
-        .await
-        .unwrap();
+    notify_promoted(&pr_target(&server, short_timeout())).await;
     assert_eq!(prs.lock().unwrap().len(), 1);
 }
 
@@ -2191,12 +2164,13 @@ async fn github_actions_refusing_to_approve_is_explained() {
     mount_installation_token(&server).await;
     let dir = tempfile::tempdir().unwrap();
     let event = pull_request_event(&dir, 17);
-    json_route("POST", "/repos/acme/wms/pulls/17/reviews", 422, json!({
-            "message": "Unprocessable Entity",
-            "errors": ["GitHub Actions is not permitted to approve pull requests."],
-            "documentation_url": "https://docs.github.com/rest/pulls/reviews#create-a-review-for-a-pull-request",
-            "status": "422"
-        }))
+    let answer = json!({
+        "message": "Unprocessable Entity",
+        "errors": ["GitHub Actions is not permitted to approve pull requests."],
+        "documentation_url": "https://docs.github.com/rest/pulls/reviews#create-a-review-for-a-pull-request",
+        "status": "422"
+    });
+    json_route("POST", "/repos/acme/wms/pulls/17/reviews", 422, answer)
         .expect(1)
         .mount(&server)
         .await;
@@ -2233,14 +2207,20 @@ async fn a_transient_error_on_the_triggering_pr_is_final_not_deferred_to_another
     let dir = tempfile::tempdir().unwrap();
     let event = pull_request_event(&dir, 17);
     // The data branch moved between the read and the write.
-    json_route("PUT", "/repos/acme/wms/contents/model-metadata.json", 409, json!({
-            "message": "model-metadata.json does not match 0123abc",
-            "documentation_url": "https://docs.github.com/rest/repos/contents#create-or-update-file-contents",
-            "status": "409"
-        }))
-        .expect(1)
-        .mount(&server)
-        .await;
+    let answer = json!({
+        "message": "model-metadata.json does not match 0123abc",
+        "documentation_url": "https://docs.github.com/rest/repos/contents#create-or-update-file-contents",
+        "status": "409"
+    });
+    json_route(
+        "PUT",
+        "/repos/acme/wms/contents/model-metadata.json",
+        409,
+        answer,
+    )
+    .expect(1)
+    .mount(&server)
+    .await;
     let repo = repo_with_data_branch();
     repo.mount(&server).await;
     let pr = FakeTriggeringPr::new(17, "acme/wms");

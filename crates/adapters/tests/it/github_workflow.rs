@@ -425,11 +425,12 @@ async fn a_workflow_without_the_inputs_is_a_clear_422() {
     json_route("GET", RUNS, 200, runs_page(vec![]))
         .mount(&server)
         .await;
-    json_route("POST", DISPATCH, 422, json!({
-            "message": "Unexpected inputs provided: [\"retrain_job_key\"]",
-            "documentation_url": "https://docs.github.com/rest/actions/workflows#create-a-workflow-dispatch-event",
-            "status": "422"
-        }))
+    let answer = json!({
+        "message": "Unexpected inputs provided: [\"retrain_job_key\"]",
+        "documentation_url": "https://docs.github.com/rest/actions/workflows#create-a-workflow-dispatch-event",
+        "status": "422"
+    });
+    json_route("POST", DISPATCH, 422, answer)
         .expect(1)
         .mount(&server)
         .await;
@@ -533,13 +534,19 @@ async fn a_deleted_run_is_lost() {
     let server = MockServer::start().await;
     let req = request();
     mount_listing(&server, &req.job_key, Arc::new(AtomicBool::new(true))).await;
-    json_route("GET", format!("/repos/{REPO}/actions/runs/{RUN_ID}"), 404, json!({
-            "message": "Not Found",
-            "documentation_url": "https://docs.github.com/rest/actions/workflow-runs#get-a-workflow-run",
-            "status": "404"
-        }))
-        .mount(&server)
-        .await;
+    let answer = json!({
+        "message": "Not Found",
+        "documentation_url": "https://docs.github.com/rest/actions/workflow-runs#get-a-workflow-run",
+        "status": "404"
+    });
+    json_route(
+        "GET",
+        format!("/repos/{REPO}/actions/runs/{RUN_ID}"),
+        404,
+        answer,
+    )
+    .mount(&server)
+    .await;
     let trainer = trainer(&server);
     let handle = trainer.start(&req).await.unwrap();
     match trainer.wait(&req, &handle).await.unwrap() {

@@ -527,11 +527,17 @@ async fn create_version_500_is_not_blindly_retried() {
         ]}))
         .mount(&server)
         .await;
-    json_route("POST", format!("{base}/registered-models/create"), 400, json!({
-            "error_code": "RESOURCE_ALREADY_EXISTS", "message": "Registered Model (name=m) already exists."
-        }))
-        .mount(&server)
-        .await;
+    let answer = json!({
+        "error_code": "RESOURCE_ALREADY_EXISTS", "message": "Registered Model (name=m) already exists."
+    });
+    json_route(
+        "POST",
+        format!("{base}/registered-models/create"),
+        400,
+        answer,
+    )
+    .mount(&server)
+    .await;
     json_route(
         "POST",
         format!("{base}/model-versions/create"),
@@ -729,18 +735,30 @@ async fn mount_promotion_basics(server: &MockServer) {
     )
     .mount(server)
     .await;
-    json_route("POST", format!("{base}/registered-models/create"), 400, json!({
-            "error_code": "RESOURCE_ALREADY_EXISTS", "message": "Registered Model (name=m) already exists.",
-            "sqlstate": "KAM00", "error_class": "RESOURCE_ALREADY_EXISTS"
-        }))
-        .mount(server)
-        .await;
-    json_route("GET", format!("{base}/registered-models/alias"), 400, json!({
-            "error_code": "INVALID_PARAMETER_VALUE", "message": "Registered model alias production not found.",
-            "sqlstate": "KAM00", "error_class": "INVALID_PARAMETER_VALUE"
-        }))
-        .mount(server)
-        .await;
+    let answer = json!({
+        "error_code": "RESOURCE_ALREADY_EXISTS", "message": "Registered Model (name=m) already exists.",
+        "sqlstate": "KAM00", "error_class": "RESOURCE_ALREADY_EXISTS"
+    });
+    json_route(
+        "POST",
+        format!("{base}/registered-models/create"),
+        400,
+        answer,
+    )
+    .mount(server)
+    .await;
+    let answer = json!({
+        "error_code": "INVALID_PARAMETER_VALUE", "message": "Registered model alias production not found.",
+        "sqlstate": "KAM00", "error_class": "INVALID_PARAMETER_VALUE"
+    });
+    json_route(
+        "GET",
+        format!("{base}/registered-models/alias"),
+        400,
+        answer,
+    )
+    .mount(server)
+    .await;
     json_route(
         "POST",
         format!("{base}/model-versions/set-tag"),
