@@ -5,6 +5,10 @@
 #
 #   scripts/test.sh                 # everything
 #   scripts/test.sh -p retrain-core # extra args go to `cargo test`
+#   scripts/test.sh -p retrain-cli -p retrain-tests
+#                                   # the end-to-end scenarios of tests/ (with
+#                                   # -p retrain-cli, so that cargo builds the
+#                                   # `retrain` binary they run)
 #
 # Under CI=true a service that fails to start fails the run (tests that need
 # it would otherwise be skipped); locally the run continues and those tests

@@ -5,34 +5,11 @@ use std::path::{Path, PathBuf};
 
 use assert_cmd::Command;
 use predicates::prelude::*;
+use retrain_tests::{retrain_bin, Project};
 
-const QUICKSTART_FILES: &[&str] = &["retrain.toml", "seed_feedback.py", "prepare.py", "train.py"];
-
-/// A private copy of the quickstart in a temp dir, with its feedback DB seeded.
-fn quickstart() -> tempfile::TempDir {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/quickstart");
-    let dir = tempfile::tempdir().unwrap();
-    for file in QUICKSTART_FILES {
-        std::fs::copy(src.join(file), dir.path().join(file)).unwrap();
-    }
-    let status = std::process::Command::new("python3")
-        .arg("seed_feedback.py")
-        .current_dir(dir.path())
-        .status()
-        .expect("python3 is needed for the quickstart");
-    assert!(status.success());
-    dir
-}
-
+/// `retrain` in `dir` (the harness's clean environment), for assert_cmd.
 fn retrain(dir: &Path) -> Command {
-    let mut cmd = Command::cargo_bin("retrain").unwrap();
-    cmd.current_dir(dir)
-        .env_remove("GITHUB_ACTIONS")
-        .env_remove("DATABASE_URL")
-        .env_remove("HF_TOKEN")
-        .env_remove("DRY_RUN")
-        .env("RETRAIN_LOG", "info");
-    cmd
+    Command::from_std(Project::retrain_in(dir))
 }
 
 fn json_of(output: &[u8]) -> serde_json::Value {
@@ -54,57 +31,42 @@ fn snapshot(paths: &[PathBuf]) -> Vec<Vec<u8>> {
         .collect()
 }
 
-#[test]
-fn quickstart_first_run_trains_and_gates_second_run_skips() {
-    let dir = quickstart();
-    let first = retrain(dir.path())
-        .args(["--output", "json", "run"])
-        .assert()
-        .success();
-    let report = json_of(&first.get_output().stdout);
-    let label = &report["labels"][0];
-    assert_eq!(label["label"], "department");
-    let status = label["status"].as_str().unwrap();
-    assert!(status == "promoted" || status == "rejected", "{label}");
-    let verdict = &label["verdict"];
-    assert_eq!(
-        verdict["comparisons"].as_array().unwrap().len(),
-        2,
-        "{verdict}"
-    );
-    assert!(!verdict["reason"].as_str().unwrap().is_empty());
-    if status == "promoted" {
-        let registry: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(dir.path().join("registry.json")).unwrap())
-                .unwrap();
-        assert_eq!(
-            registry["models"]["ticket-router"]["production"], "1",
-            "{registry}"
-        );
-    }
-    let stderr = String::from_utf8_lossy(&first.get_output().stderr);
-    assert!(
-        stderr.contains("current_len="),
-        "per-poll progress line missing: {stderr}"
-    );
+/// `retrain args…` in `dir`, which must succeed: its stdout as JSON.
+fn json_ok(dir: &Path, args: &[&str]) -> serde_json::Value {
+    let out = retrain(dir).args(args).assert().success();
+    json_of(&out.get_output().stdout)
+}
 
-    let second = retrain(dir.path()).arg("run").assert().success();
-    let text = String::from_utf8_lossy(&second.get_output().stdout);
-    assert!(text.contains("skipped"), "{text}");
-    assert!(text.contains("below threshold 40"), "{text}");
+/// `retrain args…` in `dir`, which must succeed: its stdout.
+fn text_ok(dir: &Path, args: &[&str]) -> String {
+    let out = retrain(dir).args(args).assert().success();
+    String::from_utf8_lossy(&out.get_output().stdout).into_owned()
+}
+
+/// Adds `line` to the quickstart's one label, `department`.
+fn add_to_the_label(quickstart: &Project, line: &str) {
+    quickstart.config(
+        &quickstart
+            .read("retrain.toml")
+            .replace("notify = [\"log\"]", &format!("notify = [\"log\"]\n{line}")),
+    );
+}
+
+/// No model has a production version in the quickstart's JSON registry.
+fn nothing_promoted(quickstart: &Project) -> bool {
+    !quickstart.join("registry.json").exists() || {
+        let models = &quickstart.json("registry.json")["models"];
+        models["ticket-router"]["production"].is_null()
+            && models["department"]["production"].is_null()
+    }
 }
 
 #[test]
 fn plan_changes_nothing() {
-    let dir = quickstart();
+    let dir = Project::quickstart();
     retrain(dir.path()).arg("run").assert().success();
     // New feedback so that the plan would trigger.
-    let status = std::process::Command::new("python3")
-        .args(["seed_feedback.py", "--add", "200"])
-        .current_dir(dir.path())
-        .status()
-        .unwrap();
-    assert!(status.success());
+    dir.python(&["seed_feedback.py", "--add", "200"]);
     let files: Vec<PathBuf> = [
         ".retrain/state.db",
         ".retrain/state.db-wal",
@@ -123,11 +85,7 @@ fn plan_changes_nothing() {
         json_of(&out.get_output().stdout)
     };
     let runs_before = history(dir.path());
-    let out = retrain(dir.path())
-        .args(["--output", "json", "plan"])
-        .assert()
-        .success();
-    let report = json_of(&out.get_output().stdout);
+    let report = json_ok(dir.path(), &["--output", "json", "plan"]);
     assert_eq!(report["dry_run"], true);
     assert_eq!(report["labels"][0]["status"], "planned", "{report}");
     assert!(
@@ -139,7 +97,7 @@ fn plan_changes_nothing() {
 
 #[test]
 fn plan_on_a_fresh_checkout_creates_no_state() {
-    let dir = quickstart();
+    let dir = Project::quickstart();
     retrain(dir.path()).arg("plan").assert().success();
     assert!(
         !dir.path().join(".retrain/state.db").exists(),
@@ -150,12 +108,10 @@ fn plan_on_a_fresh_checkout_creates_no_state() {
 
 #[test]
 fn bad_config_exits_2_naming_the_key() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("retrain.toml"),
+    let dir = Project::new();
+    dir.config(
         "[labels.a]\nthreshold = \"many\"\nmetadata = \"m.json\"\ntrainer = \"command:true\"\n",
-    )
-    .unwrap();
+    );
     retrain(dir.path())
         .arg("run")
         .assert()
@@ -176,13 +132,11 @@ fn bad_config_exits_2_naming_the_key() {
 
 #[test]
 fn a_bad_github_workflow_trainer_exits_2_naming_the_key() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Project::new();
     let config = |trainer: &str| {
-        std::fs::write(
-            dir.path().join("retrain.toml"),
-            format!("[labels.seg]\nthreshold = 1\nmetadata = \"m.json\"\ntrainer = {trainer}\n"),
-        )
-        .unwrap();
+        dir.config(&format!(
+            "[labels.seg]\nthreshold = 1\nmetadata = \"m.json\"\ntrainer = {trainer}\n"
+        ));
     };
     config(r#"{ github_workflow = { repo = "acme", workflow = "train.yml" } }"#);
     retrain(dir.path())
@@ -213,7 +167,7 @@ fn a_bad_github_workflow_trainer_exits_2_naming_the_key() {
 
 #[test]
 fn unknown_label_is_a_usage_error() {
-    let dir = quickstart();
+    let dir = Project::quickstart();
     retrain(dir.path())
         .args(["run", "--label", "nope"])
         .assert()
@@ -223,7 +177,7 @@ fn unknown_label_is_a_usage_error() {
 
 #[test]
 fn config_show_never_prints_a_secret() {
-    let dir = quickstart();
+    let dir = Project::quickstart();
     let out = retrain(dir.path())
         .env("HF_TOKEN", "hf_very_secret_value")
         .env("GITHUB_TOKEN", "ghp_very_secret_value")
@@ -247,7 +201,7 @@ fn config_show_never_prints_a_secret() {
 
 #[test]
 fn json_outputs_parse() {
-    let dir = quickstart();
+    let dir = Project::quickstart();
     retrain(dir.path()).arg("run").assert().success();
     for args in [
         vec!["--output", "json", "status"],
@@ -257,24 +211,16 @@ fn json_outputs_parse() {
         let out = retrain(dir.path()).args(&args).assert().success();
         json_of(&out.get_output().stdout);
     }
-    let runs = retrain(dir.path())
-        .args(["--output", "json", "runs"])
-        .assert()
-        .success();
-    let runs = json_of(&runs.get_output().stdout);
+    let runs = json_ok(dir.path(), &["--output", "json", "runs"]);
     let id = runs[0]["run_id"].as_str().unwrap().to_owned();
-    let md = retrain(dir.path())
-        .args(["runs", "show", &id, "--format", "md"])
-        .assert()
-        .success();
-    let md = String::from_utf8_lossy(&md.get_output().stdout);
+    let md = text_ok(dir.path(), &["runs", "show", &id, "--format", "md"]);
     assert!(md.contains("## Journal"), "{md}");
     assert!(md.contains("config hash"), "{md}");
 }
 
 #[test]
 fn github_actions_mode_writes_outputs_and_summary() {
-    let dir = quickstart();
+    let dir = Project::quickstart();
     let outputs = dir.path().join("gh_output");
     let summary = dir.path().join("gh_summary");
     let out = retrain(dir.path())
@@ -296,7 +242,7 @@ fn github_actions_mode_writes_outputs_and_summary() {
 
 #[test]
 fn version_is_answered_without_config() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Project::new();
     retrain(dir.path())
         .arg("--version")
         .assert()
@@ -306,10 +252,9 @@ fn version_is_answered_without_config() {
 
 #[test]
 fn gate_alone_rejects_with_exit_3_and_force_is_recorded() {
-    let dir = quickstart();
+    let dir = Project::quickstart();
     retrain(dir.path()).arg("run").assert().success();
-    let registry: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.path().join("registry.json")).unwrap()).unwrap();
+    let registry: serde_json::Value = dir.json("registry.json");
     let candidate = registry["models"]["ticket-router"]["versions"][0]["candidate"]
         .as_str()
         .unwrap()
@@ -333,8 +278,9 @@ fn gate_alone_rejects_with_exit_3_and_force_is_recorded() {
     let written = std::fs::read_to_string(&outputs).unwrap();
     assert!(written.contains("improved=false"), "{written}");
     assert!(written.contains("accuracy="), "{written}");
-    let forced = retrain(dir.path())
-        .args([
+    let forced = json_ok(
+        dir.path(),
+        &[
             "--output",
             "json",
             "gate",
@@ -344,20 +290,14 @@ fn gate_alone_rejects_with_exit_3_and_force_is_recorded() {
             &candidate,
             "--force",
             "--fail-on-reject",
-        ])
-        .assert()
-        .success();
-    let forced = json_of(&forced.get_output().stdout);
+        ],
+    );
     let verdict = &forced["verdict"];
     assert_eq!(verdict["forced"], true, "{verdict}");
     assert_eq!(verdict["passed"], true, "{verdict}");
     // The override is on record in the journal.
     let run_id = forced["run_id"].as_str().expect("the gate run is recorded");
-    let shown = retrain(dir.path())
-        .args(["--output", "json", "runs", "show", run_id])
-        .assert()
-        .success();
-    let shown = json_of(&shown.get_output().stdout);
+    let shown = json_ok(dir.path(), &["--output", "json", "runs", "show", run_id]);
     assert_eq!(shown["snapshot"]["verdict"]["forced"], true, "{shown}");
     assert_eq!(
         shown["transitions"][0]["event"]["event"], "gate_evaluated",
@@ -389,27 +329,22 @@ fn gate_alone_rejects_with_exit_3_and_force_is_recorded() {
 
 #[test]
 fn sigterm_saves_state_exits_143_and_the_next_run_resumes() {
-    let dir = quickstart();
-    std::fs::write(
-        dir.path().join("slow_train.py"),
+    let dir = Project::quickstart();
+    dir.write(
+        "slow_train.py",
         "import os, runpy, time\n\
          if not os.path.exists('started.marker'):\n\
          \x20   open('started.marker', 'w').close()\n\
          \x20   time.sleep(60)\n\
          runpy.run_path('train.py', run_name='__main__')\n",
-    )
-    .unwrap();
-    let config = std::fs::read_to_string(dir.path().join("retrain.toml"))
-        .unwrap()
-        .replace(
-            "[\"python3\", \"train.py\"]",
-            "[\"python3\", \"slow_train.py\"]",
-        );
-    std::fs::write(dir.path().join("retrain.toml"), config).unwrap();
+    );
+    dir.config(&dir.read("retrain.toml").replace(
+        r#"["python3", "train.py"]"#,
+        r#"["python3", "slow_train.py"]"#,
+    ));
 
-    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("retrain"))
-        .current_dir(dir.path())
-        .env("RETRAIN_LOG", "info")
+    let child = dir
+        .retrain()
         .args(["--output", "json", "run"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -451,11 +386,7 @@ fn sigterm_saves_state_exits_143_and_the_next_run_resumes() {
     let prepared_before = std::fs::read_dir(dir.path().join("datasets"))
         .unwrap()
         .count();
-    let out = retrain(dir.path())
-        .args(["--output", "json", "run"])
-        .assert()
-        .success();
-    let report = json_of(&out.get_output().stdout);
+    let report = json_ok(dir.path(), &["--output", "json", "run"]);
     let label = &report["labels"][0];
     assert_eq!(label["resumed"], true, "{label}");
     assert_eq!(label["status"], "promoted", "{label}");
@@ -476,29 +407,19 @@ fn sigterm_saves_state_exits_143_and_the_next_run_resumes() {
     assert_eq!(prepared_before, prepared_after, "the prepare job ran again");
 }
 
-fn add_feedback(dir: &Path, n: u32) {
-    let status = std::process::Command::new("python3")
-        .args(["seed_feedback.py", "--add", &n.to_string()])
-        .current_dir(dir)
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
 #[test]
 fn metrics_csv_has_one_row_per_evaluated_candidate_in_order() {
-    let dir = quickstart();
+    let dir = Project::quickstart();
     retrain(dir.path()).arg("run").assert().success();
-    add_feedback(dir.path(), 200);
+    dir.python(&["seed_feedback.py", "--add", "200"]);
     retrain(dir.path()).arg("run").assert().success();
     // A third run below threshold is skipped: no row for it.
     retrain(dir.path()).arg("run").assert().success();
 
-    let out = retrain(dir.path())
-        .args(["metrics", "--label", "department", "--format", "csv"])
-        .assert()
-        .success();
-    let csv = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
+    let csv = text_ok(
+        dir.path(),
+        &["metrics", "--label", "department", "--format", "csv"],
+    );
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(lines.len(), 3, "{csv}");
     let header: Vec<&str> = lines[0].split(',').collect();
@@ -539,20 +460,19 @@ fn metrics_csv_has_one_row_per_evaluated_candidate_in_order() {
         );
     }
 
-    let out = retrain(dir.path())
-        .args(["metrics", "--label", "department", "--format", "json"])
-        .assert()
-        .success();
-    let json = json_of(&out.get_output().stdout);
+    let json = json_ok(
+        dir.path(),
+        &["metrics", "--label", "department", "--format", "json"],
+    );
     assert_eq!(json.as_array().unwrap().len(), 2, "{json}");
     assert!(json[0]["metrics"]["accuracy"].is_number(), "{json}");
 }
 
 #[test]
 fn markdown_report_charts_the_gated_metrics_over_the_candidates() {
-    let dir = quickstart();
+    let dir = Project::quickstart();
     retrain(dir.path()).arg("run").assert().success();
-    add_feedback(dir.path(), 200);
+    dir.python(&["seed_feedback.py", "--add", "200"]);
     let summary = dir.path().join("step_summary.md");
     let out = retrain(dir.path())
         .args(["--output", "json", "run"])
@@ -581,23 +501,15 @@ fn markdown_report_charts_the_gated_metrics_over_the_candidates() {
     assert_eq!(axis.matches('"').count(), 4, "{axis}");
 
     // `runs show --format md` draws the same history.
-    let out = retrain(dir.path())
-        .args(["runs", "show", &run_id, "--format", "md"])
-        .assert()
-        .success();
-    let md = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
+    let md = text_ok(dir.path(), &["runs", "show", &run_id, "--format", "md"]);
     assert_eq!(md.matches("```mermaid\nxychart-beta").count(), 2, "{md}");
     assert!(md.contains(axis), "{md}");
 }
 
 #[test]
 fn run_manifest_is_written_and_shown() {
-    let dir = quickstart();
-    let out = retrain(dir.path())
-        .args(["--output", "json", "run"])
-        .assert()
-        .success();
-    let report = json_of(&out.get_output().stdout);
+    let dir = Project::quickstart();
+    let report = json_ok(dir.path(), &["--output", "json", "run"]);
     let run_id = report["labels"][0]["run_id"].as_str().unwrap().to_owned();
     let path = dir
         .path()
@@ -641,18 +553,10 @@ fn run_manifest_is_written_and_shown() {
     assert!(manifest["verdict"]["passed"].is_boolean(), "{manifest}");
     assert_eq!(manifest["run_id"], run_id.as_str());
 
-    let out = retrain(dir.path())
-        .args(["runs", "show", &run_id, "--format", "json"])
-        .assert()
-        .success();
-    let shown = json_of(&out.get_output().stdout);
+    let shown = json_ok(dir.path(), &["runs", "show", &run_id, "--format", "json"]);
     assert_eq!(shown["manifest"], manifest);
 
-    let out = retrain(dir.path())
-        .args(["runs", "show", &run_id, "--format", "md"])
-        .assert()
-        .success();
-    let md = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
+    let md = text_ok(dir.path(), &["runs", "show", &run_id, "--format", "md"]);
     for needle in [
         "## Manifest",
         "- git sha: `",
@@ -668,7 +572,7 @@ fn run_manifest_is_written_and_shown() {
 
 #[test]
 fn json_logs_have_the_audit_fields_account_for_the_wall_time_and_hold_no_secret() {
-    let dir = quickstart();
+    let dir = Project::quickstart();
     let canary = "hf_canary_7f3a9c2e41d8b5";
     let log_dir = dir.path().join("logs");
     let started = std::time::Instant::now();
@@ -731,27 +635,18 @@ fn json_logs_have_the_audit_fields_account_for_the_wall_time_and_hold_no_secret(
 
 #[test]
 fn history_lists_the_promotions_of_a_label() {
-    let dir = quickstart();
-    let empty = retrain(dir.path())
-        .args(["history", "--label", "department"])
-        .assert()
-        .success();
-    let text = String::from_utf8_lossy(&empty.get_output().stdout);
+    let dir = Project::quickstart();
+    let text = text_ok(dir.path(), &["history", "--label", "department"]);
     assert!(text.contains("no promotion recorded"), "{text}");
 
-    let run = retrain(dir.path())
-        .args(["--output", "json", "run"])
-        .assert()
-        .success();
-    let report = json_of(&run.get_output().stdout);
+    let report = json_ok(dir.path(), &["--output", "json", "run"]);
     assert_eq!(report["labels"][0]["status"], "promoted", "{report}");
     let run_id = report["labels"][0]["run_id"].as_str().unwrap().to_owned();
 
-    let out = retrain(dir.path())
-        .args(["--output", "json", "history", "--label", "department"])
-        .assert()
-        .success();
-    let events = json_of(&out.get_output().stdout);
+    let events = json_ok(
+        dir.path(),
+        &["--output", "json", "history", "--label", "department"],
+    );
     let events = events.as_array().unwrap();
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(events[0]["kind"], "promotion");
@@ -760,11 +655,7 @@ fn history_lists_the_promotions_of_a_label() {
     assert_eq!(events[0]["run_id"], run_id.as_str());
     assert!(events[0]["verdict"].as_str().is_some(), "{events:?}");
 
-    let text = retrain(dir.path())
-        .args(["history", "--label", "department"])
-        .assert()
-        .success();
-    let text = String::from_utf8_lossy(&text.get_output().stdout);
+    let text = text_ok(dir.path(), &["history", "--label", "department"]);
     assert!(
         text.contains("promotion version 1 (was none)  by auto"),
         "{text}"
@@ -773,61 +664,37 @@ fn history_lists_the_promotions_of_a_label() {
 
 #[test]
 fn manual_sign_off_waits_then_approve_promotes_once() {
-    let dir = quickstart();
-    let toml = dir.path().join("retrain.toml");
-    let config = std::fs::read_to_string(&toml).unwrap().replace(
-        "notify = [\"log\"]",
-        "notify = [\"log\"]\npromote = \"manual\"",
-    );
-    std::fs::write(&toml, config).unwrap();
-    let run = retrain(dir.path())
-        .args(["--output", "json", "run"])
-        .assert()
-        .success();
-    let report = json_of(&run.get_output().stdout);
+    let dir = Project::quickstart();
+    add_to_the_label(&dir, "promote = \"manual\"");
+    let report = json_ok(dir.path(), &["--output", "json", "run"]);
     let label = &report["labels"][0];
     assert_eq!(label["status"], "awaiting_approval", "{report}");
     let run_id = label["run_id"].as_str().unwrap().to_owned();
-    assert!(
-        !dir.path().join("registry.json").exists() || {
-            let r: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(dir.path().join("registry.json")).unwrap())
-                    .unwrap();
-            r["models"]["ticket-router"]["production"].is_null()
-        }
-    );
-    let text = retrain(dir.path()).arg("run").assert().success();
-    let text = String::from_utf8_lossy(&text.get_output().stdout).to_string();
+    assert!(nothing_promoted(&dir));
+    let text = text_ok(dir.path(), &["run"]);
     assert!(
         text.contains("skipped"),
         "the dataset stays consumed: {text}"
     );
 
-    let approve = retrain(dir.path())
-        .args(["approve", &run_id, "--reason", "reviewed", "--as", "alice"])
-        .assert()
-        .success();
-    let out = String::from_utf8_lossy(&approve.get_output().stdout).to_string();
+    let out = text_ok(
+        dir.path(),
+        &["approve", &run_id, "--reason", "reviewed", "--as", "alice"],
+    );
     assert!(out.contains("promoted"), "{out}");
-    let registry: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.path().join("registry.json")).unwrap()).unwrap();
+    let registry: serde_json::Value = dir.json("registry.json");
     assert_eq!(
         registry["models"]["ticket-router"]["production"], "1",
         "{registry}"
     );
 
-    let again = retrain(dir.path())
-        .args(["approve", &run_id, "--as", "bob"])
-        .assert()
-        .success();
-    let out = String::from_utf8_lossy(&again.get_output().stdout).to_string();
+    let out = text_ok(dir.path(), &["approve", &run_id, "--as", "bob"]);
     assert!(out.contains("already approved by alice at"), "{out}");
 
-    let history = retrain(dir.path())
-        .args(["--output", "json", "history", "--label", "department"])
-        .assert()
-        .success();
-    let events = json_of(&history.get_output().stdout);
+    let events = json_ok(
+        dir.path(),
+        &["--output", "json", "history", "--label", "department"],
+    );
     assert_eq!(events.as_array().unwrap().len(), 1, "{events}");
     assert_eq!(events[0]["by"], "alice");
     assert_eq!(events[0]["reason"], "reviewed");
@@ -836,13 +703,8 @@ fn manual_sign_off_waits_then_approve_promotes_once() {
 
 #[test]
 fn manual_approve_then_rollback_restores_production_and_history_shows_both() {
-    let dir = quickstart();
-    let toml = dir.path().join("retrain.toml");
-    let config = std::fs::read_to_string(&toml).unwrap().replace(
-        "notify = [\"log\"]",
-        "notify = [\"log\"]\npromote = \"manual\"",
-    );
-    std::fs::write(&toml, config).unwrap();
+    let dir = Project::quickstart();
+    add_to_the_label(&dir, "promote = \"manual\"");
     // Production before retrain: version 1, a model the candidate beats.
     std::fs::write(
         dir.path().join("registry.json"),
@@ -857,11 +719,7 @@ fn manual_approve_then_rollback_restores_production_and_history_shows_both() {
         registry["models"]["ticket-router"].clone()
     };
 
-    let run = retrain(dir.path())
-        .args(["--output", "json", "run"])
-        .assert()
-        .success();
-    let report = json_of(&run.get_output().stdout);
+    let report = json_ok(dir.path(), &["--output", "json", "run"]);
     let label = &report["labels"][0];
     assert_eq!(label["status"], "awaiting_approval", "{report}");
     let run_id = label["run_id"].as_str().unwrap().to_owned();
@@ -893,8 +751,9 @@ fn manual_approve_then_rollback_restores_production_and_history_shows_both() {
         .assert()
         .code(2);
 
-    let rollback = retrain(dir.path())
-        .args([
+    let out = text_ok(
+        dir.path(),
+        &[
             "rollback",
             "--label",
             "department",
@@ -902,10 +761,8 @@ fn manual_approve_then_rollback_restores_production_and_history_shows_both() {
             "misroutes billing tickets",
             "--as",
             "bob",
-        ])
-        .assert()
-        .success();
-    let out = String::from_utf8_lossy(&rollback.get_output().stdout).to_string();
+        ],
+    );
     assert!(
         out.contains(
             "rolled_back — rolled back from version 2 to version 1 by bob because misroutes billing tickets"
@@ -916,11 +773,10 @@ fn manual_approve_then_rollback_restores_production_and_history_shows_both() {
     assert_eq!(model["production"], "1", "{model}");
     assert_eq!(model["versions"][1]["rolled_back_by"], "bob", "{model}");
 
-    let history = retrain(dir.path())
-        .args(["--output", "json", "history", "--label", "department"])
-        .assert()
-        .success();
-    let events = json_of(&history.get_output().stdout);
+    let events = json_ok(
+        dir.path(),
+        &["--output", "json", "history", "--label", "department"],
+    );
     assert_eq!(events.as_array().unwrap().len(), 2, "{events}");
     assert_eq!(events[0]["kind"], "promotion");
     assert_eq!(
@@ -934,11 +790,7 @@ fn manual_approve_then_rollback_restores_production_and_history_shows_both() {
     assert_eq!(events[1]["by"], "bob");
     assert_eq!(events[1]["reason"], "misroutes billing tickets");
     assert_eq!(events[1]["candidate_run"], serde_json::Value::Null);
-    let text = retrain(dir.path())
-        .args(["history", "--label", "department"])
-        .assert()
-        .success();
-    let text = String::from_utf8_lossy(&text.get_output().stdout).to_string();
+    let text = text_ok(dir.path(), &["history", "--label", "department"]);
     assert!(
         text.contains("rollback  version 1 (was 2)  by bob: misroutes billing tickets"),
         "{text}"
@@ -961,214 +813,57 @@ fn manual_approve_then_rollback_restores_production_and_history_shows_both() {
     assert!(stderr.contains("no earlier production version"), "{stderr}");
 
     // The rolled-back candidate's dataset stays consumed: no re-promotion.
-    let next = retrain(dir.path()).arg("run").assert().success();
-    let text = String::from_utf8_lossy(&next.get_output().stdout).to_string();
+    let text = text_ok(dir.path(), &["run"]);
     assert!(text.contains("skipped"), "{text}");
     assert_eq!(production(dir.path())["production"], "1");
-    let runs = retrain(dir.path())
-        .args(["runs", "--label", "department"])
-        .assert()
-        .success();
-    let text = String::from_utf8_lossy(&runs.get_output().stdout).to_string();
+    let text = text_ok(dir.path(), &["runs", "--label", "department"]);
     assert!(text.contains("rolled_back"), "{text}");
 }
 
 #[test]
 fn approvals_lists_a_waiting_run_until_it_is_rejected() {
-    let dir = quickstart();
-    let toml = dir.path().join("retrain.toml");
-    let config = std::fs::read_to_string(&toml).unwrap().replace(
-        "notify = [\"log\"]",
-        "notify = [\"log\"]\npromote = \"manual\"",
-    );
-    std::fs::write(&toml, config).unwrap();
-    let run = retrain(dir.path())
-        .args(["--output", "json", "run"])
-        .assert()
-        .success();
-    let report = json_of(&run.get_output().stdout);
+    let dir = Project::quickstart();
+    add_to_the_label(&dir, "promote = \"manual\"");
+    let report = json_ok(dir.path(), &["--output", "json", "run"]);
     let run_id = report["labels"][0]["run_id"].as_str().unwrap().to_owned();
 
-    let listed = retrain(dir.path())
-        .args(["--output", "json", "approvals"])
-        .assert()
-        .success();
-    let rows = json_of(&listed.get_output().stdout);
+    let rows = json_ok(dir.path(), &["--output", "json", "approvals"]);
     assert_eq!(rows.as_array().unwrap().len(), 1, "{rows}");
     assert_eq!(rows[0]["run_id"], run_id.as_str());
     assert_eq!(rows[0]["label"], "department");
     assert!(rows[0]["candidate"].is_string(), "{rows}");
     assert!(rows[0]["verdict"].is_string(), "{rows}");
     assert!(rows[0]["since"].is_string(), "{rows}");
-    let text = retrain(dir.path()).arg("approvals").assert().success();
-    let text = String::from_utf8_lossy(&text.get_output().stdout).to_string();
+    let text = text_ok(dir.path(), &["approvals"]);
     assert!(text.contains(&run_id), "{text}");
 
-    let status = retrain(dir.path())
-        .args(["--output", "json", "status"])
-        .assert()
-        .success();
-    let status = json_of(&status.get_output().stdout);
+    let status = json_ok(dir.path(), &["--output", "json", "status"]);
     assert_eq!(status[0]["awaiting_approval"], run_id.as_str(), "{status}");
-    let text = retrain(dir.path()).arg("status").assert().success();
-    let text = String::from_utf8_lossy(&text.get_output().stdout).to_string();
+    let text = text_ok(dir.path(), &["status"]);
     assert!(text.contains("awaiting approval"), "{text}");
 
     retrain(dir.path())
         .args(["reject", &run_id, "--reason", "x", "--as", "alice"])
         .assert()
         .success();
-    let listed = retrain(dir.path())
-        .args(["--output", "json", "approvals"])
-        .assert()
-        .success();
-    let rows = json_of(&listed.get_output().stdout);
+    let rows = json_ok(dir.path(), &["--output", "json", "approvals"]);
     assert_eq!(rows, serde_json::json!([]), "{rows}");
-    let status = retrain(dir.path())
-        .args(["--output", "json", "status"])
-        .assert()
-        .success();
-    let status = json_of(&status.get_output().stdout);
+    let status = json_ok(dir.path(), &["--output", "json", "status"]);
     assert!(status[0]["awaiting_approval"].is_null(), "{status}");
-    let text = retrain(dir.path()).arg("approvals").assert().success();
-    let text = String::from_utf8_lossy(&text.get_output().stdout).to_string();
+    let text = text_ok(dir.path(), &["approvals"]);
     assert!(text.contains("no runs awaiting approval"), "{text}");
-    assert!(
-        !dir.path().join("registry.json").exists() || {
-            let r: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(dir.path().join("registry.json")).unwrap())
-                    .unwrap();
-            r["models"]["ticket-router"]["production"].is_null()
-                && r["models"]["department"]["production"].is_null()
-        },
-        "nothing promoted"
-    );
-}
-
-/// The promoted (or rejected) first run of a fresh quickstart, from `report`.
-fn assert_first_cycle_promoted(report: &serde_json::Value, dir: &Path) {
-    let label = &report["labels"][0];
-    assert_eq!(label["label"], "department", "{report}");
-    assert_eq!(label["status"], "promoted", "{label}");
-    assert!(
-        dir.join(".retrain/state.db").exists(),
-        "the state is next to the config"
-    );
-    assert!(dir.join("registry.json").exists());
-    assert!(dir.join("datasets/dataset_metadata.json").exists());
-}
-
-#[test]
-fn quickstart_runs_from_the_root_directory_with_an_absolute_config() {
-    let dir = quickstart();
-    let config = std::fs::canonicalize(dir.path().join("retrain.toml")).unwrap();
-    let out = retrain(Path::new("/"))
-        .arg("--config")
-        .arg(&config)
-        .args(["--output", "json", "run"])
-        .assert()
-        .success();
-    assert_first_cycle_promoted(&json_of(&out.get_output().stdout), dir.path());
-    // Nothing was written to the working directory.
-    assert!(!Path::new("/.retrain").exists());
-    assert!(!Path::new("/registry.json").exists());
-}
-
-#[test]
-fn quickstart_runs_from_another_directory_with_a_relative_config() {
-    // Like `retrain run --config examples/quickstart/retrain.toml` from the
-    // repository root: the config path is relative to the working directory,
-    // every path inside it relative to the config file.
-    let parent = tempfile::tempdir().unwrap();
-    let dir = quickstart();
-    let nested = parent.path().join("examples/quickstart");
-    std::fs::create_dir_all(nested.parent().unwrap()).unwrap();
-    std::fs::rename(dir.path(), &nested)
-        .or_else(|_| copy_dir(dir.path(), &nested))
-        .unwrap();
-    let out = retrain(parent.path())
-        .args(["--config", "examples/quickstart/retrain.toml"])
-        .args(["--output", "json", "run"])
-        .assert()
-        .success();
-    assert_first_cycle_promoted(&json_of(&out.get_output().stdout), &nested);
-    let entries: Vec<_> = std::fs::read_dir(parent.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert_eq!(entries, ["examples"], "wrote into the working directory");
-    // The second run from yet another directory sees the same state.
-    let out = retrain(&nested.join(".retrain"))
-        .arg("--config")
-        .arg(nested.join("retrain.toml"))
-        .arg("run")
-        .assert()
-        .success();
-    let text = String::from_utf8_lossy(&out.get_output().stdout);
-    assert!(text.contains("below threshold 40"), "{text}");
-}
-
-fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        if entry.file_type()?.is_file() {
-            std::fs::copy(entry.path(), to.join(entry.file_name()))?;
-        }
-    }
-    Ok(())
-}
-
-#[test]
-fn config_show_prints_absolute_paths() {
-    let dir = quickstart();
-    let root = std::fs::canonicalize(dir.path()).unwrap();
-    let elsewhere = tempfile::tempdir().unwrap();
-    let out = retrain(elsewhere.path())
-        .arg("--config")
-        .arg(root.join("retrain.toml"))
-        .args(["config", "show"])
-        .assert()
-        .success();
-    let shown = String::from_utf8_lossy(&out.get_output().stdout);
-    let r = root.display();
-    for expected in [
-        format!("state = \"sqlite://{r}/.retrain/state.db\""),
-        format!("state_dir = \"{r}/.retrain\""),
-        format!("database = \"sqlite://{r}/feedback.db\""),
-        format!("metadata = \"file://{r}/datasets/dataset_metadata.json\""),
-        format!("json = \"{r}/registry.json\""),
-        format!("workdir = \"{r}\""),
-    ] {
-        assert!(shown.contains(&expected), "missing {expected}: {shown}");
-    }
-    // The JSON form parses and carries the same paths.
-    let out = retrain(elsewhere.path())
-        .arg("--config")
-        .arg(root.join("retrain.toml"))
-        .args(["--output", "json", "config", "show"])
-        .assert()
-        .success();
-    let value = json_of(&out.get_output().stdout);
-    assert_eq!(
-        value["labels"]["department"]["trainer"]["workdir"],
-        r.to_string()
-    );
+    assert!(nothing_promoted(&dir), "nothing promoted");
 }
 
 #[test]
 fn completions_for_bash_zsh_and_fish_need_no_config() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Project::new();
     for (shell, marker) in [
         ("bash", "complete -F _retrain"),
         ("zsh", "#compdef retrain"),
         ("fish", "complete -c retrain"),
     ] {
-        let out = retrain(dir.path())
-            .args(["completions", shell])
-            .assert()
-            .success();
-        let script = String::from_utf8_lossy(&out.get_output().stdout);
+        let script = text_ok(dir.path(), &["completions", shell]);
         assert!(script.contains(marker), "{shell}: {script}");
         assert!(script.contains("config"), "{shell}: subcommands missing");
     }
@@ -1180,7 +875,7 @@ fn completions_for_bash_zsh_and_fish_need_no_config() {
 
 #[test]
 fn no_color_means_no_ansi_escapes_on_stderr() {
-    let dir = quickstart();
+    let dir = Project::quickstart();
     // CLICOLOR_FORCE colours a pipe, so that this test can see colours at all.
     let forced = retrain(dir.path())
         .env("CLICOLOR_FORCE", "1")
@@ -1206,7 +901,8 @@ fn no_color_means_no_ansi_escapes_on_stderr() {
 
 /// On a terminal (a pty from util-linux's `script`), the per-poll log lines
 /// become one live status line per label; piped, they stay log lines (see
-/// `quickstart_first_run_trains_and_gates_second_run_skips`).
+/// `quickstart_first_run_trains_and_gates_second_run_skips` in
+/// tests/tests/quickstart.rs).
 #[test]
 fn a_terminal_shows_a_status_line_instead_of_poll_log_lines() {
     if std::process::Command::new("script")
@@ -1217,8 +913,8 @@ fn a_terminal_shows_a_status_line_instead_of_poll_log_lines() {
         eprintln!("skipped: util-linux `script` is not installed");
         return;
     }
-    let dir = quickstart();
-    let bin = assert_cmd::cargo::cargo_bin("retrain");
+    let dir = Project::quickstart();
+    let bin = retrain_bin();
     let config = dir.path().join("retrain.toml");
     let command = format!("'{}' --config '{}' run", bin.display(), config.display());
     let out = std::process::Command::new("script")
@@ -1247,10 +943,10 @@ fn a_terminal_shows_a_status_line_instead_of_poll_log_lines() {
 /// The quickstart with a `dataset_check` whose verdict follows the file
 /// `check_mode` (`fail` or anything else); every version it is asked about
 /// is appended to `checked.log`.
-fn quickstart_with_a_dataset_check() -> tempfile::TempDir {
-    let dir = quickstart();
-    std::fs::write(
-        dir.path().join("check.sh"),
+fn quickstart_with_a_dataset_check() -> Project {
+    let dir = Project::quickstart();
+    dir.write(
+        "check.sh",
         r#"echo "$RETRAIN_DATASET_VERSION" >> checked.log
 if [ "$(cat check_mode)" = fail ]; then
   echo "mask_17.png is not binary" >&2
@@ -1259,14 +955,11 @@ if [ "$(cat check_mode)" = fail ]; then
 fi
 printf '{"passed": true, "summary": {"checked": 1}, "report_md": "all samples valid"}' > "$RETRAIN_RESULT"
 "#,
-    )
-    .unwrap();
-    let toml = dir.path().join("retrain.toml");
-    let config = std::fs::read_to_string(&toml).unwrap().replace(
-        "notify = [\"log\"]",
-        "notify = [\"log\"]\ndataset_check = { command = [\"sh\", \"check.sh\"], timeout = \"1m\" }",
     );
-    std::fs::write(&toml, config).unwrap();
+    add_to_the_label(
+        &dir,
+        "dataset_check = { command = [\"sh\", \"check.sh\"], timeout = \"1m\" }",
+    );
     dir
 }
 
@@ -1274,11 +967,7 @@ printf '{"passed": true, "summary": {"checked": 1}, "report_md": "all samples va
 fn a_failing_dataset_check_rejects_the_version_then_a_new_version_passes_and_trains() {
     let dir = quickstart_with_a_dataset_check();
     std::fs::write(dir.path().join("check_mode"), "fail").unwrap();
-    let run = retrain(dir.path())
-        .args(["--output", "json", "run"])
-        .assert()
-        .success();
-    let report = json_of(&run.get_output().stdout);
+    let report = json_ok(dir.path(), &["--output", "json", "run"]);
     let label = &report["labels"][0];
     assert_eq!(label["status"], "dataset_rejected", "{report}");
     let rejected = label["dataset_version"].as_str().unwrap().to_owned();
@@ -1296,25 +985,16 @@ fn a_failing_dataset_check_rejects_the_version_then_a_new_version_passes_and_tra
         .flatten()
         .any(|e| e.file_name().to_string_lossy().contains("_train_"));
     assert!(!trained, "a training job ran for a rejected dataset");
-    let md = retrain(dir.path())
-        .args(["runs", "show", &run_id, "--format", "md"])
-        .assert()
-        .success();
-    let md = String::from_utf8_lossy(&md.get_output().stdout).into_owned();
+    let md = text_ok(dir.path(), &["runs", "show", &run_id, "--format", "md"]);
     assert!(md.contains("dataset_rejected"), "{md}");
     assert!(md.contains("3 samples have an empty text"), "{md}");
 
     // Still failing: the next cycle prepares a new version (the watermark
     // did not move) and checks that one; the rejected one is never checked again.
-    let run = retrain(dir.path()).arg("run").assert().success();
-    let text = String::from_utf8_lossy(&run.get_output().stdout).into_owned();
+    let text = text_ok(dir.path(), &["run"]);
     assert!(text.contains("dataset_rejected"), "{text}");
     assert!(text.contains("not checked again"), "{text}");
-    let status = retrain(dir.path())
-        .args(["--output", "json", "status"])
-        .assert()
-        .success();
-    let status = json_of(&status.get_output().stdout);
+    let status = json_ok(dir.path(), &["--output", "json", "status"]);
     assert!(
         status[0]["watermark"].is_null(),
         "the watermark did not move: {status}"
@@ -1331,11 +1011,7 @@ fn a_failing_dataset_check_rejects_the_version_then_a_new_version_passes_and_tra
 
     // Passing: the new version trains and the check's summary is in the manifest.
     std::fs::write(dir.path().join("check_mode"), "pass").unwrap();
-    let run = retrain(dir.path())
-        .args(["--output", "json", "run"])
-        .assert()
-        .success();
-    let report = json_of(&run.get_output().stdout);
+    let report = json_ok(dir.path(), &["--output", "json", "run"]);
     let label = &report["labels"][0];
     let status = label["status"].as_str().unwrap();
     assert!(status == "promoted" || status == "rejected", "{label}");
@@ -1345,11 +1021,7 @@ fn a_failing_dataset_check_rejects_the_version_then_a_new_version_passes_and_tra
     );
     assert_eq!(label["dataset_check"]["passed"], true, "{label}");
     let run_id = label["run_id"].as_str().unwrap();
-    let shown = retrain(dir.path())
-        .args(["runs", "show", run_id, "--format", "json"])
-        .assert()
-        .success();
-    let shown = json_of(&shown.get_output().stdout);
+    let shown = json_ok(dir.path(), &["runs", "show", run_id, "--format", "json"]);
     assert_eq!(
         shown["manifest"]["dataset_check"],
         serde_json::json!({"passed": true, "summary": {"checked": 1}}),
@@ -1375,12 +1047,8 @@ fn bad_approval_expires_or_dataset_check_exits_2_naming_the_key() {
             "labels.department.dataset_check",
         ),
     ] {
-        let dir = quickstart();
-        let toml = dir.path().join("retrain.toml");
-        let config = std::fs::read_to_string(&toml)
-            .unwrap()
-            .replace("notify = [\"log\"]", &format!("notify = [\"log\"]\n{line}"));
-        std::fs::write(&toml, config).unwrap();
+        let dir = Project::quickstart();
+        add_to_the_label(&dir, line);
         retrain(dir.path())
             .arg("run")
             .assert()
@@ -1392,25 +1060,16 @@ fn bad_approval_expires_or_dataset_check_exits_2_naming_the_key() {
 
 #[test]
 fn a_newer_waiting_candidate_supersedes_the_older_one_which_approve_refuses() {
-    let dir = quickstart();
-    let toml = dir.path().join("retrain.toml");
-    let config = std::fs::read_to_string(&toml).unwrap().replace(
-        "notify = [\"log\"]",
-        "notify = [\"log\"]\npromote = \"manual\"\napproval_expires = \"7d\"",
-    );
-    std::fs::write(&toml, config).unwrap();
+    let dir = Project::quickstart();
+    add_to_the_label(&dir, "promote = \"manual\"\napproval_expires = \"7d\"");
     let waiting = |dir: &Path| {
-        let run = retrain(dir)
-            .args(["--output", "json", "run"])
-            .assert()
-            .success();
-        let report = json_of(&run.get_output().stdout);
+        let report = json_ok(dir, &["--output", "json", "run"]);
         let label = &report["labels"][0];
         assert_eq!(label["status"], "awaiting_approval", "{report}");
         label["run_id"].as_str().unwrap().to_owned()
     };
     let older = waiting(dir.path());
-    add_feedback(dir.path(), 200);
+    dir.python(&["seed_feedback.py", "--add", "200"]);
     let newer = waiting(dir.path());
     // The cycle that superseded the older run rewrote its manifest too.
     let manifest = |run: &str| -> serde_json::Value {
@@ -1432,11 +1091,7 @@ fn a_newer_waiting_candidate_supersedes_the_older_one_which_approve_refuses() {
         stderr.contains("can no longer be approved") && stderr.contains(&newer),
         "{stderr}"
     );
-    let shown = retrain(dir.path())
-        .args(["--output", "json", "runs", "show", &older])
-        .assert()
-        .success();
-    let shown = json_of(&shown.get_output().stdout);
+    let shown = json_ok(dir.path(), &["--output", "json", "runs", "show", &older]);
     assert_eq!(shown["summary"]["outcome"], "superseded", "{shown}");
     assert!(
         shown["transitions"]
@@ -1446,11 +1101,7 @@ fn a_newer_waiting_candidate_supersedes_the_older_one_which_approve_refuses() {
             .any(|t| t["event"]["event"] == "superseded" && t["event"]["by_run"] == newer.as_str()),
         "{shown}"
     );
-    let approvals = retrain(dir.path())
-        .args(["--output", "json", "approvals"])
-        .assert()
-        .success();
-    let approvals = json_of(&approvals.get_output().stdout);
+    let approvals = json_ok(dir.path(), &["--output", "json", "approvals"]);
     let ids: Vec<&str> = approvals
         .as_array()
         .unwrap()

@@ -3,9 +3,10 @@
 //! of waiting for `lock_ttl` (60 s by default), resumes the run and awaits
 //! or adopts the training job: one training, never two.
 
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
+
+use retrain_tests::{Project, Ran};
 
 const TRAIN_SH: &str = r#"
 echo "$RETRAIN_LABEL" >> starts.log
@@ -30,42 +31,23 @@ trainer = { command = ["sh", "train.sh"], timeout = "2m" }
 gate = "none"
 "#;
 
-fn retrain(dir: &Path) -> Command {
-    let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("retrain"));
-    cmd.current_dir(dir)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("RETRAIN_LOG", "info");
-    cmd
-}
-
-fn starts(dir: &Path) -> usize {
-    std::fs::read_to_string(dir.join("starts.log"))
-        .unwrap_or_default()
-        .lines()
-        .count()
-}
-
 #[test]
 fn a_run_killed_mid_training_is_resumed_at_once_and_trains_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    std::fs::write(root.join("train.sh"), TRAIN_SH).unwrap();
-    std::fs::write(root.join("retrain.toml"), CONFIG).unwrap();
-    std::fs::write(
-        root.join("metadata.json"),
+    let project = Project::new();
+    project.config(CONFIG).write("train.sh", TRAIN_SH).write(
+        "metadata.json",
         r#"{"dataset_name": "intents", "version_tag": "v1", "num_samples": 100, "created_at": "2026-01-02T00:00:00Z"}"#,
-    )
-    .unwrap();
+    );
 
-    let mut first = retrain(root)
+    let mut first = project
+        .retrain()
         .arg("run")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while starts(root) == 0 {
+    while project.lines("starts.log").is_empty() {
         assert!(Instant::now() < deadline, "training never started");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -73,23 +55,16 @@ fn a_run_killed_mid_training_is_resumed_at_once_and_trains_once() {
     first.wait().unwrap();
 
     let began = Instant::now();
-    let second = retrain(root)
-        .args(["--output", "json", "run"])
-        .output()
-        .unwrap();
+    let mut second = project.retrain();
+    second.args(["--output", "json", "run"]);
+    let second = Ran::now(second);
     let took = began.elapsed();
-    let stdout = String::from_utf8_lossy(&second.stdout);
-    assert!(
-        second.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&second.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&second.stdout).unwrap();
+    let report = second.assert_code(0).json();
     let label = &report["labels"][0];
     assert_eq!(label["status"], "trained", "{label}");
     assert_eq!(label["resumed"], true, "{label}");
     assert_eq!(
-        starts(root),
+        project.lines("starts.log").len(),
         1,
         "the job was awaited or adopted, never started twice"
     );

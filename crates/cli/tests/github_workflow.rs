@@ -8,7 +8,8 @@ use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use assert_cmd::cargo::CommandCargoExt;
+use retrain_tests::routes::json_route;
+use retrain_tests::{Project, Ran};
 use serde_json::{json, Value};
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
@@ -134,20 +135,24 @@ async fn fake_github() -> (MockServer, Dispatched) {
         .mount(&server)
         .await;
     let zip = result_zip();
-    Mock::given(method("GET"))
-        .and(path(format!("/repos/acme/ml/actions/runs/{RUN_ID}/artifacts")))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
-            "total_count": 1,
-            "artifacts": [{
-                "id": 2_848_401_u64, "name": "retrain-result", "size_in_bytes": zip.len(),
-                "archive_download_url": format!("{uri}/repos/acme/ml/actions/artifacts/2848401/zip"),
-                "expired": false, "created_at": "2026-03-01T10:01:00Z",
-                "expires_at": "2026-03-08T10:01:00Z",
-                "workflow_run": {"id": RUN_ID, "head_branch": "main"}
-            }]
-        })))
-        .mount(&server)
-        .await;
+    let answer = json!({
+        "total_count": 1,
+        "artifacts": [{
+            "id": 2_848_401_u64, "name": "retrain-result", "size_in_bytes": zip.len(),
+            "archive_download_url": format!("{uri}/repos/acme/ml/actions/artifacts/2848401/zip"),
+            "expired": false, "created_at": "2026-03-01T10:01:00Z",
+            "expires_at": "2026-03-08T10:01:00Z",
+            "workflow_run": {"id": RUN_ID, "head_branch": "main"}
+        }]
+    });
+    json_route(
+        "GET",
+        format!("/repos/acme/ml/actions/runs/{RUN_ID}/artifacts"),
+        200,
+        answer,
+    )
+    .mount(&server)
+    .await;
     Mock::given(method("GET"))
         .and(path("/repos/acme/ml/actions/artifacts/2848401/zip"))
         .respond_with(ResponseTemplate::new(200).set_body_bytes(zip))
@@ -174,67 +179,38 @@ gate = {{ require = "all", metrics = [ {{ name = "dice", direction = "higher", m
     )
 }
 
-struct Ran {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-async fn retrain(dir: std::path::PathBuf, args: &[&str]) -> Ran {
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        let out = std::process::Command::cargo_bin("retrain")
-            .unwrap()
-            .current_dir(&dir)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("RETRAIN_LOG", "info")
-            .args(&args)
-            .output()
-            .unwrap();
-        Ran {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
-    })
-    .await
-    .unwrap()
+async fn retrain(project: &Project, args: &[&str]) -> Ran {
+    let mut command = project.retrain();
+    command.args(args);
+    Ran::finished(command).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_workflow_run_trains_the_candidate_that_is_gated_and_promoted_once() {
     let (server, dispatched) = fake_github().await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("retrain.toml"), config(&server.uri())).unwrap();
-    std::fs::write(
-        dir.path().join("dataset_metadata.json"),
+    let project = Project::new();
+    project.config(&config(&server.uri())).write(
+        "dataset_metadata.json",
         serde_json::to_vec(&json!({
             "dataset_name": "acme/seg-data", "version_tag": "v1", "num_samples": 100,
             "created_at": "2026-03-01T09:00:00Z", "splits": {"train": 100}
         }))
         .unwrap(),
-    )
-    .unwrap();
+    );
 
-    let first = retrain(dir.path().to_owned(), &["--output", "json", "run"]).await;
-    assert_eq!(first.code, 0, "{}\n{}", first.stdout, first.stderr);
-    let report: Value = serde_json::from_str(&first.stdout).unwrap();
+    let first = retrain(&project, &["--output", "json", "run"]).await;
+    let report = first.assert_code(0).json();
     let label = &report["labels"][0];
     assert_eq!(label["status"], "promoted", "{label}");
     assert_eq!(label["candidate"]["id"], "gh-run-16143022347", "{label}");
     let key = dispatched.lock().unwrap().clone().expect("dispatched");
     assert!(key.ends_with("/train/1"), "{key}");
-    let registry: Value =
-        serde_json::from_slice(&std::fs::read(dir.path().join("registry.json")).unwrap()).unwrap();
+    let registry = project.json("registry.json");
     assert_eq!(registry["models"]["seg"]["production"], "1", "{registry}");
-    assert!(
-        !first.stderr.contains(TOKEN),
-        "the token leaked into the logs"
-    );
+    first.assert_hides(TOKEN);
 
     // Nothing new: no second dispatch (the mock expects exactly one).
-    let second = retrain(dir.path().to_owned(), &["run"]).await;
-    assert_eq!(second.code, 0, "{}\n{}", second.stdout, second.stderr);
+    let second = retrain(&project, &["run"]).await;
+    second.assert_code(0);
     server.verify().await;
 }

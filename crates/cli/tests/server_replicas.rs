@@ -2,11 +2,12 @@
 //! `retrain run`, all on one Postgres, triggered at once: each label is
 //! trained exactly once (fenced locks), whoever drives it.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use retrain_adapters::settings::{load, ConfigSources};
 use retrain_server::{Application, ServeOptions};
+use retrain_tests::services::fresh_postgres_database;
+use retrain_tests::Project;
 use serde_json::{json, Value};
 
 const TOKEN: &str = "replica-token-0123456789";
@@ -31,30 +32,26 @@ fn config(state: &str) -> String {
 
 const LABELS: [&str; 3] = ["intent", "urgency", "department"];
 
-fn starts(root: &Path, label: &str) -> usize {
-    std::fs::read_to_string(root.join("starts.log"))
-        .unwrap_or_default()
-        .lines()
+fn starts(project: &Project, label: &str) -> usize {
+    project
+        .lines("starts.log")
+        .iter()
         .filter(|l| *l == label)
         .count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_servers_and_a_cli_on_one_postgres_train_each_label_once() {
-    let Some(state) = retrain_adapters::testing::services::fresh_postgres_database().await else {
+    let Some(state) = fresh_postgres_database().await else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    std::fs::write(root.join("train.sh"), TRAIN_SH).unwrap();
-    std::fs::write(root.join("retrain.toml"), config(&state)).unwrap();
-    std::fs::write(
-        root.join("metadata.json"),
+    let project = Project::new();
+    project.config(&config(&state)).write("train.sh", TRAIN_SH).write(
+        "metadata.json",
         r#"{"dataset_name": "tickets", "version_tag": "v1", "num_samples": 100, "created_at": "2026-01-02T00:00:00Z"}"#,
-    )
-    .unwrap();
+    );
     let sources = ConfigSources {
-        file: Some(root.join("retrain.toml")),
+        file: Some(project.join("retrain.toml")),
         env: vec![("RETRAIN_SERVER_TOKEN".into(), TOKEN.into())],
         overrides: Vec::new(),
     };
@@ -85,12 +82,9 @@ async fn two_servers_and_a_cli_on_one_postgres_train_each_label_once() {
             response.json::<Value>().await.unwrap()
         }
     };
-    let cli = tokio::process::Command::new(assert_cmd::cargo::cargo_bin("retrain"))
-        .current_dir(root)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .args(["--output", "json", "run"])
-        .output();
+    let mut cli = project.retrain();
+    cli.args(["--output", "json", "run"]);
+    let cli = tokio::process::Command::from(cli).output();
     let (a, b, cli) = tokio::join!(trigger(servers[0].0), trigger(servers[1].0), cli);
     let cli = cli.unwrap();
     assert!(
@@ -101,19 +95,23 @@ async fn two_servers_and_a_cli_on_one_postgres_train_each_label_once() {
     // Every label ends trained once, whoever drove it; wait for the
     // servers' background cycles.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while LABELS.iter().any(|l| starts(root, l) == 0) {
+    while LABELS.iter().any(|l| starts(&project, l) == 0) {
         assert!(Instant::now() < deadline, "{a} {b}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     for label in LABELS {
-        assert_eq!(starts(root, label), 1, "{label}: {a} {b}");
+        assert_eq!(starts(&project, label), 1, "{label}: {a} {b}");
     }
     for (_, stop, served) in servers {
         let _ = stop.send(());
         served.await.unwrap().unwrap();
     }
     for label in LABELS {
-        assert_eq!(starts(root, label), 1, "{label} trained again on shutdown");
+        assert_eq!(
+            starts(&project, label),
+            1,
+            "{label} trained again on shutdown"
+        );
     }
 }

@@ -2,4 +2,5 @@
 //! (cargo feature `testing`).
 
 pub mod fake_hub;
+pub mod routes;
 pub mod services;

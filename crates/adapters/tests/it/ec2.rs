@@ -3,26 +3,17 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use retrain_adapters::aws::AwsSettings;
 use retrain_adapters::ec2::{Ec2Client, Ec2LeaseProvider, Ec2WaitSettings, InstanceState};
 use retrain_adapters::http::HttpPolicy;
-use retrain_adapters::testing::services::stopped_instance;
+use retrain_adapters::testing::services::{
+    moto_settings, stopped_instance, MOTO_SECRET_KEY, MOTO_VAR,
+};
 use retrain_core::domain::{Label, Lease, RunId};
 use retrain_core::ports::{LeaseProvider, PortError};
-use secrecy::SecretString;
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::common::service_url;
-
-pub fn moto_settings(url: &str) -> AwsSettings {
-    AwsSettings::new(
-        "testing",
-        SecretString::from("moto-secret-key"),
-        "us-east-1",
-    )
-    .with_endpoint(url::Url::parse(url).unwrap())
-}
 
 fn fast_wait() -> Ec2WaitSettings {
     Ec2WaitSettings {
@@ -53,7 +44,7 @@ fn lease_for(ids: &[String]) -> Lease {
 
 #[tokio::test]
 async fn moto_acquire_runs_and_release_stops() {
-    let Some(url) = service_url("RETRAIN_TEST_MOTO_URL") else {
+    let Some(url) = service_url(MOTO_VAR) else {
         return;
     };
     let client = Ec2Client::new(&moto_settings(&url), HttpPolicy::fast_for_tests()).unwrap();
@@ -121,7 +112,7 @@ async fn moto_acquire_runs_and_release_stops() {
 
 #[tokio::test]
 async fn moto_health_url_is_polled_with_the_public_ip() {
-    let Some(url) = service_url("RETRAIN_TEST_MOTO_URL") else {
+    let Some(url) = service_url(MOTO_VAR) else {
         return;
     };
     let client = Ec2Client::new(&moto_settings(&url), HttpPolicy::fast_for_tests()).unwrap();
@@ -152,7 +143,7 @@ async fn moto_health_url_is_polled_with_the_public_ip() {
 
 #[tokio::test]
 async fn moto_unknown_instance_id_is_named() {
-    let Some(url) = service_url("RETRAIN_TEST_MOTO_URL") else {
+    let Some(url) = service_url(MOTO_VAR) else {
         return;
     };
     let client = Ec2Client::new(&moto_settings(&url), HttpPolicy::fast_for_tests()).unwrap();
@@ -181,7 +172,7 @@ async fn moto_unknown_instance_id_is_named() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains(&missing), "{err}");
-    assert!(!format!("{err:?}").contains("moto-secret-key"));
+    assert!(!format!("{err:?}").contains(MOTO_SECRET_KEY));
 }
 
 #[tokio::test]
@@ -201,8 +192,8 @@ async fn auth_failure_is_denied_without_the_secret() {
         .unwrap_err();
     assert!(matches!(err, PortError::Denied(_)), "{err:?}");
     assert!(err.to_string().contains("AuthFailure"));
-    assert!(!err.to_string().contains("moto-secret-key"));
-    assert!(!format!("{settings:?} {client:?}").contains("moto-secret-key"));
+    assert!(!err.to_string().contains(MOTO_SECRET_KEY));
+    assert!(!format!("{settings:?} {client:?}").contains(MOTO_SECRET_KEY));
     // The request was signed for ec2 in the configured region.
     let requests = server.received_requests().await.unwrap();
     let auth = requests[0]
@@ -223,7 +214,7 @@ async fn auth_failure_is_denied_without_the_secret() {
 
 #[tokio::test]
 async fn moto_health_url_is_awaited_until_2xx() {
-    let Some(url) = service_url("RETRAIN_TEST_MOTO_URL") else {
+    let Some(url) = service_url(MOTO_VAR) else {
         return;
     };
     let health = MockServer::start().await;
@@ -676,7 +667,7 @@ async fn release_retries_transient_failures_and_logs_each() {
         "{}",
         retried[0]
     );
-    assert!(!lines.iter().any(|l| l.contains("moto-secret-key")));
+    assert!(!lines.iter().any(|l| l.contains(MOTO_SECRET_KEY)));
 }
 
 #[tokio::test]
@@ -713,7 +704,7 @@ async fn release_gives_up_after_bounded_retries_naming_the_instances() {
         "{text}"
     );
     assert!(text.contains("RequestLimitExceeded"), "{text}");
-    assert!(!format!("{err:?}").contains("moto-secret-key"));
+    assert!(!format!("{err:?}").contains(MOTO_SECRET_KEY));
     let stops = actions(&server)
         .await
         .iter()

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use retrain_adapters::github::{GithubNotifier, GithubSettings, GithubTarget, NotifyOn};
 use retrain_adapters::http::HttpPolicy;
+use retrain_adapters::testing::routes::{json_route, status_route};
 use retrain_adapters::webhook::{WebhookFormat, WebhookNotifier};
 use retrain_core::domain::{Label, PromotedVersion};
 use retrain_core::ports::{Notifier, PortError};
@@ -32,6 +33,46 @@ fn report(label: &str, status: LabelStatus) -> LabelReport {
         previous: Some("6".into()),
     });
     r
+}
+
+/// Notifies a promotion of label `seg`, which must succeed.
+async fn notify_promoted(notifier: &impl Notifier) {
+    notifier
+        .notify(&report("seg", LabelStatus::Promoted))
+        .await
+        .unwrap();
+}
+
+/// Notifies a promotion of label `seg`, which must fail: the error.
+async fn promotion_error(notifier: &impl Notifier) -> PortError {
+    notifier
+        .notify(&report("seg", LabelStatus::Promoted))
+        .await
+        .unwrap_err()
+}
+
+/// Answers the POSTs of comments on issue 7 with `answer` (the first
+/// `times` of them, or all); how many were answered.
+async fn mount_counted_comment_posts(
+    server: &MockServer,
+    times: Option<u64>,
+    answer: impl Fn() -> ResponseTemplate + Send + Sync + 'static,
+) -> Arc<AtomicUsize> {
+    let count = Arc::new(AtomicUsize::new(0));
+    let counted = count.clone();
+    let mock = Mock::given(method("POST"))
+        .and(path("/repos/acme/wms/issues/7/comments"))
+        .respond_with(move |_: &Request| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            answer()
+        });
+    match times {
+        Some(n) => mock.up_to_n_times(n),
+        None => mock,
+    }
+    .mount(server)
+    .await;
+    count
 }
 
 fn settings(server: &MockServer, on: NotifyOn, target: GithubTarget) -> GithubSettings {
@@ -111,9 +152,7 @@ fn pull(number: u64, body: &str, author: &str) -> Value {
 
 /// `GET /user` answers with `login` (a PAT or OAuth token).
 async fn mount_user(server: &MockServer, login: &str) {
-    Mock::given(method("GET"))
-        .and(path("/user"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(user(login)))
+    json_route("GET", "/user", 200, user(login))
         .mount(server)
         .await;
 }
@@ -313,12 +352,15 @@ async fn comments_are_paginated_through_the_link_header() {
         )
         .mount(&server)
         .await;
-    Mock::given(method("PATCH"))
-        .and(path("/repos/acme/wms/issues/comments/9"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(comment(5, 9, "x", ME)))
-        .expect(1)
-        .mount(&server)
-        .await;
+    json_route(
+        "PATCH",
+        "/repos/acme/wms/issues/comments/9",
+        200,
+        comment(5, 9, "x", ME),
+    )
+    .expect(1)
+    .mount(&server)
+    .await;
     Mock::given(method("POST"))
         .respond_with(ResponseTemplate::new(201))
         .expect(0)
@@ -330,10 +372,7 @@ async fn comments_are_paginated_through_the_link_header() {
         GithubTarget::Comment { issue: 5 },
     ))
     .unwrap();
-    notifier
-        .notify(&report("seg", LabelStatus::Promoted))
-        .await
-        .unwrap();
+    notify_promoted(&notifier).await;
 }
 
 #[tokio::test]
@@ -363,17 +402,7 @@ async fn not_improved_means_no_call_at_all() {
         }
     }
     // PR mode commits and opens a PR only for an improved model, whatever `on` says.
-    let always = GithubNotifier::new(settings(
-        &server,
-        NotifyOn::Always,
-        GithubTarget::PullRequest {
-            head: "retrain/seg".into(),
-            base: "main".into(),
-            auto_merge: true,
-            file: None,
-        },
-    ))
-    .unwrap();
+    let always = auto_merging_pr(&server, NotifyOn::Always, "retrain/seg");
     for status in [
         LabelStatus::Rejected,
         LabelStatus::Failed,
@@ -454,67 +483,36 @@ async fn pull_request_is_created_then_updated_and_auto_merged() {
         .expect(2)
         .mount(&server)
         .await;
-    let notifier = GithubNotifier::new(settings(
-        &server,
-        NotifyOn::Improved,
-        GithubTarget::PullRequest {
-            head: "data/20260210".into(),
-            base: "main".into(),
-            auto_merge: true,
-            file: None,
-        },
-    ))
-    .unwrap();
-    notifier
-        .notify(&report("seg", LabelStatus::Promoted))
-        .await
-        .unwrap();
-    notifier
-        .notify(&report("seg", LabelStatus::Promoted))
-        .await
-        .unwrap();
+    let notifier = auto_merging_pr(&server, NotifyOn::Improved, "data/20260210");
+    notify_promoted(&notifier).await;
+    notify_promoted(&notifier).await;
 }
 
 #[tokio::test]
 async fn auto_merge_on_a_clean_pr_merges_it() {
     let server = MockServer::start().await;
     FakeRepo::new().mount(&server).await;
-    Mock::given(method("GET"))
-        .and(path("/repos/acme/wms/pulls"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!([])))
+    json_route("GET", "/repos/acme/wms/pulls", 200, json!([]))
         .mount(&server)
         .await;
-    Mock::given(method("POST"))
-        .and(path("/repos/acme/wms/pulls"))
-        .respond_with(ResponseTemplate::new(201).set_body_json(pull(3, "x", ME)))
+    json_route("POST", "/repos/acme/wms/pulls", 201, pull(3, "x", ME))
         .mount(&server)
         .await;
-    Mock::given(method("POST"))
-        .and(path("/graphql"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"data": null, "errors": [{"message": "Pull request Pull request is in clean status"}]})))
+    let clean = json!({"data": null, "errors": [{"message": "Pull request Pull request is in clean status"}]});
+    json_route("POST", "/graphql", 200, clean)
         .mount(&server)
         .await;
-    Mock::given(method("PUT"))
-        .and(path("/repos/acme/wms/pulls/3/merge"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"merged": true})))
-        .expect(1)
-        .mount(&server)
-        .await;
-    let notifier = GithubNotifier::new(settings(
-        &server,
-        NotifyOn::Always,
-        GithubTarget::PullRequest {
-            head: "d".into(),
-            base: "main".into(),
-            auto_merge: true,
-            file: None,
-        },
-    ))
-    .unwrap();
-    notifier
-        .notify(&report("seg", LabelStatus::Promoted))
-        .await
-        .unwrap();
+    json_route(
+        "PUT",
+        "/repos/acme/wms/pulls/3/merge",
+        200,
+        json!({"merged": true}),
+    )
+    .expect(1)
+    .mount(&server)
+    .await;
+    let notifier = auto_merging_pr(&server, NotifyOn::Always, "d");
+    notify_promoted(&notifier).await;
 }
 
 #[tokio::test]
@@ -544,9 +542,7 @@ async fn token_never_appears_in_errors_or_debug() {
 #[tokio::test]
 async fn webhook_posts_json_and_slack_text_without_leaking_the_url() {
     let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/services/T000/B000/XXXXSECRET"))
-        .respond_with(ResponseTemplate::new(200))
+    status_route("POST", "/services/T000/B000/XXXXSECRET", 200)
         .mount(&server)
         .await;
     let url = format!("{}/services/T000/B000/XXXXSECRET", server.uri());
@@ -569,10 +565,7 @@ async fn webhook_posts_json_and_slack_text_without_leaking_the_url() {
         HttpPolicy::fast_for_tests(),
     )
     .unwrap();
-    json_hook
-        .notify(&report("seg", LabelStatus::Promoted))
-        .await
-        .unwrap();
+    notify_promoted(&json_hook).await;
     let requests = server.received_requests().await.unwrap();
     assert_eq!(requests.len(), 2);
     let slack_body: Value = serde_json::from_slice(&requests[0].body).unwrap();
@@ -622,18 +615,12 @@ async fn a_comment_created_despite_a_timeout_is_adopted_not_posted_again() {
     // GitHub creates the comment, but its answer comes after the timeout.
     issue.mount(&server, Some(Duration::from_secs(2))).await;
     let notifier = comment_target(&server, 7, short_timeout());
-    notifier
-        .notify(&report("seg", LabelStatus::Promoted))
-        .await
-        .unwrap();
+    notify_promoted(&notifier).await;
     assert_eq!(issue.posts(), 1, "never re-POSTed");
     assert_eq!(issue.bodies().len(), 1, "exactly one comment");
     assert!(issue.patched().is_empty(), "its body is already right");
     // The next report updates that one comment.
-    notifier
-        .notify(&report("seg", LabelStatus::Promoted))
-        .await
-        .unwrap();
+    notify_promoted(&notifier).await;
     assert_eq!(issue.posts(), 1);
     assert_eq!(issue.patched(), vec![100]);
     assert_eq!(issue.bodies().len(), 1);
@@ -643,26 +630,14 @@ async fn a_comment_created_despite_a_timeout_is_adopted_not_posted_again() {
 async fn a_timed_out_post_that_created_nothing_is_posted_again_once() {
     let server = MockServer::start().await;
     mount_user(&server, ME).await;
-    let lost = Arc::new(AtomicUsize::new(0));
-    {
-        let lost = lost.clone();
-        // The first POST never reaches GitHub's database and times out.
-        Mock::given(method("POST"))
-            .and(path("/repos/acme/wms/issues/7/comments"))
-            .respond_with(move |_: &Request| {
-                lost.fetch_add(1, Ordering::SeqCst);
-                ResponseTemplate::new(504).set_delay(Duration::from_secs(2))
-            })
-            .up_to_n_times(1)
-            .mount(&server)
-            .await;
-    }
+    // The first POST never reaches GitHub's database and times out.
+    let lost = mount_counted_comment_posts(&server, Some(1), || {
+        ResponseTemplate::new(504).set_delay(Duration::from_secs(2))
+    })
+    .await;
     let issue = FakeIssue::new(7, ME);
     issue.mount(&server, None).await;
-    comment_target(&server, 7, short_timeout())
-        .notify(&report("seg", LabelStatus::Promoted))
-        .await
-        .unwrap();
+    notify_promoted(&comment_target(&server, 7, short_timeout())).await;
     assert_eq!(lost.load(Ordering::SeqCst), 1);
     assert_eq!(
         issue.posts(),
@@ -693,10 +668,7 @@ async fn a_5xx_on_the_post_is_checked_before_any_new_post() {
         .mount(&server)
         .await;
     issue.mount(&server, None).await;
-    comment_target(&server, 7, HttpPolicy::fast_for_tests())
-        .notify(&report("seg", LabelStatus::Promoted))
-        .await
-        .unwrap();
+    notify_promoted(&comment_target(&server, 7, HttpPolicy::fast_for_tests())).await;
     assert_eq!(issue.posts(), 1);
     assert_eq!(issue.bodies().len(), 1);
 }
@@ -741,10 +713,7 @@ async fn a_403_with_remaining_0_waits_for_the_reset_then_succeeds() {
     let issue = FakeIssue::new(7, ME);
     issue.mount(&server, None).await;
     let started = Instant::now();
-    comment_target(&server, 7, HttpPolicy::fast_for_tests())
-        .notify(&report("seg", LabelStatus::Promoted))
-        .await
-        .unwrap();
+    notify_promoted(&comment_target(&server, 7, HttpPolicy::fast_for_tests())).await;
     assert!(
         started.elapsed() >= Duration::from_millis(900),
         "waited for x-ratelimit-reset: {:?}",
@@ -776,10 +745,7 @@ async fn a_429_with_retry_after_is_waited_out_even_for_the_post() {
     let issue = FakeIssue::new(7, ME);
     issue.mount(&server, None).await;
     let started = Instant::now();
-    comment_target(&server, 7, HttpPolicy::fast_for_tests())
-        .notify(&report("seg", LabelStatus::Promoted))
-        .await
-        .unwrap();
+    notify_promoted(&comment_target(&server, 7, HttpPolicy::fast_for_tests())).await;
     assert!(started.elapsed() >= Duration::from_millis(900));
     assert_eq!(issue.posts(), 1);
     assert_eq!(issue.bodies().len(), 1);
@@ -789,30 +755,19 @@ async fn a_429_with_retry_after_is_waited_out_even_for_the_post() {
 async fn a_403_without_rate_limit_headers_is_a_permission_error_at_once() {
     let server = MockServer::start().await;
     mount_user(&server, ME).await;
-    let posts = Arc::new(AtomicUsize::new(0));
-    {
-        let posts = posts.clone();
-        Mock::given(method("POST"))
-            .and(path("/repos/acme/wms/issues/7/comments"))
-            .respond_with(move |_: &Request| {
-                posts.fetch_add(1, Ordering::SeqCst);
-                ResponseTemplate::new(403)
-                    .insert_header("x-ratelimit-remaining", "4990")
-                    .insert_header("x-accepted-github-permissions", "issues=write")
-                    .set_body_json(json!({
-                        "message": "Resource not accessible by integration",
-                        "documentation_url": "https://docs.github.com/rest/issues/comments#create-an-issue-comment",
-                        "status": "403"
-                    }))
-            })
-            .mount(&server)
-            .await;
-    }
+    let posts = mount_counted_comment_posts(&server, None, || {
+        ResponseTemplate::new(403)
+            .insert_header("x-ratelimit-remaining", "4990")
+            .insert_header("x-accepted-github-permissions", "issues=write")
+            .set_body_json(json!({
+                "message": "Resource not accessible by integration",
+                "documentation_url": "https://docs.github.com/rest/issues/comments#create-an-issue-comment",
+                "status": "403"
+            }))
+    })
+    .await;
     FakeIssue::new(7, ME).mount(&server, None).await;
-    let err = comment_target(&server, 7, HttpPolicy::fast_for_tests())
-        .notify(&report("seg", LabelStatus::Promoted))
-        .await
-        .unwrap_err();
+    let err = promotion_error(&comment_target(&server, 7, HttpPolicy::fast_for_tests())).await;
     assert!(matches!(err, PortError::Denied(_)), "{err:?}");
     assert!(err.to_string().contains("issues: write"), "{err}");
     assert_eq!(posts.load(Ordering::SeqCst), 1);
@@ -825,10 +780,7 @@ async fn a_rate_limit_longer_than_the_cap_fails_as_transient_not_denied() {
         .respond_with(primary_limit(403, &epoch_in(3600)))
         .mount(&server)
         .await;
-    let err = comment_target(&server, 7, HttpPolicy::fast_for_tests())
-        .notify(&report("seg", LabelStatus::Promoted))
-        .await
-        .unwrap_err();
+    let err = promotion_error(&comment_target(&server, 7, HttpPolicy::fast_for_tests())).await;
     assert!(matches!(err, PortError::Transient(_)), "{err:?}");
     assert!(err.to_string().contains("rate limited"), "{err}");
     assert!(err.to_string().contains("resets at"), "{err}");
@@ -847,10 +799,7 @@ async fn a_marker_pasted_by_someone_else_is_never_edited() {
     issue.mount(&server, None).await;
     let notifier = comment_target(&server, 7, HttpPolicy::fast_for_tests());
     for _ in 0..2 {
-        notifier
-            .notify(&report("seg", LabelStatus::Promoted))
-            .await
-            .unwrap();
+        notify_promoted(&notifier).await;
     }
     let all = issue.bodies();
     assert_eq!(all.len(), 2, "{all:?}");
@@ -870,10 +819,7 @@ async fn an_installation_token_adopts_only_an_app_bots_marker_comment() {
     issue.mount(&server, None).await;
     let notifier = comment_target(&server, 7, HttpPolicy::fast_for_tests());
     for _ in 0..2 {
-        notifier
-            .notify(&report("seg", LabelStatus::Promoted))
-            .await
-            .unwrap();
+        notify_promoted(&notifier).await;
     }
     assert_eq!(issue.posts(), 0);
     assert_eq!(issue.patched(), vec![2, 2]);
@@ -898,10 +844,7 @@ async fn an_installation_token_with_an_app_login_adopts_only_that_bot() {
     let notifier =
         comment_target(&server, 7, HttpPolicy::fast_for_tests()).with_app_login("retrain-app[bot]");
     for _ in 0..2 {
-        notifier
-            .notify(&report("seg", LabelStatus::Promoted))
-            .await
-            .unwrap();
+        notify_promoted(&notifier).await;
     }
     assert_eq!(issue.posts(), 1);
     assert_eq!(issue.patched(), vec![101]);
@@ -910,6 +853,17 @@ async fn an_installation_token_with_an_app_login_adopts_only_that_bot() {
 
 // ---------------------------------------------------------------------------
 // Pull requests.
+
+/// A notifier opening an auto-merged pull request from `head` into `main`.
+fn auto_merging_pr(server: &MockServer, on: NotifyOn, head: &str) -> GithubNotifier {
+    let target = GithubTarget::PullRequest {
+        head: head.into(),
+        base: "main".into(),
+        auto_merge: true,
+        file: None,
+    };
+    GithubNotifier::new(settings(server, on, target)).unwrap()
+}
 
 fn pr_target(server: &MockServer, policy: HttpPolicy) -> GithubNotifier {
     GithubNotifier::new(GithubSettings {
@@ -951,14 +905,13 @@ async fn an_existing_pull_request_422_is_adopted_and_updated() {
         )])))
         .mount(&server)
         .await;
-    Mock::given(method("POST"))
-        .and(path("/repos/acme/wms/pulls"))
-        .respond_with(ResponseTemplate::new(422).set_body_json(json!({
-            "message": "Validation Failed",
-            "errors": [{"resource": "PullRequest", "code": "custom", "message": "A pull request already exists for acme:data/1."}],
-            "documentation_url": "https://docs.github.com/rest/pulls/pulls#create-a-pull-request",
-            "status": "422"
-        })))
+    let answer = json!({
+        "message": "Validation Failed",
+        "errors": [{"resource": "PullRequest", "code": "custom", "message": "A pull request already exists for acme:data/1."}],
+        "documentation_url": "https://docs.github.com/rest/pulls/pulls#create-a-pull-request",
+        "status": "422"
+    });
+    json_route("POST", "/repos/acme/wms/pulls", 422, answer)
         .expect(1)
         .mount(&server)
         .await;
@@ -972,10 +925,7 @@ async fn an_existing_pull_request_422_is_adopted_and_updated() {
         .expect(1)
         .mount(&server)
         .await;
-    pr_target(&server, HttpPolicy::fast_for_tests())
-        .notify(&report("seg", LabelStatus::Promoted))
-        .await
-        .unwrap();
+    notify_promoted(&pr_target(&server, HttpPolicy::fast_for_tests())).await;
 }
 
 #[tokio::test]
@@ -983,15 +933,14 @@ async fn someone_elses_open_pull_request_is_not_overwritten() {
     let server = MockServer::start().await;
     FakeRepo::new().mount(&server).await;
     mount_user(&server, ME).await;
-    Mock::given(method("GET"))
-        .and(path("/repos/acme/wms/pulls"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!([pull(
-            9,
-            &format!("{MARKER}\ncopied"),
-            "mallory"
-        )])))
-        .mount(&server)
-        .await;
+    json_route(
+        "GET",
+        "/repos/acme/wms/pulls",
+        200,
+        json!([pull(9, &format!("{MARKER}\ncopied"), "mallory")]),
+    )
+    .mount(&server)
+    .await;
     Mock::given(method("PATCH"))
         .and(path_regex(r"^/repos/acme/wms/pulls"))
         .respond_with(ResponseTemplate::new(200))
@@ -1053,10 +1002,7 @@ async fn a_pull_request_created_despite_a_timeout_is_adopted_not_opened_twice() 
         .expect(0)
         .mount(&server)
         .await;
-    pr_target(&server, short_timeout())
-        .notify(&report("seg", LabelStatus::Promoted))
-        .await
-        .unwrap();
+    notify_promoted(&pr_target(&server, short_timeout())).await;
     assert_eq!(prs.lock().unwrap().len(), 1);
 }
 
@@ -1862,9 +1808,7 @@ async fn a_token_without_pull_requests_write_is_told_so() {
         .respond_with(denied("pull_requests=write"))
         .mount(&server)
         .await;
-    Mock::given(method("GET"))
-        .and(path("/repos/acme/wms/pulls"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!([])))
+    json_route("GET", "/repos/acme/wms/pulls", 200, json!([]))
         .mount(&server)
         .await;
     FakeRepo::new().mount(&server).await;
@@ -2220,14 +2164,13 @@ async fn github_actions_refusing_to_approve_is_explained() {
     mount_installation_token(&server).await;
     let dir = tempfile::tempdir().unwrap();
     let event = pull_request_event(&dir, 17);
-    Mock::given(method("POST"))
-        .and(path("/repos/acme/wms/pulls/17/reviews"))
-        .respond_with(ResponseTemplate::new(422).set_body_json(json!({
-            "message": "Unprocessable Entity",
-            "errors": ["GitHub Actions is not permitted to approve pull requests."],
-            "documentation_url": "https://docs.github.com/rest/pulls/reviews#create-a-review-for-a-pull-request",
-            "status": "422"
-        })))
+    let answer = json!({
+        "message": "Unprocessable Entity",
+        "errors": ["GitHub Actions is not permitted to approve pull requests."],
+        "documentation_url": "https://docs.github.com/rest/pulls/reviews#create-a-review-for-a-pull-request",
+        "status": "422"
+    });
+    json_route("POST", "/repos/acme/wms/pulls/17/reviews", 422, answer)
         .expect(1)
         .mount(&server)
         .await;
@@ -2264,16 +2207,20 @@ async fn a_transient_error_on_the_triggering_pr_is_final_not_deferred_to_another
     let dir = tempfile::tempdir().unwrap();
     let event = pull_request_event(&dir, 17);
     // The data branch moved between the read and the write.
-    Mock::given(method("PUT"))
-        .and(path("/repos/acme/wms/contents/model-metadata.json"))
-        .respond_with(ResponseTemplate::new(409).set_body_json(json!({
-            "message": "model-metadata.json does not match 0123abc",
-            "documentation_url": "https://docs.github.com/rest/repos/contents#create-or-update-file-contents",
-            "status": "409"
-        })))
-        .expect(1)
-        .mount(&server)
-        .await;
+    let answer = json!({
+        "message": "model-metadata.json does not match 0123abc",
+        "documentation_url": "https://docs.github.com/rest/repos/contents#create-or-update-file-contents",
+        "status": "409"
+    });
+    json_route(
+        "PUT",
+        "/repos/acme/wms/contents/model-metadata.json",
+        409,
+        answer,
+    )
+    .expect(1)
+    .mount(&server)
+    .await;
     let repo = repo_with_data_branch();
     repo.mount(&server).await;
     let pr = FakeTriggeringPr::new(17, "acme/wms");

@@ -14,6 +14,7 @@ use retrain_adapters::github_workflow::{
     GithubWorkflowSettings, GithubWorkflowTrainer, HANDLE_KIND,
 };
 use retrain_adapters::http::HttpPolicy;
+use retrain_adapters::testing::routes::{json_route, status_route};
 use retrain_core::domain::{JobKey, Label, RunId, TrainingHandle, TrainingOutcome, VersionTag};
 use retrain_core::ports::{PortError, Trainer, TrainingRequest};
 use secrecy::SecretString;
@@ -174,6 +175,17 @@ async fn mount_run_states(server: &MockServer, run: u64, states: Vec<Value>) {
         })
         .mount(server)
         .await;
+}
+
+/// Run [`RUN_ID`] of `request`'s job, always in one state.
+async fn mount_run_state(
+    server: &MockServer,
+    request: &TrainingRequest,
+    status: &str,
+    conclusion: Value,
+) {
+    let state = run_json(server, RUN_ID, &title(&request.job_key), status, conclusion);
+    mount_run_states(server, RUN_ID, vec![state]).await;
 }
 
 /// The runs listing: empty until `dispatched`, then the run titled with the
@@ -342,9 +354,7 @@ async fn a_second_start_with_the_same_key_adopts_the_run_and_never_dispatches_ag
     // The run was dispatched by an earlier process (crash before its
     // journal write): the listing already shows it.
     mount_listing(&server, &req.job_key, Arc::new(AtomicBool::new(true))).await;
-    Mock::given(method("POST"))
-        .and(path(DISPATCH))
-        .respond_with(ResponseTemplate::new(204))
+    status_route("POST", DISPATCH, 204)
         .expect(0)
         .mount(&server)
         .await;
@@ -392,9 +402,7 @@ async fn a_dispatch_whose_run_never_shows_up_says_the_run_name_must_carry_the_ke
         )
         .mount(&server)
         .await;
-    Mock::given(method("POST"))
-        .and(path(DISPATCH))
-        .respond_with(ResponseTemplate::new(204))
+    status_route("POST", DISPATCH, 204)
         .expect(1)
         .mount(&server)
         .await;
@@ -414,18 +422,15 @@ async fn a_dispatch_whose_run_never_shows_up_says_the_run_name_must_carry_the_ke
 async fn a_workflow_without_the_inputs_is_a_clear_422() {
     let server = MockServer::start().await;
     let req = request();
-    Mock::given(method("GET"))
-        .and(path(RUNS))
-        .respond_with(ResponseTemplate::new(200).set_body_json(runs_page(vec![])))
+    json_route("GET", RUNS, 200, runs_page(vec![]))
         .mount(&server)
         .await;
-    Mock::given(method("POST"))
-        .and(path(DISPATCH))
-        .respond_with(ResponseTemplate::new(422).set_body_json(json!({
-            "message": "Unexpected inputs provided: [\"retrain_job_key\"]",
-            "documentation_url": "https://docs.github.com/rest/actions/workflows#create-a-workflow-dispatch-event",
-            "status": "422"
-        })))
+    let answer = json!({
+        "message": "Unexpected inputs provided: [\"retrain_job_key\"]",
+        "documentation_url": "https://docs.github.com/rest/actions/workflows#create-a-workflow-dispatch-event",
+        "status": "422"
+    });
+    json_route("POST", DISPATCH, 422, answer)
         .expect(1)
         .mount(&server)
         .await;
@@ -502,14 +507,14 @@ async fn a_failed_run_fails_with_its_url_and_the_failing_job_and_step() {
         .respond_with(ResponseTemplate::new(200).set_body_json(jobs_json(RUN_ID)))
         .mount(&server)
         .await;
-    Mock::given(method("GET"))
-        .and(path(format!(
-            "/repos/{REPO}/actions/runs/{RUN_ID}/artifacts"
-        )))
-        .respond_with(ResponseTemplate::new(200))
-        .expect(0)
-        .mount(&server)
-        .await;
+    status_route(
+        "GET",
+        format!("/repos/{REPO}/actions/runs/{RUN_ID}/artifacts"),
+        200,
+    )
+    .expect(0)
+    .mount(&server)
+    .await;
     let trainer = trainer(&server);
     let handle = trainer.start(&req).await.unwrap();
     let err = trainer.wait(&req, &handle).await.unwrap_err();
@@ -529,15 +534,19 @@ async fn a_deleted_run_is_lost() {
     let server = MockServer::start().await;
     let req = request();
     mount_listing(&server, &req.job_key, Arc::new(AtomicBool::new(true))).await;
-    Mock::given(method("GET"))
-        .and(path(format!("/repos/{REPO}/actions/runs/{RUN_ID}")))
-        .respond_with(ResponseTemplate::new(404).set_body_json(json!({
-            "message": "Not Found",
-            "documentation_url": "https://docs.github.com/rest/actions/workflow-runs#get-a-workflow-run",
-            "status": "404"
-        })))
-        .mount(&server)
-        .await;
+    let answer = json!({
+        "message": "Not Found",
+        "documentation_url": "https://docs.github.com/rest/actions/workflow-runs#get-a-workflow-run",
+        "status": "404"
+    });
+    json_route(
+        "GET",
+        format!("/repos/{REPO}/actions/runs/{RUN_ID}"),
+        404,
+        answer,
+    )
+    .mount(&server)
+    .await;
     let trainer = trainer(&server);
     let handle = trainer.start(&req).await.unwrap();
     match trainer.wait(&req, &handle).await.unwrap() {
@@ -567,48 +576,27 @@ async fn cancel_posts_cancel_and_a_409_on_a_finished_run_is_success() {
 
     // Already finished: GitHub answers 409, which is success.
     server.reset().await;
-    Mock::given(method("POST"))
-        .and(path(cancel.as_str()))
-        .respond_with(ResponseTemplate::new(409).set_body_json(json!({
+    json_route(
+        "POST",
+        cancel.as_str(),
+        409,
+        json!({
             "message": "Cannot cancel a workflow run that is completed.",
             "documentation_url": "https://docs.github.com/rest/actions/workflow-runs#cancel-a-workflow-run",
             "status": "409"
-        })))
-        .mount(&server)
-        .await;
-    mount_run_states(
-        &server,
-        RUN_ID,
-        vec![run_json(
-            &server,
-            RUN_ID,
-            &title(&req.job_key),
-            "completed",
-            json!("success"),
-        )],
+        }),
     )
+    .mount(&server)
     .await;
+    mount_run_state(&server, &req, "completed", json!("success")).await;
     trainer.cancel(&handle).await.unwrap();
 
     // A 409 while the run still runs is a failure, naming the run.
     server.reset().await;
-    Mock::given(method("POST"))
-        .and(path(cancel.as_str()))
-        .respond_with(ResponseTemplate::new(409))
+    status_route("POST", cancel.as_str(), 409)
         .mount(&server)
         .await;
-    mount_run_states(
-        &server,
-        RUN_ID,
-        vec![run_json(
-            &server,
-            RUN_ID,
-            &title(&req.job_key),
-            "in_progress",
-            Value::Null,
-        )],
-    )
-    .await;
+    mount_run_state(&server, &req, "in_progress", Value::Null).await;
     let err = trainer.cancel(&handle).await.unwrap_err();
     assert!(err.to_string().contains(&html_url(RUN_ID)), "{err}");
     assert!(err.to_string().contains("in_progress"), "{err}");
@@ -709,18 +697,7 @@ async fn a_successful_run_without_the_artifact_says_what_to_upload() {
     let server = MockServer::start().await;
     let req = request();
     mount_listing(&server, &req.job_key, Arc::new(AtomicBool::new(true))).await;
-    mount_run_states(
-        &server,
-        RUN_ID,
-        vec![run_json(
-            &server,
-            RUN_ID,
-            &title(&req.job_key),
-            "completed",
-            json!("success"),
-        )],
-    )
-    .await;
+    mount_run_state(&server, &req, "completed", json!("success")).await;
     Mock::given(method("GET"))
         .and(path(format!(
             "/repos/{REPO}/actions/runs/{RUN_ID}/artifacts"
@@ -799,18 +776,7 @@ async fn rate_limits_are_waited_out_then_the_job_succeeds() {
         .up_to_n_times(1)
         .mount(&server)
         .await;
-    mount_run_states(
-        &server,
-        RUN_ID,
-        vec![run_json(
-            &server,
-            RUN_ID,
-            &title(&req.job_key),
-            "completed",
-            json!("success"),
-        )],
-    )
-    .await;
+    mount_run_state(&server, &req, "completed", json!("success")).await;
     mount_artifact(
         &server,
         &blob,

@@ -7,6 +7,7 @@ use retrain_adapters::hf::{
     HfMetadataStore, HfSpaceController, HfSpaceTrainer, HubClient, HubSettings, HANDLE_KIND,
 };
 use retrain_adapters::http::HttpPolicy;
+use retrain_adapters::testing::routes::{calls, json_route, status_route};
 use retrain_core::domain::{
     JobKey, Label, RunId, SpaceStage, TrainingHandle, TrainingOutcome, VersionTag,
 };
@@ -91,6 +92,20 @@ fn debug_output_never_shows_the_token() {
     assert!(!format!("{store:?}").contains(TOKEN));
 }
 
+/// The prepare Space `owner/prep` (no factory reboot) through `server`.
+fn prep(server: &MockServer) -> HfSpaceController {
+    HfSpaceController::new(client(server), "owner/prep", false).unwrap()
+}
+
+/// Restarts `owner/prep` for one job, which must succeed: the calls it made.
+async fn restart_prep(server: &MockServer) -> Vec<String> {
+    prep(server)
+        .restart(&JobKey("cycle-1/prepare/job".into()))
+        .await
+        .unwrap();
+    calls(server).await
+}
+
 #[tokio::test]
 async fn restart_posts_without_factory_by_default() {
     let server = MockServer::start().await;
@@ -165,7 +180,7 @@ async fn runtime_stages_are_mapped_including_unknown_and_errors() {
             SpaceStage::Error("NO_APP_FILE".into()),
         ),
     ];
-    let controller = HfSpaceController::new(client(&server), "owner/prep", false).unwrap();
+    let controller = prep(&server);
     for (body, expected) in cases {
         server.reset().await;
         Mock::given(method("GET"))
@@ -181,7 +196,7 @@ async fn runtime_stages_are_mapped_including_unknown_and_errors() {
 #[tokio::test]
 async fn runtime_without_stage_is_an_invalid_response_naming_the_field() {
     let server = MockServer::start().await;
-    let controller = HfSpaceController::new(client(&server), "owner/prep", false).unwrap();
+    let controller = prep(&server);
     for body in [
         ResponseTemplate::new(200).set_body_json(json!({"hardware": {}})),
         ResponseTemplate::new(200).set_body_json(json!({"stage": 3})),
@@ -207,7 +222,7 @@ async fn runtime_without_stage_is_an_invalid_response_naming_the_field() {
 #[tokio::test]
 async fn space_permission_errors_name_the_space_and_permission() {
     let server = MockServer::start().await;
-    let controller = HfSpaceController::new(client(&server), "owner/prep", false).unwrap();
+    let controller = prep(&server);
     for status in [401, 403] {
         server.reset().await;
         Mock::given(method("POST"))
@@ -255,7 +270,7 @@ async fn restart_of_a_static_space_fails_with_a_hint() {
         )
         .mount(&server)
         .await;
-    let controller = HfSpaceController::new(client(&server), "owner/prep", false).unwrap();
+    let controller = prep(&server);
     let err = controller
         .restart(&JobKey("cycle-1/prepare/job".into()))
         .await
@@ -271,7 +286,7 @@ async fn restart_of_a_static_space_fails_with_a_hint() {
 async fn a_server_echoing_the_token_cannot_leak_it_into_errors() {
     let server = MockServer::start().await;
     let echo = format!("bad header: Bearer {TOKEN}");
-    let controller = HfSpaceController::new(client(&server), "owner/prep", false).unwrap();
+    let controller = prep(&server);
     for status in [400, 401, 403, 404, 409, 503] {
         server.reset().await;
         Mock::given(method("POST"))
@@ -299,12 +314,15 @@ async fn retries_5xx_then_succeeds() {
         .up_to_n_times(2)
         .mount(&server)
         .await;
-    Mock::given(method("GET"))
-        .and(path("/api/spaces/owner/prep/runtime"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(runtime("RUNNING")))
-        .mount(&server)
-        .await;
-    let controller = HfSpaceController::new(client(&server), "owner/prep", false).unwrap();
+    json_route(
+        "GET",
+        "/api/spaces/owner/prep/runtime",
+        200,
+        runtime("RUNNING"),
+    )
+    .mount(&server)
+    .await;
+    let controller = prep(&server);
     assert_eq!(controller.stage().await.unwrap(), SpaceStage::Running);
     assert_eq!(server.received_requests().await.unwrap().len(), 3);
 }
@@ -316,7 +334,7 @@ async fn persistent_5xx_is_transient_naming_the_space() {
         .respond_with(ResponseTemplate::new(503))
         .mount(&server)
         .await;
-    let controller = HfSpaceController::new(client(&server), "owner/prep", false).unwrap();
+    let controller = prep(&server);
     let err = controller.stage().await.unwrap_err();
     assert!(matches!(err, PortError::Transient(_)), "{err:?}");
     check_message(&err, "owner/prep");
@@ -336,7 +354,7 @@ async fn rate_limit_429_honours_retry_after() {
         .respond_with(ResponseTemplate::new(200).set_body_json(runtime("BUILDING")))
         .mount(&server)
         .await;
-    let controller = HfSpaceController::new(client(&server), "owner/prep", false).unwrap();
+    let controller = prep(&server);
     let started = Instant::now();
     controller
         .restart(&JobKey("cycle-1/prepare/job".into()))
@@ -385,7 +403,7 @@ async fn rate_limit_too_long_gives_a_transient_error_with_the_reset_time() {
         .respond_with(ResponseTemplate::new(429).insert_header("ratelimit", "\"api\";r=0;t=3599"))
         .mount(&server)
         .await;
-    let controller = HfSpaceController::new(client(&server), "owner/prep", false).unwrap();
+    let controller = prep(&server);
     let err = controller
         .restart(&JobKey("cycle-1/prepare/job".into()))
         .await
@@ -409,6 +427,19 @@ fn variables_json(vars: &[(&str, &str)]) -> serde_json::Value {
     serde_json::Value::Object(map)
 }
 
+/// Expects `times` authorised calls setting the variable `key` of Space
+/// `owner/train` to `value`.
+async fn expect_variable_set(server: &MockServer, key: &str, value: &str, times: u64) {
+    Mock::given(method("POST"))
+        .and(path("/api/spaces/owner/train/variables"))
+        .and(bearer())
+        .and(body_json(json!({"key": key, "value": value})))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
+        .expect(times)
+        .mount(server)
+        .await;
+}
+
 #[tokio::test]
 async fn trainer_sets_dataset_version_and_job_key_then_restarts() {
     let server = MockServer::start().await;
@@ -422,26 +453,8 @@ async fn trainer_sets_dataset_version_and_job_key_then_restarts() {
         .expect(1)
         .mount(&server)
         .await;
-    Mock::given(method("POST"))
-        .and(path("/api/spaces/owner/train/variables"))
-        .and(bearer())
-        .and(body_json(
-            json!({"key": "DATASET_VERSION", "value": "v20251030_115250"}),
-        ))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
-        .expect(1)
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .and(path("/api/spaces/owner/train/variables"))
-        .and(bearer())
-        .and(body_json(
-            json!({"key": "RETRAIN_JOB_KEY", "value": "run-1/train/1"}),
-        ))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
-        .expect(1)
-        .mount(&server)
-        .await;
+    expect_variable_set(&server, "DATASET_VERSION", "v20251030_115250", 1).await;
+    expect_variable_set(&server, "RETRAIN_JOB_KEY", "run-1/train/1", 1).await;
     Mock::given(method("POST"))
         .and(path("/api/spaces/owner/train/restart"))
         .and(bearer())
@@ -503,19 +516,25 @@ async fn trainer_sets_dataset_version_and_job_key_then_restarts() {
 async fn trainer_adopts_a_space_already_restarted_for_the_job_key() {
     for stage in ["BUILDING", "RUNNING_APP_STARTING", "RUNNING"] {
         let server = MockServer::start().await;
-        Mock::given(method("GET"))
-            .and(path("/api/spaces/owner/train/variables"))
-            .respond_with(ResponseTemplate::new(200).set_body_json(variables_json(&[
+        json_route(
+            "GET",
+            "/api/spaces/owner/train/variables",
+            200,
+            variables_json(&[
                 ("DATASET_VERSION", "v2"),
                 ("RETRAIN_JOB_KEY", "run-1/train/1"),
-            ])))
-            .mount(&server)
-            .await;
-        Mock::given(method("GET"))
-            .and(path("/api/spaces/owner/train/runtime"))
-            .respond_with(ResponseTemplate::new(200).set_body_json(runtime(stage)))
-            .mount(&server)
-            .await;
+            ]),
+        )
+        .mount(&server)
+        .await;
+        json_route(
+            "GET",
+            "/api/spaces/owner/train/runtime",
+            200,
+            runtime(stage),
+        )
+        .mount(&server)
+        .await;
         let trainer = HfSpaceTrainer::new(client(&server), "owner/train", None).unwrap();
         let handle = trainer.start(&request("v2")).await.unwrap();
         assert_eq!(
@@ -538,25 +557,34 @@ async fn trainer_restarts_when_the_space_shows_no_restart_for_the_key() {
     // The variables were set for this job, but the restart never happened
     // (or the Space was paused since): restart, without setting them again.
     let server = MockServer::start().await;
-    Mock::given(method("GET"))
-        .and(path("/api/spaces/owner/train/variables"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(variables_json(&[
+    json_route(
+        "GET",
+        "/api/spaces/owner/train/variables",
+        200,
+        variables_json(&[
             ("DATASET_VERSION", "v2"),
             ("RETRAIN_JOB_KEY", "run-1/train/1"),
-        ])))
-        .mount(&server)
-        .await;
-    Mock::given(method("GET"))
-        .and(path("/api/spaces/owner/train/runtime"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(runtime("PAUSED")))
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .and(path("/api/spaces/owner/train/restart"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(runtime("BUILDING")))
-        .expect(1)
-        .mount(&server)
-        .await;
+        ]),
+    )
+    .mount(&server)
+    .await;
+    json_route(
+        "GET",
+        "/api/spaces/owner/train/runtime",
+        200,
+        runtime("PAUSED"),
+    )
+    .mount(&server)
+    .await;
+    json_route(
+        "POST",
+        "/api/spaces/owner/train/restart",
+        200,
+        runtime("BUILDING"),
+    )
+    .expect(1)
+    .mount(&server)
+    .await;
     let trainer = HfSpaceTrainer::new(client(&server), "owner/train", None).unwrap();
     trainer.start(&request("v2")).await.unwrap();
     let posts: Vec<String> = server
@@ -573,14 +601,10 @@ async fn trainer_restarts_when_the_space_shows_no_restart_for_the_key() {
 #[tokio::test]
 async fn trainer_variable_denied_names_the_space_and_does_not_restart() {
     let server = MockServer::start().await;
-    Mock::given(method("GET"))
-        .and(path("/api/spaces/owner/train/variables"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
+    json_route("GET", "/api/spaces/owner/train/variables", 200, json!({}))
         .mount(&server)
         .await;
-    Mock::given(method("POST"))
-        .and(path("/api/spaces/owner/train/variables"))
-        .respond_with(ResponseTemplate::new(403))
+    status_route("POST", "/api/spaces/owner/train/variables", 403)
         .mount(&server)
         .await;
     let trainer = HfSpaceTrainer::new(client(&server), "owner/train", None).unwrap();
@@ -605,28 +629,18 @@ async fn trainer_variable_denied_names_the_space_and_does_not_restart() {
 #[tokio::test]
 async fn a_restart_answered_5xx_is_not_reposted_when_the_space_is_restarting() {
     let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/api/spaces/owner/prep/restart"))
-        .respond_with(ResponseTemplate::new(504))
+    status_route("POST", "/api/spaces/owner/prep/restart", 504)
         .mount(&server)
         .await;
-    Mock::given(method("GET"))
-        .and(path("/api/spaces/owner/prep/runtime"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(runtime("BUILDING")))
-        .mount(&server)
-        .await;
-    let controller = HfSpaceController::new(client(&server), "owner/prep", false).unwrap();
-    controller
-        .restart(&JobKey("cycle-1/prepare/job".into()))
-        .await
-        .unwrap();
-    let calls: Vec<String> = server
-        .received_requests()
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| format!("{} {}", r.method, r.url.path()))
-        .collect();
+    json_route(
+        "GET",
+        "/api/spaces/owner/prep/runtime",
+        200,
+        runtime("BUILDING"),
+    )
+    .mount(&server)
+    .await;
+    let calls = restart_prep(&server).await;
     assert_eq!(
         calls,
         [
@@ -639,34 +653,27 @@ async fn a_restart_answered_5xx_is_not_reposted_when_the_space_is_restarting() {
 #[tokio::test]
 async fn a_restart_answered_5xx_is_reposted_only_when_the_space_shows_no_restart() {
     let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/api/spaces/owner/prep/restart"))
-        .respond_with(ResponseTemplate::new(502))
+    status_route("POST", "/api/spaces/owner/prep/restart", 502)
         .up_to_n_times(1)
         .mount(&server)
         .await;
-    Mock::given(method("POST"))
-        .and(path("/api/spaces/owner/prep/restart"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(runtime("BUILDING")))
-        .mount(&server)
-        .await;
-    Mock::given(method("GET"))
-        .and(path("/api/spaces/owner/prep/runtime"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(runtime("RUNNING")))
-        .mount(&server)
-        .await;
-    let controller = HfSpaceController::new(client(&server), "owner/prep", false).unwrap();
-    controller
-        .restart(&JobKey("cycle-1/prepare/job".into()))
-        .await
-        .unwrap();
-    let calls: Vec<String> = server
-        .received_requests()
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| format!("{} {}", r.method, r.url.path()))
-        .collect();
+    json_route(
+        "POST",
+        "/api/spaces/owner/prep/restart",
+        200,
+        runtime("BUILDING"),
+    )
+    .mount(&server)
+    .await;
+    json_route(
+        "GET",
+        "/api/spaces/owner/prep/runtime",
+        200,
+        runtime("RUNNING"),
+    )
+    .mount(&server)
+    .await;
+    let calls = restart_prep(&server).await;
     assert_eq!(
         calls,
         [
@@ -717,17 +724,23 @@ async fn a_timed_out_restart_with_an_unreadable_runtime_fails_instead_of_reposti
 #[tokio::test]
 async fn trainer_wait_polls_until_running() {
     let server = MockServer::start().await;
-    Mock::given(method("GET"))
-        .and(path("/api/spaces/owner/train/runtime"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(runtime("BUILDING")))
-        .up_to_n_times(2)
-        .mount(&server)
-        .await;
-    Mock::given(method("GET"))
-        .and(path("/api/spaces/owner/train/runtime"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(runtime("RUNNING")))
-        .mount(&server)
-        .await;
+    json_route(
+        "GET",
+        "/api/spaces/owner/train/runtime",
+        200,
+        runtime("BUILDING"),
+    )
+    .up_to_n_times(2)
+    .mount(&server)
+    .await;
+    json_route(
+        "GET",
+        "/api/spaces/owner/train/runtime",
+        200,
+        runtime("RUNNING"),
+    )
+    .mount(&server)
+    .await;
     let trainer = HfSpaceTrainer::new(client(&server), "owner/train", Some(Duration::from_secs(5)))
         .unwrap()
         .with_poll_interval(Duration::from_millis(10));

@@ -7,6 +7,8 @@ use retrain_adapters::http::HttpPolicy;
 use retrain_adapters::mlflow::{
     MlflowAuth, MlflowRegistry, MlflowSettings, ReadyWait, RegistryMode,
 };
+use retrain_adapters::testing::routes::json_route;
+use retrain_adapters::testing::services::{unique_name, MLFLOW_VAR};
 use retrain_core::domain::{Candidate, Label, Lease, RunId};
 use retrain_core::ports::{ModelRegistry, PortError, RegistryRollback};
 use secrecy::SecretString;
@@ -15,10 +17,6 @@ use wiremock::matchers::{body_partial_json, method, path, query_param};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::common::service_url;
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", uuid::Uuid::now_v7().simple())
-}
 
 fn settings(uri: &str, model: &str, mode: RegistryMode) -> MlflowSettings {
     MlflowSettings {
@@ -29,6 +27,23 @@ fn settings(uri: &str, model: &str, mode: RegistryMode) -> MlflowSettings {
         auth: MlflowAuth::None,
         policy: HttpPolicy::fast_for_tests(),
     }
+}
+
+fn registry(uri: &str, model: &str, mode: RegistryMode) -> MlflowRegistry {
+    MlflowRegistry::new(settings(uri, model, mode)).unwrap()
+}
+
+/// The registry of model `m` (alias mode) on a wiremock MLflow.
+fn mocked_registry(server: &MockServer) -> MlflowRegistry {
+    registry(&server.uri(), "m", RegistryMode::Alias)
+}
+
+/// The real `mlflow server`'s URL, a new experiment on it, and a model
+/// name no other test uses; `None` (skipped) when it is not running.
+async fn real_server(model_prefix: &str) -> Option<(String, Mlflow, String)> {
+    let url = service_url(MLFLOW_VAR)?;
+    let mlflow = Mlflow::new(&url).await;
+    Some((url, mlflow, unique_name(model_prefix)))
 }
 
 /// Test-data helper talking to the MLflow REST API directly.
@@ -44,7 +59,7 @@ impl Mlflow {
         let http = reqwest::Client::new();
         let created: Value = http
             .post(format!("{api}/experiments/create"))
-            .json(&json!({"name": unique("retrain-it")}))
+            .json(&json!({"name": unique_name("retrain-it")}))
             .send()
             .await
             .unwrap()
@@ -182,12 +197,10 @@ fn tag<'a>(version: &'a Value, key: &str) -> Option<&'a str> {
 
 #[tokio::test]
 async fn real_server_alias_mode_full_flow() {
-    let Some(url) = service_url("RETRAIN_TEST_MLFLOW_URL") else {
+    let Some((url, mlflow, model)) = real_server("wms-unet").await else {
         return;
     };
-    let mlflow = Mlflow::new(&url).await;
-    let model = unique("wms-unet");
-    let registry = MlflowRegistry::new(settings(&url, &model, RegistryMode::Alias)).unwrap();
+    let registry = registry(&url, &model, RegistryMode::Alias);
 
     // No registered model at all: first model.
     assert_eq!(registry.production(None).await.unwrap(), None);
@@ -247,15 +260,13 @@ async fn real_server_alias_mode_full_flow() {
 
 #[tokio::test]
 async fn real_server_alias_not_set_and_missing_runs() {
-    let Some(url) = service_url("RETRAIN_TEST_MLFLOW_URL") else {
+    let Some((url, mlflow, model)) = real_server("no-alias").await else {
         return;
     };
-    let mlflow = Mlflow::new(&url).await;
-    let model = unique("no-alias");
     mlflow
         .post("registered-models/create", json!({"name": model}))
         .await;
-    let registry = MlflowRegistry::new(settings(&url, &model, RegistryMode::Alias)).unwrap();
+    let registry = registry(&url, &model, RegistryMode::Alias);
     // The model exists but the alias is not set (400 INVALID_PARAMETER_VALUE).
     assert_eq!(registry.production(None).await.unwrap(), None);
 
@@ -269,12 +280,10 @@ async fn real_server_alias_not_set_and_missing_runs() {
 
 #[tokio::test]
 async fn real_server_stage_mode() {
-    let Some(url) = service_url("RETRAIN_TEST_MLFLOW_URL") else {
+    let Some((url, mlflow, model)) = real_server("staged").await else {
         return;
     };
-    let mlflow = Mlflow::new(&url).await;
-    let model = unique("staged");
-    let registry = MlflowRegistry::new(settings(&url, &model, RegistryMode::Stage)).unwrap();
+    let registry = registry(&url, &model, RegistryMode::Stage);
     assert_eq!(registry.production(None).await.unwrap(), None);
 
     let run_a = mlflow.run_with(&[("dice", 0.5)]).await;
@@ -317,14 +326,18 @@ async fn real_server_stage_mode() {
 
 #[tokio::test]
 async fn real_server_tracking_uri_from_lease_public_ip() {
-    let Some(url) = service_url("RETRAIN_TEST_MLFLOW_URL") else {
+    let Some(url) = service_url(MLFLOW_VAR) else {
         return;
     };
     // http://127.0.0.1:PORT → http://{public_ip}:PORT, filled from the lease.
     let parsed = url::Url::parse(&url).unwrap();
     let templated = format!("http://{{public_ip}}:{}", parsed.port().unwrap());
-    let registry =
-        MlflowRegistry::new(settings(&templated, &unique("leased"), RegistryMode::Alias)).unwrap();
+    let registry = MlflowRegistry::new(settings(
+        &templated,
+        &unique_name("leased"),
+        RegistryMode::Alias,
+    ))
+    .unwrap();
     let mut lease = test_lease();
     lease
         .attributes
@@ -365,14 +378,17 @@ async fn empty_object_answers_mean_no_production_model() {
         .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
         .mount(&server)
         .await;
-    Mock::given(method("GET"))
-        .and(path("/api/2.0/mlflow/registered-models/alias"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
-        .mount(&server)
-        .await;
+    json_route(
+        "GET",
+        "/api/2.0/mlflow/registered-models/alias",
+        200,
+        json!({}),
+    )
+    .mount(&server)
+    .await;
     let staged = MlflowRegistry::new(settings(&server.uri(), "m", RegistryMode::Stage)).unwrap();
     assert_eq!(staged.production(None).await.unwrap(), None);
-    let aliased = MlflowRegistry::new(settings(&server.uri(), "m", RegistryMode::Alias)).unwrap();
+    let aliased = mocked_registry(&server);
     assert_eq!(aliased.production(None).await.unwrap(), None);
 }
 
@@ -398,7 +414,7 @@ async fn alias_not_set_400_is_no_production_but_other_400s_fail() {
         })))
         .mount(&server)
         .await;
-    let registry = MlflowRegistry::new(settings(&server.uri(), "m", RegistryMode::Alias)).unwrap();
+    let registry = mocked_registry(&server);
     assert_eq!(registry.production(None).await.unwrap(), None);
     let other = MlflowRegistry::new(settings(&server.uri(), "other", RegistryMode::Alias)).unwrap();
     let err = other.production(None).await.unwrap_err();
@@ -409,14 +425,17 @@ async fn alias_not_set_400_is_no_production_but_other_400s_fail() {
 #[tokio::test]
 async fn server_error_then_success_is_retried_and_nan_metrics_are_kept() {
     let server = MockServer::start().await;
-    Mock::given(method("GET"))
-        .and(path("/api/2.0/mlflow/runs/get"))
-        .respond_with(ResponseTemplate::new(500).set_body_json(json!({
+    json_route(
+        "GET",
+        "/api/2.0/mlflow/runs/get",
+        500,
+        json!({
             "error_code": "INTERNAL_ERROR", "message": "database is locked"
-        })))
-        .up_to_n_times(1)
-        .mount(&server)
-        .await;
+        }),
+    )
+    .up_to_n_times(1)
+    .mount(&server)
+    .await;
     Mock::given(method("GET"))
         .and(path("/api/2.0/mlflow/runs/get"))
         .and(query_param("run_id", "abc"))
@@ -428,7 +447,7 @@ async fn server_error_then_success_is_retried_and_nan_metrics_are_kept() {
         })))
         .mount(&server)
         .await;
-    let registry = MlflowRegistry::new(settings(&server.uri(), "m", RegistryMode::Alias)).unwrap();
+    let registry = mocked_registry(&server);
     let metrics = registry
         .candidate_metrics("abc".into(), None)
         .await
@@ -442,14 +461,17 @@ async fn server_error_then_success_is_retried_and_nan_metrics_are_kept() {
 #[tokio::test]
 async fn run_without_metrics_has_empty_data() {
     let server = MockServer::start().await;
-    Mock::given(method("GET"))
-        .and(path("/api/2.0/mlflow/runs/get"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+    json_route(
+        "GET",
+        "/api/2.0/mlflow/runs/get",
+        200,
+        json!({
             "run": {"info": {"run_id": "abc"}, "data": {}}
-        })))
-        .mount(&server)
-        .await;
-    let registry = MlflowRegistry::new(settings(&server.uri(), "m", RegistryMode::Alias)).unwrap();
+        }),
+    )
+    .mount(&server)
+    .await;
+    let registry = mocked_registry(&server);
     assert!(registry
         .candidate_metrics("abc".into(), None)
         .await
@@ -489,60 +511,64 @@ async fn create_version_500_is_not_blindly_retried() {
     let server = MockServer::start().await;
     let base = "/api/2.0/mlflow";
     let run_id = RunId("run-77".into());
-    Mock::given(method("GET"))
-        .and(path(format!("{base}/model-versions/search")))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
-        .up_to_n_times(1)
-        .mount(&server)
-        .await;
-    Mock::given(method("GET"))
-        .and(path(format!("{base}/model-versions/search")))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"model_versions": [
+    json_route(
+        "GET",
+        format!("{base}/model-versions/search"),
+        200,
+        json!({}),
+    )
+    .up_to_n_times(1)
+    .mount(&server)
+    .await;
+    json_route("GET", format!("{base}/model-versions/search"), 200, json!({"model_versions": [
             {"name": "m", "version": "4", "creation_timestamp": 1795369921052_i64, "last_updated_timestamp": 1795369921052_i64,
              "current_stage": "None", "description": "promoted by retrain run run-77", "source": "runs:/cand/model",
              "run_id": "cand", "status": "READY", "tags": [{"key": "retrain_run_id", "value": "run-77"}], "run_link": ""}
-        ]})))
+        ]}))
         .mount(&server)
         .await;
-    Mock::given(method("POST"))
-        .and(path(format!("{base}/registered-models/create")))
-        .respond_with(ResponseTemplate::new(400).set_body_json(json!({
-            "error_code": "RESOURCE_ALREADY_EXISTS", "message": "Registered Model (name=m) already exists."
-        })))
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .and(path(format!("{base}/model-versions/create")))
-        .respond_with(ResponseTemplate::new(500).set_body_json(json!({
+    let answer = json!({
+        "error_code": "RESOURCE_ALREADY_EXISTS", "message": "Registered Model (name=m) already exists."
+    });
+    json_route(
+        "POST",
+        format!("{base}/registered-models/create"),
+        400,
+        answer,
+    )
+    .mount(&server)
+    .await;
+    json_route(
+        "POST",
+        format!("{base}/model-versions/create"),
+        500,
+        json!({
             "error_code": "INTERNAL_ERROR", "message": "lost"
-        })))
-        .mount(&server)
-        .await;
-    Mock::given(method("GET"))
-        .and(path(format!("{base}/registered-models/alias")))
-        .respond_with(ResponseTemplate::new(200).set_body_json(
-            json!({"model_version": {"name": "m", "version": "3", "creation_timestamp": 1795369921052_i64,
+        }),
+    )
+    .mount(&server)
+    .await;
+    json_route(
+        "GET",
+        format!("{base}/registered-models/alias"),
+        200,
+        json!({"model_version": {"name": "m", "version": "3", "creation_timestamp": 1795369921052_i64,
                 "last_updated_timestamp": 1795369921052_i64, "current_stage": "None", "description": "",
                 "source": "runs:/old/model", "run_id": "old", "status": "READY", "run_link": "",
                 "aliases": ["production"]}}),
-        ))
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .and(path(format!("{base}/registered-models/alias")))
-        .and(body_partial_json(
-            json!({"name": "m", "alias": "production", "version": "4"}),
-        ))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
-        .expect(1)
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .and(path(format!("{base}/model-versions/set-tag")))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
-        .mount(&server)
-        .await;
-    let registry = MlflowRegistry::new(settings(&server.uri(), "m", RegistryMode::Alias)).unwrap();
+    )
+    .mount(&server)
+    .await;
+    expect_alias_moved_to(&server, "4").await;
+    json_route(
+        "POST",
+        format!("{base}/model-versions/set-tag"),
+        200,
+        json!({}),
+    )
+    .mount(&server)
+    .await;
+    let registry = mocked_registry(&server);
     let promoted = registry
         .promote(candidate("cand", &[]), run_id, None)
         .await
@@ -618,17 +644,21 @@ fn version_json(version: &str, status: &str, status_message: Option<&str>) -> Va
 #[tokio::test]
 async fn logged_model_candidate_metrics_come_from_the_logged_model() {
     let server = MockServer::start().await;
-    Mock::given(method("GET"))
-        .and(path(format!("/api/2.0/mlflow/logged-models/{MODEL_ID}")))
-        .respond_with(ResponseTemplate::new(200).set_body_json(logged_model_json(json!([
-            {"key": "dice", "value": 0.7, "timestamp": 1, "step": 0, "model_id": MODEL_ID, "run_id": SOURCE_RUN},
-            {"key": "dice", "value": 0.9, "timestamp": 2, "step": 1, "model_id": MODEL_ID, "run_id": SOURCE_RUN,
-             "dataset_name": "val", "dataset_digest": "abc123"},
-            {"key": "iou", "value": "NaN", "timestamp": 2, "step": 1, "model_id": MODEL_ID, "run_id": SOURCE_RUN}
-        ]))))
-        .mount(&server)
-        .await;
-    let registry = MlflowRegistry::new(settings(&server.uri(), "m", RegistryMode::Alias)).unwrap();
+    let metrics = json!([
+        {"key": "dice", "value": 0.7, "timestamp": 1, "step": 0, "model_id": MODEL_ID, "run_id": SOURCE_RUN},
+        {"key": "dice", "value": 0.9, "timestamp": 2, "step": 1, "model_id": MODEL_ID, "run_id": SOURCE_RUN,
+         "dataset_name": "val", "dataset_digest": "abc123"},
+        {"key": "iou", "value": "NaN", "timestamp": 2, "step": 1, "model_id": MODEL_ID, "run_id": SOURCE_RUN}
+    ]);
+    json_route(
+        "GET",
+        format!("/api/2.0/mlflow/logged-models/{MODEL_ID}"),
+        200,
+        logged_model_json(metrics),
+    )
+    .mount(&server)
+    .await;
+    let registry = mocked_registry(&server);
     for id in [MODEL_ID.to_owned(), format!("models:/{MODEL_ID}")] {
         let metrics = registry.candidate_metrics(id, None).await.unwrap();
         assert_eq!(metrics["dice"], 0.9);
@@ -644,11 +674,14 @@ async fn logged_model_candidate_metrics_come_from_the_logged_model() {
 #[tokio::test]
 async fn logged_model_without_metrics_falls_back_to_its_source_run() {
     let server = MockServer::start().await;
-    Mock::given(method("GET"))
-        .and(path(format!("/api/2.0/mlflow/logged-models/{MODEL_ID}")))
-        .respond_with(ResponseTemplate::new(200).set_body_json(logged_model_json(Value::Null)))
-        .mount(&server)
-        .await;
+    json_route(
+        "GET",
+        format!("/api/2.0/mlflow/logged-models/{MODEL_ID}"),
+        200,
+        logged_model_json(Value::Null),
+    )
+    .mount(&server)
+    .await;
     Mock::given(method("GET"))
         .and(path("/api/2.0/mlflow/runs/get"))
         .and(query_param("run_id", SOURCE_RUN))
@@ -660,18 +693,19 @@ async fn logged_model_without_metrics_falls_back_to_its_source_run() {
         .expect(1)
         .mount(&server)
         .await;
-    Mock::given(method("GET"))
-        .and(path(
-            "/api/2.0/mlflow/logged-models/m-0000000000000000000000000000dead",
-        ))
-        .respond_with(ResponseTemplate::new(404).set_body_json(json!({
+    json_route(
+        "GET",
+        "/api/2.0/mlflow/logged-models/m-0000000000000000000000000000dead",
+        404,
+        json!({
             "error_code": "RESOURCE_DOES_NOT_EXIST",
             "message": "Logged model with ID 'm-0000000000000000000000000000dead' not found.",
             "sqlstate": "KAM00", "error_class": "RESOURCE_NOT_FOUND"
-        })))
-        .mount(&server)
-        .await;
-    let registry = MlflowRegistry::new(settings(&server.uri(), "m", RegistryMode::Alias)).unwrap();
+        }),
+    )
+    .mount(&server)
+    .await;
+    let registry = mocked_registry(&server);
     let metrics = registry
         .candidate_metrics(MODEL_ID.into(), None)
         .await
@@ -693,32 +727,46 @@ async fn logged_model_without_metrics_falls_back_to_its_source_run() {
 /// the registered model exists, no production alias.
 async fn mount_promotion_basics(server: &MockServer) {
     let base = "/api/2.0/mlflow";
-    Mock::given(method("GET"))
-        .and(path(format!("{base}/model-versions/search")))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
-        .mount(server)
-        .await;
-    Mock::given(method("POST"))
-        .and(path(format!("{base}/registered-models/create")))
-        .respond_with(ResponseTemplate::new(400).set_body_json(json!({
-            "error_code": "RESOURCE_ALREADY_EXISTS", "message": "Registered Model (name=m) already exists.",
-            "sqlstate": "KAM00", "error_class": "RESOURCE_ALREADY_EXISTS"
-        })))
-        .mount(server)
-        .await;
-    Mock::given(method("GET"))
-        .and(path(format!("{base}/registered-models/alias")))
-        .respond_with(ResponseTemplate::new(400).set_body_json(json!({
-            "error_code": "INVALID_PARAMETER_VALUE", "message": "Registered model alias production not found.",
-            "sqlstate": "KAM00", "error_class": "INVALID_PARAMETER_VALUE"
-        })))
-        .mount(server)
-        .await;
-    Mock::given(method("POST"))
-        .and(path(format!("{base}/model-versions/set-tag")))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
-        .mount(server)
-        .await;
+    json_route(
+        "GET",
+        format!("{base}/model-versions/search"),
+        200,
+        json!({}),
+    )
+    .mount(server)
+    .await;
+    let answer = json!({
+        "error_code": "RESOURCE_ALREADY_EXISTS", "message": "Registered Model (name=m) already exists.",
+        "sqlstate": "KAM00", "error_class": "RESOURCE_ALREADY_EXISTS"
+    });
+    json_route(
+        "POST",
+        format!("{base}/registered-models/create"),
+        400,
+        answer,
+    )
+    .mount(server)
+    .await;
+    let answer = json!({
+        "error_code": "INVALID_PARAMETER_VALUE", "message": "Registered model alias production not found.",
+        "sqlstate": "KAM00", "error_class": "INVALID_PARAMETER_VALUE"
+    });
+    json_route(
+        "GET",
+        format!("{base}/registered-models/alias"),
+        400,
+        answer,
+    )
+    .mount(server)
+    .await;
+    json_route(
+        "POST",
+        format!("{base}/model-versions/set-tag"),
+        200,
+        json!({}),
+    )
+    .mount(server)
+    .await;
     // Registered from the logged model: models:/ source and model_id.
     Mock::given(method("POST"))
         .and(path(format!("{base}/model-versions/create")))
@@ -736,6 +784,40 @@ async fn mount_promotion_basics(server: &MockServer) {
         .expect(1)
         .mount(server)
         .await;
+}
+
+/// Expects the production alias of `m` to be moved to `version` once.
+async fn expect_alias_moved_to(server: &MockServer, version: &str) {
+    Mock::given(method("POST"))
+        .and(path("/api/2.0/mlflow/registered-models/alias"))
+        .and(body_partial_json(
+            json!({"name": "m", "alias": "production", "version": version}),
+        ))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
+        .expect(1)
+        .mount(server)
+        .await;
+}
+
+/// A wiremock MLflow where the promoted version stays `version` (never
+/// READY): the alias must never move.
+async fn registration_stuck_at(version: Value) -> MockServer {
+    let server = MockServer::start().await;
+    mount_promotion_basics(&server).await;
+    let base = "/api/2.0/mlflow";
+    json_route("GET", format!("{base}/model-versions/get"), 200, version)
+        .mount(&server)
+        .await;
+    json_route(
+        "POST",
+        format!("{base}/registered-models/alias"),
+        200,
+        json!({}),
+    )
+    .expect(0)
+    .mount(&server)
+    .await;
+    server
 }
 
 fn paths(requests: &[wiremock::Request]) -> Vec<String> {
@@ -768,23 +850,16 @@ async fn promote_logged_model_waits_until_ready_before_moving_the_alias() {
         .up_to_n_times(2)
         .mount(&server)
         .await;
-    Mock::given(method("GET"))
-        .and(path(format!("{base}/model-versions/get")))
-        .respond_with(ResponseTemplate::new(200).set_body_json(version_json("5", "READY", None)))
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .and(path(format!("{base}/registered-models/alias")))
-        .and(body_partial_json(
-            json!({"name": "m", "alias": "production", "version": "5"}),
-        ))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
-        .expect(1)
-        .mount(&server)
-        .await;
-    let registry = MlflowRegistry::new(settings(&server.uri(), "m", RegistryMode::Alias))
-        .unwrap()
-        .with_ready_wait(fast_ready());
+    json_route(
+        "GET",
+        format!("{base}/model-versions/get"),
+        200,
+        version_json("5", "READY", None),
+    )
+    .mount(&server)
+    .await;
+    expect_alias_moved_to(&server, "5").await;
+    let registry = mocked_registry(&server).with_ready_wait(fast_ready());
     let promoted = registry
         .promote(candidate(MODEL_ID, &[]), RunId("run-9".into()), None)
         .await
@@ -808,27 +883,13 @@ async fn promote_logged_model_waits_until_ready_before_moving_the_alias() {
 
 #[tokio::test]
 async fn failed_registration_fails_the_promotion_with_mlflows_message() {
-    let server = MockServer::start().await;
-    mount_promotion_basics(&server).await;
-    let base = "/api/2.0/mlflow";
-    Mock::given(method("GET"))
-        .and(path(format!("{base}/model-versions/get")))
-        .respond_with(ResponseTemplate::new(200).set_body_json(version_json(
-            "5",
-            "FAILED_REGISTRATION",
-            Some("Failed to copy model artifacts: permission denied on s3://models/m-e6dd"),
-        )))
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .and(path(format!("{base}/registered-models/alias")))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
-        .expect(0)
-        .mount(&server)
-        .await;
-    let registry = MlflowRegistry::new(settings(&server.uri(), "m", RegistryMode::Alias))
-        .unwrap()
-        .with_ready_wait(fast_ready());
+    let server = registration_stuck_at(version_json(
+        "5",
+        "FAILED_REGISTRATION",
+        Some("Failed to copy model artifacts: permission denied on s3://models/m-e6dd"),
+    ))
+    .await;
+    let registry = mocked_registry(&server).with_ready_wait(fast_ready());
     let err = registry
         .promote(candidate(MODEL_ID, &[]), RunId("run-9".into()), None)
         .await
@@ -845,30 +906,11 @@ async fn failed_registration_fails_the_promotion_with_mlflows_message() {
 
 #[tokio::test]
 async fn pending_registration_is_waited_for_a_bounded_time() {
-    let server = MockServer::start().await;
-    mount_promotion_basics(&server).await;
-    let base = "/api/2.0/mlflow";
-    Mock::given(method("GET"))
-        .and(path(format!("{base}/model-versions/get")))
-        .respond_with(ResponseTemplate::new(200).set_body_json(version_json(
-            "5",
-            "PENDING_REGISTRATION",
-            None,
-        )))
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .and(path(format!("{base}/registered-models/alias")))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
-        .expect(0)
-        .mount(&server)
-        .await;
-    let registry = MlflowRegistry::new(settings(&server.uri(), "m", RegistryMode::Alias))
-        .unwrap()
-        .with_ready_wait(ReadyWait {
-            timeout: std::time::Duration::from_millis(300),
-            ..fast_ready()
-        });
+    let server = registration_stuck_at(version_json("5", "PENDING_REGISTRATION", None)).await;
+    let registry = mocked_registry(&server).with_ready_wait(ReadyWait {
+        timeout: std::time::Duration::from_millis(300),
+        ..fast_ready()
+    });
     let started = std::time::Instant::now();
     let err = registry
         .promote(candidate(MODEL_ID, &[]), RunId("run-9".into()), None)
@@ -884,14 +926,10 @@ async fn pending_registration_is_waited_for_a_bounded_time() {
 
 #[tokio::test]
 async fn real_server_promotes_a_logged_model_by_its_id() {
-    let Some(url) = service_url("RETRAIN_TEST_MLFLOW_URL") else {
+    let Some((url, mlflow, model)) = real_server("logged").await else {
         return;
     };
-    let mlflow = Mlflow::new(&url).await;
-    let model = unique("logged");
-    let registry = MlflowRegistry::new(settings(&url, &model, RegistryMode::Alias))
-        .unwrap()
-        .with_ready_wait(fast_ready());
+    let registry = registry(&url, &model, RegistryMode::Alias).with_ready_wait(fast_ready());
 
     // The run's own metrics differ from the ones linked to the model: the
     // candidate must be measured by the model's.
@@ -991,12 +1029,10 @@ async fn promoted_twice(mlflow: &Mlflow, registry: &MlflowRegistry) {
 
 #[tokio::test]
 async fn real_server_alias_mode_rollback_moves_the_alias_back_and_tags_the_version() {
-    let Some(url) = service_url("RETRAIN_TEST_MLFLOW_URL") else {
+    let Some((url, mlflow, model)) = real_server("rolled").await else {
         return;
     };
-    let mlflow = Mlflow::new(&url).await;
-    let model = unique("rolled");
-    let registry = MlflowRegistry::new(settings(&url, &model, RegistryMode::Alias)).unwrap();
+    let registry = registry(&url, &model, RegistryMode::Alias);
     assert!(
         !registry.version_exists("1".into(), None).await.unwrap(),
         "no model yet"
@@ -1056,12 +1092,10 @@ async fn real_server_alias_mode_rollback_moves_the_alias_back_and_tags_the_versi
 
 #[tokio::test]
 async fn real_server_rollback_interrupted_before_the_alias_moved_completes_once() {
-    let Some(url) = service_url("RETRAIN_TEST_MLFLOW_URL") else {
+    let Some((url, mlflow, model)) = real_server("rolled-crash").await else {
         return;
     };
-    let mlflow = Mlflow::new(&url).await;
-    let model = unique("rolled-crash");
-    let registry = MlflowRegistry::new(settings(&url, &model, RegistryMode::Alias)).unwrap();
+    let registry = registry(&url, &model, RegistryMode::Alias);
     promoted_twice(&mlflow, &registry).await;
     // An earlier attempt of this rollback run recorded its intent on
     // version 1, then died before moving the alias.
@@ -1097,12 +1131,10 @@ async fn real_server_rollback_interrupted_before_the_alias_moved_completes_once(
 
 #[tokio::test]
 async fn real_server_stage_mode_rollback_transitions_back_and_archives() {
-    let Some(url) = service_url("RETRAIN_TEST_MLFLOW_URL") else {
+    let Some((url, mlflow, model)) = real_server("staged-rolled").await else {
         return;
     };
-    let mlflow = Mlflow::new(&url).await;
-    let model = unique("staged-rolled");
-    let registry = MlflowRegistry::new(settings(&url, &model, RegistryMode::Stage)).unwrap();
+    let registry = registry(&url, &model, RegistryMode::Stage);
     promoted_twice(&mlflow, &registry).await;
     assert_eq!(
         mlflow.version(&model, "1").await["current_stage"],
@@ -1146,12 +1178,10 @@ async fn real_server_stage_mode_rollback_transitions_back_and_archives() {
 /// retrain run.
 #[tokio::test]
 async fn real_server_promotes_an_already_registered_version_itself() {
-    let Some(url) = service_url("RETRAIN_TEST_MLFLOW_URL") else {
+    let Some((url, mlflow, model)) = real_server("registered").await else {
         return;
     };
-    let mlflow = Mlflow::new(&url).await;
-    let model = unique("registered");
-    let registry = MlflowRegistry::new(settings(&url, &model, RegistryMode::Alias)).unwrap();
+    let registry = registry(&url, &model, RegistryMode::Alias);
     let run_a = mlflow.run_with(&[("dice", 0.80)]).await;
     registry
         .promote(candidate(&run_a, &[]), RunId::generate(), None)

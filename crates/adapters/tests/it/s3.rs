@@ -1,59 +1,31 @@
 //! S3 metadata store against `moto_server` (RETRAIN_TEST_MOTO_URL), and
 //! wiremock for the error mapping.
 
-use retrain_adapters::aws::{encode_s3_key, AwsSettings};
+use retrain_adapters::aws::encode_s3_key;
 use retrain_adapters::http::HttpPolicy;
 use retrain_adapters::s3::S3MetadataStore;
+use retrain_adapters::testing::services::{
+    dataset_metadata, moto_settings, s3_put, unique_name, MOTO_SECRET_KEY, MOTO_VAR,
+};
 use retrain_core::ports::{MetadataRead, MetadataStore, PortError};
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::common::service_url;
-use crate::ec2::moto_settings;
-
-/// Signed S3 PUT (create bucket or object) through the adapter's signer.
-async fn put(settings: &AwsSettings, base: &str, path: &str, body: &[u8]) {
-    let url = url::Url::parse(&format!("{}/{path}", base.trim_end_matches('/'))).unwrap();
-    let headers = settings.signer("s3").sign("PUT", &url, &[], body).unwrap();
-    let mut request = reqwest::Client::new().put(url.clone()).body(body.to_vec());
-    for (k, v) in headers {
-        request = request.header(k, v);
-    }
-    let response = request.send().await.unwrap();
-    assert!(
-        response.status().is_success(),
-        "PUT {url}: {}",
-        response.status()
-    );
-}
 
 fn metadata(version: &str, samples: u64) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({
-        "dataset_name": "wms",
-        "version_tag": version,
-        "num_samples": samples,
-        "created_at": "2026-02-10T12:34:56Z",
-        "splits": {"train": samples}
-    }))
-    .unwrap()
-}
-
-fn bucket_name() -> String {
-    format!(
-        "retrain-it-{}",
-        &uuid::Uuid::now_v7().simple().to_string()[20..]
-    )
+    serde_json::to_vec(&dataset_metadata("wms", version, samples)).unwrap()
 }
 
 #[tokio::test]
 async fn moto_published_unchanged_new_revision_and_malformed() {
-    let Some(url) = service_url("RETRAIN_TEST_MOTO_URL") else {
+    let Some(url) = service_url(MOTO_VAR) else {
         return;
     };
     let settings = moto_settings(&url);
-    let bucket = bucket_name();
+    let bucket = unique_name("retrain-it");
     let key = "wms/dataset metadata.json"; // a space: the key path must be encoded
-    put(&settings, &url, &bucket, b"").await;
+    s3_put(&settings, &url, &bucket, b"").await;
 
     let store = S3MetadataStore::with_policy(
         settings.clone(),
@@ -70,7 +42,7 @@ async fn moto_published_unchanged_new_revision_and_malformed() {
     );
 
     let object = format!("{bucket}/{}", encode_s3_key(key));
-    put(&settings, &url, &object, &metadata("v1", 120)).await;
+    s3_put(&settings, &url, &object, &metadata("v1", 120)).await;
     let MetadataRead::Published(first) = store.read(None).await.unwrap() else {
         panic!("expected a published version");
     };
@@ -84,14 +56,14 @@ async fn moto_published_unchanged_new_revision_and_malformed() {
         MetadataRead::Unchanged
     );
 
-    put(&settings, &url, &object, &metadata("v2", 150)).await;
+    s3_put(&settings, &url, &object, &metadata("v2", 150)).await;
     let MetadataRead::Published(second) = store.read(Some(etag.clone())).await.unwrap() else {
         panic!("expected a new version");
     };
     assert_eq!(second.metadata.version_tag.as_str(), "v2");
     assert_ne!(second.revision.as_deref(), Some(etag.as_str()));
 
-    put(
+    s3_put(
         &settings,
         &url,
         &object,
@@ -106,7 +78,7 @@ async fn moto_published_unchanged_new_revision_and_malformed() {
     );
     assert!(err.to_string().contains("num_samples"), "{err}");
 
-    put(&settings, &url, &object, b"{not json").await;
+    s3_put(&settings, &url, &object, b"{not json").await;
     let err = store.read(None).await.unwrap_err();
     assert!(
         err.to_string().contains(&format!("s3://{bucket}/{key}")),
@@ -116,10 +88,10 @@ async fn moto_published_unchanged_new_revision_and_malformed() {
 
 #[tokio::test]
 async fn moto_missing_bucket_is_an_error_naming_it() {
-    let Some(url) = service_url("RETRAIN_TEST_MOTO_URL") else {
+    let Some(url) = service_url(MOTO_VAR) else {
         return;
     };
-    let bucket = bucket_name();
+    let bucket = unique_name("retrain-it");
     let store = S3MetadataStore::with_policy(
         moto_settings(&url),
         &format!("s3://{bucket}/m.json"),
@@ -155,7 +127,7 @@ async fn forbidden_is_denied_naming_the_bucket_and_no_secret() {
         let err = store.read(known).await.unwrap_err();
         assert!(matches!(err, PortError::Denied(_)), "{err:?}");
         assert!(err.to_string().contains("private-bucket"), "{err}");
-        assert!(!format!("{err:?} {store:?}").contains("moto-secret-key"));
+        assert!(!format!("{err:?} {store:?}").contains(MOTO_SECRET_KEY));
     }
     let requests = server.received_requests().await.unwrap();
     assert_eq!(

@@ -8,7 +8,7 @@
 //! its pending actions, and the ports that start something are idempotent
 //! for the intent's key, so a crash at any point ends in the same final
 //! state with no side effect repeated (`tests/it/engine.rs` crashes after
-//! every write; `crates/cli/tests/fault_campaign.rs` aborts the real binary
+//! every write; `tests/tests/fault_campaign.rs` aborts the real binary
 //! between every side effect and its journal write).
 
 use futures::stream::{self, StreamExt};

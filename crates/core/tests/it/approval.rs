@@ -39,15 +39,21 @@ async fn awaiting(engine: &Engine, store: &MemStore, world: &World) -> RunId {
     );
     assert!(world.production.lock().unwrap().is_none());
     assert_eq!(
-        store
-            .cursor_of("department")
-            .consumed_version
-            .unwrap()
-            .as_str(),
+        store.consumed("department").as_deref().unwrap(),
         "v2",
         "the cursor is committed while the run waits"
     );
     label.run_id.clone().unwrap()
+}
+
+/// A fresh world whose one manual label has run a cycle and waits for
+/// approval: the world, the store, the engine and the waiting run.
+async fn awaiting_approval() -> (World, MemStore, Engine, RunId) {
+    let world = World::new();
+    let store = MemStore::new();
+    let engine = engine(&store, &world, vec![manual(&world)]);
+    let run_id = awaiting(&engine, &store, &world).await;
+    (world, store, engine, run_id)
 }
 
 fn applied(outcome: DecisionOutcome) -> LabelReport {
@@ -61,10 +67,7 @@ const APPROVE: Decision = Decision::Approve { regate: false };
 
 #[tokio::test(start_paused = true)]
 async fn manual_run_waits_then_approve_promotes_exactly_once() {
-    let world = World::new();
-    let store = MemStore::new();
-    let engine = engine(&store, &world, vec![manual(&world)]);
-    let run_id = awaiting(&engine, &store, &world).await;
+    let (world, store, engine, run_id) = awaiting_approval().await;
     let stored = store.finished_runs("department");
     assert!(stored.is_empty(), "a waiting run is not done");
 
@@ -107,10 +110,7 @@ async fn an_approval_whose_promotion_outlasts_lock_ttl_keeps_its_lock() {
 
 #[tokio::test(start_paused = true)]
 async fn approve_refused_when_production_changed_since_the_verdict() {
-    let world = World::new();
-    let store = MemStore::new();
-    let engine = engine(&store, &world, vec![manual(&world)]);
-    let run_id = awaiting(&engine, &store, &world).await;
+    let (world, store, engine, run_id) = awaiting_approval().await;
     // Someone else promoted meanwhile.
     *world.production.lock().unwrap() = Some((
         "7".into(),
@@ -135,10 +135,7 @@ async fn approve_refused_when_production_changed_since_the_verdict() {
 
 #[tokio::test(start_paused = true)]
 async fn approve_with_regate_rejects_a_now_worse_candidate() {
-    let world = World::new();
-    let store = MemStore::new();
-    let engine = engine(&store, &world, vec![manual(&world)]);
-    let run_id = awaiting(&engine, &store, &world).await;
+    let (world, store, engine, run_id) = awaiting_approval().await;
     // A better model reached production meanwhile.
     *world.production.lock().unwrap() = Some((
         "7".into(),
@@ -248,11 +245,7 @@ async fn an_unapproved_candidate_expires_at_the_first_cycle_after_approval_expir
         "expiry is notified"
     );
     assert_eq!(
-        store
-            .cursor_of("department")
-            .consumed_version
-            .unwrap()
-            .as_str(),
+        store.consumed("department").as_deref().unwrap(),
         "v2",
         "the dataset stays consumed"
     );
@@ -348,28 +341,14 @@ async fn a_newer_waiting_candidate_supersedes_the_older_one_which_can_never_be_a
         "{message}"
     );
     // Closing the old run did not move the cursor back to its dataset.
-    assert_eq!(
-        store
-            .cursor_of("department")
-            .consumed_version
-            .unwrap()
-            .as_str(),
-        "v3"
-    );
+    assert_eq!(store.consumed("department").as_deref().unwrap(), "v3");
 
     // The newer one is approved and promoted once.
     let report = applied(engine.decide(&newer, APPROVE, "alice", None).await.unwrap());
     assert_eq!(report.status, LabelStatus::Promoted, "{report:?}");
     assert_eq!(get(&world.counters.promotes), 1);
     assert_eq!(world.production.lock().unwrap().as_ref().unwrap().2, newer);
-    assert_eq!(
-        store
-            .cursor_of("department")
-            .consumed_version
-            .unwrap()
-            .as_str(),
-        "v3"
-    );
+    assert_eq!(store.consumed("department").as_deref().unwrap(), "v3");
 }
 
 /// A registry-announced candidate (MLflow webhook): a better one is gated,
@@ -380,11 +359,7 @@ async fn a_newer_waiting_candidate_supersedes_the_older_one_which_can_never_be_a
 async fn a_registered_candidate_is_gated_then_promoted_or_rejected() {
     let world = World::new();
     let store = MemStore::new();
-    let engine = engine(
-        &store,
-        &world,
-        vec![binding(&world, plan("department"), prepare(&world))],
-    );
+    let engine = department_engine(&store, &world);
     let label = retrain_core::domain::Label::new("department").unwrap();
 
     // A promotion slower than lock_ttl keeps its lock (heartbeat).

@@ -193,11 +193,7 @@ async fn interrupting_training_twice_then_resuming_counts_one_attempt() {
     let world = World::new();
     *world.train_time.lock().unwrap() = Duration::from_secs(10);
     let store = MemStore::new();
-    let engine = engine(
-        &store,
-        &world,
-        vec![binding(&world, plan("department"), prepare(&world))],
-    );
+    let engine = department_engine(&store, &world);
     for interrupt in 1..=2 {
         let cancel = CancellationToken::new();
         let trigger = cancel.clone();
@@ -234,11 +230,7 @@ async fn a_registry_outage_defers_the_promotion_to_the_next_cycle() {
     let world = World::new();
     world.promote_outages.store(2, Ordering::SeqCst);
     let store = MemStore::new();
-    let engine = engine(
-        &store,
-        &world,
-        vec![binding(&world, plan("department"), prepare(&world))],
-    );
+    let engine = department_engine(&store, &world);
     for cycle_no in 1..=2 {
         let report = cycle(&engine).await;
         let label = &report.labels[0];
@@ -268,14 +260,7 @@ async fn a_registry_outage_defers_the_promotion_to_the_next_cycle() {
     );
     let finished = store.finished_runs("department");
     assert_eq!(finished.len(), 1, "one run, committed once");
-    assert_eq!(
-        store
-            .cursor_of("department")
-            .consumed_version
-            .unwrap()
-            .as_str(),
-        "v2"
-    );
+    assert_eq!(store.consumed("department").as_deref().unwrap(), "v2");
 }
 
 /// After `max_step_retries` failing cycles the run fails (and says why).
@@ -309,11 +294,7 @@ async fn a_notifier_outage_is_retried_without_repeating_deliveries() {
     let world = World::new();
     world.notifier_outages.store(1, Ordering::SeqCst);
     let store = MemStore::new();
-    let engine = engine(
-        &store,
-        &world,
-        vec![binding(&world, plan("department"), prepare(&world))],
-    );
+    let engine = department_engine(&store, &world);
     let first = cycle(&engine).await;
     assert_eq!(first.labels[0].status, LabelStatus::Deferred, "{first:?}");
     assert_eq!(
@@ -333,11 +314,7 @@ async fn a_registry_outage_while_gating_keeps_the_candidate() {
     let world = World::new();
     world.registry_outages.store(1, Ordering::SeqCst);
     let store = MemStore::new();
-    let engine = engine(
-        &store,
-        &world,
-        vec![binding(&world, plan("department"), prepare(&world))],
-    );
+    let engine = department_engine(&store, &world);
     let first = cycle(&engine).await;
     assert_eq!(first.labels[0].status, LabelStatus::Deferred);
     assert_eq!(first.labels[0].stage, Some(Stage::Gating));
@@ -356,11 +333,7 @@ async fn a_nan_metric_is_rejected_naming_the_metric() {
         .unwrap()
         .insert("dice".into(), f64::NAN);
     let store = MemStore::new();
-    let engine = engine(
-        &store,
-        &world,
-        vec![binding(&world, plan("department"), prepare(&world))],
-    );
+    let engine = department_engine(&store, &world);
     let report = cycle(&engine).await;
     let label = &report.labels[0];
     assert_eq!(label.status, LabelStatus::Rejected, "{label:?}");

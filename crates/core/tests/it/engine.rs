@@ -29,11 +29,7 @@ async fn cycle(engine: &retrain_core::engine::Engine) -> retrain_core::report::C
 async fn first_cycle_promotes_and_second_cycle_skips() {
     let world = World::new();
     let store = MemStore::new();
-    let engine = engine(
-        &store,
-        &world,
-        vec![binding(&world, plan("department"), prepare(&world))],
-    );
+    let engine = department_engine(&store, &world);
     let report = cycle(&engine).await;
     let label = &report.labels[0];
     assert_eq!(label.status, LabelStatus::Promoted, "{label:?}");
@@ -303,11 +299,7 @@ async fn a_label_locked_by_another_orchestrator_is_reported_busy() {
     let world = World::new();
     let store = MemStore::new();
     store.hold_lock("department", "other-host-42");
-    let e = engine(
-        &store,
-        &world,
-        vec![binding(&world, plan("department"), prepare(&world))],
-    );
+    let e = department_engine(&store, &world);
     let report = cycle(&e).await;
     assert_eq!(report.labels[0].status, LabelStatus::Busy);
     assert!(report.labels[0]
@@ -322,16 +314,8 @@ async fn a_label_locked_by_another_orchestrator_is_reported_busy() {
 async fn two_engines_on_one_store_never_drive_the_same_label() {
     let world = World::new();
     let store = MemStore::new();
-    let e1 = engine(
-        &store,
-        &world,
-        vec![binding(&world, plan("department"), prepare(&world))],
-    );
-    let e2 = engine(
-        &store,
-        &world,
-        vec![binding(&world, plan("department"), prepare(&world))],
-    );
+    let e1 = department_engine(&store, &world);
+    let e2 = department_engine(&store, &world);
     let (r1, r2) = tokio::join!(cycle(&e1), cycle(&e2));
     let statuses = [r1.labels[0].status, r2.labels[0].status];
     assert!(statuses.contains(&LabelStatus::Busy), "{statuses:?}");
@@ -344,11 +328,7 @@ async fn lost_trainings_are_retried_up_to_max_attempts() {
     let world = World::new();
     world.lose_trainings.store(1, Ordering::SeqCst);
     let store = MemStore::new();
-    let e = engine(
-        &store,
-        &world,
-        vec![binding(&world, plan("department"), prepare(&world))],
-    );
+    let e = department_engine(&store, &world);
     let report = cycle(&e).await;
     assert_eq!(report.labels[0].status, LabelStatus::Promoted);
     assert_eq!(report.labels[0].lost_attempts.len(), 1);
@@ -357,11 +337,7 @@ async fn lost_trainings_are_retried_up_to_max_attempts() {
     let world = World::new();
     world.lose_trainings.store(5, Ordering::SeqCst);
     let store = MemStore::new();
-    let e = engine(
-        &store,
-        &world,
-        vec![binding(&world, plan("department"), prepare(&world))],
-    );
+    let e = department_engine(&store, &world);
     let report = cycle(&e).await;
     assert_eq!(report.labels[0].status, LabelStatus::Failed);
     assert!(report.labels[0]

@@ -194,11 +194,7 @@ async fn refusals_change_nothing_and_say_why() {
 async fn no_earlier_version_is_refused() {
     let world = World::new();
     let store = MemStore::new();
-    let engine = engine(
-        &store,
-        &world,
-        vec![binding(&world, plan("department"), prepare(&world))],
-    );
+    let engine = department_engine(&store, &world);
     let report = engine
         .run_cycle(CycleRequest::default(), CancellationToken::new())
         .await
@@ -235,11 +231,7 @@ async fn a_rollback_crashing_after_the_registry_call_completes_once() {
     // not know.
     let crashing = store.losing_write(2);
     {
-        let engine = engine(
-            &crashing,
-            &world,
-            vec![binding(&world, plan("department"), prepare(&world))],
-        );
+        let engine = department_engine(&crashing, &world);
         let _ = engine.rollback(request(None, false)).await;
     }
     assert_eq!(get(&world.counters.rollbacks), 1, "the registry was called");
@@ -250,11 +242,7 @@ async fn a_rollback_crashing_after_the_registry_call_completes_once() {
     // The next `rollback` completes the interrupted one instead of rolling
     // back again (which would go further back).
     let restarted = store.restarted();
-    let engine = engine(
-        &restarted,
-        &world,
-        vec![binding(&world, plan("department"), prepare(&world))],
-    );
+    let engine = department_engine(&restarted, &world);
     let outcome = engine.rollback(request(None, false)).await.unwrap();
     assert!(outcome.resumed);
     assert_eq!(outcome.report.status, LabelStatus::RolledBack);
@@ -280,19 +268,11 @@ async fn a_cycle_completes_an_interrupted_rollback() {
     // Crash right after the intent was journaled, before the registry call.
     let crashing = store.crashing_after(1);
     {
-        let engine = engine(
-            &crashing,
-            &world,
-            vec![binding(&world, plan("department"), prepare(&world))],
-        );
+        let engine = department_engine(&crashing, &world);
         let _ = engine.rollback(request(None, false)).await;
     }
     let restarted = store.restarted();
-    let engine = engine(
-        &restarted,
-        &world,
-        vec![binding(&world, plan("department"), prepare(&world))],
-    );
+    let engine = department_engine(&restarted, &world);
     let report = engine
         .run_cycle(CycleRequest::default(), CancellationToken::new())
         .await

@@ -141,6 +141,13 @@ impl MemStore {
         self.writes.fetch_add(1, Ordering::SeqCst);
         self.check()
     }
+    /// The dataset version `label`'s cursor has consumed, if any.
+    pub fn consumed(&self, label: &str) -> Option<String> {
+        self.cursor_of(label)
+            .consumed_version
+            .map(|v| v.as_str().to_owned())
+    }
+
     pub fn cursor_of(&self, label: &str) -> LabelCursor {
         self.data
             .lock()
@@ -923,6 +930,16 @@ pub fn engine(store: &MemStore, world: &World, bindings: Vec<LabelBinding>) -> E
             poll_jitter: 0.0,
             ..EngineSettings::default()
         },
+    )
+}
+
+/// An engine over `store` driving the one label `department` (the default
+/// [`plan`], the shared [`prepare`] Space): the common case.
+pub fn department_engine(store: &MemStore, world: &World) -> Engine {
+    engine(
+        store,
+        world,
+        vec![binding(world, plan("department"), prepare(world))],
     )
 }
 

@@ -14,13 +14,14 @@
 //! `docs/RELIABILITY.md` holds the resulting table (failpoints × stores).
 
 use std::collections::BTreeMap;
-use std::process::{Command, Output};
 
-use retrain_adapters::aws::AwsSettings;
 use retrain_adapters::ec2::{Ec2Client, InstanceState};
 use retrain_adapters::http::HttpPolicy;
-use retrain_adapters::testing::services::{fresh_postgres_database, service_url, stopped_instance};
-use secrecy::SecretString;
+use retrain_tests::services::{
+    fresh_postgres_database, moto_env, moto_settings, service_url, stopped_instance, MOTO_VAR,
+    POSTGRES_VAR,
+};
+use retrain_tests::{Project, Ran};
 use serde_json::Value;
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -85,31 +86,24 @@ db.commit()
 
 /// One scenario directory: config, programs, feedback, effects.
 struct Scenario {
-    dir: tempfile::TempDir,
+    project: Project,
     instance: String,
 }
 
 impl Scenario {
     async fn new(ec2: &Ec2Client, state: &str, webhook: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path();
-        std::fs::write(root.join("prepare.py"), PREPARE_PY).unwrap();
-        std::fs::write(root.join("train.py"), TRAIN_PY).unwrap();
-        std::fs::write(root.join("seed.py"), SEED_PY).unwrap();
-        assert!(Command::new("python3")
-            .arg("seed.py")
-            .current_dir(root)
-            .status()
-            .unwrap()
-            .success());
-        std::fs::create_dir_all(root.join("datasets")).unwrap();
-        std::fs::write(
-            root.join("datasets/intent_metadata.json"),
-            r#"{"dataset_name": "intents", "version_tag": "i1", "num_samples": 300, "created_at": "2026-01-02T00:00:00Z"}"#,
-        )
-        .unwrap();
+        let project = Project::new();
+        project
+            .write("prepare.py", PREPARE_PY)
+            .write("train.py", TRAIN_PY)
+            .write("seed.py", SEED_PY)
+            .write(
+                "datasets/intent_metadata.json",
+                r#"{"dataset_name": "intents", "version_tag": "i1", "num_samples": 300, "created_at": "2026-01-02T00:00:00Z"}"#,
+            )
+            .python(&["seed.py"]);
         let instance = stopped_instance(ec2).await;
-        let config = format!(
+        project.config(&format!(
             r#"
 state = "{state}"
 state_dir = ".retrain"
@@ -149,51 +143,25 @@ registry = {{ json = "registry.json", model = "intents" }}
 gate = {{ metrics = [{{ name = "accuracy", direction = "higher" }}] }}
 notify = [{{ webhook = "{webhook}", on = "always" }}]
 "#
-        );
-        std::fs::write(root.join("retrain.toml"), config).unwrap();
-        Self { dir, instance }
+        ));
+        Self { project, instance }
     }
 
-    fn retrain(&self, moto: &str, failpoint: Option<&str>) -> Output {
-        let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("retrain"));
-        cmd.current_dir(self.dir.path())
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("AWS_ACCESS_KEY_ID", "testing")
-            .env("AWS_SECRET_ACCESS_KEY", "testing")
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_ENDPOINT_URL", moto)
-            .env("RETRAIN_LOG", "info")
+    fn retrain(&self, moto: &str, failpoint: Option<&str>) -> Ran {
+        let mut command = self.project.retrain();
+        command
+            .envs(moto_env(moto))
             .args(["--output", "json", "run"]);
         if let Some(failpoint) = failpoint {
-            cmd.env("RETRAIN_FAILPOINT", failpoint);
+            command.env("RETRAIN_FAILPOINT", failpoint);
         }
-        cmd.output().unwrap()
-    }
-
-    fn lines(&self, file: &str) -> Vec<String> {
-        std::fs::read_to_string(self.dir.path().join("effects").join(file))
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_owned)
-            .collect()
+        Ran::now(command)
     }
 
     fn json(&self, args: &[&str]) -> Value {
-        let out = Command::new(assert_cmd::cargo::cargo_bin("retrain"))
-            .current_dir(self.dir.path())
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .args(["--output", "json"])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+        let mut command = self.project.retrain();
+        command.args(["--output", "json"]).args(args);
+        Ran::now(command).assert_code(0).json()
     }
 }
 
@@ -234,14 +202,12 @@ async fn outcome(scenario: &Scenario, ec2: &Ec2Client, webhook: &MockServer) -> 
         })
         .collect();
     let mut trainings = BTreeMap::new();
-    for line in scenario.lines("trainings.log") {
+    for line in scenario.project.lines("effects/trainings.log") {
         let label = line.split(' ').next().unwrap().to_owned();
         *trainings.entry(label).or_insert(0) += 1;
     }
-    let registry: Value = serde_json::from_slice(
-        &std::fs::read(scenario.dir.path().join("registry.json")).unwrap_or_default(),
-    )
-    .unwrap_or(Value::Null);
+    let registry: Value =
+        serde_json::from_str(&scenario.project.read("registry.json")).unwrap_or(Value::Null);
     let model = &registry["models"]["intents"];
     // Notifications carry a stable delivery key: a repeat after a crash
     // between sending and journaling is the same delivery (at-least-once,
@@ -263,7 +229,7 @@ async fn outcome(scenario: &Scenario, ec2: &Ec2Client, webhook: &MockServer) -> 
     deliveries.dedup();
     Outcome {
         labels,
-        restarts: scenario.lines("restarts.log").len(),
+        restarts: scenario.project.lines("effects/restarts.log").len(),
         trainings,
         promotions: model["versions"].as_array().map_or(0, Vec::len),
         production: model["production"].clone(),
@@ -277,22 +243,18 @@ async fn outcome(scenario: &Scenario, ec2: &Ec2Client, webhook: &MockServer) -> 
     }
 }
 
-fn aborted(out: &Output) -> bool {
-    use std::os::unix::process::ExitStatusExt;
-    out.status.signal() == Some(6)
-}
+/// SIGABRT: how a failpoint ends the process.
+const ABORTED: Option<i32> = Some(6);
 
 async fn campaign(store: &str) {
-    let Some(moto) = service_url("RETRAIN_TEST_MOTO_URL") else {
+    let Some(moto) = service_url(MOTO_VAR) else {
         return;
     };
     let postgres = store == "postgres";
-    if postgres && service_url("RETRAIN_TEST_POSTGRES_URL").is_none() {
+    if postgres && service_url(POSTGRES_VAR).is_none() {
         return;
     }
-    let aws = AwsSettings::new("testing", SecretString::from("testing"), "us-east-1")
-        .with_endpoint(url::Url::parse(&moto).unwrap());
-    let ec2 = Ec2Client::new(&aws, HttpPolicy::fast_for_tests()).unwrap();
+    let ec2 = Ec2Client::new(&moto_settings(&moto), HttpPolicy::fast_for_tests()).unwrap();
     let state = || async {
         if postgres {
             fresh_postgres_database().await.expect("checked above")
@@ -311,13 +273,7 @@ async fn campaign(store: &str) {
         let url = format!("{}/placeholder", webhook.uri());
         let scenario = Scenario::new(&ec2, &state().await, &url).await;
         rewrite_webhook(&scenario, &webhook);
-        let out = scenario.retrain(&moto, None);
-        assert!(
-            out.status.success(),
-            "uninterrupted run failed: {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        scenario.retrain(&moto, None).assert_code(0);
         outcome(&scenario, &ec2, &webhook).await
     };
     assert_eq!(reference.restarts, 1, "{reference:?}");
@@ -335,19 +291,16 @@ async fn campaign(store: &str) {
         let scenario = Scenario::new(&ec2, &state().await, "http://unused").await;
         rewrite_webhook(&scenario, &webhook);
         let crashed = scenario.retrain(&moto, Some(failpoint));
-        assert!(
-            aborted(&crashed),
-            "{store}: failpoint {failpoint} was never reached (exit {:?})\n{}",
-            crashed.status,
-            String::from_utf8_lossy(&crashed.stderr)
+        assert_eq!(
+            crashed.signal, ABORTED,
+            "{store}: failpoint {failpoint} was never reached (exit {})\n{}",
+            crashed.code, crashed.stderr
         );
         let resumed = scenario.retrain(&moto, None);
-        assert!(
-            resumed.status.success(),
-            "{store}: rerun after {failpoint} failed ({:?}): {}\n{}",
-            resumed.status,
-            String::from_utf8_lossy(&resumed.stdout),
-            String::from_utf8_lossy(&resumed.stderr)
+        assert_eq!(
+            resumed.code, 0,
+            "{store}: rerun after {failpoint} failed: {}\n{}",
+            resumed.stdout, resumed.stderr
         );
         let after = outcome(&scenario, &ec2, &webhook).await;
         assert_eq!(after, reference, "{store}: after failpoint {failpoint}");
@@ -362,8 +315,7 @@ async fn campaign(store: &str) {
 /// Point the `intent` label's webhook at a path unique to this scenario
 /// (its instance id), so deliveries of different scenarios are told apart.
 fn rewrite_webhook(scenario: &Scenario, webhook: &MockServer) {
-    let path = scenario.dir.path().join("retrain.toml");
-    let config = std::fs::read_to_string(&path).unwrap();
+    let config = scenario.project.read("retrain.toml");
     let start = config.find("webhook = \"").unwrap() + "webhook = \"".len();
     let end = start + config[start..].find('"').unwrap();
     let updated = format!(
@@ -373,7 +325,7 @@ fn rewrite_webhook(scenario: &Scenario, webhook: &MockServer) {
         scenario.instance,
         &config[end..]
     );
-    std::fs::write(path, updated).unwrap();
+    scenario.project.config(&updated);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

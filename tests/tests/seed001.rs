@@ -11,10 +11,14 @@ use std::time::Duration;
 use retrain_adapters::aws::AwsSettings;
 use retrain_adapters::ec2::{Ec2Client, InstanceState};
 use retrain_adapters::http::HttpPolicy;
-use secrecy::SecretString;
+use retrain_tests::routes::json_route;
+use retrain_tests::services::{
+    dataset_metadata, moto_env, moto_settings, s3_put, service_url, stopped_instance, unique_name,
+    MLFLOW_VAR, MOTO_SECRET_KEY, MOTO_VAR, VENV_VAR,
+};
+use retrain_tests::{Project, Ran};
 use serde_json::{json, Value};
-use wiremock::matchers::{method, path};
-use wiremock::{Mock, MockServer, ResponseTemplate};
+use wiremock::MockServer;
 
 const GITHUB_TOKEN: &str = "ghp_e2e_secret_token_do_not_print";
 
@@ -24,58 +28,18 @@ struct Services {
     python: String,
 }
 
+/// moto, mlflow and the venv they run from (whose `python` has the
+/// libraries the training program needs), or `None` (skipped).
 fn services() -> Option<Services> {
-    let get = |v: &str| std::env::var(v).ok().filter(|s| !s.is_empty());
-    match (
-        get("RETRAIN_TEST_MOTO_URL"),
-        get("RETRAIN_TEST_MLFLOW_URL"),
-        get("RETRAIN_VENV"),
-    ) {
-        (Some(moto), Some(mlflow), Some(venv)) => Some(Services {
-            moto,
-            mlflow,
-            python: format!("{venv}/bin/python"),
-        }),
-        _ => {
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("RETRAIN_TEST_MOTO_URL / RETRAIN_TEST_MLFLOW_URL / RETRAIN_VENV unset under CI=true");
-            }
-            eprintln!("skipped: moto/mlflow not running (scripts/test.sh starts them)");
-            None
-        }
-    }
-}
-
-fn aws(moto: &str) -> AwsSettings {
-    AwsSettings::new("testing", SecretString::from("testing"), "us-east-1")
-        .with_endpoint(url::Url::parse(moto).unwrap())
-}
-
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{prefix}-{:x}{:x}", nanos, std::process::id())
-}
-
-async fn s3_put(settings: &AwsSettings, base: &str, key_path: &str, body: &[u8]) {
-    let url = url::Url::parse(&format!("{}/{key_path}", base.trim_end_matches('/'))).unwrap();
-    let headers = settings.signer("s3").sign("PUT", &url, &[], body).unwrap();
-    let mut request = reqwest::Client::new().put(url.clone()).body(body.to_vec());
-    for (k, v) in headers {
-        request = request.header(k, v);
-    }
-    let status = request.send().await.unwrap().status();
-    assert!(status.is_success(), "PUT {url}: {status}");
+    Some(Services {
+        moto: service_url(MOTO_VAR)?,
+        mlflow: service_url(MLFLOW_VAR)?,
+        python: format!("{}/bin/python", service_url(VENV_VAR)?),
+    })
 }
 
 fn metadata(version: &str, samples: u64) -> Vec<u8> {
-    serde_json::to_vec(&json!({
-        "dataset_name": "wms", "version_tag": version, "num_samples": samples,
-        "created_at": "2026-02-10T12:34:56Z", "splits": {"train": samples}
-    }))
-    .unwrap()
+    serde_json::to_vec(&dataset_metadata("wms", version, samples)).unwrap()
 }
 
 async fn state(client: &Ec2Client, id: &str) -> InstanceState {
@@ -115,7 +79,7 @@ json.dump({"candidate": run_id, "metrics": {"dice": dice, "iou": iou}}, open(os.
 "#;
 
 struct Scenario {
-    dir: tempfile::TempDir,
+    project: Project,
     services: Services,
     bucket: String,
     instance: String,
@@ -128,10 +92,10 @@ struct Scenario {
 impl Scenario {
     async fn new() -> Option<Self> {
         let services = services()?;
-        let aws = aws(&services.moto);
+        let aws = moto_settings(&services.moto);
         let ec2 = Ec2Client::new(&aws, HttpPolicy::fast_for_tests()).unwrap();
-        let instance = retrain_adapters::testing::services::stopped_instance(&ec2).await;
-        let bucket = unique("wms");
+        let instance = stopped_instance(&ec2).await;
+        let bucket = unique_name("wms");
         s3_put(&aws, &services.moto, &bucket, b"").await;
         s3_put(
             &aws,
@@ -141,24 +105,25 @@ impl Scenario {
         )
         .await;
         let github = MockServer::start().await;
-        Mock::given(method("GET"))
-            .and(path("/repos/acme/wms/issues/7/comments"))
-            .respond_with(ResponseTemplate::new(200).set_body_json(json!([])))
+        json_route("GET", "/repos/acme/wms/issues/7/comments", 200, json!([]))
             .mount(&github)
             .await;
-        Mock::given(method("POST"))
-            .and(path("/repos/acme/wms/issues/7/comments"))
-            .respond_with(ResponseTemplate::new(201).set_body_json(json!({"id": 555, "body": ""})))
-            .mount(&github)
-            .await;
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("train.py"), TRAIN_PY).unwrap();
+        json_route(
+            "POST",
+            "/repos/acme/wms/issues/7/comments",
+            201,
+            json!({"id": 555, "body": ""}),
+        )
+        .mount(&github)
+        .await;
+        let project = Project::new();
+        project.write("train.py", TRAIN_PY);
         Some(Self {
-            dir,
+            project,
             services,
             bucket,
             instance,
-            model: unique("wms-unet"),
+            model: unique_name("wms-unet"),
             github,
             ec2,
             aws,
@@ -189,36 +154,22 @@ notify = [ {{ github = "acme/wms", on = "improved", issue = 7 }} ]
     }
 
     fn command(&self, config: &str) -> std::process::Command {
-        std::fs::write(self.dir.path().join("retrain.toml"), config).unwrap();
-        let mut cmd = std::process::Command::new(assert_cmd::cargo::cargo_bin("retrain"));
-        cmd.current_dir(self.dir.path())
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("AWS_ACCESS_KEY_ID", "testing")
-            .env("AWS_SECRET_ACCESS_KEY", "testing")
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_ENDPOINT_URL", &self.services.moto)
+        self.project.config(config);
+        let mut command = self.project.retrain();
+        command
+            .envs(moto_env(&self.services.moto))
             .env("GITHUB_TOKEN", GITHUB_TOKEN)
-            .env("GITHUB_API_URL", self.github.uri())
-            .env("RETRAIN_LOG", "info");
-        cmd
+            .env("GITHUB_API_URL", self.github.uri());
+        command
     }
 
     async fn run(&self, config: String, args: &[&str]) -> (i32, Value, String) {
-        let mut cmd = self.command(&config);
-        cmd.args(["--output", "json"]).args(args);
-        let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
-            .await
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(
-            !stdout.contains(GITHUB_TOKEN) && !stderr.contains(GITHUB_TOKEN),
-            "token leaked"
-        );
-        assert!(!stderr.contains("testing\""), "AWS secret leaked: {stderr}");
-        let report = serde_json::from_str(&stdout).unwrap_or(Value::Null);
-        (out.status.code().unwrap_or(-1), report, stderr)
+        let mut command = self.command(&config);
+        command.args(["--output", "json"]).args(args);
+        let ran = Ran::finished(command).await;
+        ran.assert_hides(GITHUB_TOKEN).assert_hides(MOTO_SECRET_KEY);
+        let report = serde_json::from_str(&ran.stdout).unwrap_or(Value::Null);
+        (ran.code, report, ran.stderr)
     }
 
     async fn publish(&self, version: &str, samples: u64) {

@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use assert_cmd::Command;
-use retrain_adapters::testing::fake_hub::FakeHub;
+use retrain_tests::services::fresh_postgres_database;
+use retrain_tests::{label_status, FakeHub, Project, Ran};
 use serde_json::json;
 use sqlx::Connection;
 
@@ -23,32 +23,11 @@ const COUNT_QUERY: &str = "SELECT label, \
     COUNT(*) FILTER (WHERE predicted = corrected) AS correct \
     FROM reviews WHERE reviewed_at > $1 GROUP BY label";
 
-fn postgres_url() -> Option<String> {
-    match std::env::var("RETRAIN_TEST_POSTGRES_URL") {
-        Ok(v) if !v.is_empty() => Some(v),
-        _ => {
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("RETRAIN_TEST_POSTGRES_URL is not set but CI=true");
-            }
-            eprintln!("skipped: RETRAIN_TEST_POSTGRES_URL is not set");
-            None
-        }
-    }
-}
-
 /// A fresh database with the seed's reviews: `department` above its
 /// threshold (30 misclassified + 30 correct = 60 >= 40), `urgency` below
-/// (5 + 5 = 10 < 30).
-async fn reviews_database(admin_url: &str) -> String {
-    let name = format!("seed000_{}", uuid_like());
-    let mut admin = sqlx::PgConnection::connect(admin_url).await.unwrap();
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    let mut url = url::Url::parse(admin_url).unwrap();
-    url.set_path(&format!("/{name}"));
-    let url = url.to_string();
+/// (5 + 5 = 10 < 30); `None` (skipped) without Postgres.
+async fn reviews_database() -> Option<String> {
+    let url = fresh_postgres_database().await?;
     let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
     sqlx::query(
         "CREATE TABLE reviews (id serial PRIMARY KEY, label text NOT NULL, predicted text NOT NULL, \
@@ -69,15 +48,7 @@ async fn reviews_database(admin_url: &str) -> String {
         .await
         .unwrap();
     }
-    url
-}
-
-fn uuid_like() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{:x}{:x}", nanos, std::process::id())
+    Some(url)
 }
 
 fn metadata(tag: &str, n: u64) -> serde_json::Value {
@@ -93,6 +64,21 @@ async fn fake_hub() -> FakeHub {
     hub.add_dataset(DEPT_DATA, FILE, Some(metadata("v20251030_115250", 20)));
     hub.add_dataset(URGENCY_DATA, FILE, Some(metadata("v20251030_115250", 20)));
     hub
+}
+
+/// The seed's world: the reviews database, the fake Hub and the seed's
+/// environment; `None` (skipped) without Postgres.
+async fn seed_world() -> Option<(FakeHub, Vec<(String, String)>)> {
+    let database = reviews_database().await?;
+    let hub = fake_hub().await;
+    let env = seed_env(&hub, &database, &database);
+    Some((hub, env))
+}
+
+/// The prepare Space publishes `tag` (`samples` samples) to the department
+/// dataset `delay` after its restart.
+fn publish_on_restart(hub: &FakeHub, tag: &str, samples: u64, delay: Duration) {
+    hub.on_restart_publish(PREPARE, DEPT_DATA, FILE, metadata(tag, samples), delay);
 }
 
 /// The seed's environment, nothing else.
@@ -122,95 +108,40 @@ fn seed_env(hub: &FakeHub, database: &str, state: &str) -> Vec<(String, String)>
     .collect()
 }
 
-struct Ran {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-/// Run the binary off the async runtime (the fake Hub lives on it).
+/// Run the binary in a fresh directory with only the seed's environment
+/// (and logs at `debug`).
 async fn retrain(env: Vec<(String, String)>, args: &[&str]) -> Ran {
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let dir = tempfile::tempdir().unwrap();
-    tokio::task::spawn_blocking(move || {
-        let mut cmd = Command::cargo_bin("retrain").unwrap();
-        cmd.current_dir(dir.path()).env_clear();
-        cmd.env("PATH", std::env::var("PATH").unwrap_or_default());
-        cmd.env("RETRAIN_LOG", "debug");
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let out = cmd.args(&args).output().unwrap();
-        Ran {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
-    })
-    .await
-    .unwrap()
-}
-
-fn assert_no_token(ran: &Ran) {
-    assert!(
-        !ran.stdout.contains(TOKEN),
-        "token in stdout: {}",
-        ran.stdout
-    );
-    assert!(
-        !ran.stderr.contains(TOKEN),
-        "token in stderr: {}",
-        ran.stderr
-    );
-}
-
-fn status_of(report: &serde_json::Value, label: &str) -> String {
-    report["labels"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["label"] == label)
-        .map(|l| l["status"].as_str().unwrap().to_owned())
-        .unwrap_or_default()
-}
-
-fn report(ran: &Ran) -> serde_json::Value {
-    serde_json::from_str(&ran.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", ran.stdout, ran.stderr))
+    let project = Project::new();
+    let mut command = project.retrain();
+    command.env("RETRAIN_LOG", "debug").envs(env).args(args);
+    let ran = Ran::finished(command).await;
+    ran.assert_hides(TOKEN);
+    ran
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_000_scenario() {
-    let Some(admin) = postgres_url() else { return };
-    let database = reviews_database(&admin).await;
-    let hub = fake_hub().await;
-    hub.on_restart_publish(
-        PREPARE,
-        DEPT_DATA,
-        FILE,
-        metadata("v20251101_000000", 60),
-        Duration::from_millis(600),
-    );
-    let env = seed_env(&hub, &database, &database);
+    let Some((hub, env)) = seed_world().await else {
+        return;
+    };
+    publish_on_restart(&hub, "v20251101_000000", 60, Duration::from_millis(600));
 
     // DRY_RUN=true: reads only, zero POSTs.
     let mut dry = env.clone();
     dry.push(("DRY_RUN".into(), "true".into()));
     let ran = retrain(dry, &["--output", "json", "run"]).await;
     assert_eq!(ran.code, 0, "{}", ran.stderr);
-    assert_no_token(&ran);
-    let r = report(&ran);
-    assert_eq!(status_of(&r, "department"), "planned");
-    assert_eq!(status_of(&r, "urgency"), "skipped");
+    let r = ran.json();
+    assert_eq!(label_status(&r, "department"), "planned");
+    assert_eq!(label_status(&r, "urgency"), "skipped");
     assert_eq!(hub.posts(), 0, "a dry run sent POSTs");
 
     // The real run.
     let ran = retrain(env.clone(), &["--output", "json", "run"]).await;
     assert_eq!(ran.code, 0, "{}\n{}", ran.stdout, ran.stderr);
-    assert_no_token(&ran);
-    let r = report(&ran);
-    assert_eq!(status_of(&r, "department"), "trained", "{r}");
-    assert_eq!(status_of(&r, "urgency"), "skipped", "{r}");
+    let r = ran.json();
+    assert_eq!(label_status(&r, "department"), "trained", "{r}");
+    assert_eq!(label_status(&r, "urgency"), "skipped", "{r}");
     assert_eq!(
         hub.restarts(PREPARE),
         1,
@@ -237,9 +168,8 @@ async fn seed_000_scenario() {
     // A second run: nothing new since the consumed dataset.
     let ran = retrain(env.clone(), &["--output", "json", "run"]).await;
     assert_eq!(ran.code, 0, "{}", ran.stderr);
-    assert_no_token(&ran);
-    let r = report(&ran);
-    assert_eq!(status_of(&r, "department"), "skipped", "{r}");
+    let r = ran.json();
+    assert_eq!(label_status(&r, "department"), "skipped", "{r}");
     assert_eq!(hub.restarts(PREPARE), 1);
     assert_eq!(hub.restarts(DEPT_SPACE), 1);
 
@@ -251,47 +181,42 @@ async fn seed_000_scenario() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_error_stage_on_the_prepare_space_fails_fast() {
-    let Some(admin) = postgres_url() else { return };
-    let database = reviews_database(&admin).await;
-    let hub = fake_hub().await;
+    let Some((hub, mut env)) = seed_world().await else {
+        return;
+    };
     hub.set_restart_stages(PREPARE, &["BUILDING", "BUILD_ERROR"]);
     hub.set_error_message(PREPARE, "pip install failed");
-    let mut env = seed_env(&hub, &database, &database);
     env.push(("POLL_TIMEOUT".into(), "600".into()));
     let started = std::time::Instant::now();
     let ran = retrain(env, &["--output", "json", "run", "--label", "department"]).await;
     assert_eq!(ran.code, 1, "a failed label exits 1: {}", ran.stderr);
-    assert_no_token(&ran);
     assert!(
         started.elapsed() < Duration::from_secs(60),
         "waited for POLL_TIMEOUT"
     );
-    let r = report(&ran);
-    assert_eq!(status_of(&r, "department"), "failed");
+    let r = ran.json();
+    assert_eq!(label_status(&r, "department"), "failed");
     assert!(ran.stdout.contains("BUILD_ERROR"), "{}", ran.stdout);
     assert_eq!(hub.restarts(DEPT_SPACE), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unchanged_version_tag_is_never_accepted() {
-    let Some(admin) = postgres_url() else { return };
-    let database = reviews_database(&admin).await;
-    let hub = fake_hub().await;
+    let Some((hub, mut env)) = seed_world().await else {
+        return;
+    };
     // The prepare job "publishes" the same version_tag with plenty of samples.
-    hub.on_restart_publish(
-        PREPARE,
-        DEPT_DATA,
-        FILE,
-        metadata("v20251030_115250", 100_000),
+    publish_on_restart(
+        &hub,
+        "v20251030_115250",
+        100_000,
         Duration::from_millis(100),
     );
-    let mut env = seed_env(&hub, &database, &database);
     env.push(("POLL_TIMEOUT".into(), "2".into()));
     let ran = retrain(env, &["--output", "json", "run", "--label", "department"]).await;
     assert_eq!(ran.code, 1, "{}", ran.stderr);
-    assert_no_token(&ran);
-    let r = report(&ran);
-    assert_eq!(status_of(&r, "department"), "failed");
+    let r = ran.json();
+    assert_eq!(label_status(&r, "department"), "failed");
     assert!(ran.stdout.contains("timed out"), "{}", ran.stdout);
     assert_eq!(
         hub.restarts(DEPT_SPACE),
@@ -302,17 +227,10 @@ async fn an_unchanged_version_tag_is_never_accepted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_on_one_postgres_drive_each_label_once() {
-    let Some(admin) = postgres_url() else { return };
-    let database = reviews_database(&admin).await;
-    let hub = fake_hub().await;
-    hub.on_restart_publish(
-        PREPARE,
-        DEPT_DATA,
-        FILE,
-        metadata("v20251101_000000", 60),
-        Duration::from_millis(1500),
-    );
-    let env = seed_env(&hub, &database, &database);
+    let Some((hub, env)) = seed_world().await else {
+        return;
+    };
+    publish_on_restart(&hub, "v20251101_000000", 60, Duration::from_millis(1500));
     let (a, b) = tokio::join!(
         retrain(env.clone(), &["--output", "json", "run"]),
         retrain(env.clone(), &["--output", "json", "run"])
@@ -320,8 +238,8 @@ async fn two_processes_on_one_postgres_drive_each_label_once() {
     assert_eq!(a.code, 0, "{}", a.stderr);
     assert_eq!(b.code, 0, "{}", b.stderr);
     let statuses = [
-        status_of(&report(&a), "department"),
-        status_of(&report(&b), "department"),
+        label_status(&a.json(), "department"),
+        label_status(&b.json(), "department"),
     ];
     assert!(statuses.contains(&"trained".to_string()), "{statuses:?}");
     assert!(
