@@ -1,8 +1,12 @@
 //! `dataset_metadata.json` in a Hub dataset repo, read through the resolve
-//! URL with a cheap `HEAD` probe first (§1.3 of the API notes).
+//! URL with one conditional `GET` (§1.3 of the API notes): the Hub answers
+//! `If-None-Match` on resolve URLs with `304 Not Modified`, no body.
+
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use percent_encoding::{percent_decode_str, utf8_percent_encode};
+use reqwest::header::{HeaderValue, ETAG, IF_NONE_MATCH};
 use reqwest::{Method, Response, StatusCode};
 use retrain_core::domain::{DatasetMetadata, DatasetVersion};
 use retrain_core::ports::{MetadataRead, MetadataStore, PortError};
@@ -24,6 +28,18 @@ pub struct HfMetadataStore {
     repo: Option<RepoId>,
     /// Credential-free form for logs and errors.
     display: String,
+    /// The last file downloaded, shared by the clones of this store (all
+    /// read the same URL).
+    last: Arc<Mutex<Option<LastDownload>>>,
+}
+
+/// What a conditional read needs to answer a `304`.
+#[derive(Debug, Clone)]
+struct LastDownload {
+    /// The `ETag` header exactly as the Hub sent it (quotes and `W/`
+    /// included), sent back as `If-None-Match`.
+    etag: HeaderValue,
+    version: DatasetVersion,
 }
 
 impl HfMetadataStore {
@@ -64,6 +80,7 @@ impl HfMetadataStore {
             url,
             repo,
             display,
+            last: Arc::default(),
         })
     }
 
@@ -117,33 +134,112 @@ impl HfMetadataStore {
     }
 }
 
-/// What a `HEAD` told us.
-enum Probe {
-    Absent,
-    /// The file exists; `marker` is its change marker when the server sent one.
-    Present {
-        marker: Option<String>,
-    },
-}
-
 #[async_trait]
 impl MetadataStore for HfMetadataStore {
+    /// One conditional `GET` per read: `If-None-Match` with the `ETag` of the
+    /// last download, so an unchanged file costs a `304` without a body. A
+    /// server that ignores the header answers `200`, and the change marker
+    /// still tells `Unchanged` from `Published`.
     async fn read(&self, known_revision: Option<String>) -> Result<MetadataRead, PortError> {
         let what = self.what();
-        let marker = match self.probe(&what).await? {
-            Probe::Absent => return Ok(MetadataRead::Absent),
-            Probe::Present { marker } => marker,
-        };
-        if marker.is_some() && marker == known_revision {
-            debug!(url = %self.display, "metadata unchanged; not downloading it");
-            return Ok(MetadataRead::Unchanged);
-        }
+        let last = self.last_download();
+        // The probe client: the Hub's own headers, never a CDN's (§1.3).
         let response = self
             .client
-            .send(&what, Method::GET, &self.url, None, false)
+            .send_with_header(
+                &what,
+                Method::GET,
+                &self.url,
+                None,
+                true,
+                last.as_ref().map(|l| (IF_NONE_MATCH, &l.etag)),
+            )
+            .await?;
+        if response.status() == StatusCode::NOT_MODIFIED {
+            let Some(last) = last else {
+                return Err(PortError::InvalidResponse(format!(
+                    "{what}: HTTP 304 Not Modified to a request without If-None-Match"
+                )));
+            };
+            debug!(url = %self.display, "metadata not modified (304); not downloading it");
+            return Ok(answer(last.version, known_revision.as_deref()));
+        }
+        let Some(response) = self.check(response).await? else {
+            self.remember(None);
+            return Ok(MetadataRead::Absent);
+        };
+        let marker = change_marker(&response);
+        let unchanged = marker.is_some() && marker == known_revision;
+        if response.status().is_redirection() {
+            // An absolute redirect (an LFS/Xet file served by the CDN): the
+            // Hub's headers carry the marker, the body is elsewhere.
+            if unchanged {
+                return Ok(MetadataRead::Unchanged);
+            }
+            return self.download_redirected(&what, marker).await;
+        }
+        let etag = response.headers().get(ETAG).cloned();
+        let body = read_limited(&what, response, MAX_METADATA_BYTES).await?;
+        let metadata = match DatasetMetadata::parse(&body) {
+            Ok(metadata) => metadata,
+            // Nothing new to decide on: what the engine holds stays valid.
+            Err(_) if unchanged => {
+                self.remember(None);
+                return Ok(MetadataRead::Unchanged);
+            }
+            Err(e) => {
+                self.remember(None);
+                return Err(PortError::InvalidResponse(
+                    self.client.scrub(format!("{what}: {e}")),
+                ));
+            }
+        };
+        let version = DatasetVersion {
+            metadata,
+            revision: marker,
+        };
+        self.remember(etag.map(|etag| LastDownload {
+            etag,
+            version: version.clone(),
+        }));
+        Ok(answer(version, known_revision.as_deref()))
+    }
+
+    fn describe(&self) -> String {
+        self.display.clone()
+    }
+}
+
+/// `Unchanged` when the version carries a marker and it is the known one.
+fn answer(version: DatasetVersion, known_revision: Option<&str>) -> MetadataRead {
+    match (&version.revision, known_revision) {
+        (Some(marker), Some(known)) if marker == known => MetadataRead::Unchanged,
+        _ => MetadataRead::Published(version),
+    }
+}
+
+impl HfMetadataStore {
+    fn last_download(&self) -> Option<LastDownload> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn remember(&self, download: Option<LastDownload>) {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = download;
+    }
+
+    /// Follow the Hub's redirect to the CDN (the client that follows any
+    /// redirect, without the token on other origins) and parse the file.
+    async fn download_redirected(
+        &self,
+        what: &str,
+        marker: Option<String>,
+    ) -> Result<MetadataRead, PortError> {
+        let response = self
+            .client
+            .send(what, Method::GET, &self.url, None, false)
             .await?;
         let Some(response) = self.check(response).await? else {
-            // Deleted between the HEAD and the GET.
+            // Deleted between the two requests.
             return Ok(MetadataRead::Absent);
         };
         if response.status().is_redirection() {
@@ -152,39 +248,16 @@ impl MetadataStore for HfMetadataStore {
                 response.status()
             )));
         }
-        let body = read_limited(&what, response, MAX_METADATA_BYTES).await?;
+        let body = read_limited(what, response, MAX_METADATA_BYTES).await?;
         let metadata = DatasetMetadata::parse(&body)
             .map_err(|e| PortError::InvalidResponse(self.client.scrub(format!("{what}: {e}"))))?;
-        // The HEAD's marker, not the GET's: a GET redirected to the CDN has
-        // other headers, and if the file changed in between, the next probe
-        // sees a new marker and downloads again (one extra GET, never a miss).
+        // The Hub's marker, not the CDN's headers: if the file changed in
+        // between, the next read sees a new marker and downloads again (one
+        // extra download, never a miss).
         Ok(MetadataRead::Published(DatasetVersion {
             metadata,
             revision: marker,
         }))
-    }
-
-    fn describe(&self) -> String {
-        self.display.clone()
-    }
-}
-
-impl HfMetadataStore {
-    async fn probe(&self, what: &str) -> Result<Probe, PortError> {
-        let response = self
-            .client
-            .send(what, Method::HEAD, &self.url, None, true)
-            .await?;
-        if response.status() == StatusCode::METHOD_NOT_ALLOWED {
-            // A plain server without HEAD support: fall back to always GET.
-            return Ok(Probe::Present { marker: None });
-        }
-        Ok(match self.check(response).await? {
-            None => Probe::Absent,
-            Some(response) => Probe::Present {
-                marker: change_marker(&response),
-            },
-        })
     }
 }
 
