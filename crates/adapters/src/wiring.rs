@@ -347,9 +347,16 @@ async fn assemble_engine(
                 &c.query,
                 crate::counts::CountOptions {
                     statement_timeout: c.statement_timeout,
+                    form: c.watermarks,
+                    labels: settings
+                        .labels
+                        .iter()
+                        .filter(|(_, l)| l.counts)
+                        .map(|(label, _)| label.clone())
+                        .collect(),
                 },
             )
-            .await?,
+            .await? as Arc<dyn CountSource>,
         ),
         _ => None,
     };
