@@ -368,6 +368,10 @@ async fn assemble_engine(
     // One controller per prepare job so labels sharing it share its state.
     let mut prepares: std::collections::HashMap<String, Arc<dyn SpaceController>> =
         std::collections::HashMap::new();
+    // One metadata store per file: labels reading the same file share its
+    // last download and its request in flight (one read per poll round).
+    let mut metadata: std::collections::HashMap<String, Arc<dyn MetadataStore>> =
+        std::collections::HashMap::new();
     let mut bindings = Vec::new();
     for label in settings.labels.values() {
         let prepare = match &label.prepare {
@@ -389,7 +393,14 @@ async fn assemble_engine(
         };
         bindings.push(LabelBinding {
             plan: plan(settings, label),
-            metadata: metadata_store(&mut clients, label)?,
+            metadata: match metadata.get(&label.metadata) {
+                Some(existing) => existing.clone(),
+                None => {
+                    let store = metadata_store(&mut clients, label)?;
+                    metadata.insert(label.metadata.clone(), store.clone());
+                    store
+                }
+            },
             prepare,
             trainer: trainer(&mut clients, &label.trainer)?,
             registry: label

@@ -933,6 +933,44 @@ async fn a_server_ignoring_if_none_match_still_reads_as_unchanged() {
 }
 
 #[tokio::test]
+async fn reads_of_one_file_in_flight_together_share_one_request() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path(META_PATH))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .insert_header("x-repo-commit", "c1")
+                .insert_header("etag", "\"e1\"")
+                .set_body_raw(metadata_json("v1", 1).to_string(), "application/json")
+                .set_delay(Duration::from_millis(300)),
+        )
+        .mount(&server)
+        .await;
+    let store = store(&server);
+    // Labels that read the same metadata file hold clones of one store.
+    let reads = (0..20).map(|i| {
+        let store = store.clone();
+        // Half of them already know the version, half do not.
+        let known = (i % 2 == 0).then(|| "c1:e1".to_owned());
+        async move { (known.clone(), store.read(known).await.unwrap()) }
+    });
+    for (known, read) in futures::future::join_all(reads).await {
+        match known {
+            Some(_) => assert_eq!(read, MetadataRead::Unchanged),
+            None => assert!(matches!(read, MetadataRead::Published(_)), "{read:?}"),
+        }
+    }
+    assert_eq!(
+        server.received_requests().await.unwrap().len(),
+        1,
+        "one request for 20 concurrent reads"
+    );
+    // A read after that one finished sends its own request.
+    store.read(None).await.unwrap();
+    assert_eq!(server.received_requests().await.unwrap().len(), 2);
+}
+
+#[tokio::test]
 async fn an_unasked_304_is_an_invalid_response() {
     let server = MockServer::start().await;
     Mock::given(method("GET"))
