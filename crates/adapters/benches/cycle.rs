@@ -304,6 +304,32 @@ async fn sources(labels: usize, over_hub: bool) -> Sources {
     }
 }
 
+/// The fake Hub's requests by kind, per label: what each one is for.
+fn request_breakdown(hub: &FakeHub, labels: usize) -> String {
+    let mut kinds = BTreeMap::<String, usize>::new();
+    for request in hub.requests() {
+        let kind = if request.path.contains("/resolve/") {
+            format!("metadata {}", request.method)
+        } else {
+            let action = request.path.rsplit('/').next().unwrap_or_default();
+            format!("space {} {action}", request.method)
+        };
+        *kinds.entry(kind).or_default() += 1;
+    }
+    let not_modified: u64 = (0..labels)
+        .map(|i| hub.metadata_not_modified(&format!("bench/ds-{i}")))
+        .sum();
+    let mut out: Vec<String> = kinds
+        .iter()
+        .map(|(kind, n)| format!("{kind} {:.2}", *n as f64 / labels as f64))
+        .collect();
+    out.push(format!(
+        "(of the metadata GETs, 304 Not Modified {:.2})",
+        not_modified as f64 / labels as f64
+    ));
+    out.join(", ")
+}
+
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -426,6 +452,9 @@ fn main() {
                 .find(|l| l.status != LabelStatus::Promoted)
                 .map(|l| (&l.label, &l.status, &l.error))
         );
+        if let Some(hub) = &sources.hub {
+            eprintln!("requests: {}", request_breakdown(hub, labels));
+        }
         let writes = store.writes.load(Ordering::Relaxed);
         let requests = sources
             .hub

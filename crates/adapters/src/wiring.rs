@@ -347,9 +347,16 @@ async fn assemble_engine(
                 &c.query,
                 crate::counts::CountOptions {
                     statement_timeout: c.statement_timeout,
+                    form: c.watermarks,
+                    labels: settings
+                        .labels
+                        .iter()
+                        .filter(|(_, l)| l.counts)
+                        .map(|(label, _)| label.clone())
+                        .collect(),
                 },
             )
-            .await?,
+            .await? as Arc<dyn CountSource>,
         ),
         _ => None,
     };
@@ -360,6 +367,10 @@ async fn assemble_engine(
     };
     // One controller per prepare job so labels sharing it share its state.
     let mut prepares: std::collections::HashMap<String, Arc<dyn SpaceController>> =
+        std::collections::HashMap::new();
+    // One metadata store per file: labels reading the same file share its
+    // last download and its request in flight (one read per poll round).
+    let mut metadata: std::collections::HashMap<String, Arc<dyn MetadataStore>> =
         std::collections::HashMap::new();
     let mut bindings = Vec::new();
     for label in settings.labels.values() {
@@ -382,7 +393,14 @@ async fn assemble_engine(
         };
         bindings.push(LabelBinding {
             plan: plan(settings, label),
-            metadata: metadata_store(&mut clients, label)?,
+            metadata: match metadata.get(&label.metadata) {
+                Some(existing) => existing.clone(),
+                None => {
+                    let store = metadata_store(&mut clients, label)?;
+                    metadata.insert(label.metadata.clone(), store.clone());
+                    store
+                }
+            },
             prepare,
             trainer: trainer(&mut clients, &label.trainer)?,
             registry: label

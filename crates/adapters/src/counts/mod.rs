@@ -1,21 +1,28 @@
 //! `CountSource` running the user's SQL (their schema is theirs) against
 //! SQLite or Postgres.
 //!
-//! Contract of the query: the watermark is bound as the first parameter
-//! (`$1`; on SQLite `?` and `?1` work too) and the result has the columns
-//! `label` (text), `misclassified` and `correct` (integers >= 0), one row per
-//! label (rows of one label are added up). The query runs once per call,
-//! read-only, with a statement timeout.
+//! Contract of the query: the result has the columns `label` (text),
+//! `misclassified` and `correct` (integers >= 0), one row per label (rows of
+//! one label are added up). Its parameters come in one of two forms
+//! ([`WatermarkForm`]): one watermark as `$1` (on SQLite `?` and `?1` work
+//! too), or every label's own watermark as a relation `watermarks(label,
+//! since)` (Postgres `unnest($1::text[], $2::timestamptz[])`, SQLite
+//! `json_each($1)`), so that labels at different watermarks are counted by
+//! one statement ([`WatermarkCountSource::counts_per_label`]). The query runs
+//! once per call, read-only, with a statement timeout.
 
 mod postgres;
 mod sqlite;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use retrain_core::domain::{FeedbackCounts, Label};
 use retrain_core::ports::{CountSource, PortError};
+use serde::Deserialize;
 
 use crate::db::DbUrl;
 use crate::AdapterError;
@@ -28,19 +35,95 @@ const KEY_DATABASE: &str = "counts.database";
 const KEY_QUERY: &str = "counts.query";
 
 /// How the count query runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CountOptions {
     /// Longest the query may run (Postgres `statement_timeout`; a client-side
     /// deadline on SQLite).
     pub statement_timeout: Duration,
+    /// How the query takes its watermarks.
+    pub form: WatermarkForm,
+    /// The configured labels: in the [`WatermarkForm::PerLabel`] form,
+    /// [`CountSource::counts`] binds every one of them at the one watermark
+    /// it is given.
+    pub labels: Vec<Label>,
 }
 
 impl Default for CountOptions {
     fn default() -> Self {
         Self {
             statement_timeout: Duration::from_secs(30),
+            form: WatermarkForm::default(),
+            labels: Vec::new(),
         }
     }
+}
+
+/// How the count query takes its watermarks (`[counts] watermarks`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WatermarkForm {
+    /// One watermark bound as `$1`: labels at different watermarks take one
+    /// statement per distinct watermark.
+    #[default]
+    Shared,
+    /// Every label's own watermark, as the relation `watermarks(label,
+    /// since)`: on Postgres `$1` is the labels (`text[]`) and `$2` their
+    /// watermarks (`timestamptz[]`), read with `unnest($1::text[],
+    /// $2::timestamptz[]) AS w(label, since)`; on SQLite `$1` is a JSON array
+    /// of `{"label": …, "since": …}` read with `json_each($1)`. One statement
+    /// counts every label, whatever their watermarks.
+    PerLabel,
+}
+
+/// A count source that can count labels at different watermarks at once.
+#[async_trait]
+pub trait WatermarkCountSource: CountSource {
+    /// The counts of every label in `watermarks` since its own watermark.
+    /// In the [`WatermarkForm::PerLabel`] form this is **one** statement;
+    /// in the shared form, one statement per distinct watermark. Labels the
+    /// query does not return count zero (they are absent from the map), and
+    /// rows of labels not in `watermarks` are ignored.
+    async fn counts_per_label(
+        &self,
+        watermarks: &BTreeMap<Label, DateTime<Utc>>,
+    ) -> Result<BTreeMap<Label, FeedbackCounts>, PortError>;
+}
+
+/// The shared form's answer to [`WatermarkCountSource::counts_per_label`]:
+/// one `counts(since)` per distinct watermark, each label taken from the
+/// answer at its own watermark.
+async fn counts_per_distinct_watermark(
+    source: &(impl CountSource + ?Sized),
+    watermarks: &BTreeMap<Label, DateTime<Utc>>,
+) -> Result<BTreeMap<Label, FeedbackCounts>, PortError> {
+    let distinct: BTreeSet<DateTime<Utc>> = watermarks.values().copied().collect();
+    let mut out = BTreeMap::new();
+    for since in distinct {
+        let all = source.counts(since).await?;
+        out.extend(
+            watermarks
+                .iter()
+                .filter(|(_, s)| **s == since)
+                .filter_map(|(label, _)| all.get(label).map(|c| (label.clone(), *c))),
+        );
+    }
+    Ok(out)
+}
+
+/// Only the labels that were asked for: a row of another label was not
+/// counted at any watermark the caller gave.
+fn asked_for(
+    mut counts: BTreeMap<Label, FeedbackCounts>,
+    watermarks: &BTreeMap<Label, DateTime<Utc>>,
+) -> BTreeMap<Label, FeedbackCounts> {
+    counts.retain(|label, _| watermarks.contains_key(label));
+    counts
+}
+
+/// Every configured label at one watermark: what [`CountSource::counts`]
+/// binds in the per-label form.
+fn all_labels_at(labels: &[Label], since: DateTime<Utc>) -> BTreeMap<Label, DateTime<Utc>> {
+    labels.iter().map(|l| (l.clone(), since)).collect()
 }
 
 /// Build the count source for `url` running `query`.
@@ -48,7 +131,7 @@ pub async fn open_count_source(
     url: &str,
     query: &str,
     options: CountOptions,
-) -> Result<Arc<dyn CountSource>, AdapterError> {
+) -> Result<Arc<dyn WatermarkCountSource>, AdapterError> {
     let url = DbUrl::parse(KEY_DATABASE, url)?;
     if query.trim().is_empty() {
         return Err(AdapterError::config(
@@ -63,6 +146,7 @@ pub async fn open_count_source(
             "must be greater than zero",
         ));
     }
+    check_form(&url, query, options.form)?;
     match &url {
         DbUrl::SqliteFile(_) | DbUrl::SqliteMemory => Ok(Arc::new(
             SqliteCountSource::open(url.clone(), query.to_owned(), options).await?,
@@ -70,6 +154,40 @@ pub async fn open_count_source(
         DbUrl::Postgres(_) => Ok(Arc::new(
             PostgresCountSource::open(url.clone(), query.to_owned(), options).await?,
         )),
+    }
+}
+
+/// Catch a query written for the other [`WatermarkForm`] before it runs:
+/// the wrong binds would fail obscurely on Postgres and count silently
+/// wrong on SQLite (a JSON array compared with timestamps as text).
+fn check_form(url: &DbUrl, query: &str, form: WatermarkForm) -> Result<(), AdapterError> {
+    let postgres = matches!(url, DbUrl::Postgres(_));
+    let lower = query.to_ascii_lowercase();
+    let problem = match (form, postgres) {
+        (WatermarkForm::Shared, true) if query.contains("$2") => Some(
+            "uses $2, but only the watermark ($1) is bound; for every label's own watermark \
+             set `watermarks = \"per_label\"` and read `unnest($1::text[], $2::timestamptz[]) \
+             AS w(label, since)`",
+        ),
+        (WatermarkForm::Shared, false) if lower.contains("json_each") => Some(
+            "reads json_each, but only the watermark ($1) is bound; for every label's own \
+             watermark set `watermarks = \"per_label\"`",
+        ),
+        (WatermarkForm::PerLabel, true) if !query.contains("$2") => Some(
+            "with `watermarks = \"per_label\"` the query gets the labels as $1 (text[]) and \
+             their watermarks as $2 (timestamptz[]): read them with \
+             `unnest($1::text[], $2::timestamptz[]) AS w(label, since)`",
+        ),
+        (WatermarkForm::PerLabel, false) if !lower.contains("json_each") => Some(
+            "with `watermarks = \"per_label\"` the query gets $1 = a JSON array of \
+             {\"label\", \"since\"}: read it with `json_each($1)` (`value ->> 'label'`, \
+             `value ->> 'since'`)",
+        ),
+        _ => None,
+    };
+    match problem {
+        Some(problem) => Err(AdapterError::config(KEY_QUERY, problem)),
+        None => Ok(()),
     }
 }
 

@@ -11,7 +11,10 @@ use retrain_core::ports::{CountSource, PortError};
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::{Row, TypeInfo, ValueRef};
 
-use super::{with_deadline, Cell, CountOptions, Tally, KEY_DATABASE};
+use super::{
+    all_labels_at, asked_for, counts_per_distinct_watermark, with_deadline, Cell, CountOptions,
+    Tally, WatermarkCountSource, WatermarkForm, KEY_DATABASE,
+};
 use crate::db::DbUrl;
 use crate::AdapterError;
 
@@ -77,7 +80,9 @@ impl PostgresCountSource {
         }
     }
 
-    async fn run(&self, since: DateTime<Utc>) -> Result<Vec<PgRow>, sqlx::Error> {
+    /// The query's parameters: `$1` = the watermark, or (per-label form)
+    /// `$1` = the labels and `$2` = their watermarks, in the same order.
+    async fn run(&self, binds: Binds) -> Result<Vec<PgRow>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("SET TRANSACTION READ ONLY")
             .execute(&mut *tx)
@@ -91,12 +96,42 @@ impl PostgresCountSource {
         sqlx::query(&format!("SET LOCAL statement_timeout = {millis}"))
             .execute(&mut *tx)
             .await?;
-        let rows = sqlx::query(&self.query)
-            .bind(since)
-            .fetch_all(&mut *tx)
-            .await?;
+        let query = sqlx::query(&self.query);
+        let query = match binds {
+            Binds::Since(since) => query.bind(since),
+            Binds::PerLabel(labels, watermarks) => query.bind(labels).bind(watermarks),
+        };
+        let rows = query.fetch_all(&mut *tx).await?;
         tx.rollback().await?;
         Ok(rows)
+    }
+}
+
+enum Binds {
+    Since(DateTime<Utc>),
+    PerLabel(Vec<String>, Vec<DateTime<Utc>>),
+}
+
+impl PostgresCountSource {
+    async fn counted(&self, binds: Binds) -> Result<BTreeMap<Label, FeedbackCounts>, PortError> {
+        let describe = self.url.redacted();
+        with_deadline(self.options.statement_timeout, &describe, async {
+            let rows = self.run(binds).await.map_err(|e| self.error(e))?;
+            Tally::of_rows(&rows, cell_text, cell_int)
+        })
+        .await
+    }
+
+    async fn per_label(
+        &self,
+        watermarks: &BTreeMap<Label, DateTime<Utc>>,
+    ) -> Result<BTreeMap<Label, FeedbackCounts>, PortError> {
+        let (labels, sinces) = watermarks
+            .iter()
+            .map(|(label, since)| (label.as_str().to_owned(), *since))
+            .unzip();
+        let counts = self.counted(Binds::PerLabel(labels, sinces)).await?;
+        Ok(asked_for(counts, watermarks))
     }
 }
 
@@ -142,11 +177,25 @@ impl CountSource for PostgresCountSource {
         &self,
         since: DateTime<Utc>,
     ) -> Result<BTreeMap<Label, FeedbackCounts>, PortError> {
-        let describe = self.url.redacted();
-        with_deadline(self.options.statement_timeout, &describe, async {
-            let rows = self.run(since).await.map_err(|e| self.error(e))?;
-            Tally::of_rows(&rows, cell_text, cell_int)
-        })
-        .await
+        match self.options.form {
+            WatermarkForm::Shared => self.counted(Binds::Since(since)).await,
+            WatermarkForm::PerLabel => {
+                self.per_label(&all_labels_at(&self.options.labels, since))
+                    .await
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl WatermarkCountSource for PostgresCountSource {
+    async fn counts_per_label(
+        &self,
+        watermarks: &BTreeMap<Label, DateTime<Utc>>,
+    ) -> Result<BTreeMap<Label, FeedbackCounts>, PortError> {
+        match self.options.form {
+            WatermarkForm::Shared => counts_per_distinct_watermark(self, watermarks).await,
+            WatermarkForm::PerLabel => self.per_label(watermarks).await,
+        }
     }
 }

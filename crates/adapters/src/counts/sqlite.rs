@@ -9,7 +9,10 @@ use retrain_core::ports::{CountSource, PortError};
 use sqlx::sqlite::{SqlitePool, SqliteRow};
 use sqlx::{Row, TypeInfo, ValueRef};
 
-use super::{with_deadline, Cell, CountOptions, Tally, KEY_DATABASE};
+use super::{
+    all_labels_at, asked_for, counts_per_distinct_watermark, with_deadline, Cell, CountOptions,
+    Tally, WatermarkCountSource, WatermarkForm, KEY_DATABASE,
+};
 use crate::db::DbUrl;
 use crate::AdapterError;
 
@@ -117,21 +120,64 @@ fn cell_int(row: &SqliteRow, name: &str) -> Cell<i64> {
     }
 }
 
-#[async_trait]
-impl CountSource for SqliteCountSource {
-    async fn counts(
-        &self,
-        since: DateTime<Utc>,
-    ) -> Result<BTreeMap<Label, FeedbackCounts>, PortError> {
+impl SqliteCountSource {
+    /// Run the query with its one parameter: the watermark, or (per-label
+    /// form) the JSON array of `{"label", "since"}`.
+    async fn counted(&self, param: String) -> Result<BTreeMap<Label, FeedbackCounts>, PortError> {
         let describe = self.url.redacted();
         with_deadline(self.options.statement_timeout, &describe, async {
             let rows = sqlx::query(&self.query)
-                .bind(watermark_text(since))
+                .bind(param)
                 .fetch_all(&self.pool)
                 .await
                 .map_err(|e| self.error(e))?;
             Tally::of_rows(&rows, cell_text, cell_int)
         })
         .await
+    }
+
+    async fn per_label(
+        &self,
+        watermarks: &BTreeMap<Label, DateTime<Utc>>,
+    ) -> Result<BTreeMap<Label, FeedbackCounts>, PortError> {
+        let relation: Vec<serde_json::Value> = watermarks
+            .iter()
+            .map(|(label, since)| {
+                serde_json::json!({ "label": label.as_str(), "since": watermark_text(*since) })
+            })
+            .collect();
+        let counts = self
+            .counted(serde_json::Value::Array(relation).to_string())
+            .await?;
+        Ok(asked_for(counts, watermarks))
+    }
+}
+
+#[async_trait]
+impl CountSource for SqliteCountSource {
+    async fn counts(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<BTreeMap<Label, FeedbackCounts>, PortError> {
+        match self.options.form {
+            WatermarkForm::Shared => self.counted(watermark_text(since)).await,
+            WatermarkForm::PerLabel => {
+                self.per_label(&all_labels_at(&self.options.labels, since))
+                    .await
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl WatermarkCountSource for SqliteCountSource {
+    async fn counts_per_label(
+        &self,
+        watermarks: &BTreeMap<Label, DateTime<Utc>>,
+    ) -> Result<BTreeMap<Label, FeedbackCounts>, PortError> {
+        match self.options.form {
+            WatermarkForm::Shared => counts_per_distinct_watermark(self, watermarks).await,
+            WatermarkForm::PerLabel => self.per_label(watermarks).await,
+        }
     }
 }

@@ -1,8 +1,12 @@
 //! `dataset_metadata.json` in a Hub dataset repo, read through the resolve
-//! URL with a cheap `HEAD` probe first (§1.3 of the API notes).
+//! URL with one conditional `GET` (§1.3 of the API notes): the Hub answers
+//! `If-None-Match` on resolve URLs with `304 Not Modified`, no body.
+
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use percent_encoding::{percent_decode_str, utf8_percent_encode};
+use reqwest::header::{HeaderValue, ETAG, IF_NONE_MATCH};
 use reqwest::{Method, Response, StatusCode};
 use retrain_core::domain::{DatasetMetadata, DatasetVersion};
 use retrain_core::ports::{MetadataRead, MetadataStore, PortError};
@@ -24,7 +28,38 @@ pub struct HfMetadataStore {
     repo: Option<RepoId>,
     /// Credential-free form for logs and errors.
     display: String,
+    /// The last file downloaded, shared by the clones of this store (all
+    /// read the same URL).
+    last: Arc<Mutex<Option<LastDownload>>>,
+    /// The request in flight, if any: reads that start while it runs share
+    /// its answer instead of sending their own (labels reading one file).
+    in_flight: Arc<Mutex<Option<FetchCell>>>,
 }
+
+/// What a conditional read needs to answer a `304`.
+#[derive(Debug, Clone)]
+struct LastDownload {
+    /// The `ETag` header exactly as the Hub sent it (quotes and `W/`
+    /// included), sent back as `If-None-Match`; `None` for a file
+    /// downloaded through a redirect (the CDN's `ETag` is not the Hub's).
+    etag: Option<HeaderValue>,
+    version: DatasetVersion,
+}
+
+/// What one request found, before it is compared with a caller's marker.
+#[derive(Debug, Clone)]
+enum Fetched {
+    Absent,
+    Version(DatasetVersion),
+    /// The file is there but not valid metadata; an error only for a caller
+    /// that does not already hold the version with this marker.
+    Invalid {
+        marker: Option<String>,
+        error: PortError,
+    },
+}
+
+type FetchCell = Arc<tokio::sync::OnceCell<Result<Fetched, PortError>>>;
 
 impl HfMetadataStore {
     /// Accepts `hf://datasets/owner/name[@revision]/path/to/file.json`
@@ -64,6 +99,8 @@ impl HfMetadataStore {
             url,
             repo,
             display,
+            last: Arc::default(),
+            in_flight: Arc::default(),
         })
     }
 
@@ -117,51 +154,23 @@ impl HfMetadataStore {
     }
 }
 
-/// What a `HEAD` told us.
-enum Probe {
-    Absent,
-    /// The file exists; `marker` is its change marker when the server sent one.
-    Present {
-        marker: Option<String>,
-    },
-}
-
 #[async_trait]
 impl MetadataStore for HfMetadataStore {
+    /// One conditional `GET` per read: `If-None-Match` with the `ETag` of the
+    /// last download, so an unchanged file costs a `304` without a body. A
+    /// server that ignores the header answers `200`, and the change marker
+    /// still tells `Unchanged` from `Published`. Reads that start while
+    /// another read of this file is in flight share its request.
     async fn read(&self, known_revision: Option<String>) -> Result<MetadataRead, PortError> {
-        let what = self.what();
-        let marker = match self.probe(&what).await? {
-            Probe::Absent => return Ok(MetadataRead::Absent),
-            Probe::Present { marker } => marker,
-        };
-        if marker.is_some() && marker == known_revision {
-            debug!(url = %self.display, "metadata unchanged; not downloading it");
-            return Ok(MetadataRead::Unchanged);
-        }
-        let response = self
-            .client
-            .send(&what, Method::GET, &self.url, None, false)
-            .await?;
-        let Some(response) = self.check(response).await? else {
-            // Deleted between the HEAD and the GET.
-            return Ok(MetadataRead::Absent);
-        };
-        if response.status().is_redirection() {
-            return Err(PortError::InvalidResponse(format!(
-                "{what}: HTTP {} redirect was not followed",
-                response.status()
-            )));
-        }
-        let body = read_limited(&what, response, MAX_METADATA_BYTES).await?;
-        let metadata = DatasetMetadata::parse(&body)
-            .map_err(|e| PortError::InvalidResponse(self.client.scrub(format!("{what}: {e}"))))?;
-        // The HEAD's marker, not the GET's: a GET redirected to the CDN has
-        // other headers, and if the file changed in between, the next probe
-        // sees a new marker and downloads again (one extra GET, never a miss).
-        Ok(MetadataRead::Published(DatasetVersion {
-            metadata,
-            revision: marker,
-        }))
+        Ok(match self.fetch_shared().await? {
+            Fetched::Absent => MetadataRead::Absent,
+            Fetched::Version(version) => answer(version, known_revision.as_deref()),
+            // Nothing new to decide on: what the caller holds stays valid.
+            Fetched::Invalid { marker, .. } if marker.is_some() && marker == known_revision => {
+                MetadataRead::Unchanged
+            }
+            Fetched::Invalid { error, .. } => return Err(error),
+        })
     }
 
     fn describe(&self) -> String {
@@ -169,22 +178,143 @@ impl MetadataStore for HfMetadataStore {
     }
 }
 
+/// `Unchanged` when the version carries a marker and it is the known one.
+fn answer(version: DatasetVersion, known_revision: Option<&str>) -> MetadataRead {
+    match (&version.revision, known_revision) {
+        (Some(marker), Some(known)) if marker == known => MetadataRead::Unchanged,
+        _ => MetadataRead::Published(version),
+    }
+}
+
 impl HfMetadataStore {
-    async fn probe(&self, what: &str) -> Result<Probe, PortError> {
+    fn last_download(&self) -> Option<LastDownload> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn remember(&self, download: Option<LastDownload>) {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = download;
+    }
+
+    /// Join the request in flight, or send a new one. Only a request still
+    /// running is joined: a read never gets an answer older than its start
+    /// by more than one round trip.
+    async fn fetch_shared(&self) -> Result<Fetched, PortError> {
+        let cell = {
+            let mut slot = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            match &*slot {
+                Some(cell) if !cell.initialized() => cell.clone(),
+                _ => {
+                    let cell = FetchCell::default();
+                    *slot = Some(cell.clone());
+                    cell
+                }
+            }
+        };
+        cell.get_or_init(|| self.fetch()).await.clone()
+    }
+
+    async fn fetch(&self) -> Result<Fetched, PortError> {
+        let what = self.what();
+        let last = self.last_download();
+        let etag = last.as_ref().and_then(|l| l.etag.as_ref());
+        // The probe client: the Hub's own headers, never a CDN's (§1.3).
         let response = self
             .client
-            .send(what, Method::HEAD, &self.url, None, true)
+            .send_with_header(
+                &what,
+                Method::GET,
+                &self.url,
+                None,
+                true,
+                etag.map(|etag| (IF_NONE_MATCH, etag)),
+            )
             .await?;
-        if response.status() == StatusCode::METHOD_NOT_ALLOWED {
-            // A plain server without HEAD support: fall back to always GET.
-            return Ok(Probe::Present { marker: None });
+        if response.status() == StatusCode::NOT_MODIFIED {
+            return match last.filter(|l| l.etag.is_some()) {
+                Some(last) => {
+                    debug!(url = %self.display, "metadata not modified (304); not downloading it");
+                    Ok(Fetched::Version(last.version))
+                }
+                None => Err(PortError::InvalidResponse(format!(
+                    "{what}: HTTP 304 Not Modified to a request without If-None-Match"
+                ))),
+            };
         }
-        Ok(match self.check(response).await? {
-            None => Probe::Absent,
-            Some(response) => Probe::Present {
-                marker: change_marker(&response),
-            },
-        })
+        let Some(response) = self.check(response).await? else {
+            self.remember(None);
+            return Ok(Fetched::Absent);
+        };
+        let marker = change_marker(&response);
+        if response.status().is_redirection() {
+            // An absolute redirect (an LFS/Xet file on the CDN): the Hub's
+            // headers carry the marker, the body is elsewhere.
+            if let Some(last) = last.filter(|l| marker.is_some() && l.version.revision == marker) {
+                return Ok(Fetched::Version(last.version));
+            }
+            let fetched = self.download_redirected(&what, marker).await?;
+            if let Fetched::Version(version) = &fetched {
+                self.remember(Some(LastDownload {
+                    etag: None,
+                    version: version.clone(),
+                }));
+            }
+            return Ok(fetched);
+        }
+        let etag = response.headers().get(ETAG).cloned();
+        let body = read_limited(&what, response, MAX_METADATA_BYTES).await?;
+        match DatasetMetadata::parse(&body) {
+            Ok(metadata) => {
+                let version = DatasetVersion {
+                    metadata,
+                    revision: marker,
+                };
+                self.remember(Some(LastDownload {
+                    etag,
+                    version: version.clone(),
+                }));
+                Ok(Fetched::Version(version))
+            }
+            Err(e) => {
+                self.remember(None);
+                Ok(Fetched::Invalid {
+                    marker,
+                    error: PortError::InvalidResponse(self.client.scrub(format!("{what}: {e}"))),
+                })
+            }
+        }
+    }
+
+    /// Follow the Hub's redirect to the CDN (the client that follows any
+    /// redirect, without the token on other origins) and parse the file.
+    async fn download_redirected(
+        &self,
+        what: &str,
+        marker: Option<String>,
+    ) -> Result<Fetched, PortError> {
+        let response = self
+            .client
+            .send(what, Method::GET, &self.url, None, false)
+            .await?;
+        let Some(response) = self.check(response).await? else {
+            // Deleted between the two requests.
+            return Ok(Fetched::Absent);
+        };
+        if response.status().is_redirection() {
+            return Err(PortError::InvalidResponse(format!(
+                "{what}: HTTP {} redirect was not followed",
+                response.status()
+            )));
+        }
+        let body = read_limited(what, response, MAX_METADATA_BYTES).await?;
+        let metadata = DatasetMetadata::parse(&body)
+            .map_err(|e| PortError::InvalidResponse(self.client.scrub(format!("{what}: {e}"))))?;
+        // The Hub's marker, not the CDN's headers: if the file changed in
+        // between, the next read sees a new marker and downloads again (one
+        // extra download, never a miss).
+        Ok(Fetched::Version(DatasetVersion {
+            metadata,
+            revision: marker,
+        }))
     }
 }
 

@@ -198,6 +198,20 @@ impl HubClient {
         body: Option<&serde_json::Value>,
         probe: bool,
     ) -> Result<Response, PortError> {
+        self.send_with_header(what, method, url, body, probe, None)
+            .await
+    }
+
+    /// [`HubClient::send`] with one more request header (e.g. `If-None-Match`).
+    pub(crate) async fn send_with_header(
+        &self,
+        what: &str,
+        method: Method,
+        url: &Url,
+        body: Option<&serde_json::Value>,
+        probe: bool,
+        extra: Option<(reqwest::header::HeaderName, &reqwest::header::HeaderValue)>,
+    ) -> Result<Response, PortError> {
         let client = if probe { &self.probe } else { &self.http };
         let token = self
             .token
@@ -213,6 +227,9 @@ impl HubClient {
                 }
                 if let Some(token) = &token {
                     request = request.bearer_auth(token);
+                }
+                if let Some((name, value)) = &extra {
+                    request = request.header(name.clone(), (*value).clone());
                 }
                 if let Some(body) = body {
                     request = request.json(body);

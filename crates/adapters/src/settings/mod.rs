@@ -142,6 +142,8 @@ struct RawCounts {
     correct_ratio: f64,
     #[serde(default = "default_statement_timeout")]
     statement_timeout: HumanDuration,
+    #[serde(default)]
+    watermarks: crate::counts::WatermarkForm,
 }
 
 fn one() -> f64 {
@@ -331,6 +333,8 @@ pub struct CountsSettings {
     pub query: String,
     pub correct_ratio: CorrectRatio,
     pub statement_timeout: Duration,
+    /// How the query takes the labels' watermarks.
+    pub watermarks: crate::counts::WatermarkForm,
 }
 
 #[derive(Debug, Clone)]
@@ -752,6 +756,7 @@ fn validate(
                 query,
                 correct_ratio,
                 statement_timeout: c.statement_timeout.0,
+                watermarks: c.watermarks,
             })
         }
     };

@@ -679,3 +679,26 @@ trainer = { github_workflow = { repo = "acme/ml", workflow = "train.yml", ref = 
     let err = parse_job(&minimal, false).unwrap_err();
     assert!(err.contains("trainers only"), "{err}");
 }
+
+#[test]
+fn counts_watermarks_form_defaults_to_shared_and_errors_name_the_key() {
+    use crate::counts::WatermarkForm;
+    let dir = tempfile::tempdir().unwrap();
+    let base = "[counts]\ndatabase = \"sqlite://f.db\"\nquery = \"SELECT 1\"\n";
+    let form = |extra: &str| {
+        let file = write(&dir, &format!("{base}{extra}"));
+        load(&sources(Some(file), &[])).map(|l| l.settings.counts.unwrap().watermarks)
+    };
+    assert_eq!(form("").unwrap(), WatermarkForm::Shared);
+    assert_eq!(
+        form("watermarks = \"per_label\"\n").unwrap(),
+        WatermarkForm::PerLabel
+    );
+    assert_eq!(
+        form("watermarks = \"shared\"\n").unwrap(),
+        WatermarkForm::Shared
+    );
+    let err = form("watermarks = \"each\"\n").unwrap_err().to_string();
+    assert!(err.contains("watermarks"), "{err}");
+    assert!(err.contains("each"), "{err}");
+}

@@ -2,9 +2,9 @@
 //!
 //! It speaks the shapes of `shared/reference/external-apis.md` §1 for the
 //! calls retrain makes: Space runtime/restart/variables and dataset resolve
-//! URLs (`HEAD`/`GET` with `X-Repo-Commit` and `ETag`). Every request must
-//! carry `authorization: Bearer <token>` (401 otherwise), so a test passing
-//! against it proves the token is sent.
+//! URLs (`HEAD`/`GET` with `X-Repo-Commit` and `ETag`; `If-None-Match` →
+//! `304`). Every request must carry `authorization: Bearer <token>` (401
+//! otherwise), so a test passing against it proves the token is sent.
 //!
 //! Time is wall-clock: a publication scheduled `delay` after a restart
 //! becomes visible to the first request made after that delay.
@@ -135,6 +135,8 @@ struct Dataset {
     files: BTreeMap<String, Vec<u8>>,
     heads: u64,
     gets: u64,
+    /// Conditional requests answered `304 Not Modified`.
+    not_modified: u64,
 }
 
 #[derive(Debug, Default)]
@@ -438,6 +440,15 @@ impl FakeHub {
         lock(&self.state).datasets.get(repo).map_or(0, |d| d.gets)
     }
 
+    /// Number of resolve requests on dataset `repo` answered `304 Not
+    /// Modified` (their `If-None-Match` named the current `ETag`).
+    pub fn metadata_not_modified(&self, repo: &str) -> u64 {
+        lock(&self.state)
+            .datasets
+            .get(repo)
+            .map_or(0, |d| d.not_modified)
+    }
+
     /// Current commit of dataset `repo` (after due publications).
     pub fn commit(&self, repo: &str) -> Option<String> {
         let mut state = lock(&self.state);
@@ -536,7 +547,17 @@ impl Respond for Responder {
                 if !path.is_empty() =>
             {
                 let repo = format!("{owner}/{name}");
-                resolve_route(&mut state, &method, &repo, revision, &path.join("/"))
+                let if_none_match = request
+                    .headers
+                    .get("if-none-match")
+                    .and_then(|v| v.to_str().ok());
+                resolve_route(
+                    &mut state,
+                    &method,
+                    &repo,
+                    (revision, &path.join("/")),
+                    if_none_match,
+                )
             }
             _ => json_error(404, None, "fake hub: no such route"),
         }
@@ -651,12 +672,17 @@ fn variables_json(space: &Space) -> serde_json::Value {
     serde_json::Value::Object(map)
 }
 
+/// A dataset file's resolve URL, as the Hub answers it for a small (non-LFS)
+/// file: `200` with the content, `X-Repo-Commit` and the quoted `ETag`; a
+/// request whose `If-None-Match` names the current `ETag` gets `304 Not
+/// Modified` with the same headers and no body (the Hub does this on
+/// resolve URLs, not on `raw` ones: huggingface/huggingface.js#1713).
 fn resolve_route(
     state: &mut State,
     method: &str,
     repo: &str,
-    revision: &str,
-    path: &str,
+    (revision, path): (&str, &str),
+    if_none_match: Option<&str>,
 ) -> ResponseTemplate {
     let Some(dataset) = state.datasets.get_mut(repo) else {
         return json_error(404, Some("RepoNotFound"), "Repository not found");
@@ -677,11 +703,21 @@ fn resolve_route(
         return json_error(404, Some("EntryNotFound"), "Entry not found");
     };
     // Non-LFS files: the ETag is the git blob sha; any content hash will do.
-    let etag = hex::encode(&sha2::Sha256::digest(content)[..20]);
-    let response = ResponseTemplate::new(200)
+    let etag = format!("\"{}\"", hex::encode(&sha2::Sha256::digest(content)[..20]));
+    let matches = if_none_match.is_some_and(|header| {
+        header
+            .split(',')
+            .map(|tag| tag.trim().trim_start_matches("W/"))
+            .any(|tag| tag == "*" || tag == etag)
+    });
+    let status = if matches { 304 } else { 200 };
+    let response = ResponseTemplate::new(status)
         .insert_header("x-repo-commit", dataset.commit.as_str())
-        .insert_header("etag", format!("\"{etag}\"").as_str());
-    if method == "HEAD" {
+        .insert_header("etag", etag.as_str());
+    if matches {
+        dataset.not_modified += 1;
+        response
+    } else if method == "HEAD" {
         response
     } else {
         response.set_body_raw(content.clone(), "application/json")

@@ -1,9 +1,10 @@
 //! Count source against real SQLite files and a real Postgres.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
-use retrain_adapters::counts::{open_count_source, CountOptions};
+use retrain_adapters::counts::{open_count_source, CountOptions, WatermarkForm};
 use retrain_core::domain::{FeedbackCounts, Label};
 use retrain_core::ports::PortError;
 
@@ -18,6 +19,21 @@ const SEED_QUERY_PG: &str = "SELECT label,
         count(*) FILTER (WHERE predicted <> corrected) AS misclassified,
         count(*) FILTER (WHERE predicted = corrected) AS correct
      FROM reviews WHERE reviewed_at > $1 GROUP BY label";
+
+/// The per-label form: every label at its own watermark, one statement.
+const PER_LABEL_QUERY_SQLITE: &str = "SELECT r.label,
+        SUM(CASE WHEN r.predicted <> r.corrected THEN 1 ELSE 0 END) AS misclassified,
+        SUM(CASE WHEN r.predicted = r.corrected THEN 1 ELSE 0 END) AS correct
+     FROM json_each($1) AS w
+     JOIN reviews r ON r.label = w.value ->> 'label' AND r.reviewed_at > w.value ->> 'since'
+     GROUP BY r.label";
+
+const PER_LABEL_QUERY_PG: &str = "SELECT r.label,
+        count(*) FILTER (WHERE r.predicted <> r.corrected) AS misclassified,
+        count(*) FILTER (WHERE r.predicted = r.corrected) AS correct
+     FROM unnest($1::text[], $2::timestamptz[]) AS w(label, since)
+     JOIN reviews r ON r.label = w.label AND r.reviewed_at > w.since
+     GROUP BY r.label";
 
 fn at(day: u32) -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2025, 10, day, 12, 0, 0).unwrap()
@@ -173,6 +189,122 @@ async fn missing_sqlite_file_and_empty_query_are_config_errors() {
     assert!(err.starts_with("counts.query:"), "{err}");
 }
 
+fn watermarks(pairs: &[(&str, DateTime<Utc>)]) -> BTreeMap<Label, DateTime<Utc>> {
+    pairs.iter().map(|(l, since)| (label(l), *since)).collect()
+}
+
+/// The per-label form against the shared one on the same rows: every label
+/// counted at its own watermark by one statement, the same answers as one
+/// statement per distinct watermark, and `counts(since)` binding every
+/// configured label at that watermark.
+async fn per_label_form_counts_every_label_at_its_own_watermark(
+    url: &str,
+    shared_query: &str,
+    per_label_query: &str,
+) {
+    let per_label = open_count_source(
+        url,
+        per_label_query,
+        CountOptions {
+            form: WatermarkForm::PerLabel,
+            labels: vec![label("dept"), label("urgency")],
+            ..CountOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let shared = open_count_source(url, shared_query, CountOptions::default())
+        .await
+        .unwrap();
+    let epoch = DateTime::<Utc>::UNIX_EPOCH;
+    let cases = [
+        // dept after day 2 (its day-3 row), urgency since the epoch.
+        (
+            watermarks(&[("dept", at(2)), ("urgency", epoch)]),
+            vec![("dept", counts(1, 0)), ("urgency", counts(0, 1))],
+        ),
+        // dept since the epoch, urgency after its only row.
+        (
+            watermarks(&[("dept", epoch), ("urgency", at(4))]),
+            vec![("dept", counts(3, 1))],
+        ),
+        // A label that is not asked for is not counted.
+        (
+            watermarks(&[("urgency", epoch)]),
+            vec![("urgency", counts(0, 1))],
+        ),
+        (watermarks(&[]), vec![]),
+    ];
+    for (given, expected) in cases {
+        let expected: BTreeMap<Label, FeedbackCounts> =
+            expected.into_iter().map(|(l, c)| (label(l), c)).collect();
+        assert_eq!(
+            per_label.counts_per_label(&given).await.unwrap(),
+            expected,
+            "per-label form, {given:?}"
+        );
+        assert_eq!(
+            shared.counts_per_label(&given).await.unwrap(),
+            expected,
+            "shared form, {given:?}"
+        );
+    }
+    for since in [epoch, at(2), at(4)] {
+        assert_eq!(
+            per_label.counts(since).await.unwrap(),
+            shared.counts(since).await.unwrap(),
+            "counts({since})"
+        );
+    }
+}
+
+/// A query written for the other form is refused when the source opens,
+/// naming the key and what the form binds.
+async fn a_query_of_the_other_form_is_a_config_error(
+    url: &str,
+    shared_query: &str,
+    per_label_query: &str,
+) {
+    let per_label = CountOptions {
+        form: WatermarkForm::PerLabel,
+        ..CountOptions::default()
+    };
+    for (query, options, needle) in [
+        (shared_query, per_label.clone(), "per_label"),
+        (per_label_query, CountOptions::default(), "per_label"),
+    ] {
+        let err = open_count_source(url, query, options)
+            .await
+            .err()
+            .expect("opening should fail")
+            .to_string();
+        assert!(err.starts_with("counts.query:"), "{err}");
+        assert!(err.contains(needle), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn sqlite_per_label_form_counts_every_label_at_its_own_watermark() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = sqlite_db(&dir).await;
+    per_label_form_counts_every_label_at_its_own_watermark(
+        &url,
+        SEED_QUERY_SQLITE,
+        PER_LABEL_QUERY_SQLITE,
+    )
+    .await;
+    a_query_of_the_other_form_is_a_config_error(&url, SEED_QUERY_SQLITE, PER_LABEL_QUERY_SQLITE)
+        .await;
+}
+
+#[tokio::test]
+async fn postgres_per_label_form_counts_every_label_at_its_own_watermark() {
+    let Some(url) = pg_db().await else { return };
+    per_label_form_counts_every_label_at_its_own_watermark(&url, SEED_QUERY_PG, PER_LABEL_QUERY_PG)
+        .await;
+    a_query_of_the_other_form_is_a_config_error(&url, SEED_QUERY_PG, PER_LABEL_QUERY_PG).await;
+}
+
 async fn pg_db() -> Option<String> {
     let url = pg::fresh_database().await?;
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
@@ -276,6 +408,7 @@ async fn postgres_statement_timeout_stops_slow_queries() {
         "SELECT 'dept' AS label, 1 AS misclassified, 1 AS correct FROM pg_sleep(10) WHERE $1::timestamptz IS NOT NULL",
         CountOptions {
             statement_timeout: Duration::from_millis(300),
+            ..CountOptions::default()
         },
     )
     .await

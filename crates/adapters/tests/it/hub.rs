@@ -367,7 +367,7 @@ async fn rate_limit_429_honours_retry_after() {
 #[tokio::test]
 async fn rate_limit_429_honours_the_ratelimit_header() {
     let server = MockServer::start().await;
-    Mock::given(method("HEAD"))
+    Mock::given(method("GET"))
         .respond_with(
             ResponseTemplate::new(429)
                 .insert_header("ratelimit", "\"resolvers\";r=0;t=0")
@@ -377,17 +377,16 @@ async fn rate_limit_429_honours_the_ratelimit_header() {
                 ),
         )
         .up_to_n_times(1)
+        .with_priority(1)
         .mount(&server)
         .await;
-    Mock::given(method("HEAD"))
-        .and(path(META_PATH))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .insert_header("x-repo-commit", "abc")
-                .insert_header("etag", "\"e1\""),
-        )
-        .mount(&server)
-        .await;
+    mount_metadata(
+        &server,
+        "abc",
+        "\"e1\"",
+        metadata_json("v1", 1).to_string().as_bytes(),
+    )
+    .await;
     let store = store(&server);
     let started = Instant::now();
     // t=0 → wait t+1 = 1 s, then the marker equals the known one.
@@ -811,21 +810,26 @@ async fn trainer_wait_is_bounded() {
     ));
 }
 
+/// The resolve URL as the Hub answers a small file: `200` with the content,
+/// `X-Repo-Commit` and `ETag`, or `304` without a body when `If-None-Match`
+/// names that `ETag`.
 async fn mount_metadata(server: &MockServer, commit: &str, etag: &str, body: &[u8]) {
-    Mock::given(method("HEAD"))
+    Mock::given(method("GET"))
         .and(path(META_PATH))
         .and(bearer())
-        .and(header("accept-encoding", "identity"))
+        .and(header("if-none-match", etag))
         .respond_with(
-            ResponseTemplate::new(200)
+            ResponseTemplate::new(304)
                 .insert_header("x-repo-commit", commit)
                 .insert_header("etag", etag),
         )
+        .with_priority(1)
         .mount(server)
         .await;
     Mock::given(method("GET"))
         .and(path(META_PATH))
         .and(bearer())
+        .and(header("accept-encoding", "identity"))
         .respond_with(
             ResponseTemplate::new(200)
                 .insert_header("x-repo-commit", commit)
@@ -836,15 +840,15 @@ async fn mount_metadata(server: &MockServer, commit: &str, etag: &str, body: &[u
         .await;
 }
 
-fn gets(requests: &[wiremock::Request]) -> usize {
-    requests
-        .iter()
-        .filter(|r| r.method.as_str() == "GET")
-        .count()
+fn if_none_match(request: &wiremock::Request) -> Option<&str> {
+    request
+        .headers
+        .get("if-none-match")
+        .and_then(|v| v.to_str().ok())
 }
 
 #[tokio::test]
-async fn metadata_head_then_get_and_unchanged_without_get() {
+async fn metadata_is_one_conditional_get_and_a_304_costs_no_body() {
     let server = MockServer::start().await;
     let body = metadata_json("v20251030_115250", 1600).to_string();
     mount_metadata(&server, "c379e821", "W/\"5a1b\"", body.as_bytes()).await;
@@ -857,24 +861,145 @@ async fn metadata_head_then_get_and_unchanged_without_get() {
     assert_eq!(version.metadata.version_tag.as_str(), "v20251030_115250");
     assert_eq!(version.metadata.num_samples, 1600);
     assert_eq!(version.revision.as_deref(), Some("c379e821:5a1b"));
-    assert_eq!(gets(&server.received_requests().await.unwrap()), 1);
+    let requests = server.received_requests().await.unwrap();
+    assert_eq!(requests.len(), 1, "one request per read, no HEAD first");
+    assert_eq!(if_none_match(&requests[0]), None, "nothing to match yet");
 
-    // Same marker: answered from the HEAD alone.
+    // The ETag comes back exactly as sent; the Hub answers 304, no body.
     let again = store.read(version.revision.clone()).await.unwrap();
     assert_eq!(again, MetadataRead::Unchanged);
     let requests = server.received_requests().await.unwrap();
-    assert_eq!(gets(&requests), 1, "no GET for an unchanged file");
-    assert_eq!(requests.len(), 3);
+    assert_eq!(requests.len(), 2);
+    assert_eq!(if_none_match(&requests[1]), Some("W/\"5a1b\""));
 
-    // A different known marker downloads again.
+    // A 304 with another known marker (a run that never saw this file)
+    // answers with the file downloaded before.
     let other = store.read(Some("old:marker".into())).await.unwrap();
-    assert!(matches!(other, MetadataRead::Published(_)));
+    assert_eq!(other, MetadataRead::Published(version.clone()));
+    let other = store.read(None).await.unwrap();
+    assert_eq!(other, MetadataRead::Published(version));
+    assert_eq!(server.received_requests().await.unwrap().len(), 4);
+}
+
+#[tokio::test]
+async fn metadata_changed_since_the_etag_is_downloaded_in_the_same_request() {
+    let server = MockServer::start().await;
+    mount_metadata(
+        &server,
+        "c1",
+        "\"e1\"",
+        metadata_json("v1", 1).to_string().as_bytes(),
+    )
+    .await;
+    let store = store(&server);
+    let MetadataRead::Published(first) = store.read(None).await.unwrap() else {
+        panic!("v1 should be published")
+    };
+    server.reset().await;
+    mount_metadata(
+        &server,
+        "c2",
+        "\"e2\"",
+        metadata_json("v2", 2).to_string().as_bytes(),
+    )
+    .await;
+    let MetadataRead::Published(second) = store.read(first.revision.clone()).await.unwrap() else {
+        panic!("v2 should be published")
+    };
+    assert_eq!(second.metadata.version_tag.as_str(), "v2");
+    assert_eq!(second.revision.as_deref(), Some("c2:e2"));
+    let requests = server.received_requests().await.unwrap();
+    assert_eq!(requests.len(), 1, "the changed file came with the 200");
+    assert_eq!(if_none_match(&requests[0]), Some("\"e1\""));
+    // And the next read is conditional on the new ETag.
+    assert_eq!(
+        store.read(second.revision).await.unwrap(),
+        MetadataRead::Unchanged
+    );
+    let requests = server.received_requests().await.unwrap();
+    assert_eq!(if_none_match(&requests[1]), Some("\"e2\""));
+}
+
+#[tokio::test]
+async fn a_server_ignoring_if_none_match_still_reads_as_unchanged() {
+    // A plain file server (or a proxy) that always answers 200: the change
+    // marker decides, as with the Hub's own headers.
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .insert_header("x-repo-commit", "c1")
+                .insert_header("etag", "\"e1\"")
+                .set_body_raw(metadata_json("v1", 1).to_string(), "application/json"),
+        )
+        .mount(&server)
+        .await;
+    let store = store(&server);
+    let MetadataRead::Published(first) = store.read(None).await.unwrap() else {
+        panic!("v1 should be published")
+    };
+    assert_eq!(
+        store.read(first.revision).await.unwrap(),
+        MetadataRead::Unchanged
+    );
+    assert_eq!(server.received_requests().await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn reads_of_one_file_in_flight_together_share_one_request() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path(META_PATH))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .insert_header("x-repo-commit", "c1")
+                .insert_header("etag", "\"e1\"")
+                .set_body_raw(metadata_json("v1", 1).to_string(), "application/json")
+                .set_delay(Duration::from_millis(300)),
+        )
+        .mount(&server)
+        .await;
+    let store = store(&server);
+    // Labels that read the same metadata file hold clones of one store.
+    let reads = (0..20).map(|i| {
+        let store = store.clone();
+        // Half of them already know the version, half do not.
+        let known = (i % 2 == 0).then(|| "c1:e1".to_owned());
+        async move { (known.clone(), store.read(known).await.unwrap()) }
+    });
+    for (known, read) in futures::future::join_all(reads).await {
+        match known {
+            Some(_) => assert_eq!(read, MetadataRead::Unchanged),
+            None => assert!(matches!(read, MetadataRead::Published(_)), "{read:?}"),
+        }
+    }
+    assert_eq!(
+        server.received_requests().await.unwrap().len(),
+        1,
+        "one request for 20 concurrent reads"
+    );
+    // A read after that one finished sends its own request.
+    store.read(None).await.unwrap();
+    assert_eq!(server.received_requests().await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn an_unasked_304_is_an_invalid_response() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(304))
+        .mount(&server)
+        .await;
+    let err = store(&server).read(None).await.unwrap_err();
+    assert!(matches!(err, PortError::InvalidResponse(_)), "{err:?}");
+    check_message(&err, "304");
+    check_message(&err, "owner/ds");
 }
 
 #[tokio::test]
 async fn metadata_prefers_x_linked_etag() {
     let server = MockServer::start().await;
-    Mock::given(method("HEAD"))
+    Mock::given(method("GET"))
         .respond_with(
             ResponseTemplate::new(200)
                 .insert_header("x-repo-commit", "c1")
@@ -901,12 +1026,12 @@ async fn metadata_absent_on_entry_not_found_or_bare_404() {
         ResponseTemplate::new(404),
     ] {
         server.reset().await;
-        Mock::given(method("HEAD"))
+        Mock::given(method("GET"))
             .respond_with(response)
             .mount(&server)
             .await;
         assert_eq!(store.read(None).await.unwrap(), MetadataRead::Absent);
-        assert_eq!(gets(&server.received_requests().await.unwrap()), 0);
+        assert_eq!(server.received_requests().await.unwrap().len(), 1);
     }
 }
 
@@ -935,7 +1060,7 @@ async fn metadata_repo_errors_name_the_repo_and_never_the_token() {
     ];
     for (response, needle) in cases {
         server.reset().await;
-        Mock::given(method("HEAD"))
+        Mock::given(method("GET"))
             .respond_with(response)
             .mount(&server)
             .await;
@@ -983,7 +1108,7 @@ async fn metadata_errors_name_the_url_and_the_field() {
 #[tokio::test]
 async fn hf_url_with_revision_is_quoted_like_the_python_client() {
     let server = MockServer::start().await;
-    Mock::given(method("HEAD"))
+    Mock::given(method("GET"))
         .respond_with(ResponseTemplate::new(404).insert_header("x-error-code", "EntryNotFound"))
         .mount(&server)
         .await;
@@ -1014,13 +1139,10 @@ async fn hf_url_with_revision_is_quoted_like_the_python_client() {
 async fn token_is_only_sent_to_the_configured_endpoint() {
     let hub = MockServer::start().await;
     let elsewhere = MockServer::start().await;
-    Mock::given(method("HEAD"))
-        .respond_with(ResponseTemplate::new(200).insert_header("etag", "\"e\""))
-        .mount(&elsewhere)
-        .await;
     Mock::given(method("GET"))
         .respond_with(
             ResponseTemplate::new(200)
+                .insert_header("etag", "\"e\"")
                 .set_body_raw(metadata_json("v1", 1).to_string(), "application/json"),
         )
         .mount(&elsewhere)
@@ -1043,11 +1165,13 @@ async fn token_is_only_sent_to_the_configured_endpoint() {
 }
 
 #[tokio::test]
-async fn head_does_not_follow_absolute_redirects_but_get_does_without_the_token() {
+async fn the_hub_redirect_gives_the_marker_and_only_the_download_reaches_the_cdn() {
     let hub = MockServer::start().await;
     let cdn = MockServer::start().await;
     let cdn_url = format!("{}/blob/abc", cdn.uri());
-    Mock::given(method("HEAD"))
+    // An LFS file: the Hub answers with an absolute redirect carrying the
+    // file's marker; the probe does not follow it, the download does.
+    Mock::given(method("GET"))
         .and(path(META_PATH))
         .respond_with(
             ResponseTemplate::new(302)
@@ -1055,11 +1179,6 @@ async fn head_does_not_follow_absolute_redirects_but_get_does_without_the_token(
                 .insert_header("x-repo-commit", "c9")
                 .insert_header("x-linked-etag", "\"lfs-sha\""),
         )
-        .mount(&hub)
-        .await;
-    Mock::given(method("GET"))
-        .and(path(META_PATH))
-        .respond_with(ResponseTemplate::new(302).insert_header("location", cdn_url.as_str()))
         .mount(&hub)
         .await;
     Mock::given(method("GET"))
@@ -1077,26 +1196,31 @@ async fn head_does_not_follow_absolute_redirects_but_get_does_without_the_token(
     };
     assert_eq!(version.revision.as_deref(), Some("c9:lfs-sha"));
     let cdn_requests = cdn.received_requests().await.unwrap();
-    assert_eq!(cdn_requests.len(), 1, "only the GET reaches the CDN");
+    assert_eq!(cdn_requests.len(), 1, "only the download reaches the CDN");
     assert_eq!(cdn_requests[0].method.as_str(), "GET");
     assert!(!cdn_requests[0].headers.contains_key("authorization"));
+    assert_eq!(hub.received_requests().await.unwrap().len(), 2);
     assert_eq!(
         store.read(version.revision).await.unwrap(),
         MetadataRead::Unchanged
     );
+    assert_eq!(cdn.received_requests().await.unwrap().len(), 1);
+    assert_eq!(hub.received_requests().await.unwrap().len(), 3);
 }
 
 #[tokio::test]
 async fn metadata_5xx_then_success() {
     let server = MockServer::start().await;
-    Mock::given(method("HEAD"))
+    Mock::given(method("GET"))
         .respond_with(ResponseTemplate::new(500))
         .up_to_n_times(1)
+        .with_priority(1)
         .mount(&server)
         .await;
     Mock::given(method("GET"))
         .respond_with(ResponseTemplate::new(503))
         .up_to_n_times(1)
+        .with_priority(2)
         .mount(&server)
         .await;
     mount_metadata(
@@ -1108,7 +1232,7 @@ async fn metadata_5xx_then_success() {
     .await;
     let read = store(&server).read(None).await.unwrap();
     assert!(matches!(read, MetadataRead::Published(_)), "{read:?}");
-    assert_eq!(server.received_requests().await.unwrap().len(), 4);
+    assert_eq!(server.received_requests().await.unwrap().len(), 3);
 }
 
 #[cfg(feature = "testing")]
@@ -1142,7 +1266,10 @@ mod fake {
             store.read(first.revision.clone()).await.unwrap(),
             MetadataRead::Unchanged
         );
-        assert_eq!(hub.metadata_gets("owner/ds"), 1);
+        // Two conditional GETs, the second answered 304; no HEAD.
+        assert_eq!(hub.metadata_gets("owner/ds"), 2);
+        assert_eq!(hub.metadata_not_modified("owner/ds"), 1);
+        assert_eq!(hub.metadata_heads("owner/ds"), 0);
 
         controller
             .restart(&JobKey("cycle-1/prepare/job".into()))
@@ -1163,6 +1290,9 @@ mod fake {
         assert_eq!(second.metadata.version_tag.as_str(), "v2");
         assert_eq!(second.metadata.num_samples, 100);
         assert_ne!(second.revision, first.revision);
+        // The new version came in the answer to the conditional GET.
+        assert_eq!(hub.metadata_gets("owner/ds"), 4);
+        assert_eq!(hub.metadata_not_modified("owner/ds"), 2);
         assert_eq!(hub.posts(), 1);
         assert!(hub.requests().iter().all(|r| r.authorized));
     }
