@@ -24,6 +24,7 @@
 
 mod backend;
 mod deliveries;
+mod jobs;
 mod locks;
 mod postgres;
 mod sqlite;
@@ -55,6 +56,11 @@ use sqlite::SqliteRunStore;
 pub use watch::{JournalWaker, JournalWatch};
 
 pub use deliveries::{Delivery, DeliveryLog, DeliveryQuery, NewDelivery, Recorded};
+pub use jobs::{
+    format_size, log_tail, JobQueue, JobReport, JobState, Lease as JobLease, NewJob, NewWorker,
+    RemoteJob, RemoteJobSpec, Reported, ResourceRequest, Resources, StaleSweep, Worker,
+    WorkerState, LOG_TAIL_BYTES,
+};
 
 /// The config key the store URL comes from (named in errors).
 const KEY: &str = "state";
@@ -89,11 +95,13 @@ pub async fn open_run_store(
     Ok(open_stores(url, options).await?.runs)
 }
 
-/// The run store and the server's delivery log, over one pool.
+/// The run store, the server's delivery log and the remote job queue, over
+/// one pool.
 #[derive(Clone)]
 pub struct Stores {
     pub runs: Arc<dyn RunStore>,
     pub deliveries: Arc<dyn DeliveryLog>,
+    pub jobs: Arc<dyn JobQueue>,
 }
 
 impl std::fmt::Debug for Stores {
@@ -107,7 +115,8 @@ impl Stores {
         let store = Arc::new(store);
         Self {
             runs: store.clone(),
-            deliveries: store,
+            deliveries: store.clone(),
+            jobs: store,
         }
     }
 }
@@ -505,6 +514,11 @@ const SQLITE_MIGRATIONS: Embedded = Embedded(&[
         "webhook deliveries",
         include_str!("../../migrations/sqlite/0009_webhook_deliveries.sql"),
     ),
+    (
+        10,
+        "remote jobs and workers",
+        include_str!("../../migrations/sqlite/0010_remote_jobs.sql"),
+    ),
 ]);
 
 const POSTGRES_MIGRATIONS: Embedded = Embedded(&[
@@ -537,6 +551,11 @@ const POSTGRES_MIGRATIONS: Embedded = Embedded(&[
         8,
         "webhook deliveries",
         include_str!("../../migrations/postgres/0008_webhook_deliveries.sql"),
+    ),
+    (
+        9,
+        "remote jobs and workers",
+        include_str!("../../migrations/postgres/0009_remote_jobs.sql"),
     ),
 ]);
 
