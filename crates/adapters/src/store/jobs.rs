@@ -122,7 +122,7 @@ pub fn format_size(bytes: u64) -> String {
         ("M", 1 << 20),
         ("K", 1 << 10),
     ] {
-        if bytes >= size && bytes % size == 0 {
+        if bytes >= size && bytes.is_multiple_of(size) {
             return format!("{}{unit}", bytes / size);
         }
     }
@@ -303,7 +303,7 @@ impl Worker {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Lease {
     /// Assigned to this worker now.
-    Assigned(RemoteJob),
+    Assigned(Box<RemoteJob>),
     /// No queued job fits it.
     NoneFits,
     /// It already holds `job_key`.
@@ -836,7 +836,7 @@ impl<B: Backend> JobQueue for SqlRunStore<B> {
                     return self
                         .job(&job.job_key)
                         .await?
-                        .map(Lease::Assigned)
+                        .map(|job| Lease::Assigned(Box::new(job)))
                         .ok_or_else(|| StoreError::Conflict(format!("{what}: the row vanished")));
                 }
                 // The one-job-per-worker index: a concurrent lease of this
