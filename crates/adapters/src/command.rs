@@ -69,6 +69,13 @@ pub(crate) mod result;
 
 pub use check::CommandDatasetCheck;
 
+/// Parse a §6 result (`{"candidate": …, "metrics": {…}}`) as the
+/// `$RETRAIN_RESULT` file is parsed, for results that arrive another way
+/// (`POST /v1/runs/{id}/results`); the error names the field.
+pub fn parse_result_json(bytes: &[u8]) -> Result<retrain_core::domain::Candidate, String> {
+    result::parse_result(bytes)
+}
+
 use process::{
     find_job, process_alive, read_record, stop_group, stop_job, stop_orphans, write_record,
     JobRecord,

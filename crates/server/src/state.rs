@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use retrain_adapters::settings::Settings;
 use retrain_adapters::store::{DeliveryLog, JournalWatch};
+use retrain_adapters::worker_trainer::RemoteJobs;
 use retrain_core::engine::Engine;
 use retrain_core::ports::RunStore;
 use retrain_core::CancellationToken;
@@ -34,6 +35,9 @@ pub struct AppState {
     /// Every webhook delivery and schedule tick, with its outcome.
     pub deliveries: Arc<dyn DeliveryLog>,
     pub metrics: Arc<Metrics>,
+    /// The remote job queue and worker registry, and the wake-up of the
+    /// `lease-job` long polls (poked when this process enqueues).
+    pub jobs: RemoteJobs,
     /// What the webhooks know of each label (from the settings).
     pub webhook_targets: Arc<Vec<LabelTarget>>,
 }

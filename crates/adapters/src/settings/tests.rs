@@ -466,6 +466,8 @@ fn server_defaults_and_seed_003_names() {
     assert_eq!(server.bind, "127.0.0.1:8080".parse().unwrap());
     assert_eq!(server.body_limit, 1024 * 1024);
     assert_eq!(server.shutdown_timeout, Duration::from_secs(30));
+    assert_eq!(server.worker_ttl, Duration::from_secs(60));
+    assert_eq!(server.heartbeat_interval, Duration::from_secs(10));
     assert!(server.tokens.is_empty());
     assert!(server.schedule.is_none());
     assert_eq!(
@@ -569,6 +571,13 @@ fn bad_server_settings_name_the_key() {
     let cases: &[Case] = &[
         ("[server]\nbind = \"localhost\"\n", &[], "server.bind"),
         ("[server]\nbody_limit = 10\n", &[], "server.body_limit"),
+        (
+            "[server]\nheartbeat_interval = \"500ms\"\n",
+            &[],
+            "server.heartbeat_interval",
+        ),
+        ("[server]\nworker_ttl = \"15s\"\n", &[], "server.worker_ttl"),
+        ("[server]\nworker_ttl = \"soon\"\n", &[], "worker_ttl"),
         (
             "[server]\nshutdown_timeout = \"0s\"\n",
             &[],

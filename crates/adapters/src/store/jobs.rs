@@ -37,6 +37,11 @@ use super::SqlRunStore;
 /// SQL keeps the last 65,536 characters; reads trim that to this.
 pub const LOG_TAIL_BYTES: usize = 64 * 1024;
 
+/// A fresh, unguessable worker id (`w-<uuid v7>`).
+pub fn new_worker_id() -> String {
+    format!("w-{}", uuid::Uuid::now_v7().simple())
+}
+
 /// What a worker has (`POST /v1/workers`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

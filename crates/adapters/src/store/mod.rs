@@ -57,8 +57,8 @@ pub use watch::{JournalWaker, JournalWatch};
 
 pub use deliveries::{Delivery, DeliveryLog, DeliveryQuery, NewDelivery, Recorded};
 pub use jobs::{
-    format_size, log_tail, JobQueue, JobReport, JobState, Lease as JobLease, NewJob, NewWorker,
-    RemoteJob, RemoteJobSpec, Reported, ResourceRequest, Resources, StaleSweep, Worker,
+    format_size, log_tail, new_worker_id, JobQueue, JobReport, JobState, Lease as JobLease, NewJob,
+    NewWorker, RemoteJob, RemoteJobSpec, Reported, ResourceRequest, Resources, StaleSweep, Worker,
     WorkerState, LOG_TAIL_BYTES,
 };
 

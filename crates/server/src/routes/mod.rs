@@ -7,6 +7,7 @@ pub mod health;
 pub mod labels;
 pub mod rollback;
 pub mod runs;
+pub mod workers;
 
 use std::marker::PhantomData;
 
@@ -69,6 +70,18 @@ fn api() -> Router<AppState> {
         .route("/v1/labels", get(labels::list))
         .route("/v1/labels/{label}/rollback", post(rollback::rollback))
         .route("/v1/events", get(events::stream))
+        // Remote workers and their jobs (docs/server.md, "Workers").
+        .route("/v1/workers", post(workers::register).get(workers::list))
+        .route("/v1/workers/queue", get(workers::queue))
+        .route(
+            "/v1/workers/{id}",
+            get(workers::show).delete(workers::deregister),
+        )
+        .route("/v1/workers/{id}/heartbeat", post(workers::heartbeat))
+        .route("/v1/workers/{id}/lease-job", post(workers::lease_job))
+        .route("/v1/runs/{id}/logs", post(workers::logs))
+        .route("/v1/runs/{id}/results", post(workers::results))
+        .route("/v1/admin/workers/cleanup", post(workers::cleanup))
         .merge(hooks::router())
 }
 
@@ -106,7 +119,9 @@ scopes!(
     ReadScope => Read,
     TriggerScope => Trigger,
     ApproveScope => Approve,
-    RollbackScope => Rollback
+    RollbackScope => Rollback,
+    WorkerScope => Worker,
+    AdminScope => Admin
 );
 
 /// The caller of a request, authorized for `S`. As the first extractor of

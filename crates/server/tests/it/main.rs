@@ -6,3 +6,4 @@ mod process;
 mod replicas;
 mod support;
 mod webhooks;
+mod workers;
