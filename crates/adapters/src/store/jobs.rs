@@ -380,6 +380,17 @@ pub trait JobQueue: Send + Sync + std::fmt::Debug {
         at: DateTime<Utc>,
     ) -> Result<Option<Vec<String>>, StoreError>;
 
+    /// The worker says it runs nothing, yet holds jobs assigned before
+    /// `assigned_before`: it never received them (the lease answer was
+    /// lost). An assigned one goes back to the queue (same key, no attempt
+    /// used), one being cancelled is over. The keys released.
+    async fn release_unclaimed(
+        &self,
+        worker_id: &str,
+        assigned_before: DateTime<Utc>,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<String>, StoreError>;
+
     /// Remove the worker; a job it holds goes back to the queue (no attempt
     /// used). `false`: no such worker.
     async fn deregister_worker(&self, worker_id: &str) -> Result<bool, StoreError>;
@@ -490,6 +501,16 @@ const REQUEUE_OF_WORKER: &str =
 const FAIL_CANCELLING_OF_WORKER: &str =
     "UPDATE remote_jobs SET state = 'failed', failure = $2, finished_at = $3
      WHERE worker_id = $1 AND state = 'cancelling' RETURNING job_key";
+
+/// `$1` worker, `$2` assigned before.
+const REQUEUE_UNCLAIMED: &str =
+    "UPDATE remote_jobs SET state = 'queued', worker_id = NULL, assigned_at = NULL
+     WHERE worker_id = $1 AND state = 'assigned' AND assigned_at < $2 RETURNING job_key";
+
+/// `$1` worker, `$2` assigned before, `$3` now.
+const FAIL_UNCLAIMED_CANCELLING: &str =
+    "UPDATE remote_jobs SET state = 'failed', failure = 'cancelled', finished_at = $3
+     WHERE worker_id = $1 AND state = 'cancelling' AND assigned_at < $2 RETURNING job_key";
 
 const DELETE_WORKER: &str = "DELETE FROM remote_workers WHERE worker_id = $1 RETURNING worker_id";
 
@@ -770,6 +791,41 @@ impl<B: Backend> JobQueue for SqlRunStore<B> {
             }
         }
         Ok(Some(cancel))
+    }
+
+    async fn release_unclaimed(
+        &self,
+        worker_id: &str,
+        assigned_before: DateTime<Utc>,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<String>, StoreError> {
+        let b = &self.0;
+        let rows = b
+            .pool()
+            .transaction(vec![
+                (
+                    REQUEUE_UNCLAIMED,
+                    vec![Arg::text(worker_id), Arg::Time(assigned_before)],
+                ),
+                (
+                    FAIL_UNCLAIMED_CANCELLING,
+                    vec![
+                        Arg::text(worker_id),
+                        Arg::Time(assigned_before),
+                        Arg::Time(at),
+                    ],
+                ),
+            ])
+            .await
+            .map_err(|e| {
+                b.error(
+                    &format!("releasing the jobs worker {worker_id} never took"),
+                    e,
+                )
+            })?;
+        let mut released = keys(&rows[0], "job_key")?;
+        released.extend(keys(&rows[1], "job_key")?);
+        Ok(released)
     }
 
     async fn deregister_worker(&self, worker_id: &str) -> Result<bool, StoreError> {

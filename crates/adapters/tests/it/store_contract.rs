@@ -1917,6 +1917,29 @@ mod jobs {
             queue.lease("gpu", now()).await.unwrap(),
             JobLease::NotTaking(WorkerState::Draining)
         );
+        // A worker that says it runs nothing never got a job assigned to it
+        // before the cutoff: the job goes back to the queue, same key.
+        queue
+            .register_worker(&worker("lost-answer", 1, &["b"]))
+            .await
+            .unwrap();
+        assert_eq!(assigned(queue.as_ref(), "lost-answer").await, "r3/train/1");
+        let released = queue
+            .release_unclaimed("lost-answer", now() - Span::seconds(20), now())
+            .await
+            .unwrap();
+        assert!(released.is_empty(), "a fresh assignment is left alone");
+        let released = queue
+            .release_unclaimed("lost-answer", now() + Span::seconds(1), now())
+            .await
+            .unwrap();
+        assert_eq!(released, vec!["r3/train/1".to_owned()]);
+        let job = queue.job("r3/train/1").await.unwrap().unwrap();
+        assert_eq!(
+            (job.state, job.worker_id, job.attempt),
+            (JobState::Queued, None, 1)
+        );
+        queue.deregister_worker("lost-answer").await.unwrap();
         // Deregistering a worker re-queues the job it holds.
         queue
             .register_worker(&worker("gpu2", 2, &[]))

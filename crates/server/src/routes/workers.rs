@@ -191,12 +191,33 @@ pub async fn heartbeat(
             "`state` must be idle, running or draining",
         ));
     }
+    let now = Utc::now();
     let cancel = state
         .jobs
         .queue
-        .heartbeat(&id, worker_state, request.job_key.as_deref(), Utc::now())
+        .heartbeat(&id, worker_state, request.job_key.as_deref(), now)
         .await?
         .ok_or_else(|| worker_not_found(&id))?;
+    if worker_state == WorkerState::Idle && request.job_key.is_none() {
+        // It runs nothing, yet holds a job assigned two heartbeats ago or
+        // more: the lease answer never reached it. The job goes back to
+        // the queue (same key, no attempt used) instead of holding the
+        // worker `worker_busy` forever.
+        let grace = chrono::Duration::from_std(2 * state.settings.server.heartbeat_interval)
+            .unwrap_or(chrono::Duration::MAX);
+        let released = state
+            .jobs
+            .queue
+            .release_unclaimed(&id, now - grace, now)
+            .await?;
+        for job in &released {
+            warn!(event = "job.requeued", job = %job, worker = %id, "the worker never took its job: back to the queue");
+            state.metrics.worker_event("job.requeued");
+        }
+        if !released.is_empty() {
+            state.jobs.enqueued.notify_waiters();
+        }
+    }
     if !cancel.is_empty() {
         info!(worker = %id, jobs = ?cancel, "telling the worker to stop jobs it no longer holds");
     }

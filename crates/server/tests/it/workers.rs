@@ -492,6 +492,36 @@ async fn a_drained_job_goes_back_to_the_queue(store: Store) {
         .await
         .unwrap();
     assert_eq!(error_code(again).await, (404, "worker_not_found".into()));
+    // A worker whose lease answer was lost: it holds the job but says it
+    // runs nothing; two heartbeat intervals later the job is released.
+    let unlucky = register(&app, "unlucky", 1).await;
+    let unclaimed = lease_job(&app, &unlucky).await;
+    assert_eq!(unclaimed["job_key"], job["job_key"]);
+    let answer: Value = heartbeat(&app, &unlucky, None).await.json().await.unwrap();
+    assert_eq!(answer, json!({"cancel": []}));
+    assert_eq!(
+        error_code(lease(&app, &unlucky, 1).await).await,
+        (409, "worker_busy".into())
+    );
+    // Its idle heartbeats go on (it must not go stale meanwhile).
+    let idle = keep_alive(&app, &unlucky);
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    idle.abort();
+    let released: Value = app
+        .get(&format!("/v1/workers/{unlucky}"), READER)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(released["job_key"], Value::Null);
+    app.client
+        .delete(app.url(&format!("/v1/workers/{unlucky}")))
+        .bearer_auth(WORKER)
+        .send()
+        .await
+        .unwrap();
     let next = register(&app, "next", 2).await;
     let alive = keep_alive(&app, &next);
     let resumed = lease_job(&app, &next).await;
