@@ -862,3 +862,45 @@ mod tests {
         assert_eq!(owner.process(), Some(crate::process::current_identity()));
     }
 }
+
+#[cfg(test)]
+mod worker_wiring_tests {
+    use super::*;
+    use crate::settings::{load, ConfigSources};
+
+    fn loaded(dir: &std::path::Path, state: &str) -> LoadedSettings {
+        let file = dir.join("retrain.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "state = \"{state}\"\n[labels.a]\nthreshold = 1\nmetadata = \"file://{}/meta.json\"\ntrainer = {{ worker = {{ gpu = 1, command = [\"python\", \"train.py\"] }} }}\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        load(&ConfigSources {
+            file: Some(file),
+            env: Vec::new(),
+            overrides: Vec::new(),
+        })
+        .unwrap()
+    }
+
+    /// Without the server's queue the CLI opens one on the same store; a
+    /// private in-memory store cannot be shared with a server and is
+    /// refused, naming `state`.
+    #[tokio::test]
+    async fn the_worker_trainer_needs_a_shareable_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let memory = loaded(dir.path(), "sqlite::memory:");
+        let store = open_store(&memory.settings, true).await.unwrap();
+        let err = build_engine(&memory, store).await.unwrap_err();
+        assert!(err.to_string().contains("state"), "{err}");
+        assert!(err.to_string().contains("in-memory"), "{err}");
+
+        let url = format!("sqlite://{}/state.db", dir.path().display());
+        let file = loaded(dir.path(), &url);
+        let store = open_store(&file.settings, true).await.unwrap();
+        build_engine(&file, store).await.unwrap();
+    }
+}

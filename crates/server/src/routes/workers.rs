@@ -556,6 +556,14 @@ pub async fn results(
     // Validated before anything is looked up or stored.
     let report = report_of(&body)?;
     let job = job_of_run(&state, &run_id, job_key, "job_not_awaited").await?;
+    // `worker_id` may be left out only for a job no worker holds, so one
+    // worker's token cannot report another worker's job.
+    if worker_id.is_none() && job.worker_id.is_some() {
+        return Err(ApiError::conflict(
+            "job_not_awaited",
+            format!("job {job_key} is held by a worker: the report must name its `worker_id`"),
+        ));
+    }
     let now = Utc::now();
     match state
         .jobs

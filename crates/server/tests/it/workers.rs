@@ -317,6 +317,11 @@ async fn a_worker_trains_a_label_over_http(store: Store) {
         error_code(post_result(&app, &run_id, &success(&job, &cpu, 0.9)).await).await,
         (409, "job_not_awaited".into())
     );
+    let anonymous = json!({"job_key": key, "candidate": "c", "metrics": {"accuracy": 0.9}});
+    assert_eq!(
+        error_code(post_result(&app, &run_id, &anonymous).await).await,
+        (409, "job_not_awaited".into())
+    );
     assert_eq!(
         error_code(post_result(&app, "no-such-run", &success(&job, &gpu, 0.9)).await).await,
         (404, "run_not_found".into())
