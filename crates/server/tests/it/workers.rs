@@ -546,6 +546,60 @@ async fn a_drained_job_goes_back_to_the_queue(store: Store) {
     app.shutdown().await.unwrap();
 }
 
+/// Two replicas on one store: a job enqueued by one is leased through the
+/// other's long poll (its periodic re-check), and the result posted to the
+/// second completes the run driven by the first.
+async fn a_job_enqueued_by_one_replica_is_leased_from_another(store: Store) {
+    let workspace = workspace(&store);
+    let driver = spawn_in(&workspace).await;
+    let other = spawn_in(&workspace).await;
+    let worker = register(&other, "far", 1).await;
+    let alive = keep_alive(&other, &worker);
+    let polling = {
+        let (client, url) = (
+            other.client.clone(),
+            other.url(&format!("/v1/workers/{worker}/lease-job")),
+        );
+        tokio::spawn(async move {
+            let response = client
+                .post(url)
+                .bearer_auth(WORKER)
+                .json(&json!({"wait_secs": 20}))
+                .send()
+                .await
+                .unwrap();
+            (
+                response.status().as_u16(),
+                Instant::now(),
+                response.json::<Value>().await.ok(),
+            )
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let triggered = Instant::now();
+    let run_id = trigger_gpu(&driver).await;
+    let (status, answered, job) = polling.await.unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        answered.duration_since(triggered) < Duration::from_secs(3),
+        "{:?}",
+        answered.duration_since(triggered)
+    );
+    let job = job.unwrap();
+    assert_eq!(job["run_id"], run_id.as_str());
+    assert_eq!(
+        post_result(&other, &run_id, &success(&job, &worker, 0.9))
+            .await
+            .status(),
+        200
+    );
+    let done = driver.wait_stage(&run_id, &["done"]).await;
+    assert_eq!(done["report"]["status"], "promoted", "{done}");
+    alive.abort();
+    other.shutdown().await.unwrap();
+    driver.shutdown().await.unwrap();
+}
+
 macro_rules! on_both_stores {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -572,4 +626,5 @@ on_both_stores!(
     a_worker_trains_a_label_over_http,
     a_stale_workers_job_is_retried_on_another,
     a_drained_job_goes_back_to_the_queue,
+    a_job_enqueued_by_one_replica_is_leased_from_another,
 );
