@@ -69,6 +69,23 @@ pub(crate) mod result;
 
 pub use check::CommandDatasetCheck;
 
+/// Parse a §6 result (`{"candidate": …, "metrics": {…}}`) as the
+/// `$RETRAIN_RESULT` file is parsed, for results that arrive another way
+/// (`POST /v1/runs/{id}/results`); the error names the field.
+pub fn parse_result_json(bytes: &[u8]) -> Result<retrain_core::domain::Candidate, String> {
+    result::parse_result(bytes)
+}
+
+/// `bytes` (JSON text) with Python's bare `NaN`/`Infinity`/`-Infinity`
+/// value tokens made strings, so a lenient reader can see the document's
+/// other fields; `None` when it has none. The values themselves are read by
+/// [`parse_result_json`] on the original bytes.
+pub fn quote_non_finite(bytes: &[u8]) -> Option<Vec<u8>> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let nonce = uuid::Uuid::now_v7().simple().to_string();
+    result::rewrite_non_finite(text, &nonce).map(String::into_bytes)
+}
+
 use process::{
     find_job, process_alive, read_record, stop_group, stop_job, stop_orphans, write_record,
     JobRecord,

@@ -26,7 +26,8 @@ use crate::settings::{
     CommandConfig, GithubWorkflowConfig, JobSpec, LabelSettings, LeaseSpec, LoadedSettings,
     NotifyOn, NotifySpec, RegistrySpec, Settings,
 };
-use crate::store::{open_run_store, StoreOptions};
+use crate::store::{open_run_store, open_stores, StoreOptions};
+use crate::worker_trainer::{RemoteJobs, WorkerTrainer};
 
 /// Open the `RunStore` named by `state`; `migrate` applies pending migrations.
 pub async fn open_store(
@@ -110,6 +111,8 @@ struct Clients<'a> {
     hub: Option<HubClient>,
     /// Scrubs job output quoted in errors (see [`job_scrubber`]).
     scrubber: Scrubber,
+    /// The job queue of worker trainers (opened only when a label has one).
+    jobs: Option<RemoteJobs>,
 }
 
 /// Every secret the configuration knows, so that no job output quoting one
@@ -187,10 +190,10 @@ fn prepare_controller(
             CommandSpace::new(command_spec(config), job_dir(clients.settings))?
                 .with_scrubber(clients.scrubber.clone()),
         ),
-        JobSpec::GithubWorkflow(_) => {
+        JobSpec::GithubWorkflow(_) | JobSpec::Worker(_) => {
             return Err(AdapterError::config(
                 "prepare",
-                "a GitHub workflow runs trainers only; a prepare job is a command or a Space",
+                "a GitHub workflow or a worker runs trainers only; a prepare job is a command or a Space",
             ))
         }
     })
@@ -208,7 +211,38 @@ fn trainer(clients: &mut Clients<'_>, spec: &JobSpec) -> Result<Arc<dyn Trainer>
         JobSpec::GithubWorkflow(config) => {
             Arc::new(github_workflow_trainer(clients.settings, config)?)
         }
+        JobSpec::Worker(config) => {
+            let jobs = clients.jobs.clone().ok_or_else(|| {
+                AdapterError::config(
+                    "trainer",
+                    "the worker trainer needs the run store's job queue",
+                )
+            })?;
+            Arc::new(WorkerTrainer::new(jobs, config.clone()))
+        }
     })
+}
+
+/// The job queue for worker trainers when the caller has none (the CLI): a
+/// second handle on the same store. A private in-memory SQLite store cannot
+/// be shared, so there it is refused.
+async fn own_job_queue(settings: &Settings) -> Result<RemoteJobs, AdapterError> {
+    let url = settings.state.expose_secret();
+    if url.contains(":memory:") {
+        return Err(AdapterError::config(
+            "state",
+            "the worker trainer needs a store that `retrain-server` shares (a SQLite file or Postgres), not an in-memory one",
+        ));
+    }
+    let stores = open_stores(
+        url,
+        StoreOptions {
+            migrate: false,
+            read_only: false,
+        },
+    )
+    .await?;
+    Ok(RemoteJobs::new(stores.jobs))
 }
 
 fn github_workflow_trainer(
@@ -321,7 +355,17 @@ pub async fn build_engine(
     loaded: &LoadedSettings,
     store: Arc<dyn RunStore>,
 ) -> Result<Engine, AdapterError> {
-    assemble_engine(loaded, store, true).await
+    assemble_engine(loaded, store, None, true).await
+}
+
+/// [`build_engine`] with the job queue worker trainers enqueue into (the
+/// server's, whose `lease-job` long polls wake on `jobs.enqueued`).
+pub async fn build_engine_with_jobs(
+    loaded: &LoadedSettings,
+    store: Arc<dyn RunStore>,
+    jobs: RemoteJobs,
+) -> Result<Engine, AdapterError> {
+    assemble_engine(loaded, store, Some(jobs), true).await
 }
 
 /// Build the engine for commands that never count (`retrain gate`,
@@ -331,12 +375,13 @@ pub async fn build_control_engine(
     loaded: &LoadedSettings,
     store: Arc<dyn RunStore>,
 ) -> Result<Engine, AdapterError> {
-    assemble_engine(loaded, store, false).await
+    assemble_engine(loaded, store, None, false).await
 }
 
 async fn assemble_engine(
     loaded: &LoadedSettings,
     store: Arc<dyn RunStore>,
+    jobs: Option<RemoteJobs>,
     with_counts: bool,
 ) -> Result<Engine, AdapterError> {
     let settings = &loaded.settings;
@@ -360,10 +405,20 @@ async fn assemble_engine(
         ),
         _ => None,
     };
+    let needs_jobs = settings
+        .labels
+        .values()
+        .any(|l| matches!(l.trainer, JobSpec::Worker(_)));
+    let jobs = match jobs {
+        Some(jobs) => Some(jobs),
+        None if needs_jobs => Some(own_job_queue(settings).await?),
+        None => None,
+    };
     let mut clients = Clients {
         settings,
         hub: None,
         scrubber: job_scrubber(settings),
+        jobs,
     };
     // One controller per prepare job so labels sharing it share its state.
     let mut prepares: std::collections::HashMap<String, Arc<dyn SpaceController>> =
@@ -823,5 +878,47 @@ mod tests {
         assert_eq!(*ttl, Duration::from_secs(60));
         assert!(owner.0.starts_with("retrain@"), "{owner}");
         assert_eq!(owner.process(), Some(crate::process::current_identity()));
+    }
+}
+
+#[cfg(test)]
+mod worker_wiring_tests {
+    use super::*;
+    use crate::settings::{load, ConfigSources};
+
+    fn loaded(dir: &std::path::Path, state: &str) -> LoadedSettings {
+        let file = dir.join("retrain.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "state = \"{state}\"\n[labels.a]\nthreshold = 1\nmetadata = \"file://{}/meta.json\"\ntrainer = {{ worker = {{ gpu = 1, command = [\"python\", \"train.py\"] }} }}\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        load(&ConfigSources {
+            file: Some(file),
+            env: Vec::new(),
+            overrides: Vec::new(),
+        })
+        .unwrap()
+    }
+
+    /// Without the server's queue the CLI opens one on the same store; a
+    /// private in-memory store cannot be shared with a server and is
+    /// refused, naming `state`.
+    #[tokio::test]
+    async fn the_worker_trainer_needs_a_shareable_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let memory = loaded(dir.path(), "sqlite::memory:");
+        let store = open_store(&memory.settings, true).await.unwrap();
+        let err = build_engine(&memory, store).await.unwrap_err();
+        assert!(err.to_string().contains("state"), "{err}");
+        assert!(err.to_string().contains("in-memory"), "{err}");
+
+        let url = format!("sqlite://{}/state.db", dir.path().display());
+        let file = loaded(dir.path(), &url);
+        let store = open_store(&file.settings, true).await.unwrap();
+        build_engine(&file, store).await.unwrap();
     }
 }

@@ -112,11 +112,12 @@ impl Application {
         .await
         .map_err(|e| StartupError::Store(format!("opening the run store: {e}")))?;
         let store = stores.runs;
+        let jobs = retrain_adapters::worker_trainer::RemoteJobs::new(stores.jobs);
         let journal =
             JournalWatch::open(secrecy::ExposeSecret::expose_secret(&loaded.settings.state))
                 .await
                 .map_err(|e| StartupError::Store(format!("watching the journal: {e}")))?;
-        let engine = wiring::build_engine(&loaded, store.clone())
+        let engine = wiring::build_engine_with_jobs(&loaded, store.clone(), jobs.clone())
             .await
             .map_err(|e| StartupError::Config(e.to_string()))?;
         let listener = tokio::net::TcpListener::bind(bind)
@@ -138,6 +139,7 @@ impl Application {
             deliveries: stores.deliveries,
             pending_gates: stores.pending_gates,
             metrics: Arc::new(Metrics::new()),
+            jobs,
         };
         Ok(Self {
             listener,
@@ -205,6 +207,11 @@ impl Application {
         EngineEffects::new(state.clone(), state.metrics.clone())
             .resume_pending_gates()
             .await;
+        // Workers past `worker_ttl` become stale and their jobs lost.
+        work.spawn(crate::routes::workers::sweep_stale(
+            state.clone(),
+            shutdown.clone(),
+        ));
         let app = routes::router_with(state, extra);
         let stopping = shutdown.clone();
         let serve = axum::serve(listener, app).with_graceful_shutdown(async move {

@@ -16,6 +16,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use retrain_adapters::store::{JobState, RemoteJob, Worker, WorkerState};
 use retrain_core::domain::Lease;
 use retrain_core::journal::RunDetail;
 
@@ -37,6 +38,11 @@ pub struct Metrics {
     schedule_ticks: Family<Labels, Counter>,
     open_leases: Gauge,
     lease_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    workers: Family<Labels, Gauge>,
+    queued_jobs: Family<Labels, Gauge>,
+    queue_wait_seconds: Histogram,
+    job_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    worker_events: Family<Labels, Counter>,
     /// Scrapes are serialised (the lease gauges are set, then encoded).
     scrape: Mutex<()>,
 }
@@ -95,8 +101,44 @@ impl Metrics {
             "Seconds the open leases have been held, summed",
             lease_seconds.clone(),
         );
+        let workers = Family::<Labels, Gauge>::default();
+        registry.register(
+            "workers",
+            "Registered workers, by state (read from the store at scrape time)",
+            workers.clone(),
+        );
+        let queued_jobs = Family::<Labels, Gauge>::default();
+        registry.register(
+            "worker_jobs",
+            "Worker jobs queued or held, by state (read from the store at scrape time)",
+            queued_jobs.clone(),
+        );
+        let queue_wait_seconds = stage_histogram();
+        registry.register(
+            "worker_job_queue_wait_seconds",
+            "Time worker jobs waited in the queue before a worker took them",
+            queue_wait_seconds.clone(),
+        );
+        let job_seconds: Family<Labels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(stage_histogram);
+        registry.register(
+            "worker_job_duration_seconds",
+            "Time from assignment to the worker's report, by result",
+            job_seconds.clone(),
+        );
+        let worker_events = Family::<Labels, Counter>::default();
+        registry.register(
+            "worker_events",
+            "Worker and job events (worker.registered|stale|removed, job.assigned|finished|failed|requeued|lost); not journal lines",
+            worker_events.clone(),
+        );
         Self {
             registry,
+            workers,
+            queued_jobs,
+            queue_wait_seconds,
+            job_seconds,
+            worker_events,
             runs,
             stage_seconds,
             webhook_deliveries,
@@ -132,6 +174,46 @@ impl Metrics {
         self.schedule_ticks
             .get_or_create(&vec![("result", result.to_owned())])
             .inc();
+    }
+
+    /// Count a worker or job event (`worker.stale`, `job.assigned`…).
+    pub fn worker_event(&self, event: &str) {
+        self.worker_events
+            .get_or_create(&vec![("event", event.to_owned())])
+            .inc();
+    }
+
+    pub fn queue_wait(&self, seconds: f64) {
+        self.queue_wait_seconds.observe(seconds);
+    }
+
+    pub fn job_duration(&self, result: &str, seconds: f64) {
+        self.job_seconds
+            .get_or_create(&vec![("result", result.to_owned())])
+            .observe(seconds);
+    }
+
+    /// Set the worker and queue gauges from the store's rows (before
+    /// [`Metrics::render`]).
+    pub fn set_workers(&self, workers: &[Worker], queue: &[RemoteJob]) {
+        let _one_at_a_time = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
+        for state in [
+            WorkerState::Idle,
+            WorkerState::Running,
+            WorkerState::Draining,
+            WorkerState::Stale,
+        ] {
+            let n = workers.iter().filter(|w| w.state == state).count();
+            self.workers
+                .get_or_create(&vec![("state", state.as_str().to_owned())])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        for state in [JobState::Queued, JobState::Assigned, JobState::Cancelling] {
+            let n = queue.iter().filter(|j| j.state == state).count();
+            self.queued_jobs
+                .get_or_create(&vec![("state", state.as_str().to_owned())])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
     }
 
     /// Record a finished run: its outcome and, from consecutive journal

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use retrain_adapters::settings::Settings;
 use retrain_adapters::store::{DeliveryLog, JournalWatch, PendingGates};
+use retrain_adapters::worker_trainer::RemoteJobs;
 use retrain_core::engine::Engine;
 use retrain_core::ports::RunStore;
 use retrain_core::CancellationToken;
@@ -36,6 +37,9 @@ pub struct AppState {
     /// Registered versions accepted for gating and not gated yet.
     pub pending_gates: Arc<dyn PendingGates>,
     pub metrics: Arc<Metrics>,
+    /// The remote job queue and worker registry, and the wake-up of the
+    /// `lease-job` long polls (poked when this process enqueues).
+    pub jobs: RemoteJobs,
     /// What the webhooks know of each label (from the settings).
     pub webhook_targets: Arc<Vec<LabelTarget>>,
 }

@@ -65,7 +65,7 @@ enum Container {
 /// into tagged JSON strings. `None` when there is none (the text is then
 /// parsed as is). Invalid JSON stays invalid: only whole tokens in value
 /// positions are touched.
-fn rewrite_non_finite(text: &str, nonce: &str) -> Option<String> {
+pub(super) fn rewrite_non_finite(text: &str, nonce: &str) -> Option<String> {
     let bytes = text.as_bytes();
     let mut out: Vec<u8> = Vec::with_capacity(bytes.len() + 64);
     let mut stack: Vec<Container> = Vec::new();

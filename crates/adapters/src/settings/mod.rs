@@ -382,6 +382,9 @@ pub enum JobSpec {
     Command(CommandConfig),
     /// Trainer only: a GitHub Actions workflow dispatched per job.
     GithubWorkflow(GithubWorkflowConfig),
+    /// Trainer only: a job in the run store's queue, run by a `retrain
+    /// worker` that fits its request.
+    Worker(WorkerTrainerConfig),
 }
 
 impl JobSpec {
@@ -393,6 +396,7 @@ impl JobSpec {
             Self::GithubWorkflow(w) => {
                 format!("github-workflow://{}/{}@{}", w.repo, w.workflow, w.git_ref)
             }
+            Self::Worker(w) => format!("worker:{}", w.command.join(" ")),
         }
     }
 }
@@ -413,6 +417,34 @@ pub struct GithubWorkflowConfig {
     pub timeout: Option<Duration>,
     /// How often the run is read (default 15 s).
     pub poll_interval: Option<Duration>,
+}
+
+/// `trainer = { worker = { gpu, gpu_memory, memory, cpus, tags, command,
+/// env, timeout, queue_timeout } }` (see `docs/adapters/worker.md`).
+#[derive(Clone, PartialEq)]
+pub struct WorkerTrainerConfig {
+    /// What a worker must have to take the job.
+    pub request: crate::store::ResourceRequest,
+    /// Run on the worker as a §6 command trainer.
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    /// The job's time limit on the worker (default 2 h).
+    pub timeout: Duration,
+    /// How long the job may wait for a worker that fits (default 10 min).
+    pub queue_timeout: Duration,
+}
+
+/// Env values may be credentials: only their names are shown.
+impl std::fmt::Debug for WorkerTrainerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerTrainerConfig")
+            .field("request", &self.request)
+            .field("command", &self.command)
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .field("timeout", &self.timeout)
+            .field("queue_timeout", &self.queue_timeout)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -930,6 +962,8 @@ fn validate(
                 wait_running.map(|w| w + Duration::from_secs(60))
             }
             JobSpec::GithubWorkflow(w) => w.timeout,
+            // The engine's wait includes the time in the queue.
+            JobSpec::Worker(w) => Some(w.timeout + w.queue_timeout),
         };
         let github_trigger = label_raw
             .github_trigger
@@ -1092,7 +1126,7 @@ fn parse_dataset_check(value: &Value) -> Result<Option<CommandConfig>, String> {
             }
             Ok(Some(config))
         }
-        Some(JobSpec::HfSpace { .. } | JobSpec::GithubWorkflow(_)) => {
+        Some(JobSpec::HfSpace { .. } | JobSpec::GithubWorkflow(_) | JobSpec::Worker(_)) => {
             Err(format!("a dataset check runs locally: {EXPECTED}"))
         }
     }
@@ -1165,6 +1199,15 @@ pub fn parse_job(value: &Value, trainer: bool) -> Result<Option<JobSpec>, String
                 }
                 return parse_github_workflow(workflow).map(|w| Some(JobSpec::GithubWorkflow(w)));
             }
+            if let Some(worker) = table.get("worker") {
+                check_keys(table, &["worker"])?;
+                if !trainer {
+                    return Err(
+                        "`worker` runs trainers only; a prepare job is a command or a Space".into(),
+                    );
+                }
+                return parse_worker(worker).map(|w| Some(JobSpec::Worker(w)));
+            }
             let space = table.get("hf_space").or_else(|| table.get("space"));
             if let Some(Value::String(space)) = space {
                 check_keys(
@@ -1186,7 +1229,7 @@ pub fn parse_job(value: &Value, trainer: bool) -> Result<Option<JobSpec>, String
                     wait_running,
                 }));
             }
-            Err("expected { command = [...] }, { hf_space = \"owner/name\" } or { github_workflow = { repo = \"owner/name\", workflow = \"train.yml\" } }".into())
+            Err("expected { command = [...] }, { hf_space = \"owner/name\" }, { github_workflow = { repo = \"owner/name\", workflow = \"train.yml\" } } or { worker = { gpu = 1, command = [...] } }".into())
         }
         other => Err(format!(
             "expected \"none\", \"hf-space://owner/name\", \"command:…\" or a table, got {other}"
@@ -1274,6 +1317,149 @@ fn parse_github_workflow(value: &Value) -> Result<GithubWorkflowConfig, String> 
         timeout,
         poll_interval,
     })
+}
+
+/// Default `timeout` of a worker job.
+const DEFAULT_WORKER_TIMEOUT: Duration = Duration::from_secs(2 * 3600);
+/// Default `queue_timeout` of a worker job.
+const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// `{ gpu = 1, gpu_memory = "24G", memory = "32G", cpus = 4, tags = ["a100"],
+/// command = ["python", "train.py"], env = { … }, timeout = "4h",
+/// queue_timeout = "10m" }`; errors name the inner key.
+fn parse_worker(value: &Value) -> Result<WorkerTrainerConfig, String> {
+    const EXPECTED: &str =
+        "expected worker = { gpu = 1, gpu_memory = \"24G\", memory = \"32G\", cpus = 4, tags = [\"a100\"], command = [\"python\", \"train.py\"], timeout = \"4h\", queue_timeout = \"10m\" }";
+    let Value::Object(table) = value else {
+        return Err(EXPECTED.into());
+    };
+    let inner = |e: String| format!("worker: {e}");
+    check_keys(
+        table,
+        &[
+            "gpu",
+            "gpu_memory",
+            "memory",
+            "cpus",
+            "tags",
+            "command",
+            "env",
+            "timeout",
+            "queue_timeout",
+        ],
+    )
+    .map_err(inner)?;
+    let count = |key: &str| -> Result<Option<u32>, String> {
+        match table.get(key) {
+            None => Ok(None),
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .map(Some)
+                .ok_or_else(|| inner(format!("`{key}` must be a whole number ≥ 0, got {n}"))),
+            Some(other) => Err(inner(format!(
+                "`{key}` must be a whole number, got {other}"
+            ))),
+        }
+    };
+    let size = |key: &str| -> Result<Option<u64>, String> {
+        match table.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => parse_size(s)
+                .map(Some)
+                .map_err(|e| inner(format!("`{key}`: {e}"))),
+            Some(Value::Number(n)) => n.as_u64().map(Some).ok_or_else(|| {
+                inner(format!(
+                    "`{key}` must be a size such as \"24G\" or bytes, got {n}"
+                ))
+            }),
+            Some(other) => Err(inner(format!(
+                "`{key}` must be a size such as \"24G\", got {other}"
+            ))),
+        }
+    };
+    let command = match table.get("command") {
+        None => return Err(inner(format!("missing `command`: {EXPECTED}"))),
+        Some(v) => string_list(v, "command").map_err(inner)?,
+    };
+    if command.is_empty() || command[0].trim().is_empty() {
+        return Err(inner("`command` must name a program".into()));
+    }
+    let tags = match table.get("tags") {
+        None => Vec::new(),
+        Some(v) => string_list(v, "tags").map_err(inner)?,
+    };
+    if let Some(bad) = tags.iter().find(|t| t.trim().is_empty() || t.contains(',')) {
+        return Err(inner(format!(
+            "`tags`: {bad:?} is not a tag (no empty tags or commas)"
+        )));
+    }
+    let mut env = BTreeMap::new();
+    match table.get("env") {
+        None => {}
+        Some(Value::Object(map)) => {
+            for (k, v) in map {
+                let v = match v {
+                    Value::String(s) => s.clone(),
+                    Value::Number(n) => n.to_string(),
+                    Value::Bool(b) => b.to_string(),
+                    _ => return Err(inner(format!("`env.{k}` must be a string"))),
+                };
+                env.insert(k.clone(), v);
+            }
+        }
+        Some(_) => return Err(inner("`env` must be a table of strings".into())),
+    }
+    let positive = |key: &str, default: Duration| -> Result<Duration, String> {
+        match opt_duration(table, key).map_err(inner)? {
+            None => Ok(default),
+            Some(d) if d.is_zero() => Err(inner(format!("`{key}` must be greater than zero"))),
+            Some(d) => Ok(d),
+        }
+    };
+    Ok(WorkerTrainerConfig {
+        request: crate::store::ResourceRequest {
+            cpus: count("cpus")?,
+            memory_bytes: size("memory")?,
+            gpus: count("gpu")?,
+            gpu_memory_bytes: size("gpu_memory")?,
+            tags,
+        },
+        command,
+        env,
+        timeout: positive("timeout", DEFAULT_WORKER_TIMEOUT)?,
+        queue_timeout: positive("queue_timeout", DEFAULT_QUEUE_TIMEOUT)?,
+    })
+}
+
+/// `24G`, `512M`, `1.5T`, `64K`, `80GiB`, `32GB` (binary units: K = 1024) or
+/// a plain number of bytes.
+pub fn parse_size(raw: &str) -> Result<u64, String> {
+    let text = raw.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let expected = || format!("invalid size {raw:?}: expected e.g. \"24G\", \"512M\" or bytes");
+    let value: f64 = number.parse().map_err(|_| expected())?;
+    let unit = unit.trim();
+    let unit = unit
+        .strip_suffix("iB")
+        .or_else(|| unit.strip_suffix('B'))
+        .unwrap_or(unit);
+    let scale: u64 = match unit.to_ascii_uppercase().as_str() {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        "T" => 1 << 40,
+        _ => return Err(expected()),
+    };
+    let bytes = value * scale as f64;
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(format!("invalid size {raw:?}: too large"));
+    }
+    Ok(bytes.round() as u64)
 }
 
 /// `hf-space://o/n`, `https://huggingface.co/spaces/o/n` or the seed's `o/n`.

@@ -56,6 +56,10 @@ pub(super) struct RawServer {
     /// Whether `GET /metrics` needs a token with the `read` scope.
     #[serde(default)]
     metrics_require_auth: bool,
+    #[serde(default = "default_worker_ttl")]
+    worker_ttl: HumanDuration,
+    #[serde(default = "default_heartbeat_interval")]
+    heartbeat_interval: HumanDuration,
 }
 
 impl Default for RawServer {
@@ -77,8 +81,17 @@ impl Default for RawServer {
             tokens: Vec::new(),
             webhooks: RawWebhooks::default(),
             metrics_require_auth: false,
+            worker_ttl: default_worker_ttl(),
+            heartbeat_interval: default_heartbeat_interval(),
         }
     }
+}
+
+fn default_worker_ttl() -> HumanDuration {
+    HumanDuration::secs(60)
+}
+fn default_heartbeat_interval() -> HumanDuration {
+    HumanDuration::secs(10)
 }
 
 fn default_bind() -> String {
@@ -256,6 +269,10 @@ pub struct ServerSettings {
     pub tokens: Vec<ApiToken>,
     pub webhooks: WebhookSecrets,
     pub metrics_require_auth: bool,
+    /// A worker without a heartbeat for this long is stale and its job lost.
+    pub worker_ttl: Duration,
+    /// How often workers are told to send a heartbeat.
+    pub heartbeat_interval: Duration,
 }
 
 /// Bounds that catch typos (a body limit of 10 bytes, a 0 s timeout).
@@ -298,6 +315,23 @@ pub(super) fn validate(
         if value < Duration::from_secs(1) {
             return Err(err(key, "expected at least 1s".into()));
         }
+    }
+    if raw.heartbeat_interval.0 < Duration::from_secs(1) {
+        return Err(err(
+            "server.heartbeat_interval",
+            "expected at least 1s".into(),
+        ));
+    }
+    // One late or lost heartbeat must not declare a worker stale.
+    if raw.worker_ttl.0 < 2 * raw.heartbeat_interval.0 {
+        return Err(err(
+            "server.worker_ttl",
+            format!(
+                "expected at least twice server.heartbeat_interval ({}s), got {}s",
+                raw.heartbeat_interval.0.as_secs_f64(),
+                raw.worker_ttl.0.as_secs_f64()
+            ),
+        ));
     }
     if raw.artifact_max_bytes == 0 {
         return Err(err(
@@ -442,6 +476,8 @@ pub(super) fn validate(
         tokens,
         webhooks,
         metrics_require_auth: raw.metrics_require_auth,
+        worker_ttl: raw.worker_ttl.0,
+        heartbeat_interval: raw.heartbeat_interval.0,
     })
 }
 

@@ -466,6 +466,8 @@ fn server_defaults_and_seed_003_names() {
     assert_eq!(server.bind, "127.0.0.1:8080".parse().unwrap());
     assert_eq!(server.body_limit, 1024 * 1024);
     assert_eq!(server.shutdown_timeout, Duration::from_secs(30));
+    assert_eq!(server.worker_ttl, Duration::from_secs(60));
+    assert_eq!(server.heartbeat_interval, Duration::from_secs(10));
     assert!(server.tokens.is_empty());
     assert!(server.schedule.is_none());
     assert_eq!(
@@ -569,6 +571,13 @@ fn bad_server_settings_name_the_key() {
     let cases: &[Case] = &[
         ("[server]\nbind = \"localhost\"\n", &[], "server.bind"),
         ("[server]\nbody_limit = 10\n", &[], "server.body_limit"),
+        (
+            "[server]\nheartbeat_interval = \"500ms\"\n",
+            &[],
+            "server.heartbeat_interval",
+        ),
+        ("[server]\nworker_ttl = \"15s\"\n", &[], "server.worker_ttl"),
+        ("[server]\nworker_ttl = \"soon\"\n", &[], "worker_ttl"),
         (
             "[server]\nshutdown_timeout = \"0s\"\n",
             &[],
@@ -701,4 +710,97 @@ fn counts_watermarks_form_defaults_to_shared_and_errors_name_the_key() {
     let err = form("watermarks = \"each\"\n").unwrap_err().to_string();
     assert!(err.contains("watermarks"), "{err}");
     assert!(err.contains("each"), "{err}");
+}
+
+#[test]
+fn worker_trainers_parse_and_errors_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        r#"
+[labels.seg]
+threshold = 3
+metadata = "file://m.json"
+trainer = { worker = { gpu = 1, gpu_memory = "24G", memory = "32GiB", cpus = 4, tags = ["a100"], command = ["python", "train.py"], env = { EPOCHS = 20, API_KEY = "sk-secret-value" }, timeout = "4h", queue_timeout = "10m" } }
+"#,
+    );
+    let loaded = load(&sources(Some(file), &[])).unwrap();
+    let seg = &loaded.settings.labels[&Label::new("seg").unwrap()];
+    let JobSpec::Worker(config) = &seg.trainer else {
+        panic!("{:?}", seg.trainer)
+    };
+    assert_eq!(config.request.gpus, Some(1));
+    assert_eq!(config.request.gpu_memory_bytes, Some(24 << 30));
+    assert_eq!(config.request.memory_bytes, Some(32 << 30));
+    assert_eq!(config.request.cpus, Some(4));
+    assert_eq!(config.request.tags, vec!["a100".to_owned()]);
+    assert_eq!(
+        config.command,
+        vec!["python".to_owned(), "train.py".to_owned()]
+    );
+    assert_eq!(config.env["EPOCHS"], "20");
+    assert_eq!(config.timeout, Duration::from_secs(4 * 3600));
+    assert_eq!(config.queue_timeout, Duration::from_secs(600));
+    // The engine's wait covers the queue and the job.
+    assert_eq!(seg.train_timeout, Duration::from_secs(4 * 3600 + 600));
+    assert!(!format!("{config:?}").contains("sk-secret-value"));
+    assert_eq!(
+        config.request.describe(),
+        "gpu≥1, gpu_memory≥24G, memory≥32G, cpus≥4, tags ⊇ [a100]"
+    );
+
+    // Defaults: 2 h on the worker, 10 min in the queue, any worker.
+    let minimal = serde_json::json!({"worker": {"command": "python train.py"}});
+    let Some(JobSpec::Worker(config)) = parse_job(&minimal, true).unwrap() else {
+        panic!()
+    };
+    assert_eq!(config.timeout, Duration::from_secs(7200));
+    assert_eq!(config.queue_timeout, Duration::from_secs(600));
+    assert_eq!(config.request.describe(), "any worker");
+    assert_eq!(crate::settings::parse_size("512M").unwrap(), 512 << 20);
+    assert_eq!(crate::settings::parse_size("1.5K").unwrap(), 1536);
+    assert_eq!(crate::settings::parse_size("1000").unwrap(), 1000);
+
+    for (trainer, named) in [
+        (r#"{ worker = { gpu = 1 } }"#, "missing `command`"),
+        (r#"{ worker = { command = [] } }"#, "`command`"),
+        (r#"{ worker = { command = ["t"], gpu = -1 } }"#, "`gpu`"),
+        (r#"{ worker = { command = ["t"], gpu = "one" } }"#, "`gpu`"),
+        (
+            r#"{ worker = { command = ["t"], gpu_memory = "24X" } }"#,
+            "`gpu_memory`",
+        ),
+        (
+            r#"{ worker = { command = ["t"], memory = true } }"#,
+            "`memory`",
+        ),
+        (
+            r#"{ worker = { command = ["t"], tags = ["a,b"] } }"#,
+            "`tags`",
+        ),
+        (
+            r#"{ worker = { command = ["t"], queue_timeout = "0s" } }"#,
+            "`queue_timeout`",
+        ),
+        (
+            r#"{ worker = { command = ["t"], timeout = "soon" } }"#,
+            "`timeout`",
+        ),
+        (r#"{ worker = { command = ["t"], gpus = 1 } }"#, "gpus"),
+    ] {
+        let file = write(
+            &dir,
+            &format!(
+                "[labels.seg]\nthreshold = 3\nmetadata = \"file://m.json\"\ntrainer = {trainer}\n"
+            ),
+        );
+        let err = load(&sources(Some(file), &[])).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("labels.seg.trainer"), "{err}");
+        let text = err.to_string();
+        assert!(text.contains(named), "{trainer}: {text}");
+        assert!(text.contains("worker"), "{text}");
+    }
+    // Trainers only.
+    let err = parse_job(&minimal, false).unwrap_err();
+    assert!(err.contains("trainers only"), "{err}");
 }

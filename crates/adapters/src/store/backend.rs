@@ -98,6 +98,13 @@ pub(super) trait Statements: Send + Sync {
         sql: &'static str,
         args: Vec<Arg>,
     ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send;
+
+    /// Run `statements` in order in one transaction (all or nothing); the
+    /// rows each one returned.
+    fn transaction(
+        &self,
+        statements: Vec<(&'static str, Vec<Arg>)>,
+    ) -> impl Future<Output = Result<Vec<Vec<Self::Row>>, sqlx::Error>> + Send;
 }
 
 /// `args` bound in order (`$1`, `$2`, …).
@@ -134,6 +141,19 @@ where
         let result = bind(sqlx::query(sql), args).execute(self).await?;
         Ok(DB::rows_affected(&result))
     }
+
+    async fn transaction(
+        &self,
+        statements: Vec<(&'static str, Vec<Arg>)>,
+    ) -> Result<Vec<Vec<DB::Row>>, sqlx::Error> {
+        let mut tx = self.begin().await?;
+        let mut rows = Vec::with_capacity(statements.len());
+        for (sql, args) in statements {
+            rows.push(bind(sqlx::query(sql), args).fetch_all(&mut *tx).await?);
+        }
+        tx.commit().await?;
+        Ok(rows)
+    }
 }
 
 /// A dialect: SQLite or Postgres.
@@ -144,6 +164,9 @@ pub(super) trait Backend: Send + Sync + 'static {
     const LOCKS: LockSql;
     /// [`select_status`] in this dialect (arguments: [`Backend::now_args`]).
     const SELECT_STATUS: &'static str;
+    /// Append `$3` to the log tail of job `$1` held by worker `$2`, keeping
+    /// its last 65,536 characters (see `jobs.rs`).
+    const APPEND_LOG: &'static str;
 
     fn pool(&self) -> &Self::Pool;
 

@@ -24,6 +24,7 @@
 
 mod backend;
 mod deliveries;
+mod jobs;
 mod locks;
 mod pending_gates;
 mod postgres;
@@ -56,6 +57,11 @@ use sqlite::SqliteRunStore;
 pub use watch::{JournalWaker, JournalWatch};
 
 pub use deliveries::{Delivery, DeliveryLog, DeliveryQuery, NewDelivery, Recorded};
+pub use jobs::{
+    format_size, log_tail, new_worker_id, JobQueue, JobReport, JobState, Lease as JobLease, NewJob,
+    NewWorker, RemoteJob, RemoteJobSpec, Reported, ResourceRequest, Resources, StaleSweep, Worker,
+    WorkerState, LOG_TAIL_BYTES,
+};
 pub use pending_gates::{PendingGate, PendingGates};
 
 /// The config key the store URL comes from (named in errors).
@@ -91,12 +97,14 @@ pub async fn open_run_store(
     Ok(open_stores(url, options).await?.runs)
 }
 
-/// The run store and the server's delivery log, over one pool.
+/// The run store, the server's delivery log and the remote job queue, over
+/// one pool.
 #[derive(Clone)]
 pub struct Stores {
     pub runs: Arc<dyn RunStore>,
     pub deliveries: Arc<dyn DeliveryLog>,
     pub pending_gates: Arc<dyn PendingGates>,
+    pub jobs: Arc<dyn JobQueue>,
 }
 
 impl std::fmt::Debug for Stores {
@@ -111,7 +119,8 @@ impl Stores {
         Self {
             runs: store.clone(),
             deliveries: store.clone(),
-            pending_gates: store,
+            pending_gates: store.clone(),
+            jobs: store,
         }
     }
 }
@@ -518,6 +527,11 @@ const SQLITE_MIGRATIONS: Embedded = Embedded(&[
         include_str!("../../migrations/sqlite/0009_webhook_deliveries.sql"),
     ),
     (
+        10,
+        "remote jobs and workers",
+        include_str!("../../migrations/sqlite/0010_remote_jobs.sql"),
+    ),
+    (
         12,
         "pending gates",
         include_str!("../../migrations/sqlite/0012_pending_gates.sql"),
@@ -554,6 +568,11 @@ const POSTGRES_MIGRATIONS: Embedded = Embedded(&[
         8,
         "webhook deliveries",
         include_str!("../../migrations/postgres/0008_webhook_deliveries.sql"),
+    ),
+    (
+        9,
+        "remote jobs and workers",
+        include_str!("../../migrations/postgres/0009_remote_jobs.sql"),
     ),
     (
         11,

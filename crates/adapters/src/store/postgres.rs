@@ -200,6 +200,9 @@ impl Backend for PostgresRunStore {
         "k.owner <> '' AND k.expires_at > now()",
         "r.snapshot -> 'verdict' ->> 'reason'"
     );
+    const APPEND_LOG: &'static str =
+        "UPDATE remote_jobs SET log_tail = right(log_tail || $3, 65536)
+         WHERE job_key = $1 AND worker_id = $2 AND state IN ('assigned', 'cancelling')";
 
     fn pool(&self) -> &PgPool {
         &self.pool

@@ -177,6 +177,9 @@ impl Backend for SqliteRunStore {
         "k.owner <> '' AND k.expires_at > $1",
         "json_extract(r.snapshot, '$.verdict.reason')"
     );
+    const APPEND_LOG: &'static str =
+        "UPDATE remote_jobs SET log_tail = substr(log_tail || $3, -65536)
+         WHERE job_key = $1 AND worker_id = $2 AND state IN ('assigned', 'cancelling')";
 
     fn pool(&self) -> &SqlitePool {
         &self.pool

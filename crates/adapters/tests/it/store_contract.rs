@@ -1891,3 +1891,501 @@ async fn postgres_journal_watch_wakes_readers_at_commit() {
     writer.await.unwrap();
     assert!(store.journal_end().await.unwrap() > 0);
 }
+
+// ---- The remote job queue and worker registry (tables `remote_jobs`,
+// `remote_workers`) ----
+
+mod jobs {
+    use std::sync::Arc;
+
+    use chrono::{DateTime, Duration as Span, SubsecRound, Utc};
+    use retrain_adapters::store::{
+        open_stores, JobLease, JobQueue, JobReport, JobState, NewJob, NewWorker, RemoteJobSpec,
+        Reported, ResourceRequest, Resources, WorkerState, LOG_TAIL_BYTES,
+    };
+    use retrain_core::domain::Candidate;
+
+    fn now() -> DateTime<Utc> {
+        Utc::now().trunc_subsecs(6)
+    }
+
+    fn job(key: &str, label: &str, gpus: Option<u32>) -> NewJob {
+        NewJob {
+            job_key: key.into(),
+            run_id: key.split('/').next().unwrap().into(),
+            label: label.into(),
+            attempt: 1,
+            spec: RemoteJobSpec {
+                dataset_name: "ds".into(),
+                dataset_version: "v1".into(),
+                command: vec!["python".into(), "train.py".into()],
+                env: [("EPOCHS".to_owned(), "3".to_owned())].into(),
+                timeout_secs: 3600,
+                request: ResourceRequest {
+                    gpus,
+                    ..ResourceRequest::default()
+                },
+            },
+            enqueued_at: now(),
+        }
+    }
+
+    fn worker(id: &str, gpus: u32, labels: &[&str]) -> NewWorker {
+        NewWorker {
+            worker_id: id.into(),
+            name: format!("{id}-name"),
+            hostname: "host".into(),
+            labels: labels.iter().map(|l| (*l).to_owned()).collect(),
+            resources: Resources {
+                cpus: 8,
+                memory_bytes: 32 << 30,
+                gpus,
+                gpu_memory_bytes: if gpus > 0 { 24 << 30 } else { 0 },
+                gpu_names: vec![],
+                tags: vec![],
+            },
+            version: "0.1.0".into(),
+            registered_at: now(),
+        }
+    }
+
+    fn candidate(id: &str) -> Candidate {
+        Candidate {
+            id: id.into(),
+            metrics: [("accuracy".to_owned(), 0.9)].into(),
+        }
+    }
+
+    async fn assigned(queue: &dyn JobQueue, worker_id: &str) -> String {
+        match queue.lease(worker_id, now()).await.unwrap() {
+            JobLease::Assigned(job) => job.job_key,
+            other => panic!("expected a job for {worker_id}, got {other:?}"),
+        }
+    }
+
+    /// Enqueueing a key twice keeps one row, the first one.
+    pub async fn enqueueing_a_key_twice_keeps_one_row(queue: Arc<dyn JobQueue>) {
+        let first = queue.enqueue(&job("r1/train/1", "a", None)).await.unwrap();
+        assert_eq!(first.state, JobState::Queued);
+        let mut again = job("r1/train/1", "a", Some(4));
+        again.attempt = 7;
+        let second = queue.enqueue(&again).await.unwrap();
+        assert_eq!(second, first, "the existing row is returned unchanged");
+        assert_eq!(queue.jobs_of_run("r1").await.unwrap().len(), 1);
+        assert_eq!(queue.queue().await.unwrap().len(), 1);
+        assert_eq!(second.spec.env["EPOCHS"], "3");
+        assert!(
+            !format!("{:?}", second.spec).contains("\"3\""),
+            "env values stay out of Debug"
+        );
+    }
+
+    /// A job goes to a worker that fits (labels and resources), at most one
+    /// job per worker; a drained job is re-queued under the same key.
+    pub async fn jobs_go_to_fitting_workers_one_at_a_time(queue: Arc<dyn JobQueue>) {
+        queue.register_worker(&worker("cpu", 0, &[])).await.unwrap();
+        queue
+            .register_worker(&worker("gpu", 1, &["b"]))
+            .await
+            .unwrap();
+        queue
+            .enqueue(&job("r2/train/1", "a", Some(1)))
+            .await
+            .unwrap();
+        assert_eq!(queue.lease("cpu", now()).await.unwrap(), JobLease::NoneFits);
+        // The GPU worker only takes label `b`.
+        assert_eq!(queue.lease("gpu", now()).await.unwrap(), JobLease::NoneFits);
+        queue
+            .enqueue(&job("r3/train/1", "b", Some(1)))
+            .await
+            .unwrap();
+        queue.enqueue(&job("r4/train/1", "b", None)).await.unwrap();
+        assert_eq!(assigned(queue.as_ref(), "gpu").await, "r3/train/1");
+        assert_eq!(
+            queue.lease("gpu", now()).await.unwrap(),
+            JobLease::Busy {
+                job_key: "r3/train/1".into()
+            }
+        );
+        let gpu = queue.worker("gpu").await.unwrap().unwrap();
+        assert_eq!(gpu.job_key.as_deref(), Some("r3/train/1"));
+        assert_eq!(
+            queue.lease("nobody", now()).await.unwrap(),
+            JobLease::UnknownWorker
+        );
+        // Draining: back to the queue, same key, and the worker is free.
+        assert_eq!(
+            queue
+                .report("r3/train/1", Some("gpu"), &JobReport::Cancelled, now())
+                .await
+                .unwrap(),
+            Reported::Accepted
+        );
+        let requeued = queue.job("r3/train/1").await.unwrap().unwrap();
+        assert_eq!(
+            (requeued.state, requeued.worker_id),
+            (JobState::Queued, None)
+        );
+        queue
+            .heartbeat("gpu", WorkerState::Draining, None, now())
+            .await
+            .unwrap();
+        assert_eq!(
+            queue.lease("gpu", now()).await.unwrap(),
+            JobLease::NotTaking(WorkerState::Draining)
+        );
+        // A worker that says it runs nothing never got a job assigned to it
+        // before the cutoff: the job goes back to the queue, same key.
+        queue
+            .register_worker(&worker("lost-answer", 1, &["b"]))
+            .await
+            .unwrap();
+        assert_eq!(assigned(queue.as_ref(), "lost-answer").await, "r3/train/1");
+        let released = queue
+            .release_unclaimed("lost-answer", now() - Span::seconds(20), now())
+            .await
+            .unwrap();
+        assert!(released.is_empty(), "a fresh assignment is left alone");
+        let released = queue
+            .release_unclaimed("lost-answer", now() + Span::seconds(1), now())
+            .await
+            .unwrap();
+        assert_eq!(released, vec!["r3/train/1".to_owned()]);
+        let job = queue.job("r3/train/1").await.unwrap().unwrap();
+        assert_eq!(
+            (job.state, job.worker_id, job.attempt),
+            (JobState::Queued, None, 1)
+        );
+        queue.deregister_worker("lost-answer").await.unwrap();
+        // Deregistering a worker re-queues the job it holds.
+        queue
+            .register_worker(&worker("gpu2", 2, &[]))
+            .await
+            .unwrap();
+        assert_eq!(assigned(queue.as_ref(), "gpu2").await, "r2/train/1");
+        assert!(queue.deregister_worker("gpu2").await.unwrap());
+        assert!(!queue.deregister_worker("gpu2").await.unwrap());
+        assert_eq!(
+            queue.job("r2/train/1").await.unwrap().unwrap().state,
+            JobState::Queued
+        );
+    }
+
+    /// Two workers (on two handles of the store) lease one job at once:
+    /// exactly one gets it.
+    pub async fn two_concurrent_leases_of_one_job_one_wins(
+        one: Arc<dyn JobQueue>,
+        two: Arc<dyn JobQueue>,
+    ) {
+        one.enqueue(&job("r5/train/1", "a", None)).await.unwrap();
+        for i in 0..6 {
+            one.register_worker(&worker(&format!("w{i}"), 0, &[]))
+                .await
+                .unwrap();
+        }
+        let mut racers = Vec::new();
+        for i in 0..6 {
+            let queue = if i % 2 == 0 { one.clone() } else { two.clone() };
+            racers.push(tokio::spawn(async move {
+                queue.lease(&format!("w{i}"), now()).await.unwrap()
+            }));
+        }
+        let mut winners = Vec::new();
+        for racer in racers {
+            match racer.await.unwrap() {
+                JobLease::Assigned(job) => winners.push(job.worker_id.unwrap()),
+                JobLease::NoneFits => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(winners.len(), 1, "{winners:?}");
+        let stored = two.job("r5/train/1").await.unwrap().unwrap();
+        assert_eq!(stored.worker_id.as_ref(), Some(&winners[0]));
+    }
+
+    /// Only the holder's report counts, once; a retried identical result is
+    /// accepted again, a different one is not.
+    pub async fn only_the_holder_reports_once(queue: Arc<dyn JobQueue>) {
+        queue.register_worker(&worker("w1", 0, &[])).await.unwrap();
+        queue.register_worker(&worker("w2", 0, &[])).await.unwrap();
+        queue.enqueue(&job("r6/train/1", "a", None)).await.unwrap();
+        let result = JobReport::Finished(candidate("c-1"));
+        // Not assigned yet: nobody's result counts.
+        assert!(matches!(
+            queue
+                .report("r6/train/1", Some("w1"), &result, now())
+                .await
+                .unwrap(),
+            Reported::NotAwaited(_)
+        ));
+        assigned(queue.as_ref(), "w1").await;
+        let Reported::NotAwaited(why) = queue
+            .report("r6/train/1", Some("w2"), &result, now())
+            .await
+            .unwrap()
+        else {
+            panic!("another worker's result must be refused")
+        };
+        assert!(why.contains("w1"), "{why}");
+        assert!(!queue.append_log("r6/train/1", "w2", "x").await.unwrap());
+        assert!(queue
+            .append_log("r6/train/1", "w1", "epoch 1\n")
+            .await
+            .unwrap());
+        assert_eq!(
+            queue
+                .report("r6/train/1", Some("w1"), &result, now())
+                .await
+                .unwrap(),
+            Reported::Accepted
+        );
+        assert_eq!(
+            queue
+                .report("r6/train/1", Some("w1"), &result, now())
+                .await
+                .unwrap(),
+            Reported::AlreadyAccepted
+        );
+        assert!(matches!(
+            queue
+                .report(
+                    "r6/train/1",
+                    Some("w1"),
+                    &JobReport::Finished(candidate("c-2")),
+                    now()
+                )
+                .await
+                .unwrap(),
+            Reported::NotAwaited(_)
+        ));
+        let done = queue.job("r6/train/1").await.unwrap().unwrap();
+        assert_eq!(done.state, JobState::Finished);
+        assert_eq!(done.result, Some(candidate("c-1")));
+        assert_eq!(done.log_tail, "epoch 1\n");
+        assert!(!queue.append_log("r6/train/1", "w1", "late").await.unwrap());
+        assert_eq!(queue.worker("w1").await.unwrap().unwrap().job_key, None);
+        // A failure is kept with its exit status.
+        queue.enqueue(&job("r7/train/1", "a", None)).await.unwrap();
+        assigned(queue.as_ref(), "w2").await;
+        let failed = JobReport::Failed {
+            message: "CUDA out of memory".into(),
+            exit_status: Some("exit status 1".into()),
+        };
+        assert_eq!(
+            queue
+                .report("r7/train/1", Some("w2"), &failed, now())
+                .await
+                .unwrap(),
+            Reported::Accepted
+        );
+        let job = queue.job("r7/train/1").await.unwrap().unwrap();
+        assert_eq!(job.state, JobState::Failed);
+        assert_eq!(
+            job.failure.as_deref(),
+            Some("CUDA out of memory (exit status 1)")
+        );
+    }
+
+    /// The log tail keeps the last 64 KiB.
+    pub async fn the_log_tail_is_bounded(queue: Arc<dyn JobQueue>) {
+        queue.register_worker(&worker("w1", 0, &[])).await.unwrap();
+        queue.enqueue(&job("r8/train/1", "a", None)).await.unwrap();
+        assigned(queue.as_ref(), "w1").await;
+        let line = format!("{}\n", "é".repeat(499));
+        for _ in 0..150 {
+            assert!(queue.append_log("r8/train/1", "w1", &line).await.unwrap());
+        }
+        queue
+            .append_log("r8/train/1", "w1", "the end\n")
+            .await
+            .unwrap();
+        let tail = queue.job("r8/train/1").await.unwrap().unwrap().log_tail;
+        assert!(tail.len() <= LOG_TAIL_BYTES, "{}", tail.len());
+        assert!(tail.len() > LOG_TAIL_BYTES - 8, "{}", tail.len());
+        assert!(tail.ends_with("é\nthe end\n"));
+    }
+
+    /// A worker past the TTL goes stale and its job is lost (one sweep); its
+    /// late result is refused; when it heartbeats again it is live and told
+    /// to kill the job; cleanup removes only stale workers.
+    pub async fn a_stale_worker_loses_its_job(queue: Arc<dyn JobQueue>) {
+        queue.register_worker(&worker("old", 0, &[])).await.unwrap();
+        queue
+            .register_worker(&worker("fresh", 0, &[]))
+            .await
+            .unwrap();
+        queue.enqueue(&job("r9/train/1", "a", None)).await.unwrap();
+        assigned(queue.as_ref(), "old").await;
+        let long_ago = now() - Span::seconds(120);
+        queue
+            .heartbeat("old", WorkerState::Running, Some("r9/train/1"), long_ago)
+            .await
+            .unwrap();
+        let sweep = queue
+            .mark_stale(now() - Span::seconds(60), now())
+            .await
+            .unwrap();
+        assert_eq!(sweep.workers, vec!["old".to_owned()]);
+        assert_eq!(sweep.lost_jobs, vec!["r9/train/1".to_owned()]);
+        // Nothing more on a second sweep.
+        let again = queue
+            .mark_stale(now() - Span::seconds(60), now())
+            .await
+            .unwrap();
+        assert!(again.workers.is_empty() && again.lost_jobs.is_empty());
+        let lost = queue.job("r9/train/1").await.unwrap().unwrap();
+        assert_eq!(lost.state, JobState::Lost);
+        assert!(lost.failure.unwrap().contains("old"));
+        assert_eq!(
+            queue.worker("old").await.unwrap().unwrap().state,
+            WorkerState::Stale
+        );
+        assert_eq!(
+            queue.lease("old", now()).await.unwrap(),
+            JobLease::NotTaking(WorkerState::Stale)
+        );
+        assert!(matches!(
+            queue
+                .report(
+                    "r9/train/1",
+                    Some("old"),
+                    &JobReport::Finished(candidate("late")),
+                    now()
+                )
+                .await
+                .unwrap(),
+            Reported::NotAwaited(_)
+        ));
+        let cancel = queue
+            .heartbeat("old", WorkerState::Running, Some("r9/train/1"), now())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(cancel, vec!["r9/train/1".to_owned()]);
+        assert_eq!(
+            queue.worker("old").await.unwrap().unwrap().state,
+            WorkerState::Running
+        );
+        assert_eq!(
+            queue
+                .heartbeat("gone", WorkerState::Idle, None, now())
+                .await
+                .unwrap(),
+            None
+        );
+        // Cleanup: only the stale one goes.
+        queue
+            .heartbeat("old", WorkerState::Idle, None, long_ago)
+            .await
+            .unwrap();
+        queue
+            .mark_stale(now() - Span::seconds(60), now())
+            .await
+            .unwrap();
+        assert_eq!(queue.remove_stale().await.unwrap(), vec!["old".to_owned()]);
+        let left: Vec<String> = queue
+            .workers()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|w| w.worker_id)
+            .collect();
+        assert_eq!(left, vec!["fresh".to_owned()]);
+    }
+
+    /// Cancelling: a queued job leaves the queue failed at once; a held one
+    /// is `cancelling`, its worker is told on its heartbeat, and its
+    /// cancelled report ends it (not re-queued).
+    pub async fn cancelling_a_job(queue: Arc<dyn JobQueue>) {
+        queue.enqueue(&job("r10/train/1", "a", None)).await.unwrap();
+        assert_eq!(
+            queue
+                .cancel("r10/train/1", "no worker fits", now())
+                .await
+                .unwrap(),
+            Some(JobState::Failed)
+        );
+        assert!(queue.queue().await.unwrap().is_empty());
+        assert_eq!(queue.cancel("nope", "x", now()).await.unwrap(), None);
+        queue.register_worker(&worker("w1", 0, &[])).await.unwrap();
+        queue.enqueue(&job("r11/train/1", "a", None)).await.unwrap();
+        assigned(queue.as_ref(), "w1").await;
+        assert_eq!(
+            queue
+                .cancel("r11/train/1", "timed out", now())
+                .await
+                .unwrap(),
+            Some(JobState::Cancelling)
+        );
+        let cancel = queue
+            .heartbeat("w1", WorkerState::Running, Some("r11/train/1"), now())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(cancel, vec!["r11/train/1".to_owned()]);
+        queue
+            .report("r11/train/1", Some("w1"), &JobReport::Cancelled, now())
+            .await
+            .unwrap();
+        let job = queue.job("r11/train/1").await.unwrap().unwrap();
+        assert_eq!(job.state, JobState::Failed);
+        assert_eq!(job.failure.as_deref(), Some("cancelled"));
+    }
+
+    async fn sqlite_pair() -> (tempfile::TempDir, Arc<dyn JobQueue>, Arc<dyn JobQueue>) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/state.db", dir.path().display());
+        let one = open_stores(&url, Default::default()).await.unwrap();
+        let two = open_stores(&url, Default::default()).await.unwrap();
+        (dir, one.jobs, two.jobs)
+    }
+
+    async fn postgres_pair() -> Option<(Arc<dyn JobQueue>, Arc<dyn JobQueue>)> {
+        let url = crate::pg::fresh_database().await?;
+        let one = open_stores(&url, Default::default()).await.unwrap();
+        let two = open_stores(&url, Default::default()).await.unwrap();
+        Some((one.jobs, two.jobs))
+    }
+
+    macro_rules! job_contract {
+        ($($name:ident),* $(,)?) => {
+            mod sqlite {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $name() {
+                        let (_dir, one, _two) = super::sqlite_pair().await;
+                        super::$name(one).await;
+                    }
+                )*
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn two_concurrent_leases_of_one_job_one_wins() {
+                    let (_dir, one, two) = super::sqlite_pair().await;
+                    super::two_concurrent_leases_of_one_job_one_wins(one, two).await;
+                }
+            }
+            mod postgres {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $name() {
+                        let Some((one, _two)) = super::postgres_pair().await else { return };
+                        super::$name(one).await;
+                    }
+                )*
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn two_concurrent_leases_of_one_job_one_wins() {
+                    let Some((one, two)) = super::postgres_pair().await else { return };
+                    super::two_concurrent_leases_of_one_job_one_wins(one, two).await;
+                }
+            }
+        };
+    }
+
+    job_contract!(
+        enqueueing_a_key_twice_keeps_one_row,
+        jobs_go_to_fitting_workers_one_at_a_time,
+        only_the_holder_reports_once,
+        the_log_tail_is_bounded,
+        a_stale_worker_loses_its_job,
+        cancelling_a_job,
+    );
+}

@@ -8,6 +8,7 @@ pub mod labels;
 pub mod openapi;
 pub mod rollback;
 pub mod runs;
+pub mod workers;
 
 use std::marker::PhantomData;
 
@@ -76,6 +77,15 @@ fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(labels::list))
         .routes(routes!(rollback::rollback))
         .routes(routes!(events::stream))
+        // Remote workers and their jobs (docs/server.md, "Workers").
+        .routes(routes!(workers::register, workers::list))
+        .routes(routes!(workers::queue))
+        .routes(routes!(workers::show, workers::deregister))
+        .routes(routes!(workers::heartbeat))
+        .routes(routes!(workers::lease_job))
+        .routes(routes!(workers::logs))
+        .routes(routes!(workers::results))
+        .routes(routes!(workers::cleanup))
         .merge(hooks::router())
 }
 
@@ -122,7 +132,8 @@ scopes!(
     TriggerScope => Trigger,
     ApproveScope => Approve,
     RollbackScope => Rollback,
-    WorkerScope => Worker
+    WorkerScope => Worker,
+    AdminScope => Admin
 );
 
 /// The caller of a request, authorized for `S`. As the first extractor of

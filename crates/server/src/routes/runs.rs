@@ -397,11 +397,14 @@ pub async fn show(
 ) -> Result<Json<Value>, ApiError> {
     let detail = detail(&state, &id).await?;
     let report = retrain_core::report::LabelReport::from_run(&detail.snapshot, false);
+    // Worker jobs of the run (state, worker, log tail); empty for other trainers.
+    let jobs = state.jobs.queue.jobs_of_run(&id).await?;
     Ok(Json(json!({
         "run": detail.summary,
         "report": report,
         "journal": detail.transitions,
         "manifest": ManifestDocument::from_run(&detail.snapshot),
+        "jobs": super::workers::jobs_json(&jobs),
     })))
 }
 

@@ -238,6 +238,9 @@ pub async fn metrics(
         state.tokens.authorize(&headers, Scope::Read)?;
     }
     let leases = state.store.active_leases().await?;
+    let workers = state.jobs.queue.workers().await?;
+    let queue = state.jobs.queue.queue().await?;
+    state.metrics.set_workers(&workers, &queue);
     let text = state.metrics.render(&leases, chrono::Utc::now());
     Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }

@@ -8,3 +8,4 @@ mod replicas;
 mod schedule;
 mod support;
 mod webhooks;
+mod workers;

@@ -18,6 +18,7 @@ use tokio::sync::oneshot;
 pub const ADMIN: &str = "admin-token-0123456789";
 pub const READER: &str = "reader-token-0123456789";
 pub const TRIGGER: &str = "trigger-token-0123456789";
+pub const WORKER: &str = "worker-token-0123456789";
 
 /// Appends the label to `starts.log`, sleeps `sleep_<label>` seconds (a
 /// file, so a test can make one label slow), reports a candidate.
@@ -55,6 +56,11 @@ scopes = ["read"]
 name = "ci"
 env = "TRIGGER_TOKEN"
 scopes = ["trigger", "read"]
+
+[[server.tokens]]
+name = "worker"
+env = "WORKER_TOKEN"
+scopes = ["worker"]
 
 [labels.intent]
 threshold = 10
@@ -107,6 +113,12 @@ pub struct Workspace {
 
 impl Workspace {
     pub fn new(store: &Store) -> Self {
+        Self::with_config(store, |config| config)
+    }
+
+    /// A workspace whose `retrain.toml` is the standard one passed through
+    /// `edit`.
+    pub fn with_config(store: &Store, edit: impl FnOnce(String) -> String) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         let state = match store {
@@ -114,7 +126,7 @@ impl Workspace {
             Store::Postgres(url) => url.clone(),
         };
         std::fs::write(root.join("train.sh"), TRAIN_SH).unwrap();
-        std::fs::write(root.join("retrain.toml"), config(&state)).unwrap();
+        std::fs::write(root.join("retrain.toml"), edit(config(&state))).unwrap();
         std::fs::write(
             root.join("metadata.json"),
             r#"{"dataset_name": "tickets", "version_tag": "v1", "num_samples": 100, "created_at": "2026-01-02T00:00:00Z"}"#,
@@ -150,6 +162,7 @@ impl Workspace {
             ("ADMIN_TOKEN", ADMIN),
             ("READER_TOKEN", READER),
             ("TRIGGER_TOKEN", TRIGGER),
+            ("WORKER_TOKEN", WORKER),
         ]
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
