@@ -28,5 +28,6 @@ pub mod store;
 pub mod testing;
 pub mod webhook;
 pub mod wiring;
+pub mod worker_agent;
 
 pub use error::AdapterError;

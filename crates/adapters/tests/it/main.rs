@@ -18,3 +18,4 @@ mod pg;
 mod s3;
 mod store_contract;
 mod webhook;
+mod worker_agent;
