@@ -165,13 +165,10 @@ fn config(server: &MockServer, work_dir: &Path, drain_timeout: Duration) -> Agen
     }
 }
 
+type AgentTask = tokio::task::JoinHandle<Result<(), retrain_adapters::worker_agent::AgentError>>;
+
 /// Start the agent; returns its drain token and task.
-fn start(
-    config: AgentConfig,
-) -> (
-    CancellationToken,
-    tokio::task::JoinHandle<Result<(), retrain_adapters::worker_agent::AgentError>>,
-) {
+fn start(config: AgentConfig) -> (CancellationToken, AgentTask) {
     let drain = CancellationToken::new();
     let agent = WorkerAgent::new(config).unwrap();
     let task = tokio::spawn(agent.run(drain.clone()));
@@ -223,10 +220,7 @@ fn logs(server_requests: &[Request]) -> String {
         .collect()
 }
 
-async fn finish(
-    drain: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), retrain_adapters::worker_agent::AgentError>>,
-) {
+async fn finish(drain: CancellationToken, task: AgentTask) {
     drain.cancel();
     tokio::time::timeout(Duration::from_secs(20), task)
         .await
@@ -464,18 +458,20 @@ async fn draining_past_the_timeout_cancels_the_job_and_hands_it_back() {
         .any(|b| body(b) == json!({"state": "draining", "job_key": KEY})));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unknown_worker_registers_again() {
+/// A server that answers w-1's lease with `status`/`code` and follows the
+/// contract for w-2; returns it once the agent polls as w-2.
+async fn w1_refused_then_w2(
+    status: u16,
+    code: &str,
+) -> (MockServer, tempfile::TempDir, CancellationToken, AgentTask) {
     let server = MockServer::start().await;
-    // w-1 is forgotten by the server: its lease and heartbeat get 404.
     Mock::given(method("POST"))
         .and(path_regex(r"^/v1/workers/w-1/(lease-job|heartbeat)$"))
-        .respond_with(ResponseTemplate::new(404).set_body_json(json!({
-            "error": {"code": "worker_not_found", "message": "no worker w-1"}
+        .respond_with(ResponseTemplate::new(status).set_body_json(json!({
+            "error": {"code": code, "message": "about w-1"}
         })))
         .mount(&server)
         .await;
-    // The contract for everything else.
     for mock in [
         Mock::given(method("POST"))
             .and(path("/v1/workers"))
@@ -503,13 +499,40 @@ async fn an_unknown_worker_registers_again() {
             .len(),
         2
     );
+    (server, work, drain, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_worker_registers_again() {
+    let (server, _work, drain, task) = w1_refused_then_w2(404, "worker_not_found").await;
     finish(drain, task).await;
+    assert!(
+        requests(&server, "DELETE", |p| p == "/v1/workers/w-1")
+            .await
+            .is_empty(),
+        "an unknown id is not deregistered"
+    );
     assert_eq!(
         requests(&server, "DELETE", |p| p == "/v1/workers/w-2")
             .await
             .len(),
         1
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_answer_while_idle_hands_the_lost_job_back_and_registers_afresh() {
+    // The answer of a lease that assigned a job was lost: the server says
+    // busy although this worker runs nothing.
+    let (server, _work, drain, task) = w1_refused_then_w2(409, "worker_busy").await;
+    assert_eq!(
+        requests(&server, "DELETE", |p| p == "/v1/workers/w-1")
+            .await
+            .len(),
+        1,
+        "deregistering re-queues the job the server holds for w-1"
+    );
+    finish(drain, task).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -535,4 +558,72 @@ async fn a_token_without_scope_worker_stops_the_agent_with_a_clear_error() {
         "{err}"
     );
     assert!(!err.contains(TOKEN));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_the_server_no_longer_awaits_is_dropped_without_artifacts() {
+    let script = r#"printf w > "$RETRAIN_ARTIFACTS_DIR/model.bin"; printf '{"candidate": "c"}' > "$RETRAIN_RESULT""#;
+    let server = contract_server(vec![job(script, json!({}))], false).await;
+    Mock::given(method("POST"))
+        .and(path(format!("/v1/runs/{RUN}/results")))
+        .respond_with(ResponseTemplate::new(409).set_body_json(json!({
+            "error": {"code": "job_not_awaited", "message": "job run-7/train/1 was lost"}
+        })))
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    let work = tempfile::tempdir().unwrap();
+    let (drain, task) = start(config(&server, work.path(), Duration::from_secs(5)));
+    until(&server, "POST", is_results).await;
+    // Back to leasing afterwards, as w-1.
+    let leases = requests(&server, "POST", |p| p.ends_with("/lease-job"))
+        .await
+        .len();
+    for _ in 0..50 {
+        if requests(&server, "POST", |p| p.ends_with("/lease-job"))
+            .await
+            .len()
+            > leases
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    finish(drain, task).await;
+    assert_eq!(
+        requests(&server, "POST", is_results).await.len(),
+        1,
+        "a 409 is not retried"
+    );
+    assert!(requests(&server, "PUT", |_| true).await.is_empty());
+    assert!(
+        requests(&server, "POST", |p| p.ends_with("/lease-job"))
+            .await
+            .len()
+            > leases
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_beyond_what_the_server_keeps_is_skipped_with_a_marker() {
+    // 200 KiB at once; the server keeps 64 KiB of a job's log.
+    let script = r#"head -c 204800 /dev/zero | tr '\0' 'x'; echo; echo tail-line; sleep 2; printf '{"candidate": "c"}' > "$RETRAIN_RESULT""#;
+    let server = contract_server(vec![job(script, json!({}))], false).await;
+    let work = tempfile::tempdir().unwrap();
+    let (drain, task) = start(config(&server, work.path(), Duration::from_secs(30)));
+    until(&server, "POST", is_results).await;
+    finish(drain, task).await;
+    let chunks = requests(&server, "POST", |p| p.ends_with("/logs")).await;
+    let log = logs(&chunks);
+    assert!(
+        log.starts_with("[retrain worker: "),
+        "{}",
+        &log[..80.min(log.len())]
+    );
+    assert!(log.contains("bytes of output skipped]"));
+    assert!(log.ends_with("tail-line\n"));
+    assert!(log.len() < 70 * 1024, "posted {} bytes", log.len());
+    assert!(chunks
+        .iter()
+        .all(|c| body(c)["chunk"].as_str().unwrap().len() <= 16 * 1024 + 64));
 }
