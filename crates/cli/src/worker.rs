@@ -65,6 +65,8 @@ pub async fn worker(args: &WorkerArgs, interrupt: Interrupt) -> Result<u8, Failu
         http: HttpPolicy::default(),
         hidden_env: vec![TOKEN_VAR.to_owned(), SERVER_TOKEN_VAR.to_owned()],
     };
+    let agent = WorkerAgent::new(config.clone()).map_err(config_failure)?;
+    // Logged once validated: the URL then carries no user info or query.
     tracing::info!(
         server = %args.server,
         name = %config.name,
@@ -72,11 +74,11 @@ pub async fn worker(args: &WorkerArgs, interrupt: Interrupt) -> Result<u8, Failu
         memory = %human_bytes(config.resources.memory_bytes),
         gpus = config.resources.gpus,
         gpu_memory = %human_bytes(config.resources.gpu_memory_bytes),
+        gpu_names = ?config.resources.gpu_names,
         tags = ?config.resources.tags,
         labels = ?config.labels,
         "starting the worker agent"
     );
-    let agent = WorkerAgent::new(config).map_err(config_failure)?;
     agent
         .run(interrupt.token())
         .await

@@ -61,6 +61,26 @@ fn worker_flags_are_validated_before_anything_is_sent() {
     }
 }
 
+#[test]
+fn a_server_url_with_credentials_is_refused_without_echoing_them() {
+    let work = tempfile::tempdir().unwrap();
+    retrain()
+        .env("RETRAIN_WORKER_TOKEN", TOKEN)
+        .args([
+            "worker",
+            "--server",
+            "https://admin:hunter2@retrain.example",
+            "--work-dir",
+        ])
+        .arg(work.path())
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains(
+            "--server must not carry user info",
+        ))
+        .stderr(predicate::str::contains("hunter2").not());
+}
+
 async fn listing_server() -> MockServer {
     let server = MockServer::start().await;
     let auth = format!("Bearer {TOKEN}");

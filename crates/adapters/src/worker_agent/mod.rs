@@ -242,6 +242,7 @@ fn backoff(failures: u32) -> Duration {
 #[derive(Debug)]
 pub struct WorkerAgent {
     config: AgentConfig,
+    client: ServerClient,
 }
 
 impl WorkerAgent {
@@ -264,15 +265,15 @@ impl WorkerAgent {
                 "the lease wait must be between 1 and 60 seconds".into(),
             ));
         }
-        Ok(Self { config })
+        let client = ServerClient::new(&config.server, config.token.clone(), config.http.clone())?;
+        Ok(Self { config, client })
     }
 
     /// Serve until `drain` fires and the running job (if any) is done,
     /// then deregister. `Err` only for what retrying cannot fix (a refused
     /// token, a bad server URL).
     pub async fn run(self, drain: CancellationToken) -> Result<(), AgentError> {
-        let config = self.config;
-        let client = ServerClient::new(&config.server, config.token.clone(), config.http.clone())?;
+        let Self { config, client } = self;
         std::fs::create_dir_all(config.work_dir.join("jobs")).map_err(|e| {
             AgentError::Config(format!(
                 "cannot create the work directory {}: {e}",
