@@ -16,7 +16,7 @@ use sha2::Digest;
 use tracing::{info, warn};
 
 use super::client::{Job, ResultAnswer};
-use super::Session;
+use super::{AgentError, Session};
 use crate::command::{CommandSpec, CommandTrainer};
 use crate::scrub::Scrubber;
 
@@ -243,8 +243,11 @@ impl JobRunner {
                     "cancelled": true,
                 });
                 match self.post_result(job, body.to_string()).await {
-                    Some(_) => JobEnd::DrainCancelled,
-                    None => JobEnd::Undelivered,
+                    Ok(_) => JobEnd::DrainCancelled,
+                    Err(e) => {
+                        warn!(job_key = %job.job_key, error = %e, "the cancellation could not be reported; the server will declare the job lost");
+                        JobEnd::Undelivered
+                    }
                 }
             }
             (Ended::Outcome(_), Some(report)) => {
@@ -259,34 +262,58 @@ impl JobRunner {
         }
     }
 
-    /// Post the job's result.
+    /// Post the job's result. A success the server refuses as invalid
+    /// (400/422: our result parser accepted it, so the two disagree) is
+    /// reported as a failure quoting the server, so the run fails with the
+    /// reason instead of waiting for the job's timeout.
     async fn deliver(&self, job: &Job, report: Report) -> JobEnd {
         let worker_id = self.session.worker_id().unwrap_or_default();
-        let body = match &report {
-            Report::Success(candidate) => success_body(&job.job_key, &worker_id, candidate),
-            Report::Failure {
-                message,
-                exit_status,
-            } => serde_json::json!({
+        let failure_body = |message: &str, exit_status: Option<&str>| {
+            serde_json::json!({
                 "job_key": job.job_key,
                 "worker_id": worker_id,
                 "failed": { "message": message, "exit_status": exit_status },
             })
-            .to_string(),
+            .to_string()
         };
-        match self.post_result(job, body).await {
-            Some(ResultAnswer::Accepted) => JobEnd::Reported,
-            Some(ResultAnswer::NotAwaited) => {
+        let answer = match &report {
+            Report::Success(candidate) => {
+                let body = success_body(&job.job_key, &worker_id, candidate);
+                match self.post_result(job, body).await {
+                    Err(e) if e.is_status(400) || e.is_status(422) => {
+                        warn!(job_key = %job.job_key, error = %e, "the server refused the job's result; reporting the job failed");
+                        let message =
+                            format!("the job succeeded but the server refused its result: {e}");
+                        self.post_result(job, failure_body(&message, Some("exit status 0")))
+                            .await
+                    }
+                    answer => answer,
+                }
+            }
+            Report::Failure {
+                message,
+                exit_status,
+            } => {
+                self.post_result(job, failure_body(message, exit_status.as_deref()))
+                    .await
+            }
+        };
+        match answer {
+            Ok(ResultAnswer::Accepted) => JobEnd::Reported,
+            Ok(ResultAnswer::NotAwaited) => {
                 warn!(job_key = %job.job_key, "the job was taken away from this worker (409); its result is dropped");
                 JobEnd::TakenAway
             }
-            None => JobEnd::Undelivered,
+            Err(e) => {
+                warn!(job_key = %job.job_key, error = %e, "the job's result could not be reported");
+                JobEnd::Undelivered
+            }
         }
     }
 
     /// Post a result body, retrying transport failures and server errors
     /// for up to [`RESULT_PATIENCE`] (a server restart must not lose it).
-    async fn post_result(&self, job: &Job, body: String) -> Option<ResultAnswer> {
+    async fn post_result(&self, job: &Job, body: String) -> Result<ResultAnswer, AgentError> {
         let started = tokio::time::Instant::now();
         let mut delay = Duration::from_secs(1);
         loop {
@@ -296,16 +323,12 @@ impl JobRunner {
                 .post_result(&job.results_url, body.clone())
                 .await
             {
-                Ok(answer) => return Some(answer),
                 Err(e) if e.is_retryable() && started.elapsed() < RESULT_PATIENCE => {
                     warn!(job_key = %job.job_key, error = %e, retry_in_secs = delay.as_secs(), "reporting the job's result failed; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(30));
                 }
-                Err(e) => {
-                    warn!(job_key = %job.job_key, error = %e, "the job's result could not be reported");
-                    return None;
-                }
+                answer => return answer,
             }
         }
     }

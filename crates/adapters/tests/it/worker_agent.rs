@@ -627,3 +627,36 @@ async fn output_beyond_what_the_server_keeps_is_skipped_with_a_marker() {
         .iter()
         .all(|c| body(c)["chunk"].as_str().unwrap().len() <= 16 * 1024 + 64));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_the_server_refuses_is_reported_as_a_failure_quoting_it() {
+    let script = r#"printf '{"candidate": "c", "metrics": {"loss": NaN}}' > "$RETRAIN_RESULT""#;
+    let server = contract_server(vec![job(script, json!({}))], false).await;
+    Mock::given(method("POST"))
+        .and(path(format!("/v1/runs/{RUN}/results")))
+        .and(wiremock::matchers::body_string_contains("\"candidate\""))
+        .respond_with(ResponseTemplate::new(400).set_body_json(json!({
+            "error": {"code": "invalid_body", "message": "invalid JSON body: expected value"}
+        })))
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    let work = tempfile::tempdir().unwrap();
+    let (drain, task) = start(config(&server, work.path(), Duration::from_secs(5)));
+    for _ in 0..100 {
+        if requests(&server, "POST", is_results).await.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    finish(drain, task).await;
+    let results = requests(&server, "POST", is_results).await;
+    assert_eq!(results.len(), 2, "the refused success, then the failure");
+    let failure = body(&results[1]);
+    assert_eq!(failure["failed"]["exit_status"], "exit status 0");
+    let message = failure["failed"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("refused its result") && message.contains("invalid_body"),
+        "{message}"
+    );
+}
