@@ -177,12 +177,12 @@ fn render(workers: &Value, jobs: &Value) -> String {
         out.push_str("no workers registered\n");
     } else {
         out.push_str(&format!(
-            "{:<24} {:<16} {:<9} {:<24} {:<26} {:<16} LAST HEARTBEAT\n",
+            "{:<34} {:<16} {:<9} {:<24} {:<26} {:<16} LAST HEARTBEAT\n",
             "WORKER", "NAME", "STATE", "JOB", "RESOURCES", "LABELS"
         ));
         for w in workers {
             out.push_str(&format!(
-                "{:<24} {:<16} {:<9} {:<24} {:<26} {:<16} {}\n",
+                "{:<34} {:<16} {:<9} {:<24} {:<26} {:<16} {}\n",
                 text(&w["worker_id"]),
                 text(&w["name"]),
                 text(&w["state"]),
@@ -202,7 +202,7 @@ fn render(workers: &Value, jobs: &Value) -> String {
         out.push_str("no jobs queued\n");
     } else {
         out.push_str(&format!(
-            "{:<28} {:<16} {:<9} {:<24} {:>8}  REQUEST\n",
+            "{:<28} {:<16} {:<9} {:<34} {:>8}  REQUEST\n",
             "JOB", "LABEL", "STATE", "WORKER", "WAITING"
         ));
         for j in jobs {
@@ -215,7 +215,7 @@ fn render(workers: &Value, jobs: &Value) -> String {
                 })
                 .unwrap_or_else(|| "-".into());
             out.push_str(&format!(
-                "{:<28} {:<16} {:<9} {:<24} {:>8}  {}\n",
+                "{:<28} {:<16} {:<9} {:<34} {:>8}  {}\n",
                 text(&j["job_key"]),
                 text(&j["label"]),
                 text(&j["state"]),
