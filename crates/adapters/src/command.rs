@@ -306,6 +306,7 @@ struct Spawned {
 fn spawn(
     spec: &CommandSpec,
     env: Vec<(String, String)>,
+    hidden_env: &[String],
     log_path: &Path,
     truncate_log: bool,
 ) -> Result<Spawned, PortError> {
@@ -333,6 +334,9 @@ fn spawn(
     // Protocol variables inherited from our own environment (e.g. a retrain
     // running inside a job) must not leak into this job's protocol.
     for name in PROTOCOL_VARS {
+        command.env_remove(name);
+    }
+    for name in hidden_env {
         command.env_remove(name);
     }
     command
@@ -454,6 +458,8 @@ pub struct CommandTrainer {
     /// How the jobs this instance waited for ended (`exit status 0`), for
     /// [`Trainer::job_exit`].
     exits: std::sync::Mutex<HashMap<ChildKey, String>>,
+    /// Variables of this process's environment the job must not inherit.
+    hidden_env: Vec<String>,
 }
 
 impl fmt::Debug for CommandTrainer {
@@ -487,7 +493,22 @@ impl CommandTrainer {
             children: std::sync::Mutex::new(HashMap::new()),
             starting: Mutex::new(()),
             exits: std::sync::Mutex::new(HashMap::new()),
+            hidden_env: Vec::new(),
         })
+    }
+
+    /// Do not pass these variables of this process's environment on to the
+    /// job (the worker agent hides its own server token from the code it
+    /// runs). Configured `spec.env` and protocol variables are unaffected.
+    pub fn with_hidden_env(mut self, names: impl IntoIterator<Item = String>) -> Self {
+        self.hidden_env = names.into_iter().collect();
+        self
+    }
+
+    /// Where the output (stdout and stderr) of the job for `key` goes: the
+    /// worker agent streams it from there while the job runs.
+    pub fn log_path(&self, key: &JobKey) -> PathBuf {
+        self.paths(key).log
     }
 
     /// Scrub job output with `scrubber` (the wiring's: every configured
@@ -717,7 +738,7 @@ impl Trainer for CommandTrainer {
                 paths.result.to_string_lossy().into_owned(),
             ),
         ]);
-        let spawned = match spawn(&self.spec, env, &paths.log, false) {
+        let spawned = match spawn(&self.spec, env, &self.hidden_env, &paths.log, false) {
             Ok(spawned) => spawned,
             Err(e) => {
                 // Nothing runs for the key: a later start may try again.
@@ -1003,7 +1024,7 @@ impl SpaceController for CommandSpace {
         let mut env = render_env(&self.spec.env, None)?;
         env.push(("RETRAIN_PREPARE".into(), "1".into()));
         env.push(("RETRAIN_JOB_KEY".into(), intent.to_string()));
-        let spawned = match spawn(&self.spec, env, &log_path, true) {
+        let spawned = match spawn(&self.spec, env, &[], &log_path, true) {
             Ok(spawned) => spawned,
             Err(e) => {
                 let _ = std::fs::remove_file(&record_path);

@@ -29,5 +29,6 @@ pub mod testing;
 pub mod webhook;
 pub mod wiring;
 pub mod worker_trainer;
+pub mod worker_agent;
 
 pub use error::AdapterError;

@@ -76,6 +76,11 @@ pub enum Command {
     Config(ConfigArgs),
     /// Create or upgrade the RunStore schema.
     Migrate,
+    /// Run a worker agent: pull training jobs from retrain-server and run them here
+    /// (token from RETRAIN_WORKER_TOKEN; see docs/workers.md).
+    Worker(WorkerArgs),
+    /// The workers registered with retrain-server, and its job queue.
+    Workers(WorkersArgs),
     /// Print a shell completion script (e.g. `retrain completions bash > /etc/bash_completion.d/retrain`).
     Completions {
         #[arg(value_enum)]
@@ -247,4 +252,34 @@ pub enum ConfigCommand {
     Check,
     /// Print the effective configuration with secrets as ***.
     Show,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// The retrain-server base URL (outbound HTTP(S) is all the worker needs).
+    #[arg(long, env = "RETRAIN_SERVER_URL", value_name = "URL")]
+    pub server: String,
+    /// The worker's name (default: this host's name).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Only accept jobs of these labels (default: any).
+    #[arg(long, value_delimiter = ',', value_name = "LABEL,...")]
+    pub labels: Vec<String>,
+    /// Override detected resources, e.g. `gpu=2,gpu_memory=80G,memory=256G,cpus=16,tags=a100`.
+    #[arg(long, value_name = "KEY=VALUE,...")]
+    pub resources: Option<String>,
+    /// Where jobs keep their state, log and artifacts while they run.
+    #[arg(long, value_name = "DIR", default_value = ".retrain-worker")]
+    pub work_dir: PathBuf,
+    /// On SIGTERM/SIGINT, how long the running job may still take before it is
+    /// cancelled and handed back to the queue.
+    #[arg(long, value_name = "DURATION", default_value = "10m")]
+    pub drain_timeout: String,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkersArgs {
+    /// The retrain-server base URL (token: RETRAIN_SERVER_TOKEN or RETRAIN_WORKER_TOKEN).
+    #[arg(long, env = "RETRAIN_SERVER_URL", value_name = "URL")]
+    pub server: String,
 }

@@ -48,7 +48,7 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
     }
 }
 
-fn config_failure(error: impl std::fmt::Display) -> Failure {
+pub(crate) fn config_failure(error: impl std::fmt::Display) -> Failure {
     Failure {
         code: exit::CONFIG,
         error: anyhow::anyhow!("configuration error: {error}"),
@@ -106,6 +106,8 @@ pub async fn dispatch(cli: Cli, interrupt: Interrupt) -> Result<u8, Failure> {
             clap_complete::generate(*shell, &mut command, "retrain", &mut std::io::stdout());
             Ok(exit::OK)
         }
+        Command::Worker(args) => crate::worker::worker(args, interrupt).await,
+        Command::Workers(args) => crate::worker::workers(&cli, args).await,
         Command::Migrate => {
             let loaded = load(&cli, false)?;
             wiring::migrate(&loaded.settings)

@@ -7,6 +7,7 @@ mod output;
 mod progress;
 mod signals;
 mod telemetry;
+mod worker;
 
 use std::process::ExitCode;
 

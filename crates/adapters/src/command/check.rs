@@ -250,7 +250,7 @@ impl DatasetCheck for CommandDatasetCheck {
                 result_path.to_string_lossy().into_owned(),
             ),
         ]);
-        let mut spawned = spawn(&self.spec, env, &log_path, true)?;
+        let mut spawned = spawn(&self.spec, env, &[], &log_path, true)?;
         let mut guard = GroupGuard {
             pgid: spawned.pid,
             armed: true,

@@ -19,3 +19,4 @@ mod s3;
 mod store_contract;
 mod webhook;
 mod worker_trainer;
+mod worker_agent;
