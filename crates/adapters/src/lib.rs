@@ -28,7 +28,7 @@ pub mod store;
 pub mod testing;
 pub mod webhook;
 pub mod wiring;
-pub mod worker_trainer;
 pub mod worker_agent;
+pub mod worker_trainer;
 
 pub use error::AdapterError;

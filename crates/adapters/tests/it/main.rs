@@ -18,5 +18,5 @@ mod pg;
 mod s3;
 mod store_contract;
 mod webhook;
-mod worker_trainer;
 mod worker_agent;
+mod worker_trainer;

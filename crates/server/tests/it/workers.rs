@@ -628,3 +628,87 @@ on_both_stores!(
     a_drained_job_goes_back_to_the_queue,
     a_job_enqueued_by_one_replica_is_leased_from_another,
 );
+
+/// The real agent (`retrain worker`'s library) against the real server: a
+/// label trained by `trainer = { worker = … }` is leased by the agent, run
+/// as a local command job (its output streamed to the run's log tail), its
+/// result reported, and the candidate promoted; then the agent drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_agent_trains_a_worker_label_to_promotion() {
+    use retrain_adapters::http::HttpPolicy;
+    use retrain_adapters::worker_agent::{AgentConfig, Resources, WorkerAgent};
+
+    let workspace = workspace(&Store::Sqlite);
+    let script = workspace.root().join("agent_train.sh");
+    std::fs::write(
+        &script,
+        r#"echo "epoch 1 of $EPOCHS done for $RETRAIN_LABEL"
+printf 'weights' > "$RETRAIN_ARTIFACTS_DIR/model.bin"
+printf '{"candidate": "cand-agent", "metrics": {"accuracy": 0.9}}' > "$RETRAIN_RESULT"
+"#,
+    )
+    .unwrap();
+    let config = std::fs::read_to_string(workspace.config())
+        .unwrap()
+        .replace(
+            r#"command = ["python", "train.py"]"#,
+            &format!(r#"command = ["sh", "{}"]"#, script.display()),
+        );
+    std::fs::write(workspace.config(), config).unwrap();
+    let app = spawn_in(&workspace).await;
+
+    let work_dir = tempfile::tempdir().unwrap();
+    let agent = WorkerAgent::new(AgentConfig {
+        server: app.url(""),
+        token: secrecy::SecretString::from(WORKER),
+        name: "lab-gpu".into(),
+        hostname: "lab-gpu.local".into(),
+        labels: Vec::new(),
+        resources: Resources {
+            cpus: 8,
+            memory_bytes: 32 << 30,
+            gpus: 1,
+            gpu_memory_bytes: 24 << 30,
+            gpu_names: vec!["NVIDIA L4".into()],
+            tags: Vec::new(),
+        },
+        work_dir: work_dir.path().to_path_buf(),
+        drain_timeout: Duration::from_secs(10),
+        lease_wait_secs: 1,
+        http: HttpPolicy::fast_for_tests(),
+        hidden_env: Vec::new(),
+    })
+    .unwrap();
+    let drain = retrain_core::CancellationToken::new();
+    let agent = tokio::spawn(agent.run(drain.clone()));
+
+    let triggered = app.trigger(&["gpu"]).await;
+    let run_id = triggered["labels"][0]["run_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let done = app.wait_stage(&run_id, &["done"]).await;
+    assert_eq!(done["report"]["status"], "promoted", "{done}");
+    assert_eq!(done["report"]["candidate"]["id"], "cand-agent", "{done}");
+    let shown = run(&app, &run_id).await;
+    let tail = shown["jobs"][0]["log_tail"].as_str().unwrap_or_default();
+    assert!(tail.contains("epoch 1 of 3 done for gpu"), "{shown}");
+
+    // SIGTERM's path: drain, deregister, end cleanly.
+    drain.cancel();
+    tokio::time::timeout(Duration::from_secs(20), agent)
+        .await
+        .expect("the agent drains in time")
+        .unwrap()
+        .unwrap();
+    let workers: Value = app
+        .get("/v1/workers", READER)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(workers["workers"], json!([]), "{workers}");
+    app.shutdown().await.unwrap();
+}
