@@ -1432,35 +1432,9 @@ fn parse_worker(value: &Value) -> Result<WorkerTrainerConfig, String> {
     })
 }
 
-/// `24G`, `512M`, `1.5T`, `64K`, `80GiB`, `32GB` (binary units: K = 1024) or
-/// a plain number of bytes.
-pub fn parse_size(raw: &str) -> Result<u64, String> {
-    let text = raw.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let expected = || format!("invalid size {raw:?}: expected e.g. \"24G\", \"512M\" or bytes");
-    let value: f64 = number.parse().map_err(|_| expected())?;
-    let unit = unit.trim();
-    let unit = unit
-        .strip_suffix("iB")
-        .or_else(|| unit.strip_suffix('B'))
-        .unwrap_or(unit);
-    let scale: u64 = match unit.to_ascii_uppercase().as_str() {
-        "" => 1,
-        "K" => 1 << 10,
-        "M" => 1 << 20,
-        "G" => 1 << 30,
-        "T" => 1 << 40,
-        _ => return Err(expected()),
-    };
-    let bytes = value * scale as f64;
-    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
-        return Err(format!("invalid size {raw:?}: too large"));
-    }
-    Ok(bytes.round() as u64)
-}
+/// Sizes in settings (`24G`, `512M`, `80GiB`, bytes; binary units) are read
+/// as `retrain worker --resources` reads them: one parser.
+pub use crate::worker_agent::resources::parse_size;
 
 /// `hf-space://o/n`, `https://huggingface.co/spaces/o/n` or the seed's `o/n`.
 pub fn parse_space_repo(raw: &str) -> Result<String, String> {
