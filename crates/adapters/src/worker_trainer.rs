@@ -233,6 +233,12 @@ impl Trainer for WorkerTrainer {
         Ok(())
     }
 
+    /// The job runs on a worker, which keeps running it (and retries its
+    /// report) while this process restarts; the resumed run awaits it.
+    fn outlives_interrupt(&self) -> bool {
+        true
+    }
+
     fn describe(&self) -> String {
         format!(
             "worker pool ({}; {})",

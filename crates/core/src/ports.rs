@@ -179,6 +179,15 @@ pub trait Trainer: Send + Sync {
     /// Stop the job (timeout, interrupt). Best effort, idempotent.
     async fn cancel(&self, handle: &TrainingHandle) -> Result<(), PortError>;
     fn describe(&self) -> String;
+    /// Whether the job runs elsewhere and outlives this process (a remote
+    /// worker's job): an interrupt (SIGTERM, a server restart) then leaves
+    /// it running, and the resumed run awaits the same handle instead of
+    /// cancelling it and starting another. Only honoured for runs without a
+    /// lease (stopping a lease stops its job). Default: `false`, the job is
+    /// cancelled on interrupt.
+    fn outlives_interrupt(&self) -> bool {
+        false
+    }
     /// How the job of `handle` ended as this trainer saw it (a command
     /// trainer: `exit status 0`), for the run manifest; `None` when it cannot
     /// tell (a remote trainer, a job started by an earlier process).

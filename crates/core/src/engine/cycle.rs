@@ -731,14 +731,19 @@ impl Engine {
 
     /// Ctrl-C / SIGTERM: stop the training job (journaled as cancelled, so
     /// the resumed run restarts it without counting an attempt) and the
-    /// lease; the journal keeps the run resumable at its recorded stage.
+    /// lease; the journal keeps the run resumable at its recorded stage. A
+    /// job that outlives this process with no lease holding it
+    /// (`Trainer::outlives_interrupt`: a remote worker's) is left running:
+    /// the run stays at its pending `AwaitTraining` and the next process
+    /// awaits the same job.
     async fn interrupted(
         &self,
         binding: &LabelBinding,
         run: &mut LabelRun,
         fence: Option<&Fence>,
     ) -> DriveEnd {
-        if let Some(handle) = running_job(run).cloned() {
+        let leaves_job_running = binding.trainer.outlives_interrupt() && run.lease.is_none();
+        if let Some(handle) = running_job(run).cloned().filter(|_| !leaves_job_running) {
             if let Err(e) = binding.trainer.cancel(&handle).await {
                 warn!(error = %e, "could not stop the training job on interrupt");
             }

@@ -483,6 +483,71 @@ async fn interrupt_leaves_the_run_resumable_and_stops_the_lease() {
     );
 }
 
+/// A remote worker's job keeps running while the orchestrator restarts: the
+/// interrupt neither cancels it nor journals it cancelled, and the resumed
+/// run awaits that same job (no second start) to promotion. With a lease the
+/// job is cancelled as before (stopping the lease stops it).
+#[tokio::test(start_paused = true)]
+async fn an_interrupt_leaves_a_job_that_outlives_it_running_for_the_resumed_run() {
+    for leased in [false, true] {
+        let world = World::new();
+        world.detached_jobs.store(true, Ordering::SeqCst);
+        *world.train_time.lock().unwrap() = Duration::from_secs(50);
+        let store = MemStore::new();
+        let mut p = plan("department");
+        p.leased = leased;
+        let e = engine(
+            &store,
+            &world,
+            vec![binding(&world, p.clone(), prepare(&world))],
+        );
+        let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            c.cancel();
+        });
+        let report = e.run_cycle(CycleRequest::default(), cancel).await.unwrap();
+        assert_eq!(report.labels[0].status, LabelStatus::Interrupted);
+        assert_eq!(get(&world.counters.starts), 1);
+        let expected_cancels = usize::from(leased);
+        assert_eq!(
+            get(&world.counters.cancels),
+            expected_cancels,
+            "leased: {leased}"
+        );
+
+        let restarted = store.restarted();
+        let e2 = engine(
+            &restarted,
+            &world,
+            vec![binding(&world, p, prepare(&world))],
+        );
+        let report = cycle(&e2).await;
+        assert!(report.labels[0].resumed);
+        assert_eq!(
+            report.labels[0].status,
+            LabelStatus::Promoted,
+            "leased: {leased}: {:?}",
+            report.labels[0]
+        );
+        if leased {
+            assert_eq!(
+                get(&world.counters.starts),
+                2,
+                "a cancelled job is restarted"
+            );
+        } else {
+            assert_eq!(
+                get(&world.counters.starts),
+                1,
+                "the same job awaited, not restarted"
+            );
+            assert_eq!(get(&world.counters.adopted), 0);
+        }
+    }
+}
+
 struct SlowTrainer;
 #[async_trait::async_trait]
 impl retrain_core::ports::Trainer for SlowTrainer {

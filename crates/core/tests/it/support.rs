@@ -491,6 +491,8 @@ pub struct World {
     pub jobs: Arc<Mutex<BTreeMap<JobKey, TrainingHandle>>>,
     /// Training duration (virtual time).
     pub train_time: Arc<Mutex<Duration>>,
+    /// The fake trainer's jobs outlive an interrupt (a remote worker's).
+    pub detached_jobs: Arc<AtomicBool>,
     /// How long a registry promotion takes (virtual time).
     pub promote_time: Arc<Mutex<Duration>>,
     /// The next N registry calls (production or promote) fail with 503.
@@ -527,6 +529,7 @@ impl World {
             jobs: Arc::default(),
             train_time: Arc::new(Mutex::new(Duration::from_secs(5))),
             promote_time: Arc::default(),
+            detached_jobs: Arc::default(),
             registry_outages: Arc::default(),
             notifier_outages: Arc::default(),
             promote_outages: Arc::default(),
@@ -720,6 +723,9 @@ impl Trainer for FakeTrainer {
     }
     fn describe(&self) -> String {
         "fake trainer".into()
+    }
+    fn outlives_interrupt(&self) -> bool {
+        self.0.detached_jobs.load(Ordering::SeqCst)
     }
 }
 
