@@ -6,13 +6,15 @@
 //!   [`Application::run_until`] serves until a shutdown signal.
 //! - `routes/`: one module per resource (health, runs, labels, events);
 //!   `auth.rs`: bearer tokens and scopes; `error.rs`: the JSON error shape
-//!   with stable codes; `state.rs`: what handlers share.
+//!   with stable codes; `state.rs`: what handlers share; `artifacts.rs`:
+//!   uploaded artifacts on disk and in the store.
 //!
 //! Every handler that drives the engine runs it in a task of its own
 //! (tracked for shutdown), so a client that hangs up never drops a cycle or
 //! a decision half-way.
 
 pub mod app;
+pub mod artifacts;
 pub mod auth;
 pub mod error;
 pub mod logging;

@@ -9,6 +9,7 @@ use retrain_core::ports::RunStore;
 use retrain_core::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::artifacts::Artifacts;
 use crate::auth::Tokens;
 use crate::metrics::Metrics;
 use crate::webhooks::LabelTarget;
@@ -34,6 +35,8 @@ pub struct AppState {
     /// Every webhook delivery and schedule tick, with its outcome.
     pub deliveries: Arc<dyn DeliveryLog>,
     pub metrics: Arc<Metrics>,
+    /// Uploaded artifacts: `[server] artifacts_dir` and their records.
+    pub artifacts: Arc<Artifacts>,
     /// What the webhooks know of each label (from the settings).
     pub webhook_targets: Arc<Vec<LabelTarget>>,
 }

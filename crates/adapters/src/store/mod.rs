@@ -22,6 +22,7 @@
 //! session, so they would die with a pooled connection and could not express
 //! "held until expiry" for a holder that crashed mid-run.
 
+mod artifacts;
 mod backend;
 mod deliveries;
 mod locks;
@@ -54,6 +55,7 @@ use postgres::PostgresRunStore;
 use sqlite::SqliteRunStore;
 pub use watch::{JournalWaker, JournalWatch};
 
+pub use artifacts::{ArtifactLog, ArtifactRecord};
 pub use deliveries::{Delivery, DeliveryLog, DeliveryQuery, NewDelivery, Recorded};
 
 /// The config key the store URL comes from (named in errors).
@@ -89,11 +91,13 @@ pub async fn open_run_store(
     Ok(open_stores(url, options).await?.runs)
 }
 
-/// The run store and the server's delivery log, over one pool.
+/// The run store and the server's delivery log and artifact records, over
+/// one pool.
 #[derive(Clone)]
 pub struct Stores {
     pub runs: Arc<dyn RunStore>,
     pub deliveries: Arc<dyn DeliveryLog>,
+    pub artifacts: Arc<dyn ArtifactLog>,
 }
 
 impl std::fmt::Debug for Stores {
@@ -107,7 +111,8 @@ impl Stores {
         let store = Arc::new(store);
         Self {
             runs: store.clone(),
-            deliveries: store,
+            deliveries: store.clone(),
+            artifacts: store,
         }
     }
 }
@@ -505,6 +510,11 @@ const SQLITE_MIGRATIONS: Embedded = Embedded(&[
         "webhook deliveries",
         include_str!("../../migrations/sqlite/0009_webhook_deliveries.sql"),
     ),
+    (
+        11,
+        "run artifacts",
+        include_str!("../../migrations/sqlite/0011_run_artifacts.sql"),
+    ),
 ]);
 
 const POSTGRES_MIGRATIONS: Embedded = Embedded(&[
@@ -537,6 +547,11 @@ const POSTGRES_MIGRATIONS: Embedded = Embedded(&[
         8,
         "webhook deliveries",
         include_str!("../../migrations/postgres/0008_webhook_deliveries.sql"),
+    ),
+    (
+        10,
+        "run artifacts",
+        include_str!("../../migrations/postgres/0010_run_artifacts.sql"),
     ),
 ]);
 

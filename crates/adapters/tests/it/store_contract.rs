@@ -1741,6 +1741,72 @@ mod deliveries {
     );
 }
 
+// ---- The server's artifact records (same store, table `run_artifacts`) ----
+
+mod artifacts {
+    use chrono::{SubsecRound, Utc};
+    use retrain_adapters::store::{open_stores, ArtifactLog, ArtifactRecord, StoreOptions};
+    use retrain_core::domain::RunId;
+
+    fn record(run: &str, name: &str, sha: char, size: u64) -> ArtifactRecord {
+        ArtifactRecord {
+            run_id: RunId(run.into()),
+            name: name.into(),
+            size_bytes: size,
+            sha256: sha.to_string().repeat(64),
+            uploaded_at: Utc::now().trunc_subsecs(6),
+            uploaded_by: "worker-1".into(),
+        }
+    }
+
+    /// One record per (run, name): a second upload replaces the first; a
+    /// run lists only its own, by name.
+    async fn artifacts_are_upserted_per_run_and_name(log: &dyn ArtifactLog) {
+        let run = RunId("run-a".into());
+        assert!(log.artifacts(&run).await.unwrap().is_empty());
+        assert_eq!(log.artifact(&run, "model.bin").await.unwrap(), None);
+        let first = record("run-a", "model.bin", 'a', 10);
+        log.record_artifact(&first).await.unwrap();
+        log.record_artifact(&record("run-a", "eval.json", 'b', 20))
+            .await
+            .unwrap();
+        log.record_artifact(&record("run-b", "model.bin", 'c', 30))
+            .await
+            .unwrap();
+        assert_eq!(log.artifact(&run, "model.bin").await.unwrap(), Some(first));
+        let again = ArtifactRecord {
+            uploaded_by: "worker-2".into(),
+            ..record("run-a", "model.bin", 'd', 11)
+        };
+        log.record_artifact(&again).await.unwrap();
+        let listed = log.artifacts(&run).await.unwrap();
+        let names: Vec<_> = listed.iter().map(|a| a.name.as_str()).collect();
+        assert_eq!(names, ["eval.json", "model.bin"]);
+        assert_eq!(listed[1], again);
+        assert_eq!(
+            log.artifacts(&RunId("run-b".into())).await.unwrap()[0].sha256,
+            "c".repeat(64)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_artifacts_are_upserted_per_run_and_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/state.db", dir.path().display());
+        let stores = open_stores(&url, StoreOptions::default()).await.unwrap();
+        artifacts_are_upserted_per_run_and_name(stores.artifacts.as_ref()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_artifacts_are_upserted_per_run_and_name() {
+        let Some(url) = crate::pg::fresh_database().await else {
+            return;
+        };
+        let stores = open_stores(&url, StoreOptions::default()).await.unwrap();
+        artifacts_are_upserted_per_run_and_name(stores.artifacts.as_ref()).await;
+    }
+}
+
 /// Postgres: a journal write by anyone wakes a `JournalWatch` reader at
 /// commit (NOTIFY), well before its 5 s safety poll.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

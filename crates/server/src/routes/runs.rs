@@ -386,7 +386,7 @@ async fn detail(state: &AppState, id: &str) -> Result<retrain_core::journal::Run
     params(("id" = String, Path, description = "run id")),
     security(("bearer" = ["read"])),
     responses(
-        (status = 200, description = "`{run, report, journal, manifest}`", body = Object),
+        (status = 200, description = "`{run, report, journal, manifest}`; `manifest.artifacts`: `[{name, size_bytes, sha256, uploaded_at, uploaded_by}]`", body = Object),
         (status = 404, description = "no such run", body = ErrorBody),
     )
 )]
@@ -397,11 +397,27 @@ pub async fn show(
 ) -> Result<Json<Value>, ApiError> {
     let detail = detail(&state, &id).await?;
     let report = retrain_core::report::LabelReport::from_run(&detail.snapshot, false);
+    let mut manifest =
+        serde_json::to_value(ManifestDocument::from_run(&detail.snapshot)).map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("serializing the manifest of run {id}: {e}"),
+            )
+        })?;
+    // Uploaded by remote trainers (`PUT /v1/runs/{id}/artifacts/{name}`).
+    manifest["artifacts"] = json!(
+        state
+            .artifacts
+            .log()
+            .artifacts(&detail.summary.run_id)
+            .await?
+    );
     Ok(Json(json!({
         "run": detail.summary,
         "report": report,
         "journal": detail.transitions,
-        "manifest": ManifestDocument::from_run(&detail.snapshot),
+        "manifest": manifest,
     })))
 }
 

@@ -2,6 +2,7 @@
 //! (`support.rs`) on SQLite and on the real Postgres.
 
 mod api;
+mod artifacts;
 mod openapi;
 mod process;
 mod replicas;
