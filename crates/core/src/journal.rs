@@ -125,6 +125,20 @@ pub struct RunFilter {
     pub limit: Option<u32>,
 }
 
+/// One page of runs, newest first (by start time, then run id), for the
+/// server's `GET /v1/runs`: keyset-paged, so runs started while a client
+/// pages never shift the pages after its cursor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunPage {
+    pub label: Option<Label>,
+    /// An outcome (`promoted`, `running`…) or a stage (`awaiting_approval`…).
+    pub status: Option<String>,
+    /// Only runs listed after this one (the previous page's last); a run id
+    /// the store does not know gives an empty page.
+    pub after: Option<RunId>,
+    pub limit: u32,
+}
+
 /// One line of `retrain runs`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunSummary {

@@ -23,8 +23,8 @@ use crate::domain::{
     SpaceStage, TrainingHandle, TrainingOutcome, VersionTag,
 };
 use crate::journal::{
-    JournalEntry, LabelStatusRow, PromotionEvent, RequestClaim, RunDetail, RunFilter, RunSummary,
-    Transition,
+    JournalEntry, LabelStatusRow, PromotionEvent, RequestClaim, RunDetail, RunFilter, RunPage,
+    RunSummary, Transition,
 };
 use crate::machine::LabelRun;
 use crate::report::LabelReport;
@@ -375,6 +375,34 @@ pub trait RunStore: Send + Sync {
     ) -> Result<(), StoreError>;
 
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, StoreError>;
+    /// A page of runs (see [`RunPage`]). The SQL stores answer with one
+    /// keyset query; this default filters [`RunStore::list_runs`] (every
+    /// run of the label) in memory.
+    async fn list_runs_page(&self, page: &RunPage) -> Result<Vec<RunSummary>, StoreError> {
+        let runs = self
+            .list_runs(&RunFilter {
+                label: page.label.clone(),
+                limit: None,
+            })
+            .await?;
+        let start = match &page.after {
+            None => 0,
+            Some(after) => match runs.iter().position(|r| &r.run_id == after) {
+                Some(at) => at + 1,
+                None => runs.len(),
+            },
+        };
+        Ok(runs
+            .into_iter()
+            .skip(start)
+            .filter(|r| {
+                page.status
+                    .as_deref()
+                    .is_none_or(|s| r.outcome == s || r.stage.as_str() == s)
+            })
+            .take(page.limit as usize)
+            .collect())
+    }
     /// `retrain status`: one row per label of `labels`, in that order (a
     /// label the store never saw gets an empty row). The SQL stores answer
     /// with one query for all labels; this default composes the row from

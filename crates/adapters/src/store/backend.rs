@@ -243,6 +243,17 @@ pub(super) const SELECT_RUNS: &str =
      WHERE (CAST($1 AS TEXT) IS NULL OR label = $1)
      ORDER BY started_at DESC, run_id DESC LIMIT $2";
 
+/// `GET /v1/runs`: a keyset page after run `$3` (compared as the row value
+/// (started_at, run_id) read from the store itself, so no timestamp is
+/// re-encoded); `$2` matches the outcome or the stage.
+pub(super) const SELECT_RUNS_PAGE: &str =
+    "SELECT run_id, cycle_id, label, stage, outcome, started_at, updated_at FROM runs
+     WHERE (CAST($1 AS TEXT) IS NULL OR label = $1)
+       AND (CAST($2 AS TEXT) IS NULL OR outcome = $2 OR stage = $2)
+       AND (CAST($3 AS TEXT) IS NULL
+            OR (started_at, run_id) < (SELECT a.started_at, a.run_id FROM runs a WHERE a.run_id = $3))
+     ORDER BY started_at DESC, run_id DESC LIMIT $4";
+
 /// `retrain status` for every label in one statement: cursor, newest run
 /// (with its verdict reason), live lock, newest run awaiting approval. A
 /// dialect supplies how a lock is live (`$1` = now on SQLite) and how the

@@ -36,8 +36,8 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use retrain_core::domain::{Fence, Label, LabelCursor, Lease, LockOutcome, LockOwner, RunId};
 use retrain_core::journal::{
-    JournalEntry, LabelStatusRow, PromotionEvent, RequestClaim, RunDetail, RunFilter, RunSummary,
-    Transition,
+    JournalEntry, LabelStatusRow, PromotionEvent, RequestClaim, RunDetail, RunFilter, RunPage,
+    RunSummary, Transition,
 };
 use retrain_core::machine::{LabelRun, Stage};
 use retrain_core::ports::{RunStore, StoreError};
@@ -249,6 +249,23 @@ impl<B: Backend> RunStore for SqlRunStore<B> {
             .fetch_all(backend::SELECT_RUNS, args)
             .await
             .map_err(|e| b.error("listing runs", e))?
+            .iter()
+            .map(summary_of)
+            .collect()
+    }
+
+    async fn list_runs_page(&self, page: &RunPage) -> Result<Vec<RunSummary>, StoreError> {
+        let b = &self.0;
+        let args = vec![
+            Arg::OptText(page.label.as_ref().map(Label::to_string)),
+            Arg::OptText(page.status.clone()),
+            Arg::OptText(page.after.as_ref().map(RunId::to_string)),
+            Arg::Int(i64::from(page.limit)),
+        ];
+        b.pool()
+            .fetch_all(backend::SELECT_RUNS_PAGE, args)
+            .await
+            .map_err(|e| b.error("listing a page of runs", e))?
             .iter()
             .map(summary_of)
             .collect()

@@ -13,7 +13,9 @@ use retrain_core::domain::{
     RunId, TrainingHandle, VersionTag,
 };
 use retrain_core::journal::PromotionKind;
-use retrain_core::journal::{LabelStatusRow, RunDetail, RunFilter, Transition};
+use retrain_core::journal::{
+    LabelStatusRow, RunDetail, RunFilter, RunPage, RunSummary, Transition,
+};
 use retrain_core::machine::{
     Action, Approval, Event, LabelPlan, LabelRun, PromoteMode, Rollback, Stage, Trigger,
 };
@@ -1266,6 +1268,88 @@ pub async fn idempotency_keys_are_claimed_once(store: Arc<dyn RunStore>) {
     );
 }
 
+/// Keyset pages: newest first, each after the previous page's last run, not
+/// shifted by runs started in between; filtered by label and by outcome or
+/// stage; an unknown cursor gives an empty page.
+pub async fn runs_are_paged_by_keyset(store: Arc<dyn RunStore>) {
+    let store_ref = store.as_ref();
+    let mut started = Vec::new();
+    for name in ["dept", "urgency", "dept", "urgency"] {
+        let fence = lock(store_ref, name).await;
+        started.push(drive(store_ref, &fence, name, None, None).await.0.run_id);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let newest_first: Vec<RunId> = started.iter().rev().cloned().collect();
+    let page = |after: Option<&RunId>, limit| RunPage {
+        label: None,
+        status: None,
+        after: after.cloned(),
+        limit,
+    };
+    let first = store.list_runs_page(&page(None, 3)).await.unwrap();
+    let ids: Vec<RunId> = first.iter().map(|r| r.run_id.clone()).collect();
+    assert_eq!(ids, newest_first[..3]);
+    // A run started between two pages goes before the first page only.
+    let fence = lock(store_ref, "dept").await;
+    let (late, _) = drive(store_ref, &fence, "dept", None, None).await;
+    let second = store.list_runs_page(&page(Some(&ids[2]), 3)).await.unwrap();
+    let rest: Vec<RunId> = second.iter().map(|r| r.run_id.clone()).collect();
+    assert_eq!(rest, newest_first[3..]);
+    let newest = store.list_runs_page(&page(None, 1)).await.unwrap();
+    assert_eq!(newest[0].run_id, late.run_id);
+    assert!(store
+        .list_runs_page(&page(Some(&RunId("nope".into())), 3))
+        .await
+        .unwrap()
+        .is_empty());
+    let all = store.list_runs(&RunFilter::default()).await.unwrap();
+    let mut sqls = Vec::new();
+    let filters = [
+        (Some(label("urgency")), None),
+        (None, Some("skipped".to_owned())),
+        (None, Some("done".to_owned())),
+        (None, Some("training".to_owned())),
+        (Some(label("dept")), Some("skipped".to_owned())),
+    ];
+    for (label_filter, status) in filters {
+        let query = RunPage {
+            label: label_filter,
+            status,
+            after: Some(newest_first[0].clone()),
+            limit: 10,
+        };
+        let sql = store.list_runs_page(&query).await.unwrap();
+        assert_eq!(sql, expected_page(&all, &query), "{query:?}");
+        sqls.push(sql.len());
+    }
+    assert_eq!(
+        sqls,
+        [1, 3, 3, 0, 2],
+        "urgency; skipped; done; training; dept and skipped"
+    );
+}
+
+/// What a page must hold, from the full listing.
+fn expected_page(all: &[RunSummary], query: &RunPage) -> Vec<RunSummary> {
+    let start = query
+        .after
+        .as_ref()
+        .and_then(|after| all.iter().position(|r| &r.run_id == after))
+        .map_or(0, |at| at + 1);
+    all[start..]
+        .iter()
+        .filter(|r| query.label.as_ref().is_none_or(|l| &r.label == l))
+        .filter(|r| {
+            query
+                .status
+                .as_deref()
+                .is_none_or(|s| r.outcome == s || r.stage.as_str() == s)
+        })
+        .take(query.limit as usize)
+        .cloned()
+        .collect()
+}
+
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -1310,6 +1394,7 @@ contract!(
     live_and_remote_holders_are_not_taken_early,
     leases_are_recorded_updated_and_released,
     runs_are_listed_newest_first_and_shown,
+    runs_are_paged_by_keyset,
     promotions_are_recorded_with_their_journal_write,
     a_rejected_dataset_version_is_kept_in_the_cursor,
     rollbacks_are_recorded_as_promotion_events_and_resume,
