@@ -162,8 +162,22 @@ pub struct LabelStatusRow {
     pub last_verdict: Option<String>,
     /// Owner of the label's live lock (see [`RunStore::lock_holder`](crate::ports::RunStore::lock_holder)).
     pub locked_by: Option<String>,
-    /// The newest run of the label waiting for a sign-off.
+    /// The newest run of the label waiting for a sign-off (the first of
+    /// `waiting`).
     pub awaiting_approval: Option<RunId>,
+    /// Every run of the label waiting for a sign-off, newest first.
+    pub waiting: Vec<RunId>,
+    /// The label's production version: that of its newest promotion event
+    /// (promotion or rollback) in the store.
+    pub production: Option<ProductionRecord>,
+}
+
+/// A label's production version as the store's promotion history says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProductionRecord {
+    pub version: String,
+    /// When it became production.
+    pub since: DateTime<Utc>,
 }
 
 /// `retrain runs show ID`: the last snapshot plus the whole journal.

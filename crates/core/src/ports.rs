@@ -23,8 +23,8 @@ use crate::domain::{
     SpaceStage, TrainingHandle, TrainingOutcome, VersionTag,
 };
 use crate::journal::{
-    JournalEntry, LabelStatusRow, PromotionEvent, RequestClaim, RunDetail, RunFilter, RunPage,
-    RunSummary, Transition,
+    JournalEntry, LabelStatusRow, ProductionRecord, PromotionEvent, RequestClaim, RunDetail,
+    RunFilter, RunPage, RunSummary, Transition,
 };
 use crate::machine::LabelRun;
 use crate::report::LabelReport;
@@ -423,12 +423,24 @@ pub trait RunStore: Send + Sync {
                     .and_then(|detail| detail.snapshot.verdict.map(|v| v.reason)),
                 None => None,
             };
+            let waiting: Vec<RunId> = runs
+                .iter()
+                .filter(|r| r.stage == crate::machine::Stage::AwaitingApproval)
+                .map(|r| r.run_id.clone())
+                .collect();
+            let production = self
+                .promotions(label)
+                .await?
+                .pop()
+                .map(|event| ProductionRecord {
+                    version: event.version,
+                    since: event.at,
+                });
             rows.push(LabelStatusRow {
                 cursor: self.cursor(label).await?,
-                awaiting_approval: runs
-                    .iter()
-                    .find(|r| r.stage == crate::machine::Stage::AwaitingApproval)
-                    .map(|r| r.run_id.clone()),
+                awaiting_approval: waiting.first().cloned(),
+                waiting,
+                production,
                 last_run: runs.into_iter().next(),
                 last_verdict,
                 locked_by: self.lock_holder(label).await?,

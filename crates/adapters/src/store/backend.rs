@@ -255,7 +255,9 @@ pub(super) const SELECT_RUNS_PAGE: &str =
      ORDER BY started_at DESC, run_id DESC LIMIT $4";
 
 /// `retrain status` for every label in one statement: cursor, newest run
-/// (with its verdict reason), live lock, newest run awaiting approval. A
+/// (with its verdict reason), live lock, the runs awaiting approval (newest
+/// first, comma-joined: run ids hold no comma), the production version (the
+/// newest promotion event, promotion or rollback). A
 /// dialect supplies how a lock is live (`$1` = now on SQLite) and how the
 /// verdict reason is read from the snapshot JSON. The window functions use
 /// the `(label, done, started_at)` index's order; the snapshot is read for
@@ -268,9 +270,12 @@ macro_rules! select_status {
                         ROW_NUMBER() OVER (PARTITION BY label ORDER BY started_at DESC, run_id DESC) AS newest
                  FROM runs),
              waiting AS (
-                 SELECT run_id, label,
-                        ROW_NUMBER() OVER (PARTITION BY label ORDER BY started_at DESC, run_id DESC) AS newest
-                 FROM runs WHERE stage = 'awaiting_approval'),
+                 SELECT label, string_agg(run_id, ',' ORDER BY started_at DESC, run_id DESC) AS runs
+                 FROM runs WHERE stage = 'awaiting_approval' GROUP BY label),
+             promoted AS (
+                 SELECT label, version, at,
+                        ROW_NUMBER() OVER (PARTITION BY label ORDER BY at DESC, run_id DESC) AS newest
+                 FROM promotions),
              labels AS (
                  SELECT label FROM cursors UNION SELECT label FROM runs UNION SELECT label FROM locks)
              SELECT labels.label AS label,
@@ -279,13 +284,15 @@ macro_rules! select_status {
                     ", $verdict, " AS verdict,
                     COALESCE(k.owner, '') AS owner,
                     COALESCE(", $live, ", FALSE) AS live,
-                    w.run_id AS awaiting
+                    w.runs AS awaiting,
+                    p.version AS production_version, p.at AS production_since
              FROM labels
              LEFT JOIN cursors c ON c.label = labels.label
              LEFT JOIN ranked ON ranked.label = labels.label AND ranked.newest = 1
              LEFT JOIN runs r ON r.run_id = ranked.run_id
              LEFT JOIN locks k ON k.label = labels.label
-             LEFT JOIN waiting w ON w.label = labels.label AND w.newest = 1"
+             LEFT JOIN waiting w ON w.label = labels.label
+             LEFT JOIN promoted p ON p.label = labels.label AND p.newest = 1"
         )
     };
 }

@@ -36,8 +36,8 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use retrain_core::domain::{Fence, Label, LabelCursor, Lease, LockOutcome, LockOwner, RunId};
 use retrain_core::journal::{
-    JournalEntry, LabelStatusRow, PromotionEvent, RequestClaim, RunDetail, RunFilter, RunPage,
-    RunSummary, Transition,
+    JournalEntry, LabelStatusRow, ProductionRecord, PromotionEvent, RequestClaim, RunDetail,
+    RunFilter, RunPage, RunSummary, Transition,
 };
 use retrain_core::machine::{LabelRun, Stage};
 use retrain_core::ports::{RunStore, StoreError};
@@ -49,7 +49,7 @@ use crate::AdapterError;
 
 use backend::{
     cursor_of, lease_args, lease_of, snapshot_of, summary_of, transition_of, Arg, Backend, Columns,
-    Statements,
+    Statements, StoreRow,
 };
 use postgres::PostgresRunStore;
 use sqlite::SqliteRunStore;
@@ -286,12 +286,28 @@ impl<B: Backend> RunStore for SqlRunStore<B> {
                 None => None,
             };
             let owner = row.text("owner")?;
+            let waiting: Vec<RunId> = row
+                .opt_text("awaiting")?
+                .map(|runs| runs.split(',').map(|id| RunId(id.to_owned())).collect())
+                .unwrap_or_default();
+            let production = match row.opt_text("production_version")? {
+                Some(version) => Some(ProductionRecord {
+                    version,
+                    since: row.time(
+                        "production_since",
+                        &format!("production time of label {label}"),
+                    )?,
+                }),
+                None => None,
+            };
             let status = LabelStatusRow {
                 cursor: cursor_of(row, &label)?,
                 last_run,
                 last_verdict: row.opt_text("verdict")?,
                 locked_by: locks::live_holder(&owner, row.flag("live")?).map(str::to_owned),
-                awaiting_approval: row.opt_text("awaiting")?.map(RunId),
+                awaiting_approval: waiting.first().cloned(),
+                waiting,
+                production,
             };
             by_label.insert(label, status);
         }

@@ -490,6 +490,8 @@ pub async fn label_statuses_answer_for_every_label_at_once(store: Arc<dyn RunSto
     );
     assert_eq!(dept.locked_by.as_deref(), Some(fence.owner.0.as_str()));
     assert_eq!(dept.awaiting_approval, None);
+    assert!(dept.waiting.is_empty());
+    assert_eq!(dept.production, None, "never promoted");
     assert_eq!(rows[1], LabelStatusRow::default(), "a label never seen");
     assert_eq!(rows[2].locked_by, None, "a released lock");
 }
@@ -1034,6 +1036,17 @@ pub async fn promotions_are_recorded_with_their_journal_write(store: Arc<dyn Run
     assert_eq!(history[1].by, "alice");
     assert_eq!(history[1].reason.as_deref(), Some("looks good"));
     assert!(store.promotions(&label("other")).await.unwrap().is_empty());
+    // The status statement reads production from the same history.
+    let status = store
+        .label_statuses(&[label("dept"), label("other")])
+        .await
+        .unwrap();
+    let production = status[0].production.as_ref().unwrap();
+    assert_eq!(
+        (production.version.as_str(), production.since),
+        ("3", t2.at)
+    );
+    assert_eq!(status[1].production, None);
 
     // A stale fence records no promotion event either.
     store.release_lock(&label("dept"), &fence).await.unwrap();

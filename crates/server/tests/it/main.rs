@@ -3,6 +3,7 @@
 
 mod api;
 mod artifacts;
+mod labels_reads;
 mod openapi;
 mod process;
 mod replicas;
