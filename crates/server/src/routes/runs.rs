@@ -134,6 +134,8 @@ fn start_cycle(
     let store = state.store.clone();
     let cancel = state.shutdown.child_token();
     let dry_run = request.dry_run;
+    let metrics = state.metrics.clone();
+    metrics.cycle_started("http");
     state.work.spawn(async move {
         let (started_tx, mut started_rx) = oneshot::channel();
         let cycle =
@@ -181,12 +183,21 @@ fn start_cycle(
             None => cycle.await,
         };
         match report {
-            Ok(report) => tracing::info!(
-                cycle_id = %report.cycle_id,
-                interrupted = report.interrupted,
-                labels = report.labels.len(),
-                "cycle finished"
-            ),
+            Ok(report) => {
+                tracing::info!(
+                    cycle_id = %report.cycle_id,
+                    interrupted = report.interrupted,
+                    labels = report.labels.len(),
+                    "cycle finished"
+                );
+                // Counted as the webhook and schedule cycles are.
+                let runs: Vec<RunId> = report
+                    .labels
+                    .iter()
+                    .filter_map(|l| l.run_id.clone())
+                    .collect();
+                metrics.observe_finished(store.as_ref(), runs).await;
+            }
             Err(e) => tracing::warn!(error = %e, "cycle failed"),
         }
     });
@@ -562,6 +573,14 @@ async fn decide(
     let outcome = task
         .await
         .map_err(|_| ApiError::unavailable("the server is shutting down"))??;
+    if let DecisionOutcome::Applied(report) = &outcome {
+        // The decision finished the run: counted as a cycle's runs are.
+        let runs = report.run_id.clone();
+        state
+            .metrics
+            .observe_finished(state.store.as_ref(), runs)
+            .await;
+    }
     match outcome {
         DecisionOutcome::Applied(report) => Ok(Json(json!({
             "run_id": id,

@@ -626,3 +626,45 @@ async fn runs_are_paged_by_an_opaque_cursor_unshifted_by_new_runs() {
     }
     app.shutdown().await.unwrap();
 }
+
+/// Cycles started by `POST /v1/runs` are counted like the webhook and
+/// schedule ones: the cycle by trigger, its finished runs by outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_cycles_and_their_runs_are_counted_in_metrics() {
+    let (_workspace, app) = spawn_app(Store::Sqlite).await;
+    finished_cycle(&app).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = app
+            .client
+            .get(app.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let runs: u64 = text
+            .lines()
+            .filter(|l| l.starts_with("retrain_runs_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        if runs == 2 {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the 2 runs were not counted:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        text.contains(r#"retrain_cycles_started_total{trigger="http"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains("retrain_stage_duration_seconds_count{"),
+        "{text}"
+    );
+    app.shutdown().await.unwrap();
+}
