@@ -125,6 +125,20 @@ pub struct RunFilter {
     pub limit: Option<u32>,
 }
 
+/// One page of runs, newest first (by start time, then run id), for the
+/// server's `GET /v1/runs`: keyset-paged, so runs started while a client
+/// pages never shift the pages after its cursor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunPage {
+    pub label: Option<Label>,
+    /// An outcome (`promoted`, `running`…) or a stage (`awaiting_approval`…).
+    pub status: Option<String>,
+    /// Only runs listed after this one (the previous page's last); a run id
+    /// the store does not know gives an empty page.
+    pub after: Option<RunId>,
+    pub limit: u32,
+}
+
 /// One line of `retrain runs`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunSummary {
@@ -148,8 +162,22 @@ pub struct LabelStatusRow {
     pub last_verdict: Option<String>,
     /// Owner of the label's live lock (see [`RunStore::lock_holder`](crate::ports::RunStore::lock_holder)).
     pub locked_by: Option<String>,
-    /// The newest run of the label waiting for a sign-off.
+    /// The newest run of the label waiting for a sign-off (the first of
+    /// `waiting`).
     pub awaiting_approval: Option<RunId>,
+    /// Every run of the label waiting for a sign-off, newest first.
+    pub waiting: Vec<RunId>,
+    /// The label's production version: that of its newest promotion event
+    /// (promotion or rollback) in the store.
+    pub production: Option<ProductionRecord>,
+}
+
+/// A label's production version as the store's promotion history says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProductionRecord {
+    pub version: String,
+    /// When it became production.
+    pub since: DateTime<Utc>,
 }
 
 /// `retrain runs show ID`: the last snapshot plus the whole journal.

@@ -23,8 +23,8 @@ use crate::domain::{
     SpaceStage, TrainingHandle, TrainingOutcome, VersionTag,
 };
 use crate::journal::{
-    JournalEntry, LabelStatusRow, PromotionEvent, RequestClaim, RunDetail, RunFilter, RunSummary,
-    Transition,
+    JournalEntry, LabelStatusRow, ProductionRecord, PromotionEvent, RequestClaim, RunDetail,
+    RunFilter, RunPage, RunSummary, Transition,
 };
 use crate::machine::LabelRun;
 use crate::report::LabelReport;
@@ -418,6 +418,34 @@ pub trait RunStore: Send + Sync {
     ) -> Result<(), StoreError>;
 
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, StoreError>;
+    /// A page of runs (see [`RunPage`]). The SQL stores answer with one
+    /// keyset query; this default filters [`RunStore::list_runs`] (every
+    /// run of the label) in memory.
+    async fn list_runs_page(&self, page: &RunPage) -> Result<Vec<RunSummary>, StoreError> {
+        let runs = self
+            .list_runs(&RunFilter {
+                label: page.label.clone(),
+                limit: None,
+            })
+            .await?;
+        let start = match &page.after {
+            None => 0,
+            Some(after) => match runs.iter().position(|r| &r.run_id == after) {
+                Some(at) => at + 1,
+                None => runs.len(),
+            },
+        };
+        Ok(runs
+            .into_iter()
+            .skip(start)
+            .filter(|r| {
+                page.status
+                    .as_deref()
+                    .is_none_or(|s| r.outcome == s || r.stage.as_str() == s)
+            })
+            .take(page.limit as usize)
+            .collect())
+    }
     /// `retrain status`: one row per label of `labels`, in that order (a
     /// label the store never saw gets an empty row). The SQL stores answer
     /// with one query for all labels; this default composes the row from
@@ -438,12 +466,24 @@ pub trait RunStore: Send + Sync {
                     .and_then(|detail| detail.snapshot.verdict.map(|v| v.reason)),
                 None => None,
             };
+            let waiting: Vec<RunId> = runs
+                .iter()
+                .filter(|r| r.stage == crate::machine::Stage::AwaitingApproval)
+                .map(|r| r.run_id.clone())
+                .collect();
+            let production = self
+                .promotions(label)
+                .await?
+                .pop()
+                .map(|event| ProductionRecord {
+                    version: event.version,
+                    since: event.at,
+                });
             rows.push(LabelStatusRow {
                 cursor: self.cursor(label).await?,
-                awaiting_approval: runs
-                    .iter()
-                    .find(|r| r.stage == crate::machine::Stage::AwaitingApproval)
-                    .map(|r| r.run_id.clone()),
+                awaiting_approval: waiting.first().cloned(),
+                waiting,
+                production,
                 last_run: runs.into_iter().next(),
                 last_verdict,
                 locked_by: self.lock_holder(label).await?,

@@ -12,6 +12,7 @@ use retrain_adapters::wiring;
 use retrain_core::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::artifacts::Artifacts;
 use crate::auth::Tokens;
 use crate::metrics::Metrics;
 use crate::routes;
@@ -127,6 +128,12 @@ impl Application {
             .local_addr()
             .map_err(|source| StartupError::Bind { addr: bind, source })?;
         let shutdown_timeout = server.shutdown_timeout;
+        let artifacts = Artifacts::new(
+            server.artifacts_dir.clone(),
+            server.artifact_max_bytes,
+            server.request_timeout,
+            stores.artifacts,
+        );
         let state = AppState {
             engine: Arc::new(engine),
             store,
@@ -140,6 +147,7 @@ impl Application {
             pending_gates: stores.pending_gates,
             metrics: Arc::new(Metrics::new()),
             jobs,
+            artifacts: Arc::new(artifacts),
         };
         Ok(Self {
             listener,

@@ -7,13 +7,15 @@
 //! - `routes/`: one module per resource (health, runs, labels, events);
 //!   `auth.rs`: bearer tokens and scopes; `error.rs`: the JSON error shape
 //!   with stable codes; `state.rs`: what handlers share; `maintenance.rs`:
-//!   what the server does on its own (reaping stale leases).
+//!   what the server does on its own (reaping stale leases); `artifacts.rs`:
+//!   uploaded artifacts on disk and in the store.
 //!
 //! Every handler that drives the engine runs it in a task of its own
 //! (tracked for shutdown), so a client that hangs up never drops a cycle or
 //! a decision half-way.
 
 pub mod app;
+pub mod artifacts;
 pub mod auth;
 pub mod error;
 pub mod logging;

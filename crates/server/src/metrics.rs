@@ -18,7 +18,9 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use retrain_adapters::store::{JobState, RemoteJob, Worker, WorkerState};
 use retrain_core::domain::Lease;
+use retrain_core::domain::RunId;
 use retrain_core::journal::RunDetail;
+use retrain_core::ports::RunStore;
 
 /// Label sets: `(name, value)` pairs.
 type Labels = Vec<(&'static str, String)>;
@@ -36,6 +38,7 @@ pub struct Metrics {
     webhook_deliveries: Family<Labels, Counter>,
     http_requests: Family<Labels, Counter>,
     schedule_ticks: Family<Labels, Counter>,
+    cycles_started: Family<Labels, Counter>,
     open_leases: Gauge,
     lease_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     workers: Family<Labels, Gauge>,
@@ -88,6 +91,12 @@ impl Metrics {
             "schedule_ticks",
             "Schedule ticks, by result (fired, taken by another replica, failed)",
             schedule_ticks.clone(),
+        );
+        let cycles_started = Family::<Labels, Counter>::default();
+        registry.register(
+            "cycles_started",
+            "Cycles started by this server, by trigger (http, webhook, schedule)",
+            cycles_started.clone(),
         );
         let open_leases = Gauge::default();
         registry.register(
@@ -144,6 +153,7 @@ impl Metrics {
             webhook_deliveries,
             http_requests,
             schedule_ticks,
+            cycles_started,
             open_leases,
             lease_seconds,
             scrape: Mutex::new(()),
@@ -168,6 +178,33 @@ impl Metrics {
                 ("status", status.to_string()),
             ])
             .inc();
+    }
+
+    /// A cycle this server started: `http` (`POST /v1/runs`), `webhook`
+    /// or `schedule`.
+    pub fn cycle_started(&self, trigger: &'static str) {
+        self.cycles_started
+            .get_or_create(&vec![("trigger", trigger.to_owned())])
+            .inc();
+    }
+
+    /// Observe the runs (by id) that a cycle, a decision or a rollback
+    /// drove, as [`Metrics::observe_run`] (those not finished are skipped).
+    /// Metrics never fail a request: a run that cannot be read is logged.
+    pub async fn observe_finished(
+        &self,
+        store: &dyn RunStore,
+        runs: impl IntoIterator<Item = RunId>,
+    ) {
+        for run_id in runs {
+            match store.run(&run_id).await {
+                Ok(Some(detail)) => self.observe_run(&detail),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::debug!(run = %run_id, error = %e, "metrics: cannot read the run")
+                }
+            }
+        }
     }
 
     pub fn schedule_tick(&self, result: &str) {

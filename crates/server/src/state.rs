@@ -10,6 +10,7 @@ use retrain_core::ports::RunStore;
 use retrain_core::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::artifacts::Artifacts;
 use crate::auth::Tokens;
 use crate::metrics::Metrics;
 use crate::webhooks::LabelTarget;
@@ -40,6 +41,8 @@ pub struct AppState {
     /// The remote job queue and worker registry, and the wake-up of the
     /// `lease-job` long polls (poked when this process enqueues).
     pub jobs: RemoteJobs,
+    /// Uploaded artifacts: `[server] artifacts_dir` and their records.
+    pub artifacts: Arc<Artifacts>,
     /// What the webhooks know of each label (from the settings).
     pub webhook_targets: Arc<Vec<LabelTarget>>,
 }

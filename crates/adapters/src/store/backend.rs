@@ -270,8 +270,21 @@ pub(super) const SELECT_RUNS: &str =
      WHERE (CAST($1 AS TEXT) IS NULL OR label = $1)
      ORDER BY started_at DESC, run_id DESC LIMIT $2";
 
+/// `GET /v1/runs`: a keyset page after run `$3` (compared as the row value
+/// (started_at, run_id) read from the store itself, so no timestamp is
+/// re-encoded); `$2` matches the outcome or the stage.
+pub(super) const SELECT_RUNS_PAGE: &str =
+    "SELECT run_id, cycle_id, label, stage, outcome, started_at, updated_at FROM runs
+     WHERE (CAST($1 AS TEXT) IS NULL OR label = $1)
+       AND (CAST($2 AS TEXT) IS NULL OR outcome = $2 OR stage = $2)
+       AND (CAST($3 AS TEXT) IS NULL
+            OR (started_at, run_id) < (SELECT a.started_at, a.run_id FROM runs a WHERE a.run_id = $3))
+     ORDER BY started_at DESC, run_id DESC LIMIT $4";
+
 /// `retrain status` for every label in one statement: cursor, newest run
-/// (with its verdict reason), live lock, newest run awaiting approval. A
+/// (with its verdict reason), live lock, the runs awaiting approval (newest
+/// first, comma-joined: run ids hold no comma), the production version (the
+/// newest promotion event, promotion or rollback). A
 /// dialect supplies how a lock is live (`$1` = now on SQLite) and how the
 /// verdict reason is read from the snapshot JSON. The window functions use
 /// the `(label, done, started_at)` index's order; the snapshot is read for
@@ -284,9 +297,12 @@ macro_rules! select_status {
                         ROW_NUMBER() OVER (PARTITION BY label ORDER BY started_at DESC, run_id DESC) AS newest
                  FROM runs),
              waiting AS (
-                 SELECT run_id, label,
-                        ROW_NUMBER() OVER (PARTITION BY label ORDER BY started_at DESC, run_id DESC) AS newest
-                 FROM runs WHERE stage = 'awaiting_approval'),
+                 SELECT label, string_agg(run_id, ',' ORDER BY started_at DESC, run_id DESC) AS runs
+                 FROM runs WHERE stage = 'awaiting_approval' GROUP BY label),
+             promoted AS (
+                 SELECT label, version, at,
+                        ROW_NUMBER() OVER (PARTITION BY label ORDER BY at DESC, run_id DESC) AS newest
+                 FROM promotions),
              labels AS (
                  SELECT label FROM cursors UNION SELECT label FROM runs UNION SELECT label FROM locks)
              SELECT labels.label AS label,
@@ -295,13 +311,15 @@ macro_rules! select_status {
                     ", $verdict, " AS verdict,
                     COALESCE(k.owner, '') AS owner,
                     COALESCE(", $live, ", FALSE) AS live,
-                    w.run_id AS awaiting
+                    w.runs AS awaiting,
+                    p.version AS production_version, p.at AS production_since
              FROM labels
              LEFT JOIN cursors c ON c.label = labels.label
              LEFT JOIN ranked ON ranked.label = labels.label AND ranked.newest = 1
              LEFT JOIN runs r ON r.run_id = ranked.run_id
              LEFT JOIN locks k ON k.label = labels.label
-             LEFT JOIN waiting w ON w.label = labels.label AND w.newest = 1"
+             LEFT JOIN waiting w ON w.label = labels.label
+             LEFT JOIN promoted p ON p.label = labels.label AND p.newest = 1"
         )
     };
 }

@@ -22,6 +22,7 @@
 //! session, so they would die with a pooled connection and could not express
 //! "held until expiry" for a holder that crashed mid-run.
 
+mod artifacts;
 mod backend;
 mod deliveries;
 mod jobs;
@@ -37,8 +38,8 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use retrain_core::domain::{Fence, Label, LabelCursor, Lease, LockOutcome, LockOwner, RunId};
 use retrain_core::journal::{
-    JournalEntry, LabelStatusRow, PromotionEvent, RequestClaim, RunDetail, RunFilter, RunSummary,
-    Transition,
+    JournalEntry, LabelStatusRow, ProductionRecord, PromotionEvent, RequestClaim, RunDetail,
+    RunFilter, RunPage, RunSummary, Transition,
 };
 use retrain_core::machine::{LabelRun, Stage};
 use retrain_core::ports::{RunStore, StoreError};
@@ -50,12 +51,13 @@ use crate::AdapterError;
 
 use backend::{
     cursor_of, lease_args, lease_of, snapshot_of, summary_of, transition_of, Arg, Backend, Columns,
-    Statements,
+    Statements, StoreRow,
 };
 use postgres::PostgresRunStore;
 use sqlite::SqliteRunStore;
 pub use watch::{JournalWaker, JournalWatch};
 
+pub use artifacts::{ArtifactLog, ArtifactRecord};
 pub use deliveries::{Delivery, DeliveryLog, DeliveryQuery, NewDelivery, Recorded};
 pub use jobs::{
     format_size, log_tail, new_worker_id, JobQueue, JobReport, JobState, Lease as JobLease, NewJob,
@@ -97,14 +99,15 @@ pub async fn open_run_store(
     Ok(open_stores(url, options).await?.runs)
 }
 
-/// The run store, the server's delivery log and the remote job queue, over
-/// one pool.
+/// The run store, the server's delivery log, pending gates, the remote
+/// job queue and artifact records, over one pool.
 #[derive(Clone)]
 pub struct Stores {
     pub runs: Arc<dyn RunStore>,
     pub deliveries: Arc<dyn DeliveryLog>,
     pub pending_gates: Arc<dyn PendingGates>,
     pub jobs: Arc<dyn JobQueue>,
+    pub artifacts: Arc<dyn ArtifactLog>,
 }
 
 impl std::fmt::Debug for Stores {
@@ -120,7 +123,8 @@ impl Stores {
             runs: store.clone(),
             deliveries: store.clone(),
             pending_gates: store.clone(),
-            jobs: store,
+            jobs: store.clone(),
+            artifacts: store,
         }
     }
 }
@@ -270,6 +274,23 @@ impl<B: Backend> RunStore for SqlRunStore<B> {
             .collect()
     }
 
+    async fn list_runs_page(&self, page: &RunPage) -> Result<Vec<RunSummary>, StoreError> {
+        let b = &self.0;
+        let args = vec![
+            Arg::OptText(page.label.as_ref().map(Label::to_string)),
+            Arg::OptText(page.status.clone()),
+            Arg::OptText(page.after.as_ref().map(RunId::to_string)),
+            Arg::Int(i64::from(page.limit)),
+        ];
+        b.pool()
+            .fetch_all(backend::SELECT_RUNS_PAGE, args)
+            .await
+            .map_err(|e| b.error("listing a page of runs", e))?
+            .iter()
+            .map(summary_of)
+            .collect()
+    }
+
     async fn label_statuses(&self, labels: &[Label]) -> Result<Vec<LabelStatusRow>, StoreError> {
         let b = &self.0;
         let rows = b
@@ -285,12 +306,28 @@ impl<B: Backend> RunStore for SqlRunStore<B> {
                 None => None,
             };
             let owner = row.text("owner")?;
+            let waiting: Vec<RunId> = row
+                .opt_text("awaiting")?
+                .map(|runs| runs.split(',').map(|id| RunId(id.to_owned())).collect())
+                .unwrap_or_default();
+            let production = match row.opt_text("production_version")? {
+                Some(version) => Some(ProductionRecord {
+                    version,
+                    since: row.time(
+                        "production_since",
+                        &format!("production time of label {label}"),
+                    )?,
+                }),
+                None => None,
+            };
             let status = LabelStatusRow {
                 cursor: cursor_of(row, &label)?,
                 last_run,
                 last_verdict: row.opt_text("verdict")?,
                 locked_by: locks::live_holder(&owner, row.flag("live")?).map(str::to_owned),
-                awaiting_approval: row.opt_text("awaiting")?.map(RunId),
+                awaiting_approval: waiting.first().cloned(),
+                waiting,
+                production,
             };
             by_label.insert(label, status);
         }
@@ -532,6 +569,11 @@ const SQLITE_MIGRATIONS: Embedded = Embedded(&[
         include_str!("../../migrations/sqlite/0010_remote_jobs.sql"),
     ),
     (
+        11,
+        "run artifacts",
+        include_str!("../../migrations/sqlite/0011_run_artifacts.sql"),
+    ),
+    (
         12,
         "pending gates",
         include_str!("../../migrations/sqlite/0012_pending_gates.sql"),
@@ -573,6 +615,11 @@ const POSTGRES_MIGRATIONS: Embedded = Embedded(&[
         9,
         "remote jobs and workers",
         include_str!("../../migrations/postgres/0009_remote_jobs.sql"),
+    ),
+    (
+        10,
+        "run artifacts",
+        include_str!("../../migrations/postgres/0010_run_artifacts.sql"),
     ),
     (
         11,

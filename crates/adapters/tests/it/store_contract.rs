@@ -13,7 +13,9 @@ use retrain_core::domain::{
     RunId, TrainingHandle, VersionTag,
 };
 use retrain_core::journal::PromotionKind;
-use retrain_core::journal::{LabelStatusRow, RunDetail, RunFilter, Transition};
+use retrain_core::journal::{
+    LabelStatusRow, RunDetail, RunFilter, RunPage, RunSummary, Transition,
+};
 use retrain_core::machine::{
     Action, Approval, Event, LabelPlan, LabelRun, PromoteMode, Rollback, Stage, Trigger,
 };
@@ -488,6 +490,8 @@ pub async fn label_statuses_answer_for_every_label_at_once(store: Arc<dyn RunSto
     );
     assert_eq!(dept.locked_by.as_deref(), Some(fence.owner.0.as_str()));
     assert_eq!(dept.awaiting_approval, None);
+    assert!(dept.waiting.is_empty());
+    assert_eq!(dept.production, None, "never promoted");
     assert_eq!(rows[1], LabelStatusRow::default(), "a label never seen");
     assert_eq!(rows[2].locked_by, None, "a released lock");
 }
@@ -1090,6 +1094,17 @@ pub async fn promotions_are_recorded_with_their_journal_write(store: Arc<dyn Run
     assert_eq!(history[1].by, "alice");
     assert_eq!(history[1].reason.as_deref(), Some("looks good"));
     assert!(store.promotions(&label("other")).await.unwrap().is_empty());
+    // The status statement reads production from the same history.
+    let status = store
+        .label_statuses(&[label("dept"), label("other")])
+        .await
+        .unwrap();
+    let production = status[0].production.as_ref().unwrap();
+    assert_eq!(
+        (production.version.as_str(), production.since),
+        ("3", t2.at)
+    );
+    assert_eq!(status[1].production, None);
 
     // A stale fence records no promotion event either.
     store.release_lock(&label("dept"), &fence).await.unwrap();
@@ -1324,6 +1339,88 @@ pub async fn idempotency_keys_are_claimed_once(store: Arc<dyn RunStore>) {
     );
 }
 
+/// Keyset pages: newest first, each after the previous page's last run, not
+/// shifted by runs started in between; filtered by label and by outcome or
+/// stage; an unknown cursor gives an empty page.
+pub async fn runs_are_paged_by_keyset(store: Arc<dyn RunStore>) {
+    let store_ref = store.as_ref();
+    let mut started = Vec::new();
+    for name in ["dept", "urgency", "dept", "urgency"] {
+        let fence = lock(store_ref, name).await;
+        started.push(drive(store_ref, &fence, name, None, None).await.0.run_id);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let newest_first: Vec<RunId> = started.iter().rev().cloned().collect();
+    let page = |after: Option<&RunId>, limit| RunPage {
+        label: None,
+        status: None,
+        after: after.cloned(),
+        limit,
+    };
+    let first = store.list_runs_page(&page(None, 3)).await.unwrap();
+    let ids: Vec<RunId> = first.iter().map(|r| r.run_id.clone()).collect();
+    assert_eq!(ids, newest_first[..3]);
+    // A run started between two pages goes before the first page only.
+    let fence = lock(store_ref, "dept").await;
+    let (late, _) = drive(store_ref, &fence, "dept", None, None).await;
+    let second = store.list_runs_page(&page(Some(&ids[2]), 3)).await.unwrap();
+    let rest: Vec<RunId> = second.iter().map(|r| r.run_id.clone()).collect();
+    assert_eq!(rest, newest_first[3..]);
+    let newest = store.list_runs_page(&page(None, 1)).await.unwrap();
+    assert_eq!(newest[0].run_id, late.run_id);
+    assert!(store
+        .list_runs_page(&page(Some(&RunId("nope".into())), 3))
+        .await
+        .unwrap()
+        .is_empty());
+    let all = store.list_runs(&RunFilter::default()).await.unwrap();
+    let mut sqls = Vec::new();
+    let filters = [
+        (Some(label("urgency")), None),
+        (None, Some("skipped".to_owned())),
+        (None, Some("done".to_owned())),
+        (None, Some("training".to_owned())),
+        (Some(label("dept")), Some("skipped".to_owned())),
+    ];
+    for (label_filter, status) in filters {
+        let query = RunPage {
+            label: label_filter,
+            status,
+            after: Some(newest_first[0].clone()),
+            limit: 10,
+        };
+        let sql = store.list_runs_page(&query).await.unwrap();
+        assert_eq!(sql, expected_page(&all, &query), "{query:?}");
+        sqls.push(sql.len());
+    }
+    assert_eq!(
+        sqls,
+        [1, 3, 3, 0, 2],
+        "urgency; skipped; done; training; dept and skipped"
+    );
+}
+
+/// What a page must hold, from the full listing.
+fn expected_page(all: &[RunSummary], query: &RunPage) -> Vec<RunSummary> {
+    let start = query
+        .after
+        .as_ref()
+        .and_then(|after| all.iter().position(|r| &r.run_id == after))
+        .map_or(0, |at| at + 1);
+    all[start..]
+        .iter()
+        .filter(|r| query.label.as_ref().is_none_or(|l| &r.label == l))
+        .filter(|r| {
+            query
+                .status
+                .as_deref()
+                .is_none_or(|s| r.outcome == s || r.stage.as_str() == s)
+        })
+        .take(query.limit as usize)
+        .cloned()
+        .collect()
+}
+
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -1369,6 +1466,7 @@ contract!(
     live_and_remote_holders_are_not_taken_early,
     leases_are_recorded_updated_and_released,
     runs_are_listed_newest_first_and_shown,
+    runs_are_paged_by_keyset,
     promotions_are_recorded_with_their_journal_write,
     a_rejected_dataset_version_is_kept_in_the_cursor,
     rollbacks_are_recorded_as_promotion_events_and_resume,
@@ -1855,6 +1953,72 @@ mod pending_gates {
         let one = open_stores(&url, StoreOptions::default()).await.unwrap();
         let two = open_stores(&url, StoreOptions::default()).await.unwrap();
         pending_gates_survive_a_restart_and_are_removed_once(one, two).await;
+    }
+}
+
+// ---- The server's artifact records (same store, table `run_artifacts`) ----
+
+mod artifacts {
+    use chrono::{SubsecRound, Utc};
+    use retrain_adapters::store::{open_stores, ArtifactLog, ArtifactRecord, StoreOptions};
+    use retrain_core::domain::RunId;
+
+    fn record(run: &str, name: &str, sha: char, size: u64) -> ArtifactRecord {
+        ArtifactRecord {
+            run_id: RunId(run.into()),
+            name: name.into(),
+            size_bytes: size,
+            sha256: sha.to_string().repeat(64),
+            uploaded_at: Utc::now().trunc_subsecs(6),
+            uploaded_by: "worker-1".into(),
+        }
+    }
+
+    /// One record per (run, name): a second upload replaces the first; a
+    /// run lists only its own, by name.
+    async fn artifacts_are_upserted_per_run_and_name(log: &dyn ArtifactLog) {
+        let run = RunId("run-a".into());
+        assert!(log.artifacts(&run).await.unwrap().is_empty());
+        assert_eq!(log.artifact(&run, "model.bin").await.unwrap(), None);
+        let first = record("run-a", "model.bin", 'a', 10);
+        log.record_artifact(&first).await.unwrap();
+        log.record_artifact(&record("run-a", "eval.json", 'b', 20))
+            .await
+            .unwrap();
+        log.record_artifact(&record("run-b", "model.bin", 'c', 30))
+            .await
+            .unwrap();
+        assert_eq!(log.artifact(&run, "model.bin").await.unwrap(), Some(first));
+        let again = ArtifactRecord {
+            uploaded_by: "worker-2".into(),
+            ..record("run-a", "model.bin", 'd', 11)
+        };
+        log.record_artifact(&again).await.unwrap();
+        let listed = log.artifacts(&run).await.unwrap();
+        let names: Vec<_> = listed.iter().map(|a| a.name.as_str()).collect();
+        assert_eq!(names, ["eval.json", "model.bin"]);
+        assert_eq!(listed[1], again);
+        assert_eq!(
+            log.artifacts(&RunId("run-b".into())).await.unwrap()[0].sha256,
+            "c".repeat(64)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_artifacts_are_upserted_per_run_and_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/state.db", dir.path().display());
+        let stores = open_stores(&url, StoreOptions::default()).await.unwrap();
+        artifacts_are_upserted_per_run_and_name(stores.artifacts.as_ref()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_artifacts_are_upserted_per_run_and_name() {
+        let Some(url) = crate::pg::fresh_database().await else {
+            return;
+        };
+        let stores = open_stores(&url, StoreOptions::default()).await.unwrap();
+        artifacts_are_upserted_per_run_and_name(stores.artifacts.as_ref()).await;
     }
 }
 

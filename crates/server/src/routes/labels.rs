@@ -4,7 +4,6 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::Json;
 use retrain_core::domain::Label;
-use retrain_core::journal::RunFilter;
 use retrain_core::machine::Stage;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -27,8 +26,11 @@ const DEFAULT_PAGE: u32 = 100;
 const MAX_PAGE: u32 = 1000;
 
 /// Threshold, watermark, last consumed version, the stage of the run under
-/// way, the last verdict, the production version (from the promotion
-/// history), the runs awaiting approval and who holds the label's lock.
+/// way, the newest run's verdict, the production version (the newest event
+/// of the store's promotion history, not a registry call: the registry of
+/// 1,000 labels would cost 1,000 calls per page, and the history is what
+/// retrain itself promoted or rolled back), the runs awaiting approval and
+/// who holds the label's lock: all from one store statement per page.
 #[utoipa::path(
     get,
     path = "/v1/labels",
@@ -36,7 +38,7 @@ const MAX_PAGE: u32 = 1000;
     params(LabelsQuery),
     security(("bearer" = ["read"])),
     responses(
-        (status = 200, description = "`{labels: [{label, threshold, watermark, last_consumed_version, running, locked_by, last_verdict, production_version, production_since, awaiting_approval}], next_cursor}`", body = Object),
+        (status = 200, description = "`{labels: [{label, threshold, watermark, last_consumed_version, running: {run_id, stage}|null, locked_by, last_verdict: {run_id, reason}|null, production_version, production_since, awaiting_approval: [run_id]}], next_cursor}`", body = Object),
         (status = 400, description = "invalid query", body = ErrorBody),
     )
 )]
@@ -63,46 +65,35 @@ pub async fn list(
         .collect();
     let next_cursor = (page.len() > limit).then(|| page[limit - 1].0.to_string());
     page.truncate(limit);
-    let mut rows = Vec::with_capacity(page.len());
-    for (label, settings) in page {
-        let cursor = store.cursor(label).await?;
-        let running = store.unfinished_run(label).await?;
-        let holder = store.lock_holder(label).await?;
-        let runs = store
-            .list_runs(&RunFilter {
-                label: Some(label.clone()),
-                limit: None,
+    // One statement for the whole page (`RunStore::label_statuses`): no
+    // read per label, so a page of 1,000 labels costs one query.
+    let labels: Vec<Label> = page.iter().map(|(label, _)| (*label).clone()).collect();
+    let statuses = store.label_statuses(&labels).await?;
+    let rows: Vec<Value> = page
+        .iter()
+        .zip(statuses)
+        .map(|((label, settings), status)| {
+            let last = status.last_run.as_ref();
+            let running = last
+                .filter(|run| run.stage != Stage::Done)
+                .map(|run| json!({"run_id": run.run_id, "stage": run.stage}));
+            let last_verdict = match (last, &status.last_verdict) {
+                (Some(run), Some(reason)) => json!({"run_id": run.run_id, "reason": reason}),
+                _ => Value::Null,
+            };
+            json!({
+                "label": label,
+                "threshold": settings.threshold,
+                "watermark": status.cursor.watermark,
+                "last_consumed_version": status.cursor.consumed_version,
+                "running": running,
+                "locked_by": status.locked_by,
+                "last_verdict": last_verdict,
+                "production_version": status.production.as_ref().map(|p| &p.version),
+                "production_since": status.production.as_ref().map(|p| p.since),
+                "awaiting_approval": status.waiting,
             })
-            .await?;
-        let awaiting: Vec<_> = runs
-            .iter()
-            .filter(|r| r.stage == Stage::AwaitingApproval)
-            .map(|r| &r.run_id)
-            .collect();
-        let last_verdict = match runs
-            .iter()
-            .find(|r| r.stage == Stage::Done || r.stage == Stage::AwaitingApproval)
-        {
-            Some(summary) => store
-                .run(&summary.run_id)
-                .await?
-                .and_then(|d| d.snapshot.verdict)
-                .map(|v| json!({"run_id": summary.run_id, "verdict": v})),
-            None => None,
-        };
-        let production = store.promotions(label).await?.pop();
-        rows.push(json!({
-            "label": label,
-            "threshold": settings.threshold,
-            "watermark": cursor.watermark,
-            "last_consumed_version": cursor.consumed_version,
-            "running": running.map(|r| json!({"run_id": r.run_id, "stage": r.stage})),
-            "locked_by": holder,
-            "last_verdict": last_verdict,
-            "production_version": production.as_ref().map(|p| &p.version),
-            "production_since": production.as_ref().map(|p| p.at),
-            "awaiting_approval": awaiting,
-        }));
-    }
+        })
+        .collect();
     Ok(Json(json!({"labels": rows, "next_cursor": next_cursor})))
 }

@@ -2,6 +2,7 @@
 //! share: scope-checked callers, JSON/YAML bodies and query strings whose
 //! rejections use the API's error shape.
 
+pub mod artifacts;
 pub mod events;
 pub mod health;
 pub mod labels;
@@ -40,22 +41,27 @@ pub fn router_with(state: AppState, extra: Vec<Router<AppState>>) -> Router {
     let server = &state.settings.server;
     let body_limit = server.body_limit;
     let request_timeout = server.request_timeout;
-    let (api, _) = api().split_for_parts();
+    let (bounded, _) = bounded().split_for_parts();
+    let (streamed, _) = streamed().split_for_parts();
     extra
         .into_iter()
-        .fold(api, Router::merge)
-        // Matched routes only (the route template is the metric's label).
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            hooks::count_requests,
-        ))
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
+        .fold(bounded, Router::merge)
         .layer(DefaultBodyLimit::max(body_limit))
         // Until the response head: an event stream is not cut by it.
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             request_timeout,
+        ))
+        // Merged after the layers above, which apply only to the routes
+        // already there.
+        .merge(streamed)
+        .fallback(not_found)
+        // After every route is in: it applies to the routes present.
+        .method_not_allowed_fallback(method_not_allowed)
+        // Matched routes only (the route template is the metric's label).
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            hooks::count_requests,
         ))
         .with_state(state)
 }
@@ -65,6 +71,11 @@ pub fn router_with(state: AppState, extra: Vec<Router<AppState>>) -> Router {
 /// `routes!`). Never `.route(..)`: it would mount without documenting
 /// (`tests/it/openapi.rs` fails on it).
 fn api() -> OpenApiRouter<AppState> {
+    bounded().merge(streamed())
+}
+
+/// The routes under `[server] body_limit` and `request_timeout`.
+fn bounded() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(openapi::base())
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
@@ -87,6 +98,13 @@ fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(workers::results))
         .routes(routes!(workers::cleanup))
         .merge(hooks::router())
+}
+
+/// The routes whose request bodies are streamed under their own limit
+/// (`artifact_max_bytes`, an idle timeout per chunk): neither `body_limit`
+/// nor `request_timeout` (a whole-request deadline) applies to them.
+fn streamed() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(artifacts::upload, artifacts::download))
 }
 
 /// The OpenAPI document of every route [`router`] mounts (served at

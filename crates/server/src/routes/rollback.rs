@@ -76,6 +76,11 @@ pub async fn rollback(
         .spawn(async move { engine.rollback(request).await })
         .await
         .map_err(|_| ApiError::unavailable("the server is shutting down"))??;
+    // A rollback is a run of its own: counted as a cycle's runs are.
+    state
+        .metrics
+        .observe_finished(state.store.as_ref(), outcome.report.run_id.clone())
+        .await;
     Ok(Json(json!({
         "label": raw_label,
         "rolled_back_by": caller.name,

@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use retrain_core::domain::{Label, RunId};
 use retrain_core::engine::{CycleRequest, CycleStarted, Decision, DecisionOutcome, LabelStart};
-use retrain_core::journal::{RequestClaim, RunFilter};
+use retrain_core::journal::{RequestClaim, RunPage};
 use retrain_core::manifest::ManifestDocument;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -134,6 +134,8 @@ fn start_cycle(
     let store = state.store.clone();
     let cancel = state.shutdown.child_token();
     let dry_run = request.dry_run;
+    let metrics = state.metrics.clone();
+    metrics.cycle_started("http");
     state.work.spawn(async move {
         let (started_tx, mut started_rx) = oneshot::channel();
         let cycle =
@@ -181,12 +183,21 @@ fn start_cycle(
             None => cycle.await,
         };
         match report {
-            Ok(report) => tracing::info!(
-                cycle_id = %report.cycle_id,
-                interrupted = report.interrupted,
-                labels = report.labels.len(),
-                "cycle finished"
-            ),
+            Ok(report) => {
+                tracing::info!(
+                    cycle_id = %report.cycle_id,
+                    interrupted = report.interrupted,
+                    labels = report.labels.len(),
+                    "cycle finished"
+                );
+                // Counted as the webhook and schedule cycles are.
+                let runs: Vec<RunId> = report
+                    .labels
+                    .iter()
+                    .filter_map(|l| l.run_id.clone())
+                    .collect();
+                metrics.observe_finished(store.as_ref(), runs).await;
+            }
             Err(e) => tracing::warn!(error = %e, "cycle failed"),
         }
     });
@@ -306,7 +317,9 @@ pub struct ListQuery {
     /// An outcome (`promoted`, `rejected`, `running`, …) or a stage
     /// (`training`, `awaiting_approval`, …).
     pub status: Option<String>,
-    /// `next_cursor` of the previous page.
+    /// `next_cursor` of the previous page (opaque). Pages are keyset-based:
+    /// runs started while paging appear before the first page, never shift
+    /// the following ones.
     pub cursor: Option<String>,
     /// Page size, 1..=500 (default 50).
     pub limit: Option<u32>,
@@ -339,35 +352,52 @@ pub async fn list(
         .map(Label::new)
         .transpose()
         .map_err(|e| ApiError::bad_request("invalid_label", format!("label: {e}")))?;
-    let limit = params.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE) as usize;
-    let runs = state
+    let limit = params.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("limit must be 1..={MAX_PAGE}, got {limit}"),
+        ));
+    }
+    let after = params.cursor.as_deref().map(decode_cursor).transpose()?;
+    // One more than the page: whether there is a next page.
+    let mut page = state
         .store
-        .list_runs(&RunFilter { label, limit: None })
-        .await?;
-    let after = match &params.cursor {
-        None => 0,
-        Some(cursor) => {
-            runs.iter()
-                .position(|r| r.run_id.as_str() == cursor)
-                .ok_or_else(|| {
-                    ApiError::bad_request("invalid_cursor", "cursor: not a run of this listing")
-                })?
-                + 1
-        }
-    };
-    let mut page: Vec<_> = runs[after..]
-        .iter()
-        .filter(|r| {
-            params
-                .status
-                .as_deref()
-                .is_none_or(|s| r.outcome == s || r.stage.as_str() == s)
+        .list_runs_page(&RunPage {
+            label,
+            status: params.status,
+            after,
+            limit: limit + 1,
         })
-        .take(limit + 1)
-        .collect();
-    let next_cursor = (page.len() > limit).then(|| page[limit - 1].run_id.clone());
-    page.truncate(limit);
+        .await?;
+    let next_cursor =
+        (page.len() > limit as usize).then(|| encode_cursor(&page[limit as usize - 1].run_id));
+    page.truncate(limit as usize);
     Ok(Json(json!({"runs": page, "next_cursor": next_cursor})))
+}
+
+/// The cursor is opaque to clients (they pass `next_cursor` back): the
+/// last run id of the page, base64url-encoded, so its format can change
+/// without breaking them.
+fn encode_cursor(run_id: &RunId) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(run_id.as_str())
+}
+
+fn decode_cursor(cursor: &str) -> Result<RunId, ApiError> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .filter(|id| !id.is_empty())
+        .map(RunId)
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_cursor",
+                "cursor: not a next_cursor of GET /v1/runs",
+            )
+        })
 }
 
 async fn detail(state: &AppState, id: &str) -> Result<retrain_core::journal::RunDetail, ApiError> {
@@ -386,7 +416,7 @@ async fn detail(state: &AppState, id: &str) -> Result<retrain_core::journal::Run
     params(("id" = String, Path, description = "run id")),
     security(("bearer" = ["read"])),
     responses(
-        (status = 200, description = "`{run, report, journal, manifest}`", body = Object),
+        (status = 200, description = "`{run, report, journal, manifest}`; `manifest.artifacts`: `[{name, size_bytes, sha256, uploaded_at, uploaded_by}]`", body = Object),
         (status = 404, description = "no such run", body = ErrorBody),
     )
 )]
@@ -399,11 +429,27 @@ pub async fn show(
     let report = retrain_core::report::LabelReport::from_run(&detail.snapshot, false);
     // Worker jobs of the run (state, worker, log tail); empty for other trainers.
     let jobs = state.jobs.queue.jobs_of_run(&id).await?;
+    let mut manifest =
+        serde_json::to_value(ManifestDocument::from_run(&detail.snapshot)).map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("serializing the manifest of run {id}: {e}"),
+            )
+        })?;
+    // Uploaded by remote trainers (`PUT /v1/runs/{id}/artifacts/{name}`).
+    manifest["artifacts"] = json!(
+        state
+            .artifacts
+            .log()
+            .artifacts(&detail.summary.run_id)
+            .await?
+    );
     Ok(Json(json!({
         "run": detail.summary,
         "report": report,
         "journal": detail.transitions,
-        "manifest": ManifestDocument::from_run(&detail.snapshot),
+        "manifest": manifest,
         "jobs": super::workers::jobs_json(&jobs),
     })))
 }
@@ -530,6 +576,14 @@ async fn decide(
     let outcome = task
         .await
         .map_err(|_| ApiError::unavailable("the server is shutting down"))??;
+    if let DecisionOutcome::Applied(report) = &outcome {
+        // The decision finished the run: counted as a cycle's runs are.
+        let runs = report.run_id.clone();
+        state
+            .metrics
+            .observe_finished(state.store.as_ref(), runs)
+            .await;
+    }
     match outcome {
         DecisionOutcome::Applied(report) => Ok(Json(json!({
             "run_id": id,

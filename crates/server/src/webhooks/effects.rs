@@ -36,18 +36,13 @@ impl EngineEffects {
 
     /// Record the finished runs' outcomes and stage durations.
     async fn observe(&self, runs: impl IntoIterator<Item = RunId>) {
-        for run_id in runs {
-            match self.state.store.run(&run_id).await {
-                Ok(Some(detail)) => self.metrics.observe_run(&detail),
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::debug!(run = %run_id, error = %e, "metrics: cannot read the run")
-                }
-            }
-        }
+        self.metrics
+            .observe_finished(self.state.store.as_ref(), runs)
+            .await;
     }
 
-    fn spawn_cycle(&self, labels: Option<Vec<Label>>, reason: String) {
+    fn spawn_cycle(&self, labels: Option<Vec<Label>>, reason: String, trigger: &'static str) {
+        self.metrics.cycle_started(trigger);
         let effects = self.clone();
         let cancel = self.state.shutdown.child_token();
         let request = CycleRequest {
@@ -84,7 +79,7 @@ impl WebhookEffects for EngineEffects {
         if self.state.shutdown.is_cancelled() {
             return Err("the server is shutting down".into());
         }
-        self.spawn_cycle(Some(labels), reason);
+        self.spawn_cycle(Some(labels), reason, "webhook");
         Ok(())
     }
 
@@ -224,7 +219,7 @@ impl TickHandler for EngineEffects {
         if self.state.shutdown.is_cancelled() {
             return Err("the server is shutting down".into());
         }
-        self.spawn_cycle(None, format!("schedule tick {tick}"));
+        self.spawn_cycle(None, format!("schedule tick {tick}"), "schedule");
         Ok(())
     }
 }

@@ -540,3 +540,131 @@ async fn a_rollback_over_http_restores_production_once_and_records_the_token_nam
     assert_eq!(last.reason.as_deref(), Some("dice regressed"));
     app.shutdown().await.unwrap();
 }
+
+/// A cycle of `intent` and `urgency`, finished; their run ids.
+async fn finished_cycle(app: &crate::support::TestApp) -> Vec<String> {
+    let started = app.trigger(&["intent", "urgency"]).await;
+    let mut ids = Vec::new();
+    for label in ["intent", "urgency"] {
+        let id = entry(&started, label)["run_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        app.wait_stage(&id, &["done"]).await;
+        ids.push(id);
+    }
+    ids
+}
+
+async fn runs_page(app: &crate::support::TestApp, query: &str) -> (u16, Value) {
+    let response = app
+        .get(&format!("/v1/runs{query}"), READER)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+/// The page's run ids, sorted.
+fn sorted_ids(body: &Value) -> Vec<String> {
+    let mut ids: Vec<String> = body["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["run_id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// `GET /v1/runs` pages with an opaque keyset cursor: runs started while a
+/// client pages appear before its first page and never shift the next ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_are_paged_by_an_opaque_cursor_unshifted_by_new_runs() {
+    let (_workspace, app) = spawn_app(Store::Sqlite).await;
+    let mut before = finished_cycle(&app).await;
+    before.extend(finished_cycle(&app).await);
+    before.sort();
+    let (status, first) = runs_page(&app, "?limit=3").await;
+    assert_eq!(status, 200);
+    assert_eq!(sorted_ids(&first).len(), 3);
+    let cursor = first["next_cursor"].as_str().unwrap().to_owned();
+    assert!(
+        !before.contains(&cursor),
+        "the cursor is opaque, not a run id"
+    );
+    let mut new_runs = finished_cycle(&app).await;
+    new_runs.sort();
+    let (_, rest) = runs_page(&app, &format!("?limit=3&cursor={cursor}")).await;
+    assert!(rest["next_cursor"].is_null(), "{rest}");
+    let mut seen = sorted_ids(&first);
+    seen.extend(sorted_ids(&rest));
+    seen.sort();
+    assert_eq!(seen, before, "each run of the listing exactly once");
+    let (_, newest) = runs_page(&app, "?limit=2").await;
+    assert_eq!(sorted_ids(&newest), new_runs, "new runs come first");
+    // Filters: label, and an outcome or a stage.
+    let (_, intent) = runs_page(&app, "?label=intent&status=done&limit=500").await;
+    assert_eq!(sorted_ids(&intent).len(), 3);
+    assert!(intent["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["label"] == "intent"));
+    let (_, training) = runs_page(&app, "?status=training").await;
+    assert!(sorted_ids(&training).is_empty());
+    // Bad cursors and limits name the problem.
+    for (query, code) in [
+        ("?cursor=!!!", "invalid_cursor"),
+        ("?limit=0", "invalid_query"),
+        ("?limit=501", "invalid_query"),
+    ] {
+        let (status, body) = runs_page(&app, query).await;
+        assert_eq!(status, 400, "{query}");
+        assert_eq!(body["error"]["code"], code, "{query}");
+    }
+    app.shutdown().await.unwrap();
+}
+
+/// Cycles started by `POST /v1/runs` are counted like the webhook and
+/// schedule ones: the cycle by trigger, its finished runs by outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_cycles_and_their_runs_are_counted_in_metrics() {
+    let (_workspace, app) = spawn_app(Store::Sqlite).await;
+    finished_cycle(&app).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = app
+            .client
+            .get(app.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let runs: u64 = text
+            .lines()
+            .filter(|l| l.starts_with("retrain_runs_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        if runs == 2 {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the 2 runs were not counted:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        text.contains(r#"retrain_cycles_started_total{trigger="http"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains("retrain_stage_duration_seconds_count{"),
+        "{text}"
+    );
+    app.shutdown().await.unwrap();
+}

@@ -2,6 +2,8 @@
 //! (`support.rs`) on SQLite and on the real Postgres.
 
 mod api;
+mod artifacts;
+mod labels_reads;
 mod openapi;
 mod process;
 mod replicas;

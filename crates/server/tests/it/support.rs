@@ -28,7 +28,13 @@ sleep "$(cat "sleep_$RETRAIN_LABEL" 2>/dev/null || echo 0)"
 printf '{"candidate": "cand-%s", "metrics": {"accuracy": 0.9}}' "$RETRAIN_LABEL" > "$RETRAIN_RESULT"
 "#;
 
-fn config(state: &str) -> String {
+/// Artifacts above this size are refused (above the default `body_limit`,
+/// 1 MiB, which must not apply to them).
+pub const ARTIFACT_MAX_BYTES: u64 = 2 * 1024 * 1024;
+
+fn config(state: &str, root: &Path) -> String {
+    let artifacts = root.join("artifacts");
+    let artifacts = artifacts.display();
     format!(
         r#"
 state = "{state}"
@@ -41,6 +47,8 @@ timeout = "1m"
 [server]
 bind = "127.0.0.1:0"
 shutdown_timeout = "10s"
+artifacts_dir = "{artifacts}"
+artifact_max_bytes = {ARTIFACT_MAX_BYTES}
 
 [[server.tokens]]
 name = "admin"
@@ -126,7 +134,7 @@ impl Workspace {
             Store::Postgres(url) => url.clone(),
         };
         std::fs::write(root.join("train.sh"), TRAIN_SH).unwrap();
-        std::fs::write(root.join("retrain.toml"), edit(config(&state))).unwrap();
+        std::fs::write(root.join("retrain.toml"), edit(config(&state, root))).unwrap();
         std::fs::write(
             root.join("metadata.json"),
             r#"{"dataset_name": "tickets", "version_tag": "v1", "num_samples": 100, "created_at": "2026-01-02T00:00:00Z"}"#,

@@ -693,6 +693,31 @@ printf '{"candidate": "cand-agent", "metrics": {"accuracy": 0.9}}' > "$RETRAIN_R
     let shown = run(&app, &run_id).await;
     let tail = shown["jobs"][0]["log_tail"].as_str().unwrap_or_default();
     assert!(tail.contains("epoch 1 of 3 done for gpu"), "{shown}");
+    // The artifact the job left arrives after its result, hash in the manifest.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let artifact = loop {
+        let shown = run(&app, &run_id).await;
+        if let Some(artifact) = shown["manifest"]["artifacts"].get(0) {
+            break artifact.clone();
+        }
+        assert!(Instant::now() < deadline, "no artifact arrived: {shown}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    use sha2::Digest;
+    assert_eq!(artifact["name"], "model.bin");
+    assert_eq!(
+        artifact["sha256"],
+        hex::encode(sha2::Sha256::digest(b"weights"))
+    );
+    let bytes = app
+        .get(&format!("/v1/runs/{run_id}/artifacts/model.bin"), READER)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(&bytes[..], b"weights");
 
     // SIGTERM's path: drain, deregister, end cleanly.
     drain.cancel();
