@@ -78,6 +78,41 @@ pub trait CountSource: Send + Sync {
         &self,
         since: DateTime<Utc>,
     ) -> Result<BTreeMap<Label, FeedbackCounts>, PortError>;
+    /// The counts of every label in `watermarks` since its *own*
+    /// watermark (a label the source returns nothing for is absent: zero).
+    /// A cycle asks this once for all its counts-triggered labels. A source
+    /// that can count every label at its own watermark in one statement
+    /// should; the default asks [`CountSource::counts`] once per distinct
+    /// watermark ([`counts_per_distinct_watermark`]).
+    async fn counts_per_label(
+        &self,
+        watermarks: &BTreeMap<Label, DateTime<Utc>>,
+    ) -> Result<BTreeMap<Label, FeedbackCounts>, PortError> {
+        counts_per_distinct_watermark(self, watermarks).await
+    }
+}
+
+/// The default [`CountSource::counts_per_label`]: one
+/// [`CountSource::counts`] per distinct watermark, each label taken from the
+/// answer at its own watermark.
+pub async fn counts_per_distinct_watermark<S: CountSource + ?Sized>(
+    source: &S,
+    watermarks: &BTreeMap<Label, DateTime<Utc>>,
+) -> Result<BTreeMap<Label, FeedbackCounts>, PortError> {
+    let distinct: std::collections::BTreeSet<DateTime<Utc>> =
+        watermarks.values().copied().collect();
+    let mut counted = BTreeMap::new();
+    for since in distinct {
+        let all = source.counts(since).await?;
+        for (label, watermark) in watermarks {
+            if *watermark == since {
+                if let Some(counts) = all.get(label) {
+                    counted.insert(label.clone(), *counts);
+                }
+            }
+        }
+    }
+    Ok(counted)
 }
 
 /// Controls the dataset-preparation job (an HF Space, a local command).

@@ -8,17 +8,16 @@
 //! too), or every label's own watermark as a relation `watermarks(label,
 //! since)` (Postgres `unnest($1::text[], $2::timestamptz[])`, SQLite
 //! `json_each($1)`), so that labels at different watermarks are counted by
-//! one statement ([`WatermarkCountSource::counts_per_label`]). The query runs
+//! one statement ([`CountSource::counts_per_label`]). The query runs
 //! once per call, read-only, with a statement timeout.
 
 mod postgres;
 mod sqlite;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use retrain_core::domain::{FeedbackCounts, Label};
 use retrain_core::ports::{CountSource, PortError};
@@ -75,41 +74,6 @@ pub enum WatermarkForm {
     PerLabel,
 }
 
-/// A count source that can count labels at different watermarks at once.
-#[async_trait]
-pub trait WatermarkCountSource: CountSource {
-    /// The counts of every label in `watermarks` since its own watermark.
-    /// In the [`WatermarkForm::PerLabel`] form this is **one** statement;
-    /// in the shared form, one statement per distinct watermark. Labels the
-    /// query does not return count zero (they are absent from the map), and
-    /// rows of labels not in `watermarks` are ignored.
-    async fn counts_per_label(
-        &self,
-        watermarks: &BTreeMap<Label, DateTime<Utc>>,
-    ) -> Result<BTreeMap<Label, FeedbackCounts>, PortError>;
-}
-
-/// The shared form's answer to [`WatermarkCountSource::counts_per_label`]:
-/// one `counts(since)` per distinct watermark, each label taken from the
-/// answer at its own watermark.
-async fn counts_per_distinct_watermark(
-    source: &(impl CountSource + ?Sized),
-    watermarks: &BTreeMap<Label, DateTime<Utc>>,
-) -> Result<BTreeMap<Label, FeedbackCounts>, PortError> {
-    let distinct: BTreeSet<DateTime<Utc>> = watermarks.values().copied().collect();
-    let mut out = BTreeMap::new();
-    for since in distinct {
-        let all = source.counts(since).await?;
-        out.extend(
-            watermarks
-                .iter()
-                .filter(|(_, s)| **s == since)
-                .filter_map(|(label, _)| all.get(label).map(|c| (label.clone(), *c))),
-        );
-    }
-    Ok(out)
-}
-
 /// Only the labels that were asked for: a row of another label was not
 /// counted at any watermark the caller gave.
 fn asked_for(
@@ -131,7 +95,7 @@ pub async fn open_count_source(
     url: &str,
     query: &str,
     options: CountOptions,
-) -> Result<Arc<dyn WatermarkCountSource>, AdapterError> {
+) -> Result<Arc<dyn CountSource>, AdapterError> {
     let url = DbUrl::parse(KEY_DATABASE, url)?;
     if query.trim().is_empty() {
         return Err(AdapterError::config(

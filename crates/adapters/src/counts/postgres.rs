@@ -12,8 +12,7 @@ use sqlx::postgres::{PgPool, PgRow};
 use sqlx::{Row, TypeInfo, ValueRef};
 
 use super::{
-    all_labels_at, asked_for, counts_per_distinct_watermark, with_deadline, Cell, CountOptions,
-    Tally, WatermarkCountSource, WatermarkForm, KEY_DATABASE,
+    all_labels_at, asked_for, with_deadline, Cell, CountOptions, Tally, WatermarkForm, KEY_DATABASE,
 };
 use crate::db::DbUrl;
 use crate::AdapterError;
@@ -185,16 +184,15 @@ impl CountSource for PostgresCountSource {
             }
         }
     }
-}
 
-#[async_trait]
-impl WatermarkCountSource for PostgresCountSource {
     async fn counts_per_label(
         &self,
         watermarks: &BTreeMap<Label, DateTime<Utc>>,
     ) -> Result<BTreeMap<Label, FeedbackCounts>, PortError> {
         match self.options.form {
-            WatermarkForm::Shared => counts_per_distinct_watermark(self, watermarks).await,
+            WatermarkForm::Shared => {
+                retrain_core::ports::counts_per_distinct_watermark(self, watermarks).await
+            }
             WatermarkForm::PerLabel => self.per_label(watermarks).await,
         }
     }

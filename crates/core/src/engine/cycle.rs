@@ -11,6 +11,9 @@
 //! every write; `tests/tests/fault_campaign.rs` aborts the real binary
 //! between every side effect and its journal write).
 
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
 use futures::stream::{self, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
@@ -78,6 +81,7 @@ impl Engine {
         let started_at = self.clock.now();
         let shared = CycleShared {
             triggered_by,
+            watermarks: self.count_watermarks(&labels).await,
             ..CycleShared::default()
         };
         let span = info_span!("run", run_id = %cycle_id, dry_run = request.dry_run);
@@ -130,6 +134,42 @@ impl Engine {
             interrupted: cancel.is_cancelled(),
             labels: reports,
         })
+    }
+
+    /// The watermark of every counts-triggered label of `labels` (one store
+    /// read), so that the cycle counts them all with one
+    /// `CountSource::counts_per_label`. Empty without a count source or
+    /// when the read fails (each label then counts at its own watermark as
+    /// it gets there, one read per distinct watermark).
+    async fn count_watermarks(&self, labels: &[Label]) -> BTreeMap<Label, DateTime<Utc>> {
+        if self.counts.is_none() {
+            return BTreeMap::new();
+        }
+        let counted: Vec<Label> = labels
+            .iter()
+            .filter(|l| {
+                matches!(
+                    self.labels[*l].plan.trigger,
+                    crate::machine::Trigger::Counts { .. }
+                )
+            })
+            .cloned()
+            .collect();
+        if counted.is_empty() {
+            return BTreeMap::new();
+        }
+        match self.store.label_statuses(&counted).await {
+            Ok(rows) if rows.len() == counted.len() => counted
+                .into_iter()
+                .zip(rows)
+                .map(|(label, row)| (label, row.cursor.watermark_or_epoch()))
+                .collect(),
+            Ok(_) => BTreeMap::new(),
+            Err(error) => {
+                warn!(%error, "could not read the labels' watermarks; counting label by label");
+                BTreeMap::new()
+            }
+        }
     }
 
     /// Phase one: lock, load or create the run, and drive it through the

@@ -149,13 +149,28 @@ impl Engine {
                         "no [counts] source is configured for a counts-triggered label",
                     );
                 };
-                let cell = shared.counts_cell(since);
-                let result = cell
-                    .get_or_init(|| async {
+                // The watermark read before the cycle (every counts label
+                // at its own, one call), or a read at this one.
+                let cell;
+                let result = if shared.watermarks.get(run.label()) == Some(&since) {
+                    shared
+                        .per_label_counts
+                        .get_or_init(|| async {
+                            info!(
+                                labels = shared.watermarks.len(),
+                                "reading feedback counts of every label at its watermark"
+                            );
+                            source.counts_per_label(&shared.watermarks).await
+                        })
+                        .await
+                } else {
+                    cell = shared.counts_cell(since);
+                    cell.get_or_init(|| async {
                         info!(%since, "reading feedback counts");
                         source.counts(since).await
                     })
-                    .await;
+                    .await
+                };
                 match result {
                     Ok(all) => {
                         let counts = all.get(run.label()).copied().unwrap_or_default();

@@ -253,6 +253,10 @@ pub struct CycleRequest {
 /// let label = Label::new("department").unwrap();
 /// let mut store = MockRunStore::new();
 /// store.expect_cursor().returning(|_| Ok(LabelCursor::default()));
+/// // The cycle reads every counts-triggered label's watermark at once.
+/// store
+///     .expect_label_statuses()
+///     .returning(|labels| Ok(labels.iter().map(|_| Default::default()).collect()));
 /// let mut metadata = MockMetadataStore::new();
 /// metadata.expect_read().returning(|_| Ok(MetadataRead::Absent));
 /// metadata.expect_describe().return_const("dataset_metadata.json");
@@ -336,6 +340,11 @@ type StageCell = Arc<OnceCell<Option<crate::domain::SpaceStage>>>;
 /// prepare job, one stage read per prepare job per poll round.
 #[derive(Default)]
 struct CycleShared {
+    /// The watermark of every counts-triggered label of the cycle, read
+    /// before it starts: their counts are one `counts_per_label` call.
+    watermarks: BTreeMap<Label, DateTime<Utc>>,
+    per_label_counts: CountsCell,
+    /// Reads at a watermark other than the one read before the cycle.
     counts: Mutex<HashMap<DateTime<Utc>, CountsCell>>,
     prepares: Mutex<HashMap<String, PrepareCell>>,
     /// Recorded in the manifest of every run the cycle creates.

@@ -215,8 +215,17 @@ async fn one_count_query_per_cycle_for_labels_sharing_a_watermark() {
     let world = World::new();
     let store = MemStore::new();
     let mut counts = MockCountSource::new();
+    // One call for every label at its own watermark (read before the
+    // cycle), never one per label or per watermark.
+    counts.expect_counts().times(0);
     counts
-        .expect_counts()
+        .expect_counts_per_label()
+        .withf(|watermarks| {
+            watermarks.len() == 3
+                && watermarks
+                    .values()
+                    .all(|w| *w == chrono::DateTime::<chrono::Utc>::UNIX_EPOCH)
+        })
         .times(1)
         .returning(|_| Ok(Default::default()));
     let bindings = ["a", "b", "c"]
