@@ -456,7 +456,7 @@ async fn interrupt_leaves_the_run_resumable_and_stops_the_lease() {
     let store = MemStore::new();
     let mut p = plan("department");
     p.leased = true;
-    let slow = Arc::new(SlowTrainer);
+    let slow = Arc::new(SlowTrainer::default());
     let mut b = binding(&world, p.clone(), prepare(&world));
     b.trainer = slow;
     let e = engine(&store, &world, vec![b]);
@@ -490,6 +490,27 @@ async fn interrupt_leaves_the_run_resumable_and_stops_the_lease() {
         1,
         "prepare not restarted on resume"
     );
+}
+
+/// A trainer that does not say its jobs outlive an interrupt (the port's
+/// default: a local job) has its job cancelled on interrupt, lease or not.
+#[tokio::test(start_paused = true)]
+async fn an_interrupt_cancels_a_local_job_without_a_lease_too() {
+    let world = World::new();
+    let store = MemStore::new();
+    let slow = Arc::new(SlowTrainer::default());
+    let mut b = binding(&world, plan("department"), prepare(&world));
+    b.trainer = slow.clone();
+    let e = engine(&store, &world, vec![b]);
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        c.cancel();
+    });
+    let report = e.run_cycle(CycleRequest::default(), cancel).await.unwrap();
+    assert_eq!(report.labels[0].status, LabelStatus::Interrupted);
+    assert_eq!(slow.cancels.load(Ordering::SeqCst), 1);
 }
 
 /// A remote worker's job keeps running while the orchestrator restarts: the
@@ -557,7 +578,12 @@ async fn an_interrupt_leaves_a_job_that_outlives_it_running_for_the_resumed_run(
     }
 }
 
-struct SlowTrainer;
+/// Trains forever; counts its cancels. Keeps the port's default
+/// `outlives_interrupt` (a local job: cancelled on interrupt).
+#[derive(Default)]
+struct SlowTrainer {
+    cancels: std::sync::atomic::AtomicUsize,
+}
 #[async_trait::async_trait]
 impl retrain_core::ports::Trainer for SlowTrainer {
     async fn start(
@@ -580,6 +606,7 @@ impl retrain_core::ports::Trainer for SlowTrainer {
         &self,
         _: &retrain_core::domain::TrainingHandle,
     ) -> Result<(), retrain_core::ports::PortError> {
+        self.cancels.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
     fn describe(&self) -> String {
