@@ -224,7 +224,14 @@ pub fn parse_body<T: DeserializeOwned + Default>(
         other => Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
-            format!("Content-Type {other:?}: expected application/json or text/yaml"),
+            format!(
+                "Content-Type {other:?}: expected application/json or text/yaml{}",
+                if other == "application/x-www-form-urlencoded" {
+                    " (curl -d sends a form by default: add -H 'Content-Type: application/json')"
+                } else {
+                    ""
+                }
+            ),
         )),
     }
 }

@@ -191,6 +191,23 @@ async fn bodies_are_json_or_yaml_and_bad_ones_are_named() {
             "unsupported_media_type",
         ),
     ];
+    // `curl -d` without a Content-Type sends a form: the answer says how to fix it.
+    let form = app
+        .post("/v1/runs", TRIGGER)
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(r#"{"labels": ["intent"]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(form.status(), 415);
+    let form: serde_json::Value = form.json().await.unwrap();
+    assert!(
+        form["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Content-Type: application/json"),
+        "{form}"
+    );
     for (content_type, body, status, code) in cases {
         let response = app
             .post("/v1/runs", TRIGGER)
