@@ -415,6 +415,17 @@ pub trait RunStore: Send + Sync {
     async fn release_lock(&self, label: &Label, fence: &Fence) -> Result<(), StoreError>;
 
     async fn cursor(&self, label: &Label) -> Result<LabelCursor, StoreError>;
+    /// The cursors of `labels`, in that order (a label the store never saw
+    /// gets the default cursor). A cycle reads its counts-triggered labels'
+    /// watermarks with it; the SQL stores answer in one statement, the
+    /// default asks [`RunStore::cursor`] label by label.
+    async fn cursors(&self, labels: &[Label]) -> Result<Vec<LabelCursor>, StoreError> {
+        let mut cursors = Vec::with_capacity(labels.len());
+        for label in labels {
+            cursors.push(self.cursor(label).await?);
+        }
+        Ok(cursors)
+    }
     /// The unfinished run of `label`, if any, as last journaled.
     async fn unfinished_run(&self, label: &Label) -> Result<Option<LabelRun>, StoreError>;
     /// Append `transition` to the journal and store its snapshot, atomically,

@@ -257,6 +257,11 @@ pub(super) trait StoreRow: Columns {
 pub(super) const SELECT_CURSOR: &str =
     "SELECT watermark, consumed_version, consumed_num_samples, rejected_version FROM cursors WHERE label = $1";
 
+/// Every cursor (one row per label ever committed: as small as the label
+/// list, whatever the run history).
+pub(super) const SELECT_CURSORS: &str =
+    "SELECT label, watermark, consumed_version, consumed_num_samples, rejected_version FROM cursors";
+
 /// `done = FALSE` (not `NOT done`) so both dialects use the
 /// `(label, done, started_at)` index however long a label's history.
 pub(super) const SELECT_UNFINISHED: &str = "SELECT run_id, snapshot FROM runs

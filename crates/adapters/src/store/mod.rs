@@ -210,6 +210,25 @@ impl<B: Backend> RunStore for SqlRunStore<B> {
             .map_or_else(|| Ok(LabelCursor::default()), |row| cursor_of(&row, label))
     }
 
+    async fn cursors(&self, labels: &[Label]) -> Result<Vec<LabelCursor>, StoreError> {
+        let b = &self.0;
+        let rows = b
+            .pool()
+            .fetch_all(backend::SELECT_CURSORS, Vec::new())
+            .await
+            .map_err(|e| b.error("reading the labels' cursors", e))?;
+        let mut by_label = std::collections::HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let label = parse_label(&row.text("label")?, "-")?;
+            let cursor = cursor_of(row, &label)?;
+            by_label.insert(label, cursor);
+        }
+        Ok(labels
+            .iter()
+            .map(|label| by_label.remove(label).unwrap_or_default())
+            .collect())
+    }
+
     async fn unfinished_run(&self, label: &Label) -> Result<Option<LabelRun>, StoreError> {
         let b = &self.0;
         b.pool()

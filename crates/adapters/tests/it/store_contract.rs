@@ -363,6 +363,24 @@ pub async fn a_rejected_dataset_version_is_kept_in_the_cursor(store: Arc<dyn Run
     assert_eq!(cursor.rejected_version, Some(VersionTag::new("bad-2")));
 }
 
+/// `cursors` answers every label asked, in order, as `cursor` does (a
+/// label never committed: the default cursor) with one read.
+pub async fn cursors_are_read_for_many_labels_at_once(store: Arc<dyn RunStore>) {
+    for name in ["alpha", "beta"] {
+        let fence = lock(store.as_ref(), name).await;
+        drive(store.as_ref(), &fence, name, Some(dataset("v1", 10)), None).await;
+    }
+    let asked = [label("beta"), label("never-seen"), label("alpha")];
+    let cursors = store.cursors(&asked).await.unwrap();
+    assert_eq!(cursors.len(), 3);
+    for (name, cursor) in asked.iter().zip(&cursors) {
+        assert_eq!(*cursor, store.cursor(name).await.unwrap(), "{name}");
+    }
+    assert!(cursors[0].watermark.is_some());
+    assert_eq!(cursors[1], LabelCursor::default());
+    assert!(store.cursors(&[]).await.unwrap().is_empty());
+}
+
 /// Consecutive transitions written as one (the engine batches the steps
 /// that only read): every journal line, the snapshot of the last, all under
 /// one fence check; a stale fence writes none of them.
@@ -1469,6 +1487,7 @@ contract!(
     runs_are_paged_by_keyset,
     promotions_are_recorded_with_their_journal_write,
     a_rejected_dataset_version_is_kept_in_the_cursor,
+    cursors_are_read_for_many_labels_at_once,
     rollbacks_are_recorded_as_promotion_events_and_resume,
     the_journal_is_read_after_a_position_in_commit_order,
     concurrent_journal_writers_get_distinct_positions,

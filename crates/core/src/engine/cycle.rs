@@ -136,8 +136,8 @@ impl Engine {
         })
     }
 
-    /// The watermark of every counts-triggered label of `labels` (one store
-    /// read), so that the cycle counts them all with one
+    /// The watermark of every counts-triggered label of `labels` (one
+    /// `RunStore::cursors` read), so that the cycle counts them all with one
     /// `CountSource::counts_per_label`. Empty without a count source or
     /// when the read fails (each label then counts at its own watermark as
     /// it gets there, one read per distinct watermark).
@@ -158,11 +158,11 @@ impl Engine {
         if counted.is_empty() {
             return BTreeMap::new();
         }
-        match self.store.label_statuses(&counted).await {
-            Ok(rows) if rows.len() == counted.len() => counted
+        match self.store.cursors(&counted).await {
+            Ok(cursors) if cursors.len() == counted.len() => counted
                 .into_iter()
-                .zip(rows)
-                .map(|(label, row)| (label, row.cursor.watermark_or_epoch()))
+                .zip(cursors)
+                .map(|(label, cursor)| (label, cursor.watermark_or_epoch()))
                 .collect(),
             Ok(_) => BTreeMap::new(),
             Err(error) => {

@@ -255,8 +255,8 @@ pub struct CycleRequest {
 /// store.expect_cursor().returning(|_| Ok(LabelCursor::default()));
 /// // The cycle reads every counts-triggered label's watermark at once.
 /// store
-///     .expect_label_statuses()
-///     .returning(|labels| Ok(labels.iter().map(|_| Default::default()).collect()));
+///     .expect_cursors()
+///     .returning(|labels| Ok(vec![LabelCursor::default(); labels.len()]));
 /// let mut metadata = MockMetadataStore::new();
 /// metadata.expect_read().returning(|_| Ok(MetadataRead::Absent));
 /// metadata.expect_describe().return_const("dataset_metadata.json");
