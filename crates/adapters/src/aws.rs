@@ -470,7 +470,7 @@ mod tests {
     async fn a_signing_failure_is_returned_and_nothing_is_sent() {
         use crate::http::{HttpPolicy, RetryingClient};
         let settings = AwsSettings::new("testing", SecretString::from("s3cr3t"), "us-east-1");
-        let http = RetryingClient::new(HttpPolicy::fast_for_tests()).unwrap();
+        let http = RetryingClient::new("test", HttpPolicy::fast_for_tests()).unwrap();
         // No host: SigV4 cannot sign it.
         let url = Url::parse("data:text/plain,x").unwrap();
         let err = settings

@@ -201,7 +201,7 @@ pub struct Ec2Client {
 impl Ec2Client {
     pub fn new(settings: &AwsSettings, policy: HttpPolicy) -> Result<Self, AdapterError> {
         Ok(Self {
-            http: RetryingClient::new(policy)?,
+            http: RetryingClient::new("ec2", policy)?,
             signer: settings.signer("ec2"),
             endpoint: settings.ec2_endpoint()?,
             region: settings.region.clone(),

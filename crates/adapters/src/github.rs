@@ -633,7 +633,7 @@ impl GithubApi {
         Ok(Self {
             base,
             token: token.clone(),
-            http: RetryingClient::new(policy)?,
+            http: RetryingClient::new("github", policy)?,
         })
     }
 

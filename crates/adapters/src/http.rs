@@ -23,6 +23,7 @@
 //!   caller marks the URL secret ([`Call::secret_url`]: Slack, Discord and
 //!   generic webhook URLs, whose path is the credential).
 
+use std::collections::BTreeMap;
 use std::error::Error as _;
 use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -172,19 +173,77 @@ enum Failure {
 pub struct RetryingClient {
     client: reqwest::Client,
     policy: HttpPolicy,
+    /// Which adapter this client serves (`hf`, `mlflow`…), the `adapter`
+    /// label of [`retries`].
+    adapter: &'static str,
+}
+
+/// Resends of one adapter for one reason, since the process started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryCount {
+    /// The adapter ([`RetryingClient::new`]'s name).
+    pub adapter: &'static str,
+    /// Why the attempt was resent: `rate_limited`, `http_5xx`, `http_408`,
+    /// `connect` (no connection), `timeout` or `transport` (the connection
+    /// dropped).
+    pub reason: &'static str,
+    pub count: u64,
+}
+
+/// Resends by `(adapter, reason)`. Process-wide, like a process's CPU
+/// time: the clients are built by the adapters, which do not know which
+/// server (if any) exports them, and `retrain-server` runs one per process.
+static RETRIES: std::sync::Mutex<BTreeMap<(&'static str, &'static str), u64>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+/// Every HTTP resend this process's adapters made, by adapter and reason
+/// (`retrain_http_retries_total` on `retrain-server`'s `/metrics`).
+pub fn retries() -> Vec<RetryCount> {
+    RETRIES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(&(adapter, reason), &count)| RetryCount {
+            adapter,
+            reason,
+            count,
+        })
+        .collect()
+}
+
+/// Count one resend (also by the adapters with a retry loop of their own).
+pub(crate) fn count_retry(adapter: &'static str, reason: &'static str) {
+    *RETRIES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry((adapter, reason))
+        .or_insert(0) += 1;
+}
+
+/// The `reason` of [`RetryCount`] for an answer that is resent.
+pub(crate) fn retry_reason(status: StatusCode, rate_limited: bool) -> &'static str {
+    if rate_limited {
+        "rate_limited"
+    } else if status == StatusCode::REQUEST_TIMEOUT {
+        "http_408"
+    } else {
+        "http_5xx"
+    }
 }
 
 /// `check` argument of [`RetryingClient::send_with`]'s shared loop: none.
 type NoCheck = fn() -> std::future::Ready<Result<Option<()>, PortError>>;
 
 impl RetryingClient {
-    pub fn new(policy: HttpPolicy) -> Result<Self, AdapterError> {
-        Self::with_redirect_policy(policy, reqwest::redirect::Policy::default())
+    /// A client for `adapter` (its name in [`retries`]: `hf`, `mlflow`…).
+    pub fn new(adapter: &'static str, policy: HttpPolicy) -> Result<Self, AdapterError> {
+        Self::with_redirect_policy(adapter, policy, reqwest::redirect::Policy::default())
     }
 
     /// Like [`RetryingClient::new`] with a custom redirect policy (the Hub's
     /// metadata probe must not follow absolute redirects to its CDN).
     pub fn with_redirect_policy(
+        adapter: &'static str,
         policy: HttpPolicy,
         redirect: reqwest::redirect::Policy,
     ) -> Result<Self, AdapterError> {
@@ -195,7 +254,11 @@ impl RetryingClient {
             .user_agent(concat!("retrain/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| AdapterError::Unavailable(format!("cannot build HTTP client: {e}")))?;
-        Ok(Self { client, policy })
+        Ok(Self {
+            client,
+            policy,
+            adapter,
+        })
     }
 
     pub fn inner(&self) -> &reqwest::Client {
@@ -278,16 +341,21 @@ impl RetryingClient {
             let url = request.url().clone();
             let shown = display_url(&url, call.url);
             let result = self.client.execute(request).await;
-            let (failure, server_wait) = match &result {
-                Ok(response) if is_rate_limited(response) => {
-                    (Failure::Refused, server_requested_wait(response))
-                }
-                Ok(response) if is_retryable_status(response.status()) => {
-                    (Failure::Ambiguous, server_requested_wait(response))
-                }
+            let (failure, server_wait, reason) = match &result {
+                Ok(response) if is_rate_limited(response) => (
+                    Failure::Refused,
+                    server_requested_wait(response),
+                    "rate_limited",
+                ),
+                Ok(response) if is_retryable_status(response.status()) => (
+                    Failure::Ambiguous,
+                    server_requested_wait(response),
+                    retry_reason(response.status(), false),
+                ),
                 Ok(_) => return Ok(Checked::Response(result.expect("checked Ok"))),
-                Err(e) if e.is_connect() => (Failure::Refused, None),
-                Err(e) if e.is_timeout() || e.is_request() => (Failure::Ambiguous, None),
+                Err(e) if e.is_connect() => (Failure::Refused, None, "connect"),
+                Err(e) if e.is_timeout() => (Failure::Ambiguous, None, "timeout"),
+                Err(e) if e.is_request() => (Failure::Ambiguous, None, "transport"),
                 Err(e) => {
                     return Err(PortError::Transient(describe_transport(
                         call,
@@ -342,6 +410,7 @@ impl RetryingClient {
                 delay_ms = delay.as_millis() as u64,
                 "retrying HTTP request"
             );
+            count_retry(self.adapter, reason);
             drop(result);
             tokio::time::sleep(delay).await;
             if checked {
@@ -689,7 +758,8 @@ mod tests {
             .respond_with(ResponseTemplate::new(200).set_body_string("ok"))
             .mount(&server)
             .await;
-        let client = RetryingClient::new(HttpPolicy::fast_for_tests()).unwrap();
+        // A name of its own: the counts are process-wide.
+        let client = RetryingClient::new("counted", HttpPolicy::fast_for_tests()).unwrap();
         let started = std::time::Instant::now();
         let url = server.uri();
         let response = client.send("test", |c| c.get(&url)).await.unwrap();
@@ -699,6 +769,12 @@ mod tests {
             "Retry-After honoured"
         );
         assert_eq!(server.received_requests().await.unwrap().len(), 3);
+        let counted: Vec<_> = retries()
+            .into_iter()
+            .filter(|r| r.adapter == "counted")
+            .map(|r| (r.reason, r.count))
+            .collect();
+        assert_eq!(counted, vec![("http_5xx", 1), ("rate_limited", 1)]);
     }
 
     #[tokio::test]
@@ -710,7 +786,7 @@ mod tests {
             .respond_with(ResponseTemplate::new(404).insert_header("x-error-code", "RepoNotFound"))
             .mount(&server)
             .await;
-        let client = RetryingClient::new(HttpPolicy::fast_for_tests()).unwrap();
+        let client = RetryingClient::new("test", HttpPolicy::fast_for_tests()).unwrap();
         let url = server.uri();
         let response = client
             .send("dataset owner/ds", |c| c.get(&url))
@@ -734,7 +810,7 @@ mod tests {
             )
             .mount(&server)
             .await;
-        let client = RetryingClient::new(HttpPolicy::fast_for_tests()).unwrap();
+        let client = RetryingClient::new("test", HttpPolicy::fast_for_tests()).unwrap();
         let url = server.uri();
         let response = client.send("x", |c| c.get(&url)).await.unwrap();
         assert_eq!(response.status(), 429);
@@ -762,7 +838,7 @@ mod tests {
             .respond_with(ResponseTemplate::new(503))
             .mount(&server)
             .await;
-        let client = RetryingClient::new(fast(3)).unwrap();
+        let client = RetryingClient::new("test", fast(3)).unwrap();
         let url = server.uri();
         for replay in [Replay::ByMethod, Replay::Never] {
             let response = client
@@ -799,7 +875,7 @@ mod tests {
             .respond_with(ResponseTemplate::new(502))
             .mount(&server)
             .await;
-        let client = RetryingClient::new(fast(2)).unwrap();
+        let client = RetryingClient::new("test", fast(2)).unwrap();
         let url = server.uri();
         for m in [Method::GET, Method::PUT, Method::DELETE, Method::HEAD] {
             server.reset().await;
@@ -858,7 +934,7 @@ mod tests {
             .respond_with(ResponseTemplate::new(201))
             .mount(&server)
             .await;
-        let client = RetryingClient::new(fast(3)).unwrap();
+        let client = RetryingClient::new("test", fast(3)).unwrap();
         let url = server.uri();
         let started = std::time::Instant::now();
         let response = client
@@ -897,7 +973,7 @@ mod tests {
             .respond_with(ResponseTemplate::new(200))
             .mount(&server)
             .await;
-        let client = RetryingClient::new(fast(3)).unwrap();
+        let client = RetryingClient::new("test", fast(3)).unwrap();
         let url = server.uri();
         let started = std::time::Instant::now();
         let response = client
@@ -922,7 +998,7 @@ mod tests {
             )
             .mount(&server)
             .await;
-        let client = RetryingClient::new(fast(3)).unwrap();
+        let client = RetryingClient::new("test", fast(3)).unwrap();
         let url = server.uri();
         let response = client
             .send_with(&Call::new("x", Replay::ByMethod), |c| c.get(&url))
@@ -948,7 +1024,7 @@ mod tests {
             )
             .mount(&server)
             .await;
-        let client = RetryingClient::new(fast(3)).unwrap();
+        let client = RetryingClient::new("test", fast(3)).unwrap();
         let url = server.uri();
         let response = client
             .send_with(&Call::new("x", Replay::ByMethod), |c| c.get(&url))
@@ -1018,7 +1094,7 @@ mod tests {
     #[tokio::test]
     async fn secret_urls_show_only_their_origin_in_transport_errors() {
         // Nothing listens on port 9 (discard): connection refused, retried.
-        let client = RetryingClient::new(fast(1)).unwrap();
+        let client = RetryingClient::new("test", fast(1)).unwrap();
         let url = "http://127.0.0.1:9/services/T0/B0/SECRETPATH?token=SECRETQUERY";
         let err = client
             .send_with(
@@ -1054,7 +1130,7 @@ mod tests {
             .respond_with(ResponseTemplate::new(201).set_delay(Duration::from_secs(2)))
             .mount(&server)
             .await;
-        let client = RetryingClient::new(fast(3)).unwrap();
+        let client = RetryingClient::new("test", fast(3)).unwrap();
         let url = server.uri();
         let checks = AtomicUsize::new(0);
         let outcome = client

@@ -477,11 +477,14 @@ impl MlflowRegistry {
                 ),
             ));
         }
-        let http = RetryingClient::new(settings.policy.clone())?;
-        let http_once = RetryingClient::new(HttpPolicy {
-            max_retries: 0,
-            ..settings.policy.clone()
-        })?;
+        let http = RetryingClient::new("mlflow", settings.policy.clone())?;
+        let http_once = RetryingClient::new(
+            "mlflow",
+            HttpPolicy {
+                max_retries: 0,
+                ..settings.policy.clone()
+            },
+        )?;
         Ok(Self {
             settings,
             ready_wait: ReadyWait::default(),

@@ -58,7 +58,7 @@ impl S3MetadataStore {
         let (bucket, key) = parse_s3_url(url)?;
         let object_url = object_url(&settings, &bucket, &key)?;
         Ok(Self {
-            http: RetryingClient::new(policy)?,
+            http: RetryingClient::new("s3", policy)?,
             signer: settings.signer("s3"),
             bucket,
             key,

@@ -90,7 +90,7 @@ impl WebhookNotifier {
             host,
             format,
             on,
-            http: RetryingClient::new(policy)?,
+            http: RetryingClient::new("webhook", policy)?,
         })
     }
 

@@ -622,7 +622,14 @@ impl fmt::Display for Fence {
 /// Result of trying to take a label lock.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LockOutcome {
-    Acquired(Fence),
+    Acquired {
+        fence: Fence,
+        /// The owner whose lock this acquisition took over: it had not
+        /// released it, and it had expired or its process was gone (a
+        /// crashed or partitioned orchestrator). `None` for a free or
+        /// released lock and for a re-acquisition by the same owner.
+        taken_over_from: Option<String>,
+    },
     Busy {
         owner: String,
         expires_at: DateTime<Utc>,

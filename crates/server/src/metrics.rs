@@ -16,6 +16,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use retrain_adapters::http::RetryCount;
 use retrain_adapters::store::{JobState, RemoteJob, Worker, WorkerState};
 use retrain_core::domain::Lease;
 use retrain_core::domain::RunId;
@@ -46,6 +47,8 @@ pub struct Metrics {
     queue_wait_seconds: Histogram,
     job_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     worker_events: Family<Labels, Counter>,
+    lock_takeovers: Counter,
+    http_retries: Family<Labels, Counter>,
     /// Scrapes are serialised (the lease gauges are set, then encoded).
     scrape: Mutex<()>,
 }
@@ -141,8 +144,22 @@ impl Metrics {
             "Worker and job events (worker.registered|stale|removed, job.assigned|finished|failed|requeued|lost); not journal lines",
             worker_events.clone(),
         );
+        let lock_takeovers = Counter::default();
+        registry.register(
+            "lock_takeovers",
+            "Label locks this server took over from an owner that never released them (expired, or its process gone)",
+            lock_takeovers.clone(),
+        );
+        let http_retries = Family::<Labels, Counter>::default();
+        registry.register(
+            "http_retries",
+            "HTTP requests resent by the adapters of this process, by adapter and reason",
+            http_retries.clone(),
+        );
         Self {
             registry,
+            lock_takeovers,
+            http_retries,
             workers,
             queued_jobs,
             queue_wait_seconds,
@@ -253,6 +270,22 @@ impl Metrics {
         }
     }
 
+    /// Bring the counters kept elsewhere up to date (before
+    /// [`Metrics::render`]): the engine's lock takeovers and the adapters'
+    /// HTTP resends. Both only grow, so each counter is advanced by the
+    /// difference.
+    pub fn set_counted_elsewhere(&self, lock_takeovers: u64, retries: &[RetryCount]) {
+        let _one_at_a_time = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
+        advance(&self.lock_takeovers, lock_takeovers);
+        for retry in retries {
+            let counter = self.http_retries.get_or_create(&vec![
+                ("adapter", retry.adapter.to_owned()),
+                ("reason", retry.reason.to_owned()),
+            ]);
+            advance(&counter, retry.count);
+        }
+    }
+
     /// Record a finished run: its outcome and, from consecutive journal
     /// lines, the time it spent in each stage it left.
     pub fn observe_run(&self, run: &RunDetail) {
@@ -290,6 +323,11 @@ impl Metrics {
         let _ = encode(&mut text, &self.registry);
         text
     }
+}
+
+/// Advance `counter` to `total` (a total that only grows).
+fn advance(counter: &Counter, total: u64) {
+    counter.inc_by(total.saturating_sub(counter.get()));
 }
 
 /// `(stage left, seconds spent in it)`: from the journal line that entered
@@ -423,5 +461,37 @@ mod tests {
         }
         assert!(!text.contains("outcome=\"unknown\""), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn takeovers_and_retries_follow_the_totals_counted_elsewhere() {
+        let metrics = Metrics::new();
+        let retries = |hf, mlflow| {
+            vec![
+                RetryCount {
+                    adapter: "hf",
+                    reason: "http_5xx",
+                    count: hf,
+                },
+                RetryCount {
+                    adapter: "mlflow",
+                    reason: "connect",
+                    count: mlflow,
+                },
+            ]
+        };
+        metrics.set_counted_elsewhere(2, &retries(3, 1));
+        // A second scrape with the same totals adds nothing; new totals add
+        // the difference.
+        metrics.set_counted_elsewhere(2, &retries(3, 1));
+        metrics.set_counted_elsewhere(5, &retries(7, 1));
+        let text = metrics.render(&[], Utc::now());
+        for line in [
+            "retrain_lock_takeovers_total 5",
+            "retrain_http_retries_total{adapter=\"hf\",reason=\"http_5xx\"} 7",
+            "retrain_http_retries_total{adapter=\"mlflow\",reason=\"connect\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
     }
 }

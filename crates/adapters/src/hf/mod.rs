@@ -30,6 +30,9 @@ pub use trainer::{HfSpaceTrainer, DATASET_VERSION_VARIABLE, HANDLE_KIND, JOB_KEY
 /// `huggingface_hub`'s default endpoint.
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 
+/// The Hub adapters' name in [`crate::http::retries`].
+pub(crate) const HF_ADAPTER: &str = "hf";
+
 /// Python's `quote(s, safe="")`: everything but `A-Za-z0-9_.-~` is escaped.
 pub(crate) const QUOTE_ALL: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
@@ -146,7 +149,7 @@ impl fmt::Debug for HubClient {
 impl HubClient {
     pub fn new(settings: HubSettings) -> Result<Self, AdapterError> {
         check_endpoint(&settings.endpoint)?;
-        let http = RetryingClient::new(settings.policy.clone())?;
+        let http = RetryingClient::new(HF_ADAPTER, settings.policy.clone())?;
         let same_origin_only = reqwest::redirect::Policy::custom(|attempt| {
             let follow = attempt
                 .previous()
@@ -158,7 +161,8 @@ impl HubClient {
                 attempt.stop()
             }
         });
-        let probe = RetryingClient::with_redirect_policy(settings.policy, same_origin_only)?;
+        let probe =
+            RetryingClient::with_redirect_policy(HF_ADAPTER, settings.policy, same_origin_only)?;
         Ok(Self {
             base: settings.endpoint.as_str().trim_end_matches('/').to_owned(),
             endpoint: settings.endpoint,

@@ -23,7 +23,11 @@ use url::Url;
 
 use super::{excerpt, parse_space, HubClient, RepoId};
 use crate::error::AdapterError;
-use crate::http::{is_retryable_status, server_requested_wait, HttpPolicy};
+use crate::http::{
+    count_retry, is_retryable_status, retry_reason, server_requested_wait, HttpPolicy,
+};
+
+use super::HF_ADAPTER;
 
 /// The fields of the Hub's SpaceRuntime JSON we use (§1.2).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,7 +135,9 @@ pub(crate) async fn restart_space(
     let policy = client.http.policy().clone();
     let mut attempt: u32 = 0;
     loop {
-        let (failure, ambiguous, server_wait) = match send_once(client, Method::POST, &url).await {
+        let (failure, ambiguous, server_wait, reason) = match send_once(client, Method::POST, &url)
+            .await
+        {
             Ok(response) if response.status().is_success() => {
                 // The body is the new runtime; it is informative only, so a
                 // body we cannot parse does not turn a success into a failure.
@@ -176,15 +182,16 @@ pub(crate) async fn restart_space(
                     .trim_end_matches(" (gave up retrying)")
                     .to_owned();
                 // 408/429: refused before acting. 5xx: it may have acted.
-                (failure, status.is_server_error(), wait)
+                let reason = retry_reason(status, status == reqwest::StatusCode::TOO_MANY_REQUESTS);
+                (failure, status.is_server_error(), wait, reason)
             }
             Err(e) => {
-                let kind = if e.is_timeout() {
-                    "timed out"
+                let (kind, reason) = if e.is_timeout() {
+                    ("timed out", "timeout")
                 } else if e.is_connect() {
-                    "connection failed"
+                    ("connection failed", "connect")
                 } else {
-                    "request failed"
+                    ("request failed", "transport")
                 };
                 if attempt >= policy.max_retries {
                     return Err(PortError::Transient(format!(
@@ -193,7 +200,7 @@ pub(crate) async fn restart_space(
                     )));
                 }
                 // A connection that never opened cannot have restarted anything.
-                (format!("{what}: {kind}"), !e.is_connect(), None)
+                (format!("{what}: {kind}"), !e.is_connect(), None, reason)
             }
         };
         if ambiguous {
@@ -221,6 +228,7 @@ pub(crate) async fn restart_space(
         }
         let delay = server_wait.unwrap_or_else(|| backoff(&policy, attempt));
         warn!(space = %space, failure = %failure, attempt = attempt + 1, delay_ms = delay.as_millis() as u64, "retrying the Space restart");
+        count_retry(HF_ADAPTER, reason);
         tokio::time::sleep(delay).await;
         attempt += 1;
     }

@@ -47,10 +47,11 @@ impl Arg {
 /// arguments each one takes).
 pub(super) struct LockSql {
     /// Take a free, expired or own lock with `token + 1` (a first insert is
-    /// token 1); `RETURNING token`, no row when refused.
+    /// token 1); `RETURNING token, previous_owner` (the owner the row had
+    /// before: see `locks::acquired`), no row when refused.
     pub(super) acquire: &'static str,
     /// Take the lock from one dead holder (`owner` and `token` as read):
-    /// `RETURNING token`, no row when it changed hands meanwhile.
+    /// `RETURNING token, previous_owner`, no row when it changed hands meanwhile.
     pub(super) take: &'static str,
     /// `owner, token, expires_at, live` of the label's lock row.
     pub(super) row: &'static str,

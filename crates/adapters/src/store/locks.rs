@@ -10,6 +10,12 @@
 //! lock taken) sets `token = token + 1` in the statement that takes it and
 //! returns it (`RETURNING token`): the [`Fence`] of that holder.
 //!
+//! **Takeovers.** The same statement sets `previous_owner` to the owner the
+//! row had (SET expressions read the old row), so an acquisition whose
+//! previous owner is neither `''` (released) nor the acquirer took over a
+//! lock its holder never released ([`LockOutcome::Acquired`]'s
+//! `taken_over_from`), without an extra statement.
+//!
 //! **Fenced writes.** Journal, cursor and lease writes, renewals and
 //! releases apply only if the row still has exactly `(label, owner, token)`
 //! and is unexpired, checked in the same statement (SQLite) or transaction
@@ -161,13 +167,17 @@ fn acquired<R: StoreRow>(
     owner: &LockOwner,
     taken: &R,
 ) -> Result<LockOutcome, StoreError> {
-    Ok(LockOutcome::Acquired(Fence {
-        owner: owner.clone(),
-        token: i64_to_u64(
-            taken.int("token")?,
-            &format!("token of the lock of {label}"),
-        )?,
-    }))
+    let previous = taken.text("previous_owner")?;
+    Ok(LockOutcome::Acquired {
+        fence: Fence {
+            owner: owner.clone(),
+            token: i64_to_u64(
+                taken.int("token")?,
+                &format!("token of the lock of {label}"),
+            )?,
+        },
+        taken_over_from: (!previous.is_empty() && previous != owner.0).then_some(previous),
+    })
 }
 
 /// `RunStore::renew_lock`: `false` unless exactly this lock was extended.
@@ -302,7 +312,7 @@ mod tests {
         .await
         .unwrap()
         {
-            LockOutcome::Acquired(fence) => fence,
+            LockOutcome::Acquired { fence, .. } => fence,
             busy => panic!("{busy:?}"),
         };
         let token = i64::try_from(held.token).unwrap();

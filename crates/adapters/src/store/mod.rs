@@ -597,6 +597,11 @@ const SQLITE_MIGRATIONS: Embedded = Embedded(&[
         "pending gates",
         include_str!("../../migrations/sqlite/0012_pending_gates.sql"),
     ),
+    (
+        14,
+        "lock takeovers",
+        include_str!("../../migrations/sqlite/0014_lock_previous_owner.sql"),
+    ),
 ]);
 
 const POSTGRES_MIGRATIONS: Embedded = Embedded(&[
@@ -644,6 +649,11 @@ const POSTGRES_MIGRATIONS: Embedded = Embedded(&[
         11,
         "pending gates",
         include_str!("../../migrations/postgres/0011_pending_gates.sql"),
+    ),
+    (
+        13,
+        "lock takeovers",
+        include_str!("../../migrations/postgres/0013_lock_previous_owner.sql"),
     ),
 ]);
 

@@ -82,14 +82,15 @@ const LOCKS: LockSql = LockSql {
     acquire: "INSERT INTO locks (label, owner, expires_at, token)
               VALUES ($1, $2, now() + make_interval(secs => $3), 1)
               ON CONFLICT (label) DO UPDATE SET
-                 owner = excluded.owner, expires_at = excluded.expires_at, token = locks.token + 1
+                 previous_owner = locks.owner, owner = excluded.owner,
+                 expires_at = excluded.expires_at, token = locks.token + 1
               WHERE locks.expires_at <= now() OR locks.owner = excluded.owner
-              RETURNING token",
+              RETURNING token, previous_owner",
     // [label, owner, dead owner, dead token, ttl]
-    take: "UPDATE locks SET owner = $2, expires_at = now() + make_interval(secs => $5),
-                            token = token + 1
+    take: "UPDATE locks SET previous_owner = owner, owner = $2,
+                            expires_at = now() + make_interval(secs => $5), token = token + 1
            WHERE label = $1 AND owner = $3 AND token = $4
-           RETURNING token",
+           RETURNING token, previous_owner",
     // [label]
     row: "SELECT owner, token, expires_at, expires_at > now() AS live FROM locks WHERE label = $1",
     // [label, owner, token, ttl]
@@ -332,7 +333,7 @@ mod tests {
         );
         let dept = Label::new("dept").unwrap();
         let ttl = Duration::from_millis(500);
-        let LockOutcome::Acquired(fence) =
+        let LockOutcome::Acquired { fence, .. } =
             locks::try_lock(store.as_ref(), &dept, &LockOwner("a".into()), ttl)
                 .await
                 .unwrap()
@@ -358,9 +359,14 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(!takeover.is_finished(), "the takeover did not wait");
         tx.commit().await.unwrap();
-        let LockOutcome::Acquired(taken) = takeover.await.unwrap() else {
+        let LockOutcome::Acquired {
+            fence: taken,
+            taken_over_from,
+        } = takeover.await.unwrap()
+        else {
             panic!("the expired lock is free once the write committed");
         };
         assert_eq!(taken.token, fence.token + 1);
+        assert_eq!(taken_over_from.as_deref(), Some("a"));
     }
 }

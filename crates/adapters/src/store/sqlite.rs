@@ -104,13 +104,14 @@ const LOCKS: LockSql = LockSql {
     // [label, owner, now, expiry]
     acquire: "INSERT INTO locks (label, owner, expires_at, token) VALUES ($1, $2, $4, 1)
               ON CONFLICT (label) DO UPDATE SET
-                 owner = excluded.owner, expires_at = excluded.expires_at, token = locks.token + 1
+                 previous_owner = locks.owner, owner = excluded.owner,
+                 expires_at = excluded.expires_at, token = locks.token + 1
               WHERE locks.expires_at <= $3 OR locks.owner = excluded.owner
-              RETURNING token",
+              RETURNING token, previous_owner",
     // [label, owner, dead owner, dead token, now, expiry]
-    take: "UPDATE locks SET owner = $2, expires_at = $6, token = token + 1
+    take: "UPDATE locks SET previous_owner = owner, owner = $2, expires_at = $6, token = token + 1
            WHERE label = $1 AND owner = $3 AND token = $4
-           RETURNING token",
+           RETURNING token, previous_owner",
     // [label, now]
     row: "SELECT owner, token, expires_at, expires_at > $2 AS live FROM locks WHERE label = $1",
     // [label, owner, token, now, expiry]

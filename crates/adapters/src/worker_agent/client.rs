@@ -180,7 +180,8 @@ impl ServerClient {
         // appended (see `url`), never resolved against the root.
         let path = base.path().trim_end_matches('/').to_owned();
         base.set_path(&path);
-        let http = RetryingClient::new(policy).map_err(|e| AgentError::Config(e.to_string()))?;
+        let http = RetryingClient::new("retrain-server", policy)
+            .map_err(|e| AgentError::Config(e.to_string()))?;
         Ok(Self { base, token, http })
     }
 

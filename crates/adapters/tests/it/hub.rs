@@ -672,6 +672,13 @@ async fn a_restart_answered_5xx_is_reposted_only_when_the_space_shows_no_restart
     )
     .mount(&server)
     .await;
+    let resent = || {
+        retrain_adapters::http::retries()
+            .into_iter()
+            .find(|r| (r.adapter, r.reason) == ("hf", "http_5xx"))
+            .map_or(0, |r| r.count)
+    };
+    let before = resent();
     let calls = restart_prep(&server).await;
     assert_eq!(
         calls,
@@ -681,6 +688,9 @@ async fn a_restart_answered_5xx_is_reposted_only_when_the_space_shows_no_restart
             "POST /api/spaces/owner/prep/restart"
         ]
     );
+    // Counted for `retrain_http_retries_total` (process-wide: other tests
+    // may add to it meanwhile).
+    assert!(resent() > before);
 }
 
 #[tokio::test]

@@ -62,15 +62,31 @@ fn now() -> DateTime<Utc> {
 
 const LONG: Duration = Duration::from_secs(60);
 
-/// Take `name`'s lock for `owner`, which must succeed.
-async fn acquire(store: &dyn RunStore, name: &str, owner: &LockOwner, ttl: Duration) -> Fence {
+/// Take `name`'s lock for `owner`, which must succeed; also returns the
+/// owner it was taken over from, if any.
+async fn acquire_from(
+    store: &dyn RunStore,
+    name: &str,
+    owner: &LockOwner,
+    ttl: Duration,
+) -> (Fence, Option<String>) {
     match store.try_lock(&label(name), owner, ttl).await.unwrap() {
-        LockOutcome::Acquired(fence) => {
+        LockOutcome::Acquired {
+            fence,
+            taken_over_from,
+        } => {
             assert_eq!(&fence.owner, owner);
-            fence
+            (fence, taken_over_from)
         }
         busy => panic!("{owner} could not lock {name}: {busy:?}"),
     }
+}
+
+/// Take `name`'s lock for `owner`, which must succeed and take over nobody.
+async fn acquire(store: &dyn RunStore, name: &str, owner: &LockOwner, ttl: Duration) -> Fence {
+    let (fence, taken_over_from) = acquire_from(store, name, owner, ttl).await;
+    assert_eq!(taken_over_from, None, "{owner} locking {name}");
+    fence
 }
 
 /// Take `name`'s lock for the test driver (a new token every time).
@@ -609,7 +625,10 @@ pub async fn locks_are_exclusive_renewable_and_expire(store: Arc<dyn RunStore>) 
     assert_eq!(store.lock_holder(&dept).await.unwrap(), None);
     // An expired lock is not renewed, even before anyone takes it.
     assert!(!store.renew_lock(&dept, &fa, LONG).await.unwrap());
-    acquire(store.as_ref(), "dept", &b, LONG).await;
+    // `a` never released it: `b` took it over (`acquire` asserts that the
+    // re-entrant, released and fresh acquisitions above took over nobody).
+    let (_, taken_over_from) = acquire_from(store.as_ref(), "dept", &b, LONG).await;
+    assert_eq!(taken_over_from.as_deref(), Some("a"));
     assert!(!store.renew_lock(&dept, &fa, LONG).await.unwrap());
     assert_eq!(
         store.lock_holder(&dept).await.unwrap().as_deref(),
@@ -701,21 +720,16 @@ pub async fn tokens_grow_with_every_acquisition(store: Arc<dyn RunStore>) {
     );
     // Takeover after expiry.
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let fb = acquire(store, "dept", &b, LONG).await;
+    let (fb, taken_over_from) = acquire_from(store, "dept", &b, LONG).await;
+    assert_eq!(taken_over_from.as_deref(), Some("a"));
     tokens.push(fb.token);
     // Takeover from a dead holder.
     store.release_lock(&label("dept"), &fb).await.unwrap();
-    tokens.push(
-        acquire(
-            store,
-            "dept",
-            &LockOwner::for_process("retrain", &dead_process()),
-            LONG,
-        )
-        .await
-        .token,
-    );
-    tokens.push(acquire(store, "dept", &live_owner(), LONG).await.token);
+    let dead = LockOwner::for_process("retrain", &dead_process());
+    tokens.push(acquire(store, "dept", &dead, LONG).await.token);
+    let (live, taken_over_from) = acquire_from(store, "dept", &live_owner(), LONG).await;
+    assert_eq!(taken_over_from.as_deref(), Some(dead.0.as_str()));
+    tokens.push(live.token);
     assert!(
         tokens.windows(2).all(|w| w[0] < w[1]),
         "tokens must strictly increase: {tokens:?}"
@@ -746,7 +760,8 @@ pub async fn stale_fences_write_nothing_after_expiry_and_takeover(store: Arc<dyn
     tokio::time::sleep(Duration::from_millis(2000)).await;
     assert_stale_fence_writes_nothing(store, &run, &fa, "nobody").await;
     // `b` takes the label over; `a` wakes up and tries to go on.
-    let fb = acquire(store, "dept", &b, LONG).await;
+    let (fb, taken_over_from) = acquire_from(store, "dept", &b, LONG).await;
+    assert_eq!(taken_over_from.as_deref(), Some("a"));
     assert!(fb.token > fa.token);
     assert_stale_fence_writes_nothing(store, &run, &fa, "b").await;
     // The new holder goes on where the journal stands.
@@ -857,7 +872,13 @@ pub async fn concurrent_lockers_get_one_winner_per_round(store: Arc<dyn RunStore
         let mut busy = Vec::new();
         for task in tasks {
             match task.await.unwrap() {
-                LockOutcome::Acquired(fence) => winners.push(fence),
+                LockOutcome::Acquired {
+                    fence,
+                    taken_over_from,
+                } => {
+                    assert_eq!(taken_over_from, None, "the lock was released");
+                    winners.push(fence);
+                }
                 LockOutcome::Busy { owner, .. } => busy.push(owner),
             }
         }
@@ -894,7 +915,12 @@ pub async fn dead_holders_of_this_host_are_taken_over_at_once(store: Arc<dyn Run
         .collect();
     let mut winners = Vec::new();
     for task in tasks {
-        if let LockOutcome::Acquired(fence) = task.await.unwrap() {
+        if let LockOutcome::Acquired {
+            fence,
+            taken_over_from,
+        } = task.await.unwrap()
+        {
+            assert_eq!(taken_over_from.as_deref(), Some(dead.0.as_str()));
             winners.push(fence);
         }
     }

@@ -22,6 +22,7 @@
 //!    concurrent triggers of one label in one process cannot both pass it.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -56,6 +57,9 @@ pub(super) struct HeldLocks {
     /// Labels whose lock a task of this engine is taking (store call in
     /// flight); always locked *after* `inner`.
     acquiring: Mutex<HashSet<Label>>,
+    /// Locks this engine took over from another owner (see
+    /// `LockOutcome::Acquired::taken_over_from`), for `retrain_lock_takeovers_total`.
+    takeovers: AtomicU64,
 }
 
 /// A reservation of a label while its lock is being taken; dropped (also
@@ -200,7 +204,19 @@ impl Engine {
             .try_lock(label, &self.settings.owner, self.settings.lock_ttl)
             .await?
         {
-            LockOutcome::Acquired(fence) => {
+            LockOutcome::Acquired {
+                fence,
+                taken_over_from,
+            } => {
+                if let Some(previous) = taken_over_from {
+                    self.locks.takeovers.fetch_add(1, Ordering::Relaxed);
+                    warn!(
+                        %label,
+                        %previous,
+                        "took over the label's lock: its previous holder never released it \
+                         (it expired or its process is gone); its unfinished run is resumed"
+                    );
+                }
                 let lost =
                     self.locks
                         .insert(label.clone(), fence.clone(), sent + self.settings.lock_ttl);
@@ -211,6 +227,12 @@ impl Engine {
                 Ok(Acquired::Busy(owner))
             }
         }
+    }
+
+    /// How many locks this engine has taken over from another owner that
+    /// never released them (a crashed, killed or partitioned orchestrator).
+    pub fn lock_takeovers(&self) -> u64 {
+        self.locks.takeovers.load(Ordering::Relaxed)
     }
 
     /// Unregister and release `label`'s lock (a no-op in the store if it was

@@ -154,6 +154,16 @@ async fn a_holder_that_cannot_renew_stops_before_its_next_side_effect() {
         "the job was adopted, not restarted"
     );
     assert_eq!(get(&world.counters.promotes), 1);
+    assert_eq!(next.lock_takeovers(), 1, "the stale holder never released");
+    assert_eq!(stale.lock_takeovers(), 0);
+
+    // A lock released at the end of a run is free: taking it again is no
+    // takeover, neither for its last holder nor for another engine.
+    cycle(&next).await;
+    assert_eq!(next.lock_takeovers(), 1);
+    let third = engine_as(&store, &world, &["department"], "third", ttl, 1);
+    cycle(&third).await;
+    assert_eq!(third.lock_takeovers(), 0);
 }
 
 /// Finding 2: a holder paused past its TTL (no heartbeat at all) whose lock

@@ -218,15 +218,19 @@ impl RunStore for MemStore {
                 expires_at: entry.1,
             });
         }
+        let previous = std::mem::take(&mut entry.0);
         *entry = (
             owner.0.clone(),
             now + chrono::Duration::from_std(ttl).unwrap(),
             entry.2 + 1,
         );
-        Ok(LockOutcome::Acquired(Fence {
-            owner: owner.clone(),
-            token: entry.2,
-        }))
+        Ok(LockOutcome::Acquired {
+            fence: Fence {
+                owner: owner.clone(),
+                token: entry.2,
+            },
+            taken_over_from: (!previous.is_empty() && previous != owner.0).then_some(previous),
+        })
     }
     async fn renew_lock(
         &self,

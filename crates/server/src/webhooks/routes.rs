@@ -241,6 +241,10 @@ pub async fn metrics(
     let workers = state.jobs.queue.workers().await?;
     let queue = state.jobs.queue.queue().await?;
     state.metrics.set_workers(&workers, &queue);
+    state.metrics.set_counted_elsewhere(
+        state.engine.lock_takeovers(),
+        &retrain_adapters::http::retries(),
+    );
     let text = state.metrics.render(&leases, chrono::Utc::now());
     Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }

@@ -685,3 +685,51 @@ async fn http_cycles_and_their_runs_are_counted_in_metrics() {
     );
     app.shutdown().await.unwrap();
 }
+
+/// A label whose lock was left by an orchestrator that crashed (never
+/// released, expired) is taken over by the next trigger, and the takeover
+/// is counted; a released lock is not a takeover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_left_by_a_crashed_orchestrator_is_counted_as_a_takeover() {
+    use retrain_core::domain::{Label, LockOutcome, LockOwner};
+    let workspace = crate::support::Workspace::new(&Store::Sqlite);
+    let store = workspace.store().await;
+    let crashed = store
+        .try_lock(
+            &Label::new("intent").unwrap(),
+            &LockOwner("crashed-orchestrator".into()),
+            Duration::from_millis(1),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(crashed, LockOutcome::Acquired { .. }));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let app = crate::support::spawn_in(&workspace).await;
+    finished_cycle(&app).await;
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("retrain_lock_takeovers_total 1\n"),
+        "one takeover (intent), none for urgency:\n{text}"
+    );
+    // A second cycle finds both locks released.
+    finished_cycle(&app).await;
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("retrain_lock_takeovers_total 1\n"), "{text}");
+    app.shutdown().await.unwrap();
+}
