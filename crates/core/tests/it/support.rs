@@ -45,7 +45,8 @@ pub struct MemStore {
     writes: Arc<AtomicUsize>,
     /// Lock expiry follows tokio's (possibly paused) clock.
     clock: Arc<TokioClock>,
-    /// While set, lock renewals fail (a store outage seen by one holder).
+    /// While set, lock renewals and releases fail (a store outage seen by
+    /// one holder).
     pub renewals_fail: Arc<AtomicBool>,
     /// How long each lock renewal takes (a loaded store); zero by default.
     pub renew_latency: Arc<Mutex<Duration>>,
@@ -268,6 +269,10 @@ impl RunStore for MemStore {
     }
     async fn release_lock(&self, label: &Label, fence: &Fence) -> Result<(), StoreError> {
         self.check()?;
+        // A holder cut off from the store cannot release either.
+        if self.renewals_fail.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("simulated outage".into()));
+        }
         let mut d = self.data.lock().unwrap();
         if let Some(lock) = d.locks.get_mut(label) {
             if lock.0 == fence.owner.0 && lock.2 == fence.token {
