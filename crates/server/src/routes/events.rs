@@ -246,13 +246,14 @@ impl Reader {
             self.queue
                 .worker_events_after(self.position, label.as_deref(), PAGE),
         )?;
-        let mut upto = end;
-        if lines.len() >= PAGE as usize {
-            upto = upto.min(lines.last().map_or(end, |l| l.position));
-        }
-        if worker_events.len() >= PAGE as usize {
-            upto = upto.min(worker_events.last().map_or(end, |e| e.position));
-        }
+        let upto = read_upto(
+            end,
+            PAGE as usize,
+            &[
+                lines.iter().map(|l| l.position).collect(),
+                worker_events.iter().map(|e| e.position).collect(),
+            ],
+        );
         let mut items: Vec<Item> = lines
             .iter()
             .filter(|line| line.position <= upto)
@@ -274,5 +275,35 @@ impl Reader {
         self.ready.extend(items);
         self.position = upto;
         Ok(true)
+    }
+}
+
+/// How far one read of several sources may advance: to the journal's `end`
+/// read before them, but not past the last position of a page that came
+/// back full (`page` long), whose source may hold more below `end`.
+fn read_upto(end: u64, page: usize, pages: &[Vec<u64>]) -> u64 {
+    pages
+        .iter()
+        .filter(|positions| positions.len() >= page)
+        .filter_map(|positions| positions.last().copied())
+        .fold(end, u64::min)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_upto;
+
+    #[test]
+    fn a_read_advances_to_the_end_unless_a_page_is_full() {
+        // Neither page full: everything up to the end was read.
+        assert_eq!(read_upto(9, 3, &[vec![1, 4], vec![2]]), 9);
+        // A full page stops the read at its last position, even when the
+        // other source went further.
+        assert_eq!(read_upto(9, 3, &[vec![1, 2, 3], vec![4, 5]]), 3);
+        assert_eq!(read_upto(9, 2, &[vec![1, 3, 5], vec![2, 4]]), 4);
+        // Two full pages: the smaller end.
+        assert_eq!(read_upto(20, 2, &[vec![7, 8], vec![5, 6]]), 6);
+        // Nothing read: the end (all of it was filtered or empty).
+        assert_eq!(read_upto(9, 3, &[vec![], vec![]]), 9);
     }
 }
