@@ -571,8 +571,10 @@ pub trait RunStore: Send + Sync {
         ))
     }
 
-    /// The position of the last journal line (0: empty journal); a stream
-    /// starting "now" reads after it.
+    /// The last position handed out (0: none yet); a stream starting
+    /// "now" reads after it. A store whose other event tables share the
+    /// journal's counter (the SQL stores' worker events) answers the last
+    /// position of any of them, so every position up to it is committed.
     async fn journal_end(&self) -> Result<u64, StoreError> {
         Err(StoreError::Unavailable(
             "this run store keeps no journal positions".into(),

@@ -141,7 +141,7 @@ impl Metrics {
         let worker_events = Family::<Labels, Counter>::default();
         registry.register(
             "worker_events",
-            "Worker and job events (worker.registered|stale|removed, job.assigned|finished|failed|requeued|lost); not journal lines",
+            "Worker and job events made by this process (worker.registered|stale|removed, job.assigned|finished|failed|requeued|lost)",
             worker_events.clone(),
         );
         let lock_takeovers = Counter::default();

@@ -396,8 +396,11 @@ pub(super) const SELECT_JOURNAL_AFTER: &str =
      WHERE t.position > $1 AND (CAST($2 AS TEXT) IS NULL OR r.label = $2)
      ORDER BY t.position LIMIT $3";
 
-pub(super) const SELECT_JOURNAL_END: &str =
-    "SELECT COALESCE(MAX(position), 0) AS position FROM transitions";
+/// The last position of the journal's counter: journal lines and worker
+/// events share it (migrations sqlite `0013` / postgres `0012`).
+pub(super) const SELECT_JOURNAL_END: &str = "SELECT COALESCE(MAX(position), 0) AS position FROM (
+        SELECT MAX(position) AS position FROM transitions
+        UNION ALL SELECT MAX(position) FROM worker_events) ends";
 
 /// `$1` key, `$2` fingerprint, `$3` now; one row affected: claimed.
 pub(super) const CLAIM_REQUEST: &str =

@@ -352,6 +352,44 @@ pub struct StaleSweep {
     pub lost_jobs: Vec<String>,
 }
 
+/// The types of [`WorkerEvent`]s, as the triggers of migrations sqlite
+/// `0013` / postgres `0012` write them.
+pub const WORKER_EVENT_TYPES: &[&str] = &[
+    "worker.registered",
+    "worker.stale",
+    "worker.removed",
+    "job.queued",
+    "job.assigned",
+    "job.finished",
+    "job.failed",
+    "job.requeued",
+    "job.lost",
+];
+
+/// One change of a worker or a job, recorded in the transaction that made
+/// it (table `worker_events`). Its position comes from the journal's
+/// counter: journal lines and worker events interleave in commit order.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WorkerEvent {
+    /// The journal position (the SSE `id`).
+    #[serde(rename = "id")]
+    pub position: u64,
+    /// One of [`WORKER_EVENT_TYPES`].
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// When the store recorded it (the database's clock on Postgres).
+    pub at: DateTime<Utc>,
+    pub worker_id: Option<String>,
+    /// `job_key`, `run_id` and `label` are set on `job.*` events only.
+    pub job_key: Option<String>,
+    pub run_id: Option<String>,
+    pub label: Option<String>,
+    /// A few facts: the worker's name and resources, the job's attempt,
+    /// resource request, candidate or failure reason. Never a token or the
+    /// job's env values.
+    pub detail: serde_json::Value,
+}
+
 /// The durable job queue and worker registry (see the module docs).
 #[async_trait]
 pub trait JobQueue: Send + Sync + std::fmt::Debug {
@@ -441,6 +479,17 @@ pub trait JobQueue: Send + Sync + std::fmt::Debug {
 
     /// Delete the stale workers; their ids.
     async fn remove_stale(&self) -> Result<Vec<String>, StoreError>;
+
+    /// Up to `limit` worker events with a position greater than `after`
+    /// (only `label`'s job events, if given: worker events have no label),
+    /// in position order. Positions are assigned in commit order, as
+    /// journal positions are (`RunStore::journal_after`).
+    async fn worker_events_after(
+        &self,
+        after: u64,
+        label: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<WorkerEvent>, StoreError>;
 }
 
 // ---- SQL (shared by both dialects) ----
@@ -558,6 +607,13 @@ const LOSE_JOBS_OF_STALE: &str = "UPDATE remote_jobs SET state = 'lost', finishe
 
 const DELETE_STALE: &str = "DELETE FROM remote_workers WHERE state = 'stale' RETURNING worker_id";
 
+/// `$1` the position to read after, `$2` an optional label, `$3` the limit.
+const SELECT_WORKER_EVENTS_AFTER: &str =
+    "SELECT position, at, type AS kind, worker_id, job_key, run_id, label, detail
+     FROM worker_events
+     WHERE position > $1 AND (CAST($2 AS TEXT) IS NULL OR label = $2)
+     ORDER BY position LIMIT $3";
+
 fn to_json<T: Serialize>(value: &T, what: &str) -> Result<serde_json::Value, StoreError> {
     serde_json::to_value(value)
         .map_err(|e| StoreError::Corrupt(format!("{what} cannot be encoded: {e}")))
@@ -624,6 +680,21 @@ fn worker_of<R: StoreRow>(row: &R) -> Result<Worker, StoreError> {
         registered_at: row.time("registered_at", &what("registered_at"))?,
         last_heartbeat_at: row.time("last_heartbeat_at", &what("last_heartbeat_at"))?,
         worker_id,
+    })
+}
+
+fn worker_event_of<R: StoreRow>(row: &R) -> Result<WorkerEvent, StoreError> {
+    let position = row.int("position")?;
+    let what = |column: &str| format!("{column} of worker event {position}");
+    Ok(WorkerEvent {
+        position: super::i64_to_u64(position, "worker event position")?,
+        kind: row.text("kind")?,
+        at: row.time("at", &what("at"))?,
+        worker_id: row.opt_text("worker_id")?,
+        job_key: row.opt_text("job_key")?,
+        run_id: row.opt_text("run_id")?,
+        label: row.opt_text("label")?,
+        detail: json(row, "detail", &what("detail"))?,
     })
 }
 
@@ -1049,5 +1120,31 @@ impl<B: Backend> JobQueue for SqlRunStore<B> {
             .await
             .map_err(|e| b.error("removing stale workers", e))?;
         keys(&rows, "worker_id")
+    }
+
+    async fn worker_events_after(
+        &self,
+        after: u64,
+        label: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<WorkerEvent>, StoreError> {
+        let b = &self.0;
+        let args = vec![
+            Arg::Int(super::u64_to_i64(after, "worker event position")?),
+            Arg::OptText(label.map(str::to_owned)),
+            Arg::Int(i64::from(limit)),
+        ];
+        b.pool()
+            .fetch_all(SELECT_WORKER_EVENTS_AFTER, args)
+            .await
+            .map_err(|e| {
+                b.error(
+                    &format!("reading the worker events after position {after}"),
+                    e,
+                )
+            })?
+            .iter()
+            .map(worker_event_of)
+            .collect()
     }
 }

@@ -62,7 +62,7 @@ pub use deliveries::{Delivery, DeliveryLog, DeliveryQuery, NewDelivery, Recorded
 pub use jobs::{
     format_size, log_tail, new_worker_id, JobQueue, JobReport, JobState, Lease as JobLease, NewJob,
     NewWorker, RemoteJob, RemoteJobSpec, Reported, ResourceRequest, Resources, StaleSweep, Worker,
-    WorkerState, LOG_TAIL_BYTES,
+    WorkerEvent, WorkerState, LOG_TAIL_BYTES, WORKER_EVENT_TYPES,
 };
 pub use pending_gates::{PendingGate, PendingGates};
 
@@ -598,6 +598,11 @@ const SQLITE_MIGRATIONS: Embedded = Embedded(&[
         include_str!("../../migrations/sqlite/0012_pending_gates.sql"),
     ),
     (
+        13,
+        "worker and job events",
+        include_str!("../../migrations/sqlite/0013_worker_events.sql"),
+    ),
+    (
         14,
         "lock takeovers",
         include_str!("../../migrations/sqlite/0014_lock_previous_owner.sql"),
@@ -649,6 +654,11 @@ const POSTGRES_MIGRATIONS: Embedded = Embedded(&[
         11,
         "pending gates",
         include_str!("../../migrations/postgres/0011_pending_gates.sql"),
+    ),
+    (
+        12,
+        "worker and job events",
+        include_str!("../../migrations/postgres/0012_worker_events.sql"),
     ),
     (
         13,

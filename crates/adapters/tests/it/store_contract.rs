@@ -2110,7 +2110,7 @@ mod jobs {
     use chrono::{DateTime, Duration as Span, SubsecRound, Utc};
     use retrain_adapters::store::{
         open_stores, JobLease, JobQueue, JobReport, JobState, NewJob, NewWorker, RemoteJobSpec,
-        Reported, ResourceRequest, Resources, WorkerState, LOG_TAIL_BYTES,
+        Reported, ResourceRequest, Resources, Stores, WorkerState, LOG_TAIL_BYTES,
     };
     use retrain_core::domain::Candidate;
 
@@ -2588,6 +2588,314 @@ mod jobs {
             }
         };
     }
+
+    // ---- Worker events (table `worker_events`): written by the queue's
+    // changes, positioned on the journal's counter ----
+
+    /// The types of the worker events after `after`, in position order.
+    async fn kinds_after(queue: &dyn JobQueue, after: u64) -> Vec<String> {
+        queue
+            .worker_events_after(after, None, 1000)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect()
+    }
+
+    /// The last position of either table.
+    async fn end(stores: &Stores) -> u64 {
+        stores.runs.journal_end().await.unwrap()
+    }
+
+    /// Every change of the queue writes one event in its transaction, none
+    /// when nothing changed (idempotent repeats, lost compare-and-sets);
+    /// positions share the journal's counter (they interleave with journal
+    /// lines, gap-free and strictly increasing); reads honour position,
+    /// label and limit; `journal_end` covers both tables.
+    pub async fn queue_changes_are_events_on_the_journals_positions(stores: Stores) {
+        let queue = stores.jobs.as_ref();
+        assert_eq!(
+            queue.worker_events_after(0, None, 100).await.unwrap(),
+            vec![]
+        );
+        assert_eq!(end(&stores).await, 0);
+
+        queue.register_worker(&worker("w1", 1, &[])).await.unwrap();
+        assert_eq!(end(&stores).await, 1, "the registration is position 1");
+        // A journal run between worker events.
+        let fence = super::lock(stores.runs.as_ref(), "dept").await;
+        super::drive(stores.runs.as_ref(), &fence, "dept", None, None).await;
+        let after_run = end(&stores).await;
+        assert!(after_run > 2, "the run journaled several lines");
+
+        queue
+            .enqueue(&job("r1/train/1", "a", Some(1)))
+            .await
+            .unwrap();
+        queue
+            .enqueue(&job("r1/train/1", "a", Some(1)))
+            .await
+            .unwrap();
+        assert_eq!(assigned(queue, "w1").await, "r1/train/1");
+        assert!(matches!(
+            queue.lease("w1", now()).await.unwrap(),
+            JobLease::Busy { .. }
+        ));
+        let finished = JobReport::Finished(candidate("c1"));
+        for _ in 0..2 {
+            queue
+                .report("r1/train/1", Some("w1"), &finished, now())
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            kinds_after(queue, 0).await,
+            [
+                "worker.registered",
+                "job.queued",
+                "job.assigned",
+                "job.finished"
+            ],
+            "one event per change, none for the repeats"
+        );
+
+        // A drain cancel gives the job back; another worker takes it and
+        // goes stale: its `stale` comes before its job's `lost`.
+        let mark = end(&stores).await;
+        queue.enqueue(&job("r2/train/1", "b", None)).await.unwrap();
+        assert_eq!(assigned(queue, "w1").await, "r2/train/1");
+        queue
+            .report("r2/train/1", Some("w1"), &JobReport::Cancelled, now())
+            .await
+            .unwrap();
+        queue.register_worker(&worker("w2", 0, &[])).await.unwrap();
+        assert_eq!(assigned(queue, "w2").await, "r2/train/1");
+        let long_ago = now() - Span::seconds(120);
+        queue
+            .heartbeat("w2", WorkerState::Running, Some("r2/train/1"), long_ago)
+            .await
+            .unwrap();
+        for _ in 0..2 {
+            queue
+                .mark_stale(now() - Span::seconds(60), now())
+                .await
+                .unwrap();
+        }
+        // A queued job cancelled (its queue timeout) fails.
+        queue.enqueue(&job("r3/train/1", "a", None)).await.unwrap();
+        queue
+            .cancel("r3/train/1", "no worker fits", now())
+            .await
+            .unwrap();
+        // Cleanup removes the stale worker; w1 deregisters (once).
+        assert_eq!(queue.remove_stale().await.unwrap(), vec!["w2".to_owned()]);
+        assert!(queue.deregister_worker("w1").await.unwrap());
+        assert!(!queue.deregister_worker("w1").await.unwrap());
+        assert_eq!(
+            queue
+                .heartbeat("w1", WorkerState::Idle, None, now())
+                .await
+                .unwrap(),
+            None
+        );
+        let events = queue.worker_events_after(mark, None, 1000).await.unwrap();
+        let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "job.queued",
+                "job.assigned",
+                "job.requeued",
+                "worker.registered",
+                "job.assigned",
+                "worker.stale",
+                "job.lost",
+                "job.queued",
+                "job.failed",
+                "worker.removed",
+                "worker.removed",
+            ]
+        );
+        let requeued = &events[2];
+        assert_eq!(
+            requeued.worker_id.as_deref(),
+            Some("w1"),
+            "the worker it left"
+        );
+        assert_eq!(requeued.job_key.as_deref(), Some("r2/train/1"));
+        assert_eq!(requeued.run_id.as_deref(), Some("r2"));
+        assert_eq!(requeued.label.as_deref(), Some("b"));
+        assert_eq!(events[5].worker_id.as_deref(), Some("w2"));
+        assert_eq!(events[5].label, None, "worker events have no label");
+        assert_eq!(events[6].worker_id.as_deref(), Some("w2"));
+        assert!(
+            events[6].detail["reason"].as_str().unwrap().contains("w2"),
+            "{:?}",
+            events[6].detail
+        );
+        assert_eq!(events[8].detail["reason"], "no worker fits");
+        assert_eq!(events[9].detail["reason"], "stale");
+        assert_eq!(events[10].detail["reason"], "deregistered");
+
+        // The details: facts, never the job's env values.
+        let all = queue.worker_events_after(0, None, 1000).await.unwrap();
+        assert_eq!(all[0].detail["name"], "w1-name");
+        assert_eq!(all[0].detail["resources"]["gpus"], 1);
+        assert_eq!(all[1].detail["attempt"], 1);
+        assert_eq!(all[1].detail["request"]["gpus"], 1);
+        assert_eq!(all[3].detail["candidate"], "c1");
+        assert_eq!(all[3].worker_id.as_deref(), Some("w1"));
+        for event in &all {
+            assert!(!event.detail.to_string().contains("EPOCHS"), "{event:?}");
+            assert!(
+                (now() - event.at).num_seconds().abs() < 60,
+                "{event:?} has no recent time"
+            );
+        }
+
+        // One counter: worker events and journal lines together are exactly
+        // 1..=end, each position once, and they interleave.
+        let lines = stores.runs.journal_after(0, None, 1000).await.unwrap();
+        let mut positions: Vec<u64> = lines
+            .iter()
+            .map(|l| l.position)
+            .chain(all.iter().map(|e| e.position))
+            .collect();
+        assert!(all.windows(2).all(|w| w[0].position < w[1].position));
+        positions.sort_unstable();
+        let end = end(&stores).await;
+        assert_eq!(positions, (1..=end).collect::<Vec<_>>());
+        assert_eq!(end, all.last().unwrap().position, "journal_end covers both");
+        assert_eq!(all[0].position, 1);
+        assert!(lines
+            .iter()
+            .all(|l| l.position > 1 && l.position < all[1].position));
+
+        // Paging, resuming and the label filter.
+        assert_eq!(
+            queue.worker_events_after(0, None, 2).await.unwrap(),
+            all[..2]
+        );
+        assert_eq!(
+            queue
+                .worker_events_after(all[4].position, None, 1000)
+                .await
+                .unwrap(),
+            all[5..]
+        );
+        let only_a = queue.worker_events_after(0, Some("a"), 1000).await.unwrap();
+        let expected: Vec<_> = all
+            .iter()
+            .filter(|e| e.label.as_deref() == Some("a"))
+            .cloned()
+            .collect();
+        assert_eq!(only_a, expected);
+        assert_eq!(
+            only_a.len(),
+            5,
+            "r1: queued, assigned, finished; r3: queued, failed: {only_a:?}"
+        );
+    }
+
+    /// Journal writers and queue changes at once still get distinct,
+    /// gap-free positions (and on Postgres, a sweep moving several jobs
+    /// does not deadlock with reports on them).
+    pub async fn concurrent_queue_and_journal_writers_share_one_counter(stores: Stores) {
+        let mut tasks = Vec::new();
+        for name in ["a", "b"] {
+            let runs = stores.runs.clone();
+            tasks.push(tokio::spawn(async move {
+                let fence = super::lock(runs.as_ref(), name).await;
+                super::drive(runs.as_ref(), &fence, name, None, None).await;
+            }));
+        }
+        for n in 0..8 {
+            let queue = stores.jobs.clone();
+            tasks.push(tokio::spawn(async move {
+                let id = format!("w{n}");
+                queue.register_worker(&worker(&id, 0, &[])).await.unwrap();
+                let key = format!("r{n}/train/1");
+                queue.enqueue(&job(&key, "a", None)).await.unwrap();
+                if let JobLease::Assigned(job) = queue.lease(&id, now()).await.unwrap() {
+                    let report = JobReport::Finished(candidate("c"));
+                    queue
+                        .report(&job.job_key, Some(&id), &report, now())
+                        .await
+                        .unwrap();
+                }
+            }));
+        }
+        tasks.push({
+            let queue = stores.jobs.clone();
+            tokio::spawn(async move {
+                for _ in 0..5 {
+                    queue
+                        .mark_stale(now() + Span::seconds(1), now())
+                        .await
+                        .unwrap();
+                }
+            })
+        });
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let lines = stores.runs.journal_after(0, None, 10_000).await.unwrap();
+        let events = stores
+            .jobs
+            .worker_events_after(0, None, 10_000)
+            .await
+            .unwrap();
+        let registered = events
+            .iter()
+            .filter(|e| e.kind == "worker.registered")
+            .count();
+        assert_eq!(registered, 8);
+        assert_eq!(events.iter().filter(|e| e.kind == "job.queued").count(), 8);
+        let mut positions: Vec<u64> = lines
+            .iter()
+            .map(|l| l.position)
+            .chain(events.iter().map(|e| e.position))
+            .collect();
+        positions.sort_unstable();
+        let end = stores.runs.journal_end().await.unwrap();
+        assert_eq!(positions, (1..=end).collect::<Vec<_>>());
+    }
+
+    async fn sqlite_stores() -> (tempfile::TempDir, Stores) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/state.db", dir.path().display());
+        (dir, open_stores(&url, Default::default()).await.unwrap())
+    }
+
+    macro_rules! event_contract {
+        ($($name:ident),* $(,)?) => {
+            mod events_sqlite {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $name() {
+                        let (_dir, stores) = super::sqlite_stores().await;
+                        super::$name(stores).await;
+                    }
+                )*
+            }
+            mod events_postgres {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $name() {
+                        let Some(url) = crate::pg::fresh_database().await else { return };
+                        let stores = super::open_stores(&url, Default::default()).await.unwrap();
+                        super::$name(stores).await;
+                    }
+                )*
+            }
+        };
+    }
+
+    event_contract!(
+        queue_changes_are_events_on_the_journals_positions,
+        concurrent_queue_and_journal_writers_share_one_counter,
+    );
 
     job_contract!(
         enqueueing_a_key_twice_keeps_one_row,

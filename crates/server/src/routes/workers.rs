@@ -10,10 +10,13 @@
 //! `[server] worker_ttl` is marked stale (its job lost) by [`sweep_stale`],
 //! every `worker_ttl / 4`, on every replica (the sweep is idempotent).
 //!
-//! Worker and job events are not journal lines (the journal is per run):
-//! they are logged with `tracing` and counted in `retrain_worker_events`;
-//! the run's own events (`training.started|finished|lost`) stay on the
-//! stream.
+//! Worker and job events (`worker.registered|stale|removed`,
+//! `job.queued|assigned|finished|failed|requeued|lost`) are written by the
+//! store in the transaction of the change they report, with positions from
+//! the journal's counter, and sent on `GET /v1/events` between the runs'
+//! own events (see `routes/events.rs`). Here they are also logged with
+//! `tracing` and counted in `retrain_worker_events`, once, by the process
+//! that made the change.
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::support::{spawn_in, Store, TestApp, Workspace, ADMIN, READER, WORKER};
+use crate::support::{spawn_in, Sse, SseClient, Store, TestApp, Workspace, ADMIN, READER, WORKER};
 
 /// One `gpu` label trained by workers; workers go stale after 2 s.
 fn workspace(store: &Store) -> Workspace {
@@ -600,6 +600,159 @@ async fn a_job_enqueued_by_one_replica_is_leased_from_another(store: Store) {
     driver.shutdown().await.unwrap();
 }
 
+/// The kinds of `events`, keeping only worker and job events.
+fn worker_kinds(events: &[Sse]) -> Vec<&str> {
+    events
+        .iter()
+        .map(|e| e.event.as_str())
+        .filter(|kind| kind.starts_with("worker.") || kind.starts_with("job."))
+        .collect()
+}
+
+fn index_of(events: &[Sse], kind: &str, key: &str, value: &str) -> usize {
+    events
+        .iter()
+        .position(|e| e.event == kind && e.data[key] == value)
+        .unwrap_or_else(|| panic!("no {kind} with {key} = {value} in {events:?}"))
+}
+
+/// Worker and job events on `GET /v1/events`, between the run's own events,
+/// with ids from one counter: a worker goes stale mid-job, its job is lost
+/// and retried on another worker. Resuming with `Last-Event-ID` gives
+/// exactly the rest; `?types=` and `?label=` filter them.
+async fn worker_and_job_events_are_on_the_stream(store: Store) {
+    let workspace = workspace(&store);
+    let app = spawn_in(&workspace).await;
+    let mut all = SseClient::open(&app, "", None).await;
+    let mut stale_only = SseClient::open(&app, "?types=worker.stale,job.lost", None).await;
+    let mut gpu_only = SseClient::open(&app, "?label=gpu", None).await;
+    let lives = register(&app, "lives", 1).await;
+    let alive = keep_alive(&app, &lives);
+    let dies = register(&app, "dies", 1).await;
+    let run_id = trigger_gpu(&app).await;
+    let first = lease_job(&app, &dies).await;
+    // `dies` sends no heartbeat: stale after worker_ttl, its job lost, the
+    // engine enqueues attempt 2.
+    let second = lease_job(&app, &lives).await;
+    assert_eq!(second["attempt"], 2);
+    assert_eq!(
+        post_result(&app, &run_id, &success(&second, &lives, 0.9))
+            .await
+            .status(),
+        200
+    );
+    let events = all.until(&run_id, "run.finished").await;
+    let ids: Vec<u64> = events.iter().map(|e| e.id).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    assert_eq!(
+        worker_kinds(&events),
+        [
+            "worker.registered",
+            "worker.registered",
+            "job.queued",
+            "job.assigned",
+            "worker.stale",
+            "job.lost",
+            "job.queued",
+            "job.assigned",
+            "job.finished",
+        ],
+        "{events:?}"
+    );
+    let (first_key, second_key) = (
+        first["job_key"].as_str().unwrap(),
+        second["job_key"].as_str().unwrap(),
+    );
+    // Interleaved with the run's events in the order things happened.
+    let at = |kind: &str, key: &str, value: &str| index_of(&events, kind, key, value);
+    assert!(at("worker.registered", "worker_id", &dies) < at("run.started", "run_id", &run_id));
+    assert!(at("job.queued", "job_key", first_key) < at("training.lost", "run_id", &run_id));
+    assert!(at("job.lost", "job_key", first_key) < at("training.lost", "run_id", &run_id));
+    assert!(at("job.finished", "job_key", second_key) < at("training.finished", "run_id", &run_id));
+    let lost = &events[at("job.lost", "job_key", first_key)];
+    assert_eq!(lost.data["type"], "job.lost");
+    assert_eq!(lost.data["worker_id"], dies.as_str());
+    assert_eq!(lost.data["run_id"], run_id.as_str());
+    assert_eq!(lost.data["label"], "gpu");
+    assert_eq!(lost.data["detail"]["attempt"], 1);
+    let finished = &events[at("job.finished", "job_key", second_key)];
+    assert_eq!(finished.data["worker_id"], lives.as_str());
+    assert_eq!(finished.data["detail"]["candidate"], "cand-gpu");
+    let registered = &events[at("worker.registered", "worker_id", &lives)];
+    assert_eq!(registered.data["detail"]["name"], "lives");
+    assert_eq!(registered.data["label"], Value::Null);
+    for event in &events {
+        assert!(!event.data.to_string().contains("EPOCHS"), "{event:?}");
+        assert!(!event.data.to_string().contains(WORKER), "{event:?}");
+    }
+
+    // Resuming in the middle gives exactly the rest.
+    let middle = at("job.lost", "job_key", first_key);
+    let mut resumed = SseClient::open(&app, "", Some(events[middle].id)).await;
+    assert_eq!(
+        resumed.until(&run_id, "run.finished").await,
+        events[middle + 1..].to_vec()
+    );
+
+    // `?types=`: the stale worker and its lost job, nothing else.
+    let filtered = [
+        stale_only.next().await.unwrap(),
+        stale_only.next().await.unwrap(),
+    ];
+    assert_eq!(filtered[0], events[at("worker.stale", "worker_id", &dies)]);
+    assert_eq!(filtered[1], events[middle]);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(600), stale_only.next())
+            .await
+            .is_err(),
+        "only worker.stale and job.lost pass"
+    );
+    // `?label=`: the label's run and job events, no worker events.
+    let expected: Vec<Sse> = events
+        .iter()
+        .filter(|e| e.data["label"] == "gpu")
+        .cloned()
+        .collect();
+    assert!(expected.iter().any(|e| e.event == "job.finished"));
+    assert_eq!(gpu_only.until(&run_id, "run.finished").await, expected);
+
+    // Deregistering is one more event.
+    alive.abort();
+    let response = app
+        .client
+        .delete(app.url(&format!("/v1/workers/{lives}")))
+        .bearer_auth(WORKER)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204);
+    let removed = all.next().await.unwrap();
+    assert_eq!(removed.event, "worker.removed");
+    assert_eq!(removed.data["worker_id"], lives.as_str());
+    assert_eq!(removed.data["detail"]["reason"], "deregistered");
+    assert!(removed.id > ids[ids.len() - 1]);
+    app.shutdown().await.unwrap();
+}
+
+/// A worker registering with one replica shows on another replica's
+/// stream (Postgres: LISTEN/NOTIFY; SQLite: its poll).
+async fn a_replicas_worker_events_reach_the_other_stream(store: Store) {
+    let workspace = workspace(&store);
+    let (one, two) = tokio::join!(spawn_in(&workspace), spawn_in(&workspace));
+    let mut stream = SseClient::open(&one, "?types=worker.registered,worker.removed", None).await;
+    let far = register(&two, "far", 0).await;
+    let event = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("the other replica's event within 10 s")
+        .unwrap();
+    assert_eq!(event.event, "worker.registered");
+    assert_eq!(event.data["worker_id"], far.as_str());
+    assert_eq!(event.data["detail"]["name"], "far");
+    let (stopped_one, stopped_two) = tokio::join!(one.shutdown(), two.shutdown());
+    stopped_one.unwrap();
+    stopped_two.unwrap();
+}
+
 macro_rules! on_both_stores {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -627,6 +780,8 @@ on_both_stores!(
     a_stale_workers_job_is_retried_on_another,
     a_drained_job_goes_back_to_the_queue,
     a_job_enqueued_by_one_replica_is_leased_from_another,
+    worker_and_job_events_are_on_the_stream,
+    a_replicas_worker_events_reach_the_other_stream,
 );
 
 /// The real agent (`retrain worker`'s library) against the real server: a
