@@ -33,7 +33,7 @@ impl Interrupt {
             handler.code.store(code, Ordering::SeqCst);
             handler.token.cancel();
             let code = signals.next().await;
-            tracing::warn!(code, "interrupted a second time: stopping now");
+            tracing::warn!(code, "interrupted a second time");
             handler.force_code.store(code, Ordering::SeqCst);
             handler.force.cancel();
         });
