@@ -846,6 +846,59 @@ impl Trainer for CommandTrainer {
     }
 }
 
+/// Stop every trainer job recorded under `state_dir` (its
+/// `jobs/*.job.json`) that still runs, with the same proof of ownership as
+/// [`Trainer::cancel`]: what a process killed with `kill -9` left running
+/// in its own process group, when nothing will ever await it (the `retrain
+/// worker` agent, whose jobs are re-queued elsewhere once it is gone).
+/// Returns the keys of the jobs it stopped; unreadable records are skipped
+/// with a warning.
+pub async fn stop_recorded_jobs(state_dir: &Path) -> Vec<String> {
+    let dir = absolute(state_dir.to_path_buf()).join("jobs");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut stopped = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Some(stem) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".job.json"))
+        else {
+            continue;
+        };
+        let record = match read_record::<JobRecord>(&path) {
+            Ok(Some(record)) => record,
+            Ok(None) => continue,
+            Err(e) => {
+                warn!(error = %e, "leftover job record not read");
+                continue;
+            }
+        };
+        let found = match &record.job {
+            Some(job) => stop_job(job, &job.trainer_marker()).await,
+            // A claim without a pid: find the job by its environment.
+            None => {
+                let result = dir.join(format!("{stem}.result.json"));
+                let marker = format!("RETRAIN_RESULT={}", result.to_string_lossy());
+                match find_job(&marker).pgid {
+                    Some(pgid) => {
+                        stop_group(pgid).await;
+                        true
+                    }
+                    None => false,
+                }
+            }
+        };
+        if found {
+            warn!(key = %record.key, "stopped a job left running by an earlier process");
+            stopped.push(record.key);
+        }
+    }
+    stopped
+}
+
 /// The prepare job started (or adopted) by [`CommandSpace::restart`].
 struct PrepareJob {
     /// The restart intent this job runs for.

@@ -7,8 +7,8 @@ use anyhow::Context;
 use retrain_adapters::http::HttpPolicy;
 use retrain_adapters::settings::parse_duration;
 use retrain_adapters::worker_agent::{
-    resources, AgentConfig, ResourceOverrides, ServerClient, WorkerAgent, DEFAULT_LEASE_WAIT_SECS,
-    TOKEN_VAR,
+    resources, AgentConfig, AgentError, ResourceOverrides, ServerClient, WorkerAgent,
+    DEFAULT_LEASE_WAIT_SECS, TOKEN_VAR,
 };
 use secrecy::SecretString;
 use serde_json::{json, Value};
@@ -79,10 +79,22 @@ pub async fn worker(args: &WorkerArgs, interrupt: Interrupt) -> Result<u8, Failu
         labels = ?config.labels,
         "starting the worker agent"
     );
-    agent
-        .run(interrupt.token())
+    match agent
+        .run_until(interrupt.token(), interrupt.force_token())
         .await
-        .context("the worker agent stopped")?;
+    {
+        Ok(()) => {}
+        Err(e @ AgentError::WorkDirInUse(_)) => return Err(config_failure(e)),
+        Err(e) => {
+            return Err(anyhow::Error::new(e)
+                .context("the worker agent stopped")
+                .into())
+        }
+    }
+    // A second signal cut the drain short: the job (if any) was killed.
+    if let Some(code) = interrupt.forced_exit_code() {
+        return Ok(code);
+    }
     // Drained on a signal (or never started): a clean stop either way.
     Ok(exit::OK)
 }

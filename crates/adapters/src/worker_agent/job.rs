@@ -16,7 +16,7 @@ use sha2::Digest;
 use tracing::{info, warn};
 
 use super::client::{Job, ResultAnswer};
-use super::{AgentError, Session};
+use super::{forced_wait, AgentError, Session, FORCED_REQUEST_WAIT};
 use crate::command::{CommandSpec, CommandTrainer};
 use crate::scrub::Scrubber;
 
@@ -47,6 +47,9 @@ pub enum JobEnd {
     DrainCancelled,
     /// Its end could not be delivered (the server stayed unreachable).
     Undelivered,
+    /// A forced stop (second signal): killed, reported `cancelled` if the
+    /// server answered in time.
+    Forced,
 }
 
 /// What a finished job reports.
@@ -65,6 +68,8 @@ pub(super) struct JobRunner {
     pub scrubber: Scrubber,
     pub hidden_env: Vec<String>,
     pub drain_timeout: Duration,
+    /// Fires on a forced stop: kill the job now, wait for nothing.
+    pub force: CancellationToken,
 }
 
 impl JobRunner {
@@ -192,6 +197,7 @@ impl JobRunner {
             Outcome(Result<TrainingOutcome, retrain_core::ports::PortError>),
             ServerCancel,
             DrainTimeout,
+            Forced,
         }
         let drain_timeout = self.drain_timeout;
         let drain_deadline = async {
@@ -204,11 +210,12 @@ impl JobRunner {
             outcome = &mut wait => Ended::Outcome(outcome),
             _ = cancel.cancelled() => Ended::ServerCancel,
             _ = drain_deadline => Ended::DrainTimeout,
+            _ = self.force.cancelled() => Ended::Forced,
         };
         // The wait holds the child; let go of it before killing the group.
         drop(wait);
         let report = match &ended {
-            Ended::ServerCancel | Ended::DrainTimeout => {
+            Ended::ServerCancel | Ended::DrainTimeout | Ended::Forced => {
                 if let Err(e) = trainer.cancel(&handle).await {
                     warn!(job_key = %job.job_key, error = %e, "stopping the job failed");
                 }
@@ -237,12 +244,7 @@ impl JobRunner {
             }
             (Ended::DrainTimeout, _) => {
                 warn!(job_key = %job.job_key, "draining took longer than --drain-timeout; the job was stopped and is handed back");
-                let body = serde_json::json!({
-                    "job_key": job.job_key,
-                    "worker_id": self.session.worker_id().unwrap_or_default(),
-                    "cancelled": true,
-                });
-                match self.post_result(job, body.to_string()).await {
+                match self.post_cancelled(job).await {
                     Ok(_) => JobEnd::DrainCancelled,
                     Err(e) => {
                         warn!(job_key = %job.job_key, error = %e, "the cancellation could not be reported; the server will declare the job lost");
@@ -250,11 +252,24 @@ impl JobRunner {
                     }
                 }
             }
+            (Ended::Forced, _) => {
+                warn!(job_key = %job.job_key, "forced to stop: the job was stopped and is handed back");
+                if let Err(e) = self.post_cancelled(job).await {
+                    warn!(job_key = %job.job_key, error = %e, "the cancellation could not be reported; the server will declare the job lost");
+                }
+                JobEnd::Forced
+            }
             (Ended::Outcome(_), Some(report)) => {
                 let success = matches!(report, Report::Success(_));
                 let end = self.deliver(job, report).await;
                 if success && end == JobEnd::Reported {
-                    upload_artifacts(&self.session, job, &dir.join("artifacts")).await;
+                    let artifacts = dir.join("artifacts");
+                    tokio::select! {
+                        () = upload_artifacts(&self.session, job, &artifacts) => {}
+                        () = self.force.cancelled() => {
+                            warn!(job_key = %job.job_key, "forced to stop: the job's artifacts were not all uploaded");
+                        }
+                    }
                 }
                 end
             }
@@ -311,21 +326,41 @@ impl JobRunner {
         }
     }
 
+    /// Report `job` cancelled: the server re-queues it without using an
+    /// attempt.
+    async fn post_cancelled(&self, job: &Job) -> Result<ResultAnswer, AgentError> {
+        let body = serde_json::json!({
+            "job_key": job.job_key,
+            "worker_id": self.session.worker_id().unwrap_or_default(),
+            "cancelled": true,
+        });
+        self.post_result(job, body.to_string()).await
+    }
+
     /// Post a result body, retrying transport failures and server errors
-    /// for up to [`RESULT_PATIENCE`] (a server restart must not lose it).
+    /// for up to [`RESULT_PATIENCE`] (a server restart must not lose it);
+    /// after a forced stop, for [`FORCED_REQUEST_WAIT`] at most.
     async fn post_result(&self, job: &Job, body: String) -> Result<ResultAnswer, AgentError> {
+        let forced_out = || {
+            AgentError::Transport(format!(
+                "forced to stop before the server answered (waited {}s)",
+                FORCED_REQUEST_WAIT.as_secs()
+            ))
+        };
         let started = tokio::time::Instant::now();
         let mut delay = Duration::from_secs(1);
         loop {
-            match self
-                .session
-                .client
-                .post_result(&job.results_url, body.clone())
-                .await
-            {
+            let answer = tokio::select! {
+                answer = self.session.client.post_result(&job.results_url, body.clone()) => answer,
+                _ = forced_wait(&self.force) => return Err(forced_out()),
+            };
+            match answer {
                 Err(e) if e.is_retryable() && started.elapsed() < RESULT_PATIENCE => {
                     warn!(job_key = %job.job_key, error = %e, retry_in_secs = delay.as_secs(), "reporting the job's result failed; retrying");
-                    tokio::time::sleep(delay).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = forced_wait(&self.force) => return Err(forced_out()),
+                    }
                     delay = (delay * 2).min(Duration::from_secs(30));
                 }
                 answer => return answer,

@@ -18,7 +18,13 @@
 //! **Draining** (the cancellation token given to [`WorkerAgent::run`],
 //! SIGTERM/SIGINT in the CLI): no new lease; the running job finishes, or
 //! after `drain_timeout` is killed and reported `cancelled` (re-queued, no
-//! attempt used); then the worker deregisters.
+//! attempt used); then the worker deregisters. A second signal (the `force`
+//! token of [`WorkerAgent::run_until`]) stops the job at once.
+//!
+//! **Leftovers.** A job runs in its own process group, so it outlives an
+//! agent killed with `kill -9`. The agent locks its work directory and, at
+//! start, stops the jobs recorded there (their state files name the
+//! process group) before it registers.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -69,6 +75,11 @@ pub enum AgentError {
     /// A local file of a job could not be read.
     #[error("{0}")]
     Job(String),
+    /// Another agent holds the lock of `--work-dir`.
+    #[error(
+        "another retrain worker uses the work directory {0} (--work-dir); give each worker its own"
+    )]
+    WorkDirInUse(String),
 }
 
 impl AgentError {
@@ -271,15 +282,41 @@ impl WorkerAgent {
 
     /// Serve until `drain` fires and the running job (if any) is done,
     /// then deregister. `Err` only for what retrying cannot fix (a refused
-    /// token, a bad server URL).
+    /// token, a bad server URL, a work directory in use).
     pub async fn run(self, drain: CancellationToken) -> Result<(), AgentError> {
+        self.run_until(drain, CancellationToken::new()).await
+    }
+
+    /// [`WorkerAgent::run`], and when `force` fires (a second signal while
+    /// draining) stop now: the running job's process group is stopped, the
+    /// job reported `cancelled` if the server answers within
+    /// [`FORCED_REQUEST_WAIT`], the worker deregistered likewise.
+    pub async fn run_until(
+        self,
+        drain: CancellationToken,
+        force: CancellationToken,
+    ) -> Result<(), AgentError> {
         let Self { config, client } = self;
+        // A forced stop drains too (no new lease) when it comes first.
+        let draining = force.child_token();
+        let _relay = AbortOnDrop(tokio::spawn({
+            let draining = draining.clone();
+            async move {
+                drain.cancelled().await;
+                draining.cancel();
+            }
+        }));
+        let drain = draining;
         std::fs::create_dir_all(config.work_dir.join("jobs")).map_err(|e| {
             AgentError::Config(format!(
                 "cannot create the work directory {}: {e}",
                 config.work_dir.display()
             ))
         })?;
+        // Held until we return: the leftover jobs below are ours to stop
+        // only if no other agent works in this directory.
+        let _lock = lock_work_dir(&config.work_dir)?;
+        stop_leftover_jobs(&config.work_dir.join("jobs")).await;
         let session = Arc::new(Session {
             client,
             registration: Registration {
@@ -305,22 +342,96 @@ impl WorkerAgent {
             scrubber: Scrubber::new([config.token.clone()]),
             hidden_env: config.hidden_env.clone(),
             drain_timeout: config.drain_timeout,
+            force: force.clone(),
         };
         let served = lease_loop(&session, &runner, config.lease_wait_secs, &drain).await;
         stopped.cancel();
         let _ = heartbeat.await;
         if let Some(id) = session.worker_id() {
-            match session.client.deregister(&id).await {
-                Ok(()) => info!(worker_id = %id, "deregistered"),
-                Err(e) if e.is_status(404) => {
+            let deregistered = tokio::select! {
+                done = session.client.deregister(&id) => Some(done),
+                _ = forced_wait(&force) => None,
+            };
+            match deregistered {
+                Some(Ok(())) => info!(worker_id = %id, "deregistered"),
+                Some(Err(e)) if e.is_status(404) => {
                     info!(worker_id = %id, "already unknown to the server")
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     warn!(worker_id = %id, error = %e, "deregistration failed; the server will mark this worker stale")
+                }
+                None => {
+                    warn!(worker_id = %id, "stopping without deregistering; the server will mark this worker stale")
                 }
             }
         }
         served
+    }
+}
+
+/// A task that ends with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// How long a request may still take once a forced stop was asked for.
+pub const FORCED_REQUEST_WAIT: Duration = Duration::from_secs(5);
+
+/// Completes [`FORCED_REQUEST_WAIT`] after `force` fired (never before).
+pub(crate) async fn forced_wait(force: &CancellationToken) {
+    force.cancelled().await;
+    tokio::time::sleep(FORCED_REQUEST_WAIT).await;
+}
+
+/// The name of the lock file in the work directory.
+const LOCK_FILE: &str = "agent.lock";
+
+/// Lock `work_dir` for this agent (an advisory lock the kernel drops when
+/// the process dies, however it dies), or say which directory is in use.
+fn lock_work_dir(work_dir: &std::path::Path) -> Result<std::fs::File, AgentError> {
+    let path = work_dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| AgentError::Config(format!("cannot open {}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Err(AgentError::WorkDirInUse(work_dir.display().to_string()))
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(AgentError::Config(format!(
+            "cannot lock {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+/// Stop the jobs an earlier agent in this work directory left running
+/// (killed with `kill -9`, or crashed: a job runs in its own process group
+/// and outlives the agent), and remove their directories. Nothing will
+/// report them: the server declared them lost once the old agent stopped
+/// heartbeating, and re-queued them.
+async fn stop_leftover_jobs(jobs_dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(jobs_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        if !dir.is_dir() {
+            continue;
+        }
+        for key in crate::command::stop_recorded_jobs(&dir.join("state")).await {
+            warn!(job_key = %key, "stopped a job an earlier agent left running; the server re-queued it");
+        }
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            warn!(dir = %dir.display(), error = %e, "could not remove a leftover job directory");
+        }
     }
 }
 

@@ -1178,3 +1178,58 @@ async fn log_notifier_accepts_reports() {
     LogNotifier::new().notify(&report).await.unwrap();
     assert_eq!(LogNotifier.describe(), "log");
 }
+
+/// What a process killed with `kill -9` left running (a job in its own
+/// group, with a background child) is stopped from the job records alone;
+/// a finished job's record and a missing directory stop nothing.
+#[tokio::test]
+async fn jobs_left_running_are_stopped_from_their_records() {
+    use retrain_adapters::command::stop_recorded_jobs;
+
+    let state = tempfile::tempdir().unwrap();
+    let background = state.path().join("background.pid");
+    let script = format!("sleep 300 & echo $! > '{}'; wait", background.display());
+    let left = request("run-left", 1, None);
+    let handle = {
+        let first = CommandTrainer::new(sh(&script), state.path().to_path_buf()).unwrap();
+        first.start(&left).await.unwrap()
+        // Dropped without waiting or cancelling, as in a `kill -9`.
+    };
+    let finished = request("run-finished", 1, None);
+    {
+        let script = r#"printf '{"candidate":"c","metrics":{"dice":0.9}}' > "$RETRAIN_RESULT""#;
+        let trainer = CommandTrainer::new(sh(script), state.path().to_path_buf()).unwrap();
+        let done = trainer.start(&finished).await.unwrap();
+        trainer.wait(&finished, &done).await.unwrap();
+    }
+    let leader = handle_pid(&handle);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let child: u32 = loop {
+        if let Some(pid) = std::fs::read_to_string(&background)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            break pid;
+        }
+        assert!(std::time::Instant::now() < deadline, "no background child");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(running(leader) && running(child));
+
+    let stopped = stop_recorded_jobs(state.path()).await;
+    assert_eq!(stopped, vec![left.job_key.to_string()]);
+    assert!(!running(leader), "the job's leader survived");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while running(child) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job's background child survived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(stop_recorded_jobs(state.path()).await, Vec::<String>::new());
+    assert_eq!(
+        stop_recorded_jobs(&state.path().join("absent")).await,
+        Vec::<String>::new()
+    );
+}

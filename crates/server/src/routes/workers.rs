@@ -761,9 +761,16 @@ async fn sweep_once(state: &AppState) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Mark stale workers every `worker_ttl / 4` until shutdown.
+/// Mark stale workers every `worker_ttl / 4` until shutdown, the first
+/// time one `worker_ttl` after start: while no server listened, the workers
+/// could not heartbeat, and a restart that took longer than `worker_ttl`
+/// must not make every running job a lost attempt.
 pub async fn sweep_stale(state: AppState, shutdown: CancellationToken) {
     let every = state.settings.server.worker_ttl / 4;
+    tokio::select! {
+        () = shutdown.cancelled() => return,
+        () = tokio::time::sleep(state.settings.server.worker_ttl.saturating_sub(every)) => {}
+    }
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,

@@ -1,10 +1,10 @@
 //! The `retrain-server` binary: configuration errors exit 2 naming the key;
 //! SIGTERM during a training exits 0 within `shutdown_timeout`.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::processes::ServerProcess;
 use crate::support::{Store, Workspace};
 
 fn server(workspace: &Workspace) -> Command {
@@ -37,61 +37,24 @@ fn bad_server_settings_exit_2_naming_the_key() {
     assert!(stderr.contains("ADMIN_TOKEN"), "{stderr}");
 }
 
-#[test]
-fn sigterm_during_a_training_exits_0_in_time() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_training_exits_0_in_time() {
     let workspace = Workspace::new(&Store::Sqlite);
     workspace.slow("intent", 60);
-    let mut child = server(&workspace)
-        .envs(Workspace::env())
-        .env("RETRAIN_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("addr=").nth(1) {
-                let _ = addr_tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
-            }
-        }
-    });
-    let addr = addr_rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("no listening line");
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let response = reqwest::Client::new()
-            .post(format!("http://{addr}/v1/runs"))
-            .bearer_auth(crate::support::TRIGGER)
-            .json(&serde_json::json!({"labels": ["intent"]}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 202);
-    });
+    let mut server = ServerProcess::start(&workspace).await;
+    server.app.trigger(&["intent"]).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while workspace.starts("intent") == 0 {
         assert!(Instant::now() < deadline, "training never started");
-        std::thread::sleep(Duration::from_millis(20));
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let began = Instant::now();
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            began.elapsed() < Duration::from_secs(10),
-            "still running after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = server.terminate().await;
+    assert!(
+        began.elapsed() < Duration::from_secs(10),
+        "still running {:?} after SIGTERM",
+        began.elapsed()
+    );
     assert_eq!(status.code(), Some(0));
 }
 

@@ -236,6 +236,17 @@ pub async fn spawn_app(store: Store) -> (Workspace, TestApp) {
 }
 
 impl TestApp {
+    /// A client of a server running elsewhere (a `retrain-server` process):
+    /// the helpers below work, [`TestApp::shutdown`] does not apply.
+    pub fn at(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            client: reqwest::Client::new(),
+            stop: None,
+            served: None,
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
@@ -289,7 +300,10 @@ impl TestApp {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        let served = self.served.take().unwrap();
+        let served = self
+            .served
+            .take()
+            .expect("shutdown applies to an app of spawn_in, not to TestApp::at");
         tokio::time::timeout(Duration::from_secs(30), served)
             .await
             .expect("the server did not stop within 30 s")
