@@ -2,7 +2,9 @@
 //! different machines, share one database. Lock expiry is computed and
 //! compared with the database's `now()`, never with a client clock. Fenced
 //! writes run in a transaction that first takes a `FOR SHARE` lock on the
-//! label's lock row (see [`holds`]).
+//! label's lock row (see [`HOLDS`]); journal writes are group-committed by
+//! the writer task of `group_commit.rs`, one such check for a whole batch
+//! (see [`HOLD_ALL`]).
 
 use std::time::Duration;
 
