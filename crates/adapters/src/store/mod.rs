@@ -25,6 +25,7 @@
 mod artifacts;
 mod backend;
 mod deliveries;
+mod group_commit;
 mod jobs;
 mod locks;
 mod pending_gates;

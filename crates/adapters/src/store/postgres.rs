@@ -2,14 +2,16 @@
 //! different machines, share one database. Lock expiry is computed and
 //! compared with the database's `now()`, never with a client clock. Fenced
 //! writes run in a transaction that first takes a `FOR SHARE` lock on the
-//! label's lock row (see [`holds`]).
+//! label's lock row (see [`HOLDS`]); journal writes are group-committed by
+//! the writer task of `group_commit.rs`, one such check for a whole batch
+//! (see [`HOLD_ALL`]).
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use retrain_core::domain::{Fence, Label, LabelCursor, Lease, VersionTag};
-use retrain_core::journal::Transition;
+use retrain_core::journal::{PromotionEvent, Transition};
 use retrain_core::ports::StoreError;
 use serde::de::DeserializeOwned;
 use sqlx::postgres::{PgPool, PgRow};
@@ -17,8 +19,10 @@ use sqlx::types::Json;
 use sqlx::{Postgres, Row};
 
 use super::backend::{
-    bind, fence_args, lease_args, Arg, Backend, Bind, LockSql, Query, StoreRow, UPSERT_LEASE,
+    bind, fence_args, lease_args, Arg, Backend, Bind, Columns, LockSql, Query, StoreRow,
+    UPSERT_LEASE,
 };
+use super::group_commit::{CommitBatch, GroupCommit};
 use super::{prepare_schema, u64_to_i64, RunRow, StoreOptions, POSTGRES_MIGRATIONS};
 use crate::db::DbUrl;
 use crate::AdapterError;
@@ -31,6 +35,12 @@ const MAX_CONNECTIONS: u32 = 8;
 pub(super) struct PostgresRunStore {
     pool: PgPool,
     url: DbUrl,
+    /// Journal writes go through the group-commit writer task
+    /// (`group_commit.rs`): every journal line takes the one `journal_head`
+    /// row lock until its transaction commits, so concurrent writes would
+    /// queue there one commit at a time; the writer task commits them
+    /// together instead.
+    journal: GroupCommit<JournalWrite>,
 }
 
 impl Bind for Postgres {
@@ -96,11 +106,20 @@ const LOCKS: LockSql = LockSql {
     // [label, owner, token, ttl]
     renew: "UPDATE locks SET expires_at = now() + make_interval(secs => $4)
             WHERE label = $1 AND owner = $2 AND token = $3 AND expires_at > now()",
-    // [[{label, owner, token}…], ttl]
-    renew_many: "UPDATE locks SET expires_at = now() + make_interval(secs => $2)
-                 FROM jsonb_to_recordset($1) AS held(label TEXT, owner TEXT, token BIGINT)
-                 WHERE locks.label = held.label AND locks.owner = held.owner
-                   AND locks.token = held.token AND locks.expires_at > now()
+    // [[{label, owner, token}…], ttl]. The rows are locked in label order
+    // first, as a group commit's fence check (`HOLD_ALL`) share-locks them:
+    // two statements locking the same rows in different orders could
+    // deadlock.
+    renew_many: "WITH held AS MATERIALIZED (
+                     SELECT locks.label FROM locks
+                     JOIN jsonb_to_recordset($1) AS held(label TEXT, owner TEXT, token BIGINT)
+                       ON locks.label = held.label AND locks.owner = held.owner
+                      AND locks.token = held.token
+                     WHERE locks.expires_at > now()
+                     ORDER BY locks.label
+                     FOR UPDATE OF locks)
+                 UPDATE locks SET expires_at = now() + make_interval(secs => $2)
+                 FROM held WHERE locks.label = held.label
                  RETURNING locks.label, locks.owner, locks.token",
     // [label, owner, token]
     release: "UPDATE locks SET owner = '', expires_at = 'epoch'
@@ -115,20 +134,53 @@ const HOLDS: &str = "SELECT 1 FROM locks
      WHERE label = $1 AND owner = $2 AND token = $3 AND expires_at > now()
      FOR SHARE";
 
-const UPSERT_RUN: &str =
+/// The fence check of a group commit, for all its writes in one statement:
+/// `$1..$3` the fences' labels, owners and tokens; the rows of the fences
+/// that hold. The rows are share-locked in label order, as the heartbeat's
+/// `renew_many` locks them, so the two never wait on each other in a cycle;
+/// and all before the first journal line takes the `journal_head` row lock,
+/// so a batch never waits for a lock row while holding `journal_head`.
+const HOLD_ALL: &str = "SELECT locks.label, locks.owner, locks.token
+     FROM locks
+     JOIN unnest($1::text[], $2::text[], $3::bigint[]) AS fence(label, owner, token)
+       ON locks.label = fence.label AND locks.owner = fence.owner AND locks.token = fence.token
+     WHERE locks.expires_at > now()
+     ORDER BY locks.label
+     FOR SHARE OF locks";
+
+/// The snapshots of a group commit's runs: one array per column.
+const UPSERT_RUNS: &str =
     "INSERT INTO runs (run_id, cycle_id, label, stage, outcome, done, started_at, updated_at, snapshot)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                          $6::boolean[], $7::timestamptz[], $8::timestamptz[], $9::jsonb[])
      ON CONFLICT (run_id) DO UPDATE SET
         stage = excluded.stage, outcome = excluded.outcome, done = excluded.done,
         updated_at = excluded.updated_at, snapshot = excluded.snapshot";
 
-const INSERT_TRANSITION: &str =
+/// The journal lines of a group commit, inserted in the order given (each
+/// takes the next journal position from its trigger).
+const INSERT_LINES: &str =
     "INSERT INTO transitions (run_id, seq, at, from_stage, to_stage, event, actions)
-     VALUES ($1, $2, $3, $4, $5, $6, $7)";
+     SELECT run_id, seq, at, from_stage, to_stage, event, actions
+     FROM unnest($1::text[], $2::bigint[], $3::timestamptz[], $4::text[], $5::text[],
+                 $6::jsonb[], $7::jsonb[])
+          WITH ORDINALITY AS line(run_id, seq, at, from_stage, to_stage, event, actions, n)
+     ORDER BY n";
 
-const UPSERT_CURSOR: &str =
+/// The promotion events of a group commit (`backend::INSERT_PROMOTION`,
+/// one array per column).
+const INSERT_PROMOTIONS: &str =
+    "INSERT INTO promotions (run_id, label, kind, version, previous_version, candidate_run,
+                             candidate_id, verdict, by_whom, reason, at)
+     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                          $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[])
+     ON CONFLICT (run_id) DO NOTHING";
+
+/// The cursors of a group commit: one array per column.
+const UPSERT_CURSORS: &str =
     "INSERT INTO cursors (label, watermark, consumed_version, consumed_num_samples, updated_at, rejected_version)
-     VALUES ($1, $2, $3, $4, $5, $6)
+     SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::bigint[],
+                          $5::timestamptz[], $6::text[])
      ON CONFLICT (label) DO UPDATE SET
         watermark = excluded.watermark, consumed_version = excluded.consumed_version,
         consumed_num_samples = excluded.consumed_num_samples, updated_at = excluded.updated_at,
@@ -147,7 +199,11 @@ impl PostgresRunStore {
             .postgres_pool(super::KEY, MAX_CONNECTIONS, options.read_only)
             .await?;
         prepare_schema(POSTGRES_MIGRATIONS, &url, options, &pool).await?;
-        Ok(Self { pool, url })
+        let journal = GroupCommit::spawn(PostgresJournal {
+            pool: pool.clone(),
+            url: url.clone(),
+        });
+        Ok(Self { pool, url, journal })
     }
 
     /// Close every connection.
@@ -221,81 +277,18 @@ impl Backend for PostgresRunStore {
         vec![Arg::Float(secs(ttl))]
     }
 
-    /// Run snapshot (as of the last transition) + one journal line per
-    /// transition (+ cursor) in one transaction opened by the fence check.
+    /// Converted here (bad input fails this caller alone), then queued for
+    /// the writer task; answered once its batch committed.
     async fn journal(
         &self,
         transitions: &[Transition],
         cursor: Option<&LabelCursor>,
         fence: &Fence,
     ) -> Result<bool, StoreError> {
-        let Some(last) = transitions.last() else {
-            return Ok(true);
-        };
-        let row = RunRow::of(last)?;
-        let what = format!("journaling run {} seq {}", row.run_id, row.seq);
-        let Some(mut tx) = self.begin_fenced(&last.label, fence, &what).await? else {
-            return Ok(false);
-        };
-        let run = vec![
-            Arg::text(row.run_id),
-            Arg::text(row.cycle_id),
-            Arg::text(row.label),
-            Arg::text(row.stage),
-            Arg::text(row.outcome),
-            Arg::Bool(row.done),
-            Arg::Time(row.started_at),
-            Arg::Time(last.at),
-            Arg::Json(row.snapshot),
-        ];
-        self.run_in(&mut tx, UPSERT_RUN, run, &what).await?;
-        for transition in transitions {
-            let seq = i64::try_from(transition.seq).map_err(|_| {
-                StoreError::Conflict(format!("sequence number {} is too large", transition.seq))
-            })?;
-            let line = vec![
-                Arg::text(transition.run_id.as_str()),
-                Arg::Int(seq),
-                Arg::Time(transition.at),
-                Arg::text(transition.from.as_str()),
-                Arg::text(transition.to.as_str()),
-                Arg::Json(super::to_json(&transition.event, "the event")?),
-                Arg::Json(super::to_json(&transition.actions, "the actions")?),
-            ];
-            self.run_in(&mut tx, INSERT_TRANSITION, line, &what).await?;
-            if let Some(event) = transition.promotion_event() {
-                let args = super::backend::promotion_args(&event);
-                self.run_in(&mut tx, super::backend::INSERT_PROMOTION, args, &what)
-                    .await?;
-            }
+        match JournalWrite::of(transitions, cursor, fence)? {
+            Some(write) => self.journal.submit(write).await,
+            None => Ok(true),
         }
-        if let Some(cursor) = cursor {
-            let samples = cursor
-                .consumed_num_samples
-                .map(|n| u64_to_i64(n, "consumed_num_samples"))
-                .transpose()?;
-            let args = vec![
-                Arg::text(row.label),
-                Arg::OptTime(cursor.watermark),
-                Arg::OptText(
-                    cursor
-                        .consumed_version
-                        .as_ref()
-                        .map(|v| VersionTag::as_str(v).to_owned()),
-                ),
-                Arg::OptInt(samples),
-                Arg::Time(last.at),
-                Arg::OptText(
-                    cursor
-                        .rejected_version
-                        .as_ref()
-                        .map(|v| VersionTag::as_str(v).to_owned()),
-                ),
-            ];
-            self.run_in(&mut tx, UPSERT_CURSOR, args, &what).await?;
-        }
-        tx.commit().await.map_err(|e| self.error(&what, e))?;
-        Ok(true)
     }
 
     async fn lease(&self, lease: &Lease, fence: &Fence) -> Result<bool, StoreError> {
@@ -308,6 +301,288 @@ impl Backend for PostgresRunStore {
         tx.commit().await.map_err(|e| self.error(&what, e))?;
         Ok(true)
     }
+}
+
+/// One journal write as the writer task applies it: the run's snapshot (as
+/// of its last transition), a line per transition, their promotion events
+/// and the cursor, as column values.
+struct JournalWrite {
+    /// `(label, owner, token)`: applied only while this fence holds.
+    fence: (String, String, i64),
+    run: RunValues,
+    lines: Vec<LineValues>,
+    promotions: Vec<PromotionEvent>,
+    cursor: Option<CursorValues>,
+    /// "journaling run … seq …", for its errors.
+    what: String,
+}
+
+struct RunValues {
+    run_id: String,
+    cycle_id: String,
+    label: String,
+    stage: &'static str,
+    outcome: &'static str,
+    done: bool,
+    started_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    snapshot: serde_json::Value,
+}
+
+struct LineValues {
+    run_id: String,
+    seq: i64,
+    at: DateTime<Utc>,
+    from: &'static str,
+    to: &'static str,
+    event: serde_json::Value,
+    actions: serde_json::Value,
+}
+
+struct CursorValues {
+    label: String,
+    watermark: Option<DateTime<Utc>>,
+    consumed_version: Option<String>,
+    consumed_num_samples: Option<i64>,
+    updated_at: DateTime<Utc>,
+    rejected_version: Option<String>,
+}
+
+impl JournalWrite {
+    /// `None` for no transitions (nothing to write).
+    fn of(
+        transitions: &[Transition],
+        cursor: Option<&LabelCursor>,
+        fence: &Fence,
+    ) -> Result<Option<Self>, StoreError> {
+        let Some(last) = transitions.last() else {
+            return Ok(None);
+        };
+        let row = RunRow::of(last)?;
+        let what = format!("journaling run {} seq {}", row.run_id, row.seq);
+        let run = RunValues {
+            run_id: row.run_id.to_owned(),
+            cycle_id: row.cycle_id.to_owned(),
+            label: row.label.to_owned(),
+            stage: row.stage,
+            outcome: row.outcome,
+            done: row.done,
+            started_at: row.started_at,
+            updated_at: last.at,
+            snapshot: row.snapshot,
+        };
+        let mut lines = Vec::with_capacity(transitions.len());
+        for transition in transitions {
+            lines.push(LineValues {
+                run_id: transition.run_id.as_str().to_owned(),
+                seq: i64::try_from(transition.seq).map_err(|_| {
+                    StoreError::Conflict(format!("sequence number {} is too large", transition.seq))
+                })?,
+                at: transition.at,
+                from: transition.from.as_str(),
+                to: transition.to.as_str(),
+                event: super::to_json(&transition.event, "the event")?,
+                actions: super::to_json(&transition.actions, "the actions")?,
+            });
+        }
+        let cursor = cursor
+            .map(|cursor| {
+                Ok::<_, StoreError>(CursorValues {
+                    label: run.label.clone(),
+                    watermark: cursor.watermark,
+                    consumed_version: cursor.consumed_version.as_ref().map(version),
+                    consumed_num_samples: cursor
+                        .consumed_num_samples
+                        .map(|n| u64_to_i64(n, "consumed_num_samples"))
+                        .transpose()?,
+                    updated_at: last.at,
+                    rejected_version: cursor.rejected_version.as_ref().map(version),
+                })
+            })
+            .transpose()?;
+        Ok(Some(Self {
+            fence: (
+                last.label.as_str().to_owned(),
+                fence.owner.0.clone(),
+                u64_to_i64(fence.token, "fencing token")?,
+            ),
+            run,
+            lines,
+            promotions: transitions
+                .iter()
+                .filter_map(Transition::promotion_event)
+                .collect(),
+            cursor,
+            what,
+        }))
+    }
+}
+
+fn version(v: &VersionTag) -> String {
+    v.as_str().to_owned()
+}
+
+/// Applies a batch of journal writes in one Postgres transaction: the fence
+/// check of every write in one statement, then one statement per table for
+/// the writes whose fence held, whatever their number.
+struct PostgresJournal {
+    pool: PgPool,
+    url: DbUrl,
+}
+
+#[async_trait]
+impl CommitBatch for PostgresJournal {
+    type Write = JournalWrite;
+
+    async fn commit(&self, batch: &[JournalWrite]) -> Result<Vec<bool>, StoreError> {
+        let what = match batch {
+            [one] => one.what.clone(),
+            _ => format!("journaling {} writes in one transaction", batch.len()),
+        };
+        let err = |e| super::store_error(&self.url, &what, e);
+        let mut tx = self.pool.begin().await.map_err(err)?;
+        let held = sqlx::query(HOLD_ALL)
+            .bind(batch.iter().map(|w| w.fence.0.as_str()).collect::<Vec<_>>())
+            .bind(batch.iter().map(|w| w.fence.1.as_str()).collect::<Vec<_>>())
+            .bind(batch.iter().map(|w| w.fence.2).collect::<Vec<_>>())
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(err)?
+            .iter()
+            .map(|row| Ok((row.text("label")?, row.text("owner")?, row.int("token")?)))
+            .collect::<Result<std::collections::HashSet<_>, StoreError>>()?;
+        let applied: Vec<bool> = batch.iter().map(|w| held.contains(&w.fence)).collect();
+        let writes: Vec<&JournalWrite> = batch
+            .iter()
+            .zip(&applied)
+            .filter_map(|(write, &applied)| applied.then_some(write))
+            .collect();
+        if !writes.is_empty() {
+            write_all(&mut tx, &writes).await.map_err(err)?;
+        }
+        // Also when nothing was applied: ends the share locks.
+        tx.commit().await.map_err(err)?;
+        Ok(applied)
+    }
+}
+
+/// The runs, then their lines (which reference them), promotion events and
+/// cursors of `writes`: one statement each.
+async fn write_all(tx: &mut Tx, writes: &[&JournalWrite]) -> Result<(), sqlx::Error> {
+    let runs = writes.iter().map(|w| &w.run);
+    sqlx::query(UPSERT_RUNS)
+        .bind(runs.clone().map(|r| r.run_id.as_str()).collect::<Vec<_>>())
+        .bind(
+            runs.clone()
+                .map(|r| r.cycle_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(runs.clone().map(|r| r.label.as_str()).collect::<Vec<_>>())
+        .bind(runs.clone().map(|r| r.stage).collect::<Vec<_>>())
+        .bind(runs.clone().map(|r| r.outcome).collect::<Vec<_>>())
+        .bind(runs.clone().map(|r| r.done).collect::<Vec<_>>())
+        .bind(runs.clone().map(|r| r.started_at).collect::<Vec<_>>())
+        .bind(runs.clone().map(|r| r.updated_at).collect::<Vec<_>>())
+        .bind(runs.map(|r| &r.snapshot).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+    let lines = writes.iter().flat_map(|w| &w.lines);
+    sqlx::query(INSERT_LINES)
+        .bind(lines.clone().map(|l| l.run_id.as_str()).collect::<Vec<_>>())
+        .bind(lines.clone().map(|l| l.seq).collect::<Vec<_>>())
+        .bind(lines.clone().map(|l| l.at).collect::<Vec<_>>())
+        .bind(lines.clone().map(|l| l.from).collect::<Vec<_>>())
+        .bind(lines.clone().map(|l| l.to).collect::<Vec<_>>())
+        .bind(lines.clone().map(|l| &l.event).collect::<Vec<_>>())
+        .bind(lines.map(|l| &l.actions).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+    let events: Vec<&PromotionEvent> = writes.iter().flat_map(|w| &w.promotions).collect();
+    if !events.is_empty() {
+        let events = events.iter();
+        sqlx::query(INSERT_PROMOTIONS)
+            .bind(
+                events
+                    .clone()
+                    .map(|e| e.run_id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(events.clone().map(|e| e.label.as_str()).collect::<Vec<_>>())
+            .bind(events.clone().map(|e| e.kind.as_str()).collect::<Vec<_>>())
+            .bind(
+                events
+                    .clone()
+                    .map(|e| e.version.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                events
+                    .clone()
+                    .map(|e| e.previous_version.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                events
+                    .clone()
+                    .map(|e| e.candidate_run.as_ref().map(|r| r.as_str()))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                events
+                    .clone()
+                    .map(|e| e.candidate_id.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                events
+                    .clone()
+                    .map(|e| e.verdict.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(events.clone().map(|e| e.by.as_str()).collect::<Vec<_>>())
+            .bind(
+                events
+                    .clone()
+                    .map(|e| e.reason.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(events.map(|e| e.at).collect::<Vec<_>>())
+            .execute(&mut **tx)
+            .await?;
+    }
+    let cursors: Vec<&CursorValues> = writes.iter().filter_map(|w| w.cursor.as_ref()).collect();
+    if !cursors.is_empty() {
+        let cursors = cursors.iter();
+        sqlx::query(UPSERT_CURSORS)
+            .bind(
+                cursors
+                    .clone()
+                    .map(|c| c.label.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(cursors.clone().map(|c| c.watermark).collect::<Vec<_>>())
+            .bind(
+                cursors
+                    .clone()
+                    .map(|c| c.consumed_version.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                cursors
+                    .clone()
+                    .map(|c| c.consumed_num_samples)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(cursors.clone().map(|c| c.updated_at).collect::<Vec<_>>())
+            .bind(
+                cursors
+                    .map(|c| c.rejected_version.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use sqlx::{Row, Sqlite};
 use super::backend::{
     bind, fence_args, lease_args, Arg, Backend, Bind, LockSql, Query, Statements, StoreRow,
 };
+use super::group_commit::{CommitBatch, GroupCommit};
 use super::{prepare_schema, u64_to_i64, RunRow, StoreOptions, SQLITE_MIGRATIONS};
 use crate::db::DbUrl;
 use crate::AdapterError;
@@ -24,26 +25,26 @@ use crate::AdapterError;
 pub(super) struct SqliteRunStore {
     pool: SqlitePool,
     url: DbUrl,
-    /// Journal writes go through one writer task that commits whatever is
-    /// queued in a single transaction (group commit). Each caller still
-    /// awaits its own acknowledgement, so "persisted before acting" holds;
-    /// labels running concurrently share commits instead of each paying a
-    /// transaction (and SQLite's single-writer lock) of its own.
-    journal: tokio::sync::mpsc::UnboundedSender<JournalWrite>,
+    /// Journal writes go through the group-commit writer task
+    /// (`group_commit.rs`): labels running concurrently share commits
+    /// instead of each paying a transaction (and SQLite's single-writer
+    /// lock) of its own.
+    journal: GroupCommit<JournalWrite>,
 }
 
-/// One queued journal write and where to send its outcome (`false`: fenced
-/// off, nothing written).
+/// One queued journal write.
 struct JournalWrite {
     /// Consecutive transitions of one run, applied together.
     transitions: Vec<Transition>,
     cursor: Option<LabelCursor>,
     fence: Fence,
-    done: tokio::sync::oneshot::Sender<Result<bool, StoreError>>,
 }
 
-/// Most writes committed in one transaction.
-const GROUP_COMMIT_MAX: usize = 256;
+/// Applies a batch of journal writes in one SQLite transaction.
+struct SqliteJournal {
+    pool: SqlitePool,
+    url: DbUrl,
+}
 
 /// Fixed-width UTC text: text order is time order, which the lock expiry
 /// comparison and the listings rely on.
@@ -158,8 +159,10 @@ impl SqliteRunStore {
     pub(super) async fn open(url: DbUrl, options: StoreOptions) -> Result<Self, AdapterError> {
         let pool = url.sqlite_pool(super::KEY, options.read_only).await?;
         prepare_schema(SQLITE_MIGRATIONS, &url, options, &pool).await?;
-        let (journal, queue) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(journal_writer(pool.clone(), url.clone(), queue));
+        let journal = GroupCommit::spawn(SqliteJournal {
+            pool: pool.clone(),
+            url: url.clone(),
+        });
         Ok(Self { pool, url, journal })
     }
 
@@ -206,16 +209,12 @@ impl Backend for SqliteRunStore {
         cursor: Option<&LabelCursor>,
         fence: &Fence,
     ) -> Result<bool, StoreError> {
-        let (done, outcome) = tokio::sync::oneshot::channel();
         let write = JournalWrite {
             transitions: transitions.to_vec(),
             cursor: cursor.cloned(),
             fence: fence.clone(),
-            done,
         };
-        let closed = || StoreError::Unavailable("the run store's journal writer stopped".into());
-        self.journal.send(write).map_err(|_| closed())?;
-        outcome.await.map_err(|_| closed())?
+        self.journal.submit(write).await
     }
 
     async fn lease(&self, lease: &Lease, fence: &Fence) -> Result<bool, StoreError> {
@@ -231,64 +230,26 @@ impl Backend for SqliteRunStore {
     }
 }
 
-/// Commit queued journal writes in batches until every sender is gone.
-async fn journal_writer(
-    pool: SqlitePool,
-    url: DbUrl,
-    mut queue: tokio::sync::mpsc::UnboundedReceiver<JournalWrite>,
-) {
-    while let Some(first) = queue.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < GROUP_COMMIT_MAX {
-            match queue.try_recv() {
-                Ok(write) => batch.push(write),
-                Err(_) => break,
-            }
-        }
-        match commit_batch(&pool, &url, &batch).await {
-            // Each write learns whether it was applied or fenced off; a
-            // fenced write does not fail the others.
-            Ok(applied) => {
-                for (write, applied) in batch.into_iter().zip(applied) {
-                    let _ = write.done.send(Ok(applied));
-                }
-            }
-            // One bad write must not fail the others: retry them one by one.
-            Err(_) if batch.len() > 1 => {
-                for write in batch {
-                    let result = commit_batch(&pool, &url, std::slice::from_ref(&write))
-                        .await
-                        .map(|applied| applied[0]);
-                    let _ = write.done.send(result);
-                }
-            }
-            Err(error) => {
-                for write in batch {
-                    let _ = write.done.send(Err(error.clone()));
-                }
-            }
-        }
-    }
-}
+#[async_trait]
+impl CommitBatch for SqliteJournal {
+    type Write = JournalWrite;
 
-/// Apply `batch` in one transaction; for each write, whether its fence held
-/// (and so whether it was applied).
-async fn commit_batch(
-    pool: &SqlitePool,
-    url: &DbUrl,
-    batch: &[JournalWrite],
-) -> Result<Vec<bool>, StoreError> {
-    let err = |what: &str| {
-        let what = what.to_owned();
-        move |e| super::store_error(url, &what, e)
-    };
-    let mut tx = pool.begin().await.map_err(err("journaling"))?;
-    let mut applied = Vec::with_capacity(batch.len());
-    for write in batch {
-        applied.push(write_one(&mut tx, url, write).await?);
+    /// Apply `batch` in one transaction; for each write, whether its fence
+    /// held (and so whether it was applied).
+    async fn commit(&self, batch: &[JournalWrite]) -> Result<Vec<bool>, StoreError> {
+        let url = &self.url;
+        let err = |what: &str| {
+            let what = what.to_owned();
+            move |e| super::store_error(url, &what, e)
+        };
+        let mut tx = self.pool.begin().await.map_err(err("journaling"))?;
+        let mut applied = Vec::with_capacity(batch.len());
+        for write in batch {
+            applied.push(write_one(&mut tx, url, write).await?);
+        }
+        tx.commit().await.map_err(err("committing the journal"))?;
+        Ok(applied)
     }
-    tx.commit().await.map_err(err("committing the journal"))?;
-    Ok(applied)
 }
 
 /// The write's journal lines + snapshot (+ cursor, with the last line)

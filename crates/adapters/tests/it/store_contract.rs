@@ -1574,6 +1574,251 @@ async fn postgres_corrupt_snapshot_names_the_run() {
     assert!(err.to_string().contains(run.run_id.as_str()), "{err}");
 }
 
+/// The Postgres store's journal writer task, held in the middle of a group
+/// commit: a transaction of the test holds the `journal_head` row lock (as
+/// another process's uncommitted journal write would), and one write is
+/// queued, which the writer task takes alone and which then waits for that
+/// lock at its first journal line, after its fence check. Everything queued
+/// meanwhile goes into the writer task's next batch.
+struct HeldJournalWriter {
+    head: sqlx::Transaction<'static, sqlx::Postgres>,
+    first: tokio::task::JoinHandle<Result<(), StoreError>>,
+    first_run: RunId,
+}
+
+impl HeldJournalWriter {
+    /// Hold `store`'s writer task with a write of `first` (locked by the
+    /// test) journaled under `fence`.
+    async fn hold(
+        store: &Arc<dyn RunStore>,
+        pool: &sqlx::PgPool,
+        first: &str,
+        fence: Fence,
+    ) -> Self {
+        let mut head = pool.begin().await.unwrap();
+        sqlx::query("UPDATE journal_head SET position = position")
+            .execute(&mut *head)
+            .await
+            .unwrap();
+        let mut run = LabelRun::new(
+            RunId::generate(),
+            CycleId::generate(),
+            plan(first),
+            LabelCursor::default(),
+        );
+        let transition = step(&mut run, Event::Started { now: now() });
+        let first = tokio::spawn({
+            let store = store.clone();
+            async move { store.record(&transition, &fence).await }
+        });
+        // Until the write waits for the lock (polled: nothing else signals it).
+        let waiting = "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'
+               AND query LIKE '%INSERT INTO transitions%'";
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while sqlx::query_scalar::<_, i64>(waiting)
+            .fetch_one(pool)
+            .await
+            .unwrap()
+            == 0
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the journal write never waited for the journal_head lock"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Self {
+            head,
+            first,
+            first_run: run.run_id,
+        }
+    }
+
+    /// Let the held batch commit; the run it journaled.
+    async fn release(self) -> RunId {
+        self.head.rollback().await.unwrap();
+        self.first.await.unwrap().unwrap();
+        self.first_run
+    }
+}
+
+/// Queue every write of `writes` at once: one poll of `join_all` sends each
+/// to the writer task (a journal write is queued on its first poll).
+async fn queue_all<F: std::future::Future>(
+    writes: impl IntoIterator<Item = F>,
+) -> std::pin::Pin<Box<futures::future::JoinAll<F>>> {
+    let mut all = Box::pin(futures::future::join_all(writes));
+    assert!(futures::poll!(all.as_mut()).is_pending());
+    all
+}
+
+/// The distinct transactions that wrote the journal lines of `runs`.
+async fn journal_transactions(pool: &sqlx::PgPool, runs: &[&RunId]) -> Vec<String> {
+    let runs: Vec<&str> = runs.iter().map(|r| r.as_str()).collect();
+    sqlx::query_scalar("SELECT DISTINCT xmin::text FROM transitions WHERE run_id = ANY($1)")
+        .bind(runs)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+/// Concurrent journal writes of different labels on Postgres are committed
+/// together (one transaction for all of them, not one each), and a stale
+/// fence among them fails its own write only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_concurrent_journal_writes_share_one_transaction() {
+    let Some(url) = pg::fresh_database().await else {
+        return;
+    };
+    let store = open_run_store(&url, StoreOptions::default()).await.unwrap();
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let names: Vec<String> = (0..16).map(|i| format!("label-{i}")).collect();
+    let mut fences = Vec::new();
+    for name in &names {
+        fences.push(lock(store.as_ref(), name).await);
+    }
+    let stale = [3, 8];
+    for &i in &stale {
+        lock(store.as_ref(), &names[i]).await;
+    }
+    let mut runs = Vec::new();
+    let mut transitions = Vec::new();
+    for name in &names {
+        let mut run = LabelRun::new(
+            RunId::generate(),
+            CycleId::generate(),
+            plan(name),
+            LabelCursor::default(),
+        );
+        transitions.push(step(&mut run, Event::Started { now: now() }));
+        runs.push(run);
+    }
+    let held =
+        HeldJournalWriter::hold(&store, &pool, "first", lock(store.as_ref(), "first").await).await;
+    let writes = queue_all(
+        transitions
+            .iter()
+            .zip(&fences)
+            .map(|(t, fence)| store.record(t, fence)),
+    )
+    .await;
+    let first_run = held.release().await;
+    let results = writes.await;
+    let mut applied = Vec::new();
+    for (i, result) in results.into_iter().enumerate() {
+        let stored = store.run(&runs[i].run_id).await.unwrap();
+        if stale.contains(&i) {
+            assert!(
+                matches!(result, Err(StoreError::Fenced(_))),
+                "{i}: {result:?}"
+            );
+            assert_eq!(stored, None, "{i}: a fenced write was applied");
+        } else {
+            result.unwrap_or_else(|e| panic!("{i}: {e}"));
+            assert_eq!(stored.unwrap().snapshot, runs[i], "{i}");
+            applied.push(&runs[i].run_id);
+        }
+    }
+    let together = journal_transactions(&pool, &applied).await;
+    assert_eq!(
+        together.len(),
+        1,
+        "{} writes in transactions {together:?}",
+        applied.len()
+    );
+    let first = journal_transactions(&pool, &[&first_run]).await;
+    assert_ne!(
+        first, together,
+        "the held write and the queued ones in one transaction"
+    );
+}
+
+/// A write that breaks a constraint (here: a journal line written twice)
+/// fails its group commit; the writes queued with it are retried one by one
+/// and succeed, and only the bad one reports the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_bad_write_fails_alone_in_its_group_commit() {
+    let Some(url) = pg::fresh_database().await else {
+        return;
+    };
+    let store = open_run_store(&url, StoreOptions::default()).await.unwrap();
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let mut fences = Vec::new();
+    let mut runs = Vec::new();
+    let mut transitions = Vec::new();
+    for name in ["a", "dup", "b"] {
+        fences.push(lock(store.as_ref(), name).await);
+        let mut run = LabelRun::new(
+            RunId::generate(),
+            CycleId::generate(),
+            plan(name),
+            LabelCursor::default(),
+        );
+        transitions.push(step(&mut run, Event::Started { now: now() }));
+        runs.push(run);
+    }
+    store.record(&transitions[1], &fences[1]).await.unwrap();
+    let held =
+        HeldJournalWriter::hold(&store, &pool, "first", lock(store.as_ref(), "first").await).await;
+    let writes = queue_all(
+        transitions
+            .iter()
+            .zip(&fences)
+            .map(|(t, fence)| store.record(t, fence)),
+    )
+    .await;
+    held.release().await;
+    let results = writes.await;
+    results[0].as_ref().unwrap();
+    results[2].as_ref().unwrap();
+    let err = results[1].as_ref().unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert!(err.to_string().contains(runs[1].run_id.as_str()), "{err}");
+    for i in [0, 2] {
+        assert_eq!(
+            store.run(&runs[i].run_id).await.unwrap().unwrap().snapshot,
+            runs[i]
+        );
+    }
+}
+
+/// The fence check of a group commit share-locks the label's lock row until
+/// the batch commits: a takeover of an expired lock waits for it, so the
+/// lock cannot change hands between the check and the commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_takeover_waits_for_the_group_commit_in_flight() {
+    let Some(url) = pg::fresh_database().await else {
+        return;
+    };
+    let store = open_run_store(&url, StoreOptions::default()).await.unwrap();
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let a = LockOwner("a".into());
+    let fence = acquire(store.as_ref(), "dept", &a, Duration::from_millis(500)).await;
+    let held = HeldJournalWriter::hold(&store, &pool, "dept", fence.clone()).await;
+    // The lock expires while the write is in flight; a takeover starts.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let takeover = tokio::spawn({
+        let store = store.clone();
+        async move {
+            store
+                .try_lock(&label("dept"), &LockOwner("b".into()), LONG)
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!takeover.is_finished(), "the takeover did not wait");
+    let run = held.release().await;
+    assert!(
+        store.run(&run).await.unwrap().is_some(),
+        "the write was applied"
+    );
+    let LockOutcome::Acquired(taken) = takeover.await.unwrap().unwrap() else {
+        panic!("the expired lock is free once the write committed");
+    };
+    assert_eq!(taken.token, fence.token + 1);
+}
+
 #[tokio::test]
 async fn opening_without_migrate_refuses_a_stale_schema() {
     let dir = tempfile::tempdir().unwrap();
