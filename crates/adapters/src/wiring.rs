@@ -26,7 +26,7 @@ use crate::settings::{
     CommandConfig, GithubWorkflowConfig, JobSpec, LabelSettings, LeaseSpec, LoadedSettings,
     NotifyOn, NotifySpec, RegistrySpec, Settings,
 };
-use crate::store::{open_run_store, open_stores, StoreOptions};
+use crate::store::{open_run_store, open_stores, StoreOptions, Stores};
 use crate::worker_trainer::{RemoteJobs, WorkerTrainer};
 
 /// Open the `RunStore` named by `state`; `migrate` applies pending migrations.
@@ -51,12 +51,18 @@ pub async fn open_store(
 pub async fn open_store_for_reading(
     settings: &Settings,
 ) -> Result<Arc<dyn RunStore>, AdapterError> {
+    Ok(open_stores_for_reading(settings).await?.runs)
+}
+
+/// [`open_store_for_reading`] with the other stores on the same pool
+/// (`retrain status` also reads the remote job queue).
+pub async fn open_stores_for_reading(settings: &Settings) -> Result<Stores, AdapterError> {
     let url = settings.state.expose_secret();
     let missing_file = sqlite_path(url).is_some_and(|p| !std::path::Path::new(&p).exists());
     let opened = if missing_file {
         Err(AdapterError::NotInitialised(String::new()))
     } else {
-        open_run_store(
+        open_stores(
             url,
             StoreOptions {
                 migrate: false,
@@ -68,7 +74,7 @@ pub async fn open_store_for_reading(
     match opened {
         Err(AdapterError::NotInitialised(_)) => {
             tracing::info!("the run store is not initialised yet: reading it as empty");
-            open_run_store("sqlite::memory:", StoreOptions::default()).await
+            open_stores("sqlite::memory:", StoreOptions::default()).await
         }
         other => other,
     }

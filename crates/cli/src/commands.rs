@@ -1,6 +1,7 @@
 //! Command handlers: load settings, build adapters, call the engine, render.
 //! No business logic lives here.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -256,7 +257,9 @@ fn cycle_exit_code(report: &CycleReport, fail_on_reject: bool, interrupt: &Inter
 
 async fn status(cli: &Cli, raw_labels: &[String]) -> Result<u8, Failure> {
     let loaded = load(cli, false)?;
-    let store = reading_store(&loaded).await?;
+    let stores = wiring::open_stores_for_reading(&loaded.settings)
+        .await
+        .context("opening the run store")?;
     let wanted = parse_labels(raw_labels)?;
     let selected: Vec<_> = loaded
         .settings
@@ -266,10 +269,26 @@ async fn status(cli: &Cli, raw_labels: &[String]) -> Result<u8, Failure> {
         .collect();
     let names: Vec<Label> = selected.iter().map(|(label, _)| (*label).clone()).collect();
     // One query for every label, not several per label.
-    let statuses = store
+    let statuses = stores
+        .runs
         .label_statuses(&names)
         .await
         .context("reading the labels' status")?;
+    // The remote jobs waiting for or held by a worker: one read of the whole
+    // queue (the one `GET /v1/workers/queue` serves), grouped by label here.
+    let now = chrono::Utc::now();
+    let mut remote_jobs: HashMap<String, Vec<serde_json::Value>> = HashMap::new();
+    for job in stores
+        .jobs
+        .queue()
+        .await
+        .context("reading the remote job queue")?
+    {
+        remote_jobs
+            .entry(job.label.clone())
+            .or_default()
+            .push(output::remote_job_json(&job, now));
+    }
     let rows: Vec<serde_json::Value> = selected
         .iter()
         .zip(statuses)
@@ -289,6 +308,7 @@ async fn status(cli: &Cli, raw_labels: &[String]) -> Result<u8, Failure> {
                     "updated_at": r.updated_at,
                     "verdict": status.last_verdict,
                 })),
+                "remote_jobs": remote_jobs.remove(label.as_str()).unwrap_or_default(),
             })
         })
         .collect();
@@ -331,6 +351,9 @@ async fn status(cli: &Cli, raw_labels: &[String]) -> Result<u8, Failure> {
                     s(&last["verdict"]),
                     waiting
                 );
+            }
+            if let Some(table) = output::remote_jobs_table(&rows) {
+                print!("\n{table}");
             }
         }
     }

@@ -4,6 +4,7 @@
 use std::io::Write;
 
 use anyhow::Context;
+use retrain_adapters::store::{RemoteJob, ResourceRequest};
 use retrain_core::gate::Verdict;
 use retrain_core::machine::Outcome;
 use retrain_core::report::{CycleReport, LabelReport, LabelStatus};
@@ -297,4 +298,62 @@ pub fn github_gate_outputs(
         }
     }
     append("GITHUB_OUTPUT", &outputs)
+}
+
+/// A queued or held remote job as `retrain status` shows it. `waiting_secs`
+/// is the queue age: until now while queued, until its assignment once held
+/// (as `GET /v1/workers/queue` counts it).
+pub fn remote_job_json(job: &RemoteJob, now: chrono::DateTime<chrono::Utc>) -> serde_json::Value {
+    let waited_until = job.assigned_at.unwrap_or(now);
+    serde_json::json!({
+        "job_key": job.job_key,
+        "run_id": job.run_id,
+        "state": job.state,
+        "attempt": job.attempt,
+        "worker_id": job.worker_id,
+        "enqueued_at": job.enqueued_at,
+        "assigned_at": job.assigned_at,
+        "waiting_secs": (waited_until - job.enqueued_at).num_seconds().max(0),
+        "request": job.spec.request,
+    })
+}
+
+/// The second table of `retrain status`: every label's remote jobs (rows
+/// from the JSON, `remote_jobs` of each), or `None` when no label has one,
+/// so that the output without workers is the one table it always was.
+pub fn remote_jobs_table(rows: &[serde_json::Value]) -> Option<String> {
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => "-".to_owned(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let mut table = format!(
+        "{:<16} {:<40} {:<10} {:>7}  {:<34} {:>8}  REQUEST\n",
+        "LABEL", "REMOTE JOB", "STATE", "ATTEMPT", "WORKER", "WAITING"
+    );
+    let mut any = false;
+    for row in rows {
+        for job in row["remote_jobs"].as_array().into_iter().flatten() {
+            any = true;
+            let waiting = job["waiting_secs"]
+                .as_u64()
+                .map(|s| {
+                    retrain_adapters::settings::format_duration(std::time::Duration::from_secs(s))
+                })
+                .unwrap_or_else(|| "-".into());
+            let request = serde_json::from_value::<ResourceRequest>(job["request"].clone())
+                .map_or_else(|_| text(&job["request"]), |r| r.describe());
+            table.push_str(&format!(
+                "{:<16} {:<40} {:<10} {:>7}  {:<34} {:>8}  {}\n",
+                text(&row["label"]),
+                text(&job["job_key"]),
+                text(&job["state"]),
+                text(&job["attempt"]),
+                text(&job["worker_id"]),
+                waiting,
+                request,
+            ));
+        }
+    }
+    any.then_some(table)
 }

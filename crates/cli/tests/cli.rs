@@ -1115,3 +1115,237 @@ fn a_newer_waiting_candidate_supersedes_the_older_one_which_approve_refuses() {
         .success()
         .stdout(predicate::str::contains("promoted"));
 }
+
+/// Two labels training on workers and one that does not, on `state`.
+fn worker_labels_config(state: &str) -> String {
+    format!(
+        r#"state = "{state}"
+[labels.segmentation]
+threshold = 10
+counts = "none"
+metadata = "file://metadata.json"
+trainer = {{ worker = {{ gpu = 1, gpu_memory = "24G", command = ["python3", "train.py"], timeout = "1h" }} }}
+gate = "none"
+[labels.intent]
+threshold = 10
+counts = "none"
+metadata = "file://metadata.json"
+trainer = {{ worker = {{ command = ["python3", "train.py"], timeout = "1h" }} }}
+gate = "none"
+[labels.urgency]
+threshold = 10
+counts = "none"
+metadata = "file://metadata.json"
+trainer = {{ command = ["true"] }}
+gate = "none"
+"#
+    )
+}
+
+/// Fills the job queue at `state` through the store API: `segmentation`
+/// has two queued jobs (a GPU request no worker meets), `intent` one held
+/// by worker `w-cpu` and one that finished (not shown: it left the queue).
+async fn fill_the_job_queue(state: &str) {
+    use retrain_adapters::store::{
+        open_stores, JobLease, JobQueue, JobReport, NewJob, NewWorker, RemoteJobSpec,
+        ResourceRequest, Resources, StoreOptions,
+    };
+    let jobs = open_stores(state, StoreOptions::default())
+        .await
+        .unwrap()
+        .jobs;
+    let now = chrono::Utc::now();
+    let job = |key: &str, label: &str, attempt: u32, gpus: Option<u32>, minutes_ago: i64| NewJob {
+        job_key: key.into(),
+        run_id: key.split('/').next().unwrap().into(),
+        label: label.into(),
+        attempt,
+        spec: RemoteJobSpec {
+            dataset_name: "tickets".into(),
+            dataset_version: "v1".into(),
+            command: vec!["python3".into(), "train.py".into()],
+            env: Default::default(),
+            timeout_secs: 3600,
+            request: ResourceRequest {
+                gpus,
+                gpu_memory_bytes: gpus.map(|_| 24 << 30),
+                ..ResourceRequest::default()
+            },
+        },
+        enqueued_at: now - chrono::Duration::minutes(minutes_ago),
+    };
+    async fn lease(jobs: &dyn JobQueue) -> String {
+        match jobs.lease("w-cpu", chrono::Utc::now()).await.unwrap() {
+            JobLease::Assigned(job) => job.job_key,
+            other => panic!("expected a job for w-cpu, got {other:?}"),
+        }
+    }
+    jobs.register_worker(&NewWorker {
+        worker_id: "w-cpu".into(),
+        name: "cpu-box".into(),
+        hostname: "cpu-box.lab".into(),
+        labels: vec!["intent".into()],
+        resources: Resources {
+            cpus: 8,
+            memory_bytes: 32 << 30,
+            ..Resources::default()
+        },
+        version: "test".into(),
+        registered_at: now,
+    })
+    .await
+    .unwrap();
+    jobs.enqueue(&job("run-done/train/1", "intent", 1, None, 30))
+        .await
+        .unwrap();
+    assert_eq!(lease(jobs.as_ref()).await, "run-done/train/1");
+    jobs.report(
+        "run-done/train/1",
+        Some("w-cpu"),
+        &JobReport::Failed {
+            message: "exit status 1".into(),
+            exit_status: Some("exit status 1".into()),
+        },
+        chrono::Utc::now(),
+    )
+    .await
+    .unwrap();
+    jobs.enqueue(&job("run-seg/train/1", "segmentation", 1, Some(1), 20))
+        .await
+        .unwrap();
+    jobs.enqueue(&job("run-intent/train/2", "intent", 2, None, 10))
+        .await
+        .unwrap();
+    jobs.enqueue(&job("run-seg2/train/3", "segmentation", 3, Some(1), 5))
+        .await
+        .unwrap();
+    assert_eq!(lease(jobs.as_ref()).await, "run-intent/train/2");
+}
+
+/// `retrain status` shows, per label, the remote jobs waiting for or held
+/// by a worker (JSON and a second text table), and nothing extra while the
+/// queue is empty.
+fn status_shows_the_remote_job_queue(state: &str, runtime: &tokio::runtime::Runtime) {
+    let project = Project::new();
+    project.config(&worker_labels_config(state));
+    // The store exists (a never-initialised one reads as empty anyway).
+    retrain(project.path()).arg("migrate").assert().success();
+
+    let before = text_ok(project.path(), &["status"]);
+    assert!(!before.contains("REMOTE JOB"), "{before}");
+    assert_eq!(
+        before.lines().count(),
+        4,
+        "the header and three labels: {before}"
+    );
+    let rows = json_ok(project.path(), &["--output", "json", "status"]);
+    for row in rows.as_array().unwrap() {
+        assert_eq!(row["remote_jobs"], serde_json::json!([]), "{row}");
+    }
+
+    runtime.block_on(fill_the_job_queue(state));
+
+    let rows = json_ok(project.path(), &["--output", "json", "status"]);
+    let of = |label: &str| {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["label"] == label)
+            .unwrap_or_else(|| panic!("no row for {label}: {rows}"))["remote_jobs"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let segmentation = of("segmentation");
+    let keys: Vec<_> = segmentation
+        .iter()
+        .map(|j| j["job_key"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        ["run-seg/train/1", "run-seg2/train/3"],
+        "oldest first"
+    );
+    let first = &segmentation[0];
+    assert_eq!(first["state"], "queued");
+    assert_eq!(first["attempt"], 1);
+    assert_eq!(first["run_id"], "run-seg");
+    assert!(first["worker_id"].is_null(), "{first}");
+    assert_eq!(first["request"]["gpus"], 1);
+    assert_eq!(first["request"]["gpu_memory_bytes"], 24u64 << 30);
+    let waited = first["waiting_secs"].as_i64().unwrap();
+    assert!(
+        (20 * 60..21 * 60).contains(&waited),
+        "queued 20 minutes ago: {first}"
+    );
+    assert_eq!(segmentation[1]["attempt"], 3);
+
+    let intent = of("intent");
+    assert_eq!(
+        intent.len(),
+        1,
+        "the finished job left the queue: {intent:?}"
+    );
+    assert_eq!(intent[0]["job_key"], "run-intent/train/2");
+    assert_eq!(intent[0]["state"], "assigned");
+    assert_eq!(intent[0]["worker_id"], "w-cpu");
+    assert_eq!(intent[0]["attempt"], 2);
+    let waited = intent[0]["waiting_secs"].as_i64().unwrap();
+    assert!(
+        (10 * 60..11 * 60).contains(&waited),
+        "waited until assigned: {intent:?}"
+    );
+    assert!(!intent[0]["assigned_at"].is_null());
+    assert_eq!(of("urgency"), Vec::<serde_json::Value>::new());
+
+    let text = text_ok(project.path(), &["status"]);
+    let table: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("LABEL") || !l.contains("REMOTE JOB"))
+        .collect();
+    assert_eq!(table.len(), 4, "a header and three jobs: {text}");
+    let line = |key: &str| {
+        *table
+            .iter()
+            .find(|l| l.contains(key))
+            .unwrap_or_else(|| panic!("no line for {key}: {text}"))
+    };
+    let seg = line("run-seg/train/1");
+    for part in [
+        "segmentation",
+        "queued",
+        " 1 ",
+        "20m",
+        "gpu≥1, gpu_memory≥24G",
+    ] {
+        assert!(seg.contains(part), "{part:?} missing: {seg}");
+    }
+    let held = line("run-intent/train/2");
+    for part in ["intent", "assigned", " 2 ", "w-cpu", "10m", "any worker"] {
+        assert!(held.contains(part), "{part:?} missing: {held}");
+    }
+
+    // Only the selected labels' jobs.
+    let urgency = text_ok(project.path(), &["status", "--label", "urgency"]);
+    assert!(!urgency.contains("REMOTE JOB"), "{urgency}");
+    let intent_only = text_ok(project.path(), &["status", "--label", "intent"]);
+    assert!(intent_only.contains("run-intent/train/2"), "{intent_only}");
+    assert!(!intent_only.contains("run-seg/train/1"), "{intent_only}");
+}
+
+#[test]
+fn status_shows_the_remote_job_queue_on_sqlite() {
+    let project = Project::new();
+    let state = format!("sqlite://{}", project.join("state.db").display());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    status_shows_the_remote_job_queue(&state, &runtime);
+}
+
+#[test]
+fn status_shows_the_remote_job_queue_on_postgres() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let Some(state) = runtime.block_on(retrain_tests::services::fresh_postgres_database()) else {
+        return;
+    };
+    status_shows_the_remote_job_queue(&state, &runtime);
+}
