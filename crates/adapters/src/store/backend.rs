@@ -163,7 +163,8 @@ pub(super) trait Backend: Send + Sync + 'static {
     type Pool: Statements;
 
     const LOCKS: LockSql;
-    /// [`select_status`] in this dialect (arguments: [`Backend::now_args`]).
+    /// [`select_status`] in this dialect (arguments: the labels as a JSON
+    /// array, then [`Backend::now_args`]).
     const SELECT_STATUS: &'static str;
     /// Append `$3` to the log tail of job `$1` held by worker `$2`, keeping
     /// its last 65,536 characters (see `jobs.rs`).
@@ -287,45 +288,40 @@ pub(super) const SELECT_RUNS_PAGE: &str =
             OR (started_at, run_id) < (SELECT a.started_at, a.run_id FROM runs a WHERE a.run_id = $3))
      ORDER BY started_at DESC, run_id DESC LIMIT $4";
 
-/// `retrain status` for every label in one statement: cursor, newest run
-/// (with its verdict reason), live lock, the runs awaiting approval (newest
-/// first, comma-joined: run ids hold no comma), the production version (the
-/// newest promotion event, promotion or rollback). A
-/// dialect supplies how a lock is live (`$1` = now on SQLite) and how the
-/// verdict reason is read from the snapshot JSON. The window functions use
-/// the `(label, done, started_at)` index's order; the snapshot is read for
-/// the newest run of each label only.
+/// The status of the labels asked for (`$1`, a JSON array of names) in one
+/// statement: cursor, newest run (with its verdict reason), live lock, the
+/// runs awaiting approval (newest first, comma-joined: run ids hold no
+/// comma), the production version (the newest promotion event, promotion or
+/// rollback). A dialect supplies how the names are read from `$1`, how a
+/// lock is live (`$2` = now on SQLite) and how the verdict reason is read
+/// from the snapshot JSON. The statement is driven by the labels asked for:
+/// each one's newest run, waiting runs and newest promotion are index probes
+/// (`runs_newest_by_label`, `runs_awaiting_approval`,
+/// `promotions_newest_by_label`), so its cost does not grow with the run
+/// history (a window over every run did: `docs/BENCHMARKS.md`).
 macro_rules! select_status {
-    ($live:literal, $verdict:literal) => {
+    ($labels:literal, $live:literal, $verdict:literal) => {
         concat!(
-            "WITH ranked AS (
-                 SELECT run_id, label, stage,
-                        ROW_NUMBER() OVER (PARTITION BY label ORDER BY started_at DESC, run_id DESC) AS newest
-                 FROM runs),
-             waiting AS (
-                 SELECT label, string_agg(run_id, ',' ORDER BY started_at DESC, run_id DESC) AS runs
-                 FROM runs WHERE stage = 'awaiting_approval' GROUP BY label),
-             promoted AS (
-                 SELECT label, version, at,
-                        ROW_NUMBER() OVER (PARTITION BY label ORDER BY at DESC, run_id DESC) AS newest
-                 FROM promotions),
-             labels AS (
-                 SELECT label FROM cursors UNION SELECT label FROM runs UNION SELECT label FROM locks)
+            "WITH labels AS (", $labels, ")
              SELECT labels.label AS label,
                     c.watermark, c.consumed_version, c.consumed_num_samples, c.rejected_version,
                     r.run_id, r.cycle_id, r.stage, r.outcome, r.started_at, r.updated_at,
                     ", $verdict, " AS verdict,
                     COALESCE(k.owner, '') AS owner,
                     COALESCE(", $live, ", FALSE) AS live,
-                    w.runs AS awaiting,
+                    (SELECT string_agg(w.run_id, ',' ORDER BY w.started_at DESC, w.run_id DESC)
+                     FROM runs w
+                     WHERE w.label = labels.label AND w.stage = 'awaiting_approval') AS awaiting,
                     p.version AS production_version, p.at AS production_since
              FROM labels
              LEFT JOIN cursors c ON c.label = labels.label
-             LEFT JOIN ranked ON ranked.label = labels.label AND ranked.newest = 1
-             LEFT JOIN runs r ON r.run_id = ranked.run_id
+             LEFT JOIN runs r ON r.run_id = (
+                 SELECT n.run_id FROM runs n WHERE n.label = labels.label
+                 ORDER BY n.started_at DESC, n.run_id DESC LIMIT 1)
              LEFT JOIN locks k ON k.label = labels.label
-             LEFT JOIN waiting w ON w.label = labels.label
-             LEFT JOIN promoted p ON p.label = labels.label AND p.newest = 1"
+             LEFT JOIN promotions p ON p.run_id = (
+                 SELECT q.run_id FROM promotions q WHERE q.label = labels.label
+                 ORDER BY q.at DESC, q.run_id DESC LIMIT 1)"
         )
     };
 }

@@ -313,9 +313,18 @@ impl<B: Backend> RunStore for SqlRunStore<B> {
 
     async fn label_statuses(&self, labels: &[Label]) -> Result<Vec<LabelStatusRow>, StoreError> {
         let b = &self.0;
+        if labels.is_empty() {
+            return Ok(Vec::new());
+        }
+        let names = labels
+            .iter()
+            .map(|label| serde_json::Value::String(label.to_string()))
+            .collect();
+        let mut args = vec![Arg::Json(serde_json::Value::Array(names))];
+        args.extend(b.now_args());
         let rows = b
             .pool()
-            .fetch_all(B::SELECT_STATUS, b.now_args())
+            .fetch_all(B::SELECT_STATUS, args)
             .await
             .map_err(|e| b.error("reading the labels' status", e))?;
         let mut by_label = std::collections::HashMap::with_capacity(rows.len());
@@ -608,6 +617,11 @@ const SQLITE_MIGRATIONS: Embedded = Embedded(&[
         "lock takeovers",
         include_str!("../../migrations/sqlite/0014_lock_previous_owner.sql"),
     ),
+    (
+        15,
+        "status indexes",
+        include_str!("../../migrations/sqlite/0015_status_indexes.sql"),
+    ),
 ]);
 
 const POSTGRES_MIGRATIONS: Embedded = Embedded(&[
@@ -665,6 +679,11 @@ const POSTGRES_MIGRATIONS: Embedded = Embedded(&[
         13,
         "lock takeovers",
         include_str!("../../migrations/postgres/0013_lock_previous_owner.sql"),
+    ),
+    (
+        14,
+        "status indexes",
+        include_str!("../../migrations/postgres/0014_status_indexes.sql"),
     ),
 ]);
 

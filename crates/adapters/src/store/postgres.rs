@@ -254,6 +254,7 @@ impl Backend for PostgresRunStore {
 
     const LOCKS: LockSql = LOCKS;
     const SELECT_STATUS: &'static str = super::backend::select_status!(
+        "SELECT DISTINCT value AS label FROM jsonb_array_elements_text($1) AS value",
         "k.owner <> '' AND k.expires_at > now()",
         "r.snapshot -> 'verdict' ->> 'reason'"
     );

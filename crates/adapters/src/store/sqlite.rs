@@ -178,7 +178,8 @@ impl Backend for SqliteRunStore {
 
     const LOCKS: LockSql = LOCKS;
     const SELECT_STATUS: &'static str = super::backend::select_status!(
-        "k.owner <> '' AND k.expires_at > $1",
+        "SELECT DISTINCT value AS label FROM json_each($1)",
+        "k.owner <> '' AND k.expires_at > $2",
         "json_extract(r.snapshot, '$.verdict.reason')"
     );
     const APPEND_LOG: &'static str =

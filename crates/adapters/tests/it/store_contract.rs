@@ -1813,10 +1813,19 @@ async fn postgres_a_takeover_waits_for_the_group_commit_in_flight() {
         store.run(&run).await.unwrap().is_some(),
         "the write was applied"
     );
-    let LockOutcome::Acquired(taken) = takeover.await.unwrap().unwrap() else {
+    let LockOutcome::Acquired {
+        fence: taken,
+        taken_over_from,
+    } = takeover.await.unwrap().unwrap()
+    else {
         panic!("the expired lock is free once the write committed");
     };
     assert_eq!(taken.token, fence.token + 1);
+    assert_eq!(
+        taken_over_from.as_deref(),
+        Some(fence.owner.0.as_str()),
+        "the expired holder never released: a takeover"
+    );
 }
 
 #[tokio::test]
