@@ -211,10 +211,11 @@ impl Application {
             crate::maintenance::REAP_EVERY,
             shutdown.clone(),
         ));
-        // Gates accepted by a process that stopped before it could do them.
-        EngineEffects::new(state.clone(), state.metrics.clone())
-            .resume_pending_gates()
-            .await;
+        // Gates accepted and runs begun by a process that stopped before it
+        // could finish them.
+        let effects = EngineEffects::new(state.clone(), state.metrics.clone());
+        effects.resume_pending_gates().await;
+        effects.resume_interrupted_runs().await;
         // Workers past `worker_ttl` become stale and their jobs lost.
         work.spawn(crate::routes::workers::sweep_stale(
             state.clone(),

@@ -11,6 +11,8 @@ use chrono::{DateTime, Utc};
 use retrain_adapters::store::PendingGate;
 use retrain_core::domain::{Label, RunId};
 use retrain_core::engine::{CycleRequest, EngineError};
+use retrain_core::journal::LabelStatusRow;
+use retrain_core::machine::Stage;
 
 use super::{GateRequest, WebhookEffects};
 use crate::metrics::Metrics;
@@ -114,6 +116,46 @@ impl WebhookEffects for EngineEffects {
 }
 
 impl EngineEffects {
+    /// Resume the runs a previous process left unfinished (stopped or killed
+    /// mid-run): one cycle of their labels, as the next trigger would do. A
+    /// server is triggered rarely (a schedule, webhooks), and a run whose
+    /// remote job finished while the server was down would otherwise wait
+    /// for that trigger. A run awaiting approval waits for its sign-off, not
+    /// for a cycle.
+    pub async fn resume_interrupted_runs(&self) {
+        if self.state.settings.dry_run {
+            return;
+        }
+        let labels: Vec<Label> = self
+            .state
+            .engine
+            .labels()
+            .map(|binding| binding.plan.label.clone())
+            .collect();
+        let statuses = match self.state.store.label_statuses(&labels).await {
+            Ok(statuses) => statuses,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the labels' runs; interrupted runs resume at the next trigger");
+                return;
+            }
+        };
+        let interrupted: Vec<Label> = labels
+            .into_iter()
+            .zip(statuses)
+            .filter(|(_, status)| interrupted(status))
+            .map(|(label, _)| label)
+            .collect();
+        if interrupted.is_empty() {
+            return;
+        }
+        tracing::info!(labels = ?interrupted, "resuming the runs a previous process left unfinished");
+        self.spawn_cycle(
+            Some(interrupted),
+            "resume the runs a previous process left unfinished".into(),
+            "resume",
+        );
+    }
+
     /// Resume the gates a previous process accepted and did not finish (it
     /// stopped while the label's run held the lock).
     pub async fn resume_pending_gates(&self) {
@@ -222,4 +264,14 @@ impl TickHandler for EngineEffects {
         self.spawn_cycle(None, format!("schedule tick {tick}"), "schedule");
         Ok(())
     }
+}
+
+/// Whether the newest run of a label is unfinished. Whoever may drive it
+/// is the lock's business: a live holder (another replica) answers the
+/// cycle busy, a dead one of this host or an expired one is taken over.
+fn interrupted(status: &LabelStatusRow) -> bool {
+    status
+        .last_run
+        .as_ref()
+        .is_some_and(|run| !matches!(run.stage, Stage::Done | Stage::AwaitingApproval))
 }
