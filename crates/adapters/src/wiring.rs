@@ -493,7 +493,7 @@ async fn assemble_engine(
         owner: LockOwner::for_process("retrain", &crate::process::current_identity()),
         manifest: RunManifest {
             binary_version: env!("CARGO_PKG_VERSION").to_owned(),
-            config_hash: loaded.config_hash.clone(),
+            config_hash: loaded.config_hash(),
             git_sha: crate::build_info::GIT_SHA.to_owned(),
             rustc_version: crate::build_info::RUSTC_VERSION.to_owned(),
             os: crate::build_info::os(),

@@ -834,7 +834,7 @@ fn config(cli: &Cli, command: &ConfigCommand) -> Result<u8, Failure> {
                     "ok": true,
                     "file": loaded.file,
                     "labels": labels,
-                    "config_hash": loaded.config_hash,
+                    "config_hash": loaded.config_hash(),
                 }))?,
                 OutputFormat::Text => {
                     println!(

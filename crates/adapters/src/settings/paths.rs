@@ -34,43 +34,59 @@ use super::{CommandConfig, ConfigError, JobSpec, RegistrySpec, Settings};
 /// The directories relative values resolve against.
 struct Bases<'a> {
     figment: &'a Figment,
+    /// The figment's merged value, computed once: `Figment::find_value` and
+    /// `find_metadata` merge (clone) the whole configuration on every call,
+    /// which made resolving 10,000 labels' paths take minutes.
+    merged: Option<figment::value::Value>,
     /// The config file's directory, when a file was used.
     file_dir: Option<PathBuf>,
     cwd: PathBuf,
 }
 
 impl Bases<'_> {
+    /// Whether the configuration has a value at `key`.
+    fn has(&self, key: &str) -> bool {
+        self.value(key).is_some()
+    }
+
+    fn value(&self, key: &str) -> Option<&figment::value::Value> {
+        self.merged.as_ref()?.find_ref(key)
+    }
+
+    /// Who set the value at `key` (its provider's metadata).
+    fn metadata(&self, key: &str) -> Option<&figment::Metadata> {
+        self.figment.get_metadata(self.value(key)?.tag())
+    }
+
+    /// The metadata of the value at `key` or of its nearest parent that has
+    /// one.
+    fn nearest_metadata(&self, key: &str) -> Option<&figment::Metadata> {
+        let mut probe = key;
+        loop {
+            if let Some(meta) = self.metadata(probe) {
+                return Some(meta);
+            }
+            probe = &probe[..probe.rfind('.')?];
+        }
+    }
+
     /// The directory a value at `key` is relative to: its file's directory
     /// when the file set it, the working directory when an env var or a flag
     /// did, and the config file's directory (if any) for a default.
     fn of(&self, key: &str) -> PathBuf {
-        let mut probe = key.to_owned();
-        loop {
-            if let Some(meta) = self.figment.find_metadata(&probe) {
-                return match &meta.source {
-                    Some(figment::Source::File(path)) => file_dir(path, &self.cwd),
-                    _ => self.cwd.clone(),
-                };
-            }
-            match probe.rfind('.') {
-                Some(i) => probe.truncate(i),
-                None => return self.file_dir.clone().unwrap_or_else(|| self.cwd.clone()),
-            }
+        match self.nearest_metadata(key) {
+            Some(meta) => match &meta.source {
+                Some(figment::Source::File(path)) => file_dir(path, &self.cwd),
+                _ => self.cwd.clone(),
+            },
+            None => self.file_dir.clone().unwrap_or_else(|| self.cwd.clone()),
         }
     }
 
     /// Whether the value at `key` (or its nearest parent) came from a file.
     fn set_in_file(&self, key: &str) -> bool {
-        let mut probe = key.to_owned();
-        loop {
-            if let Some(meta) = self.figment.find_metadata(&probe) {
-                return matches!(meta.source, Some(figment::Source::File(_)));
-            }
-            match probe.rfind('.') {
-                Some(i) => probe.truncate(i),
-                None => return false,
-            }
-        }
+        self.nearest_metadata(key)
+            .is_some_and(|meta| matches!(meta.source, Some(figment::Source::File(_))))
     }
 }
 
@@ -146,7 +162,7 @@ pub(super) fn resolve_metadata(raw: &str, base: &Path) -> String {
 
 /// Resolve a command job written at `key`; returns its display value.
 fn resolve_command(config: &mut CommandConfig, key: &str, bases: &Bases<'_>) -> Value {
-    let table_form = bases.figment.find_value(&format!("{key}.command")).is_ok();
+    let table_form = bases.has(&format!("{key}.command"));
     let command_key = if table_form {
         format!("{key}.command")
     } else {
@@ -188,6 +204,8 @@ pub(super) fn resolve(
     })?;
     let bases = Bases {
         figment,
+        // The empty path is the root: the whole merged configuration.
+        merged: figment.find_value("").ok(),
         file_dir: file.map(|f| file_dir(f, &cwd)),
         cwd,
     };
@@ -207,7 +225,7 @@ pub(super) fn resolve(
     // `[server]`: an explicit artifacts_dir/log_file is relative to its
     // origin; the default artifacts_dir follows the (resolved) state_dir.
     let server = &mut settings.server;
-    server.artifacts_dir = if figment.find_value("server.artifacts_dir").is_ok() {
+    server.artifacts_dir = if bases.has("server.artifacts_dir") {
         join(&bases.of("server.artifacts_dir"), &server.artifacts_dir)
     } else {
         settings.state_dir.join("artifacts")
@@ -253,7 +271,7 @@ pub(super) fn resolve(
             ));
         }
         if let Some(JobSpec::Command(config)) = &mut label_settings.prepare {
-            let own = figment.find_value(&key("prepare")).is_ok();
+            let own = bases.has(&key("prepare"));
             let prepare_key = if own {
                 key("prepare")
             } else {

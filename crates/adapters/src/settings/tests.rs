@@ -804,3 +804,67 @@ trainer = { worker = { gpu = 1, gpu_memory = "24G", memory = "32GiB", cpus = 4, 
     let err = parse_job(&minimal, false).unwrap_err();
     assert!(err.contains("trainers only"), "{err}");
 }
+
+#[test]
+fn resolved_paths_nest_by_their_dotted_keys() {
+    let nested = nest(vec![
+        ("state_dir".into(), serde_json::json!("/p/.retrain")),
+        ("labels.a.metadata".into(), serde_json::json!("/p/a.json")),
+        (
+            "labels.a.trainer".into(),
+            serde_json::json!({"command": ["x"], "workdir": "/p"}),
+        ),
+        (
+            "labels.b.registry.json".into(),
+            serde_json::json!("/p/r.json"),
+        ),
+    ]);
+    assert_eq!(
+        nested,
+        serde_json::json!({
+            "state_dir": "/p/.retrain",
+            "labels": {
+                "a": {"metadata": "/p/a.json", "trainer": {"command": ["x"], "workdir": "/p"}},
+                "b": {"registry": {"json": "/p/r.json"}},
+            },
+        })
+    );
+}
+
+/// Many labels load in one pass: each label's paths are resolved against a
+/// configuration merged once, and merged back in one step (both were once
+/// per path, quadratic in the labels: 10,000 labels took minutes). The
+/// timing is in docs/BENCHMARKS.md; this checks the result at a size where
+/// the quadratic form would still finish.
+#[test]
+fn two_thousand_labels_resolve_each_their_own_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut toml = String::from("state = \"sqlite://state.db\"\n");
+    for n in 0..2000 {
+        toml.push_str(&format!(
+            "[labels.l{n}]\nthreshold = 1\ncounts = \"none\"\nmetadata = \"file://m{n}.json\"\n\
+             trainer = {{ command = [\"./train{n}.sh\"] }}\n"
+        ));
+    }
+    let loaded = load(&sources(Some(write(&dir, &toml)), &[])).unwrap();
+    let base = std::fs::canonicalize(dir.path()).unwrap();
+    let label = |n: usize| &loaded.settings.labels[&Label::new(format!("l{n}")).unwrap()];
+    for n in [0, 999, 1999] {
+        assert_eq!(
+            label(n).metadata,
+            format!("file://{}", base.join(format!("m{n}.json")).display())
+        );
+        let JobSpec::Command(trainer) = &label(n).trainer else {
+            panic!("a command trainer");
+        };
+        assert_eq!(
+            trainer.argv[0],
+            base.join(format!("train{n}.sh")).display().to_string()
+        );
+    }
+    let shown: toml::Value = toml::from_str(&redacted_toml(&loaded.figment).unwrap()).unwrap();
+    assert_eq!(
+        shown["labels"]["l1999"]["metadata"].as_str(),
+        Some(format!("file://{}", base.join("m1999.json").display()).as_str())
+    );
+}
