@@ -105,14 +105,7 @@ async fn two_concurrent_triggers_drive_a_label_once() {
     let md = md.text().await.unwrap();
     assert!(md.contains(&format!("# retrain run `{run_id}`")) && md.contains("## Journal"));
     assert!(md.contains("- triggered by: `ci`"), "{md}");
-    let listed: Value = app
-        .get("/v1/runs?label=intent", READER)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed: Value = app.read_json("/v1/runs?label=intent").await;
     assert_eq!(listed["runs"][0]["run_id"], run_id.as_str());
     let missing = app.get("/v1/runs/nope", READER).send().await.unwrap();
     assert_eq!(missing.status(), 404);
@@ -235,14 +228,7 @@ async fn bodies_are_json_or_yaml_and_bad_ones_are_named() {
         .await
         .unwrap();
     assert_eq!(too_big.status(), 413);
-    let labels: Value = app
-        .get("/v1/labels", READER)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let labels: Value = app.read_json("/v1/labels").await;
     let names: Vec<&str> = labels["labels"]
         .as_array()
         .unwrap()
@@ -251,23 +237,9 @@ async fn bodies_are_json_or_yaml_and_bad_ones_are_named() {
         .collect();
     assert_eq!(names, ["intent", "manual", "urgency"]);
     assert_eq!(labels["labels"][0]["threshold"], 10);
-    let page: Value = app
-        .get("/v1/labels?limit=2", READER)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page: Value = app.read_json("/v1/labels?limit=2").await;
     assert_eq!(page["next_cursor"], "manual");
-    let rest: Value = app
-        .get("/v1/labels?cursor=manual", READER)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let rest: Value = app.read_json("/v1/labels?cursor=manual").await;
     assert_eq!(rest["labels"][0]["label"], "urgency");
     assert!(rest["next_cursor"].is_null());
     app.shutdown().await.unwrap();
@@ -282,14 +254,7 @@ async fn a_waiting_candidate_is_approved_once_over_http() {
         .unwrap()
         .to_owned();
     app.wait_stage(&run_id, &["awaiting_approval"]).await;
-    let labels: Value = app
-        .get("/v1/labels", READER)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let labels: Value = app.read_json("/v1/labels").await;
     assert_eq!(labels["labels"][1]["awaiting_approval"][0], run_id.as_str());
 
     let path = |verb: &str| format!("/v1/runs/{run_id}/{verb}");
@@ -433,14 +398,7 @@ async fn shutdown_during_a_training_stops_in_time_and_the_run_resumes() {
     let app = crate::support::spawn_in(&workspace).await;
     app.wait_stage(&run_id, &["done"]).await;
     assert_eq!(workspace.starts("intent"), 2);
-    let runs: Value = app
-        .get("/v1/runs?label=intent", READER)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let runs: Value = app.read_json("/v1/runs?label=intent").await;
     assert_eq!(
         runs["runs"].as_array().unwrap().len(),
         1,

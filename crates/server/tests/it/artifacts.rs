@@ -121,14 +121,7 @@ async fn an_artifact_round_trips_with_its_hash_in_the_manifest() {
             .unwrap(),
         replaced
     );
-    let run: Value = app
-        .get(&format!("/v1/runs/{run_id}"), READER)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let run: Value = app.read_json(&format!("/v1/runs/{run_id}")).await;
     let artifacts = run["manifest"]["artifacts"].as_array().unwrap();
     assert_eq!(artifacts.len(), 1, "{artifacts:?}");
     assert_eq!(artifacts[0]["name"], "model.bin");

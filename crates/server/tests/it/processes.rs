@@ -163,28 +163,13 @@ impl ServerProcess {
 
     /// The registered workers (`GET /v1/workers`).
     pub async fn workers(&self) -> Vec<Value> {
-        let listed: Value = self
-            .app
-            .get("/v1/workers", READER)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let listed: Value = self.app.read_json("/v1/workers").await;
         listed["workers"].as_array().cloned().unwrap_or_default()
     }
 
     /// The run as `GET /v1/runs/{id}` shows it.
     pub async fn run(&self, run_id: &str) -> Value {
-        self.app
-            .get(&format!("/v1/runs/{run_id}"), READER)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        self.app.read_json(&format!("/v1/runs/{run_id}")).await
     }
 
     /// Poll the run until `done` holds for it; the run.

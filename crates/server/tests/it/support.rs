@@ -259,6 +259,18 @@ impl TestApp {
         self.client.post(self.url(path)).bearer_auth(token)
     }
 
+    /// `GET path` with the read-only token; the JSON body, whatever the
+    /// status.
+    pub async fn read_json(&self, path: &str) -> Value {
+        self.get(path, READER)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// `POST /v1/runs` for `labels`, answered 202; the body.
     pub async fn trigger(&self, labels: &[&str]) -> Value {
         let response = self

@@ -126,14 +126,7 @@ async fn github_push_starts_its_label_and_refusals_change_nothing(store: Store) 
     assert_eq!((status, answer["result"].as_str()), (200, Some("ignored")));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(workspace.starts("intent"), 0);
-    let runs: Value = app
-        .get("/v1/runs", READER)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let runs: Value = app.read_json("/v1/runs").await;
     assert_eq!(runs["runs"].as_array().map(Vec::len), Some(0), "{runs}");
 
     // The signed push acts (its id was not burnt by the forged one).
@@ -401,14 +394,7 @@ async fn mlflow_created(
 
 /// The finished runs of `label` (outcome per run), newest first.
 async fn outcomes(app: &TestApp, label: &str) -> Vec<String> {
-    let runs: Value = app
-        .get(&format!("/v1/runs?label={label}"), READER)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let runs: Value = app.read_json(&format!("/v1/runs?label={label}")).await;
     runs["runs"]
         .as_array()
         .unwrap()

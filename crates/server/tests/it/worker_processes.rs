@@ -106,15 +106,7 @@ fn job_states(run: &Value) -> Vec<&str> {
 
 /// The job queue (`GET /v1/workers/queue`).
 async fn queue(server: &ServerProcess) -> Vec<Value> {
-    let queue: Value = server
-        .app
-        .get("/v1/workers/queue", READER)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let queue: Value = server.app.read_json("/v1/workers/queue").await;
     queue["jobs"].as_array().cloned().unwrap_or_default()
 }
 

@@ -129,13 +129,7 @@ async fn error_code(response: reqwest::Response) -> (u16, String) {
 }
 
 async fn run(app: &TestApp, run: &str) -> Value {
-    app.get(&format!("/v1/runs/{run}"), READER)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    app.read_json(&format!("/v1/runs/{run}")).await
 }
 
 async fn trigger_gpu(app: &TestApp) -> String {
@@ -236,25 +230,11 @@ async fn a_worker_trains_a_label_over_http(store: Store) {
         (409, "worker_busy".into())
     );
     assert_eq!(lease(&app, &cpu, 1).await.status(), 204);
-    let queue: Value = app
-        .get("/v1/workers/queue", READER)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let queue: Value = app.read_json("/v1/workers/queue").await;
     assert_eq!(queue["jobs"][0]["state"], "assigned");
     assert_eq!(queue["jobs"][0]["worker_id"], gpu.as_str());
     assert_eq!(queue["jobs"][0]["request"]["gpus"], 1);
-    let shown: Value = app
-        .get(&format!("/v1/workers/{gpu}"), READER)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let shown: Value = app.read_json(&format!("/v1/workers/{gpu}")).await;
     assert_eq!(shown["job_key"], key.as_str());
     assert_eq!(shown["resources"]["gpus"], 1);
 
@@ -400,14 +380,7 @@ async fn a_stale_workers_job_is_retried_on_another(store: Store) {
     let second = lease_job(&app, &lives).await;
     assert_eq!(second["job_key"], format!("{run_id}/train/2"));
     assert_eq!(second["attempt"], 2);
-    let stale: Value = app
-        .get(&format!("/v1/workers/{dies}"), READER)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stale: Value = app.read_json(&format!("/v1/workers/{dies}")).await;
     assert_eq!(stale["state"], "stale");
     // It comes back: live again, told to kill the job it still runs.
     let key = first["job_key"].as_str().unwrap();
@@ -455,14 +428,7 @@ async fn a_stale_workers_job_is_retried_on_another(store: Store) {
         error_code(heartbeat(&app, &ghost, None).await).await,
         (404, "worker_not_found".into())
     );
-    let workers: Value = app
-        .get("/v1/workers", READER)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let workers: Value = app.read_json("/v1/workers").await;
     assert_eq!(workers["workers"].as_array().unwrap().len(), 2, "{workers}");
     alive.abort();
     alive_dies.abort();
@@ -512,14 +478,7 @@ async fn a_drained_job_goes_back_to_the_queue(store: Store) {
     let idle = keep_alive(&app, &unlucky);
     tokio::time::sleep(Duration::from_millis(2600)).await;
     idle.abort();
-    let released: Value = app
-        .get(&format!("/v1/workers/{unlucky}"), READER)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let released: Value = app.read_json(&format!("/v1/workers/{unlucky}")).await;
     assert_eq!(released["job_key"], Value::Null);
     app.client
         .delete(app.url(&format!("/v1/workers/{unlucky}")))
@@ -881,14 +840,7 @@ printf '{"candidate": "cand-agent", "metrics": {"accuracy": 0.9}}' > "$RETRAIN_R
         .expect("the agent drains in time")
         .unwrap()
         .unwrap();
-    let workers: Value = app
-        .get("/v1/workers", READER)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let workers: Value = app.read_json("/v1/workers").await;
     assert_eq!(workers["workers"], json!([]), "{workers}");
     app.shutdown().await.unwrap();
 }
