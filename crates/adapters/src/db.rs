@@ -19,6 +19,15 @@ use crate::AdapterError;
 /// How long a SQLite connection waits for another writer (possibly another
 /// process) before giving up with `SQLITE_BUSY`.
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Page cache per connection, in KiB (SQLite's default is 2 MiB). Filled
+/// only as pages are read; a full cycle of 1,000 labels touches ≈ 8 MiB, and
+/// with the default most B-tree steps re-read their page from the OS
+/// (docs/BENCHMARKS.md).
+const SQLITE_CACHE_KIB: u32 = 8 * 1024;
+/// Reads of the database file through a memory map instead of one `pread`
+/// system call per page missing from the cache (address space; the pages
+/// are the OS file cache's, shared, though counted in the RSS once touched).
+const SQLITE_MMAP_BYTES: u64 = 256 * 1024 * 1024;
 /// How long acquiring a pooled connection (including connecting) may take.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -145,7 +154,9 @@ impl DbUrl {
                 let mut options = SqliteConnectOptions::new()
                     .filename(path)
                     .busy_timeout(SQLITE_BUSY_TIMEOUT)
-                    .foreign_keys(true);
+                    .foreign_keys(true)
+                    .pragma("cache_size", format!("-{SQLITE_CACHE_KIB}"))
+                    .pragma("mmap_size", SQLITE_MMAP_BYTES.to_string());
                 options = if read_only {
                     options.read_only(true)
                 } else {
@@ -328,6 +339,26 @@ fn url_secrets(url: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn sqlite_files_open_with_the_larger_page_cache_and_a_memory_map() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = DbUrl::SqliteFile(dir.path().join("state.db"));
+        for read_only in [false, true] {
+            let pool = url.sqlite_pool("state", read_only).await.unwrap();
+            let cache: i64 = sqlx::query_scalar("PRAGMA cache_size")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            assert_eq!(cache, -i64::from(SQLITE_CACHE_KIB));
+            let mmap: i64 = sqlx::query_scalar("PRAGMA mmap_size")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            assert_eq!(mmap, SQLITE_MMAP_BYTES as i64);
+            pool.close().await;
+        }
+    }
 
     #[test]
     fn accepted_forms() {

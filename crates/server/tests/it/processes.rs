@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::{TestApp, Workspace, READER, WORKER};
+use crate::support::{TestApp, Workspace, WORKER};
 
 /// How long a process gets to come up, register or exit.
 const PATIENCE: Duration = Duration::from_secs(60);

@@ -12,7 +12,7 @@ use serde_json::Value;
 use crate::processes::{
     free_port, ran, running, wait_gone, wait_started, ServerProcess, WorkerProcess,
 };
-use crate::support::{entry, Store, Workspace, READER};
+use crate::support::{entry, Store, Workspace};
 
 /// Records its start (`<label> <attempt> <worker> <pid>`), sleeps
 /// `sleep_<label>_<worker>` seconds (a file, so a test makes one worker's
