@@ -626,9 +626,7 @@ impl Named {
             name,
         }
     }
-}
 
-impl Named {
     /// A whole tree of values (keys nested as figment reads dotted keys).
     fn root(value: Value, name: String) -> Self {
         Self {
