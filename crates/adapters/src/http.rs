@@ -115,6 +115,8 @@ pub struct Call<'a> {
     what: &'a str,
     replay: Replay,
     url: UrlDisplay,
+    /// Retries after the first attempt, when not the policy's.
+    max_retries: Option<u32>,
 }
 
 impl<'a> Call<'a> {
@@ -125,7 +127,16 @@ impl<'a> Call<'a> {
             what,
             replay,
             url: UrlDisplay::Path,
+            max_retries: None,
         }
+    }
+
+    /// Send at most `1 + retries` times, whatever the policy says: for a
+    /// request that a loop repeats anyway (a heartbeat), where a backoff
+    /// longer than the loop's period would only make it late.
+    pub fn retries(mut self, retries: u32) -> Self {
+        self.max_retries = Some(retries);
+        self
     }
 
     /// The URL is a secret: show only its scheme, host and port.
@@ -386,7 +397,7 @@ impl RetryingClient {
                 };
             }
             let too_long = server_wait.is_some_and(|w| w > self.policy.max_server_wait);
-            if attempt >= self.policy.max_retries || too_long {
+            if attempt >= call.max_retries.unwrap_or(self.policy.max_retries) || too_long {
                 if checked {
                     if let Some(found) = self.look(call, &outcome, check).await? {
                         return Ok(Checked::AlreadyApplied(found));
@@ -827,6 +838,26 @@ mod tests {
 
     async fn count(server: &wiremock::MockServer) -> usize {
         server.received_requests().await.unwrap().len()
+    }
+
+    #[tokio::test]
+    async fn a_call_with_its_own_retries_overrides_the_policy() {
+        use wiremock::matchers::method;
+        use wiremock::{Mock, MockServer, ResponseTemplate};
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(503))
+            .mount(&server)
+            .await;
+        let client = RetryingClient::new("test", fast(3)).unwrap();
+        let url = server.uri();
+        let once = Call::new("heartbeat", Replay::Idempotent).retries(0);
+        let response = client.send_with(&once, |c| c.post(&url)).await.unwrap();
+        assert_eq!(response.status(), 503);
+        assert_eq!(count(&server).await, 1, "no retry");
+        let policy = Call::new("heartbeat", Replay::Idempotent);
+        client.send_with(&policy, |c| c.post(&url)).await.unwrap();
+        assert_eq!(count(&server).await, 1 + 4, "the policy's 3 retries");
     }
 
     #[tokio::test]

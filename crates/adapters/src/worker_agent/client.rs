@@ -257,9 +257,12 @@ impl ServerClient {
         let what = "worker heartbeat";
         let url = self.url(&format!("/v1/workers/{}/heartbeat", segment(worker_id)))?;
         let body = serde_json::json!({ "state": state, "job_key": job_key });
+        // Not retried: the next heartbeat is the retry. A backoff (1, 2, 4 s…)
+        // while the server restarts would deliver it later than the next
+        // tick, past `worker_ttl`, and lose the running job.
         let response = self
             .send(
-                Call::new(what, Replay::Idempotent),
+                Call::new(what, Replay::Idempotent).retries(0),
                 reqwest::Method::POST,
                 &url,
                 Some(&body),
