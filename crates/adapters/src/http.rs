@@ -836,19 +836,23 @@ mod tests {
         }
     }
 
+    /// A server that answers every `method` request 503.
+    async fn unavailable(method: &str) -> wiremock::MockServer {
+        let server = wiremock::MockServer::start().await;
+        wiremock::Mock::given(wiremock::matchers::method(method))
+            .respond_with(wiremock::ResponseTemplate::new(503))
+            .mount(&server)
+            .await;
+        server
+    }
+
     async fn count(server: &wiremock::MockServer) -> usize {
         server.received_requests().await.unwrap().len()
     }
 
     #[tokio::test]
     async fn a_call_with_its_own_retries_overrides_the_policy() {
-        use wiremock::matchers::method;
-        use wiremock::{Mock, MockServer, ResponseTemplate};
-        let server = MockServer::start().await;
-        Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(503))
-            .mount(&server)
-            .await;
+        let server = unavailable("POST").await;
         let client = RetryingClient::new("test", fast(3)).unwrap();
         let url = server.uri();
         let once = Call::new("heartbeat", Replay::Idempotent).retries(0);
@@ -864,11 +868,7 @@ mod tests {
     async fn post_is_not_resent_after_an_unknown_outcome() {
         use wiremock::matchers::method;
         use wiremock::{Mock, MockServer, ResponseTemplate};
-        let server = MockServer::start().await;
-        Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(503))
-            .mount(&server)
-            .await;
+        let server = unavailable("POST").await;
         let client = RetryingClient::new("test", fast(3)).unwrap();
         let url = server.uri();
         for replay in [Replay::ByMethod, Replay::Never] {

@@ -804,19 +804,21 @@ pub async fn stale_fences_write_nothing_after_release_and_reacquisition(store: A
     store.record(&rest[0], &second).await.unwrap();
 }
 
-/// Writes sent together (on SQLite: queued while the writer task is busy,
-/// so committed in one group-commit transaction) succeed or are fenced off
-/// one by one: a stale fence fails only its own write.
-pub async fn a_fenced_write_fails_alone_among_concurrent_writes(store: Arc<dyn RunStore>) {
-    let names: Vec<String> = (0..12).map(|i| format!("label-{i}")).collect();
+/// Lock `count` labels `label-0…`, lock the `stale` ones again (so their
+/// first fences are stale), and start a run for each: the fences, the runs
+/// and each run's first transition, in label order.
+async fn started_runs(
+    store: &dyn RunStore,
+    count: usize,
+    stale: &[usize],
+) -> (Vec<Fence>, Vec<LabelRun>, Vec<Transition>) {
+    let names: Vec<String> = (0..count).map(|i| format!("label-{i}")).collect();
     let mut fences = Vec::new();
     for name in &names {
-        fences.push(lock(store.as_ref(), name).await);
+        fences.push(lock(store, name).await);
     }
-    // Two labels were locked again since: their first fences are stale.
-    let stale = [3, 8];
-    for &i in &stale {
-        lock(store.as_ref(), &names[i]).await;
+    for &i in stale {
+        lock(store, &names[i]).await;
     }
     let mut runs = Vec::new();
     let mut transitions = Vec::new();
@@ -830,13 +832,18 @@ pub async fn a_fenced_write_fails_alone_among_concurrent_writes(store: Arc<dyn R
         transitions.push(step(&mut run, Event::Started { now: now() }));
         runs.push(run);
     }
-    let results = futures::future::join_all(
-        transitions
-            .iter()
-            .zip(&fences)
-            .map(|(t, fence)| store.record(t, fence)),
-    )
-    .await;
+    (fences, runs, transitions)
+}
+
+/// Each write of `runs` (answered `results`) was fenced off and applied
+/// nothing if its index is `stale`, else applied; the applied runs' ids.
+async fn only_the_stale_were_fenced<'r>(
+    store: &dyn RunStore,
+    results: Vec<Result<(), StoreError>>,
+    runs: &'r [LabelRun],
+    stale: &[usize],
+) -> Vec<&'r RunId> {
+    let mut applied = Vec::new();
     for (i, result) in results.into_iter().enumerate() {
         let stored = store.run(&runs[i].run_id).await.unwrap();
         if stale.contains(&i) {
@@ -848,8 +855,27 @@ pub async fn a_fenced_write_fails_alone_among_concurrent_writes(store: Arc<dyn R
         } else {
             result.unwrap_or_else(|e| panic!("{i}: {e}"));
             assert_eq!(stored.unwrap().snapshot, runs[i], "{i}");
+            applied.push(&runs[i].run_id);
         }
     }
+    applied
+}
+
+/// Writes sent together (on SQLite: queued while the writer task is busy,
+/// so committed in one group-commit transaction) succeed or are fenced off
+/// one by one: a stale fence fails only its own write.
+pub async fn a_fenced_write_fails_alone_among_concurrent_writes(store: Arc<dyn RunStore>) {
+    // Two labels were locked again since: their first fences are stale.
+    let stale = [3, 8];
+    let (fences, runs, transitions) = started_runs(store.as_ref(), 12, &stale).await;
+    let results = futures::future::join_all(
+        transitions
+            .iter()
+            .zip(&fences)
+            .map(|(t, fence)| store.record(t, fence)),
+    )
+    .await;
+    only_the_stale_were_fenced(store.as_ref(), results, &runs, &stale).await;
 }
 
 pub async fn concurrent_lockers_get_one_winner_per_round(store: Arc<dyn RunStore>) {
@@ -1673,27 +1699,8 @@ async fn postgres_concurrent_journal_writes_share_one_transaction() {
     };
     let store = open_run_store(&url, StoreOptions::default()).await.unwrap();
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
-    let names: Vec<String> = (0..16).map(|i| format!("label-{i}")).collect();
-    let mut fences = Vec::new();
-    for name in &names {
-        fences.push(lock(store.as_ref(), name).await);
-    }
     let stale = [3, 8];
-    for &i in &stale {
-        lock(store.as_ref(), &names[i]).await;
-    }
-    let mut runs = Vec::new();
-    let mut transitions = Vec::new();
-    for name in &names {
-        let mut run = LabelRun::new(
-            RunId::generate(),
-            CycleId::generate(),
-            plan(name),
-            LabelCursor::default(),
-        );
-        transitions.push(step(&mut run, Event::Started { now: now() }));
-        runs.push(run);
-    }
+    let (fences, runs, transitions) = started_runs(store.as_ref(), 16, &stale).await;
     let held =
         HeldJournalWriter::hold(&store, &pool, "first", lock(store.as_ref(), "first").await).await;
     let writes = queue_all(
@@ -1705,21 +1712,7 @@ async fn postgres_concurrent_journal_writes_share_one_transaction() {
     .await;
     let first_run = held.release().await;
     let results = writes.await;
-    let mut applied = Vec::new();
-    for (i, result) in results.into_iter().enumerate() {
-        let stored = store.run(&runs[i].run_id).await.unwrap();
-        if stale.contains(&i) {
-            assert!(
-                matches!(result, Err(StoreError::Fenced(_))),
-                "{i}: {result:?}"
-            );
-            assert_eq!(stored, None, "{i}: a fenced write was applied");
-        } else {
-            result.unwrap_or_else(|e| panic!("{i}: {e}"));
-            assert_eq!(stored.unwrap().snapshot, runs[i], "{i}");
-            applied.push(&runs[i].run_id);
-        }
-    }
+    let applied = only_the_stale_were_fenced(store.as_ref(), results, &runs, &stale).await;
     let together = journal_transactions(&pool, &applied).await;
     assert_eq!(
         together.len(),
