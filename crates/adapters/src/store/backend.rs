@@ -270,23 +270,43 @@ pub(super) const SELECT_UNFINISHED: &str = "SELECT run_id, snapshot FROM runs
      WHERE label = $1 AND done = FALSE AND stage <> 'awaiting_approval'
      ORDER BY started_at DESC, run_id DESC LIMIT 1";
 
-/// `$2`: `i64::MAX` for "no limit" (SQLite and Postgres disagree on the
-/// spelling of "no limit", not on a large one).
+/// Newest first. `$1`: `i64::MAX` for "no limit" (SQLite and Postgres
+/// disagree on the spelling of "no limit", not on a large one).
 pub(super) const SELECT_RUNS: &str =
     "SELECT run_id, cycle_id, label, stage, outcome, started_at, updated_at FROM runs
-     WHERE (CAST($1 AS TEXT) IS NULL OR label = $1)
+     ORDER BY started_at DESC, run_id DESC LIMIT $1";
+
+/// [`SELECT_RUNS`] of label `$1` (limit `$2`). A statement of its own, not
+/// `($1 IS NULL OR label = $1)`: with that disjunction neither planner
+/// reads the label's runs by the `(label, started_at DESC, run_id DESC)`
+/// index, and SQLite scanned every run of every label, for each label (the
+/// engine lists a label's runs for its metrics history at every verdict:
+/// quadratic in the labels).
+pub(super) const SELECT_RUNS_OF_LABEL: &str =
+    "SELECT run_id, cycle_id, label, stage, outcome, started_at, updated_at FROM runs
+     WHERE label = $1
      ORDER BY started_at DESC, run_id DESC LIMIT $2";
 
-/// `GET /v1/runs`: a keyset page after run `$3` (compared as the row value
+/// `GET /v1/runs`: a keyset page after run `$2` (compared as the row value
 /// (started_at, run_id) read from the store itself, so no timestamp is
-/// re-encoded); `$2` matches the outcome or the stage.
+/// re-encoded); `$1` matches the outcome or the stage. The label filter is
+/// [`SELECT_RUNS_PAGE_OF_LABEL`].
 pub(super) const SELECT_RUNS_PAGE: &str =
     "SELECT run_id, cycle_id, label, stage, outcome, started_at, updated_at FROM runs
-     WHERE (CAST($1 AS TEXT) IS NULL OR label = $1)
-       AND (CAST($2 AS TEXT) IS NULL OR outcome = $2 OR stage = $2)
-       AND (CAST($3 AS TEXT) IS NULL
-            OR (started_at, run_id) < (SELECT a.started_at, a.run_id FROM runs a WHERE a.run_id = $3))
-     ORDER BY started_at DESC, run_id DESC LIMIT $4";
+     WHERE (CAST($1 AS TEXT) IS NULL OR outcome = $1 OR stage = $1)
+       AND (CAST($2 AS TEXT) IS NULL
+            OR (started_at, run_id) < (SELECT a.started_at, a.run_id FROM runs a WHERE a.run_id = $2))
+     ORDER BY started_at DESC, run_id DESC LIMIT $3";
+
+/// [`SELECT_RUNS_PAGE`] of label `$4` (read by its index, as
+/// [`SELECT_RUNS_OF_LABEL`]).
+pub(super) const SELECT_RUNS_PAGE_OF_LABEL: &str =
+    "SELECT run_id, cycle_id, label, stage, outcome, started_at, updated_at FROM runs
+     WHERE label = $4
+       AND (CAST($1 AS TEXT) IS NULL OR outcome = $1 OR stage = $1)
+       AND (CAST($2 AS TEXT) IS NULL
+            OR (started_at, run_id) < (SELECT a.started_at, a.run_id FROM runs a WHERE a.run_id = $2))
+     ORDER BY started_at DESC, run_id DESC LIMIT $3";
 
 /// The status of the labels asked for (`$1`, a JSON array of names) in one
 /// statement: cursor, newest run (with its verdict reason), live lock, the
@@ -331,30 +351,6 @@ pub(super) const SELECT_PROMOTIONS: &str =
     "SELECT run_id, label, kind, version, previous_version, candidate_run, candidate_id,
             verdict, by_whom, reason, at
      FROM promotions WHERE label = $1 ORDER BY at, run_id";
-
-/// `$1..$11` a promotion event (see [`promotion_args`]); the event of a run
-/// is written once.
-pub(super) const INSERT_PROMOTION: &str =
-    "INSERT INTO promotions (run_id, label, kind, version, previous_version, candidate_run,
-                             candidate_id, verdict, by_whom, reason, at)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-     ON CONFLICT (run_id) DO NOTHING";
-
-pub(super) fn promotion_args(event: &PromotionEvent) -> Vec<Arg> {
-    vec![
-        Arg::text(&event.run_id),
-        Arg::text(&event.label),
-        Arg::text(event.kind.as_str()),
-        Arg::text(&event.version),
-        Arg::OptText(event.previous_version.clone()),
-        Arg::OptText(event.candidate_run.as_ref().map(|r| r.as_str().to_owned())),
-        Arg::OptText(event.candidate_id.clone()),
-        Arg::OptText(event.verdict.clone()),
-        Arg::text(&event.by),
-        Arg::OptText(event.reason.clone()),
-        Arg::Time(event.at),
-    ]
-}
 
 pub(super) fn promotion_of<R: StoreRow>(row: &R) -> Result<PromotionEvent, StoreError> {
     let run_id = row.text("run_id")?;

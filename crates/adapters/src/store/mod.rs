@@ -281,12 +281,13 @@ impl<B: Backend> RunStore for SqlRunStore<B> {
 
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, StoreError> {
         let b = &self.0;
-        let args = vec![
-            Arg::OptText(filter.label.as_ref().map(Label::to_string)),
-            Arg::Int(filter.limit.map_or(i64::MAX, i64::from)),
-        ];
+        let limit = Arg::Int(filter.limit.map_or(i64::MAX, i64::from));
+        let (sql, args) = match &filter.label {
+            Some(label) => (backend::SELECT_RUNS_OF_LABEL, vec![Arg::text(label), limit]),
+            None => (backend::SELECT_RUNS, vec![limit]),
+        };
         b.pool()
-            .fetch_all(backend::SELECT_RUNS, args)
+            .fetch_all(sql, args)
             .await
             .map_err(|e| b.error("listing runs", e))?
             .iter()
@@ -296,14 +297,20 @@ impl<B: Backend> RunStore for SqlRunStore<B> {
 
     async fn list_runs_page(&self, page: &RunPage) -> Result<Vec<RunSummary>, StoreError> {
         let b = &self.0;
-        let args = vec![
-            Arg::OptText(page.label.as_ref().map(Label::to_string)),
+        let mut args = vec![
             Arg::OptText(page.status.clone()),
             Arg::OptText(page.after.as_ref().map(RunId::to_string)),
             Arg::Int(i64::from(page.limit)),
         ];
+        let sql = match &page.label {
+            Some(label) => {
+                args.push(Arg::text(label));
+                backend::SELECT_RUNS_PAGE_OF_LABEL
+            }
+            None => backend::SELECT_RUNS_PAGE,
+        };
         b.pool()
-            .fetch_all(backend::SELECT_RUNS_PAGE, args)
+            .fetch_all(sql, args)
             .await
             .map_err(|e| b.error("listing a page of runs", e))?
             .iter()
@@ -622,6 +629,11 @@ const SQLITE_MIGRATIONS: Embedded = Embedded(&[
         "status indexes",
         include_str!("../../migrations/sqlite/0015_status_indexes.sql"),
     ),
+    (
+        16,
+        "journal writes and verdict column",
+        include_str!("../../migrations/sqlite/0016_journal_writes.sql"),
+    ),
 ]);
 
 const POSTGRES_MIGRATIONS: Embedded = Embedded(&[
@@ -684,6 +696,11 @@ const POSTGRES_MIGRATIONS: Embedded = Embedded(&[
         14,
         "status indexes",
         include_str!("../../migrations/postgres/0014_status_indexes.sql"),
+    ),
+    (
+        15,
+        "verdict column",
+        include_str!("../../migrations/postgres/0015_verdict_column.sql"),
     ),
 ]);
 
@@ -784,11 +801,20 @@ fn parse_label(raw: &str, run_id: &str) -> Result<Label, StoreError> {
 /// Encode something we own as JSON. Failure means a bug (non-string map
 /// keys...), reported as a conflict rather than a panic.
 fn to_json<T: serde::Serialize>(value: &T, what: &str) -> Result<serde_json::Value, StoreError> {
-    serde_json::to_value(value)
-        .map_err(|e| StoreError::Conflict(format!("cannot encode {what} as JSON: {e}")))
+    serde_json::to_value(value).map_err(|e| cannot_encode(what, e))
 }
 
-/// The row fields shared by every transition write.
+/// [`to_json`] as text, without building a `serde_json::Value` first.
+fn to_json_text<T: serde::Serialize>(value: &T, what: &str) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| cannot_encode(what, e))
+}
+
+fn cannot_encode(what: &str, error: serde_json::Error) -> StoreError {
+    StoreError::Conflict(format!("cannot encode {what} as JSON: {error}"))
+}
+
+/// The run row as of a journal write's last transition, shared by both
+/// dialects.
 struct RunRow<'a> {
     run_id: &'a str,
     cycle_id: &'a str,
@@ -797,9 +823,13 @@ struct RunRow<'a> {
     outcome: &'static str,
     done: bool,
     started_at: chrono::DateTime<chrono::Utc>,
-    snapshot: serde_json::Value,
-    event: serde_json::Value,
-    actions: serde_json::Value,
+    /// The run as JSON text, serialised straight from the run: a write
+    /// serialises its ≈ 2 KiB snapshot once, with no intermediate
+    /// `serde_json::Value`.
+    snapshot: String,
+    /// The verdict's reason, stored in a column of its own so that the
+    /// status listing does not parse every newest run's snapshot.
+    verdict: Option<&'a str>,
     seq: i64,
 }
 
@@ -820,14 +850,18 @@ impl<'a> RunRow<'a> {
             outcome: outcome_of(run),
             done: transition.is_final(),
             started_at: run.started_at.unwrap_or(transition.at),
-            snapshot: to_json(run, "the run snapshot")?,
-            event: to_json(&transition.event, "the event")?,
-            actions: to_json(&transition.actions, "the actions")?,
-            seq: i64::try_from(transition.seq).map_err(|_| {
-                StoreError::Conflict(format!("sequence number {} is too large", transition.seq))
-            })?,
+            snapshot: to_json_text(run, "the run snapshot")?,
+            verdict: run.verdict.as_ref().map(|v| v.reason.as_str()),
+            seq: seq_of(transition)?,
         })
     }
+}
+
+/// A transition's sequence number as the stores' integer column.
+fn seq_of(transition: &Transition) -> Result<i64, StoreError> {
+    i64::try_from(transition.seq).map_err(|_| {
+        StoreError::Conflict(format!("sequence number {} is too large", transition.seq))
+    })
 }
 
 /// Translate a driver error. Unique violations mean a journal line was

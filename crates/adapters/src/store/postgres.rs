@@ -149,13 +149,21 @@ const HOLD_ALL: &str = "SELECT locks.label, locks.owner, locks.token
      FOR SHARE OF locks";
 
 /// The snapshots of a group commit's runs: one array per column.
+/// The snapshots travel as JSON text (serialised once, straight from the
+/// run) and are parsed into `jsonb` here.
 const UPSERT_RUNS: &str =
-    "INSERT INTO runs (run_id, cycle_id, label, stage, outcome, done, started_at, updated_at, snapshot)
-     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                          $6::boolean[], $7::timestamptz[], $8::timestamptz[], $9::jsonb[])
+    "INSERT INTO runs (run_id, cycle_id, label, stage, outcome, done, started_at, updated_at,
+                       snapshot, verdict)
+     SELECT run_id, cycle_id, label, stage, outcome, done, started_at, updated_at,
+            snapshot::jsonb, verdict
+     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::boolean[],
+                 $7::timestamptz[], $8::timestamptz[], $9::text[], $10::text[])
+          AS run(run_id, cycle_id, label, stage, outcome, done, started_at, updated_at,
+                 snapshot, verdict)
      ON CONFLICT (run_id) DO UPDATE SET
         stage = excluded.stage, outcome = excluded.outcome, done = excluded.done,
-        updated_at = excluded.updated_at, snapshot = excluded.snapshot";
+        updated_at = excluded.updated_at, snapshot = excluded.snapshot,
+        verdict = excluded.verdict";
 
 /// The journal lines of a group commit, inserted in the order given (each
 /// takes the next journal position from its trigger).
@@ -167,8 +175,7 @@ const INSERT_LINES: &str =
           WITH ORDINALITY AS line(run_id, seq, at, from_stage, to_stage, event, actions, n)
      ORDER BY n";
 
-/// The promotion events of a group commit (`backend::INSERT_PROMOTION`,
-/// one array per column).
+/// The promotion events of a group commit, one array per column.
 const INSERT_PROMOTIONS: &str =
     "INSERT INTO promotions (run_id, label, kind, version, previous_version, candidate_run,
                              candidate_id, verdict, by_whom, reason, at)
@@ -256,7 +263,7 @@ impl Backend for PostgresRunStore {
     const SELECT_STATUS: &'static str = super::backend::select_status!(
         "SELECT DISTINCT value AS label FROM jsonb_array_elements_text($1) AS value",
         "k.owner <> '' AND k.expires_at > now()",
-        "r.snapshot -> 'verdict' ->> 'reason'"
+        "r.verdict"
     );
     const APPEND_LOG: &'static str =
         "UPDATE remote_jobs SET log_tail = right(log_tail || $3, 65536)
@@ -327,7 +334,9 @@ struct RunValues {
     done: bool,
     started_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
-    snapshot: serde_json::Value,
+    /// JSON text.
+    snapshot: String,
+    verdict: Option<String>,
 }
 
 struct LineValues {
@@ -371,14 +380,13 @@ impl JournalWrite {
             started_at: row.started_at,
             updated_at: last.at,
             snapshot: row.snapshot,
+            verdict: row.verdict.map(str::to_owned),
         };
         let mut lines = Vec::with_capacity(transitions.len());
         for transition in transitions {
             lines.push(LineValues {
                 run_id: transition.run_id.as_str().to_owned(),
-                seq: i64::try_from(transition.seq).map_err(|_| {
-                    StoreError::Conflict(format!("sequence number {} is too large", transition.seq))
-                })?,
+                seq: super::seq_of(transition)?,
                 at: transition.at,
                 from: transition.from.as_str(),
                 to: transition.to.as_str(),
@@ -484,7 +492,12 @@ async fn write_all(tx: &mut Tx, writes: &[&JournalWrite]) -> Result<(), sqlx::Er
         .bind(runs.clone().map(|r| r.done).collect::<Vec<_>>())
         .bind(runs.clone().map(|r| r.started_at).collect::<Vec<_>>())
         .bind(runs.clone().map(|r| r.updated_at).collect::<Vec<_>>())
-        .bind(runs.map(|r| &r.snapshot).collect::<Vec<_>>())
+        .bind(
+            runs.clone()
+                .map(|r| r.snapshot.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(runs.map(|r| r.verdict.as_deref()).collect::<Vec<_>>())
         .execute(&mut **tx)
         .await?;
     let lines = writes.iter().flat_map(|w| &w.lines);

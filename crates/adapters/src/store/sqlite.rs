@@ -7,9 +7,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
 use retrain_core::domain::{Fence, LabelCursor, Lease, VersionTag};
-use retrain_core::journal::Transition;
+use retrain_core::journal::{PromotionEvent, Transition};
+use retrain_core::machine::{Action, Event};
 use retrain_core::ports::StoreError;
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 use sqlx::sqlite::{SqlitePool, SqliteRow};
 use sqlx::{Row, Sqlite};
 
@@ -143,17 +145,16 @@ const UPSERT_LEASE_FENCED: &str =
         acquired_at = excluded.acquired_at, max_until = excluded.max_until,
         attributes = excluded.attributes, released_at = excluded.released_at";
 
-/// One journal write: `$1..$19` the journal row (with the cursor when
-/// `has_cursor`), `$20..$22` the fence (label, owner, token), `$23` now.
-/// The `journal_inbox` trigger (migrations 0003, 0005) applies it; no row is
+/// One journal write: `$1..$17` the `journal_writes` row (see
+/// [`write_one`]), `$18..$20` the fence (label, owner, token), `$21` now.
+/// The `journal_writes_apply` trigger (migration 0016) applies it; no row is
 /// inserted, so nothing is applied, unless the fence holds.
 const INSERT_JOURNAL_FENCED: &str =
-    "INSERT INTO journal_inbox (run_id, cycle_id, label, stage, outcome, done, started_at, at,
-                                snapshot, seq, from_stage, to_stage, event, actions,
-                                has_cursor, watermark, consumed_version, consumed_num_samples,
-                                rejected_version)
-     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19
-     WHERE EXISTS (SELECT 1 FROM locks WHERE label = $20 AND owner = $21 AND token = $22 AND expires_at > $23)";
+    "INSERT INTO journal_writes (run_id, cycle_id, label, stage, outcome, done, started_at, at,
+                                snapshot, verdict, lines, promotions, has_cursor, watermark,
+                                consumed_version, consumed_num_samples, rejected_version)
+     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17
+     WHERE EXISTS (SELECT 1 FROM locks WHERE label = $18 AND owner = $19 AND token = $20 AND expires_at > $21)";
 
 impl SqliteRunStore {
     pub(super) async fn open(url: DbUrl, options: StoreOptions) -> Result<Self, AdapterError> {
@@ -180,7 +181,7 @@ impl Backend for SqliteRunStore {
     const SELECT_STATUS: &'static str = super::backend::select_status!(
         "SELECT DISTINCT value AS label FROM json_each($1)",
         "k.owner <> '' AND k.expires_at > $2",
-        "json_extract(r.snapshot, '$.verdict.reason')"
+        "r.verdict"
     );
     const APPEND_LOG: &'static str =
         "UPDATE remote_jobs SET log_tail = substr(log_tail || $3, -65536)
@@ -253,37 +254,92 @@ impl CommitBatch for SqliteJournal {
     }
 }
 
-/// The write's journal lines + snapshot (+ cursor, with the last line)
-/// inside `tx`, one statement per line, each applied only while the write's
-/// fence holds the label's lock. The fence cannot change inside `tx` (SQLite
-/// has one writer), so the lines are applied all or none.
+/// One element of a write's `lines` array: a journal line as the
+/// `journal_writes_apply` trigger reads it.
+#[derive(Serialize)]
+struct LineJson<'a> {
+    seq: i64,
+    at: String,
+    from_stage: &'static str,
+    to_stage: &'static str,
+    event: &'a Event,
+    actions: &'a [Action],
+}
+
+/// One element of a write's `promotions` array: the columns of
+/// `promotions`, times as the store's fixed-width text.
+#[derive(Serialize)]
+struct PromotionJson<'a> {
+    run_id: &'a str,
+    label: &'a str,
+    kind: &'static str,
+    version: &'a str,
+    previous_version: Option<&'a str>,
+    candidate_run: Option<&'a str>,
+    candidate_id: Option<&'a str>,
+    verdict: Option<&'a str>,
+    by_whom: &'a str,
+    reason: Option<&'a str>,
+    at: String,
+}
+
+impl<'a> PromotionJson<'a> {
+    fn of(event: &'a PromotionEvent) -> Self {
+        Self {
+            run_id: event.run_id.as_str(),
+            label: event.label.as_str(),
+            kind: event.kind.as_str(),
+            version: &event.version,
+            previous_version: event.previous_version.as_deref(),
+            candidate_run: event.candidate_run.as_ref().map(|r| r.as_str()),
+            candidate_id: event.candidate_id.as_deref(),
+            verdict: event.verdict.as_deref(),
+            by_whom: &event.by,
+            reason: event.reason.as_deref(),
+            at: ts(event.at),
+        }
+    }
+}
+
+/// The write's journal lines, the run's snapshot as of the last, its
+/// promotion events and the cursor, in one statement into
+/// `journal_writes`, applied only while the write's fence holds the
+/// label's lock (all or nothing: see migration 0016).
 async fn write_one(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     url: &DbUrl,
     write: &JournalWrite,
 ) -> Result<bool, StoreError> {
-    let last = write.transitions.len().saturating_sub(1);
-    let mut applied = true;
-    for (i, transition) in write.transitions.iter().enumerate() {
-        let cursor = if i == last {
-            write.cursor.as_ref()
-        } else {
-            None
-        };
-        applied &= write_line(tx, url, transition, cursor, &write.fence).await?;
-    }
-    Ok(applied)
-}
-
-/// One journal line + snapshot (+ cursor) in one statement.
-async fn write_line(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    url: &DbUrl,
-    transition: &Transition,
-    cursor: Option<&LabelCursor>,
-    fence: &Fence,
-) -> Result<bool, StoreError> {
-    let row = RunRow::of(transition)?;
+    let Some(last) = write.transitions.last() else {
+        return Ok(true);
+    };
+    let row = RunRow::of(last)?;
+    let lines = write
+        .transitions
+        .iter()
+        .map(|t| {
+            Ok(LineJson {
+                seq: super::seq_of(t)?,
+                at: ts(t.at),
+                from_stage: t.from.as_str(),
+                to_stage: t.to.as_str(),
+                event: &t.event,
+                actions: &t.actions,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    let events: Vec<PromotionEvent> = write
+        .transitions
+        .iter()
+        .filter_map(Transition::promotion_event)
+        .collect();
+    let promotions = if events.is_empty() {
+        None
+    } else {
+        let rows: Vec<_> = events.iter().map(PromotionJson::of).collect();
+        Some(super::to_json_text(&rows, "the promotion events")?)
+    };
+    let cursor = write.cursor.as_ref();
     let samples = cursor
         .and_then(|c| c.consumed_num_samples)
         .map(|n| u64_to_i64(n, "consumed_num_samples"))
@@ -296,13 +352,11 @@ async fn write_line(
         Arg::text(row.outcome),
         Arg::Bool(row.done),
         Arg::Time(row.started_at),
-        Arg::Time(transition.at),
-        Arg::Json(row.snapshot),
-        Arg::Int(row.seq),
-        Arg::text(transition.from.as_str()),
-        Arg::text(transition.to.as_str()),
-        Arg::Json(row.event),
-        Arg::Json(row.actions),
+        Arg::Time(last.at),
+        Arg::Text(row.snapshot),
+        Arg::OptText(row.verdict.map(str::to_owned)),
+        Arg::Text(super::to_json_text(&lines, "the journal lines")?),
+        Arg::OptText(promotions),
         Arg::Bool(cursor.is_some()),
         Arg::OptTime(cursor.and_then(|c| c.watermark)),
         Arg::OptText(
@@ -317,7 +371,7 @@ async fn write_line(
                 .map(|v| VersionTag::as_str(v).to_owned()),
         ),
     ];
-    args.extend(fence_args(&transition.label, fence)?);
+    args.extend(fence_args(&last.label, &write.fence)?);
     args.push(Arg::Time(Utc::now()));
     let inserted = bind(sqlx::query(INSERT_JOURNAL_FENCED), args)
         .execute(&mut **tx)
@@ -327,21 +381,51 @@ async fn write_line(
             super::store_error(url, &what, e)
         })?
         .rows_affected();
-    if inserted == 1 {
-        // The promotion event joins the journal line's transaction, and only
-        // a write whose fence held gets one.
-        if let Some(event) = transition.promotion_event() {
-            bind(
-                sqlx::query(super::backend::INSERT_PROMOTION),
-                super::backend::promotion_args(&event),
-            )
-            .execute(&mut **tx)
-            .await
-            .map_err(|e| {
-                let what = format!("recording the promotion event of run {}", row.run_id);
-                super::store_error(url, &what, e)
-            })?;
-        }
-    }
     Ok(inserted == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::backend::{
+        SELECT_RUNS_OF_LABEL, SELECT_RUNS_PAGE_OF_LABEL, SELECT_UNFINISHED,
+    };
+    use super::*;
+
+    /// The per-label reads the engine makes for every label of a cycle are
+    /// index searches, never a scan of every label's runs (which made a
+    /// cycle quadratic in its labels): `EXPLAIN QUERY PLAN` of each names
+    /// no `SCAN` of `runs`.
+    #[tokio::test]
+    async fn reads_of_one_labels_runs_search_an_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = DbUrl::SqliteFile(dir.path().join("state.db"));
+        let options = StoreOptions {
+            migrate: true,
+            read_only: false,
+        };
+        let store = SqliteRunStore::open(url, options).await.unwrap();
+        for (name, sql) in [
+            ("SELECT_RUNS_OF_LABEL", SELECT_RUNS_OF_LABEL),
+            ("SELECT_RUNS_PAGE_OF_LABEL", SELECT_RUNS_PAGE_OF_LABEL),
+            ("SELECT_UNFINISHED", SELECT_UNFINISHED),
+        ] {
+            let plan: Vec<String> = sqlx::query(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .fetch_all(&store.pool)
+                .await
+                .unwrap()
+                .iter()
+                .map(|row| row.get::<String, _>("detail"))
+                .collect();
+            assert!(
+                plan.iter()
+                    .any(|step| step.starts_with("SEARCH runs USING")),
+                "{name}: {plan:?}"
+            );
+            assert!(
+                !plan.iter().any(|step| step.starts_with("SCAN")),
+                "{name} scans: {plan:?}"
+            );
+        }
+        store.close().await;
+    }
 }

@@ -12,6 +12,7 @@ use retrain_core::domain::{
     LabelCursor, Lease, LockOutcome, LockOwner, ProcessIdentity, ProductionModel, PromotedVersion,
     RunId, TrainingHandle, VersionTag,
 };
+use retrain_core::gate::Verdict;
 use retrain_core::journal::PromotionKind;
 use retrain_core::journal::{
     LabelStatusRow, RunDetail, RunFilter, RunPage, RunSummary, Transition,
@@ -1188,6 +1189,65 @@ pub async fn promotions_are_recorded_with_their_journal_write(store: Arc<dyn Run
     assert_eq!(store.promotions(&label("dept")).await.unwrap().len(), 2);
 }
 
+/// A write of several lines (the engine batches consecutive steps): the
+/// lines take consecutive journal positions in their order, the promotion
+/// among them is recorded once, and the run's verdict reason is what the
+/// status listing shows.
+pub async fn a_write_of_several_lines_takes_consecutive_positions(store: Arc<dyn RunStore>) {
+    let fence = lock(store.as_ref(), "dept").await;
+    let mut first = LabelRun::new(
+        RunId::generate(),
+        CycleId::generate(),
+        plan("other"),
+        LabelCursor::default(),
+    );
+    let other_fence = lock(store.as_ref(), "other").await;
+    let started = step(&mut first, Event::Started { now: now() });
+    store.record(&started, &other_fence).await.unwrap();
+    let before = store.journal_end().await.unwrap();
+    assert!(before >= 1);
+
+    let mut run = promoting_run("dept", "cand-a", None);
+    run.verdict = Some(Verdict {
+        passed: true,
+        first_model: false,
+        forced: false,
+        comparisons: Vec::new(),
+        reason: "dice 0.9 > 0.8".into(),
+    });
+    let promoted = step(
+        &mut run,
+        Event::Promoted {
+            version: PromotedVersion {
+                version: "2".into(),
+                previous: Some("1".into()),
+            },
+        },
+    );
+    let notified = step(&mut run, Event::Notified { error: None });
+    let batch = vec![promoted, notified];
+    store.record_all(&batch, &fence).await.unwrap();
+
+    let lines = store.journal_after(before, None, 100).await.unwrap();
+    let written: Vec<(u64, u64)> = lines.iter().map(|l| (l.position, l.seq)).collect();
+    assert_eq!(
+        written,
+        [(before + 1, batch[0].seq), (before + 2, batch[1].seq)],
+        "consecutive positions, in the write's order"
+    );
+    assert_eq!(store.journal_end().await.unwrap(), before + 2);
+    let history = store.promotions(&label("dept")).await.unwrap();
+    assert_eq!(history.len(), 1, "{history:?}");
+    assert_eq!(history[0].verdict.as_deref(), Some("dice 0.9 > 0.8"));
+    let status = store.label_statuses(&[label("dept")]).await.unwrap();
+    assert_eq!(status[0].last_verdict.as_deref(), Some("dice 0.9 > 0.8"));
+    assert_eq!(
+        store.run(&run.run_id).await.unwrap().unwrap().snapshot,
+        run,
+        "the snapshot is the last line's"
+    );
+}
+
 pub async fn rollbacks_are_recorded_as_promotion_events_and_resume(store: Arc<dyn RunStore>) {
     let fence = lock(store.as_ref(), "dept").await;
     let mut run = LabelRun::new(
@@ -1523,6 +1583,7 @@ macro_rules! contract {
 contract!(
     journal_snapshot_and_cursor_are_written_together,
     batched_transitions_are_written_together_and_fenced,
+    a_write_of_several_lines_takes_consecutive_positions,
     label_statuses_answer_for_every_label_at_once,
     unfinished_runs_resume_from_their_snapshot,
     locks_are_exclusive_renewable_and_expire,
