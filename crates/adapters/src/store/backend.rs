@@ -313,20 +313,25 @@ pub(super) const SELECT_RUNS_PAGE_OF_LABEL: &str =
 /// runs awaiting approval (newest first, comma-joined: run ids hold no
 /// comma), the production version (the newest promotion event, promotion or
 /// rollback). A dialect supplies how the names are read from `$1`, how a
-/// lock is live (`$2` = now on SQLite) and how the verdict reason is read
-/// from the snapshot JSON. The statement is driven by the labels asked for:
-/// each one's newest run, waiting runs and newest promotion are index probes
+/// lock is live (`$2` = now on SQLite), and its JSON functions: the
+/// statement answers **one row**, a JSON array of one object per label
+/// ([`StatusJson`]), because sqlx hands each result row from its SQLite
+/// worker thread to the caller on its own (a copy of every column, a
+/// wake-up), which cost more than the statement itself at 1,000 labels.
+/// The statement is driven by the labels asked for: each one's newest run,
+/// waiting runs and newest promotion are index probes
 /// (`runs_newest_by_label`, `runs_awaiting_approval`,
 /// `promotions_newest_by_label`), so its cost does not grow with the run
 /// history (a window over every run did: `docs/BENCHMARKS.md`).
 macro_rules! select_status {
-    ($labels:literal, $live:literal, $verdict:literal) => {
+    ($labels:literal, $live:literal, $aggregate:literal, $object:literal, $aggregated:literal) => {
         concat!(
-            "WITH labels AS (", $labels, ")
+            "WITH labels AS (", $labels, "),
+             status AS (
              SELECT labels.label AS label,
                     c.watermark, c.consumed_version, c.consumed_num_samples, c.rejected_version,
                     r.run_id, r.cycle_id, r.stage, r.outcome, r.started_at, r.updated_at,
-                    ", $verdict, " AS verdict,
+                    r.verdict,
                     COALESCE(k.owner, '') AS owner,
                     COALESCE(", $live, ", FALSE) AS live,
                     (SELECT string_agg(w.run_id, ',' ORDER BY w.started_at DESC, w.run_id DESC)
@@ -341,7 +346,16 @@ macro_rules! select_status {
              LEFT JOIN locks k ON k.label = labels.label
              LEFT JOIN promotions p ON p.run_id = (
                  SELECT q.run_id FROM promotions q WHERE q.label = labels.label
-                 ORDER BY q.at DESC, q.run_id DESC LIMIT 1)"
+                 ORDER BY q.at DESC, q.run_id DESC LIMIT 1))
+             SELECT ", $aggregate, "(", $object, "(
+                 'label', label, 'watermark', watermark, 'consumed_version', consumed_version,
+                 'consumed_num_samples', consumed_num_samples, 'rejected_version', rejected_version,
+                 'run_id', run_id, 'cycle_id', cycle_id, 'stage', stage, 'outcome', outcome,
+                 'started_at', started_at, 'updated_at', updated_at, 'verdict', verdict,
+                 'owner', owner, 'live', live, 'awaiting', awaiting,
+                 'production_version', production_version, 'production_since', production_since
+             )", $aggregated, " AS statuses
+             FROM status"
         )
     };
 }

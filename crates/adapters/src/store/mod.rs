@@ -37,7 +37,9 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use retrain_core::domain::{Fence, Label, LabelCursor, Lease, LockOutcome, LockOwner, RunId};
+use retrain_core::domain::{
+    Fence, Label, LabelCursor, Lease, LockOutcome, LockOwner, RunId, VersionTag,
+};
 use retrain_core::journal::{
     JournalEntry, LabelStatusRow, ProductionRecord, PromotionEvent, RequestClaim, RunDetail,
     RunFilter, RunPage, RunSummary, Transition,
@@ -52,7 +54,7 @@ use crate::AdapterError;
 
 use backend::{
     cursor_of, lease_args, lease_of, snapshot_of, summary_of, transition_of, Arg, Backend, Columns,
-    Statements, StoreRow,
+    Statements,
 };
 use postgres::PostgresRunStore;
 use sqlite::SqliteRunStore;
@@ -329,43 +331,24 @@ impl<B: Backend> RunStore for SqlRunStore<B> {
             .collect();
         let mut args = vec![Arg::Json(serde_json::Value::Array(names))];
         args.extend(b.now_args());
-        let rows = b
+        let row = b
             .pool()
-            .fetch_all(B::SELECT_STATUS, args)
+            .fetch_optional(B::SELECT_STATUS, args)
             .await
             .map_err(|e| b.error("reading the labels' status", e))?;
-        let mut by_label = std::collections::HashMap::with_capacity(rows.len());
-        for row in &rows {
-            let label = parse_label(&row.text("label")?, "-")?;
-            let last_run = match row.opt_text("run_id")? {
-                Some(_) => Some(summary_of(row)?),
-                None => None,
-            };
-            let owner = row.text("owner")?;
-            let waiting: Vec<RunId> = row
-                .opt_text("awaiting")?
-                .map(|runs| runs.split(',').map(|id| RunId(id.to_owned())).collect())
-                .unwrap_or_default();
-            let production = match row.opt_text("production_version")? {
-                Some(version) => Some(ProductionRecord {
-                    version,
-                    since: row.time(
-                        "production_since",
-                        &format!("production time of label {label}"),
-                    )?,
-                }),
-                None => None,
-            };
-            let status = LabelStatusRow {
-                cursor: cursor_of(row, &label)?,
-                last_run,
-                last_verdict: row.opt_text("verdict")?,
-                locked_by: locks::live_holder(&owner, row.flag("live")?).map(str::to_owned),
-                awaiting_approval: waiting.first().cloned(),
-                waiting,
-                production,
-            };
-            by_label.insert(label, status);
+        let statuses: Vec<StatusJson> = match row {
+            Some(row) => {
+                let text = row.text("statuses")?;
+                serde_json::from_str(&text).map_err(|e| {
+                    StoreError::Corrupt(format!("the labels' status is not the expected JSON: {e}"))
+                })?
+            }
+            None => Vec::new(),
+        };
+        let mut by_label = std::collections::HashMap::with_capacity(statuses.len());
+        for status in statuses {
+            let (label, row) = status.into_row()?;
+            by_label.insert(label, row);
         }
         Ok(labels
             .iter()
@@ -811,6 +794,125 @@ fn to_json_text<T: serde::Serialize>(value: &T, what: &str) -> Result<String, St
 
 fn cannot_encode(what: &str, error: serde_json::Error) -> StoreError {
     StoreError::Conflict(format!("cannot encode {what} as JSON: {error}"))
+}
+
+/// One label's status as the status statement (`backend::select_status`)
+/// encodes it: the columns by name; times as the dialect writes them in
+/// JSON (RFC 3339 either way).
+#[derive(serde::Deserialize)]
+struct StatusJson {
+    label: String,
+    watermark: Option<String>,
+    consumed_version: Option<String>,
+    consumed_num_samples: Option<i64>,
+    rejected_version: Option<String>,
+    run_id: Option<String>,
+    cycle_id: Option<String>,
+    stage: Option<String>,
+    outcome: Option<String>,
+    started_at: Option<String>,
+    updated_at: Option<String>,
+    verdict: Option<String>,
+    owner: String,
+    /// `true`/`false` on Postgres, `1`/`0` on SQLite.
+    live: serde_json::Value,
+    /// Run ids, newest first, comma-joined.
+    awaiting: Option<String>,
+    production_version: Option<String>,
+    production_since: Option<String>,
+}
+
+impl StatusJson {
+    fn into_row(self) -> Result<(Label, LabelStatusRow), StoreError> {
+        let label = parse_label(&self.label, "-")?;
+        let time = |raw: &str, what: &str| {
+            chrono::DateTime::parse_from_rfc3339(raw)
+                .map(|t| t.with_timezone(&chrono::Utc))
+                .map_err(|_| {
+                    StoreError::Corrupt(format!(
+                        "{what} of label {label} is not an RFC 3339 timestamp: {raw:?}"
+                    ))
+                })
+        };
+        let last_run = match self.run_id {
+            Some(run_id) => {
+                let missing = |column: &str| {
+                    StoreError::Corrupt(format!("run {run_id} of label {label} has no {column}"))
+                };
+                let started = time(
+                    self.started_at
+                        .as_deref()
+                        .ok_or_else(|| missing("started_at"))?,
+                    "started_at of the newest run",
+                )?;
+                let updated = time(
+                    self.updated_at
+                        .as_deref()
+                        .ok_or_else(|| missing("updated_at"))?,
+                    "updated_at of the newest run",
+                )?;
+                let cycle_id = self.cycle_id.clone().ok_or_else(|| missing("cycle_id"))?;
+                let stage = self.stage.clone().ok_or_else(|| missing("stage"))?;
+                let outcome = self.outcome.clone().ok_or_else(|| missing("outcome"))?;
+                Some(summary(
+                    run_id,
+                    cycle_id,
+                    &self.label,
+                    &stage,
+                    outcome,
+                    started,
+                    updated,
+                )?)
+            }
+            None => None,
+        };
+        let live = match &self.live {
+            serde_json::Value::Bool(live) => *live,
+            serde_json::Value::Number(n) => n.as_i64() == Some(1),
+            other => {
+                return Err(StoreError::Corrupt(format!(
+                    "lock liveness of label {label} is not a flag: {other}"
+                )))
+            }
+        };
+        let waiting: Vec<RunId> = self
+            .awaiting
+            .map(|runs| runs.split(',').map(|id| RunId(id.to_owned())).collect())
+            .unwrap_or_default();
+        let production = match self.production_version {
+            Some(version) => Some(ProductionRecord {
+                version,
+                since: time(
+                    self.production_since.as_deref().unwrap_or_default(),
+                    "production time",
+                )?,
+            }),
+            None => None,
+        };
+        let cursor = LabelCursor {
+            watermark: self
+                .watermark
+                .as_deref()
+                .map(|raw| time(raw, "watermark"))
+                .transpose()?,
+            consumed_version: self.consumed_version.map(VersionTag),
+            consumed_num_samples: self
+                .consumed_num_samples
+                .map(|n| i64_to_u64(n, &format!("consumed_num_samples of label {label}")))
+                .transpose()?,
+            rejected_version: self.rejected_version.map(VersionTag),
+        };
+        let row = LabelStatusRow {
+            cursor,
+            last_run,
+            last_verdict: self.verdict,
+            locked_by: locks::live_holder(&self.owner, live).map(str::to_owned),
+            awaiting_approval: waiting.first().cloned(),
+            waiting,
+            production,
+        };
+        Ok((label, row))
+    }
 }
 
 /// The run row as of a journal write's last transition, shared by both

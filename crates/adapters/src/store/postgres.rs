@@ -263,7 +263,9 @@ impl Backend for PostgresRunStore {
     const SELECT_STATUS: &'static str = super::backend::select_status!(
         "SELECT DISTINCT value AS label FROM jsonb_array_elements_text($1) AS value",
         "k.owner <> '' AND k.expires_at > now()",
-        "r.verdict"
+        "json_agg",
+        "json_build_object",
+        ")::text"
     );
     const APPEND_LOG: &'static str =
         "UPDATE remote_jobs SET log_tail = right(log_tail || $3, 65536)

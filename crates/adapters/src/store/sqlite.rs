@@ -181,7 +181,9 @@ impl Backend for SqliteRunStore {
     const SELECT_STATUS: &'static str = super::backend::select_status!(
         "SELECT DISTINCT value AS label FROM json_each($1)",
         "k.owner <> '' AND k.expires_at > $2",
-        "r.verdict"
+        "json_group_array",
+        "json_object",
+        ")"
     );
     const APPEND_LOG: &'static str =
         "UPDATE remote_jobs SET log_tail = substr(log_tail || $3, -65536)

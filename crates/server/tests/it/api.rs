@@ -292,6 +292,23 @@ async fn a_waiting_candidate_is_approved_once_over_http() {
     assert_eq!(late_reject.status(), 409);
     let shown = app.wait_stage(&run_id, &["done"]).await;
     assert_eq!(shown["report"]["status"], "promoted");
+    // The label's row now shows the finished run's verdict and production.
+    let labels: Value = app.read_json("/v1/labels").await;
+    let manual = &labels["labels"][1];
+    assert_eq!(manual["label"], "manual");
+    assert_eq!(manual["last_verdict"]["run_id"], run_id.as_str(), "{manual}");
+    assert!(
+        manual["last_verdict"]["reason"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty()),
+        "{manual}"
+    );
+    assert!(manual["running"].is_null(), "{manual}");
+    assert!(manual["locked_by"].is_null(), "{manual}");
+    assert!(manual["production_version"].is_string(), "{manual}");
+    assert!(manual["production_since"].is_string(), "{manual}");
+    assert!(manual["last_consumed_version"].is_string(), "{manual}");
+    assert_eq!(manual["awaiting_approval"], json!([]));
     let missing = app
         .post("/v1/runs/no-such-run/approve", ADMIN)
         .send()

@@ -190,7 +190,11 @@ async fn the_labels_page_is_one_store_read_whatever_the_number_of_labels() {
     )
     .await
     .unwrap();
-    assert_eq!(page.0["labels"].as_array().unwrap().len(), labels);
+    let body = axum::body::to_bytes(page.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let page: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(page["labels"].as_array().unwrap().len(), labels);
     assert_eq!(
         *counting.calls.lock().unwrap(),
         ["label_statuses"],
