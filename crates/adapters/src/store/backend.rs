@@ -313,18 +313,21 @@ pub(super) const SELECT_RUNS_PAGE_OF_LABEL: &str =
 /// runs awaiting approval (newest first, comma-joined: run ids hold no
 /// comma), the production version (the newest promotion event, promotion or
 /// rollback). A dialect supplies how the names are read from `$1`, how a
-/// lock is live (`$2` = now on SQLite), and its JSON functions: the
-/// statement answers **one row**, a JSON array of one object per label
-/// ([`StatusJson`]), because sqlx hands each result row from its SQLite
-/// worker thread to the caller on its own (a copy of every column, a
-/// wake-up), which cost more than the statement itself at 1,000 labels.
-/// The statement is driven by the labels asked for: each one's newest run,
-/// waiting runs and newest promotion are index probes
+/// lock is live (`$2` = now on SQLite), the column that identifies a row
+/// (SQLite: `rowid`, which its indexes carry, so the newest run and
+/// promotion are found by a covering index probe and read by one table
+/// seek), and its JSON functions: the statement answers **one row**, a JSON
+/// array of one array per label (the fields in the order of
+/// [`StatusJson`](super::StatusJson)), because sqlx hands each result row
+/// from its SQLite worker thread to the caller on its own (a copy of every
+/// column, a wake-up), which cost more than the statement itself at 1,000
+/// labels. The statement is driven by the labels asked for: each one's
+/// newest run, waiting runs and newest promotion are index probes
 /// (`runs_newest_by_label`, `runs_awaiting_approval`,
 /// `promotions_newest_by_label`), so its cost does not grow with the run
 /// history (a window over every run did: `docs/BENCHMARKS.md`).
 macro_rules! select_status {
-    ($labels:literal, $live:literal, $aggregate:literal, $object:literal, $aggregated:literal) => {
+    ($labels:literal, $live:literal, $row:literal, $aggregate:literal, $array:literal, $aggregated:literal) => {
         concat!(
             "WITH labels AS (", $labels, "),
              status AS (
@@ -340,20 +343,17 @@ macro_rules! select_status {
                     p.version AS production_version, p.at AS production_since
              FROM labels
              LEFT JOIN cursors c ON c.label = labels.label
-             LEFT JOIN runs r ON r.run_id = (
-                 SELECT n.run_id FROM runs n WHERE n.label = labels.label
+             LEFT JOIN runs r ON r.", $row, " = (
+                 SELECT n.", $row, " FROM runs n WHERE n.label = labels.label
                  ORDER BY n.started_at DESC, n.run_id DESC LIMIT 1)
              LEFT JOIN locks k ON k.label = labels.label
-             LEFT JOIN promotions p ON p.run_id = (
-                 SELECT q.run_id FROM promotions q WHERE q.label = labels.label
+             LEFT JOIN promotions p ON p.", $row, " = (
+                 SELECT q.", $row, " FROM promotions q WHERE q.label = labels.label
                  ORDER BY q.at DESC, q.run_id DESC LIMIT 1))
-             SELECT ", $aggregate, "(", $object, "(
-                 'label', label, 'watermark', watermark, 'consumed_version', consumed_version,
-                 'consumed_num_samples', consumed_num_samples, 'rejected_version', rejected_version,
-                 'run_id', run_id, 'cycle_id', cycle_id, 'stage', stage, 'outcome', outcome,
-                 'started_at', started_at, 'updated_at', updated_at, 'verdict', verdict,
-                 'owner', owner, 'live', live, 'awaiting', awaiting,
-                 'production_version', production_version, 'production_since', production_since
+             SELECT ", $aggregate, "(", $array, "(
+                 label, watermark, consumed_version, consumed_num_samples, rejected_version,
+                 run_id, cycle_id, stage, outcome, started_at, updated_at, verdict,
+                 owner, live, awaiting, production_version, production_since
              )", $aggregated, " AS statuses
              FROM status"
         )

@@ -797,8 +797,9 @@ fn cannot_encode(what: &str, error: serde_json::Error) -> StoreError {
 }
 
 /// One label's status as the status statement (`backend::select_status`)
-/// encodes it: the columns by name; times as the dialect writes them in
-/// JSON (RFC 3339 either way).
+/// encodes it: an array of these fields in this order (serde reads a struct
+/// from a sequence by position); times as the dialect writes them in JSON
+/// (RFC 3339 either way).
 #[derive(serde::Deserialize)]
 struct StatusJson {
     label: String,

@@ -181,8 +181,9 @@ impl Backend for SqliteRunStore {
     const SELECT_STATUS: &'static str = super::backend::select_status!(
         "SELECT DISTINCT value AS label FROM json_each($1)",
         "k.owner <> '' AND k.expires_at > $2",
+        "rowid",
         "json_group_array",
-        "json_object",
+        "json_array",
         ")"
     );
     const APPEND_LOG: &'static str =

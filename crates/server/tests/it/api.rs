@@ -296,7 +296,11 @@ async fn a_waiting_candidate_is_approved_once_over_http() {
     let labels: Value = app.read_json("/v1/labels").await;
     let manual = &labels["labels"][1];
     assert_eq!(manual["label"], "manual");
-    assert_eq!(manual["last_verdict"]["run_id"], run_id.as_str(), "{manual}");
+    assert_eq!(
+        manual["last_verdict"]["run_id"],
+        run_id.as_str(),
+        "{manual}"
+    );
     assert!(
         manual["last_verdict"]["reason"]
             .as_str()
