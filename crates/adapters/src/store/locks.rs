@@ -116,11 +116,13 @@ pub(super) async fn try_lock<B: Backend>(
     for _ in 0..ATTEMPTS {
         let mut args = vec![Arg::text(label), Arg::text(owner)];
         args.extend(b.expiry_args(ttl));
+        let turn = b.write_turn().await;
         let taken = b
             .pool()
             .fetch_optional(B::LOCKS.acquire, args)
             .await
             .map_err(|e| b.error(&what, e))?;
+        drop(turn);
         if let Some(taken) = taken {
             return acquired(label, owner, &taken);
         }
@@ -142,11 +144,13 @@ pub(super) async fn try_lock<B: Backend>(
             Arg::Int(super::u64_to_i64(held.token, "fencing token")?),
         ];
         args.extend(b.expiry_args(ttl));
+        let turn = b.write_turn().await;
         let taken = b
             .pool()
             .fetch_optional(B::LOCKS.take, args)
             .await
             .map_err(|e| b.error(&what, e))?;
+        drop(turn);
         if let Some(taken) = taken {
             tracing::warn!(
                 %label,
@@ -189,6 +193,7 @@ pub(super) async fn renew<B: Backend>(
 ) -> Result<bool, StoreError> {
     let mut args = fence_args(label, fence)?;
     args.extend(b.expiry_args(ttl));
+    let _turn = b.write_turn().await;
     let renewed = b
         .pool()
         .execute(B::LOCKS.renew, args)
@@ -217,11 +222,13 @@ pub(super) async fn renew_many<B: Backend>(
     }
     let mut args = vec![Arg::Json(serde_json::Value::Array(locks))];
     args.extend(b.expiry_args(ttl));
+    let turn = b.write_turn().await;
     let rows = b
         .pool()
         .fetch_all(B::LOCKS.renew_many, args)
         .await
         .map_err(|e| b.error(&format!("renewing {} label locks", held.len()), e))?;
+    drop(turn);
     // Matched on the whole fence: the same label asked twice (a stale and
     // a current fence) is extended for the current one only.
     let mut extended = std::collections::HashSet::with_capacity(rows.len());
@@ -244,6 +251,7 @@ pub(super) async fn release<B: Backend>(
 ) -> Result<(), StoreError> {
     let mut args = fence_args(label, fence)?;
     args.extend(b.now_args());
+    let _turn = b.write_turn().await;
     b.pool()
         .execute(B::LOCKS.release, args)
         .await

@@ -407,6 +407,7 @@ impl<B: Backend> RunStore for SqlRunStore<B> {
 
     async fn put_lease_unfenced(&self, lease: &Lease) -> Result<(), StoreError> {
         let b = &self.0;
+        let _turn = b.write_turn().await;
         b.pool()
             .execute(backend::UPSERT_LEASE, lease_args(lease)?)
             .await

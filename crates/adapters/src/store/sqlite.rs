@@ -2,6 +2,7 @@
 //! several processes of one machine may share. Times are fixed-width RFC 3339
 //! text compared with this machine's clock; JSON is text.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,6 +18,7 @@ use sqlx::{Row, Sqlite};
 
 use super::backend::{
     bind, fence_args, lease_args, Arg, Backend, Bind, LockSql, Query, Statements, StoreRow,
+    WriteGate,
 };
 use super::group_commit::{CommitBatch, GroupCommit};
 use super::{prepare_schema, u64_to_i64, RunRow, StoreOptions, SQLITE_MIGRATIONS};
@@ -32,6 +34,8 @@ pub(super) struct SqliteRunStore {
     /// instead of each paying a transaction (and SQLite's single-writer
     /// lock) of its own.
     journal: GroupCommit<JournalWrite>,
+    /// Shared with the journal's writer task (see [`Backend::write_gate`]).
+    write_gate: Arc<WriteGate>,
 }
 
 /// One queued journal write.
@@ -46,6 +50,7 @@ struct JournalWrite {
 struct SqliteJournal {
     pool: SqlitePool,
     url: DbUrl,
+    write_gate: Arc<WriteGate>,
 }
 
 /// Fixed-width UTC text: text order is time order, which the lock expiry
@@ -160,11 +165,18 @@ impl SqliteRunStore {
     pub(super) async fn open(url: DbUrl, options: StoreOptions) -> Result<Self, AdapterError> {
         let pool = url.sqlite_pool(super::KEY, options.read_only).await?;
         prepare_schema(SQLITE_MIGRATIONS, &url, options, &pool).await?;
+        let write_gate = Arc::new(WriteGate::default());
         let journal = GroupCommit::spawn(SqliteJournal {
             pool: pool.clone(),
             url: url.clone(),
+            write_gate: write_gate.clone(),
         });
-        Ok(Self { pool, url, journal })
+        Ok(Self {
+            pool,
+            url,
+            journal,
+            write_gate,
+        })
     }
 
     /// Close every connection (SQLite checkpoints its WAL on the last close).
@@ -202,6 +214,10 @@ impl Backend for SqliteRunStore {
         vec![Arg::Time(Utc::now())]
     }
 
+    fn write_gate(&self) -> Option<&WriteGate> {
+        Some(&self.write_gate)
+    }
+
     fn expiry_args(&self, ttl: Duration) -> Vec<Arg> {
         let now = Utc::now();
         vec![Arg::Time(now), Arg::Time(now + super::ttl(ttl))]
@@ -226,6 +242,7 @@ impl Backend for SqliteRunStore {
         let mut args = lease_args(lease)?;
         args.extend(fence_args(&lease.label, fence)?);
         args.extend(self.now_args());
+        let _turn = self.write_turn().await;
         let applied = self
             .pool
             .execute(UPSERT_LEASE_FENCED, args)
@@ -247,6 +264,7 @@ impl CommitBatch for SqliteJournal {
             let what = what.to_owned();
             move |e| super::store_error(url, &what, e)
         };
+        let _turn = self.write_gate.lock().await;
         let mut tx = self.pool.begin().await.map_err(err("journaling"))?;
         let mut applied = Vec::with_capacity(batch.len());
         for write in batch {
