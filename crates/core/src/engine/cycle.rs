@@ -90,33 +90,43 @@ impl Engine {
             // Owned labels: a closure over `&Label` makes the cycle's future
             // not `Send` for every lifetime (rustc #110338), so that a server
             // could not spawn it.
-            let begun: Vec<Begun> = stream::iter(labels.iter().cloned().map(|label| {
-                let span = info_span!("label", label = %label);
-                let (cycle_id, shared, cancel) = (&cycle_id, &shared, &cancel);
-                async move {
-                    self.begin_label(&label, cycle_id, request.dry_run, shared, cancel)
-                        .await
-                }
-                .instrument(span)
-            }))
-            .buffered(parallel)
-            .collect()
-            .await;
-            announce(started, &cycle_id, &begun);
-            stream::iter(begun.into_iter().map(|begun| async {
-                match begun {
-                    Begun::Done(report) => *report,
-                    Begun::Task(task) => {
-                        let span = info_span!("label", label = %task.run.label());
-                        self.finish_label(*task, &shared, &cancel)
-                            .instrument(span)
-                            .await
+            let begun: Vec<Begun> = in_label_order(
+                stream::iter(labels.iter().cloned().enumerate().map(|(i, label)| {
+                    let span = info_span!("label", label = %label);
+                    let (cycle_id, shared, cancel) = (&cycle_id, &shared, &cancel);
+                    async move {
+                        let begun = self
+                            .begin_label(&label, cycle_id, request.dry_run, shared, cancel)
+                            .await;
+                        (i, begun)
                     }
-                }
-            }))
-            .buffered(parallel)
-            .collect::<Vec<LabelReport>>()
-            .await
+                    .instrument(span)
+                }))
+                .buffer_unordered(parallel)
+                .collect()
+                .await,
+            );
+            announce(started, &cycle_id, &begun);
+            in_label_order(
+                stream::iter(begun.into_iter().enumerate().map(|(i, begun)| {
+                    let (shared, cancel) = (&shared, &cancel);
+                    async move {
+                        let report = match begun {
+                            Begun::Done(report) => *report,
+                            Begun::Task(task) => {
+                                let span = info_span!("label", label = %task.run.label());
+                                self.finish_label(*task, shared, cancel)
+                                    .instrument(span)
+                                    .await
+                            }
+                        };
+                        (i, report)
+                    }
+                }))
+                .buffer_unordered(parallel)
+                .collect()
+                .await,
+            )
         };
         let reports = async {
             tokio::select! {
@@ -829,4 +839,13 @@ fn nothing_new(before: &LabelRun, after: &LabelRun) -> bool {
     before.seq = after.seq;
     before.polls = after.polls;
     before == *after
+}
+
+/// The results of a phase, which runs `buffer_unordered`, back in the order
+/// of the cycle's labels. (`buffered` kept them in order by holding each
+/// finished label's permit until every label before it was done: one slow
+/// label idled the permits of those that finished behind it.)
+fn in_label_order<T>(mut done: Vec<(usize, T)>) -> Vec<T> {
+    done.sort_unstable_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, t)| t).collect()
 }
