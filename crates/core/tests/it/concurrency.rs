@@ -513,3 +513,97 @@ async fn a_cycle_drives_only_the_requested_labels() {
         .unwrap();
     assert_eq!(all.labels.len(), 3);
 }
+
+/// A trainer that records when each label's job started and makes label
+/// `a`'s training last 30 s (the others take the world's 1 s).
+struct SlowFirstLabel {
+    inner: FakeTrainer,
+    started: std::sync::Arc<std::sync::Mutex<Vec<(String, tokio::time::Instant)>>>,
+}
+
+#[async_trait::async_trait]
+impl retrain_core::ports::Trainer for SlowFirstLabel {
+    async fn start(
+        &self,
+        request: &retrain_core::ports::TrainingRequest,
+    ) -> Result<retrain_core::domain::TrainingHandle, retrain_core::ports::PortError> {
+        self.started
+            .lock()
+            .unwrap()
+            .push((request.label.to_string(), tokio::time::Instant::now()));
+        self.inner.start(request).await
+    }
+    async fn wait(
+        &self,
+        request: &retrain_core::ports::TrainingRequest,
+        handle: &retrain_core::domain::TrainingHandle,
+    ) -> Result<retrain_core::domain::TrainingOutcome, retrain_core::ports::PortError> {
+        if request.label.as_str() == "a" {
+            tokio::time::sleep(Duration::from_secs(29)).await;
+        }
+        self.inner.wait(request, handle).await
+    }
+    async fn cancel(
+        &self,
+        handle: &retrain_core::domain::TrainingHandle,
+    ) -> Result<(), retrain_core::ports::PortError> {
+        self.inner.cancel(handle).await
+    }
+    fn describe(&self) -> String {
+        "slow first label".into()
+    }
+}
+
+/// With two permits and label `a` training for 30 s, label `c` starts
+/// training as soon as `b` is done, not after `a` (a permit is freed when
+/// its label finishes, whatever the labels before it are doing), and the
+/// cycle's report still lists the labels in their order.
+#[tokio::test(start_paused = true)]
+async fn a_slow_label_holds_only_its_own_permit() {
+    let world = World::new();
+    *world.train_time.lock().unwrap() = Duration::from_secs(1);
+    let store = MemStore::new();
+    let started = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let bindings = ["a", "b", "c"]
+        .iter()
+        .map(|l| {
+            let mut binding = binding(&world, plan(l), prepare(&world));
+            binding.trainer = std::sync::Arc::new(SlowFirstLabel {
+                inner: FakeTrainer(world.clone()),
+                started: started.clone(),
+            });
+            binding
+        })
+        .collect();
+    let engine = Engine::new(
+        std::sync::Arc::new(store.clone()),
+        Some(std::sync::Arc::new(FakeCounts(world.clone()))),
+        bindings,
+        EngineSettings {
+            poll_jitter: 0.0,
+            max_parallel_labels: 2,
+            ..EngineSettings::default()
+        },
+    );
+    let began = tokio::time::Instant::now();
+    let report = cycle(&engine).await;
+    let order: Vec<&str> = report.labels.iter().map(|r| r.label.as_str()).collect();
+    assert_eq!(order, ["a", "b", "c"], "the report keeps the labels' order");
+    assert!(
+        report
+            .labels
+            .iter()
+            .all(|r| r.stage == Some(Stage::Done) && r.candidate.is_some()),
+        "every label trained and concluded: {report:?}"
+    );
+    let started = started.lock().unwrap().clone();
+    let c = started
+        .iter()
+        .find(|(label, _)| label == "c")
+        .map(|(_, at)| *at - began)
+        .expect("c trained");
+    assert!(
+        c < Duration::from_secs(20),
+        "c waited for a's permit: it started training {c:?} into the cycle"
+    );
+}
