@@ -841,18 +841,14 @@ impl StatusJson {
                 let missing = |column: &str| {
                     StoreError::Corrupt(format!("run {run_id} of label {label} has no {column}"))
                 };
-                let started = time(
-                    self.started_at
-                        .as_deref()
-                        .ok_or_else(|| missing("started_at"))?,
-                    "started_at of the newest run",
-                )?;
-                let updated = time(
-                    self.updated_at
-                        .as_deref()
-                        .ok_or_else(|| missing("updated_at"))?,
-                    "updated_at of the newest run",
-                )?;
+                let run_time = |raw: Option<&str>, column: &str| {
+                    time(
+                        raw.ok_or_else(|| missing(column))?,
+                        &format!("{column} of the newest run"),
+                    )
+                };
+                let started = run_time(self.started_at.as_deref(), "started_at")?;
+                let updated = run_time(self.updated_at.as_deref(), "updated_at")?;
                 let cycle_id = self.cycle_id.clone().ok_or_else(|| missing("cycle_id"))?;
                 let stage = self.stage.clone().ok_or_else(|| missing("stage"))?;
                 let outcome = self.outcome.clone().ok_or_else(|| missing("outcome"))?;
