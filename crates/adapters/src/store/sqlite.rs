@@ -38,12 +38,15 @@ pub(super) struct SqliteRunStore {
     write_gate: Arc<WriteGate>,
 }
 
-/// One queued journal write.
+/// One queued journal write, encoded by the caller before it is queued
+/// (serialising the run's ≈ 2 KiB snapshot happens on the labels' tasks,
+/// in parallel, not on the writer task, which every write waits for).
 struct JournalWrite {
-    /// Consecutive transitions of one run, applied together.
-    transitions: Vec<Transition>,
-    cursor: Option<LabelCursor>,
-    fence: Fence,
+    /// `$1..$20` of [`INSERT_JOURNAL_FENCED`]: the `journal_writes` row and
+    /// the fence; "now" is bound at commit.
+    args: Vec<Arg>,
+    /// "journaling run … seq …", for its errors.
+    what: String,
 }
 
 /// Applies a batch of journal writes in one SQLite transaction.
@@ -230,12 +233,10 @@ impl Backend for SqliteRunStore {
         cursor: Option<&LabelCursor>,
         fence: &Fence,
     ) -> Result<bool, StoreError> {
-        let write = JournalWrite {
-            transitions: transitions.to_vec(),
-            cursor: cursor.cloned(),
-            fence: fence.clone(),
-        };
-        self.journal.submit(write).await
+        match JournalWrite::of(transitions, cursor, fence)? {
+            Some(write) => self.journal.submit(write).await,
+            None => Ok(true),
+        }
     }
 
     async fn lease(&self, lease: &Lease, fence: &Fence) -> Result<bool, StoreError> {
@@ -322,85 +323,88 @@ impl<'a> PromotionJson<'a> {
     }
 }
 
-/// The write's journal lines, the run's snapshot as of the last, its
-/// promotion events and the cursor, in one statement into
-/// `journal_writes`, applied only while the write's fence holds the
-/// label's lock (all or nothing: see migration 0016).
+impl JournalWrite {
+    /// The write's journal lines, the run's snapshot as of the last, its
+    /// promotion events and the cursor as one `journal_writes` row (see
+    /// migration 0016); `None` for no transitions (nothing to write).
+    fn of(
+        transitions: &[Transition],
+        cursor: Option<&LabelCursor>,
+        fence: &Fence,
+    ) -> Result<Option<Self>, StoreError> {
+        let Some(last) = transitions.last() else {
+            return Ok(None);
+        };
+        let row = RunRow::of(last)?;
+        let lines = transitions
+            .iter()
+            .map(|t| {
+                Ok(LineJson {
+                    seq: super::seq_of(t)?,
+                    at: ts(t.at),
+                    from_stage: t.from.as_str(),
+                    to_stage: t.to.as_str(),
+                    event: &t.event,
+                    actions: &t.actions,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let events: Vec<PromotionEvent> = transitions
+            .iter()
+            .filter_map(Transition::promotion_event)
+            .collect();
+        let promotions = if events.is_empty() {
+            None
+        } else {
+            let rows: Vec<_> = events.iter().map(PromotionJson::of).collect();
+            Some(super::to_json_text(&rows, "the promotion events")?)
+        };
+        let samples = cursor
+            .and_then(|c| c.consumed_num_samples)
+            .map(|n| u64_to_i64(n, "consumed_num_samples"))
+            .transpose()?;
+        let version = |v: Option<&VersionTag>| v.map(|v| VersionTag::as_str(v).to_owned());
+        let mut args = vec![
+            Arg::text(row.run_id),
+            Arg::text(row.cycle_id),
+            Arg::text(row.label),
+            Arg::text(row.stage),
+            Arg::text(row.outcome),
+            Arg::Bool(row.done),
+            Arg::Time(row.started_at),
+            Arg::Time(last.at),
+            Arg::Text(row.snapshot),
+            Arg::OptText(row.verdict.map(str::to_owned)),
+            Arg::Text(super::to_json_text(&lines, "the journal lines")?),
+            Arg::OptText(promotions),
+            Arg::Bool(cursor.is_some()),
+            Arg::OptTime(cursor.and_then(|c| c.watermark)),
+            Arg::OptText(version(cursor.and_then(|c| c.consumed_version.as_ref()))),
+            Arg::OptInt(samples),
+            Arg::OptText(version(cursor.and_then(|c| c.rejected_version.as_ref()))),
+        ];
+        args.extend(fence_args(&last.label, fence)?);
+        Ok(Some(Self {
+            args,
+            what: format!("journaling run {} seq {}", row.run_id, row.seq),
+        }))
+    }
+}
+
+/// One queued write in one statement into `journal_writes`, applied only
+/// while the write's fence holds the label's lock (all or nothing: see
+/// migration 0016).
 async fn write_one(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     url: &DbUrl,
     write: &JournalWrite,
 ) -> Result<bool, StoreError> {
-    let Some(last) = write.transitions.last() else {
-        return Ok(true);
-    };
-    let row = RunRow::of(last)?;
-    let lines = write
-        .transitions
-        .iter()
-        .map(|t| {
-            Ok(LineJson {
-                seq: super::seq_of(t)?,
-                at: ts(t.at),
-                from_stage: t.from.as_str(),
-                to_stage: t.to.as_str(),
-                event: &t.event,
-                actions: &t.actions,
-            })
-        })
-        .collect::<Result<Vec<_>, StoreError>>()?;
-    let events: Vec<PromotionEvent> = write
-        .transitions
-        .iter()
-        .filter_map(Transition::promotion_event)
-        .collect();
-    let promotions = if events.is_empty() {
-        None
-    } else {
-        let rows: Vec<_> = events.iter().map(PromotionJson::of).collect();
-        Some(super::to_json_text(&rows, "the promotion events")?)
-    };
-    let cursor = write.cursor.as_ref();
-    let samples = cursor
-        .and_then(|c| c.consumed_num_samples)
-        .map(|n| u64_to_i64(n, "consumed_num_samples"))
-        .transpose()?;
-    let mut args = vec![
-        Arg::text(row.run_id),
-        Arg::text(row.cycle_id),
-        Arg::text(row.label),
-        Arg::text(row.stage),
-        Arg::text(row.outcome),
-        Arg::Bool(row.done),
-        Arg::Time(row.started_at),
-        Arg::Time(last.at),
-        Arg::Text(row.snapshot),
-        Arg::OptText(row.verdict.map(str::to_owned)),
-        Arg::Text(super::to_json_text(&lines, "the journal lines")?),
-        Arg::OptText(promotions),
-        Arg::Bool(cursor.is_some()),
-        Arg::OptTime(cursor.and_then(|c| c.watermark)),
-        Arg::OptText(
-            cursor
-                .and_then(|c| c.consumed_version.as_ref())
-                .map(|v| VersionTag::as_str(v).to_owned()),
-        ),
-        Arg::OptInt(samples),
-        Arg::OptText(
-            cursor
-                .and_then(|c| c.rejected_version.as_ref())
-                .map(|v| VersionTag::as_str(v).to_owned()),
-        ),
-    ];
-    args.extend(fence_args(&last.label, &write.fence)?);
+    let mut args = write.args.clone();
     args.push(Arg::Time(Utc::now()));
     let inserted = bind(sqlx::query(INSERT_JOURNAL_FENCED), args)
         .execute(&mut **tx)
         .await
-        .map_err(|e| {
-            let what = format!("journaling run {} seq {}", row.run_id, row.seq);
-            super::store_error(url, &what, e)
-        })?
+        .map_err(|e| super::store_error(url, &write.what, e))?
         .rows_affected();
     Ok(inserted == 1)
 }
