@@ -359,8 +359,7 @@ macro_rules! select_status {
                     c.watermark, c.consumed_version, c.consumed_num_samples, c.rejected_version,
                     r.run_id, r.cycle_id, r.stage, r.outcome, r.started_at, r.updated_at,
                     r.verdict,
-                    COALESCE(k.owner, '') AS owner,
-                    COALESCE(", $live, ", FALSE) AS live,
+                    CASE WHEN ", $live, " THEN k.owner END AS live_owner,
                     (SELECT string_agg(w.run_id, ',' ORDER BY w.started_at DESC, w.run_id DESC)
                      FROM runs w
                      WHERE w.label = labels.label AND w.stage = 'awaiting_approval') AS awaiting,
@@ -377,7 +376,7 @@ macro_rules! select_status {
              SELECT ", $aggregate, "(", $array, "(
                  label, watermark, consumed_version, consumed_num_samples, rejected_version,
                  run_id, cycle_id, stage, outcome, started_at, updated_at, verdict,
-                 owner, live, awaiting, production_version, production_since
+                 live_owner, awaiting, production_version, production_since
              )", $aggregated, " AS statuses
              FROM status"
         )

@@ -61,7 +61,9 @@ impl LockRow {
     }
 }
 
-fn is_dead_here(owner: &str) -> bool {
+/// Whether `owner` names a process of this host that no longer exists (its
+/// lock can be taken at once, so nobody holds it).
+pub(super) fn is_dead_here(owner: &str) -> bool {
     LockOwner(owner.to_owned())
         .process()
         .is_some_and(|process| crate::process::is_dead_here(&process))

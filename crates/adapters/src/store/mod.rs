@@ -815,9 +815,9 @@ struct StatusJson {
     started_at: Option<String>,
     updated_at: Option<String>,
     verdict: Option<String>,
-    owner: String,
-    /// `true`/`false` on Postgres, `1`/`0` on SQLite.
-    live: serde_json::Value,
+    /// The owner of the label's lock while it is live (unexpired, not
+    /// released).
+    live_owner: Option<String>,
     /// Run ids, newest first, comma-joined.
     awaiting: Option<String>,
     production_version: Option<String>,
@@ -864,15 +864,6 @@ impl StatusJson {
             }
             None => None,
         };
-        let live = match &self.live {
-            serde_json::Value::Bool(live) => *live,
-            serde_json::Value::Number(n) => n.as_i64() == Some(1),
-            other => {
-                return Err(StoreError::Corrupt(format!(
-                    "lock liveness of label {label} is not a flag: {other}"
-                )))
-            }
-        };
         let waiting: Vec<RunId> = self
             .awaiting
             .map(|runs| runs.split(',').map(|id| RunId(id.to_owned())).collect())
@@ -904,7 +895,7 @@ impl StatusJson {
             cursor,
             last_run,
             last_verdict: self.verdict,
-            locked_by: locks::live_holder(&self.owner, live).map(str::to_owned),
+            locked_by: self.live_owner.filter(|owner| !locks::is_dead_here(owner)),
             awaiting_approval: waiting.first().cloned(),
             waiting,
             production,
