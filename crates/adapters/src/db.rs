@@ -28,6 +28,10 @@ const SQLITE_CACHE_KIB: u32 = 8 * 1024;
 /// system call per page missing from the cache (address space; the pages
 /// are the OS file cache's, shared, though counted in the RSS once touched).
 const SQLITE_MMAP_BYTES: u64 = 256 * 1024 * 1024;
+/// Connections of a SQLite pool (readers; a run store writes through one
+/// more, see [`DbUrl::sqlite_writer`]). Eight were measured slower than
+/// four on the 1,000-label cycle (`docs/BENCHMARKS.md`).
+pub(crate) const SQLITE_POOL_CONNECTIONS: u32 = 4;
 /// How long acquiring a pooled connection (including connecting) may take.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -123,6 +127,32 @@ impl DbUrl {
         key: &str,
         read_only: bool,
     ) -> Result<SqlitePool, AdapterError> {
+        self.sqlite_pool_of(key, read_only, SQLITE_POOL_CONNECTIONS)
+            .await
+    }
+
+    /// The pool a process writes a SQLite database through: one connection
+    /// of its own, beside `pool` (the readers'), so writers queue for it
+    /// rather than for SQLite's write lock. An in-memory database (one
+    /// connection in all) and a read-only one write through `pool`.
+    pub(crate) async fn sqlite_writer(
+        &self,
+        key: &str,
+        read_only: bool,
+        pool: &SqlitePool,
+    ) -> Result<SqlitePool, AdapterError> {
+        match self {
+            Self::SqliteFile(_) if !read_only => self.sqlite_pool_of(key, false, 1).await,
+            _ => Ok(pool.clone()),
+        }
+    }
+
+    async fn sqlite_pool_of(
+        &self,
+        key: &str,
+        read_only: bool,
+        connections: u32,
+    ) -> Result<SqlitePool, AdapterError> {
         let (options, pool) = match self {
             Self::SqliteMemory => (
                 SqliteConnectOptions::from_str("sqlite::memory:")
@@ -167,7 +197,10 @@ impl DbUrl {
                         // which is what the journal needs.
                         .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
                 };
-                (options, SqlitePoolOptions::new().max_connections(4))
+                (
+                    options,
+                    SqlitePoolOptions::new().max_connections(connections),
+                )
             }
             Self::Postgres(_) => {
                 return Err(AdapterError::config(key, "not a SQLite URL"));

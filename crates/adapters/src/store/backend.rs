@@ -203,30 +203,18 @@ pub(super) trait Backend: Send + Sync + 'static {
         super::store_error(self.url(), what, error)
     }
 
-    /// Where this process's writers queue for the database, if it takes one
-    /// writer at a time (SQLite). Waiting for SQLite's write lock costs its
-    /// busy handler's sleeps (1, 2, 5, 10… ms) while the lock may have been
-    /// free for most of them: with 64 labels in flight, lock writes hit
-    /// the journal's group commit hundreds of times per 1,000 labels and the
-    /// cycle was mostly asleep. Waiting here costs one wake-up. Writers of
-    /// other processes still meet the busy handler. `None` (Postgres):
-    /// concurrent writers, nothing to queue for.
-    fn write_gate(&self) -> Option<&WriteGate> {
-        None
-    }
-
-    /// Queue for [`Backend::write_gate`]: hold the guard for the whole
-    /// write statement or transaction.
-    async fn write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
-        match self.write_gate() {
-            Some(gate) => Some(gate.lock().await),
-            None => None,
-        }
+    /// The pool this process's writes (locks, leases, the journal) go
+    /// through. SQLite takes one writer at a time, so its store writes
+    /// through a pool of one connection of its own: writers queue for that
+    /// connection (one wake-up each) instead of meeting SQLite's busy
+    /// handler (sleeps of 1, 2, 5, 10… ms while the lock may be free for
+    /// most of them), and never wait for a connection a reader holds while
+    /// the others wait behind them. Writers of other processes still meet
+    /// the busy handler. Postgres takes concurrent writers: its one pool.
+    fn writer(&self) -> &Self::Pool {
+        self.pool()
     }
 }
-
-/// See [`Backend::write_gate`].
-pub(super) type WriteGate = tokio::sync::Mutex<()>;
 
 /// Plain columns (text, integers, flags): decoded the same way on both
 /// dialects, so implemented once for every row type that can.

@@ -118,13 +118,11 @@ pub(super) async fn try_lock<B: Backend>(
     for _ in 0..ATTEMPTS {
         let mut args = vec![Arg::text(label), Arg::text(owner)];
         args.extend(b.expiry_args(ttl));
-        let turn = b.write_turn().await;
         let taken = b
-            .pool()
+            .writer()
             .fetch_optional(B::LOCKS.acquire, args)
             .await
             .map_err(|e| b.error(&what, e))?;
-        drop(turn);
         if let Some(taken) = taken {
             return acquired(label, owner, &taken);
         }
@@ -146,13 +144,11 @@ pub(super) async fn try_lock<B: Backend>(
             Arg::Int(super::u64_to_i64(held.token, "fencing token")?),
         ];
         args.extend(b.expiry_args(ttl));
-        let turn = b.write_turn().await;
         let taken = b
-            .pool()
+            .writer()
             .fetch_optional(B::LOCKS.take, args)
             .await
             .map_err(|e| b.error(&what, e))?;
-        drop(turn);
         if let Some(taken) = taken {
             tracing::warn!(
                 %label,
@@ -195,9 +191,8 @@ pub(super) async fn renew<B: Backend>(
 ) -> Result<bool, StoreError> {
     let mut args = fence_args(label, fence)?;
     args.extend(b.expiry_args(ttl));
-    let _turn = b.write_turn().await;
     let renewed = b
-        .pool()
+        .writer()
         .execute(B::LOCKS.renew, args)
         .await
         .map_err(|e| b.error(&format!("renewing the lock of label {label}"), e))?;
@@ -224,13 +219,11 @@ pub(super) async fn renew_many<B: Backend>(
     }
     let mut args = vec![Arg::Json(serde_json::Value::Array(locks))];
     args.extend(b.expiry_args(ttl));
-    let turn = b.write_turn().await;
     let rows = b
-        .pool()
+        .writer()
         .fetch_all(B::LOCKS.renew_many, args)
         .await
         .map_err(|e| b.error(&format!("renewing {} label locks", held.len()), e))?;
-    drop(turn);
     // Matched on the whole fence: the same label asked twice (a stale and
     // a current fence) is extended for the current one only.
     let mut extended = std::collections::HashSet::with_capacity(rows.len());
@@ -253,8 +246,7 @@ pub(super) async fn release<B: Backend>(
 ) -> Result<(), StoreError> {
     let mut args = fence_args(label, fence)?;
     args.extend(b.now_args());
-    let _turn = b.write_turn().await;
-    b.pool()
+    b.writer()
         .execute(B::LOCKS.release, args)
         .await
         .map_err(|e| b.error(&format!("releasing the lock of label {label}"), e))?;

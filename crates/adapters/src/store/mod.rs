@@ -407,8 +407,7 @@ impl<B: Backend> RunStore for SqlRunStore<B> {
 
     async fn put_lease_unfenced(&self, lease: &Lease) -> Result<(), StoreError> {
         let b = &self.0;
-        let _turn = b.write_turn().await;
-        b.pool()
+        b.writer()
             .execute(backend::UPSERT_LEASE, lease_args(lease)?)
             .await
             .map_err(|e| b.error(&format!("recording lease {}", lease.id), e))?;
@@ -617,6 +616,11 @@ const SQLITE_MIGRATIONS: Embedded = Embedded(&[
         16,
         "journal writes and verdict column",
         include_str!("../../migrations/sqlite/0016_journal_writes.sql"),
+    ),
+    (
+        17,
+        "journal batches",
+        include_str!("../../migrations/sqlite/0017_journal_batches.sql"),
     ),
 ]);
 

@@ -1,0 +1,13 @@
+-- A group commit's writes in one statement (issue 11).
+--
+-- The journal writer used to apply a batch as one `INSERT INTO
+-- journal_writes` per write inside `BEGIN … COMMIT`: each statement a
+-- round trip to sqlx's SQLite worker thread, and the writer (which every
+-- journal write of every label waits for) spent most of its time in those
+-- hand-offs. A batch is now one statement, `INSERT INTO journal_writes …
+-- SELECT … FROM json_each(the batch) WHERE (that write's fence holds)
+-- RETURNING batch_key`: `batch_key` is the write's index in the batch, so
+-- the writer learns which writes were applied (the others' fences no longer
+-- held). The `journal_writes_apply` trigger (0016) is unchanged; an older
+-- binary that inserts without the column leaves it NULL.
+ALTER TABLE journal_writes ADD COLUMN batch_key INTEGER;
