@@ -220,6 +220,15 @@ impl RunStore for CountingStore {
         self.wrote();
         self.inner.finish(transition, cursor, fence).await
     }
+    async fn finish_all(
+        &self,
+        transitions: &[Transition],
+        cursor: Option<LabelCursor>,
+        fence: &Fence,
+    ) -> Result<(), StoreError> {
+        self.wrote();
+        self.inner.finish_all(transitions, cursor, fence).await
+    }
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, StoreError> {
         self.inner.list_runs(filter).await
     }

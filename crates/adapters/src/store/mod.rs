@@ -258,12 +258,7 @@ impl<B: Backend> RunStore for SqlRunStore<B> {
         let Some(first) = transitions.first() else {
             return Ok(());
         };
-        if let Some(other) = transitions.iter().find(|t| t.run_id != first.run_id) {
-            return Err(StoreError::Conflict(format!(
-                "one journal write carries transitions of runs {} and {}",
-                first.run_id, other.run_id
-            )));
-        }
+        one_run(transitions)?;
         let applied = self.0.journal(transitions, None, fence).await?;
         locks::fenced(&self.0, &first.label, fence, applied).await
     }
@@ -279,6 +274,20 @@ impl<B: Backend> RunStore for SqlRunStore<B> {
             .journal(std::slice::from_ref(transition), cursor.as_ref(), fence)
             .await?;
         locks::fenced(&self.0, &transition.label, fence, applied).await
+    }
+
+    async fn finish_all(
+        &self,
+        transitions: &[Transition],
+        cursor: Option<LabelCursor>,
+        fence: &Fence,
+    ) -> Result<(), StoreError> {
+        let Some(last) = transitions.last() else {
+            return Ok(());
+        };
+        one_run(transitions)?;
+        let applied = self.0.journal(transitions, cursor.as_ref(), fence).await?;
+        locks::fenced(&self.0, &last.label, fence, applied).await
     }
 
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, StoreError> {
@@ -770,6 +779,20 @@ where
         )));
     }
     Ok(())
+}
+
+/// A journal write is one run's: refuse transitions of several.
+fn one_run(transitions: &[Transition]) -> Result<(), StoreError> {
+    let Some(first) = transitions.first() else {
+        return Ok(());
+    };
+    match transitions.iter().find(|t| t.run_id != first.run_id) {
+        Some(other) => Err(StoreError::Conflict(format!(
+            "one journal write carries transitions of runs {} and {}",
+            first.run_id, other.run_id
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Short outcome stored on the run row (`running` until one is known).

@@ -401,6 +401,50 @@ pub async fn cursors_are_read_for_many_labels_at_once(store: Arc<dyn RunStore>) 
 /// Consecutive transitions written as one (the engine batches the steps
 /// that only read): every journal line, the snapshot of the last, all under
 /// one fence check; a stale fence writes none of them.
+/// `finish_all`: the steps before the commit (here training finished and
+/// notified) and the commit itself, with the cursor, as one fenced write.
+pub async fn the_steps_before_the_commit_are_finished_with_it(store: Arc<dyn RunStore>) {
+    let fence = lock(store.as_ref(), "dept").await;
+    let (run, _) = drive(
+        store.as_ref(),
+        &fence,
+        "dept",
+        Some(dataset("v1", 10)),
+        Some(Stage::Training),
+    )
+    .await;
+    let (rest, cursor) = rest_of_run(&run);
+    let cursor_before = store.cursor(&label("dept")).await.unwrap();
+
+    // A stale fence writes none of it, the cursor included.
+    store.release_lock(&label("dept"), &fence).await.unwrap();
+    let fresh = lock(store.as_ref(), "dept").await;
+    let refused = store.finish_all(&rest, cursor.clone(), &fence).await;
+    assert!(matches!(refused, Err(StoreError::Fenced(_))), "{refused:?}");
+    let detail = store.run(&run.run_id).await.unwrap().unwrap();
+    assert_eq!(
+        detail.transitions.len() as u64,
+        run.seq,
+        "a stale finish wrote a line"
+    );
+    assert_eq!(store.cursor(&label("dept")).await.unwrap(), cursor_before);
+
+    store
+        .finish_all(&rest, cursor.clone(), &fresh)
+        .await
+        .unwrap();
+    let detail = store.run(&run.run_id).await.unwrap().unwrap();
+    let events: Vec<&str> = detail.transitions[run.seq as usize..]
+        .iter()
+        .map(|t| t.event["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(events, ["training_finished", "notified", "committed"]);
+    assert_eq!(detail.summary.stage, Stage::Done);
+    assert_eq!(detail.snapshot, rest.last().unwrap().snapshot);
+    assert_eq!(store.cursor(&label("dept")).await.unwrap(), cursor.unwrap());
+    assert_eq!(store.unfinished_run(&label("dept")).await.unwrap(), None);
+}
+
 pub async fn batched_transitions_are_written_together_and_fenced(store: Arc<dyn RunStore>) {
     let fence = lock(store.as_ref(), "dept").await;
     let mut run = LabelRun::new(
@@ -1582,6 +1626,7 @@ macro_rules! contract {
 
 contract!(
     journal_snapshot_and_cursor_are_written_together,
+    the_steps_before_the_commit_are_finished_with_it,
     batched_transitions_are_written_together_and_fenced,
     a_write_of_several_lines_takes_consecutive_positions,
     label_statuses_answer_for_every_label_at_once,

@@ -576,7 +576,7 @@ impl Engine {
                 _ => None,
             };
             let execution = self
-                .execute(binding, &run, action, shared, stops, fence)
+                .execute(binding, &run, action, shared, stops, fence, &mut unwritten)
                 .instrument(info_span!("stage", stage = %stage));
             let executed = if abandonable {
                 tokio::select! {
@@ -694,7 +694,10 @@ impl Engine {
         }
         unwritten.push(self.transition(run, from, event));
         let reads_next = !actions.is_empty() && actions.iter().all(is_read);
-        if !(read_result && reads_next) {
+        // The commit is itself a write, which carries what is unwritten.
+        let commits_next = matches!(actions.as_slice(), [Action::Commit { .. }]);
+        let carried_by_next_write = (read_result && reads_next) || commits_next;
+        if !carried_by_next_write {
             self.flush(Some(fence), unwritten).await?;
         }
         Ok(actions)

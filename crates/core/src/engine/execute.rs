@@ -19,6 +19,7 @@ use super::cycle::Stops;
 use super::{training_request, CycleShared, Engine, Executed, LabelBinding};
 use crate::domain::{Fence, JobKey, Lease, TrainingOutcome, VersionTag};
 use crate::failpoint;
+use crate::journal::Transition;
 use crate::machine::{Action, Event, LabelRun};
 use crate::ports::{
     DatasetCheckRequest, LeaseProvider, MetadataRead, PortError, RegistryRollback, StoreError,
@@ -128,6 +129,7 @@ impl Engine {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn execute(
         &self,
         binding: &LabelBinding,
@@ -136,6 +138,7 @@ impl Engine {
         shared: &CycleShared,
         stops: &Stops<'_>,
         fence: Option<&Fence>,
+        unwritten: &mut Vec<Transition>,
     ) -> Executed {
         debug_assert!(
             !(run.plan.dry_run
@@ -382,9 +385,16 @@ impl Engine {
                 if finished.step(&Event::Committed).is_err() {
                     return Self::failed("internal error: commit outside the finishing stage");
                 }
-                let transition = self.transition(&finished, from, Event::Committed);
-                match self.store.finish(&transition, cursor, fence).await {
+                // The steps stepped but not written (the one that led
+                // here: see `apply_batched`) go in the same write.
+                let mut transitions = std::mem::take(unwritten);
+                transitions.push(self.transition(&finished, from, Event::Committed));
+                match self.store.finish_all(&transitions, cursor, fence).await {
                     Ok(()) => {
+                        for earlier in &transitions[..transitions.len() - 1] {
+                            self.audit_step(&earlier.snapshot, earlier.from, &earlier.event);
+                            failpoint::hit_lazy("after-journal", || earlier.event.name());
+                        }
                         self.audit_step(&finished, from, &Event::Committed);
                         failpoint::hit("after-journal:committed");
                         if let Some(outcome) = &run.outcome {

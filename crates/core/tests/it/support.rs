@@ -124,6 +124,11 @@ impl MemStore {
             }
         }
     }
+    /// The events of every journal line written, in write order.
+    pub fn journal_events(&self) -> Vec<&'static str> {
+        let d = self.data.lock().unwrap();
+        d.transitions.iter().map(|t| t.event.name()).collect()
+    }
     pub fn writes(&self) -> usize {
         self.writes.load(Ordering::SeqCst)
     }
@@ -348,6 +353,33 @@ impl RunStore for MemStore {
                 .unwrap()
                 .cursors
                 .insert(transition.label.clone(), c);
+        }
+        self.after_write()
+    }
+    /// One atomic write (one crash point), like the SQL stores.
+    async fn finish_all(
+        &self,
+        transitions: &[Transition],
+        cursor: Option<LabelCursor>,
+        fence: &Fence,
+    ) -> Result<(), StoreError> {
+        let Some(last) = transitions.last() else {
+            return Ok(());
+        };
+        self.check()?;
+        self.fence(&last.label, fence)?;
+        if self.loses_this_write() {
+            return self.after_write();
+        }
+        for transition in transitions {
+            self.store_transition(transition);
+        }
+        if let Some(c) = cursor {
+            self.data
+                .lock()
+                .unwrap()
+                .cursors
+                .insert(last.label.clone(), c);
         }
         self.after_write()
     }

@@ -89,6 +89,15 @@ impl RunStore for Counting {
         self.count("finish");
         self.inner.finish(transition, cursor, fence).await
     }
+    async fn finish_all(
+        &self,
+        transitions: &[Transition],
+        cursor: Option<LabelCursor>,
+        fence: &Fence,
+    ) -> Result<(), StoreError> {
+        self.count("finish_all");
+        self.inner.finish_all(transitions, cursor, fence).await
+    }
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, StoreError> {
         self.count("list_runs");
         self.inner.list_runs(filter).await
