@@ -668,7 +668,13 @@ impl Engine {
     /// stops). A crash before that write loses only reads, which the resumed
     /// run repeats. A poll that changed nothing but the poll counter (the
     /// dataset is still the one last seen, the same poll is pending) is not
-    /// written at all: the stored state already says "poll again".
+    /// written at all: the stored state already says "poll again". A
+    /// transition whose only next action is the commit is kept too: the
+    /// commit is itself the run's last write
+    /// ([`RunStore::finish_all`](crate::ports::RunStore::finish_all)), and
+    /// it carries it, so the result of the step before (the notification,
+    /// say) is durable before anything else is decided, in one write, not
+    /// two.
     pub(super) async fn apply_batched(
         &self,
         run: &mut LabelRun,
