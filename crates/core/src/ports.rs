@@ -463,28 +463,17 @@ pub trait RunStore: Send + Sync {
         fence: &Fence,
     ) -> Result<(), StoreError>;
     /// [`RunStore::finish`] of the last of `transitions` (one run's, oldest
-    /// first), written with the ones before it as one write. The engine does
-    /// not write a step whose only next action is the commit on its own: the
-    /// commit is a write, and it carries that step (so a run that notified
-    /// and commits costs one write, not two). A store should apply them
-    /// atomically and fenced like [`RunStore::finish`]; this default writes
-    /// the earlier ones with [`RunStore::record_all`], then finishes, which
-    /// is also correct (the earlier ones alone are a state the run resumes
-    /// from).
+    /// first), written with the ones before it atomically and fenced, as
+    /// one write. The engine does not write a step whose only next action
+    /// is the commit on its own: the commit is a write, and it carries that
+    /// step (so a run that notified and commits costs one write, not two).
+    /// Nothing to write for no transitions.
     async fn finish_all(
         &self,
         transitions: &[Transition],
         cursor: Option<LabelCursor>,
         fence: &Fence,
-    ) -> Result<(), StoreError> {
-        let Some((last, earlier)) = transitions.split_last() else {
-            return Ok(());
-        };
-        if !earlier.is_empty() {
-            self.record_all(earlier, fence).await?;
-        }
-        self.finish(last, cursor, fence).await
-    }
+    ) -> Result<(), StoreError>;
 
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, StoreError>;
     /// A page of runs (see [`RunPage`]). The SQL stores answer with one

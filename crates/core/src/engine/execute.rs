@@ -391,7 +391,8 @@ impl Engine {
                 transitions.push(self.transition(&finished, from, Event::Committed));
                 match self.store.finish_all(&transitions, cursor, fence).await {
                     Ok(()) => {
-                        for earlier in &transitions[..transitions.len() - 1] {
+                        transitions.pop(); // `committed`, audited below
+                        for earlier in &transitions {
                             self.audit_step(&earlier.snapshot, earlier.from, &earlier.event);
                             failpoint::hit_lazy("after-journal", || earlier.event.name());
                         }
