@@ -341,20 +341,8 @@ impl RunStore for MemStore {
         cursor: Option<LabelCursor>,
         fence: &Fence,
     ) -> Result<(), StoreError> {
-        self.check()?;
-        self.fence(&transition.label, fence)?;
-        if self.loses_this_write() {
-            return self.after_write();
-        }
-        self.store_transition(transition);
-        if let Some(c) = cursor {
-            self.data
-                .lock()
-                .unwrap()
-                .cursors
-                .insert(transition.label.clone(), c);
-        }
-        self.after_write()
+        self.finish_all(std::slice::from_ref(transition), cursor, fence)
+            .await
     }
     /// One atomic write (one crash point), like the SQL stores.
     async fn finish_all(
