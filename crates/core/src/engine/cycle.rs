@@ -618,6 +618,14 @@ impl Engine {
                 .await
             {
                 Ok(_) if deferral && run.is_deferred() => {
+                    // A deferral is not a read and its next action is the
+                    // step it retries, never the commit: `apply_batched`
+                    // wrote it, nothing is left unwritten.
+                    debug_assert!(
+                        unwritten.is_empty(),
+                        "a deferral left {} transitions unwritten",
+                        unwritten.len()
+                    );
                     let error = run.step_error.clone().unwrap_or_default();
                     warn!(%error, stage = %run.stage, "step failed transiently; the run resumes here next cycle");
                     return (run, Vec::new(), DriveEnd::Deferred(error));
