@@ -185,13 +185,15 @@ pub(super) trait Backend: Send + Sync + 'static {
 
     /// Journal `transitions` (consecutive ones of one run, oldest first: a
     /// journal line each, the run's snapshot as of the last) and the cursor,
-    /// all in one atomic write, if `fence` holds the label's lock, checked
-    /// atomically with the write; `false`: nothing written.
+    /// and with `unlock` release the label's lock, all in one atomic write,
+    /// if `fence` holds the label's lock, checked atomically with the write;
+    /// `false`: nothing written.
     async fn journal(
         &self,
         transitions: &[Transition],
         cursor: Option<&LabelCursor>,
         fence: &Fence,
+        unlock: bool,
     ) -> Result<bool, StoreError>;
 
     /// Upsert `lease` if `fence` holds its label's lock (atomically);

@@ -172,6 +172,28 @@ impl<B> std::fmt::Debug for SqlRunStore<B> {
     }
 }
 
+impl<B: Backend> SqlRunStore<B> {
+    /// `finish_all`, and with `unlock` the release of the lock, as one
+    /// fenced write.
+    async fn finish_with(
+        &self,
+        transitions: &[Transition],
+        cursor: Option<LabelCursor>,
+        fence: &Fence,
+        unlock: bool,
+    ) -> Result<(), StoreError> {
+        let Some(last) = transitions.last() else {
+            return Ok(());
+        };
+        one_run(transitions)?;
+        let applied = self
+            .0
+            .journal(transitions, cursor.as_ref(), fence, unlock)
+            .await?;
+        locks::fenced(&self.0, &last.label, fence, applied).await
+    }
+}
+
 #[async_trait::async_trait]
 impl<B: Backend> RunStore for SqlRunStore<B> {
     async fn try_lock(
@@ -245,7 +267,7 @@ impl<B: Backend> RunStore for SqlRunStore<B> {
     async fn record(&self, transition: &Transition, fence: &Fence) -> Result<(), StoreError> {
         let applied = self
             .0
-            .journal(std::slice::from_ref(transition), None, fence)
+            .journal(std::slice::from_ref(transition), None, fence, false)
             .await?;
         locks::fenced(&self.0, &transition.label, fence, applied).await
     }
@@ -259,7 +281,7 @@ impl<B: Backend> RunStore for SqlRunStore<B> {
             return Ok(());
         };
         one_run(transitions)?;
-        let applied = self.0.journal(transitions, None, fence).await?;
+        let applied = self.0.journal(transitions, None, fence, false).await?;
         locks::fenced(&self.0, &first.label, fence, applied).await
     }
 
@@ -271,7 +293,12 @@ impl<B: Backend> RunStore for SqlRunStore<B> {
     ) -> Result<(), StoreError> {
         let applied = self
             .0
-            .journal(std::slice::from_ref(transition), cursor.as_ref(), fence)
+            .journal(
+                std::slice::from_ref(transition),
+                cursor.as_ref(),
+                fence,
+                false,
+            )
             .await?;
         locks::fenced(&self.0, &transition.label, fence, applied).await
     }
@@ -282,12 +309,18 @@ impl<B: Backend> RunStore for SqlRunStore<B> {
         cursor: Option<LabelCursor>,
         fence: &Fence,
     ) -> Result<(), StoreError> {
-        let Some(last) = transitions.last() else {
-            return Ok(());
-        };
-        one_run(transitions)?;
-        let applied = self.0.journal(transitions, cursor.as_ref(), fence).await?;
-        locks::fenced(&self.0, &last.label, fence, applied).await
+        self.finish_with(transitions, cursor, fence, false).await
+    }
+
+    /// One statement (SQLite: the `journal_writes_unlock` trigger, migration
+    /// 0018) or transaction (Postgres) with the commit.
+    async fn finish_and_unlock(
+        &self,
+        transitions: &[Transition],
+        cursor: Option<LabelCursor>,
+        fence: &Fence,
+    ) -> Result<(), StoreError> {
+        self.finish_with(transitions, cursor, fence, true).await
     }
 
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, StoreError> {
@@ -630,6 +663,11 @@ const SQLITE_MIGRATIONS: Embedded = Embedded(&[
         17,
         "journal batches",
         include_str!("../../migrations/sqlite/0017_journal_batches.sql"),
+    ),
+    (
+        18,
+        "unlock with the commit",
+        include_str!("../../migrations/sqlite/0018_unlock_with_commit.sql"),
     ),
 ]);
 

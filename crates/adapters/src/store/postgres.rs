@@ -148,6 +148,16 @@ const HOLD_ALL: &str = "SELECT locks.label, locks.owner, locks.token
      ORDER BY locks.label
      FOR SHARE OF locks";
 
+/// The locks released by a group commit's writes that carry their run's
+/// end (`RunStore::finish_and_unlock`), in the write's transaction: the
+/// release of `LOCKS.release`. [`HOLD_ALL`] share-locked these rows in
+/// this transaction, and only this transaction locks them so (nobody else
+/// writes under these fences), so the update takes them without waiting:
+/// nobody took the lock since the check.
+const UNLOCK_ALL: &str = "UPDATE locks SET owner = '', expires_at = 'epoch'
+     FROM unnest($1::text[], $2::text[], $3::bigint[]) AS fence(label, owner, token)
+     WHERE locks.label = fence.label AND locks.owner = fence.owner AND locks.token = fence.token";
+
 /// The snapshots of a group commit's runs: one array per column.
 /// The snapshots travel as JSON text (serialised once, straight from the
 /// run) and are parsed into `jsonb` here.
@@ -295,8 +305,9 @@ impl Backend for PostgresRunStore {
         transitions: &[Transition],
         cursor: Option<&LabelCursor>,
         fence: &Fence,
+        unlock: bool,
     ) -> Result<bool, StoreError> {
-        match JournalWrite::of(transitions, cursor, fence)? {
+        match JournalWrite::of(transitions, cursor, fence, unlock)? {
             Some(write) => self.journal.submit(write).await,
             None => Ok(true),
         }
@@ -324,6 +335,8 @@ struct JournalWrite {
     lines: Vec<LineValues>,
     promotions: Vec<PromotionEvent>,
     cursor: Option<CursorValues>,
+    /// Release the lock of `fence` with the write.
+    unlock: bool,
     /// "journaling run … seq …", for its errors.
     what: String,
 }
@@ -367,6 +380,7 @@ impl JournalWrite {
         transitions: &[Transition],
         cursor: Option<&LabelCursor>,
         fence: &Fence,
+        unlock: bool,
     ) -> Result<Option<Self>, StoreError> {
         let Some(last) = transitions.last() else {
             return Ok(None);
@@ -425,6 +439,7 @@ impl JournalWrite {
                 .filter_map(Transition::promotion_event)
                 .collect(),
             cursor,
+            unlock,
             what,
         }))
     }
@@ -596,6 +611,19 @@ async fn write_all(tx: &mut Tx, writes: &[&JournalWrite]) -> Result<(), sqlx::Er
                     .map(|c| c.rejected_version.as_deref())
                     .collect::<Vec<_>>(),
             )
+            .execute(&mut **tx)
+            .await?;
+    }
+    let unlocks: Vec<&(String, String, i64)> = writes
+        .iter()
+        .filter(|w| w.unlock)
+        .map(|w| &w.fence)
+        .collect();
+    if !unlocks.is_empty() {
+        sqlx::query(UNLOCK_ALL)
+            .bind(unlocks.iter().map(|f| f.0.as_str()).collect::<Vec<_>>())
+            .bind(unlocks.iter().map(|f| f.1.as_str()).collect::<Vec<_>>())
+            .bind(unlocks.iter().map(|f| f.2).collect::<Vec<_>>())
             .execute(&mut **tx)
             .await?;
     }

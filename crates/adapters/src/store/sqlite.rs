@@ -154,9 +154,9 @@ const UPSERT_LEASE_FENCED: &str =
         acquired_at = excluded.acquired_at, max_until = excluded.max_until,
         attributes = excluded.attributes, released_at = excluded.released_at";
 
-/// Values of one write in a [`journal_batch`] row: its batch key, the 17
+/// Values of one write in a [`journal_batch`] row: its batch key, the 19
 /// `journal_writes` columns, its fence (label, owner, token).
-const WRITE_VALUES: usize = 21;
+const WRITE_VALUES: usize = 23;
 
 /// The batch sizes a statement is prepared for. A batch is padded up to the
 /// next with rows of `NULL`s (which no fence matches), so each connection
@@ -188,13 +188,14 @@ fn journal_batch(rows: usize) -> (&'static str, usize) {
             "INSERT INTO journal_writes (batch_key, run_id, cycle_id, label, stage, outcome, done,
                                         started_at, at, snapshot, verdict, lines, promotions,
                                         has_cursor, watermark, consumed_version,
-                                        consumed_num_samples, rejected_version)
+                                        consumed_num_samples, rejected_version,
+                                        unlock_owner, unlock_token)
              SELECT column1, column2, column3, column4, column5, column6, column7, column8,
                     column9, column10, column11, column12, column13, column14, column15,
-                    column16, column17, column18
+                    column16, column17, column18, column19, column20
              FROM (VALUES {})
-             WHERE EXISTS (SELECT 1 FROM locks WHERE label = column19 AND owner = column20
-                                                 AND token = column21 AND expires_at > ?)
+             WHERE EXISTS (SELECT 1 FROM locks WHERE label = column21 AND owner = column22
+                                                 AND token = column23 AND expires_at > ?)
              RETURNING batch_key",
             values.join(",\n                          ")
         )
@@ -272,8 +273,9 @@ impl Backend for SqliteRunStore {
         transitions: &[Transition],
         cursor: Option<&LabelCursor>,
         fence: &Fence,
+        unlock: bool,
     ) -> Result<bool, StoreError> {
-        match JournalWrite::of(transitions, cursor, fence)? {
+        match JournalWrite::of(transitions, cursor, fence, unlock)? {
             Some(write) => self.journal.submit(write).await,
             None => Ok(true),
         }
@@ -408,6 +410,7 @@ impl JournalWrite {
         transitions: &[Transition],
         cursor: Option<&LabelCursor>,
         fence: &Fence,
+        unlock: bool,
     ) -> Result<Option<Self>, StoreError> {
         let Some(last) = transitions.last() else {
             return Ok(None);
@@ -460,7 +463,14 @@ impl JournalWrite {
             Arg::OptInt(samples),
             Arg::OptText(version(cursor.and_then(|c| c.rejected_version.as_ref()))),
         ];
-        args.extend(fence_args(&last.label, fence)?);
+        // The fence whose lock the write releases (migration 0018), or none.
+        let fence_values = fence_args(&last.label, fence)?;
+        if unlock {
+            args.extend(fence_values[1..].iter().cloned());
+        } else {
+            args.extend([Arg::OptText(None), Arg::OptInt(None)]);
+        }
+        args.extend(fence_values);
         debug_assert_eq!(
             args.len() + 1,
             WRITE_VALUES,

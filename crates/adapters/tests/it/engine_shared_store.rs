@@ -316,6 +316,16 @@ impl RunStore for RenewalOutage {
     ) -> Result<(), StoreError> {
         self.inner.finish_all(transitions, cursor, fence).await
     }
+    async fn finish_and_unlock(
+        &self,
+        transitions: &[Transition],
+        cursor: Option<LabelCursor>,
+        fence: &Fence,
+    ) -> Result<(), StoreError> {
+        self.inner
+            .finish_and_unlock(transitions, cursor, fence)
+            .await
+    }
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, StoreError> {
         self.inner.list_runs(filter).await
     }

@@ -445,6 +445,80 @@ pub async fn the_steps_before_the_commit_are_finished_with_it(store: Arc<dyn Run
     assert_eq!(store.unfinished_run(&label("dept")).await.unwrap(), None);
 }
 
+/// `finish_and_unlock`: a run's last write releases its label's lock in
+/// the same write, fenced like it; the other writes of the same group
+/// commit (on a current-thread runtime, one batch) keep their locks.
+pub async fn a_runs_last_write_releases_its_lock_with_it(store: Arc<dyn RunStore>) {
+    let someone = LockOwner("someone-else".into());
+    let driver = LockOwner("driver".into());
+    let mut finishing = Vec::new();
+    for name in ["dept", "kept"] {
+        let fence = lock(store.as_ref(), name).await;
+        let (run, _) = drive(
+            store.as_ref(),
+            &fence,
+            name,
+            Some(dataset("v1", 10)),
+            Some(Stage::Training),
+        )
+        .await;
+        finishing.push((fence, run));
+    }
+    let [(dept_fence, dept_run), (kept_fence, kept_run)] = &finishing[..] else {
+        unreachable!()
+    };
+    let (dept_rest, dept_cursor) = rest_of_run(dept_run);
+    let (kept_rest, kept_cursor) = rest_of_run(kept_run);
+
+    // A stale fence neither writes nor releases the new holder's lock.
+    store
+        .release_lock(&label("dept"), dept_fence)
+        .await
+        .unwrap();
+    let fresh = lock(store.as_ref(), "dept").await;
+    let refused = store
+        .finish_and_unlock(&dept_rest, dept_cursor.clone(), dept_fence)
+        .await;
+    assert!(matches!(refused, Err(StoreError::Fenced(_))), "{refused:?}");
+    assert_busy(store.as_ref(), "dept", &someone, &driver).await;
+    let detail = store.run(&dept_run.run_id).await.unwrap().unwrap();
+    assert_eq!(detail.transitions.len() as u64, dept_run.seq);
+
+    let (unlocked, kept) = tokio::join!(
+        store.finish_and_unlock(&dept_rest, dept_cursor.clone(), &fresh),
+        store.finish_all(&kept_rest, kept_cursor, kept_fence),
+    );
+    unlocked.unwrap();
+    kept.unwrap();
+    let detail = store.run(&dept_run.run_id).await.unwrap().unwrap();
+    assert_eq!(detail.summary.stage, Stage::Done);
+    assert_eq!(
+        detail.transitions.last().unwrap().event["event"],
+        "committed"
+    );
+    assert_eq!(
+        store.cursor(&label("dept")).await.unwrap(),
+        dept_cursor.unwrap()
+    );
+    // Released with the write: free for anyone, at the next token.
+    assert_eq!(store.lock_holder(&label("dept")).await.unwrap(), None);
+    let (next, taken_over_from) = acquire_from(store.as_ref(), "dept", &someone, LONG).await;
+    assert_eq!(next.token, fresh.token + 1);
+    assert_eq!(taken_over_from, None, "a released lock is not a takeover");
+    // The plain commit keeps its lock.
+    assert_busy(store.as_ref(), "kept", &someone, &driver).await;
+    assert_eq!(
+        store
+            .run(&kept_run.run_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .summary
+            .stage,
+        Stage::Done
+    );
+}
+
 pub async fn batched_transitions_are_written_together_and_fenced(store: Arc<dyn RunStore>) {
     let fence = lock(store.as_ref(), "dept").await;
     let mut run = LabelRun::new(
@@ -1627,6 +1701,7 @@ macro_rules! contract {
 contract!(
     journal_snapshot_and_cursor_are_written_together,
     the_steps_before_the_commit_are_finished_with_it,
+    a_runs_last_write_releases_its_lock_with_it,
     batched_transitions_are_written_together_and_fenced,
     a_write_of_several_lines_takes_consecutive_positions,
     label_statuses_answer_for_every_label_at_once,
@@ -1659,6 +1734,14 @@ contract!(
 async fn sqlite_a_fenced_write_fails_alone_in_its_group_commit() {
     let dir = tempfile::tempdir().unwrap();
     a_fenced_write_fails_alone_among_concurrent_writes(sqlite_store(&dir).await).await;
+}
+
+/// The same on a current-thread runtime: the unlocking write and the plain
+/// one are committed as one batch statement.
+#[tokio::test(flavor = "current_thread")]
+async fn sqlite_a_runs_last_write_releases_its_lock_within_a_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    a_runs_last_write_releases_its_lock_with_it(sqlite_store(&dir).await).await;
 }
 
 #[tokio::test]

@@ -266,6 +266,10 @@ impl Engine {
                 return fail(e.to_string());
             }
         };
+        if fence.is_some() {
+            // Its commit, once it is done, releases the lock (see `locks`).
+            self.locks.bind_run(label, &run.run_id);
+        }
         let mut unwritten = Vec::new();
         let actions = if resumed {
             run.pending.clone()

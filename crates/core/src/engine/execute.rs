@@ -389,7 +389,22 @@ impl Engine {
                 // here: see `apply_batched`) go in the same write.
                 let mut transitions = std::mem::take(unwritten);
                 transitions.push(self.transition(&finished, from, Event::Committed));
-                match self.store.finish_all(&transitions, cursor, fence).await {
+                // The last write of the run the lock was taken for also
+                // releases it (invariant 6 of `locks`).
+                let label = run.label();
+                let unlocks =
+                    finished.is_done() && self.locks.begin_unlock(label, fence, &run.run_id);
+                let written = if unlocks {
+                    self.store
+                        .finish_and_unlock(&transitions, cursor, fence)
+                        .await
+                } else {
+                    self.store.finish_all(&transitions, cursor, fence).await
+                };
+                if unlocks && written.is_err() {
+                    self.locks.abort_unlock(label);
+                }
+                match written {
                     Ok(()) => {
                         transitions.pop(); // `committed`, audited below
                         for earlier in &transitions {

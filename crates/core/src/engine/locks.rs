@@ -20,6 +20,16 @@
 //!    same owner would bump the token and fence out the first driver). The
 //!    check and the reservation are one step under the table's mutex, so two
 //!    concurrent triggers of one label in one process cannot both pass it.
+//! 6. The commit of the run a cycle took the lock for ([`HeldLocks::bind_run`])
+//!    releases the lock in the same write when that run is done
+//!    (`RunStore::finish_and_unlock`): nothing of the label follows it under
+//!    the lock. From the moment that write is sent the lock is *unlocking*:
+//!    not renewed, and a refused renewal or a lapse of validity is not a
+//!    loss (the write is fenced itself). If the write fails, the lock is
+//!    held as before and released on its own. No other run's commit (a
+//!    candidate closed by expiry or supersede under the same lock, a run
+//!    parked for approval, which the cycle follows with that closing)
+//!    releases it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::Engine;
-use crate::domain::{Fence, Label, LockOutcome};
+use crate::domain::{Fence, Label, LockOutcome, RunId};
 use crate::ports::StoreError;
 
 /// Locks renewed by one `RunStore::renew_locks` call (one statement on
@@ -48,6 +58,10 @@ struct Held {
     valid_until: Instant,
     lost: CancellationToken,
     reason: Option<String>,
+    /// The run whose finished commit releases this lock (invariant 6).
+    run: Option<RunId>,
+    /// That commit's write is in flight or done (invariant 6).
+    unlocking: bool,
 }
 
 /// The locks this engine holds, by label.
@@ -113,13 +127,47 @@ impl HeldLocks {
                 valid_until,
                 lost: lost.clone(),
                 reason: None,
+                run: None,
+                unlocking: false,
             },
         );
         lost
     }
 
-    fn remove(&self, label: &Label) -> Option<Fence> {
-        self.map().remove(label).map(|held| held.fence)
+    /// Unregister `label`: its fence, and whether its release was already
+    /// written with its run's commit (invariant 6).
+    fn remove(&self, label: &Label) -> Option<(Fence, bool)> {
+        self.map()
+            .remove(label)
+            .map(|held| (held.fence, held.unlocking))
+    }
+
+    /// `run` is the one this lock was taken for: its commit, once the run is
+    /// done, releases the lock (invariant 6).
+    pub(super) fn bind_run(&self, label: &Label, run: &RunId) {
+        if let Some(held) = self.map().get_mut(label) {
+            held.run = Some(run.clone());
+        }
+    }
+
+    /// Whether the commit of `run` under `fence` releases the lock; if so,
+    /// the lock is unlocking from now on (invariant 6).
+    pub(super) fn begin_unlock(&self, label: &Label, fence: &Fence, run: &RunId) -> bool {
+        let mut map = self.map();
+        let Some(held) = map.get_mut(label) else {
+            return false;
+        };
+        let releases = held.fence == *fence && held.run.as_ref() == Some(run);
+        held.unlocking |= releases;
+        releases
+    }
+
+    /// The commit that was to release `label`'s lock failed: it is held as
+    /// before.
+    pub(super) fn abort_unlock(&self, label: &Label) {
+        if let Some(held) = self.map().get_mut(label) {
+            held.unlocking = false;
+        }
     }
 
     /// `Ok` while the lock of `label` is held and valid, else why not.
@@ -144,7 +192,7 @@ impl HeldLocks {
         let mut held: Vec<_> = self
             .map()
             .iter()
-            .filter(|(_, held)| held.reason.is_none())
+            .filter(|(_, held)| held.reason.is_none() && !held.unlocking)
             .map(|(label, held)| (held.valid_until, label.clone(), held.fence.clone()))
             .collect();
         held.sort_by_key(|(valid_until, _, _)| *valid_until);
@@ -165,7 +213,7 @@ impl HeldLocks {
     /// The lock is gone: record why and wake the label's waits.
     pub(super) fn mark_lost(&self, label: &Label, fence: &Fence, reason: String) {
         if let Some(held) = self.map().get_mut(label) {
-            if held.fence == *fence && held.reason.is_none() {
+            if held.fence == *fence && held.reason.is_none() && !held.unlocking {
                 warn!(%label, %reason, "label lock lost");
                 held.reason = Some(reason);
                 held.lost.cancel();
@@ -176,7 +224,7 @@ impl HeldLocks {
     /// Wake the waits of labels whose validity ran out.
     fn expire(&self, now: Instant) {
         for (label, held) in self.map().iter_mut() {
-            if held.reason.is_none() && now >= held.valid_until {
+            if held.reason.is_none() && !held.unlocking && now >= held.valid_until {
                 warn!(%label, "label lock not renewed within lock_ttl; stopping the label");
                 held.reason = Some(format!(
                     "the lock of label {label} could not be renewed within lock_ttl; stopped before the next step"
@@ -236,11 +284,15 @@ impl Engine {
     }
 
     /// Unregister and release `label`'s lock (a no-op in the store if it was
-    /// lost meanwhile: the release is fenced too).
+    /// lost meanwhile: the release is fenced too), unless its run's commit
+    /// released it already (invariant 6).
     pub(super) async fn unlock(&self, label: &Label) {
-        let Some(fence) = self.locks.remove(label) else {
+        let Some((fence, released)) = self.locks.remove(label) else {
             return;
         };
+        if released {
+            return;
+        }
         if let Err(e) = self.store.release_lock(label, &fence).await {
             warn!(error = %e, "could not release the label lock; it will expire");
         }
@@ -376,5 +428,63 @@ mod tests {
         drop(again);
         // A dropped reservation (refused lock, dropped future) frees the label.
         assert!(locks.reserve(&label).is_some());
+    }
+
+    #[test]
+    fn only_the_bound_runs_commit_unlocks_and_an_unlocking_lock_is_neither_renewed_nor_lost() {
+        let locks = HeldLocks::default();
+        let label = Label::new("intent").unwrap();
+        let fence = |token| Fence {
+            owner: LockOwner("me".into()),
+            token,
+        };
+        let (run, other) = (RunId("run-1".into()), RunId("run-0".into()));
+        let lost = locks.insert(
+            label.clone(),
+            fence(2),
+            Instant::now() + Duration::from_secs(60),
+        );
+        // No run bound yet (a candidate closed before the cycle's run).
+        assert!(!locks.begin_unlock(&label, &fence(2), &run));
+        locks.bind_run(&label, &run);
+        assert!(
+            !locks.begin_unlock(&label, &fence(2), &other),
+            "another run"
+        );
+        assert!(
+            !locks.begin_unlock(&label, &fence(1), &run),
+            "a stale fence"
+        );
+        assert_eq!(locks.snapshot().len(), 1, "not unlocking: renewed");
+        assert!(locks.begin_unlock(&label, &fence(2), &run));
+        assert!(locks.snapshot().is_empty(), "unlocking: not renewed");
+        // A renewal refused because the commit released the lock, or the
+        // validity running out meanwhile, is not a loss.
+        locks.mark_lost(&label, &fence(2), "released by the commit".into());
+        locks.expire(Instant::now() + Duration::from_secs(120));
+        assert!(!lost.is_cancelled());
+        // The commit failed: held (and renewed, and losable) as before.
+        locks.abort_unlock(&label);
+        assert_eq!(locks.snapshot().len(), 1);
+        assert_eq!(locks.remove(&label), Some((fence(2), false)));
+        // The commit was written: unregistered as released.
+        locks.insert(
+            label.clone(),
+            fence(3),
+            Instant::now() + Duration::from_secs(60),
+        );
+        locks.bind_run(&label, &run);
+        assert!(locks.begin_unlock(&label, &fence(3), &run));
+        assert_eq!(locks.remove(&label), Some((fence(3), true)));
+        assert!(!locks.begin_unlock(&label, &fence(3), &run), "not held");
+        // A lock that is not unlocking is lost by a refused renewal.
+        let lost = locks.insert(
+            label.clone(),
+            fence(4),
+            Instant::now() + Duration::from_secs(60),
+        );
+        locks.mark_lost(&label, &fence(4), "taken over".into());
+        assert!(lost.is_cancelled());
+        assert!(locks.check(&label).is_err());
     }
 }

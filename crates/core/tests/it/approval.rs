@@ -317,6 +317,11 @@ async fn a_newer_waiting_candidate_supersedes_the_older_one_which_can_never_be_a
     assert_eq!(report.labels[0].status, LabelStatus::AwaitingApproval);
     // The report names the run it closed (the CLI rewrites its manifest).
     assert_eq!(report.labels[0].closed_runs, vec![older.clone()]);
+    // Neither the parked runs' commits nor the closing of the older one
+    // (under the newer one's lock) released the lock; each cycle did,
+    // after its closing.
+    assert_eq!(store.unlocked_by_commit(), 0);
+    assert_eq!(store.lock_releases(), 2);
 
     // Superseded at once (journaled on the old run, notified), not at the next cycle.
     let old = store.run_snapshot(&older);

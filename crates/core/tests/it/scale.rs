@@ -186,6 +186,49 @@ async fn the_step_before_the_commit_is_written_with_it() {
     assert!(!events.contains(&"notified"), "{events:?}");
 }
 
+/// Whether an orchestrator other than the engine's can take `label`'s lock
+/// right now (nobody holds it).
+async fn lock_is_free(store: &MemStore, label: &str) -> bool {
+    let outcome = store
+        .try_lock(
+            &Label::new(label).unwrap(),
+            &LockOwner("another-orchestrator".into()),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    matches!(outcome, LockOutcome::Acquired { .. })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_finished_runs_commit_releases_its_lock_in_the_same_write() {
+    let labels = ["a", "b", "c"];
+    let (store, _) = cycle_with_delay(&labels, Duration::from_secs(3)).await;
+    assert_eq!(store.unlocked_by_commit(), labels.len());
+    assert_eq!(store.lock_releases(), 0, "no release write of its own");
+    for label in labels {
+        assert!(lock_is_free(&store, label).await, "{label} is still locked");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_commit_that_failed_leaves_the_lock_to_its_own_release() {
+    let store = MemStore::new();
+    store.commits_fail.store(true, Ordering::SeqCst);
+    let (store, _, report) = cycle_on(store, &["department"], Duration::from_secs(3)).await;
+    let report = report.unwrap();
+    assert!(
+        report.labels[0]
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("outage of commits")),
+        "{report:?}"
+    );
+    assert_eq!(store.unlocked_by_commit(), 0);
+    assert_eq!(store.lock_releases(), 1, "released on its own");
+    assert!(lock_is_free(&store, "department").await);
+}
+
 #[tokio::test(start_paused = true)]
 async fn labels_waiting_on_one_prepare_job_share_its_stage_reads() {
     let labels = ["a", "b", "c", "d", "e"];

@@ -31,6 +31,9 @@ struct StoreData {
     promotions: Vec<PromotionEvent>,
     /// Writes refused because the writer's fence was stale.
     fenced: usize,
+    /// Locks released by a run's commit write / by `release_lock`.
+    unlocked_by_commit: usize,
+    lock_releases: usize,
 }
 
 /// In-memory `RunStore`. `crash_after(n)`: the n-th journal write (record or
@@ -54,6 +57,9 @@ pub struct MemStore {
     pub run_listings: Arc<AtomicUsize>,
     /// `renew_locks` calls (one per heartbeat batch).
     pub renew_batches: Arc<AtomicUsize>,
+    /// While set, the commit writes (`finish_all`, `finish_and_unlock`)
+    /// fail as a store outage would, writing nothing.
+    pub commits_fail: Arc<AtomicBool>,
 }
 
 impl MemStore {
@@ -142,6 +148,52 @@ impl MemStore {
         } else {
             Ok(())
         }
+    }
+    /// `finish_all`, and with `unlock` the release of the lock, as one
+    /// write (one crash point).
+    fn write_finish(
+        &self,
+        transitions: &[Transition],
+        cursor: Option<LabelCursor>,
+        fence: &Fence,
+        unlock: bool,
+    ) -> Result<(), StoreError> {
+        let Some(last) = transitions.last() else {
+            return Ok(());
+        };
+        self.check()?;
+        if self.commits_fail.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable(
+                "simulated outage of commits".into(),
+            ));
+        }
+        self.fence(&last.label, fence)?;
+        if self.loses_this_write() {
+            return self.after_write();
+        }
+        for transition in transitions {
+            self.store_transition(transition);
+        }
+        let mut d = self.data.lock().unwrap();
+        if let Some(c) = cursor {
+            d.cursors.insert(last.label.clone(), c);
+        }
+        if unlock {
+            if let Some(lock) = d.locks.get_mut(&last.label) {
+                lock.0.clear();
+            }
+            d.unlocked_by_commit += 1;
+        }
+        drop(d);
+        self.after_write()
+    }
+    /// Locks released by their run's commit write (`finish_and_unlock`).
+    pub fn unlocked_by_commit(&self) -> usize {
+        self.data.lock().unwrap().unlocked_by_commit
+    }
+    /// `release_lock` calls that released a held lock.
+    pub fn lock_releases(&self) -> usize {
+        self.data.lock().unwrap().lock_releases
     }
     fn after_write(&self) -> Result<(), StoreError> {
         self.writes.fetch_add(1, Ordering::SeqCst);
@@ -278,10 +330,11 @@ impl RunStore for MemStore {
         if self.renewals_fail.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("simulated outage".into()));
         }
-        let mut d = self.data.lock().unwrap();
+        let d = &mut *self.data.lock().unwrap();
         if let Some(lock) = d.locks.get_mut(label) {
             if lock.0 == fence.owner.0 && lock.2 == fence.token {
                 lock.0.clear();
+                d.lock_releases += 1;
             }
         }
         Ok(())
@@ -351,25 +404,17 @@ impl RunStore for MemStore {
         cursor: Option<LabelCursor>,
         fence: &Fence,
     ) -> Result<(), StoreError> {
-        let Some(last) = transitions.last() else {
-            return Ok(());
-        };
-        self.check()?;
-        self.fence(&last.label, fence)?;
-        if self.loses_this_write() {
-            return self.after_write();
-        }
-        for transition in transitions {
-            self.store_transition(transition);
-        }
-        if let Some(c) = cursor {
-            self.data
-                .lock()
-                .unwrap()
-                .cursors
-                .insert(last.label.clone(), c);
-        }
-        self.after_write()
+        self.write_finish(transitions, cursor, fence, false)
+    }
+    /// One atomic write (one crash point), like the SQL stores: the lock is
+    /// released by the write, with no `release_lock` call.
+    async fn finish_and_unlock(
+        &self,
+        transitions: &[Transition],
+        cursor: Option<LabelCursor>,
+        fence: &Fence,
+    ) -> Result<(), StoreError> {
+        self.write_finish(transitions, cursor, fence, true)
     }
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, StoreError> {
         self.run_listings.fetch_add(1, Ordering::SeqCst);

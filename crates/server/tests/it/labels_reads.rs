@@ -98,6 +98,17 @@ impl RunStore for Counting {
         self.count("finish_all");
         self.inner.finish_all(transitions, cursor, fence).await
     }
+    async fn finish_and_unlock(
+        &self,
+        transitions: &[Transition],
+        cursor: Option<LabelCursor>,
+        fence: &Fence,
+    ) -> Result<(), StoreError> {
+        self.count("finish_and_unlock");
+        self.inner
+            .finish_and_unlock(transitions, cursor, fence)
+            .await
+    }
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, StoreError> {
         self.count("list_runs");
         self.inner.list_runs(filter).await
