@@ -164,11 +164,16 @@ impl ModelRegistry for Registry {
 struct CountingStore {
     inner: Arc<dyn RunStore>,
     writes: AtomicU64,
+    /// Lock calls: acquisitions, releases of their own, renewals.
+    lock_calls: AtomicU64,
 }
 
 impl CountingStore {
     fn wrote(&self) {
         self.writes.fetch_add(1, Ordering::Relaxed);
+    }
+    fn locked(&self) {
+        self.lock_calls.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -180,6 +185,7 @@ impl RunStore for CountingStore {
         owner: &LockOwner,
         ttl: Duration,
     ) -> Result<LockOutcome, StoreError> {
+        self.locked();
         self.inner.try_lock(label, owner, ttl).await
     }
     async fn renew_lock(
@@ -188,9 +194,19 @@ impl RunStore for CountingStore {
         fence: &Fence,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
+        self.locked();
         self.inner.renew_lock(label, fence, ttl).await
     }
+    async fn renew_locks(
+        &self,
+        held: &[(Label, Fence)],
+        ttl: Duration,
+    ) -> Result<Vec<bool>, StoreError> {
+        self.locked();
+        self.inner.renew_locks(held, ttl).await
+    }
     async fn release_lock(&self, label: &Label, fence: &Fence) -> Result<(), StoreError> {
+        self.locked();
         self.inner.release_lock(label, fence).await
     }
     async fn cursor(&self, label: &Label) -> Result<LabelCursor, StoreError> {
@@ -228,6 +244,17 @@ impl RunStore for CountingStore {
     ) -> Result<(), StoreError> {
         self.wrote();
         self.inner.finish_all(transitions, cursor, fence).await
+    }
+    async fn finish_and_unlock(
+        &self,
+        transitions: &[Transition],
+        cursor: Option<LabelCursor>,
+        fence: &Fence,
+    ) -> Result<(), StoreError> {
+        self.wrote();
+        self.inner
+            .finish_and_unlock(transitions, cursor, fence)
+            .await
     }
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, StoreError> {
         self.inner.list_runs(filter).await
@@ -381,6 +408,7 @@ fn main() {
         let store = Arc::new(CountingStore {
             inner,
             writes: AtomicU64::new(0),
+            lock_calls: AtomicU64::new(0),
         });
         let sources = sources(labels, over_hub).await;
         let trainer: Arc<dyn Trainer> = Arc::new(Train);
@@ -465,6 +493,7 @@ fn main() {
             eprintln!("requests: {}", request_breakdown(hub, labels));
         }
         let writes = store.writes.load(Ordering::Relaxed);
+        let lock_calls = store.lock_calls.load(Ordering::Relaxed);
         let requests = sources
             .hub
             .as_ref()
@@ -472,10 +501,11 @@ fn main() {
                 format!("{:.2}", hub.requests().len() as f64 / labels as f64)
             });
         println!(
-            "labels={labels} wall={:.3}s per_label={:.3}ms promoted={promoted} writes_per_label={:.2} requests_per_label={requests} peak_rss={:.1}MiB",
+            "labels={labels} wall={:.3}s per_label={:.3}ms promoted={promoted} writes_per_label={:.2} lock_calls_per_label={:.2} requests_per_label={requests} peak_rss={:.1}MiB",
             elapsed.as_secs_f64(),
             elapsed.as_secs_f64() * 1000.0 / labels as f64,
             writes as f64 / labels as f64,
+            lock_calls as f64 / labels as f64,
             peak_rss_mib()
         );
     });
