@@ -479,26 +479,15 @@ pub trait RunStore: Send + Sync {
     /// else of that label follows under the lock (the engine's commit of a
     /// finished run), so the release costs no write of its own. Applied
     /// only while `fence` holds the lock, like `finish_all`; refused, it
-    /// releases nothing either.
-    ///
-    /// This default writes `finish_all`, then releases. A release that
-    /// fails after the commit was written is not an error of the commit:
-    /// the lock is left to expire, as when [`RunStore::release_lock`]
-    /// fails on its own.
+    /// releases nothing either. No default, like `finish_all`: a store
+    /// writes the commit and the release together, or it would have to
+    /// decide what a release failing after a written commit means.
     async fn finish_and_unlock(
         &self,
         transitions: &[Transition],
         cursor: Option<LabelCursor>,
         fence: &Fence,
-    ) -> Result<(), StoreError> {
-        self.finish_all(transitions, cursor, fence).await?;
-        if let Some(last) = transitions.last() {
-            if let Err(error) = self.release_lock(&last.label, fence).await {
-                tracing::warn!(%error, label = %last.label, "could not release the label lock after its commit; it will expire");
-            }
-        }
-        Ok(())
-    }
+    ) -> Result<(), StoreError>;
 
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, StoreError>;
     /// A page of runs (see [`RunPage`]). The SQL stores answer with one

@@ -191,7 +191,7 @@ impl MemStore {
     pub fn unlocked_by_commit(&self) -> usize {
         self.data.lock().unwrap().unlocked_by_commit
     }
-    /// `release_lock` calls that released a held lock.
+    /// `release_lock` calls (a release of a lock no longer held included).
     pub fn lock_releases(&self) -> usize {
         self.data.lock().unwrap().lock_releases
     }
@@ -331,10 +331,10 @@ impl RunStore for MemStore {
             return Err(StoreError::Unavailable("simulated outage".into()));
         }
         let d = &mut *self.data.lock().unwrap();
+        d.lock_releases += 1;
         if let Some(lock) = d.locks.get_mut(label) {
             if lock.0 == fence.owner.0 && lock.2 == fence.token {
                 lock.0.clear();
-                d.lock_releases += 1;
             }
         }
         Ok(())
