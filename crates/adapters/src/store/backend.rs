@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use retrain_core::domain::{CycleId, Fence, Label, LabelCursor, Lease, RunId};
+use retrain_core::domain::{CycleId, Fence, Label, LabelCursor, Lease, LockOwner, RunId};
 use retrain_core::journal::{
     JournalEntry, PromotionEvent, PromotionKind, RunSummary, Transition, TransitionRecord,
 };
@@ -157,6 +157,24 @@ where
     }
 }
 
+/// A lock as an acquisition took it: its new token and the owner the row
+/// had before (`''`: released or new).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Taken {
+    pub(super) token: i64,
+    pub(super) previous_owner: String,
+}
+
+impl Taken {
+    /// From a row answering `RETURNING token, previous_owner`.
+    pub(super) fn of(row: &impl Columns) -> Result<Self, StoreError> {
+        Ok(Self {
+            token: row.int("token")?,
+            previous_owner: row.text("previous_owner")?,
+        })
+    }
+}
+
 /// A dialect: SQLite or Postgres.
 #[async_trait]
 pub(super) trait Backend: Send + Sync + 'static {
@@ -199,6 +217,26 @@ pub(super) trait Backend: Send + Sync + 'static {
     /// Upsert `lease` if `fence` holds its label's lock (atomically);
     /// `false`: nothing written.
     async fn lease(&self, lease: &Lease, fence: &Fence) -> Result<bool, StoreError>;
+
+    /// [`LockSql::acquire`] of `label` for `owner`: the lock as taken, or
+    /// `None` (someone else's unexpired lock). The SQLite store queues it
+    /// for a writer task that takes every queued acquisition in one
+    /// statement; this default is one statement on [`Backend::writer`].
+    async fn acquire(
+        &self,
+        label: &Label,
+        owner: &LockOwner,
+        ttl: Duration,
+    ) -> Result<Option<Taken>, StoreError> {
+        let mut args = vec![Arg::text(label), Arg::text(owner)];
+        args.extend(self.expiry_args(ttl));
+        self.writer()
+            .fetch_optional(Self::LOCKS.acquire, args)
+            .await
+            .map_err(|e| self.error(&format!("locking label {label}"), e))?
+            .map(|row| Taken::of(&row))
+            .transpose()
+    }
 
     /// A driver error of `what`, secret-free.
     fn error(&self, what: &str, error: sqlx::Error) -> StoreError {

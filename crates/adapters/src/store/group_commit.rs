@@ -1,7 +1,7 @@
-//! Group commit of journal writes, shared by both dialects. One writer task
-//! per store takes whatever writes are queued (up to [`GROUP_COMMIT_MAX`])
-//! and hands them to the dialect's [`CommitBatch`], which applies them in one
-//! transaction. Each caller awaits its own acknowledgement, sent only after
+//! Group commit of journal writes, shared by both dialects (and, on SQLite,
+//! of lock acquisitions). One writer task per store and kind of write takes
+//! whatever writes are queued (up to [`GROUP_COMMIT_MAX`]) and hands them to
+//! the dialect's [`CommitBatch`], which applies them in one transaction. Each caller awaits its own acknowledgement, sent only after
 //! that transaction committed, so "journaled before acting" holds; labels
 //! running concurrently share one commit instead of each paying a
 //! transaction (and, on Postgres, a turn on the `journal_head` row lock) of
@@ -25,35 +25,38 @@ pub(super) trait CommitBatch: Send + Sync + 'static {
     /// One queued write, prepared by the caller (so that bad input is
     /// refused before it is queued).
     type Write: Send + Sync + 'static;
+    /// What one write's caller learns: for a journal write, whether it was
+    /// applied (`false`: its fence did not hold, nothing of it was
+    /// written).
+    type Outcome: Send + 'static;
 
     /// Apply `batch` in one transaction, all or nothing; for each write, in
-    /// order, whether it was applied (`false`: its fence did not hold,
-    /// nothing of it was written).
-    async fn commit(&self, batch: &[Self::Write]) -> Result<Vec<bool>, StoreError>;
+    /// order, its outcome.
+    async fn commit(&self, batch: &[Self::Write]) -> Result<Vec<Self::Outcome>, StoreError>;
 }
 
 /// A queued write and where its outcome goes.
-struct Queued<W> {
+struct Queued<W, O> {
     write: W,
-    done: oneshot::Sender<Result<bool, StoreError>>,
+    done: oneshot::Sender<Result<O, StoreError>>,
 }
 
 /// The sending side of a store's writer task; the task ends when this is
 /// dropped (with the store).
-pub(super) struct GroupCommit<W> {
-    queue: mpsc::UnboundedSender<Queued<W>>,
+pub(super) struct GroupCommit<W, O = bool> {
+    queue: mpsc::UnboundedSender<Queued<W, O>>,
 }
 
-impl<W: Send + Sync + 'static> GroupCommit<W> {
+impl<W: Send + Sync + 'static, O: Send + 'static> GroupCommit<W, O> {
     /// Start the writer task (on the current Tokio runtime) over `committer`.
-    pub(super) fn spawn<C: CommitBatch<Write = W>>(committer: C) -> Self {
+    pub(super) fn spawn<C: CommitBatch<Write = W, Outcome = O>>(committer: C) -> Self {
         let (queue, received) = mpsc::unbounded_channel();
         tokio::spawn(writer(committer, received, GROUP_COMMIT_MAX));
         Self { queue }
     }
 
-    /// Queue `write` and wait until it is committed: whether it was applied.
-    pub(super) async fn submit(&self, write: W) -> Result<bool, StoreError> {
+    /// Queue `write` and wait until it is committed: its outcome.
+    pub(super) async fn submit(&self, write: W) -> Result<O, StoreError> {
         let (done, outcome) = oneshot::channel();
         let stopped = || StoreError::Unavailable("the run store's journal writer stopped".into());
         self.queue
@@ -67,7 +70,7 @@ impl<W: Send + Sync + 'static> GroupCommit<W> {
 /// gone.
 async fn writer<C: CommitBatch>(
     committer: C,
-    mut queue: mpsc::UnboundedReceiver<Queued<C::Write>>,
+    mut queue: mpsc::UnboundedReceiver<Queued<C::Write, C::Outcome>>,
     max: usize,
 ) {
     while let Some(first) = queue.recv().await {
@@ -83,17 +86,17 @@ async fn writer<C: CommitBatch>(
             }
         }
         match commit(&committer, &writes).await {
-            Ok(applied) => {
-                for (done, applied) in done.into_iter().zip(applied) {
-                    let _ = done.send(Ok(applied));
+            Ok(outcomes) => {
+                for (done, outcome) in done.into_iter().zip(outcomes) {
+                    let _ = done.send(Ok(outcome));
                 }
             }
             // One bad write must not fail the others: retry them one by one.
             Err(_) if writes.len() > 1 => {
                 for (write, done) in writes.iter().zip(done) {
-                    let _ = done.send(commit(&committer, std::slice::from_ref(write)).await.map(
-                        |applied| applied[0], // `commit` checked: one outcome per write
-                    ));
+                    let outcome = commit(&committer, std::slice::from_ref(write)).await;
+                    // `commit` checked: one outcome per write.
+                    let _ = done.send(outcome.map(|mut one| one.swap_remove(0)));
                 }
             }
             Err(error) => {
@@ -109,7 +112,7 @@ async fn writer<C: CommitBatch>(
 async fn commit<C: CommitBatch>(
     committer: &C,
     writes: &[C::Write],
-) -> Result<Vec<bool>, StoreError> {
+) -> Result<Vec<C::Outcome>, StoreError> {
     let applied = committer.commit(writes).await?;
     if applied.len() != writes.len() {
         return Err(StoreError::Corrupt(format!(
@@ -145,6 +148,7 @@ mod tests {
     #[async_trait]
     impl CommitBatch for Recorder {
         type Write = &'static str;
+        type Outcome = bool;
 
         async fn commit(&self, batch: &[&'static str]) -> Result<Vec<bool>, StoreError> {
             let failed = batch.contains(&"bad");

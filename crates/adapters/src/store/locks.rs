@@ -36,7 +36,7 @@ use chrono::{DateTime, Utc};
 use retrain_core::domain::{Fence, Label, LockOutcome, LockOwner};
 use retrain_core::ports::StoreError;
 
-use super::backend::{fence_args, Arg, Backend, Columns, Statements, StoreRow};
+use super::backend::{fence_args, Arg, Backend, Columns, Statements, StoreRow, Taken};
 use super::i64_to_u64;
 
 /// A label's lock row as read.
@@ -116,15 +116,8 @@ pub(super) async fn try_lock<B: Backend>(
 ) -> Result<LockOutcome, StoreError> {
     let what = format!("locking label {label}");
     for _ in 0..ATTEMPTS {
-        let mut args = vec![Arg::text(label), Arg::text(owner)];
-        args.extend(b.expiry_args(ttl));
-        let taken = b
-            .writer()
-            .fetch_optional(B::LOCKS.acquire, args)
-            .await
-            .map_err(|e| b.error(&what, e))?;
-        if let Some(taken) = taken {
-            return acquired(label, owner, &taken);
+        if let Some(taken) = b.acquire(label, owner, ttl).await? {
+            return acquired(label, owner, taken);
         }
         // Refused: someone else's unexpired lock, unless it expired or was
         // released since (then try again).
@@ -155,7 +148,7 @@ pub(super) async fn try_lock<B: Backend>(
                 dead = %held.owner,
                 "took the lock of a holder process that no longer exists"
             );
-            return acquired(label, owner, &taken);
+            return acquired(label, owner, Taken::of(&taken)?);
         }
         // Another contender took it first: look again.
     }
@@ -164,19 +157,12 @@ pub(super) async fn try_lock<B: Backend>(
     )))
 }
 
-fn acquired<R: StoreRow>(
-    label: &Label,
-    owner: &LockOwner,
-    taken: &R,
-) -> Result<LockOutcome, StoreError> {
-    let previous = taken.text("previous_owner")?;
+fn acquired(label: &Label, owner: &LockOwner, taken: Taken) -> Result<LockOutcome, StoreError> {
+    let previous = taken.previous_owner;
     Ok(LockOutcome::Acquired {
         fence: Fence {
             owner: owner.clone(),
-            token: i64_to_u64(
-                taken.int("token")?,
-                &format!("token of the lock of {label}"),
-            )?,
+            token: i64_to_u64(taken.token, &format!("token of the lock of {label}"))?,
         },
         taken_over_from: (!previous.is_empty() && previous != owner.0).then_some(previous),
     })

@@ -460,6 +460,7 @@ struct PostgresJournal {
 #[async_trait]
 impl CommitBatch for PostgresJournal {
     type Write = JournalWrite;
+    type Outcome = bool;
 
     async fn commit(&self, batch: &[JournalWrite]) -> Result<Vec<bool>, StoreError> {
         let what = match batch {

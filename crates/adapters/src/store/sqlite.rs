@@ -2,12 +2,13 @@
 //! several processes of one machine may share. Times are fixed-width RFC 3339
 //! text compared with this machine's clock; JSON is text.
 
+use std::collections::hash_map::{Entry, HashMap};
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
-use retrain_core::domain::{Fence, LabelCursor, Lease, VersionTag};
+use retrain_core::domain::{Fence, Label, LabelCursor, Lease, LockOwner, VersionTag};
 use retrain_core::journal::{PromotionEvent, Transition};
 use retrain_core::machine::{Action, Event};
 use retrain_core::ports::StoreError;
@@ -17,7 +18,8 @@ use sqlx::sqlite::{SqlitePool, SqliteRow};
 use sqlx::{Row, Sqlite};
 
 use super::backend::{
-    fence_args, lease_args, Arg, Backend, Bind, LockSql, Query, Statements, StoreRow,
+    fence_args, lease_args, Arg, Backend, Bind, Columns, LockSql, Query, Statements, StoreRow,
+    Taken,
 };
 use super::group_commit::{CommitBatch, GroupCommit, GROUP_COMMIT_MAX};
 use super::{prepare_schema, u64_to_i64, RunRow, StoreOptions, SQLITE_MIGRATIONS};
@@ -33,6 +35,11 @@ pub(super) struct SqliteRunStore {
     /// instead of each paying a transaction (and SQLite's single-writer
     /// lock) of its own.
     journal: GroupCommit<JournalWrite>,
+    /// Lock acquisitions go through a writer task of their own, one
+    /// statement per batch ([`acquire_batch`]): a cycle takes a lock per
+    /// label, and each was a statement and a commit on the writer
+    /// connection, which every journal write queues for too.
+    acquisitions: GroupCommit<Acquisition, Option<Taken>>,
     /// One connection for this process's writes, shared with the journal's
     /// writer task (see [`Backend::writer`]); `pool` for an in-memory
     /// database (one connection in all).
@@ -48,6 +55,21 @@ struct JournalWrite {
     args: Vec<Arg>,
     /// "journaling run … seq …", for its errors.
     what: String,
+}
+
+/// One queued lock acquisition: its row of [`acquire_batch`] (label,
+/// owner, expiry).
+struct Acquisition {
+    label: String,
+    args: [Arg; 3],
+}
+
+/// Applies a batch of lock acquisitions in one SQLite statement per label
+/// asked once.
+struct SqliteLocks {
+    /// The store's writer connection ([`Backend::writer`]).
+    writer: SqlitePool,
+    url: DbUrl,
 }
 
 /// Applies a batch of journal writes in one SQLite statement.
@@ -163,6 +185,52 @@ const WRITE_VALUES: usize = 23;
 /// caches five statements rather than one per batch size.
 const BATCH_SIZES: [usize; 5] = [1, 4, 16, 64, GROUP_COMMIT_MAX];
 
+/// The statement of a batch of `rows` rows of `values` anonymous
+/// parameters each, padded to the next of [`BATCH_SIZES`]: `render` makes
+/// it from the `VALUES` rows; built once per size class in `cache`. The
+/// statement, and the rows it takes.
+fn padded_batch(
+    cache: &'static [OnceLock<String>; BATCH_SIZES.len()],
+    rows: usize,
+    values: usize,
+    render: impl FnOnce(&str) -> String,
+) -> (&'static str, usize) {
+    let class = BATCH_SIZES
+        .iter()
+        .position(|&size| size >= rows)
+        .unwrap_or(BATCH_SIZES.len() - 1);
+    let size = BATCH_SIZES[class];
+    let sql = cache[class].get_or_init(|| {
+        // Anonymous parameters: sqlx looks up each parameter's name to
+        // place it, and SQLite finds a name by walking the list of named
+        // ones, which is quadratic in a statement of thousands.
+        let row = format!("({})", vec!["?"; values].join(", "));
+        render(&vec![row; size].join(",\n                          "))
+    });
+    (sql, size)
+}
+
+/// A batch of up to `rows` lock acquisitions as one statement
+/// ([`LockSql::acquire`] for each row: label, owner, expiry; then now),
+/// and the rows it takes. A padding row (`NULL` label) inserts nothing. The
+/// statement answers the lock of each label it took.
+fn acquire_batch(rows: usize) -> (&'static str, usize) {
+    static STATEMENTS: [OnceLock<String>; BATCH_SIZES.len()] =
+        [const { OnceLock::new() }; BATCH_SIZES.len()];
+    padded_batch(&STATEMENTS, rows, 3, |values| {
+        format!(
+            "INSERT INTO locks (label, owner, expires_at, token)
+             SELECT column1, column2, column3, 1 FROM (VALUES {values})
+             WHERE column1 IS NOT NULL
+             ON CONFLICT (label) DO UPDATE SET
+                previous_owner = locks.owner, owner = excluded.owner,
+                expires_at = excluded.expires_at, token = locks.token + 1
+             WHERE locks.expires_at <= ? OR locks.owner = excluded.owner
+             RETURNING label, token, previous_owner"
+        )
+    })
+}
+
 /// A batch of up to `rows` journal writes as one statement, and the rows it
 /// takes: [`WRITE_VALUES`] values per row, then now. A write's row is
 /// inserted, and so applied by the `journal_writes_apply` trigger (migration
@@ -173,17 +241,7 @@ const BATCH_SIZES: [usize; 5] = [1, 4, 16, 64, GROUP_COMMIT_MAX];
 fn journal_batch(rows: usize) -> (&'static str, usize) {
     static STATEMENTS: [OnceLock<String>; BATCH_SIZES.len()] =
         [const { OnceLock::new() }; BATCH_SIZES.len()];
-    let class = BATCH_SIZES
-        .iter()
-        .position(|&size| size >= rows)
-        .unwrap_or(BATCH_SIZES.len() - 1);
-    let size = BATCH_SIZES[class];
-    let sql = STATEMENTS[class].get_or_init(|| {
-        // Anonymous parameters: sqlx looks up each parameter's name to
-        // place it, and SQLite finds a name by walking the list of named
-        // ones, which is quadratic in a statement of thousands.
-        let row = format!("({})", vec!["?"; WRITE_VALUES].join(", "));
-        let values = vec![row; size];
+    padded_batch(&STATEMENTS, rows, WRITE_VALUES, |values| {
         format!(
             "INSERT INTO journal_writes (batch_key, run_id, cycle_id, label, stage, outcome, done,
                                         started_at, at, snapshot, verdict, lines, promotions,
@@ -193,14 +251,12 @@ fn journal_batch(rows: usize) -> (&'static str, usize) {
              SELECT column1, column2, column3, column4, column5, column6, column7, column8,
                     column9, column10, column11, column12, column13, column14, column15,
                     column16, column17, column18, column19, column20
-             FROM (VALUES {})
+             FROM (VALUES {values})
              WHERE EXISTS (SELECT 1 FROM locks WHERE label = column21 AND owner = column22
                                                  AND token = column23 AND expires_at > ?)
-             RETURNING batch_key",
-            values.join(",\n                          ")
+             RETURNING batch_key"
         )
-    });
-    (sql, size)
+    })
 }
 
 impl SqliteRunStore {
@@ -214,10 +270,15 @@ impl SqliteRunStore {
             writer: writer.clone(),
             url: url.clone(),
         });
+        let acquisitions = GroupCommit::spawn(SqliteLocks {
+            writer: writer.clone(),
+            url: url.clone(),
+        });
         Ok(Self {
             pool,
             url,
             journal,
+            acquisitions,
             writer,
         })
     }
@@ -262,6 +323,22 @@ impl Backend for SqliteRunStore {
         &self.writer
     }
 
+    /// Queued for the acquisitions' writer task (see [`acquire_batch`]).
+    async fn acquire(
+        &self,
+        label: &Label,
+        owner: &LockOwner,
+        ttl: Duration,
+    ) -> Result<Option<Taken>, StoreError> {
+        let expiry = Utc::now() + super::ttl(ttl);
+        self.acquisitions
+            .submit(Acquisition {
+                label: label.as_str().to_owned(),
+                args: [Arg::text(label), Arg::text(owner), Arg::Time(expiry)],
+            })
+            .await
+    }
+
     fn expiry_args(&self, ttl: Duration) -> Vec<Arg> {
         let now = Utc::now();
         vec![Arg::Time(now), Arg::Time(now + super::ttl(ttl))]
@@ -295,8 +372,73 @@ impl Backend for SqliteRunStore {
 }
 
 #[async_trait]
+impl CommitBatch for SqliteLocks {
+    type Write = Acquisition;
+    type Outcome = Option<Taken>;
+
+    /// One statement per round; a round asks each label of the batch at
+    /// most once (a second row for one label would meet the first one's
+    /// row within the statement), so a label asked twice is asked again
+    /// in the next round, as if it came in the next batch.
+    async fn commit(&self, batch: &[Acquisition]) -> Result<Vec<Option<Taken>>, StoreError> {
+        let mut taken = vec![None; batch.len()];
+        let mut pending: Vec<usize> = (0..batch.len()).collect();
+        while !pending.is_empty() {
+            let mut asked = HashMap::new();
+            let (round, later): (Vec<usize>, Vec<usize>) =
+                pending
+                    .iter()
+                    .partition(|&&i| match asked.entry(batch[i].label.as_str()) {
+                        Entry::Vacant(first) => {
+                            first.insert(i);
+                            true
+                        }
+                        Entry::Occupied(_) => false,
+                    });
+            // A batch is at most `GROUP_COMMIT_MAX` writes, the largest
+            // statement (`BATCH_SIZES`).
+            let (sql, rows) = acquire_batch(round.len());
+            let mut query = sqlx::query(sql);
+            for &i in &round {
+                for arg in batch[i].args.iter().cloned() {
+                    query = <Sqlite as Bind>::bind(query, arg);
+                }
+            }
+            for _ in round.len()..rows {
+                for _ in 0..3 {
+                    query = query.bind(None::<String>);
+                }
+            }
+            let rows = query
+                .bind(ts(Utc::now()))
+                .fetch_all(&self.writer)
+                .await
+                .map_err(|e| {
+                    let what = match &round[..] {
+                        [one] => format!("locking label {}", batch[*one].label),
+                        _ => format!("locking {} labels", round.len()),
+                    };
+                    super::store_error(&self.url, &what, e)
+                })?;
+            for row in &rows {
+                let label = row.text("label")?;
+                let index = asked.get(label.as_str()).copied().ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "the lock batch statement answered label {label}, which it was not asked"
+                    ))
+                })?;
+                taken[index] = Some(Taken::of(row)?);
+            }
+            pending = later;
+        }
+        Ok(taken)
+    }
+}
+
+#[async_trait]
 impl CommitBatch for SqliteJournal {
     type Write = JournalWrite;
+    type Outcome = bool;
 
     /// Apply `batch` (at most [`GROUP_COMMIT_MAX`] writes, as the writer
     /// task takes them) in one statement; for each write, whether its
@@ -535,33 +677,88 @@ mod tests {
     /// third of the cycle's CPU in `sqlite3_bind_parameter_name`.
     #[test]
     fn journal_batches_take_five_statements_of_anonymous_parameters() {
-        for (writes, rows) in [
-            (1, 1),
-            (2, 4),
-            (4, 4),
-            (5, 16),
-            (17, 64),
-            (65, 256),
-            (256, 256),
+        for (batch, values) in [
+            (
+                journal_batch as fn(usize) -> (&'static str, usize),
+                WRITE_VALUES,
+            ),
+            (acquire_batch, 3),
         ] {
-            let (sql, padded) = journal_batch(writes);
-            assert_eq!(padded, rows, "{writes} writes");
-            assert_eq!(
-                sql.matches('?').count(),
-                rows * WRITE_VALUES + 1,
-                "{writes} writes"
-            );
-            assert!(
-                !sql.contains('$') && !sql.contains(":") && !sql.contains('@'),
-                "named parameters in {sql}"
-            );
-            let (again, _) = journal_batch(writes);
-            assert!(
-                std::ptr::eq(sql, again),
-                "the statement is built once per size"
-            );
+            for (writes, rows) in [
+                (1, 1),
+                (2, 4),
+                (4, 4),
+                (5, 16),
+                (17, 64),
+                (65, 256),
+                (256, 256),
+            ] {
+                let (sql, padded) = batch(writes);
+                assert_eq!(padded, rows, "{writes} writes");
+                assert_eq!(
+                    sql.matches('?').count(),
+                    rows * values + 1,
+                    "{writes} writes"
+                );
+                assert!(
+                    !sql.contains('$') && !sql.contains(":") && !sql.contains('@'),
+                    "named parameters in {sql}"
+                );
+                let (again, _) = batch(writes);
+                assert!(
+                    std::ptr::eq(sql, again),
+                    "the statement is built once per size"
+                );
+            }
         }
         assert_eq!(*BATCH_SIZES.last().unwrap(), GROUP_COMMIT_MAX);
+    }
+
+    /// Acquisitions queued together (a current-thread runtime queues them
+    /// all before the writer task runs) are one batch: each gets what it
+    /// would have got alone, in queue order, a label asked twice included.
+    #[tokio::test(flavor = "current_thread")]
+    async fn acquisitions_in_one_batch_each_get_their_own_outcome() {
+        use retrain_core::domain::LockOutcome;
+
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("state.db").display());
+        let store = super::super::open_run_store(
+            &url,
+            StoreOptions {
+                migrate: true,
+                read_only: false,
+            },
+        )
+        .await
+        .unwrap();
+        let label = |name: &str| Label::new(name).unwrap();
+        let (me, other) = (LockOwner("me".into()), LockOwner("other".into()));
+        let ttl = Duration::from_secs(60);
+        let held = store.try_lock(&label("held"), &other, ttl).await.unwrap();
+        assert!(matches!(held, LockOutcome::Acquired { .. }));
+        let names = ["free", "held", "twice", "fresh"].map(label);
+        let [free_label, held_label, twice_label, fresh_label] = &names;
+        let (free, held, twice, rival, again, fresh) = tokio::join!(
+            store.try_lock(free_label, &me, ttl),
+            store.try_lock(held_label, &me, ttl),
+            store.try_lock(twice_label, &me, ttl),
+            store.try_lock(twice_label, &other, ttl),
+            store.try_lock(twice_label, &me, ttl),
+            store.try_lock(fresh_label, &other, ttl),
+        );
+        let token = |outcome: Result<LockOutcome, StoreError>| match outcome.unwrap() {
+            LockOutcome::Acquired { fence, .. } => Some((fence.owner.0, fence.token)),
+            LockOutcome::Busy { .. } => None,
+        };
+        assert_eq!(token(free), Some(("me".into(), 1)));
+        assert_eq!(token(held), None, "another owner's unexpired lock");
+        // `twice`: taken by me, refused to the rival, then re-taken by me
+        // (a re-acquisition by the same owner), each a round of its own.
+        assert_eq!(token(twice), Some(("me".into(), 1)));
+        assert_eq!(token(rival), None);
+        assert_eq!(token(again), Some(("me".into(), 2)));
+        assert_eq!(token(fresh), Some(("other".into(), 1)));
     }
 
     /// Writes go through a connection of their own: with every reader
