@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -90,10 +90,16 @@ impl SpaceController for Prepare {
     }
 }
 
-struct Train;
+/// The trainer, recording when each training started (for the reaction
+/// latency: publication → training start).
+#[derive(Default)]
+struct Train {
+    started: Mutex<Vec<Instant>>,
+}
 #[async_trait]
 impl Trainer for Train {
     async fn start(&self, _: &TrainingRequest) -> Result<TrainingHandle, PortError> {
+        self.started.lock().unwrap().push(Instant::now());
         Ok(TrainingHandle {
             kind: "bench".into(),
             data: serde_json::Value::Null,
@@ -284,12 +290,46 @@ impl RunStore for CountingStore {
 /// The in-memory metadata and prepare job, or the same over the fake Hub.
 struct Sources {
     metadata: Vec<Arc<dyn MetadataStore>>,
-    prepare: Arc<dyn SpaceController>,
+    prepare: Arc<RecordRestart>,
     poll_interval: Duration,
+    /// From the prepare job's restart to the publication of every label's
+    /// new version.
+    publication_delay: Duration,
     hub: Option<FakeHub>,
 }
 
+/// The prepare job's controller, recording when it was first restarted.
+struct RecordRestart {
+    inner: Arc<dyn SpaceController>,
+    restarted_at: OnceLock<Instant>,
+}
+
+impl RecordRestart {
+    fn new(inner: Arc<dyn SpaceController>) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            restarted_at: OnceLock::new(),
+        })
+    }
+}
+
+#[async_trait]
+impl SpaceController for RecordRestart {
+    async fn restart(&self, intent: &JobKey) -> Result<(), PortError> {
+        self.restarted_at.get_or_init(Instant::now);
+        self.inner.restart(intent).await
+    }
+    async fn stage(&self) -> Result<SpaceStage, PortError> {
+        self.inner.stage().await
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
 const PREPARE_SPACE: &str = "bench/prepare";
+/// How long after its restart the fake Hub's prepare job publishes.
+const PUBLICATION_DELAY: Duration = Duration::from_millis(500);
 const METADATA_FILE: &str = "dataset_metadata.json";
 
 fn metadata_json(repo: &str, tag: &str) -> serde_json::Value {
@@ -307,8 +347,9 @@ async fn sources(labels: usize, over_hub: bool) -> Sources {
         let metadata: Arc<dyn MetadataStore> = Arc::new(Metadata(hub.clone()));
         return Sources {
             metadata: vec![metadata; labels],
-            prepare: Arc::new(Prepare(hub)),
+            prepare: RecordRestart::new(Arc::new(Prepare(hub))),
             poll_interval: Duration::from_millis(1),
+            publication_delay: Duration::ZERO,
             hub: None,
         };
     }
@@ -324,7 +365,7 @@ async fn sources(labels: usize, over_hub: bool) -> Sources {
                 &repo,
                 METADATA_FILE,
                 metadata_json(&repo, "v2"),
-                Duration::from_millis(500),
+                PUBLICATION_DELAY,
             );
             let url = hub.metadata_url(&repo, METADATA_FILE);
             Arc::new(HfMetadataStore::from_url(client.clone(), &url).unwrap())
@@ -334,8 +375,9 @@ async fn sources(labels: usize, over_hub: bool) -> Sources {
     let prepare = Arc::new(HfSpaceController::new(client, PREPARE_SPACE, false).unwrap());
     Sources {
         metadata,
-        prepare,
+        prepare: RecordRestart::new(prepare),
         poll_interval: Duration::from_millis(10),
+        publication_delay: PUBLICATION_DELAY,
         hub: Some(hub),
     }
 }
@@ -364,6 +406,36 @@ fn request_breakdown(hub: &FakeHub, labels: usize) -> String {
         not_modified as f64 / labels as f64
     ));
     out.join(", ")
+}
+
+/// Reaction latency (the prepare job's publication → each label's training
+/// start), median, p99 and max over the labels, in ms; the median alone
+/// first, for the summary line.
+fn reaction_ms(sources: &Sources, train: &Train) -> String {
+    let Some(restarted) = sources.prepare.restarted_at.get() else {
+        return "-".into();
+    };
+    let published = *restarted + sources.publication_delay;
+    let mut reactions: Vec<f64> = train
+        .started
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|started| started.saturating_duration_since(published).as_secs_f64() * 1000.0)
+        .collect();
+    if reactions.is_empty() {
+        return "-".into();
+    }
+    reactions.sort_by(f64::total_cmp);
+    let at = |q: f64| reactions[((reactions.len() - 1) as f64 * q).round() as usize];
+    eprintln!(
+        "reaction (publication → training start): median {:.1} ms | p99 {:.1} ms | max {:.1} ms over {} labels",
+        at(0.5),
+        at(0.99),
+        at(1.0),
+        reactions.len()
+    );
+    format!("{:.1}", at(0.5))
 }
 
 fn peak_rss_mib() -> f64 {
@@ -411,7 +483,8 @@ fn main() {
             lock_calls: AtomicU64::new(0),
         });
         let sources = sources(labels, over_hub).await;
-        let trainer: Arc<dyn Trainer> = Arc::new(Train);
+        let train = Arc::new(Train::default());
+        let trainer: Arc<dyn Trainer> = train.clone();
         let registry: Arc<dyn ModelRegistry> = Arc::new(Registry);
         let bindings: Vec<LabelBinding> = (0..labels)
             .zip(&sources.metadata)
@@ -432,7 +505,7 @@ fn main() {
                     dataset_check: false,
                 },
                 metadata: metadata.clone(),
-                prepare: Some(sources.prepare.clone()),
+                prepare: Some(sources.prepare.clone() as Arc<dyn SpaceController>),
                 trainer: trainer.clone(),
                 registry: Some(registry.clone()),
                 lease: None,
@@ -492,6 +565,7 @@ fn main() {
         if let Some(hub) = &sources.hub {
             eprintln!("requests: {}", request_breakdown(hub, labels));
         }
+        let reaction = reaction_ms(&sources, &train);
         let writes = store.writes.load(Ordering::Relaxed);
         let lock_calls = store.lock_calls.load(Ordering::Relaxed);
         let requests = sources
@@ -501,7 +575,7 @@ fn main() {
                 format!("{:.2}", hub.requests().len() as f64 / labels as f64)
             });
         println!(
-            "labels={labels} wall={:.3}s per_label={:.3}ms promoted={promoted} writes_per_label={:.2} lock_calls_per_label={:.2} requests_per_label={requests} peak_rss={:.1}MiB",
+            "labels={labels} wall={:.3}s per_label={:.3}ms promoted={promoted} writes_per_label={:.2} lock_calls_per_label={:.2} requests_per_label={requests} reaction_median_ms={reaction} peak_rss={:.1}MiB",
             elapsed.as_secs_f64(),
             elapsed.as_secs_f64() * 1000.0 / labels as f64,
             writes as f64 / labels as f64,
