@@ -1,7 +1,8 @@
 //! Group commit of journal writes, shared by both dialects (and, on SQLite,
 //! of lock acquisitions). One writer task per store and kind of write takes
 //! whatever writes are queued (up to [`GROUP_COMMIT_MAX`]) and hands them to
-//! the dialect's [`CommitBatch`], which applies them in one transaction. Each caller awaits its own acknowledgement, sent only after
+//! the dialect's [`CommitBatch`], which applies them in one transaction.
+//! Each caller awaits its own acknowledgement, sent only after
 //! that transaction committed, so "journaled before acting" holds; labels
 //! running concurrently share one commit instead of each paying a
 //! transaction (and, on Postgres, a turn on the `journal_head` row lock) of
@@ -31,7 +32,10 @@ pub(super) trait CommitBatch: Send + Sync + 'static {
     type Outcome: Send + 'static;
 
     /// Apply `batch` in one transaction, all or nothing; for each write, in
-    /// order, its outcome.
+    /// order, its outcome. (A kind of write that may be applied twice may
+    /// take several: lock acquisitions, whose second application by the
+    /// same owner is a re-acquisition. After a failed batch each write is
+    /// applied again alone.)
     async fn commit(&self, batch: &[Self::Write]) -> Result<Vec<Self::Outcome>, StoreError>;
 }
 

@@ -380,6 +380,10 @@ impl CommitBatch for SqliteLocks {
     /// most once (a second row for one label would meet the first one's
     /// row within the statement), so a label asked twice is asked again
     /// in the next round, as if it came in the next batch.
+    /// Each round commits on its own: if a later one fails, the writer
+    /// task asks every acquisition of the batch again alone, and one that
+    /// an earlier round took is taken again by the same owner (a new
+    /// token, which is the one its caller gets).
     async fn commit(&self, batch: &[Acquisition]) -> Result<Vec<Option<Taken>>, StoreError> {
         let mut taken = vec![None; batch.len()];
         let mut pending: Vec<usize> = (0..batch.len()).collect();
