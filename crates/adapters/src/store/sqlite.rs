@@ -2,7 +2,7 @@
 //! several processes of one machine may share. Times are fixed-width RFC 3339
 //! text compared with this machine's clock; JSON is text.
 
-use std::collections::hash_map::{Entry, HashMap};
+use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -50,7 +50,7 @@ pub(super) struct SqliteRunStore {
 /// (serialising the run's ≈ 2 KiB snapshot happens on the labels' tasks,
 /// in parallel, not on the writer task, which every write waits for).
 struct JournalWrite {
-    /// The write's row of [`journal_batch`] but its batch key: the 17
+    /// The write's row of [`journal_batch`] but its batch key: the 19
     /// `journal_writes` columns, then the fence (label, owner, token).
     args: Vec<Arg>,
     /// "journaling run … seq …", for its errors.
@@ -61,7 +61,7 @@ struct JournalWrite {
 /// owner, expiry).
 struct Acquisition {
     label: String,
-    args: [Arg; 3],
+    args: [Arg; ACQUIRE_VALUES],
 }
 
 /// Applies a batch of lock acquisitions in one SQLite statement per label
@@ -180,6 +180,10 @@ const UPSERT_LEASE_FENCED: &str =
 /// `journal_writes` columns, its fence (label, owner, token).
 const WRITE_VALUES: usize = 23;
 
+/// Values of one acquisition in an [`acquire_batch`] row: label, owner,
+/// expiry.
+const ACQUIRE_VALUES: usize = 3;
+
 /// The batch sizes a statement is prepared for. A batch is padded up to the
 /// next with rows of `NULL`s (which no fence matches), so each connection
 /// caches five statements rather than one per batch size.
@@ -210,6 +214,31 @@ fn padded_batch(
     (sql, size)
 }
 
+/// `sql`, a [`padded_batch`] statement of `rows` rows of `values` values
+/// and then now, with `args` (the values of its first rows, row after
+/// row) bound, every other row `NULL`s, and now.
+fn bind_padded(
+    sql: &'static str,
+    rows: usize,
+    values: usize,
+    args: impl IntoIterator<Item = Arg>,
+) -> Query<'static, Sqlite> {
+    let mut query = sqlx::query(sql);
+    let mut bound = 0;
+    for arg in args {
+        query = <Sqlite as Bind>::bind(query, arg);
+        bound += 1;
+    }
+    debug_assert!(
+        bound % values == 0 && bound <= rows * values,
+        "{bound} values for rows of {values}"
+    );
+    for _ in bound..rows * values {
+        query = query.bind(None::<String>);
+    }
+    query.bind(ts(Utc::now()))
+}
+
 /// A batch of up to `rows` lock acquisitions as one statement
 /// ([`LockSql::acquire`] for each row: label, owner, expiry; then now),
 /// and the rows it takes. A padding row (`NULL` label) inserts nothing. The
@@ -217,7 +246,7 @@ fn padded_batch(
 fn acquire_batch(rows: usize) -> (&'static str, usize) {
     static STATEMENTS: [OnceLock<String>; BATCH_SIZES.len()] =
         [const { OnceLock::new() }; BATCH_SIZES.len()];
-    padded_batch(&STATEMENTS, rows, 3, |values| {
+    padded_batch(&STATEMENTS, rows, ACQUIRE_VALUES, |values| {
         format!(
             "INSERT INTO locks (label, owner, expires_at, token)
              SELECT column1, column2, column3, 1 FROM (VALUES {values})
@@ -388,33 +417,16 @@ impl CommitBatch for SqliteLocks {
         let mut taken = vec![None; batch.len()];
         let mut pending: Vec<usize> = (0..batch.len()).collect();
         while !pending.is_empty() {
+            // Each label's first acquisition in `pending` (by index).
             let mut asked = HashMap::new();
-            let (round, later): (Vec<usize>, Vec<usize>) =
-                pending
-                    .iter()
-                    .partition(|&&i| match asked.entry(batch[i].label.as_str()) {
-                        Entry::Vacant(first) => {
-                            first.insert(i);
-                            true
-                        }
-                        Entry::Occupied(_) => false,
-                    });
+            let (round, later): (Vec<usize>, Vec<usize>) = pending
+                .iter()
+                .partition(|&&i| *asked.entry(batch[i].label.as_str()).or_insert(i) == i);
             // A batch is at most `GROUP_COMMIT_MAX` writes, the largest
             // statement (`BATCH_SIZES`).
             let (sql, rows) = acquire_batch(round.len());
-            let mut query = sqlx::query(sql);
-            for &i in &round {
-                for arg in batch[i].args.iter().cloned() {
-                    query = <Sqlite as Bind>::bind(query, arg);
-                }
-            }
-            for _ in round.len()..rows {
-                for _ in 0..3 {
-                    query = query.bind(None::<String>);
-                }
-            }
-            let rows = query
-                .bind(ts(Utc::now()))
+            let args = round.iter().flat_map(|&i| batch[i].args.iter().cloned());
+            let rows = bind_padded(sql, rows, ACQUIRE_VALUES, args)
                 .fetch_all(&self.writer)
                 .await
                 .map_err(|e| {
@@ -486,19 +498,10 @@ impl CommitBatch for SqliteJournal {
 /// with its index in `batch` as its key, padding rows all `NULL`.
 fn batch_query(batch: &[JournalWrite]) -> Query<'static, Sqlite> {
     let (sql, rows) = journal_batch(batch.len());
-    let mut query = sqlx::query(sql);
-    for (key, write) in (0_i64..).zip(batch) {
-        query = query.bind(key);
-        for arg in write.args.iter().cloned() {
-            query = <Sqlite as Bind>::bind(query, arg);
-        }
-    }
-    for _ in batch.len()..rows {
-        for _ in 0..WRITE_VALUES {
-            query = query.bind(None::<String>);
-        }
-    }
-    query.bind(ts(Utc::now()))
+    let args = (0_i64..)
+        .zip(batch)
+        .flat_map(|(key, write)| std::iter::once(Arg::Int(key)).chain(write.args.iter().cloned()));
+    bind_padded(sql, rows, WRITE_VALUES, args)
 }
 
 /// One element of a write's `lines` array: a journal line as the

@@ -95,6 +95,21 @@ async fn lock(store: &dyn RunStore, name: &str) -> Fence {
     acquire(store, name, &LockOwner("driver".into()), LONG).await
 }
 
+/// `name` locked by the driver and its run driven to training on `v1`: the
+/// fence and the run.
+async fn training(store: &dyn RunStore, name: &str) -> (Fence, LabelRun) {
+    let fence = lock(store, name).await;
+    let (run, _) = drive(
+        store,
+        &fence,
+        name,
+        Some(dataset("v1", 10)),
+        Some(Stage::Training),
+    )
+    .await;
+    (fence, run)
+}
+
 /// `owner` must find `name` busy, held by `holder`.
 async fn assert_busy(store: &dyn RunStore, name: &str, owner: &LockOwner, holder: &LockOwner) {
     match store.try_lock(&label(name), owner, LONG).await.unwrap() {
@@ -398,21 +413,10 @@ pub async fn cursors_are_read_for_many_labels_at_once(store: Arc<dyn RunStore>) 
     assert!(store.cursors(&[]).await.unwrap().is_empty());
 }
 
-/// Consecutive transitions written as one (the engine batches the steps
-/// that only read): every journal line, the snapshot of the last, all under
-/// one fence check; a stale fence writes none of them.
 /// `finish_all`: the steps before the commit (here training finished and
 /// notified) and the commit itself, with the cursor, as one fenced write.
 pub async fn the_steps_before_the_commit_are_finished_with_it(store: Arc<dyn RunStore>) {
-    let fence = lock(store.as_ref(), "dept").await;
-    let (run, _) = drive(
-        store.as_ref(),
-        &fence,
-        "dept",
-        Some(dataset("v1", 10)),
-        Some(Stage::Training),
-    )
-    .await;
+    let (fence, run) = training(store.as_ref(), "dept").await;
     let (rest, cursor) = rest_of_run(&run);
     let cursor_before = store.cursor(&label("dept")).await.unwrap();
 
@@ -453,16 +457,7 @@ pub async fn a_runs_last_write_releases_its_lock_with_it(store: Arc<dyn RunStore
     let driver = LockOwner("driver".into());
     let mut finishing = Vec::new();
     for name in ["dept", "kept"] {
-        let fence = lock(store.as_ref(), name).await;
-        let (run, _) = drive(
-            store.as_ref(),
-            &fence,
-            name,
-            Some(dataset("v1", 10)),
-            Some(Stage::Training),
-        )
-        .await;
-        finishing.push((fence, run));
+        finishing.push(training(store.as_ref(), name).await);
     }
     let [(dept_fence, dept_run), (kept_fence, kept_run)] = &finishing[..] else {
         unreachable!()
@@ -519,6 +514,9 @@ pub async fn a_runs_last_write_releases_its_lock_with_it(store: Arc<dyn RunStore
     );
 }
 
+/// Consecutive transitions written as one (the engine batches the steps
+/// that only read): every journal line, the snapshot of the last, all under
+/// one fence check; a stale fence writes none of them.
 pub async fn batched_transitions_are_written_together_and_fenced(store: Arc<dyn RunStore>) {
     let fence = lock(store.as_ref(), "dept").await;
     let mut run = LabelRun::new(
@@ -650,15 +648,7 @@ pub async fn label_statuses_answer_for_every_label_at_once(store: Arc<dyn RunSto
 }
 
 pub async fn unfinished_runs_resume_from_their_snapshot(store: Arc<dyn RunStore>) {
-    let fence = lock(store.as_ref(), "dept").await;
-    let (run, _) = drive(
-        store.as_ref(),
-        &fence,
-        "dept",
-        Some(dataset("v1", 10)),
-        Some(Stage::Training),
-    )
-    .await;
+    let (fence, run) = training(store.as_ref(), "dept").await;
     assert_eq!(run.stage, Stage::Training);
     let resumed = store.unfinished_run(&label("dept")).await.unwrap();
     assert_eq!(resumed.as_ref(), Some(&run));
