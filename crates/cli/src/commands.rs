@@ -854,7 +854,7 @@ fn config(cli: &Cli, command: &ConfigCommand) -> Result<u8, Failure> {
             }
         }
         ConfigCommand::Show => {
-            let text = settings::redacted_toml(&loaded.figment).map_err(config_failure)?;
+            let text = settings::redacted_toml(&loaded.effective()).map_err(config_failure)?;
             match cli.output {
                 OutputFormat::Json => {
                     let value: toml::Value = toml::from_str(&text).context("re-reading config")?;

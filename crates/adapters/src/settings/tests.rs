@@ -245,13 +245,45 @@ notify = [ { github = "owner/repo", on = "improved", pr_head = "data-update" } ]
 #[test]
 fn redacted_view_never_shows_secrets() {
     let loaded = load(&sources(None, SEED_ENV)).unwrap();
-    let shown = redacted_toml(&loaded.figment).unwrap();
+    let shown = redacted_toml(&loaded.effective()).unwrap();
     assert!(!shown.contains("hf_supersecret_token_123"), "{shown}");
     assert!(!shown.contains("demo_pass"), "{shown}");
     assert!(shown.contains("***"), "{shown}");
-    let debug = format!("{:?}", loaded.settings);
-    assert!(!debug.contains("hf_supersecret_token_123"), "{debug}");
-    assert!(!debug.contains("demo_pass"), "{debug}");
+    // The settings' Debug, and the loaded configuration's (whose layers
+    // hold every value as written).
+    for debug in [format!("{:?}", loaded.settings), format!("{loaded:?}")] {
+        assert!(!debug.contains("hf_supersecret_token_123"), "{debug}");
+        assert!(!debug.contains("demo_pass"), "{debug}");
+    }
+}
+
+#[test]
+fn one_merge_serves_extraction_and_resolution_alike() {
+    // The values come from the merged tree and not from `extract`: every
+    // layer must still count, and errors still name their provider.
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        "state = \"sqlite://s.db\"\n[labels.seg]\nthreshold = 7\ncounts = \"none\"\nmetadata = \"m.json\"\ntrainer = { command = [\"./train.sh\"], timeout = \"1h\" }\n",
+    );
+    let env = [("RETRAIN_LABELS__SEG__THRESHOLD", "9")];
+    let loaded = load(&sources(Some(file.clone()), &env)).unwrap();
+    let seg = &loaded.settings.labels[&Label::new("seg").unwrap()];
+    assert_eq!(seg.threshold, 9);
+    let dir_path = std::fs::canonicalize(dir.path()).unwrap();
+    assert_eq!(seg.metadata, dir_path.join("m.json").display().to_string());
+    let shown = redacted_toml(&loaded.effective()).unwrap();
+    assert!(
+        shown.contains(&dir_path.join("train.sh").display().to_string()),
+        "{shown}"
+    );
+    let err = load(&sources(
+        Some(file),
+        &[("RETRAIN_LABELS__SEG__THRESHOLD", "many")],
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("RETRAIN_LABELS__SEG__THRESHOLD"), "{err}");
 }
 
 #[test]
@@ -514,7 +546,7 @@ fn server_defaults_and_seed_003_names() {
         !debug.contains(SERVER_TOKEN) && !debug.contains("gh-secret"),
         "{debug}"
     );
-    let shown = redacted_toml(&loaded.figment).unwrap();
+    let shown = redacted_toml(&loaded.effective()).unwrap();
     assert!(
         !shown.contains(SERVER_TOKEN) && !shown.contains("gh-secret"),
         "{shown}"
@@ -862,7 +894,7 @@ fn two_thousand_labels_resolve_each_their_own_paths() {
             base.join(format!("train{n}.sh")).display().to_string()
         );
     }
-    let shown: toml::Value = toml::from_str(&redacted_toml(&loaded.figment).unwrap()).unwrap();
+    let shown: toml::Value = toml::from_str(&redacted_toml(&loaded.effective()).unwrap()).unwrap();
     assert_eq!(
         shown["labels"]["l1999"]["metadata"].as_str(),
         Some(format!("file://{}", base.join("m1999.json").display()).as_str())
