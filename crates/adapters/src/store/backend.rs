@@ -23,7 +23,8 @@ use crate::db::DbUrl;
 
 /// A value bound to a statement. Each dialect maps times and JSON to its
 /// own column types (RFC 3339 text and JSON text on SQLite, `TIMESTAMPTZ`
-/// and `JSONB` on Postgres).
+/// and `JSONB` or `json` on Postgres: the run snapshot and the journal
+/// lines are `json` since migration 0016).
 #[derive(Debug, Clone)]
 pub(super) enum Arg {
     Text(String),

@@ -737,6 +737,11 @@ const POSTGRES_MIGRATIONS: Embedded = Embedded(&[
         "verdict column",
         include_str!("../../migrations/postgres/0015_verdict_column.sql"),
     ),
+    (
+        16,
+        "json columns",
+        include_str!("../../migrations/postgres/0016_json_columns.sql"),
+    ),
 ]);
 
 /// Apply `source` on open, or check that nothing is pending.

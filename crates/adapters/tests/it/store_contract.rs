@@ -1717,6 +1717,125 @@ contract!(
     idempotency_keys_are_claimed_once,
 );
 
+/// Postgres migration 0016 makes the snapshot and the journal lines `json`
+/// (not `jsonb`, see the migration) and compresses them with lz4 where the
+/// server has it. A process of the version before it, still running when a
+/// newer one migrated, must keep journaling and reading: its statements
+/// cast to `jsonb` and its reads decode `jsonb` (the forms below are that
+/// version's own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_json_columns_keep_the_previous_versions_statements_working() {
+    let Some(url) = pg::fresh_database().await else {
+        return;
+    };
+    let store = open_run_store(
+        &url,
+        StoreOptions {
+            migrate: true,
+            read_only: false,
+        },
+    )
+    .await
+    .unwrap();
+    let (_fence, run) = training(store.as_ref(), "dept").await;
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+
+    let lz4: bool = sqlx::query_scalar(
+        "SELECT 'lz4' = ANY(enumvals) FROM pg_settings WHERE name = 'default_toast_compression'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    for (table, column) in [
+        ("runs", "snapshot"),
+        ("transitions", "event"),
+        ("transitions", "actions"),
+    ] {
+        let (kind, compression): (String, String) = sqlx::query_as(
+            "SELECT format_type(atttypid, atttypmod), attcompression::text FROM pg_attribute
+             WHERE attrelid = $1::regclass AND attname = $2",
+        )
+        .bind(table)
+        .bind(column)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(kind, "json", "{table}.{column}");
+        assert_eq!(compression == "l", lz4, "{table}.{column}: {compression:?}");
+    }
+
+    // The previous version's group commit: the snapshot as text cast to
+    // `jsonb`, the lines as `jsonb[]`.
+    let (snapshot, line_count): (String, i64) = sqlx::query_as(
+        "SELECT r.snapshot::text, (SELECT count(*) FROM transitions t WHERE t.run_id = r.run_id)
+         FROM runs r WHERE r.run_id = $1",
+    )
+    .bind(run.run_id.as_str())
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO runs (run_id, cycle_id, label, stage, outcome, done, started_at, updated_at,
+                           snapshot, verdict)
+         SELECT run_id, cycle_id, label, stage, outcome, done, started_at, updated_at,
+                snapshot::jsonb, verdict
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::boolean[],
+                     $7::timestamptz[], $8::timestamptz[], $9::text[], $10::text[])
+              AS run(run_id, cycle_id, label, stage, outcome, done, started_at, updated_at,
+                     snapshot, verdict)
+         ON CONFLICT (run_id) DO UPDATE SET
+            stage = excluded.stage, outcome = excluded.outcome, done = excluded.done,
+            updated_at = excluded.updated_at, snapshot = excluded.snapshot,
+            verdict = excluded.verdict",
+    )
+    .bind(vec![run.run_id.as_str()])
+    .bind(vec![run.cycle_id.0.as_str()])
+    .bind(vec!["dept"])
+    .bind(vec!["training"])
+    .bind(vec!["running"])
+    .bind(vec![false])
+    .bind(vec![Utc::now()])
+    .bind(vec![Utc::now()])
+    .bind(vec![snapshot.as_str()])
+    .bind(vec![None::<String>])
+    .execute(&pool)
+    .await
+    .unwrap();
+    let event = serde_json::json!({"event": "heartbeat"});
+    sqlx::query(
+        "INSERT INTO transitions (run_id, seq, at, from_stage, to_stage, event, actions)
+         SELECT run_id, seq, at, from_stage, to_stage, event, actions
+         FROM unnest($1::text[], $2::bigint[], $3::timestamptz[], $4::text[], $5::text[],
+                     $6::jsonb[], $7::jsonb[])
+              WITH ORDINALITY AS line(run_id, seq, at, from_stage, to_stage, event, actions, n)
+         ORDER BY n",
+    )
+    .bind(vec![run.run_id.as_str()])
+    .bind(vec![line_count + 1])
+    .bind(vec![Utc::now()])
+    .bind(vec!["training"])
+    .bind(vec!["training"])
+    .bind(vec![event.clone()])
+    .bind(vec![serde_json::json!([])])
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    // Its reads decode `jsonb` or `json` alike; so do this version's.
+    let sqlx::types::Json(old_read): sqlx::types::Json<LabelRun> =
+        sqlx::query_scalar("SELECT snapshot FROM runs WHERE run_id = $1")
+            .bind(run.run_id.as_str())
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(old_read, run);
+    let detail = store.run(&run.run_id).await.unwrap().unwrap();
+    assert_eq!(detail.transitions.len() as i64, line_count + 1);
+    assert_eq!(detail.transitions.last().unwrap().event, event);
+    let resumed = store.unfinished_run(&label("dept")).await.unwrap();
+    assert_eq!(resumed, Some(run));
+}
+
 /// On a current-thread runtime every write of the test is queued before the
 /// SQLite writer task runs, so they are committed as one batch: the stale
 /// ones are refused and the others of that same transaction still commit.
