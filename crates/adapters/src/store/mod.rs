@@ -742,6 +742,11 @@ const POSTGRES_MIGRATIONS: Embedded = Embedded(&[
         "json columns",
         include_str!("../../migrations/postgres/0016_json_columns.sql"),
     ),
+    (
+        17,
+        "journal positions per statement",
+        include_str!("../../migrations/postgres/0017_journal_positions_per_statement.sql"),
+    ),
 ]);
 
 /// Apply `source` on open, or check that nothing is pending.

@@ -1719,12 +1719,13 @@ contract!(
 
 /// Postgres migration 0016 makes the snapshot and the journal lines `json`
 /// (not `jsonb`, see the migration) and compresses them with lz4 where the
-/// server has it. A process of the version before it, still running when a
-/// newer one migrated, must keep journaling and reading: its statements
-/// cast to `jsonb` and its reads decode `jsonb` (the forms below are that
-/// version's own).
+/// server has it; 0017 has the group commit number its lines itself. A
+/// process of the version before them, still running when a newer one
+/// migrated, must keep journaling and reading: its statements cast to
+/// `jsonb`, leave the position to the trigger, and its reads decode `jsonb`
+/// (the forms below are that version's own).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_json_columns_keep_the_previous_versions_statements_working() {
+async fn postgres_schema_keeps_the_previous_versions_statements_working() {
     let Some(url) = pg::fresh_database().await else {
         return;
     };
@@ -1820,6 +1821,23 @@ async fn postgres_json_columns_keep_the_previous_versions_statements_working() {
     .execute(&pool)
     .await
     .unwrap();
+
+    // Its line, which comes without a position, takes the next one from
+    // the per-line trigger (migration 0017 keeps it for such lines), after
+    // those this version's statement gave: consecutive, the head at the last.
+    let positions: Vec<i64> =
+        sqlx::query_scalar("SELECT position FROM transitions WHERE run_id = $1 ORDER BY seq")
+            .bind(run.run_id.as_str())
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let expected: Vec<i64> = (1..=line_count + 1).collect();
+    assert_eq!(positions, expected);
+    let head: i64 = sqlx::query_scalar("SELECT position FROM journal_head")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(head, line_count + 1);
 
     // Its reads decode `jsonb` or `json` alike; so do this version's.
     let sqlx::types::Json(old_read): sqlx::types::Json<LabelRun> =
