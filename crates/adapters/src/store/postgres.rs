@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use retrain_core::domain::{Fence, Label, LabelCursor, Lease, VersionTag};
+use retrain_core::domain::{Fence, Label, LabelCursor, Lease, LockOwner, VersionTag};
 use retrain_core::journal::{PromotionEvent, Transition};
 use retrain_core::ports::StoreError;
 use serde::de::DeserializeOwned;
@@ -19,10 +19,11 @@ use sqlx::types::Json;
 use sqlx::{Postgres, Row};
 
 use super::backend::{
-    bind, fence_args, lease_args, Arg, Backend, Bind, Columns, LockSql, Query, StoreRow,
+    bind, fence_args, lease_args, Arg, Backend, Bind, Columns, LockSql, Query, StoreRow, Taken,
     UPSERT_LEASE,
 };
 use super::group_commit::{CommitBatch, GroupCommit};
+use super::locks::AcquisitionRounds;
 use super::{prepare_schema, u64_to_i64, RunRow, StoreOptions, POSTGRES_MIGRATIONS};
 use crate::db::DbUrl;
 use crate::AdapterError;
@@ -41,6 +42,24 @@ pub(super) struct PostgresRunStore {
     /// queue there one commit at a time; the writer task commits them
     /// together instead.
     journal: GroupCommit<JournalWrite>,
+    /// Lock acquisitions go through a writer task of their own too, one
+    /// statement per batch ([`ACQUIRE_ALL`]): a cycle takes a lock per
+    /// label, and each was a statement and a commit of its own.
+    acquisitions: GroupCommit<Acquisition, Option<Taken>>,
+}
+
+/// One queued lock acquisition: its values of [`ACQUIRE_ALL`].
+struct Acquisition {
+    label: String,
+    owner: String,
+    ttl_secs: f64,
+}
+
+/// Applies a batch of lock acquisitions in one statement per label asked
+/// once ([`AcquisitionRounds`]).
+struct PostgresLocks {
+    pool: PgPool,
+    url: DbUrl,
 }
 
 impl Bind for Postgres {
@@ -210,6 +229,22 @@ const UPSERT_CURSORS: &str =
         consumed_num_samples = excluded.consumed_num_samples, updated_at = excluded.updated_at,
         rejected_version = excluded.rejected_version";
 
+/// Lock acquisitions, [`LOCKS`]`.acquire` for each row of `$1..$3` (labels,
+/// owners, TTLs in seconds): each label at most once (see
+/// [`AcquisitionRounds`]). The rows are taken in label order, as the fence
+/// check and the heartbeat's renewal lock them, so that two batches (of two
+/// replicas), or a batch and a renewal, never wait on each other in a
+/// cycle. Answers the lock of each label it took.
+const ACQUIRE_ALL: &str = "INSERT INTO locks (label, owner, expires_at, token)
+     SELECT label, owner, now() + make_interval(secs => ttl), 1
+     FROM unnest($1::text[], $2::text[], $3::float8[]) AS asked(label, owner, ttl)
+     ORDER BY label
+     ON CONFLICT (label) DO UPDATE SET
+        previous_owner = locks.owner, owner = excluded.owner,
+        expires_at = excluded.expires_at, token = locks.token + 1
+     WHERE locks.expires_at <= now() OR locks.owner = excluded.owner
+     RETURNING label, token, previous_owner";
+
 /// TTL in seconds for `make_interval(secs => …)`.
 fn secs(ttl: Duration) -> f64 {
     super::ttl(ttl).num_milliseconds() as f64 / 1000.0
@@ -227,7 +262,16 @@ impl PostgresRunStore {
             pool: pool.clone(),
             url: url.clone(),
         });
-        Ok(Self { pool, url, journal })
+        let acquisitions = GroupCommit::spawn(PostgresLocks {
+            pool: pool.clone(),
+            url: url.clone(),
+        });
+        Ok(Self {
+            pool,
+            url,
+            journal,
+            acquisitions,
+        })
     }
 
     /// Close every connection.
@@ -303,6 +347,22 @@ impl Backend for PostgresRunStore {
 
     fn expiry_args(&self, ttl: Duration) -> Vec<Arg> {
         vec![Arg::Float(secs(ttl))]
+    }
+
+    /// Queued for the acquisitions' writer task (see [`ACQUIRE_ALL`]).
+    async fn acquire(
+        &self,
+        label: &Label,
+        owner: &LockOwner,
+        ttl: Duration,
+    ) -> Result<Option<Taken>, StoreError> {
+        self.acquisitions
+            .submit(Acquisition {
+                label: label.as_str().to_owned(),
+                owner: owner.0.clone(),
+                ttl_secs: secs(ttl),
+            })
+            .await
     }
 
     /// Converted here (bad input fails this caller alone), then queued for
@@ -500,6 +560,35 @@ impl CommitBatch for PostgresJournal {
         // Also when nothing was applied: ends the share locks.
         tx.commit().await.map_err(err)?;
         Ok(applied)
+    }
+}
+
+#[async_trait]
+impl CommitBatch for PostgresLocks {
+    type Write = Acquisition;
+    type Outcome = Option<Taken>;
+
+    /// One statement per round ([`AcquisitionRounds`]), each its own
+    /// transaction: if a later one fails, the writer task asks every
+    /// acquisition of the batch again alone, and one that an earlier round
+    /// took is taken again by the same owner (a new token, which is the one
+    /// its caller gets).
+    async fn commit(&self, batch: &[Acquisition]) -> Result<Vec<Option<Taken>>, StoreError> {
+        let mut rounds = AcquisitionRounds::new(batch.iter().map(|a| a.label.as_str()));
+        while let Some(round) = rounds.next_round() {
+            let asked = || round.asked.iter().map(|&i| &batch[i]);
+            let rows = sqlx::query(ACQUIRE_ALL)
+                .bind(asked().map(|a| a.label.as_str()).collect::<Vec<_>>())
+                .bind(asked().map(|a| a.owner.as_str()).collect::<Vec<_>>())
+                .bind(asked().map(|a| a.ttl_secs).collect::<Vec<_>>())
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| super::store_error(&self.url, &rounds.what(&round), e))?;
+            for row in &rows {
+                rounds.took(&round, &row.text("label")?, Taken::of(row)?)?;
+            }
+        }
+        Ok(rounds.finish())
     }
 }
 

@@ -2,7 +2,6 @@
 //! several processes of one machine may share. Times are fixed-width RFC 3339
 //! text compared with this machine's clock; JSON is text.
 
-use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -22,6 +21,7 @@ use super::backend::{
     Taken,
 };
 use super::group_commit::{CommitBatch, GroupCommit, GROUP_COMMIT_MAX};
+use super::locks::AcquisitionRounds;
 use super::{prepare_schema, u64_to_i64, RunRow, StoreOptions, SQLITE_MIGRATIONS};
 use crate::db::DbUrl;
 use crate::AdapterError;
@@ -405,49 +405,30 @@ impl CommitBatch for SqliteLocks {
     type Write = Acquisition;
     type Outcome = Option<Taken>;
 
-    /// One statement per round; a round asks each label of the batch at
-    /// most once (a second row for one label would meet the first one's
-    /// row within the statement), so a label asked twice is asked again
-    /// in the next round, as if it came in the next batch.
-    /// Each round commits on its own: if a later one fails, the writer
-    /// task asks every acquisition of the batch again alone, and one that
-    /// an earlier round took is taken again by the same owner (a new
-    /// token, which is the one its caller gets).
+    /// One statement per round ([`AcquisitionRounds`]). Each round
+    /// commits on its own: if a later one fails, the writer task asks
+    /// every acquisition of the batch again alone, and one that an earlier
+    /// round took is taken again by the same owner (a new token, which is
+    /// the one its caller gets).
     async fn commit(&self, batch: &[Acquisition]) -> Result<Vec<Option<Taken>>, StoreError> {
-        let mut taken = vec![None; batch.len()];
-        let mut pending: Vec<usize> = (0..batch.len()).collect();
-        while !pending.is_empty() {
-            // Each label's first acquisition in `pending` (by index).
-            let mut asked = HashMap::new();
-            let (round, later): (Vec<usize>, Vec<usize>) = pending
-                .iter()
-                .partition(|&&i| *asked.entry(batch[i].label.as_str()).or_insert(i) == i);
+        let mut rounds = AcquisitionRounds::new(batch.iter().map(|a| a.label.as_str()));
+        while let Some(round) = rounds.next_round() {
             // A batch is at most `GROUP_COMMIT_MAX` writes, the largest
             // statement (`BATCH_SIZES`).
-            let (sql, rows) = acquire_batch(round.len());
-            let args = round.iter().flat_map(|&i| batch[i].args.iter().cloned());
+            let (sql, rows) = acquire_batch(round.asked.len());
+            let args = round
+                .asked
+                .iter()
+                .flat_map(|&i| batch[i].args.iter().cloned());
             let rows = bind_padded(sql, rows, ACQUIRE_VALUES, args)
                 .fetch_all(&self.writer)
                 .await
-                .map_err(|e| {
-                    let what = match &round[..] {
-                        [one] => format!("locking label {}", batch[*one].label),
-                        _ => format!("locking {} labels", round.len()),
-                    };
-                    super::store_error(&self.url, &what, e)
-                })?;
+                .map_err(|e| super::store_error(&self.url, &rounds.what(&round), e))?;
             for row in &rows {
-                let label = row.text("label")?;
-                let index = asked.get(label.as_str()).copied().ok_or_else(|| {
-                    StoreError::Corrupt(format!(
-                        "the lock batch statement answered label {label}, which it was not asked"
-                    ))
-                })?;
-                taken[index] = Some(Taken::of(row)?);
+                rounds.took(&round, &row.text("label")?, Taken::of(row)?)?;
             }
-            pending = later;
         }
-        Ok(taken)
+        Ok(rounds.finish())
     }
 }
 
@@ -719,53 +700,6 @@ mod tests {
             }
         }
         assert_eq!(*BATCH_SIZES.last().unwrap(), GROUP_COMMIT_MAX);
-    }
-
-    /// Acquisitions queued together (a current-thread runtime queues them
-    /// all before the writer task runs) are one batch: each gets what it
-    /// would have got alone, in queue order, a label asked twice included.
-    #[tokio::test(flavor = "current_thread")]
-    async fn acquisitions_in_one_batch_each_get_their_own_outcome() {
-        use retrain_core::domain::LockOutcome;
-
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("state.db").display());
-        let store = super::super::open_run_store(
-            &url,
-            StoreOptions {
-                migrate: true,
-                read_only: false,
-            },
-        )
-        .await
-        .unwrap();
-        let label = |name: &str| Label::new(name).unwrap();
-        let (me, other) = (LockOwner("me".into()), LockOwner("other".into()));
-        let ttl = Duration::from_secs(60);
-        let held = store.try_lock(&label("held"), &other, ttl).await.unwrap();
-        assert!(matches!(held, LockOutcome::Acquired { .. }));
-        let names = ["free", "held", "twice", "fresh"].map(label);
-        let [free_label, held_label, twice_label, fresh_label] = &names;
-        let (free, held, twice, rival, again, fresh) = tokio::join!(
-            store.try_lock(free_label, &me, ttl),
-            store.try_lock(held_label, &me, ttl),
-            store.try_lock(twice_label, &me, ttl),
-            store.try_lock(twice_label, &other, ttl),
-            store.try_lock(twice_label, &me, ttl),
-            store.try_lock(fresh_label, &other, ttl),
-        );
-        let token = |outcome: Result<LockOutcome, StoreError>| match outcome.unwrap() {
-            LockOutcome::Acquired { fence, .. } => Some((fence.owner.0, fence.token)),
-            LockOutcome::Busy { .. } => None,
-        };
-        assert_eq!(token(free), Some(("me".into(), 1)));
-        assert_eq!(token(held), None, "another owner's unexpired lock");
-        // `twice`: taken by me, refused to the rival, then re-taken by me
-        // (a re-acquisition by the same owner), each a round of its own.
-        assert_eq!(token(twice), Some(("me".into(), 1)));
-        assert_eq!(token(rival), None);
-        assert_eq!(token(again), Some(("me".into(), 2)));
-        assert_eq!(token(fresh), Some(("other".into(), 1)));
     }
 
     /// Writes go through a connection of their own: with every reader

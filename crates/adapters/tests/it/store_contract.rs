@@ -1717,6 +1717,76 @@ contract!(
     idempotency_keys_are_claimed_once,
 );
 
+/// Acquisitions queued together (a current-thread runtime queues them all
+/// before the store's writer task runs) are one batch, one statement per
+/// round: each gets what it would have got alone, in queue order, a label
+/// asked twice included.
+pub async fn acquisitions_in_one_batch_each_get_their_own_outcome(store: Arc<dyn RunStore>) {
+    let (me, other) = (LockOwner("me".into()), LockOwner("other".into()));
+    let ttl = Duration::from_secs(60);
+    let held = store.try_lock(&label("held"), &other, ttl).await.unwrap();
+    assert!(matches!(held, LockOutcome::Acquired { .. }));
+    let names = ["free", "held", "twice", "fresh"].map(label);
+    let [free_label, held_label, twice_label, fresh_label] = &names;
+    let (free, held, twice, rival, again, fresh) = tokio::join!(
+        store.try_lock(free_label, &me, ttl),
+        store.try_lock(held_label, &me, ttl),
+        store.try_lock(twice_label, &me, ttl),
+        store.try_lock(twice_label, &other, ttl),
+        store.try_lock(twice_label, &me, ttl),
+        store.try_lock(fresh_label, &other, ttl),
+    );
+    let token = |outcome: Result<LockOutcome, StoreError>| match outcome.unwrap() {
+        LockOutcome::Acquired { fence, .. } => Some((fence.owner.0, fence.token)),
+        LockOutcome::Busy { .. } => None,
+    };
+    assert_eq!(token(free), Some(("me".into(), 1)));
+    assert_eq!(token(held), None, "another owner's unexpired lock");
+    // `twice`: taken by me, refused to the rival, then re-taken by me (a
+    // re-acquisition by the same owner), each a round of its own.
+    assert_eq!(token(twice), Some(("me".into(), 1)));
+    assert_eq!(token(rival), None);
+    assert_eq!(token(again), Some(("me".into(), 2)));
+    assert_eq!(token(fresh), Some(("other".into(), 1)));
+}
+
+mod batched_acquisitions {
+    #[tokio::test(flavor = "current_thread")]
+    async fn sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        super::acquisitions_in_one_batch_each_get_their_own_outcome(
+            super::sqlite_store(&dir).await,
+        )
+        .await;
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn postgres() {
+        let Some(url) = super::pg::fresh_database().await else {
+            return;
+        };
+        let store = super::open_run_store(&url, super::StoreOptions::default())
+            .await
+            .unwrap();
+        super::acquisitions_in_one_batch_each_get_their_own_outcome(store).await;
+        // One transaction took the first round's locks (the rows share their
+        // `xmin`), another the third round's `twice`.
+        let pool = sqlx::PgPool::connect(&url).await.unwrap();
+        let xmin = |name: &'static str| {
+            let pool = pool.clone();
+            async move {
+                sqlx::query_scalar::<_, String>("SELECT xmin::text FROM locks WHERE label = $1")
+                    .bind(name)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(xmin("free").await, xmin("fresh").await);
+        assert_ne!(xmin("free").await, xmin("twice").await);
+    }
+}
+
 /// Postgres migration 0016 makes the snapshot and the journal lines `json`
 /// (not `jsonb`, see the migration) and compresses them with lz4 where the
 /// server has it; 0017 has the group commit number its lines itself. A
