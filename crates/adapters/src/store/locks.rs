@@ -163,72 +163,44 @@ pub(super) async fn try_lock<B: Backend>(
 /// statement; a label asked twice is asked again in the next round, as if
 /// it came in the next batch. So each acquisition gets what it would have
 /// got alone, in queue order.
-pub(super) struct AcquisitionRounds<'a> {
-    labels: Vec<&'a str>,
-    pending: Vec<usize>,
-    taken: Vec<Option<Taken>>,
-}
-
-/// One round: the acquisitions it asks (indices into the batch), and which
-/// of them asks each label.
-pub(super) struct Round<'a> {
-    pub(super) asked: Vec<usize>,
-    by_label: std::collections::HashMap<&'a str, usize>,
-}
-
-impl<'a> AcquisitionRounds<'a> {
-    /// Rounds over a batch asking for `labels`, in queue order.
-    pub(super) fn new(labels: impl IntoIterator<Item = &'a str>) -> Self {
-        let labels: Vec<&str> = labels.into_iter().collect();
-        Self {
-            pending: (0..labels.len()).collect(),
-            taken: vec![None; labels.len()],
-            labels,
-        }
-    }
-
-    /// The next round: each pending label's first acquisition.
-    pub(super) fn next_round(&mut self) -> Option<Round<'a>> {
-        if self.pending.is_empty() {
-            return None;
-        }
+///
+/// `statement(asked, what)` runs one round's statement for the
+/// acquisitions at indices `asked` (`what` names it for errors) and
+/// answers a row `(label, token, previous_owner)` per lock it took. Each
+/// acquisition's lock as taken (`None`: refused), in queue order.
+pub(super) async fn acquire_in_rounds<'a, R, F>(
+    labels: impl IntoIterator<Item = &'a str>,
+    mut statement: impl FnMut(Vec<usize>, String) -> F,
+) -> Result<Vec<Option<Taken>>, StoreError>
+where
+    R: Columns,
+    F: std::future::Future<Output = Result<Vec<R>, StoreError>>,
+{
+    let labels: Vec<&str> = labels.into_iter().collect();
+    let mut taken = vec![None; labels.len()];
+    let mut pending: Vec<usize> = (0..labels.len()).collect();
+    while !pending.is_empty() {
+        // Each label's first acquisition in `pending` (by index).
         let mut by_label = std::collections::HashMap::new();
-        let (asked, later): (Vec<usize>, Vec<usize>) = self
-            .pending
+        let (asked, later): (Vec<usize>, Vec<usize>) = pending
             .iter()
-            .partition(|&&i| *by_label.entry(self.labels[i]).or_insert(i) == i);
-        self.pending = later;
-        Some(Round { asked, by_label })
-    }
-
-    /// `label`'s lock, as `round`'s statement answered it.
-    pub(super) fn took(
-        &mut self,
-        round: &Round<'_>,
-        label: &str,
-        taken: Taken,
-    ) -> Result<(), StoreError> {
-        let index = round.by_label.get(label).copied().ok_or_else(|| {
-            StoreError::Corrupt(format!(
-                "the lock batch statement answered label {label}, which it was not asked"
-            ))
-        })?;
-        self.taken[index] = Some(taken);
-        Ok(())
-    }
-
-    /// What `round` does, for its errors.
-    pub(super) fn what(&self, round: &Round<'_>) -> String {
-        match &round.asked[..] {
-            [one] => format!("locking label {}", self.labels[*one]),
-            asked => format!("locking {} labels", asked.len()),
+            .partition(|&&i| *by_label.entry(labels[i]).or_insert(i) == i);
+        let what = match &asked[..] {
+            [one] => format!("locking label {}", labels[*one]),
+            _ => format!("locking {} labels", asked.len()),
+        };
+        for row in statement(asked, what).await? {
+            let label = row.text("label")?;
+            let index = by_label.get(label.as_str()).copied().ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "the lock batch statement answered label {label}, which it was not asked"
+                ))
+            })?;
+            taken[index] = Some(Taken::of(&row)?);
         }
+        pending = later;
     }
-
-    /// Each acquisition's lock as taken (`None`: refused), in queue order.
-    pub(super) fn finish(self) -> Vec<Option<Taken>> {
-        self.taken
-    }
+    Ok(taken)
 }
 
 fn acquired(label: &Label, owner: &LockOwner, taken: Taken) -> Result<LockOutcome, StoreError> {

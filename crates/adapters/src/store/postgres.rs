@@ -23,7 +23,7 @@ use super::backend::{
     UPSERT_LEASE,
 };
 use super::group_commit::{CommitBatch, GroupCommit};
-use super::locks::AcquisitionRounds;
+use super::locks::acquire_in_rounds;
 use super::{prepare_schema, u64_to_i64, RunRow, StoreOptions, POSTGRES_MIGRATIONS};
 use crate::db::DbUrl;
 use crate::AdapterError;
@@ -56,7 +56,7 @@ struct Acquisition {
 }
 
 /// Applies a batch of lock acquisitions in one statement per label asked
-/// once ([`AcquisitionRounds`]).
+/// once ([`acquire_in_rounds`]).
 struct PostgresLocks {
     pool: PgPool,
     url: DbUrl,
@@ -231,7 +231,7 @@ const UPSERT_CURSORS: &str =
 
 /// Lock acquisitions, [`LOCKS`]`.acquire` for each row of `$1..$3` (labels,
 /// owners, TTLs in seconds): each label at most once (see
-/// [`AcquisitionRounds`]). The rows are taken in label order, as the fence
+/// [`acquire_in_rounds`]). The rows are taken in label order, as the fence
 /// check and the heartbeat's renewal lock them, so that two batches (of two
 /// replicas), or a batch and a renewal, never wait on each other in a
 /// cycle. Answers the lock of each label it took.
@@ -568,27 +568,24 @@ impl CommitBatch for PostgresLocks {
     type Write = Acquisition;
     type Outcome = Option<Taken>;
 
-    /// One statement per round ([`AcquisitionRounds`]), each its own
+    /// One statement per round ([`acquire_in_rounds`]), each its own
     /// transaction: if a later one fails, the writer task asks every
     /// acquisition of the batch again alone, and one that an earlier round
     /// took is taken again by the same owner (a new token, which is the one
     /// its caller gets).
     async fn commit(&self, batch: &[Acquisition]) -> Result<Vec<Option<Taken>>, StoreError> {
-        let mut rounds = AcquisitionRounds::new(batch.iter().map(|a| a.label.as_str()));
-        while let Some(round) = rounds.next_round() {
-            let asked = || round.asked.iter().map(|&i| &batch[i]);
-            let rows = sqlx::query(ACQUIRE_ALL)
-                .bind(asked().map(|a| a.label.as_str()).collect::<Vec<_>>())
-                .bind(asked().map(|a| a.owner.as_str()).collect::<Vec<_>>())
-                .bind(asked().map(|a| a.ttl_secs).collect::<Vec<_>>())
+        let labels = batch.iter().map(|a| a.label.as_str());
+        acquire_in_rounds(labels, |asked: Vec<usize>, what: String| async move {
+            let each = || asked.iter().map(|&i| &batch[i]);
+            sqlx::query(ACQUIRE_ALL)
+                .bind(each().map(|a| a.label.as_str()).collect::<Vec<_>>())
+                .bind(each().map(|a| a.owner.as_str()).collect::<Vec<_>>())
+                .bind(each().map(|a| a.ttl_secs).collect::<Vec<_>>())
                 .fetch_all(&self.pool)
                 .await
-                .map_err(|e| super::store_error(&self.url, &rounds.what(&round), e))?;
-            for row in &rows {
-                rounds.took(&round, &row.text("label")?, Taken::of(row)?)?;
-            }
-        }
-        Ok(rounds.finish())
+                .map_err(|e| super::store_error(&self.url, &what, e))
+        })
+        .await
     }
 }
 

@@ -17,11 +17,10 @@ use sqlx::sqlite::{SqlitePool, SqliteRow};
 use sqlx::{Row, Sqlite};
 
 use super::backend::{
-    fence_args, lease_args, Arg, Backend, Bind, Columns, LockSql, Query, Statements, StoreRow,
-    Taken,
+    fence_args, lease_args, Arg, Backend, Bind, LockSql, Query, Statements, StoreRow, Taken,
 };
 use super::group_commit::{CommitBatch, GroupCommit, GROUP_COMMIT_MAX};
-use super::locks::AcquisitionRounds;
+use super::locks::acquire_in_rounds;
 use super::{prepare_schema, u64_to_i64, RunRow, StoreOptions, SQLITE_MIGRATIONS};
 use crate::db::DbUrl;
 use crate::AdapterError;
@@ -405,30 +404,24 @@ impl CommitBatch for SqliteLocks {
     type Write = Acquisition;
     type Outcome = Option<Taken>;
 
-    /// One statement per round ([`AcquisitionRounds`]). Each round
+    /// One statement per round ([`acquire_in_rounds`]). Each round
     /// commits on its own: if a later one fails, the writer task asks
     /// every acquisition of the batch again alone, and one that an earlier
     /// round took is taken again by the same owner (a new token, which is
     /// the one its caller gets).
     async fn commit(&self, batch: &[Acquisition]) -> Result<Vec<Option<Taken>>, StoreError> {
-        let mut rounds = AcquisitionRounds::new(batch.iter().map(|a| a.label.as_str()));
-        while let Some(round) = rounds.next_round() {
+        let labels = batch.iter().map(|a| a.label.as_str());
+        acquire_in_rounds(labels, |asked: Vec<usize>, what: String| async move {
             // A batch is at most `GROUP_COMMIT_MAX` writes, the largest
             // statement (`BATCH_SIZES`).
-            let (sql, rows) = acquire_batch(round.asked.len());
-            let args = round
-                .asked
-                .iter()
-                .flat_map(|&i| batch[i].args.iter().cloned());
-            let rows = bind_padded(sql, rows, ACQUIRE_VALUES, args)
+            let (sql, rows) = acquire_batch(asked.len());
+            let args = asked.iter().flat_map(|&i| batch[i].args.iter().cloned());
+            bind_padded(sql, rows, ACQUIRE_VALUES, args)
                 .fetch_all(&self.writer)
                 .await
-                .map_err(|e| super::store_error(&self.url, &rounds.what(&round), e))?;
-            for row in &rows {
-                rounds.took(&round, &row.text("label")?, Taken::of(row)?)?;
-            }
-        }
-        Ok(rounds.finish())
+                .map_err(|e| super::store_error(&self.url, &what, e))
+        })
+        .await
     }
 }
 
