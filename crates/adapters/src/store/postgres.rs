@@ -615,7 +615,8 @@ async fn write_all(tx: &mut Tx, writes: &[&JournalWrite]) -> Result<(), sqlx::Er
         .execute(&mut **tx)
         .await?;
     let lines = writes.iter().flat_map(|w| &w.lines);
-    sqlx::query(INSERT_LINES)
+    let expected = lines.clone().count() as u64;
+    let inserted = sqlx::query(INSERT_LINES)
         .bind(lines.clone().map(|l| l.run_id.as_str()).collect::<Vec<_>>())
         .bind(lines.clone().map(|l| l.seq).collect::<Vec<_>>())
         .bind(lines.clone().map(|l| l.at).collect::<Vec<_>>())
@@ -624,7 +625,19 @@ async fn write_all(tx: &mut Tx, writes: &[&JournalWrite]) -> Result<(), sqlx::Er
         .bind(lines.clone().map(|l| l.event.as_str()).collect::<Vec<_>>())
         .bind(lines.map(|l| l.actions.as_str()).collect::<Vec<_>>())
         .execute(&mut **tx)
-        .await?;
+        .await?
+        .rows_affected();
+    if inserted != expected {
+        // Only without the one `journal_head` row (migration 0007), which
+        // nothing deletes: the lines would be dropped while the runs moved
+        // on. Fail the batch (rolled back) instead.
+        return Err(sqlx::Error::Decode(
+            format!(
+                "{inserted} of {expected} journal lines written: the journal_head row is missing"
+            )
+            .into(),
+        ));
+    }
     let events: Vec<&PromotionEvent> = writes.iter().flat_map(|w| &w.promotions).collect();
     if !events.is_empty() {
         let events = events.iter();

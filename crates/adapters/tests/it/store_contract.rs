@@ -1787,6 +1787,43 @@ mod batched_acquisitions {
     }
 }
 
+/// Postgres: the group commit numbers its journal lines from the one
+/// `journal_head` row. Were that row gone, the lines would be dropped while
+/// the run moved on; the write fails instead, naming it, and changes
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_journal_without_its_head_row_fails_and_writes_nothing() {
+    let Some(url) = pg::fresh_database().await else {
+        return;
+    };
+    let store = open_run_store(&url, StoreOptions::default()).await.unwrap();
+    let (fence, mut run) = training(store.as_ref(), "dept").await;
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::query("DELETE FROM journal_head")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let next = step(
+        &mut run,
+        Event::TrainingFinished {
+            candidate: Candidate {
+                id: "cand-1".into(),
+                metrics: BTreeMap::from([("dice".into(), 0.8)]),
+            },
+        },
+    );
+    let refused = store.record(&next, &fence).await;
+    match refused {
+        Err(StoreError::Corrupt(message)) => {
+            assert!(message.contains("journal_head"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let detail = store.run(&run.run_id).await.unwrap().unwrap();
+    assert_eq!(detail.summary.stage, Stage::Training);
+    assert_eq!(detail.transitions.len() as u64, next.seq - 1);
+}
+
 /// Postgres migration 0016 makes the snapshot and the journal lines `json`
 /// (not `jsonb`, see the migration) and compresses them with lz4 where the
 /// server has it; 0017 has the group commit number its lines itself. A
