@@ -47,10 +47,6 @@ impl Arg {
 /// The lock statements of a dialect (see `locks.rs` for the rules and the
 /// arguments each one takes).
 pub(super) struct LockSql {
-    /// Take a free, expired or own lock with `token + 1` (a first insert is
-    /// token 1); `RETURNING token, previous_owner` (the owner the row had
-    /// before: see `locks::acquired`), no row when refused.
-    pub(super) acquire: &'static str,
     /// Take the lock from one dead holder (`owner` and `token` as read):
     /// `RETURNING token, previous_owner`, no row when it changed hands meanwhile.
     pub(super) take: &'static str,
@@ -219,25 +215,18 @@ pub(super) trait Backend: Send + Sync + 'static {
     /// `false`: nothing written.
     async fn lease(&self, lease: &Lease, fence: &Fence) -> Result<bool, StoreError>;
 
-    /// [`LockSql::acquire`] of `label` for `owner`: the lock as taken, or
-    /// `None` (someone else's unexpired lock). The SQLite store queues it
-    /// for a writer task that takes every queued acquisition in one
-    /// statement; this default is one statement on [`Backend::writer`].
+    /// Take `label`'s lock for `owner` if it is free, expired or its own,
+    /// with `token + 1` (a first insert is token 1): the lock as taken (its
+    /// token and the owner the row had before: see `locks::acquired`), or
+    /// `None` (someone else's unexpired lock). Each dialect queues it for a
+    /// writer task that takes every queued acquisition in one statement per
+    /// round (`locks::acquire_in_rounds`).
     async fn acquire(
         &self,
         label: &Label,
         owner: &LockOwner,
         ttl: Duration,
-    ) -> Result<Option<Taken>, StoreError> {
-        let mut args = vec![Arg::text(label), Arg::text(owner)];
-        args.extend(self.expiry_args(ttl));
-        self.writer()
-            .fetch_optional(Self::LOCKS.acquire, args)
-            .await
-            .map_err(|e| self.error(&format!("locking label {label}"), e))?
-            .map(|row| Taken::of(&row))
-            .transpose()
-    }
+    ) -> Result<Option<Taken>, StoreError>;
 
     /// A driver error of `what`, secret-free.
     fn error(&self, what: &str, error: sqlx::Error) -> StoreError {

@@ -1,5 +1,5 @@
-//! Group commit of journal writes, shared by both dialects (and, on SQLite,
-//! of lock acquisitions). One writer task per store and kind of write takes
+//! Group commit of journal writes and of lock acquisitions, shared by both
+//! dialects. One writer task per store and kind of write takes
 //! whatever writes are queued (up to [`GROUP_COMMIT_MAX`]) and hands them to
 //! the dialect's [`CommitBatch`], which applies them in one transaction.
 //! Each caller awaits its own acknowledgement, sent only after
@@ -62,7 +62,7 @@ impl<W: Send + Sync + 'static, O: Send + 'static> GroupCommit<W, O> {
     /// Queue `write` and wait until it is committed: its outcome.
     pub(super) async fn submit(&self, write: W) -> Result<O, StoreError> {
         let (done, outcome) = oneshot::channel();
-        let stopped = || StoreError::Unavailable("the run store's journal writer stopped".into());
+        let stopped = || StoreError::Unavailable("the run store's writer task stopped".into());
         self.queue
             .send(Queued { write, done })
             .map_err(|_| stopped())?;

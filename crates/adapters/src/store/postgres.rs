@@ -107,14 +107,6 @@ impl StoreRow for PgRow {
 /// re-check the `WHERE` on its latest version, so exactly one caller takes a
 /// free lock, and exactly one the lock of a dead holder.
 const LOCKS: LockSql = LockSql {
-    // [label, owner, ttl]
-    acquire: "INSERT INTO locks (label, owner, expires_at, token)
-              VALUES ($1, $2, now() + make_interval(secs => $3), 1)
-              ON CONFLICT (label) DO UPDATE SET
-                 previous_owner = locks.owner, owner = excluded.owner,
-                 expires_at = excluded.expires_at, token = locks.token + 1
-              WHERE locks.expires_at <= now() OR locks.owner = excluded.owner
-              RETURNING token, previous_owner",
     // [label, owner, dead owner, dead token, ttl]
     take: "UPDATE locks SET previous_owner = owner, owner = $2,
                             expires_at = now() + make_interval(secs => $5), token = token + 1
@@ -229,9 +221,11 @@ const UPSERT_CURSORS: &str =
         consumed_num_samples = excluded.consumed_num_samples, updated_at = excluded.updated_at,
         rejected_version = excluded.rejected_version";
 
-/// Lock acquisitions, [`LOCKS`]`.acquire` for each row of `$1..$3` (labels,
-/// owners, TTLs in seconds): each label at most once (see
-/// [`acquire_in_rounds`]). The rows are taken in label order, as the fence
+/// Lock acquisitions (`Backend::acquire`), one per row of `$1..$3`
+/// (labels, owners, TTLs in seconds), each label at most once (see
+/// [`acquire_in_rounds`]): a free, expired or own lock is taken with
+/// `token + 1`, a first insert is token 1, and `previous_owner` keeps the
+/// owner the row had. The rows are taken in label order, as the fence
 /// check and the heartbeat's renewal lock them, so that two batches (of two
 /// replicas), or a batch and a renewal, never wait on each other in a
 /// cycle. Answers the lock of each label it took.

@@ -134,13 +134,6 @@ fn corrupt(e: sqlx::Error) -> StoreError {
 /// Lock statements: `$1` label, then per statement (see [`LockSql`]); the
 /// clock arguments come last (`now`, then the new expiry).
 const LOCKS: LockSql = LockSql {
-    // [label, owner, now, expiry]
-    acquire: "INSERT INTO locks (label, owner, expires_at, token) VALUES ($1, $2, $4, 1)
-              ON CONFLICT (label) DO UPDATE SET
-                 previous_owner = locks.owner, owner = excluded.owner,
-                 expires_at = excluded.expires_at, token = locks.token + 1
-              WHERE locks.expires_at <= $3 OR locks.owner = excluded.owner
-              RETURNING token, previous_owner",
     // [label, owner, dead owner, dead token, now, expiry]
     take: "UPDATE locks SET previous_owner = owner, owner = $2, expires_at = $6, token = token + 1
            WHERE label = $1 AND owner = $3 AND token = $4
@@ -238,9 +231,10 @@ fn bind_padded(
     query.bind(ts(Utc::now()))
 }
 
-/// A batch of up to `rows` lock acquisitions as one statement
-/// ([`LockSql::acquire`] for each row: label, owner, expiry; then now),
-/// and the rows it takes. A padding row (`NULL` label) inserts nothing. The
+/// A batch of up to `rows` lock acquisitions (`Backend::acquire`) as one
+/// statement (each row: label, owner, expiry; then now), and the rows it
+/// takes: a free, expired or own lock is taken with `token + 1`, a first
+/// insert is token 1, and `previous_owner` keeps the owner the row had. A padding row (`NULL` label) inserts nothing. The
 /// statement answers the lock of each label it took.
 fn acquire_batch(rows: usize) -> (&'static str, usize) {
     static STATEMENTS: [OnceLock<String>; BATCH_SIZES.len()] =

@@ -1836,15 +1836,7 @@ async fn postgres_schema_keeps_the_previous_versions_statements_working() {
     let Some(url) = pg::fresh_database().await else {
         return;
     };
-    let store = open_run_store(
-        &url,
-        StoreOptions {
-            migrate: true,
-            read_only: false,
-        },
-    )
-    .await
-    .unwrap();
+    let store = open_run_store(&url, StoreOptions::default()).await.unwrap();
     let (_fence, run) = training(store.as_ref(), "dept").await;
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
 
