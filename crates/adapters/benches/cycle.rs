@@ -12,6 +12,10 @@
 //! published 0.5 s after the prepare restart, poll interval 10 ms (the
 //! issue-11 comparison's setup; trainer and registry stay in memory).
 //!
+//! `--no-scout`: every waiting label reads its metadata every round
+//! (`poll_scout_max_gap` zero) instead of one scout read per round for the
+//! labels of the shared prepare job.
+//!
 //! Prints wall time, durable store writes per label (journal writes, lease
 //! records), HTTP requests per label (`--hub`), and peak RSS (VmHWM).
 
@@ -457,6 +461,11 @@ fn main() {
         .find_map(|a| a.parse().ok())
         .unwrap_or(1000);
     let over_hub = std::env::args().any(|a| a == "--hub");
+    let scout_max_gap = if std::env::args().any(|a| a == "--no-scout") {
+        Duration::ZERO
+    } else {
+        retrain_core::engine::DEFAULT_POLL_SCOUT_MAX_GAP
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -526,6 +535,7 @@ fn main() {
                     .ok()
                     .and_then(|ms| ms.parse().ok())
                     .map_or(retrain_core::engine::DEFAULT_LOCK_TTL, Duration::from_millis),
+                poll_scout_max_gap: scout_max_gap,
                 ..EngineSettings::default()
             },
         );

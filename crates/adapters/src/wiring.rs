@@ -488,6 +488,7 @@ async fn assemble_engine(
         max_parallel_labels: settings.max_parallel_labels,
         lock_ttl: settings.lock_ttl,
         poll_jitter: settings.poll.jitter,
+        poll_scout_max_gap: settings.poll.scout_max_gap,
         // Names this process (host, pid, start time), so that another
         // orchestrator on this host can take its locks at once if it dies.
         owner: LockOwner::for_process("retrain", &crate::process::current_identity()),

@@ -183,6 +183,8 @@ struct RawPoll {
     timeout: HumanDuration,
     #[serde(default = "default_jitter")]
     jitter: f64,
+    #[serde(default = "default_scout_max_gap")]
+    scout_max_gap: HumanDuration,
 }
 
 impl Default for RawPoll {
@@ -191,6 +193,7 @@ impl Default for RawPoll {
             interval: default_interval(),
             timeout: default_timeout(),
             jitter: default_jitter(),
+            scout_max_gap: default_scout_max_gap(),
         }
     }
 }
@@ -203,6 +206,9 @@ fn default_timeout() -> HumanDuration {
 }
 fn default_jitter() -> f64 {
     0.1
+}
+fn default_scout_max_gap() -> HumanDuration {
+    HumanDuration(retrain_core::engine::DEFAULT_POLL_SCOUT_MAX_GAP)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -348,6 +354,8 @@ pub struct PollSettings {
     pub interval: Duration,
     pub timeout: Duration,
     pub jitter: f64,
+    /// `poll.scout_max_gap`: see `EngineSettings::poll_scout_max_gap`.
+    pub scout_max_gap: Duration,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -883,6 +891,7 @@ fn validate(
         interval: raw.poll.interval.0,
         timeout: raw.poll.timeout.0,
         jitter: raw.poll.jitter,
+        scout_max_gap: raw.poll.scout_max_gap.0,
     };
 
     let default_prepare = match &raw.prepare {

@@ -73,6 +73,32 @@ fn retrain_repo_vars_are_never_config_keys() {
 }
 
 #[test]
+fn poll_scout_max_gap_defaults_to_five_minutes_and_zero_turns_it_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let label = r#"
+[labels.a]
+threshold = 5
+metadata = "file://meta.json"
+trainer = "command:true"
+"#;
+    let file = write(&dir, label);
+    let loaded = load(&sources(Some(file), &[])).unwrap();
+    assert_eq!(loaded.settings.poll.scout_max_gap, Duration::from_secs(300));
+    let file = write(&dir, &format!("[poll]\nscout_max_gap = \"0s\"\n{label}"));
+    let loaded = load(&sources(Some(file.clone()), &[])).unwrap();
+    assert_eq!(loaded.settings.poll.scout_max_gap, Duration::ZERO);
+    let loaded = load(&sources(
+        Some(file),
+        &[("RETRAIN_POLL__SCOUT_MAX_GAP", "2m")],
+    ))
+    .unwrap();
+    assert_eq!(loaded.settings.poll.scout_max_gap, Duration::from_secs(120));
+    let file = write(&dir, &format!("[poll]\nscout_max_gap = \"soon\"\n{label}"));
+    let err = load(&sources(Some(file), &[])).unwrap_err().to_string();
+    assert!(err.contains("scout_max_gap"), "{err}");
+}
+
+#[test]
 fn precedence_file_then_seed_env_then_retrain_env_then_flags() {
     let dir = tempfile::tempdir().unwrap();
     let file = write(

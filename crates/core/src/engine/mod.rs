@@ -19,6 +19,9 @@
 //!   starts carry their journaled job key so a retried start adopts the job.
 //! - `poll.rs`: waiting for a new dataset (deadline-bounded, jittered,
 //!   woken early by webhooks).
+//! - `scout.rs`: labels waiting on one prepare job share one metadata read
+//!   per round until the job publishes. **Skipping is not deciding:** a
+//!   skipped read reaches the machine as an unchanged one.
 //! - `admin.rs`: what runs outside a cycle (`retrain gate`, `infra reap`).
 //! - `rollback.rs`: `retrain rollback`, a run of its own that moves
 //!   production back. **Exactly once:** validated before anything is
@@ -35,6 +38,7 @@ mod execute;
 mod locks;
 mod poll;
 mod rollback;
+mod scout;
 mod started;
 
 use std::collections::{BTreeMap, HashMap};
@@ -134,6 +138,11 @@ pub struct EngineSettings {
     pub lock_ttl: Duration,
     /// Fraction of the poll interval added as random jitter (0.1 = up to +10 %).
     pub poll_jitter: f64,
+    /// While labels wait on one prepare job that has published none of
+    /// their datasets yet, one of them reads its metadata per round and
+    /// each of the others at least this often (`scout.rs`); zero: every
+    /// label reads every round.
+    pub poll_scout_max_gap: Duration,
     pub owner: LockOwner,
     /// Recorded in every run's manifest.
     pub manifest: RunManifest,
@@ -144,12 +153,19 @@ pub struct EngineSettings {
 /// renewed every 20 s.
 pub const DEFAULT_LOCK_TTL: Duration = Duration::from_secs(60);
 
+/// Default [`EngineSettings::poll_scout_max_gap`]: five rounds at the
+/// default poll interval (60 s), so a job that publishes one label at a
+/// time is noticed at most five minutes late, while a job that publishes
+/// them together costs one read per round instead of one per label.
+pub const DEFAULT_POLL_SCOUT_MAX_GAP: Duration = Duration::from_secs(300);
+
 impl Default for EngineSettings {
     fn default() -> Self {
         Self {
             max_parallel_labels: 16,
             lock_ttl: DEFAULT_LOCK_TTL,
             poll_jitter: 0.1,
+            poll_scout_max_gap: DEFAULT_POLL_SCOUT_MAX_GAP,
             owner: LockOwner::generate("retrain"),
             manifest: RunManifest::default(),
         }
@@ -350,6 +366,8 @@ struct CycleShared {
     /// Recorded in the manifest of every run the cycle creates.
     triggered_by: Option<String>,
     stages: Mutex<HashMap<String, (tokio::time::Instant, StageCell)>>,
+    /// The labels waiting on each prepare job (`scout.rs`).
+    watches: Mutex<HashMap<String, Arc<scout::JobWatch>>>,
 }
 
 impl CycleShared {
@@ -360,6 +378,17 @@ impl CycleShared {
     fn prepare_cell(&self, key: &str) -> PrepareCell {
         let mut map = self.prepares.lock().unwrap_or_else(|e| e.into_inner());
         map.entry(key.to_owned()).or_default().clone()
+    }
+    fn job_watch(&self, key: &str) -> Arc<scout::JobWatch> {
+        let mut map = self.watches.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(key.to_owned()).or_default().clone()
+    }
+    /// What the latest stage read of prepare job `key` found, without
+    /// reading it (`None`: no read finished yet, or it failed).
+    fn last_stage(&self, key: &str) -> Option<crate::domain::SpaceStage> {
+        let map = self.stages.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(key)
+            .and_then(|(_, cell)| cell.get().cloned().flatten())
     }
     /// The stage read of prepare job `key` begun less than `fresh` ago (in
     /// flight or done), or a new one: labels waiting on the same job share

@@ -1,12 +1,14 @@
 //! Waiting for a new dataset: one metadata read (and prepare-stage read) per
 //! poll, after a jittered delay that never overruns the poll deadline and
-//! that a webhook can cut short (`Engine::wake`).
+//! that a webhook can cut short (`Engine::wake`). Labels waiting on one
+//! prepare job share their reads until it publishes (`scout.rs`).
 
 use std::time::Duration;
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::cycle::Stops;
+use super::scout::Read;
 use super::{CycleShared, Engine, Executed, LabelBinding};
 use crate::domain::RunId;
 use crate::machine::{Event, LabelRun};
@@ -22,6 +24,12 @@ impl Engine {
         shared: &CycleShared,
         stops: &Stops<'_>,
     ) -> Executed {
+        // Scouting applies to the labels that restarted a job and wait on it.
+        let watch = match (&run.plan.prepare, check_prepare) {
+            (Some(job), true) => Some(shared.job_watch(job)),
+            _ => None,
+        };
+        let mut woken = false;
         if delay_ms > 0 {
             let mut delay = Duration::from_millis(delay_ms);
             delay += jitter(&run.run_id, run.polls, delay, self.settings.poll_jitter);
@@ -31,18 +39,59 @@ impl Engine {
                 delay = delay.min(left);
             }
             let waker = self.waker(run.label());
+            let published = async {
+                match &watch {
+                    Some(watch) => watch.publication(watch.is_published()).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
-                () = waker.notified() => info!("woken early by a webhook"),
+                () = waker.notified() => {
+                    info!("woken early by a webhook");
+                    woken = true;
+                }
+                () = published => info!("woken early: the prepare job published"),
                 () = stops.interrupt.cancelled() => return Executed::Interrupted,
                 () = stops.lost.cancelled() => return Executed::LockLost(
                     self.lock_problem(run.label()).unwrap_or_else(|| "lock lost".into())
                 ),
             }
         }
+        // The poll that ends the wait reads, whoever scouts: the deadline
+        // is decided on the label's own dataset.
+        let decided_at = self.clock.now();
+        let last = run
+            .poll_deadline()
+            .is_some_and(|deadline| decided_at >= deadline);
+        let read = match &watch {
+            Some(watch) => watch.decide(
+                run.label(),
+                tokio::time::Instant::now(),
+                run.plan.poll_interval,
+                self.settings.poll_scout_max_gap,
+                woken || last,
+            ),
+            None => Read::Always,
+        };
+        if !read.reads() {
+            debug!("metadata read skipped: another label of the prepare job scouts this round");
+        }
         let known = run.last_seen.as_ref().and_then(|d| d.revision.clone());
-        let dataset = match binding.metadata.read(known).await {
-            Ok(MetadataRead::Published(dataset)) => Some(dataset),
+        let outcome = if read.reads() {
+            binding.metadata.read(known).await
+        } else {
+            Ok(MetadataRead::Unchanged)
+        };
+        let dataset = match outcome {
+            Ok(MetadataRead::Published(dataset)) => {
+                if let Some(watch) = &watch {
+                    if run.last_version.as_ref() != Some(&dataset.metadata.version_tag) {
+                        watch.saw_publication();
+                    }
+                }
+                Some(dataset)
+            }
             Ok(MetadataRead::Unchanged) => run.last_seen.clone(),
             Ok(MetadataRead::Absent) => None,
             Err(PortError::Transient(e)) => {
@@ -57,6 +106,9 @@ impl Engine {
             }
         };
         let prepare_stage = match (&binding.prepare, &run.plan.prepare, check_prepare) {
+            // A label that skipped its metadata read takes the stage the
+            // job's last read found, if any, and asks for none.
+            (Some(_), Some(job), true) if !read.reads() => shared.last_stage(job),
             (Some(controller), Some(job), true) => {
                 // One read per job per round (half a poll interval): every
                 // label waiting on this job decides on the same answer.
@@ -88,7 +140,13 @@ impl Engine {
                 .unwrap_or_else(|| "-".into())
         );
         Executed::Event(Event::Polled {
-            now: self.clock.now(),
+            // A skipped read took no time: the machine judges the deadline
+            // at the instant that found it not yet reached.
+            now: if read.reads() {
+                self.clock.now()
+            } else {
+                decided_at
+            },
             dataset,
             prepare_stage,
         })

@@ -25,6 +25,7 @@ struct Delayed {
     restarted_at: Mutex<Option<Instant>>,
     stage_reads: AtomicUsize,
     metadata_reads: AtomicUsize,
+    last_metadata_read: Mutex<Option<Instant>>,
 }
 
 impl Delayed {
@@ -35,6 +36,7 @@ impl Delayed {
             restarted_at: Mutex::new(None),
             stage_reads: AtomicUsize::new(0),
             metadata_reads: AtomicUsize::new(0),
+            last_metadata_read: Mutex::new(None),
         })
     }
     fn published(&self) -> DatasetVersion {
@@ -76,6 +78,7 @@ struct DelayedMetadata(Arc<Delayed>);
 impl MetadataStore for DelayedMetadata {
     async fn read(&self, known: Option<String>) -> Result<MetadataRead, PortError> {
         self.0.metadata_reads.fetch_add(1, Ordering::SeqCst);
+        *self.0.last_metadata_read.lock().unwrap() = Some(Instant::now());
         let published = self.0.published();
         Ok(if known.is_some() && published.revision == known {
             MetadataRead::Unchanged
@@ -110,6 +113,29 @@ async fn cycle_on(
     labels: &[&str],
     after: Duration,
 ) -> (MemStore, Arc<Delayed>, Result<CycleReport, EngineError>) {
+    let (store, delayed, report, _) = cycle_scouting(
+        store,
+        labels,
+        after,
+        retrain_core::engine::DEFAULT_POLL_SCOUT_MAX_GAP,
+    )
+    .await;
+    (store, delayed, report)
+}
+
+/// [`cycle_on`] with `poll_scout_max_gap` set to `max_gap`; also how long
+/// the cycle took (tokio's clock: paused in these tests).
+async fn cycle_scouting(
+    store: MemStore,
+    labels: &[&str],
+    after: Duration,
+    max_gap: Duration,
+) -> (
+    MemStore,
+    Arc<Delayed>,
+    Result<CycleReport, EngineError>,
+    Duration,
+) {
     let world = World::new();
     let delayed = Delayed::new(&world, after);
     let bindings = labels
@@ -124,11 +150,21 @@ async fn cycle_on(
             binding
         })
         .collect();
-    let engine = engine(&store, &world, bindings);
+    let engine = retrain_core::engine::Engine::new(
+        Arc::new(store.clone()),
+        Some(Arc::new(FakeCounts(world.clone()))),
+        bindings,
+        retrain_core::engine::EngineSettings {
+            poll_jitter: 0.0,
+            poll_scout_max_gap: max_gap,
+            ..retrain_core::engine::EngineSettings::default()
+        },
+    );
+    let started = Instant::now();
     let report = engine
         .run_cycle(CycleRequest::default(), CancellationToken::new())
         .await;
-    (store, delayed, report)
+    (store, delayed, report, started.elapsed())
 }
 
 #[tokio::test(start_paused = true)]
@@ -234,17 +270,123 @@ async fn labels_waiting_on_one_prepare_job_share_its_stage_reads() {
     let labels = ["a", "b", "c", "d", "e"];
     let (_, job) = cycle_with_delay(&labels, Duration::from_secs(10)).await;
     let stage_reads = job.stage_reads.load(Ordering::SeqCst);
-    let metadata_reads = job.metadata_reads.load(Ordering::SeqCst);
     // Each label polls about 11 times (1 s interval, 10 s wait); one stage
     // read per round serves all five.
-    assert!(
-        metadata_reads >= labels.len() * 10,
-        "every label polls its metadata: {metadata_reads}"
-    );
     assert!(
         stage_reads <= 14,
         "{stage_reads} stage reads for 5 labels waiting 10 s on one job"
     );
+}
+
+/// The five labels of [`cycle_scouting`] waiting 10 s (1 s poll interval)
+/// on one prepare job: its metadata reads, and how long the cycle took.
+async fn five_labels_waiting(max_gap: Duration) -> (usize, Duration) {
+    let labels = ["a", "b", "c", "d", "e"];
+    let (_, job, report, took) =
+        cycle_scouting(MemStore::new(), &labels, Duration::from_secs(10), max_gap).await;
+    for label in &report.unwrap().labels {
+        assert!(
+            matches!(label.status, LabelStatus::Promoted | LabelStatus::Rejected),
+            "{label:?}"
+        );
+        assert_eq!(label.dataset_version.as_ref().unwrap().as_str(), "v2");
+    }
+    (job.metadata_reads.load(Ordering::SeqCst), took)
+}
+
+#[tokio::test(start_paused = true)]
+async fn labels_waiting_on_one_prepare_job_share_one_metadata_read_per_round() {
+    let (shared, took_shared) = five_labels_waiting(Duration::from_secs(300)).await;
+    let (alone, took_alone) = five_labels_waiting(Duration::ZERO).await;
+    // Without scouting every label reads every round: 5 × 11 and the
+    // phase-one reads.
+    assert!(alone >= 5 * 11, "every label reads every round: {alone}");
+    // With it, one read per round (11), the phase-one reads (5) and each
+    // label's read once the scout saw v2 (4).
+    assert!(
+        (11..=11 + 5 + 4 + 2).contains(&shared),
+        "{shared} metadata reads for 5 labels waiting 10 s on one job"
+    );
+    // The scout wakes the others the moment it sees v2: nobody waits for
+    // its next poll.
+    assert_eq!(
+        took_shared, took_alone,
+        "the cycle took {took_shared:?} with scouting, {took_alone:?} without"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_label_waiting_on_a_scouted_job_still_reads_every_max_gap() {
+    // Gap 3 s: each of the four others reads on its own every 3 s on top of
+    // the scout's read per round.
+    let (reads, _) = five_labels_waiting(Duration::from_secs(3)).await;
+    let (scouted, _) = five_labels_waiting(Duration::from_secs(300)).await;
+    assert!(
+        reads >= scouted + 4 * 2,
+        "{reads} metadata reads with a 3 s gap, {scouted} with 300 s"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_label_of_a_scouted_job_reads_its_own_dataset_at_its_deadline() {
+    // Nothing is ever published; the two labels share the job, so each
+    // round one of them scouts. Each still reads at its deadline (5 s),
+    // whichever scouted last.
+    let world = World::new();
+    let labels = ["a", "b"];
+    let jobs: Vec<Arc<Delayed>> = labels
+        .iter()
+        .map(|_| Delayed::new(&world, Duration::from_secs(3600)))
+        .collect();
+    let bindings = labels
+        .iter()
+        .zip(&jobs)
+        .map(|(label, job)| {
+            let mut plan = plan(label);
+            plan.poll_timeout = Duration::from_secs(5);
+            let mut binding = binding(&world, plan, Arc::new(DelayedPrepare(job.clone())));
+            binding.metadata = Arc::new(DelayedMetadata(job.clone()));
+            binding
+        })
+        .collect();
+    let store = MemStore::new();
+    let engine = retrain_core::engine::Engine::new(
+        Arc::new(store.clone()),
+        Some(Arc::new(FakeCounts(world.clone()))),
+        bindings,
+        retrain_core::engine::EngineSettings {
+            poll_jitter: 0.0,
+            ..retrain_core::engine::EngineSettings::default()
+        },
+    );
+    let started = Instant::now();
+    let report = engine
+        .run_cycle(CycleRequest::default(), CancellationToken::new())
+        .await
+        .unwrap();
+    for label in &report.labels {
+        assert!(
+            label
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("timed out")),
+            "{label:?}"
+        );
+    }
+    let reads: Vec<usize> = jobs
+        .iter()
+        .map(|job| job.metadata_reads.load(Ordering::SeqCst))
+        .collect();
+    // One scout read per round between them, not one each.
+    assert!(reads.iter().sum::<usize>() <= 2 + 6 + 2, "{reads:?}");
+    for (label, job) in labels.iter().zip(&jobs) {
+        let last = job.last_metadata_read.lock().unwrap().unwrap();
+        assert!(
+            last.duration_since(started) >= Duration::from_secs(5),
+            "{label} last read its dataset {:?} into the cycle, before its deadline",
+            last.duration_since(started)
+        );
+    }
 }
 
 #[tokio::test(start_paused = true)]
