@@ -74,13 +74,11 @@ impl Engine {
             ),
             None => Read::Always,
         };
-        if !read.reads() {
-            debug!("metadata read skipped: another label of the prepare job scouts this round");
-        }
         let known = run.last_seen.as_ref().and_then(|d| d.revision.clone());
         let outcome = if read.reads() {
             binding.metadata.read(known).await
         } else {
+            debug!("metadata read skipped: another label of the prepare job scouts this round");
             Ok(MetadataRead::Unchanged)
         };
         let dataset = match outcome {

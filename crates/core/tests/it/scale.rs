@@ -26,6 +26,8 @@ struct Delayed {
     stage_reads: AtomicUsize,
     metadata_reads: AtomicUsize,
     last_metadata_read: Mutex<Option<Instant>>,
+    /// What the prepare job's stage reads answer.
+    stage: Mutex<SpaceStage>,
 }
 
 impl Delayed {
@@ -37,6 +39,7 @@ impl Delayed {
             stage_reads: AtomicUsize::new(0),
             metadata_reads: AtomicUsize::new(0),
             last_metadata_read: Mutex::new(None),
+            stage: Mutex::new(SpaceStage::Running),
         })
     }
     fn published(&self) -> DatasetVersion {
@@ -66,7 +69,7 @@ impl SpaceController for DelayedPrepare {
     }
     async fn stage(&self) -> Result<SpaceStage, PortError> {
         self.0.stage_reads.fetch_add(1, Ordering::SeqCst);
-        Ok(SpaceStage::Running)
+        Ok(self.0.stage.lock().unwrap().clone())
     }
     fn describe(&self) -> String {
         "delayed prepare".into()
@@ -325,6 +328,128 @@ async fn a_label_waiting_on_a_scouted_job_still_reads_every_max_gap() {
         reads >= scouted + 4 * 2,
         "{reads} metadata reads with a 3 s gap, {scouted} with 300 s"
     );
+}
+
+/// An engine over `labels` sharing the prepare job `job` (stage and
+/// metadata alike), jitter off, scouting at its default.
+fn engine_on_one_job(
+    store: &MemStore,
+    world: &World,
+    labels: &[&str],
+    job: &Arc<Delayed>,
+) -> retrain_core::engine::Engine {
+    let bindings = labels
+        .iter()
+        .map(|label| {
+            let mut binding = binding(world, plan(label), Arc::new(DelayedPrepare(job.clone())));
+            binding.metadata = Arc::new(DelayedMetadata(job.clone()));
+            binding
+        })
+        .collect();
+    retrain_core::engine::Engine::new(
+        Arc::new(store.clone()),
+        Some(Arc::new(FakeCounts(world.clone()))),
+        bindings,
+        retrain_core::engine::EngineSettings {
+            poll_jitter: 0.0,
+            ..retrain_core::engine::EngineSettings::default()
+        },
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_job_in_error_fails_every_label_waiting_on_it_within_a_round() {
+    // Labels that skip their metadata read still see the stage the job's
+    // last read found: they fail fast together, not one per scout round.
+    let world = World::new();
+    let job = Delayed::new(&world, Duration::from_secs(3600));
+    *job.stage.lock().unwrap() = SpaceStage::Error("BUILD_ERROR".into());
+    let labels = ["a", "b", "c", "d", "e"];
+    let engine = engine_on_one_job(&MemStore::new(), &world, &labels, &job);
+    let started = Instant::now();
+    let report = engine
+        .run_cycle(CycleRequest::default(), CancellationToken::new())
+        .await
+        .unwrap();
+    for label in &report.labels {
+        assert!(
+            label
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("BUILD_ERROR")),
+            "{label:?}"
+        );
+    }
+    // The scout fails at its first poll, the others at their next (1 s).
+    assert!(
+        started.elapsed() <= Duration::from_secs(2),
+        "the five labels took {:?} to fail",
+        started.elapsed()
+    );
+}
+
+/// [`DelayedPrepare`] counting the stage reads made through this one
+/// label's binding.
+struct OwnStageReads(DelayedPrepare, Arc<AtomicUsize>);
+#[async_trait]
+impl SpaceController for OwnStageReads {
+    async fn restart(&self, intent: &JobKey) -> Result<(), PortError> {
+        self.0.restart(intent).await
+    }
+    async fn stage(&self) -> Result<SpaceStage, PortError> {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        self.0.stage().await
+    }
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_label_that_skips_its_read_starts_no_stage_read() {
+    // b is woken at 0.6 s, so from then on it polls 0.6 s into each of a's
+    // scout rounds, when a's stage read is older than half a poll
+    // interval. Skipping its metadata read, b takes that stage read
+    // instead of starting one through its own binding.
+    let world = World::new();
+    let job = Delayed::new(&world, Duration::from_secs(10));
+    let own: Vec<Arc<AtomicUsize>> = (0..2).map(|_| Arc::default()).collect();
+    let bindings = ["a", "b"]
+        .iter()
+        .zip(&own)
+        .map(|(label, reads)| {
+            let prepare = OwnStageReads(DelayedPrepare(job.clone()), reads.clone());
+            let mut binding = binding(&world, plan(label), Arc::new(prepare));
+            binding.metadata = Arc::new(DelayedMetadata(job.clone()));
+            binding
+        })
+        .collect();
+    let engine = retrain_core::engine::Engine::new(
+        Arc::new(MemStore::new()),
+        Some(Arc::new(FakeCounts(world.clone()))),
+        bindings,
+        retrain_core::engine::EngineSettings {
+            poll_jitter: 0.0,
+            ..retrain_core::engine::EngineSettings::default()
+        },
+    );
+    let wake_b = async {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        engine.wake(&Label::new("b").unwrap());
+    };
+    let (report, ()) = tokio::join!(
+        engine.run_cycle(CycleRequest::default(), CancellationToken::new()),
+        wake_b
+    );
+    for label in &report.unwrap().labels {
+        assert_eq!(label.dataset_version.as_ref().unwrap().as_str(), "v2");
+    }
+    let (a, b) = (own[0].load(Ordering::SeqCst), own[1].load(Ordering::SeqCst));
+    // a scouts every second for 10 s; b read once, when woken, then after
+    // the publication.
+    assert!(a >= 9, "the scout read the stage {a} times");
+    assert!(b <= 2, "b, skipping, started {b} stage reads");
+    assert!(job.stage_reads.load(Ordering::SeqCst) <= 14);
 }
 
 #[tokio::test(start_paused = true)]
