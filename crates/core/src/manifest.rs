@@ -78,7 +78,7 @@ impl ManifestDocument {
                 summary: c.summary.clone(),
             }),
             candidate: run.candidate.clone(),
-            baseline: run.baseline.clone(),
+            baseline: run.baseline.as_deref().cloned(),
             verdict: run.verdict.clone(),
             promoted: run.promoted.clone(),
             lost_attempts: run.lost_attempts.clone(),

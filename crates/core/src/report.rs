@@ -142,8 +142,8 @@ impl LabelReport {
             resumed,
             error,
             history: Vec::new(),
-            rollback: run.rollback.clone(),
-            dataset_check: run.dataset_check.clone(),
+            rollback: run.rollback.as_deref().cloned(),
+            dataset_check: run.dataset_check.as_deref().cloned(),
             closed_runs: Vec::new(),
         }
     }

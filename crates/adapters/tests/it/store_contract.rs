@@ -1218,12 +1218,12 @@ fn promoting_run(name: &str, cand: &str, approval: Option<Approval>) -> LabelRun
         id: cand.into(),
         metrics: BTreeMap::from([("dice".into(), 0.9)]),
     });
-    run.baseline = Some(ProductionModel {
+    run.baseline = Some(Box::new(ProductionModel {
         version: "1".into(),
         candidate_id: None,
         metrics: BTreeMap::from([("dice".into(), 0.8)]),
-    });
-    run.approval = approval;
+    }));
+    run.approval = approval.map(Box::new);
     run
 }
 

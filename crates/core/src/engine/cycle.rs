@@ -481,7 +481,7 @@ impl Engine {
             Ok(_) => {}
             Err(e) => warn!(error = %e, "could not read active leases; renewing to be safe"),
         }
-        let mut renewing = lease.clone();
+        let mut renewing = (*lease).clone();
         renewing.released_at = None;
         if let Err(e) = self.store.put_lease(&renewing, fence).await {
             // Without the record nothing would stop the machines: don't start them.

@@ -536,7 +536,10 @@ impl Engine {
 }
 
 fn active_lease(run: &LabelRun) -> Option<Lease> {
-    run.lease.clone().filter(|_| !run.lease_released)
+    run.lease
+        .as_deref()
+        .filter(|_| !run.lease_released)
+        .cloned()
 }
 
 fn training_request(run: &LabelRun, attempt: u32, dataset: &DatasetVersion) -> TrainingRequest {

@@ -303,7 +303,7 @@ fn drive(s: &Scenario) -> (LabelRun, Trace) {
         match &action {
             Action::StartTraining { version, .. } => {
                 trace.starts.push(version.clone());
-                trace.trained_dataset = run.dataset.clone();
+                trace.trained_dataset = run.dataset.as_deref().cloned();
             }
             Action::Promote { .. } => trace.promotes += 1,
             Action::Commit { cursor } => trace.commits.push(cursor.clone()),
