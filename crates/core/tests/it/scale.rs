@@ -126,6 +126,47 @@ async fn cycle_on(
     (store, delayed, report)
 }
 
+/// A binding of `plan` whose metadata is `job`'s, restarting through `prepare`.
+fn delayed_binding(
+    world: &World,
+    plan: retrain_core::machine::LabelPlan,
+    prepare: Arc<dyn SpaceController>,
+    job: &Arc<Delayed>,
+) -> retrain_core::engine::LabelBinding {
+    let mut binding = binding(world, plan, prepare);
+    binding.metadata = Arc::new(DelayedMetadata(job.clone()));
+    binding
+}
+
+/// An engine over `bindings`, jitter off, scouting with `max_gap`.
+fn scouting_engine(
+    store: &MemStore,
+    world: &World,
+    bindings: Vec<retrain_core::engine::LabelBinding>,
+    max_gap: Duration,
+) -> retrain_core::engine::Engine {
+    retrain_core::engine::Engine::new(
+        Arc::new(store.clone()),
+        Some(Arc::new(FakeCounts(world.clone()))),
+        bindings,
+        retrain_core::engine::EngineSettings {
+            poll_jitter: 0.0,
+            poll_scout_max_gap: max_gap,
+            ..retrain_core::engine::EngineSettings::default()
+        },
+    )
+}
+
+/// Every label of `report` failed, with an error that mentions `what`.
+fn assert_every_label_failed_with(report: &CycleReport, what: &str) {
+    for label in &report.labels {
+        assert!(
+            label.error.as_deref().is_some_and(|e| e.contains(what)),
+            "{label:?}"
+        );
+    }
+}
+
 /// [`cycle_on`] with `poll_scout_max_gap` set to `max_gap`; also how long
 /// the cycle took (tokio's clock: paused in these tests).
 async fn cycle_scouting(
@@ -144,25 +185,15 @@ async fn cycle_scouting(
     let bindings = labels
         .iter()
         .map(|label| {
-            let mut binding = binding(
+            delayed_binding(
                 &world,
                 plan(label),
                 Arc::new(DelayedPrepare(delayed.clone())),
-            );
-            binding.metadata = Arc::new(DelayedMetadata(delayed.clone()));
-            binding
+                &delayed,
+            )
         })
         .collect();
-    let engine = retrain_core::engine::Engine::new(
-        Arc::new(store.clone()),
-        Some(Arc::new(FakeCounts(world.clone()))),
-        bindings,
-        retrain_core::engine::EngineSettings {
-            poll_jitter: 0.0,
-            poll_scout_max_gap: max_gap,
-            ..retrain_core::engine::EngineSettings::default()
-        },
-    );
+    let engine = scouting_engine(&store, &world, bindings, max_gap);
     let started = Instant::now();
     let report = engine
         .run_cycle(CycleRequest::default(), CancellationToken::new())
@@ -341,19 +372,19 @@ fn engine_on_one_job(
     let bindings = labels
         .iter()
         .map(|label| {
-            let mut binding = binding(world, plan(label), Arc::new(DelayedPrepare(job.clone())));
-            binding.metadata = Arc::new(DelayedMetadata(job.clone()));
-            binding
+            delayed_binding(
+                world,
+                plan(label),
+                Arc::new(DelayedPrepare(job.clone())),
+                job,
+            )
         })
         .collect();
-    retrain_core::engine::Engine::new(
-        Arc::new(store.clone()),
-        Some(Arc::new(FakeCounts(world.clone()))),
+    scouting_engine(
+        store,
+        world,
         bindings,
-        retrain_core::engine::EngineSettings {
-            poll_jitter: 0.0,
-            ..retrain_core::engine::EngineSettings::default()
-        },
+        retrain_core::engine::DEFAULT_POLL_SCOUT_MAX_GAP,
     )
 }
 
@@ -371,15 +402,7 @@ async fn a_job_in_error_fails_every_label_waiting_on_it_within_a_round() {
         .run_cycle(CycleRequest::default(), CancellationToken::new())
         .await
         .unwrap();
-    for label in &report.labels {
-        assert!(
-            label
-                .error
-                .as_deref()
-                .is_some_and(|e| e.contains("BUILD_ERROR")),
-            "{label:?}"
-        );
-    }
+    assert_every_label_failed_with(&report, "BUILD_ERROR");
     // The scout fails at its first poll, the others at their next (1 s).
     assert!(
         started.elapsed() <= Duration::from_secs(2),
@@ -419,19 +442,14 @@ async fn a_label_that_skips_its_read_starts_no_stage_read() {
         .zip(&own)
         .map(|(label, reads)| {
             let prepare = OwnStageReads(DelayedPrepare(job.clone()), reads.clone());
-            let mut binding = binding(&world, plan(label), Arc::new(prepare));
-            binding.metadata = Arc::new(DelayedMetadata(job.clone()));
-            binding
+            delayed_binding(&world, plan(label), Arc::new(prepare), &job)
         })
         .collect();
-    let engine = retrain_core::engine::Engine::new(
-        Arc::new(MemStore::new()),
-        Some(Arc::new(FakeCounts(world.clone()))),
+    let engine = scouting_engine(
+        &MemStore::new(),
+        &world,
         bindings,
-        retrain_core::engine::EngineSettings {
-            poll_jitter: 0.0,
-            ..retrain_core::engine::EngineSettings::default()
-        },
+        retrain_core::engine::DEFAULT_POLL_SCOUT_MAX_GAP,
     );
     let wake_b = async {
         tokio::time::sleep(Duration::from_millis(600)).await;
@@ -469,35 +487,21 @@ async fn every_label_of_a_scouted_job_reads_its_own_dataset_at_its_deadline() {
         .map(|(label, job)| {
             let mut plan = plan(label);
             plan.poll_timeout = Duration::from_secs(5);
-            let mut binding = binding(&world, plan, Arc::new(DelayedPrepare(job.clone())));
-            binding.metadata = Arc::new(DelayedMetadata(job.clone()));
-            binding
+            delayed_binding(&world, plan, Arc::new(DelayedPrepare(job.clone())), job)
         })
         .collect();
-    let store = MemStore::new();
-    let engine = retrain_core::engine::Engine::new(
-        Arc::new(store.clone()),
-        Some(Arc::new(FakeCounts(world.clone()))),
+    let engine = scouting_engine(
+        &MemStore::new(),
+        &world,
         bindings,
-        retrain_core::engine::EngineSettings {
-            poll_jitter: 0.0,
-            ..retrain_core::engine::EngineSettings::default()
-        },
+        retrain_core::engine::DEFAULT_POLL_SCOUT_MAX_GAP,
     );
     let started = Instant::now();
     let report = engine
         .run_cycle(CycleRequest::default(), CancellationToken::new())
         .await
         .unwrap();
-    for label in &report.labels {
-        assert!(
-            label
-                .error
-                .as_deref()
-                .is_some_and(|e| e.contains("timed out")),
-            "{label:?}"
-        );
-    }
+    assert_every_label_failed_with(&report, "timed out");
     let reads: Vec<usize> = jobs
         .iter()
         .map(|job| job.metadata_reads.load(Ordering::SeqCst))
@@ -541,9 +545,12 @@ async fn many_held_labels_keep_their_locks_when_each_renewal_is_slow() {
             // only a few labels), as in the cycle bench.
             let mut plan = plan(label);
             plan.trigger = retrain_core::machine::Trigger::Metadata { threshold: 1 };
-            let mut binding = binding(&world, plan, Arc::new(DelayedPrepare(delayed.clone())));
-            binding.metadata = Arc::new(DelayedMetadata(delayed.clone()));
-            binding
+            delayed_binding(
+                &world,
+                plan,
+                Arc::new(DelayedPrepare(delayed.clone())),
+                &delayed,
+            )
         })
         .collect();
     let engine = retrain_core::engine::Engine::new(
