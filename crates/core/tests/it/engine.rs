@@ -358,6 +358,26 @@ async fn lost_trainings_are_retried_up_to_max_attempts() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_leased_run_trains_and_promotes_under_its_lease_and_a_plain_one_under_none() {
+    for leased in [true, false] {
+        let world = World::new();
+        let store = MemStore::new();
+        let mut p = plan("department");
+        p.leased = leased;
+        let e = engine(&store, &world, vec![binding(&world, p, prepare(&world))]);
+        let report = cycle(&e).await;
+        assert_eq!(report.labels[0].status, LabelStatus::Promoted);
+        let lease = store.leases().first().map(|l| l.id.clone());
+        assert_eq!(lease.is_some(), leased);
+        let under = world.under_lease.lock().unwrap().clone();
+        let steps: Vec<&str> = under.iter().map(|(step, _)| *step).collect();
+        assert_eq!(steps, ["start", "promote"]);
+        // The lease is released only after the promotion.
+        assert!(under.iter().all(|(_, id)| *id == lease), "{under:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_lease_is_released_on_success_reject_and_failure() {
     for case in ["promote", "reject", "fail"] {
         let world = World::new();

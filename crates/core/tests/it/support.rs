@@ -583,6 +583,8 @@ pub struct World {
     pub bad_versions: Arc<Mutex<std::collections::BTreeSet<String>>>,
     /// Completed dataset checks by job key, with the version checked.
     pub checked: Arc<Mutex<BTreeMap<JobKey, (VersionTag, DatasetCheckResult)>>>,
+    /// The lease id each trainer start and each promotion was given.
+    pub under_lease: Arc<Mutex<Vec<(&'static str, Option<String>)>>>,
 }
 
 impl World {
@@ -611,6 +613,7 @@ impl World {
             running_leases: Arc::default(),
             bad_versions: Arc::default(),
             checked: Arc::default(),
+            under_lease: Arc::default(),
         }
     }
 }
@@ -749,6 +752,11 @@ pub struct FakeTrainer(pub World);
 #[async_trait]
 impl Trainer for FakeTrainer {
     async fn start(&self, request: &TrainingRequest) -> Result<TrainingHandle, PortError> {
+        self.0
+            .under_lease
+            .lock()
+            .unwrap()
+            .push(("start", request.lease.as_ref().map(|l| l.id.clone())));
         // The port's contract: idempotent for the job key.
         let mut jobs = self.0.jobs.lock().unwrap();
         if let Some(handle) = jobs.get(&request.job_key) {
@@ -827,8 +835,13 @@ impl ModelRegistry for FakeRegistry {
         &self,
         candidate: Candidate,
         run_id: RunId,
-        _: Option<Lease>,
+        lease: Option<Lease>,
     ) -> Result<PromotedVersion, PortError> {
+        self.0
+            .under_lease
+            .lock()
+            .unwrap()
+            .push(("promote", lease.map(|l| l.id)));
         self.0.outage()?;
         let promote_time = *self.0.promote_time.lock().unwrap();
         tokio::time::sleep(promote_time).await;
