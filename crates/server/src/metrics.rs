@@ -31,6 +31,14 @@ fn stage_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.1, 3.0, 11))
 }
 
+/// The engine's counters that the metrics mirror (`Engine::lock_takeovers`,
+/// `Engine::metadata_reads_skipped`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EngineCounts {
+    pub lock_takeovers: u64,
+    pub metadata_reads_skipped: u64,
+}
+
 /// The server's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -48,6 +56,7 @@ pub struct Metrics {
     job_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     worker_events: Family<Labels, Counter>,
     lock_takeovers: Counter,
+    metadata_reads_skipped: Counter,
     http_retries: Family<Labels, Counter>,
     /// Scrapes are serialised (the lease gauges are set, then encoded).
     scrape: Mutex<()>,
@@ -150,6 +159,12 @@ impl Metrics {
             "Label locks this server took over from an owner that never released them (expired, or its process gone)",
             lock_takeovers.clone(),
         );
+        let metadata_reads_skipped = Counter::default();
+        registry.register(
+            "metadata_reads_skipped",
+            "Dataset metadata reads that waiting labels skipped because another label of their prepare job read that round (poll.scout_max_gap)",
+            metadata_reads_skipped.clone(),
+        );
         let http_retries = Family::<Labels, Counter>::default();
         registry.register(
             "http_retries",
@@ -159,6 +174,7 @@ impl Metrics {
         Self {
             registry,
             lock_takeovers,
+            metadata_reads_skipped,
             http_retries,
             workers,
             queued_jobs,
@@ -271,12 +287,13 @@ impl Metrics {
     }
 
     /// Bring the counters kept elsewhere up to date (before
-    /// [`Metrics::render`]): the engine's lock takeovers and the adapters'
-    /// HTTP resends. Both only grow, so each counter is advanced by the
-    /// difference.
-    pub fn set_counted_elsewhere(&self, lock_takeovers: u64, retries: &[RetryCount]) {
+    /// [`Metrics::render`]): the engine's lock takeovers and skipped
+    /// metadata reads, and the adapters' HTTP resends. All only grow, so
+    /// each counter is advanced by the difference.
+    pub fn set_counted_elsewhere(&self, engine: EngineCounts, retries: &[RetryCount]) {
         let _one_at_a_time = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
-        advance(&self.lock_takeovers, lock_takeovers);
+        advance(&self.lock_takeovers, engine.lock_takeovers);
+        advance(&self.metadata_reads_skipped, engine.metadata_reads_skipped);
         for retry in retries {
             let counter = self.http_retries.get_or_create(&vec![
                 ("adapter", retry.adapter.to_owned()),
@@ -480,14 +497,19 @@ mod tests {
                 },
             ]
         };
-        metrics.set_counted_elsewhere(2, &retries(3, 1));
+        let engine = |lock_takeovers, metadata_reads_skipped| EngineCounts {
+            lock_takeovers,
+            metadata_reads_skipped,
+        };
+        metrics.set_counted_elsewhere(engine(2, 40), &retries(3, 1));
         // A second scrape with the same totals adds nothing; new totals add
         // the difference.
-        metrics.set_counted_elsewhere(2, &retries(3, 1));
-        metrics.set_counted_elsewhere(5, &retries(7, 1));
+        metrics.set_counted_elsewhere(engine(2, 40), &retries(3, 1));
+        metrics.set_counted_elsewhere(engine(5, 90), &retries(7, 1));
         let text = metrics.render(&[], Utc::now());
         for line in [
             "retrain_lock_takeovers_total 5",
+            "retrain_metadata_reads_skipped_total 90",
             "retrain_http_retries_total{adapter=\"hf\",reason=\"http_5xx\"} 7",
             "retrain_http_retries_total{adapter=\"mlflow\",reason=\"connect\"} 1",
         ] {

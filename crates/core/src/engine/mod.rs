@@ -332,6 +332,9 @@ pub struct Engine {
     audit_marks: audit::Marks,
     /// Metrics history read for a notification, reused by the cycle report.
     history: audit::KeptHistory,
+    /// Metadata reads skipped because another label of the same prepare
+    /// job scouted that round (`scout.rs`).
+    skipped_reads: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Engine {
@@ -479,7 +482,16 @@ impl Engine {
             locks: HeldLocks::default(),
             audit_marks: audit::Marks::default(),
             history: audit::KeptHistory::default(),
+            skipped_reads: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// How many dataset metadata reads this engine's waiting labels
+    /// skipped because another label of their prepare job read for them
+    /// (`poll_scout_max_gap`); only grows.
+    pub fn metadata_reads_skipped(&self) -> u64 {
+        self.skipped_reads
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {

@@ -79,6 +79,8 @@ impl Engine {
             binding.metadata.read(known).await
         } else {
             debug!("metadata read skipped: another label of the prepare job scouts this round");
+            self.skipped_reads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Ok(MetadataRead::Unchanged)
         };
         let dataset = match outcome {

@@ -28,6 +28,8 @@ struct Delayed {
     last_metadata_read: Mutex<Option<Instant>>,
     /// What the prepare job's stage reads answer.
     stage: Mutex<SpaceStage>,
+    /// `Engine::metadata_reads_skipped` at the end of the cycle.
+    skipped: Mutex<u64>,
 }
 
 impl Delayed {
@@ -40,6 +42,7 @@ impl Delayed {
             metadata_reads: AtomicUsize::new(0),
             last_metadata_read: Mutex::new(None),
             stage: Mutex::new(SpaceStage::Running),
+            skipped: Mutex::new(0),
         })
     }
     fn published(&self) -> DatasetVersion {
@@ -198,6 +201,7 @@ async fn cycle_scouting(
     let report = engine
         .run_cycle(CycleRequest::default(), CancellationToken::new())
         .await;
+    *delayed.skipped.lock().unwrap() = engine.metadata_reads_skipped();
     (store, delayed, report, started.elapsed())
 }
 
@@ -315,6 +319,12 @@ async fn labels_waiting_on_one_prepare_job_share_its_stage_reads() {
 /// The five labels of [`cycle_scouting`] waiting 10 s (1 s poll interval)
 /// on one prepare job: its metadata reads, and how long the cycle took.
 async fn five_labels_waiting(max_gap: Duration) -> (usize, Duration) {
+    let (reads, _, took) = five_labels_waiting_skipping(max_gap).await;
+    (reads, took)
+}
+
+/// [`five_labels_waiting`], also the reads the engine counts as skipped.
+async fn five_labels_waiting_skipping(max_gap: Duration) -> (usize, u64, Duration) {
     let labels = ["a", "b", "c", "d", "e"];
     let (_, job, report, took) =
         cycle_scouting(MemStore::new(), &labels, Duration::from_secs(10), max_gap).await;
@@ -325,13 +335,22 @@ async fn five_labels_waiting(max_gap: Duration) -> (usize, Duration) {
         );
         assert_eq!(label.dataset_version.as_ref().unwrap().as_str(), "v2");
     }
-    (job.metadata_reads.load(Ordering::SeqCst), took)
+    let skipped = *job.skipped.lock().unwrap();
+    (job.metadata_reads.load(Ordering::SeqCst), skipped, took)
 }
 
 #[tokio::test(start_paused = true)]
 async fn labels_waiting_on_one_prepare_job_share_one_metadata_read_per_round() {
-    let (shared, took_shared) = five_labels_waiting(Duration::from_secs(300)).await;
-    let (alone, took_alone) = five_labels_waiting(Duration::ZERO).await;
+    let (shared, skipped, took_shared) =
+        five_labels_waiting_skipping(Duration::from_secs(300)).await;
+    let (alone, none_skipped, took_alone) = five_labels_waiting_skipping(Duration::ZERO).await;
+    // Every poll either reads or is counted as skipped.
+    assert_eq!(none_skipped, 0);
+    assert_eq!(
+        shared as u64 + skipped,
+        alone as u64,
+        "{shared} + {skipped}"
+    );
     // Without scouting every label reads every round: 5 × 11 and the
     // phase-one reads.
     assert!(alone >= 5 * 11, "every label reads every round: {alone}");

@@ -548,6 +548,9 @@ pub struct Counters {
     pub checks: AtomicUsize,
 }
 
+/// A port call (`"start"`, `"promote"`) and the id of the lease it was given.
+pub type UnderLease = (&'static str, Option<String>);
+
 /// The simulated outside world.
 #[derive(Clone)]
 pub struct World {
@@ -584,7 +587,7 @@ pub struct World {
     /// Completed dataset checks by job key, with the version checked.
     pub checked: Arc<Mutex<BTreeMap<JobKey, (VersionTag, DatasetCheckResult)>>>,
     /// The lease id each trainer start and each promotion was given.
-    pub under_lease: Arc<Mutex<Vec<(&'static str, Option<String>)>>>,
+    pub under_lease: Arc<Mutex<Vec<UnderLease>>>,
 }
 
 impl World {

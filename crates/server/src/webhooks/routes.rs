@@ -242,7 +242,10 @@ pub async fn metrics(
     let queue = state.jobs.queue.queue().await?;
     state.metrics.set_workers(&workers, &queue);
     state.metrics.set_counted_elsewhere(
-        state.engine.lock_takeovers(),
+        crate::metrics::EngineCounts {
+            lock_takeovers: state.engine.lock_takeovers(),
+            metadata_reads_skipped: state.engine.metadata_reads_skipped(),
+        },
         &retrain_adapters::http::retries(),
     );
     let text = state.metrics.render(&leases, chrono::Utc::now());
