@@ -171,16 +171,11 @@ impl Engine {
     }
 }
 
+/// An action's name: its serde tag (`Action` is internally tagged, so
+/// every action serialises as an object with an `action` field).
 fn action_name(action: &Action) -> String {
     serde_json::to_value(action)
         .ok()
-        .and_then(|v| match v {
-            serde_json::Value::String(s) => Some(s),
-            serde_json::Value::Object(map) => map
-                .get("action")
-                .and_then(|a| a.as_str().map(str::to_owned))
-                .or_else(|| map.keys().next().cloned()),
-            _ => None,
-        })
+        .and_then(|v| v.get("action")?.as_str().map(str::to_owned))
         .unwrap_or_else(|| "?".into())
 }

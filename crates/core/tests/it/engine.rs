@@ -5,9 +5,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use retrain_core::domain::SpaceStage;
+use retrain_core::domain::{Label, Lease, LockOutcome, LockOwner, RunId, SpaceStage};
 use retrain_core::engine::CycleRequest;
 use retrain_core::mocks::{MockCountSource, MockSpaceController, MockTrainer};
+use retrain_core::ports::RunStore;
 
 use retrain_core::report::LabelStatus;
 use retrain_core::CancellationToken;
@@ -355,6 +356,75 @@ async fn lost_trainings_are_retried_up_to_max_attempts() {
         .unwrap()
         .contains("max_attempts"));
     assert_eq!(get(&world.counters.starts), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn reaping_stops_expired_and_orphaned_leases_and_with_force_every_one() {
+    let world = World::new();
+    let store = MemStore::new();
+    let labels = ["live", "expired", "orphaned"];
+    let bindings = labels
+        .iter()
+        .map(|label| {
+            let mut p = plan(label);
+            p.leased = true;
+            binding(&world, p, prepare(&world))
+        })
+        .collect();
+    let e = engine(&store, &world, bindings);
+    let now = chrono::Utc::now();
+    for (label, max_until) in [
+        ("live", now + chrono::Duration::hours(1)),
+        ("expired", now - chrono::Duration::minutes(1)),
+        ("orphaned", now + chrono::Duration::hours(1)),
+    ] {
+        store
+            .put_lease_unfenced(&Lease {
+                id: format!("lease-{label}"),
+                label: Label::new(label).unwrap(),
+                run_id: RunId(format!("run-{label}")),
+                provider: "fake".into(),
+                resources: vec![format!("i-{label}")],
+                region: None,
+                acquired_at: now - chrono::Duration::hours(1),
+                max_until,
+                attributes: Default::default(),
+                released_at: None,
+            })
+            .await
+            .unwrap();
+        // Its machines are running.
+        world
+            .running_leases
+            .lock()
+            .unwrap()
+            .insert(format!("lease-{label}"));
+        if label != "orphaned" {
+            // A live orchestrator drives the run that holds this lease.
+            let owner = LockOwner(format!("orchestrator-{label}"));
+            let taken = store
+                .try_lock(
+                    &Label::new(label).unwrap(),
+                    &owner,
+                    Duration::from_secs(600),
+                )
+                .await
+                .unwrap();
+            assert!(matches!(taken, LockOutcome::Acquired { .. }));
+        }
+    }
+    let ids = |leases: Vec<Lease>| -> Vec<String> {
+        let mut ids: Vec<String> = leases.into_iter().map(|l| l.id).collect();
+        ids.sort();
+        ids
+    };
+    let reaped = ids(e.reap_leases(false).await.unwrap());
+    assert_eq!(reaped, ["lease-expired", "lease-orphaned"]);
+    assert_eq!(get(&world.counters.releases), 2);
+    // The live run's lease goes only when forced.
+    let forced = ids(e.reap_leases(true).await.unwrap());
+    assert_eq!(forced, ["lease-live"]);
+    assert_eq!(get(&world.counters.releases), 3);
 }
 
 #[tokio::test(start_paused = true)]

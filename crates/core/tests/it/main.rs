@@ -2,6 +2,7 @@
 //! invariants with fakes and mockall mocks, and the purity check.
 
 mod approval;
+mod audit;
 mod concurrency;
 mod dataset_check;
 mod engine;
