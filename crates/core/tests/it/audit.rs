@@ -75,7 +75,7 @@ async fn audited_cycle(world: &World) -> (LabelStatus, Vec<Step>) {
         .await
         .unwrap();
     let recorded = steps.0.lock().unwrap().clone();
-    (report.labels[0].status.clone(), recorded)
+    (report.labels[0].status, recorded)
 }
 
 #[tokio::test(start_paused = true)]
