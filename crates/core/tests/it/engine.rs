@@ -427,6 +427,87 @@ async fn reaping_stops_expired_and_orphaned_leases_and_with_force_every_one() {
     assert_eq!(get(&world.counters.releases), 3);
 }
 
+/// A lease provider whose `release` fails (transiently) `failures` times
+/// before it succeeds, recording when each call came.
+struct FlakyRelease {
+    failures: std::sync::atomic::AtomicUsize,
+    calls: std::sync::Mutex<Vec<tokio::time::Instant>>,
+}
+
+#[async_trait::async_trait]
+impl retrain_core::ports::LeaseProvider for FlakyRelease {
+    fn plan(&self) -> retrain_core::ports::LeasePlan {
+        retrain_core::ports::LeasePlan {
+            provider: "flaky".into(),
+            resources: vec!["i-flaky".into()],
+            region: None,
+            max: Duration::from_secs(3600),
+        }
+    }
+    async fn acquire(&self, lease: Lease) -> Result<Lease, retrain_core::ports::PortError> {
+        Ok(lease)
+    }
+    async fn release(&self, _: &Lease) -> Result<(), retrain_core::ports::PortError> {
+        self.calls.lock().unwrap().push(tokio::time::Instant::now());
+        let left = self.failures.load(Ordering::SeqCst);
+        if left == 0 {
+            return Ok(());
+        }
+        self.failures.store(left - 1, Ordering::SeqCst);
+        Err(retrain_core::ports::PortError::Transient(
+            "ec2 answered 503".into(),
+        ))
+    }
+}
+
+/// Reap one orphaned lease through a provider failing `failures` times:
+/// whether it was reaped, and the delays between the release calls.
+async fn reap_through_flaky_release(failures: usize) -> (bool, Vec<Duration>) {
+    let world = World::new();
+    let store = MemStore::new();
+    let provider = Arc::new(FlakyRelease {
+        failures: failures.into(),
+        calls: Default::default(),
+    });
+    let mut p = plan("department");
+    p.leased = true;
+    let mut b = binding(&world, p, prepare(&world));
+    b.lease = Some(provider.clone());
+    let e = engine(&store, &world, vec![b]);
+    let now = chrono::Utc::now();
+    store
+        .put_lease_unfenced(&Lease {
+            id: "lease-1".into(),
+            label: Label::new("department").unwrap(),
+            run_id: RunId("run-1".into()),
+            provider: "flaky".into(),
+            resources: vec!["i-flaky".into()],
+            region: None,
+            acquired_at: now,
+            max_until: now + chrono::Duration::hours(1),
+            attributes: Default::default(),
+            released_at: None,
+        })
+        .await
+        .unwrap();
+    let reaped = !e.reap_leases(false).await.unwrap().is_empty();
+    let calls = provider.calls.lock().unwrap().clone();
+    let gaps = calls.windows(2).map(|w| w[1] - w[0]).collect();
+    (reaped, gaps)
+}
+
+#[tokio::test(start_paused = true)]
+async fn releasing_a_lease_retries_transient_failures_with_backoff_three_times() {
+    // Two failures: released at the third call, after 1 s then 2 s.
+    let (reaped, gaps) = reap_through_flaky_release(2).await;
+    assert!(reaped);
+    assert_eq!(gaps, [Duration::from_secs(1), Duration::from_secs(2)]);
+    // Failing for good: three calls, then given up (the lease stays active).
+    let (reaped, gaps) = reap_through_flaky_release(usize::MAX).await;
+    assert!(!reaped);
+    assert_eq!(gaps, [Duration::from_secs(1), Duration::from_secs(2)]);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_leased_run_trains_and_promotes_under_its_lease_and_a_plain_one_under_none() {
     for leased in [true, false] {
