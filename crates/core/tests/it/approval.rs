@@ -86,6 +86,24 @@ async fn manual_run_waits_then_approve_promotes_exactly_once() {
         other => panic!("expected already approved, got {other:?}"),
     }
     assert_eq!(get(&world.counters.promotes), 1, "no second promotion");
+    // Rejecting what was approved and promoted is refused, not "already".
+    let rejected = engine
+        .decide(&run_id, Decision::Reject, "carol", None)
+        .await;
+    assert!(rejected.is_err(), "{rejected:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn approve_with_regate_promotes_a_candidate_that_still_passes() {
+    let (world, _store, engine, run_id) = awaiting_approval().await;
+    let report = applied(
+        engine
+            .decide(&run_id, Decision::Approve { regate: true }, "alice", None)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(report.status, LabelStatus::Promoted, "{report:?}");
+    assert_eq!(get(&world.counters.promotes), 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -184,6 +202,12 @@ async fn approval_crashing_after_the_promote_call_completes_once_on_restart() {
 
     let restarted = store.restarted();
     let engine = engine(&restarted, &world, vec![manual(&world)]);
+    // A rejection cannot take back an approval whose promotion is under way.
+    let rejected = engine
+        .decide(&run_id, Decision::Reject, "carol", None)
+        .await;
+    assert!(rejected.is_err(), "{rejected:?}");
+    assert_eq!(restarted.run_snapshot(&run_id).stage, Stage::Promoting);
     let report = applied(
         engine
             .decide(&run_id, APPROVE, "alice", None)
