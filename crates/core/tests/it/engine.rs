@@ -520,6 +520,10 @@ async fn a_leased_run_trains_and_promotes_under_its_lease_and_a_plain_one_under_
         assert_eq!(report.labels[0].status, LabelStatus::Promoted);
         let lease = store.leases().first().map(|l| l.id.clone());
         assert_eq!(lease.is_some(), leased);
+        for l in store.leases() {
+            // The provider's `max` (one hour) from the acquisition on.
+            assert_eq!(l.max_until - l.acquired_at, chrono::Duration::hours(1));
+        }
         let under = world.under_lease.lock().unwrap().clone();
         let steps: Vec<&str> = under.iter().map(|(step, _)| *step).collect();
         assert_eq!(steps, ["start", "promote"]);
