@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 
 use tracing::field::{Field, Visit};
 use tracing::{Level, Subscriber};
@@ -27,22 +26,46 @@ impl Step {
     }
 }
 
-/// Records the `retrain::audit` events only.
-#[derive(Clone, Default)]
-struct AuditSteps(Arc<Mutex<Vec<Step>>>);
+thread_local! {
+    /// The audit steps of the test running on this thread, while it records.
+    static RECORDED: std::cell::RefCell<Option<Vec<Step>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Records the `retrain::audit` events into [`RECORDED`]. Installed once as
+/// the global default: scoped subscribers set and dropped by tests running
+/// in parallel make tracing rebuild its callsite interest under them, which
+/// lost events now and then.
+struct AuditSteps;
 
 impl<S: Subscriber> Layer<S> for AuditSteps {
     fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
         if event.metadata().target() != "retrain::audit" {
             return;
         }
-        let mut fields = Fields::default();
-        event.record(&mut fields);
-        self.0.lock().unwrap().push(Step {
-            level: *event.metadata().level(),
-            fields: fields.0,
+        RECORDED.with(|recorded| {
+            if let Some(steps) = recorded.borrow_mut().as_mut() {
+                let mut fields = Fields::default();
+                event.record(&mut fields);
+                steps.push(Step {
+                    level: *event.metadata().level(),
+                    fields: fields.0,
+                });
+            }
         });
     }
+}
+
+fn record_audit_steps() {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        tracing::subscriber::set_global_default(tracing_subscriber::registry().with(AuditSteps))
+            .expect("no other global subscriber in these tests");
+    });
+    RECORDED.with(|recorded| *recorded.borrow_mut() = Some(Vec::new()));
+}
+
+fn recorded_audit_steps() -> Vec<Step> {
+    RECORDED.with(|recorded| recorded.borrow_mut().take().unwrap_or_default())
 }
 
 #[derive(Default)]
@@ -62,9 +85,7 @@ impl Visit for Fields {
 
 /// The audit steps of one cycle of `department` in `world`.
 async fn audited_cycle(world: &World) -> (LabelStatus, Vec<Step>) {
-    let steps = AuditSteps::default();
-    let _recording =
-        tracing::subscriber::set_default(tracing_subscriber::registry().with(steps.clone()));
+    record_audit_steps();
     let store = MemStore::new();
     let engine = department_engine(&store, world);
     let report = engine
@@ -74,7 +95,7 @@ async fn audited_cycle(world: &World) -> (LabelStatus, Vec<Step>) {
         )
         .await
         .unwrap();
-    let recorded = steps.0.lock().unwrap().clone();
+    let recorded = recorded_audit_steps();
     (report.labels[0].status, recorded)
 }
 
