@@ -703,6 +703,14 @@ impl LabelRun {
         &self.plan.label
     }
 
+    /// Whether `version` is a new dataset for this run: not the one its
+    /// prepare restart must replace, and not one the label consumed
+    /// (whatever was published in between: no `(label, version)` is
+    /// trained twice) or whose dataset check rejected it.
+    pub fn is_new_version(&self, version: &VersionTag) -> bool {
+        self.last_version.as_ref() != Some(version) && !self.cursor.has_seen(version)
+    }
+
     pub fn is_done(&self) -> bool {
         self.stage == Stage::Done
     }
@@ -1224,12 +1232,7 @@ impl LabelRun {
         }
         if let Some(candidate) = dataset {
             let meta = &candidate.metadata;
-            // A version already consumed is never new, whatever was published
-            // in between: no `(label, version)` is trained twice.
-            // A version the dataset check rejected is not new either.
-            let is_new = self.last_version.as_ref() != Some(&meta.version_tag)
-                && !self.cursor.has_seen(&meta.version_tag);
-            if is_new && meta.num_samples >= self.required_len {
+            if self.is_new_version(&meta.version_tag) && meta.num_samples >= self.required_len {
                 return self.dataset_ready(candidate);
             }
         }

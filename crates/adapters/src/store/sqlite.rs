@@ -234,8 +234,9 @@ fn bind_padded(
 /// A batch of up to `rows` lock acquisitions (`Backend::acquire`) as one
 /// statement (each row: label, owner, expiry; then now), and the rows it
 /// takes: a free, expired or own lock is taken with `token + 1`, a first
-/// insert is token 1, and `previous_owner` keeps the owner the row had. A padding row (`NULL` label) inserts nothing. The
-/// statement answers the lock of each label it took.
+/// insert is token 1, and `previous_owner` keeps the owner the row had. A
+/// padding row (`NULL` label) inserts nothing. The statement answers the
+/// lock of each label it took.
 fn acquire_batch(rows: usize) -> (&'static str, usize) {
     static STATEMENTS: [OnceLock<String>; BATCH_SIZES.len()] =
         [const { OnceLock::new() }; BATCH_SIZES.len()];

@@ -86,7 +86,7 @@ impl Engine {
         let dataset = match outcome {
             Ok(MetadataRead::Published(dataset)) => {
                 if let Some(watch) = &watch {
-                    if run.last_version.as_ref() != Some(&dataset.metadata.version_tag) {
+                    if run.is_new_version(&dataset.metadata.version_tag) {
                         watch.saw_publication();
                     }
                 }

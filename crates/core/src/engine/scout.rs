@@ -86,10 +86,11 @@ impl JobWatch {
         if max_gap.is_zero() {
             return Read::Always;
         }
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let state = &mut *guard;
         // A label's first poll here comes right after its own read of the
         // published version (phase one) or its restart of the job.
-        let last_read = *state.last_read.entry(label.clone()).or_insert(now);
+        let last_read = state.last_read.entry(label.clone()).or_insert(now);
         let read = if required {
             Read::Required
         } else if state.published {
@@ -100,13 +101,13 @@ impl JobWatch {
         {
             state.scouted_at = Some(now);
             Read::Scout
-        } else if now.duration_since(last_read) >= max_gap {
+        } else if now.duration_since(*last_read) >= max_gap {
             Read::Overdue
         } else {
             Read::Skip
         };
         if read.reads() {
-            state.last_read.insert(label.clone(), now);
+            *last_read = now;
         }
         read
     }

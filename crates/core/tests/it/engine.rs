@@ -358,6 +358,23 @@ async fn lost_trainings_are_retried_up_to_max_attempts() {
     assert_eq!(get(&world.counters.starts), 2);
 }
 
+/// An unreleased lease `lease-<label>` of `label`'s run, running until
+/// `max_until`.
+fn active_lease(label: &str, max_until: chrono::DateTime<chrono::Utc>) -> Lease {
+    Lease {
+        id: format!("lease-{label}"),
+        label: Label::new(label).unwrap(),
+        run_id: RunId(format!("run-{label}")),
+        provider: "fake".into(),
+        resources: vec![format!("i-{label}")],
+        region: None,
+        acquired_at: max_until - chrono::Duration::hours(2),
+        max_until,
+        attributes: Default::default(),
+        released_at: None,
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn reaping_stops_expired_and_orphaned_leases_and_with_force_every_one() {
     let world = World::new();
@@ -379,18 +396,7 @@ async fn reaping_stops_expired_and_orphaned_leases_and_with_force_every_one() {
         ("orphaned", now + chrono::Duration::hours(1)),
     ] {
         store
-            .put_lease_unfenced(&Lease {
-                id: format!("lease-{label}"),
-                label: Label::new(label).unwrap(),
-                run_id: RunId(format!("run-{label}")),
-                provider: "fake".into(),
-                resources: vec![format!("i-{label}")],
-                region: None,
-                acquired_at: now - chrono::Duration::hours(1),
-                max_until,
-                attributes: Default::default(),
-                released_at: None,
-            })
+            .put_lease_unfenced(&active_lease(label, max_until))
             .await
             .unwrap();
         // Its machines are running.
@@ -474,20 +480,9 @@ async fn reap_through_flaky_release(failures: usize) -> (bool, Vec<Duration>) {
     let mut b = binding(&world, p, prepare(&world));
     b.lease = Some(provider.clone());
     let e = engine(&store, &world, vec![b]);
-    let now = chrono::Utc::now();
+    let max_until = chrono::Utc::now() + chrono::Duration::hours(1);
     store
-        .put_lease_unfenced(&Lease {
-            id: "lease-1".into(),
-            label: Label::new("department").unwrap(),
-            run_id: RunId("run-1".into()),
-            provider: "flaky".into(),
-            resources: vec!["i-flaky".into()],
-            region: None,
-            acquired_at: now,
-            max_until: now + chrono::Duration::hours(1),
-            attributes: Default::default(),
-            released_at: None,
-        })
+        .put_lease_unfenced(&active_lease("department", max_until))
         .await
         .unwrap();
     let reaped = !e.reap_leases(false).await.unwrap().is_empty();

@@ -160,6 +160,18 @@ fn scouting_engine(
     )
 }
 
+/// One cycle of `engine`, and when it began (tokio's clock: paused in
+/// these tests).
+async fn timed_cycle(
+    engine: &retrain_core::engine::Engine,
+) -> (Result<CycleReport, EngineError>, Instant) {
+    let started = Instant::now();
+    let report = engine
+        .run_cycle(CycleRequest::default(), CancellationToken::new())
+        .await;
+    (report, started)
+}
+
 /// Every label of `report` failed, with an error that mentions `what`.
 fn assert_every_label_failed_with(report: &CycleReport, what: &str) {
     for label in &report.labels {
@@ -197,10 +209,7 @@ async fn cycle_scouting(
         })
         .collect();
     let engine = scouting_engine(&store, &world, bindings, max_gap);
-    let started = Instant::now();
-    let report = engine
-        .run_cycle(CycleRequest::default(), CancellationToken::new())
-        .await;
+    let (report, started) = timed_cycle(&engine).await;
     *delayed.skipped.lock().unwrap() = engine.metadata_reads_skipped();
     (store, delayed, report, started.elapsed())
 }
@@ -416,12 +425,8 @@ async fn a_job_in_error_fails_every_label_waiting_on_it_within_a_round() {
     *job.stage.lock().unwrap() = SpaceStage::Error("BUILD_ERROR".into());
     let labels = ["a", "b", "c", "d", "e"];
     let engine = engine_on_one_job(&MemStore::new(), &world, &labels, &job);
-    let started = Instant::now();
-    let report = engine
-        .run_cycle(CycleRequest::default(), CancellationToken::new())
-        .await
-        .unwrap();
-    assert_every_label_failed_with(&report, "BUILD_ERROR");
+    let (report, started) = timed_cycle(&engine).await;
+    assert_every_label_failed_with(&report.unwrap(), "BUILD_ERROR");
     // The scout fails at its first poll, the others at their next (1 s).
     assert!(
         started.elapsed() <= Duration::from_secs(2),
@@ -515,12 +520,8 @@ async fn every_label_of_a_scouted_job_reads_its_own_dataset_at_its_deadline() {
         bindings,
         retrain_core::engine::DEFAULT_POLL_SCOUT_MAX_GAP,
     );
-    let started = Instant::now();
-    let report = engine
-        .run_cycle(CycleRequest::default(), CancellationToken::new())
-        .await
-        .unwrap();
-    assert_every_label_failed_with(&report, "timed out");
+    let (report, started) = timed_cycle(&engine).await;
+    assert_every_label_failed_with(&report.unwrap(), "timed out");
     let reads: Vec<usize> = jobs
         .iter()
         .map(|job| job.metadata_reads.load(Ordering::SeqCst))
