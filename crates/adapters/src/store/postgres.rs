@@ -4,7 +4,7 @@
 //! writes run in a transaction that first takes a `FOR SHARE` lock on the
 //! label's lock row (see [`HOLDS`]); journal writes are group-committed by
 //! the writer task of `group_commit.rs`, one such check for a whole batch
-//! (see [`HOLD_ALL`]).
+//! (see [`COMMIT_BATCH`]).
 
 use std::time::Duration;
 
@@ -118,7 +118,7 @@ const LOCKS: LockSql = LockSql {
     renew: "UPDATE locks SET expires_at = now() + make_interval(secs => $4)
             WHERE label = $1 AND owner = $2 AND token = $3 AND expires_at > now()",
     // [[{label, owner, token}…], ttl]. The rows are locked in label order
-    // first, as a group commit's fence check (`HOLD_ALL`) share-locks them:
+    // first, as a group commit's fence check (`COMMIT_BATCH`) share-locks them:
     // two statements locking the same rows in different orders could
     // deadlock.
     renew_many: "WITH held AS MATERIALIZED (
@@ -145,81 +145,130 @@ const HOLDS: &str = "SELECT 1 FROM locks
      WHERE label = $1 AND owner = $2 AND token = $3 AND expires_at > now()
      FOR SHARE";
 
-/// The fence check of a group commit, for all its writes in one statement:
-/// `$1..$3` the fences' labels, owners and tokens; the rows of the fences
-/// that hold. The rows are share-locked in label order, as the heartbeat's
-/// `renew_many` locks them, so the two never wait on each other in a cycle;
-/// and all before the first journal line takes the `journal_head` row lock,
-/// so a batch never waits for a lock row while holding `journal_head`.
-const HOLD_ALL: &str = "SELECT locks.label, locks.owner, locks.token
-     FROM locks
-     JOIN unnest($1::text[], $2::text[], $3::bigint[]) AS fence(label, owner, token)
-       ON locks.label = fence.label AND locks.owner = fence.owner AND locks.token = fence.token
-     WHERE locks.expires_at > now()
-     ORDER BY locks.label
-     FOR SHARE OF locks";
-
-/// The locks released by a group commit's writes that carry their run's
-/// end (`RunStore::finish_and_unlock`), in the write's transaction: the
-/// release of `LOCKS.release`. [`HOLD_ALL`] share-locked these rows in
-/// this transaction, and only this transaction locks them so (nobody else
-/// writes under these fences), so the update takes them without waiting:
-/// nobody took the lock since the check.
-const UNLOCK_ALL: &str = "UPDATE locks SET owner = '', expires_at = 'epoch'
-     FROM unnest($1::text[], $2::text[], $3::bigint[]) AS fence(label, owner, token)
-     WHERE locks.label = fence.label AND locks.owner = fence.owner AND locks.token = fence.token";
-
-/// The snapshots of a group commit's runs: one array per column.
-/// The snapshots travel as JSON text (serialised once, straight from the
-/// run) and are stored as `json` (migration 0016): validated, not parsed
-/// into `jsonb`, which was half of the server's time in a cycle.
-const UPSERT_RUNS: &str =
-    "INSERT INTO runs (run_id, cycle_id, label, stage, outcome, done, started_at, updated_at,
-                       snapshot, verdict)
-     SELECT run_id, cycle_id, label, stage, outcome, done, started_at, updated_at,
-            snapshot::json, verdict
-     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::boolean[],
-                 $7::timestamptz[], $8::timestamptz[], $9::text[], $10::text[])
-          AS run(run_id, cycle_id, label, stage, outcome, done, started_at, updated_at,
-                 snapshot, verdict)
-     ON CONFLICT (run_id) DO UPDATE SET
-        stage = excluded.stage, outcome = excluded.outcome, done = excluded.done,
-        updated_at = excluded.updated_at, snapshot = excluded.snapshot,
-        verdict = excluded.verdict";
-
-/// The journal lines of a group commit, in the order given, numbered in
-/// that order after the journal's head: the statement advances
-/// `journal_head` by their number (its row lock, held to commit, orders
-/// positions by commit: migration 0007) and gives them the positions in
-/// between (migration 0017; before it a trigger did, one update per line).
-const INSERT_LINES: &str = "WITH head AS (
-         UPDATE journal_head SET position = position + cardinality($1::text[])
-         RETURNING position - cardinality($1::text[]) AS before
+/// A group commit as one statement: the fence check of every write, then
+/// the runs, journal lines, promotion events, cursors and lock releases of
+/// the writes whose fence holds. One statement instead of one per table:
+/// the writer task commits a batch in three round trips (`BEGIN`, this,
+/// `COMMIT`) instead of five to eight, which is most of what a batch costs
+/// when the database is across a network (`docs/BENCHMARKS.md`).
+///
+/// Parameters, one array per column:
+/// - `$1..$4`, one row per write `w` (its ordinality, from 1): the fence's
+///   label, owner and token, and whether the write releases the lock
+///   (`RunStore::finish_and_unlock`);
+/// - `$5..$14`, one row per write, in the same order: its run's columns;
+/// - `$15..$22`, one row per journal line, oldest first: its write `w`, then
+///   its columns;
+/// - `$23..$34`, one row per promotion event: `w`, then its columns;
+/// - `$35..$41`, one row per cursor: `w`, then its columns.
+///
+/// Answers the `w` of every write whose fence held, and how many journal
+/// lines were applied and written.
+///
+/// Order, which the references between the parts force:
+/// 1. `held` share-locks the fences' lock rows that hold, in label order, as
+///    the heartbeat's `renew_many` locks them (so the two never wait on each
+///    other in a cycle). The share lock makes a concurrent takeover (an
+///    `UPDATE` of the row) wait until this transaction ends, so nobody takes
+///    the lock between the check and the commit.
+/// 2. `runs_written` upserts the applied writes' runs (their snapshot as of
+///    their last line) as `json` (migration 0016: validated, not parsed
+///    into `jsonb`).
+/// 3. `head` advances `journal_head` by the number of applied lines, and
+///    only after 1 and 2, so a batch never waits for a lock row or a run
+///    row while it holds `journal_head`. Its row lock, held to commit,
+///    orders positions by commit (migration 0007); the lines take the
+///    positions in between, in the order given (migration 0017).
+/// 4. `unlocked` releases the locks of the writes that carry their run's
+///    end, as `LOCKS.release`: `held` share-locked those rows in this
+///    transaction and nobody else writes under these fences, so the update
+///    takes them without waiting.
+const COMMIT_BATCH: &str = "WITH held AS MATERIALIZED (
+         SELECT fence.w, fence.unlock
+         FROM unnest($1::text[], $2::text[], $3::bigint[], $4::boolean[])
+              WITH ORDINALITY AS fence(label, owner, token, unlock, w)
+         JOIN locks ON locks.label = fence.label AND locks.owner = fence.owner
+                   AND locks.token = fence.token
+         WHERE locks.expires_at > now()
+         ORDER BY locks.label
+         FOR SHARE OF locks
+     ),
+     runs_written AS (
+         INSERT INTO runs (run_id, cycle_id, label, stage, outcome, done, started_at, updated_at,
+                           snapshot, verdict)
+         SELECT run_id, cycle_id, label, stage, outcome, done, started_at, updated_at,
+                snapshot::json, verdict
+         FROM unnest($5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::boolean[],
+                     $11::timestamptz[], $12::timestamptz[], $13::text[], $14::text[])
+              WITH ORDINALITY AS run(run_id, cycle_id, label, stage, outcome, done, started_at,
+                                     updated_at, snapshot, verdict, w)
+         WHERE run.w IN (SELECT w FROM held)
+         ON CONFLICT (run_id) DO UPDATE SET
+            stage = excluded.stage, outcome = excluded.outcome, done = excluded.done,
+            updated_at = excluded.updated_at, snapshot = excluded.snapshot,
+            verdict = excluded.verdict
+         RETURNING 1
+     ),
+     lines AS MATERIALIZED (
+         SELECT line.run_id, line.seq, line.at, line.from_stage, line.to_stage, line.event,
+                line.actions, row_number() OVER (ORDER BY line.n) AS k
+         FROM unnest($15::bigint[], $16::text[], $17::bigint[], $18::timestamptz[], $19::text[],
+                     $20::text[], $21::text[], $22::text[])
+              WITH ORDINALITY AS line(w, run_id, seq, at, from_stage, to_stage, event, actions, n)
+         WHERE line.w IN (SELECT w FROM held)
+     ),
+     head AS (
+         UPDATE journal_head SET position = position + (SELECT count(*) FROM lines)
+         WHERE (SELECT count(*) FROM lines) > 0 AND (SELECT count(*) FROM runs_written) > 0
+         RETURNING position - (SELECT count(*) FROM lines) AS before
+     ),
+     lines_written AS (
+         INSERT INTO transitions (run_id, seq, at, from_stage, to_stage, event, actions, position)
+         SELECT lines.run_id, lines.seq, lines.at, lines.from_stage, lines.to_stage,
+                lines.event::json, lines.actions::json, head.before + lines.k
+         FROM head, lines
+         ORDER BY lines.k
+         RETURNING 1
+     ),
+     promotions_written AS (
+         INSERT INTO promotions (run_id, label, kind, version, previous_version, candidate_run,
+                                 candidate_id, verdict, by_whom, reason, at)
+         SELECT run_id, label, kind, version, previous_version, candidate_run, candidate_id,
+                verdict, by_whom, reason, at
+         FROM unnest($23::bigint[], $24::text[], $25::text[], $26::text[], $27::text[],
+                     $28::text[], $29::text[], $30::text[], $31::text[], $32::text[],
+                     $33::text[], $34::timestamptz[])
+              AS event(w, run_id, label, kind, version, previous_version, candidate_run,
+                       candidate_id, verdict, by_whom, reason, at)
+         WHERE event.w IN (SELECT w FROM held)
+         ON CONFLICT (run_id) DO NOTHING
+     ),
+     cursors_written AS (
+         INSERT INTO cursors (label, watermark, consumed_version, consumed_num_samples,
+                              updated_at, rejected_version)
+         SELECT label, watermark, consumed_version, consumed_num_samples, updated_at,
+                rejected_version
+         FROM unnest($35::bigint[], $36::text[], $37::timestamptz[], $38::text[], $39::bigint[],
+                     $40::timestamptz[], $41::text[])
+              AS cursor(w, label, watermark, consumed_version, consumed_num_samples, updated_at,
+                        rejected_version)
+         WHERE cursor.w IN (SELECT w FROM held)
+         ON CONFLICT (label) DO UPDATE SET
+            watermark = excluded.watermark, consumed_version = excluded.consumed_version,
+            consumed_num_samples = excluded.consumed_num_samples,
+            updated_at = excluded.updated_at, rejected_version = excluded.rejected_version
+     ),
+     unlocked AS (
+         UPDATE locks SET owner = '', expires_at = 'epoch'
+         FROM unnest($1::text[], $2::text[], $3::bigint[])
+              WITH ORDINALITY AS fence(label, owner, token, w)
+         WHERE fence.w IN (SELECT w FROM held WHERE unlock)
+           AND locks.label = fence.label AND locks.owner = fence.owner
+           AND locks.token = fence.token
      )
-     INSERT INTO transitions (run_id, seq, at, from_stage, to_stage, event, actions, position)
-     SELECT run_id, seq, at, from_stage, to_stage, event::json, actions::json, head.before + n
-     FROM head, unnest($1::text[], $2::bigint[], $3::timestamptz[], $4::text[], $5::text[],
-                       $6::text[], $7::text[])
-          WITH ORDINALITY AS line(run_id, seq, at, from_stage, to_stage, event, actions, n)
-     ORDER BY n";
-
-/// The promotion events of a group commit, one array per column.
-const INSERT_PROMOTIONS: &str =
-    "INSERT INTO promotions (run_id, label, kind, version, previous_version, candidate_run,
-                             candidate_id, verdict, by_whom, reason, at)
-     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                          $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[])
-     ON CONFLICT (run_id) DO NOTHING";
-
-/// The cursors of a group commit: one array per column.
-const UPSERT_CURSORS: &str =
-    "INSERT INTO cursors (label, watermark, consumed_version, consumed_num_samples, updated_at, rejected_version)
-     SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::bigint[],
-                          $5::timestamptz[], $6::text[])
-     ON CONFLICT (label) DO UPDATE SET
-        watermark = excluded.watermark, consumed_version = excluded.consumed_version,
-        consumed_num_samples = excluded.consumed_num_samples, updated_at = excluded.updated_at,
-        rejected_version = excluded.rejected_version";
+     SELECT held.w, (SELECT count(*) FROM lines) AS applied_lines,
+            (SELECT count(*) FROM lines_written) AS written_lines
+     FROM held";
 
 /// Lock acquisitions (`Backend::acquire`), one per row of `$1..$3`
 /// (labels, owners, TTLs in seconds), each label at most once (see
@@ -512,9 +561,8 @@ fn version(v: &VersionTag) -> String {
     v.as_str().to_owned()
 }
 
-/// Applies a batch of journal writes in one Postgres transaction: the fence
-/// check of every write in one statement, then one statement per table for
-/// the writes whose fence held, whatever their number.
+/// Applies a batch of journal writes in one Postgres transaction, as the one
+/// statement [`COMMIT_BATCH`] whatever their number.
 struct PostgresJournal {
     pool: PgPool,
     url: DbUrl,
@@ -532,24 +580,33 @@ impl CommitBatch for PostgresJournal {
         };
         let err = |e| super::store_error(&self.url, &what, e);
         let mut tx = self.pool.begin().await.map_err(err)?;
-        let held = sqlx::query(HOLD_ALL)
-            .bind(batch.iter().map(|w| w.fence.0.as_str()).collect::<Vec<_>>())
-            .bind(batch.iter().map(|w| w.fence.1.as_str()).collect::<Vec<_>>())
-            .bind(batch.iter().map(|w| w.fence.2).collect::<Vec<_>>())
+        let rows = commit_batch_query(batch)
             .fetch_all(&mut *tx)
             .await
-            .map_err(err)?
-            .iter()
-            .map(|row| Ok((row.text("label")?, row.text("owner")?, row.int("token")?)))
-            .collect::<Result<std::collections::HashSet<_>, StoreError>>()?;
-        let applied: Vec<bool> = batch.iter().map(|w| held.contains(&w.fence)).collect();
-        let writes: Vec<&JournalWrite> = batch
-            .iter()
-            .zip(&applied)
-            .filter_map(|(write, &applied)| applied.then_some(write))
-            .collect();
-        if !writes.is_empty() {
-            write_all(&mut tx, &writes).await.map_err(err)?;
+            .map_err(err)?;
+        let mut applied = vec![false; batch.len()];
+        for row in &rows {
+            let w = row.int("w")?;
+            let (applied_lines, written_lines) =
+                (row.int("applied_lines")?, row.int("written_lines")?);
+            if written_lines != applied_lines {
+                // Only without the one `journal_head` row (migration 0007),
+                // which nothing deletes: the lines would be dropped while
+                // the runs moved on. Fail the batch (rolled back) instead.
+                return Err(err(sqlx::Error::Decode(
+                    format!(
+                        "{written_lines} of {applied_lines} journal lines written: the journal_head row is missing"
+                    )
+                    .into(),
+                )));
+            }
+            let at = usize::try_from(w - 1)
+                .ok()
+                .filter(|&at| at < batch.len())
+                .ok_or_else(|| {
+                    StoreError::Corrupt(format!("{what}: the database answered write {w}"))
+                })?;
+            applied[at] = true;
         }
         // Also when nothing was applied: ends the share locks.
         tx.commit().await.map_err(err)?;
@@ -583,154 +640,75 @@ impl CommitBatch for PostgresLocks {
     }
 }
 
-/// The runs, then their lines (which reference them), promotion events and
-/// cursors of `writes`: one statement each.
-async fn write_all(tx: &mut Tx, writes: &[&JournalWrite]) -> Result<(), sqlx::Error> {
-    let runs = writes.iter().map(|w| &w.run);
-    sqlx::query(UPSERT_RUNS)
-        .bind(runs.clone().map(|r| r.run_id.as_str()).collect::<Vec<_>>())
-        .bind(
-            runs.clone()
-                .map(|r| r.cycle_id.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(runs.clone().map(|r| r.label.as_str()).collect::<Vec<_>>())
-        .bind(runs.clone().map(|r| r.stage).collect::<Vec<_>>())
-        .bind(runs.clone().map(|r| r.outcome).collect::<Vec<_>>())
-        .bind(runs.clone().map(|r| r.done).collect::<Vec<_>>())
-        .bind(runs.clone().map(|r| r.started_at).collect::<Vec<_>>())
-        .bind(runs.clone().map(|r| r.updated_at).collect::<Vec<_>>())
-        .bind(
-            runs.clone()
-                .map(|r| r.snapshot.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(runs.map(|r| r.verdict.as_deref()).collect::<Vec<_>>())
-        .execute(&mut **tx)
-        .await?;
-    let lines = writes.iter().flat_map(|w| &w.lines);
-    let expected = lines.clone().count() as u64;
-    let inserted = sqlx::query(INSERT_LINES)
-        .bind(lines.clone().map(|l| l.run_id.as_str()).collect::<Vec<_>>())
-        .bind(lines.clone().map(|l| l.seq).collect::<Vec<_>>())
-        .bind(lines.clone().map(|l| l.at).collect::<Vec<_>>())
-        .bind(lines.clone().map(|l| l.from).collect::<Vec<_>>())
-        .bind(lines.clone().map(|l| l.to).collect::<Vec<_>>())
-        .bind(lines.clone().map(|l| l.event.as_str()).collect::<Vec<_>>())
-        .bind(lines.map(|l| l.actions.as_str()).collect::<Vec<_>>())
-        .execute(&mut **tx)
-        .await?
-        .rows_affected();
-    if inserted != expected {
-        // Only without the one `journal_head` row (migration 0007), which
-        // nothing deletes: the lines would be dropped while the runs moved
-        // on. Fail the batch (rolled back) instead.
-        return Err(sqlx::Error::Decode(
-            format!(
-                "{inserted} of {expected} journal lines written: the journal_head row is missing"
-            )
-            .into(),
-        ));
+/// [`COMMIT_BATCH`] bound to `batch`: one array per column, each write's
+/// lines, promotion events and cursor tagged with its ordinality `w`.
+fn commit_batch_query(batch: &[JournalWrite]) -> Query<'_, Postgres> {
+    fn column<'a, T: 'a, U>(
+        items: impl IntoIterator<Item = &'a T>,
+        f: impl Fn(&'a T) -> U,
+    ) -> Vec<U> {
+        items.into_iter().map(f).collect()
     }
-    let events: Vec<&PromotionEvent> = writes.iter().flat_map(|w| &w.promotions).collect();
-    if !events.is_empty() {
-        let events = events.iter();
-        sqlx::query(INSERT_PROMOTIONS)
-            .bind(
-                events
-                    .clone()
-                    .map(|e| e.run_id.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(events.clone().map(|e| e.label.as_str()).collect::<Vec<_>>())
-            .bind(events.clone().map(|e| e.kind.as_str()).collect::<Vec<_>>())
-            .bind(
-                events
-                    .clone()
-                    .map(|e| e.version.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                events
-                    .clone()
-                    .map(|e| e.previous_version.as_deref())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                events
-                    .clone()
-                    .map(|e| e.candidate_run.as_ref().map(|r| r.as_str()))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                events
-                    .clone()
-                    .map(|e| e.candidate_id.as_deref())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                events
-                    .clone()
-                    .map(|e| e.verdict.as_deref())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(events.clone().map(|e| e.by.as_str()).collect::<Vec<_>>())
-            .bind(
-                events
-                    .clone()
-                    .map(|e| e.reason.as_deref())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(events.map(|e| e.at).collect::<Vec<_>>())
-            .execute(&mut **tx)
-            .await?;
-    }
-    let cursors: Vec<&CursorValues> = writes.iter().filter_map(|w| w.cursor.as_ref()).collect();
-    if !cursors.is_empty() {
-        let cursors = cursors.iter();
-        sqlx::query(UPSERT_CURSORS)
-            .bind(
-                cursors
-                    .clone()
-                    .map(|c| c.label.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(cursors.clone().map(|c| c.watermark).collect::<Vec<_>>())
-            .bind(
-                cursors
-                    .clone()
-                    .map(|c| c.consumed_version.as_deref())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                cursors
-                    .clone()
-                    .map(|c| c.consumed_num_samples)
-                    .collect::<Vec<_>>(),
-            )
-            .bind(cursors.clone().map(|c| c.updated_at).collect::<Vec<_>>())
-            .bind(
-                cursors
-                    .map(|c| c.rejected_version.as_deref())
-                    .collect::<Vec<_>>(),
-            )
-            .execute(&mut **tx)
-            .await?;
-    }
-    let unlocks: Vec<&(String, String, i64)> = writes
-        .iter()
-        .filter(|w| w.unlock)
-        .map(|w| &w.fence)
+    let runs: Vec<&RunValues> = batch.iter().map(|w| &w.run).collect();
+    let numbered = || (1i64..).zip(batch);
+    let lines: Vec<(i64, &LineValues)> = numbered()
+        .flat_map(|(w, write)| write.lines.iter().map(move |line| (w, line)))
         .collect();
-    if !unlocks.is_empty() {
-        sqlx::query(UNLOCK_ALL)
-            .bind(unlocks.iter().map(|f| f.0.as_str()).collect::<Vec<_>>())
-            .bind(unlocks.iter().map(|f| f.1.as_str()).collect::<Vec<_>>())
-            .bind(unlocks.iter().map(|f| f.2).collect::<Vec<_>>())
-            .execute(&mut **tx)
-            .await?;
-    }
-    Ok(())
+    let events: Vec<(i64, &PromotionEvent)> = numbered()
+        .flat_map(|(w, write)| write.promotions.iter().map(move |event| (w, event)))
+        .collect();
+    let cursors: Vec<(i64, &CursorValues)> = numbered()
+        .filter_map(|(w, write)| write.cursor.as_ref().map(|cursor| (w, cursor)))
+        .collect();
+    sqlx::query(COMMIT_BATCH)
+        // The writes' fences.
+        .bind(column(batch, |w| w.fence.0.as_str()))
+        .bind(column(batch, |w| w.fence.1.as_str()))
+        .bind(column(batch, |w| w.fence.2))
+        .bind(column(batch, |w| w.unlock))
+        // Their runs.
+        .bind(column(&runs, |r| r.run_id.as_str()))
+        .bind(column(&runs, |r| r.cycle_id.as_str()))
+        .bind(column(&runs, |r| r.label.as_str()))
+        .bind(column(&runs, |r| r.stage))
+        .bind(column(&runs, |r| r.outcome))
+        .bind(column(&runs, |r| r.done))
+        .bind(column(&runs, |r| r.started_at))
+        .bind(column(&runs, |r| r.updated_at))
+        .bind(column(&runs, |r| r.snapshot.as_str()))
+        .bind(column(&runs, |r| r.verdict.as_deref()))
+        // Their journal lines.
+        .bind(column(&lines, |(w, _)| *w))
+        .bind(column(&lines, |(_, l)| l.run_id.as_str()))
+        .bind(column(&lines, |(_, l)| l.seq))
+        .bind(column(&lines, |(_, l)| l.at))
+        .bind(column(&lines, |(_, l)| l.from))
+        .bind(column(&lines, |(_, l)| l.to))
+        .bind(column(&lines, |(_, l)| l.event.as_str()))
+        .bind(column(&lines, |(_, l)| l.actions.as_str()))
+        // Their promotion events.
+        .bind(column(&events, |(w, _)| *w))
+        .bind(column(&events, |(_, e)| e.run_id.as_str()))
+        .bind(column(&events, |(_, e)| e.label.as_str()))
+        .bind(column(&events, |(_, e)| e.kind.as_str()))
+        .bind(column(&events, |(_, e)| e.version.as_str()))
+        .bind(column(&events, |(_, e)| e.previous_version.as_deref()))
+        .bind(column(&events, |(_, e)| {
+            e.candidate_run.as_ref().map(|r| r.as_str())
+        }))
+        .bind(column(&events, |(_, e)| e.candidate_id.as_deref()))
+        .bind(column(&events, |(_, e)| e.verdict.as_deref()))
+        .bind(column(&events, |(_, e)| e.by.as_str()))
+        .bind(column(&events, |(_, e)| e.reason.as_deref()))
+        .bind(column(&events, |(_, e)| e.at))
+        // Their cursors.
+        .bind(column(&cursors, |(w, _)| *w))
+        .bind(column(&cursors, |(_, c)| c.label.as_str()))
+        .bind(column(&cursors, |(_, c)| c.watermark))
+        .bind(column(&cursors, |(_, c)| c.consumed_version.as_deref()))
+        .bind(column(&cursors, |(_, c)| c.consumed_num_samples))
+        .bind(column(&cursors, |(_, c)| c.updated_at))
+        .bind(column(&cursors, |(_, c)| c.rejected_version.as_deref()))
 }
 
 #[cfg(test)]

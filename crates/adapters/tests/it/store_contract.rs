@@ -2041,6 +2041,10 @@ impl HeldJournalWriter {
             .execute(&mut *head)
             .await
             .unwrap();
+        let head_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *head)
+            .await
+            .unwrap();
         let mut run = LabelRun::new(
             RunId::generate(),
             CycleId::generate(),
@@ -2052,12 +2056,15 @@ impl HeldJournalWriter {
             let store = store.clone();
             async move { store.record(&transition, &fence).await }
         });
-        // Until the write waits for the lock (polled: nothing else signals it).
+        // Until the write waits for the lock (polled: nothing else signals
+        // it). Only `head` holds anything, so whatever waits for it is the
+        // write, at `journal_head`.
         let waiting = "SELECT count(*) FROM pg_stat_activity
              WHERE datname = current_database() AND wait_event_type = 'Lock'
-               AND query LIKE '%INSERT INTO transitions%'";
+               AND pg_blocking_pids(pid) @> ARRAY[$1]";
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while sqlx::query_scalar::<_, i64>(waiting)
+            .bind(head_pid)
             .fetch_one(pool)
             .await
             .unwrap()
@@ -2234,6 +2241,130 @@ async fn postgres_a_takeover_waits_for_the_group_commit_in_flight() {
         Some(fence.owner.0.as_str()),
         "the expired holder never released: a takeover"
     );
+}
+
+/// One Postgres group commit (one statement) applies each write's own
+/// parts and nothing of another's: the run end that releases its lock and
+/// writes its cursor, a run end that keeps its lock, a promotion event;
+/// and two stale writes (a run end with a cursor and a release, a
+/// promotion) write no line, cursor, release or event. The applied lines
+/// take consecutive journal positions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_one_group_commit_applies_each_writes_own_parts() {
+    let Some(url) = pg::fresh_database().await else {
+        return;
+    };
+    let store = open_run_store(&url, StoreOptions::default()).await.unwrap();
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let someone = LockOwner("someone-else".into());
+    let driver = LockOwner("driver".into());
+    let (dept_fence, dept_run) = training(store.as_ref(), "dept").await;
+    let (kept_fence, kept_run) = training(store.as_ref(), "kept").await;
+    let (gone_fence, gone_run) = training(store.as_ref(), "gone").await;
+    store
+        .release_lock(&label("gone"), &gone_fence)
+        .await
+        .unwrap();
+    let gone_holder = lock(store.as_ref(), "gone").await;
+    let promo_fence = lock(store.as_ref(), "promo").await;
+    let promoted = Event::Promoted {
+        version: PromotedVersion {
+            version: "2".into(),
+            previous: Some("1".into()),
+        },
+    };
+    let mut promo_run = promoting_run("promo", "cand-a", None);
+    let promotion = step(&mut promo_run, promoted.clone());
+    let mut late_run = promoting_run("gone", "cand-b", None);
+    let late_promotion = step(&mut late_run, promoted);
+    let (dept_rest, dept_cursor) = rest_of_run(&dept_run);
+    let (kept_rest, kept_cursor) = rest_of_run(&kept_run);
+    let (gone_rest, gone_cursor) = rest_of_run(&gone_run);
+    let gone_before = store.cursor(&label("gone")).await.unwrap();
+
+    let before: i64 = sqlx::query_scalar("SELECT position FROM journal_head")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let held =
+        HeldJournalWriter::hold(&store, &pool, "first", lock(store.as_ref(), "first").await).await;
+    let (dept, kept, promo, gone, late) = (
+        store.finish_and_unlock(&dept_rest, dept_cursor.clone(), &dept_fence),
+        store.finish_all(&kept_rest, kept_cursor.clone(), &kept_fence),
+        store.record(&promotion, &promo_fence),
+        store.finish_and_unlock(&gone_rest, gone_cursor, &gone_fence),
+        store.record(&late_promotion, &gone_fence),
+    );
+    let writes = queue_all([dept, kept, promo, gone, late]).await;
+    let first_run = held.release().await;
+    let results = writes.await;
+    for (i, result) in results.iter().enumerate().take(3) {
+        result.as_ref().unwrap_or_else(|e| panic!("{i}: {e}"));
+    }
+    for result in &results[3..] {
+        assert!(matches!(result, Err(StoreError::Fenced(_))), "{result:?}");
+    }
+    let batch: Vec<(String, String)> = sqlx::query_as(
+        "SELECT DISTINCT xmin::text, run_id FROM transitions WHERE position > $1 AND run_id <> $2",
+    )
+    .bind(before)
+    .bind(first_run.as_str())
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let mut written: Vec<&str> = batch.iter().map(|(_, run)| run.as_str()).collect();
+    written.sort_unstable();
+    let mut applied = [
+        dept_run.run_id.as_str(),
+        kept_run.run_id.as_str(),
+        promo_run.run_id.as_str(),
+    ];
+    applied.sort_unstable();
+    assert_eq!(
+        written, applied,
+        "the batch wrote lines of exactly these runs"
+    );
+    assert!(
+        batch.iter().all(|(tx, _)| *tx == batch[0].0),
+        "in one transaction: {batch:?}"
+    );
+
+    // The applied writes' own parts.
+    assert_eq!(store.lock_holder(&label("dept")).await.unwrap(), None);
+    assert_busy(store.as_ref(), "kept", &someone, &driver).await;
+    assert_eq!(
+        store.cursor(&label("dept")).await.unwrap(),
+        dept_cursor.unwrap()
+    );
+    assert_eq!(
+        store.cursor(&label("kept")).await.unwrap(),
+        kept_cursor.unwrap()
+    );
+    for (run, rest) in [(&dept_run, &dept_rest), (&kept_run, &kept_rest)] {
+        let detail = store.run(&run.run_id).await.unwrap().unwrap();
+        assert_eq!(detail.summary.stage, Stage::Done);
+        assert_eq!(detail.snapshot, rest.last().unwrap().snapshot);
+    }
+    let history = store.promotions(&label("promo")).await.unwrap();
+    assert_eq!(history.len(), 1, "{history:?}");
+    assert_eq!(history[0].run_id, promo_run.run_id);
+
+    // The stale writes': nothing.
+    let detail = store.run(&gone_run.run_id).await.unwrap().unwrap();
+    assert_eq!(detail.transitions.len() as u64, gone_run.seq);
+    assert_eq!(store.cursor(&label("gone")).await.unwrap(), gone_before);
+    assert_busy(store.as_ref(), "gone", &someone, &gone_holder.owner).await;
+    assert!(store.promotions(&label("gone")).await.unwrap().is_empty());
+    assert_eq!(store.run(&late_run.run_id).await.unwrap(), None);
+
+    // Every journal line has its own position, none skipped.
+    let positions: Vec<i64> =
+        sqlx::query_scalar("SELECT position FROM transitions ORDER BY position")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let expected: Vec<i64> = (1..=positions.len() as i64).collect();
+    assert_eq!(positions, expected);
 }
 
 #[tokio::test]
