@@ -355,11 +355,13 @@ pub(super) const SELECT_RUNS_PAGE_OF_LABEL: &str =
 /// runs awaiting approval (newest first, comma-joined: run ids hold no
 /// comma), the production version (the newest promotion event, promotion or
 /// rollback). A dialect supplies how the names are read from `$1`, how a
-/// lock is live (`$2` = now on SQLite), the column that identifies a row
-/// (SQLite: `rowid`, which its indexes carry, so the newest run and
-/// promotion are found by a covering index probe and read by one table
-/// seek), and its JSON functions: the statement answers **one row**, a JSON
-/// array of one array per label (the fields in the order of
+/// lock is live (`$2` = now on SQLite), the predicate of
+/// `runs_awaiting_approval` (on Postgres a generated column, so that a
+/// stage change does not touch that index: migration 0018), the column
+/// that identifies a row (SQLite: `rowid`, which its indexes carry, so the
+/// newest run and promotion are found by a covering index probe and read
+/// by one table seek), and its JSON functions: the statement answers **one
+/// row**, a JSON array of one array per label (the fields in the order of
 /// [`StatusJson`](super::StatusJson)), because sqlx hands each result row
 /// from its SQLite worker thread to the caller on its own (a copy of every
 /// column, a wake-up), which cost more than the statement itself at 1,000
@@ -369,33 +371,53 @@ pub(super) const SELECT_RUNS_PAGE_OF_LABEL: &str =
 /// `promotions_newest_by_label`), so its cost does not grow with the run
 /// history (a window over every run did: `docs/BENCHMARKS.md`).
 macro_rules! select_status {
-    ($labels:literal, $live:literal, $row:literal, $aggregate:literal, $array:literal, $aggregated:literal) => {
+    ($labels:literal, $live:literal, $awaiting:literal, $row:literal, $aggregate:literal, $array:literal, $aggregated:literal) => {
         concat!(
-            "WITH labels AS (", $labels, "),
+            "WITH labels AS (",
+            $labels,
+            "),
              status AS (
              SELECT labels.label AS label,
                     c.watermark, c.consumed_version, c.consumed_num_samples, c.rejected_version,
                     r.run_id, r.cycle_id, r.stage, r.outcome, r.started_at, r.updated_at,
                     r.verdict,
-                    CASE WHEN ", $live, " THEN k.owner END AS live_owner,
+                    CASE WHEN ",
+            $live,
+            " THEN k.owner END AS live_owner,
                     (SELECT string_agg(w.run_id, ',' ORDER BY w.started_at DESC, w.run_id DESC)
                      FROM runs w
-                     WHERE w.label = labels.label AND w.stage = 'awaiting_approval') AS awaiting,
+                     WHERE w.label = labels.label AND ",
+            $awaiting,
+            ") AS awaiting,
                     p.version AS production_version, p.at AS production_since
              FROM labels
              LEFT JOIN cursors c ON c.label = labels.label
-             LEFT JOIN runs r ON r.", $row, " = (
-                 SELECT n.", $row, " FROM runs n WHERE n.label = labels.label
+             LEFT JOIN runs r ON r.",
+            $row,
+            " = (
+                 SELECT n.",
+            $row,
+            " FROM runs n WHERE n.label = labels.label
                  ORDER BY n.started_at DESC, n.run_id DESC LIMIT 1)
              LEFT JOIN locks k ON k.label = labels.label
-             LEFT JOIN promotions p ON p.", $row, " = (
-                 SELECT q.", $row, " FROM promotions q WHERE q.label = labels.label
+             LEFT JOIN promotions p ON p.",
+            $row,
+            " = (
+                 SELECT q.",
+            $row,
+            " FROM promotions q WHERE q.label = labels.label
                  ORDER BY q.at DESC, q.run_id DESC LIMIT 1))
-             SELECT ", $aggregate, "(", $array, "(
+             SELECT ",
+            $aggregate,
+            "(",
+            $array,
+            "(
                  label, watermark, consumed_version, consumed_num_samples, rejected_version,
                  run_id, cycle_id, stage, outcome, started_at, updated_at, verdict,
                  live_owner, awaiting, production_version, production_since
-             )", $aggregated, " AS statuses
+             )",
+            $aggregated,
+            " AS statuses
              FROM status"
         )
     };

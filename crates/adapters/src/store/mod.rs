@@ -747,6 +747,11 @@ const POSTGRES_MIGRATIONS: Embedded = Embedded(&[
         "journal positions per statement",
         include_str!("../../migrations/postgres/0017_journal_positions_per_statement.sql"),
     ),
+    (
+        18,
+        "hot run updates",
+        include_str!("../../migrations/postgres/0018_hot_run_updates.sql"),
+    ),
 ]);
 
 /// Apply `source` on open, or check that nothing is pending.

@@ -367,6 +367,7 @@ impl Backend for PostgresRunStore {
     const SELECT_STATUS: &'static str = super::backend::select_status!(
         "SELECT DISTINCT value AS label FROM jsonb_array_elements_text($1) AS value",
         "k.owner <> '' AND k.expires_at > now()",
+        "w.awaits_approval",
         "run_id",
         "json_agg",
         "json_build_array",

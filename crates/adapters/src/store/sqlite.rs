@@ -321,6 +321,7 @@ impl Backend for SqliteRunStore {
     const SELECT_STATUS: &'static str = super::backend::select_status!(
         "SELECT DISTINCT value AS label FROM json_each($1)",
         "k.owner <> '' AND k.expires_at > $2",
+        "w.stage = 'awaiting_approval'",
         "rowid",
         "json_group_array",
         "json_array",

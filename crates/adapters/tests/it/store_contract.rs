@@ -2367,6 +2367,48 @@ async fn postgres_one_group_commit_applies_each_writes_own_parts() {
     assert_eq!(positions, expected);
 }
 
+/// A run's row is rewritten at every journal write. A stage change is a
+/// heap-only (HOT) update, which touches none of the table's indexes;
+/// entering `awaiting_approval` is not (it enters the partial index of the
+/// runs awaiting approval). Migration 0018; counted by Postgres for the
+/// transaction in flight.
+#[tokio::test]
+async fn postgres_a_runs_stage_change_touches_no_index() {
+    let Some(url) = pg::fresh_database().await else {
+        return;
+    };
+    let _migrated = open_run_store(&url, StoreOptions::default()).await.unwrap();
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO runs (run_id, cycle_id, label, stage, outcome, done, started_at, updated_at,
+                           snapshot)
+         VALUES ('r', 'c', 'dept', 'counting', 'running', FALSE, now(), now(), '{}')",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let counts = "SELECT pg_stat_get_xact_tuples_updated('runs'::regclass),
+                         pg_stat_get_xact_tuples_hot_updated('runs'::regclass)";
+    for (stage, expected) in [
+        ("preparing", (1, 1)),
+        ("awaiting_dataset", (2, 2)),
+        ("training", (3, 3)),
+        ("awaiting_approval", (4, 3)),
+    ] {
+        sqlx::query(
+            "UPDATE runs SET stage = $1, updated_at = now(), snapshot = json_build_object('stage', $1::text)
+             WHERE run_id = 'r'",
+        )
+        .bind(stage)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        let (updated, hot): (i64, i64) = sqlx::query_as(counts).fetch_one(&mut *tx).await.unwrap();
+        assert_eq!((updated, hot), expected, "after the update to {stage}");
+    }
+}
+
 #[tokio::test]
 async fn opening_without_migrate_refuses_a_stale_schema() {
     let dir = tempfile::tempdir().unwrap();
