@@ -870,3 +870,170 @@ async fn a_run_interrupted_while_gating_renews_its_lease_on_resume() {
     assert_eq!(get(&world.counters.releases), 2);
     assert_eq!(get(&world.counters.starts), 1, "no second training");
 }
+
+/// A notifier that fails for good (not transiently) does not hold the run
+/// back: the run finishes and records which notifier failed and why. A run
+/// whose notifiers all delivered records no error.
+#[tokio::test(start_paused = true)]
+async fn a_notifier_failing_for_good_is_recorded_on_the_finished_run() {
+    struct Refusing;
+    #[async_trait::async_trait]
+    impl retrain_core::ports::Notifier for Refusing {
+        async fn notify(
+            &self,
+            _: &retrain_core::report::LabelReport,
+        ) -> Result<(), retrain_core::ports::PortError> {
+            Err(retrain_core::ports::PortError::Denied(
+                "401 bad token".into(),
+            ))
+        }
+        fn describe(&self) -> String {
+            "refusing".into()
+        }
+    }
+    for refusing in [false, true] {
+        let world = World::new();
+        let store = MemStore::new();
+        let mut department = binding(&world, plan("department"), prepare(&world));
+        if refusing {
+            department.notifiers.push(Arc::new(Refusing));
+        }
+        let engine = engine(&store, &world, vec![department]);
+        let report = cycle(&engine).await;
+        assert_eq!(report.labels[0].status, LabelStatus::Promoted, "{report:?}");
+        assert_eq!(
+            get(&world.counters.notifies),
+            1,
+            "the other notifier delivered"
+        );
+        let runs = store.finished_runs("department");
+        let expected = refusing.then_some("refusing: 401 bad token");
+        assert_eq!(runs[0].notify_error.as_deref(), expected);
+    }
+}
+
+/// `run_cycle_announcing` tells, once phase one is over, what became of
+/// each label (in the engine's label order): a run driven (its id,
+/// journaled by then), a label another driver holds; and, for a cycle
+/// interrupted before it began, labels that ended in phase one.
+#[tokio::test(start_paused = true)]
+async fn a_cycle_announces_each_labels_start_after_phase_one() {
+    use retrain_core::engine::LabelStart;
+    let world = World::new();
+    let store = MemStore::new();
+    store.hold_lock("busy", "other-host-42");
+    let e = engine(
+        &store,
+        &world,
+        vec![
+            binding(&world, plan("driven"), prepare(&world)),
+            binding(&world, plan("busy"), prepare(&world)),
+        ],
+    );
+    let announced_cycle = |cancel: CancellationToken| {
+        let e = &e;
+        async move {
+            let (started, announced) = tokio::sync::oneshot::channel();
+            let report = e
+                .run_cycle_announcing(CycleRequest::default(), cancel, started, None)
+                .await
+                .unwrap();
+            let announced = announced.await.expect("the cycle announced its start");
+            assert_eq!(announced.cycle_id, report.cycle_id);
+            (report, announced.labels)
+        }
+    };
+
+    let (report, labels) = announced_cycle(CancellationToken::new()).await;
+    let names: Vec<&str> = labels.iter().map(|(label, _)| label.as_str()).collect();
+    assert_eq!(names, ["busy", "driven"]);
+    assert!(
+        matches!(&labels[0].1, LabelStart::Busy { holder } if holder.contains("other-host-42")),
+        "{labels:?}"
+    );
+    let driven = report
+        .labels
+        .iter()
+        .find(|l| l.label.as_str() == "driven")
+        .unwrap();
+    assert_ne!(driven.status, LabelStatus::Busy);
+    assert_eq!(
+        labels[1].1,
+        LabelStart::Driving {
+            run_id: driven.run_id.clone().unwrap(),
+            resumed: false,
+        }
+    );
+
+    // Interrupted before any label began: each ended in phase one.
+    let cancelled = CancellationToken::new();
+    cancelled.cancel();
+    let (_, labels) = announced_cycle(cancelled).await;
+    assert_eq!(labels.len(), 2);
+    for (label, start) in &labels {
+        assert!(
+            matches!(
+                start,
+                LabelStart::Ended {
+                    run_id: None,
+                    status: LabelStatus::Interrupted,
+                    ..
+                }
+            ),
+            "{label}: {start:?}"
+        );
+    }
+}
+
+/// A lease record refused as fenced means the label's lock is gone: the
+/// run stops as lock-lost, starts no machine, and writes nothing more
+/// (not even its failure) under the lock it no longer holds.
+#[tokio::test(start_paused = true)]
+async fn a_fenced_lease_record_stops_the_run_as_lock_lost() {
+    let mut leased = plan("department");
+    leased.leased = true;
+    let world = World::new();
+    let store = MemStore::new();
+    store.leases_fenced.store(true, Ordering::SeqCst);
+    let e = engine(
+        &store,
+        &world,
+        vec![binding(&world, leased, prepare(&world))],
+    );
+    let report = cycle(&e).await;
+    let label = &report.labels[0];
+    assert_eq!(label.status, LabelStatus::LockLost, "{label:?}");
+    assert!(
+        label.error.as_deref().unwrap_or_default().contains("thief"),
+        "{label:?}"
+    );
+    assert_eq!(get(&world.counters.acquires), 0, "no machine started");
+    assert_eq!(get(&world.counters.starts), 0, "no training");
+    let run = store.run_snapshot(label.run_id.as_ref().unwrap());
+    assert_eq!(run.outcome, None, "the failure was not journaled");
+    assert_ne!(run.stage, retrain_core::machine::Stage::Done);
+}
+
+/// The metrics history (a `list_runs` read per report) is read only for a
+/// run with a verdict to chart: a gated label whose training failed has
+/// none, and its report and notification read nothing.
+#[tokio::test(start_paused = true)]
+async fn a_run_without_a_verdict_reads_no_metrics_history() {
+    let world = World::new();
+    *world.trainer_fails.lock().unwrap() = true;
+    let store = MemStore::new();
+    let e = department_engine(&store, &world);
+    let report = cycle(&e).await;
+    let label = &report.labels[0];
+    assert_eq!(label.status, LabelStatus::Failed, "{label:?}");
+    assert!(label.history.is_empty(), "{label:?}");
+    assert_eq!(get(&world.counters.notifies), 1, "the failure was notified");
+    assert_eq!(get(&store.run_listings), 0, "no history read");
+
+    // A run with a verdict reads it (the control).
+    let world = World::new();
+    let store = MemStore::new();
+    let e = department_engine(&store, &world);
+    assert_eq!(cycle(&e).await.labels[0].status, LabelStatus::Promoted);
+    assert!(get(&store.run_listings) > 0);
+}

@@ -2,21 +2,32 @@
 
 #[test]
 fn core_has_no_io_dependencies() {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let output = std::process::Command::new(cargo)
-        .args([
-            "tree",
-            "-p",
-            "retrain-core",
-            "-e",
-            "normal",
-            "--prefix",
-            "none",
-            "--offline",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("running cargo tree");
+    // The cargo running the tests (`CARGO`), else the one on `PATH`: under
+    // load, spawning the former has failed with "not found" now and then.
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let mut tried = Vec::new();
+    let output = std::env::var("CARGO")
+        .into_iter()
+        .chain(["cargo".to_string()])
+        .find_map(|cargo| {
+            let output = std::process::Command::new(&cargo)
+                .args([
+                    "tree",
+                    "-p",
+                    "retrain-core",
+                    "-e",
+                    "normal",
+                    "--prefix",
+                    "none",
+                    "--offline",
+                ])
+                .current_dir(dir)
+                .output();
+            output
+                .map_err(|e| tried.push(format!("{cargo} (in {dir}): {e}")))
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("running cargo tree: {tried:?}"));
     assert!(
         output.status.success(),
         "cargo tree failed: {}",

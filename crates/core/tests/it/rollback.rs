@@ -9,7 +9,7 @@ use retrain_core::domain::{Label, RunId};
 use retrain_core::engine::{
     CycleRequest, Engine, EngineError, RollbackOutcome, RollbackRefused, RollbackRequest,
 };
-use retrain_core::journal::{PromotionKind, RunFilter};
+use retrain_core::journal::{PromotionEvent, PromotionKind, RunFilter};
 use retrain_core::machine::Stage;
 use retrain_core::ports::RunStore;
 use retrain_core::report::LabelStatus;
@@ -283,4 +283,110 @@ async fn a_cycle_completes_an_interrupted_rollback() {
     assert_eq!(get(&world.counters.rollbacks), 1);
     assert_eq!(production(&world), "1");
     assert_eq!(get(&world.counters.promotes), 1, "nothing promoted again");
+}
+
+/// A rollback is refused while a run of the label is between its promotion
+/// intent and its outcome: the promotion may be moving production right
+/// now. Nothing is written.
+#[tokio::test(start_paused = true)]
+async fn a_rollback_is_refused_while_a_promotion_is_in_flight() {
+    // Production "1" (registered by hand), and a cycle whose process dies
+    // right after journaling its promotion intent: the first crash point
+    // that leaves the run in `promoting`.
+    let seeded_world = || {
+        let world = World::new();
+        let worse = [("dice".to_string(), 0.5), ("iou".to_string(), 0.4)]
+            .into_iter()
+            .collect::<retrain_core::domain::Metrics>();
+        let seeded = RunId("seeded-by-hand".into());
+        world
+            .versions
+            .lock()
+            .unwrap()
+            .insert("1".into(), (worse.clone(), seeded.clone()));
+        *world.production.lock().unwrap() = Some(("1".into(), worse, seeded));
+        world
+    };
+    let mut in_flight = None;
+    for writes in 1..20 {
+        let (world, store) = (seeded_world(), MemStore::new());
+        {
+            let engine = department_engine(&store.crashing_after(writes), &world);
+            let _ = engine
+                .run_cycle(CycleRequest::default(), CancellationToken::new())
+                .await;
+        }
+        let store = store.restarted();
+        let unfinished = store.unfinished_run(&department()).await.unwrap();
+        if let Some(run) = unfinished.filter(|run| run.stage == Stage::Promoting) {
+            in_flight = Some((world, store, run));
+            break;
+        }
+    }
+    let (world, store, promoting) = in_flight.expect("no crash point left a run promoting");
+    assert_eq!(production(&world), "1", "the promotion never happened");
+    let (runs, writes) = (run_count(&store).await, store.writes());
+
+    let engine = department_engine(&store, &world);
+    let refusal = refused(engine.rollback(request(Some("1"), true)).await);
+    assert!(
+        matches!(&refusal, RollbackRefused::PromotionInFlight { run_id, .. }
+            if *run_id == promoting.run_id),
+        "{refusal:?}"
+    );
+    assert_eq!(run_count(&store).await, runs, "no rollback run");
+    assert_eq!(store.writes(), writes, "nothing written");
+    assert_eq!(get(&world.counters.rollbacks), 0);
+}
+
+/// A rollback names the run and candidate whose promotion first made its
+/// target production (not a later rollback to it, not another version's).
+#[tokio::test(start_paused = true)]
+async fn a_rollback_names_the_promotion_that_made_its_target_production() {
+    let world = World::new();
+    let store = MemStore::new();
+    let metrics = [("dice".to_string(), 0.8), ("iou".to_string(), 0.7)]
+        .into_iter()
+        .collect::<retrain_core::domain::Metrics>();
+    let base = chrono::DateTime::parse_from_rfc3339("2026-11-01T00:00:00Z")
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    let promotion = |version: &str, previous: Option<&str>, days: i64| {
+        let run = RunId(format!("run-promoting-{version}"));
+        world
+            .versions
+            .lock()
+            .unwrap()
+            .insert(version.into(), (metrics.clone(), run.clone()));
+        PromotionEvent {
+            run_id: run.clone(),
+            label: department(),
+            kind: PromotionKind::Promotion,
+            version: version.into(),
+            previous_version: previous.map(Into::into),
+            candidate_run: Some(run),
+            candidate_id: Some(format!("candidate-{version}")),
+            verdict: None,
+            by: "auto".into(),
+            reason: None,
+            at: base + chrono::Duration::days(days),
+        }
+    };
+    store.record_promotion(promotion("2", None, 0));
+    store.record_promotion(promotion("3", Some("2"), 1));
+    store.record_promotion(promotion("4", Some("3"), 2));
+    *world.production.lock().unwrap() =
+        Some(("4".into(), metrics.clone(), RunId("run-promoting-4".into())));
+
+    let engine = department_engine(&store, &world);
+    let outcome = engine.rollback(request(Some("3"), false)).await.unwrap();
+    assert_eq!(outcome.report.status, LabelStatus::RolledBack);
+    assert_eq!(production(&world), "3");
+    let run = store.run_snapshot(outcome.report.run_id.as_ref().unwrap());
+    let rollback = run.rollback.as_deref().unwrap();
+    assert_eq!(rollback.to_version, "3");
+    assert_eq!(rollback.from_version.as_deref(), Some("4"));
+    assert!(!rollback.forced, "3 was production");
+    assert_eq!(rollback.restored_run, Some(RunId("run-promoting-3".into())));
+    assert_eq!(rollback.restored_candidate.as_deref(), Some("candidate-3"));
 }

@@ -60,6 +60,9 @@ pub struct MemStore {
     /// While set, the commit writes (`finish_all`, `finish_and_unlock`)
     /// fail as a store outage would, writing nothing.
     pub commits_fail: Arc<AtomicBool>,
+    /// While set, lease records are refused as fenced (`StoreError::Fenced`),
+    /// as if another driver had taken the label's lock just before.
+    pub leases_fenced: Arc<AtomicBool>,
 }
 
 impl MemStore {
@@ -238,6 +241,11 @@ impl MemStore {
                 .entry(Label::new(label).unwrap())
                 .or_insert((String::new(), expires, 0));
         *entry = (owner.into(), expires, entry.2 + 1);
+    }
+    /// A promotion event written as if by an earlier run (history the
+    /// engine did not make itself).
+    pub fn record_promotion(&self, event: PromotionEvent) {
+        self.data.lock().unwrap().promotions.push(event);
     }
     pub fn leases(&self) -> Vec<Lease> {
         self.data.lock().unwrap().leases.values().cloned().collect()
@@ -456,6 +464,12 @@ impl RunStore for MemStore {
     }
     async fn put_lease(&self, lease: &Lease, fence: &Fence) -> Result<(), StoreError> {
         self.check()?;
+        if self.leases_fenced.load(Ordering::SeqCst) {
+            return Err(StoreError::Fenced(format!(
+                "lock of label {} is held by thief",
+                lease.label
+            )));
+        }
         self.fence(&lease.label, fence)?;
         self.put_lease_unfenced(lease).await
     }
