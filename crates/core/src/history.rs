@@ -2,10 +2,9 @@
 //! snapshots (`retrain metrics`, the report's chart).
 
 use crate::domain::{Label, RunId};
-use crate::journal::RunFilter;
 use crate::machine::LabelRun;
 use crate::ports::{RunStore, StoreError};
-use crate::report::{may_be_evaluated, MetricPoint};
+use crate::report::MetricPoint;
 
 /// The evaluated candidates of `label`, oldest first: the newest `limit`
 /// (all if `None`). Runs that never reached the gate are not read.
@@ -19,44 +18,40 @@ pub async fn metric_points(
 
 /// Like [`metric_points`], but with `current` (a run not yet, or not fully,
 /// journaled) in place of its stored snapshot.
+///
+/// One store read ([`RunStore::runs_with_verdict`]): one more run than
+/// `limit`, since `current` may be among them.
 pub async fn metric_points_besides(
     store: &dyn RunStore,
     label: &Label,
     limit: Option<usize>,
     current: Option<&LabelRun>,
 ) -> Result<Vec<MetricPoint>, StoreError> {
-    let summaries = store
-        .list_runs(&RunFilter {
-            label: Some(label.clone()),
-            limit: None,
-        })
+    let stored = store
+        .runs_with_verdict(label, limit.map(|limit| limit.saturating_add(1)))
         .await?;
     let current_id: Option<&RunId> = current.map(|r| &r.run_id);
     let mut points = Vec::new();
     if let Some(run) = current {
-        let at = summaries
+        // Its start as stored, if it is; a run with a verdict has one.
+        let at = stored
             .iter()
-            .find(|s| Some(&s.run_id) == current_id)
-            .map(|s| s.started_at)
+            .find(|(_, stored)| Some(&stored.run_id) == current_id)
+            .map(|(at, _)| *at)
             .or(run.started_at);
         if let Some(point) = at.and_then(|at| MetricPoint::from_run(run, at)) {
             points.push(point);
         }
     }
     // Newest first.
-    let mut summaries = summaries;
-    summaries.sort_by_key(|s| std::cmp::Reverse(s.started_at));
-    for summary in summaries {
+    for (at, run) in &stored {
         if limit.is_some_and(|limit| points.len() >= limit) {
             break;
         }
-        if Some(&summary.run_id) == current_id || !may_be_evaluated(&summary.outcome) {
+        if Some(&run.run_id) == current_id {
             continue;
         }
-        let Some(detail) = store.run(&summary.run_id).await? else {
-            continue;
-        };
-        if let Some(point) = MetricPoint::from_run(&detail.snapshot, summary.started_at) {
+        if let Some(point) = MetricPoint::from_run(run, *at) {
             points.push(point);
         }
     }

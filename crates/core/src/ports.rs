@@ -566,6 +566,41 @@ pub trait RunStore: Send + Sync {
     /// The promotion events of `label` (production lineage), oldest first.
     async fn promotions(&self, label: &Label) -> Result<Vec<PromotionEvent>, StoreError>;
     async fn run(&self, run_id: &RunId) -> Result<Option<RunDetail>, StoreError>;
+    /// The runs of `label` that have a gate verdict, newest first, at most
+    /// `limit` (all if `None`): each run's start time as stored, and its
+    /// snapshot. The metrics history of a report reads them
+    /// (`history.rs`, at every verdict's notification). The SQL stores
+    /// answer with one statement, read newest first by the label's index
+    /// until `limit`; this default lists every run of the label and reads
+    /// the ones that may have been evaluated one by one.
+    async fn runs_with_verdict(
+        &self,
+        label: &Label,
+        limit: Option<usize>,
+    ) -> Result<Vec<(DateTime<Utc>, LabelRun)>, StoreError> {
+        let mut summaries = self
+            .list_runs(&RunFilter {
+                label: Some(label.clone()),
+                limit: None,
+            })
+            .await?;
+        summaries.sort_by_key(|s| std::cmp::Reverse(s.started_at));
+        let mut runs = Vec::new();
+        for summary in summaries {
+            if limit.is_some_and(|limit| runs.len() >= limit) {
+                break;
+            }
+            if !crate::report::may_be_evaluated(&summary.outcome) {
+                continue;
+            }
+            if let Some(detail) = self.run(&summary.run_id).await? {
+                if detail.snapshot.verdict.is_some() {
+                    runs.push((summary.started_at, detail.snapshot));
+                }
+            }
+        }
+        Ok(runs)
+    }
 
     /// Insert or update a lease record of a run, fenced on the lease's label
     /// like a journal write.

@@ -329,6 +329,15 @@ pub(super) const SELECT_RUNS_OF_LABEL: &str =
      WHERE label = $1
      ORDER BY started_at DESC, run_id DESC LIMIT $2";
 
+/// The runs of label `$1` that have a verdict (the `verdict` column is the
+/// verdict's reason, set exactly when the snapshot has one: migrations
+/// 0015/0016), newest first, at most `$2`: read by the label's
+/// `runs_newest_by_label` index until the limit, one statement for a
+/// report's metrics history instead of a listing and a read per run.
+pub(super) const SELECT_RUNS_WITH_VERDICT: &str = "SELECT run_id, started_at, snapshot FROM runs
+     WHERE label = $1 AND verdict IS NOT NULL
+     ORDER BY started_at DESC, run_id DESC LIMIT $2";
+
 /// `GET /v1/runs`: a keyset page after run `$2` (compared as the row value
 /// (started_at, run_id) read from the store itself, so no timestamp is
 /// re-encoded); `$1` matches the outcome or the stage. The label filter is
@@ -568,6 +577,16 @@ pub(super) fn snapshot_of<R: StoreRow>(
 ) -> Result<retrain_core::machine::LabelRun, StoreError> {
     let run_id = row.text("run_id")?;
     json_column(row, "snapshot", &format!("snapshot of run {run_id}"))
+}
+
+/// A row of [`SELECT_RUNS_WITH_VERDICT`]: the run's start as stored, and
+/// its snapshot.
+pub(super) fn started_run_of<R: StoreRow>(
+    row: &R,
+) -> Result<(DateTime<Utc>, retrain_core::machine::LabelRun), StoreError> {
+    let run_id = row.text("run_id")?;
+    let at = row.time("started_at", &format!("started_at of run {run_id}"))?;
+    Ok((at, snapshot_of(row)?))
 }
 
 pub(super) fn summary_of<R: StoreRow>(row: &R) -> Result<RunSummary, StoreError> {

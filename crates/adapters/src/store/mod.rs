@@ -53,8 +53,8 @@ use crate::db::DbUrl;
 use crate::AdapterError;
 
 use backend::{
-    cursor_of, lease_args, lease_of, snapshot_of, summary_of, transition_of, Arg, Backend, Columns,
-    Statements,
+    cursor_of, lease_args, lease_of, snapshot_of, started_run_of, summary_of, transition_of, Arg,
+    Backend, Columns, Statements,
 };
 use postgres::PostgresRunStore;
 use sqlite::SqliteRunStore;
@@ -336,6 +336,25 @@ impl<B: Backend> RunStore for SqlRunStore<B> {
             .map_err(|e| b.error("listing runs", e))?
             .iter()
             .map(summary_of)
+            .collect()
+    }
+
+    async fn runs_with_verdict(
+        &self,
+        label: &Label,
+        limit: Option<usize>,
+    ) -> Result<Vec<(chrono::DateTime<chrono::Utc>, LabelRun)>, StoreError> {
+        let b = &self.0;
+        let limit = limit.map_or(i64::MAX, |limit| i64::try_from(limit).unwrap_or(i64::MAX));
+        b.pool()
+            .fetch_all(
+                backend::SELECT_RUNS_WITH_VERDICT,
+                vec![Arg::text(label), Arg::Int(limit)],
+            )
+            .await
+            .map_err(|e| b.error(&format!("reading the evaluated runs of label {label}"), e))?
+            .iter()
+            .map(started_run_of)
             .collect()
     }
 

@@ -605,7 +605,8 @@ impl JournalWrite {
 #[cfg(test)]
 mod tests {
     use super::super::backend::{
-        SELECT_RUNS_OF_LABEL, SELECT_RUNS_PAGE_OF_LABEL, SELECT_UNFINISHED,
+        SELECT_RUNS_OF_LABEL, SELECT_RUNS_PAGE_OF_LABEL, SELECT_RUNS_WITH_VERDICT,
+        SELECT_UNFINISHED,
     };
     use super::*;
 
@@ -626,6 +627,7 @@ mod tests {
             ("SELECT_RUNS_OF_LABEL", SELECT_RUNS_OF_LABEL),
             ("SELECT_RUNS_PAGE_OF_LABEL", SELECT_RUNS_PAGE_OF_LABEL),
             ("SELECT_UNFINISHED", SELECT_UNFINISHED),
+            ("SELECT_RUNS_WITH_VERDICT", SELECT_RUNS_WITH_VERDICT),
         ] {
             let plan: Vec<String> = sqlx::query(&format!("EXPLAIN QUERY PLAN {sql}"))
                 .fetch_all(&store.pool)

@@ -1227,6 +1227,79 @@ fn promoting_run(name: &str, cand: &str, approval: Option<Approval>) -> LabelRun
     run
 }
 
+/// `runs_with_verdict`: the label's runs that have a gate verdict, newest
+/// first, up to the limit, each with its start as stored; not a run
+/// without a verdict, not another label's.
+pub async fn runs_with_verdict_are_the_labels_gated_runs_newest_first(store: Arc<dyn RunStore>) {
+    let fence = lock(store.as_ref(), "dept").await;
+    let other_fence = lock(store.as_ref(), "other").await;
+    let base = now();
+    let gated = |name: &str, secs: i64, reason: &str| {
+        let mut run = LabelRun::new(
+            RunId::generate(),
+            CycleId::generate(),
+            plan(name),
+            LabelCursor::default(),
+        );
+        let t = step(
+            &mut run,
+            Event::GateEvaluated {
+                now: base + chrono::Duration::seconds(secs),
+                candidate: Candidate {
+                    id: format!("cand-{secs}"),
+                    metrics: BTreeMap::from([("dice".into(), 0.8)]),
+                },
+                production: None,
+                verdict: Verdict {
+                    passed: true,
+                    first_model: true,
+                    forced: false,
+                    comparisons: Vec::new(),
+                    reason: reason.into(),
+                },
+                promote: false,
+            },
+        );
+        (run, t)
+    };
+    let mut expected = Vec::new();
+    for (secs, reason) in [(10, "first"), (30, "third"), (20, "second")] {
+        let (run, t) = gated("dept", secs, reason);
+        store.record(&t, &fence).await.unwrap();
+        expected.push((run.started_at.unwrap(), run));
+    }
+    expected.sort_by_key(|(at, _)| std::cmp::Reverse(*at));
+    // A run without a verdict, newer than all, and another label's.
+    let (_ungated, _) = drive(
+        store.as_ref(),
+        &fence,
+        "dept",
+        Some(dataset("v1", 10)),
+        None,
+    )
+    .await;
+    let (_, t) = gated("other", 40, "elsewhere");
+    store.record(&t, &other_fence).await.unwrap();
+
+    let all = store.runs_with_verdict(&label("dept"), None).await.unwrap();
+    let reasons: Vec<&str> = all
+        .iter()
+        .map(|(_, run)| run.verdict.as_ref().unwrap().reason.as_str())
+        .collect();
+    assert_eq!(reasons, ["third", "second", "first"]);
+    assert_eq!(all, expected);
+    let newest = store
+        .runs_with_verdict(&label("dept"), Some(2))
+        .await
+        .unwrap();
+    assert_eq!(newest, expected[..2]);
+    assert!(store
+        .runs_with_verdict(&label("nobody"), Some(5))
+        .await
+        .unwrap()
+        .is_empty());
+}
+
 pub async fn promotions_are_recorded_with_their_journal_write(store: Arc<dyn RunStore>) {
     let fence = lock(store.as_ref(), "dept").await;
     let mut auto = promoting_run("dept", "cand-a", None);
@@ -1709,6 +1782,7 @@ contract!(
     runs_are_listed_newest_first_and_shown,
     runs_are_paged_by_keyset,
     promotions_are_recorded_with_their_journal_write,
+    runs_with_verdict_are_the_labels_gated_runs_newest_first,
     a_rejected_dataset_version_is_kept_in_the_cursor,
     cursors_are_read_for_many_labels_at_once,
     rollbacks_are_recorded_as_promotion_events_and_resume,

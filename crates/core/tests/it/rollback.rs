@@ -35,9 +35,9 @@ fn request(to_version: Option<&str>, force: bool) -> RollbackRequest {
     }
 }
 
-/// Production "1" (a worse model, registered by hand) and one cycle that
-/// promotes the candidate as "2" with previous "1".
-async fn promoted_twice(store: &MemStore, world: &World) -> Engine {
+/// Production "1": a worse model than the candidates, registered by hand
+/// (no promotion event).
+fn production_registered_by_hand(world: &World) {
     let worse = [("dice".to_string(), 0.5), ("iou".to_string(), 0.4)]
         .into_iter()
         .collect::<retrain_core::domain::Metrics>();
@@ -48,6 +48,12 @@ async fn promoted_twice(store: &MemStore, world: &World) -> Engine {
         .unwrap()
         .insert("1".into(), (worse.clone(), seeded.clone()));
     *world.production.lock().unwrap() = Some(("1".into(), worse, seeded));
+}
+
+/// Production "1" (registered by hand) and one cycle that promotes the
+/// candidate as "2" with previous "1".
+async fn promoted_twice(store: &MemStore, world: &World) -> Engine {
+    production_registered_by_hand(world);
     let engine = engine(
         store,
         world,
@@ -295,16 +301,7 @@ async fn a_rollback_is_refused_while_a_promotion_is_in_flight() {
     // that leaves the run in `promoting`.
     let seeded_world = || {
         let world = World::new();
-        let worse = [("dice".to_string(), 0.5), ("iou".to_string(), 0.4)]
-            .into_iter()
-            .collect::<retrain_core::domain::Metrics>();
-        let seeded = RunId("seeded-by-hand".into());
-        world
-            .versions
-            .lock()
-            .unwrap()
-            .insert("1".into(), (worse.clone(), seeded.clone()));
-        *world.production.lock().unwrap() = Some(("1".into(), worse, seeded));
+        production_registered_by_hand(&world);
         world
     };
     let mut in_flight = None;
