@@ -6,6 +6,7 @@ mod audit;
 mod concurrency;
 mod dataset_check;
 mod engine;
+mod history;
 mod machine_props;
 mod purity;
 mod rollback;
