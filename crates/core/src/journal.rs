@@ -25,6 +25,24 @@ pub struct Transition {
 }
 
 impl Transition {
+    /// The journal line of `run` having just taken `event` from stage
+    /// `from`, at `at`: the run as it is now is the snapshot, its pending
+    /// actions the line's actions.
+    pub fn after_step(run: &LabelRun, from: Stage, event: Event, at: DateTime<Utc>) -> Self {
+        Self {
+            run_id: run.run_id.clone(),
+            cycle_id: run.cycle_id.clone(),
+            label: run.label().clone(),
+            seq: run.seq,
+            at,
+            from,
+            to: run.stage,
+            event,
+            actions: run.pending.clone(),
+            snapshot: run.clone(),
+        }
+    }
+
     pub fn is_final(&self) -> bool {
         self.to == Stage::Done
     }

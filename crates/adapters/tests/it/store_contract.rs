@@ -138,18 +138,7 @@ fn live_owner() -> LockOwner {
 fn step(run: &mut LabelRun, event: Event) -> Transition {
     let from = run.stage;
     run.step(&event).unwrap();
-    Transition {
-        run_id: run.run_id.clone(),
-        cycle_id: run.cycle_id.clone(),
-        label: run.label().clone(),
-        seq: run.seq,
-        at: now(),
-        from,
-        to: run.stage,
-        event,
-        actions: run.pending.clone(),
-        snapshot: run.clone(),
-    }
+    Transition::after_step(run, from, event, now())
 }
 
 /// Drive a metadata-triggered run through the real machine, journaling

@@ -786,18 +786,7 @@ impl Engine {
     }
 
     pub(super) fn transition(&self, run: &LabelRun, from: Stage, event: Event) -> Transition {
-        Transition {
-            run_id: run.run_id.clone(),
-            cycle_id: run.cycle_id.clone(),
-            label: run.label().clone(),
-            seq: run.seq,
-            at: self.clock.now(),
-            from,
-            to: run.stage,
-            event,
-            actions: run.pending.clone(),
-            snapshot: run.clone(),
-        }
+        Transition::after_step(run, from, event, self.clock.now())
     }
 
     /// Ctrl-C / SIGTERM: stop the training job (journaled as cancelled, so

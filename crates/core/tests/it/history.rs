@@ -72,18 +72,7 @@ async fn gated(store: &MemStore, fence: &Fence, label: &str, minutes: i64, dice:
 fn step(run: &mut LabelRun, event: Event) -> Transition {
     let from = run.stage;
     run.step(&event).unwrap();
-    Transition {
-        run_id: run.run_id.clone(),
-        cycle_id: run.cycle_id.clone(),
-        label: run.label().clone(),
-        seq: run.seq,
-        at: base(),
-        from,
-        to: run.stage,
-        event,
-        actions: run.pending.clone(),
-        snapshot: run.clone(),
-    }
+    Transition::after_step(run, from, event, base())
 }
 
 fn candidates(points: &[retrain_core::report::MetricPoint]) -> Vec<&str> {
