@@ -914,8 +914,9 @@ async fn a_notifier_failing_for_good_is_recorded_on_the_finished_run() {
 
 /// `run_cycle_announcing` tells, once phase one is over, what became of
 /// each label (in the engine's label order): a run driven (its id,
-/// journaled by then), a label another driver holds; and, for a cycle
-/// interrupted before it began, labels that ended in phase one.
+/// journaled by then, its manifest naming what triggered the cycle), a
+/// label another driver holds; and, for a cycle interrupted before it
+/// began, labels that ended in phase one.
 #[tokio::test(start_paused = true)]
 async fn a_cycle_announces_each_labels_start_after_phase_one() {
     use retrain_core::engine::LabelStart;
@@ -935,7 +936,12 @@ async fn a_cycle_announces_each_labels_start_after_phase_one() {
         async move {
             let (started, announced) = tokio::sync::oneshot::channel();
             let report = e
-                .run_cycle_announcing(CycleRequest::default(), cancel, started, None)
+                .run_cycle_announcing(
+                    CycleRequest::default(),
+                    cancel,
+                    started,
+                    Some("github push abc123".into()),
+                )
                 .await
                 .unwrap();
             let announced = announced.await.expect("the cycle announced its start");
@@ -963,6 +969,12 @@ async fn a_cycle_announces_each_labels_start_after_phase_one() {
             run_id: driven.run_id.clone().unwrap(),
             resumed: false,
         }
+    );
+    // What started the cycle is recorded in the run's manifest.
+    let run = store.run_snapshot(driven.run_id.as_ref().unwrap());
+    assert_eq!(
+        run.manifest.triggered_by.as_deref(),
+        Some("github push abc123")
     );
 
     // Interrupted before any label began: each ended in phase one.
