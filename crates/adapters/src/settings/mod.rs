@@ -5,6 +5,7 @@
 
 mod duration;
 mod github_trigger;
+mod label_defaults;
 mod paths;
 mod seed_env;
 mod server;
@@ -113,6 +114,10 @@ struct RawSettings {
     http: RawHttp,
     #[serde(default)]
     labels: BTreeMap<String, RawLabel>,
+    /// Copied into `labels` before this is read (`label_defaults.rs`); here
+    /// so that the error path's `Figment::extract` accepts the key.
+    #[serde(default, rename = "label_defaults")]
+    _label_defaults: Option<serde::de::IgnoredAny>,
     #[serde(default)]
     server: server::RawServer,
 }
@@ -781,17 +786,32 @@ pub fn load(sources: &ConfigSources) -> Result<LoadedSettings, ConfigError> {
     let (figment, file) = figment(sources)?;
     // Merged once, for the extraction and the path resolution both
     // (`Figment::extract` and `find_value` each clone the whole tree).
-    let merged = figment
+    let mut merged = figment
         .find_value("")
         .map_err(|e| figment_error(&figment, e))?;
+    let defaulted = label_defaults::apply(&mut merged, &figment)?;
     let raw: RawSettings = match merged.deserialize() {
         Ok(raw) => raw,
         // `extract` again, for its error: it names the provider (file, env
         // var, flag) of the value at fault, which a bare `Value` cannot.
-        Err(_) => figment.extract().map_err(|e| figment_error(&figment, e))?,
+        // The defaults are checked on their own before, so the value at
+        // fault is one the figment has too; should it still extract, the
+        // bare error stands.
+        Err(error) => {
+            return Err(match figment.extract::<RawSettings>() {
+                Err(named) => figment_error(&figment, named),
+                Ok(_) => figment_error(&figment, error),
+            })
+        }
     };
-    let mut settings = validate(raw, &figment, &sources.env)?;
-    let resolved = paths::resolve(&mut settings, &figment, &merged, file.as_deref())?;
+    let mut settings = validate(raw, &figment, &sources.env, &defaulted)?;
+    let resolved = paths::resolve(
+        &mut settings,
+        &figment,
+        &merged,
+        file.as_deref(),
+        &defaulted,
+    )?;
     Ok(LoadedSettings {
         settings,
         figment,
@@ -804,6 +824,7 @@ fn validate(
     raw: RawSettings,
     figment: &Figment,
     env: &[(String, String)],
+    defaulted: &label_defaults::Defaulted,
 ) -> Result<Settings, ConfigError> {
     let err = |key: &str, expected: String| ConfigError::at(key, &origin(figment, key), expected);
     let server = server::validate(raw.server, &raw.state_dir, env, &err)?;
@@ -901,7 +922,7 @@ fn validate(
 
     let mut labels = BTreeMap::new();
     for (name, label_raw) in raw.labels {
-        let key = |k: &str| format!("labels.{name}.{k}");
+        let key = |k: &str| defaulted.key(&name, k);
         let label = Label::new(&name).map_err(|e| err(&format!("labels.{name}"), e.to_string()))?;
         let threshold = label_raw.threshold.ok_or_else(|| {
             err(
@@ -998,8 +1019,7 @@ fn validate(
         };
         let mut notify = Vec::new();
         for (i, v) in label_raw.notify.iter().enumerate() {
-            notify
-                .push(parse_notify(v).map_err(|e| err(&format!("labels.{name}.notify[{i}]"), e))?);
+            notify.push(parse_notify(v).map_err(|e| err(&key(&format!("notify[{i}]")), e))?);
         }
         let promote = match label_raw.promote.as_deref() {
             None | Some("auto") => PromoteMode::Auto,

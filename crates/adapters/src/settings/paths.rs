@@ -23,12 +23,14 @@
 //! The defaults of `state` and `state_dir` belong to the config file when
 //! there is one (`.retrain/` next to it), else to the working directory.
 
+use std::collections::BTreeSet;
 use std::path::{Component, Path, PathBuf};
 
 use figment::Figment;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Value};
 
+use super::label_defaults::{self, Defaulted};
 use super::{CommandConfig, ConfigError, JobSpec, RegistrySpec, Settings};
 
 /// The directories relative values resolve against.
@@ -206,6 +208,7 @@ pub(super) fn resolve(
     figment: &Figment,
     merged: &figment::value::Value,
     file: Option<&Path>,
+    defaulted: &Defaulted,
 ) -> Result<Vec<(String, Value)>, ConfigError> {
     let cwd = std::env::current_dir().map_err(|e| ConfigError {
         key: None,
@@ -255,30 +258,41 @@ pub(super) fn resolve(
 
     // The top-level `prepare` is each label's default; shown once, at its key.
     let mut shown_prepare = false;
+    // So is a key taken from `[label_defaults]`: the same value (resolved
+    // against the same origin) for every label that took it.
+    let mut shown_defaults = BTreeSet::new();
     for (label, label_settings) in &mut settings.labels {
         let key = |k: &str| format!("labels.{label}.{k}");
+        let mut show = |k: &str, value: Value| {
+            if !defaulted.took(label.as_str(), k) {
+                shown.push((key(k), value));
+            } else if shown_defaults.insert(k.to_owned()) {
+                shown.push((format!("{}.{k}", label_defaults::KEY), value));
+            }
+        };
         let metadata = resolve_metadata(&label_settings.metadata, &bases.of(&key("metadata")));
         if metadata != label_settings.metadata {
-            shown.push((key("metadata"), json!(metadata)));
+            show("metadata", json!(metadata));
             label_settings.metadata = metadata;
         }
         if let Some(RegistrySpec::Json { path, .. }) = &mut label_settings.registry {
             *path = join(&bases.of(&key("registry.json")), path);
-            shown.push((key("registry.json"), json!(path.display().to_string())));
+            show("registry.json", json!(path.display().to_string()));
         }
         if let JobSpec::Command(config) = &mut label_settings.trainer {
-            shown.push((
-                key("trainer"),
-                resolve_command(config, &key("trainer"), &bases),
-            ));
+            show("trainer", resolve_command(config, &key("trainer"), &bases));
         }
         if let Some(config) = &mut label_settings.dataset_check {
-            shown.push((
-                key("dataset_check"),
+            show(
+                "dataset_check",
                 resolve_command(config, &key("dataset_check"), &bases),
-            ));
+            );
         }
-        if let Some(JobSpec::Command(config)) = &mut label_settings.prepare {
+        if defaulted.took(label.as_str(), "prepare") {
+            if let Some(JobSpec::Command(config)) = &mut label_settings.prepare {
+                show("prepare", resolve_command(config, &key("prepare"), &bases));
+            }
+        } else if let Some(JobSpec::Command(config)) = &mut label_settings.prepare {
             let own = bases.has(&key("prepare"));
             let prepare_key = if own {
                 key("prepare")

@@ -926,3 +926,165 @@ fn two_thousand_labels_resolve_each_their_own_paths() {
         Some(format!("file://{}", base.join("m1999.json").display()).as_str())
     );
 }
+
+#[test]
+fn label_defaults_fill_every_label_key_by_key_and_a_labels_own_key_wins_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        r#"
+[label_defaults]
+threshold = 50
+counts = "none"
+metadata = "file://shared/meta.json"
+trainer = { command = ["./train.sh"], timeout = "5m" }
+registry = { json = "registry.json", model = "m" }
+gate = { metrics = [{ name = "f1", direction = "higher" }] }
+promote = "manual"
+
+[labels.plain]
+
+[labels.own]
+threshold = 7
+trainer = { worker = { command = ["python", "train.py"] } }
+gate = "none"
+registry = { json = "other.json", model = "m2" }
+"#,
+    );
+    let loaded = load(&sources(Some(file), &[])).unwrap();
+    let base = std::fs::canonicalize(dir.path()).unwrap();
+    let label = |n: &str| &loaded.settings.labels[&Label::new(n).unwrap()];
+
+    let plain = label("plain");
+    assert_eq!(plain.threshold, 50);
+    assert!(!plain.counts);
+    assert_eq!(plain.promote, PromoteMode::Manual);
+    assert!(plain.gate.is_some());
+    // Relative paths of a default resolve against the file that set it.
+    assert_eq!(
+        plain.metadata,
+        format!("file://{}", base.join("shared/meta.json").display())
+    );
+    let JobSpec::Command(trainer) = &plain.trainer else {
+        panic!("the default command trainer, got {:?}", plain.trainer);
+    };
+    assert_eq!(trainer.argv[0], base.join("train.sh").display().to_string());
+    assert_eq!(trainer.timeout, Some(Duration::from_secs(300)));
+
+    // A label's own key replaces the default whole: no merged trainer table.
+    let own = label("own");
+    assert_eq!(own.threshold, 7);
+    assert!(
+        matches!(own.trainer, JobSpec::Worker(_)),
+        "{:?}",
+        own.trainer
+    );
+    assert!(own.gate.is_none());
+    assert_eq!(
+        own.promote,
+        PromoteMode::Manual,
+        "keys it does not set come from the defaults"
+    );
+    let Some(RegistrySpec::Json { path, .. }) = &own.registry else {
+        panic!("a json registry, got {:?}", own.registry);
+    };
+    assert_eq!(path, &base.join("other.json"));
+
+    // `config show`: a default's resolved paths once, at the default's key;
+    // a label's own keys at the label.
+    let shown: toml::Value = toml::from_str(&redacted_toml(&loaded.effective()).unwrap()).unwrap();
+    let train_sh = base.join("train.sh").display().to_string();
+    assert_eq!(
+        shown["label_defaults"]["trainer"]["command"][0].as_str(),
+        Some(train_sh.as_str()),
+        "{shown}"
+    );
+    assert_eq!(
+        shown["label_defaults"]["registry"]["json"].as_str(),
+        Some(base.join("registry.json").display().to_string().as_str())
+    );
+    assert!(shown["labels"]["plain"].get("trainer").is_none(), "{shown}");
+    assert!(
+        shown["labels"]["plain"].get("metadata").is_none(),
+        "{shown}"
+    );
+    assert_eq!(
+        shown["labels"]["own"]["registry"]["json"].as_str(),
+        Some(base.join("other.json").display().to_string().as_str())
+    );
+}
+
+#[test]
+fn label_defaults_errors_name_the_default_and_env_vars_set_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let label = "[labels.a]\nmetadata = \"file://m.json\"\n";
+
+    // A value of the wrong type: named once, as the default.
+    let file = write(
+        &dir,
+        &format!("[label_defaults]\nthreshold = \"lots\"\ntrainer = \"command:true\"\n{label}"),
+    );
+    let err = load(&sources(Some(file), &[])).unwrap_err();
+    assert_eq!(
+        err.key.as_deref(),
+        Some("label_defaults.threshold"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("retrain.toml"), "{err}");
+
+    // A key that no label has.
+    let file = write(&dir, &format!("[label_defaults]\nthresold = 3\n{label}"));
+    let err = load(&sources(Some(file), &[])).unwrap_err().to_string();
+    assert!(err.contains("thresold"), "{err}");
+
+    // Not a table.
+    let file = write(&dir, &format!("label_defaults = 3\n{label}"));
+    let err = load(&sources(Some(file), &[])).unwrap_err();
+    assert_eq!(err.key.as_deref(), Some("label_defaults"), "{err}");
+
+    // A default that a label's own rules refuse names the default...
+    let file = write(
+        &dir,
+        &format!("[label_defaults]\nthreshold = 1\ntrainer = \"none\"\n{label}"),
+    );
+    let err = load(&sources(Some(file), &[])).unwrap_err();
+    assert_eq!(err.key.as_deref(), Some("label_defaults.trainer"), "{err}");
+    let file = write(
+        &dir,
+        &format!(
+            "[label_defaults]\nthreshold = 1\ntrainer = \"command:true\"\nnotify = [\"log\", {{ slack = \"not a url\" }}]\n{label}"
+        ),
+    );
+    let err = load(&sources(Some(file), &[])).unwrap_err();
+    assert_eq!(
+        err.key.as_deref(),
+        Some("label_defaults.notify[1]"),
+        "{err}"
+    );
+    // ...and a key the label is missing names the label.
+    let file = write(&dir, &format!("[label_defaults]\nthreshold = 1\n{label}"));
+    let err = load(&sources(Some(file), &[])).unwrap_err();
+    assert_eq!(err.key.as_deref(), Some("labels.a.trainer"), "{err}");
+
+    // An environment variable sets a default; an error in it names it.
+    let file = write(
+        &dir,
+        &format!("[label_defaults]\ntrainer = \"command:true\"\n{label}"),
+    );
+    let loaded = load(&sources(
+        Some(file.clone()),
+        &[("RETRAIN_LABEL_DEFAULTS__THRESHOLD", "12")],
+    ))
+    .unwrap();
+    assert_eq!(
+        loaded.settings.labels[&Label::new("a").unwrap()].threshold,
+        12
+    );
+    let err = load(&sources(
+        Some(file),
+        &[("RETRAIN_LABEL_DEFAULTS__THRESHOLD", "twelve")],
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("RETRAIN_LABEL_DEFAULTS__THRESHOLD"), "{err}");
+}

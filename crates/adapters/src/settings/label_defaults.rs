@@ -1,0 +1,116 @@
+//! `[label_defaults]`: keys every `[labels.<name>]` table takes unless it
+//! sets them itself.
+//!
+//! A project with many labels that share a trainer, a gate, a registry and
+//! notifications writes them once. The rule is shallow, key by key: a label
+//! that sets `trainer` gets its own `trainer` whole, never a merge of its
+//! table with the default one (a `{ command = … }` default and a
+//! `{ worker = … }` label must not become a trainer with both).
+//!
+//! The defaults are copied into the labels of the merged configuration
+//! *with their figment tags*, so each copied value still names the provider
+//! that set it: a relative path resolves against the file (or the working
+//! directory, for an environment variable) that set the default, as if the
+//! label had written it (`paths.rs`). The table is checked on its own first,
+//! against the same types as a label's keys, so a bad default is an error
+//! naming `label_defaults.<key>`, once, and never a label's error.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use figment::value::{Dict, Tag, Value};
+use figment::Figment;
+
+use super::{ConfigError, RawLabel};
+
+/// The table's key in the configuration.
+pub(super) const KEY: &str = "label_defaults";
+
+/// Which keys each label took from `[label_defaults]`, so that an error in
+/// one of them names the default the user wrote, not a key the user never
+/// wrote in that label.
+#[derive(Debug, Default)]
+pub(super) struct Defaulted {
+    /// Label name → the keys copied into it.
+    taken: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl Defaulted {
+    /// The key to name in an error about `key` of label `label`:
+    /// `label_defaults.<key>` when the label took it from the defaults,
+    /// else `labels.<label>.<key>`.
+    pub(super) fn key(&self, label: &str, key: &str) -> String {
+        if self.took(label, key) {
+            format!("{KEY}.{key}")
+        } else {
+            format!("labels.{label}.{key}")
+        }
+    }
+
+    /// Whether `label` took `key` (or the key `key` is under, as in
+    /// `registry.json` or `notify[1]`) from the defaults.
+    pub(super) fn took(&self, label: &str, key: &str) -> bool {
+        let top = key.split(['.', '[']).next().unwrap_or(key);
+        self.taken.get(label).is_some_and(|keys| keys.contains(top))
+    }
+}
+
+/// Check `[label_defaults]` in `merged` (the whole configuration, merged
+/// once by the caller), then copy each of its keys into every label table
+/// that does not set that key. Without the table, nothing changes.
+pub(super) fn apply(merged: &mut Value, figment: &Figment) -> Result<Defaulted, ConfigError> {
+    let Value::Dict(_, root) = merged else {
+        return Ok(Defaulted::default());
+    };
+    let defaults = match root.remove(KEY) {
+        None => return Ok(Defaulted::default()),
+        Some(Value::Dict(_, defaults)) => defaults,
+        Some(_) => {
+            return Err(ConfigError::at(
+                KEY,
+                &super::origin(figment, KEY),
+                "expected a table of label keys (threshold, trainer, gate, …)",
+            ))
+        }
+    };
+    check(&defaults, figment)?;
+    let mut defaulted = Defaulted::default();
+    let Some(Value::Dict(_, labels)) = root.get_mut("labels") else {
+        return Ok(defaulted);
+    };
+    for (name, label) in labels.iter_mut() {
+        // Not a table: the label's own deserialisation says so, by name.
+        let Value::Dict(_, keys) = label else {
+            continue;
+        };
+        let mut taken = BTreeSet::new();
+        for (key, value) in &defaults {
+            if !keys.contains_key(key) {
+                keys.insert(key.clone(), value.clone());
+                taken.insert(key.clone());
+            }
+        }
+        if !taken.is_empty() {
+            defaulted.taken.insert(name.clone(), taken);
+        }
+    }
+    Ok(defaulted)
+}
+
+/// The defaults must be what a label's keys may be (types, no unknown
+/// key); the label-level rules (a gate needs a registry, …) are checked per
+/// label, where they apply.
+fn check(defaults: &Dict, figment: &Figment) -> Result<(), ConfigError> {
+    let value = Value::Dict(Tag::Default, defaults.clone());
+    let Err(error) = value.deserialize::<RawLabel>() else {
+        return Ok(());
+    };
+    let key = std::iter::once(KEY)
+        .chain(error.path.iter().map(String::as_str))
+        .collect::<Vec<_>>()
+        .join(".");
+    Err(ConfigError::at(
+        &key,
+        &super::origin(figment, &key),
+        error.kind,
+    ))
+}
