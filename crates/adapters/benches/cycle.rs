@@ -545,6 +545,18 @@ fn main() {
             .await
             .unwrap();
         let elapsed = started.elapsed();
+        if let Some(restarted) = sources.prepare.restarted_at.get() {
+            let first_start = train.started.lock().unwrap().iter().min().copied();
+            eprintln!(
+                "phases: prepare restarted at {:.1} ms, first training start at {} ms, end at {:.1} ms",
+                restarted.duration_since(started).as_secs_f64() * 1000.0,
+                first_start.map_or("-".into(), |t| format!(
+                    "{:.1}",
+                    t.duration_since(started).as_secs_f64() * 1000.0
+                )),
+                elapsed.as_secs_f64() * 1000.0,
+            );
+        }
         let promoted = report
             .labels
             .iter()

@@ -2,6 +2,7 @@
 //! No business logic lives here.
 
 use std::collections::HashMap;
+use std::io::Write as _;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -10,6 +11,7 @@ use retrain_adapters::wiring;
 use retrain_core::domain::{Label, RunId};
 use retrain_core::engine::CycleRequest;
 use retrain_core::journal::RunFilter;
+use retrain_core::machine::LabelRun;
 use retrain_core::manifest::ManifestDocument;
 use retrain_core::ports::RunStore;
 use retrain_core::report::{CycleReport, LabelStatus};
@@ -196,32 +198,53 @@ async fn run(
     Ok(cycle_exit_code(&report, args.fail_on_reject, &interrupt))
 }
 
+/// Runs whose snapshots one statement reads when writing manifests: bounds
+/// what a 10,000-label cycle holds at once to a few hundred snapshots.
+const MANIFESTS_PER_READ: usize = 256;
+
 /// `state_dir/runs/<run_id>/manifest.json` for every run of `runs` (those of
-/// a cycle, a `retrain gate`, a decision), as journaled. A failure is
-/// logged: the manifest stays in the run store.
+/// a cycle, a `retrain gate`, a decision), as journaled. The snapshots are
+/// read [`MANIFESTS_PER_READ`] at a time (`RunStore::run_snapshots`; one
+/// statement each, where a run's full read is two and carries its journal
+/// lines). A failure is logged: the manifest stays in the run store.
 async fn write_manifests<'a>(
     store: &dyn RunStore,
     state_dir: &std::path::Path,
     runs: impl Iterator<Item = &'a RunId>,
 ) {
-    for run_id in runs {
-        let written = async {
-            let detail = store
-                .run(run_id)
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("not in the run store"))?;
-            let dir = state_dir.join("runs").join(run_id.as_str());
-            std::fs::create_dir_all(&dir)?;
-            let text = serde_json::to_string_pretty(&ManifestDocument::from_run(&detail.snapshot))?;
-            let tmp = dir.join("manifest.json.tmp");
-            std::fs::write(&tmp, text + "\n")?;
-            std::fs::rename(&tmp, dir.join("manifest.json"))?;
-            anyhow::Ok(())
+    let runs: Vec<&RunId> = runs.collect();
+    for chunk in runs.chunks(MANIFESTS_PER_READ) {
+        let ids: Vec<RunId> = chunk.iter().map(|&id| id.clone()).collect();
+        let snapshots = match store.run_snapshots(&ids).await {
+            Ok(snapshots) => snapshots,
+            Err(error) => {
+                tracing::warn!(runs = ids.len(), error = %error, "could not read runs to write their manifests");
+                continue;
+            }
         };
-        if let Err(error) = written.await {
-            tracing::warn!(run_id = %run_id, error = %format!("{error:#}"), "could not write the run manifest");
+        let mut missing: std::collections::HashSet<&RunId> = ids.iter().collect();
+        for run in &snapshots {
+            missing.remove(&run.run_id);
+            if let Err(error) = write_manifest(state_dir, run) {
+                tracing::warn!(run_id = %run.run_id, error = %format!("{error:#}"), "could not write the run manifest");
+            }
+        }
+        for run_id in missing {
+            tracing::warn!(run_id = %run_id, error = "not in the run store", "could not write the run manifest");
         }
     }
+}
+
+/// One run's manifest, written whole or not at all (a temporary file
+/// renamed over it).
+fn write_manifest(state_dir: &std::path::Path, run: &LabelRun) -> anyhow::Result<()> {
+    let dir = state_dir.join("runs").join(run.run_id.as_str());
+    std::fs::create_dir_all(&dir)?;
+    let text = serde_json::to_string_pretty(&ManifestDocument::from_run(run))?;
+    let tmp = dir.join("manifest.json.tmp");
+    std::fs::write(&tmp, text + "\n")?;
+    std::fs::rename(&tmp, dir.join("manifest.json"))?;
+    Ok(())
 }
 
 fn render_cycle(cli: &Cli, report: &CycleReport) -> Result<(), Failure> {
@@ -315,10 +338,15 @@ async fn status(cli: &Cli, raw_labels: &[String]) -> Result<u8, Failure> {
     match cli.output {
         OutputFormat::Json => output::print_json(&rows)?,
         OutputFormat::Text => {
-            println!(
+            // One buffer for the table: `println!` flushes stdout per line,
+            // a write(2) per label.
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            writeln!(
+                out,
                 "{:<16} {:>9}  {:<26} {:<22} {:<18} LAST VERDICT",
                 "LABEL", "THRESHOLD", "WATERMARK", "LAST VERSION", "LAST RUN"
-            );
+            )
+            .context("writing the status table")?;
             for row in &rows {
                 let s = |v: &serde_json::Value| match v {
                     serde_json::Value::Null => "-".to_owned(),
@@ -341,7 +369,8 @@ async fn status(cli: &Cli, raw_labels: &[String]) -> Result<u8, Failure> {
                         s(&row["rejected_version"])
                     ));
                 }
-                println!(
+                writeln!(
+                    out,
                     "{:<16} {:>9}  {:<26} {:<22} {:<18} {}{}",
                     s(&row["label"]),
                     s(&row["threshold"]),
@@ -350,11 +379,13 @@ async fn status(cli: &Cli, raw_labels: &[String]) -> Result<u8, Failure> {
                     run,
                     s(&last["verdict"]),
                     waiting
-                );
+                )
+                .context("writing the status table")?;
             }
             if let Some(table) = output::remote_jobs_table(&rows) {
-                print!("\n{table}");
+                write!(out, "\n{table}").context("writing the status table")?;
             }
+            out.flush().context("writing the status table")?;
         }
     }
     Ok(exit::OK)
@@ -824,6 +855,20 @@ async fn infra(cli: &Cli, command: &InfraCommand) -> Result<u8, Failure> {
     }
 }
 
+/// At most this many label names in `config check`'s text line (the JSON
+/// output lists them all).
+const LABELS_LISTED: usize = 20;
+
+/// `a, b, c`, or the first [`LABELS_LISTED`] and how many more: one line
+/// for a terminal even with 10,000 labels.
+fn label_list(labels: &[&str]) -> String {
+    let listed = labels[..labels.len().min(LABELS_LISTED)].join(", ");
+    match labels.len().checked_sub(LABELS_LISTED) {
+        Some(more) if more > 0 => format!("{listed}, … and {more} more (--output json lists all)"),
+        _ => listed,
+    }
+}
+
 fn config(cli: &Cli, command: &ConfigCommand) -> Result<u8, Failure> {
     let loaded = load(cli, false)?;
     match command {
@@ -845,7 +890,7 @@ fn config(cli: &Cli, command: &ConfigCommand) -> Result<u8, Failure> {
                             .map(|f| f.display().to_string())
                             .unwrap_or_else(|| "no file, env only".into()),
                         labels.len(),
-                        labels.join(", ")
+                        label_list(&labels)
                     );
                     if labels.is_empty() {
                         println!("warning: no labels configured: `retrain run` will do nothing");

@@ -131,6 +131,39 @@ fn bad_config_exits_2_naming_the_key() {
 }
 
 #[test]
+fn label_defaults_configure_many_labels_and_check_lists_a_few_of_them() {
+    let dir = Project::new();
+    let mut toml = String::from(
+        "[label_defaults]\nthreshold = 10\ncounts = \"none\"\nmetadata = \"file://metadata.json\"\n\
+         trainer = \"command:true\"\ngate = \"none\"\n",
+    );
+    for n in 0..25 {
+        toml.push_str(&format!("[labels.l{n:02}]\n"));
+    }
+    toml.push_str("[labels.own]\nthreshold = 3\n");
+    dir.config(&toml).write(
+        "metadata.json",
+        r#"{"dataset_name": "d", "version_tag": "v1", "num_samples": 100, "created_at": "2026-12-01T00:00:00Z"}"#,
+    );
+
+    let plan = json_ok(dir.path(), &["--output", "json", "plan"]);
+    let labels = plan["labels"].as_array().unwrap();
+    assert_eq!(labels.len(), 26, "{plan}");
+    let threshold =
+        |name: &str| labels.iter().find(|l| l["label"] == name).unwrap()["threshold"].clone();
+    assert_eq!(threshold("l00"), 10);
+    assert_eq!(threshold("l24"), 10);
+    assert_eq!(threshold("own"), 3);
+
+    let check = text_ok(dir.path(), &["config", "check"]);
+    assert!(check.contains("26 label(s): l00, l01,"), "{check}");
+    assert!(check.contains("l19, … and 6 more"), "{check}");
+    assert!(!check.contains("l20"), "{check}");
+    let check = json_ok(dir.path(), &["--output", "json", "config", "check"]);
+    assert_eq!(check["labels"].as_array().unwrap().len(), 26, "{check}");
+}
+
+#[test]
 fn a_bad_github_workflow_trainer_exits_2_naming_the_key() {
     let dir = Project::new();
     let config = |trainer: &str| {

@@ -602,6 +602,21 @@ pub trait RunStore: Send + Sync {
         Ok(runs)
     }
 
+    /// The latest snapshot of each run of `run_ids` that the store has (an
+    /// unknown id is skipped), in no particular order: what a run's
+    /// manifest is written from after a cycle. The SQL stores answer with
+    /// one statement for the whole slice (callers bound its length); this
+    /// default reads the runs one by one, journal lines included.
+    async fn run_snapshots(&self, run_ids: &[RunId]) -> Result<Vec<LabelRun>, StoreError> {
+        let mut runs = Vec::with_capacity(run_ids.len());
+        for run_id in run_ids {
+            if let Some(detail) = self.run(run_id).await? {
+                runs.push(detail.snapshot);
+            }
+        }
+        Ok(runs)
+    }
+
     /// Insert or update a lease record of a run, fenced on the lease's label
     /// like a journal write.
     async fn put_lease(&self, lease: &Lease, fence: &Fence) -> Result<(), StoreError>;

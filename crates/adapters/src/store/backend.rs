@@ -181,6 +181,9 @@ pub(super) trait Backend: Send + Sync + 'static {
     /// [`select_status`] in this dialect (arguments: the labels as a JSON
     /// array, then [`Backend::now_args`]).
     const SELECT_STATUS: &'static str;
+    /// The `run_id` and `snapshot` of the runs whose ids are in the JSON
+    /// array `$1` (`RunStore::run_snapshots`).
+    const SELECT_SNAPSHOTS: &'static str;
     /// Append `$3` to the log tail of job `$1` held by worker `$2`, keeping
     /// its last 65,536 characters (see `jobs.rs`).
     const APPEND_LOG: &'static str;

@@ -461,6 +461,32 @@ impl<B: Backend> RunStore for SqlRunStore<B> {
         }))
     }
 
+    async fn run_snapshots(&self, run_ids: &[RunId]) -> Result<Vec<LabelRun>, StoreError> {
+        let b = &self.0;
+        if run_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids = run_ids
+            .iter()
+            .map(|id| serde_json::Value::String(id.to_string()))
+            .collect();
+        b.pool()
+            .fetch_all(
+                B::SELECT_SNAPSHOTS,
+                vec![Arg::Json(serde_json::Value::Array(ids))],
+            )
+            .await
+            .map_err(|e| {
+                b.error(
+                    &format!("reading the snapshots of {} runs", run_ids.len()),
+                    e,
+                )
+            })?
+            .iter()
+            .map(snapshot_of)
+            .collect()
+    }
+
     async fn put_lease(&self, lease: &Lease, fence: &Fence) -> Result<(), StoreError> {
         let applied = self.0.lease(lease, fence).await?;
         locks::fenced(&self.0, &lease.label, fence, applied).await

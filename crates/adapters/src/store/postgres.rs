@@ -373,6 +373,8 @@ impl Backend for PostgresRunStore {
         "json_build_array",
         ")::text"
     );
+    const SELECT_SNAPSHOTS: &'static str = "SELECT run_id, snapshot FROM runs
+         WHERE run_id IN (SELECT value FROM jsonb_array_elements_text($1) AS value)";
     const APPEND_LOG: &'static str =
         "UPDATE remote_jobs SET log_tail = right(log_tail || $3, 65536)
          WHERE job_key = $1 AND worker_id = $2 AND state IN ('assigned', 'cancelling')";

@@ -327,6 +327,8 @@ impl Backend for SqliteRunStore {
         "json_array",
         ")"
     );
+    const SELECT_SNAPSHOTS: &'static str = "SELECT run_id, snapshot FROM runs
+         WHERE run_id IN (SELECT value FROM json_each($1))";
     const APPEND_LOG: &'static str =
         "UPDATE remote_jobs SET log_tail = substr(log_tail || $3, -65536)
          WHERE job_key = $1 AND worker_id = $2 AND state IN ('assigned', 'cancelling')";

@@ -1289,6 +1289,55 @@ pub async fn runs_with_verdict_are_the_labels_gated_runs_newest_first(store: Arc
         .is_empty());
 }
 
+/// `run_snapshots`: the latest snapshot of each asked run the store has,
+/// finished or not, the same as a full read's; an unknown id is skipped;
+/// nothing asked, nothing read.
+pub async fn run_snapshots_are_the_asked_runs_latest_snapshots(store: Arc<dyn RunStore>) {
+    let fence = lock(store.as_ref(), "dept").await;
+    let other_fence = lock(store.as_ref(), "other").await;
+    let (finished, _) = drive(
+        store.as_ref(),
+        &fence,
+        "dept",
+        Some(dataset("v1", 10)),
+        None,
+    )
+    .await;
+    let (waiting, _) = drive(
+        store.as_ref(),
+        &other_fence,
+        "other",
+        Some(dataset("v1", 10)),
+        Some(Stage::Training),
+    )
+    .await;
+    let (other, _) = drive(
+        store.as_ref(),
+        &fence,
+        "dept",
+        Some(dataset("v2", 20)),
+        None,
+    )
+    .await;
+    let unknown = RunId::generate();
+    let asked = [
+        waiting.run_id.clone(),
+        unknown.clone(),
+        finished.run_id.clone(),
+    ];
+    let mut got = store.run_snapshots(&asked).await.unwrap();
+    got.sort_by(|a, b| a.run_id.as_str().cmp(b.run_id.as_str()));
+    let mut expected = vec![finished.clone(), waiting.clone()];
+    expected.sort_by(|a, b| a.run_id.as_str().cmp(b.run_id.as_str()));
+    assert_eq!(got, expected, "not {other:?}, not {unknown}");
+    for run in &got {
+        let detail = store.run(&run.run_id).await.unwrap().unwrap();
+        assert_eq!(&detail.snapshot, run);
+    }
+    assert!(store.run_snapshots(&[]).await.unwrap().is_empty());
+    assert!(store.run_snapshots(&[unknown]).await.unwrap().is_empty());
+}
+
 pub async fn promotions_are_recorded_with_their_journal_write(store: Arc<dyn RunStore>) {
     let fence = lock(store.as_ref(), "dept").await;
     let mut auto = promoting_run("dept", "cand-a", None);
@@ -1772,6 +1821,7 @@ contract!(
     runs_are_paged_by_keyset,
     promotions_are_recorded_with_their_journal_write,
     runs_with_verdict_are_the_labels_gated_runs_newest_first,
+    run_snapshots_are_the_asked_runs_latest_snapshots,
     a_rejected_dataset_version_is_kept_in_the_cursor,
     cursors_are_read_for_many_labels_at_once,
     rollbacks_are_recorded_as_promotion_events_and_resume,

@@ -149,3 +149,21 @@ async fn the_run_in_hand_replaces_its_stored_snapshot() {
         "its start as stored"
     );
 }
+
+/// `RunStore::run_snapshots`' default (what the CLI writes manifests from):
+/// each asked run's stored snapshot, an unknown id skipped.
+#[tokio::test]
+async fn run_snapshots_default_reads_the_asked_runs_and_skips_unknown_ids() {
+    let store = MemStore::new();
+    let department = fence(&store, "department").await;
+    let first = gated(&store, &department, "department", 10, 0.5).await;
+    let second = gated(&store, &department, "department", 20, 0.6).await;
+    gated(&store, &department, "department", 30, 0.7).await;
+    let unknown = RunId::generate();
+    let got = store
+        .run_snapshots(&[second.run_id.clone(), unknown.clone(), first.run_id.clone()])
+        .await
+        .unwrap();
+    assert_eq!(got, [second, first]);
+    assert!(store.run_snapshots(&[unknown]).await.unwrap().is_empty());
+}
