@@ -278,6 +278,32 @@ fn cycle_exit_code(report: &CycleReport, fail_on_reject: bool, interrupt: &Inter
     exit::OK
 }
 
+/// One label's line of `retrain status`; `--output json` prints these as
+/// they are. Typed, not a `json!` object per label: at 10,000 labels
+/// building and dropping the objects was a fifth of the command.
+#[derive(serde::Serialize)]
+struct StatusLine<'a> {
+    label: &'a Label,
+    threshold: u64,
+    watermark: Option<chrono::DateTime<chrono::Utc>>,
+    last_version: Option<&'a retrain_core::domain::VersionTag>,
+    rejected_version: Option<&'a retrain_core::domain::VersionTag>,
+    locked_by: Option<&'a str>,
+    awaiting_approval: Option<&'a RunId>,
+    last_run: Option<LastRunLine<'a>>,
+    remote_jobs: Vec<serde_json::Value>,
+}
+
+/// The newest run in a [`StatusLine`].
+#[derive(serde::Serialize)]
+struct LastRunLine<'a> {
+    run_id: &'a RunId,
+    stage: retrain_core::machine::Stage,
+    outcome: &'a str,
+    updated_at: chrono::DateTime<chrono::Utc>,
+    verdict: Option<&'a str>,
+}
+
 async fn status(cli: &Cli, raw_labels: &[String]) -> Result<u8, Failure> {
     let loaded = load(cli, false)?;
     let stores = wiring::open_stores_for_reading(&loaded.settings)
@@ -312,31 +338,29 @@ async fn status(cli: &Cli, raw_labels: &[String]) -> Result<u8, Failure> {
             .or_default()
             .push(output::remote_job_json(&job, now));
     }
-    let rows: Vec<serde_json::Value> = selected
+    let lines: Vec<StatusLine> = selected
         .iter()
-        .zip(statuses)
-        .map(|((label, label_settings), status)| {
-            json!({
-                "label": label,
-                "threshold": label_settings.threshold,
-                "watermark": status.cursor.watermark,
-                "last_version": status.cursor.consumed_version,
-                "rejected_version": status.cursor.rejected_version,
-                "locked_by": status.locked_by,
-                "awaiting_approval": status.awaiting_approval,
-                "last_run": status.last_run.as_ref().map(|r| json!({
-                    "run_id": r.run_id,
-                    "stage": r.stage,
-                    "outcome": r.outcome,
-                    "updated_at": r.updated_at,
-                    "verdict": status.last_verdict,
-                })),
-                "remote_jobs": remote_jobs.remove(label.as_str()).unwrap_or_default(),
-            })
+        .zip(&statuses)
+        .map(|((label, label_settings), status)| StatusLine {
+            label,
+            threshold: label_settings.threshold,
+            watermark: status.cursor.watermark,
+            last_version: status.cursor.consumed_version.as_ref(),
+            rejected_version: status.cursor.rejected_version.as_ref(),
+            locked_by: status.locked_by.as_deref(),
+            awaiting_approval: status.awaiting_approval.as_ref(),
+            last_run: status.last_run.as_ref().map(|r| LastRunLine {
+                run_id: &r.run_id,
+                stage: r.stage,
+                outcome: &r.outcome,
+                updated_at: r.updated_at,
+                verdict: status.last_verdict.as_deref(),
+            }),
+            remote_jobs: remote_jobs.remove(label.as_str()).unwrap_or_default(),
         })
         .collect();
     match cli.output {
-        OutputFormat::Json => output::print_json(&rows)?,
+        OutputFormat::Json => output::print_json(&lines)?,
         OutputFormat::Text => {
             // One buffer for the table: `println!` flushes stdout per line,
             // a write(2) per label.
@@ -347,42 +371,38 @@ async fn status(cli: &Cli, raw_labels: &[String]) -> Result<u8, Failure> {
                 "LABEL", "THRESHOLD", "WATERMARK", "LAST VERSION", "LAST RUN"
             )
             .context("writing the status table")?;
-            for row in &rows {
-                let s = |v: &serde_json::Value| match v {
-                    serde_json::Value::Null => "-".to_owned(),
-                    serde_json::Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                let last = &row["last_run"];
-                let run = if last.is_null() {
-                    "-".to_owned()
-                } else {
-                    format!("{} ({})", s(&last["outcome"]), s(&last["stage"]))
-                };
-                let mut waiting = match &row["awaiting_approval"] {
-                    serde_json::Value::Null => String::new(),
-                    id => format!(" [awaiting approval: {}]", s(id)),
-                };
-                if !row["rejected_version"].is_null() {
+            for line in &lines {
+                let run = line.last_run.as_ref().map_or_else(
+                    || "-".to_owned(),
+                    |last| format!("{} ({})", last.outcome, output::cell(&last.stage)),
+                );
+                let mut waiting = line
+                    .awaiting_approval
+                    .map(|id| format!(" [awaiting approval: {id}]"))
+                    .unwrap_or_default();
+                if let Some(rejected) = line.rejected_version {
                     waiting.push_str(&format!(
                         " [dataset check rejected: {}]",
-                        s(&row["rejected_version"])
+                        output::cell(rejected)
                     ));
                 }
                 writeln!(
                     out,
                     "{:<16} {:>9}  {:<26} {:<22} {:<18} {}{}",
-                    s(&row["label"]),
-                    s(&row["threshold"]),
-                    s(&row["watermark"]),
-                    s(&row["last_version"]),
+                    line.label.as_str(),
+                    line.threshold,
+                    output::cell(&line.watermark),
+                    output::cell(&line.last_version),
                     run,
-                    s(&last["verdict"]),
+                    output::cell(&line.last_run.as_ref().and_then(|last| last.verdict)),
                     waiting
                 )
                 .context("writing the status table")?;
             }
-            if let Some(table) = output::remote_jobs_table(&rows) {
+            let jobs = lines
+                .iter()
+                .map(|line| (line.label.as_str(), line.remote_jobs.as_slice()));
+            if let Some(table) = output::remote_jobs_table(jobs) {
                 write!(out, "\n{table}").context("writing the status table")?;
             }
             out.flush().context("writing the status table")?;

@@ -318,22 +318,35 @@ pub fn remote_job_json(job: &RemoteJob, now: chrono::DateTime<chrono::Utc>) -> s
     })
 }
 
-/// The second table of `retrain status`: every label's remote jobs (rows
-/// from the JSON, `remote_jobs` of each), or `None` when no label has one,
-/// so that the output without workers is the one table it always was.
-pub fn remote_jobs_table(rows: &[serde_json::Value]) -> Option<String> {
-    let text = |v: &serde_json::Value| match v {
+/// A table cell: a JSON value as text, `-` for null, a string unquoted.
+pub fn json_cell(value: &serde_json::Value) -> String {
+    match value {
         serde_json::Value::Null => "-".to_owned(),
         serde_json::Value::String(s) => s.clone(),
         other => other.to_string(),
-    };
+    }
+}
+
+/// A table cell of any serialisable value, written as its JSON form would
+/// be read (`json_cell`): a time as `--output json` shows it.
+pub fn cell<T: serde::Serialize + ?Sized>(value: &T) -> String {
+    serde_json::to_value(value).map_or_else(|_| "-".to_owned(), |v| json_cell(&v))
+}
+
+/// The second table of `retrain status`: every label's remote jobs (each
+/// label's `remote_jobs` JSON), or `None` when no label has one, so that
+/// the output without workers is the one table it always was.
+pub fn remote_jobs_table<'a>(
+    labels: impl Iterator<Item = (&'a str, &'a [serde_json::Value])>,
+) -> Option<String> {
+    let text = json_cell;
     let mut table = format!(
         "{:<16} {:<40} {:<10} {:>7}  {:<34} {:>8}  REQUEST\n",
         "LABEL", "REMOTE JOB", "STATE", "ATTEMPT", "WORKER", "WAITING"
     );
     let mut any = false;
-    for row in rows {
-        for job in row["remote_jobs"].as_array().into_iter().flatten() {
+    for (label, jobs) in labels {
+        for job in jobs {
             any = true;
             let waiting = job["waiting_secs"]
                 .as_u64()
@@ -345,7 +358,7 @@ pub fn remote_jobs_table(rows: &[serde_json::Value]) -> Option<String> {
                 .map_or_else(|_| text(&job["request"]), |r| r.describe());
             table.push_str(&format!(
                 "{:<16} {:<40} {:<10} {:>7}  {:<34} {:>8}  {}\n",
-                text(&row["label"]),
+                label,
                 text(&job["job_key"]),
                 text(&job["state"]),
                 text(&job["attempt"]),
