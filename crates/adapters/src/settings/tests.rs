@@ -1088,3 +1088,22 @@ fn label_defaults_errors_name_the_default_and_env_vars_set_defaults() {
     .to_string();
     assert!(err.contains("RETRAIN_LABEL_DEFAULTS__THRESHOLD"), "{err}");
 }
+
+#[test]
+fn label_defaults_apply_to_labels_the_seed_env_names_define() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        "[label_defaults]\npromote = \"manual\"\nmax_attempts = 3\n",
+    );
+    let loaded = load(&sources(Some(file), SEED_ENV)).unwrap();
+    for name in ["department", "urgency"] {
+        let label = &loaded.settings.labels[&Label::new(name).unwrap()];
+        assert_eq!(label.promote, PromoteMode::Manual, "{name}");
+        assert_eq!(label.max_attempts, 3, "{name}");
+    }
+    assert_eq!(
+        loaded.settings.labels[&Label::new("urgency").unwrap()].threshold,
+        30
+    );
+}
