@@ -1,6 +1,7 @@
 //! Whole-cycle benchmark (§11): N labels through count → prepare (one shared
 //! restart) → await dataset → train → gate → promote → commit, with a real
-//! `RunStore` (SQLite in a temp dir, or `RETRAIN_BENCH_STATE`), concurrency 64.
+//! `RunStore` (SQLite in a temp dir, or `RETRAIN_BENCH_STATE`), concurrency 64
+//! (or `RETRAIN_BENCH_PARALLEL`).
 //!
 //!     cargo bench -p retrain-adapters --bench cycle -- 1000
 //!     cargo bench -p retrain-adapters --bench cycle -- 10000 --hub
@@ -17,7 +18,9 @@
 //! labels of the shared prepare job.
 //!
 //! Prints wall time, durable store writes per label (journal writes, lease
-//! records), HTTP requests per label (`--hub`), and peak RSS (VmHWM).
+//! records), HTTP requests per label (`--hub`), peak RSS (VmHWM), and the
+//! phases: when the shared prepare job restarted (the end of phase one),
+//! the first training start, the end.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -528,7 +531,11 @@ fn main() {
             Some(Arc::new(Counts)),
             bindings,
             EngineSettings {
-                max_parallel_labels: 64,
+                // RETRAIN_BENCH_PARALLEL: labels in flight (64 unless set).
+                max_parallel_labels: std::env::var("RETRAIN_BENCH_PARALLEL")
+                    .ok()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(64),
                 // RETRAIN_BENCH_LOCK_TTL_MS: a shorter lock_ttl shows at a
                 // few thousand labels what the default shows at 10,000.
                 lock_ttl: std::env::var("RETRAIN_BENCH_LOCK_TTL_MS")
