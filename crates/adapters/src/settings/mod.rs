@@ -984,8 +984,11 @@ fn validate(
             Some(r) => CorrectRatio::new(r).map_err(|e| err(&key("correct_ratio"), e))?,
             None => counts.as_ref().map(|c| c.correct_ratio).unwrap_or_default(),
         };
+        // `"none"`: what a label writes to opt out of a `[label_defaults]`
+        // registry or lease.
         let registry = match &label_raw.registry {
             None => None,
+            Some(Value::String(s)) if s == "none" => None,
             Some(v) => Some(
                 parse_registry(v, raw.mlflow.tracking_uri.as_deref())
                     .map_err(|e| err(&key("registry"), e))?,
@@ -1015,6 +1018,7 @@ fn validate(
         };
         let lease = match &label_raw.lease {
             None => None,
+            Some(Value::String(s)) if s == "none" => None,
             Some(v) => Some(parse_lease(v).map_err(|e| err(&key("lease"), e))?),
         };
         let mut notify = Vec::new();

@@ -1090,6 +1090,57 @@ fn label_defaults_errors_name_the_default_and_env_vars_set_defaults() {
 }
 
 #[test]
+fn a_label_opts_out_of_a_default_registry_lease_gate_or_notify_with_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        r#"
+[label_defaults]
+threshold = 1
+metadata = "file://m.json"
+trainer = "command:true"
+registry = { json = "registry.json", model = "m" }
+gate = { metrics = [{ name = "f1", direction = "higher" }] }
+lease = { ec2 = ["i-0123456789abcdef0"], region = "eu-west-1" }
+notify = ["log"]
+
+[labels.shared]
+
+[labels.alone]
+registry = "none"
+gate = "none"
+lease = "none"
+notify = []
+"#,
+    );
+    let loaded = load(&sources(Some(file), &[])).unwrap();
+    let label = |n: &str| &loaded.settings.labels[&Label::new(n).unwrap()];
+    let shared = label("shared");
+    assert!(shared.registry.is_some() && shared.gate.is_some() && shared.lease.is_some());
+    assert_eq!(shared.notify.len(), 1);
+    let alone = label("alone");
+    assert!(alone.registry.is_none(), "{:?}", alone.registry);
+    assert!(alone.gate.is_none() && alone.lease.is_none() && alone.notify.is_empty());
+
+    // Without a registry, the default gate has nothing to compare with: the
+    // error names the label's own key.
+    let file = write(
+        &dir,
+        "[label_defaults]
+threshold = 1
+metadata = \"file://m.json\"
+trainer = \"command:true\"
+         registry = { json = \"r.json\", model = \"m\" }
+gate = { metrics = [{ name = \"f1\", direction = \"higher\" }] }
+         [labels.alone]
+registry = \"none\"
+",
+    );
+    let err = load(&sources(Some(file), &[])).unwrap_err();
+    assert_eq!(err.key.as_deref(), Some("labels.alone.registry"), "{err}");
+}
+
+#[test]
 fn label_defaults_apply_to_labels_the_seed_env_names_define() {
     let dir = tempfile::tempdir().unwrap();
     let file = write(
