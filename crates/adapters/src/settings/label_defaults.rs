@@ -7,6 +7,10 @@
 //! table with the default one (a `{ command = … }` default and a
 //! `{ worker = … }` label must not become a trainer with both).
 //!
+//! `{label}` in a default's strings is the label's name (`metadata =
+//! "hf://datasets/acme/{label}/dataset_metadata.json"`), substituted as the
+//! default is copied into each label.
+//!
 //! The defaults are copied into the labels of the merged configuration
 //! *with their figment tags*, so each copied value still names the provider
 //! that set it: a relative path resolves against the file (or the working
@@ -25,6 +29,9 @@ use super::{ConfigError, RawLabel};
 /// The table's key in the configuration.
 pub(super) const KEY: &str = "label_defaults";
 
+/// Replaced by the label's name in the strings of a default.
+pub(super) const LABEL_PLACEHOLDER: &str = "{label}";
+
 /// Which keys each label took from `[label_defaults]`, so that an error in
 /// one of them names the default the user wrote, not a key the user never
 /// wrote in that label.
@@ -32,6 +39,9 @@ pub(super) const KEY: &str = "label_defaults";
 pub(super) struct Defaulted {
     /// Label name → the keys copied into it.
     taken: BTreeMap<String, BTreeSet<String>>,
+    /// The default keys whose value names `{label}`: a different value for
+    /// each label.
+    templated: BTreeSet<String>,
 }
 
 impl Defaulted {
@@ -51,6 +61,12 @@ impl Defaulted {
     pub(super) fn took(&self, label: &str, key: &str) -> bool {
         let top = key.split(['.', '[']).next().unwrap_or(key);
         self.taken.get(label).is_some_and(|keys| keys.contains(top))
+    }
+
+    /// Whether the default `key` (a top-level key of the table) names
+    /// `{label}`, so that each label has its own value of it.
+    pub(super) fn templated(&self, key: &str) -> bool {
+        self.templated.contains(key)
     }
 }
 
@@ -73,7 +89,14 @@ pub(super) fn apply(merged: &mut Value, figment: &Figment) -> Result<Defaulted, 
         }
     };
     check(&defaults, figment)?;
-    let mut defaulted = Defaulted::default();
+    let mut defaulted = Defaulted {
+        templated: defaults
+            .iter()
+            .filter(|(_, value)| names_label(value))
+            .map(|(key, _)| key.clone())
+            .collect(),
+        ..Defaulted::default()
+    };
     let Some(Value::Dict(_, labels)) = root.get_mut("labels") else {
         return Ok(defaulted);
     };
@@ -85,7 +108,12 @@ pub(super) fn apply(merged: &mut Value, figment: &Figment) -> Result<Defaulted, 
         let mut taken = BTreeSet::new();
         for (key, value) in &defaults {
             if !keys.contains_key(key) {
-                keys.insert(key.clone(), value.clone());
+                let value = if defaulted.templated(key) {
+                    for_label(value, name)
+                } else {
+                    value.clone()
+                };
+                keys.insert(key.clone(), value);
                 taken.insert(key.clone());
             }
         }
@@ -113,4 +141,32 @@ fn check(defaults: &Dict, figment: &Figment) -> Result<(), ConfigError> {
         &super::origin(figment, &key),
         error.kind,
     ))
+}
+
+/// Whether a string of `value` names `{label}`.
+fn names_label(value: &Value) -> bool {
+    match value {
+        Value::String(_, s) => s.contains(LABEL_PLACEHOLDER),
+        Value::Dict(_, dict) => dict.values().any(names_label),
+        Value::Array(_, values) => values.iter().any(names_label),
+        _ => false,
+    }
+}
+
+/// `value` with `{label}` replaced by `label` in every string, tags kept.
+fn for_label(value: &Value, label: &str) -> Value {
+    match value {
+        Value::String(tag, s) => Value::String(*tag, s.replace(LABEL_PLACEHOLDER, label)),
+        Value::Dict(tag, dict) => Value::Dict(
+            *tag,
+            dict.iter()
+                .map(|(key, value)| (key.clone(), for_label(value, label)))
+                .collect(),
+        ),
+        Value::Array(tag, values) => Value::Array(
+            *tag,
+            values.iter().map(|value| for_label(value, label)).collect(),
+        ),
+        other => other.clone(),
+    }
 }

@@ -264,7 +264,9 @@ pub(super) fn resolve(
     for (label, label_settings) in &mut settings.labels {
         let key = |k: &str| format!("labels.{label}.{k}");
         let mut show = |k: &str, value: Value| {
-            if !defaulted.took(label.as_str(), k) {
+            // A default naming `{label}` is each label's own value.
+            let top = k.split('.').next().unwrap_or(k);
+            if !defaulted.took(label.as_str(), k) || defaulted.templated(top) {
                 shown.push((key(k), value));
             } else if shown_defaults.insert(k.to_owned()) {
                 shown.push((format!("{}.{k}", label_defaults::KEY), value));

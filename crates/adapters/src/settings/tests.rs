@@ -1090,6 +1090,89 @@ fn label_defaults_errors_name_the_default_and_env_vars_set_defaults() {
 }
 
 #[test]
+fn label_in_a_default_is_each_labels_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        r#"
+[label_defaults]
+threshold = 1
+metadata = "hf://datasets/acme/{label}/dataset_metadata.json"
+trainer = { command = ["./train.sh", "--task", "{label}"], workdir = "work/{label}" }
+registry = { json = "registry.json", model = "tickets-{label}" }
+gate = "none"
+
+[labels.department]
+[labels.urgency]
+metadata = "file://own.json"
+"#,
+    );
+    let loaded = load(&sources(Some(file), &[])).unwrap();
+    let base = std::fs::canonicalize(dir.path()).unwrap();
+    let label = |n: &str| &loaded.settings.labels[&Label::new(n).unwrap()];
+    let department = label("department");
+    assert_eq!(
+        department.metadata,
+        "hf://datasets/acme/department/dataset_metadata.json"
+    );
+    let JobSpec::Command(trainer) = &department.trainer else {
+        panic!("{:?}", department.trainer);
+    };
+    assert_eq!(trainer.argv[1..], ["--task", "department"]);
+    assert_eq!(
+        trainer.workdir.as_deref(),
+        Some(base.join("work/department").as_path())
+    );
+    let Some(RegistrySpec::Json { model, path }) = &department.registry else {
+        panic!("{:?}", department.registry);
+    };
+    assert_eq!(model, "tickets-department");
+    assert_eq!(path, &base.join("registry.json"));
+    let urgency = label("urgency");
+    assert!(
+        urgency.metadata.ends_with("/own.json"),
+        "{}",
+        urgency.metadata
+    );
+    let JobSpec::Command(trainer) = &urgency.trainer else {
+        panic!("{:?}", urgency.trainer);
+    };
+    assert_eq!(trainer.argv[2], "urgency");
+
+    // `config show`: the default as written, and each label's resolved
+    // paths of a templated default.
+    let shown: toml::Value = toml::from_str(&redacted_toml(&loaded.effective()).unwrap()).unwrap();
+    assert_eq!(
+        shown["labels"]["department"]["trainer"]["workdir"].as_str(),
+        Some(base.join("work/department").display().to_string().as_str()),
+        "{shown}"
+    );
+    assert_eq!(
+        shown["label_defaults"]["trainer"]["command"][2].as_str(),
+        Some("{label}"),
+        "the default as written: {shown}"
+    );
+    assert_eq!(
+        shown["labels"]["department"]["registry"]["json"].as_str(),
+        Some(base.join("registry.json").display().to_string().as_str()),
+        "a templated default's resolved paths are each label's: {shown}"
+    );
+
+    // An error in a templated default names the default.
+    let file = write(
+        &dir,
+        "[label_defaults]
+threshold = 1
+trainer = \"command:true\"
+metadata = \"ftp://{label}\"
+[labels.a]
+",
+    );
+    let err = load(&sources(Some(file), &[])).unwrap_err();
+    assert_eq!(err.key.as_deref(), Some("label_defaults.metadata"), "{err}");
+}
+
+#[test]
 fn a_label_opts_out_of_a_default_registry_lease_gate_or_notify_with_none() {
     let dir = tempfile::tempdir().unwrap();
     let file = write(
