@@ -6,6 +6,9 @@ session): `retrain.toml` and `metadata.json` (version v1).
     python3 scripts/many-labels.py 10000 DIR             # every label written out (2.4 MB),
                                                           # as `scenarios labels` writes it
     python3 scripts/many-labels.py 10000 DIR --defaults  # the shared keys in [label_defaults] (0.2 MB)
+    python3 scripts/many-labels.py 10000 DIR --defaults --per-label-metadata
+                                                          # each label its own metadata file,
+                                                          # through {label} (data/<label>.json)
 """
 import json
 import pathlib
@@ -27,14 +30,19 @@ def main() -> None:
         sys.exit(__doc__)
     labels, out = int(args[0]), pathlib.Path(args[1])
     defaults = "--defaults" in sys.argv
+    per_label = "--per-label-metadata" in sys.argv
     out.mkdir(parents=True, exist_ok=True)
     text = [
         'state = "sqlite://.retrain/state.db"\nstate_dir = ".retrain"\nmax_parallel_labels = 64\n'
     ]
+    shared = SHARED
+    if per_label:
+        shared = shared.replace("file://metadata.json", "file://data/{label}.json")
     if defaults:
-        text.append(f"[label_defaults]\n{SHARED}")
+        text.append(f"[label_defaults]\n{shared}")
     for n in range(labels):
-        text.append(f"[labels.label-{n:05}]\n" + ("" if defaults else SHARED))
+        own = "" if defaults else shared.replace("{label}", f"label-{n:05}")
+        text.append(f"[labels.label-{n:05}]\n" + own)
     (out / "retrain.toml").write_text("".join(text))
     metadata = {
         "dataset_name": "bench",
@@ -43,6 +51,10 @@ def main() -> None:
         "created_at": "2026-12-01T00:00:00Z",
     }
     (out / "metadata.json").write_text(json.dumps(metadata))
+    if per_label:
+        (out / "data").mkdir(exist_ok=True)
+        for n in range(labels):
+            (out / "data" / f"label-{n:05}.json").write_text(json.dumps(metadata))
 
 
 if __name__ == "__main__":
