@@ -170,6 +170,16 @@ pub struct RunSummary {
     pub updated_at: DateTime<Utc>,
 }
 
+/// What a cycle starts a label from, read under its lock
+/// ([`RunStore::label_start`](crate::ports::RunStore::label_start)).
+#[derive(Debug, Clone, PartialEq)]
+pub enum LabelStart {
+    /// The label's unfinished run, as last journaled: resumed.
+    Resume(Box<crate::machine::LabelRun>),
+    /// No unfinished run: a new one starts from this cursor.
+    Fresh(crate::domain::LabelCursor),
+}
+
 /// One label's line of `retrain status`.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct LabelStatusRow {

@@ -23,8 +23,8 @@ use crate::domain::{
     SpaceStage, TrainingHandle, TrainingOutcome, VersionTag,
 };
 use crate::journal::{
-    JournalEntry, LabelStatusRow, ProductionRecord, PromotionEvent, RequestClaim, RunDetail,
-    RunFilter, RunPage, RunSummary, Transition,
+    JournalEntry, LabelStart, LabelStatusRow, ProductionRecord, PromotionEvent, RequestClaim,
+    RunDetail, RunFilter, RunPage, RunSummary, Transition,
 };
 use crate::machine::LabelRun;
 use crate::report::LabelReport;
@@ -428,6 +428,16 @@ pub trait RunStore: Send + Sync {
     }
     /// The unfinished run of `label`, if any, as last journaled.
     async fn unfinished_run(&self, label: &Label) -> Result<Option<LabelRun>, StoreError>;
+    /// What a cycle starts `label` from: its unfinished run, else its
+    /// cursor. The SQL stores answer in one statement (a cycle's phase one
+    /// reads this for every label, under each label's lock); this default
+    /// asks [`RunStore::unfinished_run`], then [`RunStore::cursor`].
+    async fn label_start(&self, label: &Label) -> Result<LabelStart, StoreError> {
+        Ok(match self.unfinished_run(label).await? {
+            Some(run) => LabelStart::Resume(Box::new(run)),
+            None => LabelStart::Fresh(self.cursor(label).await?),
+        })
+    }
     /// Append `transition` to the journal and store its snapshot, atomically,
     /// if `fence` still holds the label's lock. When the transition records a
     /// promotion ([`Transition::promotion_event`]), the promotion event is

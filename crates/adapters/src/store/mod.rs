@@ -41,8 +41,8 @@ use retrain_core::domain::{
     Fence, Label, LabelCursor, Lease, LockOutcome, LockOwner, RunId, VersionTag,
 };
 use retrain_core::journal::{
-    JournalEntry, LabelStatusRow, ProductionRecord, PromotionEvent, RequestClaim, RunDetail,
-    RunFilter, RunPage, RunSummary, Transition,
+    JournalEntry, LabelStart, LabelStatusRow, ProductionRecord, PromotionEvent, RequestClaim,
+    RunDetail, RunFilter, RunPage, RunSummary, Transition,
 };
 use retrain_core::machine::{LabelRun, Stage};
 use retrain_core::ports::{RunStore, StoreError};
@@ -262,6 +262,33 @@ impl<B: Backend> RunStore for SqlRunStore<B> {
             .map_err(|e| b.error(&format!("reading the unfinished run of label {label}"), e))?
             .map(|row| snapshot_of(&row))
             .transpose()
+    }
+
+    async fn label_start(&self, label: &Label) -> Result<LabelStart, StoreError> {
+        let b = &self.0;
+        let rows = b
+            .pool()
+            .fetch_all(backend::SELECT_LABEL_START, vec![Arg::text(label)])
+            .await
+            .map_err(|e| {
+                b.error(
+                    &format!("reading the unfinished run or cursor of label {label}"),
+                    e,
+                )
+            })?;
+        let mut cursor = LabelCursor::default();
+        for row in &rows {
+            match row.text("part")?.as_str() {
+                "run" => return Ok(LabelStart::Resume(Box::new(snapshot_of(row)?))),
+                "cursor" => cursor = cursor_of(row, label)?,
+                other => {
+                    return Err(StoreError::Corrupt(format!(
+                        "the start of label {label} read a part {other:?}"
+                    )))
+                }
+            }
+        }
+        Ok(LabelStart::Fresh(cursor))
     }
 
     async fn record(&self, transition: &Transition, fence: &Fence) -> Result<(), StoreError> {

@@ -15,7 +15,7 @@ use retrain_core::domain::{
 use retrain_core::gate::Verdict;
 use retrain_core::journal::PromotionKind;
 use retrain_core::journal::{
-    LabelStatusRow, RunDetail, RunFilter, RunPage, RunSummary, Transition,
+    LabelStart, LabelStatusRow, RunDetail, RunFilter, RunPage, RunSummary, Transition,
 };
 use retrain_core::machine::{
     Action, Approval, Event, LabelPlan, LabelRun, PromoteMode, Rollback, Stage, Trigger,
@@ -1289,6 +1289,48 @@ pub async fn runs_with_verdict_are_the_labels_gated_runs_newest_first(store: Arc
         .is_empty());
 }
 
+/// `label_start`: the label's unfinished run when it has one, else its
+/// cursor (the default cursor for a label never seen), the same as
+/// `unfinished_run` and `cursor` read one after the other.
+pub async fn label_start_is_the_unfinished_run_else_the_cursor(store: Arc<dyn RunStore>) {
+    let fence = lock(store.as_ref(), "dept").await;
+    assert_eq!(
+        store.label_start(&label("dept")).await.unwrap(),
+        LabelStart::Fresh(LabelCursor::default())
+    );
+    let (_, cursor) = drive(
+        store.as_ref(),
+        &fence,
+        "dept",
+        Some(dataset("v1", 10)),
+        None,
+    )
+    .await;
+    let cursor = cursor.expect("a committed cursor");
+    assert_ne!(cursor, LabelCursor::default());
+    assert_eq!(
+        store.label_start(&label("dept")).await.unwrap(),
+        LabelStart::Fresh(cursor.clone())
+    );
+    let (waiting, _) = drive(
+        store.as_ref(),
+        &fence,
+        "dept",
+        Some(dataset("v2", 20)),
+        Some(Stage::Training),
+    )
+    .await;
+    assert_eq!(
+        store.label_start(&label("dept")).await.unwrap(),
+        LabelStart::Resume(Box::new(waiting.clone()))
+    );
+    assert_eq!(
+        store.unfinished_run(&label("dept")).await.unwrap(),
+        Some(waiting)
+    );
+    assert_eq!(store.cursor(&label("dept")).await.unwrap(), cursor);
+}
+
 /// `run_snapshots`: the latest snapshot of each asked run the store has,
 /// finished or not, the same as a full read's; an unknown id is skipped;
 /// nothing asked, nothing read.
@@ -1822,6 +1864,7 @@ contract!(
     promotions_are_recorded_with_their_journal_write,
     runs_with_verdict_are_the_labels_gated_runs_newest_first,
     run_snapshots_are_the_asked_runs_latest_snapshots,
+    label_start_is_the_unfinished_run_else_the_cursor,
     a_rejected_dataset_version_is_kept_in_the_cursor,
     cursors_are_read_for_many_labels_at_once,
     rollbacks_are_recorded_as_promotion_events_and_resume,

@@ -26,7 +26,7 @@ use super::{
 };
 use crate::domain::{CycleId, Fence, Label, RunId};
 use crate::failpoint;
-use crate::journal::Transition;
+use crate::journal::{LabelStart, Transition};
 use crate::machine::{Action, Event, LabelRun, Stage};
 use crate::ports::StoreError;
 use crate::report::{CycleReport, LabelReport, LabelStatus};
@@ -236,31 +236,26 @@ impl Engine {
             report.closed_runs = closed.clone();
             Begun::done(report)
         };
-        let unfinished = if dry_run {
-            Ok(None)
+        // Under the lock: the unfinished run or the cursor, one read.
+        let start = if dry_run {
+            self.store.cursor(label).await.map(LabelStart::Fresh)
         } else {
-            self.store.unfinished_run(label).await
+            self.store.label_start(label).await
         };
-        let (mut run, resumed) = match unfinished {
-            Ok(Some(run)) => {
+        let (mut run, resumed) = match start {
+            Ok(LabelStart::Resume(run)) => {
                 info!(run_id = %run.run_id, stage = %run.stage, "resuming unfinished run");
-                (run, true)
+                (*run, true)
             }
-            Ok(None) => match self.store.cursor(label).await {
-                Ok(cursor) => {
-                    let mut plan = binding.plan.clone();
-                    plan.dry_run = dry_run;
-                    let mut run = LabelRun::new(RunId::generate(), cycle_id.clone(), plan, cursor);
-                    run.manifest = self.settings.manifest.clone();
-                    run.manifest.trainer = Some(binding.trainer.describe());
-                    run.manifest.triggered_by = shared.triggered_by.clone();
-                    (run, false)
-                }
-                Err(e) => {
-                    self.unlock(label).await;
-                    return fail(e.to_string());
-                }
-            },
+            Ok(LabelStart::Fresh(cursor)) => {
+                let mut plan = binding.plan.clone();
+                plan.dry_run = dry_run;
+                let mut run = LabelRun::new(RunId::generate(), cycle_id.clone(), plan, cursor);
+                run.manifest = self.settings.manifest.clone();
+                run.manifest.trainer = Some(binding.trainer.describe());
+                run.manifest.triggered_by = shared.triggered_by.clone();
+                (run, false)
+            }
             Err(e) => {
                 self.unlock(label).await;
                 return fail(e.to_string());
