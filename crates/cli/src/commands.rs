@@ -212,10 +212,9 @@ async fn write_manifests<'a>(
     state_dir: &std::path::Path,
     runs: impl Iterator<Item = &'a RunId>,
 ) {
-    let runs: Vec<&RunId> = runs.collect();
-    for chunk in runs.chunks(MANIFESTS_PER_READ) {
-        let ids: Vec<RunId> = chunk.iter().map(|&id| id.clone()).collect();
-        let snapshots = match store.run_snapshots(&ids).await {
+    let runs: Vec<RunId> = runs.cloned().collect();
+    for ids in runs.chunks(MANIFESTS_PER_READ) {
+        let snapshots = match store.run_snapshots(ids).await {
             Ok(snapshots) => snapshots,
             Err(error) => {
                 tracing::warn!(runs = ids.len(), error = %error, "could not read runs to write their manifests");

@@ -339,7 +339,6 @@ pub fn cell<T: serde::Serialize + ?Sized>(value: &T) -> String {
 pub fn remote_jobs_table<'a>(
     labels: impl Iterator<Item = (&'a str, &'a [serde_json::Value])>,
 ) -> Option<String> {
-    let text = json_cell;
     let mut table = format!(
         "{:<16} {:<40} {:<10} {:>7}  {:<34} {:>8}  REQUEST\n",
         "LABEL", "REMOTE JOB", "STATE", "ATTEMPT", "WORKER", "WAITING"
@@ -355,14 +354,14 @@ pub fn remote_jobs_table<'a>(
                 })
                 .unwrap_or_else(|| "-".into());
             let request = serde_json::from_value::<ResourceRequest>(job["request"].clone())
-                .map_or_else(|_| text(&job["request"]), |r| r.describe());
+                .map_or_else(|_| json_cell(&job["request"]), |r| r.describe());
             table.push_str(&format!(
                 "{:<16} {:<40} {:<10} {:>7}  {:<34} {:>8}  {}\n",
                 label,
-                text(&job["job_key"]),
-                text(&job["state"]),
-                text(&job["attempt"]),
-                text(&job["worker_id"]),
+                json_cell(&job["job_key"]),
+                json_cell(&job["state"]),
+                json_cell(&job["attempt"]),
+                json_cell(&job["worker_id"]),
                 waiting,
                 request,
             ));

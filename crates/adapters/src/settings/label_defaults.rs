@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use figment::value::{Dict, Tag, Value};
+use figment::value::Value;
 use figment::Figment;
 
 use super::{ConfigError, RawLabel};
@@ -59,15 +59,22 @@ impl Defaulted {
     /// Whether `label` took `key` (or the key `key` is under, as in
     /// `registry.json` or `notify[1]`) from the defaults.
     pub(super) fn took(&self, label: &str, key: &str) -> bool {
-        let top = key.split(['.', '[']).next().unwrap_or(key);
-        self.taken.get(label).is_some_and(|keys| keys.contains(top))
+        self.taken
+            .get(label)
+            .is_some_and(|keys| keys.contains(top_key(key)))
     }
 
-    /// Whether the default `key` (a top-level key of the table) names
-    /// `{label}`, so that each label has its own value of it.
+    /// Whether the default `key` (or the key it is under) names `{label}`,
+    /// so that each label has its own value of it.
     pub(super) fn templated(&self, key: &str) -> bool {
-        self.templated.contains(key)
+        self.templated.contains(top_key(key))
     }
+}
+
+/// The label key that `key` is (`trainer`) or is under (`registry.json`,
+/// `notify[1]`).
+fn top_key(key: &str) -> &str {
+    key.split(['.', '[']).next().unwrap_or(key)
 }
 
 /// Check `[label_defaults]` in `merged` (the whole configuration, merged
@@ -77,18 +84,17 @@ pub(super) fn apply(merged: &mut Value, figment: &Figment) -> Result<Defaulted, 
     let Value::Dict(_, root) = merged else {
         return Ok(Defaulted::default());
     };
-    let defaults = match root.remove(KEY) {
-        None => return Ok(Defaulted::default()),
-        Some(Value::Dict(_, defaults)) => defaults,
-        Some(_) => {
-            return Err(ConfigError::at(
-                KEY,
-                &super::origin(figment, KEY),
-                "expected a table of label keys (threshold, trainer, gate, …)",
-            ))
-        }
+    let Some(table) = root.remove(KEY) else {
+        return Ok(Defaulted::default());
     };
-    check(&defaults, figment)?;
+    let Value::Dict(_, defaults) = &table else {
+        return Err(ConfigError::at(
+            KEY,
+            &super::origin(figment, KEY),
+            "expected a table of label keys (threshold, trainer, gate, …)",
+        ));
+    };
+    check(&table, figment)?;
     let mut defaulted = Defaulted {
         templated: defaults
             .iter()
@@ -106,7 +112,7 @@ pub(super) fn apply(merged: &mut Value, figment: &Figment) -> Result<Defaulted, 
             continue;
         };
         let mut taken = BTreeSet::new();
-        for (key, value) in &defaults {
+        for (key, value) in defaults {
             if !keys.contains_key(key) {
                 let value = if defaulted.templated(key) {
                     for_label(value, name)
@@ -127,9 +133,8 @@ pub(super) fn apply(merged: &mut Value, figment: &Figment) -> Result<Defaulted, 
 /// The defaults must be what a label's keys may be (types, no unknown
 /// key); the label-level rules (a gate needs a registry, …) are checked per
 /// label, where they apply.
-fn check(defaults: &Dict, figment: &Figment) -> Result<(), ConfigError> {
-    let value = Value::Dict(Tag::Default, defaults.clone());
-    let Err(error) = value.deserialize::<RawLabel>() else {
+fn check(table: &Value, figment: &Figment) -> Result<(), ConfigError> {
+    let Err(error) = table.deserialize::<RawLabel>() else {
         return Ok(());
     };
     let key = std::iter::once(KEY)

@@ -265,8 +265,7 @@ pub(super) fn resolve(
         let key = |k: &str| format!("labels.{label}.{k}");
         let mut show = |k: &str, value: Value| {
             // A default naming `{label}` is each label's own value.
-            let top = k.split('.').next().unwrap_or(k);
-            if !defaulted.took(label.as_str(), k) || defaulted.templated(top) {
+            if !defaulted.took(label.as_str(), k) || defaulted.templated(k) {
                 shown.push((key(k), value));
             } else if shown_defaults.insert(k.to_owned()) {
                 shown.push((format!("{}.{k}", label_defaults::KEY), value));
@@ -290,21 +289,16 @@ pub(super) fn resolve(
                 resolve_command(config, &key("dataset_check"), &bases),
             );
         }
-        if defaulted.took(label.as_str(), "prepare") {
-            if let Some(JobSpec::Command(config)) = &mut label_settings.prepare {
+        if let Some(JobSpec::Command(config)) = &mut label_settings.prepare {
+            if bases.has(&key("prepare")) {
+                // The label's own, or one it took from `[label_defaults]`.
                 show("prepare", resolve_command(config, &key("prepare"), &bases));
-            }
-        } else if let Some(JobSpec::Command(config)) = &mut label_settings.prepare {
-            let own = bases.has(&key("prepare"));
-            let prepare_key = if own {
-                key("prepare")
             } else {
-                "prepare".into()
-            };
-            let value = resolve_command(config, &prepare_key, &bases);
-            if own || !shown_prepare {
-                shown.push((prepare_key, value));
-                shown_prepare |= !own;
+                let value = resolve_command(config, "prepare", &bases);
+                if !shown_prepare {
+                    shown.push(("prepare".into(), value));
+                    shown_prepare = true;
+                }
             }
         }
     }

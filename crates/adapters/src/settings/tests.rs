@@ -927,6 +927,11 @@ fn two_thousand_labels_resolve_each_their_own_paths() {
     );
 }
 
+/// The error of loading `toml` as the config file in `dir`.
+fn load_error(dir: &tempfile::TempDir, toml: &str) -> ConfigError {
+    load(&sources(Some(write(dir, toml)), &[])).unwrap_err()
+}
+
 #[test]
 fn label_defaults_fill_every_label_key_by_key_and_a_labels_own_key_wins_whole() {
     let dir = tempfile::tempdir().unwrap();
@@ -941,6 +946,7 @@ trainer = { command = ["./train.sh"], timeout = "5m" }
 registry = { json = "registry.json", model = "m" }
 gate = { metrics = [{ name = "f1", direction = "higher" }] }
 promote = "manual"
+prepare = { command = ["./prepare.sh"] }
 
 [labels.plain]
 
@@ -1004,6 +1010,13 @@ registry = { json = "other.json", model = "m2" }
         Some(base.join("registry.json").display().to_string().as_str())
     );
     assert!(shown["labels"]["plain"].get("trainer").is_none(), "{shown}");
+    assert_eq!(
+        shown["label_defaults"]["prepare"]["command"][0].as_str(),
+        Some(base.join("prepare.sh").display().to_string().as_str()),
+        "{shown}"
+    );
+    assert!(shown["labels"]["own"].get("prepare").is_none(), "{shown}");
+    assert!(shown.get("prepare").is_none(), "{shown}");
     assert!(
         shown["labels"]["plain"].get("metadata").is_none(),
         "{shown}"
@@ -1020,11 +1033,10 @@ fn label_defaults_errors_name_the_default_and_env_vars_set_defaults() {
     let label = "[labels.a]\nmetadata = \"file://m.json\"\n";
 
     // A value of the wrong type: named once, as the default.
-    let file = write(
+    let err = load_error(
         &dir,
         &format!("[label_defaults]\nthreshold = \"lots\"\ntrainer = \"command:true\"\n{label}"),
     );
-    let err = load(&sources(Some(file), &[])).unwrap_err();
     assert_eq!(
         err.key.as_deref(),
         Some("label_defaults.threshold"),
@@ -1038,32 +1050,28 @@ fn label_defaults_errors_name_the_default_and_env_vars_set_defaults() {
     assert!(err.contains("thresold"), "{err}");
 
     // Not a table.
-    let file = write(&dir, &format!("label_defaults = 3\n{label}"));
-    let err = load(&sources(Some(file), &[])).unwrap_err();
+    let err = load_error(&dir, &format!("label_defaults = 3\n{label}"));
     assert_eq!(err.key.as_deref(), Some("label_defaults"), "{err}");
 
     // A default that a label's own rules refuse names the default...
-    let file = write(
+    let err = load_error(
         &dir,
         &format!("[label_defaults]\nthreshold = 1\ntrainer = \"none\"\n{label}"),
     );
-    let err = load(&sources(Some(file), &[])).unwrap_err();
     assert_eq!(err.key.as_deref(), Some("label_defaults.trainer"), "{err}");
-    let file = write(
+    let err = load_error(
         &dir,
         &format!(
             "[label_defaults]\nthreshold = 1\ntrainer = \"command:true\"\nnotify = [\"log\", {{ slack = \"not a url\" }}]\n{label}"
         ),
     );
-    let err = load(&sources(Some(file), &[])).unwrap_err();
     assert_eq!(
         err.key.as_deref(),
         Some("label_defaults.notify[1]"),
         "{err}"
     );
     // ...and a key the label is missing names the label.
-    let file = write(&dir, &format!("[label_defaults]\nthreshold = 1\n{label}"));
-    let err = load(&sources(Some(file), &[])).unwrap_err();
+    let err = load_error(&dir, &format!("[label_defaults]\nthreshold = 1\n{label}"));
     assert_eq!(err.key.as_deref(), Some("labels.a.trainer"), "{err}");
 
     // An environment variable sets a default; an error in it names it.
@@ -1159,7 +1167,7 @@ metadata = "file://own.json"
     );
 
     // An error in a templated default names the default.
-    let file = write(
+    let err = load_error(
         &dir,
         "[label_defaults]
 threshold = 1
@@ -1168,7 +1176,6 @@ metadata = \"ftp://{label}\"
 [labels.a]
 ",
     );
-    let err = load(&sources(Some(file), &[])).unwrap_err();
     assert_eq!(err.key.as_deref(), Some("label_defaults.metadata"), "{err}");
 }
 
@@ -1207,7 +1214,7 @@ notify = []
 
     // Without a registry, the default gate has nothing to compare with: the
     // error names the label's own key.
-    let file = write(
+    let err = load_error(
         &dir,
         "[label_defaults]
 threshold = 1
@@ -1219,7 +1226,6 @@ gate = { metrics = [{ name = \"f1\", direction = \"higher\" }] }
 registry = \"none\"
 ",
     );
-    let err = load(&sources(Some(file), &[])).unwrap_err();
     assert_eq!(err.key.as_deref(), Some("labels.alone.registry"), "{err}");
 }
 

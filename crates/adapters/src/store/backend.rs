@@ -309,25 +309,35 @@ pub(super) const SELECT_CURSOR: &str =
 pub(super) const SELECT_CURSORS: &str =
     "SELECT label, watermark, consumed_version, consumed_num_samples, rejected_version FROM cursors";
 
+/// The unfinished run of label `$1` (its `run_id` and `snapshot`), the one
+/// text of [`SELECT_UNFINISHED`] and [`SELECT_LABEL_START`].
 /// `done = FALSE` (not `NOT done`) so both dialects use the
 /// `(label, done, started_at)` index however long a label's history.
-pub(super) const SELECT_UNFINISHED: &str = "SELECT run_id, snapshot FROM runs
-     WHERE label = $1 AND done = FALSE AND stage <> 'awaiting_approval'
-     ORDER BY started_at DESC, run_id DESC LIMIT 1";
+macro_rules! unfinished_of_label {
+    () => {
+        "SELECT run_id, snapshot FROM runs
+         WHERE label = $1 AND done = FALSE AND stage <> 'awaiting_approval'
+         ORDER BY started_at DESC, run_id DESC LIMIT 1"
+    };
+}
+
+pub(super) const SELECT_UNFINISHED: &str = unfinished_of_label!();
 
 /// `RunStore::label_start` in one statement: the row of [`SELECT_UNFINISHED`]
 /// (`part = 'run'`), then the label's cursor row (`part = 'cursor'`), each
 /// if it exists. The `NULL`s of a part take the other part's column types.
-pub(super) const SELECT_LABEL_START: &str = "SELECT 'run' AS part, run_id, snapshot,
+pub(super) const SELECT_LABEL_START: &str = concat!(
+    "SELECT 'run' AS part, run_id, snapshot,
             NULL AS watermark, NULL AS consumed_version, NULL AS consumed_num_samples,
             NULL AS rejected_version
-     FROM (SELECT run_id, snapshot FROM runs
-           WHERE label = $1 AND done = FALSE AND stage <> 'awaiting_approval'
-           ORDER BY started_at DESC, run_id DESC LIMIT 1) AS unfinished
+     FROM (",
+    unfinished_of_label!(),
+    ") AS unfinished
      UNION ALL
      SELECT 'cursor', NULL, NULL,
             watermark, consumed_version, consumed_num_samples, rejected_version
-     FROM cursors WHERE label = $1";
+     FROM cursors WHERE label = $1"
+);
 
 /// Newest first. `$1`: `i64::MAX` for "no limit" (SQLite and Postgres
 /// disagree on the spelling of "no limit", not on a large one).

@@ -607,10 +607,21 @@ impl JournalWrite {
 #[cfg(test)]
 mod tests {
     use super::super::backend::{
-        SELECT_RUNS_OF_LABEL, SELECT_RUNS_PAGE_OF_LABEL, SELECT_RUNS_WITH_VERDICT,
-        SELECT_UNFINISHED,
+        SELECT_LABEL_START, SELECT_RUNS_OF_LABEL, SELECT_RUNS_PAGE_OF_LABEL,
+        SELECT_RUNS_WITH_VERDICT, SELECT_UNFINISHED,
     };
     use super::*;
+
+    /// The steps of `EXPLAIN QUERY PLAN sql`.
+    async fn query_plan(pool: &SqlitePool, sql: &str) -> Vec<String> {
+        sqlx::query(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .fetch_all(pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get::<String, _>("detail"))
+            .collect()
+    }
 
     /// The per-label reads the engine makes for every label of a cycle are
     /// index searches, never a scan of every label's runs (which made a
@@ -631,13 +642,7 @@ mod tests {
             ("SELECT_UNFINISHED", SELECT_UNFINISHED),
             ("SELECT_RUNS_WITH_VERDICT", SELECT_RUNS_WITH_VERDICT),
         ] {
-            let plan: Vec<String> = sqlx::query(&format!("EXPLAIN QUERY PLAN {sql}"))
-                .fetch_all(&store.pool)
-                .await
-                .unwrap()
-                .iter()
-                .map(|row| row.get::<String, _>("detail"))
-                .collect();
+            let plan = query_plan(&store.pool, sql).await;
             assert!(
                 plan.iter()
                     .any(|step| step.starts_with("SEARCH runs USING")),
@@ -646,6 +651,22 @@ mod tests {
             assert!(
                 !plan.iter().any(|step| step.starts_with("SCAN")),
                 "{name} scans: {plan:?}"
+            );
+        }
+        // Phase one's read of every label: the unfinished run and the
+        // cursor by their indexes (the one-row subquery's own `SCAN` aside).
+        let plan = query_plan(&store.pool, SELECT_LABEL_START).await;
+        for table in ["runs", "cursors"] {
+            assert!(
+                plan.iter()
+                    .any(|step| step.starts_with(&format!("SEARCH {table} USING"))),
+                "SELECT_LABEL_START: {plan:?}"
+            );
+            assert!(
+                !plan
+                    .iter()
+                    .any(|step| step.starts_with(&format!("SCAN {table}"))),
+                "SELECT_LABEL_START scans {table}: {plan:?}"
             );
         }
         store.close().await;
