@@ -13,6 +13,12 @@
 set -euo pipefail
 
 env_file="${1:-}"
+# Check where the env goes before starting anything: failing to write it
+# after the server started would leave a cluster nobody can find to stop.
+if [ -n "$env_file" ]; then
+    mkdir -p "$(dirname "$env_file")"
+    : >"$env_file" || { echo "start-postgres: cannot write $env_file" >&2; exit 1; }
+fi
 
 find_bindir() {
     local d

@@ -13,6 +13,18 @@
 //! published 0.5 s after the prepare restart, poll interval 10 ms (the
 //! issue-11 comparison's setup; trainer and registry stay in memory).
 //!
+//! `--hub-trainer` (with `--hub`): each label's trainer is a retrain Space
+//! on the fake Hub too (`bench/train-{i}`, seed 000: `DATASET_VERSION` set,
+//! the Space restarted, and that is the whole job), so the request counts
+//! include what training costs over HTTP, as in the issue's comparison.
+//! The in-memory trainer still records each start (the reaction latency).
+//!
+//! `--no-gate`: no quality gate and no registry (`gate` unset): a label
+//! ends `trained` once its training finishes, as in the issue-11
+//! comparison ("gate none") and the seed-000 Python orchestrator, which
+//! restarts the training and stops there. Without it every label is gated
+//! against the (empty) production model and promoted.
+//!
 //! `--no-scout`: every waiting label reads its metadata every round
 //! (`poll_scout_max_gap` zero) instead of one scout read per round for the
 //! labels of the shared prepare job.
@@ -29,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use retrain_adapters::hf::{HfMetadataStore, HfSpaceController};
+use retrain_adapters::hf::{HfMetadataStore, HfSpaceController, HfSpaceTrainer};
 use retrain_adapters::store::{open_run_store, StoreOptions};
 use retrain_adapters::testing::fake_hub::FakeHub;
 use retrain_core::domain::*;
@@ -120,12 +132,7 @@ impl Trainer for Train {
         _: &TrainingRequest,
         _: &TrainingHandle,
     ) -> Result<TrainingOutcome, PortError> {
-        Ok(TrainingOutcome::Finished(Candidate {
-            id: "c".into(),
-            metrics: [("dice".to_string(), 0.9), ("iou".to_string(), 0.8)]
-                .into_iter()
-                .collect(),
-        }))
+        Ok(bench_candidate())
     }
     async fn cancel(&self, _: &TrainingHandle) -> Result<(), PortError> {
         Ok(())
@@ -133,6 +140,44 @@ impl Trainer for Train {
     fn describe(&self) -> String {
         "bench".into()
     }
+}
+
+/// A label's retrain Space on the fake Hub (`--hub-trainer`), recording
+/// each start like [`Train`]; its outcome carries the metrics the gate
+/// needs (a seed-000 Space reports none).
+struct SpaceTrain {
+    space: HfSpaceTrainer,
+    record: Arc<Train>,
+}
+#[async_trait]
+impl Trainer for SpaceTrain {
+    async fn start(&self, request: &TrainingRequest) -> Result<TrainingHandle, PortError> {
+        self.record.start(request).await?;
+        self.space.start(request).await
+    }
+    async fn wait(
+        &self,
+        request: &TrainingRequest,
+        handle: &TrainingHandle,
+    ) -> Result<TrainingOutcome, PortError> {
+        self.space.wait(request, handle).await?;
+        Ok(bench_candidate())
+    }
+    async fn cancel(&self, handle: &TrainingHandle) -> Result<(), PortError> {
+        self.space.cancel(handle).await
+    }
+    fn describe(&self) -> String {
+        self.space.describe()
+    }
+}
+
+fn bench_candidate() -> TrainingOutcome {
+    TrainingOutcome::Finished(Candidate {
+        id: "c".into(),
+        metrics: [("dice".to_string(), 0.9), ("iou".to_string(), 0.8)]
+            .into_iter()
+            .collect(),
+    })
 }
 
 struct Registry;
@@ -380,6 +425,8 @@ struct Sources {
     /// new version.
     publication_delay: Duration,
     hub: Option<FakeHub>,
+    /// Each label's retrain Space (`--hub-trainer`), else empty.
+    train_spaces: Vec<HfSpaceTrainer>,
 }
 
 /// The prepare job's controller, recording when it was first restarted.
@@ -425,7 +472,7 @@ fn metadata_json(repo: &str, tag: &str) -> serde_json::Value {
     })
 }
 
-async fn sources(labels: usize, over_hub: bool) -> Sources {
+async fn sources(labels: usize, over_hub: bool, hub_trainer: bool) -> Sources {
     if !over_hub {
         let hub = Hub::default();
         let metadata: Arc<dyn MetadataStore> = Arc::new(Metadata(hub.clone()));
@@ -435,6 +482,7 @@ async fn sources(labels: usize, over_hub: bool) -> Sources {
             poll_interval: Duration::from_millis(1),
             publication_delay: Duration::ZERO,
             hub: None,
+            train_spaces: Vec::new(),
         };
     }
     let hub = FakeHub::start().await;
@@ -456,6 +504,17 @@ async fn sources(labels: usize, over_hub: bool) -> Sources {
                 as Arc<dyn MetadataStore>
         })
         .collect();
+    let train_spaces = if hub_trainer {
+        (0..labels)
+            .map(|i| {
+                let space = format!("bench/train-{i}");
+                hub.add_space(&space, "RUNNING");
+                HfSpaceTrainer::new(client.clone(), &space, None).unwrap()
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let prepare = Arc::new(HfSpaceController::new(client, PREPARE_SPACE, false).unwrap());
     Sources {
         metadata,
@@ -463,6 +522,7 @@ async fn sources(labels: usize, over_hub: bool) -> Sources {
         poll_interval: Duration::from_millis(10),
         publication_delay: PUBLICATION_DELAY,
         hub: Some(hub),
+        train_spaces,
     }
 }
 
@@ -474,7 +534,12 @@ fn request_breakdown(hub: &FakeHub, labels: usize) -> String {
             format!("metadata {}", request.method)
         } else {
             let action = request.path.rsplit('/').next().unwrap_or_default();
-            format!("space {} {action}", request.method)
+            let space = if request.path.contains(PREPARE_SPACE) {
+                "prepare"
+            } else {
+                "trainer"
+            };
+            format!("{space} {} {action}", request.method)
         };
         *kinds.entry(kind).or_default() += 1;
     }
@@ -541,6 +606,12 @@ fn main() {
         .find_map(|a| a.parse().ok())
         .unwrap_or(1000);
     let over_hub = std::env::args().any(|a| a == "--hub");
+    let gated = !std::env::args().any(|a| a == "--no-gate");
+    let expected = if gated {
+        LabelStatus::Promoted
+    } else {
+        LabelStatus::Trained
+    };
     let scout_max_gap = if std::env::args().any(|a| a == "--no-scout") {
         Duration::ZERO
     } else {
@@ -572,7 +643,9 @@ fn main() {
             lock_calls: AtomicU64::new(0),
             reads: AtomicU64::new(0),
         });
-        let sources = sources(labels, over_hub).await;
+        let hub_trainer = std::env::args().any(|a| a == "--hub-trainer");
+        assert!(!hub_trainer || over_hub, "--hub-trainer needs --hub");
+        let sources = sources(labels, over_hub, hub_trainer).await;
         let train = Arc::new(Train::default());
         let trainer: Arc<dyn Trainer> = train.clone();
         let registry: Arc<dyn ModelRegistry> = Arc::new(Registry);
@@ -583,7 +656,7 @@ fn main() {
                     label: Label::new(format!("label-{i}")).unwrap(),
                     trigger: Trigger::Metadata { threshold: 1 },
                     prepare: Some("shared".into()),
-                    gate: Some(GatePolicy::seed_default()),
+                    gate: gated.then(GatePolicy::seed_default),
                     leased: false,
                     promote: PromoteMode::Auto,
                     max_attempts: 2,
@@ -596,8 +669,14 @@ fn main() {
                 },
                 metadata: metadata.clone(),
                 prepare: Some(sources.prepare.clone() as Arc<dyn SpaceController>),
-                trainer: trainer.clone(),
-                registry: Some(registry.clone()),
+                trainer: match sources.train_spaces.get(i) {
+                    Some(space) => Arc::new(SpaceTrain {
+                        space: space.clone(),
+                        record: train.clone(),
+                    }),
+                    None => trainer.clone(),
+                },
+                registry: gated.then(|| registry.clone()),
                 lease: None,
                 notifiers: Vec::new(),
                 train_timeout: Duration::from_secs(60),
@@ -642,17 +721,18 @@ fn main() {
                 elapsed.as_secs_f64() * 1000.0,
             );
         }
+        // Promoted (gated) or trained (`--no-gate`): every label's expected end.
         let promoted = report
             .labels
             .iter()
-            .filter(|l| l.status == LabelStatus::Promoted)
+            .filter(|l| l.status == expected)
             .count();
         let mut statuses = BTreeMap::<String, usize>::new();
         for label in &report.labels {
             *statuses.entry(format!("{:?}", label.status)).or_default() += 1;
         }
         let mut errors = BTreeMap::<String, usize>::new();
-        for label in report.labels.iter().filter(|l| l.status != LabelStatus::Promoted) {
+        for label in report.labels.iter().filter(|l| l.status != expected) {
             let error = label.error.as_deref().unwrap_or("-").replace(label.label.as_str(), "L");
             *errors.entry(error).or_default() += 1;
         }
@@ -662,11 +742,11 @@ fn main() {
         assert_eq!(
             promoted,
             labels,
-            "every label should promote; statuses {statuses:?}, first other: {:?}",
+            "every label should end {expected:?}; statuses {statuses:?}, first other: {:?}",
             report
                 .labels
                 .iter()
-                .find(|l| l.status != LabelStatus::Promoted)
+                .find(|l| l.status != expected)
                 .map(|l| (&l.label, &l.status, &l.error))
         );
         if let Some(hub) = &sources.hub {
@@ -683,9 +763,11 @@ fn main() {
                 format!("{:.2}", hub.requests().len() as f64 / labels as f64)
             });
         println!(
-            "labels={labels} wall={:.3}s per_label={:.3}ms promoted={promoted} writes_per_label={:.2} lock_calls_per_label={:.2} reads_per_label={:.2} requests_per_label={requests} reaction_median_ms={reaction} peak_rss={:.1}MiB",
+            "labels={labels} gate={} wall={:.3}s per_label={:.3}ms {}={promoted} writes_per_label={:.2} lock_calls_per_label={:.2} reads_per_label={:.2} requests_per_label={requests} reaction_median_ms={reaction} peak_rss={:.1}MiB",
+            if gated { "seed-default" } else { "none" },
             elapsed.as_secs_f64(),
             elapsed.as_secs_f64() * 1000.0 / labels as f64,
+            if gated { "promoted" } else { "trained" },
             writes as f64 / labels as f64,
             lock_calls as f64 / labels as f64,
             reads as f64 / labels as f64,

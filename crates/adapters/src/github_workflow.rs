@@ -14,7 +14,9 @@
 //! **Idempotent for the job key.** `start` first lists the workflow's runs
 //! created since the retrain run began (its id is a UUIDv7, so it carries that
 //! time; ten minutes of clock skew allowed) and adopts a run whose title names
-//! the key; only when there is none does it dispatch. The dispatch is a POST
+//! the key; only when there is none does it dispatch. (A first start,
+//! `TrainingRequest::first_start`, skips that listing: the intent was just
+//! journaled by this process, so no run can name the key yet.) The dispatch is a POST
 //! and is never resent blindly: after an answer that was lost (timeout, 5xx)
 //! the runs are listed again for the key (polling up to the find timeout) and
 //! a run found is adopted; only otherwise is the dispatch sent again. A rate
@@ -778,7 +780,14 @@ impl Trainer for GithubWorkflowTrainer {
     async fn start(&self, request: &TrainingRequest) -> Result<TrainingHandle, PortError> {
         let key = request.job_key.as_str();
         let since = intent_time(request);
-        if let Some(run) = self.find_run(key, since).await? {
+        // A first start (this process just journaled the intent) has no
+        // run to adopt: no listing of the workflow's runs.
+        let adoptable = if request.first_start {
+            None
+        } else {
+            self.find_run(key, since).await?
+        };
+        if let Some(run) = adoptable {
             info!(repo = %self.repo, workflow = %self.workflow, run = %run.html_url, job_key = key, "a run was already dispatched for this job; adopting it");
             return self.handle(&run, key);
         }
@@ -937,6 +946,7 @@ mod tests {
             dataset_name: "d".into(),
             dataset_version: VersionTag::new("v1"),
             lease: None,
+            first_start: false,
         };
         let since = intent_time(&request).unwrap();
         let ago = SystemTime::now().duration_since(since).unwrap();

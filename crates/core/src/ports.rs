@@ -165,6 +165,14 @@ pub struct TrainingRequest {
     pub dataset_version: VersionTag,
     /// Present when the trainer runs under a lease (e.g. `public_ip`).
     pub lease: Option<Lease>,
+    /// `true` when this process journaled the intent for `job_key` itself,
+    /// under the lock it still holds, and this is the first `start` for
+    /// it: no job can exist under the key yet, so a trainer whose `start`
+    /// looks for one to adopt (a request whose answer cannot change what
+    /// it does) may skip that lookup. `false` (the default, and always for
+    /// a resumed run's journaled intent): a job may exist; look.
+    #[serde(default)]
+    pub first_start: bool,
 }
 
 /// Renewals the default [`RunStore::renew_locks`] keeps in flight at once.

@@ -16,6 +16,11 @@
 //! Any other stage (`PAUSED`, `STOPPED`, an error stage) shows no restart
 //! for the key, so the Space is restarted.
 //!
+//! The variables are read only when a job may exist under the key: not
+//! for a first start (`TrainingRequest::first_start`: this process has
+//! just journaled the intent), which costs three requests (two variables,
+//! one restart) instead of four.
+//!
 //! **Crash window.** The Hub records no restart time, so the variables and
 //! the stage are the only evidence. A process killed *after* setting
 //! `RETRAIN_JOB_KEY` but *before* its restart request reached the Hub, on a
@@ -197,7 +202,13 @@ impl Trainer for HfSpaceTrainer {
     async fn start(&self, request: &TrainingRequest) -> Result<TrainingHandle, PortError> {
         let version = request.dataset_version.as_str();
         let key = request.job_key.as_str();
-        let variables = self.variables().await?;
+        // A first start (this process just journaled the intent) has no
+        // job to adopt: no read of the variables, both set, one restart.
+        let variables = if request.first_start {
+            Default::default()
+        } else {
+            self.variables().await?
+        };
         let same_version =
             variables.get(DATASET_VERSION_VARIABLE).map(String::as_str) == Some(version);
         let same_key = variables.get(JOB_KEY_VARIABLE).map(String::as_str) == Some(key);

@@ -152,6 +152,7 @@ impl JobRunner {
             dataset_name: job.dataset.name.clone(),
             dataset_version: VersionTag::new(job.dataset.version.clone()),
             lease: None,
+            first_start: false,
         };
         Ok((trainer, request))
     }

@@ -38,6 +38,7 @@ fn request() -> TrainingRequest {
         dataset_name: "acme/seg-data".into(),
         dataset_version: VersionTag::new("v7"),
         lease: None,
+        first_start: false,
     }
 }
 
@@ -363,6 +364,45 @@ async fn a_second_start_with_the_same_key_adopts_the_run_and_never_dispatches_ag
     let second = trainer.start(&req).await.unwrap();
     assert_eq!(first, second);
     assert_eq!(handle_run_id(&first), RUN_ID);
+}
+
+/// A first start (the engine has just journaled the intent) cannot find a
+/// run to adopt: it dispatches without listing the runs first, and lists
+/// them only to find the run its dispatch created.
+#[tokio::test]
+async fn a_first_start_dispatches_without_listing_the_runs_first() {
+    let server = MockServer::start().await;
+    let mut req = request();
+    req.first_start = true;
+    let dispatched = Arc::new(AtomicBool::new(false));
+    mount_listing(&server, &req.job_key, dispatched.clone()).await;
+    Mock::given(method("POST"))
+        .and(path(DISPATCH))
+        .respond_with(Dispatch {
+            dispatched,
+            status: 204,
+        })
+        .expect(1)
+        .mount(&server)
+        .await;
+    let handle = trainer(&server).start(&req).await.unwrap();
+    assert_eq!(handle_run_id(&handle), RUN_ID);
+    let calls: Vec<(String, String)> = server
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.method.to_string(), r.url.path().to_string()))
+        .collect();
+    assert_eq!(
+        calls.first(),
+        Some(&("POST".to_string(), DISPATCH.to_string())),
+        "{calls:?}"
+    );
+    assert!(
+        calls[1..].iter().all(|(m, p)| m == "GET" && p == RUNS),
+        "{calls:?}"
+    );
 }
 
 #[tokio::test]

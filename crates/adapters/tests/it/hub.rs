@@ -57,6 +57,7 @@ fn request(version: &str) -> TrainingRequest {
         dataset_name: "owner/ds".into(),
         dataset_version: VersionTag::new(version),
         lease: None,
+        first_start: false,
     }
 }
 
@@ -1396,6 +1397,50 @@ mod fake {
             hub.started_env("owner/train")["RETRAIN_JOB_KEY"],
             "run-9/train/2"
         );
+        assert_eq!(hub.rejected_restarts("owner/train"), 0);
+    }
+
+    /// A first start (the engine has just journaled the intent) cannot
+    /// find a job to adopt: it does not read the variables. Three requests:
+    /// both variables, the restart. A later start for the same key that is
+    /// not a first start (a resumed run) still finds the job and adopts it.
+    #[tokio::test]
+    async fn a_first_start_does_not_read_the_variables() {
+        let hub = FakeHub::start().await;
+        hub.add_space("owner/train", "RUNNING");
+        let trainer = HfSpaceTrainer::new(hub.client(), "owner/train", None).unwrap();
+        let mut first = keyed("v7", "run-5/train/1");
+        first.first_start = true;
+        let handle = trainer.start(&first).await.unwrap();
+        let calls: Vec<(String, String)> = hub
+            .requests()
+            .into_iter()
+            .map(|r| (r.method, r.path))
+            .collect();
+        assert_eq!(
+            calls,
+            [
+                (
+                    "POST".to_string(),
+                    "/api/spaces/owner/train/variables".to_string()
+                ),
+                (
+                    "POST".to_string(),
+                    "/api/spaces/owner/train/variables".to_string()
+                ),
+                (
+                    "POST".to_string(),
+                    "/api/spaces/owner/train/restart".to_string()
+                ),
+            ]
+        );
+        let env = hub.started_env("owner/train");
+        assert_eq!(env["DATASET_VERSION"], "v7");
+        assert_eq!(env["RETRAIN_JOB_KEY"], "run-5/train/1");
+
+        let resumed = keyed("v7", "run-5/train/1");
+        assert_eq!(trainer.start(&resumed).await.unwrap(), handle);
+        assert_eq!(hub.restarts_for_job("owner/train", "run-5/train/1"), 1);
         assert_eq!(hub.rejected_restarts("owner/train"), 0);
     }
 

@@ -35,6 +35,7 @@ fn request(run_id: &str, attempt: u32, lease: Option<Lease>) -> TrainingRequest 
         dataset_name: "owner/wms".into(),
         dataset_version: VersionTag::new("v20251030_115250"),
         lease,
+        first_start: false,
     }
 }
 

@@ -53,6 +53,7 @@ fn request(run: &str, attempt: u32) -> TrainingRequest {
         dataset_name: "owner/ds".into(),
         dataset_version: VersionTag("v1".into()),
         lease: None,
+        first_start: false,
     }
 }
 

@@ -733,6 +733,7 @@ impl Engine {
         };
         let transitions = std::mem::take(unwritten);
         written?;
+        self.new_intents.journaled(&transitions, fence);
         for transition in transitions {
             self.audit_step(&transition.snapshot, transition.from, &transition.event);
             failpoint::hit_lazy("after-journal", || transition.event.name());
@@ -772,6 +773,7 @@ impl Engine {
         if let Some(fence) = fence {
             let transition = self.transition(run, from, event);
             self.store.record(&transition, fence).await?;
+            self.new_intents.journaled([&transition], fence);
             self.audit_step(run, from, &transition.event);
             failpoint::hit_lazy("after-journal", || transition.event.name());
         } else {

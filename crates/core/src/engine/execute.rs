@@ -243,6 +243,7 @@ impl Engine {
                 if let Some(key) = job_key {
                     request.job_key = key;
                 }
+                request.first_start = self.new_intents.take(&request.job_key, fence);
                 debug_assert_eq!(request.dataset_version, version);
                 info!(attempt, job = %request.job_key, version = %version, trainer = %binding.trainer.describe(), "starting training");
                 match binding.trainer.start(&request).await {

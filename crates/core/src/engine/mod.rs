@@ -35,6 +35,7 @@ mod approval;
 mod audit;
 mod cycle;
 mod execute;
+mod intents;
 mod locks;
 mod poll;
 mod rollback;
@@ -335,6 +336,9 @@ pub struct Engine {
     /// Metadata reads skipped because another label of the same prepare
     /// job scouted that round (`scout.rs`).
     skipped_reads: std::sync::atomic::AtomicU64,
+    /// Training intents this process journaled and has not started yet,
+    /// with the fence they were journaled under (`intents.rs`).
+    new_intents: intents::NewIntents,
 }
 
 impl std::fmt::Debug for Engine {
@@ -483,6 +487,7 @@ impl Engine {
             audit_marks: audit::Marks::default(),
             history: audit::KeptHistory::default(),
             skipped_reads: std::sync::atomic::AtomicU64::new(0),
+            new_intents: intents::NewIntents::default(),
         }
     }
 
@@ -563,6 +568,7 @@ fn training_request(run: &LabelRun, attempt: u32, dataset: &DatasetVersion) -> T
         dataset_name: dataset.metadata.dataset_name.clone(),
         dataset_version: dataset.metadata.version_tag.clone(),
         lease: active_lease(run),
+        first_start: false,
     }
 }
 

@@ -56,6 +56,21 @@ async fn first_cycle_promotes_and_second_cycle_skips() {
     assert_eq!(get(&world.counters.starts), 1, "no second training");
 }
 
+/// A training intent this engine has just journaled is started as a first
+/// start (the trainer need not look for a job to adopt); the intent of a
+/// resumed run is not (the crash campaign below covers that side: a
+/// resumed intent called first would start a second job there).
+#[tokio::test(start_paused = true)]
+async fn an_intent_journaled_now_is_a_first_start() {
+    let world = World::new();
+    let store = MemStore::new();
+    let engine = department_engine(&store, &world);
+    assert_eq!(cycle(&engine).await.labels[0].status, LabelStatus::Promoted);
+    assert_eq!(get(&world.counters.starts), 1);
+    assert_eq!(get(&world.counters.first_starts), 1);
+    assert_eq!(get(&world.counters.adopted), 0);
+}
+
 /// The final state of an uninterrupted run, for comparison.
 #[derive(Debug, PartialEq)]
 struct Final {

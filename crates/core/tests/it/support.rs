@@ -556,6 +556,8 @@ pub struct Counters {
     pub cancels: AtomicUsize,
     /// `start` calls that adopted the job already started for their key.
     pub adopted: AtomicUsize,
+    /// `start` calls the engine marked `first_start` (no lookup).
+    pub first_starts: AtomicUsize,
     /// Rollbacks that moved production (not the idempotent repeats).
     pub rollbacks: AtomicUsize,
     /// Dataset checks run (not counting recorded results returned again).
@@ -774,9 +776,14 @@ impl Trainer for FakeTrainer {
             .lock()
             .unwrap()
             .push(("start", request.lease.as_ref().map(|l| l.id.clone())));
-        // The port's contract: idempotent for the job key.
+        // The port's contract: idempotent for the job key. Like the Space
+        // and workflow trainers, it looks for a job to adopt only when the
+        // engine says one may exist: an engine that called a resumed
+        // intent a first start would start a second job here.
         let mut jobs = self.0.jobs.lock().unwrap();
-        if let Some(handle) = jobs.get(&request.job_key) {
+        if request.first_start {
+            self.0.counters.first_starts.fetch_add(1, Ordering::SeqCst);
+        } else if let Some(handle) = jobs.get(&request.job_key) {
             self.0.counters.adopted.fetch_add(1, Ordering::SeqCst);
             return Ok(handle.clone());
         }
