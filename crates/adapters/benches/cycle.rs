@@ -169,6 +169,9 @@ impl Trainer for SpaceTrain {
     fn describe(&self) -> String {
         self.space.describe()
     }
+    fn start_is_the_job(&self) -> bool {
+        self.space.start_is_the_job()
+    }
 }
 
 fn bench_candidate() -> TrainingOutcome {

@@ -237,6 +237,17 @@ pub trait Trainer: Send + Sync {
     fn job_exit(&self, _handle: &TrainingHandle) -> Option<String> {
         None
     }
+    /// Whether `start` is the whole job, so that `wait` answers at once,
+    /// with no I/O and no effect (a seed-000 retrain Space, which trains
+    /// and deploys on its own once restarted). The engine then journals the
+    /// job's handle together with its outcome, one durable write instead of
+    /// two: a crash before that write leaves the journaled intent, whose
+    /// resumed `start` adopts the job (idempotent for the key), exactly as
+    /// a crash between a start and its handle's own write does. Default:
+    /// `false`, the handle is journaled before the wait.
+    fn start_is_the_job(&self) -> bool {
+        false
+    }
 }
 
 /// What a dataset check examines: one accepted dataset version of a run.

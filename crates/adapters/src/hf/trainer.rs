@@ -310,4 +310,11 @@ impl Trainer for HfSpaceTrainer {
     fn describe(&self) -> String {
         format!("hf-space://{}", self.space)
     }
+
+    /// Without `wait_for_running` the restart is the whole job (seed 000:
+    /// the Space trains, evaluates and deploys by itself) and `wait`
+    /// answers at once.
+    fn start_is_the_job(&self) -> bool {
+        self.wait_for_running.is_none()
+    }
 }

@@ -1339,6 +1339,7 @@ mod fake {
             HfSpaceTrainer::new(hub.client(), "owner/train", Some(Duration::from_secs(5)))
                 .unwrap()
                 .with_poll_interval(Duration::from_millis(5));
+        assert!(!trainer.start_is_the_job(), "it waits for RUNNING");
         let req = request("v7");
         let handle = trainer.start(&req).await.unwrap();
         assert_eq!(hub.variables("owner/train")["DATASET_VERSION"], "v7");
@@ -1409,6 +1410,8 @@ mod fake {
         let hub = FakeHub::start().await;
         hub.add_space("owner/train", "RUNNING");
         let trainer = HfSpaceTrainer::new(hub.client(), "owner/train", None).unwrap();
+        // Seed 000: the restart is the whole job (no `wait_for_running`).
+        assert!(trainer.start_is_the_job());
         let mut first = keyed("v7", "run-5/train/1");
         first.first_start = true;
         let handle = trainer.start(&first).await.unwrap();

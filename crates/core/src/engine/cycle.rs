@@ -274,7 +274,7 @@ impl Engine {
             };
             // Buffered with the reads that follow (see `apply_batched`).
             match self
-                .apply_batched(&mut run, event, fence.as_ref(), &mut unwritten)
+                .apply_batched(&mut run, event, fence.as_ref(), &mut unwritten, false)
                 .await
             {
                 Ok(actions) => actions,
@@ -612,8 +612,12 @@ impl Engine {
                 }
             };
             let deferral = matches!(event, Event::StepDeferred { .. });
+            // A job whose start was all of it: its handle goes with its
+            // outcome, the wait in between being no more than a read.
+            let carried = matches!(event, Event::TrainingStarted { .. })
+                && binding.trainer.start_is_the_job();
             match self
-                .apply_batched(&mut run, event, fence, &mut unwritten)
+                .apply_batched(&mut run, event, fence, &mut unwritten, carried)
                 .await
             {
                 Ok(_) if deferral && run.is_deferred() => {
@@ -681,13 +685,16 @@ impl Engine {
     /// ([`RunStore::finish_all`](crate::ports::RunStore::finish_all)), and
     /// it carries it, so the result of the step before (the notification,
     /// say) is durable before anything else is decided, in one write, not
-    /// two.
+    /// two. `carried`: the caller knows the next write carries this
+    /// transition too (the handle of a job whose start was all of it,
+    /// [`Trainer::start_is_the_job`](crate::ports::Trainer::start_is_the_job)).
     pub(super) async fn apply_batched(
         &self,
         run: &mut LabelRun,
         event: Event,
         fence: Option<&Fence>,
         unwritten: &mut Vec<Transition>,
+        carried: bool,
     ) -> Result<Vec<Action>, StoreError> {
         let Some(fence) = fence else {
             return self.apply(run, event, None).await;
@@ -709,7 +716,7 @@ impl Engine {
         let reads_next = !actions.is_empty() && actions.iter().all(is_read);
         // The commit is itself a write, which carries what is unwritten.
         let commits_next = matches!(actions.as_slice(), [Action::Commit { .. }]);
-        let carried_by_next_write = (read_result && reads_next) || commits_next;
+        let carried_by_next_write = (read_result && reads_next) || commits_next || carried;
         if !carried_by_next_write {
             self.flush(Some(fence), unwritten).await?;
         }

@@ -71,6 +71,29 @@ async fn an_intent_journaled_now_is_a_first_start() {
     assert_eq!(get(&world.counters.adopted), 0);
 }
 
+/// A job whose start is the whole job (`Trainer::start_is_the_job`): its
+/// handle is journaled with its outcome, one write instead of two, and the
+/// journal keeps every line.
+#[tokio::test(start_paused = true)]
+async fn the_handle_of_a_job_whose_start_is_the_job_goes_with_its_outcome() {
+    async fn run(start_is_the_job: bool) -> (usize, Vec<&'static str>) {
+        let world = World::new();
+        world
+            .start_is_the_job
+            .store(start_is_the_job, Ordering::SeqCst);
+        let store = MemStore::new();
+        let engine = department_engine(&store, &world);
+        assert_eq!(cycle(&engine).await.labels[0].status, LabelStatus::Promoted);
+        assert_eq!(get(&world.counters.starts), 1);
+        (store.writes(), store.journal_events())
+    }
+    let (waited, waited_lines) = run(false).await;
+    let (started, started_lines) = run(true).await;
+    assert_eq!(started, waited - 1, "one write fewer");
+    assert_eq!(started_lines, waited_lines, "the same journal lines");
+    assert!(started_lines.contains(&"training_started"));
+}
+
 /// The final state of an uninterrupted run, for comparison.
 #[derive(Debug, PartialEq)]
 struct Final {
@@ -111,11 +134,34 @@ fn final_state(store: &MemStore, world: &World) -> Final {
 
 #[tokio::test(start_paused = true)]
 async fn crash_after_every_journaled_step_resumes_to_the_same_final_state() {
+    crash_campaign(false).await;
+}
+
+/// The same campaign with a trainer whose start is the whole job: its
+/// handle is journaled with its outcome, one write later than otherwise,
+/// and a crash before that write must still adopt the job, not start it
+/// again (`final_state` counts the starts).
+#[tokio::test(start_paused = true)]
+async fn crash_after_every_journaled_step_resumes_when_the_start_is_the_job() {
+    crash_campaign(true).await;
+}
+
+/// Crash after every journal write of a leased, gated, promoted run (the
+/// write kept, or lost), resume with a new engine, and compare with the
+/// uninterrupted run.
+async fn crash_campaign(start_is_the_job: bool) {
     let mut leased = plan("department");
     leased.leased = true;
+    let new_world = || {
+        let world = World::new();
+        world
+            .start_is_the_job
+            .store(start_is_the_job, Ordering::SeqCst);
+        world
+    };
 
     // The uninterrupted run: its final state and how many journal writes it makes.
-    let world = World::new();
+    let world = new_world();
     let store = MemStore::new();
     let e = engine(
         &store,
@@ -125,8 +171,10 @@ async fn crash_after_every_journaled_step_resumes_to_the_same_final_state() {
     assert_eq!(cycle(&e).await.labels[0].status, LabelStatus::Promoted);
     let expected = final_state(&store, &world);
     let steps = store.writes();
+    // One write fewer when the handle goes with the outcome.
+    let least = if start_is_the_job { 9 } else { 10 };
     assert!(
-        steps >= 10,
+        steps >= least,
         "expected a journal write per transition, got {steps}"
     );
     assert_eq!(expected.acquires, 1);
@@ -139,7 +187,7 @@ async fn crash_after_every_journaled_step_resumes_to_the_same_final_state() {
     // / run id must absorb it).
     for lose_write in [false, true] {
         for crash_at in 1..=steps {
-            let world = World::new();
+            let world = new_world();
             let store = MemStore::new();
             let crashing = if lose_write {
                 store.losing_write(crash_at)

@@ -586,6 +586,9 @@ pub struct World {
     pub train_time: Arc<Mutex<Duration>>,
     /// The fake trainer's jobs outlive an interrupt (a remote worker's).
     pub detached_jobs: Arc<AtomicBool>,
+    /// The fake trainer's `start` is the whole job (`start_is_the_job`, a
+    /// seed-000 Space): its `wait` answers at once.
+    pub start_is_the_job: Arc<AtomicBool>,
     /// How long a registry promotion takes (virtual time).
     pub promote_time: Arc<Mutex<Duration>>,
     /// The next N registry calls (production or promote) fail with 503.
@@ -625,6 +628,7 @@ impl World {
             train_time: Arc::new(Mutex::new(Duration::from_secs(5))),
             promote_time: Arc::default(),
             detached_jobs: Arc::default(),
+            start_is_the_job: Arc::default(),
             registry_outages: Arc::default(),
             notifier_outages: Arc::default(),
             promote_outages: Arc::default(),
@@ -804,9 +808,12 @@ impl Trainer for FakeTrainer {
         _: &TrainingRequest,
         _: &TrainingHandle,
     ) -> Result<TrainingOutcome, PortError> {
-        // Training takes (virtual) time, so concurrent engines overlap.
-        let train_time = *self.0.train_time.lock().unwrap();
-        tokio::time::sleep(train_time).await;
+        // Training takes (virtual) time, so concurrent engines overlap;
+        // none when the start was the whole job.
+        if !self.0.start_is_the_job.load(Ordering::SeqCst) {
+            let train_time = *self.0.train_time.lock().unwrap();
+            tokio::time::sleep(train_time).await;
+        }
         if *self.0.trainer_fails.lock().unwrap() {
             return Err(PortError::Failed(
                 "exit status 1: CUDA out of memory".into(),
@@ -832,6 +839,9 @@ impl Trainer for FakeTrainer {
     }
     fn outlives_interrupt(&self) -> bool {
         self.0.detached_jobs.load(Ordering::SeqCst)
+    }
+    fn start_is_the_job(&self) -> bool {
+        self.0.start_is_the_job.load(Ordering::SeqCst)
     }
 }
 
