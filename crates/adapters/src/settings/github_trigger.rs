@@ -1,13 +1,15 @@
 //! `labels.<name>.github_trigger = { repo, branch, paths? }`: a GitHub push
 //! to `repo`/`branch` (touching one of `paths`, when given) starts that
 //! label's cycle through `retrain-server`'s `POST /v1/hooks/github`.
+//! `"none"` (handled by the caller) opts a label out of a
+//! `[label_defaults]` trigger.
 
 use serde::Deserialize;
 
 /// As written in the configuration.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawGithubTrigger {
+struct RawGithubTrigger {
     repo: String,
     branch: String,
     #[serde(default)]
@@ -67,9 +69,20 @@ fn valid_repo_part(part: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
+/// Parse and validate a trigger as written (a table, not `"none"`).
+pub(super) fn parse(value: &serde_json::Value) -> Result<GithubTrigger, String> {
+    const EXPECTED: &str = "expected \"none\" or { repo, branch, paths? }";
+    if !value.is_object() {
+        return Err(format!("{value} is not a trigger: {EXPECTED}"));
+    }
+    let raw: RawGithubTrigger =
+        serde_json::from_value(value.clone()).map_err(|e| format!("{e} ({EXPECTED})"))?;
+    raw.validate()
+}
+
 impl RawGithubTrigger {
     /// Validate; the error says what is wrong with which field.
-    pub(super) fn validate(self) -> Result<GithubTrigger, String> {
+    fn validate(self) -> Result<GithubTrigger, String> {
         let repo = self.repo.trim();
         let valid_repo = repo
             .split_once('/')

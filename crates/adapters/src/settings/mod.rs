@@ -303,7 +303,9 @@ struct RawLabel {
     poll_timeout: Option<HumanDuration>,
     approval_expires: Option<HumanDuration>,
     dataset_check: Option<Value>,
-    github_trigger: Option<github_trigger::RawGithubTrigger>,
+    /// `{ repo, branch, paths? }`, or `"none"` (opting out of a
+    /// `[label_defaults]` trigger).
+    github_trigger: Option<Value>,
 }
 
 fn default_attempts() -> u32 {
@@ -1065,10 +1067,11 @@ fn validate(
             // The engine's wait includes the time in the queue.
             JobSpec::Worker(w) => Some(w.timeout + w.queue_timeout),
         };
-        let github_trigger = label_raw
-            .github_trigger
-            .map(|t| t.validate().map_err(|e| err(&key("github_trigger"), e)))
-            .transpose()?;
+        let github_trigger = match &label_raw.github_trigger {
+            None => None,
+            Some(Value::String(s)) if s == "none" => None,
+            Some(v) => Some(github_trigger::parse(v).map_err(|e| err(&key("github_trigger"), e))?),
+        };
         let train_timeout = label_raw
             .train_timeout
             .map(|d| d.0)

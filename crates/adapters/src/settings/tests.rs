@@ -493,6 +493,7 @@ fn github_triggers_are_validated_and_named_in_errors() {
     assert_eq!(trigger.paths, vec!["data/"]);
 
     for (bad, expected) in [
+        ("\"all\"", "expected \"none\" or { repo, branch, paths? }"),
         ("{ repo = \"org\", branch = \"main\" }", "is not owner/name"),
         (
             "{ repo = \"org/data\", branch = \"a b\" }",
@@ -1180,7 +1181,7 @@ metadata = \"ftp://{label}\"
 }
 
 #[test]
-fn a_label_opts_out_of_a_default_registry_lease_gate_or_notify_with_none() {
+fn a_label_opts_out_of_a_default_registry_lease_gate_notify_or_trigger_with_none() {
     let dir = tempfile::tempdir().unwrap();
     let file = write(
         &dir,
@@ -1193,6 +1194,7 @@ registry = { json = "registry.json", model = "m" }
 gate = { metrics = [{ name = "f1", direction = "higher" }] }
 lease = { ec2 = ["i-0123456789abcdef0"], region = "eu-west-1" }
 notify = ["log"]
+github_trigger = { repo = "org/data", branch = "main" }
 
 [labels.shared]
 
@@ -1201,6 +1203,7 @@ registry = "none"
 gate = "none"
 lease = "none"
 notify = []
+github_trigger = "none"
 "#,
     );
     let loaded = load(&sources(Some(file), &[])).unwrap();
@@ -1211,6 +1214,8 @@ notify = []
     let alone = label("alone");
     assert!(alone.registry.is_none(), "{:?}", alone.registry);
     assert!(alone.gate.is_none() && alone.lease.is_none() && alone.notify.is_empty());
+    assert_eq!(shared.github_trigger.as_ref().unwrap().repo, "org/data");
+    assert!(alone.github_trigger.is_none());
 
     // Without a registry, the default gate has nothing to compare with: the
     // error names the label's own key.

@@ -94,6 +94,29 @@ async fn the_handle_of_a_job_whose_start_is_the_job_goes_with_its_outcome() {
     assert!(started_lines.contains(&"training_started"));
 }
 
+/// A trainer whose job runs after its start (`Trainer::start_is_the_job`
+/// left at its default): the job's handle is durable before the wait, so a
+/// process that dies while the job runs leaves a run that knows its job.
+#[tokio::test(start_paused = true)]
+async fn the_handle_of_a_running_job_is_journaled_before_the_wait() {
+    let world = World::new();
+    let store = MemStore::new();
+    let mut b = binding(&world, plan("department"), prepare(&world));
+    b.trainer = Arc::new(SlowTrainer::default());
+    let e = engine(&store, &world, vec![b]);
+    let cancel = CancellationToken::new();
+    let (c, watched) = (cancel.clone(), store.clone());
+    let during = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let lines = watched.journal_events();
+        c.cancel();
+        lines
+    });
+    e.run_cycle(CycleRequest::default(), cancel).await.unwrap();
+    let lines = during.await.unwrap();
+    assert_eq!(lines.last(), Some(&"training_started"), "{lines:?}");
+}
+
 /// The final state of an uninterrupted run, for comparison.
 #[derive(Debug, PartialEq)]
 struct Final {
