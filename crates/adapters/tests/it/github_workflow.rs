@@ -250,6 +250,19 @@ async fn mount_listing(server: &MockServer, key: &JobKey, dispatched: Arc<Atomic
         .await;
 }
 
+/// The listing of `req`'s key ([`mount_listing`]) and one dispatch that
+/// creates the run and answers `status`.
+async fn mount_listing_and_dispatch(server: &MockServer, req: &TrainingRequest, status: u16) {
+    let dispatched = Arc::new(AtomicBool::new(false));
+    mount_listing(server, &req.job_key, dispatched.clone()).await;
+    Mock::given(method("POST"))
+        .and(path(DISPATCH))
+        .respond_with(Dispatch { dispatched, status })
+        .expect(1)
+        .mount(server)
+        .await;
+}
+
 fn handle_run_id(handle: &TrainingHandle) -> u64 {
     assert_eq!(handle.kind, HANDLE_KIND);
     handle.data["run_id"].as_u64().unwrap()
@@ -374,17 +387,7 @@ async fn a_first_start_dispatches_without_listing_the_runs_first() {
     let server = MockServer::start().await;
     let mut req = request();
     req.first_start = true;
-    let dispatched = Arc::new(AtomicBool::new(false));
-    mount_listing(&server, &req.job_key, dispatched.clone()).await;
-    Mock::given(method("POST"))
-        .and(path(DISPATCH))
-        .respond_with(Dispatch {
-            dispatched,
-            status: 204,
-        })
-        .expect(1)
-        .mount(&server)
-        .await;
+    mount_listing_and_dispatch(&server, &req, 204).await;
     let handle = trainer(&server).start(&req).await.unwrap();
     assert_eq!(handle_run_id(&handle), RUN_ID);
     let calls: Vec<(String, String)> = server
@@ -409,18 +412,8 @@ async fn a_first_start_dispatches_without_listing_the_runs_first() {
 async fn a_lost_dispatch_answer_adopts_the_run_it_created_instead_of_dispatching_again() {
     let server = MockServer::start().await;
     let req = request();
-    let dispatched = Arc::new(AtomicBool::new(false));
-    mount_listing(&server, &req.job_key, dispatched.clone()).await;
     // GitHub created the run but the answer was a 502.
-    Mock::given(method("POST"))
-        .and(path(DISPATCH))
-        .respond_with(Dispatch {
-            dispatched,
-            status: 502,
-        })
-        .expect(1)
-        .mount(&server)
-        .await;
+    mount_listing_and_dispatch(&server, &req, 502).await;
     let handle = trainer(&server).start(&req).await.unwrap();
     assert_eq!(handle_run_id(&handle), RUN_ID);
 }
