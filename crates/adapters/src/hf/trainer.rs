@@ -311,6 +311,15 @@ impl Trainer for HfSpaceTrainer {
         format!("hf-space://{}", self.space)
     }
 
+    /// The Space trains on the Hub, whatever becomes of this process, and
+    /// cannot be stopped (see `cancel`): an interrupt leaves the job to the
+    /// resumed run, which awaits it. Cancelling it instead would journal it
+    /// cancelled, and the resumed run would restart the Space under a new
+    /// key, in the middle of the training the first restart began.
+    fn outlives_interrupt(&self) -> bool {
+        true
+    }
+
     /// Without `wait_for_running` the restart is the whole job (seed 000:
     /// the Space trains, evaluates and deploys by itself) and `wait`
     /// answers at once.

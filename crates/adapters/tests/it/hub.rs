@@ -1447,6 +1447,98 @@ mod fake {
         assert_eq!(hub.rejected_restarts("owner/train"), 0);
     }
 
+    /// An interrupt while a retrain Space trains (`wait_running`) leaves the
+    /// job to the resumed run, which awaits the same restart: a Space
+    /// cannot be stopped, and a job journaled as cancelled would be
+    /// restarted under a new key, in the middle of its training.
+    #[tokio::test]
+    async fn an_interrupted_space_training_is_awaited_by_the_resumed_run() {
+        use retrain_adapters::store::{open_run_store, StoreOptions};
+        use retrain_core::engine::{CycleRequest, Engine, EngineSettings, LabelBinding};
+        use retrain_core::report::LabelStatus;
+        use retrain_core::CancellationToken;
+
+        let hub = FakeHub::start().await;
+        hub.add_space("owner/train", "RUNNING");
+        // Restarted, the Space builds until told otherwise.
+        hub.set_restart_stages("owner/train", &["BUILDING"]);
+        hub.add_dataset("owner/ds", PATH, Some(metadata_json("v1", 10)));
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("state.db").display());
+        let engine = || async {
+            let store = open_run_store(
+                &url,
+                StoreOptions {
+                    migrate: true,
+                    read_only: false,
+                },
+            )
+            .await
+            .unwrap();
+            let trainer =
+                HfSpaceTrainer::new(hub.client(), "owner/train", Some(Duration::from_secs(5)))
+                    .unwrap()
+                    .with_poll_interval(Duration::from_millis(20));
+            let metadata =
+                HfMetadataStore::from_url(hub.client(), &hub.metadata_url("owner/ds", PATH))
+                    .unwrap();
+            Engine::new(
+                store,
+                None,
+                vec![LabelBinding {
+                    plan: crate::store_contract::plan("seg"),
+                    metadata: std::sync::Arc::new(metadata),
+                    prepare: None,
+                    trainer: std::sync::Arc::new(trainer),
+                    registry: None,
+                    lease: None,
+                    notifiers: Vec::new(),
+                    train_timeout: Duration::from_secs(60),
+                    dataset_check: None,
+                }],
+                EngineSettings {
+                    poll_jitter: 0.0,
+                    ..EngineSettings::default()
+                },
+            )
+        };
+
+        // Interrupted once the Space was restarted for the job.
+        let first = engine().await;
+        let cancel = CancellationToken::new();
+        let (report, ()) = tokio::join!(
+            first.run_cycle(CycleRequest::default(), cancel.clone()),
+            async {
+                while hub.restarts("owner/train") == 0 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                cancel.cancel();
+            }
+        );
+        let report = report.unwrap();
+        assert_eq!(
+            report.labels[0].status,
+            LabelStatus::Interrupted,
+            "{report:?}"
+        );
+        drop(first);
+
+        // The Space finishes building; the next process awaits that job.
+        hub.set_stage("owner/train", "RUNNING");
+        hub.set_restart_stages("owner/train", &["RUNNING"]);
+        let report = engine()
+            .await
+            .run_cycle(CycleRequest::default(), CancellationToken::new())
+            .await
+            .unwrap();
+        let label = &report.labels[0];
+        assert!(label.resumed, "{label:?}");
+        assert_eq!(label.status, LabelStatus::Trained, "{label:?}");
+        assert_eq!(hub.restarts("owner/train"), 1, "restarted again: {label:?}");
+        assert_eq!(hub.rejected_restarts("owner/train"), 0);
+    }
+
     #[tokio::test]
     async fn the_fake_hub_refuses_a_second_restart_for_one_job() {
         let hub = FakeHub::start().await;

@@ -797,7 +797,8 @@ impl Engine {
     /// the resumed run restarts it without counting an attempt) and the
     /// lease; the journal keeps the run resumable at its recorded stage. A
     /// job that outlives this process with no lease holding it
-    /// (`Trainer::outlives_interrupt`: a remote worker's) is left running:
+    /// (`Trainer::outlives_interrupt`: a remote worker's, a retrain
+    /// Space's) is left running:
     /// the run stays at its pending `AwaitTraining` and the next process
     /// awaits the same job.
     async fn interrupted(
