@@ -631,15 +631,9 @@ fn main() {
         // `sqlite::memory:` to separate engine cost from storage cost).
         let url = std::env::var("RETRAIN_BENCH_STATE")
             .unwrap_or_else(|_| format!("sqlite://{}", dir.path().join("state.db").display()));
-        let inner = open_run_store(
-            &url,
-            StoreOptions {
-                migrate: true,
-                read_only: false,
-            },
-        )
-        .await
-        .unwrap();
+        let inner = open_run_store(&url, StoreOptions::default())
+            .await
+            .unwrap();
         let store = Arc::new(CountingStore {
             inner,
             writes: AtomicU64::new(0),

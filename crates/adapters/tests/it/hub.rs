@@ -1454,7 +1454,7 @@ mod fake {
     #[tokio::test]
     async fn an_interrupted_space_training_is_awaited_by_the_resumed_run() {
         use retrain_adapters::store::{open_run_store, StoreOptions};
-        use retrain_core::engine::{CycleRequest, Engine, EngineSettings, LabelBinding};
+        use retrain_core::engine::CycleRequest;
         use retrain_core::report::LabelStatus;
         use retrain_core::CancellationToken;
 
@@ -1466,15 +1466,7 @@ mod fake {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("state.db").display());
         let engine = || async {
-            let store = open_run_store(
-                &url,
-                StoreOptions {
-                    migrate: true,
-                    read_only: false,
-                },
-            )
-            .await
-            .unwrap();
+            let store = open_run_store(&url, StoreOptions::default()).await.unwrap();
             let trainer =
                 HfSpaceTrainer::new(hub.client(), "owner/train", Some(Duration::from_secs(5)))
                     .unwrap()
@@ -1482,24 +1474,12 @@ mod fake {
             let metadata =
                 HfMetadataStore::from_url(hub.client(), &hub.metadata_url("owner/ds", PATH))
                     .unwrap();
-            Engine::new(
+            crate::common::one_label_engine(
                 store,
+                crate::store_contract::plan("seg"),
+                std::sync::Arc::new(metadata),
+                std::sync::Arc::new(trainer),
                 None,
-                vec![LabelBinding {
-                    plan: crate::store_contract::plan("seg"),
-                    metadata: std::sync::Arc::new(metadata),
-                    prepare: None,
-                    trainer: std::sync::Arc::new(trainer),
-                    registry: None,
-                    lease: None,
-                    notifiers: Vec::new(),
-                    train_timeout: Duration::from_secs(60),
-                    dataset_check: None,
-                }],
-                EngineSettings {
-                    poll_jitter: 0.0,
-                    ..EngineSettings::default()
-                },
             )
         };
 
@@ -1509,7 +1489,9 @@ mod fake {
         let (report, ()) = tokio::join!(
             first.run_cycle(CycleRequest::default(), cancel.clone()),
             async {
+                let deadline = Instant::now() + Duration::from_secs(30);
                 while hub.restarts("owner/train") == 0 {
+                    assert!(Instant::now() < deadline, "the Space was never restarted");
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;

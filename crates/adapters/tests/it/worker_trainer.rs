@@ -14,7 +14,7 @@ use retrain_adapters::store::{
 };
 use retrain_adapters::worker_trainer::{RemoteJobs, WorkerTrainer};
 use retrain_core::domain::{Candidate, JobKey, RunId, TrainingOutcome, VersionTag};
-use retrain_core::engine::{CycleRequest, Engine, EngineSettings, LabelBinding};
+use retrain_core::engine::{CycleRequest, Engine};
 use retrain_core::machine::Outcome;
 use retrain_core::ports::{MetadataRead, MetadataStore, PortError, Trainer, TrainingRequest};
 use retrain_core::report::LabelStatus;
@@ -235,27 +235,15 @@ fn engine(stores: &Stores, dir: &tempfile::TempDir, max_attempts: u32) -> Engine
         config(None, Duration::from_secs(60)),
     )
     .with_poll_interval(FAST);
-    Engine::new(
+    crate::common::one_label_engine(
         stores.runs.clone(),
-        None,
-        vec![LabelBinding {
-            plan,
-            metadata: Arc::new(Published),
-            prepare: None,
-            trainer: Arc::new(trainer),
-            registry: Some(Arc::new(JsonRegistry::open(
-                dir.path().join("registry.json"),
-                "seg-model".into(),
-            ))),
-            lease: None,
-            notifiers: Vec::new(),
-            train_timeout: Duration::from_secs(60),
-            dataset_check: None,
-        }],
-        EngineSettings {
-            poll_jitter: 0.0,
-            ..EngineSettings::default()
-        },
+        plan,
+        Arc::new(Published),
+        Arc::new(trainer),
+        Some(Arc::new(JsonRegistry::open(
+            dir.path().join("registry.json"),
+            "seg-model".into(),
+        ))),
     )
 }
 
